@@ -1,0 +1,42 @@
+"""Selection algorithms: pure functions of (backends, key), no I/O and no clock."""
+
+from lbclient.selection.base import (
+    Algorithm,
+    AlgorithmLike,
+    Key,
+    Selector,
+    UniqueIterator,
+    prepare_backends,
+    resolve_algorithm,
+    to_key,
+)
+from lbclient.selection.consistent import Consistent, ConsistentSelector
+from lbclient.selection.weighted import (
+    FNVHash,
+    Hash,
+    Random,
+    RoundRobin,
+    Weighted,
+    WeightedIterator,
+    WeightedSelector,
+)
+
+__all__ = [
+    "Algorithm",
+    "AlgorithmLike",
+    "Consistent",
+    "ConsistentSelector",
+    "FNVHash",
+    "Hash",
+    "Key",
+    "Random",
+    "RoundRobin",
+    "Selector",
+    "UniqueIterator",
+    "Weighted",
+    "WeightedIterator",
+    "WeightedSelector",
+    "prepare_backends",
+    "resolve_algorithm",
+    "to_key",
+]

@@ -1,0 +1,168 @@
+"""Consistent hashing on a ketama ring that routes every key as nginx's ``hash ... consistent``.
+
+The ring, for each backend in sorted order:
+
+* ``base = host + b"\\0" + port`` (host as nginx writes it: IPv4 dotted, IPv6 in brackets, a
+  host name as written; the port in decimal);
+* ``prev = 0``; ``weight * points_per_weight`` times: ``h = crc32(base + le32(prev))``, add the
+  point ``(h, backend)``, ``prev = h``.
+
+Points are sorted by hash; of several points with one hash the first (in backend order) stays.
+A key goes to the first point whose hash is ``>= crc32(key)``, wrapping past the end to the
+first point; its fallbacks are the following points along the ring.
+"""
+
+from __future__ import annotations
+
+import zlib
+from bisect import bisect_left
+from collections.abc import Iterable, Iterator
+from typing import Final
+
+from lbclient.backend import Backend
+from lbclient.selection.base import Key, buildmethod, prepare_backends, to_key
+
+__all__ = ["DEFAULT_POINTS_PER_WEIGHT", "Consistent", "ConsistentSelector"]
+
+#: nginx's number of ring points per unit of weight.
+DEFAULT_POINTS_PER_WEIGHT: Final = 160
+
+_NODE_BITS: Final = 24  # backend index bits in a packed point: up to 16,777,216 backends
+_NODE_MASK: Final = (1 << _NODE_BITS) - 1
+_POINT_LIMIT: Final = 1 << 28
+
+
+def _host_text(backend: Backend, ipv6_brackets: bool) -> str:
+    host = backend.host
+    if ipv6_brackets or not host.startswith("["):
+        return host
+    return host[1:-1]  # Pingora's form: IPv6 without brackets
+
+
+class ConsistentSelector:
+    """A built ketama ring over a fixed, sorted set of backends."""
+
+    __slots__ = ("_backends", "_count", "_hashes", "_owners")
+
+    def __init__(
+        self, backends: tuple[Backend, ...], points_per_weight: int, ipv6_brackets: bool
+    ) -> None:
+        self._backends = backends
+        total = sum(b.weight for b in backends) * points_per_weight
+        if total > _POINT_LIMIT:
+            raise ValueError(
+                f"the ring would have {total} points (limit {_POINT_LIMIT}); "
+                "lower the weights or points_per_weight"
+            )
+        crc = zlib.crc32
+        packed: list[int] = []
+        append = packed.append
+        for node, backend in enumerate(backends):
+            base = crc(f"{_host_text(backend, ipv6_brackets)}\0{backend.port}".encode())
+            prev = 0
+            for _ in range(backend.weight * points_per_weight):
+                prev = crc(prev.to_bytes(4, "little"), base)
+                # hash in the high bits, backend index in the low bits: sorting the ints sorts
+                # by hash and, within one hash, by backend order.
+                append((prev << _NODE_BITS) | node)
+        packed.sort()
+        hashes: list[int] = []
+        owners: list[Backend] = []
+        last = -1
+        for point in packed:
+            h = point >> _NODE_BITS
+            if h != last:
+                hashes.append(h)
+                owners.append(backends[point & _NODE_MASK])
+                last = h
+        self._hashes = hashes
+        self._owners = tuple(owners)
+        self._count = len(hashes)
+
+    @property
+    def backends(self) -> tuple[Backend, ...]:
+        """The backends in sorted order."""
+        return self._backends
+
+    @property
+    def ring_size(self) -> int:
+        """The number of distinct points on the ring."""
+        return self._count
+
+    def points(self) -> list[tuple[int, Backend]]:
+        """The ring as ``(hash, backend)`` pairs in ring order."""
+        return list(zip(self._hashes, self._owners, strict=True))
+
+    def point_index(self, key: Key) -> int:
+        """The index of the ring point ``key`` lands on (0 on an empty ring)."""
+        if type(key) is not bytes:
+            key = to_key(key)
+        i = bisect_left(self._hashes, zlib.crc32(key))
+        return 0 if i == self._count else i
+
+    def first(self, key: Key) -> Backend | None:
+        """The backend ``key`` lands on; None with no backends."""
+        if not self._count:
+            return None
+        if type(key) is not bytes:
+            key = to_key(key)
+        i = bisect_left(self._hashes, zlib.crc32(key))
+        return self._owners[0 if i == self._count else i]
+
+    def iter(self, key: Key) -> Iterator[Backend]:
+        """The backend of each ring point from ``key``'s point on, wrapping, without end."""
+        if not self._count:
+            return iter(())
+        return _walk(self._owners, self.point_index(key))
+
+    def __len__(self) -> int:
+        return len(self._backends)
+
+    def __repr__(self) -> str:
+        return f"<ConsistentSelector backends={len(self._backends)} points={self._count}>"
+
+
+def _walk(owners: tuple[Backend, ...], start: int) -> Iterator[Backend]:
+    count = len(owners)
+    i = start
+    while True:
+        yield owners[i]
+        i += 1
+        if i == count:
+            i = 0
+
+
+class Consistent:
+    """Ketama consistent hashing, compatible with nginx's ``hash $key consistent``.
+
+    ``points_per_weight`` is nginx's 160 by default. ``ipv6_brackets=False`` hashes IPv6 hosts
+    without brackets, as Pingora's ketama does; the default (with brackets) is what nginx does.
+    """
+
+    def __init__(
+        self, points_per_weight: int = DEFAULT_POINTS_PER_WEIGHT, *, ipv6_brackets: bool = True
+    ) -> None:
+        if isinstance(points_per_weight, bool) or not isinstance(points_per_weight, int):
+            raise TypeError(
+                f"points_per_weight must be an int, got {points_per_weight!r} "
+                f"({type(points_per_weight).__name__})"
+            )
+        if points_per_weight < 1:
+            raise ValueError(f"points_per_weight must be >= 1, got {points_per_weight}")
+        if not isinstance(ipv6_brackets, bool):
+            raise TypeError(f"ipv6_brackets must be a bool, got {ipv6_brackets!r}")
+        self.points_per_weight = points_per_weight
+        self.ipv6_brackets = ipv6_brackets
+
+    @buildmethod
+    def build(self, backends: Iterable[Backend | str]) -> ConsistentSelector:
+        """Build the ring over ``backends`` (sorted and de-duplicated first)."""
+        return ConsistentSelector(
+            prepare_backends(backends), self.points_per_weight, self.ipv6_brackets
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"Consistent(points_per_weight={self.points_per_weight}, "
+            f"ipv6_brackets={self.ipv6_brackets})"
+        )
