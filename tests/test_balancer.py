@@ -1,0 +1,312 @@
+from __future__ import annotations
+
+import itertools
+import logging
+
+import pytest
+
+from lbclient import (
+    Backend,
+    Consistent,
+    FNVHash,
+    Hash,
+    HealthPolicy,
+    HealthState,
+    LoadBalancer,
+    Random,
+    RoundRobin,
+)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+A, B, C = "10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"
+
+
+def test_strings_and_backends_accepted_and_sorted() -> None:
+    lb = LoadBalancer([C, Backend(A, 2), "[::1]:80", "b.example:1"])
+    assert lb.backends == (Backend(A, 2), Backend(C), Backend("[::1]:80"), Backend("b.example:1"))
+    assert len(lb) == 4
+    assert "backends=4" in repr(lb)
+
+
+@pytest.mark.parametrize("algorithm", [RoundRobin, Random, Hash, FNVHash, Consistent,
+                                       RoundRobin(), Consistent(points_per_weight=160)])
+def test_class_or_instance_accepted(algorithm: object) -> None:
+    lb = LoadBalancer([A, B, C], algorithm)  # type: ignore[arg-type]
+    assert lb.select(b"key") in set(lb.backends)
+
+
+def test_bad_algorithm_rejected() -> None:
+    with pytest.raises(TypeError, match="selection algorithm"):
+        LoadBalancer([A], "round_robin")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="selection algorithm"):
+        LoadBalancer([A], int)
+    with pytest.raises(TypeError, match="cannot be made without arguments"):
+        LoadBalancer([A], Backend)
+
+
+def test_empty_backend_list_selects_none() -> None:
+    for algorithm in (RoundRobin, Random, Hash, FNVHash, Consistent):
+        lb = LoadBalancer([], algorithm)
+        assert lb.select() is None
+        assert lb.select_with(b"k", 10, lambda b, r: True) is None
+        assert list(lb.iter(b"k")) == []
+
+
+def test_select_matches_selector_first_pick() -> None:
+    lb = LoadBalancer([A, B, Backend(C, 3)], Hash)
+    sel = Hash.build(lb.backends)
+    for i in range(100):
+        assert lb.select(f"k{i}") == sel.first(f"k{i}")
+
+
+def test_select_skips_unready_and_falls_back() -> None:
+    lb = LoadBalancer([A, B, C], Consistent)
+    key = b"user-42"
+    order = list(lb.iter(key))
+    assert lb.select(key) == order[0]
+    lb.set_enabled(order[0], False)
+    assert lb.select(key) == order[1]
+    lb.set_enabled(order[1], False)
+    assert lb.select(key) == order[2]
+    lb.set_enabled(order[2], False)
+    assert lb.select(key) is None
+    lb.set_enabled(order[1], True)
+    assert lb.select(key) == order[1]
+
+
+def test_select_max_iterations() -> None:
+    lb = LoadBalancer([A, B, C], Hash)
+    assert lb.select(b"k", max_iterations=0) is None
+    first = lb.select(b"k", 1)
+    assert first is not None
+    lb.set_enabled(first, False)
+    assert lb.select(b"k", 1) is None
+    with pytest.raises(ValueError, match="-1"):
+        lb.select(b"k", -1)
+    with pytest.raises(TypeError, match="max_iterations"):
+        lb.select(b"k", True)
+    with pytest.raises(TypeError, match="max_iterations"):
+        lb.select(b"k", 2.0)  # type: ignore[arg-type]
+
+
+def test_select_rejects_bad_keys_on_both_paths() -> None:
+    lb = LoadBalancer([A, B], Hash)
+    with pytest.raises(TypeError, match="selection key"):
+        lb.select(123)  # type: ignore[arg-type]
+    lb.set_enabled(A, False)
+    with pytest.raises(TypeError, match="selection key"):
+        lb.select(123)  # type: ignore[arg-type]
+
+
+def test_select_with_sees_readiness_and_unique_candidates() -> None:
+    lb = LoadBalancer([A, B, C], Random)
+    lb.set_enabled(B, False)
+    offered: list[tuple[Backend, bool]] = []
+
+    def refuse(backend: Backend, ready: bool) -> bool:
+        offered.append((backend, ready))
+        return False
+
+    assert lb.select_with(b"", 256, refuse) is None
+    seen = [b for b, _ in offered]
+    assert len(seen) == len(set(seen)) == 3
+    assert dict(offered) == {Backend(A): True, Backend(B): False, Backend(C): True}
+    # accept may ignore health.
+    assert lb.select_with(b"", 256, lambda b, r: b == Backend(B)) == Backend(B)
+    with pytest.raises(TypeError, match="accept"):
+        lb.select_with(b"", 5, None)  # type: ignore[arg-type]
+
+
+def test_iter_yields_every_backend_once_in_fallback_order() -> None:
+    backends = [f"10.0.0.{i}:80" for i in range(1, 21)]
+    lb = LoadBalancer(backends, Consistent)
+    walk = list(lb.iter(b"key", max_iterations=5))
+    assert sorted(walk) == sorted(lb.backends)
+    ring = Consistent.build(backends)
+    distinct_on_ring = list(dict.fromkeys(itertools.islice(ring.iter(b"key"), 5)))
+    assert walk[: len(distinct_on_ring)] == distinct_on_ring
+    assert walk[0] == lb.select(b"key")
+
+
+def test_update_returns_whether_changed_and_keeps_health() -> None:
+    lb = LoadBalancer([A, B], RoundRobin, cooldown=5)
+    lb.report(A, False)
+    lb.set_enabled(B, False)
+    assert not lb.ready(A)
+    assert not lb.update([B, A])
+    assert not lb.update([Backend(A, metadata={"x": 1}), B])  # metadata is not identity
+    assert lb.update([A, B, C])
+    assert not lb.ready(A)
+    assert not lb.ready(B)
+    assert lb.ready(C)
+    # A weight change is a new backend: its health starts over.
+    assert lb.update([A, Backend(B, 2), C])
+    assert lb.ready(B)
+    assert lb.health(B) == HealthState()
+    # Removed backends lose their state; added back, they start healthy.
+    assert lb.update([B, C])
+    assert lb.update([A, B, C])
+    assert lb.ready(A)
+
+
+def test_update_validates_before_changing_anything() -> None:
+    lb = LoadBalancer([A, B])
+    with pytest.raises(ValueError, match="nope"):
+        lb.update([A, "nope"])
+    with pytest.raises(ValueError, match="listed twice"):
+        lb.update([A, Backend(A, 2)])
+    assert lb.backends == (Backend(A), Backend(B))
+
+
+def test_update_rebuilds_selector() -> None:
+    lb = LoadBalancer([A, B], RoundRobin)
+    assert [lb.select() for _ in range(2)] == [Backend(A), Backend(B)]
+    assert lb.update([A, B, C])
+    assert [lb.select() for _ in range(3)] == [Backend(A), Backend(B), Backend(C)]
+    assert lb.update([])
+    assert lb.select() is None
+
+
+def test_ready_and_health_for_unknown_backends() -> None:
+    lb = LoadBalancer([A])
+    assert not lb.ready(B)
+    assert not lb.ready(Backend(A, 2))
+    assert lb.ready(A)
+    assert lb.ready(Backend(A))
+    with pytest.raises(ValueError, match=r"10.0.0.2:80"):
+        lb.health(B)
+    with pytest.raises(ValueError, match="not one of"):
+        lb.set_enabled(B, False)
+    with pytest.raises(TypeError, match="42"):
+        lb.ready(42)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="no port"):
+        lb.ready("10.0.0.1")
+    assert lb.report(B, False) is False  # a report racing an update is dropped
+
+
+def test_set_enabled_validates() -> None:
+    lb = LoadBalancer([A])
+    with pytest.raises(TypeError, match="enabled"):
+        lb.set_enabled(A, 0)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="ok must be a bool"):
+        lb.report(A, 1)  # type: ignore[arg-type]
+
+
+def test_health_threshold_and_on_change() -> None:
+    clock = FakeClock()
+    changes: list[tuple[Backend, bool]] = []
+    lb = LoadBalancer([A, B], Hash, consecutive_failures=3, consecutive_successes=2,
+                      cooldown=10, clock=clock, on_change=lambda b, h: changes.append((b, h)))
+    assert lb.report(A, False) is False
+    assert lb.report(A, False) is False
+    assert lb.health(A).consecutive == 2
+    assert lb.report(A, True) is False  # breaks the run
+    assert lb.health(A).consecutive == 0
+    for _ in range(2):
+        lb.report(A, False)
+    assert lb.ready(A)
+    assert lb.report(A, False) is True
+    assert not lb.ready(A)
+    assert changes == [(Backend(A), False)]
+    # While down, every key goes elsewhere.
+    assert {lb.select(f"k{i}") for i in range(50)} == {Backend(B)}
+    assert lb.report(A, True) is False
+    assert lb.report(A, True) is True
+    assert lb.ready(A)
+    assert changes == [(Backend(A), False), (Backend(A), True)]
+
+
+def test_cooldown_makes_backend_eligible_again() -> None:
+    clock = FakeClock()
+    lb = LoadBalancer([A, B], RoundRobin, cooldown=10, clock=clock)
+    lb.report(A, False)
+    assert not lb.ready(A)
+    clock.now += 9.999
+    assert not lb.ready(A)
+    assert lb.select_with(b"", 10, lambda b, r: r) == Backend(B)
+    clock.now += 0.001
+    assert lb.ready(A)
+    assert not lb.health(A).healthy
+    picks = {lb.select() for _ in range(4)}
+    assert Backend(A) in picks
+    # The probe fails: another cool-down, counted from now.
+    lb.report(A, False)
+    assert not lb.ready(A)
+    clock.now += 9.9
+    assert not lb.ready(A)
+    clock.now += 0.1
+    assert lb.ready(A)
+    # The probe succeeds: healthy again.
+    assert lb.report(A, True) is True
+    assert lb.health(A) == HealthState()
+
+
+def test_late_failures_during_cooldown_do_not_extend_it() -> None:
+    clock = FakeClock()
+    lb = LoadBalancer([A, B], cooldown=10, clock=clock)
+    lb.report(A, False)
+    clock.now += 5
+    lb.report(A, False)  # an in-flight request that was already failing
+    clock.now += 5
+    assert lb.ready(A)
+
+
+def test_on_change_errors_are_logged_not_raised(caplog: pytest.LogCaptureFixture) -> None:
+    def boom(backend: Backend, healthy: bool) -> None:
+        raise RuntimeError("observer broke")
+
+    lb = LoadBalancer([A], on_change=boom)
+    with caplog.at_level(logging.WARNING, logger="lbclient"):
+        assert lb.report(A, False) is True
+    assert "observer broke" in caplog.text
+    assert "10.0.0.1:80 became unhealthy" in caplog.text
+
+
+def test_disabled_backend_stays_out_until_enabled_whatever_its_health() -> None:
+    clock = FakeClock()
+    lb = LoadBalancer([A, B], cooldown=1, clock=clock)
+    lb.set_enabled(A, False)
+    lb.report(A, True)
+    clock.now += 100
+    assert not lb.ready(A)
+    lb.set_enabled(A, True)
+    assert lb.ready(A)
+
+
+@pytest.mark.parametrize(("kwargs", "error", "fragment"), [
+    ({"consecutive_failures": 0}, ValueError, "consecutive_failures must be >= 1, got 0"),
+    ({"consecutive_successes": True}, TypeError, "consecutive_successes"),
+    ({"cooldown": -1}, ValueError, "cooldown"),
+    ({"cooldown": float("inf")}, ValueError, "inf"),
+    ({"cooldown": "10"}, TypeError, "'10'"),
+    ({"on_change": 3}, TypeError, "on_change"),
+    ({"clock": 3}, TypeError, "clock"),
+])
+def test_bad_settings_rejected(kwargs: dict[str, object], error: type[Exception],
+                               fragment: str) -> None:
+    with pytest.raises(error, match=fragment):
+        LoadBalancer([A], **kwargs)  # type: ignore[arg-type]
+
+
+def test_policy_is_pure() -> None:
+    policy = HealthPolicy(consecutive_failures=2, consecutive_successes=1, cooldown=3)
+    start = HealthState()
+    one = policy.observe(start, False, 0.0)
+    assert one == HealthState(consecutive=1)
+    assert start == HealthState()
+    down = policy.observe(one, False, 1.0)
+    assert down == HealthState(healthy=False, retry_at=4.0)
+    assert not down.ready(3.9)
+    assert down.ready(4.0)
+    assert policy.observe(down, False, 2.0) is down
+    assert policy.observe(down, False, 4.5) == HealthState(healthy=False, retry_at=7.5)
+    assert policy.observe(down, True, 2.0) == HealthState()
+    assert policy.observe(start, True, 0.0) is start

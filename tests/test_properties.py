@@ -1,0 +1,152 @@
+"""Property tests: weights, unique fallbacks, consistency under change, determinism."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from collections import Counter
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from lbclient import Backend, Consistent, FNVHash, Hash, LoadBalancer, Random, RoundRobin
+
+ALGORITHMS = {"RoundRobin": RoundRobin, "Random": Random, "Hash": Hash, "FNVHash": FNVHash,
+              "Consistent": Consistent}
+
+weights_st = st.lists(st.integers(min_value=1, max_value=12), min_size=1, max_size=9)
+
+
+def make_backends(weights: list[int]) -> list[Backend]:
+    return [Backend(f"10.9.{i // 200}.{i % 200 + 1}:{8000 + i}", w) for i, w in enumerate(weights)]
+
+
+@given(weights=weights_st, rounds=st.integers(min_value=1, max_value=4))
+def test_round_robin_first_picks_exactly_proportional(weights: list[int], rounds: int) -> None:
+    backends = make_backends(weights)
+    lb = LoadBalancer(backends, RoundRobin)
+    total = sum(weights)
+    counts = Counter(lb.select() for _ in range(rounds * total))
+    assert counts == {b: rounds * b.weight for b in backends}
+
+
+@settings(max_examples=25, deadline=None)
+@given(weights=weights_st, algorithm=st.sampled_from(["Hash", "FNVHash", "Random"]))
+def test_hashed_first_picks_proportional_to_weights(weights: list[int], algorithm: str) -> None:
+    backends = make_backends(weights)
+    lb = LoadBalancer(backends, ALGORITHMS[algorithm])
+    n = 6000
+    counts = Counter(lb.select(f"key-{i}") for i in range(n))
+    total = sum(weights)
+    for b in backends:
+        p = b.weight / total
+        sigma = math.sqrt(n * p * (1 - p))
+        assert abs(counts[b] - n * p) <= 5 * sigma + 1, (b, counts[b], n * p)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    weights=weights_st,
+    algorithm=st.sampled_from(sorted(ALGORITHMS)),
+    key=st.binary(max_size=24),
+    limit=st.integers(min_value=0, max_value=400),
+    disabled=st.sets(st.integers(min_value=0, max_value=8)),
+)
+def test_select_with_never_offers_a_backend_twice(
+    weights: list[int], algorithm: str, key: bytes, limit: int, disabled: set[int]
+) -> None:
+    backends = make_backends(weights)
+    lb = LoadBalancer(backends, ALGORITHMS[algorithm])
+    for i in disabled:
+        if i < len(backends):
+            lb.set_enabled(backends[i], False)
+    offered: list[Backend] = []
+
+    def refuse(backend: Backend, ready: bool) -> bool:
+        assert ready == lb.ready(backend)
+        offered.append(backend)
+        return False
+
+    assert lb.select_with(key, limit, refuse) is None
+    assert len(offered) == len(set(offered)) <= min(limit, len(backends))
+    assert set(offered) <= set(backends)
+    walk = list(lb.iter(key, limit))
+    assert sorted(walk) == sorted(backends)
+    if algorithm in ("Hash", "FNVHash", "Consistent"):  # stateless: the same order again
+        assert walk[: len(offered)] == offered
+    chosen = lb.select(key, limit)
+    assert chosen is None or lb.ready(chosen)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(n=st.integers(min_value=3, max_value=24), victim=st.integers(min_value=0))
+def test_consistent_moves_only_the_removed_backends_keys(n: int, victim: int) -> None:
+    backends = make_backends([1] * n)
+    removed = backends[victim % n]
+    before = Consistent.build(backends)
+    after = Consistent.build([b for b in backends if b != removed])
+    keys = [f"session-{i}".encode() for i in range(4000)]
+    moved = 0
+    for key in keys:
+        old, new = before.first(key), after.first(key)
+        if old == removed:
+            moved += 1
+            assert new != removed
+        else:
+            assert new == old
+    share = moved / len(keys)
+    assert 0.4 / n <= share <= 1.8 / n, (n, share)
+
+
+@settings(max_examples=20, deadline=None)
+@given(n=st.integers(min_value=2, max_value=16))
+def test_consistent_added_backend_only_takes_keys(n: int) -> None:
+    backends = make_backends([1] * (n + 1))
+    added = backends[-1]
+    before = Consistent.build(backends[:-1])
+    after = Consistent.build(backends)
+    for i in range(2000):
+        key = f"k{i}"
+        new = after.first(key)
+        assert new == added or new == before.first(key)
+
+
+ROUTE_SCRIPT = r"""
+import json, sys
+from lbclient import Backend, LoadBalancer, Hash, FNVHash, Consistent
+data = json.load(sys.stdin)
+backends = [Backend(a, w) for a, w in data["backends"]]
+out = {}
+for name, alg in (("Hash", Hash), ("FNVHash", FNVHash), ("Consistent", Consistent)):
+    lb = LoadBalancer(backends, alg)
+    out[name] = [[b.address for b in list(lb.iter(bytes.fromhex(k)))[:3]] for k in data["keys"]]
+json.dump(out, sys.stdout)
+"""
+
+
+def route_here(backends: list[Backend], keys: list[bytes]) -> dict[str, list[list[str]]]:
+    out = {}
+    for name in ("Hash", "FNVHash", "Consistent"):
+        lb = LoadBalancer(backends, ALGORITHMS[name])
+        out[name] = [[b.address for b in list(lb.iter(k))[:3]] for k in keys]
+    return out
+
+
+@settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    keys=st.lists(st.binary(max_size=40), min_size=1, max_size=300),
+    weights=st.lists(st.integers(min_value=1, max_value=5), min_size=2, max_size=8),
+)
+def test_routing_is_identical_in_another_process(keys: list[bytes], weights: list[int]) -> None:
+    backends = [*make_backends(weights), Backend("[2001:db8::7]:443"), Backend("svc.local:80")]
+    payload = json.dumps({"backends": [[b.address, b.weight] for b in backends],
+                          "keys": [k.hex() for k in keys]})
+    expected = route_here(backends, keys)
+    for seed in ("0", "12345"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        result = subprocess.run([sys.executable, "-c", ROUTE_SCRIPT], input=payload, env=env,
+                                capture_output=True, text=True, timeout=120, check=True)
+        assert json.loads(result.stdout) == expected

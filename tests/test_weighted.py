@@ -1,0 +1,197 @@
+"""Pingora's weighted selection vectors (reference: pingora-load-balancing selection tests)."""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+
+import pytest
+
+from lbclient import (
+    Backend,
+    FNVHash,
+    Hash,
+    Random,
+    RoundRobin,
+    UniqueIterator,
+    Weighted,
+    WeightedIterator,
+)
+from lbclient.hashing import fnv1a_64, le64, xxh3_64
+from lbclient.selection.weighted import WeightedSelector
+
+B1 = "1.1.1.1:80"
+B2 = "1.0.0.1:80"
+B3 = "1.0.0.255:80"
+
+
+def names(backends: dict[str, Backend], picks: list[Backend]) -> list[str]:
+    by_backend = {v: k for k, v in backends.items()}
+    return [by_backend[b] for b in picks]
+
+
+def trio(w1: int, w2: int, w3: int) -> dict[str, Backend]:
+    return {"b1": Backend(B1, w1), "b2": Backend(B2, w2), "b3": Backend(B3, w3)}
+
+
+def test_fnv() -> None:
+    bs = trio(1, 10, 1)
+    sel = FNVHash.build(bs.values())
+    assert sel.backends == (bs["b2"], bs["b3"], bs["b1"])
+    assert sel.total_weight == 12
+    it = sel.iter(b"test")
+    assert isinstance(it, WeightedIterator)
+    expected = ["b2", "b2", "b2", "b1", "b3", "b2", "b2", "b1", "b2", "b3", "b1"]
+    assert names(bs, list(itertools.islice(it, 11))) == expected
+    firsts = [next(sel.iter(f"test{i}".encode())) for i in range(1, 8)]
+    assert names(bs, firsts) == ["b2", "b2", "b3", "b1", "b2", "b2", "b2"]
+    assert names(bs, [sel.first(f"test{i}") for i in range(1, 8)]) == names(bs, firsts)
+
+
+def test_fnv_chain_by_formula() -> None:
+    # first pick weighted[h % 12], later picks backends[h % 3] with h = fnv(le64(h)).
+    h = fnv1a_64(b"test")
+    assert h == 0xF9E6E6EF197C2B25
+    chain = []
+    for _ in range(4):
+        h = fnv1a_64(le64(h))
+        chain.append(h)
+    assert chain == [0x92AFA3F8AD1ED11A, 0x45518D238F59251D, 0x948C91041EEB7121, 0x06229442FD7D1235]
+    assert [c % 3 for c in chain] == [0, 0, 2, 1]
+
+
+def test_round_robin() -> None:
+    bs = trio(1, 8, 1)
+    sel = RoundRobin.build(bs.values())
+    assert names(bs, list(itertools.islice(sel.iter("test"), 5))) == ["b2", "b3", "b1", "b2", "b3"]
+    firsts = [next(sel.iter("test1")) for _ in range(7)]
+    assert names(bs, firsts) == ["b2", "b2", "b2", "b3", "b1", "b2", "b2"]
+
+
+def test_round_robin_counter_restarts_per_build_and_is_per_selector() -> None:
+    bs = trio(1, 1, 1)
+    algorithm = RoundRobin()
+    a = algorithm.build(bs.values())
+    assert [a.first(b"") for _ in range(2)] == [bs["b2"], bs["b3"]]
+    b = algorithm.build(bs.values())
+    assert b.first(b"") == bs["b2"]
+    assert a.first(b"") == bs["b1"]
+
+
+def test_random_share() -> None:
+    bs = trio(1, 8, 1)
+    sel = Random.build(bs.values())
+    counts = Counter(sel.first(b"") for _ in range(10_000))
+    assert 7000 <= counts[bs["b2"]] <= 9000
+    assert set(counts) == set(bs.values())
+
+
+def test_random_seeded_is_reproducible() -> None:
+    bs = trio(1, 2, 3)
+    first = [Random(seed=5).build(bs.values()).first(b"") for _ in range(3)]
+    again = [Random(seed=5).build(bs.values()).first(b"") for _ in range(3)]
+    assert first == again
+
+
+def test_hash_uses_xxh3_64_by_formula() -> None:
+    bs = trio(3, 1, 2)
+    sel = Hash.build(bs.values())
+    ordered = sel.backends
+    weighted = [b for b in ordered for _ in range(b.weight)]
+    for i in range(200):
+        key = f"user-{i}".encode()
+        h = xxh3_64(key)
+        picks = list(itertools.islice(sel.iter(key), 6))
+        expected = [weighted[h % len(weighted)]]
+        for _ in range(5):
+            h = xxh3_64(le64(h))
+            expected.append(ordered[h % len(ordered)])
+        assert picks == expected
+        assert sel.first(key) == expected[0]
+        assert sel.first(key.decode()) == expected[0]
+
+
+def test_custom_index_function_masked_to_u64() -> None:
+    bs = trio(1, 1, 1)
+    sel = Weighted(lambda data: -1).build(bs.values())
+    # -1 as u64 is 2**64 - 1, and (2**64 - 1) % 3 == 0.
+    assert sel.first(b"x") == sel.backends[0]
+    with pytest.raises(TypeError, match="must return an int"):
+        Weighted(lambda data: "nope").build(bs.values()).first(b"x")  # type: ignore[arg-type, return-value]
+    with pytest.raises(TypeError, match="callable"):
+        Weighted(42)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="index function"):
+        Weighted().build(bs.values())
+
+
+def test_empty() -> None:
+    for algorithm in (RoundRobin, Random, Hash, FNVHash):
+        sel = algorithm.build([])
+        assert sel.first(b"k") is None
+        assert list(sel.iter(b"k")) == []
+
+
+def test_big_total_weight_uses_cumulative_search_with_same_answers() -> None:
+    backends = tuple(sorted(Backend(f"10.0.{i // 200}.{i % 200 + 1}:80", 1 + i % 7)
+                            for i in range(300)))
+    expanded = WeightedSelector(backends, xxh3_64)
+    searched = WeightedSelector(backends, xxh3_64, expand_limit=0)
+    for i in range(3000):
+        key = f"k{i}".encode()
+        assert expanded.first(key) == searched.first(key)
+        assert list(itertools.islice(expanded.iter(key), 3)) == list(
+            itertools.islice(searched.iter(key), 3)
+        )
+    # Every weighted slot maps to the backend that owns it.
+    total = expanded.total_weight
+    for h in range(total):
+        assert expanded.weighted_pick(h) == searched.weighted_pick(h)
+
+
+def test_scale_10000_backends_weights_up_to_100() -> None:
+    backends = [Backend(f"10.{i // 65536}.{i // 256 % 256}.{i % 256}:80", 1 + i % 100)
+                for i in range(10_000)]
+    sel = Hash.build(backends)
+    assert len(sel.backends) == 10_000
+    assert sel.total_weight == sum(b.weight for b in backends)
+    assert sel.first(b"key") in set(backends)
+
+
+def test_unique_iterator_max_iterations() -> None:
+    b1, b2, b3 = (Backend(a) for a in (B1, B2, B3))
+    assert list(UniqueIterator([b1, b2, b3], 3)) == [b1, b2, b3]
+    assert list(UniqueIterator([b1, b2, b3], 1)) == [b1]
+    assert list(UniqueIterator([b1, b2, b3], 0)) == []
+
+
+def test_unique_iterator_filters_duplicates_and_counts_them() -> None:
+    b1, b2, b3 = (Backend(a) for a in (B1, B2, B3))
+    assert list(UniqueIterator([b1, b1, b2, b2, b2, b3], 10)) == [b1, b2, b3]
+    # Duplicates use up steps: 5 pulls reach only b1 and b2.
+    assert list(UniqueIterator([b1, b1, b2, b2, b2, b3], 5)) == [b1, b2]
+    it = UniqueIterator(iter([b1, b2]), 10)
+    assert next(it) == b1
+    assert it.seen == frozenset({b1})
+
+
+def test_build_rejects_bad_input() -> None:
+    with pytest.raises(TypeError, match="single str"):
+        Hash.build("1.2.3.4:80")
+    with pytest.raises(TypeError, match="iterable"):
+        Hash.build(42)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="None"):
+        Hash.build([None])  # type: ignore[list-item]
+    with pytest.raises(ValueError, match=r"'1.2.3.4:80' is listed twice, with weights 1 and 2"):
+        Hash.build([Backend("1.2.3.4:80"), Backend("1.2.3.4:80", 2)])
+    # Exact duplicates are one backend.
+    assert len(Hash.build(["1.2.3.4:80", Backend("1.2.3.4:80")]).backends) == 1
+
+
+def test_keys_must_be_bytes_or_str() -> None:
+    sel = Hash.build([B1])
+    with pytest.raises(TypeError, match="42"):
+        sel.first(42)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="None"):
+        sel.iter(None)  # type: ignore[arg-type]
+    assert sel.first(bytearray(b"k")) == sel.first(b"k")  # type: ignore[arg-type]
+    assert sel.first("é") == sel.first("é".encode())
