@@ -3,6 +3,8 @@
 The core (backends, selection, health, the balancer) is pure: no I/O, no clock of its own.
 """
 
+import logging
+
 from lbclient.backend import MAX_WEIGHT, Backend
 from lbclient.balancer import DEFAULT_MAX_ITERATIONS, LoadBalancer
 from lbclient.health import HealthPolicy, HealthState
@@ -22,6 +24,9 @@ from lbclient.selection import (
 )
 
 __version__ = "0.1.0"
+
+# A library logs, the application decides where it goes.
+logging.getLogger("lbclient").addHandler(logging.NullHandler())
 
 __all__ = [
     "DEFAULT_MAX_ITERATIONS",

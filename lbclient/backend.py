@@ -86,6 +86,10 @@ def _parse(address: str) -> tuple[str, str, int, tuple[int, int | str]]:
     host, sep, port_text = address.rpartition(":")
     if not sep:
         raise ValueError(f"backend address {address!r} has no port (expected host:port)")
+    if "/" in address:
+        raise ValueError(
+            f"backend address {address!r} looks like a URL; give host:port (e.g. '10.0.0.1:8080')"
+        )
     if ":" in host:
         raise ValueError(
             f"backend address {address!r} looks like an IPv6 address without brackets "
