@@ -82,8 +82,13 @@ def demo(algorithm: str, backends: int, requests: int) -> int:
     recovered = lb.select_with(b"", 256, lambda b, ready: b == victim and ready)
     lb.report(victim, True)
     print()
-    print(_table("3. After the 10 s cool-down one request succeeds; it is back:", lb.backends,
-                 _shares(lb, requests, keyed)))
+    print(
+        _table(
+            "3. After the 10 s cool-down one request succeeds; it is back:",
+            lb.backends,
+            _shares(lb, requests, keyed),
+        )
+    )
     print("   health changes:")
     print("\n".join(events))
 
@@ -96,20 +101,28 @@ def demo(algorithm: str, backends: int, requests: int) -> int:
     moved = sum(before[k] != after[k] for k in keys)
     stayed_put = all(after[k] == before[k] for k in keys if before[k] != pool[0])
     print(f"\n4. Consistent hashing over {len(keys)} session keys:")
-    print(f"   same backend when asked twice: {sum(before[k] == again[k] for k in keys)}"
-          f"/{len(keys)}")
-    print(f"   {pool[0].address} leaves: {moved} keys move ({100 * moved / len(keys):.1f}%), "
-          f"all of them from {pool[0].address}; the others stay: {stayed_put}")
+    print(
+        f"   same backend when asked twice: {sum(before[k] == again[k] for k in keys)}/{len(keys)}"
+    )
+    print(
+        f"   {pool[0].address} leaves: {moved} keys move ({100 * moved / len(keys):.1f}%), "
+        f"all of them from {pool[0].address}; the others stay: {stayed_put}"
+    )
     ok = failed.get(victim, 0) == 0 and failed.get(None, 0) == 0 and recovered == victim
-    print(f"\nsummary: {4 * requests} selections, "
-          f"{'no request lost' if ok else 'UNEXPECTED RESULT'} during failover")
+    print(
+        f"\nsummary: {4 * requests} selections, "
+        f"{'no request lost' if ok else 'UNEXPECTED RESULT'} during failover"
+    )
     return 0 if ok and stayed_put else 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m lbclient``."""
-    parser = argparse.ArgumentParser(prog="python -m lbclient", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m lbclient",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("demo", help="show selection, failover and consistent hashing")
     run.add_argument("--algorithm", choices=sorted(ALGORITHMS), default="roundrobin")

@@ -1,0 +1,539 @@
+"""httpx transports: ``LBTransport`` (sync) and ``AsyncLBTransport`` (asyncio).
+
+Each request is sent to a backend chosen by a :class:`LoadBalancer`: the URL's host and port
+become the backend's, everything else (method, path, query, headers with the logical ``Host``,
+body) is sent unchanged, and for https the certificate is checked against the logical host name.
+Connections are pooled per backend, in one pool per logical TLS name, so a connection opened for
+one name is never reused for another.
+
+The transports talk to httpcore directly (as httpx's own transport does): the request for the
+backend is made without parsing a URL, which keeps the per-request cost to a few microseconds.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import ssl
+import threading
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Iterator
+from typing import Any, Final
+
+import httpcore
+import httpx
+
+from lbclient.backend import Backend
+from lbclient.balancer import LoadBalancer
+from lbclient.errors import KeyFunctionError, NoBackendAvailable
+from lbclient.retry import Failure, RequestPlan, RetryPolicy, run_async, run_sync
+from lbclient.selection.base import AlgorithmLike
+
+__all__ = ["AsyncLBTransport", "KeyFunction", "LBTransport"]
+
+#: Derives the selection key from a request: bytes or str, or None for the empty key.
+KeyFunction = Callable[[httpx.Request], "bytes | str | None"]
+
+DEFAULT_LIMITS: Final = httpx.Limits(max_connections=100, max_keepalive_connections=20)
+
+# httpcore's exceptions, and how far a request got when each was raised.
+_FAILURE_OF: Final[dict[type[Exception], Failure]] = {
+    httpcore.ConnectError: Failure.NEVER_SENT,
+    httpcore.ConnectTimeout: Failure.NEVER_SENT,
+    httpcore.PoolTimeout: Failure.LOCAL,
+    httpcore.LocalProtocolError: Failure.LOCAL,
+    httpcore.UnsupportedProtocol: Failure.LOCAL,
+}
+_HTTPCORE_ERRORS: Final = (
+    httpcore.TimeoutException,
+    httpcore.NetworkError,
+    httpcore.ProtocolError,
+    httpcore.ProxyError,
+    httpcore.UnsupportedProtocol,
+)
+
+
+def _httpx_error(exc: Exception) -> httpx.TransportError:
+    """The httpx exception for an httpcore one (same class name, as httpx itself maps them)."""
+    for cls in type(exc).__mro__:
+        mapped = getattr(httpx, cls.__name__, None)
+        if isinstance(mapped, type) and issubclass(mapped, httpx.TransportError):
+            return mapped(str(exc))
+    return httpx.TransportError(str(exc))
+
+
+def _failure_of(exc: Exception) -> Failure:
+    for cls in type(exc).__mro__:
+        failure = _FAILURE_OF.get(cls)
+        if failure is not None:
+            return failure
+    return Failure.MAYBE_SENT
+
+
+class _Common:
+    """Everything the sync and async transports share: no I/O here."""
+
+    def __init__(
+        self,
+        balancer: LoadBalancer | Iterable[Backend | str],
+        *,
+        key: KeyFunction | None,
+        algorithm: AlgorithmLike | None,
+        policy: RetryPolicy,
+    ) -> None:
+        if isinstance(balancer, LoadBalancer):
+            if algorithm is not None:
+                raise TypeError("algorithm= applies only when backends are given, not a balancer")
+            self.balancer = balancer
+        else:
+            self.balancer = LoadBalancer(
+                balancer, algorithm if algorithm is not None else _default_algorithm()
+            )
+        if key is not None and not callable(key):
+            raise TypeError(f"key must be a function of the request, got {key!r}")
+        self.key = key
+        self.policy = policy
+        self._hosts: dict[Backend, bytes] = {}
+
+    def key_of(self, request: httpx.Request) -> bytes:
+        fn = self.key
+        if fn is None:
+            return b""
+        try:
+            value = fn(request)
+        except Exception as exc:
+            raise KeyFunctionError(
+                f"key function {_name(fn)} raised {type(exc).__name__}: {exc} for "
+                f"{request.method} {request.url}; nothing was sent"
+            ) from exc
+        if type(value) is bytes:
+            return value
+        if isinstance(value, str):
+            return value.encode("utf-8")
+        if value is None:
+            return b""
+        if isinstance(value, (bytes, bytearray, memoryview)):
+            return bytes(value)
+        raise KeyFunctionError(
+            f"key function {_name(fn)} returned {value!r} ({type(value).__name__}) for "
+            f"{request.method} {request.url}; it must return bytes, str or None; nothing was sent"
+        )
+
+    def plan(self, request: httpx.Request) -> tuple[RequestPlan, Backend]:
+        timeouts = request.extensions.get("timeout")
+        budget: float | None = None
+        if isinstance(timeouts, dict) and timeouts:
+            values = list(timeouts.values())
+            if all(isinstance(v, (int, float)) for v in values):
+                budget = float(max(values))
+        plan = RequestPlan(
+            self.balancer,
+            self.key_of(request),
+            request.method,
+            isinstance(request.stream, httpx.ByteStream),
+            self.policy,
+            budget,
+        )
+        first = plan.first()
+        if first is None:
+            count = len(self.balancer.backends)
+            why = "it has no backends" if not count else f"all {count} backends are disabled"
+            raise NoBackendAvailable(
+                f"no backend available for {request.url.host!r}: {why}", request=request
+            )
+        return plan, first
+
+    def backend_request(
+        self, request: httpx.Request, backend: Backend, plan: RequestPlan
+    ) -> httpcore.Request:
+        host = self._hosts.get(backend)
+        if host is None:
+            host = self._hosts[backend] = backend.host.strip("[]").encode("ascii")
+        extensions = request.extensions
+        url = request.url
+        if url.scheme == "https":
+            extensions = {**extensions, "sni_hostname": url.host}
+        if plan.attempts and plan.budget is not None:
+            left = max(plan.remaining() or 0.0, 0.001)
+            timeouts = extensions.get("timeout", {})
+            extensions = {
+                **extensions,
+                "timeout": {
+                    k: (min(v, left) if v is not None else None) for k, v in timeouts.items()
+                },
+            }
+        headers = request.headers.raw
+        if "host" not in request.headers:
+            headers = [(b"Host", url.netloc), *headers]
+        return httpcore.Request(
+            method=request.method,
+            url=httpcore.URL(
+                scheme=url.raw_scheme, host=host, port=backend.port, target=url.raw_path
+            ),
+            headers=headers,
+            content=request.stream,
+            extensions=extensions,
+        )
+
+    def failed(self, plan: RequestPlan, backend: Backend, exc: Exception) -> httpx.TransportError:
+        error = _httpx_error(exc)
+        plan.failed(backend, _failure_of(exc), error)
+        return error
+
+    def final_error(
+        self, exc: httpx.TransportError, plan: RequestPlan, request: httpx.Request
+    ) -> httpx.TransportError:
+        return type(exc)(plan.describe(), request=request)
+
+    def buffers(self, plan: RequestPlan, response: httpcore.Response) -> bool:
+        """Whether to read this response's body inside the attempt: only for requests that
+        would be retried after a maybe-sent failure, and bodies of known, small size."""
+        if plan.method == "HEAD" or not plan.retries_maybe_sent():
+            return False
+        for name, value in response.headers:
+            if name.lower() == b"content-length":
+                return value.isdigit() and int(value) <= self.policy.buffer_limit
+        return False
+
+    def response(
+        self,
+        request: httpx.Request,
+        plan: RequestPlan,
+        backend: Backend,
+        response: httpcore.Response,
+        stream: httpx.SyncByteStream | httpx.AsyncByteStream | None,
+    ) -> httpx.Response:
+        """Record the response on the plan and wrap it for the caller.
+
+        ``stream`` is the body to hand on (wrapped so its end reports health), or None when the
+        body was already read into ``response.content``.
+        """
+        status = response.status
+        plan.responded(backend, status)
+        failing = status in self.policy.failure_statuses
+        if stream is None:
+            if not failing:
+                self.balancer.report(backend, True)
+            body: httpx.SyncByteStream | httpx.AsyncByteStream = httpx.ByteStream(response.content)
+        else:
+            body = stream
+        result = httpx.Response(
+            status, headers=response.headers, stream=body, extensions=response.extensions
+        )
+        result.request = request
+        return result
+
+    def reporter(self, backend: Backend, status: int) -> _Report:
+        return _Report(self.balancer, backend, status in self.policy.failure_statuses)
+
+    def pool_name(self, url: httpx.URL) -> str | None:
+        return url.host if url.scheme == "https" else None
+
+
+def _default_algorithm() -> AlgorithmLike:
+    from lbclient.selection.weighted import RoundRobin
+
+    return RoundRobin
+
+
+def _name(fn: Callable[..., Any]) -> str:
+    return getattr(fn, "__qualname__", None) or repr(fn)
+
+
+def _policy(
+    policy: RetryPolicy | None,
+    max_attempts: int,
+    retry_maybe_sent: bool,
+    retry_statuses: Collection[int],
+    failure_statuses: Collection[int],
+) -> RetryPolicy:
+    if policy is not None:
+        if not isinstance(policy, RetryPolicy):
+            raise TypeError(f"policy must be a RetryPolicy, got {policy!r}")
+        return policy
+    return RetryPolicy(
+        max_attempts=max_attempts,
+        retry_maybe_sent=retry_maybe_sent,
+        retry_statuses=retry_statuses,
+        failure_statuses=failure_statuses,
+    )
+
+
+def _pool_options(
+    verify: ssl.SSLContext | str | bool,
+    cert: Any,
+    trust_env: bool,
+    http1: bool,
+    http2: bool,
+    limits: httpx.Limits,
+    local_address: str | None,
+    socket_options: Iterable[Any] | None,
+) -> dict[str, Any]:
+    if not isinstance(limits, httpx.Limits):
+        raise TypeError(f"limits must be an httpx.Limits, got {limits!r}")
+    if http2 and importlib.util.find_spec("h2") is None:
+        raise ImportError("http2=True needs the h2 package: pip install 'httpx[http2]'")
+    return {
+        "ssl_context": httpx.create_ssl_context(verify=verify, cert=cert, trust_env=trust_env),
+        "max_connections": limits.max_connections,
+        "max_keepalive_connections": limits.max_keepalive_connections,
+        "keepalive_expiry": limits.keepalive_expiry,
+        "http1": http1,
+        "http2": http2,
+        "local_address": local_address,
+        "socket_options": socket_options,
+        "retries": 0,
+    }
+
+
+class _Report:
+    """Reports one attempt's success once its body was read or closed (failures go first)."""
+
+    __slots__ = ("_backend", "_balancer", "_done")
+
+    def __init__(self, balancer: LoadBalancer, backend: Backend, done: bool) -> None:
+        self._balancer = balancer
+        self._backend = backend
+        self._done = done
+
+    def __call__(self, ok: bool) -> None:
+        if not self._done:
+            self._done = True
+            self._balancer.report(self._backend, ok)
+
+
+class _SyncStream(httpx.SyncByteStream):
+    def __init__(self, inner: Iterable[bytes], report: _Report) -> None:
+        self._inner = inner
+        self._report = report
+
+    def __iter__(self) -> Iterator[bytes]:
+        try:
+            yield from self._inner
+        except _HTTPCORE_ERRORS as exc:
+            self._report(False)
+            raise _httpx_error(exc) from exc
+        self._report(True)
+
+    def close(self) -> None:
+        self._report(True)
+        close = getattr(self._inner, "close", None)
+        if close is not None:
+            close()
+
+
+class _AsyncStream(httpx.AsyncByteStream):
+    def __init__(self, inner: Any, report: _Report) -> None:
+        self._inner = inner
+        self._report = report
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._inner:
+                yield chunk
+        except _HTTPCORE_ERRORS as exc:
+            self._report(False)
+            raise _httpx_error(exc) from exc
+        self._report(True)
+
+    async def aclose(self) -> None:
+        self._report(True)
+        aclose = getattr(self._inner, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+class LBTransport(httpx.BaseTransport):
+    """An httpx transport that load-balances every request over a set of backends.
+
+    ``balancer`` is a :class:`LoadBalancer`, or backends (``"host:port"`` or :class:`Backend`)
+    to build one with ``algorithm`` (RoundRobin by default). ``key(request)`` returns the
+    selection key (bytes, str or None). Retries: ``max_attempts`` per request (default 3);
+    maybe-sent failures of idempotent, replayable requests are retried unless
+    ``retry_maybe_sent=False``; responses with a status in ``retry_statuses`` are retried for
+    idempotent requests (none by default); statuses in ``failure_statuses`` (5xx by default)
+    count as failures for passive health. ``policy`` gives all of these at once.
+    ``verify``, ``cert``, ``trust_env``, ``http1``, ``http2``, ``limits``, ``local_address`` and
+    ``socket_options`` configure the connections, as for ``httpx.HTTPTransport``.
+    """
+
+    def __init__(
+        self,
+        balancer: LoadBalancer | Iterable[Backend | str],
+        *,
+        key: KeyFunction | None = None,
+        algorithm: AlgorithmLike | None = None,
+        max_attempts: int = 3,
+        retry_maybe_sent: bool = True,
+        retry_statuses: Collection[int] = (),
+        failure_statuses: Collection[int] = range(500, 600),
+        policy: RetryPolicy | None = None,
+        verify: ssl.SSLContext | str | bool = True,
+        cert: Any = None,
+        trust_env: bool = True,
+        http1: bool = True,
+        http2: bool = False,
+        limits: httpx.Limits = DEFAULT_LIMITS,
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> None:
+        self._common = _Common(
+            balancer,
+            key=key,
+            algorithm=algorithm,
+            policy=_policy(
+                policy, max_attempts, retry_maybe_sent, retry_statuses, failure_statuses
+            ),
+        )
+        self._options = _pool_options(
+            verify, cert, trust_env, http1, http2, limits, local_address, socket_options
+        )
+        self._pools: dict[str | None, httpcore.ConnectionPool] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+
+    @property
+    def balancer(self) -> LoadBalancer:
+        """The load balancer choosing the backends."""
+        return self._common.balancer
+
+    @property
+    def policy(self) -> RetryPolicy:
+        """The retry policy."""
+        return self._common.policy
+
+    def _pool(self, url: httpx.URL) -> httpcore.ConnectionPool:
+        name = self._common.pool_name(url)
+        pool = self._pools.get(name)
+        if pool is None:
+            with self._lock:
+                if self._closed:
+                    raise RuntimeError("LBTransport is closed")
+                pool = self._pools.get(name)
+                if pool is None:
+                    pool = self._pools[name] = httpcore.ConnectionPool(**self._options)
+        return pool
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        if self._closed:
+            raise RuntimeError("LBTransport is closed")
+        common = self._common
+        plan, first = common.plan(request)
+        pool = self._pool(request.url)
+
+        def attempt(backend: Backend) -> httpx.Response:
+            try:
+                response = pool.handle_request(common.backend_request(request, backend, plan))
+                if common.buffers(plan, response):
+                    try:
+                        response.read()
+                    finally:
+                        response.close()
+                    return common.response(request, plan, backend, response, None)
+            except _HTTPCORE_ERRORS as exc:
+                raise common.failed(plan, backend, exc) from exc
+            assert isinstance(response.stream, Iterable)
+            stream = _SyncStream(response.stream, common.reporter(backend, response.status))
+            return common.response(request, plan, backend, response, stream)
+
+        try:
+            return run_sync(plan, first, attempt, httpx.Response.close)
+        except httpx.TransportError as exc:
+            raise common.final_error(exc, plan, request) from exc
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            pools = list(self._pools.values())
+            self._pools.clear()
+        for pool in pools:
+            pool.close()
+
+
+class AsyncLBTransport(httpx.AsyncBaseTransport):
+    """The asyncio twin of :class:`LBTransport`, with the same arguments."""
+
+    def __init__(
+        self,
+        balancer: LoadBalancer | Iterable[Backend | str],
+        *,
+        key: KeyFunction | None = None,
+        algorithm: AlgorithmLike | None = None,
+        max_attempts: int = 3,
+        retry_maybe_sent: bool = True,
+        retry_statuses: Collection[int] = (),
+        failure_statuses: Collection[int] = range(500, 600),
+        policy: RetryPolicy | None = None,
+        verify: ssl.SSLContext | str | bool = True,
+        cert: Any = None,
+        trust_env: bool = True,
+        http1: bool = True,
+        http2: bool = False,
+        limits: httpx.Limits = DEFAULT_LIMITS,
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> None:
+        self._common = _Common(
+            balancer,
+            key=key,
+            algorithm=algorithm,
+            policy=_policy(
+                policy, max_attempts, retry_maybe_sent, retry_statuses, failure_statuses
+            ),
+        )
+        self._options = _pool_options(
+            verify, cert, trust_env, http1, http2, limits, local_address, socket_options
+        )
+        self._pools: dict[str | None, httpcore.AsyncConnectionPool] = {}
+        self._closed = False
+
+    @property
+    def balancer(self) -> LoadBalancer:
+        """The load balancer choosing the backends."""
+        return self._common.balancer
+
+    @property
+    def policy(self) -> RetryPolicy:
+        """The retry policy."""
+        return self._common.policy
+
+    def _pool(self, url: httpx.URL) -> httpcore.AsyncConnectionPool:
+        # No await between the lookup and the insert: safe among tasks of one event loop.
+        name = self._common.pool_name(url)
+        pool = self._pools.get(name)
+        if pool is None:
+            pool = self._pools[name] = httpcore.AsyncConnectionPool(**self._options)
+        return pool
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if self._closed:
+            raise RuntimeError("AsyncLBTransport is closed")
+        common = self._common
+        plan, first = common.plan(request)
+        pool = self._pool(request.url)
+
+        async def attempt(backend: Backend) -> httpx.Response:
+            try:
+                response = await pool.handle_async_request(
+                    common.backend_request(request, backend, plan)
+                )
+                if common.buffers(plan, response):
+                    try:
+                        await response.aread()
+                    finally:
+                        await response.aclose()
+                    return common.response(request, plan, backend, response, None)
+            except _HTTPCORE_ERRORS as exc:
+                raise common.failed(plan, backend, exc) from exc
+            stream = _AsyncStream(response.stream, common.reporter(backend, response.status))
+            return common.response(request, plan, backend, response, stream)
+
+        try:
+            return await run_async(plan, first, attempt, httpx.Response.aclose)
+        except httpx.TransportError as exc:
+            raise common.final_error(exc, plan, request) from exc
+
+    async def aclose(self) -> None:
+        self._closed = True
+        pools = list(self._pools.values())
+        self._pools.clear()
+        for pool in pools:
+            await pool.aclose()

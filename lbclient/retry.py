@@ -1,0 +1,420 @@
+"""Which failures are retried, and the one attempt loop (on tenacity) that every adapter uses.
+
+A request's walk over backends is a :class:`RequestPlan`: it knows the candidates in fallback
+order, what was tried and why it failed, whether one more attempt is allowed, and how long to wait
+before it. The adapters only translate: they classify their library's exceptions into a
+:class:`Failure` kind, do the I/O of one attempt, and build the final exception.
+
+The rules:
+
+* ``NEVER_SENT`` failures (connection refused, connect timeout, TLS handshake, DNS) are retried
+  on the next backend for every method: the request never left the client.
+* ``MAYBE_SENT`` failures (read or write errors and timeouts, server disconnected, protocol
+  errors) are retried only for idempotent methods whose body can be sent again, and only when
+  ``retry_maybe_sent`` is on. A POST that may have reached a server is never sent twice.
+* ``LOCAL`` failures (a full local connection pool, a malformed request) say nothing about the
+  backend: not reported, not retried.
+* A response whose status is in ``retry_statuses`` is retried like a maybe-sent failure.
+* No wait before an attempt on a backend not tried yet; jittered exponential backoff before
+  trying a backend again. All attempts together stay within the request's own timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import math
+import random
+import time
+from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Final, TypeVar
+
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    Retrying,
+    retry_if_exception,
+    retry_if_result,
+)
+
+from lbclient.backend import Backend
+from lbclient.balancer import LoadBalancer
+
+__all__ = [
+    "IDEMPOTENT_METHODS",
+    "Attempt",
+    "Failure",
+    "RequestPlan",
+    "RetryPolicy",
+    "run_async",
+    "run_sync",
+]
+
+#: Methods that may be sent twice without changing the outcome (RFC 9110 section 9.2.2).
+IDEMPOTENT_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+
+_T = TypeVar("_T")
+
+
+class Failure(enum.Enum):
+    """How far a failed attempt got, which decides whether it may be retried."""
+
+    #: The request never left the client: safe to retry for every method.
+    NEVER_SENT = "never sent"
+    #: The request may have reached the server: retry only idempotent, replayable requests.
+    MAYBE_SENT = "maybe sent"
+    #: A local problem (pool exhausted, bad request): not the backend's fault, not retried.
+    LOCAL = "local"
+
+
+def _status_set(name: str, value: Iterable[int]) -> frozenset[int]:
+    try:
+        statuses = frozenset(value)
+    except TypeError:
+        raise TypeError(f"{name} must be a collection of status codes, got {value!r}") from None
+    for status in statuses:
+        if isinstance(status, bool) or not isinstance(status, int) or not 100 <= status <= 599:
+            raise ValueError(f"{name} must hold HTTP status codes 100..599, got {status!r}")
+    return statuses
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """What a request may retry, how often and how fast. Immutable."""
+
+    #: Attempts per request, the first included.
+    max_attempts: int = 3
+    #: Retry maybe-sent failures of idempotent requests with replayable bodies.
+    retry_maybe_sent: bool = True
+    #: Response statuses retried for idempotent requests (e.g. {502, 503, 504}); none by default.
+    retry_statuses: Collection[int] = frozenset()
+    #: Response statuses reported to passive health as failures.
+    failure_statuses: Collection[int] = frozenset(range(500, 600))
+    #: Methods considered idempotent.
+    idempotent_methods: Collection[str] = IDEMPOTENT_METHODS
+    #: First backoff (seconds) before trying a backend again; doubles per retry, with full jitter.
+    backoff: float = 0.05
+    #: Largest backoff (seconds).
+    backoff_max: float = 2.0
+    #: Responses to retryable requests with a Content-Length up to this many bytes are read
+    #: before they are returned, so a connection lost mid-body can still be retried.
+    buffer_limit: int = 256 * 1024
+
+    def __post_init__(self) -> None:
+        attempts = self.max_attempts
+        if isinstance(attempts, bool) or not isinstance(attempts, int):
+            raise TypeError(f"max_attempts must be an int, got {attempts!r}")
+        if attempts < 1:
+            raise ValueError(f"max_attempts must be >= 1, got {attempts}")
+        if not isinstance(self.retry_maybe_sent, bool):
+            raise TypeError(f"retry_maybe_sent must be a bool, got {self.retry_maybe_sent!r}")
+        object.__setattr__(
+            self, "retry_statuses", _status_set("retry_statuses", self.retry_statuses)
+        )
+        object.__setattr__(
+            self, "failure_statuses", _status_set("failure_statuses", self.failure_statuses)
+        )
+        if isinstance(self.idempotent_methods, str):
+            raise TypeError("idempotent_methods must be a collection of method names, not a str")
+        object.__setattr__(
+            self, "idempotent_methods", frozenset(m.upper() for m in self.idempotent_methods)
+        )
+        limit = self.buffer_limit
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+            raise ValueError(f"buffer_limit must be an int >= 0, got {limit!r}")
+        for name in ("backoff", "backoff_max"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{name} must be a number of seconds, got {value!r}")
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+@dataclass
+class Attempt:
+    """One attempt of a request: where it went and how it ended."""
+
+    backend: Backend
+    #: Failure kind, or None when a response came back.
+    failure: Failure | None = None
+    #: Text of the error, or ``"HTTP <status>"``.
+    outcome: str = ""
+    status: int | None = None
+    error: BaseException | None = field(default=None, repr=False)
+
+    def describe(self) -> str:
+        return f"{self.backend.address} ({self.outcome})"
+
+
+@dataclass
+class RequestPlan:
+    """One request's walk over the balancer's backends. Sans-I/O, one per request.
+
+    Candidates come in the balancer's fallback order for ``key``: ready backends first; then,
+    only if attempts remain, backends that are enabled but not ready (a last resort, better than
+    failing a request that a recovering backend could serve); then backends already tried, again
+    in order, after a backoff.
+    """
+
+    balancer: LoadBalancer
+    key: bytes
+    method: str
+    replayable: bool
+    policy: RetryPolicy
+    #: Seconds all attempts together may take; None for no limit.
+    budget: float | None = None
+    clock: Callable[[], float] = time.monotonic
+    attempts: list[Attempt] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._start = self.clock()
+        self._walk: Iterator[Backend] | None = None
+        self._spares: list[Backend] = []
+        self._pending: Backend | None = None
+        self._revisits = 0
+        self._retry_response = False
+
+    # -- choosing backends -------------------------------------------------------------------
+
+    def first(self) -> Backend | None:
+        """The backend for the first attempt, or None if there is none."""
+        backend = self.balancer.select(self.key)
+        if backend is None:
+            backend = self._untried()
+        return backend
+
+    def _untried(self) -> Backend | None:
+        tried = {a.backend for a in self.attempts}
+        balancer = self.balancer
+        if self._walk is None:
+            self._walk = balancer.iter(self.key)
+        for backend in self._walk:
+            if backend in tried:
+                continue
+            if balancer.ready(backend):
+                return backend
+            try:
+                if balancer.health(backend).enabled:
+                    self._spares.append(backend)
+            except ValueError:  # removed by a concurrent update
+                continue
+        while self._spares:
+            backend = self._spares.pop(0)
+            if backend not in tried:
+                return backend
+        return None
+
+    def _following(self) -> Backend:
+        """The backend for the next attempt (computed once, before the wait)."""
+        if self._pending is None:
+            backend = self._untried()
+            if backend is None:
+                # Every candidate was tried: go round again, oldest first.
+                backend = self.attempts[self._revisits % len(self.attempts)].backend
+                self._revisits += 1
+            self._pending = backend
+        return self._pending
+
+    def next(self) -> Backend:
+        """The backend for the next retry."""
+        backend = self._following()
+        self._pending = None
+        return backend
+
+    # -- recording -------------------------------------------------------------------------
+
+    def failed(self, backend: Backend, failure: Failure, error: BaseException) -> None:
+        """Record a failed attempt and report it to passive health (unless it was local)."""
+        text = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+        self.attempts.append(Attempt(backend, failure, text, error=error))
+        if failure is not Failure.LOCAL:
+            self.balancer.report(backend, False)
+
+    def responded(self, backend: Backend, status: int) -> bool:
+        """Record a response; return True if it should be retried (see :meth:`wants_retry`).
+
+        A failure status is reported to passive health here. A success is reported by the
+        adapter once the body was read (or closed), so a body that fails counts as a failure.
+        """
+        self.attempts.append(Attempt(backend, None, f"HTTP {status}", status))
+        if status in self.policy.failure_statuses:
+            self.balancer.report(backend, False)
+        self._retry_response = (
+            status in self.policy.retry_statuses and self._may_resend() and self._can_retry()
+        )
+        return self._retry_response
+
+    def wants_retry(self, _result: object = None) -> bool:
+        """Whether the response just recorded should be retried (a tenacity result predicate)."""
+        return self._retry_response
+
+    # -- deciding --------------------------------------------------------------------------
+
+    def retries_maybe_sent(self) -> bool:
+        """Whether a maybe-sent failure of this request would be retried (attempts permitting)."""
+        return self.policy.retry_maybe_sent and self._may_resend()
+
+    def _may_resend(self) -> bool:
+        return self.method in self.policy.idempotent_methods and self.replayable
+
+    def _can_retry(self) -> bool:
+        return len(self.attempts) < self.policy.max_attempts and not self.expired()
+
+    def should_retry(self, error: BaseException) -> bool:
+        """Whether the failure just recorded for ``error`` may be retried.
+
+        An error the adapter did not record (a bug, a cancellation) is never retried.
+        """
+        if not self.attempts:
+            return False
+        last = self.attempts[-1]
+        if last.failure is None:
+            return False
+        if last.error is not error:
+            return False
+        if last.failure is Failure.NEVER_SENT:
+            allowed = True
+        elif last.failure is Failure.MAYBE_SENT:
+            allowed = self.retries_maybe_sent()
+        else:
+            allowed = False
+        return allowed and self._can_retry()
+
+    def remaining(self) -> float | None:
+        """Seconds left of the request's budget, or None without a budget."""
+        if self.budget is None:
+            return None
+        return self.budget - (self.clock() - self._start)
+
+    def expired(self) -> bool:
+        left = self.remaining()
+        return left is not None and left <= 0
+
+    def wait(self, _state: RetryCallState | None = None) -> float:
+        """Seconds to wait before the next attempt: none for a backend not tried yet."""
+        upcoming = self._following()
+        if all(a.backend != upcoming for a in self.attempts):
+            return 0.0
+        ceiling = min(self.policy.backoff_max, self.policy.backoff * 2 ** (self._revisits - 1))
+        delay = random.uniform(0, ceiling)
+        left = self.remaining()
+        return delay if left is None else max(0.0, min(delay, left))
+
+    def stop(self, state: RetryCallState) -> bool:
+        """Tenacity stop condition: out of attempts or out of time."""
+        return len(self.attempts) >= self.policy.max_attempts or self.expired()
+
+    # -- reporting -------------------------------------------------------------------------
+
+    def describe(self) -> str:
+        """Every attempt, for the message of the final error."""
+        count = len(self.attempts)
+        tried = "; ".join(a.describe() for a in self.attempts)
+        last = self.attempts[-1] if self.attempts else None
+        note = ""
+        if self.expired():
+            note = " (the request's time budget ran out)"
+        elif last is not None and last.failure is Failure.MAYBE_SENT:
+            if not self.policy.retry_maybe_sent:
+                note = " (not retried: retry_maybe_sent is off)"
+            elif not self._may_resend():
+                why = (
+                    f"{self.method} is not idempotent"
+                    if self.method not in self.policy.idempotent_methods
+                    else "its body cannot be replayed"
+                )
+                note = f" (not retried: the request may have reached the server and {why})"
+        plural = "attempt" if count == 1 else "attempts"
+        return f"{self.method} failed after {count} {plural}: {tried}{note}"
+
+
+def _sleep(seconds: float) -> None:
+    if seconds > 0:  # time.sleep(0) still costs a system call and a reschedule
+        time.sleep(seconds)
+
+
+async def _asleep(seconds: float) -> None:
+    if seconds > 0:
+        await asyncio.sleep(seconds)
+
+
+def _outcome(state: RetryCallState) -> Any:
+    """When tenacity stops: the last response, or the last exception raised again."""
+    assert state.outcome is not None
+    return state.outcome.result()
+
+
+def run_sync(
+    plan: RequestPlan,
+    first: Backend,
+    attempt: Callable[[Backend], _T],
+    discard: Callable[[_T], object],
+) -> _T:
+    """Run ``attempt`` on ``first``, then on the plan's next backends while it may retry.
+
+    ``attempt`` does one attempt's I/O, records its outcome on the plan and raises on failure.
+    ``discard`` closes a response that is retried. The last failure propagates unchanged; the
+    caller turns it into its final error. The first attempt runs outside tenacity (it is not a
+    retry, and most requests need no other).
+    """
+    try:
+        result = attempt(first)
+    except Exception as exc:
+        if not plan.should_retry(exc):
+            raise
+    else:
+        if not plan.wants_retry():
+            return result
+        discard(result)
+
+    def before_sleep(state: RetryCallState) -> None:
+        if state.outcome is not None and not state.outcome.failed:
+            discard(state.outcome.result())
+
+    retrying = Retrying(
+        stop=plan.stop,
+        wait=plan.wait,
+        retry=retry_if_exception(plan.should_retry) | retry_if_result(plan.wants_retry),
+        before_sleep=before_sleep,
+        sleep=_sleep,
+        retry_error_callback=_outcome,
+    )
+    return retrying(lambda: attempt(plan.next()))
+
+
+async def run_async(
+    plan: RequestPlan,
+    first: Backend,
+    attempt: Callable[[Backend], Awaitable[_T]],
+    discard: Callable[[_T], Awaitable[object]],
+) -> _T:
+    """The asyncio twin of :func:`run_sync`. A new AsyncRetrying per request: they are not
+    safe to share between concurrent tasks."""
+    try:
+        result = await attempt(first)
+    except Exception as exc:
+        if not plan.should_retry(exc):
+            raise
+    else:
+        if not plan.wants_retry():
+            return result
+        await discard(result)
+
+    async def before_sleep(state: RetryCallState) -> None:
+        if state.outcome is not None and not state.outcome.failed:
+            await discard(state.outcome.result())
+
+    retrying = AsyncRetrying(
+        stop=plan.stop,
+        wait=plan.wait,
+        retry=retry_if_exception(plan.should_retry) | retry_if_result(plan.wants_retry),
+        before_sleep=before_sleep,
+        sleep=_asleep,
+        retry_error_callback=_outcome,
+    )
+    async def next_attempt() -> _T:
+        return await attempt(plan.next())
+
+    last: _T = await retrying(next_attempt)
+    return last
