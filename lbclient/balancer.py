@@ -248,6 +248,14 @@ class LoadBalancer:
         """
         if not isinstance(ok, bool):
             raise TypeError(f"ok must be a bool, got {ok!r}")
+        if ok:
+            # The common case needs no lock: a success on a healthy backend with no failure
+            # streak changes nothing.
+            cell = self._snap.cells.get(backend) if isinstance(backend, Backend) else None
+            if cell is not None:
+                state = cell.state
+                if state.healthy and not state.consecutive:
+                    return False
         with self._lock:
             snap = self._snap
             found = self._find(snap, backend)

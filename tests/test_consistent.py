@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import csv
 import itertools
 import zlib
@@ -9,6 +10,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lbclient import Backend, Consistent, ConsistentSelector, LoadBalancer
 
@@ -192,3 +195,19 @@ def test_matches_nginx_sample_data(shared_vectors: Path) -> None:
     counts = Counter(upstream for _, upstream in rows)
     assert counts["10.0.0.2:443"] == 124
     assert counts["10.0.0.7:443"] == 105
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(min_value=0, max_value=40),
+    probes=st.lists(st.integers(min_value=0, max_value=2**32 - 1), max_size=200),
+)
+def test_bucket_index_agrees_with_plain_binary_search(n: int, probes: list[int]) -> None:
+    sel = Consistent(points_per_weight=1 + n % 7).build(
+        [f"10.2.0.{i + 1}:80" for i in range(n)]
+    )
+    hashes = [h for h, _ in sel.points()]
+    edges = [0, 2**32 - 1, *hashes, *(h - 1 for h in hashes if h), *(h + 1 for h in hashes)]
+    for h in [*probes, *edges]:
+        i = bisect.bisect_left(hashes, h)
+        assert sel._locate(h) == (0 if i == len(hashes) else i)

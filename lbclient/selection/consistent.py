@@ -42,7 +42,7 @@ def _host_text(backend: Backend, ipv6_brackets: bool) -> str:
 class ConsistentSelector:
     """A built ketama ring over a fixed, sorted set of backends."""
 
-    __slots__ = ("_backends", "_count", "_hashes", "_owners")
+    __slots__ = ("_backends", "_count", "_hashes", "_owners", "_shift", "_starts")
 
     def __init__(
         self, backends: tuple[Backend, ...], points_per_weight: int, ipv6_brackets: bool
@@ -77,7 +77,18 @@ class ConsistentSelector:
                 last = h
         self._hashes = hashes
         self._owners = tuple(owners)
-        self._count = len(hashes)
+        self._count = count = len(hashes)
+        # A bucket index over the top bits of the hash: _starts[b] is the first point whose
+        # hash >> shift >= b, so a lookup searches only the few points of one bucket.
+        bits = max(1, min(16, count.bit_length() - 1))
+        self._shift = shift = 32 - bits
+        starts = [count] * ((1 << bits) + 1)
+        for i in range(count - 1, -1, -1):
+            starts[hashes[i] >> shift] = i
+        for b in range(len(starts) - 2, -1, -1):
+            if starts[b] > starts[b + 1]:
+                starts[b] = starts[b + 1]
+        self._starts = starts
 
     @property
     def backends(self) -> tuple[Backend, ...]:
@@ -97,7 +108,13 @@ class ConsistentSelector:
         """The index of the ring point ``key`` lands on (0 on an empty ring)."""
         if type(key) is not bytes:
             key = to_key(key)
-        i = bisect_left(self._hashes, zlib.crc32(key))
+        return self._locate(zlib.crc32(key))
+
+    def _locate(self, h: int) -> int:
+        """Index of the first point with hash >= h, wrapping to 0."""
+        bucket = h >> self._shift
+        starts = self._starts
+        i = bisect_left(self._hashes, h, starts[bucket], starts[bucket + 1])
         return 0 if i == self._count else i
 
     def first(self, key: Key) -> Backend | None:
@@ -106,7 +123,10 @@ class ConsistentSelector:
             return None
         if type(key) is not bytes:
             key = to_key(key)
-        i = bisect_left(self._hashes, zlib.crc32(key))
+        h = zlib.crc32(key)
+        bucket = h >> self._shift
+        starts = self._starts
+        i = bisect_left(self._hashes, h, starts[bucket], starts[bucket + 1])
         return self._owners[0 if i == self._count else i]
 
     def iter(self, key: Key) -> Iterator[Backend]:
