@@ -16,7 +16,7 @@ import importlib.util
 import ssl
 import threading
 from collections.abc import AsyncIterator, Callable, Collection, Iterable, Iterator
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import httpcore
 import httpx
@@ -31,6 +31,8 @@ __all__ = ["AsyncLBTransport", "KeyFunction", "LBTransport"]
 
 #: Derives the selection key from a request: bytes or str, or None for the empty key.
 KeyFunction = Callable[[httpx.Request], "bytes | str | None"]
+
+_P = TypeVar("_P", httpcore.ConnectionPool, httpcore.AsyncConnectionPool)
 
 DEFAULT_LIMITS: Final = httpx.Limits(max_connections=100, max_keepalive_connections=20)
 
@@ -224,8 +226,20 @@ class _Common:
     def reporter(self, backend: Backend, status: int) -> _Report:
         return _Report(self.balancer, backend, status in self.policy.failure_statuses)
 
-    def pool_name(self, url: httpx.URL) -> str | None:
-        return url.host if url.scheme == "https" else None
+    def stale(self, pools: dict[tuple[str | None, Backend], _P]) -> list[_P]:
+        """Remove and return the idle pools of backends no longer in the balancer's set."""
+        current = set(self.balancer.backends)
+        gone = [
+            key
+            for key, pool in pools.items()
+            if key[1] not in current and all(c.is_idle() for c in pool.connections)
+        ]
+        return [pools.pop(key) for key in gone]
+
+    def pool_key(self, url: httpx.URL, backend: Backend) -> tuple[str | None, Backend]:
+        """One pool per (logical TLS name, backend): a TLS connection is never shared between
+        two names, and a backend that is slow or black-holed holds only its own connections."""
+        return (url.host if url.scheme == "https" else None, backend)
 
 
 def _default_algorithm() -> AlgorithmLike:
@@ -386,7 +400,7 @@ class LBTransport(httpx.BaseTransport):
         self._options = _pool_options(
             verify, cert, trust_env, http1, http2, limits, local_address, socket_options
         )
-        self._pools: dict[str | None, httpcore.ConnectionPool] = {}
+        self._pools: dict[tuple[str | None, Backend], httpcore.ConnectionPool] = {}
         self._lock = threading.Lock()
         self._closed = False
 
@@ -400,16 +414,20 @@ class LBTransport(httpx.BaseTransport):
         """The retry policy."""
         return self._common.policy
 
-    def _pool(self, url: httpx.URL) -> httpcore.ConnectionPool:
-        name = self._common.pool_name(url)
+    def _pool(self, url: httpx.URL, backend: Backend) -> httpcore.ConnectionPool:
+        name = self._common.pool_key(url, backend)
         pool = self._pools.get(name)
         if pool is None:
+            stale: list[httpcore.ConnectionPool] = []
             with self._lock:
                 if self._closed:
                     raise RuntimeError("LBTransport is closed")
                 pool = self._pools.get(name)
                 if pool is None:
+                    stale = self._common.stale(self._pools)
                     pool = self._pools[name] = httpcore.ConnectionPool(**self._options)
+            for old in stale:
+                old.close()
         return pool
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
@@ -417,9 +435,9 @@ class LBTransport(httpx.BaseTransport):
             raise RuntimeError("LBTransport is closed")
         common = self._common
         plan, first = common.plan(request)
-        pool = self._pool(request.url)
 
         def attempt(backend: Backend) -> httpx.Response:
+            pool = self._pool(request.url, backend)
             try:
                 response = pool.handle_request(common.backend_request(request, backend, plan))
                 if common.buffers(plan, response):
@@ -482,7 +500,7 @@ class AsyncLBTransport(httpx.AsyncBaseTransport):
         self._options = _pool_options(
             verify, cert, trust_env, http1, http2, limits, local_address, socket_options
         )
-        self._pools: dict[str | None, httpcore.AsyncConnectionPool] = {}
+        self._pools: dict[tuple[str | None, Backend], httpcore.AsyncConnectionPool] = {}
         self._closed = False
 
     @property
@@ -495,12 +513,15 @@ class AsyncLBTransport(httpx.AsyncBaseTransport):
         """The retry policy."""
         return self._common.policy
 
-    def _pool(self, url: httpx.URL) -> httpcore.AsyncConnectionPool:
+    async def _pool(self, url: httpx.URL, backend: Backend) -> httpcore.AsyncConnectionPool:
         # No await between the lookup and the insert: safe among tasks of one event loop.
-        name = self._common.pool_name(url)
+        name = self._common.pool_key(url, backend)
         pool = self._pools.get(name)
         if pool is None:
+            stale = self._common.stale(self._pools)
             pool = self._pools[name] = httpcore.AsyncConnectionPool(**self._options)
+            for old in stale:
+                await old.aclose()
         return pool
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
@@ -508,9 +529,9 @@ class AsyncLBTransport(httpx.AsyncBaseTransport):
             raise RuntimeError("AsyncLBTransport is closed")
         common = self._common
         plan, first = common.plan(request)
-        pool = self._pool(request.url)
 
         async def attempt(backend: Backend) -> httpx.Response:
+            pool = await self._pool(request.url, backend)
             try:
                 response = await pool.handle_async_request(
                     common.backend_request(request, backend, plan)

@@ -1,0 +1,518 @@
+"""LBTransport and AsyncLBTransport against real HTTP servers on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from servers import TestServer, TLSCerts, closed_port
+
+from lbclient import Backend, Consistent, Hash, LoadBalancer, RoundRobin
+from lbclient.errors import KeyFunctionError, NoBackendAvailable
+from lbclient.httpx_transport import AsyncLBTransport, LBTransport
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def trio() -> Iterator[list[TestServer]]:
+    servers = [TestServer(name=f"s{i}").start() for i in range(3)]
+    yield servers
+    for server in servers:
+        server.close()
+
+
+def addresses(servers: list[TestServer]) -> list[str]:
+    return [s.address for s in servers]
+
+
+def key_landing_on(lb: LoadBalancer, target: TestServer | str) -> str:
+    """A key whose first candidate is ``target`` (a server or an address)."""
+    address = target if isinstance(target, str) else target.address
+    for i in range(10_000):
+        key = f"k{i}"
+        picked = lb.select(key)
+        if picked is not None and picked.address == address:
+            return key
+    raise AssertionError("no key lands on the target")
+
+
+def by_header(request: httpx.Request) -> str | None:
+    return request.headers.get("x-user-id")
+
+
+# -- routing -----------------------------------------------------------------------------------
+
+
+def test_round_robin_spreads_and_keeps_logical_request(trio: list[TestServer]) -> None:
+    transport = LBTransport(addresses(trio), algorithm=RoundRobin)
+    with httpx.Client(transport=transport, base_url="http://users") as client:
+        for _ in range(30):
+            response = client.get("/v1/items", params={"q": "a b"})
+            assert response.status_code == 200
+            body = response.json()
+            assert body["host"] == "users"
+            assert body["path"] == "/v1/items?q=a+b"
+            assert response.request.url == "http://users/v1/items?q=a+b"
+            assert response.url == "http://users/v1/items?q=a+b"
+    assert [s.count("GET") for s in trio] == [10, 10, 10]
+
+
+def test_body_method_and_headers_unchanged(trio: list[TestServer]) -> None:
+    payload = b"x" * 10_000
+    with httpx.Client(transport=LBTransport(addresses(trio)), base_url="http://users:8080") as c:
+        response = c.put("/things/1", content=payload, headers={"X-Trace": "abc"})
+    body = response.json()
+    assert body["method"] == "PUT"
+    assert body["host"] == "users:8080"
+    assert body["body_length"] == len(payload)
+    assert body["body_sha256"] == hashlib.sha256(payload).hexdigest()
+    recorded = [r for s in trio for r in s.requests]
+    assert len(recorded) == 1
+    assert recorded[0].headers["x-trace"] == "abc"
+
+
+def test_mounts_route_only_the_logical_service(trio: list[TestServer]) -> None:
+    other = TestServer(name="direct").start()
+    try:
+        transport = LBTransport(addresses(trio[:2]))
+        with httpx.Client(mounts={"http://users": transport}) as client:
+            assert client.get("http://users/a").json()["server"] in {"s0", "s1"}
+            direct = client.get(f"{other.url}/b").json()
+            assert direct["server"] == "direct"
+            assert direct["host"] == other.address
+        assert other.count() == 1
+        assert trio[2].count() == 0
+    finally:
+        other.close()
+
+
+@pytest.mark.parametrize(
+    ("key", "make"),
+    [
+        (by_header, lambda i: {"headers": {"x-user-id": f"user-{i % 7}"}}),
+        (lambda r: r.url.path, lambda i: {"url": f"/users/{i % 7}/profile"}),
+        (lambda r: r.url.params.get("tenant"), lambda i: {"params": {"tenant": f"t{i % 7}"}}),
+    ],
+    ids=["header", "path", "query"],
+)
+def test_sticky_keys(trio: list[TestServer], key: Any, make: Any) -> None:
+    transport = LBTransport(addresses(trio), key=key, algorithm=Consistent)
+    homes: dict[str, set[str]] = {}
+    with httpx.Client(transport=transport, base_url="http://users") as client:
+        for i in range(70):
+            kwargs = {"url": "/x", **make(i)}
+            url = kwargs.pop("url")
+            response = client.get(url, **kwargs)
+            homes.setdefault(str(i % 7), set()).add(response.json()["server"])
+    assert all(len(servers) == 1 for servers in homes.values())
+    assert len({next(iter(v)) for v in homes.values()}) > 1
+
+
+def test_key_function_errors_send_nothing(trio: list[TestServer]) -> None:
+    def broken(request: httpx.Request) -> str:
+        raise LookupError("no tenant")
+
+    with httpx.Client(transport=LBTransport(addresses(trio), key=broken)) as client, \
+            pytest.raises(KeyFunctionError, match="broken raised LookupError: no tenant"):
+        client.get("http://users/")
+    wrong = LBTransport(addresses(trio), key=lambda r: 42)  # type: ignore[arg-type, return-value]
+    with httpx.Client(transport=wrong) as client, \
+            pytest.raises(KeyFunctionError, match=r"returned 42 \(int\)"):
+        client.get("http://users/")
+    assert sum(s.count() for s in trio) == 0
+    with pytest.raises(TypeError, match="key must be a function"):
+        LBTransport(addresses(trio), key="x-user-id")  # type: ignore[arg-type]
+
+
+# -- failover ----------------------------------------------------------------------------------
+
+
+def run_kill_mid_run(client: httpx.Client, trio: list[TestServer]) -> list[str]:
+    failures: list[str] = []
+    for i in range(90):
+        if i == 30:
+            trio[1].kill()
+        try:
+            if i % 2:
+                response = client.post("/orders", content=f"order-{i}".encode())
+            else:
+                response = client.get("/orders")
+            assert response.status_code == 200
+        except httpx.HTTPError as exc:
+            failures.append(f"{i}: {exc!r}")
+    return failures
+
+
+def test_backend_killed_mid_run_sync(trio: list[TestServer]) -> None:
+    transport = LBTransport(addresses(trio), algorithm=RoundRobin)
+    with httpx.Client(transport=transport, base_url="http://users") as client:
+        failures = run_kill_mid_run(client, trio)
+        before = trio[1].count()
+        for _ in range(20):
+            client.get("/after")
+    assert failures == []
+    assert trio[1].count() == before  # traffic left the dead backend
+    # Every POST reached exactly one server exactly once.
+    bodies = [r.body for s in trio for r in s.requests if r.method == "POST"]
+    assert sorted(bodies) == sorted(f"order-{i}".encode() for i in range(1, 90, 2))
+    assert not transport.balancer.ready(trio[1].address)
+
+
+@pytest.mark.anyio
+async def test_backend_killed_mid_run_async(trio: list[TestServer]) -> None:
+    transport = AsyncLBTransport(addresses(trio), algorithm=RoundRobin)
+    async with httpx.AsyncClient(transport=transport, base_url="http://users") as client:
+        failures = []
+        for i in range(90):
+            if i == 30:
+                await asyncio.to_thread(trio[1].kill)
+            try:
+                if i % 2:
+                    response = await client.post("/orders", content=f"order-{i}".encode())
+                else:
+                    response = await client.get("/orders")
+                assert response.status_code == 200
+            except httpx.HTTPError as exc:
+                failures.append(f"{i}: {exc!r}")
+        before = trio[1].count()
+        for _ in range(20):
+            await client.get("/after")
+    assert failures == []
+    assert trio[1].count() == before
+    bodies = [r.body for s in trio for r in s.requests if r.method == "POST"]
+    assert sorted(bodies) == sorted(f"order-{i}".encode() for i in range(1, 90, 2))
+
+
+def hang_pair() -> tuple[TestServer, TestServer, LoadBalancer]:
+    hang = TestServer("hang", name="hang").start()
+    ok = TestServer(name="ok").start()
+    return hang, ok, LoadBalancer([hang.address, ok.address], Hash)
+
+
+TIMEOUT = httpx.Timeout(10.0, read=0.5)
+
+
+def test_hanging_backend_post_times_out_once_get_fails_over() -> None:
+    hang, ok, lb = hang_pair()
+    try:
+        key = key_landing_on(lb, hang)
+        transport = LBTransport(lb, key=lambda r: key)
+        with httpx.Client(transport=transport, base_url="http://users", timeout=TIMEOUT) as c:
+            with pytest.raises(httpx.ReadTimeout) as info:
+                c.post("/charge", content=b"once")
+            assert hang.address in str(info.value)
+            assert "POST is not idempotent" in str(info.value)
+            assert hang.count("POST") == 1
+            assert ok.count() == 0
+            assert not lb.ready(hang.address)  # the timeout was recorded
+            response = c.get("/read")  # the hanging backend is skipped while unhealthy
+            assert response.json()["server"] == "ok"
+        assert hang.count("GET") == 0
+        assert ok.count("GET") == 1
+    finally:
+        hang.close()
+        ok.close()
+
+
+@pytest.mark.anyio
+async def test_hanging_backend_async() -> None:
+    hang, ok, lb = hang_pair()
+    try:
+        key = key_landing_on(lb, hang)
+        transport = AsyncLBTransport(lb, key=lambda r: key)
+        async with httpx.AsyncClient(transport=transport, base_url="http://users",
+                                     timeout=TIMEOUT) as client:
+            with pytest.raises(httpx.ReadTimeout):
+                await client.post("/charge", content=b"once")
+            assert hang.count("POST") == 1
+            response = await client.get("/read")
+            assert response.json()["server"] == "ok"
+        assert ok.count("POST") == 0
+    finally:
+        hang.close()
+        ok.close()
+
+
+def test_get_on_hanging_backend_is_retried_elsewhere_when_healthy() -> None:
+    hang, ok, lb = hang_pair()
+    try:
+        key = key_landing_on(lb, hang)
+        with httpx.Client(transport=LBTransport(lb, key=lambda r: key), timeout=TIMEOUT) as c:
+            assert c.get("http://users/x").json()["server"] == "ok"
+        assert hang.count("GET") == 1
+        assert not lb.ready(hang.address)
+    finally:
+        hang.close()
+        ok.close()
+
+
+@pytest.mark.parametrize("mode", ["reset", "close"])
+def test_reset_mid_response(mode: str) -> None:
+    bad = TestServer(mode, name="bad").start()
+    ok = TestServer(name="ok").start()
+    try:
+        lb = LoadBalancer([bad.address, ok.address], Hash)
+        key = key_landing_on(lb, bad)
+        with httpx.Client(transport=LBTransport(lb, key=lambda r: key)) as client:
+            with pytest.raises((httpx.ReadError, httpx.RemoteProtocolError)):
+                client.post("http://users/pay", content=b"p")
+            assert bad.count("POST") == 1
+            assert not lb.ready(bad.address)  # health recorded
+            lb.set_enabled(bad.address, True)
+            lb.report(bad.address, True)
+            assert lb.ready(bad.address)
+            assert client.get("http://users/get").json()["server"] == "ok"
+        assert bad.count("GET") == 1
+        assert ok.count("POST") == 0
+    finally:
+        bad.close()
+        ok.close()
+
+
+def test_503_recorded_and_optionally_retried() -> None:
+    sick = TestServer("status:503", name="sick").start()
+    ok = TestServer(name="ok").start()
+    try:
+        lb = LoadBalancer([sick.address, ok.address], Hash, consecutive_failures=2)
+        key = key_landing_on(lb, sick)
+        with httpx.Client(transport=LBTransport(lb, key=lambda r: key)) as client:
+            assert client.get("http://users/").status_code == 503  # off by default
+            assert lb.health(sick.address).consecutive == 1
+        retrying = LBTransport(lb, key=lambda r: key, retry_statuses={502, 503, 504})
+        with httpx.Client(transport=retrying) as client:
+            assert client.get("http://users/").json()["server"] == "ok"
+            assert not lb.ready(sick.address)
+            lb.report(sick.address, True)
+            post = client.post("http://users/", content=b"x")
+            assert post.status_code == 503  # not idempotent: not retried
+        assert sick.count("POST") == 1
+        assert ok.count("POST") == 0
+    finally:
+        sick.close()
+        ok.close()
+
+
+def test_all_attempts_failed_names_every_backend() -> None:
+    ports = [closed_port() for _ in range(3)]
+    backends = [f"127.0.0.1:{p}" for p in ports]
+    with httpx.Client(transport=LBTransport(backends)) as client, \
+            pytest.raises(httpx.ConnectError) as info:
+        client.post("http://users/", content=b"x")
+    message = str(info.value)
+    assert "failed after 3 attempts" in message
+    for port in ports:
+        assert f"127.0.0.1:{port} (ConnectError" in message
+    assert info.value.request.url == "http://users/"
+
+
+def test_no_backend_available() -> None:
+    with httpx.Client(transport=LBTransport([])) as client, \
+            pytest.raises(httpx.ConnectError, match="no backends"):
+        client.get("http://users/")
+    lb = LoadBalancer(["127.0.0.1:1"])
+    lb.set_enabled("127.0.0.1:1", False)
+    with httpx.Client(transport=LBTransport(lb)) as client, \
+            pytest.raises(NoBackendAvailable, match="disabled"):
+        client.get("http://users/")
+
+
+def test_unready_backends_are_a_last_resort(trio: list[TestServer]) -> None:
+    lb = LoadBalancer(addresses(trio))
+    for server in trio:
+        lb.report(server.address, False)
+    with httpx.Client(transport=LBTransport(lb)) as client:
+        assert client.get("http://users/").status_code == 200
+    assert any(lb.ready(s.address) for s in trio)
+
+
+def test_retry_maybe_sent_can_be_turned_off() -> None:
+    hang, ok, lb = hang_pair()
+    try:
+        key = key_landing_on(lb, hang)
+        transport = LBTransport(lb, key=lambda r: key, retry_maybe_sent=False)
+        with httpx.Client(transport=transport, timeout=TIMEOUT) as client, \
+                pytest.raises(httpx.ReadTimeout, match="retry_maybe_sent is off"):
+            client.get("http://users/")
+        assert ok.count() == 0
+    finally:
+        hang.close()
+        ok.close()
+
+
+def test_time_budget_bounds_all_attempts() -> None:
+    servers = [TestServer("hang").start() for _ in range(3)]
+    try:
+        transport = LBTransport(addresses(servers), max_attempts=3)
+        with httpx.Client(transport=transport, timeout=httpx.Timeout(0.5, read=0.3)) as c, \
+                pytest.raises(httpx.ReadTimeout, match="time budget"):
+            c.get("http://users/")
+        assert sum(s.count() for s in servers) == 2
+    finally:
+        for server in servers:
+            server.close()
+
+
+# -- streaming ---------------------------------------------------------------------------------
+
+
+def test_streaming_request_body_retried_only_when_never_sent(trio: list[TestServer]) -> None:
+    dead = f"127.0.0.1:{closed_port()}"
+    lb = LoadBalancer([dead, trio[0].address], Hash)
+    stream_key = key_landing_on(lb, dead)
+
+    def chunks() -> Iterator[bytes]:
+        yield b"part-1;"
+        yield b"part-2"
+
+    with httpx.Client(transport=LBTransport(lb, key=lambda r: stream_key)) as client:
+        body = client.post("http://users/upload", content=chunks()).json()
+    assert body["body_length"] == len(b"part-1;part-2")
+    assert trio[0].requests[0].body == b"part-1;part-2"
+
+
+def test_streaming_response(trio: list[TestServer]) -> None:
+    with httpx.Client(transport=LBTransport(addresses(trio))) as client, \
+            client.stream("GET", "http://users/stream") as response:
+        data = b"".join(response.iter_bytes())
+    assert b'"host": "users"' in data or b'"host":"users"' in data
+
+
+# -- TLS ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tls() -> TLSCerts:
+    return TLSCerts("users.internal", "orders.internal")
+
+
+def test_tls_verified_against_logical_name(tls: TLSCerts) -> None:
+    servers = [TestServer(ssl_context=tls.server_context()).start() for _ in range(2)]
+    try:
+        transport = LBTransport(addresses(servers), verify=tls.client_context())
+        with httpx.Client(transport=transport) as client:
+            for _ in range(4):
+                body = client.get("https://users.internal/secure").json()
+                assert body["host"] == "users.internal"
+            client.get("https://orders.internal/secure")
+        recorded = [r for s in servers for r in s.requests]
+        assert {r.tls_server_name for r in recorded} == {"users.internal", "orders.internal"}
+        # Connections are never shared between two logical TLS names.
+        peers: dict[Any, set[str | None]] = {}
+        for r in recorded:
+            peers.setdefault(r.peer, set()).add(r.tls_server_name)
+        assert all(len(names) == 1 for names in peers.values())
+    finally:
+        for server in servers:
+            server.close()
+
+
+def test_tls_wrong_name_rejected(tls: TLSCerts) -> None:
+    server = TestServer(ssl_context=tls.server_context()).start()
+    try:
+        transport = LBTransport([server.address], verify=tls.client_context())
+        with httpx.Client(transport=transport) as client, \
+                pytest.raises(httpx.ConnectError) as info:
+            client.get("https://billing.internal/")
+        assert "certificate" in str(info.value.__cause__) or "CERTIFICATE" in str(
+            info.value.__cause__
+        )
+        assert server.count() == 0
+    finally:
+        server.close()
+
+
+@pytest.mark.anyio
+async def test_tls_async(tls: TLSCerts) -> None:
+    server = TestServer(ssl_context=tls.server_context()).start()
+    try:
+        transport = AsyncLBTransport([server.address], verify=tls.client_context())
+        async with httpx.AsyncClient(transport=transport) as client:
+            body = (await client.get("https://users.internal/a")).json()
+        assert body["host"] == "users.internal"
+        assert server.requests[0].tls_server_name == "users.internal"
+    finally:
+        server.close()
+
+
+# -- scale and lifecycle -----------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_thousand_concurrent_async_requests_with_a_backend_killed() -> None:
+    servers = [TestServer(name=f"c{i}").start() for i in range(3)]
+    try:
+        transport = AsyncLBTransport(addresses(servers), algorithm=RoundRobin)
+        done = 0
+        killed = asyncio.Event()
+
+        async with httpx.AsyncClient(transport=transport, base_url="http://users",
+                                     timeout=30) as client:
+
+            async def one(i: int) -> int:
+                nonlocal done
+                response = await client.get(f"/item/{i}")
+                done += 1
+                if done == 300 and not killed.is_set():
+                    killed.set()
+                    await asyncio.to_thread(servers[1].kill)
+                return response.status_code
+
+            results = await asyncio.gather(*(one(i) for i in range(1000)),
+                                           return_exceptions=True)
+        errors = [r for r in results if r != 200]
+        assert errors == []
+        assert killed.is_set()
+        assert sum(s.count() for s in servers) >= 1000
+    finally:
+        for server in servers:
+            server.close()
+
+
+def test_close_and_context_manager(trio: list[TestServer]) -> None:
+    transport = LBTransport(addresses(trio))
+    with transport:
+        with httpx.Client(transport=transport) as client:
+            client.get("http://users/")
+        transport.close()  # idempotent
+    with pytest.raises(RuntimeError, match="closed"):
+        transport.handle_request(httpx.Request("GET", "http://users/"))
+
+
+def test_constructor_arguments(trio: list[TestServer]) -> None:
+    lb = LoadBalancer(addresses(trio))
+    with pytest.raises(TypeError, match="algorithm= applies only"):
+        LBTransport(lb, algorithm=Hash)
+    with pytest.raises(ValueError, match="max_attempts"):
+        LBTransport(lb, max_attempts=0)
+    with pytest.raises(ValueError, match="retry_statuses"):
+        LBTransport(lb, retry_statuses={999})
+    with pytest.raises(TypeError, match="limits"):
+        LBTransport(lb, limits=10)  # type: ignore[arg-type]
+    transport = LBTransport([Backend(trio[0].address, 2)], algorithm=Consistent,
+                            limits=httpx.Limits(max_connections=2), local_address="127.0.0.1")
+    with httpx.Client(transport=transport) as client:
+        assert client.get("http://users/").status_code == 200
+    assert transport.balancer.backends == (Backend(trio[0].address, 2),)
+
+
+def test_pools_of_removed_backends_are_closed(trio: list[TestServer]) -> None:
+    lb = LoadBalancer(addresses(trio[:2]))
+    transport = LBTransport(lb)
+    with httpx.Client(transport=transport) as client:
+        for _ in range(4):
+            client.get("http://users/")
+        assert {key[1].address for key in transport._pools} == set(addresses(trio[:2]))
+        lb.update(addresses(trio[1:]))
+        for _ in range(4):
+            client.get("http://users/")
+        assert {key[1].address for key in transport._pools} == set(addresses(trio[1:]))
