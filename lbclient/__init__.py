@@ -1,13 +1,17 @@
 """lbclient: client-side load balancing for httpx and requests.
 
-The core (backends, selection, health, the balancer) is pure: no I/O, no clock of its own.
+The core (backends, selection, health, the balancer) is pure: no I/O, no clock of its own; the
+transports (``LBTransport``, ``AsyncLBTransport``) plug it into httpx.
 """
 
 import logging
 
 from lbclient.backend import MAX_WEIGHT, Backend
 from lbclient.balancer import DEFAULT_MAX_ITERATIONS, LoadBalancer
+from lbclient.errors import KeyFunctionError, LBClientError, NoBackendAvailable
 from lbclient.health import HealthPolicy, HealthState
+from lbclient.httpx_transport import AsyncLBTransport, LBTransport
+from lbclient.retry import IDEMPOTENT_METHODS, Failure, RetryPolicy
 from lbclient.selection import (
     Algorithm,
     Consistent,
@@ -30,17 +34,25 @@ logging.getLogger("lbclient").addHandler(logging.NullHandler())
 
 __all__ = [
     "DEFAULT_MAX_ITERATIONS",
+    "IDEMPOTENT_METHODS",
     "MAX_WEIGHT",
     "Algorithm",
+    "AsyncLBTransport",
     "Backend",
     "Consistent",
     "ConsistentSelector",
     "FNVHash",
+    "Failure",
     "Hash",
     "HealthPolicy",
     "HealthState",
+    "KeyFunctionError",
+    "LBClientError",
+    "LBTransport",
     "LoadBalancer",
+    "NoBackendAvailable",
     "Random",
+    "RetryPolicy",
     "RoundRobin",
     "Selector",
     "UniqueIterator",

@@ -9,11 +9,11 @@ from typing import Any
 
 import httpx
 import pytest
-from servers import TestServer, TLSCerts, closed_port
 
 from lbclient import Backend, Consistent, Hash, LoadBalancer, RoundRobin
 from lbclient.errors import KeyFunctionError, NoBackendAvailable
 from lbclient.httpx_transport import AsyncLBTransport, LBTransport
+from lbclient.testing import TestServer, TLSCerts, closed_port
 
 pytestmark = pytest.mark.timeout(120)
 

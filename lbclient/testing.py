@@ -1,0 +1,723 @@
+"""Real HTTP/1.1 servers on loopback, with real failure modes, for testing load-balanced clients.
+
+Used by lbclient's own tests, examples and demo, and offered to users for theirs.
+
+Standard library only (``socket``, ``ssl``, ``threading``, ``selectors``): no ``http.server``, so
+every byte and every close is under the test's control.
+
+``TestServer(mode)`` listens on ``127.0.0.1`` (port 0 picks a free port, remembered across
+``restart()``), serves each connection on its own daemon thread and records every fully received
+request in ``server.requests`` *before* it answers (or fails to), so whatever the client sees, the
+record is already there.
+
+Modes (``server.mode`` may be reassigned while the server runs):
+
+* ``"ok"``: 200 with a JSON body ``{"server", "port", "method", "path", "host", "body_length",
+  "body_sha256"}``, ``Content-Length`` and HTTP/1.1 keep-alive (``Connection: close`` from the
+  client, or HTTP/1.0 without ``keep-alive``, closes after the response).
+* ``"status:NNN"``: the same JSON body with status ``NNN``; keep-alive as for ``"ok"``.
+* ``"hang"``: reads the request, then never answers; the socket is held until ``hang_seconds``
+  pass or the server stops (stopping releases it at once).
+* ``"reset"``: reads the request, sends the status line and headers announcing
+  ``Content-Length: 100000`` and 10 body bytes, then closes with ``SO_LINGER(1, 0)``: the client
+  sees a TCP RST in the middle of the body.
+* ``"close"``: reads the request and closes the connection without a response.
+
+``kill()`` is "the backend dies": the listener closes first (new connects are refused), requests
+being handled finish and are answered with ``Connection: close``, idle keep-alive connections are
+shut down, hanging ones are released; it returns once every socket is closed and every thread
+joined (a handler still stuck after a few seconds has its socket shut down under it).
+``restart()`` listens again on the same port. ``close()`` is ``kill()``; both are idempotent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import itertools
+import json
+import selectors
+import socket
+import ssl
+import struct
+import threading
+import time
+import weakref
+from dataclasses import dataclass
+from http import HTTPStatus
+from pathlib import Path
+from types import TracebackType
+
+__all__ = [
+    "RecordedRequest",
+    "TLSCerts",
+    "TestServer",
+    "closed_port",
+    "record_sni",
+    "serve",
+]
+
+_READ_TIMEOUT = 0.5  # a recv on a readable socket (a TLS record may come in pieces)
+_CHECK_EVERY = 1.0  # safety net: waiting handlers re-check the stop flags this often
+_SEND_TIMEOUT = 5.0  # a client that will not read our response for this long is dropped
+_HANDSHAKE_TIMEOUT = 5.0
+_KILL_GRACE = 5.0  # kill() waits this long for in-flight requests before forcing sockets shut
+_MAX_HEAD = 64 * 1024
+_MAX_BODY = 256 * 1024 * 1024
+_RESET_LENGTH = 100_000
+_RESET_BODY = b"0123456789"
+_MODES = ("ok", "hang", "reset", "close")
+
+
+@dataclass
+class RecordedRequest:
+    """One fully received request, as the server saw it."""
+
+    method: str
+    target: str  # raw request target, query included
+    headers: dict[str, str]  # lower-case names; the last value of a repeated header wins
+    body: bytes  # decoded from chunked transfer coding if it was chunked
+    peer: tuple[object, ...]  # the client's socket address: (host, port) for IPv4
+    tls_server_name: str | None = None  # SNI the client sent (TLS only)
+    connection: int = 0  # server-side connection number: equal for requests on one connection
+
+
+# -- SNI -----------------------------------------------------------------------------------------
+
+_sni_lock = threading.Lock()
+_sni_names: weakref.WeakKeyDictionary[object, str | None] = weakref.WeakKeyDictionary()
+
+
+def record_sni(
+    ssl_socket: ssl.SSLSocket | ssl.SSLObject, server_name: str | None, context: ssl.SSLContext
+) -> None:
+    """``SSLContext.sni_callback`` that remembers the client's SNI for ``TestServer``."""
+    with _sni_lock:
+        _sni_names[ssl_socket] = server_name
+
+
+def _take_sni(ssl_socket: object) -> str | None:
+    with _sni_lock:
+        return _sni_names.pop(ssl_socket, None)
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+
+
+class _Closed(Exception):
+    """End this connection quietly (EOF, stop, timeout)."""
+
+
+class _BadRequest(Exception):
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
+
+
+def _check_mode(mode: str) -> str:
+    if mode in _MODES:
+        return mode
+    if mode.startswith("status:"):
+        code = mode.partition(":")[2]
+        if code.isdigit() and 100 <= int(code) <= 599:
+            return mode
+    raise ValueError(f"unknown TestServer mode {mode!r}: ok, status:NNN, hang, reset or close")
+
+
+def _reason(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Status"
+
+
+def _tokens(value: str) -> set[str]:
+    return {t.strip().lower() for t in value.split(",") if t.strip()}
+
+
+def _format_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class _Generation:
+    """The events of one start()..kill() run; handler threads keep their own run's events.
+
+    Waiting threads block in a selector on their socket plus ``wake_r``, which becomes readable
+    (and stays so) when the run stops: no polling, so idle connections cost no CPU.
+    """
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()  # no new requests: close idle connections, release hangs
+        self.force = threading.Event()  # grace period over: abandon everything
+        self.wake_r, self.wake_w = socket.socketpair()
+
+    def set_stop(self) -> None:
+        self.stop.set()
+        with contextlib.suppress(OSError):
+            self.wake_w.send(b"x")
+
+    def close(self) -> None:
+        self.wake_r.close()
+        self.wake_w.close()
+
+
+class _Conn:
+    def __init__(self, sock: socket.socket, peer: tuple[object, ...], gen: _Generation, n: int):
+        self.sock = sock
+        self.fd = sock.fileno()  # the same after the TLS wrap
+        self.selector: selectors.BaseSelector | None = None
+        self.watching_wake = False
+        self.peer = peer
+        self.gen = gen
+        self.number = n
+        self.buf = bytearray()
+        self.tls_server_name: str | None = None
+        self.rst = False
+        self.thread: threading.Thread | None = None
+
+
+class _Run:
+    def __init__(self, listener: socket.socket, gen: _Generation) -> None:
+        self.listener = listener
+        self.gen = gen
+        self.thread: threading.Thread | None = None
+
+
+# -- the server --------------------------------------------------------------------------------
+
+
+class TestServer:
+    """A real HTTP/1.1 server on loopback; see the module docstring for the modes."""
+
+    __test__ = False  # not a pytest class
+
+    def __init__(
+        self,
+        mode: str = "ok",
+        *,
+        name: str | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        hang_seconds: float = 30.0,
+        delay: float = 0.0,
+    ) -> None:
+        self._mode = _check_mode(mode)
+        self._name = name
+        self.ssl_context = ssl_context
+        if ssl_context is not None and ssl_context.sni_callback is None:
+            ssl_context.sni_callback = record_sni
+        self.host = host
+        self.port = port
+        self.hang_seconds = hang_seconds
+        self.delay = delay
+        self.requests: list[RecordedRequest] = []
+        self.errors: list[BaseException] = []  # unexpected handler exceptions (bugs), for debugging
+        self._lock = threading.Lock()  # requests, connections
+        self._state = threading.RLock()  # start / kill / restart
+        self._run: _Run | None = None
+        self._conns: set[_Conn] = set()
+        self._numbers = itertools.count(1)
+
+    # -- attributes ----------------------------------------------------------------------------
+
+    @property
+    def mode(self) -> str:
+        return self._mode
+
+    @mode.setter
+    def mode(self, value: str) -> None:
+        self._mode = _check_mode(value)
+
+    @property
+    def name(self) -> str:
+        if self._name is not None:
+            return self._name
+        return _format_address(self.host, self.port)
+
+    @name.setter
+    def name(self, value: str) -> None:
+        self._name = value
+
+    @property
+    def address(self) -> str:
+        """``host:port`` (``[v6]:port``); raises before the first start() when port was 0."""
+        if self.port == 0:
+            raise RuntimeError("TestServer has no port yet: call start() first")
+        return _format_address(self.host, self.port)
+
+    @property
+    def url(self) -> str:
+        scheme = "https" if self.ssl_context is not None else "http"
+        return f"{scheme}://{self.address}"
+
+    @property
+    def running(self) -> bool:
+        return self._run is not None
+
+    def count(self, method: str | None = None) -> int:
+        """Requests received so far, optionally only those with ``method``."""
+        with self._lock:
+            if method is None:
+                return len(self.requests)
+            wanted = method.upper()
+            return sum(1 for r in self.requests if r.method.upper() == wanted)
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else "stopped"
+        where = _format_address(self.host, self.port)
+        return f"<TestServer {self.name!r} {where} mode={self._mode!r} {state}>"
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def start(self) -> TestServer:
+        """Bind (port 0: a free port, kept for restarts), listen and serve; returns self."""
+        with self._state:
+            if self._run is not None:
+                raise RuntimeError(f"{self!r} is already running")
+            family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+            listener = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                listener.bind((self.host, self.port))
+                listener.listen(128)
+                listener.setblocking(False)
+                gen = _Generation()
+            except BaseException:
+                listener.close()
+                raise
+            self.port = listener.getsockname()[1]
+            run = _Run(listener, gen)
+            run.thread = threading.Thread(
+                target=self._accept_loop, args=(run,), name=f"TestServer-accept-{self.name}"
+            )
+            run.thread.daemon = True
+            self._run = run
+            run.thread.start()
+            return self
+
+    def kill(self) -> None:
+        """Stop like a dying backend; returns once every socket is closed. Idempotent."""
+        with self._state:
+            run, self._run = self._run, None
+            if run is None:
+                return
+            gen = run.gen
+            gen.set_stop()
+            if run.thread is not None:
+                run.thread.join(_KILL_GRACE)
+            run.listener.close()  # normally already closed by the accept thread
+
+            with self._lock:
+                conns = [c for c in self._conns if c.gen is gen]
+            deadline = time.monotonic() + _KILL_GRACE
+            for conn in conns:
+                if conn.thread is not None:
+                    conn.thread.join(max(0.0, deadline - time.monotonic()))
+            stuck = [c for c in conns if c.thread is not None and c.thread.is_alive()]
+            if stuck:
+                gen.force.set()
+                for conn in stuck:
+                    with contextlib.suppress(OSError):
+                        conn.sock.shutdown(socket.SHUT_RDWR)
+                for conn in stuck:
+                    if conn.thread is not None:
+                        conn.thread.join(2.0)
+                for conn in stuck:
+                    conn.sock.close()
+            gen.close()
+            with self._lock:
+                self._conns.difference_update(conns)
+
+    def restart(self) -> None:
+        """Listen again on the same port, with the same mode and name; requests are kept."""
+        with self._state:
+            self.kill()
+            self.start()
+
+    def close(self) -> None:
+        self.kill()
+
+    def __enter__(self) -> TestServer:
+        with self._state:
+            if self._run is None:
+                self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- accepting -----------------------------------------------------------------------------
+
+    def _accept_loop(self, run: _Run) -> None:
+        selector = selectors.DefaultSelector()
+        try:
+            selector.register(run.listener, selectors.EVENT_READ)
+            selector.register(run.gen.wake_r, selectors.EVENT_READ)
+            while not run.gen.stop.is_set():
+                for key, _ in selector.select(timeout=_CHECK_EVERY):
+                    if key.fileobj is run.gen.wake_r or run.gen.stop.is_set():
+                        return
+                    self._accept_ready(run)
+        except Exception as exc:  # pragma: no cover - a bug; keep it for the test to see
+            self.errors.append(exc)
+        finally:
+            selector.close()
+            run.listener.close()
+
+    def _accept_ready(self, run: _Run) -> None:
+        while not run.gen.stop.is_set():
+            try:
+                sock, peer = run.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:  # ECONNABORTED, EMFILE...: do not spin
+                time.sleep(0.05)
+                return
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.settimeout(_READ_TIMEOUT)
+            conn = _Conn(sock, tuple(peer), run.gen, next(self._numbers))
+            thread = threading.Thread(
+                target=self._handle, args=(conn,), name=f"TestServer-conn-{self.name}-{conn.number}"
+            )
+            thread.daemon = True
+            conn.thread = thread
+            with self._lock:
+                self._conns.add(conn)
+            thread.start()
+
+    # -- one connection ------------------------------------------------------------------------
+
+    def _handle(self, conn: _Conn) -> None:
+        try:
+            conn.selector = selectors.DefaultSelector()
+            conn.selector.register(conn.fd, selectors.EVENT_READ)
+            conn.selector.register(conn.gen.wake_r, selectors.EVENT_READ)
+            conn.watching_wake = True
+            if self.ssl_context is not None:
+                self._handshake(conn, self.ssl_context)
+            while True:
+                try:
+                    request, keep_alive = self._read_request(conn)
+                except _BadRequest as exc:
+                    self._send_error(conn, exc.status)
+                    return
+                with self._lock:
+                    self.requests.append(request)
+                if not self._respond(conn, request, keep_alive):
+                    return
+        except (_Closed, OSError):  # EOF, stop, timeouts, resets, TLS failures (SSLError)
+            pass
+        except Exception as exc:  # pragma: no cover - a bug; keep it for the test to see
+            self.errors.append(exc)
+        finally:
+            self._close_socket(conn)
+            if conn.selector is not None:
+                conn.selector.close()
+            with self._lock:
+                self._conns.discard(conn)
+
+    def _handshake(self, conn: _Conn, context: ssl.SSLContext) -> None:
+        tls = context.wrap_socket(conn.sock, server_side=True, do_handshake_on_connect=False)
+        conn.sock = tls
+        deadline = time.monotonic() + _HANDSHAKE_TIMEOUT
+        try:
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise _Closed
+                self._wait_readable(conn, idle=True, timeout=remaining)
+                try:
+                    tls.do_handshake()
+                    break
+                except (TimeoutError, ssl.SSLWantReadError):
+                    continue
+        finally:
+            conn.tls_server_name = _take_sni(tls)
+
+    def _close_socket(self, conn: _Conn) -> None:
+        sock = conn.sock
+        if conn.rst:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        else:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        sock.close()
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def _wait_readable(self, conn: _Conn, *, idle: bool, timeout: float | None = None) -> None:
+        """Block until the socket is readable; an idle connection gives up when stopping."""
+        if isinstance(conn.sock, ssl.SSLSocket) and conn.sock.pending():
+            return
+        assert conn.selector is not None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            gen = conn.gen
+            if gen.force.is_set() or (idle and gen.stop.is_set()):
+                raise _Closed
+            wait = _CHECK_EVERY
+            if deadline is not None:
+                wait = min(wait, deadline - time.monotonic())
+                if wait <= 0:
+                    raise _Closed
+            events = conn.selector.select(timeout=wait)
+            if any(key.fd == conn.fd for key, _ in events):
+                return
+            if gen.stop.is_set() and not idle and conn.watching_wake:
+                # a request is half read: finish it; the wake socket stays readable from now on
+                conn.selector.unregister(gen.wake_r)
+                conn.watching_wake = False
+
+    def _fill(self, conn: _Conn, *, idle: bool) -> None:
+        """Receive more bytes into ``conn.buf``; an idle connection gives up when stopping."""
+        while True:
+            self._wait_readable(conn, idle=idle)
+            try:
+                data = conn.sock.recv(65536)
+            except (TimeoutError, ssl.SSLWantReadError):
+                continue
+            if not data:
+                raise _Closed
+            conn.buf += data
+            return
+
+    def _read_line(self, conn: _Conn) -> bytes:
+        while True:
+            end = conn.buf.find(b"\r\n")
+            if end >= 0:
+                line = bytes(conn.buf[:end])
+                del conn.buf[: end + 2]
+                return line
+            if len(conn.buf) > _MAX_HEAD:
+                raise _BadRequest(400)
+            self._fill(conn, idle=False)
+
+    def _read_exact(self, conn: _Conn, n: int) -> bytes:
+        while len(conn.buf) < n:
+            self._fill(conn, idle=False)
+        data = bytes(conn.buf[:n])
+        del conn.buf[:n]
+        return data
+
+    def _read_head(self, conn: _Conn) -> bytes:
+        while True:
+            while conn.buf.startswith(b"\r\n"):  # RFC 9112 2.2: ignore CRLF before a request
+                del conn.buf[:2]
+            end = conn.buf.find(b"\r\n\r\n")
+            if end >= 0:
+                head = bytes(conn.buf[:end])
+                del conn.buf[: end + 4]
+                return head
+            if len(conn.buf) > _MAX_HEAD:
+                raise _BadRequest(431)
+            self._fill(conn, idle=not conn.buf)
+
+    def _read_chunked(self, conn: _Conn) -> bytes:
+        body = bytearray()
+        while True:
+            size_text = self._read_line(conn).split(b";", 1)[0].strip()
+            try:
+                size = int(size_text, 16)
+            except ValueError:
+                raise _BadRequest(400) from None
+            if size < 0 or len(body) + size > _MAX_BODY:
+                raise _BadRequest(413 if size > 0 else 400)
+            if size == 0:
+                while self._read_line(conn):  # trailer fields, up to the empty line
+                    pass
+                return bytes(body)
+            body += self._read_exact(conn, size)
+            if self._read_exact(conn, 2) != b"\r\n":
+                raise _BadRequest(400)
+
+    def _read_request(self, conn: _Conn) -> tuple[RecordedRequest, bool]:
+        head = self._read_head(conn)
+        lines = head.split(b"\r\n")
+        parts = lines[0].decode("latin-1").split(" ")
+        if len(parts) != 3 or not parts[0] or not parts[1] or not parts[2].startswith("HTTP/1."):
+            raise _BadRequest(400)
+        method, target, version = parts
+        headers: dict[str, str] = {}
+        for line in lines[1:]:
+            name, sep, value = line.partition(b":")
+            if not sep or not name or name != name.strip():
+                raise _BadRequest(400)
+            headers[name.decode("latin-1").lower()] = value.strip(b" \t").decode("latin-1")
+
+        transfer = headers.get("transfer-encoding")
+        if transfer is not None:
+            if transfer.lower().rsplit(",", 1)[-1].strip() != "chunked":
+                raise _BadRequest(501)
+            body = self._read_chunked(conn)
+        elif "content-length" in headers:
+            length = headers["content-length"].strip()
+            if not length.isdigit():
+                raise _BadRequest(400)
+            if int(length) > _MAX_BODY:
+                raise _BadRequest(413)
+            body = self._read_exact(conn, int(length))
+        else:
+            body = b""
+
+        connection = _tokens(headers.get("connection", ""))
+        if version == "HTTP/1.0":
+            keep_alive = "keep-alive" in connection
+        else:
+            keep_alive = "close" not in connection
+        request = RecordedRequest(
+            method=method,
+            target=target,
+            headers=headers,
+            body=body,
+            peer=conn.peer,
+            tls_server_name=conn.tls_server_name,
+            connection=conn.number,
+        )
+        return request, keep_alive
+
+    # -- answering -----------------------------------------------------------------------------
+
+    def _send(self, conn: _Conn, data: bytes) -> None:
+        conn.sock.settimeout(_SEND_TIMEOUT)
+        try:
+            conn.sock.sendall(data)
+        finally:
+            conn.sock.settimeout(_READ_TIMEOUT)
+
+    def _send_error(self, conn: _Conn, status: int) -> None:
+        body = f"{status} {_reason(status)}\n".encode()
+        head = (
+            f"HTTP/1.1 {status} {_reason(status)}\r\nContent-Type: text/plain\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        )
+        with contextlib.suppress(OSError):
+            self._send(conn, head.encode("latin-1") + body)
+
+    def _respond(self, conn: _Conn, request: RecordedRequest, keep_alive: bool) -> bool:
+        """Answer per the current mode; False closes the connection."""
+        mode = self._mode
+        gen = conn.gen
+        if mode == "hang":
+            gen.stop.wait(self.hang_seconds)
+            return False
+        if mode == "close":
+            return False
+        if mode == "reset":
+            head = (
+                "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
+                f"Content-Length: {_RESET_LENGTH}\r\n\r\n"
+            )
+            self._send(conn, head.encode("latin-1") + _RESET_BODY)
+            gen.force.wait(0.05)  # let the client take the head before the RST lands
+            conn.rst = True
+            return False
+
+        status = 200 if mode == "ok" else int(mode.partition(":")[2])
+        if self.delay > 0 and gen.force.wait(self.delay):
+            raise _Closed
+        keep_alive = keep_alive and not gen.stop.is_set()
+        payload = {
+            "server": self.name,
+            "port": self.port,
+            "method": request.method,
+            "path": request.target,
+            "host": request.headers.get("host"),
+            "body_length": len(request.body),
+            "body_sha256": hashlib.sha256(request.body).hexdigest(),
+        }
+        body = json.dumps(payload).encode()
+        lines = [f"HTTP/1.1 {status} {_reason(status)}"]
+        if status < 200 or status in (204, 304):
+            body = b""
+        else:
+            lines += ["Content-Type: application/json", f"Content-Length: {len(body)}"]
+        if request.method.upper() == "HEAD":
+            body = b""
+        lines.append(f"X-Test-Server: {self.name}")
+        if not keep_alive:
+            lines.append("Connection: close")
+        elif "keep-alive" in _tokens(request.headers.get("connection", "")):
+            lines.append("Connection: keep-alive")
+        head = "\r\n".join(lines) + "\r\n\r\n"
+        self._send(conn, head.encode("latin-1") + body)
+        return keep_alive
+
+
+# -- other helpers -----------------------------------------------------------------------------
+
+_closed_ports: set[int] = set()
+_closed_ports_lock = threading.Lock()
+
+
+def closed_port(host: str = "127.0.0.1") -> int:
+    """A loopback port with nothing listening: connecting gets ECONNREFUSED.
+
+    Bound to port 0 and closed again; ports already handed out are not repeated.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for _ in range(100):
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.bind((host, 0))
+            port: int = sock.getsockname()[1]
+        with _closed_ports_lock:
+            if port not in _closed_ports:
+                _closed_ports.add(port)
+                return port
+    raise RuntimeError("no fresh closed port found")
+
+
+class TLSCerts:
+    """One throwaway CA and a server certificate valid only for ``names``."""
+
+    def __init__(self, *names: str) -> None:
+        if not names:
+            raise ValueError("TLSCerts needs at least one name for the server certificate")
+        try:
+            import trustme
+        except ImportError:
+            raise ImportError(
+                "TLSCerts needs trustme: pip install 'lbclient[testing]'"
+            ) from None
+        self.names = names
+        self.ca = trustme.CA()
+        self.server_cert = self.ca.issue_cert(*names)
+
+    def server_context(self) -> ssl.SSLContext:
+        """For ``TestServer(ssl_context=...)``; records the client's SNI."""
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.server_cert.configure_cert(context)
+        context.set_alpn_protocols(["http/1.1"])
+        context.sni_callback = record_sni
+        return context
+
+    def client_context(self) -> ssl.SSLContext:
+        """Trusts the CA; default hostname checking stays on."""
+        context = ssl.create_default_context()
+        self.ca.configure_trust(context)
+        return context
+
+    def write_ca(self, path: str | Path) -> Path:
+        """Write the CA certificate as PEM (for ``requests``' ``verify=path``); returns the path."""
+        target = Path(path)
+        self.ca.cert_pem.write_to_path(str(target))
+        return target
+
+
+def serve(*servers: TestServer) -> contextlib.ExitStack:
+    """Start ``servers``; closing the returned stack (``with serve(a, b):``) closes them all."""
+    stack = contextlib.ExitStack()
+    try:
+        for server in servers:
+            stack.enter_context(server)
+    except BaseException:
+        stack.close()
+        raise
+    return stack
