@@ -16,7 +16,7 @@ import importlib.util
 import ssl
 import threading
 from collections.abc import AsyncIterator, Callable, Collection, Iterable, Iterator
-from typing import Any, Final, TypeVar
+from typing import Any, Final, Generic, TypeVar
 
 import httpcore
 import httpx
@@ -355,19 +355,8 @@ class _AsyncStream(httpx.AsyncByteStream):
             await aclose()
 
 
-class LBTransport(httpx.BaseTransport):
-    """An httpx transport that load-balances every request over a set of backends.
-
-    ``balancer`` is a :class:`LoadBalancer`, or backends (``"host:port"`` or :class:`Backend`)
-    to build one with ``algorithm`` (RoundRobin by default). ``key(request)`` returns the
-    selection key (bytes, str or None). Retries: ``max_attempts`` per request (default 3);
-    maybe-sent failures of idempotent, replayable requests are retried unless
-    ``retry_maybe_sent=False``; responses with a status in ``retry_statuses`` are retried for
-    idempotent requests (none by default); statuses in ``failure_statuses`` (5xx by default)
-    count as failures for passive health. ``policy`` gives all of these at once.
-    ``verify``, ``cert``, ``trust_env``, ``http1``, ``http2``, ``limits``, ``local_address`` and
-    ``socket_options`` configure the connections, as for ``httpx.HTTPTransport``.
-    """
+class _Configured(Generic[_P]):
+    """The constructor and properties both transports share."""
 
     def __init__(
         self,
@@ -400,7 +389,7 @@ class LBTransport(httpx.BaseTransport):
         self._options = _pool_options(
             verify, cert, trust_env, http1, http2, limits, local_address, socket_options
         )
-        self._pools: dict[tuple[str | None, Backend], httpcore.ConnectionPool] = {}
+        self._pools: dict[tuple[str | None, Backend], _P] = {}
         self._lock = threading.Lock()
         self._closed = False
 
@@ -413,6 +402,21 @@ class LBTransport(httpx.BaseTransport):
     def policy(self) -> RetryPolicy:
         """The retry policy."""
         return self._common.policy
+
+
+class LBTransport(_Configured[httpcore.ConnectionPool], httpx.BaseTransport):
+    """An httpx transport that load-balances every request over a set of backends.
+
+    ``balancer`` is a :class:`LoadBalancer`, or backends (``"host:port"`` or :class:`Backend`)
+    to build one with ``algorithm`` (RoundRobin by default). ``key(request)`` returns the
+    selection key (bytes, str or None). Retries: ``max_attempts`` per request (default 3);
+    maybe-sent failures of idempotent, replayable requests are retried unless
+    ``retry_maybe_sent=False``; responses with a status in ``retry_statuses`` are retried for
+    idempotent requests (none by default); statuses in ``failure_statuses`` (5xx by default)
+    count as failures for passive health. ``policy`` gives all of these at once.
+    ``verify``, ``cert``, ``trust_env``, ``http1``, ``http2``, ``limits``, ``local_address`` and
+    ``socket_options`` configure the connections, as for ``httpx.HTTPTransport``.
+    """
 
     def _pool(self, url: httpx.URL, backend: Backend) -> httpcore.ConnectionPool:
         name = self._common.pool_key(url, backend)
@@ -466,52 +470,8 @@ class LBTransport(httpx.BaseTransport):
             pool.close()
 
 
-class AsyncLBTransport(httpx.AsyncBaseTransport):
+class AsyncLBTransport(_Configured[httpcore.AsyncConnectionPool], httpx.AsyncBaseTransport):
     """The asyncio twin of :class:`LBTransport`, with the same arguments."""
-
-    def __init__(
-        self,
-        balancer: LoadBalancer | Iterable[Backend | str],
-        *,
-        key: KeyFunction | None = None,
-        algorithm: AlgorithmLike | None = None,
-        max_attempts: int = 3,
-        retry_maybe_sent: bool = True,
-        retry_statuses: Collection[int] = (),
-        failure_statuses: Collection[int] = range(500, 600),
-        policy: RetryPolicy | None = None,
-        verify: ssl.SSLContext | str | bool = True,
-        cert: Any = None,
-        trust_env: bool = True,
-        http1: bool = True,
-        http2: bool = False,
-        limits: httpx.Limits = DEFAULT_LIMITS,
-        local_address: str | None = None,
-        socket_options: Iterable[Any] | None = None,
-    ) -> None:
-        self._common = _Common(
-            balancer,
-            key=key,
-            algorithm=algorithm,
-            policy=_policy(
-                policy, max_attempts, retry_maybe_sent, retry_statuses, failure_statuses
-            ),
-        )
-        self._options = _pool_options(
-            verify, cert, trust_env, http1, http2, limits, local_address, socket_options
-        )
-        self._pools: dict[tuple[str | None, Backend], httpcore.AsyncConnectionPool] = {}
-        self._closed = False
-
-    @property
-    def balancer(self) -> LoadBalancer:
-        """The load balancer choosing the backends."""
-        return self._common.balancer
-
-    @property
-    def policy(self) -> RetryPolicy:
-        """The retry policy."""
-        return self._common.policy
 
     async def _pool(self, url: httpx.URL, backend: Backend) -> httpcore.AsyncConnectionPool:
         # No await between the lookup and the insert: safe among tasks of one event loop.
