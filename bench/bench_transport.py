@@ -1,5 +1,6 @@
-"""Transport benchmark: requests per second through ``LBTransport`` / ``AsyncLBTransport``
-against plain ``httpx.Client`` / ``httpx.AsyncClient`` to the same loopback servers.
+"""Transport benchmark: requests per second through ``LBTransport`` / ``AsyncLBTransport`` /
+``LBAdapter`` against plain ``httpx.Client`` / ``httpx.AsyncClient`` / ``requests.Session`` to
+the same loopback servers.
 
 Run from the repository root::
 
@@ -10,10 +11,10 @@ Method: three backend servers run in their own processes (``bench/loopback_serve
 client process measured here holds only the client. The plain client sends to the same servers in
 turn (absolute URLs), the lbclient client to ``http://users`` and lets RoundRobin spread it: the
 servers do the same work, only the client differs. The 1-backend rows isolate the transport's
-own cost. Each round sends N sequential GETs through one client,
-then N through the other; rounds are short and many, so the machine's slow and fast phases hit
-both sides alike. Requests per second are the median rounds; the ratio is the median of the
-per-round ratios (plain time / lbclient time). A measurement, not a test: it prints ratios and
+own cost. Requests alternate one by one between the
+two clients (each timed on its own), so the machine's slow and fast phases hit both sides alike.
+Requests per second are the median rounds; the ratio is the median of the per-round ratios
+(plain time / lbclient time). A measurement, not a test: it prints ratios and
 never fails on time.
 """
 
@@ -32,8 +33,9 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import httpx
+import requests
 
-from lbclient.httpx_transport import AsyncLBTransport, LBTransport
+from lbclient import AsyncLBTransport, LBAdapter, LBTransport
 
 SERVER = Path(__file__).with_name("loopback_server.py")
 FLOOR = 0.95
@@ -68,6 +70,23 @@ def _summary(ours: list[float], theirs: list[float]) -> tuple[float, float, floa
     return statistics.median(ours), statistics.median(theirs), statistics.median(ratios)
 
 
+def _paired(
+    ours: Callable[[], object], theirs: Callable[[], object], count: int
+) -> tuple[float, float]:
+    """Seconds per request of each side, the two sides alternating request by request."""
+    clock = time.perf_counter
+    a = b = 0.0
+    for _ in range(count):
+        t0 = clock()
+        ours()
+        t1 = clock()
+        theirs()
+        t2 = clock()
+        a += t1 - t0
+        b += t2 - t1
+    return a / count, b / count
+
+
 def _per_request(send: Callable[[], object], count: int) -> float:
     start = time.perf_counter()
     for _ in range(count):
@@ -84,31 +103,65 @@ def bench_sync(addresses: list[str], count: int, rounds: int) -> tuple[float, fl
         _per_request(get_plain, count // 4)
         ours, theirs = [], []
         for _ in range(rounds):
-            ours.append(_per_request(get_lb, count))
-            theirs.append(_per_request(get_plain, count))
+            mine, plain_time = _paired(get_lb, get_plain, count)
+            ours.append(mine)
+            theirs.append(plain_time)
     return _summary(ours, theirs)
 
 
-async def _per_request_async(
-    client: httpx.AsyncClient, urls: Iterator[str], count: int
-) -> float:
+def bench_requests(addresses: list[str], count: int, rounds: int) -> tuple[float, float, float]:
+    urls = itertools.cycle([f"http://{a}/item" for a in addresses])
+    with requests.Session() as lb, requests.Session() as plain:
+        lb.mount("http://users/", LBAdapter(addresses))
+        get_lb = lambda: lb.get("http://users/item")  # noqa: E731
+        get_plain = lambda: plain.get(next(urls))  # noqa: E731
+        _per_request(get_lb, count // 4)
+        _per_request(get_plain, count // 4)
+        ours, theirs = [], []
+        for _ in range(rounds):
+            mine, plain_time = _paired(get_lb, get_plain, count)
+            ours.append(mine)
+            theirs.append(plain_time)
+    return _summary(ours, theirs)
+
+
+async def _per_request_async(client: httpx.AsyncClient, urls: Iterator[str], count: int) -> float:
     start = time.perf_counter()
     for _ in range(count):
         await client.get(next(urls))
     return (time.perf_counter() - start) / count
 
 
+async def _paired_async(
+    lb: httpx.AsyncClient, plain: httpx.AsyncClient, urls: Iterator[str], count: int
+) -> tuple[float, float]:
+    clock = time.perf_counter
+    a = b = 0.0
+    for _ in range(count):
+        t0 = clock()
+        await lb.get("http://users/item")
+        t1 = clock()
+        await plain.get(next(urls))
+        t2 = clock()
+        a += t1 - t0
+        b += t2 - t1
+    return a / count, b / count
+
+
 async def _bench_async(addresses: list[str], count: int, rounds: int) -> tuple[float, float, float]:
     logical = itertools.repeat("http://users/item")
     urls = itertools.cycle([f"http://{a}/item" for a in addresses])
-    async with httpx.AsyncClient(transport=AsyncLBTransport(addresses)) as lb, \
-            httpx.AsyncClient() as plain:
+    async with (
+        httpx.AsyncClient(transport=AsyncLBTransport(addresses)) as lb,
+        httpx.AsyncClient() as plain,
+    ):
         await _per_request_async(lb, logical, count // 4)
         await _per_request_async(plain, urls, count // 4)
         ours, theirs = [], []
         for _ in range(rounds):
-            ours.append(await _per_request_async(lb, logical, count))
-            theirs.append(await _per_request_async(plain, urls, count))
+            mine, plain_time = await _paired_async(lb, plain, urls, count)
+            ours.append(mine)
+            theirs.append(plain_time)
     return _summary(ours, theirs)
 
 
@@ -124,6 +177,7 @@ def run(quick: bool = False) -> list[tuple[str, float, float, float]]:
         rows = [
             ("sync, 3 backends", *bench_sync(addresses, count, rounds)),
             ("async, 3 backends", *bench_async(addresses, count, rounds)),
+            ("requests, 3 backends", *bench_requests(addresses, count, rounds)),
             ("sync, 1 backend", *bench_sync(addresses[:1], count, rounds)),
             ("async, 1 backend", *bench_async(addresses[:1], count, rounds)),
         ]
@@ -131,11 +185,13 @@ def run(quick: bool = False) -> list[tuple[str, float, float, float]]:
 
 
 def format_table(rows: Sequence[tuple[str, float, float, float]]) -> str:
-    lines = [f"{'case':<18} {'lbclient req/s':>15} {'plain req/s':>12} {'ratio':>7}  floor"]
+    lines = [f"{'case':<20} {'lbclient req/s':>15} {'plain req/s':>12} {'ratio':>7}  floor"]
     for case, ours, theirs, ratio in rows:
         verdict = "MET" if ratio >= FLOOR else "NOT MET"
-        lines.append(f"{case:<18} {1 / ours:>15,.0f} {1 / theirs:>12,.0f} {ratio:>7.3f}  "
-                     f">= {FLOOR} {verdict}")
+        lines.append(
+            f"{case:<20} {1 / ours:>15,.0f} {1 / theirs:>12,.0f} {ratio:>7.3f}  "
+            f">= {FLOOR} {verdict}"
+        )
     return "\n".join(lines)
 
 

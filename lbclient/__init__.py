@@ -1,7 +1,8 @@
 """lbclient: client-side load balancing for httpx and requests.
 
 The core (backends, selection, health, the balancer) is pure: no I/O, no clock of its own; the
-transports (``LBTransport``, ``AsyncLBTransport``) plug it into httpx.
+transports (``LBTransport``, ``AsyncLBTransport``) plug it into httpx, ``LBAdapter`` into
+requests.
 """
 
 import logging
@@ -11,6 +12,7 @@ from lbclient.balancer import DEFAULT_MAX_ITERATIONS, LoadBalancer
 from lbclient.errors import KeyFunctionError, LBClientError, NoBackendAvailable
 from lbclient.health import HealthPolicy, HealthState
 from lbclient.httpx_transport import AsyncLBTransport, LBTransport
+from lbclient.requests_adapter import LBAdapter
 from lbclient.retry import IDEMPOTENT_METHODS, Failure, RetryPolicy
 from lbclient.selection import (
     Algorithm,
@@ -47,6 +49,7 @@ __all__ = [
     "HealthPolicy",
     "HealthState",
     "KeyFunctionError",
+    "LBAdapter",
     "LBClientError",
     "LBTransport",
     "LoadBalancer",

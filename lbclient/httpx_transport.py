@@ -23,8 +23,15 @@ import httpx
 
 from lbclient.backend import Backend
 from lbclient.balancer import LoadBalancer
-from lbclient.errors import KeyFunctionError, NoBackendAvailable
-from lbclient.retry import Failure, RequestPlan, RetryPolicy, run_async, run_sync
+from lbclient.retry import (
+    Adapter,
+    Failure,
+    RequestPlan,
+    RetryPolicy,
+    policy_from,
+    run_async,
+    run_sync,
+)
 from lbclient.selection.base import AlgorithmLike
 
 __all__ = ["AsyncLBTransport", "KeyFunction", "LBTransport"]
@@ -70,54 +77,12 @@ def _failure_of(exc: Exception) -> Failure:
     return Failure.MAYBE_SENT
 
 
-class _Common:
+class _Common(Adapter):
     """Everything the sync and async transports share: no I/O here."""
 
-    def __init__(
-        self,
-        balancer: LoadBalancer | Iterable[Backend | str],
-        *,
-        key: KeyFunction | None,
-        algorithm: AlgorithmLike | None,
-        policy: RetryPolicy,
-    ) -> None:
-        if isinstance(balancer, LoadBalancer):
-            if algorithm is not None:
-                raise TypeError("algorithm= applies only when backends are given, not a balancer")
-            self.balancer = balancer
-        else:
-            self.balancer = LoadBalancer(
-                balancer, algorithm if algorithm is not None else _default_algorithm()
-            )
-        if key is not None and not callable(key):
-            raise TypeError(f"key must be a function of the request, got {key!r}")
-        self.key = key
-        self.policy = policy
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self._hosts: dict[Backend, bytes] = {}
-
-    def key_of(self, request: httpx.Request) -> bytes:
-        fn = self.key
-        if fn is None:
-            return b""
-        try:
-            value = fn(request)
-        except Exception as exc:
-            raise KeyFunctionError(
-                f"key function {_name(fn)} raised {type(exc).__name__}: {exc} for "
-                f"{request.method} {request.url}; nothing was sent"
-            ) from exc
-        if type(value) is bytes:
-            return value
-        if isinstance(value, str):
-            return value.encode("utf-8")
-        if value is None:
-            return b""
-        if isinstance(value, (bytes, bytearray, memoryview)):
-            return bytes(value)
-        raise KeyFunctionError(
-            f"key function {_name(fn)} returned {value!r} ({type(value).__name__}) for "
-            f"{request.method} {request.url}; it must return bytes, str or None; nothing was sent"
-        )
 
     def plan(self, request: httpx.Request) -> tuple[RequestPlan, Backend]:
         timeouts = request.extensions.get("timeout")
@@ -126,22 +91,13 @@ class _Common:
             values = list(timeouts.values())
             if all(isinstance(v, (int, float)) for v in values):
                 budget = float(max(values))
-        plan = RequestPlan(
-            self.balancer,
-            self.key_of(request),
+        return self.start(
+            request,
             request.method,
+            str(request.url),
             isinstance(request.stream, httpx.ByteStream),
-            self.policy,
             budget,
         )
-        first = plan.first()
-        if first is None:
-            count = len(self.balancer.backends)
-            why = "it has no backends" if not count else f"all {count} backends are disabled"
-            raise NoBackendAvailable(
-                f"no backend available for {request.url.host!r}: {why}", request=request
-            )
-        return plan, first
 
     def backend_request(
         self, request: httpx.Request, backend: Backend, plan: RequestPlan
@@ -240,35 +196,6 @@ class _Common:
         """One pool per (logical TLS name, backend): a TLS connection is never shared between
         two names, and a backend that is slow or black-holed holds only its own connections."""
         return (url.host if url.scheme == "https" else None, backend)
-
-
-def _default_algorithm() -> AlgorithmLike:
-    from lbclient.selection.weighted import RoundRobin
-
-    return RoundRobin
-
-
-def _name(fn: Callable[..., Any]) -> str:
-    return getattr(fn, "__qualname__", None) or repr(fn)
-
-
-def _policy(
-    policy: RetryPolicy | None,
-    max_attempts: int,
-    retry_maybe_sent: bool,
-    retry_statuses: Collection[int],
-    failure_statuses: Collection[int],
-) -> RetryPolicy:
-    if policy is not None:
-        if not isinstance(policy, RetryPolicy):
-            raise TypeError(f"policy must be a RetryPolicy, got {policy!r}")
-        return policy
-    return RetryPolicy(
-        max_attempts=max_attempts,
-        retry_maybe_sent=retry_maybe_sent,
-        retry_statuses=retry_statuses,
-        failure_statuses=failure_statuses,
-    )
 
 
 def _pool_options(
@@ -382,7 +309,7 @@ class _Configured(Generic[_P]):
             balancer,
             key=key,
             algorithm=algorithm,
-            policy=_policy(
+            policy=policy_from(
                 policy, max_attempts, retry_maybe_sent, retry_statuses, failure_statuses
             ),
         )

@@ -40,13 +40,17 @@ from tenacity import (
 
 from lbclient.backend import Backend
 from lbclient.balancer import LoadBalancer
+from lbclient.errors import KeyFunctionError, NoBackendAvailable
+from lbclient.selection.base import AlgorithmLike
 
 __all__ = [
     "IDEMPOTENT_METHODS",
+    "Adapter",
     "Attempt",
     "Failure",
     "RequestPlan",
     "RetryPolicy",
+    "policy_from",
     "run_async",
     "run_sync",
 ]
@@ -413,8 +417,108 @@ async def run_async(
         sleep=_asleep,
         retry_error_callback=_outcome,
     )
+
     async def next_attempt() -> _T:
         return await attempt(plan.next())
 
     last: _T = await retrying(next_attempt)
     return last
+
+
+def policy_from(
+    policy: RetryPolicy | None,
+    max_attempts: int,
+    retry_maybe_sent: bool,
+    retry_statuses: Collection[int],
+    failure_statuses: Collection[int],
+) -> RetryPolicy:
+    """The policy an adapter runs with: ``policy`` if given, else one from the options."""
+    if policy is not None:
+        if not isinstance(policy, RetryPolicy):
+            raise TypeError(f"policy must be a RetryPolicy, got {policy!r}")
+        return policy
+    return RetryPolicy(
+        max_attempts=max_attempts,
+        retry_maybe_sent=retry_maybe_sent,
+        retry_statuses=retry_statuses,
+        failure_statuses=failure_statuses,
+    )
+
+
+def _name(fn: Callable[..., Any]) -> str:
+    return getattr(fn, "__qualname__", None) or repr(fn)
+
+
+class Adapter:
+    """What every client adapter is configured with, and how it starts a request's plan.
+
+    Client-agnostic: the httpx transports and the requests adapter both build on it, so the key
+    function's contract, the balancer's construction and the no-backend error are defined once.
+    """
+
+    def __init__(
+        self,
+        balancer: LoadBalancer | Iterable[Backend | str],
+        *,
+        key: Callable[[Any], bytes | str | None] | None,
+        algorithm: AlgorithmLike | None,
+        policy: RetryPolicy,
+    ) -> None:
+        if isinstance(balancer, LoadBalancer):
+            if algorithm is not None:
+                raise TypeError("algorithm= applies only when backends are given, not a balancer")
+            self.balancer = balancer
+        elif algorithm is None:
+            self.balancer = LoadBalancer(balancer)
+        else:
+            self.balancer = LoadBalancer(balancer, algorithm)
+        if key is not None and not callable(key):
+            raise TypeError(f"key must be a function of the request, got {key!r}")
+        self.key = key
+        self.policy = policy
+
+    def key_of(self, request: object, method: str, url: str) -> bytes:
+        """The selection key of ``request``; KeyFunctionError if the key function fails."""
+        fn = self.key
+        if fn is None:
+            return b""
+        try:
+            value = fn(request)
+        except Exception as exc:
+            raise KeyFunctionError(
+                f"key function {_name(fn)} raised {type(exc).__name__}: {exc} for "
+                f"{method} {url}; nothing was sent"
+            ) from exc
+        if type(value) is bytes:
+            return value
+        if isinstance(value, str):
+            return value.encode("utf-8")
+        if value is None:
+            return b""
+        if isinstance(value, (bytes, bytearray, memoryview)):
+            return bytes(value)
+        raise KeyFunctionError(
+            f"key function {_name(fn)} returned {value!r} ({type(value).__name__}) for "
+            f"{method} {url}; it must return bytes, str or None; nothing was sent"
+        )
+
+    def start(
+        self, request: object, method: str, url: str, replayable: bool, budget: float | None
+    ) -> tuple[RequestPlan, Backend]:
+        """The plan for one request and its first backend; NoBackendAvailable if none."""
+        plan = RequestPlan(
+            self.balancer,
+            self.key_of(request, method, url),
+            method,
+            replayable,
+            self.policy,
+            budget,
+        )
+        first = plan.first()
+        if first is None:
+            count = len(self.balancer.backends)
+            why = "it has no backends" if not count else f"all {count} backends are disabled"
+            raise NoBackendAvailable(
+                f"no backend available for {method} {url}: {why}", request=request
+            )
+        return plan, first

@@ -16,6 +16,9 @@ Modes (``server.mode`` may be reassigned while the server runs):
   "body_sha256"}``, ``Content-Length`` and HTTP/1.1 keep-alive (``Connection: close`` from the
   client, or HTTP/1.0 without ``keep-alive``, closes after the response).
 * ``"status:NNN"``: the same JSON body with status ``NNN``; keep-alive as for ``"ok"``.
+* In ``"ok"`` and ``"status:NNN"`` modes a request whose target contains ``/__redirect/`` is
+  answered ``302 Found`` with the rest of the target, percent-decoded, as its ``Location``
+  (``/a/__redirect/..%2Flanding`` redirects to ``../landing``).
 * ``"hang"``: reads the request, then never answers; the socket is held until ``hang_seconds``
   pass or the server stops (stopping releases it at once).
 * ``"reset"``: reads the request, sends the status line and headers announcing
@@ -47,6 +50,7 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
 from types import TracebackType
+from urllib.parse import unquote
 
 __all__ = [
     "RecordedRequest",
@@ -67,6 +71,7 @@ _MAX_BODY = 256 * 1024 * 1024
 _RESET_LENGTH = 100_000
 _RESET_BODY = b"0123456789"
 _MODES = ("ok", "hang", "reset", "close")
+_REDIRECT = "/__redirect/"  # /__redirect/LOCATION (percent-encoded) gets 302 to LOCATION
 
 
 @dataclass
@@ -621,6 +626,9 @@ class TestServer:
             return False
 
         status = 200 if mode == "ok" else int(mode.partition(":")[2])
+        location = None
+        if _REDIRECT in request.target:
+            status, location = 302, unquote(request.target.partition(_REDIRECT)[2])
         if self.delay > 0 and gen.force.wait(self.delay):
             raise _Closed
         keep_alive = keep_alive and not gen.stop.is_set()
@@ -642,6 +650,8 @@ class TestServer:
         if request.method.upper() == "HEAD":
             body = b""
         lines.append(f"X-Test-Server: {self.name}")
+        if location is not None:
+            lines.append(f"Location: {location}")
         if not keep_alive:
             lines.append("Connection: close")
         elif "keep-alive" in _tokens(request.headers.get("connection", "")):
@@ -683,9 +693,7 @@ class TLSCerts:
         try:
             import trustme
         except ImportError:
-            raise ImportError(
-                "TLSCerts needs trustme: pip install 'lbclient[testing]'"
-            ) from None
+            raise ImportError("TLSCerts needs trustme: pip install 'lbclient[testing]'") from None
         self.names = names
         self.ca = trustme.CA()
         self.server_cert = self.ca.issue_cert(*names)
