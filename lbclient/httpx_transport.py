@@ -28,6 +28,7 @@ from lbclient.retry import (
     Failure,
     RequestPlan,
     RetryPolicy,
+    budget_of,
     policy_from,
     run_async,
     run_sync,
@@ -86,11 +87,12 @@ class _Common(Adapter):
 
     def plan(self, request: httpx.Request) -> tuple[RequestPlan, Backend]:
         timeouts = request.extensions.get("timeout")
-        budget: float | None = None
-        if isinstance(timeouts, dict) and timeouts:
-            values = list(timeouts.values())
-            if all(isinstance(v, (int, float)) for v in values):
-                budget = float(max(values))
+        budget = None
+        if isinstance(timeouts, dict):
+            budget = budget_of(
+                [timeouts.get("connect"), timeouts.get("read"), timeouts.get("write")],
+                timeouts.get("pool"),
+            )
         return self.start(
             request,
             request.method,
@@ -110,14 +112,8 @@ class _Common(Adapter):
         if url.scheme == "https":
             extensions = {**extensions, "sni_hostname": url.host}
         if plan.attempts and plan.budget is not None:
-            left = max(plan.remaining() or 0.0, 0.001)
             timeouts = extensions.get("timeout", {})
-            extensions = {
-                **extensions,
-                "timeout": {
-                    k: (min(v, left) if v is not None else None) for k, v in timeouts.items()
-                },
-            }
+            extensions = {**extensions, "timeout": {k: plan.clip(v) for k, v in timeouts.items()}}
         headers = request.headers.raw
         if "host" not in request.headers:
             headers = [(b"Host", url.netloc), *headers]
@@ -133,7 +129,9 @@ class _Common(Adapter):
 
     def failed(self, plan: RequestPlan, backend: Backend, exc: Exception) -> httpx.TransportError:
         error = _httpx_error(exc)
-        plan.failed(backend, _failure_of(exc), error)
+        plan.failed(
+            backend, _failure_of(exc), error, timed_out=isinstance(exc, httpcore.TimeoutException)
+        )
         return error
 
     def final_error(
@@ -242,11 +240,16 @@ class _Report:
 
 
 class _SyncStream(httpx.SyncByteStream):
+    """The body as the caller reads it: a failure while reading is the backend's; reading it
+    to the end, or closing it unread, is a success; a read cut short by the caller is neither."""
+
     def __init__(self, inner: Iterable[bytes], report: _Report) -> None:
         self._inner = inner
         self._report = report
+        self._started = False
 
     def __iter__(self) -> Iterator[bytes]:
+        self._started = True
         try:
             yield from self._inner
         except _HTTPCORE_ERRORS as exc:
@@ -255,7 +258,8 @@ class _SyncStream(httpx.SyncByteStream):
         self._report(True)
 
     def close(self) -> None:
-        self._report(True)
+        if not self._started:
+            self._report(True)
         close = getattr(self._inner, "close", None)
         if close is not None:
             close()
@@ -265,8 +269,10 @@ class _AsyncStream(httpx.AsyncByteStream):
     def __init__(self, inner: Any, report: _Report) -> None:
         self._inner = inner
         self._report = report
+        self._started = False
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
+        self._started = True
         try:
             async for chunk in self._inner:
                 yield chunk
@@ -276,7 +282,8 @@ class _AsyncStream(httpx.AsyncByteStream):
         self._report(True)
 
     async def aclose(self) -> None:
-        self._report(True)
+        if not self._started:
+            self._report(True)
         aclose = getattr(self._inner, "aclose", None)
         if aclose is not None:
             await aclose()
@@ -405,6 +412,8 @@ class AsyncLBTransport(_Configured[httpcore.AsyncConnectionPool], httpx.AsyncBas
         name = self._common.pool_key(url, backend)
         pool = self._pools.get(name)
         if pool is None:
+            if self._closed:
+                raise RuntimeError("AsyncLBTransport is closed")
             stale = self._common.stale(self._pools)
             pool = self._pools[name] = httpcore.AsyncConnectionPool(**self._options)
             for old in stale:

@@ -32,7 +32,15 @@ from urllib3.util.retry import Retry
 
 from lbclient.backend import Backend
 from lbclient.balancer import LoadBalancer
-from lbclient.retry import Adapter, Failure, RequestPlan, RetryPolicy, policy_from, run_sync
+from lbclient.retry import (
+    Adapter,
+    Failure,
+    RequestPlan,
+    RetryPolicy,
+    budget_of,
+    policy_from,
+    run_sync,
+)
 from lbclient.selection.base import AlgorithmLike
 
 __all__ = ["LBAdapter", "RequestsKeyFunction"]
@@ -116,16 +124,18 @@ def _logical_netloc(origin: str) -> tuple[str, str]:
 
 
 class _ReportingRaw:
-    """Wraps a response's urllib3 body: reports success when it was read to the end or closed,
-    failure when reading it failed."""
+    """Wraps a response's urllib3 body: reading it to the end, or closing it unread, reports a
+    success; a failure while reading reports a failure; a read cut short by the caller, nothing."""
 
     def __init__(self, raw: Any, report: Callable[[bool], None]) -> None:
         self._raw = raw
         self._report = report
+        self._started = False
 
     def stream(
         self, amt: int | None = 2**16, decode_content: bool | None = None
     ) -> Iterator[bytes]:
+        self._started = True
         try:
             yield from self._raw.stream(amt, decode_content=decode_content)
         except Exception:
@@ -133,19 +143,25 @@ class _ReportingRaw:
             raise
         self._report(True)
 
-    def read(self, *args: Any, **kwargs: Any) -> Any:
+    def read(self, amt: int | None = None, *args: Any, **kwargs: Any) -> Any:
+        self._started = True
         try:
-            return self._raw.read(*args, **kwargs)
+            data = self._raw.read(amt, *args, **kwargs)
         except Exception:
             self._report(False)
             raise
+        if amt is None or not data:
+            self._report(True)
+        return data
 
     def close(self) -> None:
-        self._report(True)
+        if not self._started:
+            self._report(True)
         self._raw.close()
 
     def release_conn(self) -> None:
-        self._report(True)
+        if not self._started:
+            self._report(True)
         self._raw.release_conn()
 
     def __getattr__(self, name: str) -> Any:
@@ -261,7 +277,9 @@ class LBAdapter(HTTPAdapter):
                 if _buffers(plan, response, policy.buffer_limit):
                     _ = response.content  # read here, so a failure mid-body can be retried
             except requests.RequestException as exc:
-                plan.failed(backend, classify(exc), exc)
+                plan.failed(
+                    backend, classify(exc), exc, timed_out=isinstance(exc, requests.Timeout)
+                )
                 raise
             finally:
                 _SERVER_HOSTNAME.reset(token)
@@ -294,13 +312,8 @@ def _replayable(body: object) -> bool:
 
 
 def _budget(timeout: Any) -> float | None:
-    if timeout is None:
-        return None
     if isinstance(timeout, tuple):
-        values = list(timeout)
-        if any(v is None for v in values):
-            return None
-        return float(max(values))
+        return budget_of(timeout)
     if isinstance(timeout, (int, float)):
         return float(timeout)
     return None
@@ -309,10 +322,9 @@ def _budget(timeout: Any) -> float | None:
 def _clip(timeout: Any, plan: RequestPlan) -> Any:
     if not plan.attempts or plan.budget is None:
         return timeout
-    left = max(plan.remaining() or 0.0, 0.001)
     if isinstance(timeout, tuple):
-        return tuple(min(v, left) for v in timeout)
-    return min(float(timeout), left)
+        return tuple(plan.clip(v) for v in timeout)
+    return plan.clip(float(timeout))
 
 
 def _buffers(plan: RequestPlan, response: requests.Response, limit: int) -> bool:

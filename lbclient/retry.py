@@ -21,7 +21,6 @@ The rules:
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import math
 import random
@@ -30,6 +29,7 @@ from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar
 
+import anyio
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
@@ -50,6 +50,7 @@ __all__ = [
     "Failure",
     "RequestPlan",
     "RetryPolicy",
+    "budget_of",
     "policy_from",
     "run_async",
     "run_sync",
@@ -178,6 +179,8 @@ class RequestPlan:
         self._pending: Backend | None = None
         self._revisits = 0
         self._retry_response = False
+        self._delay: float | None = None
+        self._clipped = False
 
     # -- choosing backends -------------------------------------------------------------------
 
@@ -224,15 +227,23 @@ class RequestPlan:
         """The backend for the next retry."""
         backend = self._following()
         self._pending = None
+        self._delay = None
+        self._clipped = False
         return backend
 
     # -- recording -------------------------------------------------------------------------
 
-    def failed(self, backend: Backend, failure: Failure, error: BaseException) -> None:
-        """Record a failed attempt and report it to passive health (unless it was local)."""
+    def failed(
+        self, backend: Backend, failure: Failure, error: BaseException, timed_out: bool = False
+    ) -> None:
+        """Record a failed attempt and report it to passive health.
+
+        Not reported: local failures, and a timeout of an attempt whose timeouts were cut to fit
+        the request's remaining budget (the backend was not given its normal time).
+        """
         text = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
         self.attempts.append(Attempt(backend, failure, text, error=error))
-        if failure is not Failure.LOCAL:
+        if failure is not Failure.LOCAL and not (timed_out and self._clipped):
             self.balancer.report(backend, False)
 
     def responded(self, backend: Backend, status: int) -> bool:
@@ -263,7 +274,15 @@ class RequestPlan:
         return self.method in self.policy.idempotent_methods and self.replayable
 
     def _can_retry(self) -> bool:
-        return len(self.attempts) < self.policy.max_attempts and not self.expired()
+        return len(self.attempts) < self.policy.max_attempts and self._time_for_another()
+
+    def _time_for_another(self) -> bool:
+        """Whether, after its backoff, another attempt would still get a fair share of the
+        budget (a tenth of it): an attempt that could only time out is not sent."""
+        left = self.remaining()
+        if left is None:
+            return True
+        return left - self.wait() >= max(0.001, self.budget_share)
 
     def should_retry(self, error: BaseException) -> bool:
         """Whether the failure just recorded for ``error`` may be retried.
@@ -296,18 +315,37 @@ class RequestPlan:
         return left is not None and left <= 0
 
     def wait(self, _state: RetryCallState | None = None) -> float:
-        """Seconds to wait before the next attempt: none for a backend not tried yet."""
-        upcoming = self._following()
-        if all(a.backend != upcoming for a in self.attempts):
-            return 0.0
-        ceiling = min(self.policy.backoff_max, self.policy.backoff * 2 ** (self._revisits - 1))
-        delay = random.uniform(0, ceiling)
-        left = self.remaining()
-        return delay if left is None else max(0.0, min(delay, left))
+        """Seconds to wait before the next attempt: none for a backend not tried yet, a jittered
+        exponential backoff before trying one again (drawn once per attempt)."""
+        if self._delay is None:
+            upcoming = self._following()
+            if all(a.backend != upcoming for a in self.attempts):
+                self._delay = 0.0
+            else:
+                ceiling = min(
+                    self.policy.backoff_max, self.policy.backoff * 2 ** (self._revisits - 1)
+                )
+                self._delay = random.uniform(0, ceiling)
+        return self._delay
 
-    def stop(self, state: RetryCallState) -> bool:
-        """Tenacity stop condition: out of attempts or out of time."""
-        return len(self.attempts) >= self.policy.max_attempts or self.expired()
+    @property
+    def budget_share(self) -> float:
+        """The least time worth giving one more attempt: a tenth of the budget."""
+        return 0.0 if self.budget is None else self.budget / 10
+
+    def clip(self, timeout: float | None) -> float | None:
+        """``timeout`` cut to the time left of the budget (noted, for health reporting)."""
+        if timeout is None or self.budget is None or not self.attempts:
+            return timeout
+        left = max(self.remaining() or 0.0, 0.001)
+        if left < timeout:
+            self._clipped = True
+            return left
+        return timeout
+
+    def stop(self, state: RetryCallState | None = None) -> bool:
+        """Stop condition: out of attempts, or not enough time left for another one."""
+        return len(self.attempts) >= self.policy.max_attempts or not self._time_for_another()
 
     # -- reporting -------------------------------------------------------------------------
 
@@ -317,7 +355,11 @@ class RequestPlan:
         tried = "; ".join(a.describe() for a in self.attempts)
         last = self.attempts[-1] if self.attempts else None
         note = ""
-        if self.expired():
+        if (
+            self.budget is not None
+            and count < self.policy.max_attempts
+            and (not self._time_for_another())
+        ):
             note = " (the request's time budget ran out)"
         elif last is not None and last.failure is Failure.MAYBE_SENT:
             if not self.policy.retry_maybe_sent:
@@ -340,7 +382,7 @@ def _sleep(seconds: float) -> None:
 
 async def _asleep(seconds: float) -> None:
     if seconds > 0:
-        await asyncio.sleep(seconds)
+        await anyio.sleep(seconds)  # asyncio or trio, whichever runs the client
 
 
 def _outcome(state: RetryCallState) -> Any:
@@ -371,6 +413,7 @@ def run_sync(
         if not plan.wants_retry():
             return result
         discard(result)
+    _sleep(plan.wait())  # tenacity waits only between its own attempts
 
     def before_sleep(state: RetryCallState) -> None:
         if state.outcome is not None and not state.outcome.failed:
@@ -393,8 +436,8 @@ async def run_async(
     attempt: Callable[[Backend], Awaitable[_T]],
     discard: Callable[[_T], Awaitable[object]],
 ) -> _T:
-    """The asyncio twin of :func:`run_sync`. A new AsyncRetrying per request: they are not
-    safe to share between concurrent tasks."""
+    """The async twin of :func:`run_sync` (asyncio or trio). A new AsyncRetrying per request:
+    they are not safe to share between concurrent tasks."""
     try:
         result = await attempt(first)
     except Exception as exc:
@@ -404,6 +447,7 @@ async def run_async(
         if not plan.wants_retry():
             return result
         await discard(result)
+    await _asleep(plan.wait())
 
     async def before_sleep(state: RetryCallState) -> None:
         if state.outcome is not None and not state.outcome.failed:
@@ -423,6 +467,21 @@ async def run_async(
 
     last: _T = await retrying(next_attempt)
     return last
+
+
+def budget_of(phases: Iterable[float | None], pool: float | None = None) -> float | None:
+    """The time all attempts of a request may take together: its longest timeout.
+
+    ``phases`` are the timeouts of the network phases (connect, read, write): if any is None the
+    request may legitimately take forever, so there is no budget. ``pool`` (waiting for a local
+    connection slot) counts when set.
+    """
+    values = list(phases)
+    if not values or any(v is None for v in values):
+        return None
+    if pool is not None:
+        values.append(pool)
+    return float(max(v for v in values if v is not None))
 
 
 def policy_from(

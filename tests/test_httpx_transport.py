@@ -516,3 +516,45 @@ def test_pools_of_removed_backends_are_closed(trio: list[TestServer]) -> None:
         for _ in range(4):
             client.get("http://users/")
         assert {key[1].address for key in transport._pools} == set(addresses(trio[1:]))
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+@pytest.mark.anyio
+async def test_async_backoff_under_asyncio_and_trio(anyio_backend: str) -> None:
+    dead = f"127.0.0.1:{closed_port()}"
+    ok = TestServer(name="ok").start()
+    try:
+        # One backend: attempts 2 and 3 revisit it, each after a backoff sleep.
+        transport = AsyncLBTransport([dead], max_attempts=3)
+        async with httpx.AsyncClient(transport=transport) as client:
+            with pytest.raises(httpx.ConnectError, match="failed after 3 attempts"):
+                await client.get("http://users/")
+        async with httpx.AsyncClient(transport=AsyncLBTransport([dead, ok.address])) as client:
+            assert (await client.get("http://users/")).status_code == 200
+    finally:
+        ok.close()
+
+
+def test_body_cut_short_by_the_caller_reports_nothing(trio: list[TestServer]) -> None:
+    from lbclient.httpx_transport import _Report, _SyncStream
+
+    lb = LoadBalancer(addresses(trio))
+    backend = lb.backends[0]
+    lb.report(backend, False)  # unhealthy: a success report would flip it back
+    stream = _SyncStream(iter([b"a", b"b"]), _Report(lb, backend, False))
+    for _chunk in stream:
+        break  # the caller stops reading
+    stream.close()
+    assert not lb.health(backend).healthy
+    unread = _SyncStream(iter([b"a"]), _Report(lb, backend, False))
+    unread.close()  # headers only: the attempt succeeded
+    assert lb.health(backend).healthy
+
+
+@pytest.mark.anyio
+async def test_no_pool_after_aclose(trio: list[TestServer]) -> None:
+    transport = AsyncLBTransport(addresses(trio))
+    await transport.aclose()
+    with pytest.raises(RuntimeError, match="closed"):
+        await transport._pool(httpx.URL("http://users/"), transport.balancer.backends[0])
+    assert transport._pools == {}

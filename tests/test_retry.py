@@ -233,3 +233,83 @@ def test_policy_normalises() -> None:
     assert policy.idempotent_methods == frozenset({"GET"})
     assert 500 in policy.failure_statuses
     assert 499 not in policy.failure_statuses
+
+
+def test_no_attempt_without_time_for_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = Clock()
+    plan = plan_for(budget=1.0, clock=clock)
+    first = plan.first()
+    assert first is not None
+
+    def attempt(backend: Backend) -> str:
+        clock.now += 0.95  # leaves 0.05 s: less than a tenth of the budget
+        error = Boom("slow")
+        plan.failed(backend, Failure.NEVER_SENT, error)
+        raise error
+
+    with pytest.raises(Boom):
+        run_sync(plan, first, attempt, lambda r: None)
+    assert len(plan.attempts) == 1
+    assert "time budget" in plan.describe()
+
+
+def test_backoff_wait_counts_against_the_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("lbclient.retry.random.uniform", lambda low, high: high)
+    clock = Clock()
+    lb = LoadBalancer(ADDRS[:1], Hash)  # one backend: every retry is a revisit
+    plan = RequestPlan(lb, b"k", "GET", True, RetryPolicy(retry_statuses={503}, backoff=0.5),
+                       1.0, clock)
+    first = plan.first()
+    assert first is not None
+
+    def attempt(backend: Backend) -> str:
+        clock.now += 0.3
+        plan.responded(backend, 503)
+        return "503"
+
+    # After 0.3 s, a 0.5 s backoff would leave 0.2 s: enough (>= 0.1). After the second
+    # attempt (0.3 + 0.5 + 0.3 = 1.1 s) nothing is left: the last 503 is returned, not a timeout.
+    slept: list[float] = []
+    monkeypatch.setattr("lbclient.retry.time.sleep", lambda s: (slept.append(s), None)[1])
+    assert run_sync(plan, first, attempt, lambda r: None) == "503"
+    assert len(plan.attempts) == 2
+    assert slept == [0.5]
+
+
+def test_revisit_waits_before_the_second_attempt(monkeypatch: pytest.MonkeyPatch) -> None:
+    slept: list[float] = []
+    monkeypatch.setattr("lbclient.retry.time.sleep", slept.append)
+    lb = LoadBalancer(ADDRS[:1], Hash)
+    plan = RequestPlan(lb, b"k", "GET", True, RetryPolicy(max_attempts=3), None, Clock())
+    first = plan.first()
+    assert first is not None
+    attempt = failing(plan, [Failure.NEVER_SENT] * 3)
+    with pytest.raises(Boom):
+        run_sync(plan, first, attempt, lambda r: None)  # type: ignore[arg-type]
+    assert len(slept) == 2  # before attempts 2 and 3, both on the same backend
+    assert all(s > 0 for s in slept)
+
+
+def test_clipped_timeouts_are_not_blamed_on_the_backend() -> None:
+    clock = Clock()
+    plan = plan_for(budget=1.0, clock=clock)
+    first = plan.first()
+    assert first is not None
+    plan.failed(first, Failure.NEVER_SENT, Boom("refused"))
+    second = plan.next()
+    clock.now = 0.5
+    assert plan.clip(1.0) == 0.5  # cut to what is left
+    assert plan.clip(None) is None
+    plan.failed(second, Failure.MAYBE_SENT, Boom("timed out"), timed_out=True)
+    assert plan.balancer.ready(second)  # not reported
+    assert not plan.balancer.ready(first)
+
+
+@pytest.mark.parametrize(("phases", "pool", "budget"), [
+    ([1.0, 2.0, 3.0], None, 3.0), ([1.0, 1.0, 1.0], 5.0, 5.0), ([1.0, None, 1.0], 1.0, None),
+    ([], None, None), ([0.5, 0.3], None, 0.5),
+])
+def test_budget_of(phases: list[float | None], pool: float | None, budget: float | None) -> None:
+    from lbclient.retry import budget_of
+
+    assert budget_of(phases, pool) == budget
