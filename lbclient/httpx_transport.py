@@ -209,7 +209,7 @@ def _pool_options(
     if not isinstance(limits, httpx.Limits):
         raise TypeError(f"limits must be an httpx.Limits, got {limits!r}")
     if http2 and importlib.util.find_spec("h2") is None:
-        raise ImportError("http2=True needs the h2 package: pip install 'httpx[http2]'")
+        raise ImportError("http2=True needs the h2 package: pip install 'lbclient[http2]'")
     return {
         "ssl_context": httpx.create_ssl_context(verify=verify, cert=cert, trust_env=trust_env),
         "max_connections": limits.max_connections,

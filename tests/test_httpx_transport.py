@@ -558,3 +558,40 @@ async def test_no_pool_after_aclose(trio: list[TestServer]) -> None:
     with pytest.raises(RuntimeError, match="closed"):
         await transport._pool(httpx.URL("http://users/"), transport.balancer.backends[0])
     assert transport._pools == {}
+
+
+@pytest.mark.anyio
+async def test_reset_and_503_async() -> None:
+    bad = TestServer("reset", name="bad").start()
+    sick = TestServer("status:503", name="sick").start()
+    ok = TestServer(name="ok").start()
+    try:
+        lb = LoadBalancer([bad.address, ok.address], Hash)
+        key = key_landing_on(lb, bad)
+        async with httpx.AsyncClient(transport=AsyncLBTransport(lb, key=lambda r: key)) as c:
+            with pytest.raises((httpx.ReadError, httpx.RemoteProtocolError)):
+                await c.post("http://users/pay", content=b"p")
+            assert bad.count("POST") == 1
+            assert not lb.ready(bad.address)  # the failed body was recorded
+            lb.report(bad.address, True)
+            assert (await c.get("http://users/")).json()["server"] == "ok"
+        assert bad.count("GET") == 1
+        lb = LoadBalancer([sick.address, ok.address], Hash)
+        key = key_landing_on(lb, sick)
+        transport = AsyncLBTransport(lb, key=lambda r: key, retry_statuses={503})
+        async with httpx.AsyncClient(transport=transport) as c:
+            assert (await c.get("http://users/")).json()["server"] == "ok"
+            assert not lb.ready(sick.address)
+            lb.report(sick.address, True)
+            assert (await c.post("http://users/", content=b"x")).status_code == 503
+        assert sick.count("POST") == 1
+        assert ok.count("POST") == 0
+    finally:
+        for server in (bad, sick, ok):
+            server.close()
+
+
+def test_http2_needs_h2(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("lbclient.httpx_transport.importlib.util.find_spec", lambda name: None)
+    with pytest.raises(ImportError, match=r"lbclient\[http2\]"):
+        LBTransport(["127.0.0.1:1"], http2=True)
