@@ -1,6 +1,6 @@
 """Deterministic hashes over bytes.
 
-Routing must not depend on the process: Python's built-in ``hash()`` is salted per process, so
+Routing must not depend on the process: Python's built-in hash function is salted per process, so
 every routing decision in lbclient goes through one of these functions instead. Each returns an
 unsigned integer that is the same on every machine and in every process.
 """
