@@ -94,19 +94,26 @@ def _per_request(send: Callable[[], object], count: int) -> float:
     return (time.perf_counter() - start) / count
 
 
+def _measure(
+    get_lb: Callable[[], object], get_plain: Callable[[], object], count: int, rounds: int
+) -> tuple[float, float, float]:
+    """Warm both clients up, then time ``rounds`` paired rounds of ``count`` requests."""
+    _per_request(get_lb, count // 4)
+    _per_request(get_plain, count // 4)
+    ours, theirs = [], []
+    for _ in range(rounds):
+        mine, plain_time = _paired(get_lb, get_plain, count)
+        ours.append(mine)
+        theirs.append(plain_time)
+    return _summary(ours, theirs)
+
+
 def bench_sync(addresses: list[str], count: int, rounds: int) -> tuple[float, float, float]:
     urls = itertools.cycle([f"http://{a}/item" for a in addresses])
     with httpx.Client(transport=LBTransport(addresses)) as lb, httpx.Client() as plain:
         get_lb = lambda: lb.get("http://users/item")  # noqa: E731
         get_plain = lambda: plain.get(next(urls))  # noqa: E731
-        _per_request(get_lb, count // 4)
-        _per_request(get_plain, count // 4)
-        ours, theirs = [], []
-        for _ in range(rounds):
-            mine, plain_time = _paired(get_lb, get_plain, count)
-            ours.append(mine)
-            theirs.append(plain_time)
-    return _summary(ours, theirs)
+        return _measure(get_lb, get_plain, count, rounds)
 
 
 def bench_requests(addresses: list[str], count: int, rounds: int) -> tuple[float, float, float]:
@@ -115,14 +122,7 @@ def bench_requests(addresses: list[str], count: int, rounds: int) -> tuple[float
         lb.mount("http://users/", LBAdapter(addresses))
         get_lb = lambda: lb.get("http://users/item")  # noqa: E731
         get_plain = lambda: plain.get(next(urls))  # noqa: E731
-        _per_request(get_lb, count // 4)
-        _per_request(get_plain, count // 4)
-        ours, theirs = [], []
-        for _ in range(rounds):
-            mine, plain_time = _paired(get_lb, get_plain, count)
-            ours.append(mine)
-            theirs.append(plain_time)
-    return _summary(ours, theirs)
+        return _measure(get_lb, get_plain, count, rounds)
 
 
 async def _per_request_async(client: httpx.AsyncClient, urls: Iterator[str], count: int) -> float:
