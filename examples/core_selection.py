@@ -22,12 +22,15 @@ assert home is not None
 assert ring.select("user-42") == home
 print("user-42 ->", home.address)
 
-# Failover: report a failure and the key moves to its next backend on the ring...
-ring.report(home, ok=False)
+# Failover: five connection failures in a row eject a backend (for 30 s at first), and the
+# key moves to its next backend on the ring...
+for _ in range(5):
+    ring.report(home, False)
 fallback = ring.select("user-42")
 assert fallback is not None
 assert fallback != home
-print("user-42 while", home.address, "is down ->", fallback.address)
+print("user-42 while", home.address, "is ejected ->", fallback.address)
+print(ring.snapshot())
 
 # ...and the fallback order for retries is there to walk.
 print("candidates:", [b.address for b in ring.iter("user-42")])

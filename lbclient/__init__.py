@@ -8,9 +8,10 @@ requests.
 import logging
 
 from lbclient.backend import MAX_WEIGHT, Backend
-from lbclient.balancer import DEFAULT_MAX_ITERATIONS, LoadBalancer
+from lbclient.balancer import DEFAULT_MAX_ITERATIONS, BackendHealth, HealthSnapshot, LoadBalancer
+from lbclient.checks import CheckFailed, HealthCheck, HttpCheck, TcpCheck
 from lbclient.errors import KeyFunctionError, LBClientError, NoBackendAvailable
-from lbclient.health import HealthPolicy, HealthState
+from lbclient.health import HealthPolicy, HealthState, Outcome
 from lbclient.httpx_transport import AsyncLBTransport, LBTransport
 from lbclient.requests_adapter import LBAdapter
 from lbclient.retry import IDEMPOTENT_METHODS, Failure, RetryPolicy
@@ -41,23 +42,30 @@ __all__ = [
     "Algorithm",
     "AsyncLBTransport",
     "Backend",
+    "BackendHealth",
+    "CheckFailed",
     "Consistent",
     "ConsistentSelector",
     "FNVHash",
     "Failure",
     "Hash",
+    "HealthCheck",
     "HealthPolicy",
+    "HealthSnapshot",
     "HealthState",
+    "HttpCheck",
     "KeyFunctionError",
     "LBAdapter",
     "LBClientError",
     "LBTransport",
     "LoadBalancer",
     "NoBackendAvailable",
+    "Outcome",
     "Random",
     "RetryPolicy",
     "RoundRobin",
     "Selector",
+    "TcpCheck",
     "UniqueIterator",
     "Weighted",
     "WeightedIterator",

@@ -21,6 +21,7 @@ from lbclient import (
     Consistent,
     FNVHash,
     Hash,
+    HealthPolicy,
     LBTransport,
     LoadBalancer,
     Random,
@@ -69,7 +70,7 @@ def demo(algorithm: str, backends: int, requests: int) -> int:
         lb = LoadBalancer(
             [Backend(s.address, weight=1 + i % 3) for i, s in enumerate(servers)],
             ALGORITHMS[algorithm],
-            cooldown=COOLDOWN,
+            health=HealthPolicy(consecutive_failures=3, base_ejection_time=COOLDOWN),
             on_change=lambda b, healthy: events.append(
                 f"  t={time.monotonic() - start:4.1f}s  {names[b.address]} is now "
                 f"{'healthy' if healthy else 'UNHEALTHY'}"

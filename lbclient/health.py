@@ -1,84 +1,259 @@
-"""Per-backend health: the state, and the passive policy that moves it.
+"""Per-backend health: the state, and the rules that move it. Pure: time is passed in.
 
-The model is Pingora's: a backend starts healthy and enabled; each observation that disagrees
-with its current health adds one to a counter, each one that agrees resets it, and when the
-counter reaches the threshold for that direction the health flips. ``ready`` is healthy and
-enabled.
+Two sources feed one state per backend:
 
-One addition, as nginx's ``fail_timeout``: a backend made unhealthy becomes eligible again
-``cooldown`` seconds later. The next observation then decides: a success counts toward
-recovery, a failure starts a new cool-down. Time is a number passed in by the caller, so every
-rule here is a pure function of its inputs.
+* **Passive outlier detection**, from the outcomes of real requests. Connection-level failures
+  (refused, reset, timed out) and 5xx responses are counted in separate streaks, each with its
+  own threshold, or in one streak when :attr:`HealthPolicy.combine_failures` is set. A success
+  ends both streaks; a 5xx response ends the connection-failure streak (the connection worked).
+  When a streak reaches its threshold the backend is *ejected* for ``base_ejection_time`` times
+  the number of times it has been ejected, capped at ``max_ejection_time``. When that time is up,
+  one request is let through as a probe: a success restores the backend, a failure ejects it
+  again, for longer. The multiplier goes down by one for every ``base_ejection_time`` a backend
+  stays healthy.
+* **Active checks** (:mod:`lbclient.checks`), with Pingora's counter model: results that
+  disagree with the current verdict are counted, results that agree reset the count, and the
+  verdict flips when the count reaches the threshold for that direction. A backend whose checks
+  fail is down until they pass again; a passing check also ends a passive ejection.
+
+How many backends may be ejected at once and when health is ignored altogether (panic mode)
+depends on the whole set; :class:`~lbclient.balancer.LoadBalancer` decides that and passes the
+answer in.
 """
 
 from __future__ import annotations
 
+import enum
 import math
 from dataclasses import dataclass, replace
 
-__all__ = ["HealthPolicy", "HealthState"]
+__all__ = ["HealthPolicy", "HealthState", "Outcome"]
+
+
+class Outcome(enum.Enum):
+    """What one request told us about its backend."""
+
+    #: A response that is not a failure (and, for a streamed body, the body read to its end).
+    SUCCESS = "success"
+    #: A connection-level failure: refused, reset, timed out, closed mid-response.
+    CONNECTION_FAILURE = "connection failure"
+    #: A response whose status counts as a server failure (5xx by default).
+    SERVER_ERROR = "server error"
 
 
 @dataclass(frozen=True)
 class HealthState:
     """The health of one backend at one moment. Immutable: a change makes a new state."""
 
-    #: False once ``consecutive_failures`` failures in a row were observed.
-    healthy: bool = True
     #: False when switched off by hand (:meth:`LoadBalancer.set_enabled`).
     enabled: bool = True
-    #: Observations in a row that disagree with ``healthy``.
-    consecutive: int = 0
-    #: While unhealthy: the clock value from which the backend is eligible again.
-    retry_at: float = 0.0
+    #: Connection-level failures in a row (with ``combine_failures``: failures of both kinds).
+    consecutive_failures: int = 0
+    #: 5xx responses in a row (unused with ``combine_failures``).
+    consecutive_5xx: int = 0
+    #: How many times the backend has been ejected, less the decay since its last restoration.
+    ejections: int = 0
+    #: While passively ejected: the clock value at which a probe may be sent. None otherwise.
+    ejected_until: float | None = None
+    #: While a probe is out: the clock value after which another request may probe instead.
+    probe_until: float | None = None
+    #: The clock value of the last restoration (for the decay of ``ejections``).
+    restored_at: float = 0.0
+    #: The active checks' verdict: True up, False down, None before any verdict (or no checks).
+    checked: bool | None = None
+    #: Active check results in a row that disagree with ``checked`` (None counts as up).
+    check_streak: int = 0
+
+    @property
+    def ejected(self) -> bool:
+        """Whether the backend is passively ejected (its probe may be due)."""
+        return self.ejected_until is not None
+
+    @property
+    def healthy(self) -> bool:
+        """Neither ejected nor failing its active checks. Says nothing of ``enabled``."""
+        return self.ejected_until is None and self.checked is not False
+
+    def probe_due(self, now: float) -> bool:
+        """Whether the backend is ejected, its ejection is over and no probe is out."""
+        until = self.ejected_until
+        return (
+            until is not None
+            and now >= until
+            and (self.probe_until is None or now >= self.probe_until)
+            and self.checked is not False
+        )
 
     def ready(self, now: float) -> bool:
-        """Whether the backend may be chosen at clock value ``now``."""
-        return self.enabled and (self.healthy or now >= self.retry_at)
+        """Whether the backend may take a request at clock value ``now`` (panic mode aside):
+        enabled, and healthy or due for its probe."""
+        return self.enabled and (self.healthy or self.probe_due(now))
 
 
-def _positive_int(name: str, value: object) -> int:
+def _threshold(name: str, value: object, optional: bool) -> int | None:
+    if value is None and optional:
+        return None
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+        kind = "an int or None" if optional else "an int"
+        raise TypeError(f"{name} must be {kind}, got {value!r} ({type(value).__name__})")
     if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value}")
     return value
 
 
+def _number(name: str, value: object, low: float, high: float = math.inf) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+    if not math.isfinite(value) or not low <= value <= high:
+        bounds = f"between {low:g} and {high:g}" if math.isfinite(high) else f">= {low:g}"
+        raise ValueError(f"{name} must be a finite number {bounds}, got {value!r}")
+    return float(value)
+
+
 @dataclass(frozen=True)
 class HealthPolicy:
-    """How passive reports move a backend's health. Immutable; every rule is pure."""
+    """How outcomes and checks move a backend's health. Immutable; every rule is pure.
 
-    #: Failures in a row that make a healthy backend unhealthy.
-    consecutive_failures: int = 1
-    #: Successes in a row that make an unhealthy backend healthy again.
-    consecutive_successes: int = 1
-    #: Seconds after which an unhealthy backend is eligible again (nginx's ``fail_timeout``).
-    cooldown: float = 10.0
+    The defaults follow Envoy's outlier detection: 5 failures in a row eject a backend for
+    30 s x the number of its ejections, at most 300 s; at most 10% of the backends (but always
+    at least one) are ejected at once; below 50% healthy backends, health is ignored.
+    """
+
+    #: Connection-level failures in a row that eject a backend; None never ejects for them.
+    consecutive_failures: int | None = 5
+    #: 5xx responses in a row that eject a backend; None never ejects for them.
+    consecutive_5xx: int | None = 5
+    #: Count both kinds in one streak, against ``consecutive_failures``.
+    combine_failures: bool = False
+    #: Seconds of the first ejection; the n-th lasts n times as long. Also the time a probe
+    #: that never reports back holds the backend, and the decay period of the multiplier.
+    base_ejection_time: float = 30.0
+    #: The longest ejection, in seconds (``base_ejection_time`` if that is longer).
+    max_ejection_time: float = 300.0
+    #: The share of backends, in percent, that may be ejected at once (at least one always may).
+    max_ejection_percent: float = 10.0
+    #: Below this percentage of healthy backends, health is ignored (panic mode); 0 turns it off.
+    panic_threshold: float = 50.0
 
     def __post_init__(self) -> None:
-        _positive_int("consecutive_failures", self.consecutive_failures)
-        _positive_int("consecutive_successes", self.consecutive_successes)
-        cooldown = self.cooldown
-        if isinstance(cooldown, bool) or not isinstance(cooldown, (int, float)):
-            raise TypeError(
-                f"cooldown must be a number of seconds, got {cooldown!r} "
-                f"({type(cooldown).__name__})"
-            )
-        if not math.isfinite(cooldown) or cooldown < 0:
-            raise ValueError(f"cooldown must be a finite number >= 0, got {cooldown!r}")
+        _threshold("consecutive_failures", self.consecutive_failures, optional=True)
+        _threshold("consecutive_5xx", self.consecutive_5xx, optional=True)
+        if not isinstance(self.combine_failures, bool):
+            raise TypeError(f"combine_failures must be a bool, got {self.combine_failures!r}")
+        if self.combine_failures and self.consecutive_failures is None:
+            raise ValueError("combine_failures needs consecutive_failures, got None")
+        _number("base_ejection_time", self.base_ejection_time, 0.0)
+        _number("max_ejection_time", self.max_ejection_time, 0.0)
+        _number("max_ejection_percent", self.max_ejection_percent, 0.0, 100.0)
+        _number("panic_threshold", self.panic_threshold, 0.0, 100.0)
 
-    def observe(self, state: HealthState, ok: bool, now: float) -> HealthState:
-        """The state after observing one outcome (``ok``) at clock value ``now``."""
-        if ok == state.healthy:
-            if not ok and now >= state.retry_at:
-                # The first request after the cool-down failed: wait another cool-down.
-                return replace(state, consecutive=0, retry_at=now + self.cooldown)
-            return state if state.consecutive == 0 else replace(state, consecutive=0)
-        count = state.consecutive + 1
-        threshold = self.consecutive_successes if ok else self.consecutive_failures
-        if count < threshold:
-            return replace(state, consecutive=count)
+    # -- the set-wide rules ----------------------------------------------------------------
+
+    def ejection_limit(self, backends: int) -> int:
+        """How many of ``backends`` may be ejected at once: the percentage, at least one."""
+        return max(1, math.floor(backends * self.max_ejection_percent / 100 + 1e-9))
+
+    def panics(self, healthy: int, total: int) -> bool:
+        """Whether ``healthy`` of ``total`` (enabled) backends is below the panic threshold."""
+        return total > 0 and healthy * 100 < self.panic_threshold * total
+
+    def ejection_time(self, ejections: int) -> float:
+        """How long the ``ejections``-th ejection lasts, in seconds."""
+        cap = max(self.max_ejection_time, self.base_ejection_time)
+        return min(self.base_ejection_time * ejections, cap)
+
+    # -- passive outcomes --------------------------------------------------------------------
+
+    def observe(
+        self, state: HealthState, outcome: Outcome, now: float, may_eject: bool = True
+    ) -> HealthState:
+        """The state after ``outcome`` of a request at clock value ``now``.
+
+        ``may_eject`` is False when the ejection limit is reached: a streak that reaches its
+        threshold then stays there, and the next failure tries again.
+
+        While ejected, outcomes before the ejection is over are ignored (requests that were
+        already under way); after it, the first outcome decides, whether or not it came from
+        the request that took the probe.
+        """
+        ok = outcome is Outcome.SUCCESS
+        if state.ejected_until is not None:
+            if now < state.ejected_until:
+                return state
+            if ok:
+                return self.restore(state, now)
+            return self._eject(state, now)
         if ok:
-            return replace(state, healthy=True, consecutive=0, retry_at=0.0)
-        return replace(state, healthy=False, consecutive=0, retry_at=now + self.cooldown)
+            if state.consecutive_failures or state.consecutive_5xx:
+                return replace(state, consecutive_failures=0, consecutive_5xx=0)
+            return state
+        if self.combine_failures or outcome is Outcome.CONNECTION_FAILURE:
+            count = state.consecutive_failures + 1
+            threshold = self.consecutive_failures
+            state = replace(state, consecutive_failures=count)
+        else:
+            count = state.consecutive_5xx + 1
+            threshold = self.consecutive_5xx
+            state = replace(state, consecutive_failures=0, consecutive_5xx=count)
+        if threshold is not None and count >= threshold and may_eject:
+            return self._eject(state, now)
+        return state
+
+    def _eject(self, state: HealthState, now: float) -> HealthState:
+        ejections = self.decayed(state, now) + 1
+        return replace(
+            state,
+            consecutive_failures=0,
+            consecutive_5xx=0,
+            ejections=ejections,
+            ejected_until=now + self.ejection_time(ejections),
+            probe_until=None,
+        )
+
+    def decayed(self, state: HealthState, now: float) -> int:
+        """``state.ejections`` less one for every ``base_ejection_time`` since restoration."""
+        if state.ejections == 0 or state.ejected_until is not None:
+            return state.ejections
+        base = self.base_ejection_time
+        periods = math.inf if base == 0 else (now - state.restored_at) // base
+        return int(max(0, state.ejections - periods))
+
+    def restore(self, state: HealthState, now: float) -> HealthState:
+        """The state of an ejected backend taken back into service at ``now``."""
+        if state.ejected_until is None:
+            return state
+        return replace(
+            state,
+            consecutive_failures=0,
+            consecutive_5xx=0,
+            ejected_until=None,
+            probe_until=None,
+            restored_at=now,
+        )
+
+    def claim_probe(self, state: HealthState, now: float) -> HealthState | None:
+        """The state with the probe taken at ``now``, or None if no probe is due."""
+        if not state.probe_due(now):
+            return None
+        return replace(state, probe_until=now + self.base_ejection_time)
+
+    # -- active checks -------------------------------------------------------------------------
+
+    @staticmethod
+    def check(state: HealthState, ok: bool, successes: int, failures: int) -> HealthState:
+        """The state after one active check result (``ok``).
+
+        ``successes`` and ``failures`` are the check's thresholds for flipping its verdict up
+        and down. Before the first verdict the backend counts as up, so the first pass gives the
+        verdict up at once. A pass while the verdict is up ends a passive ejection (the caller
+        passes the state through :meth:`restore` for that).
+        """
+        current = state.checked is not False
+        if ok == current:
+            if state.checked is None and ok:
+                return replace(state, checked=True, check_streak=0)
+            return state if state.check_streak == 0 else replace(state, check_streak=0)
+        streak = state.check_streak + 1
+        if streak < (successes if ok else failures):
+            return replace(state, check_streak=streak)
+        return replace(state, checked=ok, check_streak=0)

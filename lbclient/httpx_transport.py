@@ -368,10 +368,16 @@ class LBTransport(_Configured[httpcore.ConnectionPool], httpx.BaseTransport):
                 old.close()
         return pool
 
+    def __enter__(self) -> LBTransport:
+        self._common.start_checks()
+        return self
+
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         if self._closed:
             raise RuntimeError("LBTransport is closed")
         common = self._common
+        if common.checks_pending:
+            common.start_checks()
         plan, first = common.plan(request)
 
         def attempt(backend: Backend) -> httpx.Response:
@@ -400,6 +406,7 @@ class LBTransport(_Configured[httpcore.ConnectionPool], httpx.BaseTransport):
             self._closed = True
             pools = list(self._pools.values())
             self._pools.clear()
+        self._common.stop_checks()
         for pool in pools:
             pool.close()
 
@@ -420,10 +427,16 @@ class AsyncLBTransport(_Configured[httpcore.AsyncConnectionPool], httpx.AsyncBas
                 await old.aclose()
         return pool
 
+    async def __aenter__(self) -> AsyncLBTransport:
+        await self._common.astart_checks()
+        return self
+
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         if self._closed:
             raise RuntimeError("AsyncLBTransport is closed")
         common = self._common
+        if common.checks_pending:
+            await common.astart_checks()
         plan, first = common.plan(request)
 
         async def attempt(backend: Backend) -> httpx.Response:
@@ -452,5 +465,6 @@ class AsyncLBTransport(_Configured[httpcore.AsyncConnectionPool], httpx.AsyncBas
         self._closed = True
         pools = list(self._pools.values())
         self._pools.clear()
+        await self._common.astop_checks()
         for pool in pools:
             await pool.aclose()

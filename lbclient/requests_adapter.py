@@ -239,6 +239,8 @@ class LBAdapter(HTTPAdapter):
         proxies: Mapping[str, str] | None = None,
     ) -> requests.Response:
         common = self._common
+        if common.checks_pending:
+            common.start_checks()
         policy = common.policy
         url = request.url or ""
         method = (request.method or "GET").upper()
@@ -306,6 +308,10 @@ class LBAdapter(HTTPAdapter):
         except requests.RequestException as exc:
             raise _final_error(exc, plan, request) from exc
 
+    def close(self) -> None:
+        """Close the connection pools, and stop the health checks this adapter started."""
+        self._common.stop_checks()
+        super().close()
 
 def _replayable(body: object) -> bool:
     return body is None or isinstance(body, (bytes, str))

@@ -24,6 +24,7 @@ from __future__ import annotations
 import enum
 import math
 import random
+import threading
 import time
 from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ from tenacity import (
 from lbclient.backend import Backend
 from lbclient.balancer import LoadBalancer
 from lbclient.errors import KeyFunctionError, NoBackendAvailable
+from lbclient.health import Outcome
 from lbclient.selection.base import AlgorithmLike
 
 __all__ = [
@@ -199,7 +201,7 @@ class RequestPlan:
         for backend in self._walk:
             if backend in tried:
                 continue
-            if balancer.ready(backend):
+            if balancer.admit(backend):
                 return backend
             try:
                 if balancer.health(backend).enabled:
@@ -254,7 +256,7 @@ class RequestPlan:
         """
         self.attempts.append(Attempt(backend, None, f"HTTP {status}", status))
         if status in self.policy.failure_statuses:
-            self.balancer.report(backend, False)
+            self.balancer.report(backend, Outcome.SERVER_ERROR)
         self._retry_response = (
             status in self.policy.retry_statuses and self._may_resend() and self._can_retry()
         )
@@ -535,6 +537,43 @@ class Adapter:
             raise TypeError(f"key must be a function of the request, got {key!r}")
         self.key = key
         self.policy = policy
+        #: True until the balancer's active checks were started for this adapter (False at
+        #: once when the balancer has none): the per-request test is one attribute read.
+        self.checks_pending = self.balancer.health_check is not None
+        self._checking = False
+        self._checks_lock = threading.Lock()
+
+    def start_checks(self) -> None:
+        """Start the balancer's active health checks on a thread, once for this adapter."""
+        with self._checks_lock:
+            if self.checks_pending:
+                self.checks_pending = False
+                self._checking = True
+                self.balancer.start()
+
+    async def astart_checks(self) -> None:
+        """Start the balancer's active health checks on an asyncio task, once."""
+        with self._checks_lock:  # astart never suspends: the lock is not held across a wait
+            if self.checks_pending:
+                self.checks_pending = False
+                self._checking = True
+                await self.balancer.astart()
+
+    def _stop(self) -> bool:
+        with self._checks_lock:
+            self.checks_pending = False
+            started, self._checking = self._checking, False
+            return started
+
+    def stop_checks(self) -> None:
+        """Stop the checks this adapter started (others' keep running)."""
+        if self._stop():
+            self.balancer.close()
+
+    async def astop_checks(self) -> None:
+        """Stop the checks this adapter started, awaiting their task."""
+        if self._stop():
+            await self.balancer.aclose()
 
     def key_of(self, request: object, method: str, url: str) -> bytes:
         """The selection key of ``request``; KeyFunctionError if the key function fails."""

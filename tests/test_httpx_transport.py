@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from lbclient import Backend, Consistent, Hash, LoadBalancer, RoundRobin
+from lbclient import Backend, Consistent, Hash, HealthPolicy, LoadBalancer, RoundRobin
 from lbclient.errors import KeyFunctionError, NoBackendAvailable
 from lbclient.httpx_transport import AsyncLBTransport, LBTransport
 from lbclient.testing import TestServer, TLSCerts, closed_port
@@ -196,7 +196,10 @@ async def test_backend_killed_mid_run_async(trio: list[TestServer]) -> None:
 def hang_pair() -> tuple[TestServer, TestServer, LoadBalancer]:
     hang = TestServer("hang", name="hang").start()
     ok = TestServer(name="ok").start()
-    return hang, ok, LoadBalancer([hang.address, ok.address], Hash)
+    # One failure ejects, so the tests see each timeout recorded.
+    return hang, ok, LoadBalancer(
+        [hang.address, ok.address], Hash, health=HealthPolicy(consecutive_failures=1)
+    )
 
 
 TIMEOUT = httpx.Timeout(10.0, read=0.5)
@@ -267,10 +270,7 @@ def test_reset_mid_response(mode: str) -> None:
             with pytest.raises((httpx.ReadError, httpx.RemoteProtocolError)):
                 client.post("http://users/pay", content=b"p")
             assert bad.count("POST") == 1
-            assert not lb.ready(bad.address)  # health recorded
-            lb.set_enabled(bad.address, True)
-            lb.report(bad.address, True)
-            assert lb.ready(bad.address)
+            assert lb.health(bad.address).consecutive_failures == 1  # health recorded
             assert client.get("http://users/get").json()["server"] == "ok"
         assert bad.count("GET") == 1
         assert ok.count("POST") == 0
@@ -283,16 +283,16 @@ def test_503_recorded_and_optionally_retried() -> None:
     sick = TestServer("status:503", name="sick").start()
     ok = TestServer(name="ok").start()
     try:
-        lb = LoadBalancer([sick.address, ok.address], Hash, consecutive_failures=2)
+        lb = LoadBalancer([sick.address, ok.address], Hash, health=HealthPolicy(consecutive_5xx=2))
         key = key_landing_on(lb, sick)
         with httpx.Client(transport=LBTransport(lb, key=lambda r: key)) as client:
             assert client.get("http://users/").status_code == 503  # off by default
-            assert lb.health(sick.address).consecutive == 1
+            assert lb.health(sick.address).consecutive_5xx == 1
         retrying = LBTransport(lb, key=lambda r: key, retry_statuses={502, 503, 504})
         with httpx.Client(transport=retrying) as client:
             assert client.get("http://users/").json()["server"] == "ok"
-            assert not lb.ready(sick.address)
-            lb.report(sick.address, True)
+            assert not lb.ready(sick.address)  # the second 503 in a row ejected it
+            lb.report_check(sick.address, True)  # a passing check takes it back
             post = client.post("http://users/", content=b"x")
             assert post.status_code == 503  # not idempotent: not retried
         assert sick.count("POST") == 1
@@ -540,15 +540,15 @@ def test_body_cut_short_by_the_caller_reports_nothing(trio: list[TestServer]) ->
 
     lb = LoadBalancer(addresses(trio))
     backend = lb.backends[0]
-    lb.report(backend, False)  # unhealthy: a success report would flip it back
+    lb.report(backend, False)  # a failure streak: a success report would end it
     stream = _SyncStream(iter([b"a", b"b"]), _Report(lb, backend, False))
     for _chunk in stream:
         break  # the caller stops reading
     stream.close()
-    assert not lb.health(backend).healthy
+    assert lb.health(backend).consecutive_failures == 1
     unread = _SyncStream(iter([b"a"]), _Report(lb, backend, False))
     unread.close()  # headers only: the attempt succeeded
-    assert lb.health(backend).healthy
+    assert lb.health(backend).consecutive_failures == 0
 
 
 @pytest.mark.anyio
@@ -572,8 +572,7 @@ async def test_reset_and_503_async() -> None:
             with pytest.raises((httpx.ReadError, httpx.RemoteProtocolError)):
                 await c.post("http://users/pay", content=b"p")
             assert bad.count("POST") == 1
-            assert not lb.ready(bad.address)  # the failed body was recorded
-            lb.report(bad.address, True)
+            assert lb.health(bad.address).consecutive_failures == 1  # the failed body
             assert (await c.get("http://users/")).json()["server"] == "ok"
         assert bad.count("GET") == 1
         lb = LoadBalancer([sick.address, ok.address], Hash)
@@ -581,8 +580,7 @@ async def test_reset_and_503_async() -> None:
         transport = AsyncLBTransport(lb, key=lambda r: key, retry_statuses={503})
         async with httpx.AsyncClient(transport=transport) as c:
             assert (await c.get("http://users/")).json()["server"] == "ok"
-            assert not lb.ready(sick.address)
-            lb.report(sick.address, True)
+            assert lb.health(sick.address).consecutive_5xx == 1
             assert (await c.post("http://users/", content=b"x")).status_code == 503
         assert sick.count("POST") == 1
         assert ok.count("POST") == 0

@@ -10,7 +10,15 @@ from pathlib import Path
 import pytest
 import requests
 
-from lbclient import Backend, Failure, Hash, LoadBalancer, NoBackendAvailable, RoundRobin
+from lbclient import (
+    Backend,
+    Failure,
+    Hash,
+    HealthPolicy,
+    LoadBalancer,
+    NoBackendAvailable,
+    RoundRobin,
+)
 from lbclient.errors import KeyFunctionError
 from lbclient.requests_adapter import LBAdapter, classify
 from lbclient.testing import TestServer, TLSCerts, closed_port
@@ -121,8 +129,7 @@ def test_reset_mid_response(mode: str) -> None:
             with pytest.raises(requests.RequestException):
                 session.post("http://users/pay", data=b"p")
             assert bad.count("POST") == 1
-            assert not lb.ready(bad.address)
-            lb.report(bad.address, True)
+            assert lb.health(bad.address).consecutive_failures == 1
             assert session.get("http://users/").json()["server"] == "ok"
         assert bad.count("GET") == 1
         assert ok.count("POST") == 0
@@ -134,15 +141,16 @@ def test_reset_mid_response(mode: str) -> None:
 def test_503_recorded_and_optionally_retried() -> None:
     sick, ok = TestServer("status:503").start(), TestServer(name="ok").start()
     try:
-        lb = LoadBalancer([sick.address, ok.address], Hash, consecutive_failures=2)
+        lb = LoadBalancer([sick.address, ok.address], Hash, health=HealthPolicy(consecutive_5xx=2))
         key = key_landing_on(lb, sick.address)
         with session_for(LBAdapter(lb, key=lambda r: key)) as session:
             assert session.get("http://users/").status_code == 503
-            assert lb.health(sick.address).consecutive == 1
+            assert lb.health(sick.address).consecutive_5xx == 1
         adapter = LBAdapter(lb, key=lambda r: key, retry_statuses={503})
         with session_for(adapter) as session:
             assert session.get("http://users/").json()["server"] == "ok"
-            lb.report(sick.address, True)
+            assert not lb.ready(sick.address)  # the second 503 in a row ejected it
+            lb.report_check(sick.address, True)  # a passing check takes it back
             assert session.post("http://users/", data=b"x").status_code == 503
         assert sick.count("POST") == 1
         assert ok.count("POST") == 0

@@ -118,7 +118,7 @@ def test_max_attempts_and_failures_reported() -> None:
         run_sync(plan, first, attempt, lambda r: None)  # type: ignore[arg-type]
     tried = attempt.seen  # type: ignore[attr-defined]
     assert len(tried) == 2
-    assert all(not plan.balancer.ready(b) for b in tried)
+    assert all(plan.balancer.health(b).consecutive_failures == 1 for b in tried)
     assert plan.describe().startswith("GET failed after 2 attempts: ")
 
 
@@ -301,8 +301,8 @@ def test_clipped_timeouts_are_not_blamed_on_the_backend() -> None:
     assert plan.clip(1.0) == 0.5  # cut to what is left
     assert plan.clip(None) is None
     plan.failed(second, Failure.MAYBE_SENT, Boom("timed out"), timed_out=True)
-    assert plan.balancer.ready(second)  # not reported
-    assert not plan.balancer.ready(first)
+    assert plan.balancer.health(second).consecutive_failures == 0  # not reported
+    assert plan.balancer.health(first).consecutive_failures == 1
 
 
 @pytest.mark.parametrize(("phases", "pool", "budget"), [

@@ -8,14 +8,16 @@ from collections import Counter
 
 import pytest
 
-from lbclient import Backend, Consistent, Hash, LoadBalancer, RoundRobin
+from lbclient import Backend, Consistent, Hash, HealthPolicy, LoadBalancer, RoundRobin
 
 
 @pytest.mark.parametrize("algorithm", [RoundRobin, Hash, Consistent])
 def test_select_during_updates(algorithm: type) -> None:
     # Every set has its own addresses, so a result names the set it came from.
     sets = [[Backend(f"10.{v}.0.{i}:80", 1 + i % 3) for i in range(1, 6)] for v in range(1, 9)]
-    lb = LoadBalancer(sets[0], algorithm, cooldown=0)
+    lb = LoadBalancer(
+        sets[0], algorithm, health=HealthPolicy(consecutive_failures=1, base_ejection_time=0)
+    )
     installed: set[int] = {0}
     origin = {b: v for v, s in enumerate(sets) for b in s}
     errors: list[BaseException] = []

@@ -1,0 +1,463 @@
+"""Active health checks: TCP (optionally TLS) and HTTP, run on a thread or an asyncio task.
+
+A check object says how to check one backend (:meth:`HealthCheck.check` with sockets,
+:meth:`HealthCheck.acheck` with asyncio streams), how often (``interval``) and how many results
+in a row flip its verdict (``consecutive_successes`` / ``consecutive_failures``). Give one to
+:class:`~lbclient.balancer.LoadBalancer` as ``health_check``; the balancer runs it on every
+backend, in parallel, once started (``with balancer:``, ``async with balancer:``, or a transport
+using the balancer), and stops it on close.
+
+Only the standard library is used here: the request is written and the status line read by hand.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable, Collection, Mapping
+from typing import Final, Protocol
+
+from lbclient.backend import Backend
+
+__all__ = ["CheckFailed", "HealthCheck", "HttpCheck", "Runner", "TcpCheck", "start_runner"]
+
+#: The most bytes read of a check response's head (status line and headers).
+MAX_HEAD: Final = 64 * 1024
+#: How many backends are checked at once by one runner.
+PARALLEL: Final = 32
+
+Validator = Callable[[int, Mapping[str, str]], bool]
+
+
+class CheckFailed(Exception):
+    """A health check did not pass; the message says why."""
+
+
+def _positive(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds, got {value!r}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def _count(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return value
+
+
+class HealthCheck:
+    """What every active check has: timing, thresholds and the TLS settings of its connection.
+
+    ``tls`` makes the check complete a TLS handshake, verifying the certificate for
+    ``server_name`` (default: the backend's host) with ``ssl_context`` (default: the system's
+    trust store).
+    """
+
+    def __init__(
+        self,
+        *,
+        interval: float = 5.0,
+        timeout: float = 1.0,
+        consecutive_successes: int = 1,
+        consecutive_failures: int = 1,
+        tls: bool = False,
+        server_name: str | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self.interval = _positive("interval", interval)
+        self.timeout = _positive("timeout", timeout)
+        self.consecutive_successes = _count("consecutive_successes", consecutive_successes)
+        self.consecutive_failures = _count("consecutive_failures", consecutive_failures)
+        if not isinstance(tls, bool):
+            raise TypeError(f"tls must be a bool, got {tls!r}")
+        if server_name is not None and (not isinstance(server_name, str) or not server_name):
+            raise TypeError(f"server_name must be a non-empty str or None, got {server_name!r}")
+        if ssl_context is not None and not isinstance(ssl_context, ssl.SSLContext):
+            raise TypeError(f"ssl_context must be an ssl.SSLContext or None, got {ssl_context!r}")
+        if ssl_context is not None and not tls:
+            raise ValueError("ssl_context is given but tls=False; pass tls=True")
+        self.tls = tls
+        self.server_name = server_name
+        self._context = ssl_context
+
+    def _tls(self, backend: Backend) -> tuple[ssl.SSLContext | None, str | None]:
+        if not self.tls:
+            return None, None
+        if self._context is None:
+            self._context = ssl.create_default_context()
+        return self._context, self.server_name or backend.host.strip("[]")
+
+    def _connect(self, backend: Backend, deadline: float) -> socket.socket:
+        sock = socket.create_connection((backend.host.strip("[]"), backend.port), _left(deadline))
+        try:
+            context, name = self._tls(backend)
+            if context is not None:
+                sock.settimeout(_left(deadline))
+                sock = context.wrap_socket(sock, server_hostname=name)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    async def _aconnect(
+        self, backend: Backend
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        context, name = self._tls(backend)
+        return await asyncio.open_connection(
+            backend.host.strip("[]"),
+            backend.port,
+            ssl=context,
+            server_hostname=name,
+            limit=MAX_HEAD,
+        )
+
+    def check(self, backend: Backend) -> None:
+        """Check ``backend`` with blocking sockets; raise if it fails."""
+        raise NotImplementedError
+
+    async def acheck(self, backend: Backend) -> None:
+        """Check ``backend`` with asyncio streams; raise if it fails."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(interval={self.interval:g}, timeout={self.timeout:g}, "
+            f"tls={self.tls})"
+        )
+
+
+class TcpCheck(HealthCheck):
+    """Passes when a TCP connection (and, with ``tls=True``, a TLS handshake) succeeds within
+    ``timeout``. The connection is closed at once."""
+
+    def check(self, backend: Backend) -> None:
+        self._connect(backend, time.monotonic() + self.timeout).close()
+
+    async def acheck(self, backend: Backend) -> None:
+        async def run() -> None:
+            _reader, writer = await self._aconnect(backend)
+            await _close(writer)
+
+        await asyncio.wait_for(run(), self.timeout)
+
+
+class HttpCheck(HealthCheck):
+    """Passes when ``method path`` gets a response with an expected status within ``timeout``.
+
+    ``host`` is the ``Host`` header (default: the backend's address) and, with ``tls=True``,
+    the name the certificate is checked against (so a logical service name works as it does
+    for requests). ``expect`` is the passing status or statuses (default 200); ``validator``,
+    if given, decides instead: ``validator(status, headers)`` returns whether the check passed.
+    Each check uses a new connection, closed after the response head, so a check sees what a
+    new connection would.
+    """
+
+    def __init__(
+        self,
+        path: str = "/",
+        *,
+        host: str | None = None,
+        method: str = "GET",
+        expect: int | Collection[int] = 200,
+        validator: Validator | None = None,
+        headers: Mapping[str, str] | None = None,
+        interval: float = 5.0,
+        timeout: float = 1.0,
+        consecutive_successes: int = 1,
+        consecutive_failures: int = 1,
+        tls: bool = False,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        if host is not None and (not isinstance(host, str) or not host or _unsafe(host)):
+            raise ValueError(f"host must be a non-empty header value or None, got {host!r}")
+        super().__init__(
+            interval=interval,
+            timeout=timeout,
+            consecutive_successes=consecutive_successes,
+            consecutive_failures=consecutive_failures,
+            tls=tls,
+            server_name=None if host is None else _name_of(host),
+            ssl_context=ssl_context,
+        )
+        if not isinstance(path, str) or not path.startswith("/") or _unsafe(path) or " " in path:
+            raise ValueError(f"path must start with '/' and hold no spaces, got {path!r}")
+        if not isinstance(method, str) or not method.isalpha():
+            raise ValueError(f"method must be an HTTP method name, got {method!r}")
+        statuses = (expect,) if isinstance(expect, int) else tuple(expect)
+        if not statuses or any(
+            isinstance(s, bool) or not isinstance(s, int) or not 100 <= s <= 599 for s in statuses
+        ):
+            raise ValueError(f"expect must be HTTP statuses (100..599), got {expect!r}")
+        if validator is not None and not callable(validator):
+            raise TypeError(
+                f"validator must be callable as validator(status, headers), got {validator!r}"
+            )
+        extra = dict(headers or {})
+        for name, value in extra.items():
+            if not isinstance(name, str) or not isinstance(value, str) or _unsafe(name + value):
+                raise ValueError(f"bad header {name!r}: {value!r}")
+        self.path = path
+        self.host = host
+        self.method = method.upper()
+        self.expect = frozenset(statuses)
+        self.validator = validator
+        self.headers = extra
+
+    def request(self, backend: Backend) -> bytes:
+        """The bytes of the check request for ``backend``."""
+        lines = [
+            f"{self.method} {self.path} HTTP/1.1",
+            f"Host: {self.host or backend.address}",
+            "User-Agent: lbclient-health-check",
+            "Connection: close",
+        ]
+        lines += [f"{k}: {v}" for k, v in self.headers.items()]
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+    def verdict(self, head: bytes) -> None:
+        """Judge a response head (status line and headers); raise CheckFailed if it fails."""
+        status, headers = parse_head(head)
+        if self.validator is not None:
+            try:
+                passed = self.validator(status, headers)
+            except Exception as exc:
+                raise CheckFailed(f"validator raised {type(exc).__name__}: {exc}") from exc
+            if not passed:
+                raise CheckFailed(f"validator rejected the response (HTTP {status})")
+        elif status not in self.expect:
+            raise CheckFailed(f"HTTP {status}, expected {sorted(self.expect)}")
+
+    def check(self, backend: Backend) -> None:
+        deadline = time.monotonic() + self.timeout
+        with self._connect(backend, deadline) as sock:
+            sock.settimeout(_left(deadline))
+            sock.sendall(self.request(backend))
+            head = b""
+            while b"\r\n\r\n" not in head:
+                if len(head) > MAX_HEAD:
+                    raise CheckFailed(f"response head longer than {MAX_HEAD} bytes")
+                sock.settimeout(_left(deadline))
+                chunk = sock.recv(16384)
+                if not chunk:
+                    raise CheckFailed("connection closed before a response")
+                head += chunk
+        self.verdict(head)
+
+    async def acheck(self, backend: Backend) -> None:
+        async def run() -> bytes:
+            reader, writer = await self._aconnect(backend)
+            try:
+                writer.write(self.request(backend))
+                await writer.drain()
+                try:
+                    return await reader.readuntil(b"\r\n\r\n")
+                except asyncio.IncompleteReadError as exc:
+                    raise CheckFailed("connection closed before a response") from exc
+                except asyncio.LimitOverrunError as exc:
+                    raise CheckFailed(f"response head longer than {MAX_HEAD} bytes") from exc
+            finally:
+                await _close(writer)
+
+        self.verdict(await asyncio.wait_for(run(), self.timeout))
+
+    def __repr__(self) -> str:
+        return (
+            f"HttpCheck({self.method} {self.path!r}, host={self.host!r}, "
+            f"expect={sorted(self.expect)}, interval={self.interval:g}, "
+            f"timeout={self.timeout:g}, tls={self.tls})"
+        )
+
+
+def parse_head(head: bytes) -> tuple[int, dict[str, str]]:
+    """The status and headers (names lower-cased) of an HTTP/1.x response head."""
+    text = head.split(b"\r\n\r\n", 1)[0].decode("latin-1")
+    status_line, *lines = text.split("\r\n")
+    parts = status_line.split(" ", 2)
+    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+        raise CheckFailed(f"not an HTTP/1 response: {status_line[:80]!r}")
+    headers = {}
+    for line in lines:
+        name, sep, value = line.partition(":")
+        if sep:
+            headers[name.strip().lower()] = value.strip()
+    return int(parts[1]), headers
+
+
+def _unsafe(text: str) -> bool:
+    return any(c in text for c in "\r\n\0")
+
+
+def _name_of(host: str) -> str:
+    """The TLS name in a Host value: without the port, IPv6 brackets removed."""
+    if host.startswith("["):
+        return host[1 : host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def _left(deadline: float) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("health check timed out")
+    return left
+
+
+async def _close(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    with contextlib.suppress(OSError, ssl.SSLError):
+        await writer.wait_closed()
+
+
+def describe(error: BaseException) -> str:
+    """A short text for a failed check."""
+    if isinstance(error, (TimeoutError, asyncio.TimeoutError, socket.timeout)):
+        return "timed out"
+    text = str(error)
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+# -- runners -----------------------------------------------------------------------------------
+
+Backends = Callable[[], tuple[Backend, ...]]
+Report = Callable[[Backend, bool, str], object]
+
+
+class Runner(Protocol):
+    """A running check loop."""
+
+    def stop(self) -> None:
+        """Stop; when this returns no check runs (a task is cancelled, not awaited)."""
+
+    async def astop(self) -> None:
+        """Stop, awaiting the end of the loop."""
+
+
+class _ThreadRunner:
+    """Checks every backend each ``interval`` seconds from a daemon thread, up to
+    :data:`PARALLEL` at once on short-lived daemon worker threads."""
+
+    def __init__(self, check: HealthCheck, backends: Backends, report: Report) -> None:
+        self._check = check
+        self._backends = backends
+        self._report = report
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="lbclient-health", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stopping.is_set():
+            pending = list(self._backends())
+            lock = threading.Lock()
+            workers = [
+                threading.Thread(
+                    target=self._work,
+                    args=(pending, lock),
+                    name="lbclient-health-check",
+                    daemon=True,
+                )
+                for _ in range(min(PARALLEL, len(pending)))
+            ]
+            for worker in workers:
+                worker.start()
+            for worker in workers:
+                worker.join()
+            self._stopping.wait(self._check.interval)
+
+    def _work(self, pending: list[Backend], lock: threading.Lock) -> None:
+        while not self._stopping.is_set():
+            with lock:
+                if not pending:
+                    return
+                backend = pending.pop()
+            self._one(backend)
+
+    def _one(self, backend: Backend) -> None:
+        try:
+            self._check.check(backend)
+        except Exception as exc:
+            ok, detail = False, describe(exc)
+        else:
+            ok, detail = True, ""
+        if not self._stopping.is_set():
+            self._report(backend, ok, detail)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join()
+
+    async def astop(self) -> None:
+        self.stop()
+
+
+class _TaskRunner:
+    """Checks every backend each ``interval`` seconds from an asyncio task, up to
+    :data:`PARALLEL` at once."""
+
+    def __init__(
+        self,
+        check: HealthCheck,
+        backends: Backends,
+        report: Report,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self._check = check
+        self._backends = backends
+        self._report = report
+        self._loop = loop
+        self._task = loop.create_task(self._run(), name="lbclient-health")
+
+    async def _run(self) -> None:
+        limit = asyncio.Semaphore(PARALLEL)
+        while True:
+            await asyncio.gather(*(self._one(b, limit) for b in self._backends()))
+            await asyncio.sleep(self._check.interval)
+
+    async def _one(self, backend: Backend, limit: asyncio.Semaphore) -> None:
+        async with limit:
+            try:
+                await self._check.acheck(backend)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                ok, detail = False, describe(exc)
+            else:
+                ok, detail = True, ""
+        self._report(backend, ok, detail)
+
+    def stop(self) -> None:
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is self._loop:
+            self._task.cancel()
+        elif not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._task.cancel)
+
+    async def astop(self) -> None:
+        self._task.cancel()
+        await asyncio.wait([self._task])
+
+
+def start_runner(
+    check: HealthCheck, backends: Backends, report: Report, asynchronous: bool
+) -> Runner:
+    """Start checking: on an asyncio task of the running loop when ``asynchronous`` and one is
+    running, on a daemon thread otherwise (sync code, or another async library)."""
+    if asynchronous:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            pass
+        else:
+            return _TaskRunner(check, backends, report, loop)
+    return _ThreadRunner(check, backends, report)
