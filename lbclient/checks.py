@@ -28,6 +28,8 @@ __all__ = ["CheckFailed", "HealthCheck", "HttpCheck", "Runner", "TcpCheck", "sta
 
 #: The most bytes read of a check response's head (status line and headers).
 MAX_HEAD: Final = 64 * 1024
+#: The most bytes of a check response's body read (to see it arrive whole); the rest is left.
+MAX_BODY: Final = 64 * 1024
 #: How many backends are checked at once by one runner.
 PARALLEL: Final = 32
 
@@ -223,8 +225,12 @@ class HttpCheck(HealthCheck):
         lines += [f"{k}: {v}" for k, v in self.headers.items()]
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
-    def verdict(self, head: bytes) -> None:
-        """Judge a response head (status line and headers); raise CheckFailed if it fails."""
+    def verdict(self, head: bytes) -> int | None:
+        """Judge a response head (status line and headers); raise CheckFailed if it fails.
+
+        Returns how many body bytes to read to see the body arrive whole (at most
+        :data:`MAX_BODY`), or None to read until the server closes the connection.
+        """
         status, headers = parse_head(head)
         if self.validator is not None:
             try:
@@ -235,39 +241,62 @@ class HttpCheck(HealthCheck):
                 raise CheckFailed(f"validator rejected the response (HTTP {status})")
         elif status not in self.expect:
             raise CheckFailed(f"HTTP {status}, expected {sorted(self.expect)}")
+        if self.method == "HEAD" or status < 200 or status in (204, 304):
+            return 0
+        length = headers.get("content-length", "")
+        if length.isdigit() and "transfer-encoding" not in headers:
+            return min(int(length), MAX_BODY)
+        return None
 
     def check(self, backend: Backend) -> None:
         deadline = time.monotonic() + self.timeout
         with self._connect(backend, deadline) as sock:
             sock.settimeout(_left(deadline))
             sock.sendall(self.request(backend))
-            head = b""
-            while b"\r\n\r\n" not in head:
-                if len(head) > MAX_HEAD:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                if len(data) > MAX_HEAD:
                     raise CheckFailed(f"response head longer than {MAX_HEAD} bytes")
                 sock.settimeout(_left(deadline))
                 chunk = sock.recv(16384)
                 if not chunk:
                     raise CheckFailed("connection closed before a response")
-                head += chunk
-        self.verdict(head)
+                data += chunk
+            head, _, body = data.partition(b"\r\n\r\n")
+            want = self.verdict(head)
+            got = len(body)
+            while want is None or got < want:
+                sock.settimeout(_left(deadline))
+                chunk = sock.recv(16384)
+                got += len(chunk)
+                if not chunk or got >= MAX_BODY:
+                    break
+            _whole(want, got)
 
     async def acheck(self, backend: Backend) -> None:
-        async def run() -> bytes:
+        async def run() -> None:
             reader, writer = await self._aconnect(backend)
             try:
                 writer.write(self.request(backend))
                 await writer.drain()
                 try:
-                    return await reader.readuntil(b"\r\n\r\n")
+                    head = await reader.readuntil(b"\r\n\r\n")
                 except asyncio.IncompleteReadError as exc:
                     raise CheckFailed("connection closed before a response") from exc
                 except asyncio.LimitOverrunError as exc:
                     raise CheckFailed(f"response head longer than {MAX_HEAD} bytes") from exc
+                want = self.verdict(head)
+                got = 0
+                while want is None or got < want:
+                    chunk = await reader.read(16384)
+                    got += len(chunk)
+                    if not chunk or got >= MAX_BODY:
+                        break
+                _whole(want, got)
             finally:
                 await _close(writer)
 
-        self.verdict(await asyncio.wait_for(run(), self.timeout))
+        await asyncio.wait_for(run(), self.timeout)
 
     def __repr__(self) -> str:
         return (
@@ -290,6 +319,11 @@ def parse_head(head: bytes) -> tuple[int, dict[str, str]]:
         if sep:
             headers[name.strip().lower()] = value.strip()
     return int(parts[1]), headers
+
+
+def _whole(want: int | None, got: int) -> None:
+    if want is not None and got < want:
+        raise CheckFailed(f"connection closed after {got} of {want} body bytes")
 
 
 def _unsafe(text: str) -> bool:

@@ -1,0 +1,393 @@
+"""Active health checks against real servers on 127.0.0.1, and their runners' life cycle."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+import requests
+
+from lbclient import (
+    AsyncLBTransport,
+    Backend,
+    CheckFailed,
+    HealthCheck,
+    HttpCheck,
+    LBAdapter,
+    LBTransport,
+    LoadBalancer,
+    TcpCheck,
+)
+from lbclient.testing import TestServer, TLSCerts, closed_port
+
+FAST = 0.05  # check interval in the runner tests, seconds
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def run_check(check: HealthCheck, backend: Backend | str, asynchronous: bool) -> None:
+    target = Backend.coerce(backend)
+    if asynchronous:
+        asyncio.run(check.acheck(target))
+    else:
+        check.check(target)
+
+
+both = pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
+
+
+@pytest.fixture
+def server() -> Iterator[TestServer]:
+    with TestServer(name="s") as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def certs() -> TLSCerts:
+    return TLSCerts("users.internal")
+
+
+def health_threads() -> list[threading.Thread]:
+    """The runners' threads (their short-lived workers are named lbclient-health-check)."""
+    return [t for t in threading.enumerate() if t.name == "lbclient-health"]
+
+
+def no_check_threads() -> bool:
+    return not [t for t in threading.enumerate() if t.name.startswith("lbclient-health")]
+
+
+def eventually(condition: Callable[[], bool], within: float = 20.0) -> None:
+    """Wait for ``condition``; the bound only keeps a broken test from hanging."""
+    deadline = time.monotonic() + within
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.01)
+
+
+async def aeventually(condition: Callable[[], bool], within: float = 20.0) -> None:
+    deadline = time.monotonic() + within
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.01)
+
+
+# -- one check ---------------------------------------------------------------------------------
+
+
+@both
+def test_http_check_sends_method_path_and_host(server: TestServer, asynchronous: bool) -> None:
+    check = HttpCheck("/healthz?deep=1", host="users", headers={"x-probe": "1"})
+    run_check(check, server.address, asynchronous)
+    run_check(HttpCheck(method="head"), server.address, asynchronous)
+    first, second = server.requests
+    assert (first.method, first.target, first.headers["host"]) == ("GET", "/healthz?deep=1",
+                                                                   "users")
+    assert first.headers["x-probe"] == "1"
+    assert first.headers["connection"] == "close"
+    assert (second.method, second.target, second.headers["host"]) == ("HEAD", "/",
+                                                                      server.address)
+
+
+@both
+def test_http_check_judges_the_status(server: TestServer, asynchronous: bool) -> None:
+    server.mode = "status:503"
+    with pytest.raises(CheckFailed, match=r"HTTP 503, expected \[200\]"):
+        run_check(HttpCheck(), server.address, asynchronous)
+    run_check(HttpCheck(expect=(200, 503)), server.address, asynchronous)
+    server.mode = "status:204"
+    run_check(HttpCheck(expect=204), server.address, asynchronous)
+    seen: list[tuple[int, str]] = []
+
+    def validator(status: int, headers: Any) -> bool:
+        seen.append((status, headers["x-test-server"]))
+        return False
+
+    with pytest.raises(CheckFailed, match=r"validator rejected the response \(HTTP 204\)"):
+        run_check(HttpCheck(validator=validator), server.address, asynchronous)
+    assert seen == [(204, "s")]
+    with pytest.raises(CheckFailed, match="validator raised KeyError"):
+        run_check(HttpCheck(validator=lambda s, h: h["nope"]), server.address, asynchronous)
+
+
+@both
+@pytest.mark.parametrize("mode", ["reset", "close"])
+def test_http_check_fails_on_a_broken_response(mode: str, asynchronous: bool) -> None:
+    with TestServer(mode) as bad, pytest.raises((CheckFailed, OSError), match=r"closed|reset"):
+        run_check(HttpCheck(), bad.address, asynchronous)
+
+
+@both
+def test_checks_fail_on_a_closed_port(asynchronous: bool) -> None:
+    dead = f"127.0.0.1:{closed_port()}"
+    for check in (HttpCheck(), TcpCheck()):
+        with pytest.raises(ConnectionRefusedError):
+            run_check(check, dead, asynchronous)
+
+
+@both
+def test_checks_time_out_on_a_server_that_never_answers(asynchronous: bool) -> None:
+    with TestServer("hang") as hang, pytest.raises(TimeoutError):
+        run_check(HttpCheck(timeout=0.2), hang.address, asynchronous)
+
+
+@both
+def test_tcp_check_connects(server: TestServer, asynchronous: bool) -> None:
+    run_check(TcpCheck(), server.address, asynchronous)
+
+
+@both
+def test_tls_checks_use_the_logical_name(certs: TLSCerts, asynchronous: bool) -> None:
+    with TestServer(ssl_context=certs.server_context()) as tls:
+        trust = certs.client_context()
+        run_check(HttpCheck("/h", host="users.internal", tls=True, ssl_context=trust),
+                  tls.address, asynchronous)
+        (request,) = tls.requests
+        assert request.tls_server_name == "users.internal"
+        assert request.headers["host"] == "users.internal"
+        run_check(TcpCheck(tls=True, server_name="users.internal", ssl_context=trust),
+                  tls.address, asynchronous)
+        with pytest.raises(ssl.SSLCertVerificationError):
+            run_check(HttpCheck(host="orders.internal", tls=True, ssl_context=trust),
+                      tls.address, asynchronous)
+        with pytest.raises(ssl.SSLCertVerificationError):  # the system store does not know it
+            run_check(TcpCheck(tls=True, server_name="users.internal"), tls.address,
+                      asynchronous)
+
+
+@pytest.mark.parametrize(("make", "error", "fragment"), [
+    (lambda: HttpCheck("healthz"), ValueError, "path must start with '/'.*'healthz'"),
+    (lambda: HttpCheck("/a b"), ValueError, "'/a b'"),
+    (lambda: HttpCheck(host="a\r\nb"), ValueError, "host must be"),
+    (lambda: HttpCheck(method="GE T"), ValueError, "'GE T'"),
+    (lambda: HttpCheck(expect=700), ValueError, "expect must be HTTP statuses.*700"),
+    (lambda: HttpCheck(expect=True), ValueError, "True"),
+    (lambda: HttpCheck(validator=3), TypeError, "validator must be callable"),
+    (lambda: HttpCheck(headers={"x": "a\nb"}), ValueError, "bad header 'x'"),
+    (lambda: TcpCheck(interval=0), ValueError, "interval must be a finite number > 0, got 0"),
+    (lambda: TcpCheck(timeout="1"), TypeError, "timeout must be a number of seconds, got '1'"),
+    (lambda: TcpCheck(consecutive_failures=0), ValueError, "consecutive_failures must be >= 1"),
+    (lambda: TcpCheck(consecutive_successes=True), TypeError, "consecutive_successes"),
+    (lambda: TcpCheck(ssl_context=ssl.create_default_context()), ValueError, "tls=True"),
+    (lambda: TcpCheck(tls=1), TypeError, "tls must be a bool, got 1"),
+])
+def test_bad_check_settings_named(make: Callable[[], object], error: type[Exception],
+                                  fragment: str) -> None:
+    with pytest.raises(error, match=fragment):
+        make()
+
+
+# -- runners -----------------------------------------------------------------------------------
+
+
+class Recording(HttpCheck):
+    """An HttpCheck that notes every result, in order, per backend."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.results: dict[Backend, list[bool]] = {}
+        self._lock = threading.Lock()
+
+    def note(self, backend: Backend, ok: bool) -> None:
+        with self._lock:
+            self.results.setdefault(backend, []).append(ok)
+
+    def check(self, backend: Backend) -> None:
+        try:
+            super().check(backend)
+        except Exception:
+            self.note(backend, False)
+            raise
+        self.note(backend, True)
+
+    async def acheck(self, backend: Backend) -> None:
+        try:
+            await super().acheck(backend)
+        except Exception:
+            self.note(backend, False)
+            raise
+        self.note(backend, True)
+
+    def streak(self, backend: Backend) -> tuple[bool, int]:
+        """The last result of ``backend`` and how many times in a row it came."""
+        with self._lock:
+            results = list(self.results.get(backend, []))
+        last = results[-1]
+        count = 0
+        for ok in reversed(results):
+            if ok != last:
+                break
+            count += 1
+        return last, count
+
+    def total(self) -> int:
+        with self._lock:
+            return sum(map(len, self.results.values()))
+
+
+def watched(check: Recording, servers: list[TestServer]) -> tuple[LoadBalancer, list[Any]]:
+    events: list[tuple[str, bool, tuple[bool, int]]] = []
+    lb = LoadBalancer(
+        [s.address for s in servers],
+        health_check=check,
+        on_change=lambda b, healthy: events.append((b.address, healthy, check.streak(b))),
+    )
+    return lb, events
+
+
+def test_thread_runner_marks_a_stopped_backend_down_and_up_again() -> None:
+    with TestServer(name="a") as a, TestServer(name="b") as b:
+        check = Recording("/healthz", host="users", interval=FAST, consecutive_failures=2,
+                          consecutive_successes=3)
+        lb, events = watched(check, [a, b])
+        assert no_check_threads()
+        with lb:
+            assert [t.daemon for t in health_threads()] == [True]
+            eventually(lambda: len(events) == 2)
+            # The first verdicts fire too (Pingora's observer stays silent there).
+            assert sorted(events) == [(a.address, True, (True, 1)), (b.address, True, (True, 1))]
+            b.kill()
+            eventually(lambda: not lb.ready(b.address))
+            # Down exactly at the second failed check in a row: within interval x threshold.
+            assert events[2] == (b.address, False, (False, 2))
+            assert lb.snapshot().backends[[x.address for x in lb.backends].index(b.address)
+                                          ].checked is False
+            assert {lb.select() for _ in range(6)} == {Backend(a.address)}
+            b.restart()
+            eventually(lambda: lb.ready(b.address))
+            assert events[3] == (b.address, True, (True, 3))
+            assert len(events) == 4
+        assert no_check_threads()
+        done = check.total()
+        time.sleep(5 * FAST)
+        assert check.total() == done  # no check after close
+        checked = [r for r in a.requests if r.target == "/healthz"]
+        assert checked
+        assert {r.headers["host"] for r in checked} == {"users"}
+
+
+def test_task_runner_marks_a_stopped_backend_down_and_up_again() -> None:
+    asyncio.run(task_runner_down_and_up())
+
+
+async def task_runner_down_and_up() -> None:
+    with TestServer(name="a") as a, TestServer(name="b") as b:
+        check = Recording("/healthz", interval=FAST, consecutive_failures=2)
+        lb, events = watched(check, [a, b])
+        async with lb:
+            tasks = [t for t in asyncio.all_tasks() if t.get_name() == "lbclient-health"]
+            assert len(tasks) == 1
+            assert no_check_threads()  # a task, not a thread
+            await aeventually(lambda: len(events) == 2)
+            b.kill()
+            await aeventually(lambda: not lb.ready(b.address))
+            assert events[2] == (b.address, False, (False, 2))
+            b.restart()
+            await aeventually(lambda: lb.ready(b.address))
+            assert events[3] == (b.address, True, (True, 1))
+        assert tasks[0].done()
+        assert not [t for t in asyncio.all_tasks() if t.get_name() == "lbclient-health"]
+        done = check.total()
+        await asyncio.sleep(5 * FAST)
+        assert check.total() == done
+
+
+def test_checks_run_in_parallel() -> None:
+    # Eight backends that never answer, a 1 s timeout: one round ends in about one timeout,
+    # so every backend is down after the first round, long before eight timeouts in a row.
+    hangs = [TestServer("hang", hang_seconds=5).start() for _ in range(8)]
+    try:
+        check = Recording(timeout=1.0, interval=60)
+        lb, events = watched(check, hangs)
+        with lb:
+            eventually(lambda: len(events) == 8)
+            assert all(not healthy for _, healthy, _ in events)
+            assert check.total() == 8  # one round, all eight checked
+    finally:
+        for s in hangs:
+            s.close()
+
+
+def test_runner_starts_once_and_stops_with_the_last_user() -> None:
+    with TestServer() as s:
+        lb = LoadBalancer([s.address], health_check=TcpCheck(interval=FAST))
+        lb.start()
+        lb.start()
+        assert len(health_threads()) == 1
+        lb.close()
+        assert len(health_threads()) == 1
+        lb.close()
+        assert no_check_threads()
+        lb.close()  # one close too many is harmless
+        plain = LoadBalancer([s.address])
+        with plain:  # no check: nothing runs
+            assert no_check_threads()
+
+
+def test_sync_transport_starts_checks_with_its_first_request_and_stops_on_close() -> None:
+    with TestServer(name="a") as a, TestServer(name="b") as b:
+        lb = LoadBalancer([a.address, b.address], health_check=TcpCheck(interval=FAST))
+        client = httpx.Client(transport=LBTransport(lb), base_url="http://users")
+        assert no_check_threads()
+        assert client.get("/").status_code == 200
+        assert len(health_threads()) == 1
+        client.get("/")
+        assert len(health_threads()) == 1
+        client.close()
+        assert no_check_threads()
+        with httpx.Client(transport=LBTransport(lb)):  # entering is enough
+            assert len(health_threads()) == 1
+        assert no_check_threads()
+
+
+def test_shared_balancer_checks_stop_with_the_last_transport() -> None:
+    with TestServer() as s:
+        lb = LoadBalancer([s.address], health_check=TcpCheck(interval=FAST))
+        one, two = LBTransport(lb), LBTransport(lb)
+        with httpx.Client(transport=one), httpx.Client(transport=two) as second:
+            second.get("http://users/")
+            assert len(health_threads()) == 1
+        assert no_check_threads()
+
+
+def test_requests_adapter_starts_and_stops_checks() -> None:
+    with TestServer() as s:
+        lb = LoadBalancer([s.address], health_check=HttpCheck(interval=FAST))
+        session = requests.Session()
+        session.mount("http://users/", LBAdapter(lb))
+        assert session.get("http://users/").status_code == 200
+        assert len(health_threads()) == 1
+        session.close()
+        assert no_check_threads()
+
+
+@pytest.mark.anyio
+async def test_async_transport_starts_checks_and_leaves_nothing(anyio_backend: str) -> None:
+    with TestServer(name="a") as a, TestServer(name="b") as b:
+        check = Recording(interval=FAST)
+        lb = LoadBalancer([a.address, b.address], health_check=check)
+        client = httpx.AsyncClient(transport=AsyncLBTransport(lb), base_url="http://users")
+        assert (await client.get("/")).status_code == 200
+        if anyio_backend == "asyncio":
+            running = [t for t in asyncio.all_tasks() if t.get_name() == "lbclient-health"]
+            assert len(running) == 1
+        else:  # trio: the checks run on a thread
+            assert len(health_threads()) == 1
+        while check.total() < 4:
+            await anyio.sleep(0.01)
+        await client.aclose()
+        assert no_check_threads()
+        if anyio_backend == "asyncio":
+            assert not [t for t in asyncio.all_tasks() if t.get_name() == "lbclient-health"]
+        done = check.total()
+        time.sleep(5 * FAST)
+        assert check.total() == done
