@@ -36,7 +36,7 @@ ALGORITHMS = {
     "fnv": FNVHash,
     "consistent": Consistent,
 }
-COOLDOWN = 1.0  # seconds a failed backend sits out in the demo (10 s by default)
+COOLDOWN = 1.0  # seconds of a first ejection in the demo (30 s by default)
 
 
 def _table(title: str, lb: LoadBalancer, names: dict[str, str], counts: Counter[str | None]) -> str:
@@ -126,8 +126,8 @@ def demo(algorithm: str, backends: int, requests: int) -> int:
             print()
             print(
                 _table(
-                    f"3. {victim.name} restarted; after the {COOLDOWN:g} s cool-down it "
-                    "takes traffic again:",
+                    f"3. {victim.name} restarted; after its {COOLDOWN:g} s ejection one probe "
+                    "brings it back and it takes traffic again:",
                     lb,
                     names,
                     counts,

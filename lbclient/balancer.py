@@ -4,7 +4,8 @@ Everything a request reads lives in one view (sorted backends, built selector, h
 set-wide counts) that is replaced whole by :meth:`LoadBalancer.update`. Readers take the current
 view with a single attribute read and never lock; writers (updates, health reports, check
 results) serialise on a lock. Health cells hold an immutable :class:`HealthState` that a writer
-replaces in one assignment.
+replaces in one assignment. The one write a selection makes is taking the probe of an ejected
+backend whose time is up, under the lock; that happens once per ejection.
 """
 
 from __future__ import annotations
