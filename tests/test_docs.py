@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -51,9 +52,47 @@ def test_demo_runs(algorithm: str) -> None:
         capture_output=True, text=True, timeout=120, cwd=ROOT, check=False,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "no request lost" in done.stdout
-    assert "is now UNHEALTHY" in done.stdout
+    assert "summary: " in done.stdout
+    assert ", 0 failed, no request lost" in done.stdout
+    assert "backend-0 KILLED" in done.stdout
+    assert "backend-0 ejected for 1 s after 3 failures in a row" in done.stdout
+    assert "backend-0 restored: its probe request succeeded" in done.stdout
     assert "the others stay: True" in done.stdout
+    assert "\x1b[" not in done.stdout  # not a terminal: plain text
+
+
+def test_demo_shows_a_live_table_on_a_terminal() -> None:
+    pytest.importorskip("rich", reason="the live table needs rich (pip install 'lbclient[demo]')")
+    import pty
+    import select
+
+    main, child = pty.openpty()
+    env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": "120", "LINES": "40"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "lbclient", "demo", "--requests", "40"],
+        stdin=child, stdout=child, stderr=child, env=env, cwd=ROOT, close_fds=True,
+    )
+    os.close(child)
+    output = b""
+    try:
+        while select.select([main], [], [], 60)[0]:
+            try:
+                chunk = os.read(main, 65536)
+            except OSError:  # the child closed the terminal
+                break
+            if not chunk:
+                break
+            output += chunk
+    finally:
+        os.close(main)
+        if process.poll() is None:
+            process.kill()
+        process.wait(timeout=30)
+    text = output.decode("utf-8", "replace")
+    assert process.returncode == 0, text
+    assert "┏" in text  # a rich table, drawn live
+    assert "backend-0 ejected for 1 s" in text
+    assert ", 0 failed, no request lost" in text
 
 
 def test_demo_rejects_bad_arguments() -> None:
