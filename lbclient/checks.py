@@ -384,6 +384,9 @@ class _ThreadRunner:
         self._report = report
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="lbclient-health", daemon=True)
+        #: The runner's own threads: a stop from one of them (an on_change callback that
+        #: closes the balancer) must not wait for itself.
+        self._own: set[threading.Thread] = {self._thread}
         self._thread.start()
 
     def _loop(self) -> None:
@@ -399,10 +402,12 @@ class _ThreadRunner:
                 )
                 for _ in range(min(PARALLEL, len(pending)))
             ]
+            self._own.update(workers)
             for worker in workers:
                 worker.start()
             for worker in workers:
                 worker.join()
+            self._own.difference_update(workers)
             self._stopping.wait(self._check.interval)
 
     def _work(self, pending: list[Backend], lock: threading.Lock) -> None:
@@ -425,7 +430,7 @@ class _ThreadRunner:
 
     def stop(self) -> None:
         self._stopping.set()
-        if self._thread is not threading.current_thread():
+        if threading.current_thread() not in self._own:
             self._thread.join()
 
     async def astop(self) -> None:

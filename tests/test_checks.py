@@ -392,3 +392,20 @@ async def test_async_transport_starts_checks_and_leaves_nothing(anyio_backend: s
         done = check.total()
         time.sleep(5 * FAST)
         assert check.total() == done
+
+
+def test_closing_from_on_change_does_not_wait_for_itself() -> None:
+    with TestServer() as s:
+        closed = threading.Event()
+        box: list[LoadBalancer] = []
+
+        def on_change(backend: Backend, healthy: bool) -> None:
+            box[0].close()  # runs on a check thread: must not join itself
+            closed.set()
+
+        lb = LoadBalancer([s.address], health_check=TcpCheck(interval=FAST),
+                          on_change=on_change)
+        box.append(lb)
+        lb.start()
+        assert closed.wait(20)
+        eventually(no_check_threads)
