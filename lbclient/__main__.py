@@ -1,4 +1,8 @@
 """``python -m lbclient``: see the balancer work.
+``bench`` runs the selection and transport benchmarks side by side with their baselines and
+prints one table of medians, ratios and floors.
+``simulate`` shows how an algorithm spreads keys over weighted backends and how many keys move
+when one backend is removed or added, against the ideal.
 
 ``demo`` starts local backends on free loopback ports and sends real HTTP traffic through
 ``LBTransport``: the share of each backend, failover with no failed request when one is killed,
@@ -183,7 +187,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("--algorithm", choices=sorted(ALGORITHMS), default="roundrobin")
     run.add_argument("--backends", type=int, default=3)
     run.add_argument("--requests", type=int, default=300)
+    from lbclient import _simulate
+    from lbclient._bench import summary
+
+    summary.add_parser(commands)
+    _simulate.add_parser(commands)
     args = parser.parse_args(argv)
+    if args.command == "bench":
+        return summary.command(args)
+    if args.command == "simulate":
+        return _simulate.command(args)
     return demo(args.algorithm, args.backends, args.requests)
 
 
