@@ -191,7 +191,11 @@ def simulate(algorithm: str, backends: Sequence[Backend], keys: Sequence[bytes],
         removal = Movement("remove", gone, _moved(base, _owners(lb, keys)), counts.get(gone, 0),
                            gone.weight / total_weight, total)
     weight = max(1, round(statistics.mean(b.weight for b in layout)))
-    new = Backend(_address(len(layout)), weight=weight)
+    taken = {b.address for b in layout}
+    index = len(layout)
+    while _address(index) in taken:
+        index += 1
+    new = Backend(_address(index), weight=weight)
     lb.update([*layout, new])
     added = _owners(lb, keys)
     addition = Movement("add", new, _moved(base, added), sum(1 for b in added if b == new),

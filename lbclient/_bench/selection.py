@@ -49,6 +49,7 @@ __all__ = [
     "has_uhashring",
     "load_uhashring",
     "main",
+    "repetitions",
     "row_floor",
     "run",
 ]
@@ -414,6 +415,14 @@ def _build_rows(
     return rows
 
 
+def repetitions(quick: bool, reps: int | None = None) -> int:
+    """The repetitions of the per-call figures: ``reps``, or the mode's; at least 1."""
+    reps = reps if reps is not None else QUICK_REPS if quick else FULL_REPS
+    if reps < 1:
+        raise ValueError(f"reps must be at least 1, got {reps!r}")
+    return reps
+
+
 def has_uhashring() -> bool:
     """Whether uhashring, the baseline of the ring rows, can be imported."""
     try:
@@ -438,9 +447,7 @@ def run(
     MissingBaselineError. ``reps`` overrides the number of repetitions of the per-call figures.
     """
     uhashring = load_uhashring() if baseline else None
-    reps = reps if reps is not None else QUICK_REPS if quick else FULL_REPS
-    if reps < 1:
-        raise ValueError(f"reps must be at least 1, got {reps!r}")
+    reps = repetitions(quick, reps)
     build_runs = QUICK_BUILD_RUNS if quick else FULL_BUILD_RUNS
     baseline_runs = QUICK_BASELINE_BUILD_RUNS if quick else FULL_BASELINE_BUILD_RUNS
     bkeys = [b"user-%d" % i for i in range(NUM_KEYS)]

@@ -26,7 +26,15 @@ from dataclasses import dataclass
 
 from lbclient._bench import selection, transport
 
-__all__ = ["HEAD", "SummaryRow", "add_parser", "command", "format_summary", "run_summary"]
+__all__ = [
+    "HEAD",
+    "SummaryRow",
+    "add_parser",
+    "command",
+    "command_line",
+    "format_summary",
+    "run_summary",
+]
 
 #: The selection rows shown: these algorithms at these sizes (bytes keys).
 SELECT_ALGORITHMS = ("RoundRobin", "Random", "Hash", "FNVHash", "Consistent")
@@ -162,18 +170,17 @@ def format_summary(rows: Sequence[SummaryRow]) -> str:
     return "\n".join([line(HEAD), rule, *(line(row.cells()) for row in rows), rule])
 
 
+def _version(dist: str) -> str:
+    try:
+        return f"{dist} {importlib.metadata.version(dist)}"
+    except importlib.metadata.PackageNotFoundError:
+        return f"{dist} (version unknown)"
+
+
 def _versions() -> str:
-    """The versions that matter; uhashring's only where it can be imported."""
-    parts = []
-    for dist in ("lbclient", "httpx", "requests", "uhashring"):
-        try:
-            if dist == "uhashring" and not selection.has_uhashring():
-                raise importlib.metadata.PackageNotFoundError(dist)
-            parts.append(f"{dist} {importlib.metadata.version(dist)}")
-        except importlib.metadata.PackageNotFoundError:
-            parts.append(selection.MISSING_UHASHRING if dist == "uhashring" else
-                         f"{dist} not installed")
-    return ", ".join(parts)
+    """The versions that matter; for uhashring, whether it can be imported at all."""
+    uhashring = _version("uhashring") if selection.has_uhashring() else selection.MISSING_UHASHRING
+    return ", ".join([*map(_version, ("lbclient", "httpx", "requests")), uhashring])
 
 
 def _cpus() -> str:
@@ -200,12 +207,8 @@ def command_line(args: argparse.Namespace) -> str:
 def command(args: argparse.Namespace) -> int:
     """Run ``python -m lbclient bench``; 0, or 1 when a full run missed a floor."""
     quick = bool(args.quick)
-    reps = args.reps if args.reps is not None else (
-        selection.QUICK_REPS if quick else selection.FULL_REPS)
-    rounds = args.rounds if args.rounds is not None else (
-        transport.QUICK_ROUNDS if quick else transport.FULL_ROUNDS)
-    count = args.requests if args.requests is not None else (
-        transport.QUICK_COUNT if quick else transport.FULL_COUNT)
+    reps = selection.repetitions(quick, args.reps)
+    count, rounds = transport.settings(quick, args.requests, args.rounds)
     print(f"lbclient bench ({'quick' if quick else 'full'} run): {command_line(args)}")
     print(f"Python {platform.python_version()} ({platform.python_implementation()}) on "
           f"{platform.platform()}; {_cpus()}")

@@ -43,7 +43,7 @@ import requests
 from lbclient import AsyncLBTransport, LBAdapter, LBTransport
 from lbclient._bench import server
 
-__all__ = ["FLOOR", "TransportRow", "format_table", "main", "run", "start_servers"]
+__all__ = ["FLOOR", "TransportRow", "format_table", "main", "run", "settings", "start_servers"]
 
 #: The server script, run by path: it imports only the standard library, so it starts fast and
 #: does not depend on which ``lbclient`` the current directory would shadow.
@@ -201,15 +201,21 @@ def bench_async(addresses: list[str], count: int, rounds: int) -> tuple[float, f
     return asyncio.run(_bench_async(addresses, count, rounds))
 
 
+def settings(quick: bool, count: int | None = None, rounds: int | None = None) -> tuple[int, int]:
+    """(requests per round and side, rounds): the given ones, or the mode's."""
+    count = count if count is not None else QUICK_COUNT if quick else FULL_COUNT
+    rounds = rounds if rounds is not None else QUICK_ROUNDS if quick else FULL_ROUNDS
+    if count < 4 or rounds < 1:
+        raise ValueError(f"need count >= 4 and rounds >= 1, got count={count}, rounds={rounds}")
+    return count, rounds
+
+
 def run(
     quick: bool = False, *, count: int | None = None, rounds: int | None = None
 ) -> list[TransportRow]:
     """Every case, in this order: sync, async and requests with 3 backends, then sync and async
     with 1 backend. ``count`` (requests per round and side) and ``rounds`` override the mode's."""
-    count = count if count is not None else QUICK_COUNT if quick else FULL_COUNT
-    rounds = rounds if rounds is not None else QUICK_ROUNDS if quick else FULL_ROUNDS
-    if count < 4 or rounds < 1:
-        raise ValueError(f"need count >= 4 and rounds >= 1, got count={count}, rounds={rounds}")
+    count, rounds = settings(quick, count, rounds)
     with ExitStack() as stack:
         addresses = start_servers(stack, 3)
         rows = [
