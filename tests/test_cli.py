@@ -298,17 +298,17 @@ def test_simulate_plot_without_matplotlib_names_the_extra(tmp_path: Path) -> Non
 @pytest.mark.parametrize(
     ("args", "named"),
     [
-        (["--algorithm", "ketama"], "'ketama'"),
-        (["--backends", "0"], "got 0"),
-        (["--backends", "ten"], "'ten'"),
-        (["--keys", "0"], "got 0"),
-        (["--keys", "-5"], "got -5"),
-        (["--weights", "1,2,3"], "'1,2,3'"),
-        (["--backends", "3", "--weights", "1,0,2"], "got 0"),
-        (["--backends", "3", "--weights", "1,x,2"], "'x'"),
-        (["--backends", "3", "--weights", "1,70000,2"], "70000"),
-        (["--backends", "2", "--weights", "1,2.5"], "'2.5'"),
-        (["--plot", "ring.svg"], "'ring.svg'"),
+        pytest.param(["--algorithm", "ketama"], "'ketama'", id="unknown-algorithm"),
+        pytest.param(["--backends", "0"], "got 0", id="no-backends"),
+        pytest.param(["--backends", "ten"], "'ten'", id="backends-not-a-number"),
+        pytest.param(["--keys", "0"], "got 0", id="no-keys"),
+        pytest.param(["--keys", "-5"], "got -5", id="negative-keys"),
+        pytest.param(["--weights", "1,2,3"], "'1,2,3'", id="weights-for-3-of-10"),
+        pytest.param(["--backends", "3", "--weights", "1,0,2"], "got 0", id="weight-0"),
+        pytest.param(["--backends", "3", "--weights", "1,x,2"], "'x'", id="weight-not-a-number"),
+        pytest.param(["--backends", "3", "--weights", "1,70000,2"], "70000", id="weight-too-big"),
+        pytest.param(["--backends", "2", "--weights", "1,2.5"], "'2.5'", id="weight-not-whole"),
+        pytest.param(["--plot", "ring.svg"], "'ring.svg'", id="plot-not-png"),
     ],
 )
 def test_simulate_rejects_bad_input_naming_the_value(args: list[str], named: str) -> None:
