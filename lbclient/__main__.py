@@ -183,15 +183,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("demo", help="real traffic, failover and sticky sessions")
-    run.add_argument("--algorithm", choices=sorted(ALGORITHMS), default="roundrobin")
-    run.add_argument("--backends", type=int, default=3)
-    run.add_argument("--requests", type=int, default=300)
     from lbclient import _simulate
     from lbclient._bench import summary
 
     summary.add_parser(commands)
     _simulate.add_parser(commands)
+    run = commands.add_parser("demo", help="real traffic, failover and sticky sessions")
+    run.add_argument("--algorithm", choices=sorted(ALGORITHMS), default="roundrobin")
+    run.add_argument("--backends", type=int, default=3)
+    run.add_argument("--requests", type=int, default=300)
     args = parser.parse_args(argv)
     if args.command == "bench":
         return summary.command(args)
