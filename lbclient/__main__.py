@@ -1,9 +1,13 @@
-"""``python -m lbclient``: see the balancer work.
+"""``python -m lbclient``: see the balancer work, measure it, and simulate key spread.
 
 ``demo`` starts local backends on free loopback ports and sends real HTTP traffic through
 ``LBTransport``: the share of each backend, failover with no failed request when one is killed,
-its recovery after a restart, and sticky sessions with ``Consistent``, showing how few users
-move when a backend leaves.
+its ejection and its return through one probe, and sticky sessions with ``Consistent``, showing
+how few users move when a backend leaves.
+``bench`` runs the selection and transport benchmarks side by side with their baselines and
+prints one table of medians, ratios and floors.
+``simulate`` shows how an algorithm spreads keys over weighted backends and how many keys move
+when one backend is removed or added, against the ideal.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from lbclient import _simulate
+from lbclient._bench import summary
 from lbclient._demo import ALGORITHMS, demo
 
 
@@ -28,7 +34,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("--backends", type=int, default=3)
     run.add_argument("--requests", type=int, default=300)
     run.add_argument("--plain", action="store_true", help="plain text, even on a terminal")
+    summary.add_parser(commands)
+    _simulate.add_parser(commands)
     args = parser.parse_args(argv)
+    if args.command == "bench":
+        return summary.command(args)
+    if args.command == "simulate":
+        return _simulate.command(args)
     return demo(args.algorithm, args.backends, args.requests, args.plain)
 
 

@@ -1,0 +1,254 @@
+"""Transport benchmark: requests per second through ``LBTransport`` / ``AsyncLBTransport`` /
+``LBAdapter`` against plain ``httpx.Client`` / ``httpx.AsyncClient`` / ``requests.Session`` to
+the same loopback servers.
+
+Run it from a repository checkout::
+
+    python bench/bench_transport.py           # full run
+    python bench/bench_transport.py --quick   # a short run
+
+or, from an installed package, ``python -m lbclient bench`` (a summary, side by side with the
+selection benchmark).
+
+Method: three backend servers run in their own processes (``lbclient/_bench/server.py``, which
+needs nothing but the standard library), so the client process measured here holds only the
+client. The plain client sends to the same servers in
+turn (absolute URLs), the lbclient client to ``http://users`` and lets RoundRobin spread it: the
+servers do the same work, only the client differs. The 1-backend rows isolate the transport's
+own cost. Requests alternate one by one between the
+two clients (each timed on its own), so the machine's slow and fast phases hit both sides alike.
+Requests per second are the median rounds; the ratio is the median of the per-round ratios
+(plain time / lbclient time). A measurement, not a test: it prints ratios and
+never fails on time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack
+from pathlib import Path
+from typing import NamedTuple
+
+import httpx
+import requests
+
+from lbclient import AsyncLBTransport, LBAdapter, LBTransport
+from lbclient._bench import server
+
+__all__ = ["FLOOR", "TransportRow", "format_table", "main", "run", "settings", "start_servers"]
+
+#: The server script, run by path: it imports only the standard library, so it starts fast and
+#: does not depend on which ``lbclient`` the current directory would shadow.
+SERVER = Path(server.__file__)
+#: The floor for every row: lbclient's requests per second at least 95% of the plain client's.
+FLOOR = 0.95
+FULL_COUNT, FULL_ROUNDS = 200, 40
+QUICK_COUNT, QUICK_ROUNDS = 100, 6
+
+
+class TransportRow(NamedTuple):
+    """One case: median seconds per request of each side and the median per-round ratio."""
+
+    case: str
+    lbclient: float  # seconds per request through lbclient
+    plain: float  # seconds per request through the plain client
+    ratio: float  # plain time / lbclient time: above 1 means lbclient is faster
+
+
+def start_servers(stack: ExitStack, count: int) -> list[str]:
+    """Start ``count`` loopback servers in their own processes; return their addresses.
+
+    Each one is stopped when ``stack`` closes (and exits by itself if this process dies).
+    """
+    addresses = []
+    for _ in range(count):
+        proc = subprocess.Popen(
+            [sys.executable, str(SERVER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        stack.callback(_stop, proc)
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if not line.strip().isdigit():
+            raise RuntimeError(f"the loopback server {SERVER} did not print its port: {line!r}")
+        addresses.append(f"127.0.0.1:{int(line)}")
+    return addresses
+
+
+def _stop(proc: subprocess.Popen[str]) -> None:
+    if proc.stdin is not None:
+        proc.stdin.close()
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _summary(ours: list[float], theirs: list[float]) -> tuple[float, float, float]:
+    """Median seconds per request of each side, and the median of the per-round ratios
+    (plain time / lbclient time: above 1 means lbclient is faster)."""
+    ratios = [t / o for o, t in zip(ours, theirs, strict=True)]
+    return statistics.median(ours), statistics.median(theirs), statistics.median(ratios)
+
+
+def _paired(
+    ours: Callable[[], object], theirs: Callable[[], object], count: int
+) -> tuple[float, float]:
+    """Seconds per request of each side, the two sides alternating request by request."""
+    clock = time.perf_counter
+    a = b = 0.0
+    for _ in range(count):
+        t0 = clock()
+        ours()
+        t1 = clock()
+        theirs()
+        t2 = clock()
+        a += t1 - t0
+        b += t2 - t1
+    return a / count, b / count
+
+
+def _per_request(send: Callable[[], object], count: int) -> float:
+    start = time.perf_counter()
+    for _ in range(count):
+        send()
+    return (time.perf_counter() - start) / count
+
+
+def _measure(
+    get_lb: Callable[[], object], get_plain: Callable[[], object], count: int, rounds: int
+) -> tuple[float, float, float]:
+    """Warm both clients up, then time ``rounds`` paired rounds of ``count`` requests."""
+    _per_request(get_lb, count // 4)
+    _per_request(get_plain, count // 4)
+    ours, theirs = [], []
+    for _ in range(rounds):
+        mine, plain_time = _paired(get_lb, get_plain, count)
+        ours.append(mine)
+        theirs.append(plain_time)
+    return _summary(ours, theirs)
+
+
+def bench_sync(addresses: list[str], count: int, rounds: int) -> tuple[float, float, float]:
+    """``httpx.Client`` with ``LBTransport`` against a plain ``httpx.Client``."""
+    urls = itertools.cycle([f"http://{a}/item" for a in addresses])
+    with httpx.Client(transport=LBTransport(addresses)) as lb, httpx.Client() as plain:
+        get_lb = lambda: lb.get("http://users/item")  # noqa: E731
+        get_plain = lambda: plain.get(next(urls))  # noqa: E731
+        return _measure(get_lb, get_plain, count, rounds)
+
+
+def bench_requests(addresses: list[str], count: int, rounds: int) -> tuple[float, float, float]:
+    """``requests.Session`` with ``LBAdapter`` against a plain ``requests.Session``."""
+    urls = itertools.cycle([f"http://{a}/item" for a in addresses])
+    with requests.Session() as lb, requests.Session() as plain:
+        lb.mount("http://users/", LBAdapter(addresses))
+        get_lb = lambda: lb.get("http://users/item")  # noqa: E731
+        get_plain = lambda: plain.get(next(urls))  # noqa: E731
+        return _measure(get_lb, get_plain, count, rounds)
+
+
+async def _per_request_async(client: httpx.AsyncClient, urls: Iterator[str], count: int) -> float:
+    start = time.perf_counter()
+    for _ in range(count):
+        await client.get(next(urls))
+    return (time.perf_counter() - start) / count
+
+
+async def _paired_async(
+    lb: httpx.AsyncClient, plain: httpx.AsyncClient, urls: Iterator[str], count: int
+) -> tuple[float, float]:
+    clock = time.perf_counter
+    a = b = 0.0
+    for _ in range(count):
+        t0 = clock()
+        await lb.get("http://users/item")
+        t1 = clock()
+        await plain.get(next(urls))
+        t2 = clock()
+        a += t1 - t0
+        b += t2 - t1
+    return a / count, b / count
+
+
+async def _bench_async(addresses: list[str], count: int, rounds: int) -> tuple[float, float, float]:
+    logical = itertools.repeat("http://users/item")
+    urls = itertools.cycle([f"http://{a}/item" for a in addresses])
+    async with (
+        httpx.AsyncClient(transport=AsyncLBTransport(addresses)) as lb,
+        httpx.AsyncClient() as plain,
+    ):
+        await _per_request_async(lb, logical, count // 4)
+        await _per_request_async(plain, urls, count // 4)
+        ours, theirs = [], []
+        for _ in range(rounds):
+            mine, plain_time = await _paired_async(lb, plain, urls, count)
+            ours.append(mine)
+            theirs.append(plain_time)
+    return _summary(ours, theirs)
+
+
+def bench_async(addresses: list[str], count: int, rounds: int) -> tuple[float, float, float]:
+    """``httpx.AsyncClient`` with ``AsyncLBTransport`` against a plain ``httpx.AsyncClient``."""
+    return asyncio.run(_bench_async(addresses, count, rounds))
+
+
+def settings(quick: bool, count: int | None = None, rounds: int | None = None) -> tuple[int, int]:
+    """(requests per round and side, rounds): the given ones, or the mode's."""
+    count = count if count is not None else QUICK_COUNT if quick else FULL_COUNT
+    rounds = rounds if rounds is not None else QUICK_ROUNDS if quick else FULL_ROUNDS
+    if count < 4 or rounds < 1:
+        raise ValueError(f"need count >= 4 and rounds >= 1, got count={count}, rounds={rounds}")
+    return count, rounds
+
+
+def run(
+    quick: bool = False, *, count: int | None = None, rounds: int | None = None
+) -> list[TransportRow]:
+    """Every case, in this order: sync, async and requests with 3 backends, then sync and async
+    with 1 backend. ``count`` (requests per round and side) and ``rounds`` override the mode's."""
+    count, rounds = settings(quick, count, rounds)
+    with ExitStack() as stack:
+        addresses = start_servers(stack, 3)
+        rows = [
+            TransportRow("sync, 3 backends", *bench_sync(addresses, count, rounds)),
+            TransportRow("async, 3 backends", *bench_async(addresses, count, rounds)),
+            TransportRow("requests, 3 backends", *bench_requests(addresses, count, rounds)),
+            TransportRow("sync, 1 backend", *bench_sync(addresses[:1], count, rounds)),
+            TransportRow("async, 1 backend", *bench_async(addresses[:1], count, rounds)),
+        ]
+    return rows
+
+
+def format_table(rows: Sequence[TransportRow]) -> str:
+    """The rows as requests per second, with the ratio and the floor."""
+    lines = [f"{'case':<20} {'lbclient req/s':>15} {'plain req/s':>12} {'ratio':>7}  floor"]
+    for case, ours, theirs, ratio in rows:
+        verdict = "MET" if ratio >= FLOOR else "NOT MET"
+        lines.append(
+            f"{case:<20} {1 / ours:>15,.0f} {1 / theirs:>12,.0f} {ratio:>7.3f}  "
+            f">= {FLOOR} {verdict}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Print the table; 0 whether or not the floor is met (a measurement, not a test)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--quick", action="store_true", help="a short run")
+    args = parser.parse_args(argv)
+    print(f"Python {platform.python_version()} on {platform.platform()}, httpx {httpx.__version__}")
+    print(format_table(run(quick=args.quick)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,417 @@
+"""``python -m lbclient simulate``: how an algorithm spreads keys, and how many keys move.
+
+Keys go through the real code path, ``LoadBalancer(...).select(key)``, over backends
+``10.0.0.1:8080``, ``10.0.0.2:8080``... with the given weights. Printed:
+
+* each backend's share of the keys against its weighted fair share (weight / total weight), and
+  the max/mean load ratio: for each backend, its keys over the keys its weight entitles it to;
+  the largest of these (the mean, weighted, is 1);
+* the share of keys whose backend changes when one backend is removed (the last one) and when
+  one is added (a new last one, with the mean weight), after ``LoadBalancer.update``, beside the
+  ideal minimum: the keys that must move, i.e. those of the removed backend, and those the new
+  backend takes. For RoundRobin and Random a key's backend is not a function of the key, so no
+  such figure is printed for them, only why.
+
+Keys are byte strings ``b"key-<n>"`` with ``n`` drawn from ``random.Random(seed)`` (distinct);
+the routing hashes are lbclient's own (never Python's ``hash()``), so a run is the same on every
+machine. ``--plot FILE.png`` draws both with matplotlib (``pip install 'lbclient[plot]'``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+from lbclient.backend import MAX_WEIGHT, Backend
+from lbclient.balancer import LoadBalancer
+from lbclient.selection import Consistent, FNVHash, Hash, Random, RoundRobin
+from lbclient.selection.base import AlgorithmLike
+
+__all__ = [
+    "ALGORITHMS",
+    "KEYED",
+    "Movement",
+    "Share",
+    "Simulation",
+    "add_parser",
+    "backends_for",
+    "command",
+    "format_report",
+    "make_keys",
+    "plot",
+    "simulate",
+]
+
+#: The algorithms by their command-line name.
+ALGORITHMS: dict[str, Callable[[int], AlgorithmLike]] = {
+    "roundrobin": lambda _seed: RoundRobin,
+    "random": lambda seed: Random(seed),
+    "hash": lambda _seed: Hash,
+    "fnv": lambda _seed: FNVHash,
+    "consistent": lambda _seed: Consistent,
+}
+#: The algorithms whose choice is a function of the key (the others ignore it).
+KEYED = frozenset({"hash", "fnv", "consistent"})
+#: Why "the keys that move" means nothing for the others.
+UNKEYED_REASON = {
+    "roundrobin": "roundrobin does not map keys to backends: each select takes the next backend "
+    "in turn, whatever the key",
+    "random": "random does not map keys to backends: each select picks a backend at random, "
+    "whatever the key",
+}
+
+MAX_BACKENDS = 10_000
+MAX_KEYS = 10_000_000
+KEY_SPACE = 10**12  # keys are b"key-<n>" with n in 0..KEY_SPACE-1
+PLOT_EXTRA = "pip install 'lbclient[plot]'"
+
+
+@dataclass(frozen=True)
+class Share:
+    """One backend's keys in a layout, against its weighted fair share."""
+
+    backend: Backend
+    keys: int
+    share: float  # keys / all keys
+    fair: float  # weight / total weight
+
+    @property
+    def load(self) -> float:
+        """Keys received over keys its weight entitles it to (1.0 is exactly fair)."""
+        return self.share / self.fair
+
+
+@dataclass(frozen=True)
+class Movement:
+    """What happens to the keys when ``backend`` is removed or added."""
+
+    change: str  # "remove" or "add"
+    backend: Backend
+    moved: int  # keys whose backend changed
+    ideal: int  # keys that had to move: the removed backend's keys, or the new backend's
+    fair: float  # the backend's weighted fair share (in the layout that has it)
+    total: int  # all keys
+
+    @property
+    def moved_share(self) -> float:
+        """The share of all keys that moved."""
+        return self.moved / self.total
+
+    @property
+    def ideal_share(self) -> float:
+        """The share of all keys that had to move at least."""
+        return self.ideal / self.total
+
+
+@dataclass(frozen=True)
+class Simulation:
+    """The result of :func:`simulate`."""
+
+    algorithm: str
+    keys: int
+    seed: int
+    shares: tuple[Share, ...]
+    #: None when the algorithm does not map keys to backends, or (removal) with one backend.
+    removal: Movement | None
+    addition: Movement | None
+
+    @property
+    def max_load(self) -> Share:
+        """The backend with the largest load ratio (ties: the first in sorted order)."""
+        return max(self.shares, key=lambda s: s.load)
+
+    @property
+    def min_load(self) -> Share:
+        """The backend with the smallest load ratio (ties: the first in sorted order)."""
+        return min(self.shares, key=lambda s: s.load)
+
+
+def _address(i: int) -> str:
+    """The address of backend ``i`` (0-based): 10.0.0.1:8080, 10.0.0.2:8080, ..."""
+    n = i + 1
+    return f"10.{(n >> 16) & 255}.{(n >> 8) & 255}.{n & 255}:8080"
+
+
+def backends_for(weights: Sequence[int]) -> list[Backend]:
+    """One backend per weight, in address order; ``Backend`` validates each weight."""
+    return [Backend(_address(i), weight=w) for i, w in enumerate(weights)]
+
+
+def make_keys(count: int, seed: int) -> list[bytes]:
+    """``count`` distinct keys ``b"key-<n>"``, ``n`` drawn by ``random.Random(seed)``."""
+    numbers = random.Random(seed).sample(range(KEY_SPACE), count)
+    return [b"key-%d" % n for n in numbers]
+
+
+def _owners(lb: LoadBalancer, keys: Sequence[bytes]) -> list[Backend | None]:
+    return list(map(lb.select, keys))
+
+
+def _moved(before: Sequence[Backend | None], after: Sequence[Backend | None]) -> int:
+    return sum(1 for a, b in zip(before, after, strict=True) if a != b)
+
+
+def simulate(algorithm: str, backends: Sequence[Backend], keys: Sequence[bytes],
+             seed: int = 0) -> Simulation:
+    """Route ``keys`` through ``LoadBalancer(backends, algorithm).select`` and measure.
+
+    The removed backend is the last in sorted order; the added one comes after it, with the
+    mean weight (rounded). ``seed`` also seeds the ``random`` algorithm.
+    """
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {algorithm!r}; expected one of {sorted(ALGORITHMS)}")
+    if not backends:
+        raise ValueError("simulate needs at least one backend")
+    if not keys:
+        raise ValueError("simulate needs at least one key")
+    lb = LoadBalancer(backends, ALGORITHMS[algorithm](seed))
+    layout = lb.backends
+    base = _owners(lb, keys)
+    counts = Counter(base)
+    total_weight = sum(b.weight for b in layout)
+    total = len(keys)
+    shares = tuple(
+        Share(b, counts.get(b, 0), counts.get(b, 0) / total, b.weight / total_weight)
+        for b in layout
+    )
+    if algorithm not in KEYED:
+        return Simulation(algorithm, total, seed, shares, None, None)
+
+    removal = None
+    if len(layout) > 1:
+        gone = layout[-1]
+        lb.update(layout[:-1])
+        removal = Movement("remove", gone, _moved(base, _owners(lb, keys)), counts.get(gone, 0),
+                           gone.weight / total_weight, total)
+    weight = max(1, round(statistics.mean(b.weight for b in layout)))
+    taken = {b.address for b in layout}
+    index = len(layout)
+    while _address(index) in taken:
+        index += 1
+    new = Backend(_address(index), weight=weight)
+    lb.update([*layout, new])
+    added = _owners(lb, keys)
+    addition = Movement("add", new, _moved(base, added), sum(1 for b in added if b == new),
+                        weight / (total_weight + weight), total)
+    return Simulation(algorithm, total, seed, shares, removal, addition)
+
+
+def _bar(share: float, scale: float) -> str:
+    return "#" * round(40 * share / scale) if scale > 0 else ""
+
+
+def format_report(result: Simulation) -> str:
+    """The distribution and the movement, as plain text."""
+    shares = result.shares
+    lines = [
+        f"lbclient simulate: algorithm={result.algorithm}, {len(shares):,} backends, "
+        f"{result.keys:,} keys (b'key-<n>', n drawn by random.Random({result.seed})), "
+        "routed by LoadBalancer.select",
+        "",
+        "Distribution: each backend's share of the keys against its weighted fair share",
+    ]
+    width = max(len(s.backend.address) for s in shares)
+    lines.append(f"  {'backend':<{width}}  {'weight':>6}  {'keys':>11}  {'share':>8}  "
+                 f"{'fair':>8}  {'load':>5}")
+    scale = max(s.share for s in shares)
+    for s in shares:
+        lines.append(
+            f"  {s.backend.address:<{width}}  {s.backend.weight:>6}  {s.keys:>11,}  "
+            f"{100 * s.share:>7.2f}%  {100 * s.fair:>7.2f}%  {s.load:>5.3f}  {_bar(s.share, scale)}"
+        )
+    high, low = result.max_load, result.min_load
+    lines.append(
+        f"  max/mean load ratio: {high.load:.3f} ({high.backend.address}: "
+        f"{high.load - 1:.1%} above its fair share); lowest {low.load:.3f} "
+        f"({low.backend.address})"
+    )
+    lines += ["", "Keys that move when the backend set changes (ideal: only the keys that must)"]
+    if result.algorithm not in KEYED:
+        lines.append(f"  n/a: {UNKEYED_REASON[result.algorithm]}; which keys move is not defined.")
+        return "\n".join(lines)
+    if result.removal is None:
+        lines.append("  remove: n/a: removing the only backend leaves no backend to move to")
+    for move in (result.removal, result.addition):
+        if move is None:
+            continue
+        what = "its keys" if move.change == "remove" else "the keys it takes"
+        lines.append(
+            f"  {move.change} {move.backend.address} (weight {move.backend.weight}): "
+            f"{100 * move.moved_share:.2f}% of keys move ({move.moved:,}); "
+            f"ideal minimum {100 * move.ideal_share:.2f}% ({move.ideal:,}, {what}); "
+            f"its fair share {100 * move.fair:.2f}%; "
+            f"{move.moved / move.ideal if move.ideal else float('inf'):.2f}x the ideal"
+        )
+    return "\n".join(lines)
+
+
+def load_matplotlib() -> ModuleType:
+    """Import matplotlib with the Agg backend (no display); ImportError if it is missing."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    return matplotlib
+
+
+def plot(result: Simulation, path: Path) -> None:
+    """Draw the distribution and the movement into the PNG file ``path``."""
+    load_matplotlib()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(12, 4.8), layout="constrained")
+    FigureCanvasAgg(figure)
+    left, right = figure.subplots(1, 2, width_ratios=(2, 1))
+    shares = result.shares
+    xs = list(range(len(shares)))
+    left.bar(xs, [100 * s.share for s in shares], color="tab:blue", label="share of keys")
+    left.hlines([100 * s.fair for s in shares], [x - 0.4 for x in xs], [x + 0.4 for x in xs],
+                colors="black", linewidth=2, label="weighted fair share")
+    left.set_ylabel("% of keys")
+    left.set_title(f"{result.algorithm}: {result.keys:,} keys over {len(shares):,} backends "
+                   f"(max/mean load {result.max_load.load:.3f})")
+    if len(shares) <= 30:
+        left.set_xticks(xs, [f"{s.backend.address}\nw={s.backend.weight}" for s in shares],
+                        rotation=0 if len(shares) <= 6 else 60, fontsize=7)
+    else:
+        left.set_xlabel("backends, in sorted order")
+    top = max(max(s.share for s in shares), max(s.fair for s in shares))
+    left.set_ylim(0, 100 * top * 1.25)  # room for the legend above the bars
+    left.legend(loc="upper center", ncols=2)
+
+    moves = [m for m in (result.removal, result.addition) if m is not None]
+    right.set_title("keys that move")
+    if result.algorithm not in KEYED:
+        reason = UNKEYED_REASON[result.algorithm].replace(": ", ":\n")
+        right.text(0.5, 0.5, f"n/a:\n{reason}", ha="center", va="center", wrap=True,
+                   fontsize=9, transform=right.transAxes)
+        right.set_axis_off()
+    else:
+        positions = list(range(len(moves)))
+        moved = right.bar([p - 0.2 for p in positions], [100 * m.moved_share for m in moves],
+                          width=0.4, color="tab:orange", label="moved")
+        ideal = right.bar([p + 0.2 for p in positions], [100 * m.ideal_share for m in moves],
+                          width=0.4, color="tab:green", label="ideal minimum")
+        right.bar_label(moved, fmt="%.1f%%", fontsize=8)
+        right.bar_label(ideal, fmt="%.1f%%", fontsize=8)
+        right.set_xticks(positions, [f"{m.change}\n{m.backend.address}" for m in moves],
+                         fontsize=8)
+        right.set_ylabel("% of keys")
+        right.set_ylim(0, 100)
+        right.legend()
+    figure.savefig(path, format="png", dpi=100)
+
+
+# -- command line --------------------------------------------------------------------------------
+
+
+def _count(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: a whole number in low..high, the error naming the bad value."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be from {low:,} to {high:,}, got {value}")
+        return value
+
+    return parse
+
+
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+
+
+def parse_weights(text: str, backends: int) -> list[Backend]:
+    """The backends for ``--weights W1,W2,...``; ValueError naming the bad value.
+
+    Each weight is checked by ``Backend`` itself, as any weight given to lbclient is.
+    """
+    items = text.split(",")
+    if len(items) != backends:
+        raise ValueError(
+            f"{len(items)} weight{'s' if len(items) != 1 else ''} given ({text!r}) for "
+            f"--backends {backends}; give exactly {backends}, one per backend"
+        )
+    weights: list[int] = []
+    for position, item in enumerate(items, 1):
+        try:
+            weights.append(int(item))
+        except ValueError:
+            raise ValueError(
+                f"weight {position} of {text!r}, {item!r}, is not a whole number"
+            ) from None
+    result = []
+    for position, weight in enumerate(weights, 1):
+        try:
+            result.append(Backend(_address(position - 1), weight=weight))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"weight {position} of {text!r}, {weight!r}: {exc}") from None
+    return result
+
+
+def command(args: argparse.Namespace) -> int:
+    """Run ``python -m lbclient simulate``; 0, or 2 (after an error message) for bad input."""
+    parser: argparse.ArgumentParser = args.simulate_parser
+    if args.weights is None:
+        backends = backends_for([1] * args.backends)
+    else:
+        try:
+            backends = parse_weights(args.weights, args.backends)
+        except ValueError as exc:
+            parser.error(f"argument --weights: {exc}")
+    path: Path | None = None
+    if args.plot is not None:
+        path = Path(args.plot)
+        if path.suffix.lower() != ".png":
+            parser.error(f"argument --plot: {args.plot!r} must be a .png file")
+        if not path.parent.is_dir():
+            parser.error(f"argument --plot: the folder of {args.plot!r} does not exist")
+        try:
+            load_matplotlib()
+        except ImportError:
+            parser.error(f"--plot needs matplotlib, which is not installed: {PLOT_EXTRA}")
+    start = time.perf_counter()
+    result = simulate(args.algorithm, backends, make_keys(args.keys, args.seed), args.seed)
+    print(format_report(result))
+    if path is not None:
+        plot(result, path)
+        print(f"\nplot written to {path}")
+    print(f"\ntook {time.perf_counter() - start:.2f} s")
+    return 0
+
+
+def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register the ``simulate`` subcommand on ``python -m lbclient``'s subparsers."""
+    sub = commands.add_parser(
+        "simulate",
+        help="key distribution per backend, and keys moved when a backend leaves or joins",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub.add_argument("--algorithm", choices=list(ALGORITHMS), default="consistent",
+                     help="the selection algorithm (default: consistent)")
+    sub.add_argument("--backends", type=_count(1, MAX_BACKENDS), default=10,
+                     help="number of backends (default: 10)")
+    sub.add_argument("--weights", metavar="W1,W2,...",
+                     help=f"one weight per backend, 1..{MAX_WEIGHT:,} each (default: all 1)")
+    sub.add_argument("--keys", type=_count(1, MAX_KEYS), default=100_000,
+                     help="number of keys (default: 100,000)")
+    sub.add_argument("--seed", type=_integer, default=0,
+                     help="seed of the key generator, and of the random algorithm (default: 0)")
+    sub.add_argument("--plot", metavar="FILE.png",
+                     help=f"also draw both charts into FILE.png (needs {PLOT_EXTRA})")
+    sub.set_defaults(simulate_parser=sub)
+

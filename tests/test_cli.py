@@ -1,0 +1,319 @@
+"""``python -m lbclient bench`` and ``python -m lbclient simulate``, run as a user runs them.
+
+Every test starts the real command line in a subprocess. The bench tests check the table's
+structure only (every row there, every number parses), never a timing or a ratio: speed is
+measured by the bench, not asserted by the suite.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+# Runs ``python -m lbclient ARGS...`` with the module named by the first argument made
+# unimportable, as if it were not installed: a meta path finder ahead of every other one.
+WITHOUT = """
+import runpy, sys
+
+class NotInstalled:
+    def __init__(self, name):
+        self.name = name
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname == self.name or fullname.startswith(self.name + "."):
+            raise ModuleNotFoundError(f"No module named {fullname!r}", name=fullname)
+        return None
+
+sys.meta_path.insert(0, NotInstalled(sys.argv.pop(1)))
+runpy.run_module("lbclient", run_name="__main__", alter_sys=True)
+"""
+
+MISSING_UHASHRING = "uhashring not installed (pip install 'lbclient[bench]')"
+PLOT_EXTRA = "pip install 'lbclient[plot]'"
+
+# The summary's rows, by the benchmark column, and the unit of their figures.
+BENCH_ROWS = {
+    **{
+        f"select {algorithm}, {size} backends": "ns/op"
+        for size in ("10", "1,000")
+        for algorithm in ("RoundRobin", "Random", "Hash", "FNVHash", "Consistent")
+    },
+    "select Consistent vs uhashring ketama, 10 backends, str keys": "ns/op",
+    "select Consistent vs uhashring ketama, 1,000 backends, str keys": "ns/op",
+    "build RoundRobin, 10,000 backends, weights 1..100": "ms",
+    "build Hash, 10,000 backends, weights 1..100": "ms",
+    "build Consistent vs uhashring ketama, 1,000 backends": "ms",
+    "LBTransport vs plain httpx.Client, 3 backends": "req/s",
+    "AsyncLBTransport vs plain httpx.AsyncClient, 3 backends": "req/s",
+    "LBAdapter vs plain requests.Session, 3 backends": "req/s",
+    "LBTransport vs plain httpx.Client, 1 backend": "req/s",
+    "AsyncLBTransport vs plain httpx.AsyncClient, 1 backend": "req/s",
+}
+UHASHRING_ROWS = [name for name in BENCH_ROWS if "uhashring" in name]
+# The bench's own code path with fewer repetitions: enough to check the table, not to measure.
+SHORT_BENCH = ["bench", "--quick", "--reps", "3", "--rounds", "2", "--requests", "20"]
+
+
+def lbclient(
+    *args: str, without: str | None = None, cwd: Path | None = None, timeout: float = 120,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """``python -m lbclient *args``, optionally with module ``without`` made unimportable."""
+    if without is None:
+        command = [sys.executable, "-m", "lbclient", *args]
+    else:
+        command = [sys.executable, "-c", WITHOUT, without, *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=cwd,
+                          env=env, check=False)
+
+
+# -- bench ---------------------------------------------------------------------------------------
+
+
+def _number(cell: str, unit: str) -> float:
+    match = re.fullmatch(rf"([\d,]+(?:\.\d+)?) {re.escape(unit)}", cell)
+    assert match, f"{cell!r} is not a figure in {unit}"
+    value = float(match.group(1).replace(",", ""))
+    assert value > 0, cell
+    return value
+
+
+def _bench_table(stdout: str) -> dict[str, list[str]]:
+    """The table's rows by benchmark name, each as its five cells."""
+    lines = stdout.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("benchmark "))
+    assert [c.strip() for c in lines[head].split(" | ")] == [
+        "benchmark", "lbclient", "baseline", "ratio", "floor"]
+    assert set(lines[head + 1]) <= {"-", "+"}
+    rows: dict[str, list[str]] = {}
+    for line in lines[head + 2 :]:
+        if set(line) <= {"-", "+"}:
+            break
+        cells = [c.strip() for c in line.split(" | ")]
+        assert len(cells) == 5, line
+        assert cells[0] not in rows, f"row {cells[0]!r} printed twice"
+        rows[cells[0]] = cells
+    else:
+        pytest.fail("the table has no closing rule")
+    return rows
+
+
+def _processes_with(marker: str) -> list[int]:
+    """Processes whose environment holds ``marker`` (Linux /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if marker.encode() in (entry / "environ").read_bytes():
+                found.append(int(entry.name))
+        except OSError:  # gone, or not ours to read
+            continue
+    return found
+
+
+def _run_bench(tmp_path: Path, without: str | None = None) -> subprocess.CompletedProcess[str]:
+    marker = f"LBCLIENT_TEST_BENCH={uuid.uuid4().hex}"
+    env = {**os.environ, marker.split("=")[0]: marker.split("=")[1]}
+    done = lbclient(*SHORT_BENCH, without=without, cwd=tmp_path, env=env)
+    if Path("/proc/self/environ").exists():  # the loopback servers are gone with the bench
+        deadline = time.monotonic() + 10
+        while _processes_with(marker) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _processes_with(marker), "the bench left processes behind"
+    return done
+
+
+def test_bench_quick_prints_one_table_with_every_row(tmp_path: Path) -> None:
+    pytest.importorskip("uhashring", reason="uhashring (in the dev extra) is the ring baseline")
+    done = _run_bench(tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout
+    assert re.search(r"^Python 3\.\d+\.\d+ .*; \d+ CPUs", out, re.M), out
+    assert f"{sys.executable} -m lbclient bench --quick" in out
+    rows = _bench_table(out)
+    assert list(rows) == list(BENCH_ROWS), "rows missing, extra or out of order"
+    for name, unit in BENCH_ROWS.items():
+        _, ours, baseline, ratio, floor = rows[name]
+        _number(ours, unit)
+        if baseline == "-":
+            assert ratio == "-", name
+        else:
+            _number(baseline, unit)
+            assert float(ratio) > 0, name
+        assert floor == "-" or re.fullmatch(r"[<>]=? [\d,.]+( \S+)?: (met|NOT MET)", floor), floor
+    for name in UHASHRING_ROWS + [n for n, unit in BENCH_ROWS.items() if unit == "req/s"]:
+        assert rows[name][2] != "-", f"{name} has no baseline"
+    assert re.search(r"^floors missed: \d+", out, re.M)
+    assert "exits 0" in out  # the footnote saying a quick run never fails on a floor
+
+
+def test_bench_without_uhashring_says_so_and_exits_0(tmp_path: Path) -> None:
+    done = _run_bench(tmp_path, without="uhashring")
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = _bench_table(done.stdout)
+    assert list(rows) == list(BENCH_ROWS)
+    for name in UHASHRING_ROWS:
+        _, ours, baseline, ratio, _ = rows[name]
+        _number(ours, BENCH_ROWS[name])  # lbclient's side is still measured
+        assert baseline == MISSING_UHASHRING
+        assert ratio == "-"
+    assert "uhashring not installed" in done.stdout.split("\n\n")[0]  # the header says it too
+
+
+# -- simulate ------------------------------------------------------------------------------------
+
+ROW = re.compile(
+    r"^  (?P<address>\S+:\d+) +(?P<weight>\d+) +(?P<keys>[\d,]+) +(?P<share>[\d.]+)% +"
+    r"(?P<fair>[\d.]+)% +(?P<load>[\d.]+)",
+    re.M,
+)
+MOVE = re.compile(
+    r"^  (?P<change>remove|add) (?P<address>\S+) \(weight (?P<weight>\d+)\): "
+    r"(?P<moved>[\d.]+)% of keys move \((?P<moved_keys>[\d,]+)\); "
+    r"ideal minimum (?P<ideal>[\d.]+)% \((?P<ideal_keys>[\d,]+), [^)]*\); "
+    r"its fair share (?P<fair>[\d.]+)%",
+    re.M,
+)
+
+
+def _simulate(*args: str) -> str:
+    done = lbclient("simulate", *args)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def _distribution(out: str) -> list[dict[str, float]]:
+    return [
+        {k: float(v.replace(",", "")) for k, v in m.groupdict().items() if k != "address"}
+        for m in ROW.finditer(out)
+    ]
+
+
+def _moves(out: str) -> dict[str, dict[str, float]]:
+    return {
+        m["change"]: {k: float(v.replace(",", "")) for k, v in m.groupdict().items()
+                      if k not in ("change", "address")}
+        for m in MOVE.finditer(out)
+    }
+
+
+def _max_mean(out: str) -> float:
+    match = re.search(r"max/mean load ratio: ([\d.]+)", out)
+    assert match, out
+    return float(match.group(1))
+
+
+def test_simulate_consistent_moves_only_the_keys_that_must_move() -> None:
+    out = _simulate()  # defaults: consistent, 10 backends, 100,000 keys
+    rows = _distribution(out)
+    assert len(rows) == 10
+    assert sum(r["keys"] for r in rows) == 100_000
+    assert all(r["weight"] == 1 and r["fair"] == 10.0 for r in rows)
+    assert sum(r["share"] for r in rows) == pytest.approx(100, abs=0.05)
+    ratio = _max_mean(out)
+    assert ratio == pytest.approx(max(r["load"] for r in rows), abs=0.001)
+    assert 1 <= ratio < 1.25  # 160 points per backend keep every share near its fair one
+    moves = _moves(out)
+    assert set(moves) == {"remove", "add"}
+    for change, fair in (("remove", 1 / 10), ("add", 1 / 11)):
+        move = moves[change]
+        assert move["fair"] == pytest.approx(100 * fair, abs=0.01)
+        # The ketama property: exactly the keys that must move do (the removed backend's, or
+        # the ones the new backend takes), about the backend's fair share of all keys.
+        assert move["moved_keys"] == move["ideal_keys"]
+        assert move["ideal"] <= move["moved"] <= 100 * fair * 1.3
+
+
+def test_simulate_consistent_with_weights() -> None:
+    out = _simulate("--backends", "4", "--weights", "1,1,2,4", "--keys", "20000")
+    rows = _distribution(out)
+    assert [r["weight"] for r in rows] == [1, 1, 2, 4]
+    assert [r["fair"] for r in rows] == [12.5, 12.5, 25.0, 50.0]
+    assert 1 <= _max_mean(out) < 1.3
+    removal = _moves(out)["remove"]  # the weight-4 backend leaves: half the keys must move
+    assert removal["fair"] == 50.0
+    assert removal["ideal"] <= removal["moved"] <= 50 * 1.3
+
+
+def test_simulate_hash_moves_far_more_keys_than_consistent() -> None:
+    hashed = _moves(_simulate("--algorithm", "hash", "--keys", "20000"))
+    ring = _moves(_simulate("--algorithm", "consistent", "--keys", "20000"))
+    for change in ("remove", "add"):
+        assert hashed[change]["moved"] > 50  # modulo over a new table: most keys move
+        assert hashed[change]["moved"] > 4 * ring[change]["moved"]
+        assert hashed[change]["moved_keys"] > hashed[change]["ideal_keys"]
+
+
+@pytest.mark.parametrize("algorithm", ["roundrobin", "random"])
+def test_simulate_says_keys_do_not_move_for_algorithms_that_ignore_the_key(algorithm: str) -> None:
+    out = _simulate("--algorithm", algorithm, "--backends", "3", "--keys", "3000")
+    assert f"n/a: {algorithm} does not map keys to backends" in out
+    assert "of keys move" not in out
+    rows = _distribution(out)
+    assert len(rows) == 3
+    assert sum(r["keys"] for r in rows) == 3000
+
+
+def test_simulate_is_deterministic_and_seeded() -> None:
+    args = ("--algorithm", "fnv", "--keys", "5000")
+    first = _simulate(*args).split("\ntook")[0]
+    assert _simulate(*args).split("\ntook")[0] == first
+    assert _simulate(*args, "--seed", "7").split("\ntook")[0] != first
+
+
+def test_simulate_plot_writes_a_png(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib", reason="matplotlib (the 'plot' extra, also in 'dev') "
+                        "draws the charts")
+    path = tmp_path / "x.png"
+    out = _simulate("--algorithm", "consistent", "--backends", "10", "--keys", "20000",
+                    "--plot", str(path))
+    assert str(path) in out
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(data) > 10_000
+
+
+def test_simulate_plot_without_matplotlib_names_the_extra(tmp_path: Path) -> None:
+    path = tmp_path / "x.png"
+    done = lbclient("simulate", "--keys", "1000", "--plot", str(path), without="matplotlib")
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert PLOT_EXTRA in done.stderr
+    assert "matplotlib" in done.stderr
+    assert not path.exists()
+    # Arguments are checked first: a bad one is reported as such, matplotlib or not.
+    done = lbclient("simulate", "--backends", "0", "--plot", str(path), without="matplotlib")
+    assert done.returncode == 2
+    assert "--backends" in done.stderr
+    assert "got 0" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        pytest.param(["--algorithm", "ketama"], "'ketama'", id="unknown-algorithm"),
+        pytest.param(["--backends", "0"], "got 0", id="no-backends"),
+        pytest.param(["--backends", "ten"], "'ten'", id="backends-not-a-number"),
+        pytest.param(["--keys", "0"], "got 0", id="no-keys"),
+        pytest.param(["--keys", "-5"], "got -5", id="negative-keys"),
+        pytest.param(["--weights", "1,2,3"], "'1,2,3'", id="weights-for-3-of-10"),
+        pytest.param(["--backends", "3", "--weights", "1,0,2"], "got 0", id="weight-0"),
+        pytest.param(["--backends", "3", "--weights", "1,x,2"], "'x'", id="weight-not-a-number"),
+        pytest.param(["--backends", "3", "--weights", "1,70000,2"], "70000", id="weight-too-big"),
+        pytest.param(["--backends", "2", "--weights", "1,2.5"], "'2.5'", id="weight-not-whole"),
+        pytest.param(["--plot", "ring.svg"], "'ring.svg'", id="plot-not-png"),
+    ],
+)
+def test_simulate_rejects_bad_input_naming_the_value(args: list[str], named: str) -> None:
+    done = lbclient("simulate", *args)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "error:" in done.stderr
+    assert named in done.stderr
+    assert not done.stdout
