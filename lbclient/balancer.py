@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from types import TracebackType
@@ -84,8 +85,9 @@ class _View:
         self.disabled = sum(not s.enabled for s in states)
         #: Enabled backends that are not healthy.
         self.unhealthy = sum(s.enabled and not s.healthy for s in states)
-        #: Backends passively ejected (enabled or not): the ejection limit counts these.
-        self.ejected = sum(s.ejected for s in states)
+        #: Enabled backends passively ejected: the ejection limit counts these (a backend
+        #: switched off by hand never gets its probe, so it must not hold a place).
+        self.ejected = sum(s.ejected and s.enabled for s in states)
         #: Backends not (healthy and enabled). Zero lets select skip health altogether.
         self.impaired = sum(not _sound(s) for s in states)
         self.panic = self._panics(policy)
@@ -102,7 +104,7 @@ class _View:
         self.unhealthy += (after.enabled and not after.healthy) - (
             before.enabled and not before.healthy
         )
-        self.ejected += after.ejected - before.ejected
+        self.ejected += (after.ejected and after.enabled) - (before.ejected and before.enabled)
         self.impaired += _sound(before) - _sound(after)
         panic = self._panics(policy)
         flipped = panic != self.panic
@@ -226,6 +228,8 @@ class LoadBalancer:
         self._runner_lock = threading.Lock()
         self._runner: Runner | None = None
         self._users = 0
+        self._events: deque[tuple[Backend, bool]] = deque()
+        self._delivering = threading.Lock()
         prepared = prepare_backends(backends)
         self._view = _View(
             prepared,
@@ -470,10 +474,12 @@ class LoadBalancer:
             if after is before:
                 return False
             panic = view.store(cell, after, policy)
+            flipped = self._queue(found, before, after)
         self._log_report(found, before, after, outcome, now)
         if panic:
             self._log_panic(view)
-        return self._changed(found, before, after)
+        self._deliver()
+        return flipped
 
     def report_check(self, backend: Backend | str, ok: bool, detail: str = "") -> bool:
         """Record one active health check result for ``backend``; return whether its health
@@ -499,6 +505,8 @@ class LoadBalancer:
             if after is before:
                 return False
             panic = view.store(cell, after, policy)
+            first = before.checked is None and after.checked is not None
+            flipped = self._queue(found, before, after, first)
         address = found.address
         if after.checked != before.checked:
             if after.checked:
@@ -511,22 +519,40 @@ class LoadBalancer:
             logger.info("backend %s restored: its health check passed", address)
         if panic:
             self._log_panic(view)
-        first = before.checked is None and after.checked is not None
-        return self._changed(found, before, after, force=first)
+        self._deliver()
+        return flipped
 
-    def _changed(
-        self, backend: Backend, before: HealthState, after: HealthState, force: bool = False
+    def _queue(
+        self, backend: Backend, before: HealthState, after: HealthState, first: bool = False
     ) -> bool:
+        """Under the lock: queue the on_change call for a change, in the order of the changes.
+        Return whether health flipped."""
         healthy = after.healthy
-        if healthy == before.healthy and not force:
-            return False
+        flipped = healthy != before.healthy
+        if (flipped or first) and self._on_change is not None:
+            self._events.append((backend, healthy))
+        return flipped
+
+    def _deliver(self) -> None:
+        """Call on_change for queued changes, in order, one thread at a time. A thread that
+        finds another delivering leaves its events to it; a callback that changes health
+        itself has its own event delivered after it returns."""
         callback = self._on_change
-        if callback is not None:
+        events = self._events
+        while events and callback is not None:
+            if not self._delivering.acquire(blocking=False):
+                return
             try:
-                callback(backend, healthy)
-            except Exception:
-                logger.exception("on_change callback failed for backend %s", backend.address)
-        return healthy != before.healthy
+                while events:
+                    backend, healthy = events.popleft()
+                    try:
+                        callback(backend, healthy)
+                    except Exception:
+                        logger.exception(
+                            "on_change callback failed for backend %s", backend.address
+                        )
+            finally:
+                self._delivering.release()
 
     def _log_report(
         self,
@@ -591,10 +617,19 @@ class LoadBalancer:
             return
         with self._runner_lock:
             self._users += 1
-            if self._runner is None:
-                self._runner = start_runner(
-                    check, lambda: self._view.backends, self.report_check, asynchronous
-                )
+            stale = self._runner
+            if stale is not None and stale.serves(asynchronous):
+                return
+            # None yet; or a task on another (or a finished) event loop, which cannot serve
+            # this user: a thread serves users of every kind.
+            self._runner = start_runner(
+                check,
+                lambda: self._view.backends,
+                self.report_check,
+                asynchronous and stale is None,
+            )
+        if stale is not None:
+            stale.stop()
 
     def _release(self) -> Runner | None:
         with self._runner_lock:

@@ -99,7 +99,7 @@ class HealthCheck:
         return self._context, self.server_name or backend.host.strip("[]")
 
     def _connect(self, backend: Backend, deadline: float) -> socket.socket:
-        sock = socket.create_connection((backend.host.strip("[]"), backend.port), _left(deadline))
+        sock = _dial(backend.host.strip("[]"), backend.port, deadline)
         try:
             context, name = self._tls(backend)
             if context is not None:
@@ -327,7 +327,8 @@ def _whole(want: int | None, got: int) -> None:
 
 
 def _unsafe(text: str) -> bool:
-    return any(c in text for c in "\r\n\0")
+    """Whether ``text`` cannot go into a request head as it is."""
+    return any(c in text for c in "\r\n\0") or not text.isascii()
 
 
 def _name_of(host: str) -> str:
@@ -335,6 +336,30 @@ def _name_of(host: str) -> str:
     if host.startswith("["):
         return host[1 : host.find("]")] if "]" in host else host
     return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def _dial(host: str, port: int, deadline: float) -> socket.socket:
+    """A TCP connection to ``host``, trying its addresses in turn, all within ``deadline``
+    (unlike ``socket.create_connection``, which gives each address the whole timeout)."""
+    error: OSError | None = None
+    for family, kind, proto, _name, address in socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM
+    ):
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.settimeout(_left(deadline))
+            sock.connect(address)
+        except OSError as exc:
+            sock.close()
+            if isinstance(exc, TimeoutError):
+                raise
+            error = exc
+            continue
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+    raise error if error is not None else OSError(f"no address for {host!r}")
 
 
 def _left(deadline: float) -> float:
@@ -366,6 +391,9 @@ Report = Callable[[Backend, bool, str], object]
 
 class Runner(Protocol):
     """A running check loop."""
+
+    def serves(self, asynchronous: bool) -> bool:
+        """Whether one more (async or sync) user can share this runner."""
 
     def stop(self) -> None:
         """Stop; when this returns no check runs (a task is cancelled, not awaited)."""
@@ -434,7 +462,15 @@ class _ThreadRunner:
             self._thread.join()
 
     async def astop(self) -> None:
-        self.stop()
+        # Wait for the in-flight round on a worker thread, not on the event loop.
+        import anyio.to_thread
+
+        self._stopping.set()
+        await anyio.to_thread.run_sync(self.stop)
+
+    def serves(self, asynchronous: bool) -> bool:
+        """Whether this runner can serve one more user (a thread serves everyone)."""
+        return self._thread.is_alive() and not self._stopping.is_set()
 
 
 class _TaskRunner:
@@ -452,13 +488,18 @@ class _TaskRunner:
         self._backends = backends
         self._report = report
         self._loop = loop
+        self._stopping = threading.Event()
+        self._finished = threading.Event()
         self._task = loop.create_task(self._run(), name="lbclient-health")
 
     async def _run(self) -> None:
         limit = asyncio.Semaphore(PARALLEL)
-        while True:
-            await asyncio.gather(*(self._one(b, limit) for b in self._backends()))
-            await asyncio.sleep(self._check.interval)
+        try:
+            while True:
+                await asyncio.gather(*(self._one(b, limit) for b in self._backends()))
+                await asyncio.sleep(self._check.interval)
+        finally:
+            self._finished.set()
 
     async def _one(self, backend: Backend, limit: asyncio.Semaphore) -> None:
         async with limit:
@@ -470,21 +511,44 @@ class _TaskRunner:
                 ok, detail = False, describe(exc)
             else:
                 ok, detail = True, ""
-        self._report(backend, ok, detail)
+        if not self._stopping.is_set():
+            self._report(backend, ok, detail)
+
+    def _on_loop(self) -> bool:
+        try:
+            return asyncio.get_running_loop() is self._loop
+        except RuntimeError:
+            return False
 
     def stop(self) -> None:
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is self._loop:
+        self._stopping.set()  # from here on, nothing is reported
+        if self._on_loop():
             self._task.cancel()
-        elif not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self._task.cancel)
+            return
+        if self._loop.is_closed() or self._task.done():
+            return
+        self._loop.call_soon_threadsafe(self._task.cancel)
+        if self._loop.is_running():  # wait for the cancellation to land, within reason
+            self._finished.wait(self._check.timeout + 1.0)
 
     async def astop(self) -> None:
+        if not self._on_loop():  # started on another event loop
+            import anyio.to_thread
+
+            self._stopping.set()
+            await anyio.to_thread.run_sync(self.stop)
+            return
+        self._stopping.set()
         self._task.cancel()
         await asyncio.wait([self._task])
+
+    def serves(self, asynchronous: bool) -> bool:
+        """Whether this runner can serve one more user: only async users of its own loop, and
+        only while it runs."""
+        return (
+            asynchronous and self._on_loop() and not self._task.done()
+            and not self._stopping.is_set()
+        )
 
 
 def start_runner(

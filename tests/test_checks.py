@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 import ssl
 import threading
 import time
@@ -409,3 +411,111 @@ def test_closing_from_on_change_does_not_wait_for_itself() -> None:
         lb.start()
         assert closed.wait(20)
         eventually(no_check_threads)
+
+
+def test_checks_go_on_when_the_event_loop_that_started_them_ends() -> None:
+    with TestServer() as s:
+        check = Recording(interval=FAST)
+        lb = LoadBalancer([s.address], health_check=check)
+
+        async def forget() -> None:
+            await lb.astart()  # a user that never closes; its loop ends
+
+        async def use() -> int:
+            async with lb:
+                start = check.total()
+                await asyncio.sleep(10 * FAST)
+                return check.total() - start
+
+        asyncio.run(forget())
+        assert asyncio.run(use()) > 0  # the second loop's user still gets checks
+        lb.close()  # the first user's close
+        eventually(no_check_threads)
+
+
+class Stalling(TcpCheck):
+    """A check that holds its event loop for a while (a slow, blocking validator, say)."""
+
+    def __init__(self) -> None:
+        super().__init__(interval=FAST)
+        self.entered = threading.Event()
+
+    async def acheck(self, backend: Backend) -> None:
+        self.entered.set()
+        time.sleep(0.3)
+
+
+def test_closing_from_another_thread_stops_a_task_runner_before_returning(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with TestServer() as s:
+        check = Stalling()
+        lb = LoadBalancer([s.address], health_check=check)
+        reports: list[bool] = []
+        original = lb.report_check
+
+        def counting(backend: Backend | str, ok: bool, detail: str = "") -> bool:
+            reports.append(ok)
+            return original(backend, ok, detail)
+
+        monkeypatch.setattr(lb, "report_check", counting)
+        loop = asyncio.new_event_loop()
+        thread = threading.Thread(target=loop.run_forever)
+        thread.start()
+        try:
+            asyncio.run_coroutine_threadsafe(lb.astart(), loop).result(10)
+            assert check.entered.wait(10)  # a check is running on the loop's thread
+            lb.close()
+            done = len(reports)
+            time.sleep(0.5)
+            assert len(reports) == done  # nothing reported once close() returned
+            tasks = asyncio.run_coroutine_threadsafe(_health_tasks(), loop).result(10)
+            assert tasks == []
+        finally:
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join()
+            loop.close()
+
+
+async def _health_tasks() -> list[asyncio.Task[object]]:
+    return [t for t in asyncio.all_tasks() if t.get_name() == "lbclient-health"]
+
+
+def test_a_check_keeps_one_deadline_over_every_address(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A listener whose accept queue is full: new connections are never answered.
+    full = socket.socket()
+    full.bind(("127.0.0.1", 0))
+    full.listen(0)
+    port = full.getsockname()[1]
+    fillers = []
+    for _ in range(8):
+        filler = socket.socket()
+        filler.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            filler.connect(("127.0.0.1", port))
+        fillers.append(filler)
+    refused = closed_port()
+    real = socket.getaddrinfo
+
+    def two_addresses(host: str, *args: Any, **kwargs: Any) -> Any:
+        if host == "svc.internal":  # first a silent address, then a refusing one
+            return (real("127.0.0.1", port, socket.AF_INET, socket.SOCK_STREAM)
+                    + real("127.0.0.1", refused, socket.AF_INET, socket.SOCK_STREAM))
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", two_addresses)
+    try:
+        for check in (TcpCheck(timeout=0.3), HttpCheck(timeout=0.3)):
+            # The silent address used up the timeout: no second address is tried.
+            with pytest.raises(TimeoutError):
+                check.check(Backend(f"svc.internal:{port}"))
+    finally:
+        for sock in [full, *fillers]:
+            sock.close()
+
+
+def test_request_text_must_be_ascii() -> None:
+    with pytest.raises(ValueError, match="gesundheit"):
+        HttpCheck("/gesundheit/\u20ac")
+    with pytest.raises(ValueError, match="bad header"):
+        HttpCheck(headers={"x-name": "caf\u00e9"})

@@ -8,6 +8,8 @@ import threading
 from collections import Counter
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lbclient import (
     Backend,
@@ -471,3 +473,105 @@ def test_snapshot_describes_every_backend() -> None:
     assert "panic mode: off" in text
     assert "disabled" in text
     assert "18.0 s left" in text
+
+
+def test_a_disabled_ejected_backend_does_not_hold_the_ejection_place() -> None:
+    lb, _, _ = make([A, B, C])
+    feed(lb, A, *[CONN] * 5)
+    lb.set_enabled(A, False)  # taken out by hand: it will never get its probe
+    feed(lb, B, *[CONN] * 5)
+    assert lb.health(B).ejected
+
+
+def test_on_change_calls_arrive_in_the_order_of_the_changes() -> None:
+    seen: list[tuple[str, bool]] = []
+    lb: LoadBalancer
+
+    def on_change(backend: Backend, healthy: bool) -> None:
+        seen.append((backend.address, healthy))
+        if backend.address == A and not healthy:
+            lb.report(B, False)  # a change made by the callback itself comes after this one
+
+    lb = LoadBalancer([A, B, C, D], health=HealthPolicy(consecutive_failures=1,
+                                                        max_ejection_percent=100),
+                      on_change=on_change)
+    assert lb.report(A, False) is True
+    assert seen == [(A, False), (B, False)]
+    assert lb.report_check(A, True) is True
+    assert seen[2:] == [(A, True)]
+
+
+def test_on_change_order_holds_across_threads() -> None:
+    # The thread that ejects A is held up in a log handler, after its change and before its
+    # callback; meanwhile a check result brings A back. The calls still come in change order.
+    seen: list[tuple[str, bool]] = []
+    lb = LoadBalancer([A, B, C, D], health=HealthPolicy(consecutive_failures=1),
+                      on_change=lambda b, healthy: seen.append((b.address, healthy)))
+    held, release = threading.Event(), threading.Event()
+
+    class Hold(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "ejected" in record.getMessage():
+                held.set()
+                release.wait(10)
+
+    handler = Hold(logging.WARNING)
+    logger = logging.getLogger("lbclient")
+    logger.addHandler(handler)
+    try:
+        ejecting = threading.Thread(target=lb.report, args=(A, False))
+        ejecting.start()
+        assert held.wait(10)
+        lb.report_check(A, True)
+        release.set()
+        ejecting.join()
+    finally:
+        logger.removeHandler(handler)
+    assert seen == [(A, False), (A, True)]
+    assert lb.ready(A)
+
+
+ops = st.lists(
+    st.tuples(st.integers(0, 7), st.integers(0, 7), st.sampled_from([True, False, CONN, FIVE])),
+    max_size=120,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(ops, st.sampled_from([10.0, 50.0, 100.0]), st.booleans())
+def test_set_wide_counts_always_match_a_recount(
+    steps: list[tuple[int, int, object]], percent: float, combine: bool
+) -> None:
+    addresses = [f"10.9.0.{i}:80" for i in range(1, 9)]
+    lb, clock, _ = make(addresses[:4], consecutive_failures=2, consecutive_5xx=2,
+                        base_ejection_time=1, max_ejection_time=3,
+                        max_ejection_percent=percent, combine_failures=combine)
+    policy = lb.policy
+    for op, index, value in steps:
+        backends = lb.backends
+        target = backends[index % len(backends)] if backends else None
+        if op == 0 and target:
+            lb.report(target, value)  # type: ignore[arg-type]
+        elif op == 1 and target:
+            lb.report_check(target, value is True)
+        elif op == 2 and target:
+            lb.set_enabled(target, value is not False)
+        elif op == 3 and target:
+            lb.admit(target)
+        elif op == 4:
+            lb.select(bytes([index]))
+        elif op == 5:
+            clock.now += index / 2
+        elif op == 6:
+            lb.update(addresses[index % 3 : index % 3 + 2 + index % 5])
+        view = lb._view
+        states = [view.cells[b].state for b in view.backends]
+        enabled = [s for s in states if s.enabled]
+        healthy = sum(s.healthy for s in enabled)
+        assert view.disabled == len(states) - len(enabled)
+        assert view.unhealthy == len(enabled) - healthy
+        assert view.ejected == sum(s.ejected for s in enabled)
+        assert view.impaired == sum(not (s.healthy and s.enabled) for s in states)
+        assert view.panic == policy.panics(healthy, len(enabled))
+        snap = lb.snapshot()
+        assert [b.ready for b in snap.backends] == [lb.ready(b) for b in lb.backends]
