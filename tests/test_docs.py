@@ -100,3 +100,27 @@ def test_demo_rejects_bad_arguments() -> None:
                           capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 2
     assert "--backends" in done.stderr
+
+
+def command_lines() -> list[str]:
+    """The ``python -m lbclient ...`` lines of the README's shell blocks after the first two."""
+    return [line.strip() for block in blocks("bash")[2:] for line in block.splitlines()
+            if line.strip().startswith("python -m lbclient ")]
+
+
+def test_readme_shows_the_command_line() -> None:
+    assert {line.split()[3] for line in command_lines()} >= {"bench", "simulate"}
+
+
+@pytest.mark.parametrize("line", command_lines())
+def test_readme_commands_run_as_written(line: str, tmp_path: Path) -> None:
+    if "--plot" in line:
+        pytest.importorskip("matplotlib", reason="--plot needs matplotlib (lbclient[plot])")
+    args = line.split()[1:]  # "python" is this interpreter
+    done = subprocess.run([sys.executable, *args], capture_output=True, text=True,
+                          timeout=600, cwd=tmp_path, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.strip()
+    if "--plot" in line:
+        written = tmp_path / args[args.index("--plot") + 1]
+        assert written.read_bytes().startswith(b"\x89PNG")
