@@ -152,7 +152,7 @@ def test_bench_quick_prints_one_table_with_every_row(tmp_path: Path) -> None:
     for name in UHASHRING_ROWS + [n for n, unit in BENCH_ROWS.items() if unit == "req/s"]:
         assert rows[name][2] != "-", f"{name} has no baseline"
     assert re.search(r"^floors missed: \d+", out, re.M)
-    assert "exits 0" in out  # the footnote saying a quick run never fails on a floor
+    assert "--strict makes a full run exit 1" in out  # the footnote on missed floors
 
 
 def test_bench_without_uhashring_says_so_and_exits_0(tmp_path: Path) -> None:

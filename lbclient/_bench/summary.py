@@ -6,9 +6,10 @@ so and the rest still runs), the transports against the plain httpx and requests
 loopback servers in their own processes. The table shows medians, the ratio (lbclient's speed
 over the baseline's: above 1 means lbclient is faster) and the project's performance floors.
 
-A missed floor is reported, never hidden. ``--quick`` always exits 0: its short runs are noisy,
-so a missed floor there means "run the full benchmark", not "broken". A full run exits 1 when a
-floor is missed.
+A missed floor is reported, never hidden, but the command exits 0: a ratio a few percent from a
+floor moves across it from run to run on a shared machine, so one run is a measurement, not a
+verdict. ``--strict`` makes a full run exit 1 when a floor is missed (for a performance gate on
+a quiet machine).
 """
 
 from __future__ import annotations
@@ -228,16 +229,15 @@ def command(args: argparse.Namespace) -> int:
         "ratio: lbclient's speed / the baseline's (baseline time / lbclient time; transports: "
         "median of the per-round ratios); above 1 means lbclient is faster.",
         "floor: the project's performance floors. "
-        + ("A missed floor is reported, but --quick exits 0 all the same: short runs are noisy; "
-           "confirm with a full run (python -m lbclient bench), which exits 1 when a floor is "
-           "missed." if quick else "A full run exits 1 when a floor is missed."),
+        + "A missed floor is reported; runs vary by a few percent, so confirm a miss with "
+        "another full run. --strict makes a full run exit 1 when a floor is missed.",
         f"floors missed: {len(missed)}" + (f" ({'; '.join(missed)})" if missed else ""),
         f"total run time {sum(seconds.values()):.1f} s (selection {seconds['selection']:.1f} s, "
         f"transports {seconds['transports']:.1f} s)",
     ]
     for note in notes:
         print(textwrap.fill(note, width=100, subsequent_indent="  "))
-    return 1 if missed and not quick else 0
+    return 1 if missed and args.strict and not quick else 0
 
 
 def _at_least(low: int) -> Callable[[str], int]:
@@ -262,7 +262,9 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     bench.add_argument("--quick", action="store_true",
-                       help="a short run (seconds, not minutes); always exits 0")
+                       help="a short run (seconds, not minutes)")
+    bench.add_argument("--strict", action="store_true",
+                       help="exit 1 when a full run misses a floor")
     # For the test suite: fewer repetitions, the same code path. Not part of the interface.
     bench.add_argument("--reps", type=_at_least(1), default=None, help=argparse.SUPPRESS)
     bench.add_argument("--rounds", type=_at_least(1), default=None, help=argparse.SUPPRESS)
