@@ -328,18 +328,14 @@ class LoadBalancer:
     def ready(self, backend: Backend | str) -> bool:
         """Whether ``backend`` may be chosen now: in the set, enabled, and healthy, due for its
         probe, or in panic mode. False for a backend that is not in the current set."""
-        view = self._view
-        found = self._find(view, backend)
-        if found is None:
-            return False
-        state = view.cells[found].state
-        if view.panic or state.healthy:
-            return state.enabled
-        return state.ready(self._clock())
+        return self._usable(backend, take_probe=False)
 
     def admit(self, backend: Backend | str) -> bool:
         """Like :meth:`ready`, for a backend about to be sent a request: if it is an ejected
         backend whose probe is due, this request takes the probe."""
+        return self._usable(backend, take_probe=True)
+
+    def _usable(self, backend: Backend | str, take_probe: bool) -> bool:
         view = self._view
         found = self._find(view, backend)
         if found is None:
@@ -348,7 +344,9 @@ class LoadBalancer:
         if view.panic or state.healthy:
             return state.enabled
         now = self._clock()
-        return state.enabled and state.probe_due(now) and self._claim(view, found, now)
+        if not (state.enabled and state.probe_due(now)):
+            return False
+        return not take_probe or self._claim(view, found, now)
 
     def _claim(self, view: _View, backend: Backend, now: float) -> bool:
         with self._lock:
