@@ -13,8 +13,9 @@ Keys go through the real code path, ``LoadBalancer(...).select(key)``, over back
   such figure is printed for them, only why.
 
 Keys are byte strings ``b"key-<n>"`` with ``n`` drawn from ``random.Random(seed)`` (distinct);
-the routing hashes are lbclient's own (never Python's ``hash()``), so a run is the same on every
-machine. ``--plot FILE.png`` draws both with matplotlib (``pip install 'lbclient[plot]'``).
+the routing hashes are lbclient's own (never Python's salted built-in hash), so a run is the
+same on every machine. ``--plot FILE.png`` draws both with matplotlib
+(``pip install 'lbclient[plot]'``).
 """
 
 from __future__ import annotations
