@@ -1,14 +1,17 @@
-"""``python -m lbclient bench`` and ``python -m lbclient simulate``, run as a user runs them.
+"""The command line (:mod:`lbclient.cli`): ``python -m lbclient bench`` and
+``python -m lbclient simulate`` run as a user runs them, the benchmarks run alone, and the
+library kept apart from the command line. The demo is checked with the README, in test_docs.
 
-Every test starts the real command line in a subprocess. The bench tests check the table's
-structure only (every row there, every number parses), never a timing or a ratio: speed is
-measured by the bench, not asserted by the suite.
+Every test starts a real interpreter in a subprocess, so every one is marked slow. The bench
+tests check the table's structure only (every row there, every number parses), never a timing or
+a ratio: speed is measured by the bench, not asserted by the suite.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -74,6 +77,81 @@ def lbclient(
                           env=env, check=False)
 
 
+# -- the package ---------------------------------------------------------------------------------
+
+# Imports lbclient and every module of the library (all but lbclient.cli and lbclient.__main__),
+# then prints the lbclient.cli modules that got imported along the way.
+IMPORT_LIBRARY = """
+import importlib, pkgutil, sys
+import lbclient
+
+def walk(package):
+    for info in pkgutil.iter_modules(package.__path__, package.__name__ + "."):
+        if info.name in ("lbclient.cli", "lbclient.__main__"):
+            continue
+        module = importlib.import_module(info.name)
+        if info.ispkg:
+            walk(module)
+
+walk(lbclient)
+print(sorted(m for m in sys.modules if m == "lbclient.cli" or m.startswith("lbclient.cli.")))
+"""
+
+
+@pytest.mark.slow
+def test_help_names_the_three_commands() -> None:
+    done = lbclient("--help")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.startswith("usage: python -m lbclient [-h] {demo,bench,simulate}")
+    for command in ("demo", "bench", "simulate"):
+        assert f"``{command}``" in done.stdout  # the description says what each one does
+    assert not done.stderr
+
+
+@pytest.mark.slow
+def test_the_library_never_imports_the_command_line() -> None:
+    done = subprocess.run([sys.executable, "-c", IMPORT_LIBRARY], capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("module", ["selection", "transport"])
+def test_each_benchmark_runs_alone(module: str) -> None:
+    done = subprocess.run([sys.executable, "-m", f"lbclient.cli.bench.{module}", "--help"],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "--quick" in done.stdout
+    assert not done.stderr  # no warning about a module imported twice
+
+
+@pytest.mark.slow
+def test_the_loopback_server_runs_as_a_module_and_exits_with_its_stdin() -> None:
+    server = subprocess.Popen([sys.executable, "-m", "lbclient.cli.bench.server"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout is not None
+        port = server.stdout.readline().strip()
+        assert port.isdigit(), port
+        with socket.create_connection(("127.0.0.1", int(port)), timeout=10) as conn:
+            conn.sendall(b"GET /item HTTP/1.1\r\nHost: users\r\n\r\n")
+            assert conn.recv(65536).startswith(b"HTTP/1.1 200 OK\r\n")
+    finally:
+        assert server.stdin is not None
+        server.stdin.close()
+        try:
+            server.wait(timeout=10)
+        finally:
+            if server.poll() is None:
+                server.kill()
+                server.wait()
+    assert server.returncode == 0
+    assert server.stderr is not None
+    assert not server.stderr.read()
+
+
 # -- bench ---------------------------------------------------------------------------------------
 
 
@@ -85,7 +163,7 @@ def _number(cell: str, unit: str) -> float:
     return value
 
 
-def _bench_table(stdout: str) -> dict[str, list[str]]:
+def bench_table(stdout: str) -> dict[str, list[str]]:
     """The table's rows by benchmark name, each as its five cells."""
     lines = stdout.splitlines()
     head = next(i for i, line in enumerate(lines) if line.startswith("benchmark "))
@@ -119,7 +197,7 @@ def _processes_with(marker: str) -> list[int]:
     return found
 
 
-def _run_bench(tmp_path: Path, without: str | None = None) -> subprocess.CompletedProcess[str]:
+def run_bench(tmp_path: Path, without: str | None = None) -> subprocess.CompletedProcess[str]:
     marker = f"LBCLIENT_TEST_BENCH={uuid.uuid4().hex}"
     env = {**os.environ, marker.split("=")[0]: marker.split("=")[1]}
     done = lbclient(*SHORT_BENCH, without=without, cwd=tmp_path, env=env)
@@ -131,14 +209,15 @@ def _run_bench(tmp_path: Path, without: str | None = None) -> subprocess.Complet
     return done
 
 
+@pytest.mark.slow
 def test_bench_quick_prints_one_table_with_every_row(tmp_path: Path) -> None:
     pytest.importorskip("uhashring", reason="uhashring (in the dev extra) is the ring baseline")
-    done = _run_bench(tmp_path)
+    done = run_bench(tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
     out = done.stdout
     assert re.search(r"^Python 3\.\d+\.\d+ .*; \d+ CPUs", out, re.M), out
     assert f"{sys.executable} -m lbclient bench --quick" in out
-    rows = _bench_table(out)
+    rows = bench_table(out)
     assert list(rows) == list(BENCH_ROWS), "rows missing, extra or out of order"
     for name, unit in BENCH_ROWS.items():
         _, ours, baseline, ratio, floor = rows[name]
@@ -155,10 +234,11 @@ def test_bench_quick_prints_one_table_with_every_row(tmp_path: Path) -> None:
     assert "--strict makes a full run exit 1" in out  # the footnote on missed floors
 
 
+@pytest.mark.slow
 def test_bench_without_uhashring_says_so_and_exits_0(tmp_path: Path) -> None:
-    done = _run_bench(tmp_path, without="uhashring")
+    done = run_bench(tmp_path, without="uhashring")
     assert done.returncode == 0, done.stdout + done.stderr
-    rows = _bench_table(done.stdout)
+    rows = bench_table(done.stdout)
     assert list(rows) == list(BENCH_ROWS)
     for name in UHASHRING_ROWS:
         _, ours, baseline, ratio, _ = rows[name]
@@ -184,7 +264,7 @@ MOVE = re.compile(
 )
 
 
-def _simulate(*args: str) -> str:
+def run_simulate(*args: str) -> str:
     done = lbclient("simulate", *args)
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout
@@ -211,8 +291,9 @@ def _max_mean(out: str) -> float:
     return float(match.group(1))
 
 
+@pytest.mark.slow
 def test_simulate_consistent_moves_only_the_keys_that_must_move() -> None:
-    out = _simulate()  # defaults: consistent, 10 backends, 100,000 keys
+    out = run_simulate()  # defaults: consistent, 10 backends, 100,000 keys
     rows = _distribution(out)
     assert len(rows) == 10
     assert sum(r["keys"] for r in rows) == 100_000
@@ -232,8 +313,9 @@ def test_simulate_consistent_moves_only_the_keys_that_must_move() -> None:
         assert move["ideal"] <= move["moved"] <= 100 * fair * 1.3
 
 
+@pytest.mark.slow
 def test_simulate_consistent_with_weights() -> None:
-    out = _simulate("--backends", "4", "--weights", "1,1,2,4", "--keys", "20000")
+    out = run_simulate("--backends", "4", "--weights", "1,1,2,4", "--keys", "20000")
     rows = _distribution(out)
     assert [r["weight"] for r in rows] == [1, 1, 2, 4]
     assert [r["fair"] for r in rows] == [12.5, 12.5, 25.0, 50.0]
@@ -243,18 +325,20 @@ def test_simulate_consistent_with_weights() -> None:
     assert removal["ideal"] <= removal["moved"] <= 50 * 1.3
 
 
+@pytest.mark.slow
 def test_simulate_hash_moves_far_more_keys_than_consistent() -> None:
-    hashed = _moves(_simulate("--algorithm", "hash", "--keys", "20000"))
-    ring = _moves(_simulate("--algorithm", "consistent", "--keys", "20000"))
+    hashed = _moves(run_simulate("--algorithm", "hash", "--keys", "20000"))
+    ring = _moves(run_simulate("--algorithm", "consistent", "--keys", "20000"))
     for change in ("remove", "add"):
         assert hashed[change]["moved"] > 50  # modulo over a new table: most keys move
         assert hashed[change]["moved"] > 4 * ring[change]["moved"]
         assert hashed[change]["moved_keys"] > hashed[change]["ideal_keys"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algorithm", ["roundrobin", "random"])
 def test_simulate_says_keys_do_not_move_for_algorithms_that_ignore_the_key(algorithm: str) -> None:
-    out = _simulate("--algorithm", algorithm, "--backends", "3", "--keys", "3000")
+    out = run_simulate("--algorithm", algorithm, "--backends", "3", "--keys", "3000")
     assert f"n/a: {algorithm} does not map keys to backends" in out
     assert "of keys move" not in out
     rows = _distribution(out)
@@ -262,18 +346,20 @@ def test_simulate_says_keys_do_not_move_for_algorithms_that_ignore_the_key(algor
     assert sum(r["keys"] for r in rows) == 3000
 
 
+@pytest.mark.slow
 def test_simulate_is_deterministic_and_seeded() -> None:
     args = ("--algorithm", "fnv", "--keys", "5000")
-    first = _simulate(*args).split("\ntook")[0]
-    assert _simulate(*args).split("\ntook")[0] == first
-    assert _simulate(*args, "--seed", "7").split("\ntook")[0] != first
+    first = run_simulate(*args).split("\ntook")[0]
+    assert run_simulate(*args).split("\ntook")[0] == first
+    assert run_simulate(*args, "--seed", "7").split("\ntook")[0] != first
 
 
+@pytest.mark.slow
 def test_simulate_plot_writes_a_png(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib", reason="matplotlib (the 'plot' extra, also in 'dev') "
                         "draws the charts")
     path = tmp_path / "x.png"
-    out = _simulate("--algorithm", "consistent", "--backends", "10", "--keys", "20000",
+    out = run_simulate("--algorithm", "consistent", "--backends", "10", "--keys", "20000",
                     "--plot", str(path))
     assert str(path) in out
     data = path.read_bytes()
@@ -281,6 +367,7 @@ def test_simulate_plot_writes_a_png(tmp_path: Path) -> None:
     assert len(data) > 10_000
 
 
+@pytest.mark.slow
 def test_simulate_plot_without_matplotlib_names_the_extra(tmp_path: Path) -> None:
     path = tmp_path / "x.png"
     done = lbclient("simulate", "--keys", "1000", "--plot", str(path), without="matplotlib")
@@ -295,6 +382,7 @@ def test_simulate_plot_without_matplotlib_names_the_extra(tmp_path: Path) -> Non
     assert "got 0" in done.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("args", "named"),
     [

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from lbclient._bench import selection, transport
+from lbclient.cli.bench import selection, transport
 
 __all__ = [
     "HEAD",
@@ -41,7 +41,7 @@ __all__ = [
 SELECT_ALGORITHMS = ("RoundRobin", "Random", "Hash", "FNVHash", "Consistent")
 SELECT_SIZES = (10, 1_000)
 
-#: Transport case (as :func:`lbclient._bench.transport.run` names it) -> what is compared.
+#: Transport case (as :func:`lbclient.cli.bench.transport.run` names it) -> what is compared.
 TRANSPORT_LABELS = {
     "sync, 3 backends": "LBTransport vs plain httpx.Client, 3 backends",
     "async, 3 backends": "AsyncLBTransport vs plain httpx.AsyncClient, 3 backends",

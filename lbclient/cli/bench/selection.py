@@ -1,13 +1,13 @@
 """Selection benchmark: the cost of ``LoadBalancer.select`` per algorithm, lbclient's ketama
 against uhashring, and build times. A measurement, not a test: it never fails on time.
 
-Run it from a repository checkout::
+Run it alone, with every row::
 
-    python bench/bench_selection.py           # full run (about a minute)
-    python bench/bench_selection.py --quick   # fewer repetitions (a few seconds)
+    python -m lbclient.cli.bench.selection           # full run (about a minute)
+    python -m lbclient.cli.bench.selection --quick   # fewer repetitions (a few seconds)
 
-or, from an installed package, ``python -m lbclient bench`` (a summary, side by side with the
-transport benchmark), or import it: ``from lbclient._bench.selection import run;
+or as part of ``python -m lbclient bench`` (a summary, side by side with the transport
+benchmark), or import it: ``from lbclient.cli.bench.selection import run;
 rows = run(quick=True)``. uhashring, the baseline, comes with ``pip install 'lbclient[bench]'``.
 
 Method: every per-call figure is the median, over R repetitions, of one timed Python ``for``

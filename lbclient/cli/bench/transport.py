@@ -2,15 +2,15 @@
 ``LBAdapter`` against plain ``httpx.Client`` / ``httpx.AsyncClient`` / ``requests.Session`` to
 the same loopback servers.
 
-Run it from a repository checkout::
+Run it alone::
 
-    python bench/bench_transport.py           # full run
-    python bench/bench_transport.py --quick   # a short run
+    python -m lbclient.cli.bench.transport           # full run
+    python -m lbclient.cli.bench.transport --quick   # a short run
 
-or, from an installed package, ``python -m lbclient bench`` (a summary, side by side with the
-selection benchmark).
+or as part of ``python -m lbclient bench`` (a summary, side by side with the selection
+benchmark).
 
-Method: three backend servers run in their own processes (``lbclient/_bench/server.py``, which
+Method: three backend servers run in their own processes (``lbclient/cli/bench/server.py``, which
 needs nothing but the standard library), so the client process measured here holds only the
 client. The plain client sends to the same servers in
 turn (absolute URLs), the lbclient client to ``http://users`` and lets RoundRobin spread it: the
@@ -41,7 +41,7 @@ import httpx
 import requests
 
 from lbclient import AsyncLBTransport, LBAdapter, LBTransport
-from lbclient._bench import server
+from lbclient.cli.bench import server
 
 __all__ = ["FLOOR", "TransportRow", "format_table", "main", "run", "settings", "start_servers"]
 

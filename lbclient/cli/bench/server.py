@@ -1,10 +1,10 @@
 """A minimal HTTP/1.1 keep-alive server for benchmarks, run in its own process.
 
-``python -m lbclient._bench.server`` (or this file run by path, as the transport benchmark does:
-it imports nothing but the standard library) listens on a free 127.0.0.1 port, prints the port
-on its first line, and answers every request with ``200 OK`` and a two-byte body in one send (so
-no delayed ACK stalls the client). It reads request bodies by Content-Length. It exits when its
-standard input closes, so it never outlives the benchmark that started it.
+``python -m lbclient.cli.bench.server`` (or this file run by path, as the transport benchmark
+does: it imports nothing but the standard library) listens on a free 127.0.0.1 port, prints the
+port on its first line, and answers every request with ``200 OK`` and a two-byte body in one
+send (so no delayed ACK stalls the client). It reads request bodies by Content-Length. It exits
+when its standard input closes, so it never outlives the benchmark that started it.
 """
 
 from __future__ import annotations

@@ -17,11 +17,19 @@ from typing import Any, Protocol
 
 import httpx
 
-from lbclient.backend import Backend
-from lbclient.balancer import BackendHealth, HealthSnapshot, LoadBalancer
-from lbclient.health import HealthPolicy
-from lbclient.httpx_transport import LBTransport
-from lbclient.selection import Consistent, FNVHash, Hash, Random, RoundRobin
+from lbclient import (
+    Backend,
+    BackendHealth,
+    Consistent,
+    FNVHash,
+    Hash,
+    HealthPolicy,
+    HealthSnapshot,
+    LBTransport,
+    LoadBalancer,
+    Random,
+    RoundRobin,
+)
 from lbclient.testing import TestServer
 
 ALGORITHMS = {

@@ -30,10 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
-from lbclient.backend import MAX_WEIGHT, Backend
-from lbclient.balancer import LoadBalancer
-from lbclient.selection import Consistent, FNVHash, Hash, Random, RoundRobin
-from lbclient.selection.base import AlgorithmLike
+from lbclient import Backend, Consistent, FNVHash, Hash, LoadBalancer, Random, RoundRobin
+from lbclient.backend import MAX_WEIGHT
+from lbclient.selection import AlgorithmLike
 
 __all__ = [
     "ALGORITHMS",
