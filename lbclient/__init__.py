@@ -1,74 +1,100 @@
 """lbclient: client-side load balancing for httpx and requests.
 
-The core (backends, selection, health, the balancer) is pure: no I/O, no clock of its own; the
-transports (``LBTransport``, ``AsyncLBTransport``) plug it into httpx, ``LBAdapter`` into
-requests.
+``import lbclient`` loads the core only (backends, selection, health, the balancer, the
+errors): no HTTP client, no I/O, no thread. The rest loads on first use (PEP 562): the httpx
+transports (``LBTransport``, ``AsyncLBTransport``), the requests adapter (``LBAdapter``), the
+retry policy and the active health checks.
 """
 
-import logging
+from __future__ import annotations
 
-from lbclient.backend import MAX_WEIGHT, Backend
-from lbclient.balancer import DEFAULT_MAX_ITERATIONS, BackendHealth, HealthSnapshot, LoadBalancer
-from lbclient.checks import CheckFailed, HealthCheck, HttpCheck, TcpCheck
+import importlib
+import logging
+from typing import TYPE_CHECKING, Any
+
+from lbclient.backend import Backend
+from lbclient.balancer import LoadBalancer
 from lbclient.errors import KeyFunctionError, LBClientError, NoBackendAvailable
-from lbclient.health import HealthPolicy, HealthState, Outcome
-from lbclient.httpx_transport import AsyncLBTransport, LBTransport
-from lbclient.requests_adapter import LBAdapter
-from lbclient.retry import IDEMPOTENT_METHODS, Failure, RetryPolicy
-from lbclient.selection import (
-    Algorithm,
-    Consistent,
-    ConsistentSelector,
-    FNVHash,
-    Hash,
-    Random,
-    RoundRobin,
-    Selector,
-    UniqueIterator,
-    Weighted,
-    WeightedIterator,
-    WeightedSelector,
-)
+from lbclient.health import BackendHealth, HealthPolicy, HealthSnapshot, Outcome
+from lbclient.selection import FNVHash, Hash, Random, RoundRobin
+from lbclient.selection.consistent import Consistent
+
+if TYPE_CHECKING:
+    from lbclient.checks import HttpCheck, TcpCheck
+    from lbclient.httpx_transport import AsyncLBTransport, LBTransport
+    from lbclient.requests_adapter import LBAdapter
+    from lbclient.retry import RetryPolicy
 
 __version__ = "0.1.0"
 
 # A library logs, the application decides where it goes.
 logging.getLogger("lbclient").addHandler(logging.NullHandler())
 
-__all__ = [
-    "DEFAULT_MAX_ITERATIONS",
-    "IDEMPOTENT_METHODS",
-    "MAX_WEIGHT",
-    "Algorithm",
-    "AsyncLBTransport",
-    "Backend",
-    "BackendHealth",
-    "CheckFailed",
-    "Consistent",
-    "ConsistentSelector",
-    "FNVHash",
-    "Failure",
-    "Hash",
-    "HealthCheck",
-    "HealthPolicy",
-    "HealthSnapshot",
-    "HealthState",
-    "HttpCheck",
-    "KeyFunctionError",
-    "LBAdapter",
-    "LBClientError",
-    "LBTransport",
+__all__ = [  # noqa: RUF022 (grouped by topic, not sorted)
+    # the balancer and its backends
     "LoadBalancer",
-    "NoBackendAvailable",
-    "Outcome",
-    "Random",
-    "RetryPolicy",
+    "Backend",
+    # selection algorithms
     "RoundRobin",
-    "Selector",
+    "Random",
+    "Hash",
+    "FNVHash",
+    "Consistent",
+    # health
+    "HealthPolicy",
+    "Outcome",
+    "HealthSnapshot",
+    "BackendHealth",
     "TcpCheck",
-    "UniqueIterator",
-    "Weighted",
-    "WeightedIterator",
-    "WeightedSelector",
+    "HttpCheck",
+    # the clients (loaded on first use)
+    "LBTransport",
+    "AsyncLBTransport",
+    "LBAdapter",
+    "RetryPolicy",
+    # errors
+    "LBClientError",
+    "NoBackendAvailable",
+    "KeyFunctionError",
     "__version__",
 ]
+
+# Loaded on first use: name -> module. The names after the blank line are not in __all__; they
+# stay importable from here for code written against earlier versions, and live in the module
+# named.
+_LAZY = {
+    "LBTransport": "lbclient.httpx_transport",
+    "AsyncLBTransport": "lbclient.httpx_transport",
+    "LBAdapter": "lbclient.requests_adapter",
+    "RetryPolicy": "lbclient.retry",
+    "TcpCheck": "lbclient.checks",
+    "HttpCheck": "lbclient.checks",
+
+    "HealthCheck": "lbclient.checks",
+    "CheckFailed": "lbclient.errors",
+    "Failure": "lbclient.retry",
+    "IDEMPOTENT_METHODS": "lbclient.retry",
+    "HealthState": "lbclient.health",
+    "MAX_WEIGHT": "lbclient.backend",
+    "DEFAULT_MAX_ITERATIONS": "lbclient.balancer",
+    "Algorithm": "lbclient.selection",
+    "Selector": "lbclient.selection",
+    "UniqueIterator": "lbclient.selection",
+    "Weighted": "lbclient.selection",
+    "WeightedIterator": "lbclient.selection",
+    "WeightedSelector": "lbclient.selection",
+    "ConsistentSelector": "lbclient.selection",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lbclient' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

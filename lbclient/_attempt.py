@@ -1,34 +1,22 @@
-"""Which failures are retried, and the one attempt loop (on tenacity) that every adapter uses.
+"""The attempt loop every adapter shares: a request's plan over the backends, and the loop (on
+tenacity) that runs its attempts. Private: the adapters use it; users configure it through
+:class:`~lbclient.retry.RetryPolicy`.
 
 A request's walk over backends is a :class:`RequestPlan`: it knows the candidates in fallback
 order, what was tried and why it failed, whether one more attempt is allowed, and how long to wait
 before it. The adapters only translate: they classify their library's exceptions into a
-:class:`Failure` kind, do the I/O of one attempt, and build the final exception.
-
-The rules:
-
-* ``NEVER_SENT`` failures (connection refused, connect timeout, TLS handshake, DNS) are retried
-  on the next backend for every method: the request never left the client.
-* ``MAYBE_SENT`` failures (read or write errors and timeouts, server disconnected, protocol
-  errors) are retried only for idempotent methods whose body can be sent again, and only when
-  ``retry_maybe_sent`` is on. A POST that may have reached a server is never sent twice.
-* ``LOCAL`` failures (a full local connection pool, a malformed request) say nothing about the
-  backend: not reported, not retried.
-* A response whose status is in ``retry_statuses`` is retried like a maybe-sent failure.
-* No wait before an attempt on a backend not tried yet; jittered exponential backoff before
-  trying a backend again. All attempts together stay within the request's own timeout.
+:class:`~lbclient.retry.Failure` kind, do the I/O of one attempt, and build the final exception.
+The rules themselves are described in :mod:`lbclient.retry`.
 """
 
 from __future__ import annotations
 
-import enum
-import math
 import random
 import threading
 import time
 from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Final, TypeVar
+from typing import Any, TypeVar
 
 import anyio
 from tenacity import (
@@ -43,115 +31,20 @@ from lbclient.backend import Backend
 from lbclient.balancer import LoadBalancer
 from lbclient.errors import KeyFunctionError, NoBackendAvailable
 from lbclient.health import Outcome
+from lbclient.retry import Attempt, Failure, RetryPolicy
 from lbclient.selection.base import AlgorithmLike
 
 __all__ = [
-    "IDEMPOTENT_METHODS",
     "Adapter",
-    "Attempt",
-    "Failure",
     "RequestPlan",
-    "RetryPolicy",
     "budget_of",
     "policy_from",
     "run_async",
     "run_sync",
 ]
 
-#: Methods that may be sent twice without changing the outcome (RFC 9110 section 9.2.2).
-IDEMPOTENT_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
-
 _T = TypeVar("_T")
-
-
-class Failure(enum.Enum):
-    """How far a failed attempt got, which decides whether it may be retried."""
-
-    #: The request never left the client: safe to retry for every method.
-    NEVER_SENT = "never sent"
-    #: The request may have reached the server: retry only idempotent, replayable requests.
-    MAYBE_SENT = "maybe sent"
-    #: A local problem (pool exhausted, bad request): not the backend's fault, not retried.
-    LOCAL = "local"
-
-
-def _status_set(name: str, value: Iterable[int]) -> frozenset[int]:
-    try:
-        statuses = frozenset(value)
-    except TypeError:
-        raise TypeError(f"{name} must be a collection of status codes, got {value!r}") from None
-    for status in statuses:
-        if isinstance(status, bool) or not isinstance(status, int) or not 100 <= status <= 599:
-            raise ValueError(f"{name} must hold HTTP status codes 100..599, got {status!r}")
-    return statuses
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """What a request may retry, how often and how fast. Immutable."""
-
-    #: Attempts per request, the first included.
-    max_attempts: int = 3
-    #: Retry maybe-sent failures of idempotent requests with replayable bodies.
-    retry_maybe_sent: bool = True
-    #: Response statuses retried for idempotent requests (e.g. {502, 503, 504}); none by default.
-    retry_statuses: Collection[int] = frozenset()
-    #: Response statuses reported to passive health as failures.
-    failure_statuses: Collection[int] = frozenset(range(500, 600))
-    #: Methods considered idempotent.
-    idempotent_methods: Collection[str] = IDEMPOTENT_METHODS
-    #: First backoff (seconds) before trying a backend again; doubles per retry, with full jitter.
-    backoff: float = 0.05
-    #: Largest backoff (seconds).
-    backoff_max: float = 2.0
-    #: Responses to retryable requests with a Content-Length up to this many bytes are read
-    #: before they are returned, so a connection lost mid-body can still be retried.
-    buffer_limit: int = 256 * 1024
-
-    def __post_init__(self) -> None:
-        attempts = self.max_attempts
-        if isinstance(attempts, bool) or not isinstance(attempts, int):
-            raise TypeError(f"max_attempts must be an int, got {attempts!r}")
-        if attempts < 1:
-            raise ValueError(f"max_attempts must be >= 1, got {attempts}")
-        if not isinstance(self.retry_maybe_sent, bool):
-            raise TypeError(f"retry_maybe_sent must be a bool, got {self.retry_maybe_sent!r}")
-        object.__setattr__(
-            self, "retry_statuses", _status_set("retry_statuses", self.retry_statuses)
-        )
-        object.__setattr__(
-            self, "failure_statuses", _status_set("failure_statuses", self.failure_statuses)
-        )
-        if isinstance(self.idempotent_methods, str):
-            raise TypeError("idempotent_methods must be a collection of method names, not a str")
-        object.__setattr__(
-            self, "idempotent_methods", frozenset(m.upper() for m in self.idempotent_methods)
-        )
-        limit = self.buffer_limit
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
-            raise ValueError(f"buffer_limit must be an int >= 0, got {limit!r}")
-        for name in ("backoff", "backoff_max"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError(f"{name} must be a number of seconds, got {value!r}")
-            if not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-
-
-@dataclass
-class Attempt:
-    """One attempt of a request: where it went and how it ended."""
-
-    backend: Backend
-    #: Failure kind, or None when a response came back.
-    failure: Failure | None = None
-    #: Text of the error, or ``"HTTP <status>"``.
-    outcome: str = ""
-    status: int | None = None
-    error: BaseException | None = field(default=None, repr=False)
-
-    def describe(self) -> str:
-        return f"{self.backend.address} ({self.outcome})"
+_E = TypeVar("_E", bound=Exception)
 
 
 @dataclass
@@ -183,6 +76,7 @@ class RequestPlan:
         self._retry_response = False
         self._delay: float | None = None
         self._clipped = False
+        self._began = self._start
 
     # -- choosing backends -------------------------------------------------------------------
 
@@ -191,6 +85,7 @@ class RequestPlan:
         backend = self.balancer.select(self.key)
         if backend is None:
             backend = self._untried()
+        self._began = self.clock()
         return backend
 
     def _untried(self) -> Backend | None:
@@ -231,6 +126,7 @@ class RequestPlan:
         self._pending = None
         self._delay = None
         self._clipped = False
+        self._began = self.clock()
         return backend
 
     # -- recording -------------------------------------------------------------------------
@@ -244,7 +140,7 @@ class RequestPlan:
         the request's remaining budget (the backend was not given its normal time).
         """
         text = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
-        self.attempts.append(Attempt(backend, failure, text, error=error))
+        self.attempts.append(Attempt(backend, failure, text, error=error, seconds=self._took()))
         if failure is not Failure.LOCAL and not (timed_out and self._clipped):
             self.balancer.report(backend, False)
 
@@ -254,7 +150,7 @@ class RequestPlan:
         A failure status is reported to passive health here. A success is reported by the
         adapter once the body was read (or closed), so a body that fails counts as a failure.
         """
-        self.attempts.append(Attempt(backend, None, f"HTTP {status}", status))
+        self.attempts.append(Attempt(backend, None, f"HTTP {status}", status, seconds=self._took()))
         if status in self.policy.failure_statuses:
             self.balancer.report(backend, Outcome.SERVER_ERROR)
         self._retry_response = (
@@ -265,6 +161,9 @@ class RequestPlan:
     def wants_retry(self, _result: object = None) -> bool:
         """Whether the response just recorded should be retried (a tenacity result predicate)."""
         return self._retry_response
+
+    def _took(self) -> float:
+        return max(0.0, self.clock() - self._began)
 
     # -- deciding --------------------------------------------------------------------------
 
@@ -524,6 +423,7 @@ class Adapter:
         key: Callable[[Any], bytes | str | None] | None,
         algorithm: AlgorithmLike | None,
         policy: RetryPolicy,
+        unavailable: Callable[[str, Any], NoBackendAvailable],
     ) -> None:
         if isinstance(balancer, LoadBalancer):
             if algorithm is not None:
@@ -537,6 +437,8 @@ class Adapter:
             raise TypeError(f"key must be a function of the request, got {key!r}")
         self.key = key
         self.policy = policy
+        #: Makes the adapter's own NoBackendAvailable (message, request).
+        self.unavailable = unavailable
         #: True until the balancer's active checks were started for this adapter (False at
         #: once when the balancer has none): the per-request test is one attribute read.
         self.checks_pending = self.balancer.health_check is not None
@@ -574,6 +476,14 @@ class Adapter:
         """Stop the checks this adapter started, awaiting their task."""
         if self._stop():
             await self.balancer.aclose()
+
+    @staticmethod
+    def final_error(exc: _E, plan: RequestPlan, request: object) -> _E:
+        """The final error of a request whose attempts all failed: of the last failure's class
+        (as the client itself would raise), naming every attempt, with them as ``.attempts``."""
+        error = type(exc)(plan.describe(), request=request)  # type: ignore[call-arg]
+        error.attempts = tuple(plan.attempts)  # type: ignore[attr-defined]
+        return error
 
     def key_of(self, request: object, method: str, url: str) -> bytes:
         """The selection key of ``request``; KeyFunctionError if the key function fails."""
@@ -616,7 +526,5 @@ class Adapter:
         if first is None:
             count = len(self.balancer.backends)
             why = "it has no backends" if not count else f"all {count} backends are disabled"
-            raise NoBackendAvailable(
-                f"no backend available for {method} {url}: {why}", request=request
-            )
+            raise self.unavailable(f"no backend available for {method} {url}: {why}", request)
         return plan, first

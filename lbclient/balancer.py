@@ -1,11 +1,15 @@
-"""LoadBalancer: a set of backends, a selection algorithm and the backends' health.
+"""LoadBalancer: a set of backends, a selection algorithm, and the backends' health.
 
-Everything a request reads lives in one view (sorted backends, built selector, health cells,
-set-wide counts) that is replaced whole by :meth:`LoadBalancer.update`. Readers take the current
-view with a single attribute read and never lock; writers (updates, health reports, check
-results) serialise on a lock. Health cells hold an immutable :class:`HealthState` that a writer
-replaces in one assignment. The one write a selection makes is taking the probe of an ejected
-backend whose time is up, under the lock; that happens once per ejection.
+What lives here: selection over one immutable view of the backend set (sorted backends, built
+selector, health cells and set-wide counts), replaced whole by :meth:`LoadBalancer.update`.
+Readers take the current view with a single attribute read and never lock. Every health change
+is delegated to the health book (:mod:`lbclient._book`); background work (active checks,
+discovery) is handed in as services that the balancer only starts and stops.
+
+What may not: I/O, sockets, threads or tasks of its own, a clock other than the injected one,
+and any import of the checks, the transports or an HTTP client. The one write a selection makes
+is taking the probe of an ejected backend whose time is up, under the book's lock, once per
+ejection.
 """
 
 from __future__ import annotations
@@ -13,15 +17,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, replace
 from types import TracebackType
-from typing import Final
+from typing import Final, Protocol
 
+from lbclient._book import Cell, HealthBook, OnChange, Tally
 from lbclient.backend import Backend
-from lbclient.checks import HealthCheck, Runner, start_runner
-from lbclient.health import HealthPolicy, HealthState, Outcome
+from lbclient.health import HealthPolicy, HealthSnapshot, HealthState, Outcome
 from lbclient.selection.base import (
     AlgorithmLike,
     Key,
@@ -34,7 +36,7 @@ from lbclient.selection.base import (
 )
 from lbclient.selection.weighted import RoundRobin
 
-__all__ = ["DEFAULT_MAX_ITERATIONS", "BackendHealth", "HealthSnapshot", "LoadBalancer"]
+__all__ = ["DEFAULT_MAX_ITERATIONS", "ActiveCheck", "LoadBalancer", "Service"]
 
 logger = logging.getLogger("lbclient")
 
@@ -42,158 +44,74 @@ logger = logging.getLogger("lbclient")
 DEFAULT_MAX_ITERATIONS: Final = 256
 
 Accept = Callable[[Backend, bool], bool]
-OnChange = Callable[[Backend, bool], object]
 
 
-class _Cell:
-    """Holds one backend's current HealthState; replaced by writers in one assignment."""
+class Service(Protocol):
+    """Background work for a balancer (active checks, discovery), started with the balancer's
+    first user and stopped with its last; it keeps its own count of users."""
 
-    __slots__ = ("state",)
+    def start(self) -> None: ...
 
-    def __init__(self, state: HealthState) -> None:
-        self.state = state
+    async def astart(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+    async def astop(self) -> None: ...
 
 
-class _View:
-    """What one request reads. The counts change after construction, under the lock only."""
+class ActiveCheck(Protocol):
+    """What the balancer needs of a ``health_check`` (:class:`~lbclient.checks.TcpCheck`,
+    :class:`~lbclient.checks.HttpCheck`): its thresholds, and a service that runs it."""
 
-    __slots__ = (
-        "backends",
-        "by_address",
-        "cells",
-        "disabled",
-        "ejected",
-        "impaired",
-        "panic",
-        "selector",
-        "unhealthy",
-    )
+    consecutive_successes: int
+    consecutive_failures: int
+
+    def bind(self, balancer: LoadBalancer) -> Service: ...
+
+
+class _View(Tally):
+    """What one request reads: the backend set, its selector, and its health tally."""
+
+    __slots__ = ("backends", "by_address", "selector")
 
     def __init__(
         self,
         backends: tuple[Backend, ...],
         selector: Selector,
-        cells: dict[Backend, _Cell],
+        cells: dict[Backend, Cell],
         policy: HealthPolicy,
     ) -> None:
+        super().__init__(cells, policy)
         self.backends = backends
         self.selector = selector
-        self.cells = cells
         self.by_address = {b.address: b for b in backends}
-        states = [c.state for c in cells.values()]
-        #: Backends switched off by hand.
-        self.disabled = sum(not s.enabled for s in states)
-        #: Enabled backends that are not healthy.
-        self.unhealthy = sum(s.enabled and not s.healthy for s in states)
-        #: Enabled backends passively ejected: the ejection limit counts these (a backend
-        #: switched off by hand never gets its probe, so it must not hold a place).
-        self.ejected = sum(s.ejected and s.enabled for s in states)
-        #: Backends not (healthy and enabled). Zero lets select skip health altogether.
-        self.impaired = sum(not _sound(s) for s in states)
-        self.panic = self._panics(policy)
-
-    def _panics(self, policy: HealthPolicy) -> bool:
-        enabled = len(self.backends) - self.disabled
-        return policy.panics(enabled - self.unhealthy, enabled)
-
-    def store(self, cell: _Cell, after: HealthState, policy: HealthPolicy) -> bool:
-        """Put ``after`` in ``cell`` and update the counts; return whether panic mode flipped."""
-        before = cell.state
-        cell.state = after
-        self.disabled += before.enabled - after.enabled
-        self.unhealthy += (after.enabled and not after.healthy) - (
-            before.enabled and not before.healthy
-        )
-        self.ejected += (after.ejected and after.enabled) - (before.ejected and before.enabled)
-        self.impaired += _sound(before) - _sound(after)
-        panic = self._panics(policy)
-        flipped = panic != self.panic
-        self.panic = panic
-        return flipped
-
-
-def _sound(state: HealthState) -> bool:
-    return state.healthy and state.enabled
 
 
 def _accept_ready(_backend: Backend, ready: bool) -> bool:
     return ready
 
 
-@dataclass(frozen=True)
-class BackendHealth:
-    """One backend's health as :meth:`LoadBalancer.snapshot` saw it."""
-
-    backend: Backend
-    #: Whether it may take a request now (panic mode included).
-    ready: bool
-    #: Neither ejected nor failing its active checks.
-    healthy: bool
-    enabled: bool
-    #: Passively ejected (possibly due for its probe).
-    ejected: bool
-    #: Clock value at which the ejection ends (a probe may go), or None.
-    ejected_until: float | None
-    #: Seconds until then (0 when the probe is due), or None when not ejected.
-    ejection_remaining: float | None
-    #: Whether a probe request is out.
-    probing: bool
-    #: Times ejected (after decay), the multiplier of the next ejection time.
-    ejections: int
-    consecutive_failures: int
-    consecutive_5xx: int
-    #: The active checks' verdict: True up, False down, None not checked (yet).
-    checked: bool | None
-
-
-@dataclass(frozen=True)
-class HealthSnapshot:
-    """The health of every backend at one moment, and whether panic mode is on."""
-
-    #: The clock value of the snapshot.
-    at: float
-    #: True when fewer backends than the panic threshold are healthy: health is ignored.
-    panic: bool
-    backends: tuple[BackendHealth, ...]
-
-    @property
-    def ready(self) -> int:
-        """How many backends may take a request."""
-        return sum(b.ready for b in self.backends)
-
-    def __str__(self) -> str:
-        lines = [f"panic mode: {'ON' if self.panic else 'off'}"]
-        for b in self.backends:
-            if not b.enabled:
-                state = "disabled"
-            elif b.ejected:
-                state = f"ejected ({b.ejection_remaining:.1f} s left, #{b.ejections})"
-            elif b.checked is False:
-                state = "failing checks"
-            else:
-                state = "healthy"
-            lines.append(
-                f"{b.backend.address:<24} {'ready' if b.ready else 'not ready':<9} {state}"
-            )
-        return "\n".join(lines)
-
-
 class LoadBalancer:
     """Chooses a backend per key, with fallbacks, skipping backends that are not ready.
 
-    ``backends`` are :class:`Backend` objects or ``"host:port"`` strings (may be empty).
-    ``algorithm`` is a selection algorithm class (``RoundRobin``, ``Hash``, ``Consistent``...) or
-    a configured instance (``Consistent(points_per_weight=160)``).
+    Every backend starts healthy and enabled. :meth:`report` feeds the outcomes of requests to
+    passive outlier detection; after too many failures in a row a backend is ejected for a
+    while, then one probe request decides whether it is back. Below the panic threshold of
+    healthy backends, health is ignored.
 
-    Health: every backend starts healthy and enabled. :meth:`report` feeds the outcomes of
-    requests to passive outlier detection, as ``health`` (a :class:`HealthPolicy`) says: after
-    ``consecutive_failures`` failures in a row a backend is ejected for a while, then one probe
-    request decides whether it is back. ``health_check`` (a :class:`~lbclient.checks.TcpCheck`
-    or :class:`~lbclient.checks.HttpCheck`) checks every backend actively once :meth:`start`
-    (or ``with balancer:``, or a transport using it) started it. Below the panic threshold of
-    healthy backends, health is ignored. ``on_change(backend, healthy)`` is called on every
-    change of a backend's health, and on the first verdict of its active checks.
-    ``clock`` returns seconds (monotonic).
+    * ``backends``: :class:`Backend` objects or ``"host:port"`` strings (may be empty; ``()``).
+    * ``algorithm``: a selection algorithm class (``RoundRobin``, ``Random``, ``Hash``,
+      ``FNVHash``, ``Consistent``) or a configured instance such as ``Consistent()``
+      (``RoundRobin``).
+    * ``health``: the :class:`HealthPolicy` of passive outlier detection and panic mode
+      (``HealthPolicy()``: 5 failures in a row eject for 30 s, see its defaults).
+    * ``health_check``: a :class:`~lbclient.TcpCheck` or :class:`~lbclient.HttpCheck` run on
+      every backend once :meth:`start` (``with balancer:``, or a transport using it) started
+      it (None: no active checks).
+    * ``on_change``: called as ``on_change(backend, healthy)`` on every change of a backend's
+      health, and on the first verdict of its active checks, in order (None).
+    * ``clock``: returns seconds, monotonic; the only clock the balancer reads
+      (``time.monotonic``).
     """
 
     def __init__(
@@ -202,7 +120,7 @@ class LoadBalancer:
         algorithm: AlgorithmLike = RoundRobin,
         *,
         health: HealthPolicy | None = None,
-        health_check: HealthCheck | None = None,
+        health_check: ActiveCheck | None = None,
         on_change: OnChange | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -210,7 +128,7 @@ class LoadBalancer:
             health = HealthPolicy()
         elif not isinstance(health, HealthPolicy):
             raise TypeError(f"health must be a HealthPolicy or None, got {health!r}")
-        if health_check is not None and not isinstance(health_check, HealthCheck):
+        if health_check is not None and not callable(getattr(health_check, "bind", None)):
             raise TypeError(
                 f"health_check must be a TcpCheck, an HttpCheck or None, got {health_check!r}"
             )
@@ -220,22 +138,16 @@ class LoadBalancer:
             raise TypeError(f"clock must be callable, got {clock!r}")
         self._algorithm = resolve_algorithm(algorithm)
         self._policy = health
-        self._health_check = health_check
-        self._on_change = on_change
         self._clock = clock
-        self._lock = threading.Lock()
+        self._book = HealthBook(health, clock, on_change, lambda: self._view)
         self._update_lock = threading.Lock()
-        self._runner_lock = threading.Lock()
-        self._runner: Runner | None = None
-        self._users = 0
-        self._events: deque[tuple[Backend, bool]] = deque()
-        self._delivering = threading.Lock()
         prepared = prepare_backends(backends)
         self._view = _View(
-            prepared,
-            self._algorithm.build(prepared),
-            {b: _Cell(HealthState()) for b in prepared},
-            health,
+            prepared, self._algorithm.build(prepared), HealthBook.cells(prepared), health
+        )
+        self._health_check = health_check
+        self._services: tuple[Service, ...] = (
+            () if health_check is None else (health_check.bind(self),)
         )
 
     # -- reading ---------------------------------------------------------------------------
@@ -256,7 +168,7 @@ class LoadBalancer:
         return self._policy
 
     @property
-    def health_check(self) -> HealthCheck | None:
+    def health_check(self) -> ActiveCheck | None:
         """The active health check, if any."""
         return self._health_check
 
@@ -307,7 +219,7 @@ class LoadBalancer:
                 ready = probe = state.enabled and state.probe_due(now)
             if not accept(backend, ready):
                 continue
-            if probe and not self._claim(view, backend, self._clock()):
+            if probe and not self._book.claim(view, backend, self._clock()):
                 continue  # another request took the probe first
             return backend
         return None
@@ -322,8 +234,7 @@ class LoadBalancer:
         backend not yet yielded, in sorted order. Use :meth:`admit` to take only ready ones.
         """
         limit = check_max_iterations(max_iterations)
-        view = self._view
-        return _candidates(view, to_key(key), limit)
+        return _candidates(self._view, to_key(key), limit)
 
     def ready(self, backend: Backend | str) -> bool:
         """Whether ``backend`` may be chosen now: in the set, enabled, and healthy, due for its
@@ -337,7 +248,7 @@ class LoadBalancer:
 
     def _usable(self, backend: Backend | str, take_probe: bool) -> bool:
         view = self._view
-        found = self._find(view, backend)
+        found = _find(view, backend)
         if found is None:
             return False
         state = view.cells[found].state
@@ -346,49 +257,17 @@ class LoadBalancer:
         now = self._clock()
         if not (state.enabled and state.probe_due(now)):
             return False
-        return not take_probe or self._claim(view, found, now)
-
-    def _claim(self, view: _View, backend: Backend, now: float) -> bool:
-        with self._lock:
-            cell = view.cells[backend]
-            after = self._policy.claim_probe(cell.state, now)
-            if after is None:
-                return False
-            cell.state = after  # counts unchanged: still ejected, still unhealthy
-        logger.info("backend %s: ejection over, sending a probe request", backend.address)
-        return True
+        return not take_probe or self._book.claim(view, found, now)
 
     def health(self, backend: Backend | str) -> HealthState:
         """The current health state of ``backend``; ValueError if it is not in the set."""
         view = self._view
-        return view.cells[self._require(view, backend)].state
+        return view.cells[_require(view, backend)].state
 
     def snapshot(self) -> HealthSnapshot:
         """Every backend's health, and whether panic mode is on, as of now."""
         view = self._view
-        now = self._clock()
-        panic = view.panic
-        items = []
-        for backend in view.backends:
-            s = view.cells[backend].state
-            until = s.ejected_until
-            items.append(
-                BackendHealth(
-                    backend=backend,
-                    ready=s.enabled if panic else s.ready(now),
-                    healthy=s.healthy,
-                    enabled=s.enabled,
-                    ejected=s.ejected,
-                    ejected_until=until,
-                    ejection_remaining=None if until is None else max(0.0, until - now),
-                    probing=s.probe_until is not None and now < s.probe_until,
-                    ejections=self._policy.decayed(s, now),
-                    consecutive_failures=s.consecutive_failures,
-                    consecutive_5xx=s.consecutive_5xx,
-                    checked=s.checked,
-                )
-            )
-        return HealthSnapshot(now, panic, tuple(items))
+        return self._book.snapshot(view.backends, view)
 
     def __len__(self) -> int:
         return len(self._view.backends)
@@ -413,9 +292,8 @@ class LoadBalancer:
             if prepared == self._view.backends:
                 return False
             selector = self._algorithm.build(prepared)
-            with self._lock:
-                old = self._view.cells
-                cells = {b: old.get(b) or _Cell(HealthState()) for b in prepared}
+            with self._book.lock:
+                cells = HealthBook.cells(prepared, self._view)
                 self._view = _View(prepared, selector, cells, self._policy)
         logger.debug("backends updated: %d backends", len(prepared))
         return True
@@ -424,15 +302,8 @@ class LoadBalancer:
         """Switch ``backend`` on or off by hand; ValueError if it is not in the current set."""
         if not isinstance(enabled, bool):
             raise TypeError(f"enabled must be a bool, got {enabled!r}")
-        with self._lock:
-            view = self._view
-            cell = view.cells[self._require(view, backend)]
-            if cell.state.enabled == enabled:
-                return
-            after = replace(cell.state, enabled=enabled)
-            panic = view.store(cell, after, self._policy)
-        if panic:
-            self._log_panic(view)
+        if not self._book.set_enabled(_require(self._view, backend), enabled):
+            raise ValueError(f"{backend!r} is not one of this balancer's backends")
 
     def report(self, backend: Backend | str, outcome: bool | Outcome) -> bool:
         """Record the outcome of one request to ``backend``; return whether its health changed.
@@ -458,26 +329,8 @@ class LoadBalancer:
             outcome = Outcome.CONNECTION_FAILURE
         elif not isinstance(outcome, Outcome):
             raise TypeError(f"outcome must be an Outcome or a bool, got {outcome!r}")
-        policy = self._policy
-        with self._lock:
-            view = self._view
-            found = self._find(view, backend)
-            if found is None:
-                return False
-            cell = view.cells[found]
-            before = cell.state
-            now = self._clock()
-            may_eject = view.ejected < policy.ejection_limit(len(view.backends))
-            after = policy.observe(before, outcome, now, may_eject)
-            if after is before:
-                return False
-            panic = view.store(cell, after, policy)
-            flipped = self._queue(found, before, after)
-        self._log_report(found, before, after, outcome, now)
-        if panic:
-            self._log_panic(view)
-        self._deliver()
-        return flipped
+        found = _find(self._view, backend)
+        return found is not None and self._book.observe(found, outcome)
 
     def report_check(self, backend: Backend | str, ok: bool, detail: str = "") -> bool:
         """Record one active health check result for ``backend``; return whether its health
@@ -487,112 +340,15 @@ class LoadBalancer:
         if not isinstance(ok, bool):
             raise TypeError(f"ok must be a bool, got {ok!r}")
         check = self._health_check
-        successes = 1 if check is None else check.consecutive_successes
-        failures = 1 if check is None else check.consecutive_failures
-        policy = self._policy
-        with self._lock:
-            view = self._view
-            found = self._find(view, backend)
-            if found is None:
-                return False
-            cell = view.cells[found]
-            before = cell.state
-            after = policy.check(before, ok, successes, failures)
-            if ok and after.checked and after.ejected:
-                after = policy.restore(after, self._clock())
-            if after is before:
-                return False
-            panic = view.store(cell, after, policy)
-            first = before.checked is None and after.checked is not None
-            flipped = self._queue(found, before, after, first)
-        address = found.address
-        if after.checked != before.checked:
-            if after.checked:
-                logger.info("backend %s passes its health check", address)
-            else:
-                logger.warning("backend %s fails its health check: %s", address, detail)
-        elif not ok:
-            logger.debug("backend %s health check failed: %s", address, detail)
-        if before.ejected and not after.ejected:
-            logger.info("backend %s restored: its health check passed", address)
-        if panic:
-            self._log_panic(view)
-        self._deliver()
-        return flipped
+        thresholds = (
+            (1, 1)
+            if check is None
+            else (check.consecutive_successes, check.consecutive_failures)
+        )
+        found = _find(self._view, backend)
+        return found is not None and self._book.check(found, ok, detail, thresholds)
 
-    def _queue(
-        self, backend: Backend, before: HealthState, after: HealthState, first: bool = False
-    ) -> bool:
-        """Under the lock: queue the on_change call for a change, in the order of the changes.
-        Return whether health flipped."""
-        healthy = after.healthy
-        flipped = healthy != before.healthy
-        if (flipped or first) and self._on_change is not None:
-            self._events.append((backend, healthy))
-        return flipped
-
-    def _deliver(self) -> None:
-        """Call on_change for queued changes, in order, one thread at a time. A thread that
-        finds another delivering leaves its events to it; a callback that changes health
-        itself has its own event delivered after it returns."""
-        callback = self._on_change
-        events = self._events
-        while events and callback is not None:
-            if not self._delivering.acquire(blocking=False):
-                return
-            try:
-                while events:
-                    backend, healthy = events.popleft()
-                    try:
-                        callback(backend, healthy)
-                    except Exception:
-                        logger.exception(
-                            "on_change callback failed for backend %s", backend.address
-                        )
-            finally:
-                self._delivering.release()
-
-    def _log_report(
-        self,
-        backend: Backend,
-        before: HealthState,
-        after: HealthState,
-        outcome: Outcome,
-        now: float,
-    ) -> None:
-        address = backend.address
-        if after.ejected_until is not None and after.ejected_until != before.ejected_until:
-            seconds = after.ejected_until - now
-            if before.ejected:
-                why = "its probe request failed"
-            elif outcome is Outcome.SERVER_ERROR and not self._policy.combine_failures:
-                why = _times(before.consecutive_5xx + 1, "server error")
-            else:
-                why = _times(before.consecutive_failures + 1, "failure")
-            logger.warning(
-                "backend %s ejected for %g s after %s (ejection %d)",
-                address,
-                seconds,
-                why,
-                after.ejections,
-            )
-        elif before.ejected and not after.ejected:
-            logger.info("backend %s restored: its probe request succeeded", address)
-
-    def _log_panic(self, view: _View) -> None:
-        enabled = len(view.backends) - view.disabled
-        healthy = enabled - view.unhealthy
-        if view.panic:
-            logger.warning(
-                "panic mode on: %d of %d backends healthy, below %g%%; ignoring health",
-                healthy,
-                enabled,
-                self._policy.panic_threshold,
-            )
-        else:
-            logger.info("panic mode off: %d of %d backends healthy", healthy, enabled)
-
-    # -- active checks -----------------------------------------------------------------------
+    # -- background services (active checks) ----------------------------------------------------
 
     def start(self) -> LoadBalancer:
         """Start the active health checks on a daemon thread (if there is a check).
@@ -600,57 +356,27 @@ class LoadBalancer:
         Every :meth:`start` needs its :meth:`close`: checks run until the last user closes.
         Returns the balancer.
         """
-        self._acquire(asynchronous=False)
+        for service in self._services:
+            service.start()
         return self
 
     async def astart(self) -> LoadBalancer:
         """Start the active health checks on an asyncio task of the running loop (a daemon
         thread outside asyncio). Pair with :meth:`aclose`."""
-        self._acquire(asynchronous=True)
+        for service in self._services:
+            await service.astart()
         return self
-
-    def _acquire(self, asynchronous: bool) -> None:
-        check = self._health_check
-        if check is None:
-            return
-        with self._runner_lock:
-            self._users += 1
-            stale = self._runner
-            if stale is not None and stale.serves(asynchronous):
-                return
-            # None yet; or a task on another (or a finished) event loop, which cannot serve
-            # this user: a thread serves users of every kind.
-            self._runner = start_runner(
-                check,
-                lambda: self._view.backends,
-                self.report_check,
-                asynchronous and stale is None,
-            )
-        if stale is not None:
-            stale.stop()
-
-    def _release(self) -> Runner | None:
-        with self._runner_lock:
-            if self._users == 0:
-                return None
-            self._users -= 1
-            if self._users:
-                return None
-            runner, self._runner = self._runner, None
-            return runner
 
     def close(self) -> None:
         """Stop the active health checks once every :meth:`start` was closed. When this returns,
         no check is running (an asyncio task is cancelled; prefer :meth:`aclose` there)."""
-        runner = self._release()
-        if runner is not None:
-            runner.stop()
+        for service in self._services:
+            service.stop()
 
     async def aclose(self) -> None:
         """Stop the active health checks (see :meth:`close`), awaiting an asyncio task."""
-        runner = self._release()
-        if runner is not None:
-            await runner.astop()
+        for service in self._services:
+            await service.astop()
 
     def __enter__(self) -> LoadBalancer:
         return self.start()
@@ -674,28 +400,22 @@ class LoadBalancer:
     ) -> None:
         await self.aclose()
 
-    # -- helpers ---------------------------------------------------------------------------
 
-    @staticmethod
-    def _find(view: _View, backend: Backend | str) -> Backend | None:
-        if isinstance(backend, Backend):
-            return backend if backend in view.cells else None
-        if isinstance(backend, str):
-            return view.by_address.get(Backend(backend).address)
-        raise TypeError(
-            f"expected a Backend or an address string, got {backend!r} ({type(backend).__name__})"
-        )
-
-    @classmethod
-    def _require(cls, view: _View, backend: Backend | str) -> Backend:
-        found = cls._find(view, backend)
-        if found is None:
-            raise ValueError(f"{backend!r} is not one of this balancer's backends")
-        return found
+def _find(view: _View, backend: Backend | str) -> Backend | None:
+    if isinstance(backend, Backend):
+        return backend if backend in view.cells else None
+    if isinstance(backend, str):
+        return view.by_address.get(Backend(backend).address)
+    raise TypeError(
+        f"expected a Backend or an address string, got {backend!r} ({type(backend).__name__})"
+    )
 
 
-def _times(count: int, what: str) -> str:
-    return f"1 {what}" if count == 1 else f"{count} {what}s in a row"
+def _require(view: _View, backend: Backend | str) -> Backend:
+    found = _find(view, backend)
+    if found is None:
+        raise ValueError(f"{backend!r} is not one of this balancer's backends")
+    return found
 
 
 def _candidates(view: _View, key: bytes, limit: int) -> Iterator[Backend]:

@@ -3,11 +3,16 @@
 A check object says how to check one backend (:meth:`HealthCheck.check` with sockets,
 :meth:`HealthCheck.acheck` with asyncio streams), how often (``interval``) and how many results
 in a row flip its verdict (``consecutive_successes`` / ``consecutive_failures``). Give one to
-:class:`~lbclient.balancer.LoadBalancer` as ``health_check``; the balancer runs it on every
-backend, in parallel, once started (``with balancer:``, ``async with balancer:``, or a transport
-using the balancer), and stops it on close.
+:class:`~lbclient.LoadBalancer` as ``health_check``; the balancer binds it
+(:meth:`HealthCheck.bind`) and runs it on every backend, in parallel, once started
+(``with balancer:``, ``async with balancer:``, or a transport using the balancer), and stops it
+on close.
 
-Only the standard library is used here: the request is written and the status line read by hand.
+What lives here: the checks, and the job that runs one over a balancer's backends and reports
+each verdict through the balancer's public :meth:`~lbclient.LoadBalancer.report_check`. The
+runners and their reference-counted start and stop are :mod:`lbclient._background`'s. What may
+not: the balancer's internals (the balancer imports nothing from here). Only the standard
+library is used: the request is written and the status line read by hand.
 """
 
 from __future__ import annotations
@@ -17,27 +22,25 @@ import contextlib
 import math
 import socket
 import ssl
-import threading
 import time
 from collections.abc import Callable, Collection, Mapping
-from typing import Final, Protocol
+from typing import TYPE_CHECKING, Final
 
+from lbclient._background import Schedule
 from lbclient.backend import Backend
+from lbclient.errors import CheckFailed
 
-__all__ = ["CheckFailed", "HealthCheck", "HttpCheck", "Runner", "TcpCheck", "start_runner"]
+if TYPE_CHECKING:
+    from lbclient.balancer import LoadBalancer
+
+__all__ = ["CheckFailed", "HealthCheck", "HttpCheck", "TcpCheck"]
 
 #: The most bytes read of a check response's head (status line and headers).
 MAX_HEAD: Final = 64 * 1024
 #: The most bytes of a check response's body read (to see it arrive whole); the rest is left.
 MAX_BODY: Final = 64 * 1024
-#: How many backends are checked at once by one runner.
-PARALLEL: Final = 32
 
 Validator = Callable[[int, Mapping[str, str]], bool]
-
-
-class CheckFailed(Exception):
-    """A health check did not pass; the message says why."""
 
 
 def _positive(name: str, value: object) -> float:
@@ -125,6 +128,12 @@ class HealthCheck:
     def check(self, backend: Backend) -> None:
         """Check ``backend`` with blocking sockets; raise if it fails."""
         raise NotImplementedError
+
+    def bind(self, balancer: LoadBalancer) -> Schedule[Backend, tuple[bool, str]]:
+        """The schedule that runs this check on every backend of ``balancer`` and reports each
+        verdict to :meth:`~lbclient.LoadBalancer.report_check`. The balancer calls this once
+        and starts and stops the schedule with itself (``with balancer:``)."""
+        return Schedule(_CheckJob(self, balancer))
 
     async def acheck(self, backend: Backend) -> None:
         """Check ``backend`` with asyncio streams; raise if it fails."""
@@ -383,184 +392,38 @@ def describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
-# -- runners -----------------------------------------------------------------------------------
-
-Backends = Callable[[], tuple[Backend, ...]]
-Report = Callable[[Backend, bool, str], object]
+# -- running checks ----------------------------------------------------------------------------
 
 
-class Runner(Protocol):
-    """A running check loop."""
+class _CheckJob:
+    """Checks every backend of a balancer each ``interval`` and reports the verdicts to it."""
 
-    def serves(self, asynchronous: bool) -> bool:
-        """Whether one more (async or sync) user can share this runner."""
+    name = "lbclient-health"
 
-    def stop(self) -> None:
-        """Stop; when this returns no check runs (a task is cancelled, not awaited)."""
+    def __init__(self, check: HealthCheck, balancer: LoadBalancer) -> None:
+        self.check = check
+        self.balancer = balancer
+        self.interval = check.interval
+        self.timeout = check.timeout
 
-    async def astop(self) -> None:
-        """Stop, awaiting the end of the loop."""
+    def items(self) -> tuple[Backend, ...]:
+        return self.balancer.backends
 
-
-class _ThreadRunner:
-    """Checks every backend each ``interval`` seconds from a daemon thread, up to
-    :data:`PARALLEL` at once on short-lived daemon worker threads."""
-
-    def __init__(self, check: HealthCheck, backends: Backends, report: Report) -> None:
-        self._check = check
-        self._backends = backends
-        self._report = report
-        self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="lbclient-health", daemon=True)
-        #: The runner's own threads: a stop from one of them (an on_change callback that
-        #: closes the balancer) must not wait for itself.
-        self._own: set[threading.Thread] = {self._thread}
-        self._thread.start()
-
-    def _loop(self) -> None:
-        while not self._stopping.is_set():
-            pending = list(self._backends())
-            lock = threading.Lock()
-            workers = [
-                threading.Thread(
-                    target=self._work,
-                    args=(pending, lock),
-                    name="lbclient-health-check",
-                    daemon=True,
-                )
-                for _ in range(min(PARALLEL, len(pending)))
-            ]
-            self._own.update(workers)
-            for worker in workers:
-                worker.start()
-            for worker in workers:
-                worker.join()
-            self._own.difference_update(workers)
-            self._stopping.wait(self._check.interval)
-
-    def _work(self, pending: list[Backend], lock: threading.Lock) -> None:
-        while not self._stopping.is_set():
-            with lock:
-                if not pending:
-                    return
-                backend = pending.pop()
-            self._one(backend)
-
-    def _one(self, backend: Backend) -> None:
+    def run(self, backend: Backend) -> tuple[bool, str]:
         try:
-            self._check.check(backend)
+            self.check.check(backend)
         except Exception as exc:
-            ok, detail = False, describe(exc)
-        else:
-            ok, detail = True, ""
-        if not self._stopping.is_set():
-            self._report(backend, ok, detail)
+            return False, describe(exc)
+        return True, ""
 
-    def stop(self) -> None:
-        self._stopping.set()
-        if threading.current_thread() not in self._own:
-            self._thread.join()
-
-    async def astop(self) -> None:
-        # Wait for the in-flight round on a worker thread, not on the event loop.
-        import anyio.to_thread
-
-        self._stopping.set()
-        await anyio.to_thread.run_sync(self.stop)
-
-    def serves(self, asynchronous: bool) -> bool:
-        """Whether this runner can serve one more user (a thread serves everyone)."""
-        return self._thread.is_alive() and not self._stopping.is_set()
-
-
-class _TaskRunner:
-    """Checks every backend each ``interval`` seconds from an asyncio task, up to
-    :data:`PARALLEL` at once."""
-
-    def __init__(
-        self,
-        check: HealthCheck,
-        backends: Backends,
-        report: Report,
-        loop: asyncio.AbstractEventLoop,
-    ) -> None:
-        self._check = check
-        self._backends = backends
-        self._report = report
-        self._loop = loop
-        self._stopping = threading.Event()
-        self._finished = threading.Event()
-        self._task = loop.create_task(self._run(), name="lbclient-health")
-
-    async def _run(self) -> None:
-        limit = asyncio.Semaphore(PARALLEL)
+    async def arun(self, backend: Backend) -> tuple[bool, str]:
         try:
-            while True:
-                await asyncio.gather(*(self._one(b, limit) for b in self._backends()))
-                await asyncio.sleep(self._check.interval)
-        finally:
-            self._finished.set()
+            await self.check.acheck(backend)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            return False, describe(exc)
+        return True, ""
 
-    async def _one(self, backend: Backend, limit: asyncio.Semaphore) -> None:
-        async with limit:
-            try:
-                await self._check.acheck(backend)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                ok, detail = False, describe(exc)
-            else:
-                ok, detail = True, ""
-        if not self._stopping.is_set():
-            self._report(backend, ok, detail)
-
-    def _on_loop(self) -> bool:
-        try:
-            return asyncio.get_running_loop() is self._loop
-        except RuntimeError:
-            return False
-
-    def stop(self) -> None:
-        self._stopping.set()  # from here on, nothing is reported
-        if self._on_loop():
-            self._task.cancel()
-            return
-        if self._loop.is_closed() or self._task.done():
-            return
-        self._loop.call_soon_threadsafe(self._task.cancel)
-        if self._loop.is_running():  # wait for the cancellation to land, within reason
-            self._finished.wait(self._check.timeout + 1.0)
-
-    async def astop(self) -> None:
-        if not self._on_loop():  # started on another event loop
-            import anyio.to_thread
-
-            self._stopping.set()
-            await anyio.to_thread.run_sync(self.stop)
-            return
-        self._stopping.set()
-        self._task.cancel()
-        await asyncio.wait([self._task])
-
-    def serves(self, asynchronous: bool) -> bool:
-        """Whether this runner can serve one more user: only async users of its own loop, and
-        only while it runs."""
-        return (
-            asynchronous and self._on_loop() and not self._task.done()
-            and not self._stopping.is_set()
-        )
-
-
-def start_runner(
-    check: HealthCheck, backends: Backends, report: Report, asynchronous: bool
-) -> Runner:
-    """Start checking: on an asyncio task of the running loop when ``asynchronous`` and one is
-    running, on a daemon thread otherwise (sync code, or another async library)."""
-    if asynchronous:
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            pass
-        else:
-            return _TaskRunner(check, backends, report, loop)
-    return _ThreadRunner(check, backends, report)
+    def deliver(self, backend: Backend, result: tuple[bool, str]) -> None:
+        self.balancer.report_check(backend, *result)

@@ -1,37 +1,54 @@
-"""lbclient's exceptions.
+"""lbclient's exceptions. This module imports no HTTP client.
 
-* :class:`NoBackendAvailable`: no backend could be chosen for a request (the set is empty, or
-  every backend is disabled). It is an ``httpx.ConnectError`` and a
-  ``requests.ConnectionError``, so code that already catches connection failures keeps working.
-* :class:`KeyFunctionError`: the user's key function raised, or returned something other than
-  ``bytes``, ``str`` or ``None``. Nothing was sent.
+The tree of what lbclient raises itself::
 
-When every attempt of a request failed, the adapters raise an exception of the last failure's
-own class (``httpx.ConnectError``, ``httpx.ReadTimeout``, ``requests.ConnectionError``...) whose
-message names every backend tried and why.
+    LBClientError                      root of every error lbclient raises itself
+     +-- NoBackendAvailable            no backend could be chosen; nothing was sent
+     |    +-- httpx_transport.NoBackendAvailableError    also an httpx.ConnectError
+     |    +-- requests_adapter.NoBackendAvailableError   also a requests.ConnectionError
+     +-- KeyFunctionError              the key function raised or returned a bad value
+     |                                 (also a TypeError); nothing was sent
+     +-- CheckFailed                   an active health check did not pass (lbclient.checks)
+
+The two ``NoBackendAvailableError`` classes live with their adapter, so that
+``except lbclient.NoBackendAvailable``, ``except httpx.ConnectError`` and
+``except requests.ConnectionError`` all catch what the adapters raise.
+
+When every attempt of a request failed, the adapters raise what the client itself would have
+raised for the last failure (``httpx.ConnectError``, ``httpx.ReadTimeout``,
+``requests.ConnectionError``...). Its message names every backend tried and why, and its
+``attempts`` attribute holds them as data: a tuple of :class:`lbclient.retry.Attempt`
+(backend, failure kind, error, seconds), as urllib3's ``Retry.history`` does.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
-import httpx
-import requests
+if TYPE_CHECKING:
+    from lbclient.retry import Attempt
 
-__all__ = ["KeyFunctionError", "LBClientError", "NoBackendAvailable"]
+__all__ = ["CheckFailed", "KeyFunctionError", "LBClientError", "NoBackendAvailable"]
 
 
 class LBClientError(Exception):
-    """Base class of errors raised by lbclient itself (not by the network)."""
+    """Base class of the errors lbclient raises itself (not those of the network)."""
+
+
+class NoBackendAvailable(LBClientError):
+    """No backend could be chosen for the request (the set is empty, every backend is disabled,
+    or none is healthy and panic mode is off); nothing was sent.
+
+    The adapters raise a subclass that is also their client's connection error.
+    """
+
+    #: The attempts made before no backend was left (empty when none was made).
+    attempts: tuple[Attempt, ...] = ()
 
 
 class KeyFunctionError(LBClientError, TypeError):
     """The key function raised or returned a value of the wrong type; nothing was sent."""
 
 
-class NoBackendAvailable(httpx.ConnectError, requests.ConnectionError):  # type: ignore[misc]
-    """No backend could be chosen for the request; nothing was sent."""
-
-    def __init__(self, message: str, *, request: Any = None) -> None:
-        httpx.ConnectError.__init__(self, message, request=request)
-        self.response = None
+class CheckFailed(LBClientError):
+    """An active health check did not pass; the message says why."""

@@ -17,8 +17,8 @@ Two sources feed one state per backend:
   fail is down until they pass again; a passing check also ends a passive ejection.
 
 How many backends may be ejected at once and when health is ignored altogether (panic mode)
-depends on the whole set; :class:`~lbclient.balancer.LoadBalancer` decides that and passes the
-answer in.
+depends on the whole set; the balancer's health book decides that and passes the answer in.
+:class:`HealthSnapshot` is what :meth:`~lbclient.LoadBalancer.snapshot` returns.
 """
 
 from __future__ import annotations
@@ -27,7 +27,9 @@ import enum
 import math
 from dataclasses import dataclass, replace
 
-__all__ = ["HealthPolicy", "HealthState", "Outcome"]
+from lbclient.backend import Backend
+
+__all__ = ["BackendHealth", "HealthPolicy", "HealthSnapshot", "HealthState", "Outcome"]
 
 
 class Outcome(enum.Enum):
@@ -257,3 +259,64 @@ class HealthPolicy:
         if streak < (successes if ok else failures):
             return replace(state, check_streak=streak)
         return replace(state, checked=ok, check_streak=0)
+
+
+# -- what a snapshot shows -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BackendHealth:
+    """One backend's health as :meth:`~lbclient.LoadBalancer.snapshot` saw it."""
+
+    backend: Backend
+    #: Whether it may take a request now (panic mode included).
+    ready: bool
+    #: Neither ejected nor failing its active checks.
+    healthy: bool
+    enabled: bool
+    #: Passively ejected (possibly due for its probe).
+    ejected: bool
+    #: Clock value at which the ejection ends (a probe may go), or None.
+    ejected_until: float | None
+    #: Seconds until then (0 when the probe is due), or None when not ejected.
+    ejection_remaining: float | None
+    #: Whether a probe request is out.
+    probing: bool
+    #: Times ejected (after decay), the multiplier of the next ejection time.
+    ejections: int
+    consecutive_failures: int
+    consecutive_5xx: int
+    #: The active checks' verdict: True up, False down, None not checked (yet).
+    checked: bool | None
+
+
+@dataclass(frozen=True)
+class HealthSnapshot:
+    """The health of every backend at one moment, and whether panic mode is on."""
+
+    #: The clock value of the snapshot.
+    at: float
+    #: True when fewer backends than the panic threshold are healthy: health is ignored.
+    panic: bool
+    backends: tuple[BackendHealth, ...]
+
+    @property
+    def ready(self) -> int:
+        """How many backends may take a request."""
+        return sum(b.ready for b in self.backends)
+
+    def __str__(self) -> str:
+        lines = [f"panic mode: {'ON' if self.panic else 'off'}"]
+        for b in self.backends:
+            if not b.enabled:
+                state = "disabled"
+            elif b.ejected:
+                state = f"ejected ({b.ejection_remaining:.1f} s left, #{b.ejections})"
+            elif b.checked is False:
+                state = "failing checks"
+            else:
+                state = "healthy"
+            lines.append(
+                f"{b.backend.address:<24} {'ready' if b.ready else 'not ready':<9} {state}"
+            )
+        return "\n".join(lines)

@@ -21,21 +21,21 @@ from typing import Any, Final, Generic, TypeVar
 import httpcore
 import httpx
 
-from lbclient.backend import Backend
-from lbclient.balancer import LoadBalancer
-from lbclient.retry import (
+from lbclient._attempt import (
     Adapter,
-    Failure,
     RequestPlan,
-    RetryPolicy,
     budget_of,
     policy_from,
     run_async,
     run_sync,
 )
+from lbclient.backend import Backend
+from lbclient.balancer import LoadBalancer
+from lbclient.errors import NoBackendAvailable
+from lbclient.retry import Failure, RetryPolicy
 from lbclient.selection.base import AlgorithmLike
 
-__all__ = ["AsyncLBTransport", "KeyFunction", "LBTransport"]
+__all__ = ["AsyncLBTransport", "KeyFunction", "LBTransport", "NoBackendAvailableError"]
 
 #: Derives the selection key from a request: bytes or str, or None for the empty key.
 KeyFunction = Callable[[httpx.Request], "bytes | str | None"]
@@ -59,6 +59,18 @@ _HTTPCORE_ERRORS: Final = (
     httpcore.ProxyError,
     httpcore.UnsupportedProtocol,
 )
+
+
+class NoBackendAvailableError(NoBackendAvailable, httpx.ConnectError):
+    """What the transports raise when no backend could be chosen: a
+    :class:`~lbclient.NoBackendAvailable` that is also an ``httpx.ConnectError``."""
+
+    def __init__(self, message: str, *, request: httpx.Request | None = None) -> None:
+        httpx.ConnectError.__init__(self, message, request=request)
+
+
+def _unavailable(message: str, request: Any) -> NoBackendAvailable:
+    return NoBackendAvailableError(message, request=request)
 
 
 def _httpx_error(exc: Exception) -> httpx.TransportError:
@@ -133,11 +145,6 @@ class _Common(Adapter):
             backend, _failure_of(exc), error, timed_out=isinstance(exc, httpcore.TimeoutException)
         )
         return error
-
-    def final_error(
-        self, exc: httpx.TransportError, plan: RequestPlan, request: httpx.Request
-    ) -> httpx.TransportError:
-        return type(exc)(plan.describe(), request=request)
 
     def buffers(self, plan: RequestPlan, response: httpcore.Response) -> bool:
         """Whether to read this response's body inside the attempt: only for requests that
@@ -319,6 +326,7 @@ class _Configured(Generic[_P]):
             policy=policy_from(
                 policy, max_attempts, retry_maybe_sent, retry_statuses, failure_statuses
             ),
+            unavailable=_unavailable,
         )
         self._options = _pool_options(
             verify, cert, trust_env, http1, http2, limits, local_address, socket_options

@@ -30,20 +30,14 @@ from urllib3.exceptions import (
 from urllib3.exceptions import SSLError as URLLib3SSLError
 from urllib3.util.retry import Retry
 
+from lbclient._attempt import Adapter, RequestPlan, budget_of, policy_from, run_sync
 from lbclient.backend import Backend
 from lbclient.balancer import LoadBalancer
-from lbclient.retry import (
-    Adapter,
-    Failure,
-    RequestPlan,
-    RetryPolicy,
-    budget_of,
-    policy_from,
-    run_sync,
-)
+from lbclient.errors import NoBackendAvailable
+from lbclient.retry import Failure, RetryPolicy
 from lbclient.selection.base import AlgorithmLike
 
-__all__ = ["LBAdapter", "RequestsKeyFunction"]
+__all__ = ["LBAdapter", "NoBackendAvailableError", "RequestsKeyFunction"]
 
 #: Derives the selection key from a prepared request: bytes or str, or None for the empty key.
 RequestsKeyFunction = Callable[[requests.PreparedRequest], "bytes | str | None"]
@@ -58,6 +52,18 @@ _DEFAULT_PORTS = {"http": 80, "https": 443}
 _HANDSHAKE_FRAMES = frozenset(
     {"_ssl_wrap_socket_and_match_hostname", "ssl_wrap_socket", "do_handshake", "_new_conn"}
 )
+
+
+class NoBackendAvailableError(NoBackendAvailable, requests.ConnectionError):
+    """What :class:`LBAdapter` raises when no backend could be chosen: a
+    :class:`~lbclient.NoBackendAvailable` that is also a ``requests.ConnectionError``."""
+
+    def __init__(self, message: str, *, request: Any = None) -> None:
+        requests.ConnectionError.__init__(self, message, request=request)
+
+
+def _unavailable(message: str, request: Any) -> NoBackendAvailable:
+    return NoBackendAvailableError(message, request=request)
 
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:
@@ -200,6 +206,7 @@ class LBAdapter(HTTPAdapter):
             policy=policy_from(
                 policy, max_attempts, retry_maybe_sent, retry_statuses, failure_statuses
             ),
+            unavailable=_unavailable,
         )
         super().__init__(pool_connections, pool_maxsize, 0, pool_block)
         self.max_retries = Retry(0, read=False, redirect=False, status=False)
@@ -306,7 +313,7 @@ class LBAdapter(HTTPAdapter):
         try:
             return run_sync(plan, first, attempt, requests.Response.close)
         except requests.RequestException as exc:
-            raise _final_error(exc, plan, request) from exc
+            raise common.final_error(exc, plan, request) from exc
 
     def close(self) -> None:
         """Close the connection pools, and stop the health checks this adapter started."""
@@ -338,10 +345,3 @@ def _buffers(plan: RequestPlan, response: requests.Response, limit: int) -> bool
         return False
     length = response.headers.get("Content-Length", "")
     return length.isdigit() and int(length) <= limit
-
-
-def _final_error(
-    exc: requests.RequestException, plan: RequestPlan, request: requests.PreparedRequest
-) -> requests.RequestException:
-    error = type(exc)(plan.describe(), request=request)
-    return error

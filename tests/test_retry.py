@@ -7,7 +7,8 @@ import asyncio
 import pytest
 
 from lbclient import Backend, Hash, LoadBalancer
-from lbclient.retry import Failure, RequestPlan, RetryPolicy, run_async, run_sync
+from lbclient._attempt import RequestPlan, run_async, run_sync
+from lbclient.retry import Failure, RetryPolicy
 
 ADDRS = ["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"]
 
@@ -124,7 +125,7 @@ def test_max_attempts_and_failures_reported() -> None:
 
 def test_backoff_only_when_revisiting(monkeypatch: pytest.MonkeyPatch) -> None:
     slept: list[float] = []
-    monkeypatch.setattr("lbclient.retry.time.sleep", slept.append)
+    monkeypatch.setattr("lbclient._attempt.time.sleep", slept.append)
     lb = LoadBalancer(ADDRS[:2], Hash)
     plan = RequestPlan(lb, b"k", "GET", True, RetryPolicy(max_attempts=5, backoff=0.2,
                                                         backoff_max=0.3), None, Clock())
@@ -254,7 +255,7 @@ def test_no_attempt_without_time_for_it(monkeypatch: pytest.MonkeyPatch) -> None
 
 
 def test_backoff_wait_counts_against_the_budget(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("lbclient.retry.random.uniform", lambda low, high: high)
+    monkeypatch.setattr("lbclient._attempt.random.uniform", lambda low, high: high)
     clock = Clock()
     lb = LoadBalancer(ADDRS[:1], Hash)  # one backend: every retry is a revisit
     plan = RequestPlan(lb, b"k", "GET", True, RetryPolicy(retry_statuses={503}, backoff=0.5),
@@ -270,7 +271,7 @@ def test_backoff_wait_counts_against_the_budget(monkeypatch: pytest.MonkeyPatch)
     # After 0.3 s, a 0.5 s backoff would leave 0.2 s: enough (>= 0.1). After the second
     # attempt (0.3 + 0.5 + 0.3 = 1.1 s) nothing is left: the last 503 is returned, not a timeout.
     slept: list[float] = []
-    monkeypatch.setattr("lbclient.retry.time.sleep", lambda s: (slept.append(s), None)[1])
+    monkeypatch.setattr("lbclient._attempt.time.sleep", lambda s: (slept.append(s), None)[1])
     assert run_sync(plan, first, attempt, lambda r: None) == "503"
     assert len(plan.attempts) == 2
     assert slept == [0.5]
@@ -278,7 +279,7 @@ def test_backoff_wait_counts_against_the_budget(monkeypatch: pytest.MonkeyPatch)
 
 def test_revisit_waits_before_the_second_attempt(monkeypatch: pytest.MonkeyPatch) -> None:
     slept: list[float] = []
-    monkeypatch.setattr("lbclient.retry.time.sleep", slept.append)
+    monkeypatch.setattr("lbclient._attempt.time.sleep", slept.append)
     lb = LoadBalancer(ADDRS[:1], Hash)
     plan = RequestPlan(lb, b"k", "GET", True, RetryPolicy(max_attempts=3), None, Clock())
     first = plan.first()
@@ -310,6 +311,6 @@ def test_clipped_timeouts_are_not_blamed_on_the_backend() -> None:
     ([], None, None), ([0.5, 0.3], None, 0.5),
 ])
 def test_budget_of(phases: list[float | None], pool: float | None, budget: float | None) -> None:
-    from lbclient.retry import budget_of
+    from lbclient._attempt import budget_of
 
     assert budget_of(phases, pool) == budget
