@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
-from typing import Final, Protocol
+from typing import Final, Protocol, TypeVar
 
 from lbclient._book import Cell, HealthBook, OnChange, Tally
 from lbclient.backend import Backend
@@ -44,6 +44,7 @@ logger = logging.getLogger("lbclient")
 DEFAULT_MAX_ITERATIONS: Final = 256
 
 Accept = Callable[[Backend, bool], bool]
+_S = TypeVar("_S", bound="_Services")
 
 
 class Service(Protocol):
@@ -87,11 +88,68 @@ class _View(Tally):
         self.by_address = {b.address: b for b in backends}
 
 
+class _Services:
+    """Starting and stopping a balancer's background services (its active checks): each keeps
+    its own count of users, so every start needs its close."""
+
+    _services: tuple[Service, ...] = ()
+
+    def start(self: _S) -> _S:
+        """Start the active health checks on a daemon thread (if there is a check).
+
+        Every :meth:`start` needs its :meth:`close`: checks run until the last user closes.
+        Returns the balancer.
+        """
+        for service in self._services:
+            service.start()
+        return self
+
+    async def astart(self: _S) -> _S:
+        """Start the active health checks on an asyncio task of the running loop (a daemon
+        thread outside asyncio). Pair with :meth:`aclose`."""
+        for service in self._services:
+            await service.astart()
+        return self
+
+    def close(self) -> None:
+        """Stop the active health checks once every :meth:`start` was closed. When this returns,
+        no check is running (an asyncio task is cancelled; prefer :meth:`aclose` there)."""
+        for service in self._services:
+            service.stop()
+
+    async def aclose(self) -> None:
+        """Stop the active health checks (see :meth:`close`), awaiting an asyncio task."""
+        for service in self._services:
+            await service.astop()
+
+    def __enter__(self: _S) -> _S:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    async def __aenter__(self: _S) -> _S:
+        return await self.astart()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
 def _accept_ready(_backend: Backend, ready: bool) -> bool:
     return ready
 
 
-class LoadBalancer:
+class LoadBalancer(_Services):
     """Chooses a backend per key, with fallbacks, skipping backends that are not ready.
 
     Every backend starts healthy and enabled. :meth:`report` feeds the outcomes of requests to
@@ -347,58 +405,6 @@ class LoadBalancer:
         )
         found = _find(self._view, backend)
         return found is not None and self._book.check(found, ok, detail, thresholds)
-
-    # -- background services (active checks) ----------------------------------------------------
-
-    def start(self) -> LoadBalancer:
-        """Start the active health checks on a daemon thread (if there is a check).
-
-        Every :meth:`start` needs its :meth:`close`: checks run until the last user closes.
-        Returns the balancer.
-        """
-        for service in self._services:
-            service.start()
-        return self
-
-    async def astart(self) -> LoadBalancer:
-        """Start the active health checks on an asyncio task of the running loop (a daemon
-        thread outside asyncio). Pair with :meth:`aclose`."""
-        for service in self._services:
-            await service.astart()
-        return self
-
-    def close(self) -> None:
-        """Stop the active health checks once every :meth:`start` was closed. When this returns,
-        no check is running (an asyncio task is cancelled; prefer :meth:`aclose` there)."""
-        for service in self._services:
-            service.stop()
-
-    async def aclose(self) -> None:
-        """Stop the active health checks (see :meth:`close`), awaiting an asyncio task."""
-        for service in self._services:
-            await service.astop()
-
-    def __enter__(self) -> LoadBalancer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    async def __aenter__(self) -> LoadBalancer:
-        return await self.astart()
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
 
 def _find(view: _View, backend: Backend | str) -> Backend | None:
