@@ -2,15 +2,19 @@
 
 Used by lbclient's own tests, examples and demo, and offered to users for theirs.
 
-Standard library only (``socket``, ``ssl``, ``threading``, ``selectors``): no ``http.server``, so
-every byte and every close is under the test's control.
+Built on the standard library (``socket``, ``ssl``, ``threading``, ``selectors``) and h11, which
+parses the requests; responses are written as raw bytes, so every byte and every close is under
+the test's control.
 
 ``TestServer(mode)`` listens on ``127.0.0.1`` (port 0 picks a free port, remembered across
 ``restart()``), serves each connection on its own daemon thread and records every fully received
 request in ``server.requests`` *before* it answers (or fails to), so whatever the client sees, the
-record is already there.
+record is already there. A malformed request is not recorded: it is answered ``400`` (``413``
+for a body over 256 MiB, ``431`` for a head over 64 KiB, ``501`` for a transfer coding other
+than chunked) and the connection closes.
 
-Modes (``server.mode`` may be reassigned while the server runs):
+Modes (``server.mode`` may be reassigned while the server runs; an unknown mode raises
+``ValueError`` when it is set):
 
 * ``"ok"``: 200 with a JSON body ``{"server", "port", "method", "path", "host", "body_length",
   "body_sha256"}``, ``Content-Length`` and HTTP/1.1 keep-alive (``Connection: close`` from the
@@ -18,13 +22,39 @@ Modes (``server.mode`` may be reassigned while the server runs):
 * ``"status:NNN"``: the same JSON body with status ``NNN``; keep-alive as for ``"ok"``.
 * In ``"ok"`` and ``"status:NNN"`` modes a request whose target contains ``/__redirect/`` is
   answered ``302 Found`` with the rest of the target, percent-decoded, as its ``Location``
-  (``/a/__redirect/..%2Flanding`` redirects to ``../landing``).
+  (``/a/__redirect/..%2Flanding`` redirects to ``../landing``); both modes wait ``delay``
+  seconds before answering.
 * ``"hang"``: reads the request, then never answers; the socket is held until ``hang_seconds``
   pass or the server stops (stopping releases it at once).
 * ``"reset"``: reads the request, sends the status line and headers announcing
   ``Content-Length: 100000`` and 10 body bytes, then closes with ``SO_LINGER(1, 0)``: the client
   sees a TCP RST in the middle of the body.
 * ``"close"``: reads the request and closes the connection without a response.
+
+Modes of your own: a behaviour is a function that takes an ``Exchange`` and returns whether the
+connection stays open for another request. Give them names with ``TestServer(behaviours=...)``
+(a built-in's name replaces the built-in); the mode ``"name:text"`` runs behaviour ``name`` with
+``exchange.arg == "text"`` (``None`` when the mode has no colon)::
+
+    def teapot(exchange: Exchange) -> bool:
+        exchange.sleep(float(exchange.arg or 0))  # "teapot:0.5": answer after half a second
+        return exchange.respond(418, b"short and stout", {"Content-Type": "text/plain"})
+
+    def garbage(exchange: Exchange) -> bool:
+        exchange.send(b"HTTP/1.1 two hundred\\r\\n\\r\\n")  # a status line no client accepts
+        return exchange.close()
+
+    server = TestServer("teapot", behaviours={"teapot": teapot, "garbage": garbage})
+    server.mode = "garbage"
+
+An ``Exchange`` has the recorded ``request``, the mode's ``arg``, the ``server``, and
+``keep_alive`` (the client allows another request on this connection and the server is not
+stopping). ``respond(status=200, body=None, headers=None)`` sends a whole response (without a
+body: the JSON document of ``"ok"``) and returns whether the connection stays open; ``send(data)``
+sends raw bytes; ``sleep(seconds)`` waits (``kill()`` lets it finish, within its grace period);
+``hang()`` holds the socket as ``"hang"`` does, ``reset()`` closes with a TCP RST after whatever
+was sent, ``close()`` closes; those three return ``False``. An exception in a behaviour closes the
+connection and is kept in ``server.errors``.
 
 ``kill()`` is "the backend dies": the listener closes first (new connects are refused), requests
 being handled finish and are answered with ``Connection: close``, idle keep-alive connections are
@@ -46,13 +76,19 @@ import struct
 import threading
 import time
 import weakref
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
-from types import TracebackType
+from types import MappingProxyType, TracebackType
+from typing import TypeAlias
 from urllib.parse import unquote
 
+import h11
+
 __all__ = [
+    "Behaviour",
+    "Exchange",
     "RecordedRequest",
     "TLSCerts",
     "TestServer",
@@ -66,11 +102,11 @@ _CHECK_EVERY = 1.0  # safety net: waiting handlers re-check the stop flags this 
 _SEND_TIMEOUT = 5.0  # a client that will not read our response for this long is dropped
 _HANDSHAKE_TIMEOUT = 5.0
 _KILL_GRACE = 5.0  # kill() waits this long for in-flight requests before forcing sockets shut
+_RST_AFTER = 0.05  # between the last bytes sent and an RST, so the client can take them first
 _MAX_HEAD = 64 * 1024
 _MAX_BODY = 256 * 1024 * 1024
 _RESET_LENGTH = 100_000
 _RESET_BODY = b"0123456789"
-_MODES = ("ok", "hang", "reset", "close")
 _REDIRECT = "/__redirect/"  # /__redirect/LOCATION (percent-encoded) gets 302 to LOCATION
 
 
@@ -119,16 +155,6 @@ class _BadRequest(Exception):
         self.status = status
 
 
-def _check_mode(mode: str) -> str:
-    if mode in _MODES:
-        return mode
-    if mode.startswith("status:"):
-        code = mode.partition(":")[2]
-        if code.isdigit() and 100 <= int(code) <= 599:
-            return mode
-    raise ValueError(f"unknown TestServer mode {mode!r}: ok, status:NNN, hang, reset or close")
-
-
 def _reason(status: int) -> str:
     try:
         return HTTPStatus(status).phrase
@@ -175,7 +201,7 @@ class _Conn:
         self.peer = peer
         self.gen = gen
         self.number = n
-        self.buf = bytearray()
+        self.buf = b""  # received, not yet parsed: the start of the next request
         self.tls_server_name: str | None = None
         self.rst = False
         self.thread: threading.Thread | None = None
@@ -186,6 +212,173 @@ class _Run:
         self.listener = listener
         self.gen = gen
         self.thread: threading.Thread | None = None
+
+
+def _send(conn: _Conn, data: bytes) -> None:
+    conn.sock.settimeout(_SEND_TIMEOUT)
+    try:
+        conn.sock.sendall(data)
+    finally:
+        conn.sock.settimeout(_READ_TIMEOUT)
+
+
+# -- behaviours ----------------------------------------------------------------------------------
+
+
+class Exchange:
+    """One recorded request and the ways to answer it: what a behaviour gets.
+
+    Made by the server for each request; see the module docstring.
+    """
+
+    def __init__(
+        self,
+        server: TestServer,
+        conn: _Conn,
+        request: RecordedRequest,
+        arg: str | None,
+        client_keep_alive: bool,
+    ) -> None:
+        self.server = server
+        self.request = request
+        self.arg = arg  # the mode's text after the colon: "503" for "status:503"; else None
+        self._conn = conn
+        self._client_keep_alive = client_keep_alive
+        self._sent = False
+
+    @property
+    def keep_alive(self) -> bool:
+        """The client allows another request on this connection and the server is not stopping."""
+        return self._client_keep_alive and not self._conn.gen.stop.is_set()
+
+    def respond(
+        self, status: int = 200, body: bytes | None = None, headers: Mapping[str, str] | None = None
+    ) -> bool:
+        """Send a whole response; returns whether the connection stays open.
+
+        Without ``body``, the JSON document of ``"ok"`` (``Content-Type: application/json``).
+        ``Content-Length``, ``X-Test-Server`` and ``Connection`` are added unless ``headers``
+        has them; no body is sent for HEAD requests and 1xx, 204 and 304 responses.
+        """
+        extra = dict(headers or {})
+        given = {name.lower(): value for name, value in extra.items()}
+        lines = [f"HTTP/1.1 {status} {_reason(status)}"]
+        if status < 200 or status in (204, 304):
+            body = b""
+        else:
+            if body is None:
+                body = self._document()
+                if "content-type" not in given:
+                    lines.append("Content-Type: application/json")
+            if "content-length" not in given:
+                lines.append(f"Content-Length: {len(body)}")
+        if self.request.method.upper() == "HEAD":
+            body = b""
+        if "x-test-server" not in given:
+            lines.append(f"X-Test-Server: {self.server.name}")
+        lines += [f"{name}: {value}" for name, value in extra.items()]
+        keep_alive = self.keep_alive and "close" not in _tokens(given.get("connection", ""))
+        if "connection" not in given:
+            if not keep_alive:
+                lines.append("Connection: close")
+            elif "keep-alive" in _tokens(self.request.headers.get("connection", "")):
+                lines.append("Connection: keep-alive")
+        self.send(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
+        return keep_alive
+
+    def send(self, data: bytes) -> None:
+        """Send ``data`` as it is."""
+        self._sent = True
+        _send(self._conn, data)
+
+    def sleep(self, seconds: float) -> None:
+        """Wait; ``kill()`` lets a sleeping request finish, within its grace period."""
+        if self._conn.gen.force.wait(seconds):
+            raise _Closed
+
+    def hang(self) -> bool:
+        """Hold the socket until ``hang_seconds`` pass or the server stops; returns False."""
+        self._conn.gen.stop.wait(self.server.hang_seconds)
+        return False
+
+    def reset(self) -> bool:
+        """Close with a TCP RST, once the client could take what was sent; returns False."""
+        if self._sent:
+            self._conn.gen.force.wait(_RST_AFTER)
+        self._conn.rst = True
+        return False
+
+    def close(self) -> bool:
+        """Close the connection (after what was sent); returns False."""
+        return False
+
+    def _document(self) -> bytes:
+        request = self.request
+        payload = {
+            "server": self.server.name,
+            "port": self.server.port,
+            "method": request.method,
+            "path": request.target,
+            "host": request.headers.get("host"),
+            "body_length": len(request.body),
+            "body_sha256": hashlib.sha256(request.body).hexdigest(),
+        }
+        return json.dumps(payload).encode()
+
+
+Behaviour: TypeAlias = Callable[[Exchange], bool]
+"""Answers one request (or not); returns whether the connection stays open."""
+
+
+def _answer(exchange: Exchange, status: int) -> bool:
+    target = exchange.request.target
+    headers = {}
+    if _REDIRECT in target:
+        status = 302
+        headers["Location"] = unquote(target.partition(_REDIRECT)[2])
+    if exchange.server.delay > 0:
+        exchange.sleep(exchange.server.delay)
+    return exchange.respond(status, headers=headers)
+
+
+def _ok(exchange: Exchange) -> bool:
+    return _answer(exchange, 200)
+
+
+def _status(exchange: Exchange) -> bool:
+    return _answer(exchange, int(exchange.arg or 0))
+
+
+def _hang(exchange: Exchange) -> bool:
+    return exchange.hang()
+
+
+def _reset(exchange: Exchange) -> bool:
+    head = (
+        "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
+        f"Content-Length: {_RESET_LENGTH}\r\n\r\n"
+    )
+    exchange.send(head.encode("latin-1") + _RESET_BODY)
+    return exchange.reset()
+
+
+def _close(exchange: Exchange) -> bool:
+    return exchange.close()
+
+
+_BUILTIN: Mapping[str, Behaviour] = MappingProxyType(
+    {"ok": _ok, "status": _status, "hang": _hang, "reset": _reset, "close": _close}
+)
+
+
+def _check_arg(name: str, behaviour: Behaviour, arg: str | None) -> str | None:
+    """Why a built-in behaviour cannot take ``arg``, or None; other behaviours take anything."""
+    if behaviour is _status:
+        if arg is None or not (arg.isascii() and arg.isdigit() and 100 <= int(arg) <= 599):
+            return "status needs a code from 100 to 599: status:NNN"
+    elif behaviour in _BUILTIN.values() and arg is not None:
+        return f"{name} takes no argument"
+    return None
 
 
 # -- the server --------------------------------------------------------------------------------
@@ -206,8 +399,15 @@ class TestServer:
         port: int = 0,
         hang_seconds: float = 30.0,
         delay: float = 0.0,
+        behaviours: Mapping[str, Behaviour] | None = None,
     ) -> None:
-        self._mode = _check_mode(mode)
+        for key in behaviours or {}:
+            if not key or ":" in key:
+                raise ValueError(f"behaviour name {key!r}: must be non-empty, without ':'")
+        self._behaviours: Mapping[str, Behaviour] = MappingProxyType(
+            {**_BUILTIN, **(behaviours or {})}
+        )
+        self._selected = self._select(mode)
         self._name = name
         self.ssl_context = ssl_context
         if ssl_context is not None and ssl_context.sni_callback is None:
@@ -217,7 +417,7 @@ class TestServer:
         self.hang_seconds = hang_seconds
         self.delay = delay
         self.requests: list[RecordedRequest] = []
-        self.errors: list[BaseException] = []  # unexpected handler exceptions (bugs), for debugging
+        self.errors: list[BaseException] = []  # exceptions raised in handlers and behaviours
         self._lock = threading.Lock()  # requests, connections
         self._state = threading.RLock()  # start / kill / restart
         self._run: _Run | None = None
@@ -228,11 +428,25 @@ class TestServer:
 
     @property
     def mode(self) -> str:
-        return self._mode
+        return self._selected[0]
 
     @mode.setter
     def mode(self, value: str) -> None:
-        self._mode = _check_mode(value)
+        self._selected = self._select(value)
+
+    def _select(self, mode: str) -> tuple[str, Behaviour, str | None]:
+        name, colon, text = mode.partition(":")
+        arg = text if colon else None
+        behaviour = self._behaviours.get(name)
+        if behaviour is None:
+            known = ", ".join(
+                "status:NNN" if b is _status else n for n, b in self._behaviours.items()
+            )
+            raise ValueError(f"unknown TestServer mode {mode!r}; the modes are {known}")
+        problem = _check_arg(name, behaviour, arg)
+        if problem is not None:
+            raise ValueError(f"bad TestServer mode {mode!r}: {problem}")
+        return mode, behaviour, arg
 
     @property
     def name(self) -> str:
@@ -271,7 +485,7 @@ class TestServer:
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
         where = _format_address(self.host, self.port)
-        return f"<TestServer {self.name!r} {where} mode={self._mode!r} {state}>"
+        return f"<TestServer {self.name!r} {where} mode={self.mode!r} {state}>"
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -415,11 +629,12 @@ class TestServer:
                     return
                 with self._lock:
                     self.requests.append(request)
-                if not self._respond(conn, request, keep_alive):
+                _, behaviour, arg = self._selected
+                if not behaviour(Exchange(self, conn, request, arg, keep_alive)):
                     return
         except (_Closed, OSError):  # EOF, stop, timeouts, resets, TLS failures (SSLError)
             pass
-        except Exception as exc:  # pragma: no cover - a bug; keep it for the test to see
+        except Exception as exc:  # a failing behaviour, or a bug: kept for the test to see
             self.errors.append(exc)
         finally:
             self._close_socket(conn)
@@ -481,8 +696,8 @@ class TestServer:
                 conn.selector.unregister(gen.wake_r)
                 conn.watching_wake = False
 
-    def _fill(self, conn: _Conn, *, idle: bool) -> None:
-        """Receive more bytes into ``conn.buf``; an idle connection gives up when stopping."""
+    def _recv(self, conn: _Conn, *, idle: bool) -> bytes:
+        """The next bytes from the client; an idle connection gives up when stopping."""
         while True:
             self._wait_readable(conn, idle=idle)
             try:
@@ -491,111 +706,60 @@ class TestServer:
                 continue
             if not data:
                 raise _Closed
-            conn.buf += data
-            return
-
-    def _read_line(self, conn: _Conn) -> bytes:
-        while True:
-            end = conn.buf.find(b"\r\n")
-            if end >= 0:
-                line = bytes(conn.buf[:end])
-                del conn.buf[: end + 2]
-                return line
-            if len(conn.buf) > _MAX_HEAD:
-                raise _BadRequest(400)
-            self._fill(conn, idle=False)
-
-    def _read_exact(self, conn: _Conn, n: int) -> bytes:
-        while len(conn.buf) < n:
-            self._fill(conn, idle=False)
-        data = bytes(conn.buf[:n])
-        del conn.buf[:n]
-        return data
-
-    def _read_head(self, conn: _Conn) -> bytes:
-        while True:
-            while conn.buf.startswith(b"\r\n"):  # RFC 9112 2.2: ignore CRLF before a request
-                del conn.buf[:2]
-            end = conn.buf.find(b"\r\n\r\n")
-            if end >= 0:
-                head = bytes(conn.buf[:end])
-                del conn.buf[: end + 4]
-                return head
-            if len(conn.buf) > _MAX_HEAD:
-                raise _BadRequest(431)
-            self._fill(conn, idle=not conn.buf)
-
-    def _read_chunked(self, conn: _Conn) -> bytes:
-        body = bytearray()
-        while True:
-            size_text = self._read_line(conn).split(b";", 1)[0].strip()
-            try:
-                size = int(size_text, 16)
-            except ValueError:
-                raise _BadRequest(400) from None
-            if size < 0 or len(body) + size > _MAX_BODY:
-                raise _BadRequest(413 if size > 0 else 400)
-            if size == 0:
-                while self._read_line(conn):  # trailer fields, up to the empty line
-                    pass
-                return bytes(body)
-            body += self._read_exact(conn, size)
-            if self._read_exact(conn, 2) != b"\r\n":
-                raise _BadRequest(400)
+            return data
 
     def _read_request(self, conn: _Conn) -> tuple[RecordedRequest, bool]:
-        head = self._read_head(conn)
-        lines = head.split(b"\r\n")
-        parts = lines[0].decode("latin-1").split(" ")
-        if len(parts) != 3 or not parts[0] or not parts[1] or not parts[2].startswith("HTTP/1."):
-            raise _BadRequest(400)
-        method, target, version = parts
-        headers: dict[str, str] = {}
-        for line in lines[1:]:
-            name, sep, value = line.partition(b":")
-            if not sep or not name or name != name.strip():
+        """The next whole request, and whether the client allows another after it."""
+        parser = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_HEAD)
+        data, conn.buf = conn.buf, b""
+        started = False  # a byte of this request has arrived: no longer idle
+        head: h11.Request | None = None
+        body = bytearray()
+        while True:
+            if data:
+                if not started:
+                    data = data.lstrip(b"\r\n")  # RFC 9112 2.2: empty lines before a request
+                    started = bool(data)
+                if data:
+                    parser.receive_data(data)
+            try:
+                event = parser.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise _BadRequest(exc.error_status_hint if head is None else 400) from None
+            data = b""
+            if event is h11.NEED_DATA:
+                data = self._recv(conn, idle=not started)
+            elif isinstance(event, h11.Request):
+                head = event
+                length = dict(event.headers).get(b"content-length")
+                if length is not None and int(length) > _MAX_BODY:
+                    raise _BadRequest(413)
+            elif isinstance(event, h11.Data):
+                body += event.data
+                if len(body) > _MAX_BODY:
+                    raise _BadRequest(413)
+            elif isinstance(event, h11.EndOfMessage) and head is not None:
+                conn.buf = parser.trailing_data[0]
+                break
+            else:  # pragma: no cover - h11 gives nothing else before the end of a request
                 raise _BadRequest(400)
-            headers[name.decode("latin-1").lower()] = value.strip(b" \t").decode("latin-1")
 
-        transfer = headers.get("transfer-encoding")
-        if transfer is not None:
-            if transfer.lower().rsplit(",", 1)[-1].strip() != "chunked":
-                raise _BadRequest(501)
-            body = self._read_chunked(conn)
-        elif "content-length" in headers:
-            length = headers["content-length"].strip()
-            if not length.isdigit():
-                raise _BadRequest(400)
-            if int(length) > _MAX_BODY:
-                raise _BadRequest(413)
-            body = self._read_exact(conn, int(length))
-        else:
-            body = b""
-
+        headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in head.headers}
         connection = _tokens(headers.get("connection", ""))
-        if version == "HTTP/1.0":
+        if head.http_version == b"1.0":
             keep_alive = "keep-alive" in connection
         else:
             keep_alive = "close" not in connection
         request = RecordedRequest(
-            method=method,
-            target=target,
+            method=head.method.decode("latin-1"),
+            target=head.target.decode("latin-1"),
             headers=headers,
-            body=body,
+            body=bytes(body),
             peer=conn.peer,
             tls_server_name=conn.tls_server_name,
             connection=conn.number,
         )
         return request, keep_alive
-
-    # -- answering -----------------------------------------------------------------------------
-
-    def _send(self, conn: _Conn, data: bytes) -> None:
-        conn.sock.settimeout(_SEND_TIMEOUT)
-        try:
-            conn.sock.sendall(data)
-        finally:
-            conn.sock.settimeout(_READ_TIMEOUT)
 
     def _send_error(self, conn: _Conn, status: int) -> None:
         body = f"{status} {_reason(status)}\n".encode()
@@ -604,61 +768,7 @@ class TestServer:
             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
         )
         with contextlib.suppress(OSError):
-            self._send(conn, head.encode("latin-1") + body)
-
-    def _respond(self, conn: _Conn, request: RecordedRequest, keep_alive: bool) -> bool:
-        """Answer per the current mode; False closes the connection."""
-        mode = self._mode
-        gen = conn.gen
-        if mode == "hang":
-            gen.stop.wait(self.hang_seconds)
-            return False
-        if mode == "close":
-            return False
-        if mode == "reset":
-            head = (
-                "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
-                f"Content-Length: {_RESET_LENGTH}\r\n\r\n"
-            )
-            self._send(conn, head.encode("latin-1") + _RESET_BODY)
-            gen.force.wait(0.05)  # let the client take the head before the RST lands
-            conn.rst = True
-            return False
-
-        status = 200 if mode == "ok" else int(mode.partition(":")[2])
-        location = None
-        if _REDIRECT in request.target:
-            status, location = 302, unquote(request.target.partition(_REDIRECT)[2])
-        if self.delay > 0 and gen.force.wait(self.delay):
-            raise _Closed
-        keep_alive = keep_alive and not gen.stop.is_set()
-        payload = {
-            "server": self.name,
-            "port": self.port,
-            "method": request.method,
-            "path": request.target,
-            "host": request.headers.get("host"),
-            "body_length": len(request.body),
-            "body_sha256": hashlib.sha256(request.body).hexdigest(),
-        }
-        body = json.dumps(payload).encode()
-        lines = [f"HTTP/1.1 {status} {_reason(status)}"]
-        if status < 200 or status in (204, 304):
-            body = b""
-        else:
-            lines += ["Content-Type: application/json", f"Content-Length: {len(body)}"]
-        if request.method.upper() == "HEAD":
-            body = b""
-        lines.append(f"X-Test-Server: {self.name}")
-        if location is not None:
-            lines.append(f"Location: {location}")
-        if not keep_alive:
-            lines.append("Connection: close")
-        elif "keep-alive" in _tokens(request.headers.get("connection", "")):
-            lines.append("Connection: keep-alive")
-        head = "\r\n".join(lines) + "\r\n\r\n"
-        self._send(conn, head.encode("latin-1") + body)
-        return keep_alive
+            _send(conn, head.encode("latin-1") + body)
 
 
 # -- other helpers -----------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import socket
 import threading
 import time
@@ -15,7 +16,14 @@ import httpx
 import pytest
 import requests
 
-from lbclient.testing import RecordedRequest, TestServer, TLSCerts, closed_port, serve
+from lbclient.testing import (
+    Exchange,
+    RecordedRequest,
+    TestServer,
+    TLSCerts,
+    closed_port,
+    serve,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -61,6 +69,23 @@ def recv_eof(sock: socket.socket, timeout: float = 2.0) -> bytes:
     while chunk := sock.recv(65536):
         data += chunk
     return data
+
+
+def read_response(sock: socket.socket) -> tuple[bytes, bytes]:
+    """One response with a Content-Length from a connection that stays open: (head, body)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, "EOF before the end of the head"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    match = re.search(rb"\r\nContent-Length: (\d+)", head)
+    assert match is not None
+    while len(body) < int(match[1]):
+        chunk = sock.recv(65536)
+        assert chunk, "EOF before the end of the body"
+        body += chunk
+    return head, body
 
 
 def wait_for(predicate: object, timeout: float = 2.0) -> None:
@@ -217,6 +242,78 @@ def test_malformed_request_gets_400_and_is_not_recorded(server: TestServer) -> N
     assert httpx.get(server.url).status_code == 200
 
 
+def test_chunked_extensions_trailers_and_what_follows(server: TestServer) -> None:
+    request = (
+        b"\r\n"  # an empty line before a request is ignored
+        b"POST /c HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n"
+        b"X-Twice: 1\r\nx-twice: 2\r\n\r\n"
+        b"5;name=value\r\nhello\r\n1\r\n \r\n6\r\nworld!\r\n0\r\nX-Trailer: t\r\n\r\n"
+        b"GET /next?q=1 HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n"
+    )
+    sock, data = raw_request(server.port, request)
+    sock.close()
+    assert data.count(b"HTTP/1.1 200 OK") == 2
+    first, second = server.requests
+    assert first.body == b"hello world!"
+    assert first.headers["x-twice"] == "2"  # the last of a repeated header
+    assert "x-trailer" not in first.headers
+    assert (second.method, second.target, second.body) == ("GET", "/next?q=1", b"")
+    assert first.connection == second.connection
+
+
+def test_http10_keep_alive_stays_open(server: TestServer) -> None:
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        for path in (b"/a", b"/b"):
+            sock.sendall(b"GET " + path + b" HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+            head, body = read_response(sock)
+            assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+            assert b"\r\nConnection: keep-alive" in head
+            assert body.endswith(b"}")
+    first, second = server.requests
+    assert first.connection == second.connection
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        pytest.param(b"GET /a b HTTP/1.1\r\nHost: h\r\n\r\n", 400, id="request-line"),
+        pytest.param(b"GET / HTTP/1.1\r\nHost: h\r\nBad Name: x\r\n\r\n", 400, id="header"),
+        pytest.param(
+            b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 12x\r\n\r\n", 400, id="length"
+        ),
+        pytest.param(
+            b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+            400,
+            id="chunk-size",
+        ),
+        pytest.param(
+            b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 268435457\r\n\r\n",
+            413,
+            id="body-over-256MiB",
+        ),
+        # exactly one byte over 64 KiB, so that the server has read all of it when it answers
+        pytest.param(
+            (b"GET / HTTP/1.1\r\nHost: h\r\nX-Big: ").ljust(64 * 1024 + 1, b"a"),
+            431,
+            id="head-over-64KiB",
+        ),
+        pytest.param(
+            b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip\r\n\r\n",
+            501,
+            id="transfer-coding",
+        ),
+    ],
+)
+def test_bad_requests_are_answered_and_closed(
+    server: TestServer, request_bytes: bytes, status: int
+) -> None:
+    sock, data = raw_request(server.port, request_bytes)  # reads until the server closes
+    sock.close()
+    assert data.startswith(f"HTTP/1.1 {status} ".encode())
+    assert b"\r\nConnection: close\r\n" in data
+    assert server.count() == 0
+
+
 def test_delay() -> None:
     with TestServer(delay=0.3) as s:
         started = time.monotonic()
@@ -285,6 +382,122 @@ def test_close_mode() -> None:
             client.post(s.url, content=b"data")
         assert s.count("POST") == 1
         assert s.requests[0].body == b"data"
+
+
+# -- behaviours of one's own -------------------------------------------------------------------
+
+
+def test_own_behaviour_gets_argument_and_answers_through_httpx() -> None:
+    seen: list[tuple[str | None, bool]] = []
+
+    def made(exchange: Exchange) -> bool:
+        recorded = any(r is exchange.request for r in exchange.server.requests)
+        seen.append((exchange.arg, recorded))
+        what = exchange.arg or "nothing"
+        headers = {"Content-Type": "text/plain", "X-Arg": what}
+        return exchange.respond(201, f"made {what}".encode(), headers)
+
+    with TestServer("made:a thing", behaviours={"made": made}) as s, httpx.Client() as client:
+        first = client.post(f"{s.url}/things", content=b"x")
+        s.mode = "made"
+        second = client.get(f"{s.url}/things")
+        s.mode = "ok"
+        third = client.get(f"{s.url}/plain")
+    assert first.status_code == 201
+    assert first.text == "made a thing"
+    assert first.headers["x-arg"] == "a thing"
+    assert first.headers["content-type"] == "text/plain"
+    assert first.headers["x-test-server"] == s.name
+    assert second.text == "made nothing"
+    assert third.json()["path"] == "/plain"
+    assert seen == [("a thing", True), (None, True)]  # recorded before the behaviour ran
+    assert len({r.connection for r in s.requests}) == 1  # respond() kept the connection open
+    assert s.errors == []
+
+
+def test_own_behaviour_sends_the_head_in_pieces() -> None:
+    go_on = threading.Event()
+
+    def slow_head(exchange: Exchange) -> bool:
+        exchange.send(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n")
+        assert go_on.wait(5)
+        exchange.send(b"Content-Length: 5\r\n\r\nhello")
+        return exchange.keep_alive
+
+    with TestServer("slow-head", behaviours={"slow-head": slow_head}) as s:
+        try:
+            with socket.create_connection(("127.0.0.1", s.port), timeout=5) as sock:
+                sock.sendall(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+                first = b""
+                while not first.endswith(b"text/plain\r\n"):
+                    chunk = sock.recv(65536)
+                    assert chunk
+                    first += chunk
+                assert first == b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
+                go_on.set()
+                rest = b""
+                while not rest.endswith(b"hello"):
+                    chunk = sock.recv(65536)
+                    assert chunk
+                    rest += chunk
+                assert rest == b"Content-Length: 5\r\n\r\nhello"
+        finally:
+            go_on.set()
+        response = httpx.get(s.url)
+        assert response.status_code == 200
+        assert response.text == "hello"
+    assert s.errors == []
+
+
+def test_own_behaviour_sends_a_malformed_status_line() -> None:
+    def garbage(exchange: Exchange) -> bool:
+        exchange.send(b"HTTP/1.1 two hundred\r\n\r\n")
+        return exchange.close()
+
+    with TestServer("garbage", behaviours={"garbage": garbage}) as s:
+        with httpx.Client() as client, pytest.raises(httpx.RemoteProtocolError):
+            client.get(s.url)
+        sock, data = raw_request(s.port, b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+        sock.close()
+        assert data == b"HTTP/1.1 two hundred\r\n\r\n"
+        assert s.count() == 2
+    assert s.errors == []
+
+
+def test_own_behaviour_that_raises_closes_and_is_kept() -> None:
+    def broken(exchange: Exchange) -> bool:
+        raise RuntimeError("broken behaviour")
+
+    with TestServer("broken", behaviours={"broken": broken}) as s:
+        with pytest.raises(httpx.RemoteProtocolError):
+            httpx.get(s.url)
+        s.mode = "ok"
+        assert httpx.get(s.url).status_code == 200
+    assert [str(e) for e in s.errors] == ["broken behaviour"]
+    assert s.count() == 2
+
+
+def test_unknown_mode_is_named_with_the_known_ones() -> None:
+    def mine(exchange: Exchange) -> bool:
+        return exchange.respond()
+
+    known = "ok, status:NNN, hang, reset, close, mine"
+    with pytest.raises(ValueError, match=f"'nope'.*{known}$"):
+        TestServer("nope", behaviours={"mine": mine})
+    s = TestServer("mine", behaviours={"mine": mine})
+    with pytest.raises(ValueError, match="'mine2'"):
+        s.mode = "mine2"
+    with pytest.raises(ValueError, match=r"'ok:1'.*no argument"):
+        s.mode = "ok:1"
+    with pytest.raises(ValueError, match=r"'status'.*status:NNN"):
+        s.mode = "status"
+    assert s.mode == "mine"
+    s.mode = "mine:any text at all"  # one's own behaviours take any argument
+    assert s.mode == "mine:any text at all"
+    with pytest.raises(ValueError, match="'hang:1'"):
+        TestServer(behaviours={"hang:1": mine})
+    replaced = TestServer("status:anything", behaviours={"status": mine})  # replaces the built-in
+    assert replaced.mode == "status:anything"
 
 
 def test_closed_port_refuses() -> None:
