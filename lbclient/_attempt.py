@@ -7,6 +7,9 @@ order, what was tried and why it failed, whether one more attempt is allowed, an
 before it. The adapters only translate: they classify their library's exceptions into a
 :class:`~lbclient.retry.Failure` kind, do the I/O of one attempt, and build the final exception.
 The rules themselves are described in :mod:`lbclient.retry`.
+
+What may not: any HTTP client (the adapters translate their own exceptions and responses),
+or the balancer's internals (only its public methods are used).
 """
 
 from __future__ import annotations

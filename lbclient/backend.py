@@ -10,6 +10,8 @@ when the value is made, so every later use (ordering, hashing, routing) works on
 Equality and hashing use ``(address, weight)``; ``metadata`` rides along and is ignored by both.
 Backends sort as Pingora sorts them: IPv4 addresses by numeric value, then IPv6 addresses by
 numeric value, then host names by text; then port; then weight.
+
+Part of the core: no I/O (a host name is never resolved here), no HTTP client, no clock.
 """
 
 from __future__ import annotations

@@ -62,9 +62,13 @@ def _count(name: str, value: object) -> int:
 class HealthCheck:
     """What every active check has: timing, thresholds and the TLS settings of its connection.
 
-    ``tls`` makes the check complete a TLS handshake, verifying the certificate for
-    ``server_name`` (default: the backend's host) with ``ssl_context`` (default: the system's
-    trust store).
+    * ``interval``: seconds between the end of one round of checks and the next (5.0).
+    * ``timeout``: seconds one check may take, connecting included (1.0).
+    * ``consecutive_successes``: passes in a row that mark a failing backend up again (1).
+    * ``consecutive_failures``: failures in a row that mark a backend down (1).
+    * ``tls``: complete a TLS handshake, verifying the certificate (False).
+    * ``server_name``: the name the certificate is checked for (None: the backend's host).
+    * ``ssl_context``: the context of that handshake (None: the system's trust store).
     """
 
     def __init__(
@@ -164,12 +168,20 @@ class TcpCheck(HealthCheck):
 class HttpCheck(HealthCheck):
     """Passes when ``method path`` gets a response with an expected status within ``timeout``.
 
-    ``host`` is the ``Host`` header (default: the backend's address) and, with ``tls=True``,
-    the name the certificate is checked against (so a logical service name works as it does
-    for requests). ``expect`` is the passing status or statuses (default 200); ``validator``,
-    if given, decides instead: ``validator(status, headers)`` returns whether the check passed.
-    Each check uses a new connection, closed after the response head, so a check sees what a
-    new connection would.
+    Each check uses a new connection, closed after the response, so a check sees what a new
+    connection would.
+
+    * ``path``: the request target, starting with ``/`` (``"/"``).
+    * ``host``: the ``Host`` header and, with ``tls=True``, the name the certificate is
+      checked for, so a logical service name works as it does for requests (None: the
+      backend's address).
+    * ``method``: the request method (``"GET"``).
+    * ``expect``: the passing status or statuses (200).
+    * ``validator``: ``validator(status, headers)`` returns whether the check passed, instead
+      of ``expect`` (None).
+    * ``headers``: extra request headers (None).
+    * ``interval``, ``timeout``, ``consecutive_successes``, ``consecutive_failures``, ``tls``,
+      ``ssl_context``: as for :class:`HealthCheck`.
     """
 
     def __init__(

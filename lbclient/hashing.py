@@ -3,6 +3,8 @@
 Routing must not depend on the process: Python's built-in hash function is salted per process, so
 every routing decision in lbclient goes through one of these functions instead. Each returns an
 unsigned integer that is the same on every machine and in every process.
+
+Part of the core: pure functions, no I/O; never Python's ``hash()``.
 """
 
 from __future__ import annotations

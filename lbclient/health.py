@@ -19,6 +19,8 @@ Two sources feed one state per backend:
 How many backends may be ejected at once and when health is ignored altogether (panic mode)
 depends on the whole set; the balancer's health book decides that and passes the answer in.
 :class:`HealthSnapshot` is what :meth:`~lbclient.LoadBalancer.snapshot` returns.
+
+Part of the core: pure values and rules, time passed in; no I/O, no lock, no thread.
 """
 
 from __future__ import annotations

@@ -8,6 +8,9 @@ one name is never reused for another.
 
 The transports talk to httpcore directly (as httpx's own transport does): the request for the
 backend is made without parsing a URL, which keeps the per-request cost to a few microseconds.
+
+What may not: a retry or health rule of its own; those live once, in the attempt loop
+(:mod:`lbclient._attempt`), shared with the requests adapter.
 """
 
 from __future__ import annotations
@@ -347,17 +350,29 @@ class _Configured(Generic[_P]):
 
 
 class LBTransport(_Configured[httpcore.ConnectionPool], httpx.BaseTransport):
-    """An httpx transport that load-balances every request over a set of backends.
+    """An httpx transport that load-balances every request over a set of backends:
+    ``httpx.Client(transport=LBTransport(...))``, or mounted for one service only.
 
-    ``balancer`` is a :class:`LoadBalancer`, or backends (``"host:port"`` or :class:`Backend`)
-    to build one with ``algorithm`` (RoundRobin by default). ``key(request)`` returns the
-    selection key (bytes, str or None). Retries: ``max_attempts`` per request (default 3);
-    maybe-sent failures of idempotent, replayable requests are retried unless
-    ``retry_maybe_sent=False``; responses with a status in ``retry_statuses`` are retried for
-    idempotent requests (none by default); statuses in ``failure_statuses`` (5xx by default)
-    count as failures for passive health. ``policy`` gives all of these at once.
-    ``verify``, ``cert``, ``trust_env``, ``http1``, ``http2``, ``limits``, ``local_address`` and
-    ``socket_options`` configure the connections, as for ``httpx.HTTPTransport``.
+    * ``balancer``: a :class:`~lbclient.LoadBalancer`, or backends (``"host:port"`` or
+      :class:`~lbclient.Backend`) to build one with ``algorithm``.
+    * ``key``: ``key(request)`` returns the selection key, bytes or str, or None for the empty
+      key (None: every request has the empty key).
+    * ``algorithm``: the selection algorithm when backends are given (None: ``RoundRobin``).
+    * ``max_attempts``: attempts per request, the first included (3).
+    * ``retry_maybe_sent``: retry failures that may have reached the server, for idempotent
+      requests with replayable bodies (True).
+    * ``retry_statuses``: response statuses retried for idempotent requests (none).
+    * ``failure_statuses``: response statuses that count as server errors for passive health
+      (500..599).
+    * ``policy``: a :class:`~lbclient.RetryPolicy` giving the four retry options above and more
+      at once (None: built from them).
+    * ``verify``, ``cert``, ``trust_env``: TLS verification, client certificate and whether to
+      read ``SSL_CERT_FILE``-style settings, as for ``httpx.HTTPTransport`` (True, None, True).
+    * ``http1``, ``http2``: the HTTP versions offered (True, False; HTTP/2 needs
+      ``lbclient[http2]``).
+    * ``limits``: an ``httpx.Limits`` applied to each backend's pool (100 connections, 20 kept
+      alive).
+    * ``local_address``, ``socket_options``: as for ``httpx.HTTPTransport`` (None, None).
     """
 
     def _pool(self, url: httpx.URL, backend: Backend) -> httpcore.ConnectionPool:
@@ -420,7 +435,8 @@ class LBTransport(_Configured[httpcore.ConnectionPool], httpx.BaseTransport):
 
 
 class AsyncLBTransport(_Configured[httpcore.AsyncConnectionPool], httpx.AsyncBaseTransport):
-    """The asyncio twin of :class:`LBTransport`, with the same arguments."""
+    """The async twin of :class:`LBTransport` for ``httpx.AsyncClient`` (asyncio or trio),
+    with the same arguments."""
 
     async def _pool(self, url: httpx.URL, backend: Backend) -> httpcore.AsyncConnectionPool:
         # No await between the lookup and the insert: safe among tasks of one event loop.

@@ -8,6 +8,9 @@ TLS name (through per-request pool keys, never by changing shared pool settings)
 requests' and urllib3's exceptions into never-sent and maybe-sent failures.
 
 Backends are contacted directly: proxies resolved for the logical URL are not used.
+
+What may not: a retry or health rule of its own; those live once, in the attempt loop
+(:mod:`lbclient._attempt`), shared with the httpx transports.
 """
 
 from __future__ import annotations
@@ -175,13 +178,18 @@ class _ReportingRaw:
 
 
 class LBAdapter(HTTPAdapter):
-    """A requests adapter that load-balances every request over a set of backends.
+    """A requests adapter that load-balances every request over a set of backends:
+    ``session.mount("http://users/", LBAdapter(...))``. urllib3's own retries are off: retries
+    follow lbclient's rules.
 
-    ``balancer`` is a :class:`LoadBalancer`, or backends to build one with ``algorithm``
-    (RoundRobin by default). ``key(prepared_request)`` returns the selection key. Retry options
-    are those of :class:`lbclient.LBTransport`; ``pool_connections`` (pools kept, at least one per
-    backend and TLS name is best) and ``pool_maxsize`` (connections per pool) as for
-    ``HTTPAdapter``. urllib3's own retries are off: retries follow lbclient's rules.
+    * ``balancer``, ``algorithm``, ``max_attempts``, ``retry_maybe_sent``, ``retry_statuses``,
+      ``failure_statuses``, ``policy``: as for :class:`~lbclient.LBTransport`.
+    * ``key``: ``key(prepared_request)`` returns the selection key, bytes or str, or None
+      (None: every request has the empty key).
+    * ``pool_connections``: connection pools kept; at least one per backend and TLS name is
+      best (10).
+    * ``pool_maxsize``: connections kept per pool (10).
+    * ``pool_block``: wait for a free connection instead of opening one more (False).
     """
 
     def __init__(

@@ -13,6 +13,8 @@ The rules:
 * A response whose status is in ``retry_statuses`` is retried like a maybe-sent failure.
 * No wait before an attempt on a backend not tried yet; jittered exponential backoff before
   trying a backend again. All attempts together stay within the request's own timeout.
+
+Plain values only: no I/O, no HTTP client, no tenacity (those are the attempt loop's).
 """
 
 from __future__ import annotations

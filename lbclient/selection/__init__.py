@@ -1,4 +1,8 @@
-"""Selection algorithms: pure functions of (backends, key), no I/O and no clock."""
+"""Selection algorithms: pure functions of (backends, key), no I/O and no clock.
+
+Part of the core. Each module builds a selector over a sorted backend set; health, load and
+clients are not theirs to know.
+"""
 
 from lbclient.selection.base import (
     Algorithm,
