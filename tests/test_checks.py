@@ -144,7 +144,31 @@ def test_checks_time_out_on_a_server_that_never_answers(asynchronous: bool) -> N
 
 @both
 def test_tcp_check_connects(server: TestServer, asynchronous: bool) -> None:
-    run_check(TcpCheck(), server.address, asynchronous)
+    dead = f"127.0.0.1:{closed_port()}"
+    run_check(TcpCheck(), server.address, asynchronous)  # passes: returns
+    with pytest.raises(ConnectionRefusedError):
+        run_check(TcpCheck(), dead, asynchronous)
+    # Run by the balancer, the verdicts land in its health.
+    lb = LoadBalancer([server.address, dead], health_check=TcpCheck(interval=FAST))
+
+    def verdicts() -> dict[str, bool | None]:
+        return {b.backend.address: b.checked for b in lb.snapshot().backends}
+
+    def decided() -> bool:
+        return None not in verdicts().values()
+
+    async def run_task() -> None:
+        async with lb:
+            await aeventually(decided)
+
+    if asynchronous:
+        asyncio.run(run_task())
+    else:
+        with lb:
+            eventually(decided)
+    assert verdicts() == {server.address: True, dead: False}
+    assert lb.ready(server.address)
+    assert not lb.ready(dead)
 
 
 @both

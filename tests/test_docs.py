@@ -30,6 +30,11 @@ def test_readme_opens_with_demo_and_test_commands_and_ci_runs_the_test_command()
     assert "pytest" in commands[1]
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
     assert commands[1] in ci
+    # The documented command runs the whole suite, the slow tests included.
+    assert "-m" not in commands[1].rpartition("pytest")[2].split()
+    addopts = re.search(r"^addopts = (.*)$", (ROOT / "pyproject.toml").read_text(), flags=re.M)
+    assert addopts is not None
+    assert "slow" not in addopts.group(1)
 
 
 def test_there_are_examples() -> None:
@@ -44,6 +49,7 @@ def test_examples_run(path: Path) -> None:
     assert done.stdout.strip()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algorithm", ["roundrobin", "random", "hash", "fnv", "consistent"])
 def test_demo_runs(algorithm: str) -> None:
     done = subprocess.run(
@@ -61,6 +67,7 @@ def test_demo_runs(algorithm: str) -> None:
     assert "\x1b[" not in done.stdout  # not a terminal: plain text
 
 
+@pytest.mark.slow
 def test_demo_shows_a_live_table_on_a_terminal() -> None:
     pytest.importorskip("rich", reason="the live table needs rich (pip install 'lbclient[demo]')")
     import pty
@@ -112,6 +119,7 @@ def test_readme_shows_the_command_line() -> None:
     assert {line.split()[3] for line in command_lines()} >= {"bench", "simulate"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("line", command_lines())
 def test_readme_commands_run_as_written(line: str, tmp_path: Path) -> None:
     if "--plot" in line:

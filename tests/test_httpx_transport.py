@@ -4,13 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 
-from lbclient import Backend, Consistent, Hash, HealthPolicy, LoadBalancer, RoundRobin
+from lbclient import (
+    Backend,
+    Consistent,
+    Hash,
+    HealthPolicy,
+    LoadBalancer,
+    RetryPolicy,
+    RoundRobin,
+)
 from lbclient.errors import KeyFunctionError, NoBackendAvailable
 from lbclient.httpx_transport import AsyncLBTransport, LBTransport
 from lbclient.testing import TestServer, TLSCerts, closed_port
@@ -327,12 +336,45 @@ def test_no_backend_available() -> None:
 
 
 def test_unready_backends_are_a_last_resort(trio: list[TestServer]) -> None:
-    lb = LoadBalancer(addresses(trio))
-    for server in trio:
+    # One connection failure ejects, any number may be ejected, panic mode is off, and the clock
+    # stands still: an ejected backend stays ejected, with no probe due, all test long.
+    dead = f"127.0.0.1:{closed_port()}"
+    ready, *ejected = trio
+    lb = LoadBalancer(
+        [dead, *addresses(trio)],
+        Hash,
+        health=HealthPolicy(consecutive_failures=1, max_ejection_percent=100, panic_threshold=0),
+        clock=lambda: 1000.0,
+    )
+    for server in ejected:
         lb.report(server.address, False)
-    with httpx.Client(transport=LBTransport(lb)) as client:
-        assert client.get("http://users/").status_code == 200
-    assert any(lb.ready(s.address) for s in trio)
+    assert [lb.ready(s.address) for s in trio] == [True, False, False]
+    assert lb.ready(dead)
+
+    def fallback(key: str) -> list[str]:
+        return [b.address for b in lb.iter(key)]
+
+    # A key whose fallback order is the dead backend, both ejected ones, then the ready one.
+    key = next(k for k in (f"k{i}" for i in range(10_000))
+               if fallback(k)[0] == dead and fallback(k)[-1] == ready.address)
+    order = fallback(key)
+    with httpx.Client(transport=LBTransport(lb, key=lambda r: key, max_attempts=3)) as client:
+        # The dead backend refuses; the retry passes over the ejected backends to the ready one.
+        assert client.get("http://users/").json()["server"] == ready.name
+        assert [s.count() for s in trio] == [1, 0, 0]
+        assert not lb.ready(dead)  # the refused connection ejected it
+        lb.report(ready.address, False)
+        assert not any(lb.ready(b) for b in lb.backends)
+        assert not lb.panic
+        # Nothing is ready: rather than fail, the request goes to the enabled backends in
+        # fallback order (the dead one first again, then the first ejected one that answers).
+        served = client.get("http://users/").json()["server"]
+    first_spare = next(s for s in ejected if s.address == order[1])
+    assert served == first_spare.name
+    other = next(s for s in ejected if s is not first_spare)
+    assert (ready.count(), first_spare.count(), other.count()) == (1, 1, 0)
+    # Served as a last resort, not as a probe: it stays ejected.
+    assert not lb.ready(first_spare.address)
 
 
 def test_retry_maybe_sent_can_be_turned_off() -> None:
@@ -380,11 +422,40 @@ def test_streaming_request_body_retried_only_when_never_sent(trio: list[TestServ
     assert trio[0].requests[0].body == b"part-1;part-2"
 
 
-def test_streaming_response(trio: list[TestServer]) -> None:
-    with httpx.Client(transport=LBTransport(addresses(trio))) as client, \
-            client.stream("GET", "http://users/stream") as response:
-        data = b"".join(response.iter_bytes())
-    assert b'"host": "users"' in data or b'"host":"users"' in data
+@pytest.mark.parametrize(
+    ("method", "policy"),
+    [("GET", RetryPolicy(buffer_limit=16)), ("POST", RetryPolicy())],
+    ids=["body-over-buffer-limit", "not-retried-when-maybe-sent"],
+)
+def test_streaming_response(method: str, policy: RetryPolicy) -> None:
+    # A body that is not buffered reaches the caller as it arrives. The server sends the head
+    # and the first 10 of 100000 body bytes, then resets the connection: those 10 bytes are read
+    # before the body fails (a transport that read the body first would fail before returning).
+    server = TestServer("reset").start()
+    try:
+        lb = LoadBalancer([server.address])
+        with httpx.Client(transport=LBTransport(lb, policy=policy)) as client:
+            with client.stream(method, "http://users/stream") as response:
+                assert response.status_code == 200
+                assert response.headers["content-length"] == "100000"
+                chunks = response.iter_raw()
+                assert next(chunks) == b"0123456789"
+                with pytest.raises((httpx.ReadError, httpx.RemoteProtocolError)):
+                    next(chunks)
+            assert lb.health(server.address).consecutive_failures == 1  # the body failed
+
+            # A whole body: nothing read before the caller reads it (its success is reported
+            # only then, ending the failure streak), all of it read after.
+            server.mode = "ok"
+            with client.stream(method, "http://users/stream") as response:
+                assert not response.is_stream_consumed
+                assert lb.health(server.address).consecutive_failures == 1
+                body = json.loads(b"".join(response.iter_bytes()))
+            assert lb.health(server.address).consecutive_failures == 0
+    finally:
+        server.close()
+    assert (body["method"], body["host"], body["path"]) == (method, "users", "/stream")
+    assert server.count(method) == 2
 
 
 # -- TLS ---------------------------------------------------------------------------------------

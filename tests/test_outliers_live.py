@@ -1,8 +1,10 @@
-"""Passive outlier detection and panic mode through real transports and servers on 127.0.0.1."""
+"""Passive outlier detection and panic mode through real transports and servers on 127.0.0.1.
+
+Ejections run on an injected clock that the tests move by hand: no test sleeps through one.
+"""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 
 import httpx
@@ -23,21 +25,35 @@ def three() -> Iterator[list[TestServer]]:
         s.close()
 
 
-def wait_out_ejection(lb: LoadBalancer, address: str) -> None:
-    """Sleep until the ejection of ``address`` is over (its probe is due)."""
+class Clock:
+    """A monotonic clock that moves only when the test moves it."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def wait_out_ejection(lb: LoadBalancer, clock: Clock, address: str) -> None:
+    """Move ``clock`` to the end of the ejection of ``address`` (its probe is then due)."""
     (entry,) = [b for b in lb.snapshot().backends if b.backend.address == address]
     assert entry.ejection_remaining is not None
-    time.sleep(entry.ejection_remaining + 0.02)
+    assert entry.ejection_remaining > 0
+    assert not lb.ready(address)
+    clock.now += entry.ejection_remaining
 
 
 def test_503s_eject_then_one_probe_decides(three: list[TestServer]) -> None:
     sick = three[0]
     events: list[tuple[str, bool]] = []
+    clock = Clock()
     lb = LoadBalancer(
         [s.address for s in three],
         RoundRobin,
-        health=HealthPolicy(consecutive_5xx=3, base_ejection_time=1.0),
+        health=HealthPolicy(consecutive_5xx=3),  # ejected for 30 s, then 60 s: on the clock
         on_change=lambda b, healthy: events.append((b.address, healthy)),
+        clock=clock,
     )
     with httpx.Client(transport=LBTransport(lb), base_url="http://users") as client:
         statuses = [client.get("/").status_code for _ in range(6)]
@@ -52,15 +68,16 @@ def test_503s_eject_then_one_probe_decides(three: list[TestServer]) -> None:
         assert sick.count() == before  # traffic moved away
 
         # The ejection ends while it still fails: exactly one probe, which ejects it again.
-        wait_out_ejection(lb, sick.address)
+        wait_out_ejection(lb, clock, sick.address)
         codes = [client.get("/").status_code for _ in range(12)]
         assert codes.count(503) == 1
         assert sick.count() == before + 1
-        assert lb.health(sick.address).ejections == 2  # for 2 x 1 s this time
+        assert lb.health(sick.address).ejections == 2
+        assert lb.health(sick.address).ejected_until == clock.now + 60  # 2 x 30 s this time
 
         # Healthy again: one probe succeeds and it is back in the rotation.
         sick.mode = "ok"
-        wait_out_ejection(lb, sick.address)
+        wait_out_ejection(lb, clock, sick.address)
         served = [client.get("/").json()["server"] for _ in range(12)]
         assert served.count("s0") >= 3
         assert events == [(sick.address, False), (sick.address, True)]

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -14,11 +16,13 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
                           cwd=ROOT, timeout=600, check=False)
 
 
+@pytest.mark.slow
 def test_ruff_clean() -> None:
-    done = run("ruff", "check", "lbclient", "tests", "examples", "bench")
+    done = run("ruff", "check", "lbclient", "tests", "examples")
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+@pytest.mark.slow
 def test_mypy_strict_clean() -> None:
     done = run("mypy", "--strict", "lbclient")
     assert done.returncode == 0, done.stdout + done.stderr
