@@ -10,9 +10,6 @@ from lbclient.selection.base import (
     Key,
     Selector,
     UniqueIterator,
-    prepare_backends,
-    resolve_algorithm,
-    to_key,
 )
 from lbclient.selection.consistent import Consistent, ConsistentSelector
 from lbclient.selection.weighted import (
@@ -40,7 +37,4 @@ __all__ = [
     "Weighted",
     "WeightedIterator",
     "WeightedSelector",
-    "prepare_backends",
-    "resolve_algorithm",
-    "to_key",
 ]
