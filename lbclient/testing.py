@@ -192,21 +192,6 @@ class _Generation:
         self.wake_w.close()
 
 
-class _Conn:
-    def __init__(self, sock: socket.socket, peer: tuple[object, ...], gen: _Generation, n: int):
-        self.sock = sock
-        self.fd = sock.fileno()  # the same after the TLS wrap
-        self.selector: selectors.BaseSelector | None = None
-        self.watching_wake = False
-        self.peer = peer
-        self.gen = gen
-        self.number = n
-        self.buf = b""  # received, not yet parsed: the start of the next request
-        self.tls_server_name: str | None = None
-        self.rst = False
-        self.thread: threading.Thread | None = None
-
-
 class _Run:
     def __init__(self, listener: socket.socket, gen: _Generation) -> None:
         self.listener = listener
@@ -601,9 +586,9 @@ class TestServer:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.settimeout(_READ_TIMEOUT)
-            conn = _Conn(sock, tuple(peer), run.gen, next(self._numbers))
+            conn = _Conn(self, sock, tuple(peer), run.gen, next(self._numbers))
             thread = threading.Thread(
-                target=self._handle, args=(conn,), name=f"TestServer-conn-{self.name}-{conn.number}"
+                target=conn.serve, name=f"TestServer-conn-{self.name}-{conn.number}"
             )
             thread.daemon = True
             conn.thread = thread
@@ -611,59 +596,86 @@ class TestServer:
                 self._conns.add(conn)
             thread.start()
 
-    # -- one connection ------------------------------------------------------------------------
 
-    def _handle(self, conn: _Conn) -> None:
+# -- one connection --------------------------------------------------------------------------------
+
+
+class _Conn:
+    """One accepted connection: TLS handshake, reading requests, running the server's behaviour."""
+
+    def __init__(
+        self,
+        server: TestServer,
+        sock: socket.socket,
+        peer: tuple[object, ...],
+        gen: _Generation,
+        n: int,
+    ) -> None:
+        self.server = server  # mode, behaviours, TLS context; where requests and errors go
+        self.sock = sock
+        self.fd = sock.fileno()  # the same after the TLS wrap
+        self.selector: selectors.BaseSelector | None = None
+        self.watching_wake = False
+        self.peer = peer
+        self.gen = gen
+        self.number = n
+        self.buf = b""  # received, not yet parsed: the start of the next request
+        self.tls_server_name: str | None = None
+        self.rst = False
+        self.thread: threading.Thread | None = None
+
+    def serve(self) -> None:
+        """Serve requests until the connection ends; runs on the connection's own thread."""
         try:
-            conn.selector = selectors.DefaultSelector()
-            conn.selector.register(conn.fd, selectors.EVENT_READ)
-            conn.selector.register(conn.gen.wake_r, selectors.EVENT_READ)
-            conn.watching_wake = True
-            if self.ssl_context is not None:
-                self._handshake(conn, self.ssl_context)
+            self.selector = selectors.DefaultSelector()
+            self.selector.register(self.fd, selectors.EVENT_READ)
+            self.selector.register(self.gen.wake_r, selectors.EVENT_READ)
+            self.watching_wake = True
+            if self.server.ssl_context is not None:
+                self._handshake(self.server.ssl_context)
             while True:
                 try:
-                    request, keep_alive = self._read_request(conn)
+                    request, keep_alive = self._read_request()
                 except _BadRequest as exc:
-                    self._send_error(conn, exc.status)
+                    self._send_error(exc.status)
                     return
-                with self._lock:
-                    self.requests.append(request)
-                _, behaviour, arg = self._selected
-                if not behaviour(Exchange(self, conn, request, arg, keep_alive)):
+                with self.server._lock:
+                    self.server.requests.append(request)
+                _, behaviour, arg = self.server._selected
+                if not behaviour(Exchange(self.server, self, request, arg, keep_alive)):
                     return
         except (_Closed, OSError):  # EOF, stop, timeouts, resets, TLS failures (SSLError)
             pass
         except Exception as exc:  # a failing behaviour, or a bug: kept for the test to see
-            self.errors.append(exc)
+            self.server.errors.append(exc)
         finally:
-            self._close_socket(conn)
-            if conn.selector is not None:
-                conn.selector.close()
-            with self._lock:
-                self._conns.discard(conn)
+            self._close_socket()
+            if self.selector is not None:
+                self.selector.close()
+            with self.server._lock:
+                self.server._conns.discard(self)
 
-    def _handshake(self, conn: _Conn, context: ssl.SSLContext) -> None:
-        tls = context.wrap_socket(conn.sock, server_side=True, do_handshake_on_connect=False)
-        conn.sock = tls
+    def _handshake(self, context: ssl.SSLContext) -> None:
+        tls = context.wrap_socket(self.sock, server_side=True, do_handshake_on_connect=False)
+        self.sock = tls
         deadline = time.monotonic() + _HANDSHAKE_TIMEOUT
         try:
             while True:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise _Closed
-                self._wait_readable(conn, idle=True, timeout=remaining)
+                self._wait_readable(idle=True, timeout=remaining)
                 try:
                     tls.do_handshake()
                     break
                 except (TimeoutError, ssl.SSLWantReadError):
                     continue
         finally:
-            conn.tls_server_name = _take_sni(tls)
+            self.tls_server_name = _take_sni(tls)
 
-    def _close_socket(self, conn: _Conn) -> None:
-        sock = conn.sock
-        if conn.rst:
+    def _close_socket(self) -> None:
+        sock = self.sock
+        if self.rst:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         else:
@@ -673,14 +685,14 @@ class TestServer:
 
     # -- reading -------------------------------------------------------------------------------
 
-    def _wait_readable(self, conn: _Conn, *, idle: bool, timeout: float | None = None) -> None:
+    def _wait_readable(self, *, idle: bool, timeout: float | None = None) -> None:
         """Block until the socket is readable; an idle connection gives up when stopping."""
-        if isinstance(conn.sock, ssl.SSLSocket) and conn.sock.pending():
+        if isinstance(self.sock, ssl.SSLSocket) and self.sock.pending():
             return
-        assert conn.selector is not None
+        assert self.selector is not None
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            gen = conn.gen
+            gen = self.gen
             if gen.force.is_set() or (idle and gen.stop.is_set()):
                 raise _Closed
             wait = _CHECK_EVERY
@@ -688,30 +700,30 @@ class TestServer:
                 wait = min(wait, deadline - time.monotonic())
                 if wait <= 0:
                     raise _Closed
-            events = conn.selector.select(timeout=wait)
-            if any(key.fd == conn.fd for key, _ in events):
+            events = self.selector.select(timeout=wait)
+            if any(key.fd == self.fd for key, _ in events):
                 return
-            if gen.stop.is_set() and not idle and conn.watching_wake:
+            if gen.stop.is_set() and not idle and self.watching_wake:
                 # a request is half read: finish it; the wake socket stays readable from now on
-                conn.selector.unregister(gen.wake_r)
-                conn.watching_wake = False
+                self.selector.unregister(gen.wake_r)
+                self.watching_wake = False
 
-    def _recv(self, conn: _Conn, *, idle: bool) -> bytes:
+    def _recv(self, *, idle: bool) -> bytes:
         """The next bytes from the client; an idle connection gives up when stopping."""
         while True:
-            self._wait_readable(conn, idle=idle)
+            self._wait_readable(idle=idle)
             try:
-                data = conn.sock.recv(65536)
+                data = self.sock.recv(65536)
             except (TimeoutError, ssl.SSLWantReadError):
                 continue
             if not data:
                 raise _Closed
             return data
 
-    def _read_request(self, conn: _Conn) -> tuple[RecordedRequest, bool]:
+    def _read_request(self) -> tuple[RecordedRequest, bool]:
         """The next whole request, and whether the client allows another after it."""
         parser = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_HEAD)
-        data, conn.buf = conn.buf, b""
+        data, self.buf = self.buf, b""
         started = False  # a byte of this request has arrived: no longer idle
         head: h11.Request | None = None
         body = bytearray()
@@ -728,7 +740,7 @@ class TestServer:
                 raise _BadRequest(exc.error_status_hint if head is None else 400) from None
             data = b""
             if event is h11.NEED_DATA:
-                data = self._recv(conn, idle=not started)
+                data = self._recv(idle=not started)
             elif isinstance(event, h11.Request):
                 head = event
                 length = dict(event.headers).get(b"content-length")
@@ -739,7 +751,7 @@ class TestServer:
                 if len(body) > _MAX_BODY:
                     raise _BadRequest(413)
             elif isinstance(event, h11.EndOfMessage) and head is not None:
-                conn.buf = parser.trailing_data[0]
+                self.buf = parser.trailing_data[0]
                 break
             else:  # pragma: no cover - h11 gives nothing else before the end of a request
                 raise _BadRequest(400)
@@ -755,20 +767,20 @@ class TestServer:
             target=head.target.decode("latin-1"),
             headers=headers,
             body=bytes(body),
-            peer=conn.peer,
-            tls_server_name=conn.tls_server_name,
-            connection=conn.number,
+            peer=self.peer,
+            tls_server_name=self.tls_server_name,
+            connection=self.number,
         )
         return request, keep_alive
 
-    def _send_error(self, conn: _Conn, status: int) -> None:
+    def _send_error(self, status: int) -> None:
         body = f"{status} {_reason(status)}\n".encode()
         head = (
             f"HTTP/1.1 {status} {_reason(status)}\r\nContent-Type: text/plain\r\n"
             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
         )
         with contextlib.suppress(OSError):
-            _send(conn, head.encode("latin-1") + body)
+            _send(self, head.encode("latin-1") + body)
 
 
 # -- other helpers -----------------------------------------------------------------------------
