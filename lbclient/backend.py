@@ -7,6 +7,11 @@ when the value is made, so every later use (ordering, hashing, routing) works on
 * ``[::1]:80``: an IPv6 address in brackets, normalised to RFC 5952 text (``[::1]``);
 * ``users.internal:8080``: a host name, kept as written (it is not resolved here).
 
+Anything else is a :class:`ValueError` naming the address: whitespace anywhere, a port outside
+1..65535 (however many digits it has), and any other spelling a resolver would read as IPv4
+(``127.1``, ``0x7f.0.0.1``, ``0177.0.0.1``, ``2130706433``), so the address that is checked is
+the address that is dialled.
+
 Equality and hashing use ``(address, weight)``; ``metadata`` rides along and is ignored by both.
 Backends sort as Pingora sorts them: IPv4 addresses by numeric value, then IPv6 addresses by
 numeric value, then host names by text; then port; then weight.
@@ -29,6 +34,8 @@ __all__ = ["MAX_WEIGHT", "Backend"]
 MAX_WEIGHT: Final = 65_535
 
 _LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)\Z")
+# A label that inet_aton-style parsers read as a number: decimal, octal (leading 0) or hex (0x).
+_NUMERIC_LABEL = re.compile(r"(?:[0-9]+|0[xX][0-9A-Fa-f]*)\Z")
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
 
 # Ordering classes, as Pingora orders socket addresses: IPv4 < IPv6; host names come last.
@@ -40,7 +47,13 @@ def _parse_port(text: str, address: str) -> int:
         raise ValueError(f"backend address {address!r} has no port (expected host:port)")
     if not text.isdigit() or not text.isascii():
         raise ValueError(f"backend address {address!r} has an invalid port {text!r}")
-    port = int(text)
+    digits = text.lstrip("0")
+    if len(digits) > 5:
+        # Too long to be a port; judged by length, before int() could hit its digit limit.
+        raise ValueError(
+            f"backend address {address!r} has a {len(text)}-digit port, outside 1..65535"
+        )
+    port = int(digits or "0")
     if not 1 <= port <= 65_535:
         raise ValueError(f"backend address {address!r} has port {port}, outside 1..65535")
     return port
@@ -53,9 +66,21 @@ def _check_hostname(host: str, address: str) -> None:
     for label in name.split("."):
         if not _LABEL.match(label):
             raise ValueError(f"backend address {address!r} has an invalid host name {host!r}")
-    if all(label.isdigit() for label in name.split(".")):
-        # Digits and dots only, yet not a valid IPv4 address (e.g. "1.2.3.256" or "010.0.0.1").
-        raise ValueError(f"backend address {address!r} has an invalid IPv4 address {host!r}")
+    labels = name.split(".")
+    if all(_NUMERIC_LABEL.match(label) for label in labels):
+        # Numbers and dots only, yet not dotted-quad decimal: "127.1", "0x7f.0.0.1", "010.0.0.1",
+        # "2130706433" (resolvers read these as some other IPv4 address) or "1.2.3.256".
+        raise ValueError(
+            f"backend address {address!r} is not a canonical IPv4 address: invalid IPv4 address "
+            f"{host!r} (write four decimal parts 0..255 without leading zeros, e.g. '127.0.0.1')"
+        )
+    if _NUMERIC_LABEL.match(labels[-1]):
+        # No top-level domain is numeric (RFC 3696, section 2), and resolvers may take such a
+        # name for an IPv4 address.
+        raise ValueError(
+            f"backend address {address!r} has an invalid host name {host!r} "
+            f"(its last label {labels[-1]!r} is numeric)"
+        )
 
 
 def _parse(address: str) -> tuple[str, str, int, tuple[int, int | str]]:
@@ -144,15 +169,16 @@ class Backend:
                 f"backend address must be a str like 'host:port', got {address!r} "
                 f"({type(address).__name__})"
             )
-        text = address.strip()
-        if not text:
+        if not address or address.isspace():
             raise ValueError(f"backend address must not be empty, got {address!r}")
+        if any(char.isspace() for char in address):
+            raise ValueError(f"backend address {address!r} contains whitespace")
         check_weight(weight, f"backend {address!r}")
         if metadata is not None and not isinstance(metadata, Mapping):
             raise TypeError(
                 f"backend metadata must be a mapping or None, got {type(metadata).__name__}"
             )
-        normalised, host, port, order = _parse(text)
+        normalised, host, port, order = _parse(address)
         setter = object.__setattr__
         setter(self, "address", normalised)
         setter(self, "weight", weight)

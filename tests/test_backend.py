@@ -18,7 +18,8 @@ from lbclient import MAX_WEIGHT, Backend
         ("[2001:DB8:0:0:0:0:0:1]:443", "[2001:db8::1]:443", "[2001:db8::1]", 443),
         ("[::ffff:1.2.3.4]:80", "[::ffff:1.2.3.4]:80", "[::ffff:1.2.3.4]", 80),
         ("[::ffff:102:304]:80", "[::ffff:1.2.3.4]:80", "[::ffff:1.2.3.4]", 80),
-        ("  10.0.0.1:65535 ", "10.0.0.1:65535", "10.0.0.1", 65535),
+        ("10.0.0.1:65535", "10.0.0.1:65535", "10.0.0.1", 65535),
+        ("10.0.0.1:00080", "10.0.0.1:80", "10.0.0.1", 80),
         ("svc_a.ns.svc.cluster.local.:9000", "svc_a.ns.svc.cluster.local.:9000",
          "svc_a.ns.svc.cluster.local.", 9000),
     ],
@@ -60,7 +61,113 @@ def test_bad_addresses_name_the_value(text: str, fragment: str) -> None:
     with pytest.raises(ValueError, match="backend") as info:
         Backend(text)
     assert fragment in str(info.value)
-    assert repr(text) in str(info.value) or repr(text.strip()) in str(info.value)
+    assert repr(text) in str(info.value)
+
+
+def _assert_names_address(text: str, fragment: str) -> None:
+    with pytest.raises(ValueError, match=r"^backend address") as info:
+        Backend(text)
+    message = str(info.value)
+    assert repr(text) in message
+    assert fragment in message
+    assert "integer string conversion" not in message
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "127.0.0.1:" + "9" * 5000,  # beyond int()'s digit limit
+        "127.0.0.1:" + "9" * 4301,
+        "127.0.0.1:" + "1" * 6,
+        "127.0.0.1:" + "0" * 5000 + "1" * 6,
+        "[::1]:" + "9" * 5000,
+        "users.internal:" + "9" * 5000,
+        "127.0.0.1:99999",
+    ],
+)
+def test_port_of_any_length_outside_range(text: str) -> None:
+    _assert_names_address(text, "outside 1..65535")
+
+
+def test_port_with_many_leading_zeros_stays_valid() -> None:
+    assert Backend("127.0.0.1:" + "0" * 5000 + "8080").address == "127.0.0.1:8080"
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "0x7f.0.0.1",
+        "0X7F.0.0.1",
+        "0177.0.0.1",
+        "127.1",
+        "127.0.1",
+        "2130706433",
+        "0x7f000001",
+        "010.0.0.1",
+        "1.2.3.256",
+        "1.2.3.4.5",
+        "0x7f.1",
+        "0177.0x0.1",
+        "127.0.0.0x1",
+        "0x.0.0.1",
+        "127.0.0.1.",
+        "127.1.",
+        "08.0.0.1",
+    ],
+)
+def test_non_canonical_ipv4_rejected(host: str) -> None:
+    _assert_names_address(f"{host}:80", "is not a canonical IPv4 address")
+
+
+@pytest.mark.parametrize(
+    "host",
+    ["users.1", "users.internal.8080", "svc.0x1f", "a.b.0X0", "users.007", "x.0x"],
+)
+def test_numeric_last_label_rejected(host: str) -> None:
+    _assert_names_address(f"{host}:80", "is numeric")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        " 10.0.0.1:80",
+        "10.0.0.1:80 ",
+        "  10.0.0.1:65535 ",
+        "\t10.0.0.1:80",
+        "10.0.0.1:80\n",
+        "10.0.0.1 :80",
+        "10.0.0.1: 80",
+        "users .internal:80",
+        "[::1 ]:80",
+        " [::1]:80",
+        "10.0.0.1:80\u00a0",
+        "10.0.0.1:80\u3000",
+    ],
+)
+def test_whitespace_rejected_not_stripped(text: str) -> None:
+    _assert_names_address(text, "whitespace")
+
+
+@pytest.mark.parametrize(
+    ("text", "host"),
+    [
+        ("1password.com:443", "1password.com"),
+        ("3com.example:80", "3com.example"),
+        ("3com:80", "3com"),
+        ("a0x1.internal:80", "a0x1.internal"),
+        ("0x1g.internal:80", "0x1g.internal"),
+        ("0xdead.beef:80", "0xdead.beef"),
+        ("127.0.0.1.example:80", "127.0.0.1.example"),
+        ("1.2.3.4a:80", "1.2.3.4a"),
+        ("10.0.0.x1:80", "10.0.0.x1"),
+        ("users-1:80", "users-1"),
+        ("svc.ns.svc.cluster.local:80", "svc.ns.svc.cluster.local"),
+        ("svc.ns.svc.cluster.local.:80", "svc.ns.svc.cluster.local."),
+    ],
+)
+def test_numeric_looking_host_names_stay_valid(text: str, host: str) -> None:
+    b = Backend(text)
+    assert (b.address, b.host, b.is_ip) == (text, host, False)
 
 
 @pytest.mark.parametrize(("weight", "error"), [
