@@ -1,15 +1,16 @@
-"""The attempt loop every adapter shares: a request's plan over the backends, and the loop (on
-tenacity) that runs its attempts. Private: the adapters use it; users configure it through
-:class:`~lbclient.retry.RetryPolicy`.
+"""The life of one request, shared by every adapter: its plan over the backends, the one attempt
+loop, and what both clients need around it (the selection key, per-attempt timeouts, response
+buffering, health reports of bodies, the final error's text). Private: users configure it through
+:class:`~lbclient.retry.RetryPolicy` and :class:`~lbclient.retry.RequestOptions`.
 
-A request's walk over backends is a :class:`RequestPlan`: it knows the candidates in fallback
-order, what was tried and why it failed, whether one more attempt is allowed, and how long to wait
-before it. The adapters only translate: they classify their library's exceptions into a
-:class:`~lbclient.retry.Failure` kind, do the I/O of one attempt, and build the final exception.
-The rules themselves are described in :mod:`lbclient.retry`.
+Read top to bottom: :class:`RequestPlan` (sans-I/O; its questions are pure, and :meth:`take` is
+the only step that claims anything: an ejected backend's probe), then the loops
+(:func:`run_sync`, :func:`run_async`), which drive a :class:`Wire` (the adapter's I/O for one
+attempt), then :class:`Client` (what an adapter is configured with). The rules themselves are
+described in :mod:`lbclient.retry`.
 
-What may not: any HTTP client (the adapters translate their own exceptions and responses),
-or the balancer's internals (only its public methods are used).
+What may not: any HTTP client (the adapters translate their own requests, responses and
+exceptions), or the balancer's internals (only its public methods are used).
 """
 
 from __future__ import annotations
@@ -17,18 +18,11 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, Generic, NamedTuple, Protocol, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 import anyio
-from tenacity import (
-    AsyncRetrying,
-    RetryCallState,
-    Retrying,
-    retry_if_exception,
-    retry_if_result,
-)
 
 from lbclient.backend import Backend
 from lbclient.balancer import LoadBalancer
@@ -38,137 +32,189 @@ from lbclient.retry import Attempt, Failure, RetryPolicy
 from lbclient.selection.base import AlgorithmLike
 
 __all__ = [
-    "Adapter",
+    "BodyReport",
+    "Client",
+    "Fault",
     "RequestPlan",
-    "budget_of",
+    "Wire",
+    "name_backend",
     "policy_from",
+    "redact",
     "run_async",
     "run_sync",
 ]
 
-_T = TypeVar("_T")
-_E = TypeVar("_E", bound=Exception)
+_R = TypeVar("_R")
+
+#: Timeout names, as httpx spells them (requests' (connect, read) map onto two of them).
+Timeouts = Mapping[str, "float | None"]
 
 
-@dataclass
+class Fault(NamedTuple):
+    """How an attempt failed, as the adapter classified its client's error."""
+
+    failure: Failure
+    #: A timeout: not blamed on the backend when the deadline cut it short.
+    timed_out: bool = False
+    #: A failure that would repeat on the same backend (TLS verification, a timeout): that
+    #: backend is not tried again by this request.
+    barred: bool = False
+
+
 class RequestPlan:
     """One request's walk over the balancer's backends. Sans-I/O, one per request.
 
-    Candidates come in the balancer's fallback order for ``key``: ready backends first; then,
-    only if attempts remain, backends that are enabled but not ready (a last resort, better than
-    failing a request that a recovering backend could serve); then backends already tried, again
-    in order, after a backoff.
+    Candidates come in the balancer's fallback order for ``key``, ready backends of the current
+    set only: untried ones first, then (after a backoff) those tried before whose failure may
+    not repeat. Questions (:meth:`may_retry`, :meth:`wait`, :meth:`describe`) change nothing
+    outside the plan; :meth:`take` claims the chosen backend (its probe, if it is one).
     """
 
-    balancer: LoadBalancer
-    key: bytes
-    method: str
-    replayable: bool
-    policy: RetryPolicy
-    #: Seconds all attempts together may take; None for no limit.
-    budget: float | None = None
-    clock: Callable[[], float] = time.monotonic
-    attempts: list[Attempt] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self._start = self.clock()
-        self._walk: Iterator[Backend] | None = None
-        self._spares: list[Backend] = []
-        self._pending: Backend | None = None
-        self._revisits = 0
-        self._retry_response = False
-        self._delay: float | None = None
-        self._clipped = False
-        self._began = self._start
-
-    # -- choosing backends -------------------------------------------------------------------
-
-    def first(self) -> Backend | None:
-        """The backend for the first attempt, or None if there is none."""
-        backend = self.balancer.select(self.key)
-        if backend is None:
-            backend = self._untried()
-        self._began = self.clock()
-        return backend
-
-    def _untried(self) -> Backend | None:
-        tried = {a.backend for a in self.attempts}
-        balancer = self.balancer
-        if self._walk is None:
-            self._walk = balancer.iter(self.key)
-        for backend in self._walk:
-            if backend in tried:
-                continue
-            if balancer.admit(backend):
-                return backend
-            try:
-                if balancer.health(backend).enabled:
-                    self._spares.append(backend)
-            except ValueError:  # removed by a concurrent update
-                continue
-        while self._spares:
-            backend = self._spares.pop(0)
-            if backend not in tried:
-                return backend
-        return None
-
-    def _following(self) -> Backend:
-        """The backend for the next attempt (computed once, before the wait)."""
-        if self._pending is None:
-            backend = self._untried()
-            if backend is None:
-                # Every candidate was tried: go round again, oldest first.
-                backend = self.attempts[self._revisits % len(self.attempts)].backend
-                self._revisits += 1
-            self._pending = backend
-        return self._pending
-
-    def next(self) -> Backend:
-        """The backend for the next retry."""
-        backend = self._following()
-        self._pending = None
-        self._delay = None
-        self._clipped = False
-        self._began = self.clock()
-        return backend
-
-    # -- recording -------------------------------------------------------------------------
-
-    def failed(
-        self, backend: Backend, failure: Failure, error: BaseException, timed_out: bool = False
+    def __init__(
+        self,
+        balancer: LoadBalancer,
+        key: bytes,
+        method: str,
+        replayable: bool,
+        policy: RetryPolicy,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        self.balancer = balancer
+        self.key = key
+        self.method = method
+        self.replayable = replayable
+        self.policy = policy
+        self.clock = clock
+        self.attempts: list[Attempt] = []
+        self._start = self._began = clock()
+        self._first: Backend | None = None
+        self._walk: Iterator[Backend] | None = None
+        self._walked: tuple[Backend, ...] = ()
+        self._barred: set[Backend] = set()
+        self._skipped: set[Backend] = set()
+        self._next: Backend | None = None
+        self._delay: float | None = None
+        self._revisits = 0
+        self._cut: str | None = None
+        self._retry_response = False
+        #: Why the loop stopped, for the final error (set when a retry is refused).
+        self.stopped: str = ""
+        #: Seconds to wait before the attempt on the backend :meth:`take` returned last.
+        self.pause = 0.0
+
+    # -- choosing (the only claiming step) --------------------------------------------------
+
+    def take(self) -> Backend | None:
+        """The backend for the next attempt, or None when no candidate is left. Choosing an
+        ejected backend whose probe is due claims the probe."""
+        balancer = self.balancer
+        if self._first is None and not self.attempts:
+            backend = balancer.select(self.key)  # claims a due probe
+            if backend is not None:
+                self._first = backend
+                self._began = self.clock()
+                return backend
+        while True:
+            backend = self._candidate()
+            if backend is None:
+                return None
+            delay = self.wait()
+            self._next = None
+            self._delay = None
+            if balancer.admit(backend):
+                if any(a.backend == backend for a in self.attempts):
+                    self._revisits += 1
+                self.pause = delay
+                self._began = self.clock() + delay
+                return backend
+            self._skipped.add(backend)  # its probe went to another request
+
+    def _candidate(self) -> Backend | None:
+        """The backend :meth:`take` would choose next, found without claiming anything."""
+        if self._next is not None:
+            return self._next
+        balancer = self.balancer
+        current = balancer.backends
+        tried = {a.backend for a in self.attempts}
+        if self._walk is None or self._walked is not current:
+            self._walk = balancer.iter(self.key, after=self._first)
+            self._walked = current
+        for backend in self._walk:
+            if backend not in tried and backend not in self._skipped and balancer.ready(backend):
+                self._next = backend
+                return backend
+        members = set(current)
+        again = [
+            b
+            for b in dict.fromkeys(a.backend for a in self.attempts)
+            if b not in self._barred and b in members and balancer.ready(b)
+        ]
+        if not again:
+            return None
+        self._next = again[self._revisits % len(again)]
+        return self._next
+
+    # -- recording ---------------------------------------------------------------------------
+
+    def timeouts(self, given: Timeouts) -> Timeouts:
+        """The client's per-operation timeouts for the attempt about to start, each capped by
+        ``attempt_timeout`` and by what is left of the deadline (noted, for health reports)."""
+        policy = self.policy
+        cap = policy.attempt_timeout
+        why = "attempt"
+        if policy.deadline is not None:
+            left = max(self.remaining() or 0.0, 0.001)
+            if cap is None or left < cap:
+                cap, why = left, "deadline"
+        self._cut = None
+        if cap is None:
+            return given
+        capped: dict[str, float | None] = {}
+        for name, value in given.items():
+            if value is None or value > cap:
+                capped[name] = cap
+                self._cut = why
+            else:
+                capped[name] = value
+        return capped
+
+    def failed(self, backend: Backend, fault: Fault, error: BaseException) -> None:
         """Record a failed attempt and report it to passive health.
 
-        Not reported: local failures, and a timeout of an attempt whose timeouts were cut to fit
-        the request's remaining budget (the backend was not given its normal time).
+        Not reported: local failures, and a timeout that the deadline cut short (the backend
+        was not given its normal time).
         """
         text = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
-        self.attempts.append(Attempt(backend, failure, text, error=error, seconds=self._took()))
-        if failure is not Failure.LOCAL and not (timed_out and self._clipped):
-            self.balancer.report(backend, False)
-
-    def responded(self, backend: Backend, status: int) -> bool:
-        """Record a response; return True if it should be retried (see :meth:`wants_retry`).
-
-        A failure status is reported to passive health here. A success is reported by the
-        adapter once the body was read (or closed), so a body that fails counts as a failure.
-        """
-        self.attempts.append(Attempt(backend, None, f"HTTP {status}", status, seconds=self._took()))
-        if status in self.policy.failure_statuses:
-            self.balancer.report(backend, Outcome.SERVER_ERROR)
-        self._retry_response = (
-            status in self.policy.retry_statuses and self._may_resend() and self._can_retry()
+        self.attempts.append(
+            Attempt(backend, fault.failure, redact(text), error=error, seconds=self._took())
         )
-        return self._retry_response
+        if fault.barred:
+            self._barred.add(backend)
+        cut = fault.timed_out and self._cut == "deadline"
+        if cut:
+            self.stopped = f"the deadline of {self.policy.deadline:g} s ran out"
+        elif fault.failure is not Failure.LOCAL:
+            self.balancer.report(backend, False)
+        self._retry_response = False
 
-    def wants_retry(self, _result: object = None) -> bool:
-        """Whether the response just recorded should be retried (a tenacity result predicate)."""
-        return self._retry_response
+    def responded(self, backend: Backend, status: int) -> None:
+        """Record a response. A failure status is reported to passive health here; a success
+        is reported once the body was read (see :class:`BodyReport`)."""
+        policy = self.policy
+        self.attempts.append(Attempt(backend, None, f"HTTP {status}", status, seconds=self._took()))
+        if status in policy.failure_statuses:
+            self.balancer.report(backend, Outcome.SERVER_ERROR)
+        self._retry_response = status in policy.retry_statuses and self._may_resend()
 
     def _took(self) -> float:
         return max(0.0, self.clock() - self._began)
 
-    # -- deciding --------------------------------------------------------------------------
+    # -- deciding (pure) -------------------------------------------------------------------------
+
+    @property
+    def retries_response(self) -> bool:
+        """Whether the response just recorded has a status to retry (attempts permitting)."""
+        return self._retry_response
 
     def retries_maybe_sent(self) -> bool:
         """Whether a maybe-sent failure of this request would be retried (attempts permitting)."""
@@ -177,246 +223,269 @@ class RequestPlan:
     def _may_resend(self) -> bool:
         return self.method in self.policy.idempotent_methods and self.replayable
 
-    def _can_retry(self) -> bool:
-        return len(self.attempts) < self.policy.max_attempts and self._time_for_another()
+    def may_retry(self) -> bool:
+        """Whether the attempt just recorded may be followed by another: its outcome allows a
+        retry, attempts remain, a candidate is left, and the deadline leaves time for it."""
+        self.stopped = self._refusal()
+        return not self.stopped
 
-    def _time_for_another(self) -> bool:
-        """Whether, after its backoff, another attempt would still get a fair share of the
-        budget (a tenth of it): an attempt that could only time out is not sent."""
-        left = self.remaining()
-        if left is None:
-            return True
-        return left - self.wait() >= max(0.001, self.budget_share)
-
-    def should_retry(self, error: BaseException) -> bool:
-        """Whether the failure just recorded for ``error`` may be retried.
-
-        An error the adapter did not record (a bug, a cancellation) is never retried.
-        """
-        if not self.attempts:
-            return False
+    def _refusal(self) -> str:
+        """Why no retry follows the last attempt, or "" when one may."""
         last = self.attempts[-1]
+        policy = self.policy
+        if self.stopped.startswith("the deadline"):
+            return self.stopped
         if last.failure is None:
-            return False
-        if last.error is not error:
-            return False
-        if last.failure is Failure.NEVER_SENT:
-            allowed = True
-        elif last.failure is Failure.MAYBE_SENT:
-            allowed = self.retries_maybe_sent()
-        else:
-            allowed = False
-        return allowed and self._can_retry()
+            if not self._retry_response:
+                return "a response that is not retried"
+        elif last.failure is Failure.LOCAL:
+            return "a local failure"
+        elif last.failure is Failure.MAYBE_SENT and not self.retries_maybe_sent():
+            if not policy.retry_maybe_sent:
+                return "not retried: retry_maybe_sent is off"
+            why = (
+                f"{self.method} is not idempotent"
+                if self.method not in policy.idempotent_methods
+                else "its body cannot be replayed"
+            )
+            return f"not retried: the request may have reached the server and {why}"
+        if len(self.attempts) >= policy.max_attempts:
+            return "out of attempts"
+        if self._candidate() is None:
+            return "no other backend to try"
+        if policy.deadline is not None:
+            left = self.remaining() or 0.0
+            if left - self.wait() < self.share():
+                return f"the deadline of {policy.deadline:g} s ran out"
+        return ""
 
-    def remaining(self) -> float | None:
-        """Seconds left of the request's budget, or None without a budget."""
-        if self.budget is None:
-            return None
-        return self.budget - (self.clock() - self._start)
+    def share(self) -> float:
+        """The least time worth giving one more attempt under the deadline: a tenth of the
+        deadline, or the attempt timeout when that is shorter."""
+        policy = self.policy
+        if policy.deadline is None:
+            return 0.0
+        share = policy.deadline / 10
+        if policy.attempt_timeout is not None:
+            share = min(share, policy.attempt_timeout)
+        return max(share, 0.001)
 
-    def expired(self) -> bool:
-        left = self.remaining()
-        return left is not None and left <= 0
-
-    def wait(self, _state: RetryCallState | None = None) -> float:
-        """Seconds to wait before the next attempt: none for a backend not tried yet, a jittered
-        exponential backoff before trying one again (drawn once per attempt)."""
+    def wait(self) -> float:
+        """Seconds to wait before an attempt on the next candidate: none for a backend not
+        tried yet, a jittered exponential backoff before trying one again (drawn once)."""
         if self._delay is None:
-            upcoming = self._following()
-            if all(a.backend != upcoming for a in self.attempts):
+            upcoming = self._candidate()
+            if upcoming is None or all(a.backend != upcoming for a in self.attempts):
                 self._delay = 0.0
             else:
-                ceiling = min(
-                    self.policy.backoff_max, self.policy.backoff * 2 ** (self._revisits - 1)
-                )
+                policy = self.policy
+                ceiling = min(policy.backoff_max, policy.backoff * 2**self._revisits)
                 self._delay = random.uniform(0, ceiling)
         return self._delay
 
-    @property
-    def budget_share(self) -> float:
-        """The least time worth giving one more attempt: a tenth of the budget."""
-        return 0.0 if self.budget is None else self.budget / 10
+    def remaining(self) -> float | None:
+        """Seconds left before the deadline, or None without one."""
+        deadline = self.policy.deadline
+        if deadline is None:
+            return None
+        return deadline - (self.clock() - self._start)
 
-    def clip(self, timeout: float | None) -> float | None:
-        """``timeout`` cut to the time left of the budget (noted, for health reporting)."""
-        if timeout is None or self.budget is None or not self.attempts:
-            return timeout
-        left = max(self.remaining() or 0.0, 0.001)
-        if left < timeout:
-            self._clipped = True
-            return left
-        return timeout
-
-    def stop(self, state: RetryCallState | None = None) -> bool:
-        """Stop condition: out of attempts, or not enough time left for another one."""
-        return len(self.attempts) >= self.policy.max_attempts or not self._time_for_another()
-
-    # -- reporting -------------------------------------------------------------------------
+    def buffers(self, status: int, content_length: int | None) -> bool:
+        """Whether to read this response's body inside the attempt, so that a connection lost
+        mid-body can still be retried: only for requests that would be retried after a
+        maybe-sent failure, and bodies of known, small size."""
+        return (
+            content_length is not None
+            and content_length <= self.policy.buffer_limit
+            and self.method != "HEAD"
+            and self.retries_maybe_sent()
+            and len(self.attempts) + 1 < self.policy.max_attempts
+        )
 
     def describe(self) -> str:
-        """Every attempt, for the message of the final error."""
+        """Every attempt, and why there was no other, for the message of the final error."""
         count = len(self.attempts)
         tried = "; ".join(a.describe() for a in self.attempts)
-        last = self.attempts[-1] if self.attempts else None
-        note = ""
-        if (
-            self.budget is not None
-            and count < self.policy.max_attempts
-            and (not self._time_for_another())
-        ):
-            note = " (the request's time budget ran out)"
-        elif last is not None and last.failure is Failure.MAYBE_SENT:
-            if not self.policy.retry_maybe_sent:
-                note = " (not retried: retry_maybe_sent is off)"
-            elif not self._may_resend():
-                why = (
-                    f"{self.method} is not idempotent"
-                    if self.method not in self.policy.idempotent_methods
-                    else "its body cannot be replayed"
-                )
-                note = f" (not retried: the request may have reached the server and {why})"
         plural = "attempt" if count == 1 else "attempts"
+        why = self.stopped
+        note = f" ({why})" if why and why not in ("out of attempts", "a local failure") else ""
         return f"{self.method} failed after {count} {plural}: {tried}{note}"
 
 
-def _sleep(seconds: float) -> None:
-    if seconds > 0:  # time.sleep(0) still costs a system call and a reschedule
-        time.sleep(seconds)
+# -- the loop ----------------------------------------------------------------------------------
 
 
-async def _asleep(seconds: float) -> None:
-    if seconds > 0:
-        await anyio.sleep(seconds)  # asyncio or trio, whichever runs the client
+class Wire(Protocol[_R]):
+    """An adapter's part of one request: the I/O of one attempt, and its client's words."""
+
+    def send(self, backend: Backend) -> _R:
+        """Send the request to ``backend``; record the response on the plan (or raise the
+        client's error for a failure, unrecorded)."""
+        ...
+
+    def fault(self, error: Exception) -> Fault | None:
+        """How ``error`` failed, or None if it is not a failure of the attempt (a bug, a
+        cancellation): then it propagates as it is."""
+        ...
+
+    def discard(self, response: _R) -> None:
+        """Close a response that is retried."""
+        ...
+
+    def final(self, error: Exception) -> Exception:
+        """The error for the caller when the last attempt failed with ``error``."""
+        ...
 
 
-def _outcome(state: RetryCallState) -> Any:
-    """When tenacity stops: the last response, or the last exception raised again."""
-    assert state.outcome is not None
-    return state.outcome.result()
+class AsyncWire(Protocol[_R]):
+    """The async twin of :class:`Wire`."""
+
+    async def send(self, backend: Backend) -> _R: ...
+
+    def fault(self, error: Exception) -> Fault | None: ...
+
+    async def discard(self, response: _R) -> None: ...
+
+    def final(self, error: Exception) -> Exception: ...
 
 
-def run_sync(
-    plan: RequestPlan,
-    first: Backend,
-    attempt: Callable[[Backend], _T],
-    discard: Callable[[_T], object],
-) -> _T:
-    """Run ``attempt`` on ``first``, then on the plan's next backends while it may retry.
+def run_sync(plan: RequestPlan, first: Backend, wire: Wire[_R]) -> _R:
+    """Send the request to ``first``, then to the plan's next backends while it may retry.
 
-    ``attempt`` does one attempt's I/O, records its outcome on the plan and raises on failure.
-    ``discard`` closes a response that is retried. The last failure propagates unchanged; the
-    caller turns it into its final error. The first attempt runs outside tenacity (it is not a
-    retry, and most requests need no other).
+    Returns the last response (retried statuses included, when no retry is left), or raises
+    the wire's final error for the last failure.
     """
-    try:
-        result = attempt(first)
-    except Exception as exc:
-        if not plan.should_retry(exc):
-            raise
+    backend = first
+    while True:
+        try:
+            result = wire.send(backend)
+        except Exception as error:
+            fault = wire.fault(error)
+            if fault is None:
+                raise
+            plan.failed(backend, fault, error)
+            following = plan.take() if plan.may_retry() else None
+            if following is None:
+                raise wire.final(error) from error
+        else:
+            if not plan.retries_response:
+                return result
+            following = plan.take() if plan.may_retry() else None
+            if following is None:
+                return result
+            wire.discard(result)
+        if plan.pause > 0:  # time.sleep(0) still costs a system call and a reschedule
+            time.sleep(plan.pause)
+        backend = following
+
+
+async def run_async(plan: RequestPlan, first: Backend, wire: AsyncWire[_R]) -> _R:
+    """The async twin of :func:`run_sync` (asyncio or trio)."""
+    backend = first
+    while True:
+        try:
+            result = await wire.send(backend)
+        except Exception as error:
+            fault = wire.fault(error)
+            if fault is None:
+                raise
+            plan.failed(backend, fault, error)
+            following = plan.take() if plan.may_retry() else None
+            if following is None:
+                raise wire.final(error) from error
+        else:
+            if not plan.retries_response:
+                return result
+            following = plan.take() if plan.may_retry() else None
+            if following is None:
+                return result
+            await wire.discard(result)
+        if plan.pause > 0:
+            await anyio.sleep(plan.pause)
+        backend = following
+
+
+# -- what both adapters share around the loop --------------------------------------------------
+
+
+class BodyReport:
+    """Reports one attempt's outcome to passive health once its body was read to the end,
+    failed, or was closed unread (a failure status was reported with the head already)."""
+
+    __slots__ = ("_backend", "_balancer", "_done")
+
+    def __init__(self, balancer: LoadBalancer, backend: Backend, done: bool) -> None:
+        self._balancer = balancer
+        self._backend = backend
+        self._done = done
+
+    @property
+    def backend(self) -> Backend:
+        return self._backend
+
+    def __call__(self, ok: bool) -> None:
+        if not self._done:
+            self._done = True
+            self._balancer.report(self._backend, ok)
+
+
+def name_backend(error: BaseException, backend: Backend) -> BaseException:
+    """``error`` (raised while reading a response body) with the backend named in its message,
+    keeping its class and its other arguments."""
+    where = f"(while reading the response body from backend {backend.address})"
+    if error.args and isinstance(error.args[0], str):
+        error.args = (f"{error.args[0]} {where}", *error.args[1:])
     else:
-        if not plan.wants_retry():
-            return result
-        discard(result)
-    _sleep(plan.wait())  # tenacity waits only between its own attempts
-
-    def before_sleep(state: RetryCallState) -> None:
-        if state.outcome is not None and not state.outcome.failed:
-            discard(state.outcome.result())
-
-    retrying = Retrying(
-        stop=plan.stop,
-        wait=plan.wait,
-        retry=retry_if_exception(plan.should_retry) | retry_if_result(plan.wants_retry),
-        before_sleep=before_sleep,
-        sleep=_sleep,
-        retry_error_callback=_outcome,
-    )
-    return retrying(lambda: attempt(plan.next()))
+        error.args = (*error.args, where)
+    return error
 
 
-async def run_async(
-    plan: RequestPlan,
-    first: Backend,
-    attempt: Callable[[Backend], Awaitable[_T]],
-    discard: Callable[[_T], Awaitable[object]],
-) -> _T:
-    """The async twin of :func:`run_sync` (asyncio or trio). A new AsyncRetrying per request:
-    they are not safe to share between concurrent tasks."""
+def redact(text: str) -> str:
+    """``text`` (a URL, or a message holding one) with any URL password replaced."""
+    if "@" not in text:
+        return text
+    return " ".join(_redact_url(word) for word in text.split(" "))
+
+
+def _redact_url(word: str) -> str:
+    if "@" not in word or "://" not in word:
+        return word
     try:
-        result = await attempt(first)
-    except Exception as exc:
-        if not plan.should_retry(exc):
-            raise
-    else:
-        if not plan.wants_retry():
-            return result
-        await discard(result)
-    await _asleep(plan.wait())
-
-    async def before_sleep(state: RetryCallState) -> None:
-        if state.outcome is not None and not state.outcome.failed:
-            await discard(state.outcome.result())
-
-    retrying = AsyncRetrying(
-        stop=plan.stop,
-        wait=plan.wait,
-        retry=retry_if_exception(plan.should_retry) | retry_if_result(plan.wants_retry),
-        before_sleep=before_sleep,
-        sleep=_asleep,
-        retry_error_callback=_outcome,
-    )
-
-    async def next_attempt() -> _T:
-        return await attempt(plan.next())
-
-    last: _T = await retrying(next_attempt)
-    return last
+        parts = urlsplit(word)
+        password = parts.password
+    except ValueError:
+        return word
+    if not password:
+        return word
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    user = userinfo.partition(":")[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:[secure]@{hostport}"))
 
 
-def budget_of(phases: Iterable[float | None], pool: float | None = None) -> float | None:
-    """The time all attempts of a request may take together: its longest timeout.
-
-    ``phases`` are the timeouts of the network phases (connect, read, write): if any is None the
-    request may legitimately take forever, so there is no budget. ``pool`` (waiting for a local
-    connection slot) counts when set.
-    """
-    values = list(phases)
-    if not values or any(v is None for v in values):
-        return None
-    if pool is not None:
-        values.append(pool)
-    return float(max(v for v in values if v is not None))
-
-
-def policy_from(
-    policy: RetryPolicy | None,
-    max_attempts: int,
-    retry_maybe_sent: bool,
-    retry_statuses: Collection[int],
-    failure_statuses: Collection[int],
-) -> RetryPolicy:
-    """The policy an adapter runs with: ``policy`` if given, else one from the options."""
+def policy_from(policy: RetryPolicy | None, **options: Any) -> RetryPolicy:
+    """The policy an adapter runs with: ``policy``, or one made from the flat options that were
+    given (those left at None keep RetryPolicy's defaults). Both at once is a TypeError."""
+    given = {name: value for name, value in options.items() if value is not None}
     if policy is not None:
         if not isinstance(policy, RetryPolicy):
             raise TypeError(f"policy must be a RetryPolicy, got {policy!r}")
+        if given:
+            names = ", ".join(sorted(given))
+            raise TypeError(f"give either policy= or {names}, not both (policy={policy!r})")
         return policy
-    return RetryPolicy(
-        max_attempts=max_attempts,
-        retry_maybe_sent=retry_maybe_sent,
-        retry_statuses=retry_statuses,
-        failure_statuses=failure_statuses,
-    )
+    return RetryPolicy(**given)
 
 
 def _name(fn: Callable[..., Any]) -> str:
     return getattr(fn, "__qualname__", None) or repr(fn)
 
 
-class Adapter:
+class Client(Generic[_R]):
     """What every client adapter is configured with, and how it starts a request's plan.
 
     Client-agnostic: the httpx transports and the requests adapter both build on it, so the key
-    function's contract, the balancer's construction and the no-backend error are defined once.
+    function's contract, the balancer's construction, the hosts served, the checks' lifecycle
+    and the no-backend error are defined once.
     """
 
     def __init__(
@@ -426,6 +495,7 @@ class Adapter:
         key: Callable[[Any], bytes | str | None] | None,
         algorithm: AlgorithmLike | None,
         policy: RetryPolicy,
+        hosts: Iterable[str] | None,
         unavailable: Callable[[str, Any], NoBackendAvailable],
     ) -> None:
         if isinstance(balancer, LoadBalancer):
@@ -440,17 +510,44 @@ class Adapter:
             raise TypeError(f"key must be a function of the request, got {key!r}")
         self.key = key
         self.policy = policy
+        self.hosts = _hosts(hosts)
         #: Makes the adapter's own NoBackendAvailable (message, request).
         self.unavailable = unavailable
         #: True until the balancer's active checks were started for this adapter (False at
         #: once when the balancer has none): the per-request test is one attribute read.
         self.checks_pending = self.balancer.health_check is not None
         self._checking = False
-        self._checks_lock = threading.Lock()
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        del state["_lock"]
+        state["checks_pending"] = self.balancer.health_check is not None
+        state["_checking"] = False
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    # -- hosts -----------------------------------------------------------------------------
+
+    def serves(self, host: str) -> bool:
+        """Whether requests for ``host`` go to the backends. Without ``hosts=``, the host of
+        the first request is the one served from then on."""
+        hosts = self.hosts
+        if hosts is None:
+            with self._lock:
+                if self.hosts is None:
+                    self.hosts = frozenset({host.lower()})
+                hosts = self.hosts
+        return host.lower() in hosts
+
+    # -- active checks ---------------------------------------------------------------------
 
     def start_checks(self) -> None:
         """Start the balancer's active health checks on a thread, once for this adapter."""
-        with self._checks_lock:
+        with self._lock:
             if self.checks_pending:
                 self.checks_pending = False
                 self._checking = True
@@ -458,14 +555,14 @@ class Adapter:
 
     async def astart_checks(self) -> None:
         """Start the balancer's active health checks on an asyncio task, once."""
-        with self._checks_lock:  # astart never suspends: the lock is not held across a wait
+        with self._lock:  # astart never suspends: the lock is not held across a wait
             if self.checks_pending:
                 self.checks_pending = False
                 self._checking = True
                 await self.balancer.astart()
 
     def _stop(self) -> bool:
-        with self._checks_lock:
+        with self._lock:
             self.checks_pending = False
             started, self._checking = self._checking, False
             return started
@@ -480,13 +577,7 @@ class Adapter:
         if self._stop():
             await self.balancer.aclose()
 
-    @staticmethod
-    def final_error(exc: _E, plan: RequestPlan, request: object) -> _E:
-        """The final error of a request whose attempts all failed: of the last failure's class
-        (as the client itself would raise), naming every attempt, with them as ``.attempts``."""
-        error = type(exc)(plan.describe(), request=request)  # type: ignore[call-arg]
-        error.attempts = tuple(plan.attempts)  # type: ignore[attr-defined]
-        return error
+    # -- one request -------------------------------------------------------------------------
 
     def key_of(self, request: object, method: str, url: str) -> bytes:
         """The selection key of ``request``; KeyFunctionError if the key function fails."""
@@ -495,39 +586,71 @@ class Adapter:
             return b""
         try:
             value = fn(request)
+            if type(value) is bytes:
+                return value
+            if isinstance(value, str):
+                return value.encode("utf-8")
         except Exception as exc:
+            what = (
+                f"returned a str that cannot be encoded as UTF-8 ({exc})"
+                if isinstance(exc, UnicodeEncodeError)
+                else f"raised {type(exc).__name__}: {exc}"
+            )
             raise KeyFunctionError(
-                f"key function {_name(fn)} raised {type(exc).__name__}: {exc} for "
-                f"{method} {url}; nothing was sent"
+                f"key function {_name(fn)} {what} for {method} {redact(url)}; nothing was sent"
             ) from exc
-        if type(value) is bytes:
-            return value
-        if isinstance(value, str):
-            return value.encode("utf-8")
         if value is None:
             return b""
         if isinstance(value, (bytes, bytearray, memoryview)):
             return bytes(value)
         raise KeyFunctionError(
             f"key function {_name(fn)} returned {value!r} ({type(value).__name__}) for "
-            f"{method} {url}; it must return bytes, str or None; nothing was sent"
+            f"{method} {redact(url)}; it must return bytes, str or None; nothing was sent"
         )
 
     def start(
-        self, request: object, method: str, url: str, replayable: bool, budget: float | None
+        self,
+        request: object,
+        method: str,
+        url: str,
+        replayable: bool,
+        policy: RetryPolicy,
     ) -> tuple[RequestPlan, Backend]:
         """The plan for one request and its first backend; NoBackendAvailable if none."""
         plan = RequestPlan(
-            self.balancer,
-            self.key_of(request, method, url),
-            method,
-            replayable,
-            self.policy,
-            budget,
+            self.balancer, self.key_of(request, method, url), method, replayable, policy
         )
-        first = plan.first()
+        first = plan.take()
         if first is None:
-            count = len(self.balancer.backends)
-            why = "it has no backends" if not count else f"all {count} backends are disabled"
-            raise self.unavailable(f"no backend available for {method} {url}: {why}", request)
+            raise self.unavailable(
+                f"no backend available for {method} {redact(url)}: {self._why_none()}", request
+            )
         return plan, first
+
+    def _why_none(self) -> str:
+        snapshot = self.balancer.snapshot()
+        count = len(snapshot.backends)
+        if not count:
+            return "it has no backends"
+        enabled = sum(b.enabled for b in snapshot.backends)
+        if not enabled:
+            return f"all {count} backends are disabled"
+        return (
+            f"none of its {enabled} enabled backends is healthy and panic mode is off "
+            f"(panic_threshold={self.balancer.policy.panic_threshold:g})"
+        )
+
+
+def _hosts(hosts: Iterable[str] | None) -> frozenset[str] | None:
+    if hosts is None:
+        return None
+    if isinstance(hosts, str):
+        hosts = [hosts]
+    names = frozenset(hosts)
+    for name in names:
+        if not isinstance(name, str) or not name or "/" in name or "@" in name:
+            raise ValueError(f"hosts must be host names like 'users', got {name!r}")
+    if not names:
+        raise ValueError("hosts must name at least one host, got none")
+    return frozenset(name.lower() for name in names)
+

@@ -109,7 +109,7 @@ class HealthBook:
         self._current = current
         #: Serialises writers; held briefly, never across a callback or I/O.
         self.lock = threading.Lock()
-        self._on_change = on_change
+        self.on_change = on_change
         self._events: deque[tuple[Backend, bool]] = deque()
         self._delivering = threading.Lock()
 
@@ -241,7 +241,7 @@ class HealthBook:
         Return whether health flipped."""
         healthy = after.healthy
         flipped = healthy != before.healthy
-        if (flipped or first) and self._on_change is not None:
+        if (flipped or first) and self.on_change is not None:
             self._events.append((backend, healthy))
         return flipped
 
@@ -249,7 +249,7 @@ class HealthBook:
         """Call on_change for queued changes, in order, one thread at a time. A thread that
         finds another delivering leaves its events to it; a callback that changes health
         itself has its own event delivered after it returns."""
-        callback = self._on_change
+        callback = self.on_change
         events = self._events
         while events and callback is not None:
             if not self._delivering.acquire(blocking=False):

@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
-from typing import Final, Protocol, TypeVar
+from typing import Any, Final, Protocol, TypeVar
 
 from lbclient._book import Cell, HealthBook, OnChange, Tally
 from lbclient.backend import Backend
@@ -30,6 +30,7 @@ from lbclient.selection.base import (
     Selector,
     UniqueIterator,
     check_max_iterations,
+    fallbacks_after,
     prepare_backends,
     resolve_algorithm,
     to_key,
@@ -283,16 +284,25 @@ class LoadBalancer(_Services):
         return None
 
     def iter(
-        self, key: Key = b"", max_iterations: int = DEFAULT_MAX_ITERATIONS
+        self,
+        key: Key = b"",
+        max_iterations: int = DEFAULT_MAX_ITERATIONS,
+        *,
+        after: Backend | None = None,
     ) -> Iterator[Backend]:
         """Distinct backends for ``key`` in fallback order, ready or not.
 
         First the distinct items found within ``max_iterations`` pulls of the selection order;
         then, so that a caller walking it never repeats a backend while another remains, every
         backend not yet yielded, in sorted order. Use :meth:`admit` to take only ready ones.
+
+        * ``after``: this request's first pick, already taken (by :meth:`select`): the order
+          continues from it, draws no first pick of its own, and never yields it (None).
         """
         limit = check_max_iterations(max_iterations)
-        return _candidates(self._view, to_key(key), limit)
+        if after is not None and not isinstance(after, Backend):
+            raise TypeError(f"after must be a Backend or None, got {after!r}")
+        return _candidates(self._view, to_key(key), limit, after)
 
     def ready(self, backend: Backend | str) -> bool:
         """Whether ``backend`` may be chosen now: in the set, enabled, and healthy, due for its
@@ -329,6 +339,20 @@ class LoadBalancer(_Services):
 
     def __len__(self) -> int:
         return len(self._view.backends)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # The configuration travels; health, load and running checks start afresh.
+        return (
+            _restore,
+            (
+                self.backends,
+                self._algorithm,
+                self._policy,
+                self._health_check,
+                self._book.on_change,
+                self._clock,
+            ),
+        )
 
     def __repr__(self) -> str:
         view = self._view
@@ -407,6 +431,20 @@ class LoadBalancer(_Services):
         return found is not None and self._book.check(found, ok, detail, thresholds)
 
 
+def _restore(
+    backends: tuple[Backend, ...],
+    algorithm: AlgorithmLike,
+    health: HealthPolicy,
+    health_check: ActiveCheck | None,
+    on_change: OnChange | None,
+    clock: Callable[[], float],
+) -> LoadBalancer:
+    return LoadBalancer(
+        backends, algorithm, health=health, health_check=health_check, on_change=on_change,
+        clock=clock,
+    )
+
+
 def _find(view: _View, backend: Backend | str) -> Backend | None:
     if isinstance(backend, Backend):
         return backend if backend in view.cells else None
@@ -424,8 +462,13 @@ def _require(view: _View, backend: Backend | str) -> Backend:
     return found
 
 
-def _candidates(view: _View, key: bytes, limit: int) -> Iterator[Backend]:
-    unique = UniqueIterator(view.selector.iter(key), limit)
+def _candidates(
+    view: _View, key: bytes, limit: int, after: Backend | None = None
+) -> Iterator[Backend]:
+    if after is None:
+        unique = UniqueIterator(view.selector.iter(key), limit)
+    else:
+        unique = UniqueIterator(fallbacks_after(view.selector, key, after), limit, (after,))
     yield from unique
     seen = unique.seen
     for backend in view.backends:

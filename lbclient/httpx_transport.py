@@ -1,16 +1,19 @@
-"""httpx transports: ``LBTransport`` (sync) and ``AsyncLBTransport`` (asyncio).
+"""httpx transports: ``LBTransport`` (sync) and ``AsyncLBTransport`` (asyncio or trio).
 
-Each request is sent to a backend chosen by a :class:`LoadBalancer`: the URL's host and port
-become the backend's, everything else (method, path, query, headers with the logical ``Host``,
-body) is sent unchanged, and for https the certificate is checked against the logical host name.
-Connections are pooled per backend, in one pool per logical TLS name, so a connection opened for
-one name is never reused for another.
+Each request for a host the transport serves is sent to a backend chosen by a
+:class:`~lbclient.LoadBalancer`: the URL's host and port become the backend's, everything else
+(method, path, query, headers with the logical ``Host``, body) is sent unchanged, and for https
+the certificate is checked against the logical host name. A request for any other host (a
+redirect to a login page, say) goes through an ordinary httpx transport with the same TLS
+settings, never to the backends. Connections are pooled per backend, in one pool per logical
+TLS name, so a connection opened for one name is never reused for another.
 
 The transports talk to httpcore directly (as httpx's own transport does): the request for the
 backend is made without parsing a URL, which keeps the per-request cost to a few microseconds.
 
-What may not: a retry or health rule of its own; those live once, in the attempt loop
-(:mod:`lbclient._attempt`), shared with the requests adapter.
+What lives here: translating httpx requests, responses and exceptions for the attempt loop.
+What may not: a retry, timeout or health rule of its own; those live once, in
+:mod:`lbclient._attempt`, shared with the requests adapter.
 """
 
 from __future__ import annotations
@@ -24,18 +27,13 @@ from typing import Any, Final, Generic, TypeVar
 import httpcore
 import httpx
 
-from lbclient._attempt import (
-    Adapter,
-    RequestPlan,
-    budget_of,
-    policy_from,
-    run_async,
-    run_sync,
-)
+from lbclient._attempt import BodyReport, Client, Fault, RequestPlan, name_backend, policy_from
+from lbclient._attempt import run_async as _run_async
+from lbclient._attempt import run_sync as _run_sync
 from lbclient.backend import Backend
 from lbclient.balancer import LoadBalancer
 from lbclient.errors import NoBackendAvailable
-from lbclient.retry import Failure, RetryPolicy
+from lbclient.retry import Failure, RequestOptions, RetryPolicy
 from lbclient.selection.base import AlgorithmLike
 
 __all__ = ["AsyncLBTransport", "KeyFunction", "LBTransport", "NoBackendAvailableError"]
@@ -44,17 +42,10 @@ __all__ = ["AsyncLBTransport", "KeyFunction", "LBTransport", "NoBackendAvailable
 KeyFunction = Callable[[httpx.Request], "bytes | str | None"]
 
 _P = TypeVar("_P", httpcore.ConnectionPool, httpcore.AsyncConnectionPool)
+_T = TypeVar("_T", httpx.HTTPTransport, httpx.AsyncHTTPTransport)
 
 DEFAULT_LIMITS: Final = httpx.Limits(max_connections=100, max_keepalive_connections=20)
 
-# httpcore's exceptions, and how far a request got when each was raised.
-_FAILURE_OF: Final[dict[type[Exception], Failure]] = {
-    httpcore.ConnectError: Failure.NEVER_SENT,
-    httpcore.ConnectTimeout: Failure.NEVER_SENT,
-    httpcore.PoolTimeout: Failure.LOCAL,
-    httpcore.LocalProtocolError: Failure.LOCAL,
-    httpcore.UnsupportedProtocol: Failure.LOCAL,
-}
 _HTTPCORE_ERRORS: Final = (
     httpcore.TimeoutException,
     httpcore.NetworkError,
@@ -85,79 +76,89 @@ def _httpx_error(exc: Exception) -> httpx.TransportError:
     return httpx.TransportError(str(exc))
 
 
-def _failure_of(exc: Exception) -> Failure:
-    for cls in type(exc).__mro__:
-        failure = _FAILURE_OF.get(cls)
-        if failure is not None:
-            return failure
-    return Failure.MAYBE_SENT
+def _tls_failure(error: BaseException) -> bool:
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, ssl.SSLError):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
 
 
-class _Common(Adapter):
+def _fault(error: Exception) -> Fault | None:
+    """How far a request got when the transport raised ``error`` (an httpx error)."""
+    if not isinstance(error, httpx.TransportError):
+        return None
+    if isinstance(error, (httpx.ConnectTimeout, httpx.PoolTimeout)):
+        # A full pool is this backend's own: nothing was sent, another backend may do.
+        return Fault(Failure.NEVER_SENT, timed_out=True, barred=True)
+    if isinstance(error, httpx.ConnectError):
+        return Fault(Failure.NEVER_SENT, barred=_tls_failure(error))
+    if isinstance(error, httpx.TimeoutException):
+        return Fault(Failure.MAYBE_SENT, timed_out=True, barred=True)
+    if isinstance(error, (httpx.LocalProtocolError, httpx.UnsupportedProtocol)):
+        return Fault(Failure.LOCAL)
+    return Fault(Failure.MAYBE_SENT)
+
+
+def _content_length(response: httpcore.Response) -> int | None:
+    for name, value in response.headers:
+        if name.lower() == b"content-length":
+            return int(value) if value.isdigit() else None
+    return None
+
+
+class _Common:
     """Everything the sync and async transports share: no I/O here."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._hosts: dict[Backend, bytes] = {}
+    def __init__(self, client: Client[httpx.Response]) -> None:
+        self.client = client
 
     def plan(self, request: httpx.Request) -> tuple[RequestPlan, Backend]:
-        timeouts = request.extensions.get("timeout")
-        budget = None
-        if isinstance(timeouts, dict):
-            budget = budget_of(
-                [timeouts.get("connect"), timeouts.get("read"), timeouts.get("write")],
-                timeouts.get("pool"),
-            )
-        return self.start(
+        client = self.client
+        policy = client.policy
+        options = request.extensions.get("lbclient")
+        if options is not None:
+            policy = RequestOptions.coerce(options).apply(policy)
+        return client.start(
             request,
             request.method,
             str(request.url),
             isinstance(request.stream, httpx.ByteStream),
-            budget,
+            policy,
         )
 
+    @staticmethod
     def backend_request(
-        self, request: httpx.Request, backend: Backend, plan: RequestPlan
+        request: httpx.Request, backend: Backend, plan: RequestPlan
     ) -> httpcore.Request:
-        host = self._hosts.get(backend)
-        if host is None:
-            host = self._hosts[backend] = backend.host.strip("[]").encode("ascii")
+        host = backend.host
+        if host[0] == "[":
+            host = host[1:-1]
         extensions = request.extensions
         url = request.url
+        timeouts = extensions.get("timeout")
+        if isinstance(timeouts, dict):
+            capped = plan.timeouts(timeouts)
+            if capped is not timeouts:
+                extensions = {**extensions, "timeout": capped}
         if url.scheme == "https":
             extensions = {**extensions, "sni_hostname": url.host}
-        if plan.attempts and plan.budget is not None:
-            timeouts = extensions.get("timeout", {})
-            extensions = {**extensions, "timeout": {k: plan.clip(v) for k, v in timeouts.items()}}
         headers = request.headers.raw
         if "host" not in request.headers:
             headers = [(b"Host", url.netloc), *headers]
         return httpcore.Request(
             method=request.method,
             url=httpcore.URL(
-                scheme=url.raw_scheme, host=host, port=backend.port, target=url.raw_path
+                scheme=url.raw_scheme, host=host.encode("ascii"), port=backend.port,
+                target=url.raw_path,
             ),
             headers=headers,
             content=request.stream,
             extensions=extensions,
         )
-
-    def failed(self, plan: RequestPlan, backend: Backend, exc: Exception) -> httpx.TransportError:
-        error = _httpx_error(exc)
-        plan.failed(
-            backend, _failure_of(exc), error, timed_out=isinstance(exc, httpcore.TimeoutException)
-        )
-        return error
-
-    def buffers(self, plan: RequestPlan, response: httpcore.Response) -> bool:
-        """Whether to read this response's body inside the attempt: only for requests that
-        would be retried after a maybe-sent failure, and bodies of known, small size."""
-        if plan.method == "HEAD" or not plan.retries_maybe_sent():
-            return False
-        for name, value in response.headers:
-            if name.lower() == b"content-length":
-                return value.isdigit() and int(value) <= self.policy.buffer_limit
-        return False
 
     def response(
         self,
@@ -174,11 +175,10 @@ class _Common(Adapter):
         """
         status = response.status
         plan.responded(backend, status)
-        failing = status in self.policy.failure_statuses
+        body: httpx.SyncByteStream | httpx.AsyncByteStream
         if stream is None:
-            if not failing:
-                self.balancer.report(backend, True)
-            body: httpx.SyncByteStream | httpx.AsyncByteStream = httpx.ByteStream(response.content)
+            self.reporter(backend, status)(True)
+            body = httpx.ByteStream(response.content)
         else:
             body = stream
         result = httpx.Response(
@@ -187,12 +187,20 @@ class _Common(Adapter):
         result.request = request
         return result
 
-    def reporter(self, backend: Backend, status: int) -> _Report:
-        return _Report(self.balancer, backend, status in self.policy.failure_statuses)
+    def reporter(self, backend: Backend, status: int) -> BodyReport:
+        client = self.client
+        return BodyReport(client.balancer, backend, status in client.policy.failure_statuses)
 
-    def stale(self, pools: dict[tuple[str | None, Backend], _P]) -> list[_P]:
+    def final(self, plan: RequestPlan, request: httpx.Request, error: Exception) -> Exception:
+        """The final error: of the last failure's class, naming every attempt, with them as
+        ``.attempts``."""
+        final = type(error)(plan.describe(), request=request)  # type: ignore[call-arg]
+        final.attempts = tuple(plan.attempts)  # type: ignore[attr-defined]
+        return final
+
+    def stale(self, pools: dict[tuple[str | None, str], _P]) -> list[_P]:
         """Remove and return the idle pools of backends no longer in the balancer's set."""
-        current = set(self.balancer.backends)
+        current = {b.address for b in self.client.balancer.backends}
         gone = [
             key
             for key, pool in pools.items()
@@ -200,10 +208,12 @@ class _Common(Adapter):
         ]
         return [pools.pop(key) for key in gone]
 
-    def pool_key(self, url: httpx.URL, backend: Backend) -> tuple[str | None, Backend]:
-        """One pool per (logical TLS name, backend): a TLS connection is never shared between
-        two names, and a backend that is slow or black-holed holds only its own connections."""
-        return (url.host if url.scheme == "https" else None, backend)
+    @staticmethod
+    def pool_key(url: httpx.URL, backend: Backend) -> tuple[str | None, str]:
+        """One pool per (logical TLS name, backend address): a TLS connection is never shared
+        between two names, and a backend that is slow or black-holed holds only its own
+        connections. Keyed by address: nothing holds on to a Backend that left the set."""
+        return (url.host if url.scheme == "https" else None, backend.address)
 
 
 def _pool_options(
@@ -233,27 +243,12 @@ def _pool_options(
     }
 
 
-class _Report:
-    """Reports one attempt's success once its body was read or closed (failures go first)."""
-
-    __slots__ = ("_backend", "_balancer", "_done")
-
-    def __init__(self, balancer: LoadBalancer, backend: Backend, done: bool) -> None:
-        self._balancer = balancer
-        self._backend = backend
-        self._done = done
-
-    def __call__(self, ok: bool) -> None:
-        if not self._done:
-            self._done = True
-            self._balancer.report(self._backend, ok)
-
-
 class _SyncStream(httpx.SyncByteStream):
-    """The body as the caller reads it: a failure while reading is the backend's; reading it
-    to the end, or closing it unread, is a success; a read cut short by the caller is neither."""
+    """The body as the caller reads it: a failure while reading is the backend's (and its
+    error names the backend); reading it to the end, or closing it unread, is a success; a
+    read cut short by the caller is neither."""
 
-    def __init__(self, inner: Iterable[bytes], report: _Report) -> None:
+    def __init__(self, inner: Iterable[bytes], report: BodyReport) -> None:
         self._inner = inner
         self._report = report
         self._started = False
@@ -264,7 +259,7 @@ class _SyncStream(httpx.SyncByteStream):
             yield from self._inner
         except _HTTPCORE_ERRORS as exc:
             self._report(False)
-            raise _httpx_error(exc) from exc
+            raise name_backend(_httpx_error(exc), self._report.backend) from exc
         self._report(True)
 
     def close(self) -> None:
@@ -276,7 +271,7 @@ class _SyncStream(httpx.SyncByteStream):
 
 
 class _AsyncStream(httpx.AsyncByteStream):
-    def __init__(self, inner: Any, report: _Report) -> None:
+    def __init__(self, inner: Any, report: BodyReport) -> None:
         self._inner = inner
         self._report = report
         self._started = False
@@ -288,7 +283,7 @@ class _AsyncStream(httpx.AsyncByteStream):
                 yield chunk
         except _HTTPCORE_ERRORS as exc:
             self._report(False)
-            raise _httpx_error(exc) from exc
+            raise name_backend(_httpx_error(exc), self._report.backend) from exc
         self._report(True)
 
     async def aclose(self) -> None:
@@ -299,19 +294,24 @@ class _AsyncStream(httpx.AsyncByteStream):
             await aclose()
 
 
-class _Configured(Generic[_P]):
+class _Configured(Generic[_P, _T]):
     """The constructor and properties both transports share."""
+
+    _plain_class: type[_T]
 
     def __init__(
         self,
         balancer: LoadBalancer | Iterable[Backend | str],
         *,
+        hosts: Iterable[str] | None = None,
         key: KeyFunction | None = None,
         algorithm: AlgorithmLike | None = None,
-        max_attempts: int = 3,
-        retry_maybe_sent: bool = True,
-        retry_statuses: Collection[int] = (),
-        failure_statuses: Collection[int] = range(500, 600),
+        max_attempts: int | None = None,
+        retry_maybe_sent: bool | None = None,
+        retry_statuses: Collection[int] | None = None,
+        failure_statuses: Collection[int] | None = None,
+        attempt_timeout: float | None = None,
+        deadline: float | None = None,
         policy: RetryPolicy | None = None,
         verify: ssl.SSLContext | str | bool = True,
         cert: Any = None,
@@ -322,50 +322,90 @@ class _Configured(Generic[_P]):
         local_address: str | None = None,
         socket_options: Iterable[Any] | None = None,
     ) -> None:
-        self._common = _Common(
+        client: Client[httpx.Response] = Client(
             balancer,
             key=key,
             algorithm=algorithm,
             policy=policy_from(
-                policy, max_attempts, retry_maybe_sent, retry_statuses, failure_statuses
+                policy,
+                max_attempts=max_attempts,
+                retry_maybe_sent=retry_maybe_sent,
+                retry_statuses=retry_statuses,
+                failure_statuses=failure_statuses,
+                attempt_timeout=attempt_timeout,
+                deadline=deadline,
             ),
+            hosts=hosts,
             unavailable=_unavailable,
         )
+        self._common = _Common(client)
         self._options = _pool_options(
             verify, cert, trust_env, http1, http2, limits, local_address, socket_options
         )
-        self._pools: dict[tuple[str | None, Backend], _P] = {}
+        self._plain_options = {
+            "verify": verify,
+            "cert": cert,
+            "trust_env": trust_env,
+            "http1": http1,
+            "http2": http2,
+            "limits": limits,
+            "local_address": local_address,
+            "socket_options": socket_options,
+        }
+        self._plain: _T | None = None
+        self._pools: dict[tuple[str | None, str], _P] = {}
         self._lock = threading.Lock()
         self._closed = False
 
     @property
     def balancer(self) -> LoadBalancer:
         """The load balancer choosing the backends."""
-        return self._common.balancer
+        return self._common.client.balancer
 
     @property
     def policy(self) -> RetryPolicy:
         """The retry policy."""
-        return self._common.policy
+        return self._common.client.policy
+
+    @property
+    def hosts(self) -> frozenset[str] | None:
+        """The logical hosts served (None until the first request names it)."""
+        return self._common.client.hosts
+
+    def _plain_transport(self) -> _T:
+        """An ordinary transport, with the same TLS and connection settings, for requests to
+        hosts this transport does not serve."""
+        with self._lock:
+            if self._closed:
+                raise RuntimeError(f"{type(self).__name__} is closed")
+            if self._plain is None:
+                self._plain = self._plain_class(**self._plain_options)
+            return self._plain
 
 
-class LBTransport(_Configured[httpcore.ConnectionPool], httpx.BaseTransport):
+class LBTransport(_Configured[httpcore.ConnectionPool, httpx.HTTPTransport], httpx.BaseTransport):
     """An httpx transport that load-balances every request over a set of backends:
     ``httpx.Client(transport=LBTransport(...))``, or mounted for one service only.
 
     * ``balancer``: a :class:`~lbclient.LoadBalancer`, or backends (``"host:port"`` or
       :class:`~lbclient.Backend`) to build one with ``algorithm``.
+    * ``hosts``: the logical host names served, e.g. ``["users"]``; requests for other hosts
+      go through an ordinary httpx transport with the same settings (None: the host of the
+      first request, as a client's ``base_url`` names it).
     * ``key``: ``key(request)`` returns the selection key, bytes or str, or None for the empty
       key (None: every request has the empty key).
     * ``algorithm``: the selection algorithm when backends are given (None: ``RoundRobin``).
-    * ``max_attempts``: attempts per request, the first included (3).
+    * ``max_attempts``: attempts per request, the first included (None: 3).
     * ``retry_maybe_sent``: retry failures that may have reached the server, for idempotent
-      requests with replayable bodies (True).
-    * ``retry_statuses``: response statuses retried for idempotent requests (none).
+      requests with replayable bodies (None: True).
+    * ``retry_statuses``: response statuses retried for idempotent requests (None: none).
     * ``failure_statuses``: response statuses that count as server errors for passive health
-      (500..599).
-    * ``policy``: a :class:`~lbclient.RetryPolicy` giving the four retry options above and more
-      at once (None: built from them).
+      (None: 500..599).
+    * ``attempt_timeout``: seconds one attempt may take up to its response head (None: only
+      the client's own timeouts, per operation).
+    * ``deadline``: seconds for the whole request, attempts and waits together (None: none).
+    * ``policy``: a :class:`~lbclient.RetryPolicy` instead of the seven options above (giving
+      both is a TypeError).
     * ``verify``, ``cert``, ``trust_env``: TLS verification, client certificate and whether to
       read ``SSL_CERT_FILE``-style settings, as for ``httpx.HTTPTransport`` (True, None, True).
     * ``http1``, ``http2``: the HTTP versions offered (True, False; HTTP/2 needs
@@ -373,10 +413,15 @@ class LBTransport(_Configured[httpcore.ConnectionPool], httpx.BaseTransport):
     * ``limits``: an ``httpx.Limits`` applied to each backend's pool (100 connections, 20 kept
       alive).
     * ``local_address``, ``socket_options``: as for ``httpx.HTTPTransport`` (None, None).
+
+    One request may override ``max_attempts``, ``attempt_timeout`` and ``deadline`` with
+    ``extensions={"lbclient": RequestOptions(...)}`` (or a dict of them).
     """
 
+    _plain_class = httpx.HTTPTransport
+
     def _pool(self, url: httpx.URL, backend: Backend) -> httpcore.ConnectionPool:
-        name = self._common.pool_key(url, backend)
+        name = _Common.pool_key(url, backend)
         pool = self._pools.get(name)
         if pool is None:
             stale: list[httpcore.ConnectionPool] = []
@@ -392,55 +437,82 @@ class LBTransport(_Configured[httpcore.ConnectionPool], httpx.BaseTransport):
         return pool
 
     def __enter__(self) -> LBTransport:
-        self._common.start_checks()
+        self._common.client.start_checks()
         return self
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         if self._closed:
             raise RuntimeError("LBTransport is closed")
         common = self._common
-        if common.checks_pending:
-            common.start_checks()
+        client = common.client
+        if not client.serves(request.url.host):
+            return self._plain_transport().handle_request(request)
+        if client.checks_pending:
+            client.start_checks()
         plan, first = common.plan(request)
-
-        def attempt(backend: Backend) -> httpx.Response:
-            pool = self._pool(request.url, backend)
-            try:
-                response = pool.handle_request(common.backend_request(request, backend, plan))
-                if common.buffers(plan, response):
-                    try:
-                        response.read()
-                    finally:
-                        response.close()
-                    return common.response(request, plan, backend, response, None)
-            except _HTTPCORE_ERRORS as exc:
-                raise common.failed(plan, backend, exc) from exc
-            assert isinstance(response.stream, Iterable)
-            stream = _SyncStream(response.stream, common.reporter(backend, response.status))
-            return common.response(request, plan, backend, response, stream)
-
-        try:
-            return run_sync(plan, first, attempt, httpx.Response.close)
-        except httpx.TransportError as exc:
-            raise common.final_error(exc, plan, request) from exc
+        return _run_sync(plan, first, _SyncWire(self, request, plan))
 
     def close(self) -> None:
         with self._lock:
             self._closed = True
             pools = list(self._pools.values())
             self._pools.clear()
-        self._common.stop_checks()
+            plain, self._plain = self._plain, None
+        self._common.client.stop_checks()
         for pool in pools:
             pool.close()
+        if plain is not None:
+            plain.close()
 
 
-class AsyncLBTransport(_Configured[httpcore.AsyncConnectionPool], httpx.AsyncBaseTransport):
+class _SyncWire:
+    """One request's attempts through :class:`LBTransport`."""
+
+    __slots__ = ("plan", "request", "transport")
+
+    def __init__(self, transport: LBTransport, request: httpx.Request, plan: RequestPlan) -> None:
+        self.transport = transport
+        self.request = request
+        self.plan = plan
+
+    def send(self, backend: Backend) -> httpx.Response:
+        request, plan = self.request, self.plan
+        common = self.transport._common
+        pool = self.transport._pool(request.url, backend)
+        try:
+            response = pool.handle_request(common.backend_request(request, backend, plan))
+            if plan.buffers(response.status, _content_length(response)):
+                try:
+                    response.read()
+                finally:
+                    response.close()
+                return common.response(request, plan, backend, response, None)
+        except _HTTPCORE_ERRORS as exc:
+            raise _httpx_error(exc) from exc
+        assert isinstance(response.stream, Iterable)
+        stream = _SyncStream(response.stream, common.reporter(backend, response.status))
+        return common.response(request, plan, backend, response, stream)
+
+    fault = staticmethod(_fault)
+
+    def discard(self, response: httpx.Response) -> None:
+        response.close()
+
+    def final(self, error: Exception) -> Exception:
+        return self.transport._common.final(self.plan, self.request, error)
+
+
+class AsyncLBTransport(
+    _Configured[httpcore.AsyncConnectionPool, httpx.AsyncHTTPTransport], httpx.AsyncBaseTransport
+):
     """The async twin of :class:`LBTransport` for ``httpx.AsyncClient`` (asyncio or trio),
     with the same arguments."""
 
+    _plain_class = httpx.AsyncHTTPTransport
+
     async def _pool(self, url: httpx.URL, backend: Backend) -> httpcore.AsyncConnectionPool:
         # No await between the lookup and the insert: safe among tasks of one event loop.
-        name = self._common.pool_key(url, backend)
+        name = _Common.pool_key(url, backend)
         pool = self._pools.get(name)
         if pool is None:
             if self._closed:
@@ -452,43 +524,68 @@ class AsyncLBTransport(_Configured[httpcore.AsyncConnectionPool], httpx.AsyncBas
         return pool
 
     async def __aenter__(self) -> AsyncLBTransport:
-        await self._common.astart_checks()
+        await self._common.client.astart_checks()
         return self
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         if self._closed:
             raise RuntimeError("AsyncLBTransport is closed")
         common = self._common
-        if common.checks_pending:
-            await common.astart_checks()
+        client = common.client
+        if not client.serves(request.url.host):
+            return await self._plain_transport().handle_async_request(request)
+        if client.checks_pending:
+            await client.astart_checks()
         plan, first = common.plan(request)
-
-        async def attempt(backend: Backend) -> httpx.Response:
-            pool = await self._pool(request.url, backend)
-            try:
-                response = await pool.handle_async_request(
-                    common.backend_request(request, backend, plan)
-                )
-                if common.buffers(plan, response):
-                    try:
-                        await response.aread()
-                    finally:
-                        await response.aclose()
-                    return common.response(request, plan, backend, response, None)
-            except _HTTPCORE_ERRORS as exc:
-                raise common.failed(plan, backend, exc) from exc
-            stream = _AsyncStream(response.stream, common.reporter(backend, response.status))
-            return common.response(request, plan, backend, response, stream)
-
-        try:
-            return await run_async(plan, first, attempt, httpx.Response.aclose)
-        except httpx.TransportError as exc:
-            raise common.final_error(exc, plan, request) from exc
+        return await _run_async(plan, first, _AsyncWire(self, request, plan))
 
     async def aclose(self) -> None:
         self._closed = True
         pools = list(self._pools.values())
         self._pools.clear()
-        await self._common.astop_checks()
+        plain, self._plain = self._plain, None
+        await self._common.client.astop_checks()
         for pool in pools:
             await pool.aclose()
+        if plain is not None:
+            await plain.aclose()
+
+
+class _AsyncWire:
+    """One request's attempts through :class:`AsyncLBTransport`."""
+
+    __slots__ = ("plan", "request", "transport")
+
+    def __init__(
+        self, transport: AsyncLBTransport, request: httpx.Request, plan: RequestPlan
+    ) -> None:
+        self.transport = transport
+        self.request = request
+        self.plan = plan
+
+    async def send(self, backend: Backend) -> httpx.Response:
+        request, plan = self.request, self.plan
+        common = self.transport._common
+        pool = await self.transport._pool(request.url, backend)
+        try:
+            response = await pool.handle_async_request(
+                common.backend_request(request, backend, plan)
+            )
+            if plan.buffers(response.status, _content_length(response)):
+                try:
+                    await response.aread()
+                finally:
+                    await response.aclose()
+                return common.response(request, plan, backend, response, None)
+        except _HTTPCORE_ERRORS as exc:
+            raise _httpx_error(exc) from exc
+        stream = _AsyncStream(response.stream, common.reporter(backend, response.status))
+        return common.response(request, plan, backend, response, stream)
+
+    fault = staticmethod(_fault)
+
+    async def discard(self, response: httpx.Response) -> None:
+        await response.aclose()
+
+    def final(self, error: Exception) -> Exception:
+        return self.transport._common.final(self.plan, self.request, error)

@@ -1,46 +1,64 @@
-"""requests: ``LBAdapter``, an ``HTTPAdapter`` for ``Session.mount`` that load-balances.
+"""requests: ``LBAdapter``, an ``HTTPAdapter`` that load-balances, and :func:`mount`.
 
-``session.mount("http://users/", LBAdapter([...]))`` sends every request under that prefix to a
-backend chosen by a :class:`LoadBalancer`, with the same rules as the httpx transports (the same
-:class:`RequestPlan` decides which backend next, what is retried and what is reported). This
-module only translates: it rewrites the prepared request's URL, keeps the logical ``Host`` and
-TLS name (through per-request pool keys, never by changing shared pool settings), and sorts
-requests' and urllib3's exceptions into never-sent and maybe-sent failures.
+``mount(session, LBAdapter([...], hosts=["users"]))`` sends every request for ``users``, however
+its URL is spelled (``http://users/``, ``http://users:80/``, ``https://user:pw@users/``), to a
+backend chosen by a :class:`~lbclient.LoadBalancer`, with the same rules as the httpx transports
+(the same attempt loop decides which backend next, what is retried and what is reported).
+``session.mount("http://users/", LBAdapter([...]))`` works too, for the URLs under that prefix.
+A request for a host the adapter does not serve is sent as a plain ``HTTPAdapter`` would send
+it, never to the backends.
 
-Backends are contacted directly: proxies resolved for the logical URL are not used.
-
-What may not: a retry or health rule of its own; those live once, in the attempt loop
-(:mod:`lbclient._attempt`), shared with the httpx transports.
+What lives here: translating requests and urllib3 (the prepared request's URL, the logical
+``Host`` and TLS name through per-request pool keys, never by changing shared pool settings; the
+exceptions, sorted into never-sent and maybe-sent failures; the response's body). Backends are
+contacted directly: proxies resolved for the logical URL are not used. What may not: a retry,
+timeout or health rule of its own; those live once, in :mod:`lbclient._attempt`, shared with the
+httpx transports.
 """
 
 from __future__ import annotations
 
 import contextvars
 import functools
+import io
 import traceback
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from types import EllipsisType
 from typing import Any
 from urllib.parse import urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
+from urllib3 import HTTPResponse
 from urllib3.exceptions import (
     ClosedPoolError,
     ConnectTimeoutError,
+    EmptyPoolError,
     NewConnectionError,
+    ProtocolError,
     ReadTimeoutError,
 )
+from urllib3.exceptions import HTTPError as URLLib3HTTPError
 from urllib3.exceptions import SSLError as URLLib3SSLError
 from urllib3.util.retry import Retry
+from urllib3.util.timeout import Timeout
 
-from lbclient._attempt import Adapter, RequestPlan, budget_of, policy_from, run_sync
+from lbclient._attempt import (
+    BodyReport,
+    Client,
+    Fault,
+    RequestPlan,
+    name_backend,
+    policy_from,
+    run_sync,
+)
 from lbclient.backend import Backend
 from lbclient.balancer import LoadBalancer
 from lbclient.errors import NoBackendAvailable
-from lbclient.retry import Failure, RetryPolicy
+from lbclient.retry import Failure, RequestOptions, RetryPolicy
 from lbclient.selection.base import AlgorithmLike
 
-__all__ = ["LBAdapter", "NoBackendAvailableError", "RequestsKeyFunction"]
+__all__ = ["LBAdapter", "LBTimeout", "NoBackendAvailableError", "RequestsKeyFunction", "mount"]
 
 #: Derives the selection key from a prepared request: bytes or str, or None for the empty key.
 RequestsKeyFunction = Callable[[requests.PreparedRequest], "bytes | str | None"]
@@ -69,6 +87,43 @@ def _unavailable(message: str, request: Any) -> NoBackendAvailable:
     return NoBackendAvailableError(message, request=request)
 
 
+class LBTimeout(tuple):  # type: ignore[type-arg]
+    """requests' ``(connect, read)`` timeout, carrying lbclient's limits for one request:
+    ``session.get(url, timeout=LBTimeout(1.0, deadline=0.5))``.
+
+    It is a plain ``(connect, read)`` tuple to everything else, so an adapter that is not
+    lbclient's applies the timeouts and ignores the rest.
+
+    * ``connect``, ``read``: seconds, as requests' own ``timeout=(connect, read)``; ``read``
+      defaults to ``connect`` (None, None: no timeout).
+    * ``max_attempts``, ``attempt_timeout``, ``deadline``: as
+      :class:`~lbclient.RequestOptions` (None: the adapter's own).
+    """
+
+    options: RequestOptions
+
+    def __new__(
+        cls,
+        connect: float | None = None,
+        read: float | EllipsisType | None = ...,
+        *,
+        max_attempts: int | None = None,
+        attempt_timeout: float | None = None,
+        deadline: float | None = None,
+    ) -> LBTimeout:
+        self = super().__new__(cls, (connect, connect if read is ... else read))
+        self.options = RequestOptions(max_attempts, attempt_timeout, deadline)
+        return self
+
+    def __getnewargs_ex__(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        options = self.options
+        return tuple(self), {
+            "max_attempts": options.max_attempts,
+            "attempt_timeout": options.attempt_timeout,
+            "deadline": options.deadline,
+        }
+
+
 def _chain(exc: BaseException) -> Iterator[BaseException]:
     seen: set[int] = set()
     current: BaseException | None = exc
@@ -93,21 +148,30 @@ def _during_handshake(exc: BaseException) -> bool:
     return False
 
 
-def classify(exc: BaseException) -> Failure:
-    """How far a request got when requests or urllib3 raised ``exc``."""
+def classify(exc: BaseException) -> Fault | None:
+    """How far a request got when requests or urllib3 raised ``exc``; None for an error that
+    is not a failure of the attempt."""
+    if not isinstance(exc, requests.RequestException):
+        return None
     errors = list(_chain(exc))
-    if any(
-        isinstance(e, (NewConnectionError, ConnectTimeoutError, ClosedPoolError)) for e in errors
-    ):
-        return Failure.NEVER_SENT
     if isinstance(exc, requests.exceptions.SSLError) or any(
         isinstance(e, URLLib3SSLError) for e in errors
     ):
-        return Failure.NEVER_SENT
+        return Fault(Failure.NEVER_SENT, barred=True)
+    if any(isinstance(e, EmptyPoolError) for e in errors):
+        # This backend's own pool is full: nothing was sent, another backend may do.
+        return Fault(Failure.NEVER_SENT, timed_out=True, barred=True)
+    if any(isinstance(e, NewConnectionError) for e in errors):
+        return Fault(Failure.NEVER_SENT)
+    if any(isinstance(e, ConnectTimeoutError) for e in errors):
+        return Fault(Failure.NEVER_SENT, timed_out=True, barred=True)
+    if any(isinstance(e, ClosedPoolError) for e in errors):
+        return Fault(Failure.NEVER_SENT)
     if isinstance(exc, requests.exceptions.ReadTimeout) or any(
         isinstance(e, ReadTimeoutError) for e in errors
     ):
-        return Failure.NEVER_SENT if _during_handshake(exc) else Failure.MAYBE_SENT
+        sent = Failure.NEVER_SENT if _during_handshake(exc) else Failure.MAYBE_SENT
+        return Fault(sent, timed_out=True, barred=True)
     if isinstance(
         exc,
         (
@@ -116,27 +180,37 @@ def classify(exc: BaseException) -> Failure:
             requests.exceptions.InvalidSchema,
         ),
     ):
-        return Failure.LOCAL
-    return Failure.MAYBE_SENT
+        return Fault(Failure.LOCAL)
+    return Fault(Failure.MAYBE_SENT)
 
 
 @functools.lru_cache(maxsize=256)
-def _logical_netloc(origin: str) -> tuple[str, str]:
-    """(Host header value, TLS name) of a logical URL's ``scheme://netloc``."""
+def _logical(origin: str) -> tuple[str, str, str]:
+    """(host name, Host header value, TLS name) of a logical URL's ``scheme://netloc``."""
     parts = urlsplit(origin)
     hostname = parts.hostname or ""
     host = f"[{hostname}]" if ":" in hostname else hostname
     port = parts.port
     if port is not None and port != _DEFAULT_PORTS.get(parts.scheme):
         host = f"{host}:{port}"
-    return host, hostname
+    return hostname, host, hostname
+
+
+def _requests_error(exc: URLLib3HTTPError) -> requests.RequestException:
+    """What requests itself raises for a urllib3 error met while reading a body."""
+    if isinstance(exc, ProtocolError):
+        return requests.exceptions.ChunkedEncodingError(exc)
+    if isinstance(exc, URLLib3SSLError):
+        return requests.exceptions.SSLError(exc)
+    return requests.ConnectionError(exc)
 
 
 class _ReportingRaw:
     """Wraps a response's urllib3 body: reading it to the end, or closing it unread, reports a
-    success; a failure while reading reports a failure; a read cut short by the caller, nothing."""
+    success; a failure while reading reports a failure and names the backend; a read cut short
+    by the caller, nothing."""
 
-    def __init__(self, raw: Any, report: Callable[[bool], None]) -> None:
+    def __init__(self, raw: Any, report: BodyReport) -> None:
         self._raw = raw
         self._report = report
         self._started = False
@@ -147,18 +221,18 @@ class _ReportingRaw:
         self._started = True
         try:
             yield from self._raw.stream(amt, decode_content=decode_content)
-        except Exception:
+        except Exception as exc:
             self._report(False)
-            raise
+            raise name_backend(exc, self._report.backend) from None
         self._report(True)
 
     def read(self, amt: int | None = None, *args: Any, **kwargs: Any) -> Any:
         self._started = True
         try:
             data = self._raw.read(amt, *args, **kwargs)
-        except Exception:
+        except Exception as exc:
             self._report(False)
-            raise
+            raise name_backend(exc, self._report.backend) from None
         if amt is None or not data:
             self._report(True)
         return data
@@ -177,43 +251,80 @@ class _ReportingRaw:
         return getattr(self._raw, name)
 
 
+def _buffered(raw: HTTPResponse, data: bytes) -> HTTPResponse:
+    """A urllib3 response that gives ``data`` (the body as it came, undecoded) through every
+    interface, as ``raw`` would have: ``read()``, ``stream()``, ``requests``' ``content``."""
+    return HTTPResponse(
+        body=io.BytesIO(data),
+        headers=raw.headers,
+        status=raw.status,
+        version=raw.version,
+        version_string=getattr(raw, "version_string", "HTTP/?"),
+        reason=raw.reason,
+        preload_content=False,
+        decode_content=raw.decode_content,
+        request_method=getattr(raw, "_request_method", None),
+        request_url=raw.geturl(),
+    )
+
+
 class LBAdapter(HTTPAdapter):
     """A requests adapter that load-balances every request over a set of backends:
+    ``mount(session, LBAdapter(..., hosts=["users"]))``, or
     ``session.mount("http://users/", LBAdapter(...))``. urllib3's own retries are off: retries
     follow lbclient's rules.
 
     * ``balancer``, ``algorithm``, ``max_attempts``, ``retry_maybe_sent``, ``retry_statuses``,
-      ``failure_statuses``, ``policy``: as for :class:`~lbclient.LBTransport`.
+      ``failure_statuses``, ``attempt_timeout``, ``deadline``, ``policy``: as for
+      :class:`~lbclient.LBTransport`.
+    * ``hosts``: the logical host names served; requests for other hosts are sent as a plain
+      ``HTTPAdapter`` sends them (None: the host of the first request).
     * ``key``: ``key(prepared_request)`` returns the selection key, bytes or str, or None
       (None: every request has the empty key).
     * ``pool_connections``: connection pools kept; at least one per backend and TLS name is
       best (10).
     * ``pool_maxsize``: connections kept per pool (10).
     * ``pool_block``: wait for a free connection instead of opening one more (False).
+
+    One request may override ``max_attempts``, ``attempt_timeout`` and ``deadline`` with
+    ``timeout=LBTimeout(...)``. The adapter survives pickling with its session (health starts
+    afresh).
     """
+
+    __attrs__ = [*HTTPAdapter.__attrs__, "_client"]  # noqa: RUF012 (as HTTPAdapter declares it)
 
     def __init__(
         self,
         balancer: LoadBalancer | Iterable[Backend | str],
         *,
+        hosts: Iterable[str] | None = None,
         key: RequestsKeyFunction | None = None,
         algorithm: AlgorithmLike | None = None,
-        max_attempts: int = 3,
-        retry_maybe_sent: bool = True,
-        retry_statuses: Collection[int] = (),
-        failure_statuses: Collection[int] = range(500, 600),
+        max_attempts: int | None = None,
+        retry_maybe_sent: bool | None = None,
+        retry_statuses: Collection[int] | None = None,
+        failure_statuses: Collection[int] | None = None,
+        attempt_timeout: float | None = None,
+        deadline: float | None = None,
         policy: RetryPolicy | None = None,
         pool_connections: int = 10,
         pool_maxsize: int = 10,
         pool_block: bool = False,
     ) -> None:
-        self._common = Adapter(
+        self._client: Client[requests.Response] = Client(
             balancer,
             key=key,
             algorithm=algorithm,
             policy=policy_from(
-                policy, max_attempts, retry_maybe_sent, retry_statuses, failure_statuses
+                policy,
+                max_attempts=max_attempts,
+                retry_maybe_sent=retry_maybe_sent,
+                retry_statuses=retry_statuses,
+                failure_statuses=failure_statuses,
+                attempt_timeout=attempt_timeout,
+                deadline=deadline,
             ),
+            hosts=hosts,
             unavailable=_unavailable,
         )
         super().__init__(pool_connections, pool_maxsize, 0, pool_block)
@@ -222,12 +333,17 @@ class LBAdapter(HTTPAdapter):
     @property
     def balancer(self) -> LoadBalancer:
         """The load balancer choosing the backends."""
-        return self._common.balancer
+        return self._client.balancer
 
     @property
     def policy(self) -> RetryPolicy:
         """The retry policy."""
-        return self._common.policy
+        return self._client.policy
+
+    @property
+    def hosts(self) -> frozenset[str] | None:
+        """The logical hosts served (None until the first request names it)."""
+        return self._client.hosts
 
     def build_connection_pool_key_attributes(
         self, request: requests.PreparedRequest, verify: bool | str, cert: Any = None
@@ -253,103 +369,204 @@ class LBAdapter(HTTPAdapter):
         cert: Any = None,
         proxies: Mapping[str, str] | None = None,
     ) -> requests.Response:
-        common = self._common
-        if common.checks_pending:
-            common.start_checks()
-        policy = common.policy
         url = request.url or ""
-        method = (request.method or "GET").upper()
-        plan, first = common.start(
-            request, method, url, _replayable(request.body), _budget(timeout)
-        )
         scheme, _, rest = url.partition("://")
-        host_header, tls_name = _logical_netloc(f"{scheme}://{rest.partition('/')[0]}")
-        path = request.path_url
+        netloc = rest.partition("/")[0].partition("?")[0].partition("#")[0]
+        hostname, host_header, tls_name = _logical(f"{scheme}://{netloc}")
+        client = self._client
+        if not client.serves(hostname):
+            plain = timeout if not isinstance(timeout, LBTimeout) else tuple(timeout)
+            return super().send(request, stream, plain, verify, cert, proxies)
+        if client.checks_pending:
+            client.start_checks()
+        policy = client.policy
+        if isinstance(timeout, LBTimeout):
+            policy = timeout.options.apply(policy)
+        method = (request.method or "GET").upper()
+        plan, first = client.start(request, method, url, _replayable(request.body), policy)
+        wire = _Wire(self, request, plan, _timeouts(timeout), verify, cert)
+        wire.scheme, wire.tls_name = scheme, tls_name
+        wire.headers = request.headers.copy()
+        if "Host" not in wire.headers:
+            wire.headers["Host"] = host_header
+        return run_sync(plan, first, wire)
 
-        headers = request.headers.copy()
-        if "Host" not in headers:
-            headers["Host"] = host_header
-
-        def attempt(backend: Backend) -> requests.Response:
-            # A shallow twin of the caller's request (which stays logical): new URL and
-            # headers, the same body, hooks and cookies. Cheaper than PreparedRequest.copy().
-            sent = requests.PreparedRequest()
-            sent.method = request.method
-            sent.url = f"{scheme}://{backend.address}{path}"
-            sent.headers = headers
-            sent.body = request.body
-            sent.hooks = request.hooks
-            sent._cookies = request._cookies  # type: ignore[attr-defined]
-            sent._body_position = request._body_position  # type: ignore[attr-defined]
-            token = _SERVER_HOSTNAME.set(tls_name if scheme == "https" else None)
-            try:
-                response = super(LBAdapter, self).send(
-                    sent,
-                    stream=True,
-                    timeout=_clip(timeout, plan),
-                    verify=verify,
-                    cert=cert,
-                    proxies={},
-                )
-                if _buffers(plan, response, policy.buffer_limit):
-                    _ = response.content  # read here, so a failure mid-body can be retried
-            except requests.RequestException as exc:
-                plan.failed(
-                    backend, classify(exc), exc, timed_out=isinstance(exc, requests.Timeout)
-                )
-                raise
-            finally:
-                _SERVER_HOSTNAME.reset(token)
-            plan.responded(backend, response.status_code)
-            failing = response.status_code in policy.failure_statuses
-            if response._content_consumed:  # type: ignore[attr-defined]
-                if not failing:
-                    common.balancer.report(backend, True)
-            else:
-                done = [failing]
-
-                def report(ok: bool) -> None:
-                    if not done[0]:
-                        done[0] = True
-                        common.balancer.report(backend, ok)
-
-                response.raw = _ReportingRaw(response.raw, report)
-            response.url = url
-            response.request = request
-            return response
-
-        try:
-            return run_sync(plan, first, attempt, requests.Response.close)
-        except requests.RequestException as exc:
-            raise common.final_error(exc, plan, request) from exc
+    def _send(self, *args: Any, **kwargs: Any) -> requests.Response:
+        return super().send(*args, **kwargs)
 
     def close(self) -> None:
         """Close the connection pools, and stop the health checks this adapter started."""
-        self._common.stop_checks()
+        self._client.stop_checks()
         super().close()
+
+
+class _Wire:
+    """One request's attempts through :class:`LBAdapter`."""
+
+    def __init__(
+        self,
+        adapter: LBAdapter,
+        request: requests.PreparedRequest,
+        plan: RequestPlan,
+        timeouts: dict[str, float | None],
+        verify: bool | str,
+        cert: Any,
+    ) -> None:
+        self.adapter = adapter
+        self.request = request
+        self.plan = plan
+        self.timeouts = timeouts
+        self.verify = verify
+        self.cert = cert
+        self.scheme = "http"
+        self.tls_name = ""
+        self.headers: Any = None
+
+    def send(self, backend: Backend) -> requests.Response:
+        request, plan = self.request, self.plan
+        scheme = self.scheme
+        # A shallow twin of the caller's request (which stays logical): new URL and headers,
+        # the same body, hooks and cookies. Cheaper than PreparedRequest.copy().
+        sent = requests.PreparedRequest()
+        sent.method = request.method
+        sent.url = f"{scheme}://{backend.address}{request.path_url}"
+        sent.headers = self.headers
+        sent.body = request.body
+        sent.hooks = request.hooks
+        sent._cookies = request._cookies  # type: ignore[attr-defined]
+        sent._body_position = request._body_position  # type: ignore[attr-defined]
+        capped = plan.timeouts(self.timeouts)
+        token = _SERVER_HOSTNAME.set(self.tls_name if scheme == "https" else None)
+        try:
+            response = self.adapter._send(
+                sent,
+                stream=True,
+                timeout=(capped.get("connect"), capped.get("read")),
+                verify=self.verify,
+                cert=self.cert,
+                proxies={},
+            )
+        finally:
+            _SERVER_HOSTNAME.reset(token)
+        raw = response.raw
+        length = response.headers.get("Content-Length", "")
+        report = BodyReport(
+            self.adapter.balancer,
+            backend,
+            response.status_code in plan.policy.failure_statuses,
+        )
+        if plan.buffers(response.status_code, int(length) if length.isdigit() else None):
+            try:
+                data = raw.read(decode_content=False)
+            except URLLib3HTTPError as exc:
+                raise _requests_error(exc) from exc
+            finally:
+                raw.release_conn()
+            response.raw = _buffered(raw, data)
+            report(True)
+        else:
+            response.raw = _ReportingRaw(raw, report)
+        plan.responded(backend, response.status_code)
+        response.url = request.url or ""
+        response.request = request
+        return response
+
+    fault = staticmethod(classify)
+
+    def discard(self, response: requests.Response) -> None:
+        response.close()
+
+    def final(self, error: Exception) -> Exception:
+        """The final error: of the class and with the ``args[0]`` plain requests would raise,
+        its message followed by lbclient's summary of every attempt, with them as
+        ``.attempts``."""
+        summary = self.plan.describe()
+        inner = error.args[0] if error.args else None
+        if isinstance(inner, BaseException):
+            inner = _with_summary(inner, summary)
+        else:
+            inner = f"{inner}; {summary}" if inner else summary
+        final = type(error)(  # type: ignore[call-arg]
+            inner, request=self.request, response=getattr(error, "response", None)
+        )
+        final.attempts = tuple(self.plan.attempts)  # type: ignore[attr-defined]
+        return final
+
+
+def _with_summary(error: BaseException, summary: str) -> BaseException:
+    """A copy of ``error`` (same class, same attributes) whose message ends with ``summary``."""
+    copy = type(error).__new__(type(error))
+    copy.__dict__.update(error.__dict__)
+    first = error.args[0] if error.args else ""
+    copy.args = (f"{first}; {summary}" if first else summary, *error.args[1:])
+    copy.__cause__, copy.__context__ = error.__cause__, error.__context__
+    copy.__traceback__ = error.__traceback__
+    return copy
+
 
 def _replayable(body: object) -> bool:
     return body is None or isinstance(body, (bytes, str))
 
 
-def _budget(timeout: Any) -> float | None:
+def _timeouts(timeout: Any) -> dict[str, float | None]:
+    """requests' ``timeout`` argument as per-operation timeouts."""
     if isinstance(timeout, tuple):
-        return budget_of(timeout)
-    if isinstance(timeout, (int, float)):
-        return float(timeout)
-    return None
+        connect, read = timeout
+        return {"connect": connect, "read": read}
+    if isinstance(timeout, Timeout):
+        return {"connect": _number(timeout.connect_timeout), "read": _number(timeout.read_timeout)}
+    return {"connect": timeout, "read": timeout}
 
 
-def _clip(timeout: Any, plan: RequestPlan) -> Any:
-    if not plan.attempts or plan.budget is None:
-        return timeout
-    if isinstance(timeout, tuple):
-        return tuple(plan.clip(v) for v in timeout)
-    return plan.clip(float(timeout))
+def _number(value: object) -> float | None:
+    return float(value) if isinstance(value, (int, float)) else None
 
 
-def _buffers(plan: RequestPlan, response: requests.Response, limit: int) -> bool:
-    if plan.method == "HEAD" or not plan.retries_maybe_sent():
-        return False
-    length = response.headers.get("Content-Length", "")
-    return length.isdigit() and int(length) <= limit
+def mount(session: requests.Session, adapter: LBAdapter) -> None:
+    """Mount ``adapter`` on ``session`` for every spelling of its hosts' URLs: with and without
+    the default port, with user information, for http and https.
+
+    The adapter must name its ``hosts``. Requests for other hosts keep going wherever they
+    went before (the session's previous ``http://`` and ``https://`` adapters).
+    """
+    if not isinstance(adapter, LBAdapter):
+        raise TypeError(f"adapter must be an LBAdapter, got {adapter!r}")
+    hosts = adapter.hosts
+    if hosts is None:
+        raise ValueError("mount() needs an LBAdapter with hosts=[...] naming what it serves")
+    for scheme in ("http", "https"):
+        prefix = f"{scheme}://"
+        router = session.adapters.get(prefix)
+        if not isinstance(router, _Router):
+            router = _Router(session.get_adapter(prefix))
+            session.mount(prefix, router)
+        for host in hosts:
+            router.routes[host] = adapter
+            # The common spellings by prefix too, so that they beat shorter mounts.
+            session.mount(f"{prefix}{host}/", adapter)
+            session.mount(f"{prefix}{host}:{_DEFAULT_PORTS[scheme]}/", adapter)
+
+
+class _Router(HTTPAdapter):
+    """Mounted on ``scheme://``: sends a request to the LBAdapter serving its host, or to the
+    adapter that was mounted there before."""
+
+    __attrs__ = ["routes", "fallback"]  # noqa: RUF012 (as HTTPAdapter declares it)
+
+    def __init__(self, fallback: requests.adapters.BaseAdapter) -> None:
+        super().__init__()
+        self.routes: dict[str, LBAdapter] = {}
+        self.fallback = fallback
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    def send(self, request: requests.PreparedRequest, *args: Any, **kwargs: Any) -> Any:
+        hostname = urlsplit(request.url or "").hostname or ""
+        target = self.routes.get(hostname.lower(), self.fallback)
+        return target.send(request, *args, **kwargs)
+
+    def close(self) -> None:
+        for adapter in {id(a): a for a in [*self.routes.values(), self.fallback]}.values():
+            adapter.close()
+

@@ -11,8 +11,13 @@ The rules:
 * ``LOCAL`` failures (a full local connection pool, a malformed request) say nothing about the
   backend: not reported, not retried.
 * A response whose status is in ``retry_statuses`` is retried like a maybe-sent failure.
+* A backend that timed out or failed its TLS handshake is not tried again by the same request;
+  another backend may be. A retry goes to a backend of the current set, untried ones first.
 * No wait before an attempt on a backend not tried yet; jittered exponential backoff before
-  trying a backend again. All attempts together stay within the request's own timeout.
+  trying a backend again.
+* Timeouts keep their meaning: every attempt gets the client's own timeouts, per operation.
+  ``attempt_timeout`` caps one attempt up to its response head; ``deadline`` caps the whole
+  request, attempts and waits together, and no attempt starts without a useful share of it.
 
 Plain values only: no I/O, no HTTP client, no tenacity (those are the attempt loop's).
 """
@@ -21,13 +26,13 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Collection, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Final
 
 from lbclient.backend import Backend
 
-__all__ = ["IDEMPOTENT_METHODS", "Attempt", "Failure", "RetryPolicy"]
+__all__ = ["IDEMPOTENT_METHODS", "Attempt", "Failure", "RequestOptions", "RetryPolicy"]
 
 #: Methods that may be sent twice without changing the outcome (RFC 9110 section 9.2.2).
 IDEMPOTENT_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
@@ -42,6 +47,24 @@ class Failure(enum.Enum):
     MAYBE_SENT = "maybe sent"
     #: A local problem (pool exhausted, bad request): not the backend's fault, not retried.
     LOCAL = "local"
+
+
+def _seconds(name: str, value: object, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds, got {value!r}")
+    low_ok = value > 0 if optional else value >= 0
+    if not math.isfinite(value) or not low_ok:
+        bound = "> 0" if optional else ">= 0"
+        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
+
+
+def _attempts(value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"max_attempts must be an int, got {value!r}")
+    if value < 1:
+        raise ValueError(f"max_attempts must be >= 1, got {value}")
 
 
 def _status_set(name: str, value: Iterable[int]) -> frozenset[int]:
@@ -75,6 +98,11 @@ class RetryPolicy:
     * ``buffer_limit``: bytes; responses to retryable requests with a ``Content-Length`` up
       to this are read before they are returned, so a connection lost mid-body can still be
       retried (262144).
+    * ``attempt_timeout``: seconds one attempt may take up to its response head; expiry is a
+      maybe-sent failure, reported to health and retried under the rules above (None: only
+      the client's own timeouts).
+    * ``deadline``: seconds for the whole request, all attempts and waits together (None: no
+      limit beyond each attempt's timeouts).
     """
 
     max_attempts: int = 3
@@ -85,13 +113,11 @@ class RetryPolicy:
     backoff: float = 0.05
     backoff_max: float = 2.0
     buffer_limit: int = 256 * 1024
+    attempt_timeout: float | None = None
+    deadline: float | None = None
 
     def __post_init__(self) -> None:
-        attempts = self.max_attempts
-        if isinstance(attempts, bool) or not isinstance(attempts, int):
-            raise TypeError(f"max_attempts must be an int, got {attempts!r}")
-        if attempts < 1:
-            raise ValueError(f"max_attempts must be >= 1, got {attempts}")
+        _attempts(self.max_attempts)
         if not isinstance(self.retry_maybe_sent, bool):
             raise TypeError(f"retry_maybe_sent must be a bool, got {self.retry_maybe_sent!r}")
         object.__setattr__(
@@ -108,12 +134,61 @@ class RetryPolicy:
         limit = self.buffer_limit
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
             raise ValueError(f"buffer_limit must be an int >= 0, got {limit!r}")
-        for name in ("backoff", "backoff_max"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError(f"{name} must be a number of seconds, got {value!r}")
-            if not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        _seconds("backoff", self.backoff)
+        _seconds("backoff_max", self.backoff_max)
+        _seconds("attempt_timeout", self.attempt_timeout, optional=True)
+        _seconds("deadline", self.deadline, optional=True)
+
+
+@dataclass(frozen=True)
+class RequestOptions:
+    """Limits for one request that override the transport's or adapter's policy; None keeps
+    the policy's value.
+
+    With httpx: ``client.get(url, extensions={"lbclient": RequestOptions(deadline=0.5)})`` (a
+    plain dict with the same keys works too). With requests: ``session.get(url,
+    timeout=LBTimeout(1.0, deadline=0.5))`` (see :class:`lbclient.requests_adapter.LBTimeout`).
+
+    * ``max_attempts``: attempts for this request, the first included.
+    * ``attempt_timeout``: seconds one attempt may take up to its response head.
+    * ``deadline``: seconds for the whole request.
+    """
+
+    max_attempts: int | None = None
+    attempt_timeout: float | None = None
+    deadline: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_attempts is not None:
+            _attempts(self.max_attempts)
+        _seconds("attempt_timeout", self.attempt_timeout, optional=True)
+        _seconds("deadline", self.deadline, optional=True)
+
+    @classmethod
+    def coerce(cls, value: object) -> RequestOptions:
+        """``value`` if it is RequestOptions, else one made from a mapping of its fields."""
+        if isinstance(value, RequestOptions):
+            return value
+        if isinstance(value, Mapping):
+            unknown = set(value) - {"max_attempts", "attempt_timeout", "deadline"}
+            if unknown:
+                raise TypeError(
+                    f"unknown lbclient request options {sorted(map(str, unknown))}; expected "
+                    "max_attempts, attempt_timeout, deadline"
+                )
+            return cls(**value)
+        raise TypeError(
+            f"lbclient request options must be a RequestOptions or a mapping, got {value!r}"
+        )
+
+    def apply(self, policy: RetryPolicy) -> RetryPolicy:
+        """``policy`` with these options in place of its own."""
+        changes = {
+            name: value
+            for name in ("max_attempts", "attempt_timeout", "deadline")
+            if (value := getattr(self, name)) is not None
+        }
+        return replace(policy, **changes) if changes else policy
 
 
 @dataclass(frozen=True)

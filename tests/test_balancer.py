@@ -1,6 +1,9 @@
 from __future__ import annotations
 
 import itertools
+import threading
+from collections import Counter
+from collections.abc import Callable
 
 import pytest
 
@@ -124,6 +127,129 @@ def test_iter_yields_every_backend_once_in_fallback_order() -> None:
     distinct_on_ring = list(dict.fromkeys(itertools.islice(ring.iter(b"key"), 5)))
     assert walk[: len(distinct_on_ring)] == distinct_on_ring
     assert walk[0] == lb.select(b"key")
+
+
+def requests_with_one_failing(lb: LoadBalancer, bad: Backend, n: int) -> Counter[Backend]:
+    """``n`` requests: the first pick by select(), the next candidate when it is ``bad``."""
+    firsts: Counter[Backend] = Counter()
+    for i in range(n):
+        key = f"req-{i}"
+        first = lb.select(key)
+        assert first is not None
+        firsts[first] += 1
+        if first == bad:
+            retry = next(lb.iter(key, after=first))
+            assert retry != bad
+    return firsts
+
+
+def test_round_robin_first_picks_split_evenly_while_one_backend_fails() -> None:
+    lb = LoadBalancer([A, B], RoundRobin)
+    firsts = requests_with_one_failing(lb, Backend(A), 1000)
+    assert firsts == {Backend(A): 500, Backend(B): 500}
+
+
+@pytest.mark.parametrize("bad", [A, C])
+def test_round_robin_first_picks_follow_weights_while_one_backend_fails(bad: str) -> None:
+    backends = [Backend(A, 2), Backend(B), Backend(C)]
+    lb = LoadBalancer(backends, RoundRobin)
+    failing = next(b for b in backends if b.address == bad)
+    firsts = requests_with_one_failing(lb, failing, 1000)  # 250 rounds of the total weight 4
+    assert firsts == {Backend(A, 2): 500, Backend(B): 250, Backend(C): 250}
+
+
+ALL = [RoundRobin, Random, Hash, FNVHash, Consistent]
+
+
+@pytest.mark.parametrize("algorithm", ALL)
+@pytest.mark.parametrize("limit", [0, 1, 2, 3, 5, 256])
+def test_iter_after_skips_the_first_pick_and_yields_the_rest_once(
+    algorithm: type, limit: int
+) -> None:
+    backends: list[Backend | str] = [A, Backend(B, 3), C, "10.0.0.4:80", Backend("10.0.0.5:80", 2)]
+    lb = LoadBalancer(backends, algorithm)
+    for i in range(20):
+        key = f"user-{i}".encode()
+        for b in lb.backends:
+            walk = list(lb.iter(key, limit, after=b))
+            assert b not in walk
+            assert len(walk) == len(set(walk)) == 4
+            assert set(walk) == set(lb.backends) - {b}
+            if algorithm in (Hash, FNVHash, Consistent):  # the same order, less b
+                assert walk == [x for x in lb.iter(key, limit) if x != b]
+    # A backend not in the set (say, picked before an update) leaves every backend to walk.
+    assert sorted(lb.iter(b"k", limit, after=Backend("10.9.9.9:80"))) == sorted(lb.backends)
+
+
+def test_round_robin_iter_after_goes_round_from_the_first_pick() -> None:
+    lb = LoadBalancer([A, B, C, "10.0.0.4:80"], RoundRobin)
+    ordered = lb.backends
+    for i, b in enumerate(ordered):
+        assert list(lb.iter(after=b)) == [ordered[(i + j) % 4] for j in range(1, 4)]
+    # The walks took nothing from the counter.
+    assert [lb.select() for _ in range(4)] == list(ordered)
+
+
+def test_iter_after_checks_its_argument_and_handles_no_backends() -> None:
+    lb = LoadBalancer([A, B])
+    with pytest.raises(TypeError, match="after must be a Backend"):
+        lb.iter(after=A)  # type: ignore[arg-type]
+    assert list(LoadBalancer([]).iter(after=Backend(A))) == []
+    assert list(LoadBalancer([A], Consistent).iter(after=Backend(A))) == []
+
+
+def test_round_robin_counter_counts_first_picks_only_across_threads() -> None:
+    draws: list[int] = []  # list.append is atomic: one entry per counter value taken
+
+    class Counted(RoundRobin):
+        def index_function(self) -> Callable[[bytes], int]:
+            inner = super().index_function()
+
+            def counted(data: bytes) -> int:
+                draws.append(1)
+                return inner(data)
+
+            return counted
+
+    backends = [A, B, C, "10.0.0.4:80"]
+    lb = LoadBalancer(backends, Counted())
+    per_thread = 2_000
+    counts: list[Counter[Backend]] = [Counter() for _ in range(8)]
+    barrier = threading.Barrier(8)
+    errors: list[BaseException] = []
+
+    def run(slot: int) -> None:
+        c = counts[slot]
+        try:
+            barrier.wait()
+            for i in range(per_thread):
+                first = lb.select(f"k{slot}-{i}")
+                assert first is not None
+                c[first] += 1
+                if i % 4 == 0:  # a retry walk continuing from the first pick
+                    rest = list(lb.iter(f"k{slot}-{i}", after=first))
+                    assert len(rest) == 3
+                    assert first not in rest
+                elif i % 4 == 2:  # a walk of its own: one first pick, then fallbacks
+                    walk = list(lb.iter(f"w{slot}-{i}"))
+                    assert sorted(walk) == sorted(lb.backends)
+                    c[walk[0]] += 1
+        except BaseException as exc:
+            errors.append(exc)
+
+    before = len(draws)
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    firsts = 8 * (per_thread + per_thread // 4)
+    assert len(draws) - before == firsts
+    total: Counter[Backend] = Counter()
+    for c in counts:
+        total.update(c)
+    assert total == {Backend(a): firsts // 4 for a in backends}
 
 
 def test_update_returns_whether_changed_and_keeps_health() -> None:

@@ -193,7 +193,7 @@ def test_tls_logical_name_and_threads(tmp_path: Path) -> None:
     servers = [TestServer(ssl_context=certs.server_context()).start() for _ in range(3)]
     try:
         adapter = LBAdapter([s.address for s in servers], algorithm=RoundRobin,
-                            pool_connections=20)
+                            pool_connections=20, hosts=["users.internal", "orders.internal"])
         session = requests.Session()
         session.mount("https://users.internal/", adapter)
         session.mount("https://orders.internal/", adapter)
@@ -221,9 +221,14 @@ def test_tls_logical_name_and_threads(tmp_path: Path) -> None:
         assert len(recorded) == 16 * 25
         for r in recorded:
             assert r.tls_server_name == r.headers["host"]  # SNI always the logical name
-        session.mount("https://billing.internal/", adapter)
-        with pytest.raises(requests.ConnectionError, match="certificate verify failed"):
+        live = [s.address for s in servers if s is not servers[1]]
+        billing = LBAdapter(live, hosts=["billing.internal"])
+        session.mount("https://billing.internal/", billing)
+        with pytest.raises(requests.exceptions.SSLError, match="certificate verify failed") as bad:
             session.get("https://billing.internal/", verify=str(ca))
+        # A certificate that fails is never retried on the same backend; each backend once.
+        tried = [a.backend for a in bad.value.attempts]  # type: ignore[attr-defined]
+        assert len(tried) == len(set(tried)) == 2
         session.close()
     finally:
         for server in servers:
@@ -247,7 +252,9 @@ def test_tls_handshake_timeout_is_never_sent(tmp_path: Path) -> None:
             with pytest.raises(requests.ReadTimeout) as info:
                 session.post("https://users.internal/", data=b"x", timeout=0.3, verify=str(ca))
         # ...yet it is known to be never sent,
-        assert classify(info.value.__cause__) is Failure.NEVER_SENT  # type: ignore[arg-type]
+        fault = classify(info.value.__cause__)  # type: ignore[arg-type]
+        assert fault is not None
+        assert fault.failure is Failure.NEVER_SENT
         # so with time to spare even a POST moves on to the next backend.
         lb = LoadBalancer([stalled, good.address], Hash)
         key = key_landing_on(lb, stalled)

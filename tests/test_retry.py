@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import pytest
 
-from lbclient import Backend, Hash, LoadBalancer
-from lbclient._attempt import RequestPlan, run_async, run_sync
-from lbclient.retry import Failure, RetryPolicy
+from lbclient import Backend, Hash, HealthPolicy, LoadBalancer, RoundRobin
+from lbclient._attempt import Client, Fault, RequestPlan, policy_from, redact, run_async, run_sync
+from lbclient.errors import KeyFunctionError, NoBackendAvailable
+from lbclient.retry import Failure, RequestOptions, RetryPolicy
 
 ADDRS = ["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"]
 
@@ -21,44 +24,93 @@ class Clock:
         return self.now
 
 
-def plan_for(method: str = "GET", replayable: bool = True, budget: float | None = None,
-             clock: Clock | None = None, **policy: object) -> RequestPlan:
-    lb = LoadBalancer(ADDRS, Hash)
-    return RequestPlan(lb, b"key", method, replayable, RetryPolicy(**policy),  # type: ignore[arg-type]
-                       budget, clock or Clock())
-
-
 class Boom(Exception):
-    pass
+    """A client error the fake wire classifies by its ``fault``."""
+
+    def __init__(self, text: str, fault: Fault) -> None:
+        super().__init__(text)
+        self.fault = fault
 
 
-def failing(plan: RequestPlan, kinds: list[Failure]) -> object:
-    seen: list[Backend] = []
+NEVER = Fault(Failure.NEVER_SENT)
+MAYBE = Fault(Failure.MAYBE_SENT)
+LOCAL = Fault(Failure.LOCAL)
+TIMEOUT = Fault(Failure.MAYBE_SENT, timed_out=True, barred=True)
 
-    def attempt(backend: Backend) -> str:
-        seen.append(backend)
-        if len(seen) <= len(kinds):
-            error = Boom(f"attempt {len(seen)}")
-            plan.failed(backend, kinds[len(seen) - 1], error)
-            raise error
-        plan.responded(backend, 200)
-        return f"ok from {backend.address}"
 
-    attempt.seen = seen  # type: ignore[attr-defined]
-    return attempt
+@dataclass
+class FakeWire:
+    """Fails the first attempts with ``faults``, then answers ``statuses`` (200 after them)."""
+
+    plan: RequestPlan
+    faults: list[Fault] = field(default_factory=list)
+    statuses: list[int] = field(default_factory=list)
+    clock: Clock | None = None
+    took: float = 0.0
+    seen: list[Backend] = field(default_factory=list)
+    discarded: list[str] = field(default_factory=list)
+
+    def send(self, backend: Backend) -> str:
+        self.seen.append(backend)
+        if self.clock is not None:
+            self.clock.now += self.took
+        n = len(self.seen)
+        if n <= len(self.faults):
+            raise Boom(f"attempt {n}", self.faults[n - 1])
+        status = self.statuses[n - len(self.faults) - 1] if self.statuses else 200
+        self.plan.responded(backend, status)
+        return f"{status} from {backend.address}"
+
+    def fault(self, error: Exception) -> Fault | None:
+        return error.fault if isinstance(error, Boom) else None
+
+    def discard(self, response: str) -> None:
+        self.discarded.append(response)
+
+    def final(self, error: Exception) -> Exception:
+        return error
+
+
+@dataclass
+class AsyncFakeWire(FakeWire):
+    async def send(self, backend: Backend) -> str:  # type: ignore[override]
+        return FakeWire.send(self, backend)
+
+    async def discard(self, response: str) -> None:  # type: ignore[override]
+        FakeWire.discard(self, response)
+
+
+def plan_for(
+    method: str = "GET",
+    replayable: bool = True,
+    clock: Clock | None = None,
+    balancer: LoadBalancer | None = None,
+    **policy: object,
+) -> RequestPlan:
+    lb = balancer or LoadBalancer(ADDRS, Hash)
+    return RequestPlan(lb, b"key", method, replayable, RetryPolicy(**policy),  # type: ignore[arg-type]
+                       clock or Clock())
+
+
+def run(plan: RequestPlan, wire: FakeWire) -> str:
+    first = plan.take()
+    assert first is not None
+    return run_sync(plan, first, wire)
+
+
+@pytest.fixture(autouse=True)
+def no_sleep(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    slept: list[float] = []
+    monkeypatch.setattr("lbclient._attempt.time.sleep", slept.append)
+    return slept
 
 
 @pytest.mark.parametrize("method", ["GET", "POST", "PATCH", "DELETE"])
 def test_never_sent_is_retried_for_every_method(method: str) -> None:
     plan = plan_for(method)
-    first = plan.first()
-    assert first is not None
-    attempt = failing(plan, [Failure.NEVER_SENT, Failure.NEVER_SENT])
-    result = run_sync(plan, first, attempt, lambda r: None)  # type: ignore[arg-type]
-    seen = attempt.seen  # type: ignore[attr-defined]
-    assert len(seen) == 3
-    assert len(set(seen)) == 3  # never the same backend twice while another remains
-    assert result == f"ok from {seen[2].address}"
+    wire = FakeWire(plan, [NEVER, NEVER])
+    assert run(plan, wire) == f"200 from {wire.seen[2].address}"
+    assert len(set(wire.seen)) == 3  # never the same backend twice while another remains
 
 
 @pytest.mark.parametrize(("method", "replayable", "retried"), [
@@ -69,151 +121,286 @@ def test_never_sent_is_retried_for_every_method(method: str) -> None:
 def test_maybe_sent_only_for_idempotent_replayable(method: str, replayable: bool,
                                                    retried: bool) -> None:
     plan = plan_for(method, replayable)
-    first = plan.first()
-    assert first is not None
-    attempt = failing(plan, [Failure.MAYBE_SENT])
+    wire = FakeWire(plan, [MAYBE])
     if retried:
-        run_sync(plan, first, attempt, lambda r: None)  # type: ignore[arg-type]
-        assert len(attempt.seen) == 2  # type: ignore[attr-defined]
+        run(plan, wire)
+        assert len(wire.seen) == 2
     else:
         with pytest.raises(Boom, match="attempt 1"):
-            run_sync(plan, first, attempt, lambda r: None)  # type: ignore[arg-type]
-        assert len(attempt.seen) == 1  # type: ignore[attr-defined]
+            run(plan, wire)
+        assert len(wire.seen) == 1
         assert "not retried" in plan.describe()
 
 
 def test_local_failures_neither_retried_nor_reported() -> None:
     plan = plan_for()
-    first = plan.first()
-    assert first is not None
+    wire = FakeWire(plan, [LOCAL])
     with pytest.raises(Boom):
-        run_sync(plan, first, failing(plan, [Failure.LOCAL]), lambda r: None)  # type: ignore[arg-type]
-    assert plan.balancer.ready(first)
+        run(plan, wire)
+    assert len(wire.seen) == 1
+    assert plan.balancer.health(wire.seen[0]).consecutive_failures == 0
 
 
-def test_unrecorded_errors_are_not_retried() -> None:
+def test_errors_that_are_not_failures_propagate_unretried() -> None:
     plan = plan_for()
-    first = plan.first()
-    assert first is not None
-    calls = []
+    wire = FakeWire(plan)
 
-    def attempt(backend: Backend) -> str:
-        calls.append(backend)
-        if len(calls) == 1:
-            error = Boom("recorded")
-            plan.failed(backend, Failure.NEVER_SENT, error)
-            raise error
+    def send(backend: Backend) -> str:
+        wire.seen.append(backend)
         raise KeyError("a bug, not a network failure")
 
+    wire.send = send  # type: ignore[method-assign]
     with pytest.raises(KeyError):
-        run_sync(plan, first, attempt, lambda r: None)
-    assert len(calls) == 2
+        run(plan, wire)
+    assert len(wire.seen) == 1
+    assert plan.attempts == []
 
 
 def test_max_attempts_and_failures_reported() -> None:
     plan = plan_for(max_attempts=2)
-    first = plan.first()
-    assert first is not None
-    attempt = failing(plan, [Failure.NEVER_SENT] * 5)
+    wire = FakeWire(plan, [NEVER] * 5)
     with pytest.raises(Boom, match="attempt 2"):
-        run_sync(plan, first, attempt, lambda r: None)  # type: ignore[arg-type]
-    tried = attempt.seen  # type: ignore[attr-defined]
-    assert len(tried) == 2
-    assert all(plan.balancer.health(b).consecutive_failures == 1 for b in tried)
+        run(plan, wire)
+    assert len(wire.seen) == 2
+    assert all(plan.balancer.health(b).consecutive_failures == 1 for b in wire.seen)
     assert plan.describe().startswith("GET failed after 2 attempts: ")
+    assert [a.failure for a in plan.attempts] == [Failure.NEVER_SENT] * 2
 
 
-def test_backoff_only_when_revisiting(monkeypatch: pytest.MonkeyPatch) -> None:
-    slept: list[float] = []
-    monkeypatch.setattr("lbclient._attempt.time.sleep", slept.append)
+def test_backoff_only_when_revisiting(no_sleep: list[float]) -> None:
     lb = LoadBalancer(ADDRS[:2], Hash)
-    plan = RequestPlan(lb, b"k", "GET", True, RetryPolicy(max_attempts=5, backoff=0.2,
-                                                        backoff_max=0.3), None, Clock())
-    first = plan.first()
-    assert first is not None
-    attempt = failing(plan, [Failure.NEVER_SENT] * 4)
-    run_sync(plan, first, attempt, lambda r: None)  # type: ignore[arg-type]
-    seen = attempt.seen  # type: ignore[attr-defined]
-    assert seen[:2] != [seen[0], seen[0]]
+    plan = plan_for(balancer=lb, max_attempts=5, backoff=0.2, backoff_max=0.3)
+    wire = FakeWire(plan, [NEVER] * 4)
+    run(plan, wire)
+    seen = wire.seen
+    assert seen[0] != seen[1]
     assert seen[2] == seen[0]
     assert seen[3] == seen[1]
     # No sleep before the second backend; jittered, capped sleeps before revisits; never 0.
-    assert len(slept) <= 3
-    assert all(0 < s <= 0.3 for s in slept)
+    assert len(no_sleep) <= 3
+    assert all(0 < s <= 0.3 for s in no_sleep)
 
 
-def test_status_retry_closes_the_discarded_response() -> None:
+def test_a_timed_out_backend_is_never_tried_again() -> None:
+    lb = LoadBalancer(ADDRS[:2], Hash)
+    plan = plan_for(balancer=lb, max_attempts=5)
+    wire = FakeWire(plan, [TIMEOUT, TIMEOUT])
+    with pytest.raises(Boom, match="attempt 2"):
+        run(plan, wire)
+    assert len(wire.seen) == 2
+    assert len(set(wire.seen)) == 2
+    assert "no other backend to try" in plan.describe()
+
+
+def test_the_only_backend_that_timed_out_is_not_sent_the_request_again() -> None:
+    plan = plan_for(balancer=LoadBalancer(ADDRS[:1]), max_attempts=3)
+    wire = FakeWire(plan, [TIMEOUT] * 3)
+    with pytest.raises(Boom, match="attempt 1"):
+        run(plan, wire)
+    assert len(wire.seen) == 1
+
+
+def test_status_retry_discards_the_retried_response() -> None:
     plan = plan_for(retry_statuses={503})
-    first = plan.first()
-    assert first is not None
-    closed: list[str] = []
-    statuses = iter([503, 503, 200])
-
-    def attempt(backend: Backend) -> str:
-        status = next(statuses)
-        plan.responded(backend, status)
-        return f"{status} from {backend.address}"
-
-    result = run_sync(plan, first, attempt, closed.append)
-    assert result.startswith("200")
-    assert len(closed) == 2
-    assert all(c.startswith("503") for c in closed)
+    wire = FakeWire(plan, statuses=[503, 503, 200])
+    assert run(plan, wire).startswith("200")
+    assert len(wire.discarded) == 2
+    assert all(c.startswith("503") for c in wire.discarded)
 
 
 def test_status_retry_returns_last_response_when_out_of_attempts() -> None:
     plan = plan_for(retry_statuses={503}, max_attempts=2)
-    first = plan.first()
-    assert first is not None
-    closed: list[str] = []
-
-    def attempt(backend: Backend) -> str:
-        plan.responded(backend, 503)
-        return f"503 from {backend.address}"
-
-    result = run_sync(plan, first, attempt, closed.append)
+    wire = FakeWire(plan, statuses=[503, 503])
+    result = run(plan, wire)
     assert result.startswith("503")
-    assert len(closed) == 1
-    assert result not in closed
+    assert len(wire.discarded) == 1
+    assert result not in wire.discarded
 
 
-def test_budget_stops_retries() -> None:
+def test_deadline_stops_retries() -> None:
     clock = Clock()
-    plan = plan_for(budget=1.0, clock=clock)
-    first = plan.first()
-    assert first is not None
-
-    def attempt(backend: Backend) -> str:
-        clock.now += 0.6
-        error = Boom("slow")
-        plan.failed(backend, Failure.MAYBE_SENT, error)
-        raise error
-
+    plan = plan_for(clock=clock, deadline=1.0)
+    wire = FakeWire(plan, [MAYBE] * 3, clock=clock, took=0.6)
     with pytest.raises(Boom):
-        run_sync(plan, first, attempt, lambda r: None)
+        run(plan, wire)
     assert len(plan.attempts) == 2
-    assert "time budget" in plan.describe()
+    assert "the deadline of 1 s ran out" in plan.describe()
+
+
+def test_no_attempt_without_a_useful_share_of_the_deadline() -> None:
+    clock = Clock()
+    plan = plan_for(clock=clock, deadline=1.0)
+    wire = FakeWire(plan, [NEVER] * 3, clock=clock, took=0.95)  # leaves less than a tenth
+    with pytest.raises(Boom):
+        run(plan, wire)
+    assert len(plan.attempts) == 1
+    assert "deadline" in plan.describe()
+
+
+def test_backoff_wait_counts_against_the_deadline(
+    monkeypatch: pytest.MonkeyPatch, no_sleep: list[float]
+) -> None:
+    monkeypatch.setattr("lbclient._attempt.random.uniform", lambda low, high: high)
+    clock = Clock()
+    lb = LoadBalancer(ADDRS[:1], Hash)  # one backend: every retry is a revisit
+    plan = plan_for(balancer=lb, clock=clock, retry_statuses={503}, backoff=0.5, deadline=1.0)
+    wire = FakeWire(plan, statuses=[503, 503, 503], clock=clock, took=0.3)
+
+    def sleep(seconds: float) -> None:
+        no_sleep.append(seconds)
+        clock.now += seconds
+
+    monkeypatch.setattr("lbclient._attempt.time.sleep", sleep)
+    # After 0.3 s, a 0.5 s backoff would leave 0.2 s: enough (>= 0.1). After the second
+    # attempt (0.3 + 0.5 + 0.3 = 1.1 s) nothing is left: the last 503 is returned.
+    assert run(plan, wire).startswith("503")
+    assert len(plan.attempts) == 2
+    assert no_sleep == [0.5]
+
+
+def test_timeouts_are_capped_by_attempt_timeout_and_deadline() -> None:
+    clock = Clock()
+    plan = plan_for(clock=clock, attempt_timeout=0.2, deadline=1.0)
+    given = {"connect": 5.0, "read": 0.1, "write": None, "pool": 5.0}
+    assert plan.timeouts(given) == {"connect": 0.2, "read": 0.1, "write": 0.2, "pool": 0.2}
+    clock.now = 0.9
+    assert plan.timeouts(given) == pytest.approx({"connect": 0.1, "read": 0.1, "write": 0.1,
+                                                  "pool": 0.1})
+    unlimited = plan_for()
+    assert unlimited.timeouts(given) is given  # the client's own, per operation
+
+
+def test_timeouts_cut_by_the_deadline_are_not_blamed_on_the_backend() -> None:
+    clock = Clock()
+    plan = plan_for(clock=clock, deadline=1.0)
+    first = plan.take()
+    assert first is not None
+    plan.timeouts({"read": 5.0})  # capped by the deadline
+    plan.failed(first, TIMEOUT, Boom("timed out", TIMEOUT))
+    assert plan.balancer.health(first).consecutive_failures == 0
+    assert not plan.may_retry()
+    assert "the deadline of 1 s ran out" in plan.describe()
+    other = plan_for(attempt_timeout=0.2)
+    second = other.take()
+    assert second is not None
+    other.timeouts({"read": 5.0})  # capped by the attempt timeout: the backend's fault
+    other.failed(second, TIMEOUT, Boom("timed out", TIMEOUT))
+    assert other.balancer.health(second).consecutive_failures == 1
 
 
 def test_async_loop_matches_sync() -> None:
     plan = plan_for("POST")
-    first = plan.first()
+    wire = AsyncFakeWire(plan, [NEVER])
+
+    async def main() -> str:
+        first = plan.take()
+        assert first is not None
+        return await run_async(plan, first, wire)
+
+    assert asyncio.run(main()).startswith("200")
+    assert len(set(wire.seen)) == 2
+
+
+def test_deciding_and_describing_never_claim_a_probe() -> None:
+    clock = Clock()
+    lb = LoadBalancer(
+        ADDRS[:2], Hash, clock=clock,
+        health=HealthPolicy(consecutive_failures=1, base_ejection_time=10, panic_threshold=0),
+    )
+    plan = plan_for("POST", balancer=lb, clock=clock)
+    first = plan.take()
     assert first is not None
-    seen: list[Backend] = []
+    other = next(b for b in lb.backends if b != first)
+    lb.report(other, False)  # ejected for 10 s
+    clock.now = 11.0  # its probe is due
+    plan.failed(first, MAYBE, Boom("protocol error", MAYBE))  # a POST: not retried
+    assert not plan.may_retry()
+    plan.describe()
+    plan.wait()
+    assert lb.snapshot().backends[lb.backends.index(other)].probing is False
+    assert lb.admit(other)  # the probe is still there for a request that is sent
 
-    async def attempt(backend: Backend) -> str:
-        seen.append(backend)
-        if len(seen) == 1:
-            error = Boom("refused")
-            plan.failed(backend, Failure.NEVER_SENT, error)
-            raise error
-        plan.responded(backend, 200)
-        return "ok"
 
-    async def discard(result: str) -> None:
-        raise AssertionError("nothing to discard")
+def test_a_retry_goes_to_the_current_set_untried_first() -> None:
+    lb = LoadBalancer(ADDRS[:2], Hash)
+    plan = plan_for(balancer=lb, max_attempts=4)
+    first = plan.take()
+    assert first is not None
+    plan.failed(first, NEVER, Boom("refused", NEVER))
+    lb.update(["10.0.0.7:80", "10.0.0.8:80"])  # the old set is gone
+    assert plan.may_retry()
+    chosen = [plan.take()]
+    plan.failed(chosen[0], NEVER, Boom("refused", NEVER))  # type: ignore[arg-type]
+    assert plan.may_retry()
+    chosen.append(plan.take())
+    assert {b.address for b in chosen if b} == {"10.0.0.7:80", "10.0.0.8:80"}
 
-    assert asyncio.run(run_async(plan, first, attempt, discard)) == "ok"
-    assert len(set(seen)) == 2
+
+def test_round_robin_first_attempts_stay_fair_when_a_backend_fails() -> None:
+    lb = LoadBalancer(ADDRS[:2], RoundRobin,
+                      health=HealthPolicy(consecutive_failures=None, consecutive_5xx=None))
+    bad = lb.backends[0]
+    firsts = []
+    for _ in range(1000):
+        plan = RequestPlan(lb, b"", "GET", True, RetryPolicy(retry_statuses={503}), Clock())
+        first = plan.take()
+        assert first is not None
+        firsts.append(first)
+        plan.responded(first, 503 if first == bad else 200)
+        if plan.retries_response and plan.may_retry():
+            following = plan.take()
+            assert following is not None
+            plan.responded(following, 200)
+            plan.describe()
+    assert firsts.count(bad) == 500
+
+
+def test_no_backend_says_why() -> None:
+    lb = LoadBalancer(ADDRS[:2], health=HealthPolicy(consecutive_failures=1, panic_threshold=0,
+                                                      max_ejection_percent=100))
+    client: Client[str] = Client(lb, key=None, algorithm=None, policy=RetryPolicy(), hosts=None,
+                                 unavailable=lambda m, r: NoBackendAvailable(m))
+    for b in lb.backends:
+        lb.report(b, False)
+    with pytest.raises(NoBackendAvailable, match="none of its 2 enabled backends is healthy") \
+            as caught:
+        client.start(None, "GET", "http://user:secret@svc/", True, RetryPolicy())
+    assert "secret" not in str(caught.value)
+    assert "user:[secure]@svc" in str(caught.value)
+
+
+@pytest.mark.parametrize("value", ["\ud800", b"\xff", 12])
+def test_every_unusable_key_is_a_key_function_error(value: object) -> None:
+    client: Client[str] = Client(ADDRS, key=lambda r: value, algorithm=None,  # type: ignore[arg-type,return-value]
+                                 policy=RetryPolicy(), hosts=None,
+                                 unavailable=lambda m, r: NoBackendAvailable(m))
+    if isinstance(value, bytes):
+        assert client.key_of(None, "GET", "http://svc/") == value
+        return
+    with pytest.raises(KeyFunctionError, match="key function"):
+        client.key_of(None, "GET", "http://u:pw@svc/")
+
+
+def test_redact_hides_passwords_only() -> None:
+    assert redact("GET http://user:pw@svc:8080/x?q=1") == "GET http://user:[secure]@svc:8080/x?q=1"
+    assert redact("http://user@svc/") == "http://user@svc/"
+    assert redact("no url here") == "no url here"
+
+
+def test_hosts_served_default_to_the_first_request() -> None:
+    make: Callable[..., Client[str]] = Client
+    client = make(ADDRS, key=None, algorithm=None, policy=RetryPolicy(), hosts=None,
+                  unavailable=lambda m, r: NoBackendAvailable(m))
+    assert client.serves("Users")
+    assert client.serves("users")
+    assert not client.serves("login.example.com")
+    pinned = make(ADDRS, key=None, algorithm=None, policy=RetryPolicy(), hosts=["a", "B"],
+                  unavailable=lambda m, r: NoBackendAvailable(m))
+    assert pinned.serves("b")
+    assert not pinned.serves("c")
+    with pytest.raises(ValueError, match="hosts"):
+        make(ADDRS, key=None, algorithm=None, policy=RetryPolicy(), hosts=["http://a/"],
+             unavailable=lambda m, r: NoBackendAvailable(m))
 
 
 @pytest.mark.parametrize(("kwargs", "error"), [
@@ -222,6 +409,8 @@ def test_async_loop_matches_sync() -> None:
     ({"failure_statuses": ["500"]}, ValueError), ({"backoff": -1}, ValueError),
     ({"backoff_max": "1"}, TypeError), ({"retry_maybe_sent": 1}, TypeError),
     ({"idempotent_methods": "GET"}, TypeError), ({"buffer_limit": -1}, ValueError),
+    ({"attempt_timeout": 0}, ValueError), ({"deadline": -1}, ValueError),
+    ({"deadline": float("inf")}, ValueError), ({"attempt_timeout": True}, TypeError),
 ])
 def test_policy_validation(kwargs: dict[str, object], error: type[Exception]) -> None:
     with pytest.raises(error):
@@ -236,81 +425,20 @@ def test_policy_normalises() -> None:
     assert 499 not in policy.failure_statuses
 
 
-def test_no_attempt_without_time_for_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    clock = Clock()
-    plan = plan_for(budget=1.0, clock=clock)
-    first = plan.first()
-    assert first is not None
-
-    def attempt(backend: Backend) -> str:
-        clock.now += 0.95  # leaves 0.05 s: less than a tenth of the budget
-        error = Boom("slow")
-        plan.failed(backend, Failure.NEVER_SENT, error)
-        raise error
-
-    with pytest.raises(Boom):
-        run_sync(plan, first, attempt, lambda r: None)
-    assert len(plan.attempts) == 1
-    assert "time budget" in plan.describe()
+def test_policy_and_a_conflicting_flat_option_is_a_type_error() -> None:
+    with pytest.raises(TypeError, match="max_attempts"):
+        policy_from(RetryPolicy(max_attempts=5), max_attempts=1)
+    assert policy_from(RetryPolicy(max_attempts=5), max_attempts=None).max_attempts == 5
+    assert policy_from(None, max_attempts=2, deadline=None).max_attempts == 2
 
 
-def test_backoff_wait_counts_against_the_budget(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("lbclient._attempt.random.uniform", lambda low, high: high)
-    clock = Clock()
-    lb = LoadBalancer(ADDRS[:1], Hash)  # one backend: every retry is a revisit
-    plan = RequestPlan(lb, b"k", "GET", True, RetryPolicy(retry_statuses={503}, backoff=0.5),
-                       1.0, clock)
-    first = plan.first()
-    assert first is not None
-
-    def attempt(backend: Backend) -> str:
-        clock.now += 0.3
-        plan.responded(backend, 503)
-        return "503"
-
-    # After 0.3 s, a 0.5 s backoff would leave 0.2 s: enough (>= 0.1). After the second
-    # attempt (0.3 + 0.5 + 0.3 = 1.1 s) nothing is left: the last 503 is returned, not a timeout.
-    slept: list[float] = []
-    monkeypatch.setattr("lbclient._attempt.time.sleep", lambda s: (slept.append(s), None)[1])
-    assert run_sync(plan, first, attempt, lambda r: None) == "503"
-    assert len(plan.attempts) == 2
-    assert slept == [0.5]
-
-
-def test_revisit_waits_before_the_second_attempt(monkeypatch: pytest.MonkeyPatch) -> None:
-    slept: list[float] = []
-    monkeypatch.setattr("lbclient._attempt.time.sleep", slept.append)
-    lb = LoadBalancer(ADDRS[:1], Hash)
-    plan = RequestPlan(lb, b"k", "GET", True, RetryPolicy(max_attempts=3), None, Clock())
-    first = plan.first()
-    assert first is not None
-    attempt = failing(plan, [Failure.NEVER_SENT] * 3)
-    with pytest.raises(Boom):
-        run_sync(plan, first, attempt, lambda r: None)  # type: ignore[arg-type]
-    assert len(slept) == 2  # before attempts 2 and 3, both on the same backend
-    assert all(s > 0 for s in slept)
-
-
-def test_clipped_timeouts_are_not_blamed_on_the_backend() -> None:
-    clock = Clock()
-    plan = plan_for(budget=1.0, clock=clock)
-    first = plan.first()
-    assert first is not None
-    plan.failed(first, Failure.NEVER_SENT, Boom("refused"))
-    second = plan.next()
-    clock.now = 0.5
-    assert plan.clip(1.0) == 0.5  # cut to what is left
-    assert plan.clip(None) is None
-    plan.failed(second, Failure.MAYBE_SENT, Boom("timed out"), timed_out=True)
-    assert plan.balancer.health(second).consecutive_failures == 0  # not reported
-    assert plan.balancer.health(first).consecutive_failures == 1
-
-
-@pytest.mark.parametrize(("phases", "pool", "budget"), [
-    ([1.0, 2.0, 3.0], None, 3.0), ([1.0, 1.0, 1.0], 5.0, 5.0), ([1.0, None, 1.0], 1.0, None),
-    ([], None, None), ([0.5, 0.3], None, 0.5),
-])
-def test_budget_of(phases: list[float | None], pool: float | None, budget: float | None) -> None:
-    from lbclient._attempt import budget_of
-
-    assert budget_of(phases, pool) == budget
+def test_request_options_override_the_policy() -> None:
+    policy = RetryPolicy(max_attempts=3, deadline=5.0)
+    options = RequestOptions.coerce({"deadline": 0.5, "max_attempts": 1})
+    applied = options.apply(policy)
+    assert (applied.max_attempts, applied.deadline, applied.attempt_timeout) == (1, 0.5, None)
+    assert RequestOptions().apply(policy) is policy
+    with pytest.raises(TypeError, match="timeout_s"):
+        RequestOptions.coerce({"timeout_s": 1})
+    with pytest.raises(ValueError, match="deadline"):
+        RequestOptions(deadline=0)

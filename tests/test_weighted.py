@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter
+from collections.abc import Callable
 
 import pytest
 
@@ -64,8 +65,70 @@ def test_round_robin() -> None:
     bs = trio(1, 8, 1)
     sel = RoundRobin.build(bs.values())
     assert names(bs, list(itertools.islice(sel.iter("test"), 5))) == ["b2", "b3", "b1", "b2", "b3"]
+    # Pingora's seven first picks take counter values 5-11, its four fallbacks having taken 1-4.
+    # Here fallbacks leave the counter at 1: four more first picks (all b2) bring it to 5.
+    assert names(bs, [sel.first("") for _ in range(4)]) == ["b2"] * 4
     firsts = [next(sel.iter("test1")) for _ in range(7)]
     assert names(bs, firsts) == ["b2", "b2", "b2", "b3", "b1", "b2", "b2"]
+
+
+def test_round_robin_walk_by_formula_with_unequal_weights() -> None:
+    # Sorted [b2 (w=1), b3 (w=3), b1 (w=2)]: weighted = [b2, b3, b3, b3, b1, b1], 6 slots.
+    bs = trio(2, 1, 3)
+    sel = RoundRobin.build(bs.values())
+    # First picks at counter 0 and 1: weighted[0], weighted[1].
+    assert names(bs, [sel.first(b"") for _ in range(2)]) == ["b2", "b3"]
+    # A walk: first pick at counter 2 (weighted[2]), then h = 3, 4, 5, 6, 7 -> backends[h % 3],
+    # exactly what Pingora yields with no other request picking during the walk.
+    walk = list(itertools.islice(sel.iter(b"any"), 6))
+    assert names(bs, walk) == ["b3", "b2", "b3", "b1", "b2", "b3"]
+    # The walk took one counter value: the next first picks are weighted[3], weighted[4].
+    assert names(bs, [sel.first(b"") for _ in range(2)]) == ["b3", "b1"]
+    # Counter 5: weighted[5], then h = 6, 7 -> backends[0], backends[1].
+    assert names(bs, list(itertools.islice(sel.iter(b""), 3))) == ["b1", "b2", "b3"]
+    # Counter 6 wraps the weighted table: weighted[0].
+    assert sel.first(b"") == bs["b2"]
+
+
+def test_round_robin_fallbacks_leave_the_counter_alone() -> None:
+    draws: list[bytes] = []
+
+    class Counted(RoundRobin):
+        def index_function(self) -> Callable[[bytes], int]:
+            inner = super().index_function()
+
+            def counted(data: bytes) -> int:
+                draws.append(data)
+                return inner(data)
+
+            return counted
+
+    bs = trio(1, 1, 1)
+    sel = Counted.build(bs.values())
+    walks = [list(itertools.islice(sel.iter(b"k"), 10)) for _ in range(6)]
+    assert len(draws) == 6  # one per first pick
+    # Walk i starts at counter i and goes round the sorted backends from there.
+    ordered = sel.backends
+    for i, walk in enumerate(walks):
+        assert walk == [ordered[(i + j) % 3] for j in range(10)]
+
+
+def test_later_picks_of_other_algorithms_rehash_the_previous_value() -> None:
+    seen: list[bytes] = []
+
+    def index(data: bytes) -> int:
+        seen.append(data)
+        return fnv1a_64(data)
+
+    bs = trio(1, 2, 3)
+    sel = Weighted(index).build(bs.values())
+    list(itertools.islice(sel.iter(b"key"), 4))
+    h = fnv1a_64(b"key")
+    expected = [b"key"]
+    for _ in range(3):
+        expected.append(le64(h))
+        h = fnv1a_64(le64(h))
+    assert seen == expected
 
 
 def test_round_robin_counter_restarts_per_build_and_is_per_selector() -> None:
@@ -129,6 +192,36 @@ def test_empty() -> None:
         sel = algorithm.build([])
         assert sel.first(b"k") is None
         assert list(sel.iter(b"k")) == []
+
+
+def test_round_robin_iter_after_continues_past_first_without_a_draw() -> None:
+    bs = {f"b{i}": Backend(f"10.0.0.{i}:80", 1 + i % 2) for i in range(1, 6)}
+    sel = RoundRobin.build(bs.values())
+    ordered = sel.backends
+    for i, first in enumerate(ordered):
+        after = list(itertools.islice(sel.iter_after(b"k", first), 10))
+        assert after == [ordered[(i + j) % 5] for j in range(1, 11)]
+    # None of that drew from the counter.
+    assert sel.first(b"") == ordered[0]
+    # A backend not in the set: the walk starts where it would sit.
+    stranger = Backend("10.0.0.3:80", 9)  # between 10.0.0.3 (w=2) and 10.0.0.4
+    assert next(sel.iter_after(b"k", stranger)) == Backend("10.0.0.4:80", 1)
+    assert next(sel.iter_after(b"k", Backend("10.0.0.9:80"))) == ordered[0]
+    assert next(sel.iter_after(b"k", Backend("10.0.0.0:80"))) == ordered[0]
+    assert list(RoundRobin.build([]).iter_after(b"k", stranger)) == []
+
+
+@pytest.mark.parametrize("algorithm", [Hash, FNVHash])
+def test_hashed_iter_after_is_iter(algorithm: type[Weighted]) -> None:
+    bs = trio(1, 2, 3)
+    sel = algorithm.build(bs.values())
+    for i in range(50):
+        key = f"k{i}".encode()
+        first = sel.first(key)
+        assert first is not None
+        assert list(itertools.islice(sel.iter_after(key, first), 8)) == list(
+            itertools.islice(sel.iter(key), 8)
+        )
 
 
 def test_big_total_weight_uses_cumulative_search_with_same_answers() -> None:

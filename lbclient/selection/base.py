@@ -17,6 +17,7 @@ __all__ = [
     "UniqueIterator",
     "buildmethod",
     "check_max_iterations",
+    "fallbacks_after",
     "prepare_backends",
     "resolve_algorithm",
     "to_key",
@@ -39,7 +40,10 @@ def to_key(key: object) -> bytes:
 
 @runtime_checkable
 class Selector(Protocol):
-    """A built selection over a fixed, sorted set of backends."""
+    """A built selection over a fixed, sorted set of backends.
+
+    It may also define ``iter_after(key, first)``: see :func:`fallbacks_after`.
+    """
 
     @property
     def backends(self) -> tuple[Backend, ...]:
@@ -53,6 +57,21 @@ class Selector(Protocol):
     def first(self, key: Key) -> Backend | None:
         """The first item of ``iter(key)``, computed without building the iterator."""
         ...
+
+
+def fallbacks_after(selector: Selector, key: bytes, first: Backend) -> Iterator[Backend]:
+    """The selection order for ``key`` once ``first`` was taken as its first pick elsewhere.
+
+    The selector's own ``iter_after(key, first)`` if it has one (a selector whose first pick
+    draws from shared state should, so as to draw nothing more); else ``iter(key)``, whose first
+    pick is ``first`` again when the selector is deterministic. ``first`` may still come up in
+    either: skip it with ``UniqueIterator(..., exclude=(first,))``.
+    """
+    own = getattr(selector, "iter_after", None)
+    if own is None:
+        return selector.iter(key)
+    order: Iterator[Backend] = own(key, first)
+    return order
 
 
 class Algorithm(Protocol):
@@ -141,20 +160,23 @@ class UniqueIterator(Iterator[Backend]):
     """Yields the distinct backends of ``source``, pulling at most ``max_iterations`` items.
 
     Every item pulled counts, duplicates included, and the limit is checked after pulling,
-    as Pingora's ``UniqueIterator`` does: ``max_iterations=0`` yields nothing.
+    as Pingora's ``UniqueIterator`` does: ``max_iterations=0`` yields nothing. Backends in
+    ``exclude`` are never yielded: they count as seen from the start.
     """
 
     __slots__ = ("_max", "_seen", "_source", "_steps")
 
-    def __init__(self, source: Iterable[Backend], max_iterations: int) -> None:
+    def __init__(
+        self, source: Iterable[Backend], max_iterations: int, exclude: Iterable[Backend] = ()
+    ) -> None:
         self._source = iter(source)
         self._max = max_iterations
         self._steps = 0
-        self._seen: set[Backend] = set()
+        self._seen: set[Backend] = set(exclude)
 
     @property
     def seen(self) -> frozenset[Backend]:
-        """The backends yielded so far."""
+        """The backends yielded so far, and those excluded."""
         return frozenset(self._seen)
 
     def __iter__(self) -> UniqueIterator:

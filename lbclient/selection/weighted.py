@@ -8,7 +8,9 @@ Given the sorted backends and an algorithm ``ALG(bytes) -> u64``:
   distinct backends, ignoring weights.
 
 The algorithms differ only in ``ALG``: RoundRobin (a shared counter, ignoring its input), Random,
-Hash (xxHash XXH3-64) and FNVHash (FNV-1a 64).
+Hash (xxHash XXH3-64) and FNVHash (FNV-1a 64). RoundRobin's later picks continue from the first
+pick's value instead (``h + 1``, ``h + 2``, ...), so only first picks draw from the counter: the
+sequence Pingora yields when no other request picks in between.
 """
 
 from __future__ import annotations
@@ -36,21 +38,34 @@ __all__ = [
 #: An index algorithm: key bytes in, an unsigned 64-bit integer out.
 IndexFn = Callable[[bytes], int]
 
+#: The value of a later pick from the value of the pick before it (unsigned 64-bit both).
+StepFn = Callable[[int], int]
+
 #: Up to this total weight the weighted table is expanded for O(1) first picks; above it the
 #: first pick is a binary search over cumulative weights (same result, far less memory).
 EXPAND_LIMIT: Final = 1 << 22
 
 
 class WeightedSelector:
-    """A weighted selection over a fixed, sorted set of backends."""
+    """A weighted selection over a fixed, sorted set of backends.
 
-    __slots__ = ("_backends", "_count", "_cumulative", "_index", "_table", "_total")
+    ``index`` gives each first pick's value; ``step`` each later pick's value from the previous
+    one (None: ``index(le64(h))``, see :meth:`Weighted.step_function`).
+    """
+
+    __slots__ = ("_backends", "_count", "_cumulative", "_index", "_step", "_table", "_total")
 
     def __init__(
-        self, backends: tuple[Backend, ...], index: IndexFn, *, expand_limit: int = EXPAND_LIMIT
+        self,
+        backends: tuple[Backend, ...],
+        index: IndexFn,
+        *,
+        step: StepFn | None = None,
+        expand_limit: int = EXPAND_LIMIT,
     ) -> None:
         self._backends = backends
         self._index = index
+        self._step = step
         self._count = len(backends)
         weights = [b.weight for b in backends]
         self._total = sum(weights)
@@ -96,6 +111,20 @@ class WeightedSelector:
         """Backends for ``key``: the weighted first pick, then uniform fallbacks, without end."""
         return WeightedIterator(self, to_key(key))
 
+    def iter_after(self, key: Key, first: Backend) -> Iterator[Backend]:
+        """Fallbacks for ``key`` once ``first`` was taken as its first pick, without end.
+
+        With a step of its own (RoundRobin), the uniform walk continues from ``first``'s place
+        in the sorted backends (from where it would sit, if it is not one of them) and draws
+        nothing from the index function; ``first`` comes up again only after every other
+        backend. Otherwise this is :meth:`iter`, whose first pick is ``first`` again for a
+        deterministic index function. Callers skip ``first`` wherever it comes up.
+        """
+        if self._step is None:
+            return self.iter(key)
+        place = bisect_right(self._backends, first)  # just past first, or where it would sit
+        return WeightedIterator.continuing(self, (place - 1) & MASK64)
+
     def __len__(self) -> int:
         return self._count
 
@@ -116,6 +145,14 @@ class WeightedIterator(Iterator[Backend]):
         self._key: bytes | None = key
         self._h = 0
 
+    @classmethod
+    def continuing(cls, selector: WeightedSelector, h: int) -> WeightedIterator:
+        """The later picks of a walk whose first pick had the value ``h``."""
+        walk = cls(selector, b"")
+        walk._key = None
+        walk._h = h
+        return walk
+
     def __iter__(self) -> WeightedIterator:
         return self
 
@@ -129,7 +166,11 @@ class WeightedIterator(Iterator[Backend]):
             self._key = None
             self._h = h = selector._index(key)
             return selector.weighted_pick(h)
-        self._h = h = selector._index(self._h.to_bytes(8, "little"))
+        step = selector._step
+        if step is None:
+            self._h = h = selector._index(self._h.to_bytes(8, "little"))
+        else:
+            self._h = h = step(self._h)
         return selector._backends[h % count]
 
 
@@ -163,10 +204,21 @@ class Weighted:
 
         return masked
 
+    def step_function(self, index: IndexFn) -> StepFn | None:
+        """How a later pick's value follows from the previous one, for the build using ``index``.
+
+        None (the default) is Pingora's ``index(le64(h))``. A function ``step(h)`` replaces it:
+        later picks then follow from the first pick's value alone, never drawing from the index
+        function's state, and a walk can continue from a first pick taken elsewhere
+        (:meth:`WeightedSelector.iter_after`).
+        """
+        return None
+
     @buildmethod
     def build(self, backends: Iterable[Backend | str]) -> WeightedSelector:
         """Build a selector over ``backends`` (sorted and de-duplicated first)."""
-        return WeightedSelector(prepare_backends(backends), self.index_function())
+        index = self.index_function()
+        return WeightedSelector(prepare_backends(backends), index, step=self.step_function(index))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -175,8 +227,10 @@ class Weighted:
 class RoundRobin(Weighted):
     """A counter shared by all requests, starting at 0 at every build; the key is ignored.
 
-    Each pick (first or fallback) takes the next counter value, so over ``total_weight``
-    consecutive first picks every backend is chosen exactly ``weight`` times.
+    Each first pick takes the next counter value, so over ``total_weight`` consecutive first
+    picks every backend is chosen exactly ``weight`` times, however many fallbacks requests
+    walk. Fallbacks continue from their first pick's value (``h + 1``, ``h + 2``, ...) and leave
+    the counter alone; with no other request picking in between, that is Pingora's sequence.
     """
 
     def __init__(self) -> None:
@@ -191,6 +245,14 @@ class RoundRobin(Weighted):
             return step() & MASK64
 
         return next_value
+
+    def step_function(self, index: IndexFn) -> StepFn:
+        """The next value after the previous one, as the counter would have given it alone."""
+        return _successor
+
+
+def _successor(h: int) -> int:
+    return (h + 1) & MASK64
 
 
 class Random(Weighted):
