@@ -50,6 +50,9 @@ _R = TypeVar("_R")
 Timeouts = Mapping[str, "float | None"]
 
 
+_NOTHING: frozenset[Backend] = frozenset()
+
+
 class Fault(NamedTuple):
     """How an attempt failed, as the adapter classified its client's error."""
 
@@ -69,6 +72,30 @@ class RequestPlan:
     not repeat. Questions (:meth:`may_retry`, :meth:`wait`, :meth:`describe`) change nothing
     outside the plan; :meth:`take` claims the chosen backend (its probe, if it is one).
     """
+
+    __slots__ = (
+        "_barred",
+        "_began",
+        "_cut",
+        "_delay",
+        "_first",
+        "_next",
+        "_retry_response",
+        "_revisits",
+        "_skipped",
+        "_start",
+        "_walk",
+        "_walked",
+        "attempts",
+        "balancer",
+        "clock",
+        "key",
+        "method",
+        "pause",
+        "policy",
+        "replayable",
+        "stopped",
+    )
 
     def __init__(
         self,
@@ -90,8 +117,8 @@ class RequestPlan:
         self._first: Backend | None = None
         self._walk: Iterator[Backend] | None = None
         self._walked: tuple[Backend, ...] = ()
-        self._barred: set[Backend] = set()
-        self._skipped: set[Backend] = set()
+        self._barred: set[Backend] | frozenset[Backend] = _NOTHING
+        self._skipped: set[Backend] | frozenset[Backend] = _NOTHING
         self._next: Backend | None = None
         self._delay: float | None = None
         self._revisits = 0
@@ -127,7 +154,7 @@ class RequestPlan:
                 self.pause = delay
                 self._began = self.clock() + delay
                 return backend
-            self._skipped.add(backend)  # its probe went to another request
+            self._skipped = {*self._skipped, backend}  # its probe went to another request
 
     def _candidate(self) -> Backend | None:
         """The backend :meth:`take` would choose next, found without claiming anything."""
@@ -189,7 +216,7 @@ class RequestPlan:
             Attempt(backend, fault.failure, redact(text), error=error, seconds=self._took())
         )
         if fault.barred:
-            self._barred.add(backend)
+            self._barred = {*self._barred, backend}
         cut = fault.timed_out and self._cut == "deadline"
         if cut:
             self.stopped = f"the deadline of {self.policy.deadline:g} s ran out"

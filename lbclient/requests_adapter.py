@@ -33,6 +33,7 @@ from urllib3 import HTTPResponse
 from urllib3.exceptions import (
     ClosedPoolError,
     ConnectTimeoutError,
+    DecodeError,
     EmptyPoolError,
     NewConnectionError,
     ProtocolError,
@@ -198,6 +199,8 @@ def _logical(origin: str) -> tuple[str, str, str]:
 
 def _requests_error(exc: URLLib3HTTPError) -> requests.RequestException:
     """What requests itself raises for a urllib3 error met while reading a body."""
+    if isinstance(exc, DecodeError):
+        return requests.exceptions.ContentDecodingError(exc)
     if isinstance(exc, ProtocolError):
         return requests.exceptions.ChunkedEncodingError(exc)
     if isinstance(exc, URLLib3SSLError):
@@ -384,7 +387,7 @@ class LBAdapter(HTTPAdapter):
             policy = timeout.options.apply(policy)
         method = (request.method or "GET").upper()
         plan, first = client.start(request, method, url, _replayable(request.body), policy)
-        wire = _Wire(self, request, plan, _timeouts(timeout), verify, cert)
+        wire = _Wire(self, request, plan, _timeouts(timeout), verify, cert, stream)
         wire.scheme, wire.tls_name = scheme, tls_name
         wire.headers = request.headers.copy()
         if "Host" not in wire.headers:
@@ -411,8 +414,10 @@ class _Wire:
         timeouts: dict[str, float | None],
         verify: bool | str,
         cert: Any,
+        stream: bool,
     ) -> None:
         self.adapter = adapter
+        self.stream = stream
         self.request = request
         self.plan = plan
         self.timeouts = timeouts
@@ -456,13 +461,17 @@ class _Wire:
             response.status_code in plan.policy.failure_statuses,
         )
         if plan.buffers(response.status_code, int(length) if length.isdigit() else None):
+            # Read here, so that a connection lost mid-body can still be retried.
             try:
-                data = raw.read(decode_content=False)
+                if self.stream:  # the caller reads raw: keep the body as it came
+                    response.raw = _buffered(raw, raw.read(decode_content=False))
+                else:  # as requests itself does right after send()
+                    response._content = raw.read(decode_content=True) or b""
+                    response._content_consumed = True  # type: ignore[attr-defined]
             except URLLib3HTTPError as exc:
                 raise _requests_error(exc) from exc
             finally:
                 raw.release_conn()
-            response.raw = _buffered(raw, data)
             report(True)
         else:
             response.raw = _ReportingRaw(raw, report)

@@ -27,8 +27,8 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Collection, Iterable, Mapping
-from dataclasses import dataclass, field, replace
-from typing import Final
+from dataclasses import dataclass, replace
+from typing import Final, NamedTuple
 
 from lbclient.backend import Backend
 
@@ -191,9 +191,8 @@ class RequestOptions:
         return replace(policy, **changes) if changes else policy
 
 
-@dataclass(frozen=True)
-class Attempt:
-    """One attempt of a request: where it went and how it ended.
+class Attempt(NamedTuple):
+    """One attempt of a request: where it went and how it ended. Immutable.
 
     The final error of a request whose attempts all failed carries them as ``.attempts``.
     """
@@ -207,10 +206,16 @@ class Attempt:
     #: The response status, or None when there was no response.
     status: int | None = None
     #: The error the attempt raised (of the client's own classes), or None.
-    error: BaseException | None = field(default=None, repr=False)
+    error: BaseException | None = None
     #: Seconds from choosing the backend to the outcome.
     seconds: float = 0.0
 
     def describe(self) -> str:
         """``address (outcome)``, as the final error's message lists attempts."""
         return f"{self.backend.address} ({self.outcome})"
+
+    def __repr__(self) -> str:
+        return (
+            f"Attempt({self.backend.address!r}, failure={self.failure}, "
+            f"outcome={self.outcome!r}, seconds={self.seconds:.3f})"
+        )

@@ -1,4 +1,5 @@
-"""Real HTTP/1.1 servers on loopback, with real failure modes, for testing load-balanced clients.
+"""Real HTTP/1.1 and HTTP/2 servers on loopback, with real failure modes, for testing
+load-balanced clients.
 
 Used by lbclient's own tests, examples and demo, and offered to users for theirs.
 
@@ -6,10 +7,11 @@ Built on the standard library (``socket``, ``ssl``, ``threading``, ``selectors``
 parses the requests; responses are written as raw bytes, so every byte and every close is under
 the test's control.
 
-``TestServer(mode)`` listens on ``127.0.0.1`` (port 0 picks a free port, remembered across
-``restart()``), serves each connection on its own daemon thread and records every fully received
-request in ``server.requests`` *before* it answers (or fails to), so whatever the client sees, the
-record is already there. A malformed request is not recorded: it is answered ``400`` (``413``
+``TestServer(mode)`` listens on ``127.0.0.1`` (``host="::1"``: the IPv6 loopback, and its
+``address`` is ``[::1]:port``; port 0 picks a free port, remembered across ``restart()``),
+serves each connection on its own daemon thread and records every fully received request in
+``server.requests`` *before* it answers (or fails to), so whatever the client sees, the record
+is already there. A malformed request is not recorded: it is answered ``400`` (``413``
 for a body over 256 MiB, ``431`` for a head over 64 KiB, ``501`` for a transfer coding other
 than chunked) and the connection closes.
 
@@ -61,6 +63,10 @@ being handled finish and are answered with ``Connection: close``, idle keep-aliv
 shut down, hanging ones are released; it returns once every socket is closed and every thread
 joined (a handler still stuck after a few seconds has its socket shut down under it).
 ``restart()`` listens again on the same port. ``close()`` is ``kill()``; both are idempotent.
+
+``H2TestServer`` speaks HTTP/2 (with the ``h2`` package, ``lbclient[http2]``), for the paths
+HTTP/2 clients take: many streams on one connection, a connection dropped under them. Its modes
+are ``"ok"``, ``"status:NNN"`` and ``"hold"``; see its docstring.
 """
 
 from __future__ import annotations
@@ -76,19 +82,24 @@ import struct
 import threading
 import time
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
+from importlib.util import find_spec
 from pathlib import Path
 from types import MappingProxyType, TracebackType
-from typing import TypeAlias
+from typing import TYPE_CHECKING, TypeAlias
 from urllib.parse import unquote
 
 import h11
 
+if TYPE_CHECKING:
+    from h2.connection import H2Connection
+
 __all__ = [
     "Behaviour",
     "Exchange",
+    "H2TestServer",
     "RecordedRequest",
     "TLSCerts",
     "TestServer",
@@ -121,6 +132,7 @@ class RecordedRequest:
     peer: tuple[object, ...]  # the client's socket address: (host, port) for IPv4
     tls_server_name: str | None = None  # SNI the client sent (TLS only)
     connection: int = 0  # server-side connection number: equal for requests on one connection
+    stream: int | None = None  # HTTP/2 stream id (None for HTTP/1.1)
 
 
 # -- SNI -----------------------------------------------------------------------------------------
@@ -298,17 +310,22 @@ class Exchange:
         return False
 
     def _document(self) -> bytes:
-        request = self.request
-        payload = {
-            "server": self.server.name,
-            "port": self.server.port,
-            "method": request.method,
-            "path": request.target,
-            "host": request.headers.get("host"),
-            "body_length": len(request.body),
-            "body_sha256": hashlib.sha256(request.body).hexdigest(),
-        }
-        return json.dumps(payload).encode()
+        return _json_document(self.server.name, self.server.port, self.request)
+
+
+def _json_document(name: str, port: int, request: RecordedRequest) -> bytes:
+    """The JSON body of ``"ok"``: what the server saw of ``request``."""
+    headers = request.headers
+    payload = {
+        "server": name,
+        "port": port,
+        "method": request.method,
+        "path": request.target,
+        "host": headers.get(":authority", headers.get("host")),
+        "body_length": len(request.body),
+        "body_sha256": hashlib.sha256(request.body).hexdigest(),
+    }
+    return json.dumps(payload).encode()
 
 
 Behaviour: TypeAlias = Callable[[Exchange], bool]
@@ -783,6 +800,377 @@ class _Conn:
             _send(self, head.encode("latin-1") + body)
 
 
+# -- HTTP/2 ----------------------------------------------------------------------------------------
+
+
+def _h2_mode(mode: str) -> str:
+    name, colon, code = mode.partition(":")
+    if mode in ("ok", "hold"):
+        return mode
+    if name == "status" and colon and code.isascii() and code.isdigit() and 200 <= int(code) <= 599:
+        return mode
+    raise ValueError(f"unknown H2TestServer mode {mode!r}; the modes are ok, status:NNN, hold")
+
+
+class _H2Run:
+    """One start()..kill() run: the listener, its accept thread and every connection thread."""
+
+    def __init__(self, listener: socket.socket) -> None:
+        self.listener = listener
+        self.gen = _Generation()
+        self.thread: threading.Thread | None = None
+        self.conns: list[_H2Conn] = []
+
+
+class H2TestServer:
+    """A real HTTP/2 server on loopback: over TLS when given an ``ssl_context`` whose ALPN
+    offers ``h2`` (``TLSCerts.server_context(alpn=["h2"])``), else cleartext with prior
+    knowledge. Needs the ``h2`` package (``pip install 'lbclient[http2]'``).
+
+    Each connection is served on its own daemon thread. Every request is recorded in
+    ``server.requests`` (with its ``connection`` number and HTTP/2 ``stream`` id, the pseudo
+    headers among its ``headers``) before it is answered. Modes (``server.mode`` may be
+    reassigned while the server runs):
+
+    * ``"ok"``: 200 with ``TestServer``'s JSON document (``host`` is the ``:authority``).
+    * ``"status:NNN"``: the same document with status ``NNN`` (200 to 599).
+    * ``"hold"``: requests are recorded and left unanswered until the mode changes (then they
+      are answered in the new mode) or the server stops.
+
+    Responses are the small JSON document, sent within the client's initial flow-control
+    window. ``kill()`` is "the backend dies": the listener closes and every connection is
+    dropped at once, without GOAWAY, so streams in flight see their connection end; it returns
+    once every socket is closed and every thread joined. ``close()`` is ``kill()``; both are
+    idempotent, and ``start()`` listens again on the same port.
+    """
+
+    __test__ = False  # not a pytest class
+
+    def __init__(
+        self,
+        mode: str = "ok",
+        *,
+        name: str | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+    ) -> None:
+        self._mode = _h2_mode(mode)
+        self._name = name
+        self.ssl_context = ssl_context
+        if ssl_context is not None and ssl_context.sni_callback is None:
+            ssl_context.sni_callback = record_sni
+        self.host = host
+        self.port = port
+        self.requests: list[RecordedRequest] = []
+        self.errors: list[BaseException] = []  # exceptions raised in connection threads
+        self._lock = threading.Lock()  # requests, the run's connections
+        self._state = threading.RLock()  # start / kill
+        self._run: _H2Run | None = None
+        self._numbers = itertools.count(1)
+
+    @property
+    def mode(self) -> str:
+        return self._mode
+
+    @mode.setter
+    def mode(self, value: str) -> None:
+        self._mode = _h2_mode(value)
+        with self._lock:
+            conns = list(self._run.conns) if self._run is not None else []
+        for conn in conns:  # held requests are answered in the new mode
+            conn.wake()
+
+    @property
+    def name(self) -> str:
+        return self._name if self._name is not None else _format_address(self.host, self.port)
+
+    @property
+    def address(self) -> str:
+        """``host:port`` (``[v6]:port``); raises before the first start() when port was 0."""
+        if self.port == 0:
+            raise RuntimeError("H2TestServer has no port yet: call start() first")
+        return _format_address(self.host, self.port)
+
+    @property
+    def url(self) -> str:
+        scheme = "https" if self.ssl_context is not None else "http"
+        return f"{scheme}://{self.address}"
+
+    @property
+    def running(self) -> bool:
+        return self._run is not None
+
+    def count(self, method: str | None = None) -> int:
+        """Requests received so far, optionally only those with ``method``."""
+        with self._lock:
+            return sum(1 for r in self.requests if method is None or r.method == method.upper())
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else "stopped"
+        where = _format_address(self.host, self.port)
+        return f"<H2TestServer {self.name!r} {where} mode={self.mode!r} {state}>"
+
+    def start(self) -> H2TestServer:
+        """Bind (port 0: a free port, kept for the next start), listen and serve; returns self."""
+        if find_spec("h2") is None:
+            raise ImportError("H2TestServer needs the h2 package: pip install 'lbclient[http2]'")
+        with self._state:
+            if self._run is not None:
+                raise RuntimeError(f"{self!r} is already running")
+            family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+            listener = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                listener.bind((self.host, self.port))
+                listener.listen(128)
+                listener.setblocking(False)
+            except BaseException:
+                listener.close()
+                raise
+            self.port = listener.getsockname()[1]
+            run = self._run = _H2Run(listener)
+            run.thread = threading.Thread(
+                target=self._accept_loop, args=(run,), name=f"TestServer-h2-accept-{self.name}"
+            )
+            run.thread.daemon = True
+            run.thread.start()
+            return self
+
+    def kill(self) -> None:
+        """Stop like a dying backend: every connection dropped at once. Idempotent."""
+        with self._state:
+            run, self._run = self._run, None
+            if run is None:
+                return
+            run.gen.set_stop()
+            if run.thread is not None:
+                run.thread.join(_KILL_GRACE)
+            run.listener.close()
+            with self._lock:
+                conns = list(run.conns)
+            for conn in conns:
+                conn.wake()
+            for conn in conns:
+                if conn.thread is not None:
+                    conn.thread.join(_KILL_GRACE)
+            run.gen.close()
+
+    def close(self) -> None:
+        self.kill()
+
+    def __enter__(self) -> H2TestServer:
+        with self._state:
+            if self._run is None:
+                self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _accept_loop(self, run: _H2Run) -> None:
+        selector = selectors.DefaultSelector()
+        try:
+            selector.register(run.listener, selectors.EVENT_READ)
+            selector.register(run.gen.wake_r, selectors.EVENT_READ)
+            while not run.gen.stop.is_set():
+                selector.select(timeout=_CHECK_EVERY)
+                while not run.gen.stop.is_set():
+                    try:
+                        sock, peer = run.listener.accept()
+                    except (BlockingIOError, InterruptedError):
+                        break
+                    except OSError:  # ECONNABORTED, EMFILE...: do not spin
+                        time.sleep(0.05)
+                        break
+                    with contextlib.suppress(OSError):
+                        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    sock.settimeout(_READ_TIMEOUT)
+                    conn = _H2Conn(self, sock, tuple(peer), run.gen, next(self._numbers))
+                    conn.thread = threading.Thread(
+                        target=conn.serve, name=f"TestServer-h2-conn-{self.name}-{conn.number}"
+                    )
+                    conn.thread.daemon = True
+                    with self._lock:
+                        run.conns.append(conn)
+                    conn.thread.start()
+        except Exception as exc:  # pragma: no cover - a bug; keep it for the test to see
+            self.errors.append(exc)
+        finally:
+            selector.close()
+            run.listener.close()
+
+
+class _H2Conn:
+    """One HTTP/2 connection: TLS handshake, the h2 state machine, held and answered streams."""
+
+    def __init__(
+        self,
+        server: H2TestServer,
+        sock: socket.socket,
+        peer: tuple[object, ...],
+        gen: _Generation,
+        number: int,
+    ) -> None:
+        self.server = server
+        self.sock = sock
+        self.fd = sock.fileno()  # the same after the TLS wrap
+        self.peer = peer
+        self.gen = gen
+        self.number = number
+        self.wake_r, self.wake_w = socket.socketpair()  # the mode changed, or the run stops
+        self.tls_server_name: str | None = None
+        self.thread: threading.Thread | None = None
+
+    def wake(self) -> None:
+        with contextlib.suppress(OSError):
+            self.wake_w.send(b"x")
+
+    def serve(self) -> None:
+        from h2.config import H2Configuration
+        from h2.connection import H2Connection
+        from h2.events import (
+            ConnectionTerminated,
+            DataReceived,
+            RequestReceived,
+            StreamEnded,
+            StreamReset,
+        )
+
+        selector = selectors.DefaultSelector()
+        try:
+            selector.register(self.fd, selectors.EVENT_READ)
+            selector.register(self.wake_r, selectors.EVENT_READ)
+            if self.server.ssl_context is not None:
+                self._handshake(selector, self.server.ssl_context)
+            h2 = H2Connection(H2Configuration(client_side=False, header_encoding="utf-8"))
+            h2.initiate_connection()
+            receiving: dict[int, tuple[dict[str, str], bytearray]] = {}
+            held: list[RecordedRequest] = []
+            while True:
+                if held and self.server.mode != "hold":
+                    for request in held:
+                        self._respond(h2, request)
+                    held.clear()
+                self._send(h2.data_to_send())
+                if not self._wait(selector):
+                    continue
+                try:
+                    data = self.sock.recv(65536)
+                except (TimeoutError, ssl.SSLWantReadError):
+                    continue
+                if not data:
+                    return
+                for event in h2.receive_data(data):
+                    if isinstance(event, RequestReceived):
+                        headers = {_text(k): _text(v) for k, v in event.headers}
+                        receiving[event.stream_id] = (headers, bytearray())
+                    elif isinstance(event, DataReceived):
+                        receiving[event.stream_id][1].extend(event.data)
+                        h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                    elif isinstance(event, StreamEnded):
+                        held.append(self._record(event.stream_id, *receiving.pop(event.stream_id)))
+                    elif isinstance(event, StreamReset):
+                        receiving.pop(event.stream_id, None)
+                        held = [r for r in held if r.stream != event.stream_id]
+                    elif isinstance(event, ConnectionTerminated):
+                        self._send(h2.data_to_send())
+                        return
+        except (_Closed, OSError):  # EOF, stop, timeouts, resets, TLS failures (SSLError)
+            pass
+        except Exception as exc:  # a protocol error, or a bug: kept for the test to see
+            self.server.errors.append(exc)
+        finally:
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_RDWR)
+            self.sock.close()
+            selector.close()
+            self.wake_r.close()
+            self.wake_w.close()
+
+    def _wait(self, selector: selectors.BaseSelector) -> bool:
+        """Block until the socket is readable (True) or a wake-up came (False); a stopping
+        run drops the connection."""
+        if isinstance(self.sock, ssl.SSLSocket) and self.sock.pending():
+            return True
+        events = selector.select(timeout=_CHECK_EVERY)
+        if self.gen.stop.is_set():
+            raise _Closed
+        if any(key.fileobj is self.wake_r for key, _ in events):
+            self.wake_r.recv(4096)
+        return any(key.fd == self.fd for key, _ in events)
+
+    def _handshake(self, selector: selectors.BaseSelector, context: ssl.SSLContext) -> None:
+        tls = context.wrap_socket(self.sock, server_side=True, do_handshake_on_connect=False)
+        self.sock = tls
+        deadline = time.monotonic() + _HANDSHAKE_TIMEOUT
+        try:
+            while True:
+                if time.monotonic() > deadline:
+                    raise _Closed
+                try:
+                    tls.do_handshake()
+                    break
+                except (TimeoutError, ssl.SSLWantReadError):
+                    self._wait(selector)
+        finally:
+            self.tls_server_name = _take_sni(tls)
+        if tls.selected_alpn_protocol() != "h2":
+            raise _Closed  # the client did not agree to HTTP/2
+
+    def _record(self, stream: int, headers: dict[str, str], body: bytearray) -> RecordedRequest:
+        request = RecordedRequest(
+            method=headers.get(":method", ""),
+            target=headers.get(":path", ""),
+            headers=headers,
+            body=bytes(body),
+            peer=self.peer,
+            tls_server_name=self.tls_server_name,
+            connection=self.number,
+            stream=stream,
+        )
+        with self.server._lock:
+            self.server.requests.append(request)
+        return request
+
+    def _respond(self, h2: H2Connection, request: RecordedRequest) -> None:
+        server = self.server
+        mode = server.mode
+        status = int(mode.partition(":")[2]) if mode.startswith("status:") else 200
+        body = _json_document(server.name, server.port, request)
+        headers = [
+            (":status", str(status)),
+            ("content-type", "application/json"),
+            ("content-length", str(len(body))),
+            ("x-test-server", server.name),
+        ]
+        head_only = request.method == "HEAD"
+        assert request.stream is not None
+        h2.send_headers(request.stream, headers, end_stream=head_only)
+        if not head_only:
+            size = h2.max_outbound_frame_size
+            for start in range(0, len(body), size):
+                last = start + size >= len(body)
+                h2.send_data(request.stream, body[start : start + size], end_stream=last)
+
+    def _send(self, data: bytes) -> None:
+        if data:
+            self.sock.settimeout(_SEND_TIMEOUT)
+            try:
+                self.sock.sendall(data)
+            finally:
+                self.sock.settimeout(_READ_TIMEOUT)
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode("latin-1") if isinstance(value, bytes) else value
+
+
 # -- other helpers -----------------------------------------------------------------------------
 
 _closed_ports: set[int] = set()
@@ -820,11 +1208,12 @@ class TLSCerts:
         self.ca = trustme.CA()
         self.server_cert = self.ca.issue_cert(*names)
 
-    def server_context(self) -> ssl.SSLContext:
-        """For ``TestServer(ssl_context=...)``; records the client's SNI."""
+    def server_context(self, alpn: Sequence[str] = ("http/1.1",)) -> ssl.SSLContext:
+        """For ``TestServer(ssl_context=...)``, or with ``alpn=["h2"]`` for ``H2TestServer``;
+        records the client's SNI."""
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         self.server_cert.configure_cert(context)
-        context.set_alpn_protocols(["http/1.1"])
+        context.set_alpn_protocols(list(alpn))
         context.sni_callback = record_sni
         return context
 

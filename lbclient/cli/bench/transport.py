@@ -48,8 +48,8 @@ __all__ = ["FLOOR", "TransportRow", "format_table", "main", "run", "settings", "
 #: The server script, run by path: it imports only the standard library, so it starts fast and
 #: does not depend on which ``lbclient`` the current directory would shadow.
 SERVER = Path(server.__file__)
-#: The floor for every row: lbclient's requests per second at least 95% of the plain client's.
-FLOOR = 0.95
+#: The floor for every row: lbclient's requests per second at least 98% of the plain client's.
+FLOOR = 0.98
 FULL_COUNT, FULL_ROUNDS = 200, 40
 QUICK_COUNT, QUICK_ROUNDS = 100, 6
 
