@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from lbclient.checks import HttpCheck, TcpCheck
     from lbclient.httpx_transport import AsyncLBTransport, LBTransport
     from lbclient.requests_adapter import LBAdapter
-    from lbclient.retry import RetryPolicy
+    from lbclient.retry import RequestOptions, RetryPolicy
 
 __version__ = "0.1.0"
 
@@ -52,6 +52,7 @@ __all__ = [  # noqa: RUF022 (grouped by topic, not sorted)
     "AsyncLBTransport",
     "LBAdapter",
     "RetryPolicy",
+    "RequestOptions",
     # errors
     "LBClientError",
     "NoBackendAvailable",
@@ -67,6 +68,7 @@ _LAZY = {
     "AsyncLBTransport": "lbclient.httpx_transport",
     "LBAdapter": "lbclient.requests_adapter",
     "RetryPolicy": "lbclient.retry",
+    "RequestOptions": "lbclient.retry",
     "TcpCheck": "lbclient.checks",
     "HttpCheck": "lbclient.checks",
 
