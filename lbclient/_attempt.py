@@ -7,7 +7,8 @@ Read top to bottom: :class:`RequestPlan` (sans-I/O; its questions are pure, and 
 the only step that claims anything: an ejected backend's probe), then the loops
 (:func:`run_sync`, :func:`run_async`), which drive a :class:`Wire` (the adapter's I/O for one
 attempt), then :class:`Client` (what an adapter is configured with). The rules themselves are
-described in :mod:`lbclient.retry`.
+described in :mod:`lbclient.retry`; the backoff between revisits is tenacity's full-jitter
+exponential strategy.
 
 What may not: any HTTP client (the adapters translate their own requests, responses and
 exceptions), or the balancer's internals (only its public methods are used).
@@ -15,7 +16,7 @@ exceptions), or the balancer's internals (only its public methods are used).
 
 from __future__ import annotations
 
-import random
+import functools
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -23,6 +24,7 @@ from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import anyio
+from tenacity import RetryCallState, wait_random_exponential
 
 from lbclient.backend import Backend
 from lbclient.balancer import LoadBalancer
@@ -305,9 +307,7 @@ class RequestPlan:
             if upcoming is None or all(a.backend != upcoming for a in self.attempts):
                 self._delay = 0.0
             else:
-                policy = self.policy
-                ceiling = min(policy.backoff_max, policy.backoff * 2**self._revisits)
-                self._delay = random.uniform(0, ceiling)
+                self._delay = _backoff(self.policy, self._revisits + 1)
         return self._delay
 
     def remaining(self) -> float | None:
@@ -337,6 +337,19 @@ class RequestPlan:
         why = self.stopped
         note = f" ({why})" if why and why not in ("out of attempts", "a local failure") else ""
         return f"{self.method} failed after {count} {plural}: {tried}{note}"
+
+
+def _backoff(policy: RetryPolicy, revisit: int) -> float:
+    """The full-jitter exponential backoff before the ``revisit``-th revisit: uniform in
+    ``[0, min(backoff_max, backoff * 2 ** (revisit - 1))]``, by tenacity's strategy."""
+    state = RetryCallState(None, None, (), {})  # type: ignore[arg-type]
+    state.attempt_number = revisit
+    return float(_strategy(policy.backoff, policy.backoff_max)(state))
+
+
+@functools.lru_cache(maxsize=64)
+def _strategy(backoff: float, backoff_max: float) -> wait_random_exponential:
+    return wait_random_exponential(multiplier=backoff, max=backoff_max)
 
 
 # -- the loop ----------------------------------------------------------------------------------

@@ -240,7 +240,7 @@ def test_no_attempt_without_a_useful_share_of_the_deadline() -> None:
 def test_backoff_wait_counts_against_the_deadline(
     monkeypatch: pytest.MonkeyPatch, no_sleep: list[float]
 ) -> None:
-    monkeypatch.setattr("lbclient._attempt.random.uniform", lambda low, high: high)
+    monkeypatch.setattr("random.uniform", lambda low, high: high)
     clock = Clock()
     lb = LoadBalancer(ADDRS[:1], Hash)  # one backend: every retry is a revisit
     plan = plan_for(balancer=lb, clock=clock, retry_statuses={503}, backoff=0.5, deadline=1.0)
