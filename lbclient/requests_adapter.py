@@ -28,7 +28,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import requests
-from requests.adapters import HTTPAdapter
+from requests.adapters import BaseAdapter, HTTPAdapter
 from urllib3 import HTTPResponse
 from urllib3.exceptions import (
     ClosedPoolError,
@@ -556,26 +556,20 @@ def mount(session: requests.Session, adapter: LBAdapter) -> None:
             session.mount(f"{prefix}{host}:{_DEFAULT_PORTS[scheme]}/", adapter)
 
 
-class _Router(HTTPAdapter):
+class _Router(BaseAdapter):
     """Mounted on ``scheme://``: sends a request to the LBAdapter serving its host, or to the
     adapter that was mounted there before."""
 
-    __attrs__ = ["routes", "fallback"]  # noqa: RUF012 (as HTTPAdapter declares it)
-
-    def __init__(self, fallback: requests.adapters.BaseAdapter) -> None:
+    def __init__(self, fallback: BaseAdapter) -> None:
         super().__init__()
         self.routes: dict[str, LBAdapter] = {}
         self.fallback = fallback
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-
     def send(self, request: requests.PreparedRequest, *args: Any, **kwargs: Any) -> Any:
         hostname = urlsplit(request.url or "").hostname or ""
-        target = self.routes.get(hostname.lower(), self.fallback)
+        target = self.routes.get(hostname, self.fallback)
         return target.send(request, *args, **kwargs)
 
     def close(self) -> None:
         for adapter in {id(a): a for a in [*self.routes.values(), self.fallback]}.values():
             adapter.close()
-
