@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from lbclient.checks import HttpCheck, TcpCheck
     from lbclient.httpx_transport import AsyncLBTransport, LBTransport
     from lbclient.requests_adapter import LBAdapter
-    from lbclient.retry import RequestOptions, RetryPolicy
+    from lbclient.retry import RequestOptions, RetryBudget, RetryPolicy
 
 __version__ = "0.1.0"
 
@@ -53,6 +53,7 @@ __all__ = [  # noqa: RUF022 (grouped by topic, not sorted)
     "LBAdapter",
     "RetryPolicy",
     "RequestOptions",
+    "RetryBudget",
     # errors
     "LBClientError",
     "NoBackendAvailable",
@@ -69,6 +70,7 @@ _LAZY = {
     "LBAdapter": "lbclient.requests_adapter",
     "RetryPolicy": "lbclient.retry",
     "RequestOptions": "lbclient.retry",
+    "RetryBudget": "lbclient.retry",
     "TcpCheck": "lbclient.checks",
     "HttpCheck": "lbclient.checks",
 

@@ -16,11 +16,13 @@ exceptions), or the balancer's internals (only its public methods are used).
 
 from __future__ import annotations
 
+import email.utils
 import functools
+import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any, Generic, NamedTuple, Protocol, TypeVar
+from typing import Any, Final, Generic, NamedTuple, Protocol, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import anyio
@@ -30,10 +32,11 @@ from lbclient.backend import Backend
 from lbclient.balancer import LoadBalancer
 from lbclient.errors import KeyFunctionError, NoBackendAvailable
 from lbclient.health import Outcome
-from lbclient.retry import Attempt, Failure, RetryPolicy
+from lbclient.retry import Attempt, Failure, RetryBudget, RetryPolicy, RetryStats
 from lbclient.selection.base import AlgorithmLike
 
 __all__ = [
+    "DEFAULT",
     "BodyReport",
     "Client",
     "Fault",
@@ -71,18 +74,22 @@ class RequestPlan:
 
     Candidates come in the balancer's fallback order for ``key``, ready backends of the current
     set only: untried ones first, then (after a backoff) those tried before whose failure may
-    not repeat. Questions (:meth:`may_retry`, :meth:`wait`, :meth:`describe`) change nothing
-    outside the plan; :meth:`take` claims the chosen backend (its probe, if it is one).
+    not repeat. Questions (:meth:`may_retry`, :meth:`may_hedge`, :meth:`wait`,
+    :meth:`describe`) change nothing outside the plan; :meth:`take` claims the chosen backend
+    (its probe, if it is one) and spends from the retry budget for every attempt after the
+    first.
     """
 
     __slots__ = (
         "_barred",
         "_began",
-        "_cut",
+        "_cuts",
         "_delay",
         "_first",
+        "_launched",
         "_next",
-        "_retry_response",
+        "_paid",
+        "_retry_after",
         "_revisits",
         "_skipped",
         "_start",
@@ -92,11 +99,13 @@ class RequestPlan:
         "balancer",
         "clock",
         "key",
+        "ledger",
         "method",
         "pause",
         "policy",
         "replayable",
         "stopped",
+        "wall",
     )
 
     def __init__(
@@ -107,6 +116,8 @@ class RequestPlan:
         replayable: bool,
         policy: RetryPolicy,
         clock: Callable[[], float] = time.monotonic,
+        ledger: Ledger | None = None,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         self.balancer = balancer
         self.key = key
@@ -114,8 +125,14 @@ class RequestPlan:
         self.replayable = replayable
         self.policy = policy
         self.clock = clock
+        #: The account of retries this request spends from (None: no budget, no totals).
+        self.ledger = ledger
+        #: The wall clock, for a ``Retry-After`` given as an HTTP date.
+        self.wall = wall
         self.attempts: list[Attempt] = []
-        self._start = self._began = clock()
+        self._start = clock()
+        self._began: dict[Backend, float] = {}
+        self._cuts: dict[Backend, str] = {}
         self._first: Backend | None = None
         self._walk: Iterator[Backend] | None = None
         self._walked: tuple[Backend, ...] = ()
@@ -124,8 +141,9 @@ class RequestPlan:
         self._next: Backend | None = None
         self._delay: float | None = None
         self._revisits = 0
-        self._cut: str | None = None
-        self._retry_response = False
+        self._launched = 0
+        self._paid = False
+        self._retry_after: float | None = None
         #: Why the loop stopped, for the final error (set when a retry is refused).
         self.stopped: str = ""
         #: Seconds to wait before the attempt on the backend :meth:`take` returned last.
@@ -133,28 +151,37 @@ class RequestPlan:
 
     # -- choosing (the only claiming step) --------------------------------------------------
 
-    def take(self) -> Backend | None:
-        """The backend for the next attempt, or None when no candidate is left. Choosing an
-        ejected backend whose probe is due claims the probe."""
+    def take(self, hedge: bool = False) -> Backend | None:
+        """The backend for the next attempt, or None when no candidate is left (or the retry
+        budget is empty). Choosing an ejected backend whose probe is due claims the probe."""
         balancer = self.balancer
-        if self._first is None and not self.attempts:
+        if not self._launched:
             backend = balancer.select(self.key)  # claims a due probe
             if backend is not None:
                 self._first = backend
-                self._began = self.clock()
+                self._launched = 1
+                self._began[backend] = self.clock()
                 return backend
         while True:
             backend = self._candidate()
             if backend is None:
                 return None
             delay = self.wait()
+            if self._launched and not self._paid:
+                ledger = self.ledger
+                if ledger is not None and not ledger.spend(self.clock(), hedge):
+                    self.stopped = "the retry budget is exhausted"
+                    return None
+                self._paid = True
             self._next = None
             self._delay = None
             if balancer.admit(backend):
                 if any(a.backend == backend for a in self.attempts):
                     self._revisits += 1
+                self._paid = False
+                self._launched += 1
                 self.pause = delay
-                self._began = self.clock() + delay
+                self._began[backend] = self.clock() + delay
                 return backend
             self._skipped = {*self._skipped, backend}  # its probe went to another request
 
@@ -164,7 +191,7 @@ class RequestPlan:
             return self._next
         balancer = self.balancer
         current = balancer.backends
-        tried = {a.backend for a in self.attempts}
+        tried = {a.backend for a in self.attempts} | self._began.keys()
         if self._walk is None or self._walked is not current:
             self._walk = balancer.iter(self.key, after=self._first)
             self._walked = current
@@ -185,9 +212,10 @@ class RequestPlan:
 
     # -- recording ---------------------------------------------------------------------------
 
-    def timeouts(self, given: Timeouts) -> Timeouts:
-        """The client's per-operation timeouts for the attempt about to start, each capped by
-        ``attempt_timeout`` and by what is left of the deadline (noted, for health reports)."""
+    def timeouts(self, given: Timeouts, backend: Backend | None = None) -> Timeouts:
+        """The client's per-operation timeouts for the attempt about to start on ``backend``,
+        each capped by ``attempt_timeout`` and by what is left of the deadline (noted, for
+        health reports)."""
         policy = self.policy
         cap = policy.attempt_timeout
         why = "attempt"
@@ -195,55 +223,74 @@ class RequestPlan:
             left = max(self.remaining() or 0.0, 0.001)
             if cap is None or left < cap:
                 cap, why = left, "deadline"
-        self._cut = None
         if cap is None:
             return given
         capped: dict[str, float | None] = {}
+        cut = False
         for name, value in given.items():
             if value is None or value > cap:
                 capped[name] = cap
-                self._cut = why
+                cut = True
             else:
                 capped[name] = value
+        if cut and backend is not None:
+            self._cuts[backend] = why
         return capped
 
-    def failed(self, backend: Backend, fault: Fault, error: BaseException) -> None:
+    def failed(self, backend: Backend, fault: Fault, error: BaseException) -> Attempt:
         """Record a failed attempt and report it to passive health.
 
         Not reported: local failures, and a timeout that the deadline cut short (the backend
         was not given its normal time).
         """
         text = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
-        self.attempts.append(
-            Attempt(backend, fault.failure, redact(text), error=error, seconds=self._took())
+        attempt = Attempt(
+            backend, fault.failure, redact(text), error=error, seconds=self._took(backend)
         )
+        self.attempts.append(attempt)
         if fault.barred:
             self._barred = {*self._barred, backend}
-        cut = fault.timed_out and self._cut == "deadline"
-        if cut:
+        cut = self._cuts.pop(backend, None) if self._cuts else None
+        if fault.timed_out and cut == "deadline":
             self.stopped = f"the deadline of {self.policy.deadline:g} s ran out"
         elif fault.failure is not Failure.LOCAL:
             self.balancer.report(backend, False)
-        self._retry_response = False
+        self._retry_after = None
+        return attempt
 
-    def responded(self, backend: Backend, status: int) -> None:
-        """Record a response. A failure status is reported to passive health here; a success
-        is reported once the body was read (see :class:`BodyReport`)."""
+    def responded(self, backend: Backend, status: int, retry_after: str | None = None) -> bool:
+        """Record a response; return whether its status is one to retry. A failure status is
+        reported to passive health here; a success once the body was read (see
+        :class:`BodyReport`). ``retry_after`` is the response's ``Retry-After`` header."""
         policy = self.policy
-        self.attempts.append(Attempt(backend, None, f"HTTP {status}", status, seconds=self._took()))
+        self.attempts.append(
+            Attempt(backend, None, f"HTTP {status}", status, seconds=self._took(backend))
+        )
+        if self._cuts:
+            self._cuts.pop(backend, None)
         if status in policy.failure_statuses:
             self.balancer.report(backend, Outcome.SERVER_ERROR)
-        self._retry_response = status in policy.retry_statuses and self._may_resend()
+        retry = status in policy.retry_statuses and self._may_resend()
+        self._retry_after = (
+            retry_after_seconds(retry_after, self.wall()) if retry and retry_after else None
+        )
+        return retry
 
-    def _took(self) -> float:
-        return max(0.0, self.clock() - self._began)
+    def _took(self, backend: Backend) -> float:
+        began = self._began.get(backend, self._start)
+        return max(0.0, self.clock() - began)
 
     # -- deciding (pure) -------------------------------------------------------------------------
 
     @property
     def retries_response(self) -> bool:
         """Whether the response just recorded has a status to retry (attempts permitting)."""
-        return self._retry_response
+        last = self.attempts[-1] if self.attempts else None
+        return last is not None and last.status is not None and self.retries_status(last.status)
+
+    def retries_status(self, status: int) -> bool:
+        """Whether a response with ``status`` is one to retry (attempts permitting)."""
+        return status in self.policy.retry_statuses and self._may_resend()
 
     def retries_maybe_sent(self) -> bool:
         """Whether a maybe-sent failure of this request would be retried (attempts permitting)."""
@@ -252,21 +299,33 @@ class RequestPlan:
     def _may_resend(self) -> bool:
         return self.method in self.policy.idempotent_methods and self.replayable
 
-    def may_retry(self) -> bool:
-        """Whether the attempt just recorded may be followed by another: its outcome allows a
-        retry, attempts remain, a candidate is left, and the deadline leaves time for it."""
-        self.stopped = self._refusal()
+    @property
+    def hedging(self) -> bool:
+        """Whether this request may be hedged: ``hedge_after`` is set and it may be resent."""
+        return self.policy.hedge_after is not None and self._may_resend()
+
+    def may_retry(self, last: Attempt | None = None) -> bool:
+        """Whether ``last`` (the attempt just recorded) may be followed by another: its outcome
+        allows a retry, attempts and budget remain, a candidate is left, and the deadline leaves
+        time for it."""
+        self.stopped = self._refusal(last or self.attempts[-1])
         return not self.stopped
 
-    def _refusal(self) -> str:
-        """Why no retry follows the last attempt, or "" when one may."""
-        last = self.attempts[-1]
+    def may_hedge(self) -> bool:
+        """Whether a hedge may be sent now, beside the attempts in flight."""
+        return self.hedging and not self._limits()
+
+    def _refusal(self, last: Attempt) -> str:
+        """Why no retry follows ``last``, or "" when one may."""
         policy = self.policy
         if self.stopped.startswith("the deadline"):
             return self.stopped
         if last.failure is None:
-            if not self._retry_response:
+            if last.status is None or not self.retries_status(last.status):
                 return "a response that is not retried"
+            after = self._retry_after
+            if after is not None and after > policy.retry_after_max:
+                return f"Retry-After of {after:g} s is longer than retry_after_max"
         elif last.failure is Failure.LOCAL:
             return "a local failure"
         elif last.failure is Failure.MAYBE_SENT and not self.retries_maybe_sent():
@@ -278,10 +337,18 @@ class RequestPlan:
                 else "its body cannot be replayed"
             )
             return f"not retried: the request may have reached the server and {why}"
-        if len(self.attempts) >= policy.max_attempts:
+        return self._limits()
+
+    def _limits(self) -> str:
+        """What stops one more attempt whatever the last outcome, or ""."""
+        policy = self.policy
+        if self._launched >= policy.max_attempts:
             return "out of attempts"
         if self._candidate() is None:
             return "no other backend to try"
+        ledger = self.ledger
+        if ledger is not None and not self._paid and not ledger.can_spend(self.clock()):
+            return "the retry budget is exhausted"
         if policy.deadline is not None:
             left = self.remaining() or 0.0
             if left - self.wait() < self.share():
@@ -301,13 +368,17 @@ class RequestPlan:
 
     def wait(self) -> float:
         """Seconds to wait before an attempt on the next candidate: none for a backend not
-        tried yet, a jittered exponential backoff before trying one again (drawn once)."""
+        tried yet, a jittered exponential backoff before trying one again (drawn once), and
+        at least what the last response's ``Retry-After`` asked for."""
         if self._delay is None:
             upcoming = self._candidate()
             if upcoming is None or all(a.backend != upcoming for a in self.attempts):
-                self._delay = 0.0
+                delay = 0.0
             else:
-                self._delay = _backoff(self.policy, self._revisits + 1)
+                delay = _backoff(self.policy, self._revisits + 1)
+            if self._retry_after is not None:
+                delay = max(delay, self._retry_after)
+            self._delay = delay
         return self._delay
 
     def remaining(self) -> float | None:
@@ -320,13 +391,15 @@ class RequestPlan:
     def buffers(self, status: int, content_length: int | None) -> bool:
         """Whether to read this response's body inside the attempt, so that a connection lost
         mid-body can still be retried: only for requests that would be retried after a
-        maybe-sent failure, and bodies of known, small size."""
+        maybe-sent failure, bodies of known, small size, and never while hedging (the first
+        response head wins)."""
         return (
             content_length is not None
             and content_length <= self.policy.buffer_limit
             and self.method != "HEAD"
             and self.retries_maybe_sent()
-            and len(self.attempts) + 1 < self.policy.max_attempts
+            and self._launched < self.policy.max_attempts
+            and self.policy.hedge_after is None
         )
 
     def describe(self) -> str:
@@ -337,6 +410,21 @@ class RequestPlan:
         why = self.stopped
         note = f" ({why})" if why and why not in ("out of attempts", "a local failure") else ""
         return f"{self.method} failed after {count} {plural}: {tried}{note}"
+
+
+def retry_after_seconds(value: str, now: float) -> float | None:
+    """Seconds a ``Retry-After`` header asks to wait (delay-seconds or an HTTP date, against
+    the wall clock ``now``), or None if it is neither."""
+    text = value.strip()
+    if text.isdigit():
+        return float(text)
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None:
+        return None
+    return max(0.0, when.timestamp() - now)
 
 
 def _backoff(policy: RetryPolicy, revisit: int) -> float:
@@ -350,6 +438,111 @@ def _backoff(policy: RetryPolicy, revisit: int) -> float:
 @functools.lru_cache(maxsize=64)
 def _strategy(backoff: float, backoff_max: float) -> wait_random_exponential:
     return wait_random_exponential(multiplier=backoff, max=backoff_max)
+
+
+class Ledger:
+    """The live account of one transport's or adapter's retries: totals, and the retry
+    budget's window of requests and retries (in ten slots). Every update is a few additions
+    under a lock never held across I/O."""
+
+    __slots__ = (
+        "_epochs",
+        "_lock",
+        "_requests",
+        "_spent",
+        "_width",
+        "budget",
+        "exhaustions",
+        "hedge_wins",
+        "hedges",
+        "requests",
+        "retries",
+    )
+
+    SLOTS = 10
+
+    def __init__(self, budget: RetryBudget | None) -> None:
+        self.budget = budget
+        self._lock = threading.Lock()
+        self._width = (budget.window if budget is not None else 10.0) / self.SLOTS
+        self._epochs = [-1] * self.SLOTS
+        self._requests = [0] * self.SLOTS
+        self._spent = [0] * self.SLOTS
+        self.requests = self.retries = self.hedges = self.hedge_wins = self.exhaustions = 0
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"budget": self.budget}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["budget"])  # type: ignore[misc]
+
+    def _slot(self, now: float) -> int:
+        """Under the lock: the slot of ``now``, emptied if it last held an older period."""
+        epoch = int(now // self._width)
+        slot = epoch % self.SLOTS
+        if self._epochs[slot] != epoch:
+            self._epochs[slot] = epoch
+            self._requests[slot] = 0
+            self._spent[slot] = 0
+        return slot
+
+    def _balance(self, now: float) -> float:
+        budget = self.budget
+        if budget is None:
+            return math.inf
+        oldest = int(now // self._width) - self.SLOTS + 1
+        requests = spent = 0
+        for epoch, n, used in zip(self._epochs, self._requests, self._spent, strict=True):
+            if epoch >= oldest:
+                requests += n
+                spent += used
+        return budget.ratio * requests + budget.min_per_second * budget.window - spent
+
+    def deposit(self, now: float) -> None:
+        """One request started."""
+        with self._lock:
+            self.requests += 1
+            self._requests[self._slot(now)] += 1
+
+    def can_spend(self, now: float) -> bool:
+        """Whether one more retry fits the budget now."""
+        return self._balance(now) >= 1
+
+    def spend(self, now: float, hedge: bool = False) -> bool:
+        """Take one retry (or hedge) from the budget; False (an exhaustion) if none is left."""
+        with self._lock:
+            slot = self._slot(now)
+            if self._balance(now) < 1:
+                self.exhaustions += 1
+                return False
+            self._spent[slot] += 1
+            self.retries += 1
+            if hedge:
+                self.hedges += 1
+            return True
+
+    def won(self) -> None:
+        """A hedge's response won its race."""
+        with self._lock:
+            self.hedge_wins += 1
+
+    def stats(self, now: float) -> RetryStats:
+        with self._lock:
+            balance = self._balance(now)
+            oldest = int(now // self._width) - self.SLOTS + 1
+            spent = sum(
+                used for epoch, used in zip(self._epochs, self._spent, strict=True)
+                if epoch >= oldest
+            )
+            return RetryStats(
+                requests=self.requests,
+                retries=self.retries,
+                hedges=self.hedges,
+                hedge_wins=self.hedge_wins,
+                exhaustions=self.exhaustions,
+                budget_remaining=None if self.budget is None else max(0.0, balance),
+                budget_spent=spent,
+            )
 
 
 # -- the loop ----------------------------------------------------------------------------------
@@ -420,7 +613,9 @@ def run_sync(plan: RequestPlan, first: Backend, wire: Wire[_R]) -> _R:
 
 
 async def run_async(plan: RequestPlan, first: Backend, wire: AsyncWire[_R]) -> _R:
-    """The async twin of :func:`run_sync` (asyncio or trio)."""
+    """The async twin of :func:`run_sync` (asyncio or trio); hedges when the plan says so."""
+    if plan.hedging:
+        return await _run_hedged(plan, first, wire)
     backend = first
     while True:
         try:
@@ -443,6 +638,95 @@ async def run_async(plan: RequestPlan, first: Backend, wire: AsyncWire[_R]) -> _
         if plan.pause > 0:
             await anyio.sleep(plan.pause)
         backend = following
+
+
+_Outcome = tuple[Backend, Any, "Exception | None"]
+
+
+async def _run_hedged(plan: RequestPlan, first: Backend, wire: AsyncWire[_R]) -> _R:
+    """Attempts that race: after ``hedge_after`` without a response head, the next candidate
+    gets the request too. The first head that is not a status to retry wins; the others are
+    cancelled (their connections closed, never returned to a pool mid-response), and any
+    response that arrived too late is closed. Failures are retried as in the plain loop."""
+    hedge_after = plan.policy.hedge_after
+    assert hedge_after is not None
+    sender, receiver = anyio.create_memory_object_stream[_Outcome](math.inf)
+    in_flight: set[Backend] = set()
+    spare: _R | None = None  # a response with a status to retry, returned if nothing better
+    last_error: Exception | None = None
+
+    async def attempt(backend: Backend, pause: float) -> None:
+        if pause > 0:
+            await anyio.sleep(pause)
+        try:
+            result = await wire.send(backend)
+        except Exception as error:
+            sender.send_nowait((backend, None, error))
+        else:
+            sender.send_nowait((backend, result, None))
+
+    def launch(group: anyio.abc.TaskGroup, backend: Backend, pause: float = 0.0) -> None:
+        in_flight.add(backend)
+        group.start_soon(attempt, backend, pause)
+
+    winner: _R | None = None
+    try:
+        async with anyio.create_task_group() as group:
+            launch(group, first)
+            while in_flight:
+                outcome: _Outcome | None = None
+                if plan.may_hedge():
+                    with anyio.move_on_after(hedge_after):
+                        outcome = await receiver.receive()
+                    if outcome is None:  # no head yet: hedge
+                        hedge = plan.take(hedge=True)
+                        if hedge is not None:
+                            launch(group, hedge, plan.pause)
+                        continue
+                else:
+                    outcome = await receiver.receive()
+                backend, result, error = outcome
+                in_flight.discard(backend)
+                if error is not None:
+                    fault = wire.fault(error)
+                    if fault is None:
+                        raise error
+                    last = plan.failed(backend, fault, error)
+                    last_error = error
+                elif plan.retries_status(_status(result)):
+                    if spare is not None:
+                        await wire.discard(spare)
+                    spare = result
+                    last = next(a for a in reversed(plan.attempts) if a.backend == backend)
+                else:
+                    winner = result
+                    if backend != first and plan.ledger is not None:
+                        plan.ledger.won()
+                    group.cancel_scope.cancel()
+                    break
+                if not in_flight:
+                    following = plan.take() if plan.may_retry(last) else None
+                    if following is not None:
+                        launch(group, following, plan.pause)
+    finally:
+        sender.close()
+        async for _backend, late, _error in receiver:
+            if late is not None and late is not winner:
+                with anyio.CancelScope(shield=True):
+                    await wire.discard(late)
+    if winner is not None:
+        if spare is not None:
+            await wire.discard(spare)
+        return winner
+    if spare is not None:
+        return spare
+    assert last_error is not None
+    raise wire.final(last_error) from last_error
+
+
+def _status(response: object) -> int:
+    status = getattr(response, "status_code", None)
+    return status if isinstance(status, int) else 0
 
 
 # -- what both adapters share around the loop --------------------------------------------------
@@ -502,10 +786,26 @@ def _redact_url(word: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:[secure]@{hostport}"))
 
 
+class Default:
+    """The type of :data:`DEFAULT`."""
+
+    def __repr__(self) -> str:
+        return "DEFAULT"
+
+
+#: "Not given", where None is a meaningful value (``budget=None`` turns the budget off).
+DEFAULT: Final = Default()
+
+
 def policy_from(policy: RetryPolicy | None, **options: Any) -> RetryPolicy:
     """The policy an adapter runs with: ``policy``, or one made from the flat options that were
-    given (those left at None keep RetryPolicy's defaults). Both at once is a TypeError."""
-    given = {name: value for name, value in options.items() if value is not None}
+    given (those left at None, or at DEFAULT, keep RetryPolicy's defaults). Both at once is a
+    TypeError."""
+    given = {
+        name: value
+        for name, value in options.items()
+        if value is not DEFAULT and (value is not None or name == "budget")
+    }
     if policy is not None:
         if not isinstance(policy, RetryPolicy):
             raise TypeError(f"policy must be a RetryPolicy, got {policy!r}")
@@ -550,6 +850,8 @@ class Client(Generic[_R]):
             raise TypeError(f"key must be a function of the request, got {key!r}")
         self.key = key
         self.policy = policy
+        #: The account every request through this adapter spends its retries from.
+        self.ledger = Ledger(policy.budget)
         self.hosts = _hosts(hosts)
         #: Makes the adapter's own NoBackendAvailable (message, request).
         self.unavailable = unavailable
@@ -657,15 +959,22 @@ class Client(Generic[_R]):
         policy: RetryPolicy,
     ) -> tuple[RequestPlan, Backend]:
         """The plan for one request and its first backend; NoBackendAvailable if none."""
+        ledger = self.ledger
         plan = RequestPlan(
-            self.balancer, self.key_of(request, method, url), method, replayable, policy
+            self.balancer, self.key_of(request, method, url), method, replayable, policy,
+            ledger=ledger,
         )
+        ledger.deposit(plan._start)
         first = plan.take()
         if first is None:
             raise self.unavailable(
                 f"no backend available for {method} {redact(url)}: {self._why_none()}", request
             )
         return plan, first
+
+    def stats(self) -> RetryStats:
+        """Requests, retries, hedges and the retry budget's state, as of now."""
+        return self.ledger.stats(time.monotonic())
 
     def _why_none(self) -> str:
         snapshot = self.balancer.snapshot()

@@ -27,13 +27,22 @@ from typing import Any, Final, Generic, TypeVar
 import httpcore
 import httpx
 
-from lbclient._attempt import BodyReport, Client, Fault, RequestPlan, name_backend, policy_from
+from lbclient._attempt import (
+    DEFAULT,
+    BodyReport,
+    Client,
+    Default,
+    Fault,
+    RequestPlan,
+    name_backend,
+    policy_from,
+)
 from lbclient._attempt import run_async as _run_async
 from lbclient._attempt import run_sync as _run_sync
 from lbclient.backend import Backend
 from lbclient.balancer import LoadBalancer
 from lbclient.errors import NoBackendAvailable
-from lbclient.retry import Failure, RequestOptions, RetryPolicy
+from lbclient.retry import Failure, RequestOptions, RetryBudget, RetryPolicy, RetryStats
 from lbclient.selection.base import AlgorithmLike
 
 __all__ = ["AsyncLBTransport", "KeyFunction", "LBTransport", "NoBackendAvailableError"]
@@ -103,6 +112,14 @@ def _fault(error: Exception) -> Fault | None:
     return Fault(Failure.MAYBE_SENT)
 
 
+def _refuse_hedging(policy: RetryPolicy) -> None:
+    if policy.hedge_after is not None:
+        raise ValueError(
+            f"hedge_after={policy.hedge_after:g}: only AsyncLBTransport hedges requests; the "
+            "sync transport would need a thread per hedge"
+        )
+
+
 def _content_length(response: httpcore.Response) -> int | None:
     for name, value in response.headers:
         if name.lower() == b"content-length":
@@ -113,8 +130,12 @@ def _content_length(response: httpcore.Response) -> int | None:
 class _Common:
     """Everything the sync and async transports share: no I/O here."""
 
-    def __init__(self, client: Client[httpx.Response]) -> None:
+    def __init__(self, client: Client[httpx.Response], hedges: bool) -> None:
         self.client = client
+        #: Whether this transport can hedge (the async one).
+        self.hedges = hedges
+        if not hedges:
+            _refuse_hedging(client.policy)
 
     def plan(self, request: httpx.Request) -> tuple[RequestPlan, Backend]:
         client = self.client
@@ -122,6 +143,8 @@ class _Common:
         options = request.extensions.get("lbclient")
         if options is not None:
             policy = RequestOptions.coerce(options).apply(policy)
+            if not self.hedges:
+                _refuse_hedging(policy)
         return client.start(
             request,
             request.method,
@@ -141,7 +164,7 @@ class _Common:
         url = request.url
         timeouts = extensions.get("timeout")
         if isinstance(timeouts, dict):
-            capped = plan.timeouts(timeouts)
+            capped = plan.timeouts(timeouts, backend)
             if capped is not timeouts:
                 extensions = {**extensions, "timeout": capped}
         if url.scheme == "https":
@@ -174,7 +197,12 @@ class _Common:
         body was already read into ``response.content``.
         """
         status = response.status
-        plan.responded(backend, status)
+        retry_after = None
+        if status in plan.policy.retry_statuses:
+            for name, value in response.headers:
+                if name.lower() == b"retry-after":
+                    retry_after = value.decode("latin-1")
+        plan.responded(backend, status, retry_after)
         body: httpx.SyncByteStream | httpx.AsyncByteStream
         if stream is None:
             self.reporter(backend, status)(True)
@@ -298,6 +326,7 @@ class _Configured(Generic[_P, _T]):
     """The constructor and properties both transports share."""
 
     _plain_class: type[_T]
+    _hedges: bool
 
     def __init__(
         self,
@@ -312,6 +341,8 @@ class _Configured(Generic[_P, _T]):
         failure_statuses: Collection[int] | None = None,
         attempt_timeout: float | None = None,
         deadline: float | None = None,
+        hedge_after: float | None = None,
+        budget: RetryBudget | Default | None = DEFAULT,
         policy: RetryPolicy | None = None,
         verify: ssl.SSLContext | str | bool = True,
         cert: Any = None,
@@ -334,11 +365,13 @@ class _Configured(Generic[_P, _T]):
                 failure_statuses=failure_statuses,
                 attempt_timeout=attempt_timeout,
                 deadline=deadline,
+                hedge_after=hedge_after,
+                budget=budget,
             ),
             hosts=hosts,
             unavailable=_unavailable,
         )
-        self._common = _Common(client)
+        self._common = _Common(client, hedges=self._hedges)
         self._options = _pool_options(
             verify, cert, trust_env, http1, http2, limits, local_address, socket_options
         )
@@ -372,6 +405,10 @@ class _Configured(Generic[_P, _T]):
         """The logical hosts served (None until the first request names it)."""
         return self._common.client.hosts
 
+    def stats(self) -> RetryStats:
+        """Requests, retries, hedges and the retry budget's state, as of now."""
+        return self._common.client.stats()
+
     def _plain_transport(self) -> _T:
         """An ordinary transport, with the same TLS and connection settings, for requests to
         hosts this transport does not serve."""
@@ -404,7 +441,13 @@ class LBTransport(_Configured[httpcore.ConnectionPool, httpx.HTTPTransport], htt
     * ``attempt_timeout``: seconds one attempt may take up to its response head (None: only
       the client's own timeouts, per operation).
     * ``deadline``: seconds for the whole request, attempts and waits together (None: none).
-    * ``policy``: a :class:`~lbclient.RetryPolicy` instead of the seven options above (giving
+    * ``hedge_after``: seconds without a response head before an idempotent request is also
+      sent to the next backend; the first head wins (None: no hedging; AsyncLBTransport
+      only, the sync transport refuses it).
+    * ``budget``: the :class:`~lbclient.RetryBudget` every retry and hedge through this
+      transport spends from (``RetryBudget()``: 20% of requests plus 10 per second over 10 s;
+      None: no budget).
+    * ``policy``: a :class:`~lbclient.RetryPolicy` instead of the nine options above (giving
       both is a TypeError).
     * ``verify``, ``cert``, ``trust_env``: TLS verification, client certificate and whether to
       read ``SSL_CERT_FILE``-style settings, as for ``httpx.HTTPTransport`` (True, None, True).
@@ -419,6 +462,7 @@ class LBTransport(_Configured[httpcore.ConnectionPool, httpx.HTTPTransport], htt
     """
 
     _plain_class = httpx.HTTPTransport
+    _hedges = False
 
     def _pool(self, url: httpx.URL, backend: Backend) -> httpcore.ConnectionPool:
         name = _Common.pool_key(url, backend)
@@ -509,6 +553,7 @@ class AsyncLBTransport(
     with the same arguments."""
 
     _plain_class = httpx.AsyncHTTPTransport
+    _hedges = True
 
     async def _pool(self, url: httpx.URL, backend: Backend) -> httpcore.AsyncConnectionPool:
         # No await between the lookup and the insert: safe among tasks of one event loop.

@@ -45,8 +45,10 @@ from urllib3.util.retry import Retry
 from urllib3.util.timeout import Timeout
 
 from lbclient._attempt import (
+    DEFAULT,
     BodyReport,
     Client,
+    Default,
     Fault,
     RequestPlan,
     name_backend,
@@ -56,7 +58,7 @@ from lbclient._attempt import (
 from lbclient.backend import Backend
 from lbclient.balancer import LoadBalancer
 from lbclient.errors import NoBackendAvailable
-from lbclient.retry import Failure, RequestOptions, RetryPolicy
+from lbclient.retry import Failure, RequestOptions, RetryBudget, RetryPolicy, RetryStats
 from lbclient.selection.base import AlgorithmLike
 
 __all__ = ["LBAdapter", "LBTimeout", "NoBackendAvailableError", "RequestsKeyFunction", "mount"]
@@ -278,8 +280,8 @@ class LBAdapter(HTTPAdapter):
     follow lbclient's rules.
 
     * ``balancer``, ``algorithm``, ``max_attempts``, ``retry_maybe_sent``, ``retry_statuses``,
-      ``failure_statuses``, ``attempt_timeout``, ``deadline``, ``policy``: as for
-      :class:`~lbclient.LBTransport`.
+      ``failure_statuses``, ``attempt_timeout``, ``deadline``, ``budget``, ``policy``: as for
+      :class:`~lbclient.LBTransport` (hedging needs the async httpx transport).
     * ``hosts``: the logical host names served; requests for other hosts are sent as a plain
       ``HTTPAdapter`` sends them (None: the host of the first request).
     * ``key``: ``key(prepared_request)`` returns the selection key, bytes or str, or None
@@ -309,6 +311,7 @@ class LBAdapter(HTTPAdapter):
         failure_statuses: Collection[int] | None = None,
         attempt_timeout: float | None = None,
         deadline: float | None = None,
+        budget: RetryBudget | Default | None = DEFAULT,
         policy: RetryPolicy | None = None,
         pool_connections: int = 10,
         pool_maxsize: int = 10,
@@ -326,10 +329,12 @@ class LBAdapter(HTTPAdapter):
                 failure_statuses=failure_statuses,
                 attempt_timeout=attempt_timeout,
                 deadline=deadline,
+                budget=budget,
             ),
             hosts=hosts,
             unavailable=_unavailable,
         )
+        _refuse_hedging(self._client.policy)
         super().__init__(pool_connections, pool_maxsize, 0, pool_block)
         self.max_retries = Retry(0, read=False, redirect=False, status=False)
 
@@ -347,6 +352,10 @@ class LBAdapter(HTTPAdapter):
     def hosts(self) -> frozenset[str] | None:
         """The logical hosts served (None until the first request names it)."""
         return self._client.hosts
+
+    def stats(self) -> RetryStats:
+        """Requests, retries and the retry budget's state, as of now."""
+        return self._client.stats()
 
     def build_connection_pool_key_attributes(
         self, request: requests.PreparedRequest, verify: bool | str, cert: Any = None
@@ -385,6 +394,7 @@ class LBAdapter(HTTPAdapter):
         policy = client.policy
         if isinstance(timeout, LBTimeout):
             policy = timeout.options.apply(policy)
+            _refuse_hedging(policy)
         method = (request.method or "GET").upper()
         plan, first = client.start(request, method, url, _replayable(request.body), policy)
         wire = _Wire(self, request, plan, _timeouts(timeout), verify, cert, stream)
@@ -475,7 +485,11 @@ class _Wire:
             report(True)
         else:
             response.raw = _ReportingRaw(raw, report)
-        plan.responded(backend, response.status_code)
+        status = response.status_code
+        retry_after = (
+            response.headers.get("Retry-After") if status in plan.policy.retry_statuses else None
+        )
+        plan.responded(backend, status, retry_after)
         response.url = request.url or ""
         response.request = request
         return response
@@ -511,6 +525,14 @@ def _with_summary(error: BaseException, summary: str) -> BaseException:
     copy.__cause__, copy.__context__ = error.__cause__, error.__context__
     copy.__traceback__ = error.__traceback__
     return copy
+
+
+def _refuse_hedging(policy: RetryPolicy) -> None:
+    if policy.hedge_after is not None:
+        raise ValueError(
+            f"hedge_after={policy.hedge_after:g}: LBAdapter does not hedge requests (requests "
+            "is synchronous); use httpx with AsyncLBTransport to hedge"
+        )
 
 
 def _replayable(body: object) -> bool:

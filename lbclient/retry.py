@@ -32,7 +32,15 @@ from typing import Final, NamedTuple
 
 from lbclient.backend import Backend
 
-__all__ = ["IDEMPOTENT_METHODS", "Attempt", "Failure", "RequestOptions", "RetryPolicy"]
+__all__ = [
+    "IDEMPOTENT_METHODS",
+    "Attempt",
+    "Failure",
+    "RequestOptions",
+    "RetryBudget",
+    "RetryPolicy",
+    "RetryStats",
+]
 
 #: Methods that may be sent twice without changing the outcome (RFC 9110 section 9.2.2).
 IDEMPOTENT_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
@@ -79,6 +87,31 @@ def _status_set(name: str, value: Iterable[int]) -> frozenset[int]:
 
 
 @dataclass(frozen=True)
+class RetryBudget:
+    """How many retries a transport or adapter may send, as Finagle's and Envoy's retry budgets
+    bound them: over the last ``window`` seconds, ``ratio`` retries per request plus a reserve
+    of ``min_per_second`` retries per second. Any attempt after a request's first, hedges
+    included, spends one; with nothing left, a request is not retried, and its error says so.
+
+    A value: each transport or adapter keeps its own account, shared by every request through
+    it (see its ``stats()``).
+
+    * ``ratio``: retries allowed per request (0.2).
+    * ``min_per_second``: retries per second allowed however few requests there are (10).
+    * ``window``: seconds over which requests and retries are counted (10.0).
+    """
+
+    ratio: float = 0.2
+    min_per_second: float = 10.0
+    window: float = 10.0
+
+    def __post_init__(self) -> None:
+        _seconds("ratio", self.ratio)
+        _seconds("min_per_second", self.min_per_second)
+        _seconds("window", self.window, optional=True)
+
+
+@dataclass(frozen=True)
 class RetryPolicy:
     """What a request may retry, how often and how fast. Immutable.
 
@@ -103,6 +136,14 @@ class RetryPolicy:
       the client's own timeouts).
     * ``deadline``: seconds for the whole request, all attempts and waits together (None: no
       limit beyond each attempt's timeouts).
+    * ``budget``: the :class:`RetryBudget` every retry and hedge spends from (``RetryBudget()``;
+      None: retries are bounded by ``max_attempts`` alone).
+    * ``retry_after_max``: seconds; a retried response's ``Retry-After`` is waited out up to
+      this long (and only if it fits the deadline); a longer one returns the response as it is
+      (10.0).
+    * ``hedge_after``: seconds without a response head after which an idempotent request with
+      a replayable body is also sent to the next backend; the first head wins (None: no
+      hedging; async transport only).
     """
 
     max_attempts: int = 3
@@ -115,9 +156,16 @@ class RetryPolicy:
     buffer_limit: int = 256 * 1024
     attempt_timeout: float | None = None
     deadline: float | None = None
+    budget: RetryBudget | None = RetryBudget()
+    retry_after_max: float = 10.0
+    hedge_after: float | None = None
 
     def __post_init__(self) -> None:
         _attempts(self.max_attempts)
+        if self.budget is not None and not isinstance(self.budget, RetryBudget):
+            raise TypeError(f"budget must be a RetryBudget or None, got {self.budget!r}")
+        _seconds("retry_after_max", self.retry_after_max)
+        _seconds("hedge_after", self.hedge_after, optional=True)
         if not isinstance(self.retry_maybe_sent, bool):
             raise TypeError(f"retry_maybe_sent must be a bool, got {self.retry_maybe_sent!r}")
         object.__setattr__(
@@ -141,6 +189,29 @@ class RetryPolicy:
 
 
 @dataclass(frozen=True)
+class RetryStats:
+    """What one transport or adapter has sent, as its ``stats()`` saw it at one moment."""
+
+    #: Requests started, since it was made.
+    requests: int
+    #: Attempts after a request's first (retries and hedges), since it was made.
+    retries: int
+    #: Hedged attempts, since it was made.
+    hedges: int
+    #: Requests whose response came from a hedge rather than the first attempt.
+    hedge_wins: int
+    #: Retries and hedges not sent because the retry budget was empty.
+    exhaustions: int
+    #: Retries the budget allows now (None without a budget).
+    budget_remaining: float | None
+    #: Retries spent within the budget's current window.
+    budget_spent: int
+
+
+_OVERRIDABLE = ("max_attempts", "attempt_timeout", "deadline", "hedge_after")
+
+
+@dataclass(frozen=True)
 class RequestOptions:
     """Limits for one request that override the transport's or adapter's policy; None keeps
     the policy's value.
@@ -152,17 +223,20 @@ class RequestOptions:
     * ``max_attempts``: attempts for this request, the first included.
     * ``attempt_timeout``: seconds one attempt may take up to its response head.
     * ``deadline``: seconds for the whole request.
+    * ``hedge_after``: seconds without a response head before a hedge (async transport only).
     """
 
     max_attempts: int | None = None
     attempt_timeout: float | None = None
     deadline: float | None = None
+    hedge_after: float | None = None
 
     def __post_init__(self) -> None:
         if self.max_attempts is not None:
             _attempts(self.max_attempts)
         _seconds("attempt_timeout", self.attempt_timeout, optional=True)
         _seconds("deadline", self.deadline, optional=True)
+        _seconds("hedge_after", self.hedge_after, optional=True)
 
     @classmethod
     def coerce(cls, value: object) -> RequestOptions:
@@ -170,11 +244,11 @@ class RequestOptions:
         if isinstance(value, RequestOptions):
             return value
         if isinstance(value, Mapping):
-            unknown = set(value) - {"max_attempts", "attempt_timeout", "deadline"}
+            unknown = set(value) - set(_OVERRIDABLE)
             if unknown:
                 raise TypeError(
                     f"unknown lbclient request options {sorted(map(str, unknown))}; expected "
-                    "max_attempts, attempt_timeout, deadline"
+                    f"{', '.join(_OVERRIDABLE)}"
                 )
             return cls(**value)
         raise TypeError(
@@ -184,9 +258,7 @@ class RequestOptions:
     def apply(self, policy: RetryPolicy) -> RetryPolicy:
         """``policy`` with these options in place of its own."""
         changes = {
-            name: value
-            for name in ("max_attempts", "attempt_timeout", "deadline")
-            if (value := getattr(self, name)) is not None
+            name: value for name in _OVERRIDABLE if (value := getattr(self, name)) is not None
         }
         return replace(policy, **changes) if changes else policy
 

@@ -275,7 +275,7 @@ def test_timeouts_cut_by_the_deadline_are_not_blamed_on_the_backend() -> None:
     plan = plan_for(clock=clock, deadline=1.0)
     first = plan.take()
     assert first is not None
-    plan.timeouts({"read": 5.0})  # capped by the deadline
+    plan.timeouts({"read": 5.0}, first)  # capped by the deadline
     plan.failed(first, TIMEOUT, Boom("timed out", TIMEOUT))
     assert plan.balancer.health(first).consecutive_failures == 0
     assert not plan.may_retry()
@@ -283,7 +283,7 @@ def test_timeouts_cut_by_the_deadline_are_not_blamed_on_the_backend() -> None:
     other = plan_for(attempt_timeout=0.2)
     second = other.take()
     assert second is not None
-    other.timeouts({"read": 5.0})  # capped by the attempt timeout: the backend's fault
+    other.timeouts({"read": 5.0}, second)  # capped by the attempt timeout: the backend's fault
     other.failed(second, TIMEOUT, Boom("timed out", TIMEOUT))
     assert other.balancer.health(second).consecutive_failures == 1
 
