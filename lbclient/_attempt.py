@@ -56,6 +56,7 @@ Timeouts = Mapping[str, "float | None"]
 
 
 _NOTHING: frozenset[Backend] = frozenset()
+_EXHAUSTED: Final = "the retry budget is exhausted"
 
 
 class Fault(NamedTuple):
@@ -170,7 +171,7 @@ class RequestPlan:
             if self._launched and not self._paid:
                 ledger = self.ledger
                 if ledger is not None and not ledger.spend(self.clock(), hedge):
-                    self.stopped = "the retry budget is exhausted"
+                    self.stopped = _EXHAUSTED
                     return None
                 self._paid = True
             self._next = None
@@ -309,11 +310,15 @@ class RequestPlan:
         allows a retry, attempts and budget remain, a candidate is left, and the deadline leaves
         time for it."""
         self.stopped = self._refusal(last or self.attempts[-1])
+        if self.stopped == _EXHAUSTED and self.ledger is not None:
+            self.ledger.refused()
         return not self.stopped
 
-    def may_hedge(self) -> bool:
-        """Whether a hedge may be sent now, beside the attempts in flight."""
-        return self.hedging and not self._limits()
+    def hedge_refusal(self) -> str:
+        """Why no hedge may be sent now beside the attempts in flight, or "" when one may."""
+        if not self.hedging:
+            return "not hedged"
+        return self._limits()
 
     def _refusal(self, last: Attempt) -> str:
         """Why no retry follows ``last``, or "" when one may."""
@@ -348,7 +353,7 @@ class RequestPlan:
             return "no other backend to try"
         ledger = self.ledger
         if ledger is not None and not self._paid and not ledger.can_spend(self.clock()):
-            return "the retry budget is exhausted"
+            return _EXHAUSTED
         if policy.deadline is not None:
             left = self.remaining() or 0.0
             if left - self.wait() < self.share():
@@ -442,8 +447,10 @@ def _strategy(backoff: float, backoff_max: float) -> wait_random_exponential:
 
 class Ledger:
     """The live account of one transport's or adapter's retries: totals, and the retry
-    budget's window of requests and retries (in ten slots). Every update is a few additions
-    under a lock never held across I/O."""
+    budget's window of requests and retries, in slots of a tenth of the window. The window
+    holds the ten slots before the current one as well, so nothing leaves it sooner than
+    ``window`` seconds after it happened. Every update is a few additions under a lock never
+    held across I/O."""
 
     __slots__ = (
         "_epochs",
@@ -459,12 +466,12 @@ class Ledger:
         "retries",
     )
 
-    SLOTS = 10
+    SLOTS = 11  # the current slot and ten whole ones before it
 
     def __init__(self, budget: RetryBudget | None) -> None:
         self.budget = budget
         self._lock = threading.Lock()
-        self._width = (budget.window if budget is not None else 10.0) / self.SLOTS
+        self._width = (budget.window if budget is not None else 10.0) / (self.SLOTS - 1)
         self._epochs = [-1] * self.SLOTS
         self._requests = [0] * self.SLOTS
         self._spent = [0] * self.SLOTS
@@ -507,6 +514,11 @@ class Ledger:
     def can_spend(self, now: float) -> bool:
         """Whether one more retry fits the budget now."""
         return self._balance(now) >= 1
+
+    def refused(self) -> None:
+        """A retry was not sent because the budget was empty."""
+        with self._lock:
+            self.exhaustions += 1
 
     def spend(self, now: float, hedge: bool = False) -> bool:
         """Take one retry (or hedge) from the budget; False (an exhaustion) if none is left."""
@@ -650,6 +662,7 @@ async def _run_hedged(plan: RequestPlan, first: Backend, wire: AsyncWire[_R]) ->
     response that arrived too late is closed. Failures are retried as in the plain loop."""
     hedge_after = plan.policy.hedge_after
     assert hedge_after is not None
+    counted = False  # an empty budget that kept a hedge back, once per request
     sender, receiver = anyio.create_memory_object_stream[_Outcome](math.inf)
     in_flight: set[Backend] = set()
     spare: _R | None = None  # a response with a status to retry, returned if nothing better
@@ -675,7 +688,11 @@ async def _run_hedged(plan: RequestPlan, first: Backend, wire: AsyncWire[_R]) ->
             launch(group, first)
             while in_flight:
                 outcome: _Outcome | None = None
-                if plan.may_hedge():
+                refusal = plan.hedge_refusal()
+                if refusal == _EXHAUSTED and not counted and plan.ledger is not None:
+                    plan.ledger.refused()
+                    counted = True
+                if not refusal:
                     with anyio.move_on_after(hedge_after):
                         outcome = await receiver.receive()
                     if outcome is None:  # no head yet: hedge

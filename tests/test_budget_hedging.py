@@ -1,0 +1,395 @@
+"""The retry budget, Retry-After and hedged requests: the rules with plain values, then against
+real servers on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import threading
+import time
+from collections.abc import Iterator
+
+import anyio
+import httpx
+import pytest
+import requests
+
+from lbclient import (
+    AsyncLBTransport,
+    Backend,
+    Hash,
+    HealthPolicy,
+    LBAdapter,
+    LBTransport,
+    LoadBalancer,
+    RetryBudget,
+    RetryPolicy,
+    RoundRobin,
+)
+from lbclient._attempt import Fault, Ledger, RequestPlan, retry_after_seconds, run_async
+from lbclient.retry import Failure, RequestOptions
+from lbclient.testing import Exchange, TestServer
+
+pytestmark = pytest.mark.timeout(120)
+
+NO_EJECTION = HealthPolicy(consecutive_failures=None, consecutive_5xx=None)
+ADDRS = ["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"]
+
+
+# -- the budget's account ----------------------------------------------------------------------
+
+
+def test_budget_allows_ratio_of_requests_plus_a_reserve() -> None:
+    ledger = Ledger(RetryBudget(ratio=0.5, min_per_second=1, window=10))
+    for _ in range(20):
+        ledger.deposit(0.0)
+    # 0.5 x 20 requests + 1 x 10 s of reserve = 20 retries, then none.
+    spent = sum(ledger.spend(1.0) for _ in range(25))
+    assert spent == 20
+    stats = ledger.stats(1.0)
+    assert (stats.requests, stats.retries, stats.exhaustions) == (20, 20, 5)
+    assert stats.budget_remaining == 0
+    assert stats.budget_spent == 20
+    assert not ledger.can_spend(1.0)
+
+
+def test_budget_window_slides() -> None:
+    ledger = Ledger(RetryBudget(ratio=0.0, min_per_second=1, window=10))
+    assert sum(ledger.spend(0.0) for _ in range(15)) == 10
+    assert not ledger.can_spend(5.0)
+    assert not ledger.can_spend(10.5)  # nothing leaves sooner than a window after it
+    # The spent retries leave the window once it has slid past them.
+    assert ledger.can_spend(11.0)
+    assert ledger.stats(11.0).budget_spent == 0
+
+
+def test_no_budget_counts_but_never_refuses() -> None:
+    ledger = Ledger(None)
+    ledger.deposit(0.0)
+    assert all(ledger.spend(0.0, hedge=True) for _ in range(100))
+    stats = ledger.stats(0.0)
+    assert (stats.retries, stats.hedges, stats.budget_remaining) == (100, 100, None)
+
+
+def test_budget_is_thread_safe() -> None:
+    ledger = Ledger(RetryBudget(ratio=1.0, min_per_second=0, window=1000))
+    spent: list[int] = []
+
+    def work() -> None:
+        count = 0
+        for _ in range(2_000):
+            ledger.deposit(1.0)
+            count += ledger.spend(1.0)
+        spent.append(count)
+
+    threads = [threading.Thread(target=work) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    stats = ledger.stats(1.0)
+    assert stats.requests == 32_000
+    assert stats.retries == sum(spent)
+    assert stats.retries + stats.exhaustions == 32_000
+    assert stats.retries <= stats.requests
+
+
+@pytest.mark.parametrize(("kwargs", "error"), [
+    ({"ratio": -0.1}, ValueError), ({"min_per_second": "1"}, TypeError),
+    ({"window": 0}, ValueError), ({"ratio": True}, TypeError),
+])
+def test_budget_validation(kwargs: dict[str, object], error: type[Exception]) -> None:
+    with pytest.raises(error):
+        RetryBudget(**kwargs)  # type: ignore[arg-type]
+
+
+def test_an_empty_budget_stops_the_retry_and_says_so() -> None:
+    ledger = Ledger(RetryBudget(ratio=0, min_per_second=0, window=1))
+    plan = RequestPlan(LoadBalancer(ADDRS, Hash), b"k", "GET", True, RetryPolicy(),
+                       ledger=ledger)
+    first = plan.take()
+    assert first is not None
+    attempt = plan.failed(first, Fault(Failure.NEVER_SENT), ConnectionError("refused"))
+    assert not plan.may_retry(attempt)
+    assert "the retry budget is exhausted" in plan.describe()
+
+
+# -- Retry-After -------------------------------------------------------------------------------
+
+
+def test_retry_after_seconds_and_dates() -> None:
+    now = 1_700_000_000.0
+    assert retry_after_seconds("3", now) == 3.0
+    assert retry_after_seconds(" 0 ", now) == 0.0
+    date = email.utils.formatdate(now + 7, usegmt=True)
+    assert retry_after_seconds(date, now) == pytest.approx(7.0)
+    assert retry_after_seconds(email.utils.formatdate(now - 60, usegmt=True), now) == 0.0
+    assert retry_after_seconds("soon", now) is None
+    assert retry_after_seconds("-1", now) is None
+
+
+def test_retry_after_sets_the_least_wait_and_must_fit() -> None:
+    policy = RetryPolicy(retry_statuses={503}, deadline=10.0, retry_after_max=5.0)
+    plan = RequestPlan(LoadBalancer(ADDRS, Hash), b"k", "GET", True, policy,
+                       clock=lambda: 0.0)
+    first = plan.take()
+    assert first is not None
+    assert plan.responded(first, 503, "2")
+    assert plan.may_retry()
+    assert plan.wait() >= 2.0
+    long = RequestPlan(LoadBalancer(ADDRS, Hash), b"k", "GET", True, policy, clock=lambda: 0.0)
+    first = long.take()
+    assert first is not None
+    long.responded(first, 503, "7")
+    assert not long.may_retry()  # longer than retry_after_max: the 503 is returned
+    assert "Retry-After of 7 s" in long.stopped
+    tight = RequestPlan(LoadBalancer(ADDRS, Hash), b"k", "GET", True,
+                        RetryPolicy(retry_statuses={503}, deadline=3.0), clock=lambda: 0.0)
+    first = tight.take()
+    assert first is not None
+    tight.responded(first, 503, "3")
+    assert not tight.may_retry()  # does not fit the deadline
+    assert "deadline" in tight.stopped
+
+
+def test_retry_after_is_waited_out_against_a_real_server() -> None:
+    calls: list[float] = []
+
+    def busy_once(exchange: Exchange) -> bool:
+        calls.append(time.monotonic())
+        if len(calls) == 1:
+            return exchange.respond(503, b"busy", {"Retry-After": "1"})
+        return exchange.respond()
+
+    with TestServer("busy", behaviours={"busy": busy_once}) as server:
+        transport = LBTransport([server.address], retry_statuses={503})
+        with httpx.Client(transport=transport) as client:
+            assert client.get("http://users/").status_code == 200
+    assert len(calls) == 2
+    assert calls[1] - calls[0] >= 1.0  # the server asked for a second; lbclient's own clock
+
+
+# -- the budget against real servers -----------------------------------------------------------
+
+
+@pytest.fixture
+def three_503() -> Iterator[list[TestServer]]:
+    servers = [TestServer("status:503").start() for _ in range(3)]
+    yield servers
+    for server in servers:
+        server.close()
+
+
+@pytest.mark.slow
+def test_budget_bounds_retries_when_every_backend_fails(three_503: list[TestServer]) -> None:
+    lb = LoadBalancer([s.address for s in three_503], RoundRobin, health=NO_EJECTION)
+    transport = LBTransport(lb, retry_statuses={503}, max_attempts=3)
+    requests_sent = 2_000
+    window = 10.0  # the default budget's: 20% of requests plus 10 retries a second
+    with httpx.Client(transport=transport) as client:
+        start = time.monotonic()
+        for i in range(requests_sent):
+            # A steady stream over a little under one window.
+            pause = start + i * 0.0048 - time.monotonic()
+            if pause > 0:
+                time.sleep(pause)
+            assert client.get("http://users/").status_code == 503
+        seconds = time.monotonic() - start
+    attempts = sum(s.count() for s in three_503)
+    assert attempts <= requests_sent * 1.2 + 10 * max(seconds, window)
+    assert attempts < requests_sent * 3  # without a budget, every request would try thrice
+    stats = transport.stats()
+    assert stats.requests == requests_sent
+    assert stats.exhaustions > 0
+    assert stats.retries == attempts - requests_sent
+
+
+def test_an_exhausted_budget_shows_in_the_error_and_the_stats() -> None:
+    budget = RetryBudget(ratio=0, min_per_second=0.1, window=10)  # one retry in 10 s
+    with TestServer("close") as closing, TestServer("close") as other:
+        transport = LBTransport([closing.address, other.address], budget=budget)
+        with httpx.Client(transport=transport) as client:
+            with pytest.raises(httpx.RemoteProtocolError):
+                client.get("http://users/")  # the one retry
+            with pytest.raises(httpx.RemoteProtocolError, match="retry budget is exhausted"):
+                client.get("http://users/")
+        stats = transport.stats()
+        assert stats.retries == 1
+        assert stats.exhaustions == 2  # the first request's third attempt, the second's retry
+    with TestServer("close") as closing, TestServer("close") as other:
+        adapter = LBAdapter([closing.address, other.address], budget=budget)
+        with requests.Session() as session:
+            session.mount("http://users/", adapter)
+            with pytest.raises(requests.ConnectionError):
+                session.get("http://users/")
+            with pytest.raises(requests.ConnectionError, match="retry budget is exhausted"):
+                session.get("http://users/")
+        assert adapter.stats().exhaustions == 2
+
+
+# -- hedging -----------------------------------------------------------------------------------
+
+
+def late(seconds: float) -> object:
+    def answer(exchange: Exchange) -> bool:
+        exchange.sleep(seconds)
+        return exchange.respond()
+
+    return answer
+
+
+@pytest.fixture
+def slow_and_fast() -> Iterator[tuple[TestServer, TestServer]]:
+    with TestServer("late", name="slow", behaviours={"late": late(0.3)}) as slow, \
+            TestServer(name="fast") as fast:
+        yield slow, fast
+
+
+def key_for(lb: LoadBalancer, target: TestServer) -> str:
+    for i in range(10_000):
+        picked = lb.select(f"k{i}")
+        if picked is not None and picked.address == target.address:
+            return f"k{i}"
+    raise AssertionError("no key lands on the target")
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_first_head_wins_and_the_loser_is_closed(
+    slow_and_fast: tuple[TestServer, TestServer], backend: str
+) -> None:
+    slow, fast = slow_and_fast
+    lb = LoadBalancer([slow.address, fast.address], Hash, health=NO_EJECTION)
+    key = key_for(lb, slow)
+    transport = AsyncLBTransport(lb, key=lambda r: key, hedge_after=0.05)
+
+    async def main() -> httpx.Response:
+        async with httpx.AsyncClient(transport=transport) as client:
+            response = await client.get("http://users/")
+            # The loser's connection was closed, never returned to its pool.
+            pools = [p for k, p in transport._pools.items() if k[1] == slow.address]
+            assert all(not p.connections for p in pools)
+            return response
+
+    response = anyio.run(main, backend=backend)
+    assert response.json()["server"] == "fast"
+    assert (slow.count(), fast.count()) == (1, 1)
+    stats = transport.stats()
+    assert (stats.hedges, stats.hedge_wins, stats.retries) == (1, 1, 1)
+
+
+def test_a_post_is_never_hedged(slow_and_fast: tuple[TestServer, TestServer]) -> None:
+    slow, fast = slow_and_fast
+    lb = LoadBalancer([slow.address, fast.address], Hash, health=NO_EJECTION)
+    key = key_for(lb, slow)
+    transport = AsyncLBTransport(lb, key=lambda r: key, hedge_after=0.05)
+
+    async def main() -> httpx.Response:
+        async with httpx.AsyncClient(transport=transport) as client:
+            return await client.post("http://users/", content=b"once")
+
+    assert asyncio.run(main()).json()["server"] == "slow"
+    assert (slow.count(), fast.count()) == (1, 0)
+    assert transport.stats().hedges == 0
+
+
+def test_hedges_count_toward_max_attempts_and_the_budget(
+    slow_and_fast: tuple[TestServer, TestServer],
+) -> None:
+    slow, fast = slow_and_fast
+    lb = LoadBalancer([slow.address, fast.address], Hash, health=NO_EJECTION)
+    key = key_for(lb, slow)
+    single = AsyncLBTransport(lb, key=lambda r: key, hedge_after=0.05, max_attempts=1)
+    broke = AsyncLBTransport(lb, key=lambda r: key, hedge_after=0.05,
+                             budget=RetryBudget(ratio=0, min_per_second=0))
+
+    async def main() -> list[str]:
+        servers = []
+        for transport in (single, broke):
+            async with httpx.AsyncClient(transport=transport) as client:
+                servers.append((await client.get("http://users/")).json()["server"])
+        return servers
+
+    assert asyncio.run(main()) == ["slow", "slow"]
+    assert fast.count() == 0
+    assert single.stats().hedges == 0
+    assert broke.stats().exhaustions >= 1
+
+
+def test_a_hedge_per_request_and_the_sync_clients_refuse_it(
+    slow_and_fast: tuple[TestServer, TestServer],
+) -> None:
+    slow, fast = slow_and_fast
+    lb = LoadBalancer([slow.address, fast.address], Hash, health=NO_EJECTION)
+    key = key_for(lb, slow)
+    transport = AsyncLBTransport(lb, key=lambda r: key)
+
+    async def main() -> str:
+        async with httpx.AsyncClient(transport=transport) as client:
+            options = RequestOptions(hedge_after=0.05)
+            response = await client.get("http://users/", extensions={"lbclient": options})
+            return str(response.json()["server"])
+
+    assert asyncio.run(main()) == "fast"
+    with pytest.raises(ValueError, match="AsyncLBTransport"):
+        LBTransport(["10.0.0.1:80"], hedge_after=0.05)
+    with pytest.raises(ValueError, match="AsyncLBTransport"):
+        LBAdapter(["10.0.0.1:80"], policy=RetryPolicy(hedge_after=0.05))
+    with httpx.Client(transport=LBTransport([fast.address])) as client, \
+            pytest.raises(ValueError, match="hedge_after"):
+        client.get("http://users/", extensions={"lbclient": {"hedge_after": 0.05}})
+
+
+def test_a_failed_first_attempt_is_retried_while_hedging() -> None:
+    with TestServer("close", name="closing") as closing, TestServer(name="fast") as fast:
+        lb = LoadBalancer([closing.address, fast.address], Hash, health=NO_EJECTION)
+        key = key_for(lb, closing)
+        transport = AsyncLBTransport(lb, key=lambda r: key, hedge_after=5.0)
+
+        async def main() -> str:
+            async with httpx.AsyncClient(transport=transport) as client:
+                return str((await client.get("http://users/")).json()["server"])
+
+        assert asyncio.run(main()) == "fast"
+        assert transport.stats().hedges == 0
+        assert transport.stats().retries == 1
+
+
+class SlowWire:
+    """A fake async wire: the first backend answers late, the others at once."""
+
+    def __init__(self, plan: RequestPlan, slow: Backend) -> None:
+        self.plan = plan
+        self.slow = slow
+        self.discarded: list[str] = []
+        self.cancelled: list[Backend] = []
+
+    async def send(self, backend: Backend) -> str:
+        try:
+            if backend == self.slow:
+                await anyio.sleep(10)
+        except BaseException:
+            self.cancelled.append(backend)
+            raise
+        self.plan.responded(backend, 200)
+        return f"from {backend.address}"
+
+    def fault(self, error: Exception) -> Fault | None:
+        return None
+
+    async def discard(self, response: str) -> None:
+        self.discarded.append(response)
+
+    def final(self, error: Exception) -> Exception:
+        return error
+
+
+def test_the_hedged_loop_cancels_the_slow_attempt() -> None:
+    lb = LoadBalancer(ADDRS, Hash)
+    plan = RequestPlan(lb, b"k", "GET", True, RetryPolicy(hedge_after=0.01), ledger=Ledger(None))
+    first = plan.take()
+    assert first is not None
+    wire = SlowWire(plan, first)
+    result = asyncio.run(run_async(plan, first, wire))
+    assert result != f"from {first.address}"
+    assert wire.cancelled == [first]
+    assert len(plan.attempts) == 1  # the cancelled attempt recorded nothing
