@@ -1024,11 +1024,12 @@ class _H2Conn:
         self.gen = gen
         self.number = number
         self.wake_r, self.wake_w = socket.socketpair()  # the mode changed, or the run stops
+        self.wake_lock = threading.Lock()  # a wake-up never meets the pair being closed
         self.tls_server_name: str | None = None
         self.thread: threading.Thread | None = None
 
     def wake(self) -> None:
-        with contextlib.suppress(OSError):
+        with self.wake_lock, contextlib.suppress(OSError):
             self.wake_w.send(b"x")
 
     def serve(self) -> None:
@@ -1090,8 +1091,9 @@ class _H2Conn:
                 self.sock.shutdown(socket.SHUT_RDWR)
             self.sock.close()
             selector.close()
-            self.wake_r.close()
-            self.wake_w.close()
+            with self.wake_lock:
+                self.wake_r.close()
+                self.wake_w.close()
 
     def _wait(self, selector: selectors.BaseSelector) -> bool:
         """Block until the socket is readable (True) or a wake-up came (False); a stopping
@@ -1230,7 +1232,7 @@ class TLSCerts:
         return target
 
 
-def serve(*servers: TestServer) -> contextlib.ExitStack:
+def serve(*servers: TestServer | H2TestServer) -> contextlib.ExitStack:
     """Start ``servers``; closing the returned stack (``with serve(a, b):``) closes them all."""
     stack = contextlib.ExitStack()
     try:

@@ -18,6 +18,7 @@ import requests
 
 from lbclient import (
     AsyncLBTransport,
+    Backend,
     HealthPolicy,
     LBAdapter,
     LBTransport,
@@ -83,13 +84,13 @@ def health_of(balancer: LoadBalancer, address: str) -> BackendHealth:
 
 @pytest.fixture
 def h2_servers(certs: TLSCerts) -> Iterator[list[H2TestServer]]:
+    """Three HTTP/2 backends that hold every request until their mode changes."""
     servers = [
-        H2TestServer(name=f"h{i}", ssl_context=certs.server_context(alpn=["h2"])).start()
+        H2TestServer("hold", name=f"h{i}", ssl_context=certs.server_context(alpn=["h2"]))
         for i in range(3)
     ]
-    yield servers
-    for server in servers:
-        server.close()
+    with serve(*servers):
+        yield servers
     assert [e for s in servers for e in s.errors] == []
 
 
@@ -103,8 +104,9 @@ def check_h2_response(response: httpx.Response, path: str, servers: set[str]) ->
 
 
 def check_multiplexed(server: H2TestServer, count: int) -> None:
-    """``count`` requests, recorded while none was answered: all open at once, as streams of
-    one TCP connection, each with the logical :authority and SNI."""
+    """``count`` requests, all recorded before any was answered (the server held them): they
+    were open at once, as streams of one TCP connection, each with the logical :authority and
+    SNI."""
     recorded = server.requests
     assert len(recorded) == count
     assert len({r.connection for r in recorded}) == 1
@@ -113,22 +115,42 @@ def check_multiplexed(server: H2TestServer, count: int) -> None:
     assert {r.tls_server_name for r in recorded} == {NAME}
 
 
+def open_in_turn(
+    pool: ThreadPoolExecutor, client: httpx.Client, paths: list[str], opened: Callable[[], int]
+) -> list[Future[httpx.Response]]:
+    """Start one GET per path on its own thread, each once the one before is open on a server
+    (``opened()`` counts them); they stay open together while the servers hold them.
+
+    httpcore's sync HTTP/2 connection takes a stream id and sends its HEADERS in two steps, so
+    streams opened at the same moment by several threads can go out of order and break the
+    connection; opening them in turn keeps these tests about lbclient.
+    """
+    return [open_one(pool, client, path, opened) for path in paths]
+
+
+def open_one(
+    pool: ThreadPoolExecutor, client: httpx.Client, path: str, opened: Callable[[], int]
+) -> Future[httpx.Response]:
+    before = opened()
+    future = pool.submit(client.get, f"https://{NAME}{path}")
+    wait_until(lambda: opened() > before, f"{path} to reach a server")
+    return future
+
+
 def test_http2_requests_to_one_backend_share_one_connection(
     h2_servers: list[H2TestServer], certs: TLSCerts
 ) -> None:
     server = h2_servers[0]
-    server.mode = "hold"  # nothing is answered until every request is open on the server
     transport = LBTransport([server.address], http2=True, verify=certs.client_context())
     paths = [f"/items/{i}" for i in range(CONCURRENT)]
     with (
         httpx.Client(transport=transport, timeout=TIMEOUT) as client,
         ThreadPoolExecutor(CONCURRENT) as pool,
     ):
-        futures = [pool.submit(client.get, f"https://{NAME}{path}") for path in paths]
-        wait_until(lambda: server.count() == CONCURRENT, "every request to reach the server")
-        check_multiplexed(server, CONCURRENT)
-        server.mode = "ok"
+        futures = open_in_turn(pool, client, paths, server.count)
+        server.mode = "ok"  # every request is open on the server: answer them all
         responses = [f.result(timeout=GUARD) for f in futures]
+    check_multiplexed(server, CONCURRENT)
     for path, response in zip(paths, responses, strict=True):
         check_h2_response(response, path, {"h0"})
 
@@ -138,29 +160,20 @@ async def test_http2_async_requests_to_one_backend_share_one_connection(
     h2_servers: list[H2TestServer], certs: TLSCerts
 ) -> None:
     server = h2_servers[0]
-    server.mode = "hold"
     transport = AsyncLBTransport([server.address], http2=True, verify=certs.client_context())
     paths = [f"/items/{i}" for i in range(CONCURRENT)]
     async with httpx.AsyncClient(transport=transport, timeout=TIMEOUT) as client:
         tasks = [asyncio.ensure_future(client.get(f"https://{NAME}{path}")) for path in paths]
         await await_until(lambda: server.count() == CONCURRENT, "every request to reach it")
-        check_multiplexed(server, CONCURRENT)
         server.mode = "ok"
         responses = await asyncio.wait_for(asyncio.gather(*tasks), GUARD)
+    check_multiplexed(server, CONCURRENT)
     for path, response in zip(paths, responses, strict=True):
         check_h2_response(response, path, {"h0"})
 
 
-def killed_balancer(servers: list[H2TestServer]) -> LoadBalancer:
-    # Three failures in a row eject: the requests held on the killed backend are enough.
-    return LoadBalancer(
-        [s.address for s in servers], RoundRobin, health=HealthPolicy(consecutive_failures=3)
-    )
-
-
 def check_failover(servers: list[H2TestServer], balancer: LoadBalancer, answered: int) -> None:
     live, victim = servers[:2], servers[2]
-    assert victim.count() >= 2  # several streams were in flight on it when it died
     # Every request was answered exactly once, by a live backend.
     assert sum(s.count() for s in live) == answered
     entry = health_of(balancer, victim.address)
@@ -172,61 +185,72 @@ def check_failover(servers: list[H2TestServer], balancer: LoadBalancer, answered
 def test_http2_backend_killed_under_load_fails_over(
     h2_servers: list[H2TestServer], certs: TLSCerts
 ) -> None:
-    victim = h2_servers[2]
-    victim.mode = "hold"  # requests sent to it stay in flight until it dies
-    balancer = killed_balancer(h2_servers)
+    live, victim = h2_servers[:2], h2_servers[2]
+    # Weighted round robin sends the victim one request in five. One at a time: the streams
+    # failing on it are retried at once, on the live connections (see open_in_turn).
+    balancer = LoadBalancer(
+        [Backend(s.address, weight=1 if s is victim else 2) for s in h2_servers],
+        RoundRobin,
+        health=HealthPolicy(consecutive_failures=3),
+    )
     transport = LBTransport(balancer, http2=True, verify=certs.client_context())
-    live = {"h0", "h1"}
+    names = {"h0", "h1"}
+    paths = [f"/before/{i}" for i in range(5)]
     with (
         httpx.Client(transport=transport, timeout=TIMEOUT) as client,
-        ThreadPoolExecutor(CONCURRENT) as pool,
+        ThreadPoolExecutor(len(paths)) as pool,
     ):
-        paths = [f"/before/{i}" for i in range(CONCURRENT)]
-        futures: list[Future[httpx.Response]] = [
-            pool.submit(client.get, f"https://{NAME}{path}") for path in paths
-        ]
-        wait_until(
-            lambda: victim.count() + sum(f.done() for f in futures) == CONCURRENT,
-            "the other backends to answer and the victim to hold the rest",
-        )
+        futures = open_in_turn(pool, client, paths, lambda: sum(s.count() for s in h2_servers))
+        assert [s.count() for s in h2_servers] == [2, 2, 1]  # in flight on all three
         victim.kill()
+        wait_until(lambda: sum(s.count() for s in live) == 5, "its request to fail over")
+        for server in live:
+            server.mode = "ok"
         for path, future in zip(paths, futures, strict=True):
-            check_h2_response(future.result(timeout=GUARD), path, live)
+            check_h2_response(future.result(timeout=GUARD), path, names)
+        assert health_of(balancer, victim.address).consecutive_failures == 1  # reported
 
-        # New requests while it is down: refused connections fail over too.
-        paths = [f"/after/{i}" for i in range(CONCURRENT)]
-        futures = [pool.submit(client.get, f"https://{NAME}{path}") for path in paths]
-        for path, future in zip(paths, futures, strict=True):
-            check_h2_response(future.result(timeout=GUARD), path, live)
-    check_failover(h2_servers, balancer, 2 * CONCURRENT)
+        # New requests while it is down: its refused connections fail over too, and eject it.
+        for i in range(15):
+            check_h2_response(client.get(f"https://{NAME}/after/{i}"), f"/after/{i}", names)
+    check_failover(h2_servers, balancer, 5 + 15)
 
 
 @pytest.mark.anyio
 async def test_http2_async_backend_killed_under_load_fails_over(
     h2_servers: list[H2TestServer], certs: TLSCerts
 ) -> None:
-    victim = h2_servers[2]
-    victim.mode = "hold"
-    balancer = killed_balancer(h2_servers)
+    live, victim = h2_servers[:2], h2_servers[2]
+    # Round robin: a third of each wave goes to the victim first. Its streams in flight are
+    # reported when it dies; the connections refused in the next wave eject it.
+    balancer = LoadBalancer(
+        [s.address for s in h2_servers], RoundRobin, health=HealthPolicy(consecutive_failures=6)
+    )
     transport = AsyncLBTransport(balancer, http2=True, verify=certs.client_context())
-    live = {"h0", "h1"}
+    names = {"h0", "h1"}
     async with httpx.AsyncClient(transport=transport, timeout=TIMEOUT) as client:
         paths = [f"/before/{i}" for i in range(CONCURRENT)]
         tasks = [asyncio.ensure_future(client.get(f"https://{NAME}{path}")) for path in paths]
         await await_until(
-            lambda: victim.count() + sum(t.done() for t in tasks) == CONCURRENT,
-            "the other backends to answer and the victim to hold the rest",
+            lambda: sum(s.count() for s in h2_servers) == CONCURRENT, "every request to be open"
         )
+        assert [s.count() for s in h2_servers] == [4, 4, 4]  # in flight on all three
         await asyncio.to_thread(victim.kill)
+        await await_until(
+            lambda: sum(s.count() for s in live) == CONCURRENT, "its requests to fail over"
+        )
+        for server in live:
+            server.mode = "ok"
         responses = await asyncio.wait_for(asyncio.gather(*tasks), GUARD)
         for path, response in zip(paths, responses, strict=True):
-            check_h2_response(response, path, live)
+            check_h2_response(response, path, names)
+        assert health_of(balancer, victim.address).consecutive_failures == 4  # each reported
 
         paths = [f"/after/{i}" for i in range(CONCURRENT)]
-        requests_after = [client.get(f"https://{NAME}{path}") for path in paths]
-        responses = await asyncio.wait_for(asyncio.gather(*requests_after), GUARD)
+        wave = [client.get(f"https://{NAME}{path}") for path in paths]
+        responses = await asyncio.wait_for(asyncio.gather(*wave), GUARD)
         for path, response in zip(paths, responses, strict=True):
-            check_h2_response(response, path, live)
+            check_h2_response(response, path, names)
     check_failover(h2_servers, balancer, 2 * CONCURRENT)
 
 
@@ -312,10 +336,9 @@ def test_ipv6_backends_requests(
 
 @pytest.fixture
 def pair() -> Iterator[list[TestServer]]:
-    servers = [TestServer(name=f"r{i}").start() for i in range(2)]
-    yield servers
-    for server in servers:
-        server.close()
+    servers = [TestServer(name=f"r{i}") for i in range(2)]
+    with serve(*servers):
+        yield servers
     assert [e for s in servers for e in s.errors] == []
 
 
@@ -329,13 +352,13 @@ def check_redirect(response: httpx.Response, servers: list[TestServer]) -> None:
     assert response.url == "http://users/a/landing?x=1"
     body = response.json()
     assert (body["host"], body["path"]) == ("users", "/a/landing?x=1")
-    # Both requests were balanced: round robin sent each to its own backend, Host kept.
-    assert [[r.target for r in s.requests] for s in servers] == [
-        ["/a/__redirect/..%2Flanding%3Fx%3D1"],
-        ["/a/landing?x=1"],
-    ]
-    assert {r.headers["host"] for s in servers for r in s.requests} == {"users"}
-    assert body["server"] == "r1"
+    # The redirected request was balanced again: round robin sent it to the other backend,
+    # with the logical Host.
+    assert [s.count() for s in servers] == [1, 1]
+    seen = {r.target: (s.name, r.headers["host"]) for s in servers for r in s.requests}
+    assert sorted(seen) == ["/a/__redirect/..%2Flanding%3Fx%3D1", "/a/landing?x=1"]
+    assert {host for _, host in seen.values()} == {"users"}
+    assert body["server"] == seen["/a/landing?x=1"][0]
 
 
 def test_redirect_followed_through_the_balancer(pair: list[TestServer]) -> None:

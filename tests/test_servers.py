@@ -18,6 +18,7 @@ import requests
 
 from lbclient.testing import (
     Exchange,
+    H2TestServer,
     RecordedRequest,
     TestServer,
     TLSCerts,
@@ -693,3 +694,161 @@ def test_tls_hang_and_requests_with_ca_file(certs: TLSCerts, tmp_path: Path) -> 
         ca = certs.write_ca(tmp_path / "ca.pem")
         with pytest.raises(requests.exceptions.SSLError):
             requests.get(s.url, verify=str(ca), timeout=5)  # IP is not in the certificate
+
+
+# -- HTTP/2 ------------------------------------------------------------------------------------
+
+
+def h2_client(certs: TLSCerts) -> httpx.Client:
+    return httpx.Client(http2=True, verify=certs.client_context(), timeout=10)
+
+
+SNI = {"sni_hostname": "users.internal"}
+
+
+def start_held(server: H2TestServer, thread: threading.Thread) -> None:
+    """Start ``thread`` (one request to a holding ``server``) and wait until its request is
+    open there. One at a time: httpcore's sync HTTP/2 takes a stream id and sends its HEADERS
+    in two steps, so streams opened by several threads at the same moment may break the
+    connection."""
+    before = server.count()
+    thread.start()
+    wait_for(lambda: server.count() > before, timeout=10)
+
+
+@pytest.fixture
+def h2(certs: TLSCerts) -> Iterator[H2TestServer]:
+    with H2TestServer(name="h2", ssl_context=certs.server_context(alpn=["h2"])) as s:
+        yield s
+    assert s.errors == []
+
+
+def test_h2_json_fields_streams_and_sni(h2: H2TestServer, certs: TLSCerts) -> None:
+    assert h2.url == f"https://127.0.0.1:{h2.port}"
+    with h2_client(certs) as client:
+        first = client.get(f"{h2.url}/a?x=1", extensions=SNI)
+        second = client.post(f"{h2.url}/b", content=b"hello", extensions=SNI)
+        head = client.head(f"{h2.url}/c", extensions=SNI)
+    assert first.http_version == "HTTP/2"
+    assert first.headers["content-type"] == "application/json"
+    assert first.headers["x-test-server"] == "h2"
+    assert first.json() == {
+        "server": "h2",
+        "port": h2.port,
+        "method": "GET",
+        "path": "/a?x=1",
+        "host": h2.address,
+        "body_length": 0,
+        "body_sha256": EMPTY_SHA256,
+    }
+    body = second.json()
+    assert (body["method"], body["body_length"]) == ("POST", 5)
+    assert body["body_sha256"] == hashlib.sha256(b"hello").hexdigest()
+    assert (head.status_code, head.content) == (200, b"")
+    assert (h2.count(), h2.count("post"), h2.count("GET")) == (3, 1, 1)
+    one, two, three = h2.requests
+    assert one.connection == two.connection == three.connection  # one connection, three streams
+    assert [one.stream, two.stream, three.stream] == [1, 3, 5]
+    assert one.headers[":authority"] == h2.address
+    assert two.body == b"hello"
+    assert {r.tls_server_name for r in h2.requests} == {"users.internal"}
+
+
+def test_h2_status_and_hold_modes(h2: H2TestServer, certs: TLSCerts) -> None:
+    h2.mode = "status:503"
+    with h2_client(certs) as client:
+        response = client.get(h2.url, extensions=SNI)
+        assert response.status_code == 503
+        assert response.json()["server"] == "h2"
+        h2.mode = "hold"
+        results: list[httpx.Response] = []
+        threads = [
+            threading.Thread(target=lambda: results.append(client.get(h2.url, extensions=SNI)))
+            for _ in range(3)
+        ]
+        for thread in threads:
+            start_held(h2, thread)
+        assert results == []  # recorded, held
+        h2.mode = "status:201"  # held requests are answered in the new mode
+        for thread in threads:
+            thread.join(10)
+    assert [r.status_code for r in results] == [201] * 3
+    assert len({r.connection for r in h2.requests}) == 1
+
+
+def test_h2_bad_modes() -> None:
+    for mode in ("hang", "status:99", "status:abc", "status", ""):
+        with pytest.raises(ValueError, match="modes are ok, status:NNN, hold"):
+            H2TestServer(mode)
+    server = H2TestServer()
+    with pytest.raises(ValueError, match="status:NNN"):
+        server.mode = "reset"
+    assert server.mode == "ok"
+    with pytest.raises(RuntimeError, match="start"):
+        _ = server.address
+
+
+def test_h2_cleartext_prior_knowledge() -> None:
+    with (
+        H2TestServer(name="h2c") as s,
+        httpx.Client(http1=False, http2=True) as client,
+    ):
+        response = client.get(f"{s.url}/plain")
+        assert s.url.startswith("http://")
+        assert response.http_version == "HTTP/2"
+        assert response.json()["path"] == "/plain"
+        assert s.requests[0].tls_server_name is None
+        assert s.errors == []
+
+
+def test_h2_client_without_h2_is_turned_away(h2: H2TestServer, certs: TLSCerts) -> None:
+    with (
+        httpx.Client(verify=certs.client_context()) as client,  # offers http/1.1 only
+        pytest.raises(httpx.RemoteProtocolError),
+    ):
+        client.get(h2.url, extensions=SNI)
+    assert h2.count() == 0
+    with h2_client(certs) as client:
+        assert client.get(h2.url, extensions=SNI).status_code == 200
+
+
+def test_h2_kill_drops_streams_in_flight_and_start_listens_again(certs: TLSCerts) -> None:
+    s = H2TestServer("hold", name="dies", ssl_context=certs.server_context(alpn=["h2"])).start()
+    try:
+        port = s.port
+        with h2_client(certs) as client:
+            errors: list[BaseException] = []
+
+            def held() -> None:
+                try:
+                    client.get(s.url, extensions=SNI)
+                except httpx.HTTPError as exc:
+                    errors.append(exc)
+
+            threads = [threading.Thread(target=held) for _ in range(2)]
+            for thread in threads:
+                start_held(s, thread)
+            s.kill()
+            s.kill()  # idempotent
+            for thread in threads:
+                thread.join(10)
+            assert [type(e) for e in errors] == [httpx.RemoteProtocolError] * 2
+            assert not s.running
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection(("127.0.0.1", port), timeout=2)
+            s.mode = "ok"
+            s.start()
+            assert s.port == port
+            assert client.get(s.url, extensions=SNI).json()["server"] == "dies"
+        assert s.errors == []
+    finally:
+        s.close()
+
+
+def test_h2_tls_context_alpn() -> None:
+    certs = TLSCerts("users.internal")
+    with TestServer(ssl_context=certs.server_context()) as s, httpx.Client(
+        http2=True, verify=certs.client_context()
+    ) as client:
+        response = client.get(s.url, extensions=SNI)  # the HTTP/1.1 server does not offer h2
+    assert response.http_version == "HTTP/1.1"
