@@ -28,6 +28,7 @@ from urllib.parse import urlsplit, urlunsplit
 import anyio
 from tenacity import RetryCallState, wait_random_exponential
 
+from lbclient._load import Load
 from lbclient.backend import Backend
 from lbclient.balancer import LoadBalancer
 from lbclient.errors import KeyFunctionError, NoBackendAvailable
@@ -88,6 +89,7 @@ class RequestPlan:
         "_delay",
         "_first",
         "_launched",
+        "_loads",
         "_next",
         "_paid",
         "_retry_after",
@@ -133,6 +135,7 @@ class RequestPlan:
         self.attempts: list[Attempt] = []
         self._start = clock()
         self._began: dict[Backend, float] = {}
+        self._loads: dict[Backend, Load] = {}
         self._cuts: dict[Backend, str] = {}
         self._first: Backend | None = None
         self._walk: Iterator[Backend] | None = None
@@ -162,6 +165,7 @@ class RequestPlan:
                 self._first = backend
                 self._launched = 1
                 self._began[backend] = self.clock()
+                self._hold(backend)
                 return backend
         while True:
             backend = self._candidate()
@@ -183,8 +187,28 @@ class RequestPlan:
                 self._launched += 1
                 self.pause = delay
                 self._began[backend] = self.clock() + delay
+                self._hold(backend)
                 return backend
             self._skipped = {*self._skipped, backend}  # its probe went to another request
+
+    def _hold(self, backend: Backend) -> None:
+        """Count the attempt about to start in ``backend``'s load."""
+        load = self.balancer.begin(backend)
+        if load is not None:
+            self._loads[backend] = load
+
+    def reporter(self, backend: Backend) -> BodyReport:
+        """What reports the body of the response just recorded from ``backend``: its end is
+        a success (a failure status was reported with the head), a failure while reading it a
+        failure; either way the attempt's load ends then."""
+        status = self.attempts[-1].status if self.attempts else None
+        done = status is not None and status in self.policy.failure_statuses
+        return BodyReport(self.balancer, backend, done, self._loads.pop(backend, None))
+
+    def release(self, backend: Backend) -> Load | None:
+        """Hand over the load of ``backend``'s attempt: to the body's report, or to nobody
+        (an attempt cancelled, or failed with an error that is not a failure): then it ends."""
+        return self._loads.pop(backend, None)
 
     def _candidate(self) -> Backend | None:
         """The backend :meth:`take` would choose next, found without claiming anything."""
@@ -245,9 +269,13 @@ class RequestPlan:
         was not given its normal time).
         """
         text = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
-        attempt = Attempt(
-            backend, fault.failure, redact(text), error=error, seconds=self._took(backend)
-        )
+        seconds = self._took(backend)
+        attempt = Attempt(backend, fault.failure, redact(text), error=error, seconds=seconds)
+        load = self._loads.pop(backend, None)
+        if load is not None:
+            if fault.failure is not Failure.LOCAL:
+                self.balancer.observe(load, seconds, True)
+            load.end()
         self.attempts.append(attempt)
         if fault.barred:
             self._barred = {*self._barred, backend}
@@ -264,17 +292,19 @@ class RequestPlan:
         reported to passive health here; a success once the body was read (see
         :class:`BodyReport`). ``retry_after`` is the response's ``Retry-After`` header."""
         policy = self.policy
-        self.attempts.append(
-            Attempt(backend, None, f"HTTP {status}", status, seconds=self._took(backend))
-        )
+        seconds = self._took(backend)
+        self.attempts.append(Attempt(backend, None, f"HTTP {status}", status, seconds=seconds))
         if self._cuts:
             self._cuts.pop(backend, None)
-        if status in policy.failure_statuses:
+        failing = status in policy.failure_statuses
+        if failing:
             self.balancer.report(backend, Outcome.SERVER_ERROR)
         retry = status in policy.retry_statuses and self._may_resend()
-        self._retry_after = (
-            retry_after_seconds(retry_after, self.wall()) if retry and retry_after else None
-        )
+        after = retry_after_seconds(retry_after, self.wall()) if retry_after else None
+        self._retry_after = after if retry else None
+        load = self._loads.get(backend)
+        if load is not None:  # it stays in flight until the body is done
+            self.balancer.observe(load, seconds, failing or status == 429, after)
         return retry
 
     def _took(self, backend: Backend) -> float:
@@ -607,11 +637,15 @@ def run_sync(plan: RequestPlan, first: Backend, wire: Wire[_R]) -> _R:
         except Exception as error:
             fault = wire.fault(error)
             if fault is None:
+                _abandon(plan, backend)
                 raise
             plan.failed(backend, fault, error)
             following = plan.take() if plan.may_retry() else None
             if following is None:
                 raise wire.final(error) from error
+        except BaseException:  # cancelled or interrupted: no outcome to record
+            _abandon(plan, backend)
+            raise
         else:
             if not plan.retries_response:
                 return result
@@ -635,11 +669,15 @@ async def run_async(plan: RequestPlan, first: Backend, wire: AsyncWire[_R]) -> _
         except Exception as error:
             fault = wire.fault(error)
             if fault is None:
+                _abandon(plan, backend)
                 raise
             plan.failed(backend, fault, error)
             following = plan.take() if plan.may_retry() else None
             if following is None:
                 raise wire.final(error) from error
+        except BaseException:  # cancelled or interrupted: no outcome to record
+            _abandon(plan, backend)
+            raise
         else:
             if not plan.retries_response:
                 return result
@@ -669,12 +707,15 @@ async def _run_hedged(plan: RequestPlan, first: Backend, wire: AsyncWire[_R]) ->
     last_error: Exception | None = None
 
     async def attempt(backend: Backend, pause: float) -> None:
-        if pause > 0:
-            await anyio.sleep(pause)
         try:
+            if pause > 0:
+                await anyio.sleep(pause)
             result = await wire.send(backend)
         except Exception as error:
             sender.send_nowait((backend, None, error))
+        except BaseException:  # cancelled: it lost the race
+            _abandon(plan, backend)
+            raise
         else:
             sender.send_nowait((backend, result, None))
 
@@ -707,6 +748,7 @@ async def _run_hedged(plan: RequestPlan, first: Backend, wire: AsyncWire[_R]) ->
                 if error is not None:
                     fault = wire.fault(error)
                     if fault is None:
+                        _abandon(plan, backend)
                         raise error
                     last = plan.failed(backend, fault, error)
                     last_error = error
@@ -741,6 +783,13 @@ async def _run_hedged(plan: RequestPlan, first: Backend, wire: AsyncWire[_R]) ->
     raise wire.final(last_error) from last_error
 
 
+def _abandon(plan: RequestPlan, backend: Backend) -> None:
+    """End the load of an attempt that ended with no outcome to record."""
+    load = plan.release(backend)
+    if load is not None:
+        load.end()
+
+
 def _status(response: object) -> int:
     status = getattr(response, "status_code", None)
     return status if isinstance(status, int) else 0
@@ -751,20 +800,29 @@ def _status(response: object) -> int:
 
 class BodyReport:
     """Reports one attempt's outcome to passive health once its body was read to the end,
-    failed, or was closed unread (a failure status was reported with the head already)."""
+    failed, or was closed unread (a failure status was reported with the head already), and
+    ends the attempt's load then."""
 
-    __slots__ = ("_backend", "_balancer", "_done")
+    __slots__ = ("_backend", "_balancer", "_done", "_load")
 
-    def __init__(self, balancer: LoadBalancer, backend: Backend, done: bool) -> None:
+    def __init__(
+        self, balancer: LoadBalancer, backend: Backend, done: bool, load: Load | None = None
+    ) -> None:
         self._balancer = balancer
         self._backend = backend
         self._done = done
+        self._load = load
 
     @property
     def backend(self) -> Backend:
         return self._backend
 
     def __call__(self, ok: bool) -> None:
+        load, self._load = self._load, None
+        if load is not None:  # the attempt is over: out of flight
+            if not ok:
+                self._balancer.observe(load, None, True)
+            load.end()
         if not self._done:
             self._done = True
             self._balancer.report(self._backend, ok)

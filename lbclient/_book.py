@@ -15,9 +15,10 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 
+from lbclient._load import Load
 from lbclient.backend import Backend
 from lbclient.health import BackendHealth, HealthPolicy, HealthSnapshot, HealthState, Outcome
 
@@ -206,14 +207,21 @@ class HealthBook:
 
     # -- reading ---------------------------------------------------------------------------
 
-    def snapshot(self, backends: Iterable[Backend], tally: Tally) -> HealthSnapshot:
-        """Every backend's health, and whether panic mode is on, as of now."""
+    def snapshot(
+        self,
+        backends: Iterable[Backend],
+        tally: Tally,
+        loads: Mapping[Backend, Load],
+        decay: float,
+    ) -> HealthSnapshot:
+        """Every backend's health and load, and whether panic mode is on, as of now."""
         now = self.clock()
         panic = tally.panic
         items = []
         for backend in backends:
             s = tally.cells[backend].state
             until = s.ejected_until
+            load = loads[backend]
             items.append(
                 BackendHealth(
                     backend=backend,
@@ -228,6 +236,9 @@ class HealthBook:
                     consecutive_failures=s.consecutive_failures,
                     consecutive_5xx=s.consecutive_5xx,
                     checked=s.checked,
+                    in_flight=load.in_flight,
+                    latency=load.estimate_at(now, decay),
+                    penalty=load.penalty_at(now, decay),
                 )
             )
         return HealthSnapshot(now, panic, tuple(items))

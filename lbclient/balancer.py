@@ -22,6 +22,7 @@ from types import TracebackType
 from typing import Any, Final, Protocol, TypeVar
 
 from lbclient._book import Cell, HealthBook, OnChange, Tally
+from lbclient._load import Load
 from lbclient.backend import Backend
 from lbclient.health import HealthPolicy, HealthSnapshot, HealthState, Outcome
 from lbclient.selection.base import (
@@ -43,6 +44,10 @@ logger = logging.getLogger("lbclient")
 
 #: How many items ``select`` pulls from the selection iterator at most (Pingora's examples).
 DEFAULT_MAX_ITERATIONS: Final = 256
+
+#: Seconds: the time constant of latency estimates and failure penalties, unless the algorithm
+#: names its own (``PeakEWMA(decay=...)``).
+DEFAULT_DECAY: Final = 10.0
 
 Accept = Callable[[Backend, bool], bool]
 _S = TypeVar("_S", bound="_Services")
@@ -72,21 +77,52 @@ class ActiveCheck(Protocol):
 
 
 class _View(Tally):
-    """What one request reads: the backend set, its selector, and its health tally."""
+    """What one request reads: the backend set, its selector, its health tally and the
+    backends' live load."""
 
-    __slots__ = ("backends", "by_address", "selector")
+    __slots__ = ("backends", "by_address", "loads", "selector")
 
     def __init__(
         self,
         backends: tuple[Backend, ...],
         selector: Selector,
         cells: dict[Backend, Cell],
+        loads: dict[Backend, Load],
         policy: HealthPolicy,
     ) -> None:
         super().__init__(cells, policy)
         self.backends = backends
         self.selector = selector
+        self.loads = loads
         self.by_address = {b.address: b for b in backends}
+
+
+class _Loads:
+    """The live load the attempt loop feeds: requests in flight, latency, failure penalty."""
+
+    _view: _View
+    _clock: Callable[[], float]
+    _decay: float
+
+    def begin(self, backend: Backend) -> Load | None:
+        """An attempt to ``backend`` starts: its load, with one more request in flight (None
+        for a backend no longer in the set). The caller ends it with ``load.end()``."""
+        load = self._view.loads.get(backend)
+        if load is not None:
+            load.begin()
+        return load
+
+    def observe(
+        self, load: Load, latency: float | None, failed: bool, hold: float | None = None
+    ) -> None:
+        """Record an attempt's response head (``latency`` seconds) or failure on ``load``;
+        ``hold`` keeps a failure's penalty from decaying for that many seconds."""
+        load.observe(self._clock(), latency, failed, self._decay, hold)
+
+    def load(self, backend: Backend | str) -> Load:
+        """The live load of ``backend``; ValueError if it is not in the set."""
+        view = self._view
+        return view.loads[_require(view, backend)]
 
 
 class _Services:
@@ -150,7 +186,7 @@ def _accept_ready(_backend: Backend, ready: bool) -> bool:
     return ready
 
 
-class LoadBalancer(_Services):
+class LoadBalancer(_Services, _Loads):
     """Chooses a backend per key, with fallbacks, skipping backends that are not ready.
 
     Every backend starts healthy and enabled. :meth:`report` feeds the outcomes of requests to
@@ -200,10 +236,10 @@ class LoadBalancer(_Services):
         self._clock = clock
         self._book = HealthBook(health, clock, on_change, lambda: self._view)
         self._update_lock = threading.Lock()
+        #: The time constant (seconds) of the latency estimate and the failure penalty.
+        self._decay = float(getattr(self._algorithm, "decay", DEFAULT_DECAY))
         prepared = prepare_backends(backends)
-        self._view = _View(
-            prepared, self._algorithm.build(prepared), HealthBook.cells(prepared), health
-        )
+        self._view = self._new_view(prepared, None)
         self._health_check = health_check
         self._services: tuple[Service, ...] = (
             () if health_check is None else (health_check.bind(self),)
@@ -333,9 +369,25 @@ class LoadBalancer(_Services):
         return view.cells[_require(view, backend)].state
 
     def snapshot(self) -> HealthSnapshot:
-        """Every backend's health, and whether panic mode is on, as of now."""
+        """Every backend's health and load, and whether panic mode is on, as of now."""
         view = self._view
-        return self._book.snapshot(view.backends, view)
+        return self._book.snapshot(view.backends, view, view.loads, self._decay)
+
+    def _new_view(self, prepared: tuple[Backend, ...], old: _View | None) -> _View:
+        """A view of ``prepared``: backends that stay keep their health cell and load."""
+        now = self._clock()
+        loads = {} if old is None else old.loads
+        view = _View(
+            prepared,
+            self._algorithm.build(prepared),
+            HealthBook.cells(prepared, old),
+            {b: loads.get(b) or Load(now) for b in prepared},
+            self._policy,
+        )
+        attach = getattr(view.selector, "attach", None)
+        if attach is not None:  # load-aware selectors read the live load
+            attach(view.loads, self._clock)
+        return view
 
     def __len__(self) -> int:
         return len(self._view.backends)
@@ -373,10 +425,16 @@ class LoadBalancer(_Services):
         with self._update_lock:
             if prepared == self._view.backends:
                 return False
-            selector = self._algorithm.build(prepared)
+            view = self._new_view(prepared, self._view)
             with self._book.lock:
-                cells = HealthBook.cells(prepared, self._view)
-                self._view = _View(prepared, selector, cells, self._policy)
+                # Health changes made while the new view was built are carried over.
+                self._view = _View(
+                    prepared,
+                    view.selector,
+                    HealthBook.cells(prepared, self._view),
+                    view.loads,
+                    self._policy,
+                )
         logger.debug("backends updated: %d backends", len(prepared))
         return True
 

@@ -290,6 +290,12 @@ class BackendHealth:
     consecutive_5xx: int
     #: The active checks' verdict: True up, False down, None not checked (yet).
     checked: bool | None
+    #: Attempts in flight (started, and neither done nor failed).
+    in_flight: int = 0
+    #: The peak-sensitive latency estimate of response heads, in seconds (None: unmeasured).
+    latency: float | None = None
+    #: The failure penalty the load-aware algorithms add to this backend's cost.
+    penalty: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -189,11 +189,11 @@ class _Common:
         plan: RequestPlan,
         backend: Backend,
         response: httpcore.Response,
-        stream: httpx.SyncByteStream | httpx.AsyncByteStream | None,
+        wrapper: type[_SyncStream] | type[_AsyncStream] | None,
     ) -> httpx.Response:
         """Record the response on the plan and wrap it for the caller.
 
-        ``stream`` is the body to hand on (wrapped so its end reports health), or None when the
+        ``wrapper`` wraps the body so that its end reports health and load, or is None when the
         body was already read into ``response.content``.
         """
         status = response.status
@@ -203,21 +203,18 @@ class _Common:
                 if name.lower() == b"retry-after":
                     retry_after = value.decode("latin-1")
         plan.responded(backend, status, retry_after)
+        report = plan.reporter(backend)
         body: httpx.SyncByteStream | httpx.AsyncByteStream
-        if stream is None:
-            self.reporter(backend, status)(True)
+        if wrapper is None:
+            report(True)
             body = httpx.ByteStream(response.content)
         else:
-            body = stream
+            body = wrapper(response.stream, report)
         result = httpx.Response(
             status, headers=response.headers, stream=body, extensions=response.extensions
         )
         result.request = request
         return result
-
-    def reporter(self, backend: Backend, status: int) -> BodyReport:
-        client = self.client
-        return BodyReport(client.balancer, backend, status in client.policy.failure_statuses)
 
     def final(self, plan: RequestPlan, request: httpx.Request, error: Exception) -> Exception:
         """The final error: of the last failure's class, naming every attempt, with them as
@@ -276,8 +273,8 @@ class _SyncStream(httpx.SyncByteStream):
     error names the backend); reading it to the end, or closing it unread, is a success; a
     read cut short by the caller is neither."""
 
-    def __init__(self, inner: Iterable[bytes], report: BodyReport) -> None:
-        self._inner = inner
+    def __init__(self, inner: Any, report: BodyReport) -> None:
+        self._inner: Iterable[bytes] = inner
         self._report = report
         self._started = False
 
@@ -533,9 +530,7 @@ class _SyncWire:
                 return common.response(request, plan, backend, response, None)
         except _HTTPCORE_ERRORS as exc:
             raise _httpx_error(exc) from exc
-        assert isinstance(response.stream, Iterable)
-        stream = _SyncStream(response.stream, common.reporter(backend, response.status))
-        return common.response(request, plan, backend, response, stream)
+        return common.response(request, plan, backend, response, _SyncStream)
 
     fault = staticmethod(_fault)
 
@@ -624,8 +619,7 @@ class _AsyncWire:
                 return common.response(request, plan, backend, response, None)
         except _HTTPCORE_ERRORS as exc:
             raise _httpx_error(exc) from exc
-        stream = _AsyncStream(response.stream, common.reporter(backend, response.status))
-        return common.response(request, plan, backend, response, stream)
+        return common.response(request, plan, backend, response, _AsyncStream)
 
     fault = staticmethod(_fault)
 

@@ -465,12 +465,8 @@ class _Wire:
             _SERVER_HOSTNAME.reset(token)
         raw = response.raw
         length = response.headers.get("Content-Length", "")
-        report = BodyReport(
-            self.adapter.balancer,
-            backend,
-            response.status_code in plan.policy.failure_statuses,
-        )
-        if plan.buffers(response.status_code, int(length) if length.isdigit() else None):
+        buffered = plan.buffers(response.status_code, int(length) if length.isdigit() else None)
+        if buffered:
             # Read here, so that a connection lost mid-body can still be retried.
             try:
                 if self.stream:  # the caller reads raw: keep the body as it came
@@ -482,14 +478,16 @@ class _Wire:
                 raise _requests_error(exc) from exc
             finally:
                 raw.release_conn()
-            report(True)
-        else:
-            response.raw = _ReportingRaw(raw, report)
         status = response.status_code
         retry_after = (
             response.headers.get("Retry-After") if status in plan.policy.retry_statuses else None
         )
         plan.responded(backend, status, retry_after)
+        report = plan.reporter(backend)
+        if buffered:
+            report(True)
+        else:
+            response.raw = _ReportingRaw(raw, report)
         response.url = request.url or ""
         response.request = request
         return response

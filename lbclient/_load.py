@@ -1,0 +1,118 @@
+"""Live load per backend: requests in flight, a peak-sensitive latency estimate, and a failure
+penalty, fed by the attempt loop and read by the load-aware algorithms.
+
+What lives here: :class:`Load`, one per backend, carried across ``update()`` for backends that
+stay. Writers (an attempt starting, its response head, its end) update it under its own small
+lock; readers read plain attributes and never lock. The estimate and the penalty decay with
+time, as pure functions of (value, elapsed, time constant): the clock is the balancer's,
+passed in.
+
+What may not: I/O, threads, a clock of its own, selection.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from typing import Final
+
+__all__ = ["FAILURE_PENALTY", "Load", "decayed"]
+
+#: What one failure adds to a backend's penalty (the algorithms give it a unit).
+FAILURE_PENALTY: Final = 1.0
+
+
+def decayed(value: float, elapsed: float, tau: float) -> float:
+    """``value`` after ``elapsed`` seconds of exponential decay with time constant ``tau``."""
+    if value == 0.0 or elapsed <= 0.0:
+        return value
+    if tau <= 0.0:
+        return 0.0
+    return value * math.exp(-elapsed / tau)
+
+
+class Load:
+    """One backend's load. ``in_flight`` is exact under threads and tasks; the estimate is a
+    peak EWMA of response-head latencies (seconds), None before the first measurement."""
+
+    __slots__ = (
+        "_lock",
+        "estimate",
+        "in_flight",
+        "joined",
+        "penalty",
+        "penalty_floor_until",
+        "stamp",
+    )
+
+    def __init__(self, joined: float = 0.0) -> None:
+        self._lock = threading.Lock()
+        #: Attempts started and not yet ended (response body done, failed or cancelled).
+        self.in_flight = 0
+        #: The latency estimate (seconds) as of ``stamp``; None before any measurement.
+        self.estimate: float | None = None
+        #: The failure penalty as of ``stamp``.
+        self.penalty = 0.0
+        #: Until this clock value the penalty does not decay (a ``Retry-After``).
+        self.penalty_floor_until = 0.0
+        #: The clock value of the last update of ``estimate`` and ``penalty``.
+        self.stamp = 0.0
+        #: The clock value at which the backend joined the set (for slow start).
+        self.joined = joined
+
+    def begin(self) -> None:
+        """An attempt started."""
+        with self._lock:
+            self.in_flight += 1
+
+    def end(self) -> None:
+        """An attempt ended (never below zero, whatever the order of reports)."""
+        with self._lock:
+            if self.in_flight > 0:
+                self.in_flight -= 1
+
+    def observe(
+        self,
+        now: float,
+        latency: float | None,
+        failed: bool,
+        tau: float,
+        hold: float | None = None,
+    ) -> None:
+        """Record one response head (``latency`` seconds after the attempt started) or failure
+        at clock value ``now``. The estimate jumps to a new peak at once and otherwise decays
+        towards recent latencies with time constant ``tau``; a failure adds
+        :data:`FAILURE_PENALTY` to a penalty that decays likewise, not before ``hold`` seconds
+        from now (a ``Retry-After``)."""
+        with self._lock:
+            elapsed = now - self.stamp
+            if latency is not None and latency >= 0.0:
+                current = self.estimate
+                if current is None or latency > current:
+                    self.estimate = latency
+                else:
+                    weight = math.exp(-max(elapsed, 0.0) / tau) if tau > 0 else 0.0
+                    self.estimate = current * weight + latency * (1.0 - weight)
+            penalty = self.penalty_at(now, tau)
+            if failed:
+                penalty += FAILURE_PENALTY
+            if hold is not None and hold > 0:
+                self.penalty_floor_until = max(self.penalty_floor_until, now + hold)
+            self.penalty = penalty
+            self.stamp = now
+
+    def penalty_at(self, now: float, tau: float) -> float:
+        """The penalty at clock value ``now``: held until ``penalty_floor_until``, then decaying."""
+        start = max(self.stamp, self.penalty_floor_until)
+        return decayed(self.penalty, now - start, tau)
+
+    def estimate_at(self, now: float, tau: float) -> float | None:
+        """The latency estimate at clock value ``now``, decayed since its last update (so a
+        backend that was slow once is tried again), or None before any measurement."""
+        estimate = self.estimate
+        return None if estimate is None else decayed(estimate, now - self.stamp, tau)
+
+    def __repr__(self) -> str:
+        estimate = "-" if self.estimate is None else f"{self.estimate * 1000:.1f} ms"
+        return f"<Load in_flight={self.in_flight} estimate={estimate} penalty={self.penalty:.2f}>"
+
