@@ -730,16 +730,18 @@ async def _run_hedged(plan: RequestPlan, first: Backend, wire: AsyncWire[_R]) ->
             while in_flight:
                 outcome: _Outcome | None = None
                 refusal = plan.hedge_refusal()
-                if refusal == _EXHAUSTED and not counted and plan.ledger is not None:
-                    plan.ledger.refused()
-                    counted = True
-                if not refusal:
+                if not refusal or (refusal == _EXHAUSTED and not counted):
                     with anyio.move_on_after(hedge_after):
                         outcome = await receiver.receive()
-                    if outcome is None:  # no head yet: hedge
-                        hedge = plan.take(hedge=True)
-                        if hedge is not None:
-                            launch(group, hedge, plan.pause)
+                    if outcome is None:  # no head yet: hedge, if the budget allows it now
+                        refusal = plan.hedge_refusal()
+                        if refusal == _EXHAUSTED and plan.ledger is not None:
+                            plan.ledger.refused()
+                            counted = True
+                        elif not refusal:
+                            hedge = plan.take(hedge=True)
+                            if hedge is not None:
+                                launch(group, hedge, plan.pause)
                         continue
                 else:
                     outcome = await receiver.receive()

@@ -16,6 +16,8 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -58,8 +60,22 @@ BENCH_ROWS = {
     "LBAdapter vs plain requests.Session, 3 backends": "req/s",
     "LBTransport vs plain httpx.Client, 1 backend": "req/s",
     "AsyncLBTransport vs plain httpx.AsyncClient, 1 backend": "req/s",
+    "AsyncLBTransport p99, 1 of 3 slow, no hedging": "ms",
+    "AsyncLBTransport p99, 1 of 3 slow, hedged at 50 ms, budget ratio 0.5": "ms",
+    "AsyncLBTransport p99, 1 of 3 slow, hedged at 50 ms, default budget": "ms",
 }
 UHASHRING_ROWS = [name for name in BENCH_ROWS if "uhashring" in name]
+HEDGED_ROWS = [name for name in BENCH_ROWS if "hedged at" in name]
+# The hedging benchmark's cases, its table's columns, and the columns that are counts.
+HEDGING_CASES = [
+    "no hedging",
+    "hedge_after=0.05, RetryBudget(ratio=0.5)",
+    "hedge_after=0.05, default RetryBudget()",
+]
+HEDGING_COLUMNS = ["case", "req/s", "p50", "p99", "p99 ratio", "requests", "retries", "hedges",
+                   "hedge wins", "exhaustions", "waited"]
+HEDGING_COUNTS = ["requests", "retries", "hedges", "hedge wins", "exhaustions", "waited"]
+QUICK_HEDGING_REQUESTS = 160
 # The bench's own code path with fewer repetitions: enough to check the table, not to measure.
 SHORT_BENCH = ["bench", "--quick", "--reps", "3", "--rounds", "2", "--requests", "20"]
 
@@ -117,7 +133,7 @@ def test_the_library_never_imports_the_command_line() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("module", ["selection", "transport"])
+@pytest.mark.parametrize("module", ["selection", "transport", "hedging"])
 def test_each_benchmark_runs_alone(module: str) -> None:
     done = subprocess.run([sys.executable, "-m", f"lbclient.cli.bench.{module}", "--help"],
                           capture_output=True, text=True, timeout=60, check=False)
@@ -127,14 +143,18 @@ def test_each_benchmark_runs_alone(module: str) -> None:
 
 
 @pytest.mark.slow
-def test_the_loopback_server_runs_as_a_module_and_exits_with_its_stdin() -> None:
-    server = subprocess.Popen([sys.executable, "-m", "lbclient.cli.bench.server"],
+@pytest.mark.parametrize("options", [[], ["--delay", "0.1"]], ids=["plain", "delayed"])
+def test_the_loopback_server_runs_as_a_module_and_exits_with_its_stdin(options: list[str]) -> None:
+    server = subprocess.Popen([sys.executable, "-m", "lbclient.cli.bench.server", *options],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
     try:
         assert server.stdout is not None
         port = server.stdout.readline().strip()
         assert port.isdigit(), port
+        # A client that hangs up before its answer, as a hedge's loser does: ended quietly.
+        with socket.create_connection(("127.0.0.1", int(port)), timeout=10) as gone:
+            gone.sendall(b"GET /item HTTP/1.1\r\nHost: users\r\n\r\n")
         with socket.create_connection(("127.0.0.1", int(port)), timeout=10) as conn:
             conn.sendall(b"GET /item HTTP/1.1\r\nHost: users\r\n\r\n")
             assert conn.recv(65536).startswith(b"HTTP/1.1 200 OK\r\n")
@@ -197,16 +217,22 @@ def _processes_with(marker: str) -> list[int]:
     return found
 
 
-def run_bench(tmp_path: Path, without: str | None = None) -> subprocess.CompletedProcess[str]:
+@contextmanager
+def leaves_no_process() -> Iterator[dict[str, str]]:
+    """An environment to run a benchmark in; once the block ends, checks that every process the
+    benchmark started (its loopback servers) is gone with it."""
     marker = f"LBCLIENT_TEST_BENCH={uuid.uuid4().hex}"
-    env = {**os.environ, marker.split("=")[0]: marker.split("=")[1]}
-    done = lbclient(*SHORT_BENCH, without=without, cwd=tmp_path, env=env)
-    if Path("/proc/self/environ").exists():  # the loopback servers are gone with the bench
+    yield {**os.environ, marker.split("=")[0]: marker.split("=")[1]}
+    if Path("/proc/self/environ").exists():
         deadline = time.monotonic() + 10
         while _processes_with(marker) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not _processes_with(marker), "the bench left processes behind"
-    return done
+
+
+def run_bench(tmp_path: Path, without: str | None = None) -> subprocess.CompletedProcess[str]:
+    with leaves_no_process() as env:
+        return lbclient(*SHORT_BENCH, without=without, cwd=tmp_path, env=env)
 
 
 @pytest.mark.slow
@@ -228,8 +254,14 @@ def test_bench_quick_prints_one_table_with_every_row(tmp_path: Path) -> None:
             _number(baseline, unit)
             assert float(ratio) > 0, name
         assert floor == "-" or re.fullmatch(r"[<>]=? [\d,.]+( \S+)?: (met|NOT MET)", floor), floor
-    for name in UHASHRING_ROWS + [n for n, unit in BENCH_ROWS.items() if unit == "req/s"]:
+    for name in UHASHRING_ROWS + HEDGED_ROWS + [
+        n for n, unit in BENCH_ROWS.items() if unit == "req/s"
+    ]:
         assert rows[name][2] != "-", f"{name} has no baseline"
+    for name in [n for n in BENCH_ROWS if "p99" in n]:
+        assert rows[name][4] == "-", f"{name} has a floor"  # a measurement only
+    # The hedging cases in detail follow the table, one line each.
+    assert list(hedging_table(out)) == HEDGING_CASES
     assert re.search(r"^floors missed: \d+", out, re.M)
     assert "--strict makes a full run exit 1" in out  # the footnote on missed floors
 
@@ -246,6 +278,57 @@ def test_bench_without_uhashring_says_so_and_exits_0(tmp_path: Path) -> None:
         assert baseline == MISSING_UHASHRING
         assert ratio == "-"
     assert "uhashring not installed" in done.stdout.split("\n\n")[0]  # the header says it too
+
+
+def hedging_table(stdout: str) -> dict[str, dict[str, str]]:
+    """The hedging benchmark's table: each case's cells by column."""
+    lines = stdout.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("case "))
+    assert [c.strip() for c in lines[head].split(" | ")] == HEDGING_COLUMNS
+    assert set(lines[head + 1]) <= {"-", "+"}
+    rows: dict[str, dict[str, str]] = {}
+    for line in lines[head + 2 :]:
+        if set(line) <= {"-", "+"}:
+            break
+        cells = [c.strip() for c in line.split(" | ")]
+        assert len(cells) == len(HEDGING_COLUMNS), line
+        assert cells[0] not in rows, f"case {cells[0]!r} printed twice"
+        rows[cells[0]] = dict(zip(HEDGING_COLUMNS, cells, strict=True))
+    else:
+        pytest.fail("the hedging table has no closing rule")
+    return rows
+
+
+@pytest.mark.slow
+def test_hedging_benchmark_runs_alone_and_counts_the_attempts(tmp_path: Path) -> None:
+    with leaves_no_process() as env:
+        done = subprocess.run(
+            [sys.executable, "-m", "lbclient.cli.bench.hedging", "--quick"], capture_output=True,
+            text=True, timeout=120, cwd=tmp_path, env=env, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert not done.stderr  # nor from the servers, which hedges' losers hang up on
+    rows = hedging_table(done.stdout)
+    assert list(rows) == HEDGING_CASES, "cases missing, extra or out of order"
+    counts: dict[str, dict[str, int]] = {}
+    for case, cells in rows.items():
+        for column in HEDGING_COUNTS:
+            assert re.fullmatch(r"\d[\d,]*", cells[column]), (case, column, cells[column])
+        counts[case] = {column: int(cells[column].replace(",", "")) for column in HEDGING_COUNTS}
+        _number(cells["p50"], "ms")
+        _number(cells["p99"], "ms")
+        assert float(cells["req/s"].replace(",", "")) > 0, case
+        assert counts[case]["requests"] == QUICK_HEDGING_REQUESTS, case
+        assert counts[case]["hedge wins"] <= counts[case]["hedges"] <= counts[case]["retries"]
+    plain, roomy, default = (counts[case] for case in HEDGING_CASES)
+    assert rows["no hedging"]["p99 ratio"] == "-"  # the reference of the others
+    assert plain["retries"] == plain["hedges"] == plain["hedge wins"] == 0
+    assert plain["exhaustions"] == 0
+    for case in HEDGING_CASES[1:]:
+        assert float(rows[case]["p99 ratio"]) > 0, case
+    # A third of the first attempts go to the backend that answers after 300 ms: with room in
+    # the budget, those are hedged.
+    assert roomy["hedges"] > 0
+    assert default["hedges"] + default["exhaustions"] > 0
 
 
 # -- simulate ------------------------------------------------------------------------------------

@@ -6,9 +6,13 @@ lbclient can measure itself.
 * :mod:`lbclient.cli.bench.transport`: requests per second through ``LBTransport``,
   ``AsyncLBTransport`` and ``LBAdapter`` against the plain clients, to loopback servers
   (:mod:`lbclient.cli.bench.server`) in their own processes;
-* :mod:`lbclient.cli.bench.summary`: ``python -m lbclient bench``, both in one table.
+* :mod:`lbclient.cli.bench.hedging`: p50 and p99 latency of concurrent GETs through
+  ``AsyncLBTransport`` when one backend of three is slow, without hedged requests and with
+  them under two retry budgets, and the attempts each sent;
+* :mod:`lbclient.cli.bench.summary`: ``python -m lbclient bench``, all three in one table.
 
-The first two also run alone, with more detail: ``python -m lbclient.cli.bench.selection`` and
-``python -m lbclient.cli.bench.transport`` (``--quick`` for a short run). This package is not
-public API: its names may change.
+The first three also run alone, with more detail: ``python -m lbclient.cli.bench.selection``,
+``python -m lbclient.cli.bench.transport`` and ``python -m lbclient.cli.bench.hedging``
+(``--quick`` for a short run). :mod:`lbclient.cli.bench.server` is the loopback backend they
+start, optionally slow (``--delay``). This package is not public API: its names may change.
 """

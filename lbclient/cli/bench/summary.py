@@ -1,10 +1,13 @@
-"""``python -m lbclient bench``: the selection and transport benchmarks in one table.
+"""``python -m lbclient bench``: the selection, transport and hedging benchmarks in one table.
 
-Both benchmarks run in this one process, each side by side with its baseline: selection against
+The benchmarks run in this one process, each side by side with its baseline: selection against
 uhashring's ketama ring (optional: ``pip install 'lbclient[bench]'``; without it those rows say
 so and the rest still runs), the transports against the plain httpx and requests clients, to
-loopback servers in their own processes. The table shows medians, the ratio (lbclient's speed
-over the baseline's: above 1 means lbclient is faster) and the project's performance floors.
+loopback servers in their own processes, and hedged requests through ``AsyncLBTransport``
+against no hedging, with one backend of three slow. The table shows medians (for hedging, p99
+latencies), the ratio (lbclient's speed over the baseline's: above 1 means lbclient is faster;
+for hedging, the p99 without hedging over the p99 with it) and the project's performance floors
+(none on the hedging rows). The hedging cases' figures and counts follow in a second table.
 
 A missed floor is reported, never hidden, but the command exits 0: a ratio a few percent from a
 floor moves across it from run to run on a shared machine, so one run is a measurement, not a
@@ -25,7 +28,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from lbclient.cli.bench import selection, transport
+from lbclient.cli.bench import hedging, selection, transport
 
 __all__ = [
     "HEAD",
@@ -48,6 +51,15 @@ TRANSPORT_LABELS = {
     "requests, 3 backends": "LBAdapter vs plain requests.Session, 3 backends",
     "sync, 1 backend": "LBTransport vs plain httpx.Client, 1 backend",
     "async, 1 backend": "AsyncLBTransport vs plain httpx.AsyncClient, 1 backend",
+}
+
+#: Hedging case (as :func:`lbclient.cli.bench.hedging.run` names it) -> what is measured.
+HEDGING_LABELS = {
+    "no hedging": "AsyncLBTransport p99, 1 of 3 slow, no hedging",
+    "hedge_after=0.05, RetryBudget(ratio=0.5)":
+        "AsyncLBTransport p99, 1 of 3 slow, hedged at 50 ms, budget ratio 0.5",
+    "hedge_after=0.05, default RetryBudget()":
+        "AsyncLBTransport p99, 1 of 3 slow, hedged at 50 ms, default budget",
 }
 
 #: The table's columns.
@@ -133,14 +145,27 @@ def _transport_rows(rows: Sequence[transport.TransportRow]) -> list[SummaryRow]:
     return out
 
 
+def _hedging_rows(rows: Sequence[hedging.HedgingRow]) -> list[SummaryRow]:
+    """The hedging results as p99 latencies: each hedged case against the case without."""
+    reference = rows[0]
+    out = [SummaryRow(HEDGING_LABELS.get(reference.case, reference.case),
+                      _ms(reference.p99 * 1000), "-", "-", "-")]
+    for row in rows[1:]:
+        ratio = "-" if row.ratio is None else f"{row.ratio:.2f}"
+        out.append(SummaryRow(HEDGING_LABELS.get(row.case, row.case), _ms(row.p99 * 1000),
+                              _ms(reference.p99 * 1000), ratio, "-"))
+    return out
+
+
 def run_summary(
     quick: bool = False,
     *,
     reps: int | None = None,
     rounds: int | None = None,
     requests: int | None = None,
-) -> tuple[list[SummaryRow], dict[str, float]]:
-    """Run both benchmarks; return the table's rows and the seconds each part took.
+) -> tuple[list[SummaryRow], dict[str, float], list[hedging.HedgingRow]]:
+    """Run the benchmarks; return the table's rows, the seconds each part took, and the
+    hedging cases in full (for their table of counts).
 
     ``reps`` (selection repetitions), ``rounds`` and ``requests`` (transport rounds, and requests
     per round and side) override the mode's; the measuring code is the same whatever they are.
@@ -150,9 +175,16 @@ def run_summary(
     picked = selection.run(quick, detail=False, baseline=have_baseline, reps=reps)
     middle = time.perf_counter()
     sent = transport.run(quick, count=requests, rounds=rounds)
+    after_transports = time.perf_counter()
+    hedged = hedging.run(quick)
     end = time.perf_counter()
-    rows = _selection_rows(picked, have_baseline) + _transport_rows(sent)
-    return rows, {"selection": middle - start, "transports": end - middle}
+    rows = _selection_rows(picked, have_baseline) + _transport_rows(sent) + _hedging_rows(hedged)
+    seconds = {
+        "selection": middle - start,
+        "transports": after_transports - middle,
+        "hedging": end - after_transports,
+    }
+    return rows, seconds, hedged
 
 
 def format_summary(rows: Sequence[SummaryRow]) -> str:
@@ -215,25 +247,35 @@ def command(args: argparse.Namespace) -> int:
           f"{platform.platform()}; {_cpus()}")
     print(_versions())
     print(f"selection: median of {reps} interleaved passes over {selection.NUM_KEYS:,} keys; "
-          f"transports: median of {rounds} rounds of {count} requests per side")
+          f"transports: median of {rounds} rounds of {count} requests per side; "
+          f"hedging: {hedging.requests_per_case(quick):,} GETs per case from {hedging.TASKS} "
+          "tasks")
     print(flush=True)
-    rows, seconds = run_summary(quick, reps=args.reps, rounds=args.rounds,
-                                requests=args.requests)
+    rows, seconds, hedged = run_summary(quick, reps=args.reps, rounds=args.rounds,
+                                        requests=args.requests)
     print(format_summary(rows))
+    print()
+    print(f"hedging, in detail: {hedging.setup(hedging.requests_per_case(quick))}")
+    print(hedging.format_table(hedged))
+    print()
     missed = [row.benchmark for row in rows if row.missed]
     notes = [
         "ns/op: one LoadBalancer.select (or uhashring get_node) in a Python loop over keys "
         "b'user-N' (str 'user-N' on both sides of the uhashring rows), loop included; ms: one "
         "build; req/s: sequential GETs to loopback servers in their own processes, alternating "
-        "request by request with the plain client.",
+        "request by request with the plain client; hedging rows: the p99 latency of concurrent "
+        f"GETs with one backend of three answering after {hedging.DELAY * 1000:.0f} ms, hedged "
+        f"after {hedging.HEDGE_AFTER * 1000:.0f} ms, against the p99 without hedging.",
         "ratio: lbclient's speed / the baseline's (baseline time / lbclient time; transports: "
-        "median of the per-round ratios); above 1 means lbclient is faster.",
-        "floor: the project's performance floors. "
+        "median of the per-round ratios; hedging: p99 without hedging / p99 with it); above 1 "
+        "means lbclient is faster.",
+        hedging.NOTES,
+        "floor: the project's performance floors (none on the hedging rows). "
         + "A missed floor is reported; runs vary by a few percent, so confirm a miss with "
         "another full run. --strict makes a full run exit 1 when a floor is missed.",
         f"floors missed: {len(missed)}" + (f" ({'; '.join(missed)})" if missed else ""),
         f"total run time {sum(seconds.values()):.1f} s (selection {seconds['selection']:.1f} s, "
-        f"transports {seconds['transports']:.1f} s)",
+        f"transports {seconds['transports']:.1f} s, hedging {seconds['hedging']:.1f} s)",
     ]
     for note in notes:
         print(textwrap.fill(note, width=100, subsequent_indent="  "))
@@ -257,7 +299,7 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     """Register the ``bench`` subcommand on ``python -m lbclient``'s subparsers."""
     bench = commands.add_parser(
         "bench",
-        help="selection and transport benchmarks against their baselines, in one table",
+        help="selection, transport and hedging benchmarks against their baselines, in one table",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

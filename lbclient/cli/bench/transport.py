@@ -63,16 +63,18 @@ class TransportRow(NamedTuple):
     ratio: float  # plain time / lbclient time: above 1 means lbclient is faster
 
 
-def start_servers(stack: ExitStack, count: int) -> list[str]:
+def start_servers(stack: ExitStack, count: int, *, delay: float = 0.0) -> list[str]:
     """Start ``count`` loopback servers in their own processes; return their addresses.
 
-    Each one is stopped when ``stack`` closes (and exits by itself if this process dies).
+    Each one answers ``delay`` seconds after each request (none by default), is stopped when
+    ``stack`` closes, and exits by itself if this process dies.
     """
+    command = [sys.executable, str(SERVER)]
+    if delay > 0:
+        command += ["--delay", repr(delay)]
     addresses = []
     for _ in range(count):
-        proc = subprocess.Popen(
-            [sys.executable, str(SERVER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-        )
+        proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         stack.callback(_stop, proc)
         assert proc.stdout is not None
         line = proc.stdout.readline()
