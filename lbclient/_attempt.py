@@ -805,7 +805,7 @@ class BodyReport:
     failed, or was closed unread (a failure status was reported with the head already), and
     ends the attempt's load then."""
 
-    __slots__ = ("_backend", "_balancer", "_done", "_load")
+    __slots__ = ("_backend", "_balancer", "_done", "_load", "after")
 
     def __init__(
         self, balancer: LoadBalancer, backend: Backend, done: bool, load: Load | None = None
@@ -814,6 +814,8 @@ class BodyReport:
         self._backend = backend
         self._done = done
         self._load = load
+        #: Called once when the attempt is over (the adapter frees its place in the pool).
+        self.after: Callable[[], object] | None = None
 
     @property
     def backend(self) -> Backend:
@@ -825,6 +827,9 @@ class BodyReport:
             if not ok:
                 self._balancer.observe(load, None, True)
             load.end()
+        after, self.after = self.after, None
+        if after is not None:
+            after()
         if not self._done:
             self._done = True
             self._balancer.report(self._backend, ok)

@@ -39,6 +39,7 @@ from lbclient._attempt import (
 )
 from lbclient._attempt import run_async as _run_async
 from lbclient._attempt import run_sync as _run_sync
+from lbclient._gate import AsyncGate
 from lbclient.backend import Backend
 from lbclient.balancer import LoadBalancer
 from lbclient.errors import NoBackendAvailable
@@ -190,6 +191,7 @@ class _Common:
         backend: Backend,
         response: httpcore.Response,
         wrapper: type[_SyncStream] | type[_AsyncStream] | None,
+        after: Callable[[], object] | None = None,
     ) -> httpx.Response:
         """Record the response on the plan and wrap it for the caller.
 
@@ -204,6 +206,7 @@ class _Common:
                     retry_after = value.decode("latin-1")
         plan.responded(backend, status, retry_after)
         report = plan.reporter(backend)
+        report.after = after
         body: httpx.SyncByteStream | httpx.AsyncByteStream
         if wrapper is None:
             report(True)
@@ -384,6 +387,9 @@ class _Configured(Generic[_P, _T]):
         }
         self._plain: _T | None = None
         self._pools: dict[tuple[str | None, str], _P] = {}
+        self._gates: dict[tuple[str | None, str], AsyncGate] = {}
+        #: Attempts admitted into one backend's pool at once; the rest wait in a FIFO queue.
+        self._admit = limits.max_keepalive_connections or limits.max_connections or 1_000_000
         self._lock = threading.Lock()
         self._closed = False
 
@@ -550,7 +556,9 @@ class AsyncLBTransport(
     _plain_class = httpx.AsyncHTTPTransport
     _hedges = True
 
-    async def _pool(self, url: httpx.URL, backend: Backend) -> httpcore.AsyncConnectionPool:
+    async def _pool(
+        self, url: httpx.URL, backend: Backend
+    ) -> tuple[httpcore.AsyncConnectionPool, AsyncGate]:
         # No await between the lookup and the insert: safe among tasks of one event loop.
         name = _Common.pool_key(url, backend)
         pool = self._pools.get(name)
@@ -558,10 +566,14 @@ class AsyncLBTransport(
             if self._closed:
                 raise RuntimeError("AsyncLBTransport is closed")
             stale = self._common.stale(self._pools)
+            for key in list(self._gates):
+                if key not in self._pools:
+                    del self._gates[key]
             pool = self._pools[name] = httpcore.AsyncConnectionPool(**self._options)
+            self._gates[name] = AsyncGate(self._admit)
             for old in stale:
                 await old.aclose()
-        return pool
+        return pool, self._gates[name]
 
     async def __aenter__(self) -> AsyncLBTransport:
         await self._common.client.astart_checks()
@@ -584,6 +596,7 @@ class AsyncLBTransport(
         pools = list(self._pools.values())
         self._pools.clear()
         plain, self._plain = self._plain, None
+        self._gates.clear()
         await self._common.client.astop_checks()
         for pool in pools:
             await pool.aclose()
@@ -606,20 +619,30 @@ class _AsyncWire:
     async def send(self, backend: Backend) -> httpx.Response:
         request, plan = self.request, self.plan
         common = self.transport._common
-        pool = await self.transport._pool(request.url, backend)
+        pool, gate = await self.transport._pool(request.url, backend)
+        sent = common.backend_request(request, backend, plan)
         try:
-            response = await pool.handle_async_request(
-                common.backend_request(request, backend, plan)
-            )
+            await gate.enter(sent.extensions.get("timeout", {}).get("pool"))
+        except TimeoutError:
+            raise httpx.PoolTimeout(
+                f"no connection to backend {backend.address} became free in time"
+            ) from None
+        try:
+            response = await pool.handle_async_request(sent)
             if plan.buffers(response.status, _content_length(response)):
                 try:
                     await response.aread()
                 finally:
                     await response.aclose()
+                gate.leave()
                 return common.response(request, plan, backend, response, None)
         except _HTTPCORE_ERRORS as exc:
+            gate.leave()
             raise _httpx_error(exc) from exc
-        return common.response(request, plan, backend, response, _AsyncStream)
+        except BaseException:
+            gate.leave()
+            raise
+        return common.response(request, plan, backend, response, _AsyncStream, gate.leave)
 
     fault = staticmethod(_fault)
 
