@@ -16,8 +16,9 @@ from lbclient.backend import Backend
 from lbclient.balancer import LoadBalancer
 from lbclient.errors import KeyFunctionError, LBClientError, NoBackendAvailable
 from lbclient.health import BackendHealth, HealthPolicy, HealthSnapshot, Outcome
-from lbclient.selection import FNVHash, Hash, Random, RoundRobin
+from lbclient.selection import FNVHash, Hash, Random, RoundRobin, SmoothRoundRobin
 from lbclient.selection.consistent import Consistent
+from lbclient.selection.loadaware import LeastRequest, PeakEWMA
 
 if TYPE_CHECKING:
     from lbclient.checks import HttpCheck, TcpCheck
@@ -40,6 +41,9 @@ __all__ = [  # noqa: RUF022 (grouped by topic, not sorted)
     "Hash",
     "FNVHash",
     "Consistent",
+    "LeastRequest",
+    "PeakEWMA",
+    "SmoothRoundRobin",
     # health
     "HealthPolicy",
     "Outcome",
@@ -88,6 +92,12 @@ _LAZY = {
     "WeightedIterator": "lbclient.selection",
     "WeightedSelector": "lbclient.selection",
     "ConsistentSelector": "lbclient.selection",
+    "Maglev": "lbclient.selection",
+    "MaglevSelector": "lbclient.selection",
+    "Rendezvous": "lbclient.selection",
+    "RendezvousSelector": "lbclient.selection",
+    "LibKetama": "lbclient.selection",
+    "LibKetamaSelector": "lbclient.selection",
 }
 
 

@@ -15,6 +15,8 @@ ejection.
 from __future__ import annotations
 
 import logging
+import math
+import random
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -36,6 +38,7 @@ from lbclient.selection.base import (
     resolve_algorithm,
     to_key,
 )
+from lbclient.selection.slow_start import SlowStart, slow_start_of
 from lbclient.selection.weighted import RoundRobin
 
 __all__ = ["DEFAULT_MAX_ITERATIONS", "ActiveCheck", "LoadBalancer", "Service"]
@@ -238,6 +241,9 @@ class LoadBalancer(_Services, _Loads):
         self._update_lock = threading.Lock()
         #: The time constant (seconds) of the latency estimate and the failure penalty.
         self._decay = float(getattr(self._algorithm, "decay", DEFAULT_DECAY))
+        self._slow_start: SlowStart | None = slow_start_of(
+            getattr(self._algorithm, "slow_start", None)
+        )
         prepared = prepare_backends(backends)
         self._view = self._new_view(prepared, None)
         self._health_check = health_check
@@ -282,7 +288,12 @@ class LoadBalancer(_Services, _Loads):
         no other request is sent there.
         """
         view = self._view
-        if not view.impaired and type(max_iterations) is int and max_iterations > 0:
+        if (
+            not view.impaired
+            and self._slow_start is None
+            and type(max_iterations) is int
+            and max_iterations > 0
+        ):
             return view.selector.first(key)
         return self._select(view, key, max_iterations, _accept_ready)
 
@@ -302,7 +313,9 @@ class LoadBalancer(_Services, _Loads):
         limit = check_max_iterations(max_iterations)
         cells = view.cells
         panic = view.panic
+        ramp = self._slow_start
         now: float | None = None
+        passed: Backend | None = None  # a ramping backend passed over, as a last resort
         for backend in UniqueIterator(view.selector.iter(to_key(key)), limit):
             state = cells[backend].state
             probe = False
@@ -314,10 +327,18 @@ class LoadBalancer(_Services, _Loads):
                 ready = probe = state.enabled and state.probe_due(now)
             if not accept(backend, ready):
                 continue
+            if ramp is not None and not probe:
+                if now is None:
+                    now = self._clock()
+                restored = state.restored_at if state.restored_at > 0.0 else -math.inf
+                since = max(view.loads[backend].joined, restored)
+                if now - since < ramp.window and random.random() >= ramp.factor(now - since):
+                    passed = passed or backend
+                    continue  # still ramping up: this time, the next candidate
             if probe and not self._book.claim(view, backend, self._clock()):
                 continue  # another request took the probe first
             return backend
-        return None
+        return passed
 
     def iter(
         self,
@@ -375,7 +396,8 @@ class LoadBalancer(_Services, _Loads):
 
     def _new_view(self, prepared: tuple[Backend, ...], old: _View | None) -> _View:
         """A view of ``prepared``: backends that stay keep their health cell and load."""
-        now = self._clock()
+        # Backends of the first set do not ramp up; those that join later do, from now.
+        now = -math.inf if old is None else self._clock()
         loads = {} if old is None else old.loads
         view = _View(
             prepared,

@@ -9,8 +9,8 @@ Keys go through the real code path, ``LoadBalancer(...).select(key)``, over back
 * the share of keys whose backend changes when one backend is removed (the last one) and when
   one is added (a new last one, with the mean weight), after ``LoadBalancer.update``, beside the
   ideal minimum: the keys that must move, i.e. those of the removed backend, and those the new
-  backend takes. For RoundRobin and Random a key's backend is not a function of the key, so no
-  such figure is printed for them, only why.
+  backend takes. For RoundRobin, SmoothRoundRobin and Random a key's backend is not a function
+  of the key, so no such figure is printed for them, only why.
 
 Keys are byte strings ``b"key-<n>"`` with ``n`` drawn from ``random.Random(seed)`` (distinct);
 the routing hashes are lbclient's own (never Python's salted built-in hash), so a run is the
@@ -30,9 +30,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
-from lbclient import Backend, Consistent, FNVHash, Hash, LoadBalancer, Random, RoundRobin
+from lbclient import (
+    Backend,
+    Consistent,
+    FNVHash,
+    Hash,
+    LoadBalancer,
+    Random,
+    RoundRobin,
+    SmoothRoundRobin,
+)
 from lbclient.backend import MAX_WEIGHT
-from lbclient.selection import AlgorithmLike
+from lbclient.selection import AlgorithmLike, LibKetama, Maglev, Rendezvous
 
 __all__ = [
     "ALGORITHMS",
@@ -52,17 +61,23 @@ __all__ = [
 #: The algorithms by their command-line name.
 ALGORITHMS: dict[str, Callable[[int], AlgorithmLike]] = {
     "roundrobin": lambda _seed: RoundRobin,
+    "smooth": lambda _seed: SmoothRoundRobin,
     "random": lambda seed: Random(seed),
     "hash": lambda _seed: Hash,
     "fnv": lambda _seed: FNVHash,
     "consistent": lambda _seed: Consistent,
+    "maglev": lambda _seed: Maglev,
+    "rendezvous": lambda _seed: Rendezvous,
+    "libketama": lambda _seed: LibKetama,
 }
 #: The algorithms whose choice is a function of the key (the others ignore it).
-KEYED = frozenset({"hash", "fnv", "consistent"})
+KEYED = frozenset({"hash", "fnv", "consistent", "maglev", "rendezvous", "libketama"})
 #: Why "the keys that move" means nothing for the others.
 UNKEYED_REASON = {
     "roundrobin": "roundrobin does not map keys to backends: each select takes the next backend "
     "in turn, whatever the key",
+    "smooth": "smooth does not map keys to backends: each select takes the next backend in "
+    "nginx's smooth weighted order, whatever the key",
     "random": "random does not map keys to backends: each select picks a backend at random, "
     "whatever the key",
 }

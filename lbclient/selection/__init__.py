@@ -12,6 +12,11 @@ from lbclient.selection.base import (
     UniqueIterator,
 )
 from lbclient.selection.consistent import Consistent, ConsistentSelector
+from lbclient.selection.libketama import LibKetama, LibKetamaSelector
+from lbclient.selection.loadaware import LeastRequest, LoadAwareSelector, PeakEWMA
+from lbclient.selection.maglev import Maglev, MaglevSelector
+from lbclient.selection.rendezvous import Rendezvous, RendezvousSelector
+from lbclient.selection.smooth import SmoothRoundRobin, SmoothSelector
 from lbclient.selection.weighted import (
     FNVHash,
     Hash,
@@ -30,9 +35,20 @@ __all__ = [
     "FNVHash",
     "Hash",
     "Key",
+    "LeastRequest",
+    "LibKetama",
+    "LibKetamaSelector",
+    "LoadAwareSelector",
+    "Maglev",
+    "MaglevSelector",
+    "PeakEWMA",
     "Random",
+    "Rendezvous",
+    "RendezvousSelector",
     "RoundRobin",
     "Selector",
+    "SmoothRoundRobin",
+    "SmoothSelector",
     "UniqueIterator",
     "Weighted",
     "WeightedIterator",

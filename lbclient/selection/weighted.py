@@ -24,6 +24,7 @@ from typing import Final
 from lbclient.backend import Backend
 from lbclient.hashing import MASK64, fnv1a_64, xxh3_64
 from lbclient.selection.base import Key, buildmethod, prepare_backends, to_key
+from lbclient.selection.slow_start import SlowStart, slow_start_of
 
 __all__ = [
     "FNVHash",
@@ -231,10 +232,14 @@ class RoundRobin(Weighted):
     picks every backend is chosen exactly ``weight`` times, however many fallbacks requests
     walk. Fallbacks continue from their first pick's value (``h + 1``, ``h + 2``, ...) and leave
     the counter alone; with no other request picking in between, that is Pingora's sequence.
+
+    * ``slow_start``: a :class:`~lbclient.selection.slow_start.SlowStart` (or a window in
+      seconds) for backends that join or return from an ejection (None: none).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, slow_start: SlowStart | float | None = None) -> None:
         super().__init__()
+        self.slow_start = slow_start_of(slow_start)
 
     def index_function(self) -> IndexFn:
         # itertools.count advances in one C call, so concurrent threads never share a value.
@@ -256,11 +261,18 @@ def _successor(h: int) -> int:
 
 
 class Random(Weighted):
-    """A random 64-bit value per pick; the key is ignored."""
+    """A random 64-bit value per pick; the key is ignored.
 
-    def __init__(self, seed: int | None = None) -> None:
+    * ``seed``: the seed of the picks' random source (None: from the system).
+    * ``slow_start``: as for :class:`RoundRobin` (None).
+    """
+
+    def __init__(
+        self, seed: int | None = None, *, slow_start: SlowStart | float | None = None
+    ) -> None:
         super().__init__()
         self._seed = seed
+        self.slow_start = slow_start_of(slow_start)
 
     def index_function(self) -> IndexFn:
         bits = random.Random(self._seed).getrandbits

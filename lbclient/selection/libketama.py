@@ -1,0 +1,262 @@
+"""Consistent hashing on libketama's md5 continuum, the ring memcached clients share (libketama,
+and Python's ``uhashring.HashRing(..., hash_fn="ketama")``).
+
+Not :class:`~lbclient.selection.consistent.Consistent`: that ring is nginx's (crc32 points,
+160 per unit of weight, chained from ``host\\0port``), and the two route every key differently.
+
+The continuum, for ``n`` backends in sorted order with total weight ``W``:
+
+* a backend's server string is its address as lbclient writes it, ``host:port`` (IPv4 dotted
+  decimal, IPv6 in brackets in RFC 5952 form, a host name as given): the memcached clients that
+  share the ring must list their servers with the same text;
+* a backend of weight ``w`` gets ``ks = floor(40 * n * w / W)`` md5 digests, of the strings
+  ``f"{server}-{k}"`` for ``k`` in ``0..ks-1``; each 16-byte digest gives four points, its bytes
+  0-3, 4-7, 8-11 and 12-15 read as little-endian unsigned 32-bit integers. Equal weights give
+  160 points each; a backend whose share of the weight is under ``1 / (40 * n)`` gets none, and
+  is then never a pick of the ring;
+* a key's hash is bytes 0-3 of the md5 digest of the key, little-endian (``str`` keys as
+  UTF-8, as uhashring hashes them; it hashes a ``bytes`` key's repr, so share ``str`` keys with
+  it). The key goes to the first point after its hash, wrapping past the end to the first
+  point; its fallbacks are the backends of the following points along the ring.
+
+``variant`` picks the rules where implementations of this ring disagree:
+
+* ``"uhashring"`` (the default) routes every key as uhashring does: ``ks`` is computed exactly
+  in integers; a key goes to the first point *greater than* its hash; of several backends with a
+  point of the same value, the last in sorted order owns it (give uhashring its nodes in
+  lbclient's sorted order, as uhashring's own collisions go to the node it was given last);
+* ``"libketama"`` follows libketama's C code: ``ks`` is computed in single precision,
+  ``floorf((float)w / (float)W * 40.0 * (float)n)``, which for some weights is one digest fewer
+  than the exact value; a key goes to the first point *at or after* its hash (a key hashing
+  exactly onto a point goes to that point's backend); the C code leaves the owner of a shared
+  point to its sort, and here the first backend in sorted order owns it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import math
+import struct
+from bisect import bisect_left, bisect_right
+from collections.abc import Callable, Iterable, Iterator
+from typing import Final, Protocol
+
+from lbclient.backend import Backend
+from lbclient.selection.base import Key, buildmethod, prepare_backends, to_key
+
+__all__ = ["DIGESTS_PER_SERVER", "VARIANTS", "LibKetama", "LibKetamaSelector"]
+
+#: libketama's md5 digests per server at equal weights (four points each).
+DIGESTS_PER_SERVER: Final = 40
+
+#: The values of ``variant``: whose rules the ring follows where implementations disagree.
+VARIANTS: Final = ("uhashring", "libketama")
+
+_NODE_BITS: Final = 24  # backend index bits in a packed point
+_NODE_MASK: Final = (1 << _NODE_BITS) - 1
+_four_points = struct.Struct("<4I").unpack
+_first_point = struct.Struct("<I").unpack_from
+_single = struct.Struct("<f")
+
+
+class _Digest(Protocol):
+    def digest(self) -> bytes: ...
+
+
+def _md5_function() -> Callable[[bytes], _Digest]:
+    """CPython's own md5 where present (faster on short keys than OpenSSL's), else hashlib's."""
+    try:
+        own: Callable[[bytes], _Digest] = importlib.import_module("_md5").md5
+    except (ImportError, AttributeError):
+        return _hashlib_md5
+    return own
+
+
+def _hashlib_md5(data: bytes) -> _Digest:
+    return hashlib.md5(data, usedforsecurity=False)
+
+
+_md5 = _md5_function()
+
+
+def _float32(value: float) -> float:
+    """``value`` rounded to single precision (to nearest, ties to even)."""
+    result: float = _single.unpack(_single.pack(value))[0]
+    return result
+
+
+def digests_exact(weight: int, total: int, servers: int) -> int:
+    """``floor(40 * servers * weight / total)``, in integers (uhashring's count)."""
+    return DIGESTS_PER_SERVER * servers * weight // total
+
+
+def digests_single(weight: int, total: int, servers: int) -> int:
+    """The same count as libketama's C code computes it, in single precision."""
+    share = _float32(weight / _float32(float(total)))
+    return math.floor(_float32(share * 40.0 * float(servers)))
+
+
+def key_hash(key: bytes) -> int:
+    """A key's place on the continuum: md5 bytes 0-3, little-endian."""
+    point: int = _first_point(_md5(key).digest())[0]
+    return point
+
+
+def server_points(server: str, digests: int) -> list[int]:
+    """The points of ``server`` with ``digests`` md5 digests, in digest order."""
+    points: list[int] = []
+    for k in range(digests):
+        points.extend(_four_points(_md5(f"{server}-{k}".encode()).digest()))
+    return points
+
+
+class LibKetamaSelector:
+    """A built libketama continuum over a fixed, sorted set of backends. Immutable."""
+
+    __slots__ = (
+        "_backends", "_count", "_hashes", "_owners", "_search", "_shift", "_starts", "_variant"
+    )
+
+    def __init__(self, backends: tuple[Backend, ...], variant: str) -> None:
+        self._backends = backends
+        self._variant = variant
+        count_digests = digests_exact if variant == "uhashring" else digests_single
+        servers = len(backends)
+        if servers > _NODE_MASK + 1:
+            raise ValueError(
+                f"a continuum holds up to {_NODE_MASK + 1:,} backends, got {servers:,}"
+            )
+        total = sum(b.weight for b in backends)
+        packed: list[int] = []
+        for node, backend in enumerate(backends):
+            digests = count_digests(backend.weight, total, servers)
+            # hash in the high bits, backend index in the low bits: sorting the ints sorts by
+            # hash and, within one hash, by backend order.
+            points = server_points(backend.address, digests)
+            packed.extend((p << _NODE_BITS) | node for p in points)
+        packed.sort()
+        last_owner_wins = variant == "uhashring"
+        hashes: list[int] = []
+        owners: list[Backend] = []
+        for point in packed:
+            h = point >> _NODE_BITS
+            owner = backends[point & _NODE_MASK]
+            if hashes and hashes[-1] == h:
+                if last_owner_wins:
+                    owners[-1] = owner
+                continue
+            hashes.append(h)
+            owners.append(owner)
+        self._hashes = hashes
+        self._owners = tuple(owners)
+        self._count = count = len(hashes)
+        self._search: Callable[[list[int], int, int, int], int] = (
+            bisect_right if variant == "uhashring" else bisect_left
+        )
+        # A bucket index over the top bits of the point: _starts[b] is the first point whose
+        # value >> shift >= b, so a lookup searches only the few points of one bucket.
+        bits = max(1, min(16, count.bit_length() - 1))
+        self._shift = shift = 32 - bits
+        starts = [count] * ((1 << bits) + 1)
+        for i in range(count - 1, -1, -1):
+            starts[hashes[i] >> shift] = i
+        for b in range(len(starts) - 2, -1, -1):
+            if starts[b] > starts[b + 1]:
+                starts[b] = starts[b + 1]
+        self._starts = starts
+
+    @property
+    def backends(self) -> tuple[Backend, ...]:
+        """The backends in sorted order."""
+        return self._backends
+
+    @property
+    def variant(self) -> str:
+        """Whose rules the ring follows: ``"uhashring"`` or ``"libketama"``."""
+        return self._variant
+
+    @property
+    def ring_size(self) -> int:
+        """The number of distinct points on the continuum."""
+        return self._count
+
+    def points(self) -> list[tuple[int, Backend]]:
+        """The continuum as ``(point, backend)`` pairs in ring order."""
+        return list(zip(self._hashes, self._owners, strict=True))
+
+    def point_index(self, key: Key) -> int:
+        """The index of the point ``key`` goes to (0 on an empty ring)."""
+        if type(key) is not bytes:
+            key = to_key(key)
+        return self._locate(_first_point(_md5(key).digest())[0])
+
+    def _locate(self, h: int) -> int:
+        """Index of the point a key hashing to ``h`` goes to, wrapping to 0."""
+        bucket = h >> self._shift
+        starts = self._starts
+        i = self._search(self._hashes, h, starts[bucket], starts[bucket + 1])
+        return 0 if i == self._count else i
+
+    def first(self, key: Key) -> Backend | None:
+        """The backend ``key`` goes to; None with no backends."""
+        if not self._count:
+            return None
+        if type(key) is not bytes:
+            key = to_key(key)
+        h: int = _first_point(_md5(key).digest())[0]
+        bucket = h >> self._shift
+        starts = self._starts
+        i = self._search(self._hashes, h, starts[bucket], starts[bucket + 1])
+        return self._owners[0 if i == self._count else i]
+
+    def iter(self, key: Key) -> Iterator[Backend]:
+        """The backend of each point from ``key``'s point on, wrapping, without end."""
+        if not self._count:
+            return iter(())
+        return _walk(self._owners, self.point_index(key))
+
+    def __len__(self) -> int:
+        return len(self._backends)
+
+    def __repr__(self) -> str:
+        return (
+            f"<LibKetamaSelector backends={len(self._backends)} points={self._count} "
+            f"variant={self._variant!r}>"
+        )
+
+
+def _walk(owners: tuple[Backend, ...], start: int) -> Iterator[Backend]:
+    count = len(owners)
+    i = start
+    while True:
+        yield owners[i]
+        i += 1
+        if i == count:
+            i = 0
+
+
+class LibKetama:
+    """Ketama consistent hashing on libketama's md5 continuum, as memcached clients route keys.
+
+    For sharing sticky routing with memcached-style clients: ``variant="uhashring"`` (the
+    default) routes every key as ``uhashring.HashRing(nodes, hash_fn="ketama")`` does with the
+    backends' addresses as node names and their weights as node weights;
+    ``variant="libketama"`` follows libketama's C code where the two differ (see the module).
+    For nginx's ``hash ... consistent`` ring use :class:`~lbclient.Consistent` instead.
+    """
+
+    def __init__(self, variant: str = "uhashring") -> None:
+        if not isinstance(variant, str):
+            raise TypeError(f"variant must be a str, got {variant!r} ({type(variant).__name__})")
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {', '.join(VARIANTS)}; got {variant!r}")
+        self.variant = variant
+
+    @buildmethod
+    def build(self, backends: Iterable[Backend | str]) -> LibKetamaSelector:
+        """Build the continuum over ``backends`` (sorted and de-duplicated first)."""
+        return LibKetamaSelector(prepare_backends(backends), self.variant)
+
+    def __repr__(self) -> str:
+        return f"LibKetama(variant={self.variant!r})"

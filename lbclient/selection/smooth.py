@@ -1,0 +1,207 @@
+"""Smooth weighted round robin, as nginx's ``upstream`` does it without ``hash``.
+
+Every backend has a current weight, 0 at first. Each pick adds every backend's weight to its
+current weight, takes the backend with the largest current weight (ties: the first in sorted
+order) and subtracts the total weight from the winner's. Weights ``{a: 5, b: 1, c: 1}`` give
+``a a b a c a a``, not ``a a a a a b c``: heavy backends are spread out rather than bunched.
+
+Over every ``total_weight`` consecutive picks each backend is taken exactly ``weight`` times and
+the current weights are back at 0, so the sequence repeats with that period.
+
+The key is ignored. The current weights are shared by every request on one selector: a pick
+takes a lock for a few arithmetic steps (no I/O) so that concurrent picks are neither lost nor
+counted twice. Fallbacks read the current weights without moving them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Iterable, Iterator
+
+from lbclient.backend import Backend
+from lbclient.selection.base import Key, buildmethod, prepare_backends, to_key
+from lbclient.selection.slow_start import SlowStart, slow_start_of
+
+__all__ = ["SmoothRoundRobin", "SmoothSelector"]
+
+
+class SmoothSelector:
+    """Smooth weighted round robin over a fixed, sorted set of backends.
+
+    Backends of equal weight take turns among themselves in sorted order, so a pick costs
+    O(distinct weights), not O(backends). Picks are safe across threads.
+    """
+
+    __slots__ = ("_backends", "_classes", "_count", "_lock", "_step", "_taken", "_total")
+
+    def __init__(self, backends: tuple[Backend, ...]) -> None:
+        self._backends = backends
+        self._count = len(backends)
+        self._total = sum(b.weight for b in backends)
+        members: dict[int, list[int]] = {}
+        for index, backend in enumerate(backends):
+            members.setdefault(backend.weight, []).append(index)
+        #: (weight, number of backends, their indexes in sorted order) per distinct weight.
+        self._classes: tuple[tuple[int, int, tuple[int, ...]], ...] = tuple(
+            (weight, len(indexes), tuple(indexes)) for weight, indexes in members.items()
+        )
+        self._lock = threading.Lock()
+        self._step = 0  # picks taken in the current period (0 <= step < total weight)
+        self._taken = [0] * len(self._classes)  # of those, the picks of each weight class
+
+    @property
+    def backends(self) -> tuple[Backend, ...]:
+        """The backends in sorted order."""
+        return self._backends
+
+    @property
+    def total_weight(self) -> int:
+        """The sum of the weights: the length of one period of the sequence."""
+        return self._total
+
+    def first(self, key: Key) -> Backend | None:
+        """The next backend in the smooth sequence (``key`` is ignored); None with no backends.
+
+        Each call is one pick from the shared state.
+        """
+        if type(key) is not bytes:
+            to_key(key)  # a bad key is an error here as with every algorithm
+        if not self._count:
+            return None
+        with self._lock:
+            return self._backends[self._pick()]
+
+    def iter(self, key: Key) -> Iterator[Backend]:
+        """One pick (``key`` is ignored), then the other backends as fallbacks, without end.
+
+        The fallbacks are every other backend once, in the order the next pick would rank them
+        at the moment of this pick (see :meth:`iter_after`); then the same cycle again, this
+        pick included. Only the first item takes a pick from the shared state, when it is
+        pulled.
+        """
+        if type(key) is not bytes:
+            to_key(key)
+        if not self._count:
+            return iter(())
+        return self._walk()
+
+    def iter_after(self, key: Key, first: Backend) -> Iterator[Backend]:
+        """Fallbacks once ``first`` was taken as a first pick elsewhere, without end.
+
+        Every backend other than ``first``, by the value the next pick would give it (current
+        weight plus weight, largest first, ties in sorted order), read at this call; then
+        ``first`` if it is one of the backends; then that cycle again. The shared state is not
+        moved. When no other request picked since ``first``, the first fallback is the backend
+        nginx would retry with.
+        """
+        if type(key) is not bytes:
+            to_key(key)
+        if not self._count:
+            return iter(())
+        with self._lock:
+            state = self._step, tuple(self._taken)
+        order = self._ranking(state)
+        others = [i for i in order if self._backends[i] != first]
+        if len(others) < len(order):
+            others.append(next(i for i in order if self._backends[i] == first))
+        return _cycle(self._backends, others)
+
+    def current_weights(self) -> tuple[int, ...]:
+        """Each backend's current weight, in sorted order (they sum to 0)."""
+        with self._lock:
+            state = self._step, tuple(self._taken)
+        return self._currents(state)
+
+    def _pick(self) -> int:
+        """Take one pick and return the winner's index; the caller holds the lock."""
+        total = self._total
+        step = self._step + 1
+        taken = self._taken
+        best_class = 0
+        best_value = -total  # below every current weight
+        best_index = self._count
+        for c, (weight, size, indexes) in enumerate(self._classes):
+            picks = taken[c]
+            # The current weight, after this pick's addition, of the class member whose turn
+            # it is: the largest in its class, and the first in sorted order among equals.
+            value = step * weight - total * (picks // size)
+            if value >= best_value:
+                index = indexes[picks % size]
+                if value > best_value or index < best_index:
+                    best_class, best_value, best_index = c, value, index
+        taken[best_class] += 1
+        if step == total:  # a whole period: every current weight is back at 0
+            self._step = 0
+            taken[:] = [0] * len(taken)
+        else:
+            self._step = step
+        return best_index
+
+    def _currents(self, state: tuple[int, tuple[int, ...]]) -> tuple[int, ...]:
+        step, taken = state
+        total = self._total
+        currents = [0] * self._count
+        for (weight, size, indexes), picks in zip(self._classes, taken, strict=True):
+            rounds, position = divmod(picks, size)
+            for place, index in enumerate(indexes):
+                wins = rounds + 1 if place < position else rounds
+                currents[index] = step * weight - total * wins
+        return tuple(currents)
+
+    def _ranking(self, state: tuple[int, tuple[int, ...]]) -> list[int]:
+        """Backend indexes by the value the next pick would give them, largest first."""
+        currents = self._currents(state)
+        backends = self._backends
+        return sorted(range(self._count), key=lambda i: (-(currents[i] + backends[i].weight), i))
+
+    def _walk(self) -> Iterator[Backend]:
+        with self._lock:
+            index = self._pick()
+            state = self._step, tuple(self._taken)
+        backends = self._backends
+        yield backends[index]
+        order = [i for i in self._ranking(state) if i != index]
+        order.append(index)
+        yield from _cycle(backends, order)
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __repr__(self) -> str:
+        return f"<SmoothSelector backends={self._count} total_weight={self._total}>"
+
+
+def _cycle(backends: tuple[Backend, ...], order: list[int]) -> Iterator[Backend]:
+    return itertools.cycle([backends[i] for i in order])
+
+
+class SmoothRoundRobin:
+    """nginx's smooth weighted round robin, the default of an ``upstream`` without ``hash``.
+
+    Each pick adds every backend's weight to its current weight, takes the largest (ties: the
+    first in sorted order) and subtracts the total weight from it, so over ``total_weight``
+    consecutive picks every backend is chosen exactly ``weight`` times, evenly spread. With the
+    backends written in sorted order in nginx's ``upstream``, the sequence is nginx's, pick for
+    pick (one worker, no failures).
+
+    The key is ignored. The current weights are shared by all requests, safe across threads,
+    and start at 0 at every build: ``LoadBalancer.update()`` with a changed set starts the
+    sequence over, as an nginx reload does. Fallbacks take no pick: they are the other
+    backends by the value the next pick would give them (:meth:`SmoothSelector.iter_after`).
+    Failures do not lower a backend's weight here; health is the balancer's.
+
+    * ``slow_start``: a :class:`~lbclient.selection.slow_start.SlowStart` (or a window in
+      seconds) for backends that join or return from an ejection (None: none).
+    """
+
+    def __init__(self, *, slow_start: SlowStart | float | None = None) -> None:
+        self.slow_start = slow_start_of(slow_start)
+
+    @buildmethod
+    def build(self, backends: Iterable[Backend | str]) -> SmoothSelector:
+        """Build a selector over ``backends`` (sorted and de-duplicated first)."""
+        return SmoothSelector(prepare_backends(backends))
+
+    def __repr__(self) -> str:
+        return "SmoothRoundRobin()"
