@@ -16,7 +16,7 @@ import math
 import threading
 from typing import Final
 
-__all__ = ["FAILURE_PENALTY", "Load", "decayed"]
+__all__ = ["FAILURE_PENALTY", "Load", "Total", "decayed"]
 
 #: What one failure adds to a backend's penalty (the algorithms give it a unit).
 FAILURE_PENALTY: Final = 1.0
@@ -31,12 +31,24 @@ def decayed(value: float, elapsed: float, tau: float) -> float:
     return value * math.exp(-elapsed / tau)
 
 
+class Total:
+    """Requests in flight over all the backends of one balancer (kept by their loads)."""
+
+    __slots__ = ("in_flight", "lock")
+
+    def __init__(self) -> None:
+        self.in_flight = 0
+        #: The one lock every load of the balancer updates under.
+        self.lock = threading.Lock()
+
+
 class Load:
     """One backend's load. ``in_flight`` is exact under threads and tasks; the estimate is a
     peak EWMA of response-head latencies (seconds), None before the first measurement."""
 
     __slots__ = (
         "_lock",
+        "_total",
         "estimate",
         "in_flight",
         "joined",
@@ -45,8 +57,9 @@ class Load:
         "stamp",
     )
 
-    def __init__(self, joined: float = 0.0) -> None:
-        self._lock = threading.Lock()
+    def __init__(self, joined: float = 0.0, total: Total | None = None) -> None:
+        self._total = total = total or Total()
+        self._lock = total.lock
         #: Attempts started and not yet ended (response body done, failed or cancelled).
         self.in_flight = 0
         #: The latency estimate (seconds) as of ``stamp``; None before any measurement.
@@ -64,12 +77,14 @@ class Load:
         """An attempt started."""
         with self._lock:
             self.in_flight += 1
+            self._total.in_flight += 1
 
     def end(self) -> None:
         """An attempt ended (never below zero, whatever the order of reports)."""
         with self._lock:
             if self.in_flight > 0:
                 self.in_flight -= 1
+                self._total.in_flight -= 1
 
     def observe(
         self,

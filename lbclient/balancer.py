@@ -24,7 +24,7 @@ from types import TracebackType
 from typing import Any, Final, Protocol, TypeVar
 
 from lbclient._book import Cell, HealthBook, OnChange, Tally
-from lbclient._load import Load
+from lbclient._load import Load, Total
 from lbclient.backend import Backend
 from lbclient.health import HealthPolicy, HealthSnapshot, HealthState, Outcome
 from lbclient.selection.base import (
@@ -241,6 +241,8 @@ class LoadBalancer(_Services, _Loads):
         self._update_lock = threading.Lock()
         #: The time constant (seconds) of the latency estimate and the failure penalty.
         self._decay = float(getattr(self._algorithm, "decay", DEFAULT_DECAY))
+        #: Requests in flight over every backend, for bounded loads.
+        self._total = Total()
         self._slow_start: SlowStart | None = slow_start_of(
             getattr(self._algorithm, "slow_start", None)
         )
@@ -403,12 +405,12 @@ class LoadBalancer(_Services, _Loads):
             prepared,
             self._algorithm.build(prepared),
             HealthBook.cells(prepared, old),
-            {b: loads.get(b) or Load(now) for b in prepared},
+            {b: loads.get(b) or Load(now, self._total) for b in prepared},
             self._policy,
         )
         attach = getattr(view.selector, "attach", None)
         if attach is not None:  # load-aware selectors read the live load
-            attach(view.loads, self._clock)
+            attach(view.loads, self._clock, self._total)
         return view
 
     def __len__(self) -> int:

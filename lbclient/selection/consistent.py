@@ -14,11 +14,14 @@ first point; its fallbacks are the following points along the ring.
 
 from __future__ import annotations
 
+import itertools
+import math
 import zlib
 from bisect import bisect_left
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Final
 
+from lbclient._load import Load, Total
 from lbclient.backend import Backend
 from lbclient.selection.base import Key, buildmethod, prepare_backends, to_key
 
@@ -142,6 +145,68 @@ class ConsistentSelector:
         return f"<ConsistentSelector backends={len(self._backends)} points={self._count}>"
 
 
+class BoundedSelector(ConsistentSelector):
+    """A ketama ring with bounded loads (Mirrokni, Thorup and Zadimoghaddam): no backend takes
+    a new request while it holds ``ceil(balance_factor x (in flight + 1) x its weight share)``
+    requests or more; the key goes on along the ring to the first backend with room. The
+    fallback order for retries stays the ring walk."""
+
+    __slots__ = ("_factor", "_loads", "_shares", "_total")
+
+    def __init__(
+        self,
+        backends: tuple[Backend, ...],
+        points_per_weight: int,
+        ipv6_brackets: bool,
+        balance_factor: float,
+    ) -> None:
+        super().__init__(backends, points_per_weight, ipv6_brackets)
+        self._factor = balance_factor
+        total_weight = sum(b.weight for b in backends) or 1
+        self._shares = {b: b.weight / total_weight for b in backends}
+        self._loads: Mapping[Backend, Load] = {}
+        self._total = Total()
+
+    def attach(self, loads: Mapping[Backend, Load], clock: object, total: Total) -> None:
+        """Read the balancer's live load: each backend's, and the total in flight."""
+        self._loads = loads
+        self._total = total
+
+    def capacity(self, backend: Backend) -> int:
+        """How many requests ``backend`` may hold before the next one moves on."""
+        wanted = self._factor * (self._total.in_flight + 1) * self._shares[backend]
+        return max(1, math.ceil(wanted - 1e-9))
+
+    def first(self, key: Key) -> Backend | None:
+        """The first backend along the ring from ``key``'s point that has room."""
+        if not self._count:
+            return None
+        if type(key) is not bytes:
+            key = to_key(key)
+        loads = self._loads
+        start = self._locate(zlib.crc32(key))
+        owners = self._owners
+        seen: set[Backend] = set()
+        for step in range(self._count):
+            backend = owners[(start + step) % self._count]
+            if backend in seen:
+                continue
+            load = loads.get(backend)
+            if load is None or load.in_flight < self.capacity(backend):
+                return backend
+            seen.add(backend)
+            if len(seen) == len(self._backends):
+                break
+        return owners[start]  # every backend is full (cannot happen with a factor >= 1)
+
+    def iter(self, key: Key) -> Iterator[Backend]:
+        """The bounded first pick, then the ring walk from ``key``'s point."""
+        first = self.first(key)
+        if first is None:
+            return iter(())
+        return itertools.chain((first,), _walk(self._owners, self.point_index(key)))
+
+
 def _walk(owners: tuple[Backend, ...], start: int) -> Iterator[Backend]:
     count = len(owners)
     i = start
@@ -155,12 +220,20 @@ def _walk(owners: tuple[Backend, ...], start: int) -> Iterator[Backend]:
 class Consistent:
     """Ketama consistent hashing, compatible with nginx's ``hash $key consistent``.
 
-    ``points_per_weight`` is nginx's 160 by default. ``ipv6_brackets=False`` hashes IPv6 hosts
-    without brackets, as Pingora's ketama does; the default (with brackets) is what nginx does.
+    * ``points_per_weight``: ring points per unit of weight (160, nginx's).
+    * ``ipv6_brackets``: hash IPv6 hosts with brackets, as nginx does; False hashes them
+      without, as Pingora's ketama does (True).
+    * ``balance_factor``: consistent hashing with bounded loads: a backend holding
+      ``ceil(balance_factor x mean)`` requests in flight (by weight) passes new keys on along
+      the ring, e.g. 1.25 (None: exactly nginx's routing, whatever the load).
     """
 
     def __init__(
-        self, points_per_weight: int = DEFAULT_POINTS_PER_WEIGHT, *, ipv6_brackets: bool = True
+        self,
+        points_per_weight: int = DEFAULT_POINTS_PER_WEIGHT,
+        *,
+        ipv6_brackets: bool = True,
+        balance_factor: float | None = None,
     ) -> None:
         if isinstance(points_per_weight, bool) or not isinstance(points_per_weight, int):
             raise TypeError(
@@ -171,18 +244,33 @@ class Consistent:
             raise ValueError(f"points_per_weight must be >= 1, got {points_per_weight}")
         if not isinstance(ipv6_brackets, bool):
             raise TypeError(f"ipv6_brackets must be a bool, got {ipv6_brackets!r}")
+        if balance_factor is not None:
+            if isinstance(balance_factor, bool) or not isinstance(balance_factor, (int, float)):
+                raise TypeError(f"balance_factor must be a number or None, got {balance_factor!r}")
+            if not math.isfinite(balance_factor) or balance_factor < 1:
+                raise ValueError(f"balance_factor must be a finite number >= 1, got "
+                                 f"{balance_factor!r}")
         self.points_per_weight = points_per_weight
         self.ipv6_brackets = ipv6_brackets
+        self.balance_factor = balance_factor
 
     @buildmethod
     def build(self, backends: Iterable[Backend | str]) -> ConsistentSelector:
         """Build the ring over ``backends`` (sorted and de-duplicated first)."""
+        if self.balance_factor is not None:
+            return BoundedSelector(
+                prepare_backends(backends),
+                self.points_per_weight,
+                self.ipv6_brackets,
+                float(self.balance_factor),
+            )
         return ConsistentSelector(
             prepare_backends(backends), self.points_per_weight, self.ipv6_brackets
         )
 
     def __repr__(self) -> str:
+        bound = "" if self.balance_factor is None else f", balance_factor={self.balance_factor:g}"
         return (
             f"Consistent(points_per_weight={self.points_per_weight}, "
-            f"ipv6_brackets={self.ipv6_brackets})"
+            f"ipv6_brackets={self.ipv6_brackets}{bound})"
         )

@@ -69,7 +69,9 @@ class LoadAwareSelector:
         self._loads: Mapping[Backend, Load] = {}
         self._clock: Callable[[], float] = time.monotonic
 
-    def attach(self, loads: Mapping[Backend, Load], clock: Callable[[], float]) -> None:
+    def attach(
+        self, loads: Mapping[Backend, Load], clock: Callable[[], float], total: object = None
+    ) -> None:
         """Read load from ``loads`` (the balancer's live cells) at ``clock`` time."""
         self._loads = loads
         self._clock = clock
