@@ -118,8 +118,11 @@ class Load:
 
     def penalty_at(self, now: float, tau: float) -> float:
         """The penalty at clock value ``now``: held until ``penalty_floor_until``, then decaying."""
+        penalty = self.penalty
+        if penalty == 0.0:
+            return 0.0
         start = max(self.stamp, self.penalty_floor_until)
-        return decayed(self.penalty, now - start, tau)
+        return decayed(penalty, now - start, tau)
 
     def estimate_at(self, now: float, tau: float) -> float | None:
         """The latency estimate at clock value ``now``, decayed since its last update (so a

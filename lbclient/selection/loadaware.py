@@ -87,6 +87,11 @@ class LoadAwareSelector:
         if count >= n:
             return range(n)
         if self._uniform:
+            if count == 2:  # the common case, without random.sample's overhead
+                draw = random.random
+                first = int(draw() * n)
+                second = int(draw() * (n - 1))
+                return (first, second + (second >= first))
             return random.sample(range(n), count)
         picked: list[int] = []
         total = self._cumulative[-1]

@@ -40,7 +40,14 @@ from typing import Any, TypedDict, TypeVar
 
 from lbclient import Backend, Consistent, FNVHash, Hash, LoadBalancer, Random, RoundRobin
 from lbclient.hashing import crc32, xxh3_64
-from lbclient.selection import LibKetama, Maglev, Rendezvous
+from lbclient.selection import (
+    LeastRequest,
+    LibKetama,
+    Maglev,
+    PeakEWMA,
+    Rendezvous,
+    SmoothRoundRobin,
+)
 
 __all__ = [
     "KETAMA",
@@ -76,6 +83,7 @@ KETAMA = "uhashring ketama"  # baseline_name of the rows against HashRing(hash_f
 
 ALGORITHMS: tuple[tuple[str, type], ...] = (
     ("RoundRobin", RoundRobin),
+    ("SmoothRoundRobin", SmoothRoundRobin),
     ("Random", Random),
     ("Hash", Hash),
     ("FNVHash", FNVHash),
@@ -83,6 +91,8 @@ ALGORITHMS: tuple[tuple[str, type], ...] = (
     ("Maglev", Maglev),
     ("Rendezvous", Rendezvous),
     ("LibKetama", LibKetama),
+    ("LeastRequest", LeastRequest),
+    ("PeakEWMA", PeakEWMA),
 )
 #: The algorithms whose select is O(backends), and the keys their 1,000-backend passes use.
 LINEAR_ALGORITHMS = ("Rendezvous",)
