@@ -16,6 +16,7 @@ from lbclient.selection.libketama import LibKetama, LibKetamaSelector
 from lbclient.selection.loadaware import LeastRequest, LoadAwareSelector, PeakEWMA
 from lbclient.selection.maglev import Maglev, MaglevSelector
 from lbclient.selection.rendezvous import Rendezvous, RendezvousSelector
+from lbclient.selection.slow_start import SlowStart
 from lbclient.selection.smooth import SmoothRoundRobin, SmoothSelector
 from lbclient.selection.weighted import (
     FNVHash,
@@ -47,6 +48,7 @@ __all__ = [
     "RendezvousSelector",
     "RoundRobin",
     "Selector",
+    "SlowStart",
     "SmoothRoundRobin",
     "SmoothSelector",
     "UniqueIterator",
