@@ -1,4 +1,5 @@
-"""``python -m lbclient simulate``: how an algorithm spreads keys, and how many keys move.
+"""``python -m lbclient simulate``: how an algorithm spreads keys, and how many keys move; for
+the algorithms that ignore the key, how it spreads live load around one slow backend.
 
 Keys go through the real code path, ``LoadBalancer(...).select(key)``, over backends
 ``10.0.0.1:8080``, ``10.0.0.2:8080``... with the given weights. Printed:
@@ -9,33 +10,52 @@ Keys go through the real code path, ``LoadBalancer(...).select(key)``, over back
 * the share of keys whose backend changes when one backend is removed (the last one) and when
   one is added (a new last one, with the mean weight), after ``LoadBalancer.update``, beside the
   ideal minimum: the keys that must move, i.e. those of the removed backend, and those the new
-  backend takes. For RoundRobin, SmoothRoundRobin and Random a key's backend is not a function
-  of the key, so no such figure is printed for them, only why.
+  backend takes. For RoundRobin, SmoothRoundRobin, Random, LeastRequest and PeakEWMA a key's
+  backend is not a function of the key, so no such figure is printed for them, only why.
+
+For those five, a simulated run follows, on a simulated clock (no sleeping, no threads):
+``--clients`` clients each send requests back to back until ``--requests`` have completed. The
+first backend answers in 10 ms, the others in 1 ms, each within +/-25%. Every request goes
+through the balancer as a transport's would: ``select()``, ``begin()``, then at its completion
+``observe()`` and ``load.end()``. Printed per backend: its share of the requests against its fair
+share; overall: the mean and p99 latency and the requests per simulated second, beside
+RoundRobin's as the baseline. A second run has every backend answer in 1 ms but the first one
+answer every other request with a 503 in 0.1 ms: the share of failures callers see (nothing
+retries, and passive health checks are not fed, so this is the algorithm's own doing).
 
 Keys are byte strings ``b"key-<n>"`` with ``n`` drawn from ``random.Random(seed)`` (distinct);
-the routing hashes are lbclient's own (never Python's salted built-in hash), so a run is the
-same on every machine. ``--plot FILE.png`` draws both with matplotlib
-(``pip install 'lbclient[plot]'``).
+the routing hashes are lbclient's own (never Python's salted built-in hash), and every random
+draw (service times, LeastRequest's and PeakEWMA's samples) comes from a generator seeded with
+``--seed``, so a run is the same on every machine. ``--plot FILE.png`` draws the key spread and
+the movement with matplotlib (``pip install 'lbclient[plot]'``); for the five algorithms that
+ignore the key, the movement chart gives way to the shares of the slow-backend run.
 """
 
 from __future__ import annotations
 
 import argparse
+import heapq
+import math
 import random
 import statistics
+import textwrap
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 from lbclient import (
     Backend,
     Consistent,
     FNVHash,
     Hash,
+    LeastRequest,
     LoadBalancer,
+    PeakEWMA,
     Random,
     RoundRobin,
     SmoothRoundRobin,
@@ -45,17 +65,25 @@ from lbclient.selection import AlgorithmLike, LibKetama, Maglev, Rendezvous
 
 __all__ = [
     "ALGORITHMS",
+    "BASELINE",
     "KEYED",
+    "SCENARIOS",
+    "LoadComparison",
+    "LoadRun",
+    "LoadShare",
     "Movement",
     "Share",
     "Simulation",
     "add_parser",
     "backends_for",
     "command",
+    "compare_load",
+    "format_load_report",
     "format_report",
     "make_keys",
     "plot",
     "simulate",
+    "simulate_load",
 ]
 
 #: The algorithms by their command-line name.
@@ -63,6 +91,8 @@ ALGORITHMS: dict[str, Callable[[int], AlgorithmLike]] = {
     "roundrobin": lambda _seed: RoundRobin,
     "smooth": lambda _seed: SmoothRoundRobin,
     "random": lambda seed: Random(seed),
+    "leastrequest": lambda _seed: LeastRequest,
+    "peakewma": lambda _seed: PeakEWMA,
     "hash": lambda _seed: Hash,
     "fnv": lambda _seed: FNVHash,
     "consistent": lambda _seed: Consistent,
@@ -80,10 +110,20 @@ UNKEYED_REASON = {
     "nginx's smooth weighted order, whatever the key",
     "random": "random does not map keys to backends: each select picks a backend at random, "
     "whatever the key",
+    "leastrequest": "leastrequest does not map keys to backends: each select takes the one with "
+    "fewer requests in flight of two backends sampled at random, whatever the key (with none in "
+    "flight, as for the keys above, either one)",
+    "peakewma": "peakewma does not map keys to backends: each select takes the one of lower "
+    "latency x (requests in flight + 1) of two backends sampled at random, whatever the key "
+    "(with none measured and none in flight, as for the keys above, either one)",
 }
+#: The algorithm every load run is compared with.
+BASELINE = "roundrobin"
 
 MAX_BACKENDS = 10_000
 MAX_KEYS = 10_000_000
+MAX_CLIENTS = 10_000
+MAX_REQUESTS = 10_000_000
 KEY_SPACE = 10**12  # keys are b"key-<n>" with n in 0..KEY_SPACE-1
 PLOT_EXTRA = "pip install 'lbclient[plot]'"
 
@@ -188,7 +228,8 @@ def simulate(algorithm: str, backends: Sequence[Backend], keys: Sequence[bytes],
         raise ValueError("simulate needs at least one key")
     lb = LoadBalancer(backends, ALGORITHMS[algorithm](seed))
     layout = lb.backends
-    base = _owners(lb, keys)
+    with _seeded_samples(seed):
+        base = _owners(lb, keys)
     counts = Counter(base)
     total_weight = sum(b.weight for b in layout)
     total = len(keys)
@@ -216,6 +257,267 @@ def simulate(algorithm: str, backends: Sequence[Backend], keys: Sequence[bytes],
     addition = Movement("add", new, _moved(base, added), sum(1 for b in added if b == new),
                         weight / (total_weight + weight), total)
     return Simulation(algorithm, total, seed, shares, removal, addition)
+
+
+# -- load runs -----------------------------------------------------------------------------------
+
+#: The load runs: one backend 10x slower than the others, or one failing fast.
+SCENARIOS = ("slow", "failing")
+FAST = 0.001  # seconds: the service time of a healthy backend
+SLOW = 0.010  # seconds: the slow backend's
+FAIL = 0.0001  # seconds: the failing backend's 503
+JITTER = 0.25  # every service time is within +/- this share of its nominal value
+
+
+@contextmanager
+def _seeded_samples(seed: int) -> Iterator[None]:
+    """LeastRequest and PeakEWMA sample from the ``random`` module's shared generator: seed it
+    for the duration, and give it back its state after."""
+    state = random.getstate()
+    random.seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(state)
+
+
+class _Clock:
+    """The simulated clock, in seconds; the event loop moves it on."""
+
+    __slots__ = ("now",)
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass(frozen=True)
+class LoadShare:
+    """One backend's requests in a load run, against its weighted fair share."""
+
+    backend: Backend
+    requests: int
+    failures: int  # requests it answered with a 503
+    share: float  # requests / all requests
+    fair: float  # weight / total weight
+
+
+@dataclass(frozen=True)
+class LoadRun:
+    """The result of :func:`simulate_load`."""
+
+    algorithm: str
+    scenario: str  # "slow" or "failing"
+    clients: int
+    requests: int
+    seed: int
+    odd: Backend  # the slow backend, or the failing one
+    shares: tuple[LoadShare, ...]
+    mean: float  # seconds, over every request
+    p99: float  # seconds, nearest rank
+    duration: float  # simulated seconds until the last request completed
+    failures: int
+
+    @property
+    def throughput(self) -> float:
+        """Requests completed per simulated second."""
+        return self.requests / self.duration if self.duration > 0 else math.inf
+
+    @property
+    def failure_share(self) -> float:
+        """The share of all requests that failed."""
+        return self.failures / self.requests
+
+    @property
+    def odd_share(self) -> LoadShare:
+        """The slow (or failing) backend's share."""
+        return next(s for s in self.shares if s.backend == self.odd)
+
+
+@dataclass(frozen=True)
+class LoadComparison:
+    """An algorithm's load runs beside the baseline's: one (algorithm, baseline) pair per
+    scenario, the same run twice when the algorithm is the baseline."""
+
+    algorithm: str
+    pairs: tuple[tuple[LoadRun, LoadRun], ...]
+
+
+def simulate_load(algorithm: str, backends: Sequence[Backend], scenario: str = "slow",
+                  clients: int = 32, requests: int = 20_000, seed: int = 0) -> LoadRun:
+    """Run ``requests`` requests from ``clients`` closed-loop clients through
+    ``LoadBalancer(backends, algorithm)`` on a simulated clock, and measure.
+
+    Each client sends its next request the moment the last one completes. A request takes
+    ``select()`` and ``begin()``; at its completion, ``observe()`` and ``load.end()``. Backends
+    answer in their own service time whatever their load (no queueing). The first backend in
+    sorted order is the odd one: 10x slower (``"slow"``), or answering every other request
+    with a 503 in 0.1 ms (``"failing"``). Every draw derives from ``random.Random(seed)``: the
+    service times, and the algorithm's own samples; the shared ``random`` generator is left as
+    it was.
+    """
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {algorithm!r}; expected one of {sorted(ALGORITHMS)}")
+    if scenario not in SCENARIOS:
+        raise ValueError(f"unknown scenario {scenario!r}; expected one of {list(SCENARIOS)}")
+    if not backends:
+        raise ValueError("simulate_load needs at least one backend")
+    if isinstance(clients, bool) or not isinstance(clients, int) or clients < 1:
+        raise ValueError(f"simulate_load needs at least one client, got {clients!r}")
+    if isinstance(requests, bool) or not isinstance(requests, int) or requests < 1:
+        raise ValueError(f"simulate_load needs at least one request, got {requests!r}")
+    rng = random.Random(seed)
+    samples = rng.getrandbits(64)  # the algorithm's own draws, apart from the service times
+    clock = _Clock()
+    with _seeded_samples(samples):
+        lb = LoadBalancer(backends, ALGORITHMS[algorithm](samples), clock=clock)
+        layout = lb.backends
+        odd = layout[0]
+        served: Counter[Backend] = Counter()
+        failed: Counter[Backend] = Counter()
+        latencies: list[float] = []
+        # In flight: (completion time, order sent, start time, backend, failed).
+        events: list[tuple[float, int, float, Backend, bool]] = []
+        sent = odd_sent = 0
+
+        def send(now: float) -> None:
+            nonlocal sent, odd_sent
+            backend = lb.select()
+            if backend is None:  # every backend is healthy and enabled: never
+                raise RuntimeError("the balancer selected no backend")
+            lb.begin(backend)
+            fails = False
+            nominal = FAST
+            if backend == odd:
+                odd_sent += 1
+                if scenario == "slow":
+                    nominal = SLOW
+                elif odd_sent % 2 == 1:
+                    nominal, fails = FAIL, True
+            service = nominal * (1.0 - JITTER + 2.0 * JITTER * rng.random())
+            heapq.heappush(events, (now + service, sent, now, backend, fails))
+            sent += 1
+
+        for _ in range(min(clients, requests)):
+            send(0.0)
+        while events:
+            done, _, start, backend, fails = heapq.heappop(events)
+            clock.now = done
+            latency = done - start
+            load = lb.load(backend)  # the one begin() counted it on: the set never changes
+            lb.observe(load, latency, fails)
+            load.end()
+            served[backend] += 1
+            failed[backend] += fails
+            latencies.append(latency)
+            if sent < requests:
+                send(done)
+    latencies.sort()
+    total_weight = sum(b.weight for b in layout)
+    shares = tuple(
+        LoadShare(b, served[b], failed[b], served[b] / requests, b.weight / total_weight)
+        for b in layout
+    )
+    return LoadRun(
+        algorithm, scenario, clients, requests, seed, odd, shares,
+        mean=math.fsum(latencies) / requests,
+        p99=latencies[max(0, math.ceil(0.99 * requests) - 1)],
+        duration=clock.now,
+        failures=sum(failed.values()),
+    )
+
+
+def compare_load(algorithm: str, backends: Sequence[Backend], clients: int = 32,
+                 requests: int = 20_000, seed: int = 0,
+                 scenarios: Sequence[str] = SCENARIOS) -> LoadComparison:
+    """:func:`simulate_load` for ``algorithm`` and for :data:`BASELINE`, per scenario."""
+    pairs = []
+    for scenario in scenarios:
+        run = simulate_load(algorithm, backends, scenario, clients, requests, seed)
+        baseline = run if algorithm == BASELINE else simulate_load(
+            BASELINE, backends, scenario, clients, requests, seed)
+        pairs.append((run, baseline))
+    return LoadComparison(algorithm, tuple(pairs))
+
+
+def _ms(seconds: float) -> str:
+    return f"{1000 * seconds:.2f} ms"
+
+
+def _nominal(seconds: float) -> str:
+    return f"{1000 * seconds:g} ms"
+
+
+def _format_pair(run: LoadRun, baseline: LoadRun) -> list[str]:
+    """One scenario's table: per backend, then overall, a block of columns per run."""
+    runs = [run] if baseline is run else [run, baseline]
+    failing = run.scenario == "failing"
+    odd = run.odd.address
+    if failing:
+        intro = (
+            f"Simulated run, one backend failing fast: as above, but every backend answers in "
+            f"{_nominal(FAST)}, and {odd} answers every other request with a 503 in "
+            f"{_nominal(FAIL)} (observed as a failure; nothing retries, no health check ejects "
+            "it)"
+        )
+    else:
+        intro = (
+            f"Simulated run, one slow backend: {run.clients:,} clients send requests back to "
+            f"back until {run.requests:,} have completed; {odd} answers in {_nominal(SLOW)}, "
+            f"the others in {_nominal(FAST)} (each within +/-{JITTER:.0%}, drawn by "
+            f"random.Random({run.seed})); each request takes select and begin, then observe "
+            "and load.end at its completion, on a simulated clock"
+        )
+    lines = textwrap.wrap(intro, width=100)
+    heads = [f"{r.algorithm}{' (baseline)' if r.algorithm == BASELINE else ''}" for r in runs]
+    columns = f"  {'requests':>9}  {'share':>8}" + (f"  {'failed':>8}" if failing else "")
+    block = max(len(columns), *(len(h) + 2 for h in heads))
+    width = max(len(s.backend.address) for s in run.shares)
+    answers = 9 if failing else 7
+    lead = 2 + width + 2 + 6 + 2 + answers
+    lines.append(" " * lead + "".join(f"{h:>{block}}" for h in heads))
+    lines.append(f"  {'backend':<{width}}  {'weight':>6}  {'answers':>{answers}}"
+                 + "".join(f"{columns:>{block}}" for _ in runs) + f"  {'fair':>8}")
+    for position, share in enumerate(run.shares):
+        backend = share.backend
+        if backend != run.odd:
+            note, mark = _nominal(FAST), ""
+        elif failing:
+            note, mark = f"{_nominal(FAST)}, 503", "  <- failing fast"
+        else:
+            note, mark = _nominal(SLOW), "  <- slow"
+        cells = ""
+        for r in runs:
+            other = r.shares[position]
+            cell = f"  {other.requests:>9,}  {100 * other.share:>7.2f}%"
+            if failing:
+                cell += f"  {other.failures:>8,}"
+            cells += f"{cell:>{block}}"
+        lines.append(f"  {backend.address:<{width}}  {backend.weight:>6}  {note:>{answers}}"
+                     f"{cells}  {100 * share.fair:>7.2f}%{mark}")
+
+    def overall(label: str, value: Callable[[LoadRun], str]) -> str:
+        return f"  {label:<{lead - 2}}" + "".join(f"{value(r):>{block}}" for r in runs)
+
+    if failing:
+        lines.append(overall("failures callers see",
+                             lambda r: f"{100 * r.failure_share:.2f}% ({r.failures:,})"))
+    lines.append(overall("mean latency", lambda r: _ms(r.mean)))
+    lines.append(overall("p99 latency", lambda r: _ms(r.p99)))
+    lines.append(overall("throughput", lambda r: f"{r.throughput:,.0f} req/s"))
+    return lines
+
+
+def format_load_report(comparison: LoadComparison) -> str:
+    """The load runs of :func:`compare_load`, as plain text."""
+    lines: list[str] = []
+    for run, baseline in comparison.pairs:
+        if lines:
+            lines.append("")
+        lines += _format_pair(run, baseline)
+    return "\n".join(lines)
 
 
 def _bar(share: float, scale: float) -> str:
@@ -275,8 +577,9 @@ def load_matplotlib() -> ModuleType:
     return matplotlib
 
 
-def plot(result: Simulation, path: Path) -> None:
-    """Draw the distribution and the movement into the PNG file ``path``."""
+def plot(result: Simulation, path: Path, load: LoadComparison | None = None) -> None:
+    """Draw the distribution and the movement into the PNG file ``path``; with ``load``, the
+    shares of its first scenario (the slow backend) take the movement's place."""
     load_matplotlib()
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -303,7 +606,9 @@ def plot(result: Simulation, path: Path) -> None:
 
     moves = [m for m in (result.removal, result.addition) if m is not None]
     right.set_title("keys that move")
-    if result.algorithm not in KEYED:
+    if load is not None and load.pairs:
+        _plot_load(right, *load.pairs[0])
+    elif result.algorithm not in KEYED:
         reason = UNKEYED_REASON[result.algorithm].replace(": ", ":\n")
         right.text(0.5, 0.5, f"n/a:\n{reason}", ha="center", va="center", wrap=True,
                    fontsize=9, transform=right.transAxes)
@@ -322,6 +627,29 @@ def plot(result: Simulation, path: Path) -> None:
         right.set_ylim(0, 100)
         right.legend()
     figure.savefig(path, format="png", dpi=100)
+
+
+def _plot_load(axes: Any, run: LoadRun, baseline: LoadRun) -> None:
+    """The shares of one load run and of its baseline, per backend, on ``axes``."""
+    runs = [run] if baseline is run else [run, baseline]
+    xs = list(range(len(run.shares)))
+    width = 0.8 / len(runs)
+    for index, (r, color) in enumerate(zip(runs, ("tab:blue", "tab:gray"), strict=False)):
+        offset = (index - (len(runs) - 1) / 2) * width
+        axes.bar([x + offset for x in xs], [100 * s.share for s in r.shares], width=width,
+                 color=color, label=r.algorithm)
+    axes.hlines([100 * s.fair for s in run.shares], [x - 0.4 for x in xs],
+                [x + 0.4 for x in xs], colors="black", linewidth=1.5, label="fair share")
+    axes.set_title(f"simulated run: {run.odd.address} {SLOW / FAST:g}x slower\n"
+                   f"{run.clients:,} clients, {run.requests:,} requests", fontsize=9)
+    axes.set_ylabel("% of requests")
+    if len(xs) <= 30:
+        axes.set_xticks(xs, [s.backend.address for s in run.shares], rotation=60, fontsize=7)
+    else:
+        axes.set_xlabel("backends, in sorted order (the slow one first)")
+    top = max(max(s.share for r in runs for s in r.shares), max(s.fair for s in run.shares))
+    axes.set_ylim(0, 100 * top * 1.3)  # room for the legend above the bars
+    axes.legend(loc="upper center", ncols=len(runs) + 1, fontsize=7)
 
 
 # -- command line --------------------------------------------------------------------------------
@@ -401,8 +729,13 @@ def command(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     result = simulate(args.algorithm, backends, make_keys(args.keys, args.seed), args.seed)
     print(format_report(result))
+    load: LoadComparison | None = None
+    if args.algorithm not in KEYED:
+        load = compare_load(args.algorithm, backends, args.clients, args.requests, args.seed)
+        print()
+        print(format_load_report(load))
     if path is not None:
-        plot(result, path)
+        plot(result, path, load)
         print(f"\nplot written to {path}")
     print(f"\ntook {time.perf_counter() - start:.2f} s")
     return 0
@@ -412,7 +745,8 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     """Register the ``simulate`` subcommand on ``python -m lbclient``'s subparsers."""
     sub = commands.add_parser(
         "simulate",
-        help="key distribution per backend, and keys moved when a backend leaves or joins",
+        help="key distribution per backend, and keys moved when a backend leaves or joins; "
+        "load runs with one slow backend for the algorithms that ignore the key",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -424,9 +758,17 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                      help=f"one weight per backend, 1..{MAX_WEIGHT:,} each (default: all 1)")
     sub.add_argument("--keys", type=_count(1, MAX_KEYS), default=100_000,
                      help="number of keys (default: 100,000)")
+    sub.add_argument("--clients", type=_count(1, MAX_CLIENTS), default=32,
+                     help="load runs (the algorithms that ignore the key): clients sending "
+                     "requests back to back (default: 32)")
+    sub.add_argument("--requests", type=_count(1, MAX_REQUESTS), default=20_000,
+                     help="load runs: requests completed per run (default: 20,000)")
     sub.add_argument("--seed", type=_integer, default=0,
-                     help="seed of the key generator, and of the random algorithm (default: 0)")
+                     help="seed of the key generator, of the algorithms' random draws and of "
+                     "the load runs' service times (default: 0)")
     sub.add_argument("--plot", metavar="FILE.png",
-                     help=f"also draw both charts into FILE.png (needs {PLOT_EXTRA})")
+                     help=f"also draw both charts into FILE.png (needs {PLOT_EXTRA}); for the "
+                     "algorithms that ignore the key, the second is the slow-backend run's "
+                     "shares")
     sub.set_defaults(simulate_parser=sub)
 
