@@ -3,7 +3,7 @@
 ``import lbclient`` loads the core only (backends, selection, health, the balancer, the
 errors): no HTTP client, no I/O, no thread. The rest loads on first use (PEP 562): the httpx
 transports (``LBTransport``, ``AsyncLBTransport``), the requests adapter (``LBAdapter``), the
-retry policy and the active health checks.
+retry policy, the active health checks and service discovery.
 """
 
 from __future__ import annotations
@@ -100,6 +100,12 @@ _LAZY = {
     "RendezvousSelector": "lbclient.selection",
     "LibKetama": "lbclient.selection",
     "LibKetamaSelector": "lbclient.selection",
+    "ServiceDiscovery": "lbclient.discovery",
+    "Discovered": "lbclient.discovery",
+    "Static": "lbclient.discovery",
+    "DNS": "lbclient.discovery",
+    "File": "lbclient.discovery",
+    "Function": "lbclient.discovery",
 }
 
 

@@ -6,9 +6,11 @@ buffering, health reports of bodies, the final error's text). Private: users con
 Read top to bottom: :class:`RequestPlan` (sans-I/O; its questions are pure, and :meth:`take` is
 the only step that claims anything: an ejected backend's probe), then the loops
 (:func:`run_sync`, :func:`run_async`), which drive a :class:`Wire` (the adapter's I/O for one
-attempt), then :class:`Client` (what an adapter is configured with). The rules themselves are
-described in :mod:`lbclient.retry`; the backoff between revisits is tenacity's full-jitter
-exponential strategy.
+attempt), then :class:`Client` (what an adapter is configured with), then what watches
+requests for :mod:`lbclient.metrics` and :mod:`lbclient.otel` (:class:`WatchedPlan`, made only
+for a client with observers attached: one without pays one attribute check per request). The
+rules themselves are described in :mod:`lbclient.retry`; the backoff between revisits is
+tenacity's full-jitter exponential strategy.
 
 What may not: any HTTP client (the adapters translate their own requests, responses and
 exceptions), or the balancer's internals (only its public methods are used).
@@ -21,6 +23,7 @@ import functools
 import math
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Final, Generic, NamedTuple, Protocol, TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -32,7 +35,7 @@ from lbclient._load import Load
 from lbclient.backend import Backend
 from lbclient.balancer import LoadBalancer
 from lbclient.errors import KeyFunctionError, NoBackendAvailable
-from lbclient.health import Outcome
+from lbclient.health import HealthState, Outcome
 from lbclient.retry import Attempt, Failure, RetryBudget, RetryPolicy, RetryStats
 from lbclient.selection.base import AlgorithmLike
 
@@ -41,8 +44,15 @@ __all__ = [
     "BodyReport",
     "Client",
     "Fault",
+    "Observer",
     "RequestPlan",
+    "TracedPlan",
+    "Watch",
+    "WatchedPlan",
     "Wire",
+    "attach",
+    "client_of",
+    "detach",
     "name_backend",
     "policy_from",
     "redact",
@@ -110,6 +120,11 @@ class RequestPlan:
         "stopped",
         "wall",
     )
+
+    #: What is told of this request's steps (a :class:`WatchedPlan`'s); None: nothing is.
+    watch: Watch | None = None
+    #: Whether each attempt carries headers from the watch (:meth:`headers`): trace context.
+    propagates: bool = False
 
     def __init__(
         self,
@@ -283,7 +298,7 @@ class RequestPlan:
         if fault.timed_out and cut == "deadline":
             self.stopped = f"the deadline of {self.policy.deadline:g} s ran out"
         elif fault.failure is not Failure.LOCAL:
-            self.balancer.report(backend, False)
+            self._report(backend, Outcome.CONNECTION_FAILURE)
         self._retry_after = None
         return attempt
 
@@ -298,7 +313,7 @@ class RequestPlan:
             self._cuts.pop(backend, None)
         failing = status in policy.failure_statuses
         if failing:
-            self.balancer.report(backend, Outcome.SERVER_ERROR)
+            self._report(backend, Outcome.SERVER_ERROR)
         retry = status in policy.retry_statuses and self._may_resend()
         after = retry_after_seconds(retry_after, self.wall()) if retry_after else None
         self._retry_after = after if retry else None
@@ -310,6 +325,20 @@ class RequestPlan:
     def _took(self, backend: Backend) -> float:
         began = self._began.get(backend, self._start)
         return max(0.0, self.clock() - began)
+
+    def _report(self, backend: Backend, outcome: Outcome) -> None:
+        """Report a failed attempt's outcome to passive health."""
+        self.balancer.report(backend, outcome)
+
+    def headers(self, backend: Backend) -> Mapping[str, str] | None:
+        """Headers to add to the request of the attempt on ``backend`` (when
+        :attr:`propagates`)."""
+        return None
+
+    def refused(self) -> None:
+        """A retry or hedge was kept back because the retry budget was empty."""
+        if self.ledger is not None:
+            self.ledger.refused()
 
     # -- deciding (pure) -------------------------------------------------------------------------
 
@@ -340,8 +369,8 @@ class RequestPlan:
         allows a retry, attempts and budget remain, a candidate is left, and the deadline leaves
         time for it."""
         self.stopped = self._refusal(last or self.attempts[-1])
-        if self.stopped == _EXHAUSTED and self.ledger is not None:
-            self.ledger.refused()
+        if self.stopped == _EXHAUSTED:
+            self.refused()
         return not self.stopped
 
     def hedge_refusal(self) -> str:
@@ -630,6 +659,20 @@ def run_sync(plan: RequestPlan, first: Backend, wire: Wire[_R]) -> _R:
     Returns the last response (retried statuses included, when no retry is left), or raises
     the wire's final error for the last failure.
     """
+    watch = plan.watch
+    if watch is None:
+        return _run_sync(plan, first, wire)
+    assert isinstance(plan, WatchedPlan)
+    try:
+        result = _run_sync(plan, first, wire)
+    except BaseException as error:
+        watch.ended(plan, None, error)
+        raise
+    watch.ended(plan, result, None)
+    return result
+
+
+def _run_sync(plan: RequestPlan, first: Backend, wire: Wire[_R]) -> _R:
     backend = first
     while True:
         try:
@@ -660,6 +703,20 @@ def run_sync(plan: RequestPlan, first: Backend, wire: Wire[_R]) -> _R:
 
 async def run_async(plan: RequestPlan, first: Backend, wire: AsyncWire[_R]) -> _R:
     """The async twin of :func:`run_sync` (asyncio or trio); hedges when the plan says so."""
+    watch = plan.watch
+    if watch is None:
+        return await _run_async(plan, first, wire)
+    assert isinstance(plan, WatchedPlan)
+    try:
+        result = await _run_async(plan, first, wire)
+    except BaseException as error:
+        watch.ended(plan, None, error)
+        raise
+    watch.ended(plan, result, None)
+    return result
+
+
+async def _run_async(plan: RequestPlan, first: Backend, wire: AsyncWire[_R]) -> _R:
     if plan.hedging:
         return await _run_hedged(plan, first, wire)
     backend = first
@@ -736,7 +793,7 @@ async def _run_hedged(plan: RequestPlan, first: Backend, wire: AsyncWire[_R]) ->
                     if outcome is None:  # no head yet: hedge, if the budget allows it now
                         refusal = plan.hedge_refusal()
                         if refusal == _EXHAUSTED and plan.ledger is not None:
-                            plan.ledger.refused()
+                            plan.refused()
                             counted = True
                         elif not refusal:
                             hedge = plan.take(hedge=True)
@@ -937,22 +994,34 @@ class Client(Generic[_R]):
         self.hosts = _hosts(hosts)
         #: Makes the adapter's own NoBackendAvailable (message, request).
         self.unavailable = unavailable
-        #: True until the balancer's active checks were started for this adapter (False at
-        #: once when the balancer has none): the per-request test is one attribute read.
-        self.checks_pending = self.balancer.health_check is not None
+        #: True until the balancer's services (active checks, discovery) were started for this
+        #: adapter (False at once when it has none): the per-request test is one attribute read.
+        self.checks_pending = _has_services(self.balancer)
         self._checking = False
         self._lock = threading.Lock()
+        self._starting = threading.Lock()  # held while the services start (a thread waits)
+        self._astarting = anyio.Lock()  # the same for tasks, without blocking the event loop
+        #: What watches this client's requests (:func:`attach`); while it is empty, the
+        #: per-request test is one attribute read and nothing else is paid.
+        self.observers: tuple[Observer, ...] = ()
+        _enlist(self)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         del state["_lock"]
-        state["checks_pending"] = self.balancer.health_check is not None
+        del state["_starting"]
+        del state["_astarting"]
+        del state["observers"]  # they watch this process's clients, not a copy's
+        state["checks_pending"] = _has_services(self.balancer)
         state["_checking"] = False
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._lock = threading.Lock()
+        self._starting = threading.Lock()
+        self._astarting = anyio.Lock()
+        _enlist(self)
 
     # -- hosts -----------------------------------------------------------------------------
 
@@ -970,20 +1039,24 @@ class Client(Generic[_R]):
     # -- active checks ---------------------------------------------------------------------
 
     def start_checks(self) -> None:
-        """Start the balancer's active health checks on a thread, once for this adapter."""
-        with self._lock:
+        """Start the balancer's services (active checks, discovery) on a thread, once for this
+        adapter. Requests that arrive meanwhile wait: discovery's first answer comes first."""
+        with self._starting:
             if self.checks_pending:
-                self.checks_pending = False
-                self._checking = True
                 self.balancer.start()
+                with self._lock:
+                    self._checking = True
+                    self.checks_pending = False
 
     async def astart_checks(self) -> None:
-        """Start the balancer's active health checks on an asyncio task, once."""
-        with self._lock:  # astart never suspends: the lock is not held across a wait
+        """Start the balancer's services on an asyncio task (or a thread outside asyncio),
+        once. Tasks that arrive meanwhile wait, without blocking the event loop."""
+        async with self._astarting:
             if self.checks_pending:
-                self.checks_pending = False
-                self._checking = True
                 await self.balancer.astart()
+                with self._lock:
+                    self._checking = True
+                    self.checks_pending = False
 
     def _stop(self) -> bool:
         with self._lock:
@@ -1042,16 +1115,24 @@ class Client(Generic[_R]):
     ) -> tuple[RequestPlan, Backend]:
         """The plan for one request and its first backend; NoBackendAvailable if none."""
         ledger = self.ledger
-        plan = RequestPlan(
-            self.balancer, self.key_of(request, method, url), method, replayable, policy,
-            ledger=ledger,
+        key = self.key_of(request, method, url)
+        observers = self.observers
+        plan = (
+            _watched_plan(
+                observers, request, url, self.balancer, key, method, replayable, policy, ledger
+            )
+            if observers
+            else RequestPlan(self.balancer, key, method, replayable, policy, ledger=ledger)
         )
         ledger.deposit(plan._start)
         first = plan.take()
         if first is None:
-            raise self.unavailable(
+            error = self.unavailable(
                 f"no backend available for {method} {redact(url)}: {self._why_none()}", request
             )
+            if isinstance(plan, WatchedPlan):
+                plan.watch.ended(plan, None, error)
+            raise error
         return plan, first
 
     def stats(self) -> RetryStats:
@@ -1062,7 +1143,13 @@ class Client(Generic[_R]):
         snapshot = self.balancer.snapshot()
         count = len(snapshot.backends)
         if not count:
-            return "it has no backends"
+            if snapshot.discovery_error is not None:
+                return f"it has no backends: discovery failed: {snapshot.discovery_error}"
+            if self.balancer.discovery is None:
+                return "it has no backends"
+            if snapshot.discovery_refreshes:
+                return "it has no backends: discovery found none"
+            return "it has no backends: discovery has not answered (is the balancer started?)"
         enabled = sum(b.enabled for b in snapshot.backends)
         if not enabled:
             return f"all {count} backends are disabled"
@@ -1070,6 +1157,10 @@ class Client(Generic[_R]):
             f"none of its {enabled} enabled backends is healthy and panic mode is off "
             f"(panic_threshold={self.balancer.policy.panic_threshold:g})"
         )
+
+
+def _has_services(balancer: LoadBalancer) -> bool:
+    return balancer.health_check is not None or getattr(balancer, "discovery", None) is not None
 
 
 def _hosts(hosts: Iterable[str] | None) -> frozenset[str] | None:
@@ -1085,3 +1176,387 @@ def _hosts(hosts: Iterable[str] | None) -> frozenset[str] | None:
         raise ValueError("hosts must name at least one host, got none")
     return frozenset(name.lower() for name in names)
 
+
+
+# -- watching requests: metrics and tracing ----------------------------------------------------
+
+
+class Watch(Protocol):
+    """What is told of one request's steps as they happen (by :mod:`lbclient.metrics` and
+    :mod:`lbclient.otel`), on the thread or task of each step. The plan holds the rest: every
+    recorded attempt (``plan.attempts``) and how each failed one failed (``plan.faults``,
+    by index; None before the first failure).
+
+    * ``attempt``: an attempt starts on ``backend``; ``kind`` is "first", "retry" or "hedge",
+      ``resend`` the number of attempts before it, ``probe`` whether it is an ejected
+      backend's probe (found out for a watch with ``steps`` only); it starts ``plan.pause``
+      seconds from now.
+    * ``headers``: headers to add to the attempt's request (trace context), or None.
+    * ``responded``: its response head, ``seconds`` after it started.
+    * ``failed``: it failed, as recorded in ``attempt``, the way ``fault`` says.
+    * ``finished``: its response body is done (read, closed, or failed: ``ok`` False).
+    * ``abandoned``: it ended with no outcome (a hedge that lost its race, a cancellation).
+    * ``health``: its outcome changed ``backend``'s health: ``change`` "ejected" (``reason``
+      "consecutive_failures", "consecutive_5xx" or "probe_failed") or "restored"
+      ("probe_succeeded").
+    * ``refused``: a retry or hedge to ``backend`` was kept back by the empty retry budget.
+    * ``ended``: the request is over, with ``result`` (the response) or ``error``.
+
+    A watch whose ``steps`` is false is told only of what is rare (attempts after the first,
+    failures, cancellations, health changes, refusals) and of each request's end: counting
+    needs no more, and the common path stays short. ``headers`` is asked only of a watch that
+    ``propagates``.
+    """
+
+    #: Whether it is told of every step: each attempt's start, head and body.
+    steps: bool
+    #: Whether it adds headers to each attempt's request.
+    propagates: bool
+
+    def attempt(
+        self, plan: WatchedPlan, backend: Backend, kind: str, resend: int, probe: bool
+    ) -> None: ...
+
+    def headers(self, plan: WatchedPlan, backend: Backend) -> Mapping[str, str] | None: ...
+
+    def responded(self, plan: WatchedPlan, backend: Backend, status: int, seconds: float) -> None:
+        ...
+
+    def failed(self, plan: WatchedPlan, backend: Backend, attempt: Attempt, fault: Fault) -> None:
+        ...
+
+    def finished(self, plan: WatchedPlan, backend: Backend, ok: bool) -> None: ...
+
+    def abandoned(self, plan: WatchedPlan, backend: Backend) -> None: ...
+
+    def health(self, plan: WatchedPlan, backend: Backend, change: str, reason: str) -> None: ...
+
+    def refused(self, plan: WatchedPlan, backend: Backend | None) -> None: ...
+
+    def ended(self, plan: WatchedPlan, result: object, error: BaseException | None) -> None: ...
+
+
+class Observer(Protocol):
+    """Watches the requests of the clients it is attached to (see :func:`attach`)."""
+
+    #: Whether its watches want every step (see :class:`Watch`).
+    steps: bool
+
+    def watch(self, plan: WatchedPlan, request: object, url: str) -> Watch:
+        """The watch of one request (``url`` as the caller gave it), before its first
+        attempt."""
+        ...
+
+
+class WatchedPlan(RequestPlan):
+    """A plan that tells its :class:`Watch` what is rare (attempts after the first, failures,
+    cancellations, health changes, refusals); the watch reads the rest from the plan when the
+    request ends. A client with observers makes these (:class:`TracedPlan` when one wants
+    every step); one without makes plain plans, which pay nothing for watching."""
+
+    __slots__ = ("faults", "latest", "propagates", "watch")
+
+    watch: Watch
+    #: How each failed attempt failed, by its index in :attr:`attempts` (None before the
+    #: first failure).
+    faults: dict[int, Fault] | None
+    #: The backend of the attempt started last.
+    latest: Backend | None
+    #: Whether the watch is told of every step (:class:`TracedPlan`).
+    steps = False
+
+    def take(self, hedge: bool = False) -> Backend | None:
+        backend = super().take(hedge)
+        if backend is None:
+            if self.stopped == _EXHAUSTED:
+                self.watch.refused(self, self._next)
+            return None
+        self.latest = backend
+        if self._launched > 1 or self.steps:
+            self._started(backend, hedge)
+        return backend
+
+    def _started(self, backend: Backend, hedge: bool) -> None:
+        """Tell the watch of the attempt :meth:`take` just started on ``backend``."""
+        launched = self._launched
+        kind = "hedge" if hedge else "first" if launched == 1 else "retry"
+        self.watch.attempt(self, backend, kind, launched - 1, False)
+
+    def headers(self, backend: Backend) -> Mapping[str, str] | None:
+        return self.watch.headers(self, backend)
+
+    def failed(self, backend: Backend, fault: Fault, error: BaseException) -> Attempt:
+        if self.faults is None:
+            self.faults = {}
+        self.faults[len(self.attempts)] = fault
+        attempt = super().failed(backend, fault, error)
+        self.watch.failed(self, backend, attempt, fault)
+        return attempt
+
+    def reporter(self, backend: Backend) -> BodyReport:
+        status = self.attempts[-1].status if self.attempts else None
+        done = status is not None and status in self.policy.failure_statuses
+        return _WatchedReport(self.balancer, backend, done, self._loads.pop(backend, None), self)
+
+    def release(self, backend: Backend) -> Load | None:
+        self.watch.abandoned(self, backend)
+        return super().release(backend)
+
+    def refused(self) -> None:
+        super().refused()
+        self.watch.refused(self, self._next)
+
+    def _report(self, backend: Backend, outcome: Outcome) -> None:
+        before = _state(self.balancer, backend)
+        flipped = self.balancer.report(backend, outcome)
+        _tell_health(self, backend, before, flipped, outcome)
+
+
+class TracedPlan(WatchedPlan):
+    """A :class:`WatchedPlan` whose watch is told of every step as well: each attempt's start
+    (probes found out), response head and body's end."""
+
+    __slots__ = ()
+
+    steps = True
+
+    def _started(self, backend: Backend, hedge: bool) -> None:
+        launched = self._launched
+        kind = "hedge" if hedge else "first" if launched == 1 else "retry"
+        # An ejected backend is chosen (panic mode aside) for its probe only.
+        state = _state(self.balancer, backend)
+        probe = state is not None and state.ejected and not self.balancer.panic
+        self.watch.attempt(self, backend, kind, launched - 1, probe)
+
+    def responded(self, backend: Backend, status: int, retry_after: str | None = None) -> bool:
+        retry = super().responded(backend, status, retry_after)
+        self.watch.responded(self, backend, status, self.attempts[-1].seconds)
+        return retry
+
+
+class _WatchedReport(BodyReport):
+    """A :class:`BodyReport` that tells the plan's watch what its report did to the backend's
+    health, and when the body is done (a watch with ``steps``)."""
+
+    __slots__ = ("_plan",)
+
+    def __init__(
+        self,
+        balancer: LoadBalancer,
+        backend: Backend,
+        done: bool,
+        load: Load | None,
+        plan: WatchedPlan,
+    ) -> None:
+        self._balancer = balancer
+        self._backend = backend
+        self._done = done
+        self._load = load
+        self.after: Callable[[], object] | None = None
+        self._plan: WatchedPlan | None = plan
+
+    def __call__(self, ok: bool) -> None:
+        plan, self._plan = self._plan, None
+        if plan is None or self._done:
+            BodyReport.__call__(self, ok)
+        else:
+            # As BodyReport does, seeing what the report changed. A success changes health only
+            # when it flips it (a probe's restores); a failure may also eject again a backend
+            # whose probe it was, which flips nothing.
+            backend, balancer = self._backend, self._balancer
+            before = None if ok else _state(balancer, backend)
+            self._done = True
+            load, self._load = self._load, None
+            if load is not None:
+                if not ok:
+                    balancer.observe(load, None, True)
+                load.end()
+            after, self.after = self.after, None
+            if after is not None:
+                after()
+            flipped = balancer.report(backend, ok)
+            if ok and flipped:
+                plan.watch.health(plan, backend, "restored", "probe_succeeded")
+            elif not ok:
+                _tell_health(plan, backend, before, flipped, Outcome.CONNECTION_FAILURE)
+        if plan is not None and plan.steps:
+            plan.watch.finished(plan, self._backend, ok)
+
+
+def _state(balancer: LoadBalancer, backend: Backend) -> HealthState | None:
+    try:
+        return balancer.health(backend)
+    except ValueError:  # no longer in the set
+        return None
+
+
+def _tell_health(
+    plan: WatchedPlan,
+    backend: Backend,
+    before: HealthState | None,
+    flipped: bool,
+    outcome: Outcome,
+) -> None:
+    """Tell the watch if the report of ``outcome`` (which returned ``flipped``) ejected or
+    restored ``backend``."""
+    if before is None or (not flipped and not before.ejected and before.checked is not False):
+        return  # neither an ejection nor a restoration
+    after = _state(plan.balancer, backend)
+    if after is None:
+        return
+    if after.ejected_until is not None and after.ejected_until != before.ejected_until:
+        if before.ejected:
+            reason = "probe_failed"
+        elif outcome is Outcome.SERVER_ERROR and not plan.balancer.policy.combine_failures:
+            reason = "consecutive_5xx"
+        else:
+            reason = "consecutive_failures"
+        plan.watch.health(plan, backend, "ejected", reason)
+    elif before.ejected and not after.ejected:
+        plan.watch.health(plan, backend, "restored", "probe_succeeded")
+
+
+class _Fanout:
+    """Several watches as one, told in the order their observers were attached."""
+
+    __slots__ = ("_watches", "propagates", "steps")
+
+    def __init__(self, watches: tuple[Watch, ...]) -> None:
+        self._watches = watches
+        self.steps = any(watch.steps for watch in watches)
+        self.propagates = any(watch.propagates for watch in watches)
+
+    def attempt(
+        self, plan: WatchedPlan, backend: Backend, kind: str, resend: int, probe: bool
+    ) -> None:
+        for watch in self._watches:
+            if watch.steps or kind != "first":
+                watch.attempt(plan, backend, kind, resend, probe)
+
+    def headers(self, plan: WatchedPlan, backend: Backend) -> Mapping[str, str] | None:
+        found: dict[str, str] = {}
+        for watch in self._watches:
+            if watch.propagates:
+                found.update(watch.headers(plan, backend) or {})
+        return found or None
+
+    def responded(self, plan: WatchedPlan, backend: Backend, status: int, seconds: float) -> None:
+        for watch in self._watches:
+            if watch.steps:
+                watch.responded(plan, backend, status, seconds)
+
+    def failed(self, plan: WatchedPlan, backend: Backend, attempt: Attempt, fault: Fault) -> None:
+        for watch in self._watches:
+            watch.failed(plan, backend, attempt, fault)
+
+    def finished(self, plan: WatchedPlan, backend: Backend, ok: bool) -> None:
+        for watch in self._watches:
+            if watch.steps:
+                watch.finished(plan, backend, ok)
+
+    def abandoned(self, plan: WatchedPlan, backend: Backend) -> None:
+        for watch in self._watches:
+            watch.abandoned(plan, backend)
+
+    def health(self, plan: WatchedPlan, backend: Backend, change: str, reason: str) -> None:
+        for watch in self._watches:
+            watch.health(plan, backend, change, reason)
+
+    def refused(self, plan: WatchedPlan, backend: Backend | None) -> None:
+        for watch in self._watches:
+            watch.refused(plan, backend)
+
+    def ended(self, plan: WatchedPlan, result: object, error: BaseException | None) -> None:
+        for watch in self._watches:
+            watch.ended(plan, result, error)
+
+
+def _watched_plan(
+    observers: tuple[Observer, ...],
+    request: object,
+    url: str,
+    balancer: LoadBalancer,
+    key: bytes,
+    method: str,
+    replayable: bool,
+    policy: RetryPolicy,
+    ledger: Ledger,
+) -> WatchedPlan:
+    if len(observers) == 1:
+        observer = observers[0]
+        plan = (TracedPlan if observer.steps else WatchedPlan)(
+            balancer, key, method, replayable, policy, time.monotonic, ledger
+        )
+        plan.faults = plan.latest = None
+        watch = observer.watch(plan, request, url)
+    else:
+        traced = any(observer.steps for observer in observers)
+        plan = (TracedPlan if traced else WatchedPlan)(
+            balancer, key, method, replayable, policy, time.monotonic, ledger
+        )
+        plan.faults = plan.latest = None
+        watch = _Fanout(tuple(observer.watch(plan, request, url) for observer in observers))
+    plan.watch = watch
+    plan.propagates = watch.propagates
+    return plan
+
+
+_observed = threading.Lock()
+#: Observers attached to a balancer: every client of it gets them, those made later too.
+_by_balancer: weakref.WeakKeyDictionary[LoadBalancer, tuple[Observer, ...]] = (
+    weakref.WeakKeyDictionary()
+)
+#: The clients of each balancer, so that an observer attached to it reaches them all.
+_clients: weakref.WeakKeyDictionary[LoadBalancer, weakref.WeakSet[Client[Any]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _enlist(client: Client[Any]) -> None:
+    """Count ``client`` among its balancer's clients, with the observers attached there."""
+    with _observed:
+        client.observers = _by_balancer.get(client.balancer, ())
+        _clients.setdefault(client.balancer, weakref.WeakSet()).add(client)
+
+
+def attach(target: Client[Any] | LoadBalancer, observer: Observer) -> None:
+    """Have ``observer`` watch the requests of ``target``: one client, or every client of a
+    balancer (those made later as well)."""
+    with _observed:
+        if isinstance(target, LoadBalancer):
+            _by_balancer[target] = (*_by_balancer.get(target, ()), observer)
+            clients = list(_clients.get(target, ()))
+        else:
+            clients = [target]
+        for client in clients:
+            client.observers = (*client.observers, observer)
+
+
+def detach(target: Client[Any] | LoadBalancer, observer: Observer) -> None:
+    """Undo :func:`attach` (requests under way are still told of their steps)."""
+
+    def without(observers: tuple[Observer, ...]) -> tuple[Observer, ...]:
+        index = next((i for i, o in enumerate(observers) if o is observer), None)
+        return observers if index is None else observers[:index] + observers[index + 1 :]
+
+    with _observed:
+        if isinstance(target, LoadBalancer):
+            left = without(_by_balancer.get(target, ()))
+            if left:
+                _by_balancer[target] = left
+            else:
+                _by_balancer.pop(target, None)
+            clients = list(_clients.get(target, ()))
+        else:
+            clients = [target]
+        for client in clients:
+            client.observers = without(client.observers)
+
+
+def client_of(target: object) -> Client[Any] | None:
+    """The :class:`Client` of an httpx transport or a requests adapter, or None for anything
+    else."""
+    client = getattr(target, "_client", None)  # LBAdapter
+    if client is None:
+        client = getattr(getattr(target, "_common", None), "client", None)  # httpx transports
+    return client if isinstance(client, Client) else None

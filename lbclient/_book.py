@@ -113,6 +113,8 @@ class HealthBook:
         self.on_change = on_change
         self._events: deque[tuple[Backend, bool]] = deque()
         self._delivering = threading.Lock()
+        #: Adds to every snapshot what the balancer's services know (a discovery's counts).
+        self.extend: Callable[[HealthSnapshot], HealthSnapshot] | None = None
 
     @staticmethod
     def cells(backends: Iterable[Backend], old: Tally | None = None) -> dict[Backend, Cell]:
@@ -241,7 +243,8 @@ class HealthBook:
                     penalty=load.penalty_at(now, decay),
                 )
             )
-        return HealthSnapshot(now, panic, tuple(items))
+        snapshot = HealthSnapshot(now, panic, tuple(items))
+        return snapshot if self.extend is None else self.extend(snapshot)
 
     # -- on_change -------------------------------------------------------------------------
 

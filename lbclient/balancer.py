@@ -41,7 +41,7 @@ from lbclient.selection.base import (
 from lbclient.selection.slow_start import SlowStart, slow_start_of
 from lbclient.selection.weighted import RoundRobin
 
-__all__ = ["DEFAULT_MAX_ITERATIONS", "ActiveCheck", "LoadBalancer", "Service"]
+__all__ = ["DEFAULT_MAX_ITERATIONS", "ActiveCheck", "Discovery", "LoadBalancer", "Service"]
 
 logger = logging.getLogger("lbclient")
 
@@ -77,6 +77,20 @@ class ActiveCheck(Protocol):
     consecutive_failures: int
 
     def bind(self, balancer: LoadBalancer) -> Service: ...
+
+
+class DiscoveryService(Service, Protocol):
+    """A discovery bound to a balancer: a service that also adds its counts to snapshots."""
+
+    def describe(self, snapshot: HealthSnapshot) -> HealthSnapshot: ...
+
+
+class Discovery(Protocol):
+    """What the balancer needs of a ``discovery`` (:mod:`lbclient.discovery`: ``Static``,
+    ``DNS``, ``File``, ``Function``): a service that keeps the backend set current through
+    :meth:`LoadBalancer.update`, looking up every ``refresh`` seconds (None: its own)."""
+
+    def bind(self, balancer: LoadBalancer, refresh: float | None) -> DiscoveryService: ...
 
 
 class _View(Tally):
@@ -206,6 +220,11 @@ class LoadBalancer(_Services, _Loads):
     * ``health_check``: a :class:`~lbclient.TcpCheck` or :class:`~lbclient.HttpCheck` run on
       every backend once :meth:`start` (``with balancer:``, or a transport using it) started
       it (None: no active checks).
+    * ``discovery``: where the backends come from (:mod:`lbclient.discovery`): once
+      :meth:`start` started it, it looks them up before :meth:`start` returns, then keeps the
+      set current in the background; ``backends`` are the set until its first answer (None).
+    * ``refresh``: seconds between lookups of a discovery whose answers carry no TTL (None:
+      the discovery's own; DNS follows the records' TTL).
     * ``on_change``: called as ``on_change(backend, healthy)`` on every change of a backend's
       health, and on the first verdict of its active checks, in order (None).
     * ``clock``: returns seconds, monotonic; the only clock the balancer reads
@@ -219,6 +238,8 @@ class LoadBalancer(_Services, _Loads):
         *,
         health: HealthPolicy | None = None,
         health_check: ActiveCheck | None = None,
+        discovery: Discovery | None = None,
+        refresh: float | None = None,
         on_change: OnChange | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -230,6 +251,18 @@ class LoadBalancer(_Services, _Loads):
             raise TypeError(
                 f"health_check must be a TcpCheck, an HttpCheck or None, got {health_check!r}"
             )
+        if discovery is not None and not callable(getattr(discovery, "bind", None)):
+            raise TypeError(
+                "discovery must be a source of lbclient.discovery (Static, DNS, File, or "
+                f"Function(fn) around a function of your own) or None, got {discovery!r}"
+            )
+        if refresh is not None:
+            if discovery is None:
+                raise TypeError("refresh= applies only with discovery=")
+            if isinstance(refresh, bool) or not isinstance(refresh, (int, float)):
+                raise TypeError(f"refresh must be a number of seconds or None, got {refresh!r}")
+            if not math.isfinite(refresh) or refresh <= 0:
+                raise ValueError(f"refresh must be a finite number > 0, got {refresh!r}")
         if on_change is not None and not callable(on_change):
             raise TypeError(f"on_change must be callable or None, got {on_change!r}")
         if not callable(clock):
@@ -249,9 +282,16 @@ class LoadBalancer(_Services, _Loads):
         prepared = prepare_backends(backends)
         self._view = self._new_view(prepared, None)
         self._health_check = health_check
-        self._services: tuple[Service, ...] = (
-            () if health_check is None else (health_check.bind(self),)
-        )
+        self._discovery = discovery
+        self._refresh = refresh
+        services: list[Service] = []
+        if discovery is not None:  # first: checks start on the discovered set
+            found = discovery.bind(self, refresh)
+            self._book.extend = found.describe
+            services.append(found)
+        if health_check is not None:
+            services.append(health_check.bind(self))
+        self._services: tuple[Service, ...] = tuple(services)
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -274,6 +314,11 @@ class LoadBalancer(_Services, _Loads):
     def health_check(self) -> ActiveCheck | None:
         """The active health check, if any."""
         return self._health_check
+
+    @property
+    def discovery(self) -> Discovery | None:
+        """Where the backends come from, if a discovery keeps them current."""
+        return self._discovery
 
     @property
     def panic(self) -> bool:
@@ -396,18 +441,42 @@ class LoadBalancer(_Services, _Loads):
         view = self._view
         return self._book.snapshot(view.backends, view, view.loads, self._decay)
 
-    def _new_view(self, prepared: tuple[Backend, ...], old: _View | None) -> _View:
-        """A view of ``prepared``: backends that stay keep their health cell and load."""
+    def _new_view(
+        self,
+        prepared: tuple[Backend, ...],
+        old: _View | None,
+        selector: Selector | None = None,
+        moved: tuple[tuple[Backend, ...], tuple[Backend, ...]] | None = None,
+    ) -> _View:
+        """A view of ``prepared``: backends that stay keep their health cell and load.
+
+        ``selector`` is the one built for ``prepared`` (None: built here). ``moved`` holds the
+        backends that left ``old``'s set and those that joined it, as objects (None: not
+        known); then only their cells and loads are touched.
+        """
         # Backends of the first set do not ramp up; those that join later do, from now.
         now = -math.inf if old is None else self._clock()
-        loads = {} if old is None else old.loads
-        view = _View(
-            prepared,
-            self._algorithm.build(prepared),
-            HealthBook.cells(prepared, old),
-            {b: loads.get(b) or Load(now, self._total) for b in prepared},
-            self._policy,
-        )
+        if selector is None:
+            rebuild = getattr(self._algorithm, "rebuild", None)
+            # A rebuild with no previous selector is a build that takes ``prepared`` as it is.
+            selector = (
+                self._algorithm.build(prepared) if rebuild is None else rebuild(None, prepared)
+            )
+        if old is None or moved is None:
+            loads = {} if old is None else old.loads
+            cells = HealthBook.cells(prepared, old)
+            carried = {b: loads.get(b) or Load(now, self._total) for b in prepared}
+        else:
+            # An equal backend that is another object (other metadata) keeps its cell and load.
+            removed, added = moved
+            cells = dict(old.cells)
+            carried = dict(old.loads)
+            left_cells = {b: cells.pop(b) for b in removed}
+            left_loads = {b: carried.pop(b) for b in removed}
+            for b in added:
+                cells[b] = left_cells.get(b) or Cell(HealthState())
+                carried[b] = left_loads.get(b) or Load(now, self._total)
+        view = _View(prepared, selector, cells, carried, self._policy)
         attach = getattr(view.selector, "attach", None)
         if attach is not None:  # load-aware selectors read the live load
             attach(view.loads, self._clock, self._total)
@@ -417,7 +486,7 @@ class LoadBalancer(_Services, _Loads):
         return len(self._view.backends)
 
     def __reduce__(self) -> tuple[Any, ...]:
-        # The configuration travels; health, load and running checks start afresh.
+        # The configuration travels; health, load, running checks and discovery start afresh.
         return (
             _restore,
             (
@@ -427,6 +496,8 @@ class LoadBalancer(_Services, _Loads):
                 self._health_check,
                 self._book.on_change,
                 self._clock,
+                self._discovery,
+                self._refresh,
             ),
         )
 
@@ -444,20 +515,31 @@ class LoadBalancer(_Services, _Loads):
 
         Sets are compared by (address, weight). Backends that stay keep their health; new ones
         start healthy and enabled. Readers see the old view or the new one, never a mix.
+
+        A change costs what changed: backends equal to current ones (same metadata) are taken
+        as the current objects, and an algorithm that can rebuild its selector from the
+        previous one (:class:`~lbclient.selection.base.Rebuildable`) is asked to.
         """
-        prepared = prepare_backends(backends)
+        from lbclient.selection.base import changes, prepare_update
+
+        hint = self._view
+        prepared, change = prepare_update(backends, hint.backends, hint.by_address)
         with self._update_lock:
-            if prepared == self._view.backends:
+            old = self._view
+            if prepared is old.backends or prepared == old.backends:
                 return False
-            view = self._new_view(prepared, self._view)
+            if old is not hint:  # another update came first: the change is against its set
+                change = changes(old.backends, prepared)
+            rebuild = getattr(self._algorithm, "rebuild", None)
+            selector: Selector = (
+                self._algorithm.build(prepared)
+                if rebuild is None
+                else rebuild(old.selector, prepared, change)
+            )
             with self._book.lock:
-                # Health changes made while the new view was built are carried over.
-                self._view = _View(
-                    prepared,
-                    view.selector,
-                    HealthBook.cells(prepared, self._view),
-                    view.loads,
-                    self._policy,
+                # Cells and counts are taken under the lock: no health change is lost.
+                self._view = self._new_view(
+                    prepared, old, selector, (change.removed, change.added)
                 )
         logger.debug("backends updated: %d backends", len(prepared))
         return True
@@ -520,10 +602,12 @@ def _restore(
     health_check: ActiveCheck | None,
     on_change: OnChange | None,
     clock: Callable[[], float],
+    discovery: Discovery | None = None,
+    refresh: float | None = None,
 ) -> LoadBalancer:
     return LoadBalancer(
         backends, algorithm, health=health, health_check=health_check, on_change=on_change,
-        clock=clock,
+        clock=clock, discovery=discovery, refresh=refresh,
     )
 
 

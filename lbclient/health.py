@@ -300,13 +300,22 @@ class BackendHealth:
 
 @dataclass(frozen=True)
 class HealthSnapshot:
-    """The health of every backend at one moment, and whether panic mode is on."""
+    """The health of every backend at one moment, whether panic mode is on, and how the
+    balancer's discovery fares (zeros and None without one)."""
 
     #: The clock value of the snapshot.
     at: float
     #: True when fewer backends than the panic threshold are healthy: health is ignored.
     panic: bool
     backends: tuple[BackendHealth, ...]
+    #: Answers the discovery gave, empty ones included.
+    discovery_refreshes: int = 0
+    #: Lookups that failed (the last good set was kept).
+    discovery_failures: int = 0
+    #: Why the latest lookup failed; None once one succeeds.
+    discovery_error: str | None = None
+    #: The priority group in use, when the discovery gives priorities (DNS SRV).
+    discovery_priority: int | None = None
 
     @property
     def ready(self) -> int:
@@ -327,4 +336,14 @@ class HealthSnapshot:
             lines.append(
                 f"{b.backend.address:<24} {'ready' if b.ready else 'not ready':<9} {state}"
             )
+        if self.discovery_refreshes or self.discovery_failures:
+            line = (
+                f"discovery: {self.discovery_refreshes} answers, "
+                f"{self.discovery_failures} failed lookups"
+            )
+            if self.discovery_priority is not None:
+                line += f", priority {self.discovery_priority} in use"
+            if self.discovery_error is not None:
+                line += f"; latest: {self.discovery_error}"
+            lines.append(line)
         return "\n".join(lines)

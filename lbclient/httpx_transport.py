@@ -173,6 +173,14 @@ class _Common:
         headers = request.headers.raw
         if "host" not in request.headers:
             headers = [(b"Host", url.netloc), *headers]
+        if plan.propagates:
+            extra = plan.headers(backend)
+            if extra:  # this attempt's trace context, in place of the caller's
+                names = {name.lower().encode("latin-1") for name in extra}
+                headers = [
+                    *((n, v) for n, v in headers if n.lower() not in names),
+                    *((n.encode("latin-1"), v.encode("latin-1")) for n, v in extra.items()),
+                ]
         return httpcore.Request(
             method=request.method,
             url=httpcore.URL(

@@ -446,6 +446,11 @@ class _Wire:
         sent.method = request.method
         sent.url = f"{scheme}://{backend.address}{request.path_url}"
         sent.headers = self.headers
+        if plan.propagates:
+            extra = plan.headers(backend)
+            if extra:  # this attempt's trace context, in place of the caller's
+                sent.headers = self.headers.copy()
+                sent.headers.update(extra)
         sent.body = request.body
         sent.hooks = request.hooks
         sent._cookies = request._cookies  # type: ignore[attr-defined]

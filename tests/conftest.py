@@ -3,11 +3,21 @@
 Data from real nginx lives in the sibling ``../shared/`` folder of the development workspace, not
 in this repository. Tests that read it skip where it is absent (a user's clone has none), unless
 ``LBCLIENT_REQUIRE_SHARED=1`` is set, as CI does, which turns that skip into a failure.
+
+:class:`Dnsmasq` runs a real DNS server on a free loopback port for the discovery tests; where
+dnsmasq is not installed they skip, unless ``LBCLIENT_REQUIRE_DNSMASQ=1``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import pytest
@@ -40,3 +50,187 @@ def shared_vectors() -> Path:
         "LBCLIENT_REQUIRE_SHARED",
     )
     return path
+
+
+# -- dnsmasq ---------------------------------------------------------------------------------
+
+DNSMASQ_MISSING = "dnsmasq not installed (Debian: apt-get install dnsmasq-base)"
+#: The domain the test servers answer for: names in it that are not in the files are NXDOMAIN.
+DNS_DOMAIN = "lbclient.test"
+#: The TTL of every record dnsmasq serves (seconds).
+DNS_TTL = 1
+
+
+def dnsmasq_binary() -> str:
+    """The dnsmasq program; skips (or fails, with LBCLIENT_REQUIRE_DNSMASQ=1) without one."""
+    found = shutil.which("dnsmasq")
+    if found is None and os.access("/usr/sbin/dnsmasq", os.X_OK):
+        found = "/usr/sbin/dnsmasq"
+    if found is None:
+        require(False, DNSMASQ_MISSING, "LBCLIENT_REQUIRE_DNSMASQ")
+        raise AssertionError("unreachable")  # pragma: no cover
+    return found
+
+
+def _free_dns_port() -> int:
+    """A port free for both UDP and TCP on 127.0.0.1."""
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            udp.bind(("127.0.0.1", 0))
+            port = int(udp.getsockname()[1])
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+                try:
+                    tcp.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+        return port
+    raise RuntimeError("no port free for both UDP and TCP on 127.0.0.1")
+
+
+class Dnsmasq:
+    """A real dnsmasq on 127.0.0.1 and a free port, answering only from files the test writes:
+    address records from a hosts file (read again on SIGHUP, see :meth:`set_hosts`) and SRV
+    records from its config (read at start, see :meth:`set_srv`). It runs in the foreground
+    as a child of the test, logs into its directory, and is stopped by :meth:`stop`."""
+
+    def __init__(self, binary: str, directory: Path) -> None:
+        self.binary = binary
+        self.directory = directory
+        self.hosts = directory / "hosts"
+        self.config = directory / "dnsmasq.conf"
+        self.log = directory / "dnsmasq.log"
+        self.port = _free_dns_port()
+        self.process: subprocess.Popen[bytes] | None = None
+        self.hosts.write_text("")
+        self.config.write_text("")
+
+    # -- records -------------------------------------------------------------------------
+
+    def set_hosts(self, names: Mapping[str, Iterable[str]]) -> None:
+        """Serve ``names`` (name -> addresses, IPv4 or IPv6) from now on: rewrite the hosts
+        file and, while running, send SIGHUP and wait until the answers show it."""
+        lines = [f"{address} {name}" for name, addresses in names.items() for address in addresses]
+        self.hosts.write_text("".join(line + "\n" for line in lines))
+        if self.process is not None:
+            self.process.send_signal(signal.SIGHUP)
+            self._wait_for(names)
+
+    def set_srv(self, records: Sequence[tuple[str, str, int, int, int]]) -> None:
+        """Serve SRV ``records`` (service, target, port, priority, weight) from the next
+        start (dnsmasq reads them only then; :meth:`restart` applies them)."""
+        self.config.write_text(
+            "".join(
+                f"srv-host={service},{target},{port},{priority},{weight}\n"
+                for service, target, port, priority, weight in records
+            )
+        )
+
+    # -- the process ---------------------------------------------------------------------
+
+    def command(self) -> list[str]:
+        import grp
+        import pwd
+
+        user = pwd.getpwuid(os.geteuid()).pw_name
+        group = grp.getgrgid(os.getegid()).gr_name
+        return [
+            self.binary,
+            "--keep-in-foreground",
+            f"--conf-file={self.config}",
+            "--no-resolv",
+            "--no-hosts",
+            f"--addn-hosts={self.hosts}",
+            f"--port={self.port}",
+            "--listen-address=127.0.0.1",
+            "--bind-interfaces",
+            f"--local=/{DNS_DOMAIN}/",
+            f"--local-ttl={DNS_TTL}",
+            "--no-negcache",
+            "--pid-file=",
+            f"--user={user}",
+            f"--group={group}",
+            "--log-facility=-",
+            "--log-queries",
+        ]
+
+    def start(self) -> Dnsmasq:
+        """Start, and return once it answers."""
+        if self.process is not None:
+            raise RuntimeError("dnsmasq is already running")
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(
+                self.command(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        self._wait_for({})
+        return self
+
+    def stop(self) -> None:
+        """Stop and reap the process; idempotent."""
+        process, self.process = self.process, None
+        if process is None:
+            return
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(5)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.wait(5)
+
+    def restart(self) -> None:
+        """Stop and start again on the same port (applying :meth:`set_srv`)."""
+        self.stop()
+        self.start()
+
+    def _wait_for(self, names: Mapping[str, Iterable[str]]) -> None:
+        """Wait until dnsmasq answers, and answers each of ``names`` with its addresses."""
+        import dns.resolver
+
+        resolver = dns.resolver.Resolver(configure=False)
+        resolver.nameservers = ["127.0.0.1"]
+        resolver.port = self.port
+        wanted = {name: set(addresses) for name, addresses in names.items()}
+        deadline = time.monotonic() + 10.0
+        while True:
+            process = self.process
+            assert process is not None
+            if process.poll() is not None:
+                raise RuntimeError(
+                    f"dnsmasq exited with status {process.returncode}:\n"
+                    + self.log.read_text(errors="replace")[-3000:]
+                )
+            try:
+                self._addresses(resolver, f"probe.{DNS_DOMAIN}")  # NXDOMAIN once it answers
+                if all(self._addresses(resolver, n) == want for n, want in wanted.items()):
+                    return
+            except Exception:  # not answering yet
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"dnsmasq on port {self.port} did not answer as expected")
+            time.sleep(0.02)
+
+    @staticmethod
+    def _addresses(resolver: object, name: str) -> set[str]:
+        import dns.resolver
+
+        assert isinstance(resolver, dns.resolver.Resolver)
+        found: set[str] = set()
+        for kind in ("A", "AAAA"):
+            try:
+                answer = resolver.resolve(name, kind, lifetime=0.5, raise_on_no_answer=False)
+            except dns.resolver.NXDOMAIN:
+                continue
+            found.update(r.to_text() for r in answer.rrset or ())
+        return found
+
+
+@pytest.fixture
+def dnsmasq(tmp_path: Path) -> Iterator[Dnsmasq]:
+    """A :class:`Dnsmasq`, not yet started; stopped after the test."""
+    pytest.importorskip("dns.resolver", reason="the DNS tests need dnspython (the dev extra)")
+    server = Dnsmasq(dnsmasq_binary(), tmp_path)
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -63,9 +63,32 @@ BENCH_ROWS = {
     "AsyncLBTransport p99, 1 of 3 slow, no hedging": "ms",
     "AsyncLBTransport p99, 1 of 3 slow, hedged at 50 ms, budget ratio 0.5": "ms",
     "AsyncLBTransport p99, 1 of 3 slow, hedged at 50 ms, default budget": "ms",
+    **{
+        f"{algorithm} vs RoundRobin {figure}, {run}, {client}": unit
+        for client in ("AsyncLBTransport, 32 tasks", "LBAdapter, 16 threads")
+        for algorithm in ("LeastRequest", "PeakEWMA")
+        for figure, run, unit in (
+            ("req/s", "1 of 4 slow", "req/s"),
+            ("p99", "1 of 4 slow", "ms"),
+            ("p99", "1 of 4 stalling", "ms"),
+            ("503 share", "1 of 4 failing half", "%"),
+        )
+    },
+    **{
+        f"{client} vs plain {plain}, {level} {unit}": "req/s"
+        for client, plain, unit, levels in (
+            ("AsyncLBTransport", "httpx.AsyncClient", "tasks", ("10", "100", "1,000")),
+            ("LBTransport", "httpx.Client", "threads", ("4", "64", "256")),
+            ("LBAdapter", "requests.Session", "threads", ("4", "64", "256")),
+        )
+        for level in levels
+    },
+    "AsyncLBTransport req/s, 1,000 tasks vs 10 tasks": "req/s",
 }
 UHASHRING_ROWS = [name for name in BENCH_ROWS if "uhashring" in name]
 HEDGED_ROWS = [name for name in BENCH_ROWS if "hedged at" in name]
+# Rows whose figure may be zero (a share of requests), and then has no ratio.
+SHARE_ROWS = [name for name, unit in BENCH_ROWS.items() if unit == "%"]
 # The hedging benchmark's cases, its table's columns, and the columns that are counts.
 HEDGING_CASES = [
     "no hedging",
@@ -77,7 +100,28 @@ HEDGING_COLUMNS = ["case", "req/s", "p50", "p99", "p99 ratio", "requests", "retr
 HEDGING_COUNTS = ["requests", "retries", "hedges", "hedge wins", "exhaustions", "waited"]
 QUICK_HEDGING_REQUESTS = 160
 # The bench's own code path with fewer repetitions: enough to check the table, not to measure.
-SHORT_BENCH = ["bench", "--quick", "--reps", "3", "--rounds", "2", "--requests", "20"]
+SHORT_BENCH = ["bench", "--quick", "--reps", "3", "--rounds", "2", "--requests", "20",
+               "--seconds", "0.3"]
+# The load-aware benchmark's runs, clients and algorithms, in table order, and its columns.
+LOAD_RUNS = ["1 of 4 slow", "1 of 4 stalling", "1 of 4 failing half"]
+LOAD_CLIENTS = ["AsyncLBTransport, 32 tasks", "LBAdapter, 16 threads"]
+LOAD_ALGORITHMS = ["RoundRobin", "LeastRequest", "PeakEWMA"]
+LOAD_COLUMNS = ["run", "client", "algorithm", "req/s", "req/s x RR", "p50", "p99", "p99 x RR",
+                "odd share", "odd x RR", "503 share", "503 x RR", "client CPU"]
+LOAD_RATIOS = ["req/s x RR", "p99 x RR", "odd x RR", "503 x RR"]
+# The concurrency benchmark's rows (client, callers), in table order, and its columns.
+CONCURRENCY_ROWS = [
+    (client, f"{level} {unit}")
+    for client, unit, levels in (
+        ("AsyncLBTransport", "tasks", ("10", "100", "1,000")),
+        ("LBTransport", "threads", ("4", "64", "256")),
+        ("LBAdapter", "threads", ("4", "64", "256")),
+    )
+    for level in levels
+]
+CONCURRENCY_COLUMNS = ["client", "callers", "req/s", "p50", "p99", "p99 / (n / req/s)",
+                       "plain client", "plain req/s", "plain p50", "plain p99", "ratio",
+                       "errors", "client CPU"]
 
 
 def lbclient(
@@ -133,7 +177,8 @@ def test_the_library_never_imports_the_command_line() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("module", ["selection", "transport", "hedging"])
+@pytest.mark.parametrize("module", ["selection", "transport", "hedging", "loadaware",
+                                    "concurrency"])
 def test_each_benchmark_runs_alone(module: str) -> None:
     done = subprocess.run([sys.executable, "-m", f"lbclient.cli.bench.{module}", "--help"],
                           capture_output=True, text=True, timeout=60, check=False)
@@ -143,7 +188,11 @@ def test_each_benchmark_runs_alone(module: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("options", [[], ["--delay", "0.1"]], ids=["plain", "delayed"])
+@pytest.mark.parametrize(
+    "options",
+    [[], ["--delay", "0.1"], ["--stall-every", "1", "--stall-for", "0.2"], ["--fail-every", "3"]],
+    ids=["plain", "delayed", "stalling", "failing"],
+)
 def test_the_loopback_server_runs_as_a_module_and_exits_with_its_stdin(options: list[str]) -> None:
     server = subprocess.Popen([sys.executable, "-m", "lbclient.cli.bench.server", *options],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -172,14 +221,46 @@ def test_the_loopback_server_runs_as_a_module_and_exits_with_its_stdin(options: 
     assert not server.stderr.read()
 
 
+@pytest.mark.slow
+def test_the_loopback_server_fails_every_nth_request_and_counts_them() -> None:
+    server = subprocess.Popen([sys.executable, "-m", "lbclient.cli.bench.server",
+                               "--fail-every", "2"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout is not None
+        port = int(server.stdout.readline())
+        heads = []
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+            for _ in range(4):  # one connection, kept alive
+                conn.sendall(b"GET /item HTTP/1.1\r\nHost: users\r\n\r\n")
+                heads.append(conn.recv(65536).split(b"\r\n")[0])
+            conn.sendall(b"GET /_served HTTP/1.1\r\nHost: users\r\n\r\n")
+            counted = conn.recv(65536)
+        assert heads == [b"HTTP/1.1 200 OK", b"HTTP/1.1 503 Service Unavailable"] * 2
+        assert counted.startswith(b"HTTP/1.1 200 OK\r\n")
+        assert counted.endswith(b"\r\n\r\n4")  # the four requests, not the count's own
+    finally:
+        assert server.stdin is not None
+        server.stdin.close()
+        try:
+            server.wait(timeout=10)
+        finally:
+            if server.poll() is None:
+                server.kill()
+                server.wait()
+    assert server.returncode == 0
+
+
 # -- bench ---------------------------------------------------------------------------------------
 
 
-def _number(cell: str, unit: str) -> float:
-    match = re.fullmatch(rf"([\d,]+(?:\.\d+)?) {re.escape(unit)}", cell)
+def _number(cell: str, unit: str, zero: bool = False) -> float:
+    """The figure in ``cell`` ("1,234.5 ms", or "12.5%"): above 0, or at least 0 with ``zero``."""
+    match = re.fullmatch(rf"([\d,]+(?:\.\d+)?) ?{re.escape(unit)}", cell)
     assert match, f"{cell!r} is not a figure in {unit}"
     value = float(match.group(1).replace(",", ""))
-    assert value > 0, cell
+    assert value >= 0 if zero else value > 0, cell
     return value
 
 
@@ -232,7 +313,7 @@ def leaves_no_process() -> Iterator[dict[str, str]]:
 
 def run_bench(tmp_path: Path, without: str | None = None) -> subprocess.CompletedProcess[str]:
     with leaves_no_process() as env:
-        return lbclient(*SHORT_BENCH, without=without, cwd=tmp_path, env=env)
+        return lbclient(*SHORT_BENCH, without=without, cwd=tmp_path, env=env, timeout=300)
 
 
 @pytest.mark.slow
@@ -247,21 +328,28 @@ def test_bench_quick_prints_one_table_with_every_row(tmp_path: Path) -> None:
     assert list(rows) == list(BENCH_ROWS), "rows missing, extra or out of order"
     for name, unit in BENCH_ROWS.items():
         _, ours, baseline, ratio, floor = rows[name]
-        _number(ours, unit)
+        share = name in SHARE_ROWS
+        figure = _number(ours, unit, zero=share)
         if baseline == "-":
             assert ratio == "-", name
         else:
             _number(baseline, unit)
-            assert float(ratio) > 0, name
+            if share and figure == 0:
+                assert ratio == "-", name  # no ratio to a share of nothing
+            else:
+                assert float(ratio) > 0, name
         assert floor == "-" or re.fullmatch(r"[<>]=? [\d,.]+( \S+)?: (met|NOT MET)", floor), floor
     for name in UHASHRING_ROWS + HEDGED_ROWS + [
         n for n, unit in BENCH_ROWS.items() if unit == "req/s"
     ]:
         assert rows[name][2] != "-", f"{name} has no baseline"
-    for name in [n for n in BENCH_ROWS if "p99" in n]:
+    for name in [n for n in BENCH_ROWS if "p99" in n or " vs RoundRobin " in n or "tasks" in n
+                 or "threads" in n]:
         assert rows[name][4] == "-", f"{name} has a floor"  # a measurement only
-    # The hedging cases in detail follow the table, one line each.
+    # The hedging, load-aware and concurrency cases in detail follow the table.
     assert list(hedging_table(out)) == HEDGING_CASES
+    assert list(load_table(out)) == LOAD_CASES
+    assert list(concurrency_table(out)) == CONCURRENCY_ROWS
     assert re.search(r"^floors missed: \d+", out, re.M)
     assert "--strict makes a full run exit 1" in out  # the footnote on missed floors
 
@@ -329,6 +417,110 @@ def test_hedging_benchmark_runs_alone_and_counts_the_attempts(tmp_path: Path) ->
     # the budget, those are hedged.
     assert roomy["hedges"] > 0
     assert default["hedges"] + default["exhaustions"] > 0
+
+
+LOAD_CASES = [(run, client, algorithm) for run in LOAD_RUNS for client in LOAD_CLIENTS
+              for algorithm in LOAD_ALGORITHMS]
+
+
+def detail_table(
+    stdout: str, columns: list[str], key: int
+) -> dict[tuple[str, ...], dict[str, str]]:
+    """The detail table whose head is ``columns``: each row's cells by column, keyed by its
+    first ``key`` cells."""
+    lines = stdout.splitlines()
+    head = next(i for i, line in enumerate(lines)
+                if [c.strip() for c in line.split(" | ")] == columns)
+    assert set(lines[head + 1]) <= {"-", "+"}
+    rows: dict[tuple[str, ...], dict[str, str]] = {}
+    for line in lines[head + 2 :]:
+        if set(line) <= {"-", "+"}:
+            break
+        cells = [c.strip() for c in line.split(" | ")]
+        assert len(cells) == len(columns), line
+        assert tuple(cells[:key]) not in rows, f"row {cells[:key]} printed twice"
+        rows[tuple(cells[:key])] = dict(zip(columns, cells, strict=True))
+    else:
+        pytest.fail(f"the table under {columns[:3]} has no closing rule")
+    return rows
+
+
+def load_table(stdout: str) -> dict[tuple[str, ...], dict[str, str]]:
+    """The load-aware benchmark's table, by (run, client, algorithm)."""
+    return detail_table(stdout, LOAD_COLUMNS, 3)
+
+
+def concurrency_table(stdout: str) -> dict[tuple[str, ...], dict[str, str]]:
+    """The concurrency benchmark's table, by (client, callers)."""
+    return detail_table(stdout, CONCURRENCY_COLUMNS, 2)
+
+
+def run_alone(module: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """``python -m lbclient.cli.bench.MODULE --quick``, checked to leave no process behind."""
+    with leaves_no_process() as env:
+        return subprocess.run(
+            [sys.executable, "-m", f"lbclient.cli.bench.{module}", "--quick"],
+            capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env, check=False)
+
+
+@pytest.mark.slow
+def test_loadaware_benchmark_runs_alone_and_prints_every_case(tmp_path: Path) -> None:
+    done = run_alone("loadaware", tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert not done.stderr  # nor from the servers
+    rows = load_table(done.stdout)
+    assert list(rows) == LOAD_CASES, "cases missing, extra or out of order"
+    for (run, _, algorithm), cells in rows.items():
+        assert float(cells["req/s"].replace(",", "")) > 0
+        _number(cells["p50"], "ms")
+        _number(cells["p99"], "ms")
+        odd = _number(cells["odd share"], "%", zero=True)
+        failed = _number(cells["503 share"], "%", zero=True)
+        _number(cells["client CPU"], "%", zero=True)
+        if algorithm == "RoundRobin":  # the reference: no ratio, a quarter of the requests each
+            assert [cells[column] for column in LOAD_RATIOS] == ["-"] * len(LOAD_RATIOS)
+            assert 20 <= odd <= 30, (run, odd)
+        else:
+            assert float(cells["req/s x RR"]) > 0
+            assert float(cells["p99 x RR"]) > 0
+            assert float(cells["odd x RR"]) >= 0
+        if run == "1 of 4 failing half":
+            if algorithm == "RoundRobin":
+                assert failed > 0  # every other answer of one backend in four
+            else:
+                assert float(cells["503 x RR"]) >= 0
+        else:
+            assert failed == 0, (run, algorithm)
+            assert cells["503 x RR"] == "-"
+    aims = re.findall(r"^  (1 of 4 [a-z ]+), (AsyncLBTransport, 32 tasks|LBAdapter, 16 threads): "
+                      r"(\w+) .+: [\d.]+x, (met|NOT MET)$", done.stdout, re.M)
+    assert len(aims) == 14, done.stdout  # 7 aims per client
+
+
+@pytest.mark.slow
+def test_concurrency_benchmark_runs_alone_and_prints_every_level(tmp_path: Path) -> None:
+    done = run_alone("concurrency", tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert not done.stderr
+    rows = concurrency_table(done.stdout)
+    assert list(rows) == CONCURRENCY_ROWS, "levels missing, extra or out of order"
+    plains = {"AsyncLBTransport": "httpx.AsyncClient", "LBTransport": "httpx.Client",
+              "LBAdapter": "requests.Session"}
+    for (client, _), cells in rows.items():
+        assert cells["plain client"] == plains[client]
+        for column in ("req/s", "plain req/s"):
+            assert float(cells[column].replace(",", "")) > 0, column
+        for column in ("p50", "p99", "plain p50", "plain p99"):
+            _number(cells[column], "ms")
+        assert float(cells["ratio"]) > 0
+        assert float(cells["p99 / (n / req/s)"]) > 0
+        assert re.fullmatch(r"\d[\d,]* / \d[\d,]*", cells["errors"]), cells["errors"]
+        assert re.fullmatch(r"\d+% / \d+%", cells["client CPU"]), cells["client CPU"]
+    assert re.search(r"^  AsyncLBTransport, 1,000 tasks / 10 tasks, req/s: [\d.]+ \(aim >= 0.7\): "
+                     r"(met|NOT MET)$", done.stdout, re.M), done.stdout
+    tails = re.findall(r"^  \w+, [\d,]+ (?:tasks|threads): p99 .+ \(aim <= 2x\): (?:met|NOT MET)$",
+                       done.stdout, re.M)
+    assert len(tails) == len(CONCURRENCY_ROWS)
 
 
 # -- simulate ------------------------------------------------------------------------------------

@@ -46,6 +46,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("--backends", type=int, default=3)
     run.add_argument("--requests", type=int, default=300)
     run.add_argument("--plain", action="store_true", help="plain text, even on a terminal")
+    run.add_argument(
+        "--metrics-port", type=int, metavar="N", default=None,
+        help="serve Prometheus metrics on http://127.0.0.1:N/metrics while the demo runs "
+        "(0: a free port; needs lbclient[metrics])",
+    )
     summary.add_parser(commands)
     simulate.add_parser(commands)
     args = parser.parse_args(argv)
@@ -53,4 +58,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         return summary.command(args)
     if args.command == "simulate":
         return simulate.command(args)
-    return demo(args.algorithm, args.backends, args.requests, args.plain)
+    return demo(args.algorithm, args.backends, args.requests, args.plain, args.metrics_port)

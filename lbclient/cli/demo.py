@@ -226,13 +226,60 @@ class _Events(logging.Handler):
         self.board.event(text)
 
 
-def demo(algorithm: str, backends: int, requests: int, plain: bool = False) -> int:
-    """Run the demo; return the exit status (0 when no request failed)."""
+class MetricsServer:
+    """The demo balancer's Prometheus metrics (``service="users"``), served on 127.0.0.1 by
+    prometheus-client's own HTTP server until :meth:`close`."""
+
+    def __init__(self, lb: LoadBalancer, port: int) -> None:
+        from prometheus_client import CollectorRegistry, start_http_server
+
+        from lbclient.metrics import register
+
+        registry = CollectorRegistry()
+        self.registration = register(lb, service="users", registry=registry)
+        try:
+            self.server, self.thread = start_http_server(port, addr="127.0.0.1", registry=registry)
+        except BaseException:
+            self.registration.unregister()
+            raise
+        self.url = f"http://127.0.0.1:{self.server.server_port}/metrics"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)
+        self.registration.unregister()
+
+
+def _metrics_problem(port: int) -> str | None:
+    """What stops the demo from serving metrics on ``port``, or None."""
+    if not 0 <= port <= 65_535:
+        return f"--metrics-port must be a port number 0..65535 (0: a free one), got {port}"
+    try:
+        import prometheus_client  # noqa: F401
+    except ImportError:
+        return "--metrics-port needs prometheus-client: pip install 'lbclient[metrics]'"
+    return None
+
+
+def demo(
+    algorithm: str,
+    backends: int,
+    requests: int,
+    plain: bool = False,
+    metrics_port: int | None = None,
+) -> int:
+    """Run the demo; return the exit status (0 when no request failed). With ``metrics_port``,
+    the balancer's metrics are served on ``http://127.0.0.1:PORT/metrics`` while it runs."""
     if backends < 2:
         print("demo: --backends must be at least 2", file=sys.stderr)
         return 2
     if requests < 10:
         print("demo: --requests must be at least 10", file=sys.stderr)
+        return 2
+    problem = None if metrics_port is None else _metrics_problem(metrics_port)
+    if problem is not None:
+        print(f"demo: {problem}", file=sys.stderr)
         return 2
     servers = [TestServer(name=f"backend-{i}").start() for i in range(backends)]
     names = {s.address: s.name for s in servers}
@@ -241,6 +288,16 @@ def demo(algorithm: str, backends: int, requests: int, plain: bool = False) -> i
         ALGORITHMS[algorithm],
         health=POLICY,
     )
+    metrics: MetricsServer | None = None
+    if metrics_port is not None:
+        try:
+            metrics = MetricsServer(lb, metrics_port)
+        except OSError as exc:
+            for server in servers:
+                server.close()
+            print(f"demo: cannot serve metrics on 127.0.0.1:{metrics_port}: {exc}",
+                  file=sys.stderr)
+            return 2
     board = Board(lb, names)
     events = _Events(board, names)
     logger = logging.getLogger("lbclient")
@@ -254,9 +311,13 @@ def demo(algorithm: str, backends: int, requests: int, plain: bool = False) -> i
             f"lbclient demo: {backends} local backends, algorithm={algorithm}, {requests} "
             "requests per phase, GETs and POSTs through LBTransport\n"
         )
+        if metrics is not None:
+            display.note(f"metrics (service=\"users\") while the demo runs: {metrics.url}\n")
         stayed_put = _run(board, display, servers, requests, live)
     finally:
         display.close()
+        if metrics is not None:
+            metrics.close()
         logger.removeHandler(events)
         logger.setLevel(level)
         for server in servers:

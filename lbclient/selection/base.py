@@ -4,24 +4,50 @@ the unique-candidate iterator."""
 from __future__ import annotations
 
 import types
-from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from itertools import compress, repeat
+from operator import and_, attrgetter, eq, is_not, ne, not_, or_, truth
+from typing import Any, Final, Generic, Protocol, TypeVar, cast, runtime_checkable
 
 from lbclient.backend import Backend
 
 __all__ = [
+    "SPLICE_LIMIT",
     "Algorithm",
     "AlgorithmLike",
+    "Change",
     "Key",
+    "Rebuildable",
     "Selector",
     "UniqueIterator",
     "buildmethod",
+    "changes",
     "check_max_iterations",
     "fallbacks_after",
     "prepare_backends",
+    "prepare_update",
     "resolve_algorithm",
+    "same_weight",
+    "small",
+    "splice",
     "to_key",
+    "weights_of",
 ]
+
+#: Up to this many backends leaving and joining, a new set is made from the previous one by
+#: deleting and inserting them (and selectors splice their per-backend data); beyond it, sorted
+#: afresh.
+SPLICE_LIMIT: Final = 64
+
+_T = TypeVar("_T")
+_weight = attrgetter("weight")
+_address = attrgetter("address")
+_metadata = attrgetter("metadata")
+#: Stands for "no known backend" where one is looked up: no address string stands for it.
+_UNKNOWN: Final = Backend("0.0.0.0:1", 2)
+#: Up to this many items that are not known objects are looked at one by one.
+_ONE_BY_ONE: Final = 32
 
 #: A selection key: bytes as they are, or text encoded as UTF-8.
 Key = bytes | str
@@ -75,10 +101,67 @@ def fallbacks_after(selector: Selector, key: bytes, first: Backend) -> Iterator[
 
 
 class Algorithm(Protocol):
-    """A selection algorithm: turns a set of backends into a :class:`Selector`."""
+    """A selection algorithm: turns a set of backends into a :class:`Selector`.
+
+    It may also be :class:`Rebuildable`: then a balancer whose set changes asks it for the new
+    selector from the previous one.
+    """
 
     def build(self, backends: Iterable[Backend | str]) -> Selector:
         """Build a selector over ``backends`` (sorted and de-duplicated first)."""
+        ...
+
+
+class Change:
+    """How one sorted backend set became the next: the backends that left it and those that
+    joined, each with its index in its own set, in sorted order.
+
+    A backend stays only as the same object. An equal backend that is another object (other
+    metadata) leaves and joins, so that a selector always answers with the new set's objects.
+    """
+
+    __slots__ = ("added", "added_at", "removed", "removed_at")
+
+    def __init__(
+        self,
+        removed: Sequence[Backend],
+        removed_at: Sequence[int],
+        added: Sequence[Backend],
+        added_at: Sequence[int],
+    ) -> None:
+        #: The backends that left, in sorted order, and their indexes in the previous set.
+        self.removed = tuple(removed)
+        self.removed_at = tuple(removed_at)
+        #: The backends that joined, in sorted order, and their indexes in the new set.
+        self.added = tuple(added)
+        self.added_at = tuple(added_at)
+
+    def __len__(self) -> int:
+        """How many backends left or joined."""
+        return len(self.removed) + len(self.added)
+
+    def __repr__(self) -> str:
+        return f"<Change removed={len(self.removed)} added={len(self.added)}>"
+
+
+@runtime_checkable
+class Rebuildable(Protocol):
+    """An algorithm that makes the selector of a changed set from the previous selector, at the
+    cost of what changed rather than of the whole set."""
+
+    def rebuild(
+        self,
+        previous: Selector | None,
+        backends: tuple[Backend, ...],
+        change: Change | None = None,
+    ) -> Selector:
+        """The selector over ``backends`` (sorted and de-duplicated, as from
+        :func:`prepare_backends`), routing every key exactly as ``build(backends)`` would.
+
+        ``previous`` is a selector this algorithm built (anything else, or None, makes a full
+        build, without preparing ``backends`` again); ``change`` says how its set became
+        ``backends`` (None: worked out here).
+        """
         ...
 
 
@@ -131,17 +214,11 @@ def prepare_backends(backends: Iterable[Backend | str]) -> tuple[Backend, ...]:
     An address listed twice with the same weight is kept once; listed with two different
     weights it is ambiguous and raises ValueError naming the address.
     """
-    if isinstance(backends, (str, bytes)):
-        raise TypeError(
-            f"backends must be a list of addresses or Backend objects, not a single "
-            f"{type(backends).__name__} ({backends!r})"
-        )
-    try:
-        items = list(backends)
-    except TypeError:
-        raise TypeError(
-            f"backends must be an iterable of Backend or address strings, got {backends!r}"
-        ) from None
+    items = _listed(backends)
+    if all(map(isinstance, items, repeat(Backend))):
+        known = cast("list[Backend]", items)
+        if len(dict(zip(map(_address, known), known, strict=True))) == len(known):
+            return tuple(sorted(known))  # no address twice
     by_address: dict[str, Backend] = {}
     for item in items:
         backend = Backend.coerce(item)
@@ -149,11 +226,187 @@ def prepare_backends(backends: Iterable[Backend | str]) -> tuple[Backend, ...]:
         if seen is None:
             by_address[backend.address] = backend
         elif seen.weight != backend.weight:
-            raise ValueError(
-                f"backend {backend.address!r} is listed twice, with weights "
-                f"{seen.weight} and {backend.weight}"
-            )
+            raise _listed_twice(seen, backend)
     return tuple(sorted(by_address.values()))
+
+
+def _listed_twice(seen: Backend, backend: Backend) -> ValueError:
+    return ValueError(
+        f"backend {backend.address!r} is listed twice, with weights "
+        f"{seen.weight} and {backend.weight}"
+    )
+
+
+def prepare_update(
+    backends: Iterable[Backend | str],
+    previous: tuple[Backend, ...],
+    known: Mapping[str, Backend],
+) -> tuple[tuple[Backend, ...], Change]:
+    """:func:`prepare_backends` for a set that replaces ``previous`` (sorted, as prepared),
+    whose backends ``known`` maps by address; and the :class:`Change` from one to the other.
+
+    A backend equal to one of ``previous`` with the same metadata (an address string for a
+    backend of weight 1 without metadata) is taken as that very object, so the backends that
+    stay are the same objects. With no change, ``previous`` itself is returned. With few
+    changes the new set is ``previous`` with the leaving backends deleted and the joining ones
+    inserted, without sorting the whole set again.
+    """
+    items = _listed(backends)
+    lookup = known.get
+    chosen, keys, odd = _known_objects(items, known)
+    if not odd and len(keys) == len(known) == len(previous) == len(set(keys)):
+        return previous, Change((), (), (), ())  # the same objects, none twice
+    # The known backends no item stands for: those left once every item's address is taken.
+    remaining = dict(known)
+    missed = list(map(remaining.pop, keys, repeat(None))).count(None)
+    new = [keys[i] for i in odd if keys[i] not in known]
+    if missed == len(new) == len(set(new)):  # no address listed twice
+        unique = chosen
+        joined = [b for b in map(chosen.__getitem__, odd) if lookup(b.address) is not b]
+        left = list(remaining.values())
+    else:  # an address listed twice: the first stays, unless the weights disagree
+        by_address: dict[str, Backend] = {}
+        for backend in chosen:
+            seen = by_address.setdefault(backend.address, backend)
+            if seen.weight != backend.weight:
+                raise _listed_twice(seen, backend)
+        unique = list(by_address.values())
+        joined = [b for b in unique if lookup(b.address) is not b]
+        left = [b for b in map(lookup, known.keys() - by_address.keys()) if b is not None]
+    left += [b for b in map(lookup, (b.address for b in joined)) if b is not None]
+    if not joined and not left and len(unique) == len(previous):
+        return previous, Change((), (), (), ())
+    if len(joined) + len(left) > max(SPLICE_LIMIT, len(previous) // 64):
+        prepared = tuple(sorted(unique))
+        return prepared, changes(previous, prepared)
+    left.sort()
+    removed_at = [_index(previous, b) for b in left]
+    order = list(previous)
+    for i in reversed(removed_at):
+        del order[i]
+    joined.sort()
+    added_at: list[int] = []
+    for backend in joined:
+        i = bisect_left(order, backend)
+        order.insert(i, backend)
+        added_at.append(i)
+    return tuple(order), Change(left, removed_at, joined, added_at)
+
+
+def _listed(backends: Iterable[Backend | str]) -> list[Backend | str]:
+    if isinstance(backends, (str, bytes)):
+        raise TypeError(
+            f"backends must be a list of addresses or Backend objects, not a single "
+            f"{type(backends).__name__} ({backends!r})"
+        )
+    try:
+        return list(backends)
+    except TypeError:
+        raise TypeError(
+            f"backends must be an iterable of Backend or address strings, got {backends!r}"
+        ) from None
+
+
+def _known_objects(
+    items: list[Backend | str], known: Mapping[str, Backend]
+) -> tuple[list[Backend], list[str], list[int]]:
+    """The backend of each item, the known object wherever one stands for it; their
+    addresses; and the indexes of the items no known object stood for at first sight."""
+    count = len(items)
+    found: list[Backend]
+    keys: list[str]
+    if all(map(isinstance, items, repeat(Backend))):
+        backends = cast("list[Backend]", items)
+        keys = list(map(_address, backends))
+        found = list(map(known.get, keys, repeat(_UNKNOWN)))
+        odd = list(compress(range(count), map(is_not, found, backends)))
+        if len(odd) > _ONE_BY_ONE:
+            # Equal objects, made afresh (say, by a discovery): the known ones stand for those
+            # with the same metadata, found in a few passes rather than one by one.
+            looked_up = map(is_not, found, repeat(_UNKNOWN))
+            weighs = map(eq, map(_weight, found), map(_weight, backends))
+            alike = map(eq, map(_metadata, found), map(_metadata, backends))
+            same = map(and_, map(and_, looked_up, weighs), alike)
+            odd = list(compress(range(count), map(not_, same)))
+    else:
+        # A string stands for the known backend of that address with weight 1, no metadata.
+        keys = cast("list[str]", list(items))
+        try:
+            found = list(map(known.get, keys, repeat(_UNKNOWN)))
+        except TypeError:  # unhashable items, refused below
+            found = [_UNKNOWN] * count
+        heavy = map(ne, map(_weight, found), repeat(1))
+        odd = list(compress(range(count), map(or_, heavy, map(truth, map(_metadata, found)))))
+    lookup = known.get
+    for i in odd:
+        backend = found[i] = _reuse(Backend.coerce(items[i]), lookup)
+        keys[i] = backend.address
+    return found, keys, odd
+
+
+def _reuse(backend: Backend, lookup: Callable[[str], Backend | None]) -> Backend:
+    """The known backend at ``backend``'s address if it is equal and has the same metadata."""
+    known = lookup(backend.address)
+    if (
+        known is not None
+        and known is not backend
+        and known.weight == backend.weight
+        and (known.metadata is backend.metadata or known.metadata == backend.metadata)
+    ):
+        return known
+    return backend
+
+
+def _index(backends: Sequence[Backend], backend: Backend) -> int:
+    """The index of the object ``backend`` in the sorted ``backends``."""
+    i = bisect_left(backends, backend)
+    if i < len(backends) and backends[i] is backend:
+        return i
+    return next(j for j, b in enumerate(backends) if b is backend)
+
+
+def changes(old: Sequence[Backend], new: Sequence[Backend]) -> Change:
+    """The :class:`Change` from the sorted set ``old`` to the sorted set ``new``, backends
+    compared as objects."""
+    before = dict(zip(map(id, old), range(len(old)), strict=True))
+    after = dict(zip(map(id, new), range(len(new)), strict=True))
+    removed_at = sorted(map(before.__getitem__, before.keys() - after.keys()))
+    added_at = sorted(map(after.__getitem__, after.keys() - before.keys()))
+    return Change(
+        [old[i] for i in removed_at], removed_at, [new[i] for i in added_at], added_at
+    )
+
+
+def splice(
+    values: Sequence[_T], change: Change, make: Callable[[Backend], _T]
+) -> list[_T]:
+    """``values`` (one per backend of the previous set, in its order) for the new set: the
+    leaving backends' values deleted, ``make(backend)`` inserted for each joining one."""
+    out = list(values)
+    for i in reversed(change.removed_at):
+        del out[i]
+    for i, backend in zip(change.added_at, change.added, strict=True):
+        out.insert(i, make(backend))
+    return out
+
+
+def weights_of(backends: Iterable[Backend]) -> list[int]:
+    """The weights of ``backends``, in order."""
+    return list(map(_weight, backends))
+
+
+def same_weight(weights: Sequence[int]) -> int:
+    """The weight every backend has, or 0 if they differ (or there are none)."""
+    if not weights:
+        return 0
+    first = weights[0]
+    return first if weights.count(first) == len(weights) else 0
+
+
+def small(change: Change, count: int) -> bool:
+    """Whether ``change`` is small enough, in a set of ``count`` backends, for a selector to
+    splice its per-backend data rather than compute it all again."""
+    return len(change) <= max(SPLICE_LIMIT, count // 64)
 
 
 class UniqueIterator(Iterator[Backend]):

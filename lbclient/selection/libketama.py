@@ -30,6 +30,11 @@ The continuum, for ``n`` backends in sorted order with total weight ``W``:
   than the exact value; a key goes to the first point *at or after* its hash (a key hashing
   exactly onto a point goes to that point's backend); the C code leaves the owner of a shared
   point to its sort, and here the first backend in sorted order owns it.
+
+The continuum is kept in arrays, as :class:`~lbclient.selection.consistent.Ring`. When the set
+changes and the backends that stay keep their numbers of digests (always, with equal weights),
+:meth:`LibKetama.rebuild` only takes out and merges in the points of the backends that left or
+joined; otherwise the continuum is built anew.
 """
 
 from __future__ import annotations
@@ -38,12 +43,24 @@ import hashlib
 import importlib
 import math
 import struct
+from array import array
 from bisect import bisect_left, bisect_right
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from typing import Final, Protocol
 
 from lbclient.backend import Backend
-from lbclient.selection.base import Key, buildmethod, prepare_backends, to_key
+from lbclient.selection.base import (
+    Change,
+    Key,
+    Selector,
+    buildmethod,
+    changes,
+    prepare_backends,
+    to_key,
+    weights_of,
+)
+from lbclient.selection.consistent import Ring
 
 __all__ = ["DIGESTS_PER_SERVER", "VARIANTS", "LibKetama", "LibKetamaSelector"]
 
@@ -115,56 +132,57 @@ class LibKetamaSelector:
     """A built libketama continuum over a fixed, sorted set of backends. Immutable."""
 
     __slots__ = (
-        "_backends", "_count", "_hashes", "_owners", "_search", "_shift", "_starts", "_variant"
+        "_backends", "_count", "_hashes", "_members", "_owners", "_ring", "_search", "_shift",
+        "_starts", "_variant", "_weights",
     )
 
-    def __init__(self, backends: tuple[Backend, ...], variant: str) -> None:
+    def __init__(
+        self,
+        backends: tuple[Backend, ...],
+        variant: str,
+        *,
+        ring: Ring | None = None,
+        weights: Counter[int] | None = None,
+    ) -> None:
         self._backends = backends
         self._variant = variant
-        count_digests = digests_exact if variant == "uhashring" else digests_single
         servers = len(backends)
         if servers > _NODE_MASK + 1:
             raise ValueError(
                 f"a continuum holds up to {_NODE_MASK + 1:,} backends, got {servers:,}"
             )
-        total = sum(b.weight for b in backends)
-        packed: list[int] = []
-        for node, backend in enumerate(backends):
-            digests = count_digests(backend.weight, total, servers)
-            # hash in the high bits, backend index in the low bits: sorting the ints sorts by
-            # hash and, within one hash, by backend order.
-            points = server_points(backend.address, digests)
-            packed.extend((p << _NODE_BITS) | node for p in points)
-        packed.sort()
-        last_owner_wins = variant == "uhashring"
-        hashes: list[int] = []
-        owners: list[Backend] = []
-        for point in packed:
-            h = point >> _NODE_BITS
-            owner = backends[point & _NODE_MASK]
-            if hashes and hashes[-1] == h:
-                if last_owner_wins:
-                    owners[-1] = owner
-                continue
-            hashes.append(h)
-            owners.append(owner)
-        self._hashes = hashes
-        self._owners = tuple(owners)
-        self._count = count = len(hashes)
-        self._search: Callable[[list[int], int, int, int], int] = (
+        #: How many backends have each weight.
+        self._weights = Counter(weights_of(backends)) if weights is None else weights
+        if ring is None:
+            digests = self._digests(servers, self._total())
+            ring = Ring.build(
+                backends,
+                (server_points(b.address, digests(b.weight)) for b in backends),
+                last_wins=variant == "uhashring",
+            )
+        self._ring = ring
+        self._hashes = ring.hashes
+        self._owners = ring.owners
+        self._members = ring.members
+        self._starts = ring.starts
+        self._shift = ring.shift
+        self._count = len(ring.hashes)
+        self._search: Callable[[array[int], int, int, int], int] = (
             bisect_right if variant == "uhashring" else bisect_left
         )
-        # A bucket index over the top bits of the point: _starts[b] is the first point whose
-        # value >> shift >= b, so a lookup searches only the few points of one bucket.
-        bits = max(1, min(16, count.bit_length() - 1))
-        self._shift = shift = 32 - bits
-        starts = [count] * ((1 << bits) + 1)
-        for i in range(count - 1, -1, -1):
-            starts[hashes[i] >> shift] = i
-        for b in range(len(starts) - 2, -1, -1):
-            if starts[b] > starts[b + 1]:
-                starts[b] = starts[b + 1]
-        self._starts = starts
+
+    def _total(self) -> int:
+        return sum(weight * n for weight, n in self._weights.items())
+
+    def _digests(self, servers: int, total: int) -> Callable[[int], int]:
+        """The number of digests of a backend by its weight, in a set of ``servers`` backends
+        of total weight ``total``."""
+        count_digests = digests_exact if self._variant == "uhashring" else digests_single
+
+        def digests(weight: int) -> int:
+            return count_digests(weight, total, servers)
+
+        return digests
 
     @property
     def backends(self) -> tuple[Backend, ...]:
@@ -183,7 +201,7 @@ class LibKetamaSelector:
 
     def points(self) -> list[tuple[int, Backend]]:
         """The continuum as ``(point, backend)`` pairs in ring order."""
-        return list(zip(self._hashes, self._owners, strict=True))
+        return self._ring.points()
 
     def point_index(self, key: Key) -> int:
         """The index of the point ``key`` goes to (0 on an empty ring)."""
@@ -208,13 +226,33 @@ class LibKetamaSelector:
         bucket = h >> self._shift
         starts = self._starts
         i = self._search(self._hashes, h, starts[bucket], starts[bucket + 1])
-        return self._owners[0 if i == self._count else i]
+        return self._members[self._owners[0 if i == self._count else i]]
 
     def iter(self, key: Key) -> Iterator[Backend]:
         """The backend of each point from ``key``'s point on, wrapping, without end."""
         if not self._count:
             return iter(())
-        return _walk(self._owners, self.point_index(key))
+        return _walk(self._members, self._owners, self.point_index(key))
+
+    def rebuilt(self, backends: tuple[Backend, ...], change: Change) -> LibKetamaSelector:
+        """The selector for ``backends``, which ``change`` made from this set: the points of
+        the backends that left or joined are taken out or merged in. When the change alters
+        the number of digests of a weight that backends staying have (the number of backends
+        or the total weight changed, and their share with it), the continuum is built anew."""
+        weights = Counter(self._weights)
+        weights.subtract(weights_of(change.removed))
+        staying = +weights
+        weights.update(weights_of(change.added))
+        weights = +weights
+        before = self._digests(len(self._backends), self._total())
+        after = self._digests(len(backends), sum(w * n for w, n in weights.items()))
+        ring = None
+        if all(before(weight) == after(weight) for weight in staying):
+            ring = self._ring.rebuild(
+                [(b, server_points(b.address, before(b.weight))) for b in change.removed],
+                [(b, server_points(b.address, after(b.weight))) for b in change.added],
+            )
+        return LibKetamaSelector(backends, self._variant, ring=ring, weights=weights)
 
     def __len__(self) -> int:
         return len(self._backends)
@@ -226,13 +264,17 @@ class LibKetamaSelector:
         )
 
 
-def _walk(owners: tuple[Backend, ...], start: int) -> Iterator[Backend]:
-    count = len(owners)
+def _walk(
+    members: tuple[Backend | None, ...], owners: array[int], start: int
+) -> Iterator[Backend]:
+    size = len(owners)
     i = start
     while True:
-        yield owners[i]
+        backend = members[owners[i]]
+        assert backend is not None
+        yield backend
         i += 1
-        if i == count:
+        if i == size:
             i = 0
 
 
@@ -257,6 +299,27 @@ class LibKetama:
     def build(self, backends: Iterable[Backend | str]) -> LibKetamaSelector:
         """Build the continuum over ``backends`` (sorted and de-duplicated first)."""
         return LibKetamaSelector(prepare_backends(backends), self.variant)
+
+    def rebuild(
+        self,
+        previous: Selector | None,
+        backends: tuple[Backend, ...],
+        change: Change | None = None,
+    ) -> LibKetamaSelector:
+        """The continuum over ``backends`` (sorted and de-duplicated) from ``previous``, a
+        continuum of this variant: only the points of the backends that left or joined change,
+        while the other backends' numbers of digests stay (always, with equal weights). Every
+        key routes as on ``build(backends)``."""
+        if (
+            type(previous) is not LibKetamaSelector
+            or previous.variant != self.variant
+        ):
+            return LibKetamaSelector(backends, self.variant)
+        if change is None:
+            change = changes(previous.backends, backends)
+        if len(change) > len(backends) // 8:
+            return LibKetamaSelector(backends, self.variant)
+        return previous.rebuilt(backends, change)
 
     def __repr__(self) -> str:
         return f"LibKetama(variant={self.variant!r})"

@@ -22,7 +22,15 @@ from typing import Final
 
 from lbclient._load import Load
 from lbclient.backend import Backend
-from lbclient.selection.base import Key, buildmethod, prepare_backends
+from lbclient.selection.base import (
+    Change,
+    Key,
+    Selector,
+    buildmethod,
+    prepare_backends,
+    same_weight,
+    weights_of,
+)
 from lbclient.selection.slow_start import SlowStart, slow_start_of
 
 __all__ = ["LeastRequest", "LoadAwareSelector", "PeakEWMA"]
@@ -63,8 +71,8 @@ class LoadAwareSelector:
     ) -> None:
         self._backends = backends
         self._score = score
-        self._weights = [b.weight for b in backends]
-        self._uniform = len(set(self._weights)) <= 1
+        self._weights = weights_of(backends)
+        self._uniform = len(backends) <= 1 or same_weight(self._weights) > 0
         self._cumulative = list(itertools.accumulate(self._weights))
         self._loads: Mapping[Backend, Load] = {}
         self._clock: Callable[[], float] = time.monotonic
@@ -183,9 +191,18 @@ class LeastRequest:
     @buildmethod
     def build(self, backends: Iterable[Backend | str]) -> LoadAwareSelector:
         """Build a selector over ``backends`` (sorted and de-duplicated first)."""
-        prepared = prepare_backends(backends)
-        uniform = len({b.weight for b in prepared}) <= 1
-        return _Chooser(prepared, self._score(uniform), self.choices)
+        return self.rebuild(None, prepare_backends(backends))
+
+    def rebuild(
+        self,
+        previous: Selector | None,
+        backends: tuple[Backend, ...],
+        change: Change | None = None,
+    ) -> LoadAwareSelector:
+        """The selector over ``backends`` (sorted and de-duplicated), as ``build`` makes it;
+        the load it reads is the balancer's, carried over for the backends that stay."""
+        uniform = len(backends) <= 1 or same_weight(weights_of(backends)) > 0
+        return _Chooser(backends, self._score(uniform), self.choices)
 
     def __repr__(self) -> str:
         return f"LeastRequest(choices={self.choices}, bias={self.bias:g}, decay={self.decay:g})"
@@ -231,6 +248,16 @@ class PeakEWMA:
     def build(self, backends: Iterable[Backend | str]) -> LoadAwareSelector:
         """Build a selector over ``backends`` (sorted and de-duplicated first)."""
         return _Chooser(prepare_backends(backends), self._cost, self.choices)
+
+    def rebuild(
+        self,
+        previous: Selector | None,
+        backends: tuple[Backend, ...],
+        change: Change | None = None,
+    ) -> LoadAwareSelector:
+        """The selector over ``backends`` (sorted and de-duplicated), as ``build`` makes it;
+        the load it reads is the balancer's, carried over for the backends that stay."""
+        return _Chooser(backends, self._cost, self.choices)
 
     def __repr__(self) -> str:
         return (

@@ -25,15 +25,28 @@ from __future__ import annotations
 
 import math
 from array import array
-from collections.abc import Iterable, Iterator
-from itertools import chain, cycle
+from collections.abc import Iterable, Iterator, Sequence
+from itertools import chain, compress, cycle, repeat
+from operator import mod, mul, not_, sub
 from typing import Final
 
 import xxhash
 
 from lbclient.backend import Backend
 from lbclient.hashing import xxh3_64
-from lbclient.selection.base import Key, buildmethod, prepare_backends, to_key
+from lbclient.selection.base import (
+    Change,
+    Key,
+    Selector,
+    buildmethod,
+    changes,
+    prepare_backends,
+    same_weight,
+    small,
+    splice,
+    to_key,
+    weights_of,
+)
 
 __all__ = ["DEFAULT_TABLE_SIZE", "MAX_TABLE_SIZE", "Maglev", "MaglevSelector"]
 
@@ -81,10 +94,17 @@ def permutation_start(address: str, table_size: int) -> tuple[int, int]:
     return offset, skip
 
 
-def _fill(backends: tuple[Backend, ...], size: int) -> array[int]:
-    """The owner (index into ``backends``) of every slot of the table."""
-    divisor = math.gcd(*(b.weight for b in backends))
-    turns = [i for i, b in enumerate(backends) for _ in range(b.weight // divisor)]
+def _fill(
+    backends: tuple[Backend, ...], size: int, offsets: Sequence[int], skips: Sequence[int]
+) -> array[int]:
+    """The owner (index into ``backends``) of every slot of the table, given each backend's
+    permutation ``(offsets[i], skips[i])``."""
+    weights = weights_of(backends)
+    divisor = math.gcd(*weights)
+    if same_weight(weights):
+        turns: Sequence[int] = range(len(backends))  # one turn each per round
+    else:
+        turns = [i for i, w in enumerate(weights) for _ in range(w // divisor)]
     if size < len(turns):
         raise ValueError(
             f"Maglev table_size {size} is smaller than the total weight {len(turns)} of the "
@@ -92,22 +112,39 @@ def _fill(backends: tuple[Backend, ...], size: int) -> array[int]:
             "give a prime table_size at least 100 times the total weight for a 1% balance, "
             "or lower the weights"
         )
-    place: list[int] = []
-    skips: list[int] = []
-    for backend in backends:
-        offset, skip = permutation_start(backend.address, size)
-        place.append(offset)
-        skips.append(skip)
+    place = list(offsets)
+    steps = list(skips)
     owners = array("l", [-1]) * size
+    taken = bytearray(size)
     left = size
+    # Late in the fill most slots a turn looks at are taken: with few slots left, a turn finds
+    # its slot among the free ones instead, as the one fewest steps along its permutation
+    # (the same slot a walk would reach).
+    late = math.isqrt(size)
+    free: list[int] = []
+    inverses: dict[int, int] = {}
     while left:
         for i in turns:
             slot = place[i]
-            skip = skips[i]
-            while owners[slot] >= 0:
-                slot += skip
-                if slot >= size:
-                    slot -= size
+            skip = steps[i]
+            if left > late:
+                while taken[slot]:
+                    slot += skip
+                    if slot >= size:
+                        slot -= size
+            else:
+                if not free:
+                    free = list(compress(range(size), map(not_, taken)))
+                inverse = inverses.get(i)
+                if inverse is None:
+                    inverse = inverses[i] = pow(skip, -1, size)
+                along = list(map(mod, map(mul, map(sub, free, repeat(slot)), repeat(inverse)),
+                                 repeat(size)))
+                j = along.index(min(along))
+                slot = free[j]
+                free[j] = free[-1]
+                free.pop()
+            taken[slot] = 1
             owners[slot] = i
             slot += skip
             place[i] = slot - size if slot >= size else slot
@@ -117,18 +154,38 @@ def _fill(backends: tuple[Backend, ...], size: int) -> array[int]:
     return owners
 
 
+def _offset(backend: Backend, size: int) -> int:
+    return permutation_start(backend.address, size)[0]
+
+
+def _skip(backend: Backend, size: int) -> int:
+    return permutation_start(backend.address, size)[1]
+
+
 class MaglevSelector:
     """A built Maglev lookup table over a fixed, sorted set of backends. Immutable."""
 
-    __slots__ = ("_backends", "_count", "_owners", "_size", "_table")
+    __slots__ = ("_backends", "_count", "_offsets", "_owners", "_size", "_skips", "_table")
 
-    def __init__(self, backends: tuple[Backend, ...], table_size: int) -> None:
+    def __init__(
+        self,
+        backends: tuple[Backend, ...],
+        table_size: int,
+        *,
+        permutations: tuple[Sequence[int], Sequence[int]] | None = None,
+    ) -> None:
         self._backends = backends
         self._count = len(backends)
         self._size = table_size
+        if permutations is None:
+            starts = [permutation_start(b.address, table_size) for b in backends]
+            permutations = ([o for o, _ in starts], [k for _, k in starts])
+        #: Each backend's permutation: its first slot, and the step between its slots.
+        self._offsets = array("L", permutations[0])
+        self._skips = array("L", permutations[1])
         if backends:
-            self._owners = _fill(backends, table_size)
-            self._table = tuple(backends[i] for i in self._owners)
+            self._owners = _fill(backends, table_size, self._offsets, self._skips)
+            self._table = tuple(map(backends.__getitem__, self._owners))
         else:
             self._owners = array("l")
             self._table = ()
@@ -167,6 +224,15 @@ class MaglevSelector:
         if not self._count:
             return iter(())
         return _walk(self._backends, self._owners, self.slot(key))
+
+    def rebuilt(self, backends: tuple[Backend, ...], change: Change) -> MaglevSelector:
+        """The selector for ``backends``, which ``change`` made from this set. The
+        permutations of the backends that stay are kept; the table is filled anew, as every
+        slot's owner may depend on every backend."""
+        size = self._size
+        offsets = splice(self._offsets, change, lambda b: _offset(b, size))
+        skips = splice(self._skips, change, lambda b: _skip(b, size))
+        return MaglevSelector(backends, size, permutations=(offsets, skips))
 
     def __len__(self) -> int:
         return self._count
@@ -208,6 +274,24 @@ class Maglev:
     def build(self, backends: Iterable[Backend | str]) -> MaglevSelector:
         """Build the table over ``backends`` (sorted and de-duplicated first)."""
         return MaglevSelector(prepare_backends(backends), self.table_size)
+
+    def rebuild(
+        self,
+        previous: Selector | None,
+        backends: tuple[Backend, ...],
+        change: Change | None = None,
+    ) -> MaglevSelector:
+        """The table over ``backends`` (sorted and de-duplicated), as ``build`` makes it. The
+        fill still visits every slot (each slot's owner may depend on every backend: about
+        40 ms for the default 65,537 slots), but the backends that stay are not hashed
+        again."""
+        if type(previous) is not MaglevSelector or previous.table_size != self.table_size:
+            return MaglevSelector(backends, self.table_size)
+        if change is None:
+            change = changes(previous.backends, backends)
+        if not small(change, len(backends)):
+            return MaglevSelector(backends, self.table_size)
+        return previous.rebuilt(backends, change)
 
     def __repr__(self) -> str:
         return f"Maglev(table_size={self.table_size})"

@@ -31,7 +31,19 @@ import xxhash
 
 from lbclient.backend import Backend
 from lbclient.hashing import xxh3_64
-from lbclient.selection.base import Key, buildmethod, prepare_backends, to_key
+from lbclient.selection.base import (
+    Change,
+    Key,
+    Selector,
+    buildmethod,
+    changes,
+    prepare_backends,
+    same_weight,
+    small,
+    splice,
+    to_key,
+    weights_of,
+)
 
 __all__ = ["Rendezvous", "RendezvousSelector"]
 
@@ -59,12 +71,15 @@ class RendezvousSelector:
 
     __slots__ = ("_backends", "_count", "_equal", "_seeds", "_weights")
 
-    def __init__(self, backends: tuple[Backend, ...]) -> None:
+    def __init__(
+        self, backends: tuple[Backend, ...], *, seeds: Sequence[int] | None = None
+    ) -> None:
         self._backends = backends
         self._count = len(backends)
-        self._seeds = tuple(backend_seed(b) for b in backends)
-        self._weights = tuple(b.weight for b in backends)
-        self._equal = all(w == self._weights[0] for w in self._weights)
+        #: Each backend's seed (``seeds``, when given, must be theirs, in order).
+        self._seeds = tuple(map(backend_seed, backends) if seeds is None else seeds)
+        self._weights = tuple(weights_of(backends))
+        self._equal = not backends or same_weight(self._weights) > 0
 
     @property
     def backends(self) -> tuple[Backend, ...]:
@@ -112,6 +127,11 @@ class RendezvousSelector:
             return iter(())
         return cycle(self.ranking(key))
 
+    def rebuilt(self, backends: tuple[Backend, ...], change: Change) -> RendezvousSelector:
+        """The selector for ``backends``, which ``change`` made from this set: the seeds of
+        the backends that stay are kept, those of the joining ones computed."""
+        return RendezvousSelector(backends, seeds=splice(self._seeds, change, backend_seed))
+
     def __len__(self) -> int:
         return self._count
 
@@ -131,6 +151,22 @@ class Rendezvous:
     def build(self, backends: Iterable[Backend | str]) -> RendezvousSelector:
         """Build a selector over ``backends`` (sorted and de-duplicated first)."""
         return RendezvousSelector(prepare_backends(backends))
+
+    def rebuild(
+        self,
+        previous: Selector | None,
+        backends: tuple[Backend, ...],
+        change: Change | None = None,
+    ) -> RendezvousSelector:
+        """The selector over ``backends`` (sorted and de-duplicated), as ``build`` makes it,
+        hashing only the addresses of the backends that joined ``previous``'s set."""
+        if type(previous) is not RendezvousSelector:
+            return RendezvousSelector(backends)
+        if change is None:
+            change = changes(previous.backends, backends)
+        if not small(change, len(backends)):
+            return RendezvousSelector(backends)
+        return previous.rebuilt(backends, change)
 
     def __repr__(self) -> str:
         return "Rendezvous()"

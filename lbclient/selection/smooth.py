@@ -20,7 +20,16 @@ import threading
 from collections.abc import Iterable, Iterator
 
 from lbclient.backend import Backend
-from lbclient.selection.base import Key, buildmethod, prepare_backends, to_key
+from lbclient.selection.base import (
+    Change,
+    Key,
+    Selector,
+    buildmethod,
+    prepare_backends,
+    same_weight,
+    to_key,
+    weights_of,
+)
 from lbclient.selection.slow_start import SlowStart, slow_start_of
 
 __all__ = ["SmoothRoundRobin", "SmoothSelector"]
@@ -37,11 +46,16 @@ class SmoothSelector:
 
     def __init__(self, backends: tuple[Backend, ...]) -> None:
         self._backends = backends
-        self._count = len(backends)
-        self._total = sum(b.weight for b in backends)
+        self._count = count = len(backends)
+        weights = weights_of(backends)
+        self._total = sum(weights)
         members: dict[int, list[int]] = {}
-        for index, backend in enumerate(backends):
-            members.setdefault(backend.weight, []).append(index)
+        weight = same_weight(weights)
+        if weight:
+            members[weight] = list(range(count))
+        else:
+            for index, each in enumerate(weights):
+                members.setdefault(each, []).append(index)
         #: (weight, number of backends, their indexes in sorted order) per distinct weight.
         self._classes: tuple[tuple[int, int, tuple[int, ...]], ...] = tuple(
             (weight, len(indexes), tuple(indexes)) for weight, indexes in members.items()
@@ -202,6 +216,16 @@ class SmoothRoundRobin:
     def build(self, backends: Iterable[Backend | str]) -> SmoothSelector:
         """Build a selector over ``backends`` (sorted and de-duplicated first)."""
         return SmoothSelector(prepare_backends(backends))
+
+    def rebuild(
+        self,
+        previous: Selector | None,
+        backends: tuple[Backend, ...],
+        change: Change | None = None,
+    ) -> SmoothSelector:
+        """The selector over ``backends`` (sorted and de-duplicated), as ``build`` makes it:
+        the current weights start at 0, as an nginx reload starts them."""
+        return SmoothSelector(backends)
 
     def __repr__(self) -> str:
         return "SmoothRoundRobin()"

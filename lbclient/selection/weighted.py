@@ -23,7 +23,15 @@ from typing import Final
 
 from lbclient.backend import Backend
 from lbclient.hashing import MASK64, fnv1a_64, xxh3_64
-from lbclient.selection.base import Key, buildmethod, prepare_backends, to_key
+from lbclient.selection.base import (
+    Change,
+    Key,
+    Selector,
+    buildmethod,
+    prepare_backends,
+    to_key,
+    weights_of,
+)
 from lbclient.selection.slow_start import SlowStart, slow_start_of
 
 __all__ = [
@@ -43,8 +51,9 @@ IndexFn = Callable[[bytes], int]
 StepFn = Callable[[int], int]
 
 #: Up to this total weight the weighted table is expanded for O(1) first picks; above it the
-#: first pick is a binary search over cumulative weights (same result, far less memory).
-EXPAND_LIMIT: Final = 1 << 22
+#: first pick is a binary search over cumulative weights (same result, far less memory, and
+#: far less to redo when the set changes). With every weight 1 the table is the backends.
+EXPAND_LIMIT: Final = 1 << 16
 
 
 class WeightedSelector:
@@ -68,13 +77,15 @@ class WeightedSelector:
         self._index = index
         self._step = step
         self._count = len(backends)
-        weights = [b.weight for b in backends]
+        weights = weights_of(backends)
         self._total = sum(weights)
         self._table: tuple[Backend, ...] | None = None
         self._cumulative: list[int] = []
-        if self._total <= expand_limit:
+        if self._total == self._count:  # every weight is 1
+            self._table = backends
+        elif self._total <= expand_limit:
             self._table = tuple(
-                itertools.chain.from_iterable(itertools.repeat(b, b.weight) for b in backends)
+                itertools.chain.from_iterable(map(itertools.repeat, backends, weights))
             )
         else:
             self._cumulative = list(itertools.accumulate(weights))
@@ -220,6 +231,19 @@ class Weighted:
         """Build a selector over ``backends`` (sorted and de-duplicated first)."""
         index = self.index_function()
         return WeightedSelector(prepare_backends(backends), index, step=self.step_function(index))
+
+    def rebuild(
+        self,
+        previous: Selector | None,
+        backends: tuple[Backend, ...],
+        change: Change | None = None,
+    ) -> WeightedSelector:
+        """The selector over ``backends`` (sorted and de-duplicated), as ``build`` makes it,
+        with a fresh index function (RoundRobin's counter starts over). Nothing is carried
+        from ``previous``: the table is made in a few passes over the weights, none of them
+        a Python loop."""
+        index = self.index_function()
+        return WeightedSelector(backends, index, step=self.step_function(index))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

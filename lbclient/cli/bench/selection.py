@@ -20,6 +20,14 @@ follows an untimed pass of the same case (hot caches, as in a tight loop). The r
 L2 cache and the cost roughly doubles. The garbage collector is off while timing, as in timeit.
 Rendezvous hashes the key once per backend, so at 1,000 backends its passes go over the first
 100 keys only (its figure is per call all the same).
+
+Refresh at scale, at 1,000 and 10,000 backends of weight 1 (Backend objects made beforehand):
+the build of a ``LoadBalancer`` (ms, median of runs), one ``update()`` that takes one backend
+out and puts another in (ms, median of 21 updates, 5 with ``--quick``, alternating between the
+two sets), and the memory the balancer keeps once built (MB, as tracemalloc counts it: the
+selector, the health cells and the loads; not the Backend objects). ``select`` is timed at
+10,000 backends as well; ``--ketama-10k`` adds uhashring's ring of 10,000 nodes (its build takes
+about two minutes).
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ import platform
 import statistics
 import sys
 import time
+import tracemalloc
 from bisect import bisect_left
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -74,6 +83,17 @@ QUICK_BASELINE_BUILD_RUNS = 1
 SIZES = (10, 1_000)
 WEIGHTED_BUILD_BACKENDS = 10_000
 CONSISTENT_BUILD_BACKENDS = 1_000
+SCALE_SIZES = (1_000, 10_000)
+SCALE_ALGORITHMS: tuple[tuple[str, type], ...] = (
+    ("RoundRobin", RoundRobin),
+    ("Hash", Hash),
+    ("Consistent", Consistent),
+    ("Maglev", Maglev),
+)
+FULL_UPDATE_RUNS = 21
+QUICK_UPDATE_RUNS = 5
+FULL_SCALE_BUILD_RUNS = 3
+QUICK_SCALE_BUILD_RUNS = 1
 FLOOR_NS = 1_000.0  # "< 1 us"
 FLOOR_BUILD_MS = 1_000.0  # "< 1 s"
 FLOOR_KETAMA_RATIO = 2.0
@@ -103,14 +123,17 @@ class Row(TypedDict):
     """One result line. ``lbclient``/``baseline`` are in ``unit`` (ns/op or ms).
 
     ``id`` names the measurement for code that picks rows: ``select/<algorithm>/<backends>/<keys>``
-    (``<backends>`` is ``10``, ``10-weighted`` or ``1000``; ``<keys>`` is ``bytes`` or ``str``),
-    ``compare/<ketama|md5>/<nodes>/<keys>``, ``compare-cold/ketama/<nodes>/str``,
-    ``build/<algorithm>/<backends>[/md5]`` and ``breakdown/<n>``.
+    (``<backends>`` is ``10``, ``10-weighted``, ``1000`` or ``10000``; ``<keys>`` is ``bytes`` or
+    ``str``), ``compare/<ketama|md5>/<nodes>/<keys>``, ``compare-cold/ketama/<nodes>/str``,
+    ``build/<algorithm>/<backends>[/md5]``, ``scale/<build|update|memory>/<algorithm>/<backends>``
+    and ``breakdown/<n>``.
     """
 
     id: str
     section: str
-    kind: str  # "select", "compare", "compare-cold", "build" or "breakdown"
+    # "select", "compare", "compare-cold", "build", "scale-build", "scale-update",
+    # "scale-memory" or "breakdown"
+    kind: str
     algorithm: str
     case: str
     unit: str
@@ -411,7 +434,7 @@ def _build_rows(
                 "build",
                 name,
                 f"{name}.build, {WEIGHTED_BUILD_BACKENDS:,} backends, weights 1..100 "
-                f"(table {total:,})",
+                f"(total weight {total:,})",
                 "ms",
                 ms,
             )
@@ -433,6 +456,99 @@ def _build_rows(
         rows.append(_row(f"{row_id}/md5", section, "build", "Consistent",
                          f"{case} vs uhashring md5", "ms", ms, md5_ms, "uhashring md5"))
     return rows
+
+
+def _retained_mb(make: Callable[[], T]) -> tuple[float, T]:
+    """The memory ``make()``'s result keeps (MB, tracemalloc, after a collection), and it."""
+    gc.collect()
+    tracemalloc.start()
+    try:
+        result = make()
+        gc.collect()
+        kept, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return kept / 1e6, result
+
+
+def _update_ms(
+    balancer: LoadBalancer, sets: tuple[list[Backend], list[Backend]], runs: int
+) -> float:
+    """Median wall time in ms of ``balancer.update()``, alternating between the two ``sets``
+    (the balancer holds the second one to begin with); it ends on the second set."""
+    times: list[float] = []
+    for i in range(runs + runs % 2):  # an even number: back to the set it started with
+        target = list(sets[i % 2])
+        start = time.perf_counter_ns()
+        changed = balancer.update(target)
+        elapsed = time.perf_counter_ns() - start
+        if not changed:
+            raise RuntimeError("an update of the scale benchmark changed nothing")
+        times.append(elapsed / 1e6)
+    return statistics.median(times)
+
+
+def _scale_rows(
+    build_runs: int, update_runs: int
+) -> tuple[list[Row], dict[str, LoadBalancer]]:
+    """Refresh at scale: each algorithm's balancer build, one-change update and memory at
+    every size; and the balancers built at the largest size (holding its first set)."""
+    rows: list[Row] = []
+    largest: dict[str, LoadBalancer] = {}
+    for n in SCALE_SIZES:
+        everyone = _backends(n + 1, lambda _i: 1)
+        first = everyone[:n]
+        # One out (the middle one), one in (the last one).
+        second = everyone[: n // 2] + everyone[n // 2 + 1 :]
+        section = (
+            f"Refresh at {n:,} backends (weight 1, Backend objects made beforehand): build and "
+            "update ms (median), memory kept MB (tracemalloc)"
+        )
+        for name, algorithm in SCALE_ALGORITHMS:
+            build_ms, _ = _build_ms(partial(LoadBalancer, first, algorithm), build_runs)
+            memory, balancer = _retained_mb(partial(LoadBalancer, first, algorithm))
+            update_ms = _update_ms(balancer, (second, first), update_runs)
+            rows += [
+                _row(f"scale/build/{name}/{n}", section, "scale-build", name,
+                     f"LoadBalancer({name}) build, {n:,} backends", "ms", build_ms),
+                _row(f"scale/update/{name}/{n}", section, "scale-update", name,
+                     f"{name} update(), one backend out and one in, {n:,} backends", "ms",
+                     update_ms),
+                _row(f"scale/memory/{name}/{n}", section, "scale-memory", name,
+                     f"{name} balancer memory, {n:,} backends", "MB", memory),
+            ]
+            if n == max(SCALE_SIZES):
+                largest[name] = balancer
+    return rows, largest
+
+
+def _plan_scale_select(
+    plan: _Plan,
+    balancers: dict[str, LoadBalancer],
+    bkeys: list[bytes],
+    skeys: list[str],
+    uhashring: ModuleType | None,
+) -> None:
+    """LoadBalancer.select at the largest scale size; against uhashring's ketama ring of as
+    many nodes when ``uhashring`` is given."""
+    n = max(SCALE_SIZES)
+    section = f"LoadBalancer.select per algorithm, {n:,} backends"
+    for name, balancer in balancers.items():
+        case = f"{name} select, {n:,} backends, bytes"
+        plan.row(f"select/{name}/{n}/bytes", section, "select", name, case,
+                 plan.case(case, balancer.select, bkeys))
+    ring = balancers.get("Consistent")
+    if ring is None:
+        return
+    case = f"Consistent select, {n:,} backends, str"
+    lb_str = plan.case(case, ring.select, skeys)
+    plan.row(f"select/Consistent/{n}/str", section, "select", "Consistent", case, lb_str)
+    if uhashring is not None:
+        nodes = [b.address for b in ring.backends]
+        ketama = plan.case(KETAMA, uhashring.HashRing(nodes, hash_fn="ketama").get_node, skeys)
+        plan.row(f"compare/ketama/{n}/str", f"{section}, vs uhashring", "compare", "Consistent",
+                 f"Consistent str keys vs HashRing(hash_fn='ketama'), {n:,} nodes", lb_str,
+                 ketama, KETAMA)
 
 
 def repetitions(quick: bool, reps: int | None = None) -> int:
@@ -458,6 +574,8 @@ def run(
     detail: bool = True,
     baseline: bool = True,
     reps: int | None = None,
+    scale: bool | None = None,
+    ketama_10k: bool = False,
 ) -> list[Row]:
     """Run every measurement and return the rows.
 
@@ -465,6 +583,8 @@ def run(
     weighted 10-backend set, the md5 ring, the cold rows and the breakdown). ``baseline=False``
     runs without uhashring (no comparison rows); with ``baseline=True`` a missing uhashring raises
     MissingBaselineError. ``reps`` overrides the number of repetitions of the per-call figures.
+    ``scale`` adds the refresh rows at 1,000 and 10,000 backends and the selects at 10,000
+    (None: with ``detail``); ``ketama_10k`` compares with uhashring at 10,000 nodes too.
     """
     uhashring = load_uhashring() if baseline else None
     reps = repetitions(quick, reps)
@@ -476,7 +596,16 @@ def run(
     gc.collect()
     gc.disable()
     try:
+        scaled: list[Row] = []
         plan = _Plan()
+        if detail if scale is None else scale:
+            scaled, balancers = _scale_rows(
+                QUICK_SCALE_BUILD_RUNS if quick else FULL_SCALE_BUILD_RUNS,
+                QUICK_UPDATE_RUNS if quick else FULL_UPDATE_RUNS,
+            )
+            _plan_scale_select(plan, balancers, bkeys, skeys,
+                               uhashring if ketama_10k else None)
+            gc.collect()
         _plan_select(plan, bkeys, skeys, detail)
         ring_builds = None
         if uhashring is not None:
@@ -490,10 +619,11 @@ def run(
     finally:
         if was_enabled:
             gc.enable()
-    # Table order: select, comparison, build, breakdown.
+    # Table order: select, comparison, build, refresh at scale, breakdown.
     return (
         [r for r in timed if r["kind"] in ("select", "compare", "compare-cold")]
         + builds
+        + scaled
         + [r for r in timed if r["kind"] == "breakdown"]
     )
 
@@ -609,6 +739,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Print the table and the floors; 0 whether or not the floors are met, 2 without uhashring."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (a few seconds)")
+    parser.add_argument("--ketama-10k", action="store_true",
+                        help="compare with uhashring at 10,000 nodes too (about two minutes more)")
     args = parser.parse_args(argv)
     try:
         load_uhashring()
@@ -625,7 +757,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           "after an untimed one (hot caches) unless marked cold, GC off")
     print()
     start = time.perf_counter()
-    rows = run(quick=args.quick)
+    rows = run(quick=args.quick, ketama_10k=args.ketama_10k)
     elapsed = time.perf_counter() - start
     print(format_table(rows))
     print("floors (from the spec; a measurement, not a test):")

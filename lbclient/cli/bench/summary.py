@@ -1,13 +1,18 @@
-"""``python -m lbclient bench``: the selection, transport and hedging benchmarks in one table.
+"""``python -m lbclient bench``: the selection, transport, hedging, load-aware and concurrency
+benchmarks in one table.
 
 The benchmarks run in this one process, each side by side with its baseline: selection against
 uhashring's ketama ring (optional: ``pip install 'lbclient[bench]'``; without it those rows say
 so and the rest still runs), the transports against the plain httpx and requests clients, to
-loopback servers in their own processes, and hedged requests through ``AsyncLBTransport``
-against no hedging, with one backend of three slow. The table shows medians (for hedging, p99
-latencies), the ratio (lbclient's speed over the baseline's: above 1 means lbclient is faster;
-for hedging, the p99 without hedging over the p99 with it) and the project's performance floors
-(none on the hedging rows). The hedging cases' figures and counts follow in a second table.
+loopback servers in their own processes, hedged requests through ``AsyncLBTransport`` against no
+hedging, with one backend of three slow, LeastRequest and PeakEWMA against RoundRobin with one
+backend of four slow, stalling or failing, and lbclient's clients under 10 to 1,000 concurrent
+callers against the plain clients with pools of the same size. The table shows medians (for
+hedging and the load-aware rows, p99 latencies, throughput and shares of requests), the ratio
+(lbclient's speed over the baseline's: above 1 means lbclient is faster, or the load-aware
+algorithm does better than RoundRobin; for hedging, the p99 without hedging over the p99 with
+it) and the project's performance floors (none on the hedging, load-aware and concurrency rows).
+The hedging, load-aware and concurrency cases' figures follow in tables of their own.
 
 A missed floor is reported, never hidden, but the command exits 0: a ratio a few percent from a
 floor moves across it from run to run on a shared machine, so one run is a measurement, not a
@@ -28,11 +33,12 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from lbclient.cli.bench import hedging, selection, transport
+from lbclient.cli.bench import concurrency, hedging, loadaware, selection, transport
 
 __all__ = [
     "HEAD",
     "SummaryRow",
+    "SummaryRun",
     "add_parser",
     "command",
     "command_line",
@@ -157,34 +163,110 @@ def _hedging_rows(rows: Sequence[hedging.HedgingRow]) -> list[SummaryRow]:
     return out
 
 
+#: The load-aware rows: (run, figure, how it is named in the row), for every client and every
+#: load-aware algorithm.
+LOAD_FIGURES = (
+    ("1 of 4 slow", "req/s", "req/s"),
+    ("1 of 4 slow", "p99", "p99"),
+    ("1 of 4 stalling", "p99", "p99"),
+    ("1 of 4 failing half", "503s", "503 share"),
+)
+
+
+def _load_cell(row: loadaware.LoadRow, figure: str) -> str:
+    if figure == "req/s":
+        return f"{row.per_second:,.0f} req/s"
+    if figure == "p99":
+        return _ms(row.p99 * 1000)
+    return f"{row.failed_share:.1%}"
+
+
+def _load_rows(rows: Sequence[loadaware.LoadRow]) -> list[SummaryRow]:
+    """Each load-aware algorithm against RoundRobin, same run and client: throughput and p99
+    with one backend slow, p99 with one stalling, the 503s callers saw with one failing. The
+    ratio is the algorithm's gain: above 1, it does better than RoundRobin."""
+    out = []
+    for client in loadaware.CLIENTS:
+        for name, _ in loadaware.ALGORITHMS[1:]:
+            for run, figure, label in LOAD_FIGURES:
+                row = next((r for r in rows if r.run == run and r.client == client
+                            and r.algorithm == name), None)
+                if row is None:
+                    continue
+                base = loadaware.reference(rows, row)
+                gain = loadaware.ratios(rows, row)[figure]
+                if gain is not None and figure != "req/s":
+                    gain = 1 / gain if gain > 0 else None
+                out.append(SummaryRow(
+                    f"{name} vs RoundRobin {label}, {run}, {client}",
+                    _load_cell(row, figure), _load_cell(base, figure),
+                    "-" if gain is None else f"{gain:.2f}", "-"))
+    return out
+
+
+def _concurrency_rows(rows: Sequence[concurrency.ConcurrencyRow]) -> list[SummaryRow]:
+    """Each lbclient client against the plain one at each level of concurrency, as requests
+    per second; then AsyncLBTransport's throughput at the most tasks against the fewest."""
+    out = [
+        SummaryRow(f"{row.client} vs plain {row.plain}, {row.level:,} {row.unit}",
+                   _per_second(1 / row.ours.per_second), _per_second(1 / row.theirs.per_second),
+                   f"{row.ratio:.2f}", "-")
+        for row in rows
+    ]
+    tasks = {row.level: row for row in rows if row.client == "AsyncLBTransport"}
+    low, high = min(concurrency.TASK_LEVELS), max(concurrency.TASK_LEVELS)
+    if low in tasks and high in tasks:
+        most, fewest = tasks[high].ours.per_second, tasks[low].ours.per_second
+        out.append(SummaryRow(
+            f"AsyncLBTransport req/s, {high:,} tasks vs {low:,} tasks",
+            _per_second(1 / most), _per_second(1 / fewest), f"{most / fewest:.2f}", "-"))
+    return out
+
+
+@dataclass(frozen=True)
+class SummaryRun:
+    """What :func:`run_summary` measured."""
+
+    rows: list[SummaryRow]  # the table's rows, in order
+    seconds: dict[str, float]  # the seconds each part took, by part
+    hedged: list[hedging.HedgingRow]  # the hedging cases in full
+    loads: list[loadaware.LoadRow]  # the load-aware cases in full
+    concurrent: list[concurrency.ConcurrencyRow]  # the concurrency cases in full
+
+
 def run_summary(
     quick: bool = False,
     *,
     reps: int | None = None,
     rounds: int | None = None,
     requests: int | None = None,
-) -> tuple[list[SummaryRow], dict[str, float], list[hedging.HedgingRow]]:
+    seconds: float | None = None,
+) -> SummaryRun:
     """Run the benchmarks; return the table's rows, the seconds each part took, and the
-    hedging cases in full (for their table of counts).
+    hedging, load-aware and concurrency cases in full (for their own tables).
 
     ``reps`` (selection repetitions), ``rounds`` and ``requests`` (transport rounds, and requests
-    per round and side) override the mode's; the measuring code is the same whatever they are.
+    per round and side) and ``seconds`` (per round of a load-aware or concurrency case) override
+    the mode's; the measuring code is the same whatever they are.
     """
     have_baseline = selection.has_uhashring()
-    start = time.perf_counter()
+    clock = time.perf_counter
+    marks = [clock()]
     picked = selection.run(quick, detail=False, baseline=have_baseline, reps=reps)
-    middle = time.perf_counter()
+    marks.append(clock())
     sent = transport.run(quick, count=requests, rounds=rounds)
-    after_transports = time.perf_counter()
+    marks.append(clock())
     hedged = hedging.run(quick)
-    end = time.perf_counter()
-    rows = _selection_rows(picked, have_baseline) + _transport_rows(sent) + _hedging_rows(hedged)
-    seconds = {
-        "selection": middle - start,
-        "transports": after_transports - middle,
-        "hedging": end - after_transports,
-    }
-    return rows, seconds, hedged
+    marks.append(clock())
+    loads = loadaware.run(quick, seconds=seconds)
+    marks.append(clock())
+    concurrent = concurrency.run(quick, seconds=seconds)
+    marks.append(clock())
+    rows = (_selection_rows(picked, have_baseline) + _transport_rows(sent)
+            + _hedging_rows(hedged) + _load_rows(loads) + _concurrency_rows(concurrent))
+    parts = ("selection", "transports", "hedging", "load-aware", "concurrency")
+    took = {part: marks[i + 1] - marks[i] for i, part in enumerate(parts)}
+    return SummaryRun(rows, took, hedged, loads, concurrent)
 
 
 def format_summary(rows: Sequence[SummaryRow]) -> str:
@@ -230,7 +312,7 @@ def command_line(args: argparse.Namespace) -> str:
     words = [sys.executable, "-m", "lbclient", "bench"]
     if args.quick:
         words.append("--quick")
-    for option in ("reps", "rounds", "requests"):
+    for option in ("reps", "rounds", "requests", "seconds"):
         value = getattr(args, option)
         if value is not None:
             words += [f"--{option}", str(value)]
@@ -242,6 +324,8 @@ def command(args: argparse.Namespace) -> int:
     quick = bool(args.quick)
     reps = selection.repetitions(quick, args.reps)
     count, rounds = transport.settings(quick, args.requests, args.rounds)
+    load_seconds, load_rounds = loadaware.settings(quick, args.seconds)
+    busy_seconds, busy_rounds = concurrency.settings(quick, args.seconds)
     print(f"lbclient bench ({'quick' if quick else 'full'} run): {command_line(args)}")
     print(f"Python {platform.python_version()} ({platform.python_implementation()}) on "
           f"{platform.platform()}; {_cpus()}")
@@ -249,33 +333,54 @@ def command(args: argparse.Namespace) -> int:
     print(f"selection: median of {reps} interleaved passes over {selection.NUM_KEYS:,} keys; "
           f"transports: median of {rounds} rounds of {count} requests per side; "
           f"hedging: {hedging.requests_per_case(quick):,} GETs per case from {hedging.TASKS} "
-          "tasks")
+          f"tasks; load-aware: {load_rounds} x {load_seconds:g} s per case; concurrency: "
+          f"{busy_rounds} x {busy_seconds:g} s per side and level")
     print(flush=True)
-    rows, seconds, hedged = run_summary(quick, reps=args.reps, rounds=args.rounds,
-                                        requests=args.requests)
+    done = run_summary(quick, reps=args.reps, rounds=args.rounds, requests=args.requests,
+                       seconds=args.seconds)
+    rows, seconds = done.rows, done.seconds
     print(format_summary(rows))
     print()
     print(f"hedging, in detail: {hedging.setup(hedging.requests_per_case(quick))}")
-    print(hedging.format_table(hedged))
+    print(hedging.format_table(done.hedged))
+    print()
+    print(textwrap.fill(f"load-aware, in detail: {loadaware.setup(load_seconds, load_rounds)}",
+                        width=100, subsequent_indent="  "))
+    print(loadaware.format_table(done.loads))
+    print("load-aware aims (ratios to RoundRobin's):")
+    print(loadaware.format_aims(loadaware.aims(done.loads)))
+    print()
+    print(f"concurrency, in detail: {concurrency.setup(busy_seconds, busy_rounds)}")
+    print(concurrency.format_table(done.concurrent))
+    print("concurrency aims:")
+    print(concurrency.format_aims(concurrency.aims(done.concurrent)))
     print()
     missed = [row.benchmark for row in rows if row.missed]
     notes = [
         "ns/op: one LoadBalancer.select (or uhashring get_node) in a Python loop over keys "
         "b'user-N' (str 'user-N' on both sides of the uhashring rows), loop included; ms: one "
         "build; req/s: sequential GETs to loopback servers in their own processes, alternating "
-        "request by request with the plain client; hedging rows: the p99 latency of concurrent "
+        "request by request with the plain client (concurrency rows: concurrent GETs from that "
+        "many callers, each one at a time); hedging rows: the p99 latency of concurrent "
         f"GETs with one backend of three answering after {hedging.DELAY * 1000:.0f} ms, hedged "
-        f"after {hedging.HEDGE_AFTER * 1000:.0f} ms, against the p99 without hedging.",
+        f"after {hedging.HEDGE_AFTER * 1000:.0f} ms, against the p99 without hedging; "
+        "load-aware rows: the algorithm's figure against RoundRobin's, same client, with one "
+        "backend of four slow, stalling or failing half its requests.",
         "ratio: lbclient's speed / the baseline's (baseline time / lbclient time; transports: "
-        "median of the per-round ratios; hedging: p99 without hedging / p99 with it); above 1 "
-        "means lbclient is faster.",
+        "median of the per-round ratios; hedging: p99 without hedging / p99 with it; "
+        "load-aware: the algorithm's req/s / RoundRobin's, RoundRobin's p99 or 503 share / "
+        "the algorithm's, '-' where the algorithm's is zero); above 1 means lbclient (or the "
+        "load-aware algorithm) is faster.",
         hedging.NOTES,
-        "floor: the project's performance floors (none on the hedging rows). "
+        loadaware.NOTES,
+        concurrency.NOTES,
+        "floor: the project's performance floors (none on the hedging, load-aware and "
+        "concurrency rows). "
         + "A missed floor is reported; runs vary by a few percent, so confirm a miss with "
         "another full run. --strict makes a full run exit 1 when a floor is missed.",
         f"floors missed: {len(missed)}" + (f" ({'; '.join(missed)})" if missed else ""),
-        f"total run time {sum(seconds.values()):.1f} s (selection {seconds['selection']:.1f} s, "
-        f"transports {seconds['transports']:.1f} s, hedging {seconds['hedging']:.1f} s)",
+        f"total run time {sum(seconds.values()):.1f} s ("
+        + ", ".join(f"{part} {took:.1f} s" for part, took in seconds.items()) + ")",
     ]
     for note in notes:
         print(textwrap.fill(note, width=100, subsequent_indent="  "))
@@ -295,11 +400,22 @@ def _at_least(low: int) -> Callable[[str], int]:
     return parse
 
 
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
+    return value
+
+
 def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register the ``bench`` subcommand on ``python -m lbclient``'s subparsers."""
     bench = commands.add_parser(
         "bench",
-        help="selection, transport and hedging benchmarks against their baselines, in one table",
+        help="selection, transport, hedging, load-aware and concurrency benchmarks against their "
+        "baselines, in one table",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -311,3 +427,4 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     bench.add_argument("--reps", type=_at_least(1), default=None, help=argparse.SUPPRESS)
     bench.add_argument("--rounds", type=_at_least(1), default=None, help=argparse.SUPPRESS)
     bench.add_argument("--requests", type=_at_least(4), default=None, help=argparse.SUPPRESS)
+    bench.add_argument("--seconds", type=_positive, default=None, help=argparse.SUPPRESS)

@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import httpx
 import requests
@@ -44,6 +44,8 @@ from lbclient import AsyncLBTransport, LBAdapter, LBTransport
 from lbclient.cli.bench import server
 
 __all__ = ["FLOOR", "TransportRow", "format_table", "main", "run", "settings", "start_servers"]
+
+_T = TypeVar("_T")
 
 #: The server script, run by path: it imports only the standard library, so it starts fast and
 #: does not depend on which ``lbclient`` the current directory would shadow.
@@ -63,15 +65,29 @@ class TransportRow(NamedTuple):
     ratio: float  # plain time / lbclient time: above 1 means lbclient is faster
 
 
-def start_servers(stack: ExitStack, count: int, *, delay: float = 0.0) -> list[str]:
+def start_servers(
+    stack: ExitStack,
+    count: int,
+    *,
+    delay: float = 0.0,
+    stall_every: float | None = None,
+    stall_for: float = 0.0,
+    fail_every: int | None = None,
+) -> list[str]:
     """Start ``count`` loopback servers in their own processes; return their addresses.
 
-    Each one answers ``delay`` seconds after each request (none by default), is stopped when
-    ``stack`` closes, and exits by itself if this process dies.
+    Each one answers ``delay`` seconds after each request (none by default), stops answering
+    for ``stall_for`` seconds every ``stall_every`` seconds (never by default), answers every
+    ``fail_every``-th request with a fast 503 (none by default), is stopped when ``stack``
+    closes, and exits by itself if this process dies.
     """
     command = [sys.executable, str(SERVER)]
     if delay > 0:
         command += ["--delay", repr(delay)]
+    if stall_every is not None:
+        command += ["--stall-every", repr(stall_every), "--stall-for", repr(stall_for)]
+    if fail_every is not None:
+        command += ["--fail-every", str(fail_every)]
     addresses = []
     for _ in range(count):
         proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -139,20 +155,46 @@ def _measure(
     return _summary(ours, theirs)
 
 
-def bench_sync(addresses: list[str], count: int, rounds: int) -> tuple[float, float, float]:
+def has_metrics() -> bool:
+    """Whether the metrics rows can run (prometheus-client, from ``lbclient[metrics]``)."""
+    try:
+        import prometheus_client  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _metered(target: _T, metrics: bool) -> _T:
+    """``target`` (a transport or an adapter), its requests counted by :mod:`lbclient.metrics`
+    when ``metrics`` is true."""
+    if metrics:
+        from prometheus_client import CollectorRegistry
+
+        from lbclient.metrics import register
+
+        register(target, service="users", registry=CollectorRegistry())
+    return target
+
+
+def bench_sync(
+    addresses: list[str], count: int, rounds: int, metrics: bool = False
+) -> tuple[float, float, float]:
     """``httpx.Client`` with ``LBTransport`` against a plain ``httpx.Client``."""
     urls = itertools.cycle([f"http://{a}/item" for a in addresses])
-    with httpx.Client(transport=LBTransport(addresses)) as lb, httpx.Client() as plain:
+    transport = _metered(LBTransport(addresses), metrics)
+    with httpx.Client(transport=transport) as lb, httpx.Client() as plain:
         get_lb = lambda: lb.get("http://users/item")  # noqa: E731
         get_plain = lambda: plain.get(next(urls))  # noqa: E731
         return _measure(get_lb, get_plain, count, rounds)
 
 
-def bench_requests(addresses: list[str], count: int, rounds: int) -> tuple[float, float, float]:
+def bench_requests(
+    addresses: list[str], count: int, rounds: int, metrics: bool = False
+) -> tuple[float, float, float]:
     """``requests.Session`` with ``LBAdapter`` against a plain ``requests.Session``."""
     urls = itertools.cycle([f"http://{a}/item" for a in addresses])
     with requests.Session() as lb, requests.Session() as plain:
-        lb.mount("http://users/", LBAdapter(addresses))
+        lb.mount("http://users/", _metered(LBAdapter(addresses), metrics))
         get_lb = lambda: lb.get("http://users/item")  # noqa: E731
         get_plain = lambda: plain.get(next(urls))  # noqa: E731
         return _measure(get_lb, get_plain, count, rounds)
@@ -181,11 +223,13 @@ async def _paired_async(
     return a / count, b / count
 
 
-async def _bench_async(addresses: list[str], count: int, rounds: int) -> tuple[float, float, float]:
+async def _bench_async(
+    addresses: list[str], count: int, rounds: int, metrics: bool
+) -> tuple[float, float, float]:
     logical = itertools.repeat("http://users/item")
     urls = itertools.cycle([f"http://{a}/item" for a in addresses])
     async with (
-        httpx.AsyncClient(transport=AsyncLBTransport(addresses)) as lb,
+        httpx.AsyncClient(transport=_metered(AsyncLBTransport(addresses), metrics)) as lb,
         httpx.AsyncClient() as plain,
     ):
         await _per_request_async(lb, logical, count // 4)
@@ -198,9 +242,11 @@ async def _bench_async(addresses: list[str], count: int, rounds: int) -> tuple[f
     return _summary(ours, theirs)
 
 
-def bench_async(addresses: list[str], count: int, rounds: int) -> tuple[float, float, float]:
+def bench_async(
+    addresses: list[str], count: int, rounds: int, metrics: bool = False
+) -> tuple[float, float, float]:
     """``httpx.AsyncClient`` with ``AsyncLBTransport`` against a plain ``httpx.AsyncClient``."""
-    return asyncio.run(_bench_async(addresses, count, rounds))
+    return asyncio.run(_bench_async(addresses, count, rounds, metrics))
 
 
 def settings(quick: bool, count: int | None = None, rounds: int | None = None) -> tuple[int, int]:
@@ -215,15 +261,25 @@ def settings(quick: bool, count: int | None = None, rounds: int | None = None) -
 def run(
     quick: bool = False, *, count: int | None = None, rounds: int | None = None
 ) -> list[TransportRow]:
-    """Every case, in this order: sync, async and requests with 3 backends, then sync and async
-    with 1 backend. ``count`` (requests per round and side) and ``rounds`` override the mode's."""
+    """Every case, in this order: sync, async and requests with 3 backends, each followed by
+    the same with :mod:`lbclient.metrics` counting (where prometheus-client is installed), then
+    sync and async with 1 backend. ``count`` (requests per round and side) and ``rounds``
+    override the mode's."""
     count, rounds = settings(quick, count, rounds)
+    metered = has_metrics()
     with ExitStack() as stack:
         addresses = start_servers(stack, 3)
-        rows = [
-            TransportRow("sync, 3 backends", *bench_sync(addresses, count, rounds)),
-            TransportRow("async, 3 backends", *bench_async(addresses, count, rounds)),
-            TransportRow("requests, 3 backends", *bench_requests(addresses, count, rounds)),
+        rows = []
+        for case, bench in (
+            ("sync, 3 backends", bench_sync),
+            ("async, 3 backends", bench_async),
+            ("requests, 3 backends", bench_requests),
+        ):
+            rows.append(TransportRow(case, *bench(addresses, count, rounds)))
+            if metered:
+                rows.append(TransportRow(f"{case}, metrics", *bench(addresses, count, rounds,
+                                                                     metrics=True)))
+        rows += [
             TransportRow("sync, 1 backend", *bench_sync(addresses[:1], count, rounds)),
             TransportRow("async, 1 backend", *bench_async(addresses[:1], count, rounds)),
         ]
@@ -232,11 +288,12 @@ def run(
 
 def format_table(rows: Sequence[TransportRow]) -> str:
     """The rows as requests per second, with the ratio and the floor."""
-    lines = [f"{'case':<20} {'lbclient req/s':>15} {'plain req/s':>12} {'ratio':>7}  floor"]
+    width = max([20, *(len(row.case) for row in rows)])
+    lines = [f"{'case':<{width}} {'lbclient req/s':>15} {'plain req/s':>12} {'ratio':>7}  floor"]
     for case, ours, theirs, ratio in rows:
         verdict = "MET" if ratio >= FLOOR else "NOT MET"
         lines.append(
-            f"{case:<20} {1 / ours:>15,.0f} {1 / theirs:>12,.0f} {ratio:>7.3f}  "
+            f"{case:<{width}} {1 / ours:>15,.0f} {1 / theirs:>12,.0f} {ratio:>7.3f}  "
             f">= {FLOOR} {verdict}"
         )
     return "\n".join(lines)

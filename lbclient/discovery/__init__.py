@@ -1,0 +1,36 @@
+"""Service discovery: where a balancer's backends come from, kept current in the background.
+
+Sources (each a :class:`ServiceDiscovery`, Pingora's trait of that name):
+
+* :class:`Static`: a fixed set.
+* :class:`DNS`: A and AAAA records (``DNS("users.internal", port=8080)``) or SRV records
+  (``DNS.srv("_http._tcp.users.service.consul")``), refreshed as the TTL says; needs dnspython
+  (``pip install 'lbclient[dns]'``).
+* :class:`File`: ``host:port [weight]`` lines or JSON, read again when the file changes.
+* :class:`Function`: a function of your own (sync or async) returning backends.
+
+Give one to ``LoadBalancer(discovery=..., refresh=...)``. Started with the balancer (``with
+balancer:``, ``async with balancer:``), it looks the source up once before ``start()`` returns,
+then keeps looking on one daemon thread or asyncio task, handing each answer to
+``balancer.update()``: backends that stay keep their health and load.
+
+A failed lookup never takes traffic down: the last good set stays, the failure is logged on the
+``lbclient`` logger and counted in ``balancer.snapshot()`` (``discovery_failures``,
+``discovery_error``), and the next lookup comes sooner, backing off (1 s, 2 s, 4 s... up to the
+refresh interval). An answer with no backends empties the set only once it repeats
+(``empty_after``, 3 answers in a row).
+
+Priority groups (DNS SRV, or any backend whose metadata has an int ``"priority"``): the balancer
+gets only the lowest group, while any of its backends is usable. When every one of them is
+ejected or failing its active checks, as ``balancer.snapshot()`` shows (backends switched off
+by hand aside), the next group takes over; the group that failed is probed (with the
+balancer's active check, or a TCP connect) every ``failover_interval`` seconds and takes over
+again once a probe succeeds, its backends starting afresh. Within a group, the weights are the
+backends' weights.
+"""
+
+from lbclient.discovery.base import Discovered, Function, ServiceDiscovery, Static
+from lbclient.discovery.dns import DNS
+from lbclient.discovery.file import File
+
+__all__ = ["DNS", "Discovered", "File", "Function", "ServiceDiscovery", "Static"]

@@ -1,0 +1,465 @@
+"""Keeping a balancer's backends current from a source: the refresh job and its service.
+
+What lives here: the rules of a refresh as plain values (:func:`clamp_ttl`,
+:func:`retry_delay`, :class:`Progress` for failures, backoff and the empty-answer rule,
+:class:`Priorities` for priority groups); the job that looks the source up on the runner of
+:mod:`lbclient._background` and hands the result to the balancer's public :meth:`update`; and
+:class:`DiscoveryService`, which the balancer starts and stops with itself and which looks the
+source up once before its first start returns.
+
+What may not: the balancer's internals. The job reads ``snapshot()`` and ``health_check`` and
+calls ``update()``; the balancer imports nothing from here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Final, Protocol
+
+from lbclient._background import Schedule
+from lbclient.backend import Backend
+from lbclient.discovery.base import ServiceDiscovery, as_discovered
+from lbclient.health import HealthSnapshot
+
+if TYPE_CHECKING:
+    from lbclient.balancer import LoadBalancer
+    from lbclient.discovery.base import Discovered
+
+__all__ = [
+    "RETRY_FIRST",
+    "DiscoveryService",
+    "Priorities",
+    "Progress",
+    "RefreshJob",
+    "clamp_ttl",
+    "groups_of",
+    "retry_delay",
+]
+
+logger = logging.getLogger("lbclient")
+
+#: Seconds before the first retry of a failed (or empty) lookup; doubled for each next one, up
+#: to the refresh interval.
+RETRY_FIRST: Final = 1.0
+
+#: The job's two kinds of work: a lookup (with probes), or probes and a look at health only.
+REFRESH: Final = "refresh"
+RECHECK: Final = "recheck"
+
+
+# -- the rules, as plain values --------------------------------------------------------------
+
+
+def clamp_ttl(ttl: float, min_ttl: float, max_ttl: float) -> float:
+    """``ttl`` seconds, at least ``min_ttl`` and at most ``max_ttl``."""
+    return min(max(ttl, min_ttl), max_ttl)
+
+
+def retry_delay(attempt: int, interval: float, first: float = RETRY_FIRST) -> float:
+    """Seconds before lookup number ``attempt`` after a failed (or empty) one: ``first``,
+    doubled for each further attempt, never more than ``interval``."""
+    if attempt < 1:
+        return interval
+    return min(interval, first * 2.0 ** min(attempt - 1, 60))
+
+
+class Progress:
+    """What the lookups of one source came to, and what the next answer or failure means:
+    whether to take the answer, and how long to wait. Plain values: no clock, no I/O."""
+
+    def __init__(self, empty_after: int) -> None:
+        self.empty_after = empty_after
+        #: Answers received (empty ones included).
+        self.refreshes = 0
+        #: Lookups that failed, in all.
+        self.failures = 0
+        #: Lookups that failed since the last answer.
+        self.failed = 0
+        #: Answers in a row with no backends (failed lookups in between do not count).
+        self.empty = 0
+        #: Why the latest lookup failed; None once an answer arrives.
+        self.error: str | None = None
+
+    def answer(self, backends: int, interval: float) -> tuple[bool, float]:
+        """An answer with ``backends`` backends, normally good for ``interval`` seconds: return
+        whether to take it, and the seconds until the next lookup."""
+        self.refreshes += 1
+        self.failed = 0
+        self.error = None
+        if backends:
+            self.empty = 0
+            return True, interval
+        self.empty += 1
+        if self.empty >= self.empty_after:
+            return True, interval
+        return False, retry_delay(self.empty, interval)
+
+    def failure(self, error: str, interval: float) -> float:
+        """A failed lookup (``error`` says why); return the seconds until the next one, backing
+        off up to ``interval``."""
+        self.failures += 1
+        self.failed += 1
+        self.error = error
+        return retry_delay(self.failed, interval)
+
+
+def priority_of(backend: Backend) -> int | None:
+    """The ``"priority"`` in ``backend``'s metadata, if it is an int."""
+    value = backend.metadata.get("priority")
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def groups_of(backends: Iterable[Backend]) -> dict[int, tuple[Backend, ...]]:
+    """``backends`` by priority, lowest first (no priority counts as 0)."""
+    groups: dict[int, list[Backend]] = {}
+    for backend in backends:
+        groups.setdefault(priority_of(backend) or 0, []).append(backend)
+    return {p: tuple(groups[p]) for p in sorted(groups)}
+
+
+class Priorities:
+    """Which priority group serves (RFC 2782): the lowest one that can. Plain values.
+
+    The group in use is ``active``. When every backend of it is down, the next higher group
+    that is not known to be down takes over, and the group that failed is ``down`` until a
+    probe of it succeeds; then the lowest such group takes over again. When every group is
+    down, the group in use stays (the balancer's own rules, probes and panic mode, apply).
+    """
+
+    def __init__(self) -> None:
+        #: The groups of the last answer taken, by priority, lowest first; None before one.
+        self.groups: dict[int, tuple[Backend, ...]] | None = None
+        self.active: int | None = None
+        self.down: set[int] = set()
+
+    def take(self, backends: Sequence[Backend]) -> None:
+        """A new answer: regroup (groups that left are forgotten)."""
+        self.groups = groups_of(backends)
+        self.down &= set(self.groups)
+
+    @property
+    def several(self) -> bool:
+        """Whether there is more than one group (so health decides which serves)."""
+        return self.groups is not None and len(self.groups) > 1
+
+    def choose(
+        self, active_down: bool = False, recovered: Iterable[int] = ()
+    ) -> tuple[tuple[Backend, ...] | None, str | None]:
+        """The backends to serve (None before any answer) and, when the group in use changed
+        because of health, a sentence saying so. ``active_down``: every backend of the group
+        in use is down; ``recovered``: groups whose probe succeeded."""
+        groups = self.groups
+        if groups is None:
+            return None, None
+        self.down.difference_update(recovered)
+        if not groups:
+            self.active = None
+            return (), None
+        order = list(groups)
+        note = None
+        if self.active not in groups:
+            self.active = next((p for p in order if p not in self.down), order[0])
+        elif active_down and len(order) > 1:
+            later = [p for p in order if p > self.active and p not in self.down]
+            if later:
+                note = (
+                    f"every backend of priority {self.active} is down; "
+                    f"priority {later[0]} takes over"
+                )
+                self.down.add(self.active)
+                self.active = later[0]
+        for p in order:
+            if p >= self.active:
+                break
+            if p not in self.down:
+                note = f"priority {p} is back; it takes over from priority {self.active}"
+                self.active = p
+                break
+        return groups[self.active], note
+
+
+# -- the job ----------------------------------------------------------------------------------
+
+
+class _Probe(Protocol):
+    def check(self, backend: Backend) -> None: ...
+
+    async def acheck(self, backend: Backend) -> None: ...
+
+
+@dataclass(frozen=True)
+class _Result:
+    found: Discovered | None = None
+    error: str | None = None
+    recovered: frozenset[int] = frozenset()
+
+
+def describe(error: BaseException) -> str:
+    """A short text for a failed lookup."""
+    text = str(error)
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+class RefreshJob:
+    """Looks a source up when due, probes failed priority groups, and updates the balancer."""
+
+    name = "lbclient-discovery"
+
+    def __init__(
+        self, source: ServiceDiscovery, balancer: LoadBalancer, refresh: float | None
+    ) -> None:
+        self.source = source
+        self.balancer = balancer
+        self.refresh = float(source.refresh if refresh is None else refresh)
+        self.timeout = float(source.timeout)
+        self.progress = Progress(source.empty_after)
+        self.priorities = Priorities()
+        self._lock = threading.Lock()
+        #: The refresh interval of the last answer with backends.
+        self._interval = self.refresh
+        #: The monotonic time of the next lookup.
+        self._due = -math.inf
+        #: Whether the answers carry priorities (so the snapshot shows the group in use).
+        self._prioritised = False
+        #: (refreshes, failures, error, priority) for snapshots; replaced whole.
+        self._status: tuple[int, int, str | None, int | None] = (0, 0, None, None)
+        self._tcp: _Probe | None = None
+
+    # -- timing --------------------------------------------------------------------------
+
+    @property
+    def interval(self) -> float:
+        """Seconds until the next round: the next lookup, or sooner the next look at health."""
+        left = max(0.0, self._due - time.monotonic())
+        if self.priorities.several or self.priorities.down:
+            return min(left, self.source.failover_interval)
+        return left
+
+    @interval.setter
+    def interval(self, seconds: float) -> None:
+        """Make the next lookup due in ``seconds``."""
+        self._due = time.monotonic() + seconds
+
+    def items(self) -> tuple[str, ...]:
+        if time.monotonic() >= self._due:
+            return (REFRESH,)
+        if self.priorities.several or self.priorities.down:
+            return (RECHECK,)
+        return ()
+
+    # -- work ----------------------------------------------------------------------------
+
+    def run(self, item: str) -> _Result:
+        found = error = None
+        if item == REFRESH:
+            try:
+                found = as_discovered(self.source.discover())
+            except Exception as exc:
+                error = describe(exc)
+        recovered = frozenset(p for p, group in self._suspects() if self._up(group))
+        return _Result(found, error, recovered)
+
+    async def arun(self, item: str) -> _Result:
+        found = error = None
+        if item == REFRESH:
+            try:
+                found = as_discovered(
+                    await asyncio.wait_for(self.source.adiscover(), self.timeout)
+                )
+            except asyncio.CancelledError:
+                raise
+            except asyncio.TimeoutError:
+                error = f"timed out after {self.timeout:g} s"
+            except Exception as exc:
+                error = describe(exc)
+        suspects = self._suspects()
+        ups = await asyncio.gather(*(self._aup(group) for _p, group in suspects))
+        recovered = frozenset(p for (p, _group), up in zip(suspects, ups, strict=True) if up)
+        return _Result(found, error, recovered)
+
+    def _suspects(self) -> list[tuple[int, tuple[Backend, ...]]]:
+        """The groups that failed, to probe."""
+        with self._lock:
+            groups = self.priorities.groups or {}
+            return [(p, groups[p]) for p in sorted(self.priorities.down) if p in groups]
+
+    def _probe(self) -> _Probe:
+        """The balancer's active check, if it has one; a TCP connect otherwise."""
+        check: Any = self.balancer.health_check
+        if callable(getattr(check, "check", None)) and callable(getattr(check, "acheck", None)):
+            probe: _Probe = check
+            return probe
+        if self._tcp is None:
+            from lbclient.checks import TcpCheck
+
+            self._tcp = TcpCheck(timeout=self.timeout)
+        return self._tcp
+
+    def _up(self, group: tuple[Backend, ...]) -> bool:
+        probe = self._probe()
+        for backend in group:
+            try:
+                probe.check(backend)
+            except Exception:
+                continue
+            return True
+        return False
+
+    async def _aup(self, group: tuple[Backend, ...]) -> bool:
+        probe = self._probe()
+
+        async def one(backend: Backend) -> bool:
+            try:
+                await probe.acheck(backend)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                return False
+            return True
+
+        return any(await asyncio.gather(*(one(b) for b in group)))
+
+    # -- results -------------------------------------------------------------------------
+
+    def deliver(self, item: str, result: _Result) -> None:
+        with self._lock:
+            self._take(result)
+
+    def _take(self, result: _Result) -> None:
+        source = self.source
+        progress = self.progress
+        priorities = self.priorities
+        now = time.monotonic()
+        kept = len(self.balancer.backends)
+        if result.error is not None:
+            delay = progress.failure(result.error, self._interval)
+            self._due = now + delay
+            logger.warning(
+                "discovery %r: lookup failed (%d in a row): %s; keeping the last %d backends, "
+                "next lookup in %.3g s",
+                source, progress.failed, result.error, kept, delay,
+            )
+        elif result.found is not None:
+            found = result.found
+            interval = self.refresh if found.ttl is None else found.ttl
+            failed = progress.failed
+            take, delay = progress.answer(len(found.backends), interval)
+            self._due = now + delay
+            if found.backends:
+                self._interval = interval
+            if failed:
+                logger.info("discovery %r: answering again after %d failed lookups",
+                            source, failed)
+            if take:
+                priorities.take(found.backends)
+                self._prioritised = any(priority_of(b) is not None for b in found.backends)
+                if not found.backends:
+                    logger.warning(
+                        "discovery %r found no backends %d times in a row: the set is empty",
+                        source, progress.empty,
+                    )
+            else:
+                logger.warning(
+                    "discovery %r found no backends (%d of %d in a row); keeping the last %d",
+                    source, progress.empty, progress.empty_after, kept,
+                )
+        active_down = priorities.several and self._active_down()
+        backends, note = priorities.choose(active_down, result.recovered)
+        if note is not None:
+            logger.warning("discovery %r: %s", source, note)
+        if backends is not None:
+            before = set(self.balancer.backends)
+            if self.balancer.update(backends):
+                after = set(backends)
+                logger.info(
+                    "discovery %r: %d backends (%d added, %d removed)",
+                    source, len(after), len(after - before), len(before - after),
+                )
+        self._status = (
+            progress.refreshes,
+            progress.failures,
+            progress.error,
+            priorities.active if self._prioritised else None,
+        )
+
+    def _active_down(self) -> bool:
+        """Whether every enabled backend of the group in use is ejected or failing its checks
+        (panic mode aside), as the balancer's snapshot shows. Backends switched off by hand
+        are left out; a group switched off whole is not down."""
+        groups, active = self.priorities.groups, self.priorities.active
+        if groups is None or active is None:
+            return False
+        group = set(groups.get(active, ()))
+        seen = [h for h in self.balancer.snapshot().backends if h.backend in group and h.enabled]
+        return bool(seen) and not any(h.healthy for h in seen)
+
+    def describe(self, snapshot: HealthSnapshot) -> HealthSnapshot:
+        refreshes, failures, error, priority = self._status
+        return replace(
+            snapshot,
+            discovery_refreshes=refreshes,
+            discovery_failures=failures,
+            discovery_error=error,
+            discovery_priority=priority,
+        )
+
+
+class DiscoveryService:
+    """A source bound to a balancer: started with the balancer's first user (looking the source
+    up once before returning, so the first request sees its answer) and stopped with its
+    last; between the two, the job runs on a daemon thread or an asyncio task."""
+
+    def __init__(
+        self, source: ServiceDiscovery, balancer: LoadBalancer, refresh: float | None = None
+    ) -> None:
+        self._job = RefreshJob(source, balancer, refresh)
+        self._schedule: Schedule[str, _Result] = Schedule(self._job)
+
+    @property
+    def running(self) -> bool:
+        """Whether the refresh runs."""
+        return self._schedule.running
+
+    def start(self) -> None:
+        """Add a user; for the first, look the source up (blocking), then refresh on a
+        daemon thread."""
+        if not self._schedule.running:
+            self._job.deliver(REFRESH, self._job.run(REFRESH))
+        self._schedule.start()
+
+    async def astart(self) -> None:
+        """Add a user; for the first, look the source up, then refresh on an asyncio task of
+        the running loop (a daemon thread outside asyncio)."""
+        if not self._schedule.running:
+            try:
+                asyncio.get_running_loop()
+            except RuntimeError:  # another async library: the lookup runs on a thread
+                import anyio.to_thread
+
+                result = await anyio.to_thread.run_sync(self._job.run, REFRESH)
+            else:
+                result = await self._job.arun(REFRESH)
+            self._job.deliver(REFRESH, result)
+        await self._schedule.astart()
+
+    def stop(self) -> None:
+        """Remove a user; after the last, stop: nothing more is looked up or updated."""
+        self._schedule.stop()
+
+    async def astop(self) -> None:
+        """Remove a user; after the last, stop, awaiting an asyncio task's end."""
+        await self._schedule.astop()
+
+    def describe(self, snapshot: HealthSnapshot) -> HealthSnapshot:
+        """``snapshot`` with this discovery's counts, latest error and priority group."""
+        return self._job.describe(snapshot)
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else "stopped"
+        return f"<DiscoveryService {self._job.source!r} {state}>"
