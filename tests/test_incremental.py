@@ -112,9 +112,13 @@ def assert_routes_alike(name: str, rebuilt: Any, full: Any) -> None:
         for selector in (rebuilt, full):
             selector.attach(loads, lambda: 0.0)
         picks = []
-        for selector in (rebuilt, full):
-            random.seed(11)
-            picks.append([selector.first(k) for k in KEYS[:100]])
+        state = random.getstate()
+        try:
+            for selector in (rebuilt, full):
+                random.seed(11)
+                picks.append([selector.first(k) for k in KEYS[:100]])
+        finally:
+            random.setstate(state)
         assert picks[0] == picks[1]
         assert rebuilt.ranked() == full.ranked()
         return

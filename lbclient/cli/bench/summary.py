@@ -53,8 +53,15 @@ SELECT_SIZES = (10, 1_000)
 #: Transport case (as :func:`lbclient.cli.bench.transport.run` names it) -> what is compared.
 TRANSPORT_LABELS = {
     "sync, 3 backends": "LBTransport vs plain httpx.Client, 3 backends",
+    "sync, 3 backends, metrics": "LBTransport vs plain httpx.Client, 3 backends, metrics on",
     "async, 3 backends": "AsyncLBTransport vs plain httpx.AsyncClient, 3 backends",
+    "async, 3 backends, metrics": (
+        "AsyncLBTransport vs plain httpx.AsyncClient, 3 backends, metrics on"
+    ),
     "requests, 3 backends": "LBAdapter vs plain requests.Session, 3 backends",
+    "requests, 3 backends, metrics": (
+        "LBAdapter vs plain requests.Session, 3 backends, metrics on"
+    ),
     "sync, 1 backend": "LBTransport vs plain httpx.Client, 1 backend",
     "async, 1 backend": "AsyncLBTransport vs plain httpx.AsyncClient, 1 backend",
 }
