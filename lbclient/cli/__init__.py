@@ -4,10 +4,12 @@
 ``LBTransport``: the share of each backend, failover with no failed request when one is killed,
 its ejection and its return through one probe, and sticky sessions with ``Consistent``, showing
 how few users move when a backend leaves.
-``bench`` runs the selection and transport benchmarks side by side with their baselines and
-prints one table of medians, ratios and floors.
+``bench`` runs the benchmarks (selection, transports, hedging, load-aware algorithms,
+concurrency) side by side with their baselines and prints one table of medians, ratios and
+floors.
 ``simulate`` shows how an algorithm spreads keys over weighted backends and how many keys move
-when one backend is removed or added, against the ideal.
+when one backend is removed or added, against the ideal; for the algorithms that ignore the key,
+a simulated run with one slow backend instead.
 
 This package holds the command-line tools, apart from the library's modules: the argument parser
 here, :mod:`lbclient.cli.demo`, :mod:`lbclient.cli.bench` (the benchmarks) and
