@@ -81,7 +81,169 @@ class Fault(NamedTuple):
     barred: bool = False
 
 
-class RequestPlan:
+class _Decisions:
+    """A plan's questions: pure, they change nothing outside the plan (see RequestPlan)."""
+
+    __slots__ = ("_delay", "stopped")
+
+    _delay: float | None
+    #: Why the loop stopped, for the final error (set when a retry is refused).
+    stopped: str
+    attempts: list[Attempt]
+    balancer: LoadBalancer
+    clock: Callable[[], float]
+    ledger: Ledger | None
+    method: str
+    policy: RetryPolicy
+    replayable: bool
+    _launched: int
+    _paid: bool
+    _retry_after: float | None
+    _revisits: int
+    _start: float
+
+    def _candidate(self) -> Backend | None:
+        raise NotImplementedError
+
+    def refused(self) -> None:
+        raise NotImplementedError
+
+
+    @property
+    def retries_response(self) -> bool:
+        """Whether the response just recorded has a status to retry (attempts permitting)."""
+        last = self.attempts[-1] if self.attempts else None
+        return last is not None and last.status is not None and self.retries_status(last.status)
+
+    def retries_status(self, status: int) -> bool:
+        """Whether a response with ``status`` is one to retry (attempts permitting)."""
+        return status in self.policy.retry_statuses and self._may_resend()
+
+    def retries_maybe_sent(self) -> bool:
+        """Whether a maybe-sent failure of this request would be retried (attempts permitting)."""
+        return self.policy.retry_maybe_sent and self._may_resend()
+
+    def _may_resend(self) -> bool:
+        return self.method in self.policy.idempotent_methods and self.replayable
+
+    @property
+    def hedging(self) -> bool:
+        """Whether this request may be hedged: ``hedge_after`` is set and it may be resent."""
+        return self.policy.hedge_after is not None and self._may_resend()
+
+    def may_retry(self, last: Attempt | None = None) -> bool:
+        """Whether ``last`` (the attempt just recorded) may be followed by another: its outcome
+        allows a retry, attempts and budget remain, a candidate is left, and the deadline leaves
+        time for it."""
+        self.stopped = self._refusal(last or self.attempts[-1])
+        if self.stopped == _EXHAUSTED:
+            self.refused()
+        return not self.stopped
+
+    def hedge_refusal(self) -> str:
+        """Why no hedge may be sent now beside the attempts in flight, or "" when one may."""
+        if not self.hedging:
+            return "not hedged"
+        return self._limits()
+
+    def _refusal(self, last: Attempt) -> str:
+        """Why no retry follows ``last``, or "" when one may."""
+        policy = self.policy
+        if self.stopped.startswith("the deadline"):
+            return self.stopped
+        if last.failure is None:
+            if last.status is None or not self.retries_status(last.status):
+                return "a response that is not retried"
+            after = self._retry_after
+            if after is not None and after > policy.retry_after_max:
+                return f"Retry-After of {after:g} s is longer than retry_after_max"
+        elif last.failure is Failure.LOCAL:
+            return "a local failure"
+        elif last.failure is Failure.MAYBE_SENT and not self.retries_maybe_sent():
+            if not policy.retry_maybe_sent:
+                return "not retried: retry_maybe_sent is off"
+            why = (
+                f"{self.method} is not idempotent"
+                if self.method not in policy.idempotent_methods
+                else "its body cannot be replayed"
+            )
+            return f"not retried: the request may have reached the server and {why}"
+        return self._limits()
+
+    def _limits(self) -> str:
+        """What stops one more attempt whatever the last outcome, or ""."""
+        policy = self.policy
+        if self._launched >= policy.max_attempts:
+            return "out of attempts"
+        if self._candidate() is None:
+            return "no other backend to try"
+        ledger = self.ledger
+        if ledger is not None and not self._paid and not ledger.can_spend(self.clock()):
+            return _EXHAUSTED
+        if policy.deadline is not None:
+            left = self.remaining() or 0.0
+            if left - self.wait() < self.share():
+                return f"the deadline of {policy.deadline:g} s ran out"
+        return ""
+
+    def share(self) -> float:
+        """The least time worth giving one more attempt under the deadline: a tenth of the
+        deadline, or the attempt timeout when that is shorter."""
+        policy = self.policy
+        if policy.deadline is None:
+            return 0.0
+        share = policy.deadline / 10
+        if policy.attempt_timeout is not None:
+            share = min(share, policy.attempt_timeout)
+        return max(share, 0.001)
+
+    def wait(self) -> float:
+        """Seconds to wait before an attempt on the next candidate: none for a backend not
+        tried yet, a jittered exponential backoff before trying one again (drawn once), and
+        at least what the last response's ``Retry-After`` asked for."""
+        if self._delay is None:
+            upcoming = self._candidate()
+            if upcoming is None or all(a.backend != upcoming for a in self.attempts):
+                delay = 0.0
+            else:
+                delay = _backoff(self.policy, self._revisits + 1)
+            if self._retry_after is not None:
+                delay = max(delay, self._retry_after)
+            self._delay = delay
+        return self._delay
+
+    def remaining(self) -> float | None:
+        """Seconds left before the deadline, or None without one."""
+        deadline = self.policy.deadline
+        if deadline is None:
+            return None
+        return deadline - (self.clock() - self._start)
+
+    def buffers(self, status: int, content_length: int | None) -> bool:
+        """Whether to read this response's body inside the attempt, so that a connection lost
+        mid-body can still be retried: only for requests that would be retried after a
+        maybe-sent failure, bodies of known, small size, and never while hedging (the first
+        response head wins)."""
+        return (
+            content_length is not None
+            and content_length <= self.policy.buffer_limit
+            and self.method != "HEAD"
+            and self.retries_maybe_sent()
+            and self._launched < self.policy.max_attempts
+            and self.policy.hedge_after is None
+        )
+
+    def describe(self) -> str:
+        """Every attempt, and why there was no other, for the message of the final error."""
+        count = len(self.attempts)
+        tried = "; ".join(a.describe() for a in self.attempts)
+        plural = "attempt" if count == 1 else "attempts"
+        why = self.stopped
+        note = f" ({why})" if why and why not in ("out of attempts", "a local failure") else ""
+        return f"{self.method} failed after {count} {plural}: {tried}{note}"
+
+
+class RequestPlan(_Decisions):
     """One request's walk over the balancer's backends. Sans-I/O, one per request.
 
     Candidates come in the balancer's fallback order for ``key``, ready backends of the current
@@ -96,7 +258,6 @@ class RequestPlan:
         "_barred",
         "_began",
         "_cuts",
-        "_delay",
         "_first",
         "_launched",
         "_loads",
@@ -117,7 +278,6 @@ class RequestPlan:
         "pause",
         "policy",
         "replayable",
-        "stopped",
         "wall",
     )
 
@@ -339,141 +499,6 @@ class RequestPlan:
         """A retry or hedge was kept back because the retry budget was empty."""
         if self.ledger is not None:
             self.ledger.refused()
-
-    # -- deciding (pure) -------------------------------------------------------------------------
-
-    @property
-    def retries_response(self) -> bool:
-        """Whether the response just recorded has a status to retry (attempts permitting)."""
-        last = self.attempts[-1] if self.attempts else None
-        return last is not None and last.status is not None and self.retries_status(last.status)
-
-    def retries_status(self, status: int) -> bool:
-        """Whether a response with ``status`` is one to retry (attempts permitting)."""
-        return status in self.policy.retry_statuses and self._may_resend()
-
-    def retries_maybe_sent(self) -> bool:
-        """Whether a maybe-sent failure of this request would be retried (attempts permitting)."""
-        return self.policy.retry_maybe_sent and self._may_resend()
-
-    def _may_resend(self) -> bool:
-        return self.method in self.policy.idempotent_methods and self.replayable
-
-    @property
-    def hedging(self) -> bool:
-        """Whether this request may be hedged: ``hedge_after`` is set and it may be resent."""
-        return self.policy.hedge_after is not None and self._may_resend()
-
-    def may_retry(self, last: Attempt | None = None) -> bool:
-        """Whether ``last`` (the attempt just recorded) may be followed by another: its outcome
-        allows a retry, attempts and budget remain, a candidate is left, and the deadline leaves
-        time for it."""
-        self.stopped = self._refusal(last or self.attempts[-1])
-        if self.stopped == _EXHAUSTED:
-            self.refused()
-        return not self.stopped
-
-    def hedge_refusal(self) -> str:
-        """Why no hedge may be sent now beside the attempts in flight, or "" when one may."""
-        if not self.hedging:
-            return "not hedged"
-        return self._limits()
-
-    def _refusal(self, last: Attempt) -> str:
-        """Why no retry follows ``last``, or "" when one may."""
-        policy = self.policy
-        if self.stopped.startswith("the deadline"):
-            return self.stopped
-        if last.failure is None:
-            if last.status is None or not self.retries_status(last.status):
-                return "a response that is not retried"
-            after = self._retry_after
-            if after is not None and after > policy.retry_after_max:
-                return f"Retry-After of {after:g} s is longer than retry_after_max"
-        elif last.failure is Failure.LOCAL:
-            return "a local failure"
-        elif last.failure is Failure.MAYBE_SENT and not self.retries_maybe_sent():
-            if not policy.retry_maybe_sent:
-                return "not retried: retry_maybe_sent is off"
-            why = (
-                f"{self.method} is not idempotent"
-                if self.method not in policy.idempotent_methods
-                else "its body cannot be replayed"
-            )
-            return f"not retried: the request may have reached the server and {why}"
-        return self._limits()
-
-    def _limits(self) -> str:
-        """What stops one more attempt whatever the last outcome, or ""."""
-        policy = self.policy
-        if self._launched >= policy.max_attempts:
-            return "out of attempts"
-        if self._candidate() is None:
-            return "no other backend to try"
-        ledger = self.ledger
-        if ledger is not None and not self._paid and not ledger.can_spend(self.clock()):
-            return _EXHAUSTED
-        if policy.deadline is not None:
-            left = self.remaining() or 0.0
-            if left - self.wait() < self.share():
-                return f"the deadline of {policy.deadline:g} s ran out"
-        return ""
-
-    def share(self) -> float:
-        """The least time worth giving one more attempt under the deadline: a tenth of the
-        deadline, or the attempt timeout when that is shorter."""
-        policy = self.policy
-        if policy.deadline is None:
-            return 0.0
-        share = policy.deadline / 10
-        if policy.attempt_timeout is not None:
-            share = min(share, policy.attempt_timeout)
-        return max(share, 0.001)
-
-    def wait(self) -> float:
-        """Seconds to wait before an attempt on the next candidate: none for a backend not
-        tried yet, a jittered exponential backoff before trying one again (drawn once), and
-        at least what the last response's ``Retry-After`` asked for."""
-        if self._delay is None:
-            upcoming = self._candidate()
-            if upcoming is None or all(a.backend != upcoming for a in self.attempts):
-                delay = 0.0
-            else:
-                delay = _backoff(self.policy, self._revisits + 1)
-            if self._retry_after is not None:
-                delay = max(delay, self._retry_after)
-            self._delay = delay
-        return self._delay
-
-    def remaining(self) -> float | None:
-        """Seconds left before the deadline, or None without one."""
-        deadline = self.policy.deadline
-        if deadline is None:
-            return None
-        return deadline - (self.clock() - self._start)
-
-    def buffers(self, status: int, content_length: int | None) -> bool:
-        """Whether to read this response's body inside the attempt, so that a connection lost
-        mid-body can still be retried: only for requests that would be retried after a
-        maybe-sent failure, bodies of known, small size, and never while hedging (the first
-        response head wins)."""
-        return (
-            content_length is not None
-            and content_length <= self.policy.buffer_limit
-            and self.method != "HEAD"
-            and self.retries_maybe_sent()
-            and self._launched < self.policy.max_attempts
-            and self.policy.hedge_after is None
-        )
-
-    def describe(self) -> str:
-        """Every attempt, and why there was no other, for the message of the final error."""
-        count = len(self.attempts)
-        tried = "; ".join(a.describe() for a in self.attempts)
-        plural = "attempt" if count == 1 else "attempts"
-        why = self.stopped
-        note = f" ({why})" if why and why not in ("out of attempts", "a local failure") else ""
-        return f"{self.method} failed after {count} {plural}: {tried}{note}"
 
 
 def retry_after_seconds(value: str, now: float) -> float | None:

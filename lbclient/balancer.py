@@ -203,7 +203,170 @@ def _accept_ready(_backend: Backend, ready: bool) -> bool:
     return ready
 
 
-class LoadBalancer(_Services, _Loads):
+class _Writes:
+    """What changes a balancer: a new backend set, and the health reports of requests and
+    checks (delegated to the health book)."""
+
+    _view: _View
+    _book: HealthBook
+    _algorithm: Any
+    _policy: HealthPolicy
+    _clock: Callable[[], float]
+    _update_lock: threading.Lock
+    _total: Total
+    _health_check: ActiveCheck | None
+    _discovery: Discovery | None
+    _refresh: Any
+    _decay: float
+
+    @property
+    def backends(self) -> tuple[Backend, ...]:
+        """The current backends, sorted."""
+        return self._view.backends
+
+    def _new_view(
+        self,
+        prepared: tuple[Backend, ...],
+        old: _View | None,
+        selector: Selector | None = None,
+        moved: tuple[tuple[Backend, ...], tuple[Backend, ...]] | None = None,
+    ) -> _View:
+        """A view of ``prepared``: backends that stay keep their health cell and load.
+
+        ``selector`` is the one built for ``prepared`` (None: built here). ``moved`` holds the
+        backends that left ``old``'s set and those that joined it, as objects (None: not
+        known); then only their cells and loads are touched.
+        """
+        # Backends of the first set do not ramp up; those that join later do, from now.
+        now = -math.inf if old is None else self._clock()
+        if selector is None:
+            rebuild = getattr(self._algorithm, "rebuild", None)
+            # A rebuild with no previous selector is a build that takes ``prepared`` as it is.
+            selector = (
+                self._algorithm.build(prepared) if rebuild is None else rebuild(None, prepared)
+            )
+        if old is None or moved is None:
+            loads = {} if old is None else old.loads
+            cells = HealthBook.cells(prepared, old)
+            carried = {b: loads.get(b) or Load(now, self._total) for b in prepared}
+        else:
+            # An equal backend that is another object (other metadata) keeps its cell and load.
+            removed, added = moved
+            cells = dict(old.cells)
+            carried = dict(old.loads)
+            left_cells = {b: cells.pop(b) for b in removed}
+            left_loads = {b: carried.pop(b) for b in removed}
+            for b in added:
+                cells[b] = left_cells.get(b) or Cell(HealthState())
+                carried[b] = left_loads.get(b) or Load(now, self._total)
+        view = _View(prepared, selector, cells, carried, self._policy)
+        attach = getattr(view.selector, "attach", None)
+        if attach is not None:  # load-aware selectors read the live load
+            attach(view.loads, self._clock, self._total)
+        return view
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # The configuration travels; health, load, running checks and discovery start afresh.
+        return (
+            _restore,
+            (
+                self.backends,
+                self._algorithm,
+                self._policy,
+                self._health_check,
+                self._book.on_change,
+                self._clock,
+                self._discovery,
+                self._refresh,
+            ),
+        )
+
+    def update(self, backends: Iterable[Backend | str]) -> bool:
+        """Replace the backend set; return whether it changed.
+
+        Sets are compared by (address, weight). Backends that stay keep their health; new ones
+        start healthy and enabled. Readers see the old view or the new one, never a mix.
+
+        A change costs what changed: backends equal to current ones (same metadata) are taken
+        as the current objects, and an algorithm that can rebuild its selector from the
+        previous one (:class:`~lbclient.selection.base.Rebuildable`) is asked to.
+        """
+        from lbclient.selection.base import changes, prepare_update
+
+        hint = self._view
+        prepared, change = prepare_update(backends, hint.backends, hint.by_address)
+        with self._update_lock:
+            old = self._view
+            if prepared is old.backends or prepared == old.backends:
+                return False
+            if old is not hint:  # another update came first: the change is against its set
+                change = changes(old.backends, prepared)
+            rebuild = getattr(self._algorithm, "rebuild", None)
+            selector: Selector = (
+                self._algorithm.build(prepared)
+                if rebuild is None
+                else rebuild(old.selector, prepared, change)
+            )
+            with self._book.lock:
+                # Cells and counts are taken under the lock: no health change is lost.
+                self._view = self._new_view(
+                    prepared, old, selector, (change.removed, change.added)
+                )
+        logger.debug("backends updated: %d backends", len(prepared))
+        return True
+
+    def set_enabled(self, backend: Backend | str, enabled: bool) -> None:
+        """Switch ``backend`` on or off by hand; ValueError if it is not in the current set."""
+        if not isinstance(enabled, bool):
+            raise TypeError(f"enabled must be a bool, got {enabled!r}")
+        if not self._book.set_enabled(_require(self._view, backend), enabled):
+            raise ValueError(f"{backend!r} is not one of this balancer's backends")
+
+    def report(self, backend: Backend | str, outcome: bool | Outcome) -> bool:
+        """Record the outcome of one request to ``backend``; return whether its health changed.
+
+        ``outcome`` is an :class:`Outcome`, or a bool: True for a success, False for a
+        connection-level failure. Reports for a backend no longer in the set (an update raced
+        the request) are ignored.
+        """
+        if outcome is True:
+            outcome = Outcome.SUCCESS
+            # The common case needs no lock: a success on a backend with no failure streak
+            # and no ejection changes nothing.
+            cell = self._view.cells.get(backend) if isinstance(backend, Backend) else None
+            if cell is not None:
+                state = cell.state
+                if (
+                    state.ejected_until is None
+                    and not state.consecutive_failures
+                    and not state.consecutive_5xx
+                ):
+                    return False
+        elif outcome is False:
+            outcome = Outcome.CONNECTION_FAILURE
+        elif not isinstance(outcome, Outcome):
+            raise TypeError(f"outcome must be an Outcome or a bool, got {outcome!r}")
+        found = _find(self._view, backend)
+        return found is not None and self._book.observe(found, outcome)
+
+    def report_check(self, backend: Backend | str, ok: bool, detail: str = "") -> bool:
+        """Record one active health check result for ``backend``; return whether its health
+        changed. The check runner calls this; so may a checker of your own. Thresholds are the
+        ``health_check``'s (1 and 1 without one); ``detail`` says why a check failed, for
+        the log."""
+        if not isinstance(ok, bool):
+            raise TypeError(f"ok must be a bool, got {ok!r}")
+        check = self._health_check
+        thresholds = (
+            (1, 1)
+            if check is None
+            else (check.consecutive_successes, check.consecutive_failures)
+        )
+        found = _find(self._view, backend)
+        return found is not None and self._book.check(found, ok, detail, thresholds)
+
+
+class LoadBalancer(_Services, _Loads, _Writes):
     """Chooses a backend per key, with fallbacks, skipping backends that are not ready.
 
     Every backend starts healthy and enabled. :meth:`report` feeds the outcomes of requests to
@@ -441,65 +604,8 @@ class LoadBalancer(_Services, _Loads):
         view = self._view
         return self._book.snapshot(view.backends, view, view.loads, self._decay)
 
-    def _new_view(
-        self,
-        prepared: tuple[Backend, ...],
-        old: _View | None,
-        selector: Selector | None = None,
-        moved: tuple[tuple[Backend, ...], tuple[Backend, ...]] | None = None,
-    ) -> _View:
-        """A view of ``prepared``: backends that stay keep their health cell and load.
-
-        ``selector`` is the one built for ``prepared`` (None: built here). ``moved`` holds the
-        backends that left ``old``'s set and those that joined it, as objects (None: not
-        known); then only their cells and loads are touched.
-        """
-        # Backends of the first set do not ramp up; those that join later do, from now.
-        now = -math.inf if old is None else self._clock()
-        if selector is None:
-            rebuild = getattr(self._algorithm, "rebuild", None)
-            # A rebuild with no previous selector is a build that takes ``prepared`` as it is.
-            selector = (
-                self._algorithm.build(prepared) if rebuild is None else rebuild(None, prepared)
-            )
-        if old is None or moved is None:
-            loads = {} if old is None else old.loads
-            cells = HealthBook.cells(prepared, old)
-            carried = {b: loads.get(b) or Load(now, self._total) for b in prepared}
-        else:
-            # An equal backend that is another object (other metadata) keeps its cell and load.
-            removed, added = moved
-            cells = dict(old.cells)
-            carried = dict(old.loads)
-            left_cells = {b: cells.pop(b) for b in removed}
-            left_loads = {b: carried.pop(b) for b in removed}
-            for b in added:
-                cells[b] = left_cells.get(b) or Cell(HealthState())
-                carried[b] = left_loads.get(b) or Load(now, self._total)
-        view = _View(prepared, selector, cells, carried, self._policy)
-        attach = getattr(view.selector, "attach", None)
-        if attach is not None:  # load-aware selectors read the live load
-            attach(view.loads, self._clock, self._total)
-        return view
-
     def __len__(self) -> int:
         return len(self._view.backends)
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        # The configuration travels; health, load, running checks and discovery start afresh.
-        return (
-            _restore,
-            (
-                self.backends,
-                self._algorithm,
-                self._policy,
-                self._health_check,
-                self._book.on_change,
-                self._clock,
-                self._discovery,
-                self._refresh,
-            ),
-        )
 
     def __repr__(self) -> str:
         view = self._view
@@ -508,91 +614,9 @@ class LoadBalancer(_Services, _Loads):
             f"impaired={view.impaired}{' panic' if view.panic else ''}>"
         )
 
-    # -- writing ---------------------------------------------------------------------------
 
-    def update(self, backends: Iterable[Backend | str]) -> bool:
-        """Replace the backend set; return whether it changed.
 
-        Sets are compared by (address, weight). Backends that stay keep their health; new ones
-        start healthy and enabled. Readers see the old view or the new one, never a mix.
 
-        A change costs what changed: backends equal to current ones (same metadata) are taken
-        as the current objects, and an algorithm that can rebuild its selector from the
-        previous one (:class:`~lbclient.selection.base.Rebuildable`) is asked to.
-        """
-        from lbclient.selection.base import changes, prepare_update
-
-        hint = self._view
-        prepared, change = prepare_update(backends, hint.backends, hint.by_address)
-        with self._update_lock:
-            old = self._view
-            if prepared is old.backends or prepared == old.backends:
-                return False
-            if old is not hint:  # another update came first: the change is against its set
-                change = changes(old.backends, prepared)
-            rebuild = getattr(self._algorithm, "rebuild", None)
-            selector: Selector = (
-                self._algorithm.build(prepared)
-                if rebuild is None
-                else rebuild(old.selector, prepared, change)
-            )
-            with self._book.lock:
-                # Cells and counts are taken under the lock: no health change is lost.
-                self._view = self._new_view(
-                    prepared, old, selector, (change.removed, change.added)
-                )
-        logger.debug("backends updated: %d backends", len(prepared))
-        return True
-
-    def set_enabled(self, backend: Backend | str, enabled: bool) -> None:
-        """Switch ``backend`` on or off by hand; ValueError if it is not in the current set."""
-        if not isinstance(enabled, bool):
-            raise TypeError(f"enabled must be a bool, got {enabled!r}")
-        if not self._book.set_enabled(_require(self._view, backend), enabled):
-            raise ValueError(f"{backend!r} is not one of this balancer's backends")
-
-    def report(self, backend: Backend | str, outcome: bool | Outcome) -> bool:
-        """Record the outcome of one request to ``backend``; return whether its health changed.
-
-        ``outcome`` is an :class:`Outcome`, or a bool: True for a success, False for a
-        connection-level failure. Reports for a backend no longer in the set (an update raced
-        the request) are ignored.
-        """
-        if outcome is True:
-            outcome = Outcome.SUCCESS
-            # The common case needs no lock: a success on a backend with no failure streak
-            # and no ejection changes nothing.
-            cell = self._view.cells.get(backend) if isinstance(backend, Backend) else None
-            if cell is not None:
-                state = cell.state
-                if (
-                    state.ejected_until is None
-                    and not state.consecutive_failures
-                    and not state.consecutive_5xx
-                ):
-                    return False
-        elif outcome is False:
-            outcome = Outcome.CONNECTION_FAILURE
-        elif not isinstance(outcome, Outcome):
-            raise TypeError(f"outcome must be an Outcome or a bool, got {outcome!r}")
-        found = _find(self._view, backend)
-        return found is not None and self._book.observe(found, outcome)
-
-    def report_check(self, backend: Backend | str, ok: bool, detail: str = "") -> bool:
-        """Record one active health check result for ``backend``; return whether its health
-        changed. The check runner calls this; so may a checker of your own. Thresholds are the
-        ``health_check``'s (1 and 1 without one); ``detail`` says why a check failed, for
-        the log."""
-        if not isinstance(ok, bool):
-            raise TypeError(f"ok must be a bool, got {ok!r}")
-        check = self._health_check
-        thresholds = (
-            (1, 1)
-            if check is None
-            else (check.consecutive_successes, check.consecutive_failures)
-        )
-        found = _find(self._view, backend)
-        return found is not None and self._book.check(found, ok, detail, thresholds)
 
 
 def _restore(
