@@ -4,7 +4,7 @@ Routing must not depend on the process: Python's built-in hash function is salte
 every routing decision in lbclient goes through one of these functions instead. Each returns an
 unsigned integer that is the same on every machine and in every process.
 
-Part of the core: pure functions, no I/O; never Python's ``hash()``.
+Part of the core: pure functions, no I/O; never Python's salted built-in hash.
 """
 
 from __future__ import annotations

@@ -22,6 +22,9 @@ from pathlib import Path
 
 import pytest
 
+from lbclient import HealthPolicy, LoadBalancer
+from lbclient.testing import TestServer
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -234,3 +237,18 @@ def dnsmasq(tmp_path: Path) -> Iterator[Dnsmasq]:
         yield server
     finally:
         server.stop()
+
+
+# -- shared by the transport tests -------------------------------------------------------------
+
+#: Passive health that never ejects: the tests that use it steer traffic themselves.
+NO_EJECTION = HealthPolicy(consecutive_failures=None, consecutive_5xx=None)
+
+
+def key_for(lb: LoadBalancer, target: TestServer) -> str:
+    """A key whose first pick is ``target``."""
+    for i in range(10_000):
+        picked = lb.select(f"k{i}")
+        if picked is not None and picked.address == target.address:
+            return f"k{i}"
+    raise AssertionError("no key lands on the target")

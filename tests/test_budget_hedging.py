@@ -13,12 +13,12 @@ import anyio
 import httpx
 import pytest
 import requests
+from conftest import NO_EJECTION, key_for
 
 from lbclient import (
     AsyncLBTransport,
     Backend,
     Hash,
-    HealthPolicy,
     LBAdapter,
     LBTransport,
     LoadBalancer,
@@ -32,7 +32,6 @@ from lbclient.testing import Exchange, TestServer
 
 pytestmark = pytest.mark.timeout(120)
 
-NO_EJECTION = HealthPolicy(consecutive_failures=None, consecutive_5xx=None)
 ADDRS = ["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"]
 
 
@@ -244,13 +243,6 @@ def slow_and_fast() -> Iterator[tuple[TestServer, TestServer]]:
             TestServer(name="fast") as fast:
         yield slow, fast
 
-
-def key_for(lb: LoadBalancer, target: TestServer) -> str:
-    for i in range(10_000):
-        picked = lb.select(f"k{i}")
-        if picked is not None and picked.address == target.address:
-            return f"k{i}"
-    raise AssertionError("no key lands on the target")
 
 
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])

@@ -11,14 +11,13 @@ import threading
 import httpx
 import pytest
 import requests
+from conftest import NO_EJECTION
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lbclient import AsyncLBTransport, Backend, HealthPolicy, LBAdapter, LBTransport, LoadBalancer
+from lbclient import AsyncLBTransport, Backend, LBAdapter, LBTransport, LoadBalancer
 from lbclient._load import FAILURE_PENALTY, Load, decayed
 from lbclient.testing import Exchange, TestServer
-
-NO_EJECTION = HealthPolicy(consecutive_failures=None, consecutive_5xx=None)
 
 
 def test_in_flight_loses_no_update_under_threads() -> None:

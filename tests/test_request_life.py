@@ -18,13 +18,13 @@ from pathlib import Path
 import httpx
 import pytest
 import requests
+from conftest import NO_EJECTION, key_for
 from urllib3.exceptions import MaxRetryError, NewConnectionError, ReadTimeoutError
 
 from lbclient import (
     AsyncLBTransport,
     Backend,
     Hash,
-    HealthPolicy,
     KeyFunctionError,
     LBAdapter,
     LBTransport,
@@ -39,7 +39,6 @@ from lbclient.testing import Exchange, TestServer, closed_port
 
 pytestmark = pytest.mark.timeout(120)
 
-NO_EJECTION = HealthPolicy(consecutive_failures=None, consecutive_5xx=None)
 
 
 @pytest.fixture
@@ -47,14 +46,6 @@ def hang_and_ok() -> Iterator[tuple[TestServer, TestServer]]:
     with TestServer("hang", name="hang") as hang, TestServer(name="ok") as ok:
         yield hang, ok
 
-
-def key_for(lb: LoadBalancer, target: TestServer) -> str:
-    """A key whose first pick is ``target``."""
-    for i in range(10_000):
-        picked = lb.select(f"k{i}")
-        if picked is not None and picked.address == target.address:
-            return f"k{i}"
-    raise AssertionError("no key lands on the target")
 
 
 # -- a hanging backend, with the client's own timeout ------------------------------------------
