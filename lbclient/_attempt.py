@@ -468,7 +468,8 @@ class RequestPlan(_Decisions):
         :class:`BodyReport`). ``retry_after`` is the response's ``Retry-After`` header."""
         policy = self.policy
         seconds = self._took(backend)
-        self.attempts.append(Attempt(backend, None, f"HTTP {status}", status, seconds=seconds))
+        text = _STATUS_TEXT.get(status) or f"HTTP {status}"
+        self.attempts.append(_new_tuple(Attempt, (backend, None, text, status, None, seconds)))
         if self._cuts:
             self._cuts.pop(backend, None)
         failing = status in policy.failure_statuses
@@ -499,6 +500,12 @@ class RequestPlan(_Decisions):
         """A retry or hedge was kept back because the retry budget was empty."""
         if self.ledger is not None:
             self.ledger.refused()
+
+
+#: What an attempt's ``outcome`` says for each status, made once.
+_STATUS_TEXT: Final = {status: f"HTTP {status}" for status in range(100, 600)}
+#: Builds a NamedTuple from all its fields at once, skipping its keyword-handling ``__new__``.
+_new_tuple = tuple.__new__
 
 
 def retry_after_seconds(value: str, now: float) -> float | None:
@@ -591,9 +598,15 @@ class Ledger:
 
     def deposit(self, now: float) -> None:
         """One request started."""
-        with self._lock:
+        epoch = int(now // self._width)
+        slot = epoch % self.SLOTS
+        with self._lock:  # as _slot, inline: this runs once per request
             self.requests += 1
-            self._requests[self._slot(now)] += 1
+            if self._epochs[slot] != epoch:
+                self._epochs[slot] = epoch
+                self._requests[slot] = 0
+                self._spent[slot] = 0
+            self._requests[slot] += 1
 
     def can_spend(self, now: float) -> bool:
         """Whether one more retry fits the budget now."""
@@ -1101,8 +1114,10 @@ class Client(Generic[_R]):
 
     # -- one request -------------------------------------------------------------------------
 
-    def key_of(self, request: object, method: str, url: str) -> bytes:
-        """The selection key of ``request``; KeyFunctionError if the key function fails."""
+    def key_of(self, request: object, method: str, url: object) -> bytes:
+        """The selection key of ``request``; KeyFunctionError if the key function fails.
+        ``url`` is the request's URL, or an object whose ``str()`` is (made only for a
+        message)."""
         fn = self.key
         if fn is None:
             return b""
@@ -1119,7 +1134,7 @@ class Client(Generic[_R]):
                 else f"raised {type(exc).__name__}: {exc}"
             )
             raise KeyFunctionError(
-                f"key function {_name(fn)} {what} for {method} {redact(url)}; nothing was sent"
+                f"key function {_name(fn)} {what} for {method} {redact(str(url))}; nothing was sent"
             ) from exc
         if value is None:
             return b""
@@ -1127,24 +1142,25 @@ class Client(Generic[_R]):
             return bytes(value)
         raise KeyFunctionError(
             f"key function {_name(fn)} returned {value!r} ({type(value).__name__}) for "
-            f"{method} {redact(url)}; it must return bytes, str or None; nothing was sent"
+            f"{method} {redact(str(url))}; it must return bytes, str or None; nothing was sent"
         )
 
     def start(
         self,
         request: object,
         method: str,
-        url: str,
+        url: object,
         replayable: bool,
         policy: RetryPolicy,
     ) -> tuple[RequestPlan, Backend]:
-        """The plan for one request and its first backend; NoBackendAvailable if none."""
+        """The plan for one request and its first backend; NoBackendAvailable if none.
+        ``url``: the request's URL, or an object whose ``str()`` is (made only when needed)."""
         ledger = self.ledger
         key = self.key_of(request, method, url)
         observers = self.observers
         plan = (
             _watched_plan(
-                observers, request, url, self.balancer, key, method, replayable, policy, ledger
+                observers, request, str(url), self.balancer, key, method, replayable, policy, ledger
             )
             if observers
             else RequestPlan(self.balancer, key, method, replayable, policy, ledger=ledger)
@@ -1153,7 +1169,8 @@ class Client(Generic[_R]):
         first = plan.take()
         if first is None:
             error = self.unavailable(
-                f"no backend available for {method} {redact(url)}: {self._why_none()}", request
+                f"no backend available for {method} {redact(str(url))}: {self._why_none()}",
+                request,
             )
             if isinstance(plan, WatchedPlan):
                 plan.watch.ended(plan, None, error)

@@ -121,6 +121,13 @@ def _refuse_hedging(policy: RetryPolicy) -> None:
         )
 
 
+def _has_host(headers: list[tuple[bytes, bytes]]) -> bool:
+    for name, _ in headers:  # noqa: SIM110 (a plain loop: no generator made per request)
+        if name.lower() == b"host":
+            return True
+    return False
+
+
 def _content_length(response: httpcore.Response) -> int | None:
     for name, value in response.headers:
         if name.lower() == b"content-length":
@@ -149,7 +156,7 @@ class _Common:
         return client.start(
             request,
             request.method,
-            str(request.url),
+            request.url,
             isinstance(request.stream, httpx.ByteStream),
             policy,
         )
@@ -171,7 +178,7 @@ class _Common:
         if url.scheme == "https":
             extensions = {**extensions, "sni_hostname": url.host}
         headers = request.headers.raw
-        if "host" not in request.headers:
+        if not _has_host(headers):  # httpx's Client always sets it; a bare Request may not
             headers = [(b"Host", url.netloc), *headers]
         if plan.propagates:
             extra = plan.headers(backend)

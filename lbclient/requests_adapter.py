@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 
 import requests
 from requests.adapters import BaseAdapter, HTTPAdapter
+from requests.structures import CaseInsensitiveDict
 from urllib3 import HTTPResponse
 from urllib3.exceptions import (
     ClosedPoolError,
@@ -357,19 +358,64 @@ class LBAdapter(HTTPAdapter):
         """Requests, retries and the retry budget's state, as of now."""
         return self._client.stats()
 
+    def init_poolmanager(
+        self, connections: int, maxsize: int, block: bool = False, **pool_kwargs: Any
+    ) -> None:
+        # Called by HTTPAdapter.__init__ and again on unpickling: the remembered pools go with
+        # the pool manager they came from.
+        self._pools: dict[tuple[Any, ...], Any] = {}
+        self._pools_for: object = None
+        self._remembered = max(1, connections)
+        super().init_poolmanager(connections, maxsize, block, **pool_kwargs)
+
+    def get_connection_with_tls_context(
+        self,
+        request: requests.PreparedRequest,
+        verify: bool | str | None,
+        proxies: Mapping[str, str] | None = None,
+        cert: Any = None,
+    ) -> Any:
+        """The connection pool for ``request``: remembered per origin, TLS name and TLS
+        settings while it stays open and the backend set stays the same, so requests' pool
+        lookup (parsing the URL, building the pool key) runs once per backend, not once per
+        request. Forgotten when the set changes (nothing is held for a backend that left), on
+        :meth:`close`, and all at once when ``pool_connections`` are remembered."""
+        if proxies:
+            return super().get_connection_with_tls_context(request, verify, proxies, cert)
+        pools = self._pools
+        current = self._client.balancer.backends
+        if self._pools_for is not current:
+            pools = self._pools = {}
+            self._pools_for = current
+        url = request.url or ""
+        origin = url[: url.find("/", url.find("://") + 3) % (len(url) + 1)]
+        try:
+            key = (origin, _SERVER_HOSTNAME.get(), verify, cert)
+            pool = pools.get(key)
+        except TypeError:  # an unhashable cert: nothing to remember it by
+            return super().get_connection_with_tls_context(request, verify, proxies, cert)
+        if pool is not None and pool.pool is not None:  # not closed (evicted, or close())
+            return pool
+        pool = super().get_connection_with_tls_context(request, verify, proxies, cert)
+        if len(pools) >= self._remembered:  # no more than the pool manager keeps
+            pools.clear()
+        pools[key] = pool
+        return pool
+
     def build_connection_pool_key_attributes(
         self, request: requests.PreparedRequest, verify: bool | str, cert: Any = None
     ) -> tuple[Any, Any]:
         host_params, pool_kwargs = super().build_connection_pool_key_attributes(
             request, verify, cert
         )
-        name = _SERVER_HOSTNAME.get()
-        if name and host_params.get("scheme") == "https":
-            # Per request, in the pool key: SNI and the certificate check use the logical name,
-            # and pools for two names never share a connection.
-            extended: dict[str, Any] = dict(pool_kwargs)
-            extended["server_hostname"] = name
-            return host_params, extended
+        if host_params.get("scheme") == "https":
+            name = _SERVER_HOSTNAME.get()
+            if name:
+                # Per request, in the pool key: SNI and the certificate check use the logical
+                # name, and pools for two names never share a connection.
+                extended: dict[str, Any] = dict(pool_kwargs)
+                extended["server_hostname"] = name
+                return host_params, extended
         return host_params, pool_kwargs
 
     def send(
@@ -398,10 +444,17 @@ class LBAdapter(HTTPAdapter):
         method = (request.method or "GET").upper()
         plan, first = client.start(request, method, url, _replayable(request.body), policy)
         wire = _Wire(self, request, plan, _timeouts(timeout), verify, cert, stream)
-        wire.scheme, wire.tls_name = scheme, tls_name
-        wire.headers = request.headers.copy()
-        if "Host" not in wire.headers:
-            wire.headers["Host"] = host_header
+        wire.tls_name = tls_name if scheme == "https" else None
+        # What every attempt sends: the target as requests' ``path_url`` gives it (the path,
+        # "/" if empty, and the query; no fragment), and the caller's headers with the logical
+        # Host, in a copy (the caller's request stays as it was).
+        target = rest[len(netloc) :].partition("#")[0]
+        wire.prefix = f"{scheme}://"
+        wire.target = target if target.startswith("/") else f"/{target}"
+        headers = _copy_headers(request.headers)
+        if "host" not in headers:
+            headers["Host"] = host_header
+        wire.headers = headers
         return run_sync(plan, first, wire)
 
     def _send(self, *args: Any, **kwargs: Any) -> requests.Response:
@@ -410,11 +463,26 @@ class LBAdapter(HTTPAdapter):
     def close(self) -> None:
         """Close the connection pools, and stop the health checks this adapter started."""
         self._client.stop_checks()
+        self._pools = {}
         super().close()
 
 
 class _Wire:
     """One request's attempts through :class:`LBAdapter`."""
+
+    __slots__ = (
+        "adapter",
+        "cert",
+        "headers",
+        "plan",
+        "prefix",
+        "request",
+        "stream",
+        "target",
+        "timeouts",
+        "tls_name",
+        "verify",
+    )
 
     def __init__(
         self,
@@ -433,30 +501,28 @@ class _Wire:
         self.timeouts = timeouts
         self.verify = verify
         self.cert = cert
-        self.scheme = "http"
-        self.tls_name = ""
-        self.headers: Any = None
+        #: The logical TLS name for https (None for http).
+        self.tls_name: str | None = None
+        self.prefix = "http://"
+        self.target = "/"
+        self.headers: CaseInsensitiveDict[str] = CaseInsensitiveDict()
 
     def send(self, backend: Backend) -> requests.Response:
         request, plan = self.request, self.plan
-        scheme = self.scheme
         # A shallow twin of the caller's request (which stays logical): new URL and headers,
-        # the same body, hooks and cookies. Cheaper than PreparedRequest.copy().
-        sent = requests.PreparedRequest()
-        sent.method = request.method
-        sent.url = f"{scheme}://{backend.address}{request.path_url}"
+        # the same method, body, hooks and cookies. Cheaper than PreparedRequest.copy().
+        sent = _TWIN.__new__(_TWIN)
+        sent.__dict__.update(request.__dict__)
+        sent.url = f"{self.prefix}{backend.address}{self.target}"
         sent.headers = self.headers
         if plan.propagates:
             extra = plan.headers(backend)
             if extra:  # this attempt's trace context, in place of the caller's
                 sent.headers = self.headers.copy()
                 sent.headers.update(extra)
-        sent.body = request.body
-        sent.hooks = request.hooks
-        sent._cookies = request._cookies  # type: ignore[attr-defined]
-        sent._body_position = request._body_position  # type: ignore[attr-defined]
         capped = plan.timeouts(self.timeouts)
-        token = _SERVER_HOSTNAME.set(self.tls_name if scheme == "https" else None)
+        # For https, the logical TLS name, read by build_connection_pool_key_attributes.
+        token = None if self.tls_name is None else _SERVER_HOSTNAME.set(self.tls_name)
         try:
             response = self.adapter._send(
                 sent,
@@ -467,7 +533,8 @@ class _Wire:
                 proxies={},
             )
         finally:
-            _SERVER_HOSTNAME.reset(token)
+            if token is not None:
+                _SERVER_HOSTNAME.reset(token)
         raw = response.raw
         length = response.headers.get("Content-Length", "")
         buffered = plan.buffers(response.status_code, int(length) if length.isdigit() else None)
@@ -536,6 +603,21 @@ def _refuse_hedging(policy: RetryPolicy) -> None:
             f"hedge_after={policy.hedge_after:g}: LBAdapter does not hedge requests (requests "
             "is synchronous); use httpx with AsyncLBTransport to hedge"
         )
+
+
+#: The class of the twin requests sent to backends.
+_TWIN = requests.PreparedRequest
+
+
+def _copy_headers(headers: Any) -> CaseInsensitiveDict[str]:
+    """A copy of a request's headers (a ``CaseInsensitiveDict``, or any mapping a hook left)."""
+    copy: CaseInsensitiveDict[str] = CaseInsensitiveDict()
+    store = getattr(headers, "_store", None)
+    if type(headers) is CaseInsensitiveDict and isinstance(store, dict):
+        copy._store = store.copy()  # type: ignore[attr-defined]  # the same entries, without re-lowering every name
+    else:
+        copy.update(headers or {})
+    return copy
 
 
 def _replayable(body: object) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import socket
 import threading
 from collections.abc import Iterator
@@ -277,3 +278,48 @@ def test_adapter_options() -> None:
         LBAdapter(LoadBalancer([]), algorithm=Hash)
     with pytest.raises(ValueError, match="max_attempts"):
         LBAdapter([], max_attempts=0)
+
+
+# -- the pools the adapter remembers ---------------------------------------------------------
+
+
+def test_a_pool_per_backend_is_remembered_and_forgotten_when_the_set_changes() -> None:
+    with TestServer() as a, TestServer() as b, requests.Session() as session:
+        lb = LoadBalancer([a.address, b.address], algorithm=RoundRobin)
+        adapter = LBAdapter(lb)
+        session.mount("http://users/", adapter)
+        for _ in range(6):
+            assert session.get("http://users/x").status_code == 200
+        assert sorted(key[0] for key in adapter._pools) == sorted(
+            f"http://{s.address}" for s in (a, b)
+        )
+        # Reused: three requests each over one kept-alive connection per backend.
+        assert len({r.connection for r in a.requests}) == 1
+        assert len({r.connection for r in b.requests}) == 1
+        lb.update([a.address])
+        assert session.get("http://users/x").status_code == 200
+        assert [key[0] for key in adapter._pools] == [f"http://{a.address}"]
+        # A remembered pool that was closed is never used again: after close(), as with a
+        # plain HTTPAdapter, the next request opens a new one.
+        adapter.close()
+        assert session.get("http://users/x").status_code == 200
+        assert len({r.connection for r in a.requests}) == 2
+        copy = pickle.loads(pickle.dumps(session))
+        assert copy.get("http://users/x").status_code == 200
+        copy.close()
+
+
+@pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureRequestWarning")
+def test_each_requests_tls_settings_get_their_own_pool(tmp_path: Path) -> None:
+    # verify=False first, then the default verification: the unverified pool must not be
+    # reused for the request that asks for verification.
+    certs = TLSCerts("users.internal")
+    with TestServer(ssl_context=certs.server_context()) as server, \
+            requests.Session() as session:
+        session.mount("https://users.internal/", LBAdapter([server.address], max_attempts=1))
+        assert session.get("https://users.internal/", verify=False).status_code == 200
+        with pytest.raises(requests.exceptions.SSLError, match="certificate verify failed"):
+            session.get("https://users.internal/")
+        ca = certs.write_ca(tmp_path / "ca.pem")
+        assert session.get("https://users.internal/", verify=str(ca)).status_code == 200
+        assert session.get("https://users.internal/", verify=False).status_code == 200

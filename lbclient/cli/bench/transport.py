@@ -16,7 +16,9 @@ client. The plain client sends to the same servers in
 turn (absolute URLs), the lbclient client to ``http://users`` and lets RoundRobin spread it: the
 servers do the same work, only the client differs. The 1-backend rows isolate the transport's
 own cost. Requests alternate one by one between the
-two clients (each timed on its own), so the machine's slow and fast phases hit both sides alike.
+two clients (each timed on its own, the two taking turns going first), so the machine's slow and
+fast phases hit both sides alike; the plain client follows lbclient's rotation over the
+servers, and the garbage collector is paused in timed rounds (see :func:`_collected`).
 Requests per second are the median rounds; the ratio is the median of the per-round ratios
 (plain time / lbclient time). A measurement, not a test: it prints ratios and
 never fails on time.
@@ -26,6 +28,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import gc
 import itertools
 import platform
 import statistics
@@ -120,17 +124,23 @@ def _summary(ours: list[float], theirs: list[float]) -> tuple[float, float, floa
 def _paired(
     ours: Callable[[], object], theirs: Callable[[], object], count: int
 ) -> tuple[float, float]:
-    """Seconds per request of each side, the two sides alternating request by request."""
+    """Seconds per request of each side, the two sides alternating request by request and
+    taking turns going first (whichever goes second finds the first one's work still settling
+    in the caches and the kernel, which alone reads as a 2-4% difference between two identical
+    clients)."""
     clock = time.perf_counter
     a = b = 0.0
-    for _ in range(count):
+    for i in range(count):
+        swapped = i & 1
+        first, second = (theirs, ours) if swapped else (ours, theirs)
         t0 = clock()
-        ours()
+        first()
         t1 = clock()
-        theirs()
+        second()
         t2 = clock()
-        a += t1 - t0
-        b += t2 - t1
+        mine, plain_time = (t2 - t1, t1 - t0) if swapped else (t1 - t0, t2 - t1)
+        a += mine
+        b += plain_time
     return a / count, b / count
 
 
@@ -141,15 +151,62 @@ def _per_request(send: Callable[[], object], count: int) -> float:
     return (time.perf_counter() - start) / count
 
 
+@contextlib.contextmanager
+def _collected() -> Iterator[None]:
+    """A timed round with the garbage collector paused, and collected before it (as ``timeit``
+    does). Left on, its collections fall in step with the pairs of requests and land on one
+    side: two identical clients then read 0.96 or 1.04 at random."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+def _served(addresses: Sequence[str]) -> list[int]:
+    return [server.served(address) for address in addresses]
+
+
+def _which(before: list[int], after: list[int], addresses: Sequence[str]) -> str:
+    grown = [a for a, old, new in zip(addresses, before, after, strict=True) if new != old]
+    if len(grown) != 1:
+        raise RuntimeError(f"expected one server to answer, but {len(grown)} did")
+    return grown[0]
+
+
+def _rotation(send: Callable[[], object], addresses: Sequence[str]) -> list[str]:
+    """The URLs of lbclient's next ``len(addresses)`` requests, in order, found by sending that
+    many and asking the servers which one answered each; RoundRobin repeats them from here."""
+    order = []
+    for _ in addresses:
+        before = _served(addresses)
+        send()
+        order.append(_which(before, _served(addresses), addresses))
+    return [f"http://{a}/item" for a in order]
+
+
 def _measure(
-    get_lb: Callable[[], object], get_plain: Callable[[], object], count: int, rounds: int
+    get_lb: Callable[[], object],
+    get_plain: Callable[[str], object],
+    addresses: Sequence[str],
+    count: int,
+    rounds: int,
 ) -> tuple[float, float, float]:
-    """Warm both clients up, then time ``rounds`` paired rounds of ``count`` requests."""
-    _per_request(get_lb, count // 4)
-    _per_request(get_plain, count // 4)
+    """Warm both clients up, then time ``rounds`` paired rounds of ``count`` requests.
+
+    The plain client follows lbclient's rotation, so the two requests of each pair go to the
+    same server: on a machine with fewer cores than processes, a request to the server that
+    has just answered is quicker than one to a server that must be woken, and two clients out
+    of step would read that as a difference between them.
+    """
+    urls = itertools.cycle(_rotation(get_lb, addresses))
+    _per_request(get_lb, count // 4 * len(addresses))
+    _per_request(lambda: get_plain(next(urls)), count // 4 * len(addresses))
     ours, theirs = [], []
     for _ in range(rounds):
-        mine, plain_time = _paired(get_lb, get_plain, count)
+        with _collected():
+            mine, plain_time = _paired(get_lb, lambda: get_plain(next(urls)), count)
         ours.append(mine)
         theirs.append(plain_time)
     return _summary(ours, theirs)
@@ -180,24 +237,20 @@ def bench_sync(
     addresses: list[str], count: int, rounds: int, metrics: bool = False
 ) -> tuple[float, float, float]:
     """``httpx.Client`` with ``LBTransport`` against a plain ``httpx.Client``."""
-    urls = itertools.cycle([f"http://{a}/item" for a in addresses])
     transport = _metered(LBTransport(addresses), metrics)
     with httpx.Client(transport=transport) as lb, httpx.Client() as plain:
         get_lb = lambda: lb.get("http://users/item")  # noqa: E731
-        get_plain = lambda: plain.get(next(urls))  # noqa: E731
-        return _measure(get_lb, get_plain, count, rounds)
+        return _measure(get_lb, plain.get, addresses, count, rounds)
 
 
 def bench_requests(
     addresses: list[str], count: int, rounds: int, metrics: bool = False
 ) -> tuple[float, float, float]:
     """``requests.Session`` with ``LBAdapter`` against a plain ``requests.Session``."""
-    urls = itertools.cycle([f"http://{a}/item" for a in addresses])
     with requests.Session() as lb, requests.Session() as plain:
         lb.mount("http://users/", _metered(LBAdapter(addresses), metrics))
         get_lb = lambda: lb.get("http://users/item")  # noqa: E731
-        get_plain = lambda: plain.get(next(urls))  # noqa: E731
-        return _measure(get_lb, get_plain, count, rounds)
+        return _measure(get_lb, plain.get, addresses, count, rounds)
 
 
 async def _per_request_async(client: httpx.AsyncClient, urls: Iterator[str], count: int) -> float:
@@ -210,16 +263,20 @@ async def _per_request_async(client: httpx.AsyncClient, urls: Iterator[str], cou
 async def _paired_async(
     lb: httpx.AsyncClient, plain: httpx.AsyncClient, urls: Iterator[str], count: int
 ) -> tuple[float, float]:
+    """As :func:`_paired`: alternating, taking turns going first."""
     clock = time.perf_counter
     a = b = 0.0
-    for _ in range(count):
+    for i in range(count):
+        swapped = i & 1
+        first, second = (plain, lb) if swapped else (lb, plain)
         t0 = clock()
-        await lb.get("http://users/item")
+        await first.get("http://users/item" if first is lb else next(urls))
         t1 = clock()
-        await plain.get(next(urls))
+        await second.get("http://users/item" if second is lb else next(urls))
         t2 = clock()
-        a += t1 - t0
-        b += t2 - t1
+        mine, plain_time = (t2 - t1, t1 - t0) if swapped else (t1 - t0, t2 - t1)
+        a += mine
+        b += plain_time
     return a / count, b / count
 
 
@@ -227,16 +284,22 @@ async def _bench_async(
     addresses: list[str], count: int, rounds: int, metrics: bool
 ) -> tuple[float, float, float]:
     logical = itertools.repeat("http://users/item")
-    urls = itertools.cycle([f"http://{a}/item" for a in addresses])
     async with (
         httpx.AsyncClient(transport=_metered(AsyncLBTransport(addresses), metrics)) as lb,
         httpx.AsyncClient() as plain,
     ):
-        await _per_request_async(lb, logical, count // 4)
-        await _per_request_async(plain, urls, count // 4)
+        order = []  # as _rotation, awaiting each request
+        for _ in addresses:
+            before = _served(addresses)
+            await lb.get("http://users/item")
+            order.append(f"http://{_which(before, _served(addresses), addresses)}/item")
+        urls = itertools.cycle(order)
+        await _per_request_async(lb, logical, count // 4 * len(addresses))
+        await _per_request_async(plain, urls, count // 4 * len(addresses))
         ours, theirs = [], []
         for _ in range(rounds):
-            mine, plain_time = await _paired_async(lb, plain, urls, count)
+            with _collected():
+                mine, plain_time = await _paired_async(lb, plain, urls, count)
             ours.append(mine)
             theirs.append(plain_time)
     return _summary(ours, theirs)
