@@ -1308,7 +1308,7 @@ class WatchedPlan(RequestPlan):
     steps = False
 
     def take(self, hedge: bool = False) -> Backend | None:
-        backend = super().take(hedge)
+        backend = RequestPlan.take(self, hedge)
         if backend is None:
             if self.stopped == _EXHAUSTED:
                 self.watch.refused(self, self._next)

@@ -6,7 +6,9 @@ Each request for a host the transport serves is sent to a backend chosen by a
 the certificate is checked against the logical host name. A request for any other host (a
 redirect to a login page, say) goes through an ordinary httpx transport with the same TLS
 settings, never to the backends. Connections are pooled per backend, in one pool per logical
-TLS name, so a connection opened for one name is never reused for another.
+TLS name, so a connection opened for one name is never reused for another. The async
+transport admits at most ``max_keepalive_connections`` attempts to a backend at once, each over
+a connection of its own, and queues the rest (see :class:`_AsyncPools`).
 
 The transports talk to httpcore directly (as httpx's own transport does): the request for the
 backend is made without parsing a URL, which keeps the per-request cost to a few microseconds.
@@ -18,6 +20,7 @@ What may not: a retry, timeout or health rule of its own; those live once, in
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import ssl
 import threading
@@ -51,7 +54,7 @@ __all__ = ["AsyncLBTransport", "KeyFunction", "LBTransport", "NoBackendAvailable
 #: Derives the selection key from a request: bytes or str, or None for the empty key.
 KeyFunction = Callable[[httpx.Request], "bytes | str | None"]
 
-_P = TypeVar("_P", httpcore.ConnectionPool, httpcore.AsyncConnectionPool)
+_P = TypeVar("_P", httpcore.ConnectionPool, "_AsyncPools")
 _T = TypeVar("_T", httpx.HTTPTransport, httpx.AsyncHTTPTransport)
 
 DEFAULT_LIMITS: Final = httpx.Limits(max_connections=100, max_keepalive_connections=20)
@@ -286,6 +289,49 @@ def _pool_options(
     }
 
 
+class _AsyncPools:
+    """One backend's connections for one TLS name, for the async transport: a gate that admits
+    at most ``limit`` attempts and queues the rest, and a connection pool per slot the gate
+    hands out. Over HTTP/1.1 each slot's pool keeps one connection: httpcore scans every
+    connection of a pool on each request and each release, so with one pool for all of them
+    a backend's requests would cost more the more there are at once; here each costs the
+    same at any concurrency. With HTTP/2 on, the slots share one pool, whose connection
+    multiplexes them."""
+
+    __slots__ = ("_options", "_pools", "gate")
+
+    def __init__(self, options: dict[str, Any], limit: int) -> None:
+        self.gate = AsyncGate(limit)
+        if not options["http2"]:
+            keepalive = options["max_keepalive_connections"]
+            options = {
+                **options,
+                "max_connections": 1,
+                "max_keepalive_connections": 1 if keepalive is None else min(1, keepalive),
+            }
+        self._options = options
+        self._pools: dict[int, httpcore.AsyncConnectionPool] = {}
+
+    def pool(self, slot: int) -> httpcore.AsyncConnectionPool:
+        """The pool of ``slot``, made when first needed."""
+        key = slot if not self._options["http2"] else 0
+        pool = self._pools.get(key)
+        if pool is None:
+            pool = self._pools[key] = httpcore.AsyncConnectionPool(**self._options)
+        return pool
+
+    @property
+    def connections(self) -> list[httpcore.AsyncConnectionInterface]:
+        """Every connection, of every slot."""
+        return [c for pool in self._pools.values() for c in pool.connections]
+
+    async def aclose(self) -> None:
+        pools = list(self._pools.values())
+        self._pools.clear()
+        for pool in pools:
+            await pool.aclose()
+
+
 class _SyncStream(httpx.SyncByteStream):
     """The body as the caller reads it: a failure while reading is the backend's (and its
     error names the backend); reading it to the end, or closing it unread, is a success; a
@@ -402,7 +448,6 @@ class _Configured(Generic[_P, _T]):
         }
         self._plain: _T | None = None
         self._pools: dict[tuple[str | None, str], _P] = {}
-        self._gates: dict[tuple[str | None, str], AsyncGate] = {}
         #: Attempts admitted into one backend's pool at once; the rest wait in a FIFO queue.
         self._admit = limits.max_keepalive_connections or limits.max_connections or 1_000_000
         self._lock = threading.Lock()
@@ -563,7 +608,7 @@ class _SyncWire:
 
 
 class AsyncLBTransport(
-    _Configured[httpcore.AsyncConnectionPool, httpx.AsyncHTTPTransport], httpx.AsyncBaseTransport
+    _Configured["_AsyncPools", httpx.AsyncHTTPTransport], httpx.AsyncBaseTransport
 ):
     """The async twin of :class:`LBTransport` for ``httpx.AsyncClient`` (asyncio or trio),
     with the same arguments."""
@@ -571,24 +616,18 @@ class AsyncLBTransport(
     _plain_class = httpx.AsyncHTTPTransport
     _hedges = True
 
-    async def _pool(
-        self, url: httpx.URL, backend: Backend
-    ) -> tuple[httpcore.AsyncConnectionPool, AsyncGate]:
+    async def _pool(self, url: httpx.URL, backend: Backend) -> _AsyncPools:
         # No await between the lookup and the insert: safe among tasks of one event loop.
         name = _Common.pool_key(url, backend)
-        pool = self._pools.get(name)
-        if pool is None:
+        pools = self._pools.get(name)
+        if pools is None:
             if self._closed:
                 raise RuntimeError("AsyncLBTransport is closed")
             stale = self._common.stale(self._pools)
-            for key in list(self._gates):
-                if key not in self._pools:
-                    del self._gates[key]
-            pool = self._pools[name] = httpcore.AsyncConnectionPool(**self._options)
-            self._gates[name] = AsyncGate(self._admit)
+            pools = self._pools[name] = _AsyncPools(self._options, self._admit)
             for old in stale:
                 await old.aclose()
-        return pool, self._gates[name]
+        return pools
 
     async def __aenter__(self) -> AsyncLBTransport:
         await self._common.client.astart_checks()
@@ -611,7 +650,6 @@ class AsyncLBTransport(
         pools = list(self._pools.values())
         self._pools.clear()
         plain, self._plain = self._plain, None
-        self._gates.clear()
         await self._common.client.astop_checks()
         for pool in pools:
             await pool.aclose()
@@ -634,30 +672,33 @@ class _AsyncWire:
     async def send(self, backend: Backend) -> httpx.Response:
         request, plan = self.request, self.plan
         common = self.transport._common
-        pool, gate = await self.transport._pool(request.url, backend)
+        pools = await self.transport._pool(request.url, backend)
         sent = common.backend_request(request, backend, plan)
+        gate = pools.gate
         try:
-            await gate.enter(sent.extensions.get("timeout", {}).get("pool"))
+            slot = await gate.enter(sent.extensions.get("timeout", {}).get("pool"))
         except TimeoutError:
             raise httpx.PoolTimeout(
                 f"no connection to backend {backend.address} became free in time"
             ) from None
         try:
-            response = await pool.handle_async_request(sent)
+            response = await pools.pool(slot).handle_async_request(sent)
             if plan.buffers(response.status, _content_length(response)):
                 try:
                     await response.aread()
                 finally:
                     await response.aclose()
-                gate.leave()
+                gate.leave(slot)
                 return common.response(request, plan, backend, response, None)
         except _HTTPCORE_ERRORS as exc:
-            gate.leave()
+            gate.leave(slot)
             raise _httpx_error(exc) from exc
         except BaseException:
-            gate.leave()
+            gate.leave(slot)
             raise
-        return common.response(request, plan, backend, response, _AsyncStream, gate.leave)
+        return common.response(
+            request, plan, backend, response, _AsyncStream, functools.partial(gate.leave, slot)
+        )
 
     fault = staticmethod(_fault)
 

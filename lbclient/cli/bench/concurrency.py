@@ -14,8 +14,8 @@ answer at once. Each case is one client at one level of concurrency, callers sen
 at a time as fast as the answers come:
 
 * asyncio tasks (10, 100, 1,000): ``AsyncLBTransport`` over the three (RoundRobin, its default
-  limits: at most 20 attempts admitted into each backend's pool, the rest queued) against a
-  plain ``httpx.AsyncClient`` with a pool of the same total,
+  limits: at most 20 attempts admitted to each backend, each over a connection of its own, the
+  rest queued) against a plain ``httpx.AsyncClient`` with a pool of the same total,
   ``httpx.Limits(max_connections=60, max_keepalive_connections=60)``, its requests spread over
   the three backends' URLs in turn;
 * threads (4, 64, 256): ``LBTransport`` with ``httpx.Limits(max_connections=20,
