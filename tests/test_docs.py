@@ -64,6 +64,11 @@ def test_demo_runs(algorithm: str) -> None:
     assert "backend-0 ejected for 1 s after 3 failures in a row" in done.stdout
     assert "backend-0 restored: its probe request succeeded" in done.stdout
     assert "the others stay: True" in done.stdout
+    # A backend added to the discovery file gets traffic once the file was re-read.
+    joined = re.search(r"before: 0 of 150 requests; joined the set after [\d.]+ s; then (\d+) of "
+                       r"150", done.stdout)
+    assert joined is not None, done.stdout
+    assert int(joined.group(1)) > 0
     assert "\x1b[" not in done.stdout  # not a terminal: plain text
 
 

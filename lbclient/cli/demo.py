@@ -2,14 +2,16 @@
 
 Phases: traffic by weight; one backend killed mid-phase (failover with no failed request, its
 ejection); its restart and return through one probe request; sticky sessions with
-``Consistent`` and how few users move when a backend leaves. The display is a live table (with
-the optional ``rich`` package, on a terminal) or plain text.
+``Consistent`` and how few users move when a backend leaves; a backend joining through
+discovery (a file of backends, re-read when it changes). The display is a live table (with the
+optional ``rich`` package, on a terminal) or plain text.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -30,6 +32,7 @@ from lbclient import (
     Random,
     RoundRobin,
 )
+from lbclient.discovery import File
 from lbclient.testing import TestServer
 
 ALGORITHMS = {
@@ -412,4 +415,52 @@ def _run(
         f"({100 * len(moved) / len(users):.1f}%), all of them from {victim.name}; "
         f"the others stay: {stayed_put}\n"
     )
-    return stayed_put
+    joined = _discovery_phase(board, display, servers, requests)
+    return stayed_put and joined
+
+
+def _discovery_phase(
+    board: Board, display: Display, servers: list[TestServer], requests: int
+) -> bool:
+    """A file lists all backends but the last; the last is added to it while traffic runs.
+    Return whether the newcomer got its share once the balancer had re-read the file."""
+    newcomer = servers[-1]
+    with tempfile.TemporaryDirectory() as folder:
+        listing = f"{folder}/users.txt"
+
+        def write(members: list[TestServer]) -> None:
+            with open(listing, "w", encoding="utf-8") as out:
+                out.write("".join(f"{s.address}\n" for s in members))
+
+        write(servers[:-1])
+        lb = LoadBalancer(discovery=File(listing), refresh=0.2, algorithm=RoundRobin)
+        with httpx.Client(transport=LBTransport(lb), base_url="http://orders",
+                          timeout=5) as client:
+
+            def share(count: int) -> int:
+                got = 0
+                for _ in range(count):
+                    board.sent += 1
+                    try:
+                        got += client.get("/stock").json()["server"] == newcomer.name
+                    except httpx.HTTPError as exc:
+                        board.failed += 1
+                        board.event(f"a request FAILED: {exc}")
+                return got
+
+            before = share(requests // 2)
+            write(servers)
+            waited = time.monotonic()
+            while newcomer.address not in {b.address for b in lb.backends} and (
+                time.monotonic() - waited < 10
+            ):
+                time.sleep(0.05)
+            seen = time.monotonic() - waited
+            after = share(requests // 2)
+    expected = requests // 2 / len(servers)
+    display.note(
+        f"5. {newcomer.name} added to the discovery file users.txt (re-read every 0.2 s):\n"
+        f"   before: {before} of {requests // 2} requests; joined the set after {seen:.1f} s; "
+        f"then {after} of {requests // 2} (its share: about {expected:.0f})\n"
+    )
+    return before == 0 and after > 0
