@@ -42,25 +42,67 @@ def _sound(state: HealthState) -> bool:
     return state.healthy and state.enabled
 
 
+def _counts(cells: Iterable[Cell]) -> tuple[int, int, int, int]:
+    """(disabled, unhealthy, ejected, impaired) over ``cells``: see :class:`Tally`."""
+    disabled = unhealthy = ejected = 0
+    for cell in cells:
+        state = cell.state
+        if not state.enabled:
+            disabled += 1
+        elif not state.healthy:
+            unhealthy += 1
+            ejected += state.ejected
+    # A backend is impaired when it is disabled or, enabled, not healthy.
+    return disabled, unhealthy, ejected, disabled + unhealthy
+
+
 class Tally:
     """The cells of one backend set and its set-wide counts. The counts change after
     construction only under the book's lock; readers read them without it. The balancer's
-    view of a backend set is a Tally with the backends and their selector added."""
+    view of a backend set is a Tally with the backends and their selector added.
+
+    ``previous``, when given, is the tally of the set this one replaces, read under the book's
+    lock: its counts are carried over and adjusted for the cells of the backends that ``left``
+    and ``joined`` alone, so that a refresh of a large set costs what changed, not a recount of
+    every cell. (A cell that leaves with one backend object and joins with an equal one is in
+    both and cancels out.)
+    """
 
     __slots__ = ("cells", "disabled", "ejected", "impaired", "panic", "unhealthy")
 
-    def __init__(self, cells: dict[Backend, Cell], policy: HealthPolicy) -> None:
+    disabled: int
+    unhealthy: int
+    ejected: int
+    impaired: int
+
+    def __init__(
+        self,
+        cells: dict[Backend, Cell],
+        policy: HealthPolicy,
+        previous: Tally | None = None,
+        left: Iterable[Cell] = (),
+        joined: Iterable[Cell] = (),
+    ) -> None:
         self.cells = cells
-        states = [c.state for c in cells.values()]
+        if previous is None:
+            counts = _counts(cells.values())
+        else:
+            gone, came = _counts(left), _counts(joined)
+            counts = (
+                previous.disabled - gone[0] + came[0],
+                previous.unhealthy - gone[1] + came[1],
+                previous.ejected - gone[2] + came[2],
+                previous.impaired - gone[3] + came[3],
+            )
         #: Backends switched off by hand.
-        self.disabled = sum(not s.enabled for s in states)
+        self.disabled = counts[0]
         #: Enabled backends that are not healthy.
-        self.unhealthy = sum(s.enabled and not s.healthy for s in states)
+        self.unhealthy = counts[1]
         #: Enabled backends passively ejected: the ejection limit counts these (a backend
         #: switched off by hand never gets its probe, so it must not hold a place).
-        self.ejected = sum(s.ejected and s.enabled for s in states)
+        self.ejected = counts[2]
         #: Backends not (healthy and enabled). Zero lets select skip health altogether.
-        self.impaired = sum(not _sound(s) for s in states)
+        self.impaired = counts[3]
         self.panic = policy.panics(self.healthy, self.enabled)
 
     @property

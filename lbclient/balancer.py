@@ -95,7 +95,13 @@ class Discovery(Protocol):
 
 class _View(Tally):
     """What one request reads: the backend set, its selector, its health tally and the
-    backends' live load."""
+    backends' live load.
+
+    ``previous`` is the view this one replaces when the backends that left it (``removed``)
+    and joined it (``added``) are known: then the counts and the index by address are carried
+    over and adjusted for those alone (read under the book's lock), so that a small change
+    to a large set costs what changed.
+    """
 
     __slots__ = ("backends", "by_address", "loads", "selector")
 
@@ -106,12 +112,26 @@ class _View(Tally):
         cells: dict[Backend, Cell],
         loads: dict[Backend, Load],
         policy: HealthPolicy,
+        previous: _View | None = None,
+        removed: tuple[Backend, ...] = (),
+        added: tuple[Backend, ...] = (),
     ) -> None:
-        super().__init__(cells, policy)
+        if previous is None:
+            super().__init__(cells, policy)
+            self.by_address = {b.address: b for b in backends}
+        else:
+            left = [previous.cells[b] for b in removed]
+            super().__init__(cells, policy, previous, left, [cells[b] for b in added])
+            # dict.copy clones the table in C even after deletions, where dict(d) would
+            # insert every entry again.
+            by_address = self.by_address = previous.by_address.copy()
+            for b in removed:
+                del by_address[b.address]
+            for b in added:
+                by_address[b.address] = b
         self.backends = backends
         self.selector = selector
         self.loads = loads
-        self.by_address = {b.address: b for b in backends}
 
 
 class _Loads:
@@ -235,7 +255,8 @@ class _Writes:
 
         ``selector`` is the one built for ``prepared`` (None: built here). ``moved`` holds the
         backends that left ``old``'s set and those that joined it, as objects (None: not
-        known); then only their cells and loads are touched.
+        known); then only their cells and loads are touched, and the health counts and the
+        index by address are ``old``'s, adjusted for them (call under the book's lock).
         """
         # Backends of the first set do not ramp up; those that join later do, from now.
         now = -math.inf if old is None else self._clock()
@@ -249,17 +270,18 @@ class _Writes:
             loads = {} if old is None else old.loads
             cells = HealthBook.cells(prepared, old)
             carried = {b: loads.get(b) or Load(now, self._total) for b in prepared}
+            view = _View(prepared, selector, cells, carried, self._policy)
         else:
             # An equal backend that is another object (other metadata) keeps its cell and load.
             removed, added = moved
-            cells = dict(old.cells)
-            carried = dict(old.loads)
+            cells = old.cells.copy()  # a clone in C, even of a dict with deletions
+            carried = old.loads.copy()
             left_cells = {b: cells.pop(b) for b in removed}
             left_loads = {b: carried.pop(b) for b in removed}
             for b in added:
                 cells[b] = left_cells.get(b) or Cell(HealthState())
                 carried[b] = left_loads.get(b) or Load(now, self._total)
-        view = _View(prepared, selector, cells, carried, self._policy)
+            view = _View(prepared, selector, cells, carried, self._policy, old, removed, added)
         attach = getattr(view.selector, "attach", None)
         if attach is not None:  # load-aware selectors read the live load
             attach(view.loads, self._clock, self._total)

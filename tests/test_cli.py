@@ -43,6 +43,10 @@ runpy.run_module("lbclient", run_name="__main__", alter_sys=True)
 MISSING_UHASHRING = "uhashring not installed (pip install 'lbclient[bench]')"
 PLOT_EXTRA = "pip install 'lbclient[plot]'"
 
+# The algorithms of the refresh rows: one of each kind of selector.
+SCALE_ALGORITHMS = ("RoundRobin", "Random", "Hash", "SmoothRoundRobin", "Consistent",
+                    "Consistent-bounded", "LibKetama", "Maglev", "Rendezvous", "LeastRequest",
+                    "PeakEWMA")
 # The summary's rows, by the benchmark column, and the unit of their figures.
 BENCH_ROWS = {
     **{
@@ -50,11 +54,28 @@ BENCH_ROWS = {
         for size in ("10", "1,000")
         for algorithm in ("RoundRobin", "Random", "Hash", "FNVHash", "Consistent")
     },
+    **{
+        f"select {algorithm}, 10,000 backends": "ns/op"
+        for algorithm in ("RoundRobin", "Hash", "Consistent", "Maglev")
+    },
     "select Consistent vs uhashring ketama, 10 backends, str keys": "ns/op",
     "select Consistent vs uhashring ketama, 1,000 backends, str keys": "ns/op",
     "build RoundRobin, 10,000 backends, weights 1..100": "ms",
     "build Hash, 10,000 backends, weights 1..100": "ms",
     "build Consistent vs uhashring ketama, 1,000 backends": "ms",
+    **{
+        f"refresh {algorithm}, {size} backends: {figure}": unit
+        for size in ("1,000", "10,000")
+        for algorithm in SCALE_ALGORITHMS
+        for figure, unit in (
+            ("build", "ms"),
+            ("update, one backend out and one in", "ms"),
+            ("memory kept", "MB"),
+        )
+        # Consistent's ring: its memory is measured on Consistent alone at 10,000 backends.
+        if not (size == "10,000" and figure == "memory kept"
+                and algorithm in ("Consistent-bounded", "LibKetama"))
+    },
     "LBTransport vs plain httpx.Client, 3 backends": "req/s",
     "LBTransport vs plain httpx.Client, 3 backends, metrics on": "req/s",
     "AsyncLBTransport vs plain httpx.AsyncClient, 3 backends": "req/s",
@@ -89,6 +110,8 @@ BENCH_ROWS = {
     "AsyncLBTransport req/s, 1,000 tasks vs 10 tasks": "req/s",
 }
 UHASHRING_ROWS = [name for name in BENCH_ROWS if "uhashring" in name]
+# The one refresh row with a floor: a 10,000-backend ring kept in compact arrays.
+RING_MEMORY_ROW = "refresh Consistent, 10,000 backends: memory kept"
 HEDGED_ROWS = [name for name in BENCH_ROWS if "hedged at" in name]
 # Rows whose figure may be zero (a share of requests), and then has no ratio.
 SHARE_ROWS = [name for name, unit in BENCH_ROWS.items() if unit == "%"]
@@ -349,6 +372,12 @@ def test_bench_quick_prints_one_table_with_every_row(tmp_path: Path) -> None:
     for name in [n for n in BENCH_ROWS if "p99" in n or " vs RoundRobin " in n or "tasks" in n
                  or "threads" in n]:
         assert rows[name][4] == "-", f"{name} has a floor"  # a measurement only
+    for name in [n for n in BENCH_ROWS if n.startswith("refresh ")]:
+        assert rows[name][2] == "-", f"{name} has a baseline"
+        if name == RING_MEMORY_ROW:
+            assert rows[name][4] == "< 16 MB: met", rows[name]  # tracemalloc's count, no clock
+        else:
+            assert rows[name][4] == "-", f"{name} has a floor"
     # The hedging, load-aware and concurrency cases in detail follow the table.
     assert list(hedging_table(out)) == HEDGING_CASES
     assert list(load_table(out)) == LOAD_CASES
@@ -521,9 +550,12 @@ def test_concurrency_benchmark_runs_alone_and_prints_every_level(tmp_path: Path)
         assert re.fullmatch(r"\d+% / \d+%", cells["client CPU"]), cells["client CPU"]
     assert re.search(r"^  AsyncLBTransport, 1,000 tasks / 10 tasks, req/s: [\d.]+ \(aim >= 0.7\): "
                      r"(met|NOT MET)$", done.stdout, re.M), done.stdout
-    tails = re.findall(r"^  \w+, [\d,]+ (?:tasks|threads): p99 .+ \(aim <= 2x\): (?:met|NOT MET)$",
+    tails = re.findall(r"^  \w+, [\d,]+ tasks: p99 .+ \(aim <= 2x\): (?:met|NOT MET)$",
                        done.stdout, re.M)
-    assert len(tails) == len(CONCURRENCY_ROWS)
+    threads = re.findall(r"^  \w+, [\d,]+ threads: p99 .+ \(the plain client's: [\d.]+x\): "
+                         r"for information$", done.stdout, re.M)
+    assert len(tails) == 3  # the task levels
+    assert len(tails) + len(threads) == len(CONCURRENCY_ROWS)
 
 
 # -- simulate ------------------------------------------------------------------------------------

@@ -45,7 +45,8 @@ async def test_places_are_slots_handed_first_in_first_out(anyio_backend: str) ->
         assert got == [("a", 1)]
         gate.leave(0)
         gate.leave(1)
-    assert got == [("a", 1), ("b", 0), ("c", 1)]
+    # Handed in queue order (b, then c); woken tasks may run in any order (trio shuffles).
+    assert dict(got) == {"a": 1, "b": 0, "c": 1}
     assert gate.active == 2  # the places passed on; nobody left since
     gate.leave(0)
     gate.leave(1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import types
 from bisect import bisect_left
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from itertools import compress, repeat
 from operator import and_, attrgetter, eq, is_not, ne, not_, or_, truth
@@ -257,8 +258,13 @@ def prepare_update(
     if not odd and len(keys) == len(known) == len(previous) == len(set(keys)):
         return previous, Change((), (), (), ())  # the same objects, none twice
     # The known backends no item stands for: those left once every item's address is taken.
-    remaining = dict(known)
-    missed = list(map(remaining.pop, keys, repeat(None))).count(None)
+    # dict.copy clones in C even a dict with deletions (an updated set's), where dict(d)
+    # would insert every entry again.
+    remaining = known.copy() if isinstance(known, dict) else dict(known)
+    # Counted from the sizes: counting the Nones in a list of backends would call
+    # Backend.__eq__ once per backend.
+    deque(map(remaining.pop, keys, repeat(None)), maxlen=0)
+    missed = len(keys) - (len(known) - len(remaining))
     new = [keys[i] for i in odd if keys[i] not in known]
     if missed == len(new) == len(set(new)):  # no address listed twice
         unique = chosen

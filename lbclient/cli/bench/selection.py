@@ -21,13 +21,15 @@ L2 cache and the cost roughly doubles. The garbage collector is off while timing
 Rendezvous hashes the key once per backend, so at 1,000 backends its passes go over the first
 100 keys only (its figure is per call all the same).
 
-Refresh at scale, at 1,000 and 10,000 backends of weight 1 (Backend objects made beforehand):
-the build of a ``LoadBalancer`` (ms, median of runs), one ``update()`` that takes one backend
-out and puts another in (ms, median of 21 updates, 5 with ``--quick``, alternating between the
-two sets), and the memory the balancer keeps once built (MB, as tracemalloc counts it: the
-selector, the health cells and the loads; not the Backend objects). ``select`` is timed at
-10,000 backends as well; ``--ketama-10k`` adds uhashring's ring of 10,000 nodes (its build takes
-about two minutes).
+Refresh at scale, at 1,000 and 10,000 backends of weight 1 (Backend objects made beforehand),
+for one algorithm of each kind of selector: the build of a ``LoadBalancer`` (ms, median of
+runs), one ``update()`` that takes one backend out and puts another in (ms, median of 21
+updates, 5 with ``--quick``, alternating between the two sets), and the memory the balancer
+keeps once built (MB, as tracemalloc counts it: the selector, the health cells and the loads;
+not the Backend objects; at 10,000 backends not for Consistent(balance_factor) and LibKetama,
+whose ring is Consistent's and whose traced builds would take a minute). ``select`` is timed at
+10,000 backends as well (RoundRobin, Hash, Consistent, Maglev); ``--ketama-10k`` adds
+uhashring's ring of 10,000 nodes (its build takes about two minutes).
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ from lbclient.selection import (
     Rendezvous,
     SmoothRoundRobin,
 )
+from lbclient.selection.base import AlgorithmLike
 
 __all__ = [
     "KETAMA",
@@ -84,12 +87,28 @@ SIZES = (10, 1_000)
 WEIGHTED_BUILD_BACKENDS = 10_000
 CONSISTENT_BUILD_BACKENDS = 1_000
 SCALE_SIZES = (1_000, 10_000)
-SCALE_ALGORITHMS: tuple[tuple[str, type], ...] = (
+#: The refresh rows' algorithms: one of each kind of selector (FNVHash builds as Hash does).
+SCALE_ALGORITHMS: tuple[tuple[str, AlgorithmLike], ...] = (
     ("RoundRobin", RoundRobin),
+    ("Random", Random),
     ("Hash", Hash),
+    ("SmoothRoundRobin", SmoothRoundRobin),
     ("Consistent", Consistent),
+    ("Consistent-bounded", Consistent(balance_factor=1.25)),
+    ("LibKetama", LibKetama),
     ("Maglev", Maglev),
+    ("Rendezvous", Rendezvous),
+    ("LeastRequest", LeastRequest),
+    ("PeakEWMA", PeakEWMA),
 )
+#: The algorithms whose memory is measured at the smaller sizes only: they keep Consistent's
+#: ring (the same arrays), and tracing a ring's build at the largest size takes about 20 s.
+SCALE_MEMORY_SHARED = ("Consistent-bounded", "LibKetama")
+#: The row of the memory floor.
+RING_MEMORY_ID = f"scale/memory/Consistent/{max(SCALE_SIZES)}"
+#: The algorithms whose select is timed at the largest refresh size (Rendezvous's select, at
+#: O(backends), would take minutes there).
+SCALE_SELECT_ALGORITHMS = ("RoundRobin", "Hash", "Consistent", "Maglev")
 FULL_UPDATE_RUNS = 21
 QUICK_UPDATE_RUNS = 5
 FULL_SCALE_BUILD_RUNS = 3
@@ -97,6 +116,7 @@ QUICK_SCALE_BUILD_RUNS = 1
 FLOOR_NS = 1_000.0  # "< 1 us"
 FLOOR_BUILD_MS = 1_000.0  # "< 1 s"
 FLOOR_KETAMA_RATIO = 2.0
+FLOOR_RING_MB = 16.0  # a balancer with a Consistent ring of the largest scale size
 
 MISSING_UHASHRING = "uhashring not installed (pip install 'lbclient[bench]')"
 KETAMA = "uhashring ketama"  # baseline_name of the rows against HashRing(hash_fn="ketama")
@@ -492,7 +512,8 @@ def _scale_rows(
     build_runs: int, update_runs: int
 ) -> tuple[list[Row], dict[str, LoadBalancer]]:
     """Refresh at scale: each algorithm's balancer build, one-change update and memory at
-    every size; and the balancers built at the largest size (holding its first set)."""
+    every size; and the balancers of :data:`SCALE_SELECT_ALGORITHMS` built at the largest
+    size (holding its first set)."""
     rows: list[Row] = []
     largest: dict[str, LoadBalancer] = {}
     for n in SCALE_SIZES:
@@ -505,8 +526,10 @@ def _scale_rows(
             "update ms (median), memory kept MB (tracemalloc)"
         )
         for name, algorithm in SCALE_ALGORITHMS:
-            build_ms, _ = _build_ms(partial(LoadBalancer, first, algorithm), build_runs)
-            memory, balancer = _retained_mb(partial(LoadBalancer, first, algorithm))
+            build_ms, balancer = _build_ms(partial(LoadBalancer, first, algorithm), build_runs)
+            memory: float | None = None
+            if n != max(SCALE_SIZES) or name not in SCALE_MEMORY_SHARED:
+                memory, balancer = _retained_mb(partial(LoadBalancer, first, algorithm))
             update_ms = _update_ms(balancer, (second, first), update_runs)
             rows += [
                 _row(f"scale/build/{name}/{n}", section, "scale-build", name,
@@ -514,11 +537,13 @@ def _scale_rows(
                 _row(f"scale/update/{name}/{n}", section, "scale-update", name,
                      f"{name} update(), one backend out and one in, {n:,} backends", "ms",
                      update_ms),
-                _row(f"scale/memory/{name}/{n}", section, "scale-memory", name,
-                     f"{name} balancer memory, {n:,} backends", "MB", memory),
             ]
-            if n == max(SCALE_SIZES):
+            if memory is not None:
+                rows.append(_row(f"scale/memory/{name}/{n}", section, "scale-memory", name,
+                                 f"{name} balancer memory, {n:,} backends", "MB", memory))
+            if n == max(SCALE_SIZES) and name in SCALE_SELECT_ALGORITHMS:
                 largest[name] = balancer
+            del balancer  # collected by the next memory measurement
     return rows, largest
 
 
@@ -652,6 +677,12 @@ def floors(rows: Sequence[Row]) -> list[tuple[str, bool, str]]:
     hs = worst("select", ("Hash",))
     wb = worst("build", ("RoundRobin", "Hash"))
     cb = worst("build", ("Consistent",))
+    ring = [r for r in rows if r["id"] == RING_MEMORY_ID]
+    memory = [
+        (f"Consistent balancer of {max(SCALE_SIZES):,} backends < {FLOOR_RING_MB:,.0f} MB",
+         r["lbclient"] < FLOOR_RING_MB, f"{r['lbclient']:,.1f} MB")
+        for r in ring
+    ]
     return [
         ("Consistent >= 2x faster than uhashring ketama", ketama >= FLOOR_KETAMA_RATIO,
          f"worst {ketama:.2f}x over {len(ratios)} warm comparisons; "
@@ -662,6 +693,7 @@ def floors(rows: Sequence[Row]) -> list[tuple[str, bool, str]]:
          f"worst {wb:,.1f} ms"),
         (f"Consistent build of {CONSISTENT_BUILD_BACKENDS:,} backends < 1 s",
          cb < FLOOR_BUILD_MS, f"{cb:,.1f} ms"),
+        *memory,
     ]
 
 
@@ -669,8 +701,9 @@ def floors(rows: Sequence[Row]) -> list[tuple[str, bool, str]]:
 def row_floor(row: Row) -> tuple[str, bool] | None:
     """The floor of :func:`floors` that applies to ``row`` alone, as (threshold, met), or None.
 
-    RoundRobin and Hash selects stay under 1 us, builds under 1 s, and Consistent is at least 2x
-    faster than uhashring's ketama in every warm comparison (the cold row is not held to it).
+    RoundRobin and Hash selects stay under 1 us, builds under 1 s, Consistent is at least 2x
+    faster than uhashring's ketama in every warm comparison (the cold row is not held to it), and
+    a balancer with a Consistent ring of the largest scale size keeps under 16 MB.
     """
     kind = row["kind"]
     if kind == "select" and row["algorithm"] in ("RoundRobin", "Hash"):
@@ -679,6 +712,8 @@ def row_floor(row: Row) -> tuple[str, bool] | None:
         return f">= {FLOOR_KETAMA_RATIO:.2f}", (row["ratio"] or 0.0) >= FLOOR_KETAMA_RATIO
     if kind == "build":
         return f"< {FLOOR_BUILD_MS:,.0f} ms", row["lbclient"] < FLOOR_BUILD_MS
+    if row["id"] == RING_MEMORY_ID:
+        return f"< {FLOOR_RING_MB:,.0f} MB", row["lbclient"] < FLOOR_RING_MB
     return None
 
 def _fmt(value: float | None, unit: str) -> str:

@@ -7,12 +7,14 @@ so and the rest still runs), the transports against the plain httpx and requests
 loopback servers in their own processes, hedged requests through ``AsyncLBTransport`` against no
 hedging, with one backend of three slow, LeastRequest and PeakEWMA against RoundRobin with one
 backend of four slow, stalling or failing, and lbclient's clients under 10 to 1,000 concurrent
-callers against the plain clients with pools of the same size. The table shows medians (for
-hedging and the load-aware rows, p99 latencies, throughput and shares of requests), the ratio
-(lbclient's speed over the baseline's: above 1 means lbclient is faster, or the load-aware
-algorithm does better than RoundRobin; for hedging, the p99 without hedging over the p99 with
-it) and the project's performance floors (none on the hedging, load-aware and concurrency rows).
-The hedging, load-aware and concurrency cases' figures follow in tables of their own.
+callers against the plain clients with pools of the same size; and, for one algorithm of each
+kind, a balancer's build, one-change update and memory at 1,000 and 10,000 backends. The table
+shows medians (for hedging and the load-aware rows, p99 latencies, throughput and shares of
+requests), the ratio (lbclient's speed over the baseline's: above 1 means lbclient is faster, or
+the load-aware algorithm does better than RoundRobin; for hedging, the p99 without hedging over
+the p99 with it) and the project's performance floors (none on the hedging, load-aware,
+concurrency and refresh rows but one: the memory of a 10,000-backend Consistent ring). The
+hedging, load-aware and concurrency cases' figures follow in tables of their own.
 
 A missed floor is reported, never hidden, but the command exits 0: a ratio a few percent from a
 floor moves across it from run to run on a shared machine, so one run is a measurement, not a
@@ -103,6 +105,23 @@ def _ms(value: float) -> str:
     return f"{value:,.1f} ms"
 
 
+def _fine_ms(value: float) -> str:
+    """Milliseconds to the hundredth: an update of 1,000 backends takes a fraction of one."""
+    return f"{value:,.2f} ms"
+
+
+def _mb(value: float) -> str:
+    return f"{value:,.1f} MB"
+
+
+#: The refresh rows of each algorithm at each size: (figure, as the row names it, its unit).
+REFRESH_FIGURES: tuple[tuple[str, str, Callable[[float], str]], ...] = (
+    ("build", "build", _fine_ms),
+    ("update", "update, one backend out and one in", _fine_ms),
+    ("memory", "memory kept", _mb),
+)
+
+
 def _per_second(seconds: float) -> str:
     return f"{1 / seconds:,.0f} req/s"
 
@@ -132,6 +151,9 @@ def _selection_rows(rows: Sequence[selection.Row], have_baseline: bool) -> list[
     for n in SELECT_SIZES:
         for name in SELECT_ALGORITHMS:
             add(f"select {name}, {n:,} backends", by_id[f"select/{name}/{n}/bytes"], _ns)
+    largest = max(selection.SCALE_SIZES)
+    for name in selection.SCALE_SELECT_ALGORITHMS:
+        add(f"select {name}, {largest:,} backends", by_id[f"select/{name}/{largest}/bytes"], _ns)
     for n in SELECT_SIZES:
         # Like for like: str keys on both sides. Without uhashring the lbclient side is still
         # measured (the same str-key select), and the baseline cell says what to install.
@@ -144,6 +166,12 @@ def _selection_rows(rows: Sequence[selection.Row], have_baseline: bool) -> list[
     count = selection.CONSISTENT_BUILD_BACKENDS
     add(f"build Consistent vs uhashring ketama, {count:,} backends",
         by_id[f"build/Consistent/{count}"], _ms)
+    for n in selection.SCALE_SIZES:
+        for name, _ in selection.SCALE_ALGORITHMS:
+            for figure, what, unit in REFRESH_FIGURES:
+                refresh = by_id.get(f"scale/{figure}/{name}/{n}")
+                if refresh is not None:  # no memory row where the ring is Consistent's
+                    add(f"refresh {name}, {n:,} backends: {what}", refresh, unit)
     return out
 
 
@@ -259,7 +287,7 @@ def run_summary(
     have_baseline = selection.has_uhashring()
     clock = time.perf_counter
     marks = [clock()]
-    picked = selection.run(quick, detail=False, baseline=have_baseline, reps=reps)
+    picked = selection.run(quick, detail=False, baseline=have_baseline, reps=reps, scale=True)
     marks.append(clock())
     sent = transport.run(quick, count=requests, rounds=rounds)
     marks.append(clock())
@@ -366,7 +394,11 @@ def command(args: argparse.Namespace) -> int:
     notes = [
         "ns/op: one LoadBalancer.select (or uhashring get_node) in a Python loop over keys "
         "b'user-N' (str 'user-N' on both sides of the uhashring rows), loop included; ms: one "
-        "build; req/s: sequential GETs to loopback servers in their own processes, alternating "
+        "build; refresh rows: a LoadBalancer of that many backends of weight 1 built (median), "
+        "one update() that takes one backend out and puts another in (median of "
+        f"{selection.QUICK_UPDATE_RUNS if quick else selection.FULL_UPDATE_RUNS}), and the "
+        "memory the balancer keeps (tracemalloc: selector, health cells, loads); "
+        "req/s: sequential GETs to loopback servers in their own processes, alternating "
         "request by request with the plain client (concurrency rows: concurrent GETs from that "
         "many callers, each one at a time); hedging rows: the p99 latency of concurrent "
         f"GETs with one backend of three answering after {hedging.DELAY * 1000:.0f} ms, hedged "
@@ -381,8 +413,9 @@ def command(args: argparse.Namespace) -> int:
         hedging.NOTES,
         loadaware.NOTES,
         concurrency.NOTES,
-        "floor: the project's performance floors (none on the hedging, load-aware and "
-        "concurrency rows). "
+        "floor: the project's performance floors (none on the hedging, load-aware, "
+        "concurrency and refresh rows, but the memory of a Consistent ring of "
+        f"{max(selection.SCALE_SIZES):,} backends). "
         + "A missed floor is reported; runs vary by a few percent, so confirm a miss with "
         "another full run. --strict makes a full run exit 1 when a floor is missed.",
         f"floors missed: {len(missed)}" + (f" ({'; '.join(missed)})" if missed else ""),
