@@ -1160,7 +1160,7 @@ class Client(Generic[_R]):
         observers = self.observers
         plan = (
             _watched_plan(
-                observers, request, str(url), self.balancer, key, method, replayable, policy, ledger
+                observers, request, url, self.balancer, key, method, replayable, policy, ledger
             )
             if observers
             else RequestPlan(self.balancer, key, method, replayable, policy, ledger=ledger)
@@ -1284,9 +1284,9 @@ class Observer(Protocol):
     #: Whether its watches want every step (see :class:`Watch`).
     steps: bool
 
-    def watch(self, plan: WatchedPlan, request: object, url: str) -> Watch:
-        """The watch of one request (``url`` as the caller gave it), before its first
-        attempt."""
+    def watch(self, plan: WatchedPlan, request: object, url: object) -> Watch:
+        """The watch of one request (``url`` as the caller gave it, or an object whose
+        ``str()`` is: made only by a watch that needs it), before its first attempt."""
         ...
 
 
@@ -1516,7 +1516,7 @@ class _Fanout:
 def _watched_plan(
     observers: tuple[Observer, ...],
     request: object,
-    url: str,
+    url: object,
     balancer: LoadBalancer,
     key: bytes,
     method: str,

@@ -46,6 +46,7 @@ import bisect
 import math
 import threading
 import weakref
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Final
 
@@ -151,11 +152,19 @@ class _Meter:
     steps = False
     propagates = False
 
+    #: Requests answered at their first attempt wait in :attr:`_done` until a scrape or until
+    #: this many wait.
+    BATCH = 4096
+
     def __init__(self, bounds: Sequence[float]) -> None:
         self.bounds = tuple(bounds)
         self._lock = threading.Lock()
         self._counts: dict[str, _Counts] = {}
         self.unavailable = 0
+        #: (address, outcome, seconds) of requests answered at their first attempt, counted
+        #: at the next read: a deque's append is atomic, so the common request takes no lock
+        #: and does no arithmetic.
+        self._done: deque[tuple[str, int, float]] = deque()
 
     def _of(self, backend: Backend) -> _Counts:
         """Under the lock: the counts of ``backend``."""
@@ -164,18 +173,32 @@ class _Meter:
             counts = self._counts[backend.address] = _Counts(len(self.bounds))
         return counts
 
+    def _tally(self) -> None:
+        """Under the lock: count the requests waiting in :attr:`_done`."""
+        done, bounds = self._done, self.bounds
+        while done:
+            address, outcome, seconds = done.popleft()
+            counts = self._counts.get(address)
+            if counts is None:
+                counts = self._counts[address] = _Counts(len(bounds))
+            counts.attempts[outcome] += 1
+            counts.requests[outcome] += 1
+            counts.buckets[bisect.bisect_left(bounds, seconds)] += 1
+            counts.seconds += seconds
+
     def read(self, current: Iterable[str]) -> dict[str, _Counts]:
         """A copy of the counts of the backends in ``current``; those of the others are
         dropped."""
         keep = set(current)
         with self._lock:
+            self._tally()
             for gone in [a for a in self._counts if a not in keep]:
                 del self._counts[gone]
             return {address: counts.copy() for address, counts in self._counts.items()}
 
     # -- Observer ----------------------------------------------------------------------------
 
-    def watch(self, plan: WatchedPlan, request: object, url: str) -> _Meter:
+    def watch(self, plan: WatchedPlan, request: object, url: object) -> _Meter:
         return self
 
     # -- Watch: the common path counts a whole request at its end, under one lock ------------
@@ -227,20 +250,14 @@ class _Meter:
         attempts = plan.attempts
         if error is None and len(attempts) == 1:  # the common case: one attempt, a response
             attempt = attempts[0]
-            seconds = attempt.seconds
             outcome = (
                 _SERVER_ERROR if attempt.status in plan.policy.failure_statuses else _SUCCESS
             )
-            index = bisect.bisect_left(self.bounds, seconds)
-            address = attempt.backend.address
-            with self._lock:
-                counts = self._counts.get(address)
-                if counts is None:
-                    counts = self._counts[address] = _Counts(len(self.bounds))
-                counts.attempts[outcome] += 1
-                counts.requests[outcome] += 1
-                counts.buckets[index] += 1
-                counts.seconds += seconds
+            waiting = self._done
+            waiting.append((attempt.backend.address, outcome, attempt.seconds))
+            if len(waiting) > self.BATCH:  # nobody reads: count them now, keep the queue short
+                with self._lock:
+                    self._tally()
             return
         faults = plan.faults or {}
         failures = plan.policy.failure_statuses

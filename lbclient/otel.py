@@ -98,7 +98,7 @@ class _Tracing:
         self.propagate = propagate
         self.algorithm = algorithm
 
-    def watch(self, plan: RequestPlan, request: object, url: str) -> _Trace:
+    def watch(self, plan: RequestPlan, request: object, url: object) -> _Trace:
         return _Trace(self, otel_context.get_current(), url, plan.method)
 
 
@@ -114,7 +114,7 @@ class _Trace:
     steps = True
 
     def __init__(
-        self, owner: _Tracing, parent: otel_context.Context, url: str, method: str
+        self, owner: _Tracing, parent: otel_context.Context, url: object, method: str
     ) -> None:
         self._owner = owner
         self.propagates = owner.propagate
@@ -135,7 +135,7 @@ class _Trace:
             stale.end()
         owner = self._owner
         if self._where is None:
-            self._where = _target(self._url)
+            self._where = _target(str(self._url))
         scheme, host, target = self._where
         address = backend.host[1:-1] if backend.host.startswith("[") else backend.host
         attributes: dict[str, Any] = {

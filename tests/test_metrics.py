@@ -374,3 +374,25 @@ print("ok")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=60, check=False)
     assert (done.returncode, done.stdout, done.stderr) == (0, "ok\n", "")
+
+
+def test_requests_counted_while_nobody_scrapes_stay_bounded_and_exact(
+    exposition: tuple[CollectorRegistry, str],
+) -> None:
+    # Requests answered at their first attempt wait in a queue until a scrape; with nobody
+    # scraping, the queue is counted whenever it grows past its batch, and nothing is lost.
+    registry, url = exposition
+    with TestServer() as server, \
+            httpx.Client(transport=LBTransport([server.address])) as client:
+        registration = register(client._transport, service="quiet", registry=registry)
+        meter = registration._source.meter
+        meter.BATCH = 7
+        for _ in range(50):
+            assert client.get("http://users/").status_code == 200
+            assert len(meter._done) <= 8
+        samples = scrape(url)
+    mine = {"service": "quiet", "backend": server.address}
+    assert total(samples, "lbclient_requests_total", result="success", **mine) == 50
+    assert total(samples, "lbclient_attempts_total", result="success", **mine) == 50
+    assert value(samples, "lbclient_attempt_duration_seconds_count", **mine) == 50
+    assert len(server.requests) == 50
