@@ -13,16 +13,10 @@ Skipped when nginx is not installed, unless ``LBCLIENT_REQUIRE_NGINX=1`` (then i
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
-import os
 import random
-import shutil
-import signal
 import socket
 import string
-import subprocess
-import time
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -30,15 +24,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import require
+from nginx_process import conf_head, nginx_with, running
 
 from lbclient import Backend, Consistent, LoadBalancer
 
 pytestmark = pytest.mark.nginx
 
-NGINX_MISSING = "nginx not installed (Debian: apt-get install nginx-light)"
-STARTUP_DEADLINE_S = 10.0
-STOP_GRACE_S = 5.0
 HTTP_TIMEOUT_S = 5.0
 RANDOM_KEYS = 3000
 ORDER_TEST_KEYS = 400
@@ -58,7 +49,6 @@ UPSTREAM_PLAN: tuple[tuple[str, int | None], ...] = (
 )
 # Modules this test needs in nginx, and optional ones whose temp path must be moved into tmp.
 REQUIRED_MODULES = ("proxy", "upstream_hash", "rewrite", "upstream_keepalive")
-OPTIONAL_TEMP_MODULES = ("fastcgi", "uwsgi", "scgi")
 
 
 @dataclass(frozen=True)
@@ -90,31 +80,6 @@ class NginxFront:
 
 
 # --------------------------------------------------------------------------- nginx discovery
-
-
-def _skip_or_fail(reason: str) -> None:
-    require(False, reason, "LBCLIENT_REQUIRE_NGINX")
-
-
-def _nginx_binary() -> str:
-    found = shutil.which("nginx")
-    if found is None and os.access("/usr/sbin/nginx", os.X_OK):
-        found = "/usr/sbin/nginx"
-    if found is None:
-        _skip_or_fail(NGINX_MISSING)
-        raise AssertionError("unreachable")  # pragma: no cover
-    return found
-
-
-def _nginx_build_info(nginx: str) -> str:
-    try:
-        done = subprocess.run(
-            [nginx, "-V"], capture_output=True, text=True, timeout=10, check=False
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        _skip_or_fail(f"{nginx} -V failed: {exc}")
-        raise AssertionError("unreachable") from exc  # pragma: no cover
-    return done.stdout + done.stderr
 
 
 # --------------------------------------------------------------------------- loopback ports
@@ -292,38 +257,7 @@ def _random_keys(count: int, seed: int) -> list[str]:
 def _nginx_conf(
     directory: Path, front_port: int, servers: Sequence[UpstreamServer], info: str
 ) -> str:
-    def path(name: str) -> str:
-        return f'"{directory / name}"'
-
-    lines = []
-    if hasattr(os, "geteuid") and os.geteuid() == 0:
-        import grp
-        import pwd
-
-        # As root nginx would otherwise chown its temp dirs to (and look up) "nobody".
-        user = pwd.getpwuid(os.geteuid()).pw_name
-        group = grp.getgrgid(os.getegid()).gr_name
-        lines.append(f"user {user} {group};")
-    lines += [
-        "daemon off;",
-        "master_process off;",
-        "worker_processes 1;",
-        f"pid {path('nginx.pid')};",
-        f"lock_file {path('nginx.lock')};",
-        f"error_log {path('error.log')} notice;",
-        "events { worker_connections 256; }",
-        "http {",
-        "    access_log off;",
-        "    default_type text/plain;",
-        "    keepalive_requests 100000;",
-        f"    client_body_temp_path {path('client_body_temp')};",
-        f"    proxy_temp_path {path('proxy_temp')};",
-    ]
-    lines += [
-        f"    {module}_temp_path {path(module + '_temp')};"
-        for module in OPTIONAL_TEMP_MODULES
-        if f"--without-http_{module}_module" not in info
-    ]
+    lines = conf_head(directory, info)
     lines += [
         "    upstream up {",
         "        hash $arg_key consistent;",
@@ -350,52 +284,9 @@ def _nginx_conf(
     return "\n".join(lines) + "\n"
 
 
-def _tail(*files: Path, limit: int = 4000) -> str:
-    parts = []
-    for file in files:
-        text = file.read_text(errors="replace") if file.exists() else "(missing)"
-        parts.append(f"--- {file.name} ---\n{text[-limit:]}")
-    return "\n".join(parts)
-
-
-def _wait_until_listening(
-    proc: subprocess.Popen[bytes], endpoints: Sequence[tuple[str, int]]
-) -> str:
-    """Empty string once every endpoint accepts TCP connections, otherwise why not."""
-    deadline = time.monotonic() + STARTUP_DEADLINE_S
-    pending = list(endpoints)
-    while pending:
-        if proc.poll() is not None:
-            return f"nginx exited with status {proc.returncode}"
-        host, port = pending[0]
-        try:
-            with socket.create_connection((host, port), timeout=0.5):
-                pending.pop(0)
-        except OSError as exc:
-            if time.monotonic() > deadline:
-                return f"{host}:{port} not accepting after {STARTUP_DEADLINE_S:.0f} s: {exc}"
-            time.sleep(0.05)
-    return ""
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()  # SIGTERM: nginx fast shutdown
-        try:
-            proc.wait(STOP_GRACE_S)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)  # own session: only nginx is in this group
-            proc.wait(STOP_GRACE_S)
-
-
 @pytest.fixture(scope="module")
 def nginx_front(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NginxFront]:
-    nginx = _nginx_binary()
-    info = _nginx_build_info(nginx)
-    missing = [m for m in REQUIRED_MODULES if f"--without-http_{m}_module" in info]
-    if missing:
-        _skip_or_fail(f"{nginx} lacks required modules: {', '.join(missing)}")
+    nginx, info = nginx_with(REQUIRED_MODULES)
     directory = tmp_path_factory.mktemp("nginx")
     ipv6 = _ipv6_loopback_usable()
 
@@ -415,34 +306,14 @@ def nginx_front(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NginxFront
         for sock in held:  # free the ports just before nginx binds them
             sock.close()
 
-    conf = directory / "nginx.conf"
-    error_log = directory / "error.log"
-    output = directory / "nginx.out"
-    conf.write_text(_nginx_conf(directory, front_port, servers, info))
     endpoints = [("127.0.0.1", front_port)]
     for server in servers:
         endpoints += [
             (listen.rpartition(":")[0].strip("[]"), server.port) for listen in server.listen
         ]
-
-    with output.open("wb") as out:
-        proc = subprocess.Popen(
-            [nginx, "-p", f"{directory}/", "-c", str(conf), "-e", str(error_log)],
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        try:
-            problem = _wait_until_listening(proc, endpoints)
-            if problem:
-                pytest.fail(
-                    f"nginx did not come up: {problem}\n{_tail(error_log, output, conf)}",
-                    pytrace=False,
-                )
-            yield NginxFront(f"http://127.0.0.1:{front_port}", servers)
-        finally:
-            _stop(proc)
+    conf = _nginx_conf(directory, front_port, servers, info)
+    with running(nginx, directory, conf, endpoints):
+        yield NginxFront(f"http://127.0.0.1:{front_port}", servers)
 
 
 def _nginx_picks(front: NginxFront, keys: Sequence[str]) -> dict[str, int]:

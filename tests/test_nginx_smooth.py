@@ -19,28 +19,20 @@ Skipped when nginx is not installed, unless ``LBCLIENT_REQUIRE_NGINX=1`` (then i
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
-import signal
 import socket
-import subprocess
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
-from conftest import require
+from nginx_process import conf_head, nginx_with, running
 
 from lbclient import Backend, LBTransport, LoadBalancer, SmoothRoundRobin
 from lbclient.testing import Exchange, TestServer
 
 pytestmark = pytest.mark.nginx
 
-NGINX_MISSING = "nginx not installed (Debian: apt-get install nginx-light)"
-STARTUP_DEADLINE_S = 10.0
-STOP_GRACE_S = 5.0
 HTTP_TIMEOUT_S = 5.0
 REQUESTS = 1_000
 # Weights per upstream, in sorted backend order: the heaviest first, in the middle, ties.
@@ -55,7 +47,6 @@ WEIGHT_SETS: tuple[tuple[int, ...], ...] = (
 # follows the order written.
 REVERSED = len(WEIGHT_SETS)
 REQUIRED_MODULES = ("proxy",)
-OPTIONAL_TEMP_MODULES = ("fastcgi", "uwsgi", "scgi")
 
 
 @dataclass(frozen=True)
@@ -79,69 +70,10 @@ def _name(exchange: Exchange) -> bool:
 # --------------------------------------------------------------------------- nginx discovery
 
 
-def _skip_or_fail(reason: str) -> None:
-    require(False, reason, "LBCLIENT_REQUIRE_NGINX")
-
-
-def _nginx_binary() -> str:
-    found = shutil.which("nginx")
-    if found is None and os.access("/usr/sbin/nginx", os.X_OK):
-        found = "/usr/sbin/nginx"
-    if found is None:
-        _skip_or_fail(NGINX_MISSING)
-        raise AssertionError("unreachable")  # pragma: no cover
-    return found
-
-
-def _nginx_build_info(nginx: str) -> str:
-    try:
-        done = subprocess.run(
-            [nginx, "-V"], capture_output=True, text=True, timeout=10, check=False
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        _skip_or_fail(f"{nginx} -V failed: {exc}")
-        raise AssertionError("unreachable") from exc  # pragma: no cover
-    return done.stdout + done.stderr
-
-
-# --------------------------------------------------------------------------- nginx process
-
-
 def _nginx_conf(
     directory: Path, front_port: int, servers: Sequence[TestServer], info: str
 ) -> str:
-    def path(name: str) -> str:
-        return f'"{directory / name}"'
-
-    lines = []
-    if hasattr(os, "geteuid") and os.geteuid() == 0:
-        import grp
-        import pwd
-
-        # As root nginx would otherwise chown its temp dirs to (and look up) "nobody".
-        user = pwd.getpwuid(os.geteuid()).pw_name
-        group = grp.getgrgid(os.getegid()).gr_name
-        lines.append(f"user {user} {group};")
-    lines += [
-        "daemon off;",
-        "master_process off;",
-        "worker_processes 1;",
-        f"pid {path('nginx.pid')};",
-        f"lock_file {path('nginx.lock')};",
-        f"error_log {path('error.log')} notice;",
-        "events { worker_connections 256; }",
-        "http {",
-        "    access_log off;",
-        "    default_type text/plain;",
-        "    keepalive_requests 100000;",
-        f"    client_body_temp_path {path('client_body_temp')};",
-        f"    proxy_temp_path {path('proxy_temp')};",
-    ]
-    lines += [
-        f"    {module}_temp_path {path(module + '_temp')};"
-        for module in OPTIONAL_TEMP_MODULES
-        if f"--without-http_{module}_module" not in info
-    ]
+    lines = conf_head(directory, info)
     upstreams = [list(zip(servers, weights, strict=False)) for weights in WEIGHT_SETS]
     upstreams.append([(server, 1) for server in reversed(servers[:3])])
     for number, members in enumerate(upstreams):
@@ -165,47 +97,9 @@ def _nginx_conf(
     return "\n".join(lines) + "\n"
 
 
-def _tail(*files: Path, limit: int = 4000) -> str:
-    parts = []
-    for file in files:
-        text = file.read_text(errors="replace") if file.exists() else "(missing)"
-        parts.append(f"--- {file.name} ---\n{text[-limit:]}")
-    return "\n".join(parts)
-
-
-def _wait_until_listening(proc: subprocess.Popen[bytes], port: int) -> str:
-    """Empty string once nginx accepts TCP connections on ``port``, otherwise why not."""
-    deadline = time.monotonic() + STARTUP_DEADLINE_S
-    while True:
-        if proc.poll() is not None:
-            return f"nginx exited with status {proc.returncode}"
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return ""
-        except OSError as exc:
-            if time.monotonic() > deadline:
-                return f"127.0.0.1:{port} not accepting after {STARTUP_DEADLINE_S:.0f} s: {exc}"
-            time.sleep(0.05)
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()  # SIGTERM: nginx fast shutdown
-        try:
-            proc.wait(STOP_GRACE_S)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)  # own session: only nginx is in this group
-            proc.wait(STOP_GRACE_S)
-
-
 @pytest.fixture(scope="module")
 def nginx_front(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NginxFront]:
-    nginx = _nginx_binary()
-    info = _nginx_build_info(nginx)
-    missing = [m for m in REQUIRED_MODULES if f"--without-http_{m}_module" in info]
-    if missing:
-        _skip_or_fail(f"{nginx} lacks required modules: {', '.join(missing)}")
+    nginx, info = nginx_with(REQUIRED_MODULES)
     directory = tmp_path_factory.mktemp("nginx-smooth")
     count = max(len(weights) for weights in WEIGHT_SETS)
 
@@ -219,28 +113,9 @@ def nginx_front(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NginxFront
             probe.bind(("127.0.0.1", 0))
             front_port = int(probe.getsockname()[1])  # freed just before nginx binds it
 
-        conf = directory / "nginx.conf"
-        error_log = directory / "error.log"
-        output = directory / "nginx.out"
-        conf.write_text(_nginx_conf(directory, front_port, servers, info))
-        with output.open("wb") as out:
-            proc = subprocess.Popen(
-                [nginx, "-p", f"{directory}/", "-c", str(conf), "-e", str(error_log)],
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-            try:
-                problem = _wait_until_listening(proc, front_port)
-                if problem:
-                    pytest.fail(
-                        f"nginx did not come up: {problem}\n{_tail(error_log, output, conf)}",
-                        pytrace=False,
-                    )
-                yield NginxFront(f"http://127.0.0.1:{front_port}", servers)
-            finally:
-                _stop(proc)
+        conf = _nginx_conf(directory, front_port, servers, info)
+        with running(nginx, directory, conf, [("127.0.0.1", front_port)]):
+            yield NginxFront(f"http://127.0.0.1:{front_port}", servers)
 
 
 def _nginx_sequence(front: NginxFront, upstream: int, count: int) -> list[str]:
