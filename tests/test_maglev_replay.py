@@ -101,16 +101,27 @@ def test_a_replayed_fill_is_the_fill_from_scratch_change_after_change(
     assert replayed >= 15
 
 
-def test_a_replay_leaves_the_fill_it_started_from_as_it_was() -> None:
+def test_a_record_is_replayed_once_and_its_table_stays_as_it_was() -> None:
+    """The first replay takes the record's steppers over; a second change from the same
+    record is filled from scratch, and the selector it came from keeps routing as before."""
     rng = random.Random(3)
-    pool = addresses(200)
-    current = tuple(sorted(Backend(a) for a in pool[:60]))
-    log = record(current, 1_009, free=40)
-    before = plain(log)
-    for _ in range(5):  # several changes from the same fill, as from a snapshot kept aside
-        new = changed(rng, current, pool, (1,))
-        assert advance(log, new, changes(current, new), max_turns=None) is not None
-        assert plain(log) == before
+    pool = addresses(20_000)
+    current = tuple(sorted(Backend(a) for a in pool[:9_000]))
+    lb = LoadBalancer(current, Maglev())
+    assert lb.update(current[1:])
+    kept = lb._view.selector
+    assert isinstance(kept, MaglevSelector)
+    assert kept._log is not None
+    before = (kept.table, dict(kept._log.lanes), kept._log.claims[:], bytes(kept._log.window))
+    results = []
+    for _ in range(3):  # several changes from the same selector, as from a snapshot kept aside
+        new = changed(rng, current[1:], pool, (1,))
+        rebuilt = Maglev().rebuild(kept, new)
+        assert rebuilt.table == Maglev().build(new).table
+        results.append(rebuilt._log.replayed if rebuilt._log else None)  # type: ignore[attr-defined]
+        assert (kept.table, kept._log.lanes, kept._log.claims, bytes(kept._log.window)) == before
+    assert (results[0] or 0) > 0  # replayed
+    assert results[1:] == [None, None]  # filled afresh without a record: it was spent
 
 
 def test_a_change_of_one_backend_in_ten_thousand_visits_few_turns() -> None:
@@ -182,3 +193,36 @@ def test_sets_emptied_and_filled_again_route_as_fresh_builds() -> None:
         selector = lb._view.selector
         assert isinstance(selector, MaglevSelector)
         assert selector.table == Maglev(8_209).build(wanted).table
+
+
+def test_a_change_past_the_table_size_raises_as_a_build_does() -> None:
+    size = 8_209
+    base = [Backend(a) for a in addresses(8_000)]
+    lb = LoadBalancer(base, Maglev(size))
+    assert lb.update(base[1:])
+    assert lb._view.selector._log is not None  # type: ignore[attr-defined]
+    wanted = [*base[1:], Backend("10.9.9.9:80", 300)]  # a total weight of 8,299 turns a round
+    with pytest.raises(ValueError, match="smaller than the total weight 8299") as built:
+        Maglev(size).build(wanted)
+    with pytest.raises(ValueError, match="smaller than the total weight 8299") as updated:
+        lb.update(wanted)
+    assert str(updated.value) == str(built.value)
+    assert lb.backends == tuple(sorted(base[1:]))  # the set in use stays
+    one = (Backend("10.0.0.1:80", 3),)
+    two = (*one, Backend("10.0.0.2:80", 11))  # 14 turns a round in 13 slots
+    assert advance(record(one, 13, free=4), two, changes(one, two), max_turns=None) is None
+
+
+def test_a_large_change_fills_afresh_and_the_next_small_one_records_again() -> None:
+    pool = [Backend(a) for a in addresses(6_000)]
+    lb = LoadBalancer(pool[:5_000], Maglev())
+    assert lb.update(pool[1:5_000])
+    assert lb._view.selector._log is not None  # type: ignore[attr-defined]
+    assert lb.update(pool[40:5_000])  # 39 out: too many to replay
+    assert lb._view.selector._log is None  # type: ignore[attr-defined]
+    assert lb._view.selector.table == Maglev().build(pool[40:5_000]).table  # type: ignore[attr-defined]
+    assert lb.update(pool[41:5_000])
+    assert lb._view.selector._log.replayed == 0  # type: ignore[attr-defined]
+    assert lb.update(pool[41:5_001])
+    assert lb._view.selector._log.replayed > 0  # type: ignore[attr-defined]
+    assert lb._view.selector.table == Maglev().build(pool[41:5_001]).table  # type: ignore[attr-defined]

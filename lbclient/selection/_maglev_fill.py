@@ -138,23 +138,24 @@ def read_turns(
     steps: Cells,
     owners: Cells,
     taken: bytes | bytearray,
+    stretch: int = STRETCH,
 ) -> bytearray:
     """Dense phase: each turn reads :data:`STRETCH` steps of its permutation in one strided
     slice of as many copies of ``taken`` (no step wraps past the end of the copies) and finds
     the first free one in C, instead of a Python step per taken slot. A claim marks its slot
     in every copy, with one strided assignment. Returns which slots are taken."""
     size = len(taken)
-    copies = bytearray(taken) * STRETCH
-    marks = b"\x01" * STRETCH
+    copies = bytearray(taken) * stretch
+    marks = b"\x01" * stretch
     end = len(copies)
     for i in turns:
         slot = place[i]
         skip = steps[i]
-        seen = copies[slot : slot + STRETCH * skip : skip]
+        seen = copies[slot : slot + stretch * skip : skip]
         j = seen.find(0)
         while j < 0:  # all taken: read on from where this stretch ended
             slot = (slot + len(seen) * skip) % size
-            seen = copies[slot : slot + STRETCH * skip : skip]
+            seen = copies[slot : slot + stretch * skip : skip]
             j = seen.find(0)
         slot = (slot + j * skip) % size
         copies[slot:end:size] = marks

@@ -36,9 +36,11 @@ from __future__ import annotations
 import math
 from array import array
 from bisect import bisect_right
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Iterator, Sequence
 from heapq import heappop, heappush
 from itertools import accumulate, count, cycle, islice, repeat
+from operator import mod
 from typing import Final, TypeAlias
 
 from lbclient.backend import Backend
@@ -78,6 +80,10 @@ MAX_REPLAYED: Final = 3_000
 CAP: Final = 253
 CHANGED: Final = 254
 IN_TAIL: Final = 255
+#: The tail reads this many steps of a permutation at once (see ``read_turns``): a turn of the
+#: tail steps over 128 slots or more, and 64 copies of the table (4 MB) cost less than reading
+#: more often.
+_TAIL_STRETCH: Final = 64
 #: ``window.translate(_CLAIMED)``: 1 for each slot claimed in the window, 0 for the others.
 _CLAIMED: Final = bytes(0 if mark == IN_TAIL else 1 for mark in range(256))
 
@@ -150,7 +156,13 @@ class Rounds:
 
 
 class FillLog:
-    """A Maglev table with the record of its fill's window. Immutable once made."""
+    """A Maglev table with the record of its fill's window.
+
+    Immutable once made, but for its steppers: the first change replayed from it takes them
+    over and edits them in place (copying them would cost as much as the edits), after which
+    this record is spent, and a change from it again is filled from scratch. Taking over is
+    one atomic step, so two threads replaying from one record cannot both edit them.
+    """
 
     __slots__ = (
         "backends",
@@ -164,6 +176,7 @@ class FillLog:
         "size",
         "steppers",
         "table",
+        "unspent",
         "window",
     )
 
@@ -175,7 +188,7 @@ class FillLog:
         lanes: dict[int, Lane],
         claims: array[int],
         window: bytes | bytearray,
-        steppers: list[tuple[Backend, ...]],
+        steppers: list[list[Backend]],
         table: tuple[Backend, ...],
         replayed: int = 0,
     ) -> None:
@@ -194,6 +207,8 @@ class FillLog:
         self.window = window
         #: For each slot, the backends whose window turns stepped over it.
         self.steppers = steppers
+        #: Holds one item until a replay takes the steppers over (``list.pop`` is atomic).
+        self.unspent = [True]
         #: The owner of every slot.
         self.table = table
         #: How many turns of the window the change that made this fill visited (0 for a fill
@@ -219,7 +234,7 @@ def _tail(
         steps[i] = skip
     owners: dict[int, int] = {}
     picked = len(takers) - min(TAIL, len(takers))
-    left = read_turns(iter(takers[:picked]), place, steps, owners, taken)
+    left = read_turns(iter(takers[:picked]), place, steps, owners, taken, _TAIL_STRETCH)
     pick_turns(iter(takers[picked:]), place, steps, owners, left)
     for slot, i in owners.items():
         table[slot] = backends[i]
@@ -241,7 +256,7 @@ def record(
     rounds = Rounds(backends, math.gcd(*weights), weights)
     if starts is None:
         starts = [permutation_start(b.address, size) for b in backends]
-    free = min(free, size)
+    free = min(max(free, 0), size)
     claimed: list[list[int]] = [[] for _ in backends]
     nexts = [0] * len(backends)
     table: list[Backend] = [backends[0]] * size
@@ -275,7 +290,7 @@ def record(
     }
     _tail(backends, lanes, bytes(taken), list(islice(order_cycle, free)), table)
     return FillLog(
-        rounds, size, free, lanes, claims, window, list(map(tuple, steppers)), tuple(table)
+        rounds, size, free, lanes, claims, window, steppers, tuple(table)
     )
 
 
@@ -310,7 +325,13 @@ def advance(
         if math.gcd(*weights) != divisor:
             return None
         rounds = Rounds(backends, divisor, weights)
+    if rounds.width > log.size:  # a fill from scratch raises, naming the sizes
+        return None
     if max_turns is not None and rounds.width * max_turns < log.size:
+        return None
+    try:
+        log.unspent.pop()
+    except IndexError:  # another replay took the steppers over
         return None
     return _Replay(log, rounds, change).run()
 
@@ -326,8 +347,6 @@ class _Replay:
         self.divisor = log.divisor
         self.bound = rounds.place(log.size - log.free)
         self.gone = {id(b) for b in change.removed}
-        #: Whether every backend of the old fill took one turn a round.
-        self.single = log.rounds.starts is None
         self.joined: dict[int, Lane] = {
             id(b): (*permutation_start(b.address, log.size), ()) for b in change.added
         }
@@ -339,8 +358,9 @@ class _Replay:
         #: The claim position of each turn visited, by (id of its backend, its number).
         self.played: dict[tuple[int, int], int] = {}
         self.who: dict[int, Backend] = {}
-        #: The turns whose walk changed: (backend, old walk from, old claim, new from, new claim).
-        self.moves: list[tuple[Backend, int | None, int | None, int, int]] = []
+        #: The turns whose walk changed: (backend, turn number, old walk from, old claim, new
+        #: walk from, new claim).
+        self.moves: list[tuple[Backend, int, int | None, int | None, int, int]] = []
         self.queue: list[tuple[Turn, int, Backend, int]] = []
         self.tick = count()
 
@@ -438,7 +458,7 @@ class _Replay:
         old_start = (old[number - 1] + 1 if number else 0) if before is not None else None
         if before == at and old_start == start:
             return
-        self.moves.append((backend, old_start, before, start, at))
+        self.moves.append((backend, number, old_start, before, start, at))
         if before == at:
             return
         changed = self.changed
@@ -502,19 +522,22 @@ class _Replay:
         )
 
     def lanes(self, leaving: list[tuple[Backend, int]]) -> dict[int, Lane]:
-        """The new fill's lanes: the old ones with the turns played, joined, or left."""
-        lanes = dict(self.log.lanes)
+        """The new fill's lanes: the old ones with the claims that moved, and the turns that
+        joined or left."""
+        lanes = self.log.lanes.copy()  # a clone in C, even of a dict with deletions
         for backend in self.change.removed:
             del lanes[id(backend)]
         lanes.update(self.joined)
         played: dict[int, list[tuple[int, int]]] = {}
-        for (ident, number), at in self.played.items():
-            played.setdefault(ident, []).append((number, at))
+        who = self.who
+        for backend, number, _, before, _, at in self.moves:
+            if before != at:
+                played.setdefault(id(backend), []).append((number, at))
         for backend, _ in leaving:
             played.setdefault(id(backend), [])
-            self.who[id(backend)] = backend
+            who[id(backend)] = backend
         for ident, turns_played in played.items():
-            backend = self.who[ident]
+            backend = who[ident]
             offset, skip, old = lanes[ident]
             claimed = list(old)
             for number, at in sorted(turns_played):
@@ -526,42 +549,46 @@ class _Replay:
             lanes[ident] = (offset, skip, tuple(claimed))
         return lanes
 
-    def steppers(self, leaving: list[tuple[Backend, int]]) -> list[tuple[Backend, ...]]:
-        """The new fill's steppers: the old ones without the old walks of the turns that
-        changed, left or fell out of the window, and with their new walks."""
+    def steppers(self, leaving: list[tuple[Backend, int]]) -> list[list[Backend]]:
+        """The new fill's steppers: the old ones, edited in place, without the old walks of the
+        turns that changed, left or fell out of the window, and with their new walks (a
+        backend steps over a slot once at most, so the order of the edits does not matter)."""
         log = self.log
         size = self.size
-        out: list[tuple[int, Backend]] = []
-        into: list[tuple[int, Backend]] = []
+        steppers = log.steppers
+        lists = steppers.__getitem__
 
-        def walk(backend: Backend, start: int, stop: int, edits: list[tuple[int, Backend]]) -> None:
+        def walked(backend: Backend, start: int, stop: int) -> Iterator[list[Backend]]:
+            offset, skip, _ = self.lane(backend)
+            first = offset + start * skip
+            return map(lists, map(mod, range(first, first + (stop - start) * skip, skip),
+                                  repeat(size)))
+
+        def add(backend: Backend, start: int, stop: int) -> None:
             if start < stop:
-                offset, skip, _ = self.lane(backend)
-                slots = [(offset + at * skip) % size for at in range(start, stop)]
-                edits.extend(zip(slots, repeat(backend)))
+                deque(map(list.append, walked(backend, start, stop), repeat(backend)), maxlen=0)
 
-        for backend, old_start, before, start, at in self.moves:
+        def drop(backend: Backend, start: int, stop: int) -> None:
+            if start < stop:
+                ident = id(backend)
+                for now in walked(backend, start, stop):
+                    del now[list(map(id, now)).index(ident)]
+
+        for backend, _, old_start, before, start, at in self.moves:
             if old_start is None or before is None:
-                walk(backend, start, at, into)
+                add(backend, start, at)
                 continue
             # Only what one walk covers and the other does not.
-            walk(backend, old_start, min(before, start), out)
-            walk(backend, max(old_start, at), before, out)
-            walk(backend, start, min(at, old_start), into)
-            walk(backend, max(start, before), at, into)
+            drop(backend, old_start, min(before, start))
+            drop(backend, max(old_start, at), before)
+            add(backend, start, min(at, old_start))
+            add(backend, max(start, before), at)
         for backend in self.change.removed:
             start = 0
             for at in log.lanes[id(backend)][2]:
-                walk(backend, start, at, out)
+                drop(backend, start, at)
                 start = at + 1
         for backend, number in leaving:
             claimed = log.lanes[id(backend)][2]
-            walk(backend, claimed[number - 1] + 1 if number else 0, claimed[number], out)
-        steppers = log.steppers.copy()
-        for slot, backend in out:  # a backend steps over a slot once at most
-            now = steppers[slot]
-            i = list(map(id, now)).index(id(backend))
-            steppers[slot] = now[:i] + now[i + 1 :]
-        for slot, backend in into:
-            steppers[slot] += (backend,)
+            drop(backend, claimed[number - 1] + 1 if number else 0, claimed[number])
         return steppers

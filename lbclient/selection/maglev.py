@@ -34,7 +34,7 @@ from lbclient.backend import Backend
 from lbclient.hashing import xxh3_64
 from lbclient.selection._maglev_fill import fill as _fill
 from lbclient.selection._maglev_fill import permutation_start
-from lbclient.selection._maglev_log import FillLog, advance, record, recordable
+from lbclient.selection._maglev_log import MAX_CHANGES, FillLog, advance, record, recordable
 from lbclient.selection.base import (
     Change,
     Key,
@@ -159,35 +159,51 @@ class MaglevSelector:
 
     def rebuilt(self, backends: tuple[Backend, ...], change: Change | None) -> MaglevSelector:
         """The selector for ``backends``, which ``change`` made from this set (None: a change
-        too large to splice), with the table a fill from scratch makes. When the fill is worth
-        a record (:func:`~lbclient.selection._maglev_log.recordable`: a large table, and few
-        turns per backend) the new selector keeps one, and the next change replays only the
-        turns it touches; otherwise the table is filled anew, without hashing the backends
-        that stay again."""
+        too large to splice), with the table a fill from scratch makes.
+
+        A change of up to :data:`~lbclient.selection._maglev_log.MAX_CHANGES` backends to a
+        set whose fill is worth a record (:func:`~lbclient.selection._maglev_log.recordable`:
+        a large table, few turns per backend) makes one, kept by the new selector; the next
+        such change replays only the turns it touches. Any other change fills the table anew
+        (without a record), without hashing the backends that stay again."""
         size = self._size
-        if not backends:
+        if not backends or change is None:
             return MaglevSelector(backends, size)
         log = self._log
-        if log is not None and change is not None:
+        if log is not None:
             made = advance(log, backends, change)
             if made is not None:
                 return MaglevSelector(backends, size, log=made)
-        if log is None and change is not None:
-            offsets = splice(self._offsets, change, lambda b: _offset(b, size))
-            skips = splice(self._skips, change, lambda b: _skip(b, size))
-            if not recordable(backends, size):
-                return MaglevSelector(backends, size, permutations=(offsets, skips))
+            # Not to be replayed (see advance): filled afresh, and the next small change makes
+            # a record again. The record knows the permutations of the backends that stay.
+            return MaglevSelector(backends, size, permutations=_known(backends, log, size))
+        offsets = splice(self._offsets, change, lambda b: _offset(b, size))
+        skips = splice(self._skips, change, lambda b: _skip(b, size))
+        if len(change) <= MAX_CHANGES and recordable(backends, size):
             starts = list(zip(offsets, skips, strict=True))
             return MaglevSelector(backends, size, log=record(backends, size, starts))
-        if recordable(backends, size):
-            return MaglevSelector(backends, size, log=record(backends, size))
-        return MaglevSelector(backends, size)
+        return MaglevSelector(backends, size, permutations=(offsets, skips))
 
     def __len__(self) -> int:
         return self._count
 
     def __repr__(self) -> str:
         return f"<MaglevSelector backends={self._count} table_size={self._size}>"
+
+
+def _known(
+    backends: tuple[Backend, ...], log: FillLog, size: int
+) -> tuple[list[int], list[int]]:
+    """The permutations of ``backends``: from ``log``'s lanes for those it has, else hashed."""
+    offsets: list[int] = []
+    skips: list[int] = []
+    lanes = log.lanes
+    for backend in backends:
+        lane = lanes.get(id(backend))
+        offset, skip = permutation_start(backend.address, size) if lane is None else lane[:2]
+        offsets.append(offset)
+        skips.append(skip)
+    return offsets, skips
 
 
 def _entries(backends: tuple[Backend, ...], owners: list[int]) -> tuple[Backend, ...]:
@@ -239,13 +255,13 @@ class Maglev:
     ) -> MaglevSelector:
         """The table over ``backends`` (sorted and de-duplicated), as ``build`` makes it.
 
-        When the table is large (8,192 slots or more) and the backends few enough turns each
-        (16 or fewer per unit of weight: 4,096 backends of one weight or more in the default
-        65,537 slots), the new selector keeps its fill's record, and a later change of up to 16
-        backends replays only the turns of the fill it touches, and the fill's last 512 turns:
-        about 5 ms at 10,000 backends instead of 25 ms for a whole fill. The first change after
-        a build pays for the record (about 6 fills), which keeps about 8 MB. Other changes fill
-        the table afresh, without hashing the backends that stay again."""
+        When the table is large (8,192 slots or more) and the backends take few turns each (16
+        or fewer per unit of weight: 4,096 backends of one weight or more in the default 65,537
+        slots), a change of up to 16 backends makes a record of the fill, kept by the new
+        selector; each such change after it replays only the turns of the fill it touches, and
+        the fill's last 512 turns: about 6 ms at 10,000 backends, against 25 ms for a whole
+        fill. Making the record costs about five fills (once), and it keeps about 10 MB.
+        Other changes fill the table afresh, without hashing the backends that stay again."""
         if type(previous) is not MaglevSelector or previous.table_size != self.table_size:
             return MaglevSelector(backends, self.table_size)
         if change is None:

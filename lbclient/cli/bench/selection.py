@@ -104,6 +104,10 @@ SCALE_ALGORITHMS: tuple[tuple[str, AlgorithmLike], ...] = (
 #: The algorithms whose memory is measured at the smaller sizes only: they keep Consistent's
 #: ring (the same arrays), and tracing a ring's build at the largest size takes about 20 s.
 SCALE_MEMORY_SHARED = ("Consistent-bounded", "LibKetama")
+#: The algorithms whose first update after a build makes a record the next ones replay: their
+#: first update and their memory after it get rows of their own (at the largest size: a record
+#: is kept for large sets only).
+SCALE_RECORDED = ("Maglev",)
 #: The row of the memory floor.
 RING_MEMORY_ID = f"scale/memory/Consistent/{max(SCALE_SIZES)}"
 #: The algorithms whose select is timed at the largest refresh size (Rendezvous's select, at
@@ -493,9 +497,10 @@ def _retained_mb(make: Callable[[], T]) -> tuple[float, T]:
 
 def _update_ms(
     balancer: LoadBalancer, sets: tuple[list[Backend], list[Backend]], runs: int
-) -> float:
+) -> tuple[float, float]:
     """Median wall time in ms of ``balancer.update()``, alternating between the two ``sets``
-    (the balancer holds the second one to begin with); it ends on the second set."""
+    (the balancer holds the second one to begin with), and that of the first update; it ends
+    on the second set."""
     times: list[float] = []
     for i in range(runs + runs % 2):  # an even number: back to the set it started with
         target = list(sets[i % 2])
@@ -505,7 +510,7 @@ def _update_ms(
         if not changed:
             raise RuntimeError("an update of the scale benchmark changed nothing")
         times.append(elapsed / 1e6)
-    return statistics.median(times)
+    return statistics.median(times), times[0]
 
 
 def _scale_rows(
@@ -530,7 +535,7 @@ def _scale_rows(
             memory: float | None = None
             if n != max(SCALE_SIZES) or name not in SCALE_MEMORY_SHARED:
                 memory, balancer = _retained_mb(partial(LoadBalancer, first, algorithm))
-            update_ms = _update_ms(balancer, (second, first), update_runs)
+            update_ms, first_ms = _update_ms(balancer, (second, first), update_runs)
             rows += [
                 _row(f"scale/build/{name}/{n}", section, "scale-build", name,
                      f"LoadBalancer({name}) build, {n:,} backends", "ms", build_ms),
@@ -541,10 +546,39 @@ def _scale_rows(
             if memory is not None:
                 rows.append(_row(f"scale/memory/{name}/{n}", section, "scale-memory", name,
                                  f"{name} balancer memory, {n:,} backends", "MB", memory))
+            if name in SCALE_RECORDED and n == max(SCALE_SIZES):
+                rows += _recorded_rows(name, algorithm, (first, second), section, first_ms)
             if n == max(SCALE_SIZES) and name in SCALE_SELECT_ALGORITHMS:
                 largest[name] = balancer
             del balancer  # collected by the next memory measurement
     return rows, largest
+
+
+def _refreshed(algorithm: AlgorithmLike, sets: tuple[list[Backend], list[Backend]]) -> object:
+    balancer = LoadBalancer(sets[0], algorithm)
+    balancer.update(sets[1])
+    return balancer
+
+
+def _recorded_rows(
+    name: str,
+    algorithm: AlgorithmLike,
+    sets: tuple[list[Backend], list[Backend]],
+    section: str,
+    first_ms: float,
+) -> list[Row]:
+    """The first update after a build, which makes the record the next ones replay, and the
+    memory of a balancer refreshed once, record and all."""
+    n = len(sets[0])
+    memory, _ = _retained_mb(partial(_refreshed, algorithm, sets))
+    return [
+        _row(f"scale/first-update/{name}/{n}", section, "scale-update", name,
+             f"{name} first update() after a build (makes the fill's record), {n:,} backends",
+             "ms", first_ms),
+        _row(f"scale/memory-refreshed/{name}/{n}", section, "scale-memory", name,
+             f"{name} balancer memory after one refresh (with the record), {n:,} backends",
+             "MB", memory),
+    ]
 
 
 def _plan_scale_select(
