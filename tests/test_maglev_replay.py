@@ -27,7 +27,7 @@ def plain(log: FillLog) -> dict[str, object]:
         "lanes": {b.address: log.lanes[id(b)] for b in log.backends},
         "claims": [log.claims[s] if log.window[s] != IN_TAIL else None for s in range(size)],
         "window": bytes(log.window),
-        "steppers": [sorted(b.address for b in log.steppers[s]) for s in range(size)],
+        "reached": [sorted(b.address for b in log.reached[s]) for s in range(size)],
         "bound": log.bound,
         "set": [(b.address, b.weight) for b in log.backends],
     }
@@ -102,7 +102,7 @@ def test_a_replayed_fill_is_the_fill_from_scratch_change_after_change(
 
 
 def test_a_record_is_replayed_once_and_its_table_stays_as_it_was() -> None:
-    """The first replay takes the record's steppers over; a second change from the same
+    """The first replay takes the record's lists over; a second change from the same
     record is filled from scratch, and the selector it came from keeps routing as before."""
     rng = random.Random(3)
     pool = addresses(20_000)

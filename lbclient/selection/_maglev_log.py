@@ -7,7 +7,9 @@ A fill is ``size`` turns (the rules are in :mod:`lbclient.selection.maglev`). It
 * for each backend, its *lane*: the first slot and the step of its permutation, and the position
   along it of the slot each of its window turns claimed;
 * for each slot, the turn that claimed it (the backend, in the table, and the number of that
-  backend's turn), and the backends whose turns stepped over it, taken, on their way.
+  backend's turn), and the backends whose window walks *reached* it: those that stepped over it,
+  taken, on their way, or claimed it. A backend's window walks cover its permutation from its
+  first slot to its last window claim, so this changes only where that last claim moves.
 
 The last ``free`` turns, the *tail*, are not: near the end of the fill a turn steps over a large
 share of the table. They are taken again after every change, from where the window ends (about
@@ -18,8 +20,9 @@ run of that backend's turns)``; a change keeps the order of the turns that stay.
 window in that order, visiting only the turns whose outcome may differ:
 
 * a turn of a backend that left frees its slot; so does a turn that now claims another slot.
-  The turns after it that stepped over that slot (the record says which) are visited: the first
-  of them that reaches it claims it now;
+  The turns after it that stepped over that slot are visited (the backends that reached it are
+  in the record; which of their turns that was, their lanes say): the first of them that reaches
+  it claims it now;
 * the turns of a backend that joined are visited, and those that move into the window because
   turns before them left;
 * a visited turn walks its permutation from where the backend's previous turn stopped, against
@@ -37,7 +40,7 @@ import math
 from array import array
 from bisect import bisect_right
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from heapq import heappop, heappush
 from itertools import accumulate, count, cycle, islice, repeat
 from operator import mod
@@ -158,10 +161,11 @@ class Rounds:
 class FillLog:
     """A Maglev table with the record of its fill's window.
 
-    Immutable once made, but for its steppers: the first change replayed from it takes them
-    over and edits them in place (copying them would cost as much as the edits), after which
-    this record is spent, and a change from it again is filled from scratch. Taking over is
-    one atomic step, so two threads replaying from one record cannot both edit them.
+    Immutable once made, but for its lists of backends by slot (:attr:`reached`): the first
+    change replayed from it takes them over and edits them in place (copying them would cost
+    more than the edits), after which this record is spent, and a change from it again is
+    filled from scratch. Taking over is one atomic step, so two threads replaying from one
+    record cannot both edit them.
     """
 
     __slots__ = (
@@ -171,10 +175,10 @@ class FillLog:
         "divisor",
         "free",
         "lanes",
+        "reached",
         "replayed",
         "rounds",
         "size",
-        "steppers",
         "table",
         "unspent",
         "window",
@@ -188,7 +192,7 @@ class FillLog:
         lanes: dict[int, Lane],
         claims: array[int],
         window: bytes | bytearray,
-        steppers: list[list[Backend]],
+        reached: list[list[Backend]],
         table: tuple[Backend, ...],
         replayed: int = 0,
     ) -> None:
@@ -205,9 +209,9 @@ class FillLog:
         self.claims = claims
         #: The mark of each slot: the round that claimed it (``CAP`` at most), or ``IN_TAIL``.
         self.window = window
-        #: For each slot, the backends whose window turns stepped over it.
-        self.steppers = steppers
-        #: Holds one item until a replay takes the steppers over (``list.pop`` is atomic).
+        #: For each slot, the backends whose window walks reached it (in no order).
+        self.reached = reached
+        #: Holds one item until a replay takes :attr:`reached` over (``list.pop`` is atomic).
         self.unspent = [True]
         #: The owner of every slot.
         self.table = table
@@ -264,7 +268,7 @@ def record(
     taken = bytearray(size)
     window = bytearray([IN_TAIL]) * size
     runs = [w // rounds.divisor for w in weights]
-    steppers: list[list[Backend]] = [[] for _ in range(size)]
+    reached: list[list[Backend]] = [[] for _ in range(size)]
     order_cycle = cycle(order)
     for i in islice(order_cycle, size - free):
         backend = backends[i]
@@ -272,12 +276,13 @@ def record(
         at = nexts[i]
         slot = (offset + at * skip) % size
         while taken[slot]:
-            steppers[slot].append(backend)
+            reached[slot].append(backend)
             at += 1
             slot += skip
             if slot >= size:
                 slot -= size
         taken[slot] = 1
+        reached[slot].append(backend)
         table[slot] = backend
         mine = claimed[i]
         claims[slot] = len(mine)
@@ -290,7 +295,7 @@ def record(
     }
     _tail(backends, lanes, bytes(taken), list(islice(order_cycle, free)), table)
     return FillLog(
-        rounds, size, free, lanes, claims, window, steppers, tuple(table)
+        rounds, size, free, lanes, claims, window, reached, tuple(table)
     )
 
 
@@ -331,7 +336,7 @@ def advance(
         return None
     try:
         log.unspent.pop()
-    except IndexError:  # another replay took the steppers over
+    except IndexError:  # another replay took the record's lists over
         return None
     return _Replay(log, rounds, change).run()
 
@@ -358,6 +363,7 @@ class _Replay:
         #: The claim position of each turn visited, by (id of its backend, its number).
         self.played: dict[tuple[int, int], int] = {}
         self.who: dict[int, Backend] = {}
+        self.touched: list[int] = []
         #: The turns whose walk changed: (backend, turn number, old walk from, old claim, new
         #: walk from, new claim).
         self.moves: list[tuple[Backend, int, int | None, int | None, int, int]] = []
@@ -438,11 +444,14 @@ class _Replay:
         """``slot``, claimed in the old fill at ``place``, is free in the new one: visit the
         turns after it that stepped over it."""
         size = self.size
-        for backend in self.log.steppers[slot]:
+        for backend in self.log.reached[slot]:
             if id(backend) in self.gone:
                 continue
             offset, skip, claimed = self.log.lanes[id(backend)]
-            number = bisect_right(claimed, (slot - offset) * pow(skip, -1, size) % size)
+            at = (slot - offset) * pow(skip, -1, size) % size
+            number = bisect_right(claimed, at)
+            if number and claimed[number - 1] == at:
+                continue  # its turn claimed the slot, not stepped over it
             if turn_of(backend, number, self.divisor) > place:
                 self.push(backend, number)
 
@@ -517,7 +526,7 @@ class _Replay:
         takers = self.rounds.takers(size - log.free, size)
         _tail(backends, lanes, bytes(window.translate(_CLAIMED)), takers, table)
         return FillLog(
-            self.rounds, size, log.free, lanes, claims, window, self.steppers(leaving),
+            self.rounds, size, log.free, lanes, claims, window, self.reached(lanes),
             tuple(table), len(self.played),
         )
 
@@ -525,11 +534,14 @@ class _Replay:
         """The new fill's lanes: the old ones with the claims that moved, and the turns that
         joined or left."""
         lanes = self.log.lanes.copy()  # a clone in C, even of a dict with deletions
+        who = self.who
         for backend in self.change.removed:
             del lanes[id(backend)]
+            who[id(backend)] = backend
+        for backend in self.change.added:
+            who[id(backend)] = backend
         lanes.update(self.joined)
         played: dict[int, list[tuple[int, int]]] = {}
-        who = self.who
         for backend, number, _, before, _, at in self.moves:
             if before != at:
                 played.setdefault(id(backend), []).append((number, at))
@@ -547,48 +559,39 @@ class _Replay:
                     claimed.append(at)
             del claimed[turns_before(backend, self.bound, self.divisor) :]
             lanes[ident] = (offset, skip, tuple(claimed))
+        #: The backends whose lanes may differ from the old ones.
+        self.touched = list({*played, *map(id, self.change.removed), *self.joined})
         return lanes
 
-    def steppers(self, leaving: list[tuple[Backend, int]]) -> list[list[Backend]]:
-        """The new fill's steppers: the old ones, edited in place, without the old walks of the
-        turns that changed, left or fell out of the window, and with their new walks (a
-        backend steps over a slot once at most, so the order of the edits does not matter)."""
+    def reached(self, lanes: dict[int, Lane]) -> list[list[Backend]]:
+        """The new fill's lists of backends by slot: the old ones, edited in place where a
+        backend's last window claim moved (or the backend left or joined): the slots between
+        the two are reached by one fill and not the other (a backend's permutation visits a
+        slot once, so the order of the edits does not matter)."""
         log = self.log
         size = self.size
-        steppers = log.steppers
-        lists = steppers.__getitem__
-
-        def walked(backend: Backend, start: int, stop: int) -> Iterator[list[Backend]]:
-            offset, skip, _ = self.lane(backend)
-            first = offset + start * skip
-            return map(lists, map(mod, range(first, first + (stop - start) * skip, skip),
-                                  repeat(size)))
-
-        def add(backend: Backend, start: int, stop: int) -> None:
-            if start < stop:
-                deque(map(list.append, walked(backend, start, stop), repeat(backend)), maxlen=0)
-
-        def drop(backend: Backend, start: int, stop: int) -> None:
-            if start < stop:
-                ident = id(backend)
-                for now in walked(backend, start, stop):
-                    del now[list(map(id, now)).index(ident)]
-
-        for backend, _, old_start, before, start, at in self.moves:
-            if old_start is None or before is None:
-                add(backend, start, at)
+        reached = log.reached
+        lists = reached.__getitem__
+        old_lanes = log.lanes
+        for ident in self.touched:
+            old = old_lanes.get(ident)
+            new = lanes.get(ident)
+            lane = new if old is None else old
+            if lane is None:  # a backend that left, then joined as another object
                 continue
-            # Only what one walk covers and the other does not.
-            drop(backend, old_start, min(before, start))
-            drop(backend, max(old_start, at), before)
-            add(backend, start, min(at, old_start))
-            add(backend, max(start, before), at)
-        for backend in self.change.removed:
-            start = 0
-            for at in log.lanes[id(backend)][2]:
-                drop(backend, start, at)
-                start = at + 1
-        for backend, number in leaving:
-            claimed = log.lanes[id(backend)][2]
-            drop(backend, claimed[number - 1] + 1 if number else 0, claimed[number])
-        return steppers
+            offset, skip, _ = lane
+            before = old[2][-1] if old and old[2] else -1
+            after = new[2][-1] if new and new[2] else -1
+            if before == after:
+                continue
+            low, high = min(before, after) + 1, max(before, after) + 1
+            first = offset + low * skip
+            walked = map(lists, map(mod, range(first, first + (high - low) * skip, skip),
+                                    repeat(size)))
+            backend = self.who[ident]
+            if after > before:
+                deque(map(list.append, walked, repeat(backend)), maxlen=0)
+            else:
+                for now in walked:
+                    del now[list(map(id, now)).index(ident)]
+        return reached
