@@ -27,7 +27,7 @@ def plain(log: FillLog) -> dict[str, object]:
         "lanes": {b.address: log.lanes[id(b)] for b in log.backends},
         "claims": [log.claims[s] if log.window[s] != IN_TAIL else None for s in range(size)],
         "window": bytes(log.window),
-        "reached": [sorted(b.address for b in log.reached[s]) for s in range(size)],
+        "reached": [sorted(log.members[i].address for i in log.reached[s]) for s in range(size)],
         "bound": log.bound,
         "set": [(b.address, b.weight) for b in log.backends],
     }

@@ -13,7 +13,7 @@ A fill is ``size`` turns (the rules are in :mod:`lbclient.selection.maglev`). It
 
 The last ``free`` turns, the *tail*, are not: near the end of the fill a turn steps over a large
 share of the table. They are taken again after every change, from where the window ends (about
-2 ms for the default table of 65,537 slots and ``free`` = 512).
+3 ms for the default table of 65,537 slots and ``free`` = 1,024).
 
 A turn is known by its place in the fill, ``(round, backend's sort order, place in the round's
 run of that backend's turns)``; a change keeps the order of the turns that stay. It replays the
@@ -62,8 +62,10 @@ __all__ = [
     "recordable",
 ]
 
-#: The tail: this many last turns are taken again after every change.
-WINDOW_FREE: Final = 512
+#: The tail: this many last turns are taken again after every change. A longer tail costs more
+#: to take again; a shorter one leaves turns in the window that step over more slots, so that
+#: each visit costs more (at 10,000 backends, 1,024 is the quickest for changes of one to five).
+WINDOW_FREE: Final = 1024
 #: Smaller tables are filled afresh on every change: that costs little, and a record would
 #: cost more than it saves.
 MIN_LOGGED: Final = 8_192
@@ -84,7 +86,7 @@ CAP: Final = 253
 CHANGED: Final = 254
 IN_TAIL: Final = 255
 #: The tail reads this many steps of a permutation at once (see ``read_turns``): a turn of the
-#: tail steps over 128 slots or more, and 64 copies of the table (4 MB) cost less than reading
+#: tail steps over 64 slots or more, and 64 copies of the table (4 MB) cost less than reading
 #: more often.
 _TAIL_STRETCH: Final = 64
 #: ``window.translate(_CLAIMED)``: 1 for each slot claimed in the window, 0 for the others.
@@ -161,11 +163,14 @@ class Rounds:
 class FillLog:
     """A Maglev table with the record of its fill's window.
 
-    Immutable once made, but for its lists of backends by slot (:attr:`reached`): the first
+    Immutable once made, but for its arrays of backends by slot (:attr:`reached`): the first
     change replayed from it takes them over and edits them in place (copying them would cost
     more than the edits), after which this record is spent, and a change from it again is
     filled from scratch. Taking over is one atomic step, so two threads replaying from one
     record cannot both edit them.
+
+    The backends are kept there by ``id`` (their objects are in :attr:`members`): arrays of
+    numbers are edited in C, and hold no references for the garbage collector to walk.
     """
 
     __slots__ = (
@@ -175,6 +180,7 @@ class FillLog:
         "divisor",
         "free",
         "lanes",
+        "members",
         "reached",
         "replayed",
         "rounds",
@@ -192,8 +198,9 @@ class FillLog:
         lanes: dict[int, Lane],
         claims: array[int],
         window: bytes | bytearray,
-        reached: list[list[Backend]],
+        reached: list[array[int]],
         table: tuple[Backend, ...],
+        members: dict[int, Backend] | None = None,
         replayed: int = 0,
     ) -> None:
         self.backends = rounds.backends
@@ -209,8 +216,10 @@ class FillLog:
         self.claims = claims
         #: The mark of each slot: the round that claimed it (``CAP`` at most), or ``IN_TAIL``.
         self.window = window
-        #: For each slot, the backends whose window walks reached it (in no order).
+        #: For each slot, the ``id`` of each backend whose window walks reached it (in no order).
         self.reached = reached
+        #: The backends by ``id``.
+        self.members = {id(b): b for b in rounds.backends} if members is None else members
         #: Holds one item until a replay takes :attr:`reached` over (``list.pop`` is atomic).
         self.unspent = [True]
         #: The owner of every slot.
@@ -268,21 +277,22 @@ def record(
     taken = bytearray(size)
     window = bytearray([IN_TAIL]) * size
     runs = [w // rounds.divisor for w in weights]
-    reached: list[list[Backend]] = [[] for _ in range(size)]
+    reached = [array("Q") for _ in range(size)]
     order_cycle = cycle(order)
     for i in islice(order_cycle, size - free):
         backend = backends[i]
+        ident = id(backend)
         offset, skip = starts[i]
         at = nexts[i]
         slot = (offset + at * skip) % size
         while taken[slot]:
-            reached[slot].append(backend)
+            reached[slot].append(ident)
             at += 1
             slot += skip
             if slot >= size:
                 slot -= size
         taken[slot] = 1
-        reached[slot].append(backend)
+        reached[slot].append(ident)
         table[slot] = backend
         mine = claimed[i]
         claims[slot] = len(mine)
@@ -444,10 +454,12 @@ class _Replay:
         """``slot``, claimed in the old fill at ``place``, is free in the new one: visit the
         turns after it that stepped over it."""
         size = self.size
-        for backend in self.log.reached[slot]:
-            if id(backend) in self.gone:
+        members = self.log.members
+        for ident in self.log.reached[slot]:
+            if ident in self.gone:
                 continue
-            offset, skip, claimed = self.log.lanes[id(backend)]
+            backend = members[ident]
+            offset, skip, claimed = self.log.lanes[ident]
             at = (slot - offset) * pow(skip, -1, size) % size
             number = bisect_right(claimed, at)
             if number and claimed[number - 1] == at:
@@ -527,8 +539,16 @@ class _Replay:
         _tail(backends, lanes, bytes(window.translate(_CLAIMED)), takers, table)
         return FillLog(
             self.rounds, size, log.free, lanes, claims, window, self.reached(lanes),
-            tuple(table), len(self.played),
+            tuple(table), self.members(), len(self.played),
         )
+
+    def members(self) -> dict[int, Backend]:
+        members = self.log.members.copy()  # a clone in C, even of a dict with deletions
+        for backend in self.change.removed:
+            del members[id(backend)]
+        for backend in self.change.added:
+            members[id(backend)] = backend
+        return members
 
     def lanes(self, leaving: list[tuple[Backend, int]]) -> dict[int, Lane]:
         """The new fill's lanes: the old ones with the claims that moved, and the turns that
@@ -563,15 +583,15 @@ class _Replay:
         self.touched = list({*played, *map(id, self.change.removed), *self.joined})
         return lanes
 
-    def reached(self, lanes: dict[int, Lane]) -> list[list[Backend]]:
-        """The new fill's lists of backends by slot: the old ones, edited in place where a
+    def reached(self, lanes: dict[int, Lane]) -> list[array[int]]:
+        """The new fill's arrays of backends by slot: the old ones, edited in place where a
         backend's last window claim moved (or the backend left or joined): the slots between
         the two are reached by one fill and not the other (a backend's permutation visits a
         slot once, so the order of the edits does not matter)."""
         log = self.log
         size = self.size
         reached = log.reached
-        lists = reached.__getitem__
+        arrays = reached.__getitem__
         old_lanes = log.lanes
         for ident in self.touched:
             old = old_lanes.get(ident)
@@ -586,12 +606,8 @@ class _Replay:
                 continue
             low, high = min(before, after) + 1, max(before, after) + 1
             first = offset + low * skip
-            walked = map(lists, map(mod, range(first, first + (high - low) * skip, skip),
-                                    repeat(size)))
-            backend = self.who[ident]
-            if after > before:
-                deque(map(list.append, walked, repeat(backend)), maxlen=0)
-            else:
-                for now in walked:
-                    del now[list(map(id, now)).index(ident)]
+            walked = map(arrays, map(mod, range(first, first + (high - low) * skip, skip),
+                                     repeat(size)))
+            edit = array.append if after > before else array.remove
+            deque(map(edit, walked, repeat(ident)), maxlen=0)
         return reached
