@@ -3,6 +3,7 @@ exactly what a fill from scratch makes, table and record alike, change after cha
 
 from __future__ import annotations
 
+import pickle
 import random
 from collections.abc import Sequence
 
@@ -226,3 +227,15 @@ def test_a_large_change_fills_afresh_and_the_next_small_one_records_again() -> N
     assert lb.update(pool[41:5_001])
     assert lb._view.selector._log.replayed > 0  # type: ignore[attr-defined]
     assert lb._view.selector.table == Maglev().build(pool[41:5_001]).table  # type: ignore[attr-defined]
+
+
+def test_a_copy_of_a_selector_with_a_record_routes_alike_and_refreshes_exactly() -> None:
+    pool = [Backend(a) for a in addresses(5_002)]
+    selector = Maglev().rebuild(Maglev().build(pool[:5_000]), tuple(sorted(pool[1:5_000])))
+    assert selector._log is not None
+    copy = pickle.loads(pickle.dumps(selector))
+    assert isinstance(copy, MaglevSelector)
+    assert [b.address for b in copy.table] == [b.address for b in selector.table]
+    assert copy._log is None  # its backends are other objects: the record is not carried
+    wanted = tuple(sorted((*copy.backends[1:], pool[5_001])))
+    assert Maglev().rebuild(copy, wanted).table == Maglev().build(wanted).table

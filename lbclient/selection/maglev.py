@@ -28,7 +28,7 @@ from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from itertools import chain, cycle
 from operator import itemgetter
-from typing import Final
+from typing import Any, Final
 
 from lbclient.backend import Backend
 from lbclient.hashing import xxh3_64
@@ -186,6 +186,11 @@ class MaglevSelector:
 
     def __len__(self) -> int:
         return self._count
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # The record knows its backends by id, which means nothing in another process: a copy
+        # is filled afresh (the same table), without one.
+        return (MaglevSelector, (self._backends, self._size))
 
     def __repr__(self) -> str:
         return f"<MaglevSelector backends={self._count} table_size={self._size}>"
