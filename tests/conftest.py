@@ -16,14 +16,15 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import pytest
 
-from lbclient import HealthPolicy, LoadBalancer
-from lbclient.testing import TestServer
+from lbclient import Hash, HealthPolicy, LoadBalancer
+from lbclient.testing import Exchange, TestServer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -252,3 +253,23 @@ def key_for(lb: LoadBalancer, target: TestServer) -> str:
         if picked is not None and picked.address == target.address:
             return f"k{i}"
     raise AssertionError("no key lands on the target")
+
+
+@contextlib.contextmanager
+def busy_and_idle() -> Iterator[tuple[TestServer, TestServer, LoadBalancer, str, threading.Event]]:
+    """Two servers, "busy" and "idle", under one ``Hash`` balancer, and a key whose first pick
+    is busy. Busy holds a request for ``/hold`` until the event is set (at the latest on exit)."""
+    release = threading.Event()
+
+    def hold(exchange: Exchange) -> bool:
+        if exchange.request.target == "/hold":
+            release.wait(10)
+        return exchange.respond()
+
+    try:
+        with TestServer("hold", name="busy", behaviours={"hold": hold}) as busy, \
+                TestServer(name="idle") as idle:
+            lb = LoadBalancer([busy.address, idle.address], Hash, health=NO_EJECTION)
+            yield busy, idle, lb, key_for(lb, busy), release
+    finally:
+        release.set()

@@ -4,17 +4,15 @@ trio; and through AsyncLBTransport against real servers."""
 
 from __future__ import annotations
 
-import threading
-
 import anyio
 import anyio.lowlevel
 import httpx
 import pytest
-from conftest import NO_EJECTION, key_for
+from conftest import busy_and_idle
 
-from lbclient import AsyncLBTransport, Hash, LoadBalancer
+from lbclient import AsyncLBTransport
 from lbclient._gate import AsyncGate
-from lbclient.testing import Exchange, TestServer
+from lbclient.testing import TestServer
 
 pytestmark = pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
 
@@ -124,17 +122,7 @@ async def test_many_tasks_share_the_kept_connections(anyio_backend: str) -> None
 async def test_a_queued_request_that_times_out_fails_over_as_never_sent(
     anyio_backend: str,
 ) -> None:
-    release = threading.Event()
-
-    def hold(exchange: Exchange) -> bool:
-        if exchange.request.target == "/hold":
-            release.wait(10)
-        return exchange.respond()
-
-    with TestServer("hold", name="busy", behaviours={"hold": hold}) as busy, \
-            TestServer(name="idle") as idle:
-        lb = LoadBalancer([busy.address, idle.address], Hash, health=NO_EJECTION)
-        key = key_for(lb, busy)
+    with busy_and_idle() as (busy, idle, lb, key, release):
         transport = AsyncLBTransport(
             lb, key=lambda r: key, limits=httpx.Limits(max_keepalive_connections=1)
         )

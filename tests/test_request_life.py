@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 import requests
-from conftest import NO_EJECTION, key_for
+from conftest import NO_EJECTION, busy_and_idle, key_for
 from urllib3.exceptions import MaxRetryError, NewConnectionError, ReadTimeoutError
 
 from lbclient import (
@@ -193,17 +193,7 @@ def test_a_read_timeout_on_the_only_backend_is_sent_once() -> None:
 
 
 def test_pool_timeout_fails_over_as_never_sent() -> None:
-    release = threading.Event()
-
-    def hold(exchange: Exchange) -> bool:
-        if exchange.request.target == "/hold":
-            release.wait(10)
-        return exchange.respond()
-
-    with TestServer("hold", name="busy", behaviours={"hold": hold}) as busy, \
-            TestServer(name="idle") as idle:
-        lb = LoadBalancer([busy.address, idle.address], Hash, health=NO_EJECTION)
-        key = key_for(lb, busy)
+    with busy_and_idle() as (busy, _, lb, key, release):
         transport = LBTransport(lb, key=lambda r: key,
                                 limits=httpx.Limits(max_connections=1))
         with httpx.Client(transport=transport, timeout=httpx.Timeout(10.0, pool=0.2)) as client:
