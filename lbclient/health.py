@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, replace
 
 from lbclient.backend import Backend
@@ -114,6 +115,20 @@ def _number(name: str, value: object, low: float, high: float = math.inf) -> flo
     return float(value)
 
 
+def status_set(name: str, value: Iterable[int]) -> frozenset[int]:
+    """``value`` as a frozenset of HTTP status codes; a clear error naming ``name`` otherwise."""
+    if isinstance(value, (str, bytes)):
+        raise TypeError(f"{name} must be a collection of status codes, got {value!r}")
+    try:
+        statuses = frozenset(value)
+    except TypeError:
+        raise TypeError(f"{name} must be a collection of status codes, got {value!r}") from None
+    for status in statuses:
+        if isinstance(status, bool) or not isinstance(status, int) or not 100 <= status <= 599:
+            raise ValueError(f"{name} must hold HTTP status codes 100..599, got {status!r}")
+    return statuses
+
+
 @dataclass(frozen=True)
 class HealthPolicy:
     """How outcomes and checks move a backend's health. Immutable; every rule is pure.
@@ -138,6 +153,9 @@ class HealthPolicy:
     max_ejection_percent: float = 10.0
     #: Below this percentage of healthy backends, health is ignored (panic mode); 0 turns it off.
     panic_threshold: float = 50.0
+    #: Response statuses that count as server errors (toward ``consecutive_5xx``), for every
+    #: transport and adapter sharing the balancer (500..599).
+    failure_statuses: Collection[int] = frozenset(range(500, 600))
 
     def __post_init__(self) -> None:
         _threshold("consecutive_failures", self.consecutive_failures, optional=True)
@@ -150,6 +168,9 @@ class HealthPolicy:
         _number("max_ejection_time", self.max_ejection_time, 0.0)
         _number("max_ejection_percent", self.max_ejection_percent, 0.0, 100.0)
         _number("panic_threshold", self.panic_threshold, 0.0, 100.0)
+        object.__setattr__(
+            self, "failure_statuses", status_set("failure_statuses", self.failure_statuses)
+        )
 
     # -- the set-wide rules ----------------------------------------------------------------
 

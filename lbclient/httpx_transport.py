@@ -13,9 +13,11 @@ a connection of its own, and queues the rest (see :class:`_AsyncPools`).
 The transports talk to httpcore directly (as httpx's own transport does): the request for the
 backend is made without parsing a URL, which keeps the per-request cost to a few microseconds.
 
-What lives here: translating httpx requests, responses and exceptions for the attempt loop.
-What may not: a retry, timeout or health rule of its own; those live once, in
-:mod:`lbclient._attempt`, shared with the requests adapter.
+What lives here: translating httpx requests, responses and exceptions for the attempt loop: the
+wire that sends one attempt and returns what it saw, the pools, the body wrappers. What may
+not: a retry, timeout or health rule of its own, or recording an outcome; those live once, in
+the plan (:mod:`lbclient._plan`) and the loop (:mod:`lbclient._loop`), shared with the requests
+adapter.
 """
 
 from __future__ import annotations
@@ -24,29 +26,20 @@ import functools
 import importlib.util
 import ssl
 import threading
-from collections.abc import AsyncIterator, Callable, Collection, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Iterator, Mapping
 from typing import Any, Final, Generic, TypeVar
 
 import httpcore
 import httpx
 
-from lbclient._attempt import (
-    DEFAULT,
-    BodyReport,
-    Client,
-    Default,
-    Fault,
-    RequestPlan,
-    name_backend,
-    policy_from,
-)
-from lbclient._attempt import run_async as _run_async
-from lbclient._attempt import run_sync as _run_sync
+from lbclient._config import DEFAULT, AdapterConfig, Default, policy_from
 from lbclient._gate import AsyncGate
+from lbclient._loop import ReportingBody, final_text, merge_headers, run_async, run_sync
+from lbclient._plan import Fault, Timeouts
 from lbclient.backend import Backend
 from lbclient.balancer import LoadBalancer
 from lbclient.errors import NoBackendAvailable
-from lbclient.retry import Failure, RequestOptions, RetryBudget, RetryPolicy, RetryStats
+from lbclient.retry import Failure, RetryBudget, RetryPolicy, RetryStats
 from lbclient.selection.base import AlgorithmLike
 
 __all__ = ["AsyncLBTransport", "KeyFunction", "LBTransport", "NoBackendAvailableError"]
@@ -116,14 +109,6 @@ def _fault(error: Exception) -> Fault | None:
     return Fault(Failure.MAYBE_SENT)
 
 
-def _refuse_hedging(policy: RetryPolicy) -> None:
-    if policy.hedge_after is not None:
-        raise ValueError(
-            f"hedge_after={policy.hedge_after:g}: only AsyncLBTransport hedges requests; the "
-            "sync transport would need a thread per hedge"
-        )
-
-
 def _has_host(headers: list[tuple[bytes, bytes]]) -> bool:
     for name, _ in headers:  # noqa: SIM110 (a plain loop: no generator made per request)
         if name.lower() == b"host":
@@ -138,128 +123,105 @@ def _content_length(response: httpcore.Response) -> int | None:
     return None
 
 
-class _Common:
-    """Everything the sync and async transports share: no I/O here."""
+def _latin1(text: str) -> bytes:
+    return text.encode("latin-1")
 
-    def __init__(self, client: Client[httpx.Response], hedges: bool) -> None:
-        self.client = client
-        #: Whether this transport can hedge (the async one).
-        self.hedges = hedges
-        if not hedges:
-            _refuse_hedging(client.policy)
 
-    def plan(self, request: httpx.Request) -> tuple[RequestPlan, Backend]:
-        client = self.client
-        policy = client.policy
-        options = request.extensions.get("lbclient")
-        if options is not None:
-            policy = RequestOptions.coerce(options).apply(policy)
-            if not self.hedges:
-                _refuse_hedging(policy)
-        return client.start(
-            request,
-            request.method,
-            request.url,
-            isinstance(request.stream, httpx.ByteStream),
-            policy,
-        )
+def _backend_request(
+    request: httpx.Request,
+    backend: Backend,
+    timeouts: Timeouts | None,
+    headers: Mapping[str, str] | None,
+) -> httpcore.Request:
+    """The request for ``backend``: its host and port, the caller's logical ``Host`` and TLS
+    name, these ``timeouts`` (None: the caller's) and ``headers`` added."""
+    host = backend.host
+    if host[0] == "[":
+        host = host[1:-1]
+    extensions = request.extensions
+    url = request.url
+    if timeouts is not None and timeouts is not extensions.get("timeout"):
+        extensions = {**extensions, "timeout": timeouts}
+    if url.scheme == "https":
+        extensions = {**extensions, "sni_hostname": url.host}
+    raw = request.headers.raw
+    if not _has_host(raw):  # httpx's Client always sets it; a bare Request may not
+        raw = [(b"Host", url.netloc), *raw]
+    if headers:
+        raw = merge_headers(raw, headers, _latin1)
+    return httpcore.Request(
+        method=request.method,
+        url=httpcore.URL(
+            scheme=url.raw_scheme, host=host.encode("ascii"), port=backend.port,
+            target=url.raw_path,
+        ),
+        headers=raw,
+        content=request.stream,
+        extensions=extensions,
+    )
 
-    @staticmethod
-    def backend_request(
-        request: httpx.Request, backend: Backend, plan: RequestPlan
-    ) -> httpcore.Request:
-        host = backend.host
-        if host[0] == "[":
-            host = host[1:-1]
+
+def _response(
+    request: httpx.Request,
+    response: httpcore.Response,
+    body: httpx.SyncByteStream | httpx.AsyncByteStream | None,
+) -> httpx.Response:
+    """The caller's response: ``body`` wraps the stream, or None when the body was read."""
+    result = httpx.Response(
+        response.status,
+        headers=response.headers,
+        stream=httpx.ByteStream(response.content) if body is None else body,
+        extensions=response.extensions,
+    )
+    result.request = request
+    return result
+
+
+def _stale(
+    pools: dict[tuple[str | None, str], _P], balancer: LoadBalancer
+) -> list[_P]:
+    """Remove and return the idle pools of backends no longer in the balancer's set."""
+    current = {b.address for b in balancer.backends}
+    gone = [
+        key
+        for key, pool in pools.items()
+        if key[1] not in current and all(c.is_idle() for c in pool.connections)
+    ]
+    return [pools.pop(key) for key in gone]
+
+
+def _pool_key(url: httpx.URL, backend: Backend) -> tuple[str | None, str]:
+    """One pool per (logical TLS name, backend address): a TLS connection is never shared
+    between two names, and a backend that is slow or black-holed holds only its own
+    connections. Keyed by address: nothing holds on to a Backend that left the set."""
+    return (url.host if url.scheme == "https" else None, backend.address)
+
+
+class _Wire:
+    """What both transports' wires share: one request's facts and its client's words."""
+
+    __slots__ = ("method", "options", "replayable", "request", "timeouts", "url")
+
+    def __init__(self, request: httpx.Request) -> None:
+        self.request = request
+        self.method = request.method
+        self.url = request.url
+        self.replayable = isinstance(request.stream, httpx.ByteStream)
         extensions = request.extensions
-        url = request.url
         timeouts = extensions.get("timeout")
-        if isinstance(timeouts, dict):
-            capped = plan.timeouts(timeouts, backend)
-            if capped is not timeouts:
-                extensions = {**extensions, "timeout": capped}
-        if url.scheme == "https":
-            extensions = {**extensions, "sni_hostname": url.host}
-        headers = request.headers.raw
-        if not _has_host(headers):  # httpx's Client always sets it; a bare Request may not
-            headers = [(b"Host", url.netloc), *headers]
-        if plan.propagates:
-            extra = plan.headers(backend)
-            if extra:  # this attempt's trace context, in place of the caller's
-                names = {name.lower().encode("latin-1") for name in extra}
-                headers = [
-                    *((n, v) for n, v in headers if n.lower() not in names),
-                    *((n.encode("latin-1"), v.encode("latin-1")) for n, v in extra.items()),
-                ]
-        return httpcore.Request(
-            method=request.method,
-            url=httpcore.URL(
-                scheme=url.raw_scheme, host=host.encode("ascii"), port=backend.port,
-                target=url.raw_path,
-            ),
-            headers=headers,
-            content=request.stream,
-            extensions=extensions,
-        )
-
-    def response(
-        self,
-        request: httpx.Request,
-        plan: RequestPlan,
-        backend: Backend,
-        response: httpcore.Response,
-        wrapper: type[_SyncStream] | type[_AsyncStream] | None,
-        after: Callable[[], object] | None = None,
-    ) -> httpx.Response:
-        """Record the response on the plan and wrap it for the caller.
-
-        ``wrapper`` wraps the body so that its end reports health and load, or is None when the
-        body was already read into ``response.content``.
-        """
-        status = response.status
-        retry_after = None
-        if status in plan.policy.retry_statuses:
-            for name, value in response.headers:
-                if name.lower() == b"retry-after":
-                    retry_after = value.decode("latin-1")
-        plan.responded(backend, status, retry_after)
-        report = plan.reporter(backend)
-        report.after = after
-        body: httpx.SyncByteStream | httpx.AsyncByteStream
-        if wrapper is None:
-            report(True)
-            body = httpx.ByteStream(response.content)
-        else:
-            body = wrapper(response.stream, report)
-        result = httpx.Response(
-            status, headers=response.headers, stream=body, extensions=response.extensions
-        )
-        result.request = request
-        return result
-
-    def final(self, plan: RequestPlan, request: httpx.Request, error: Exception) -> Exception:
-        """The final error: of the last failure's class, naming every attempt, with them as
-        ``.attempts``."""
-        final = type(error)(plan.describe(), request=request)  # type: ignore[call-arg]
-        final.attempts = tuple(plan.attempts)  # type: ignore[attr-defined]
-        return final
-
-    def stale(self, pools: dict[tuple[str | None, str], _P]) -> list[_P]:
-        """Remove and return the idle pools of backends no longer in the balancer's set."""
-        current = {b.address for b in self.client.balancer.backends}
-        gone = [
-            key
-            for key, pool in pools.items()
-            if key[1] not in current and all(c.is_idle() for c in pool.connections)
-        ]
-        return [pools.pop(key) for key in gone]
+        self.timeouts: Timeouts | None = timeouts if isinstance(timeouts, dict) else None
+        self.options: object = extensions.get("lbclient")
 
     @staticmethod
-    def pool_key(url: httpx.URL, backend: Backend) -> tuple[str | None, str]:
-        """One pool per (logical TLS name, backend address): a TLS connection is never shared
-        between two names, and a backend that is slow or black-holed holds only its own
-        connections. Keyed by address: nothing holds on to a Backend that left the set."""
-        return (url.host if url.scheme == "https" else None, backend.address)
+    def retry_after(response: httpx.Response) -> str | None:
+        value: str | None = response.headers.get("retry-after")
+        return value
+
+    fault = staticmethod(_fault)
+
+    def final(self, error: Exception, summary: str) -> Exception:
+        """Of the last failure's class, its message followed by the summary."""
+        return type(error)(final_text(str(error), summary), request=self.request)  # type: ignore[call-arg]
 
 
 def _pool_options(
@@ -332,55 +294,53 @@ class _AsyncPools:
             await pool.aclose()
 
 
-class _SyncStream(httpx.SyncByteStream):
-    """The body as the caller reads it: a failure while reading is the backend's (and its
-    error names the backend); reading it to the end, or closing it unread, is a success; a
-    read cut short by the caller is neither."""
+class _SyncStream(ReportingBody, httpx.SyncByteStream):
+    """The body as the caller reads it, reporting its end (see :class:`ReportingBody`)."""
 
-    def __init__(self, inner: Any, report: BodyReport) -> None:
+    def __init__(self, inner: Any) -> None:
+        ReportingBody.__init__(self)
         self._inner: Iterable[bytes] = inner
-        self._report = report
-        self._started = False
 
     def __iter__(self) -> Iterator[bytes]:
-        self._started = True
+        self._begin()
         try:
             yield from self._inner
         except _HTTPCORE_ERRORS as exc:
-            self._report(False)
-            raise name_backend(_httpx_error(exc), self._report.backend) from exc
-        self._report(True)
+            raise self._fail(_httpx_error(exc)) from exc
+        self._end(True)
 
     def close(self) -> None:
-        if not self._started:
-            self._report(True)
         close = getattr(self._inner, "close", None)
-        if close is not None:
-            close()
+        try:
+            if close is not None:
+                close()
+        finally:
+            self._close()
 
 
-class _AsyncStream(httpx.AsyncByteStream):
-    def __init__(self, inner: Any, report: BodyReport) -> None:
+class _AsyncStream(ReportingBody, httpx.AsyncByteStream):
+    """The async twin of :class:`_SyncStream`; ``after`` frees the attempt's gate slot."""
+
+    def __init__(self, inner: Any, after: Callable[[], object]) -> None:
+        ReportingBody.__init__(self, after)
         self._inner = inner
-        self._report = report
-        self._started = False
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        self._started = True
+        self._begin()
         try:
             async for chunk in self._inner:
                 yield chunk
         except _HTTPCORE_ERRORS as exc:
-            self._report(False)
-            raise name_backend(_httpx_error(exc), self._report.backend) from exc
-        self._report(True)
+            raise self._fail(_httpx_error(exc)) from exc
+        self._end(True)
 
     async def aclose(self) -> None:
-        if not self._started:
-            self._report(True)
         aclose = getattr(self._inner, "aclose", None)
-        if aclose is not None:
-            await aclose()
+        try:
+            if aclose is not None:
+                await aclose()
+        finally:
+            self._close()
 
 
 class _Configured(Generic[_P, _T]):
@@ -414,16 +374,16 @@ class _Configured(Generic[_P, _T]):
         local_address: str | None = None,
         socket_options: Iterable[Any] | None = None,
     ) -> None:
-        client: Client[httpx.Response] = Client(
+        self._config: AdapterConfig[httpx.Response] = AdapterConfig(
             balancer,
             key=key,
             algorithm=algorithm,
+            failure_statuses=failure_statuses,
             policy=policy_from(
                 policy,
                 max_attempts=max_attempts,
                 retry_maybe_sent=retry_maybe_sent,
                 retry_statuses=retry_statuses,
-                failure_statuses=failure_statuses,
                 attempt_timeout=attempt_timeout,
                 deadline=deadline,
                 hedge_after=hedge_after,
@@ -431,8 +391,9 @@ class _Configured(Generic[_P, _T]):
             ),
             hosts=hosts,
             unavailable=_unavailable,
+            name=type(self).__name__,
+            hedges=self._hedges,
         )
-        self._common = _Common(client, hedges=self._hedges)
         self._options = _pool_options(
             verify, cert, trust_env, http1, http2, limits, local_address, socket_options
         )
@@ -456,21 +417,21 @@ class _Configured(Generic[_P, _T]):
     @property
     def balancer(self) -> LoadBalancer:
         """The load balancer choosing the backends."""
-        return self._common.client.balancer
+        return self._config.balancer
 
     @property
     def policy(self) -> RetryPolicy:
         """The retry policy."""
-        return self._common.client.policy
+        return self._config.policy
 
     @property
     def hosts(self) -> frozenset[str] | None:
         """The logical hosts served (None until the first request names it)."""
-        return self._common.client.hosts
+        return self._config.hosts
 
     def stats(self) -> RetryStats:
         """Requests, retries, hedges and the retry budget's state, as of now."""
-        return self._common.client.stats()
+        return self._config.stats()
 
     def _plain_transport(self) -> _T:
         """An ordinary transport, with the same TLS and connection settings, for requests to
@@ -499,8 +460,9 @@ class LBTransport(_Configured[httpcore.ConnectionPool, httpx.HTTPTransport], htt
     * ``retry_maybe_sent``: retry failures that may have reached the server, for idempotent
       requests with replayable bodies (None: True).
     * ``retry_statuses``: response statuses retried for idempotent requests (None: none).
-    * ``failure_statuses``: response statuses that count as server errors for passive health
-      (None: 500..599).
+    * ``failure_statuses``: response statuses that count as server errors for passive health,
+      when backends are given (None: 500..599); a balancer's own are its
+      ``HealthPolicy(failure_statuses=...)``, shared by every adapter using it.
     * ``attempt_timeout``: seconds one attempt may take up to its response head (None: only
       the client's own timeouts, per operation).
     * ``deadline``: seconds for the whole request, attempts and waits together (None: none).
@@ -510,8 +472,8 @@ class LBTransport(_Configured[httpcore.ConnectionPool, httpx.HTTPTransport], htt
     * ``budget``: the :class:`~lbclient.RetryBudget` every retry and hedge through this
       transport spends from (``RetryBudget()``: 20% of requests plus 10 per second over 10 s;
       None: no budget).
-    * ``policy``: a :class:`~lbclient.RetryPolicy` instead of the nine options above (giving
-      both is a TypeError).
+    * ``policy``: a :class:`~lbclient.RetryPolicy` instead of the eight retry options above
+      (giving both is a TypeError); it may carry tenacity strategies of its own.
     * ``verify``, ``cert``, ``trust_env``: TLS verification, client certificate and whether to
       read ``SSL_CERT_FILE``-style settings, as for ``httpx.HTTPTransport`` (True, None, True).
     * ``http1``, ``http2``: the HTTP versions offered (True, False; HTTP/2 needs
@@ -528,7 +490,7 @@ class LBTransport(_Configured[httpcore.ConnectionPool, httpx.HTTPTransport], htt
     _hedges = False
 
     def _pool(self, url: httpx.URL, backend: Backend) -> httpcore.ConnectionPool:
-        name = _Common.pool_key(url, backend)
+        name = _pool_key(url, backend)
         pool = self._pools.get(name)
         if pool is None:
             stale: list[httpcore.ConnectionPool] = []
@@ -537,27 +499,23 @@ class LBTransport(_Configured[httpcore.ConnectionPool, httpx.HTTPTransport], htt
                     raise RuntimeError("LBTransport is closed")
                 pool = self._pools.get(name)
                 if pool is None:
-                    stale = self._common.stale(self._pools)
+                    stale = _stale(self._pools, self._config.balancer)
                     pool = self._pools[name] = httpcore.ConnectionPool(**self._options)
             for old in stale:
                 old.close()
         return pool
 
     def __enter__(self) -> LBTransport:
-        self._common.client.start_checks()
+        self._config.start_services()
         return self
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         if self._closed:
             raise RuntimeError("LBTransport is closed")
-        common = self._common
-        client = common.client
-        if not client.serves(request.url.host):
+        config = self._config
+        if not config.serves(request.url.host):
             return self._plain_transport().handle_request(request)
-        if client.checks_pending:
-            client.start_checks()
-        plan, first = common.plan(request)
-        return _run_sync(plan, first, _SyncWire(self, request, plan))
+        return run_sync(config, _SyncWire(self, request))
 
     def close(self) -> None:
         with self._lock:
@@ -565,46 +523,49 @@ class LBTransport(_Configured[httpcore.ConnectionPool, httpx.HTTPTransport], htt
             pools = list(self._pools.values())
             self._pools.clear()
             plain, self._plain = self._plain, None
-        self._common.client.stop_checks()
+        self._config.stop_services()
         for pool in pools:
             pool.close()
         if plain is not None:
             plain.close()
 
 
-class _SyncWire:
+class _SyncWire(_Wire):
     """One request's attempts through :class:`LBTransport`."""
 
-    __slots__ = ("plan", "request", "transport")
+    __slots__ = ("transport",)
 
-    def __init__(self, transport: LBTransport, request: httpx.Request, plan: RequestPlan) -> None:
+    def __init__(self, transport: LBTransport, request: httpx.Request) -> None:
+        _Wire.__init__(self, request)
         self.transport = transport
-        self.request = request
-        self.plan = plan
 
-    def send(self, backend: Backend) -> httpx.Response:
-        request, plan = self.request, self.plan
-        common = self.transport._common
+    def send(
+        self,
+        backend: Backend,
+        timeouts: Timeouts | None,
+        headers: Mapping[str, str] | None,
+        buffer: int,
+    ) -> tuple[int, httpx.Response, _SyncStream | None]:
+        request = self.request
         pool = self.transport._pool(request.url, backend)
         try:
-            response = pool.handle_request(common.backend_request(request, backend, plan))
-            if plan.buffers(response.status, _content_length(response)):
-                try:
-                    response.read()
-                finally:
-                    response.close()
-                return common.response(request, plan, backend, response, None)
+            response = pool.handle_request(_backend_request(request, backend, timeouts, headers))
+            if buffer >= 0:
+                length = _content_length(response)
+                if length is not None and length <= buffer:
+                    try:
+                        response.read()
+                    finally:
+                        response.close()
+                    return response.status, _response(request, response, None), None
         except _HTTPCORE_ERRORS as exc:
             raise _httpx_error(exc) from exc
-        return common.response(request, plan, backend, response, _SyncStream)
+        body = _SyncStream(response.stream)
+        return response.status, _response(request, response, body), body
 
-    fault = staticmethod(_fault)
-
-    def discard(self, response: httpx.Response) -> None:
+    @staticmethod
+    def discard(response: httpx.Response) -> None:
         response.close()
-
-    def final(self, error: Exception) -> Exception:
-        return self.transport._common.final(self.plan, self.request, error)
 
 
 class AsyncLBTransport(
@@ -618,62 +579,60 @@ class AsyncLBTransport(
 
     async def _pool(self, url: httpx.URL, backend: Backend) -> _AsyncPools:
         # No await between the lookup and the insert: safe among tasks of one event loop.
-        name = _Common.pool_key(url, backend)
+        name = _pool_key(url, backend)
         pools = self._pools.get(name)
         if pools is None:
             if self._closed:
                 raise RuntimeError("AsyncLBTransport is closed")
-            stale = self._common.stale(self._pools)
+            stale = _stale(self._pools, self._config.balancer)
             pools = self._pools[name] = _AsyncPools(self._options, self._admit)
             for old in stale:
                 await old.aclose()
         return pools
 
     async def __aenter__(self) -> AsyncLBTransport:
-        await self._common.client.astart_checks()
+        await self._config.astart_services()
         return self
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         if self._closed:
             raise RuntimeError("AsyncLBTransport is closed")
-        common = self._common
-        client = common.client
-        if not client.serves(request.url.host):
+        config = self._config
+        if not config.serves(request.url.host):
             return await self._plain_transport().handle_async_request(request)
-        if client.checks_pending:
-            await client.astart_checks()
-        plan, first = common.plan(request)
-        return await _run_async(plan, first, _AsyncWire(self, request, plan))
+        return await run_async(config, _AsyncWire(self, request))
 
     async def aclose(self) -> None:
         self._closed = True
         pools = list(self._pools.values())
         self._pools.clear()
         plain, self._plain = self._plain, None
-        await self._common.client.astop_checks()
+        await self._config.astop_services()
         for pool in pools:
             await pool.aclose()
         if plain is not None:
             await plain.aclose()
 
 
-class _AsyncWire:
+class _AsyncWire(_Wire):
     """One request's attempts through :class:`AsyncLBTransport`."""
 
-    __slots__ = ("plan", "request", "transport")
+    __slots__ = ("transport",)
 
-    def __init__(
-        self, transport: AsyncLBTransport, request: httpx.Request, plan: RequestPlan
-    ) -> None:
+    def __init__(self, transport: AsyncLBTransport, request: httpx.Request) -> None:
+        _Wire.__init__(self, request)
         self.transport = transport
-        self.request = request
-        self.plan = plan
 
-    async def send(self, backend: Backend) -> httpx.Response:
-        request, plan = self.request, self.plan
-        common = self.transport._common
+    async def send(
+        self,
+        backend: Backend,
+        timeouts: Timeouts | None,
+        headers: Mapping[str, str] | None,
+        buffer: int,
+    ) -> tuple[int, httpx.Response, _AsyncStream | None]:
+        request = self.request
         pools = await self.transport._pool(request.url, backend)
-        sent = common.backend_request(request, backend, plan)
+        sent = _backend_request(request, backend, timeouts, headers)
         gate = pools.gate
         try:
             slot = await gate.enter(sent.extensions.get("timeout", {}).get("pool"))
@@ -683,27 +642,24 @@ class _AsyncWire:
             ) from None
         try:
             response = await pools.pool(slot).handle_async_request(sent)
-            if plan.buffers(response.status, _content_length(response)):
-                try:
-                    await response.aread()
-                finally:
-                    await response.aclose()
-                gate.leave(slot)
-                return common.response(request, plan, backend, response, None)
+            if buffer >= 0:
+                length = _content_length(response)
+                if length is not None and length <= buffer:
+                    try:
+                        await response.aread()
+                    finally:
+                        await response.aclose()
+                    gate.leave(slot)
+                    return response.status, _response(request, response, None), None
         except _HTTPCORE_ERRORS as exc:
             gate.leave(slot)
             raise _httpx_error(exc) from exc
         except BaseException:
             gate.leave(slot)
             raise
-        return common.response(
-            request, plan, backend, response, _AsyncStream, functools.partial(gate.leave, slot)
-        )
+        body = _AsyncStream(response.stream, functools.partial(gate.leave, slot))
+        return response.status, _response(request, response, body), body
 
-    fault = staticmethod(_fault)
-
-    async def discard(self, response: httpx.Response) -> None:
+    @staticmethod
+    async def discard(response: httpx.Response) -> None:
         await response.aclose()
-
-    def final(self, error: Exception) -> Exception:
-        return self.transport._common.final(self.plan, self.request, error)

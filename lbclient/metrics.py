@@ -63,7 +63,9 @@ except ImportError as exc:  # the extra is not installed
         "lbclient.metrics needs prometheus-client: pip install 'lbclient[metrics]'"
     ) from exc
 
-from lbclient._attempt import Client, Fault, WatchedPlan, attach, client_of, detach
+from lbclient._config import AdapterConfig, config_of
+from lbclient._observe import WatchedPlan, attach, detach
+from lbclient._plan import Fault
 from lbclient.backend import Backend
 from lbclient.balancer import LoadBalancer
 from lbclient.errors import NoBackendAvailable
@@ -148,7 +150,7 @@ class _Meter:
     watch: it keeps nothing per request, so watching costs no allocation; it is told of rare
     steps only, and counts each request's attempts when the request ends."""
 
-    #: Not told of every attempt's start, head and body (see :class:`~lbclient._attempt.Watch`).
+    #: Not told of every attempt's start, head and body (see :class:`~lbclient._observe.Watch`).
     steps = False
     propagates = False
 
@@ -251,7 +253,7 @@ class _Meter:
         if error is None and len(attempts) == 1:  # the common case: one attempt, a response
             attempt = attempts[0]
             outcome = (
-                _SERVER_ERROR if attempt.status in plan.policy.failure_statuses else _SUCCESS
+                _SERVER_ERROR if attempt.status in plan.failure_statuses else _SUCCESS
             )
             waiting = self._done
             waiting.append((attempt.backend.address, outcome, attempt.seconds))
@@ -260,7 +262,7 @@ class _Meter:
                     self._tally()
             return
         faults = plan.faults or {}
-        failures = plan.policy.failure_statuses
+        failures = plan.failure_statuses
         # Each recorded attempt: (backend, outcome, seconds).
         done = [
             (
@@ -309,7 +311,7 @@ class _Source:
         self,
         service: str,
         balancer: LoadBalancer,
-        target: Client[Any] | LoadBalancer,
+        target: AdapterConfig[Any] | LoadBalancer,
         meter: _Meter,
     ) -> None:
         self.service = service
@@ -537,11 +539,11 @@ def register(
         raise ValueError(f"service must be a non-empty str, got {service!r}")
     bounds = _check_buckets(buckets)
     registry = REGISTRY if registry is None else registry
-    attached: Client[Any] | LoadBalancer
+    attached: AdapterConfig[Any] | LoadBalancer
     if isinstance(target, LoadBalancer):
         attached = balancer = target
     else:
-        client = client_of(target)
+        client = config_of(target)
         if client is None:
             raise TypeError(
                 "target must be a LoadBalancer, an LBTransport, an AsyncLBTransport or an "

@@ -46,7 +46,9 @@ except ImportError as exc:  # the extra is not installed
     ) from exc
 
 from lbclient import __version__
-from lbclient._attempt import Client, Fault, RequestPlan, attach, client_of, detach, redact
+from lbclient._config import AdapterConfig, config_of
+from lbclient._observe import attach, detach
+from lbclient._plan import Fault, RequestPlan, redact
 from lbclient.backend import Backend
 from lbclient.retry import Attempt
 
@@ -231,8 +233,8 @@ class Instrumentation:
     """What :func:`instrument` did to one transport or adapter; :meth:`uninstrument` undoes
     it."""
 
-    def __init__(self, client: Client[Any], tracing: _Tracing) -> None:
-        self._client: Client[Any] | None = client
+    def __init__(self, client: AdapterConfig[Any], tracing: _Tracing) -> None:
+        self._client: AdapterConfig[Any] | None = client
         self._tracing = tracing
 
     @property
@@ -267,7 +269,7 @@ def instrument(
     Returns an :class:`Instrumentation`; ``uninstrument()`` undoes it. Instrumenting the same
     transport twice is a ValueError.
     """
-    client = client_of(target)
+    client = config_of(target)
     if client is None:
         raise TypeError(
             "target must be an LBTransport, an AsyncLBTransport or an LBAdapter, "

@@ -12,8 +12,8 @@ What lives here: translating requests and urllib3 (the prepared request's URL, t
 ``Host`` and TLS name through per-request pool keys, never by changing shared pool settings; the
 exceptions, sorted into never-sent and maybe-sent failures; the response's body). Backends are
 contacted directly: proxies resolved for the logical URL are not used. What may not: a retry,
-timeout or health rule of its own; those live once, in :mod:`lbclient._attempt`, shared with the
-httpx transports.
+timeout or health rule of its own, or recording an outcome; those live once, in the plan
+(:mod:`lbclient._plan`) and the loop (:mod:`lbclient._loop`), shared with the httpx transports.
 """
 
 from __future__ import annotations
@@ -45,17 +45,9 @@ from urllib3.exceptions import SSLError as URLLib3SSLError
 from urllib3.util.retry import Retry
 from urllib3.util.timeout import Timeout
 
-from lbclient._attempt import (
-    DEFAULT,
-    BodyReport,
-    Client,
-    Default,
-    Fault,
-    RequestPlan,
-    name_backend,
-    policy_from,
-    run_sync,
-)
+from lbclient._config import DEFAULT, AdapterConfig, Default, policy_from
+from lbclient._loop import ReportingBody, final_text, merge_headers, run_sync
+from lbclient._plan import Fault, Timeouts
 from lbclient.backend import Backend
 from lbclient.balancer import LoadBalancer
 from lbclient.errors import NoBackendAvailable
@@ -211,47 +203,44 @@ def _requests_error(exc: URLLib3HTTPError) -> requests.RequestException:
     return requests.ConnectionError(exc)
 
 
-class _ReportingRaw:
-    """Wraps a response's urllib3 body: reading it to the end, or closing it unread, reports a
-    success; a failure while reading reports a failure and names the backend; a read cut short
-    by the caller, nothing."""
+class _ReportingRaw(ReportingBody):
+    """Wraps a response's urllib3 body, reporting its end (see :class:`ReportingBody`)."""
 
-    def __init__(self, raw: Any, report: BodyReport) -> None:
+    def __init__(self, raw: Any) -> None:
+        ReportingBody.__init__(self)
         self._raw = raw
-        self._report = report
-        self._started = False
 
     def stream(
         self, amt: int | None = 2**16, decode_content: bool | None = None
     ) -> Iterator[bytes]:
-        self._started = True
+        self._begin()
         try:
             yield from self._raw.stream(amt, decode_content=decode_content)
         except Exception as exc:
-            self._report(False)
-            raise name_backend(exc, self._report.backend) from None
-        self._report(True)
+            raise self._fail(exc) from None
+        self._end(True)
 
     def read(self, amt: int | None = None, *args: Any, **kwargs: Any) -> Any:
-        self._started = True
+        self._begin()
         try:
             data = self._raw.read(amt, *args, **kwargs)
         except Exception as exc:
-            self._report(False)
-            raise name_backend(exc, self._report.backend) from None
+            raise self._fail(exc) from None
         if amt is None or not data:
-            self._report(True)
+            self._end(True)
         return data
 
     def close(self) -> None:
-        if not self._started:
-            self._report(True)
-        self._raw.close()
+        try:
+            self._raw.close()
+        finally:
+            self._close()
 
     def release_conn(self) -> None:
-        if not self._started:
-            self._report(True)
-        self._raw.release_conn()
+        try:
+            self._raw.release_conn()
+        finally:
+            self._close()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._raw, name)
@@ -297,7 +286,7 @@ class LBAdapter(HTTPAdapter):
     afresh).
     """
 
-    __attrs__ = [*HTTPAdapter.__attrs__, "_client"]  # noqa: RUF012 (as HTTPAdapter declares it)
+    __attrs__ = [*HTTPAdapter.__attrs__, "_config"]  # noqa: RUF012 (as HTTPAdapter declares it)
 
     def __init__(
         self,
@@ -318,45 +307,46 @@ class LBAdapter(HTTPAdapter):
         pool_maxsize: int = 10,
         pool_block: bool = False,
     ) -> None:
-        self._client: Client[requests.Response] = Client(
+        self._config: AdapterConfig[requests.Response] = AdapterConfig(
             balancer,
             key=key,
             algorithm=algorithm,
+            failure_statuses=failure_statuses,
             policy=policy_from(
                 policy,
                 max_attempts=max_attempts,
                 retry_maybe_sent=retry_maybe_sent,
                 retry_statuses=retry_statuses,
-                failure_statuses=failure_statuses,
                 attempt_timeout=attempt_timeout,
                 deadline=deadline,
                 budget=budget,
             ),
             hosts=hosts,
             unavailable=_unavailable,
+            name="LBAdapter",
+            hedges=False,
         )
-        _refuse_hedging(self._client.policy)
         super().__init__(pool_connections, pool_maxsize, 0, pool_block)
         self.max_retries = Retry(0, read=False, redirect=False, status=False)
 
     @property
     def balancer(self) -> LoadBalancer:
         """The load balancer choosing the backends."""
-        return self._client.balancer
+        return self._config.balancer
 
     @property
     def policy(self) -> RetryPolicy:
         """The retry policy."""
-        return self._client.policy
+        return self._config.policy
 
     @property
     def hosts(self) -> frozenset[str] | None:
         """The logical hosts served (None until the first request names it)."""
-        return self._client.hosts
+        return self._config.hosts
 
     def stats(self) -> RetryStats:
         """Requests, retries and the retry budget's state, as of now."""
-        return self._client.stats()
+        return self._config.stats()
 
     def init_poolmanager(
         self, connections: int, maxsize: int, block: bool = False, **pool_kwargs: Any
@@ -383,7 +373,7 @@ class LBAdapter(HTTPAdapter):
         if proxies:
             return super().get_connection_with_tls_context(request, verify, proxies, cert)
         pools = self._pools
-        current = self._client.balancer.backends
+        current = self._config.balancer.backends
         if self._pools_for is not current:
             pools = self._pools = {}
             self._pools_for = current
@@ -431,19 +421,11 @@ class LBAdapter(HTTPAdapter):
         scheme, _, rest = url.partition("://")
         netloc = rest.partition("/")[0].partition("?")[0].partition("#")[0]
         hostname, host_header, tls_name = _logical(f"{scheme}://{netloc}")
-        client = self._client
-        if not client.serves(hostname):
+        config = self._config
+        if not config.serves(hostname):
             plain = timeout if not isinstance(timeout, LBTimeout) else tuple(timeout)
             return super().send(request, stream, plain, verify, cert, proxies)
-        if client.checks_pending:
-            client.start_checks()
-        policy = client.policy
-        if isinstance(timeout, LBTimeout):
-            policy = timeout.options.apply(policy)
-            _refuse_hedging(policy)
-        method = (request.method or "GET").upper()
-        plan, first = client.start(request, method, url, _replayable(request.body), policy)
-        wire = _Wire(self, request, plan, _timeouts(timeout), verify, cert, stream)
+        wire = _Wire(self, request, url, timeout, verify, cert, stream)
         wire.tls_name = tls_name if scheme == "https" else None
         # What every attempt sends: the target as requests' ``path_url`` gives it (the path,
         # "/" if empty, and the query; no fragment), and the caller's headers with the logical
@@ -455,14 +437,14 @@ class LBAdapter(HTTPAdapter):
         if "host" not in headers:
             headers["Host"] = host_header
         wire.headers = headers
-        return run_sync(plan, first, wire)
+        return run_sync(config, wire)
 
     def _send(self, *args: Any, **kwargs: Any) -> requests.Response:
         return super().send(*args, **kwargs)
 
     def close(self) -> None:
         """Close the connection pools, and stop the health checks this adapter started."""
-        self._client.stop_checks()
+        self._config.stop_services()
         self._pools = {}
         super().close()
 
@@ -474,13 +456,16 @@ class _Wire:
         "adapter",
         "cert",
         "headers",
-        "plan",
+        "method",
+        "options",
         "prefix",
+        "replayable",
         "request",
         "stream",
         "target",
         "timeouts",
         "tls_name",
+        "url",
         "verify",
     )
 
@@ -488,17 +473,20 @@ class _Wire:
         self,
         adapter: LBAdapter,
         request: requests.PreparedRequest,
-        plan: RequestPlan,
-        timeouts: dict[str, float | None],
+        url: str,
+        timeout: Any,
         verify: bool | str,
         cert: Any,
         stream: bool,
     ) -> None:
         self.adapter = adapter
-        self.stream = stream
         self.request = request
-        self.plan = plan
-        self.timeouts = timeouts
+        self.method = (request.method or "GET").upper()
+        self.url = url
+        self.replayable = _replayable(request.body)
+        self.timeouts: Timeouts | None = _timeouts(timeout)
+        self.options = timeout.options if isinstance(timeout, LBTimeout) else None
+        self.stream = stream
         self.verify = verify
         self.cert = cert
         #: The logical TLS name for https (None for http).
@@ -507,27 +495,32 @@ class _Wire:
         self.target = "/"
         self.headers: CaseInsensitiveDict[str] = CaseInsensitiveDict()
 
-    def send(self, backend: Backend) -> requests.Response:
-        request, plan = self.request, self.plan
+    def send(
+        self,
+        backend: Backend,
+        timeouts: Timeouts | None,
+        headers: Mapping[str, str] | None,
+        buffer: int,
+    ) -> tuple[int, requests.Response, _ReportingRaw | None]:
+        request = self.request
         # A shallow twin of the caller's request (which stays logical): new URL and headers,
         # the same method, body, hooks and cookies. Cheaper than PreparedRequest.copy().
         sent = _TWIN.__new__(_TWIN)
         sent.__dict__.update(request.__dict__)
         sent.url = f"{self.prefix}{backend.address}{self.target}"
-        sent.headers = self.headers
-        if plan.propagates:
-            extra = plan.headers(backend)
-            if extra:  # this attempt's trace context, in place of the caller's
-                sent.headers = self.headers.copy()
-                sent.headers.update(extra)
-        capped = plan.timeouts(self.timeouts)
+        sent.headers = (
+            self.headers
+            if not headers
+            else CaseInsensitiveDict(merge_headers(list(self.headers.items()), headers, str))
+        )
+        given = self.timeouts if timeouts is None else timeouts
         # For https, the logical TLS name, read by build_connection_pool_key_attributes.
         token = None if self.tls_name is None else _SERVER_HOSTNAME.set(self.tls_name)
         try:
             response = self.adapter._send(
                 sent,
                 stream=True,
-                timeout=(capped.get("connect"), capped.get("read")),
+                timeout=(given.get("connect"), given.get("read")) if given else None,
                 verify=self.verify,
                 cert=self.cert,
                 proxies={},
@@ -535,55 +528,48 @@ class _Wire:
         finally:
             if token is not None:
                 _SERVER_HOSTNAME.reset(token)
-        raw = response.raw
-        length = response.headers.get("Content-Length", "")
-        buffered = plan.buffers(response.status_code, int(length) if length.isdigit() else None)
-        if buffered:
-            # Read here, so that a connection lost mid-body can still be retried.
-            try:
-                if self.stream:  # the caller reads raw: keep the body as it came
-                    response.raw = _buffered(raw, raw.read(decode_content=False))
-                else:  # as requests itself does right after send()
-                    response._content = raw.read(decode_content=True) or b""
-                    response._content_consumed = True  # type: ignore[attr-defined]
-            except URLLib3HTTPError as exc:
-                raise _requests_error(exc) from exc
-            finally:
-                raw.release_conn()
-        status = response.status_code
-        retry_after = (
-            response.headers.get("Retry-After") if status in plan.policy.retry_statuses else None
-        )
-        plan.responded(backend, status, retry_after)
-        report = plan.reporter(backend)
-        if buffered:
-            report(True)
-        else:
-            response.raw = _ReportingRaw(raw, report)
         response.url = request.url or ""
         response.request = request
-        return response
+        raw = response.raw
+        if buffer >= 0:
+            length = response.headers.get("Content-Length", "")
+            if length.isdigit() and int(length) <= buffer:
+                # Read here, so that a connection lost mid-body can still be retried.
+                try:
+                    if self.stream:  # the caller reads raw: keep the body as it came
+                        response.raw = _buffered(raw, raw.read(decode_content=False))
+                    else:  # as requests itself does right after send()
+                        response._content = raw.read(decode_content=True) or b""
+                        response._content_consumed = True  # type: ignore[attr-defined]
+                except URLLib3HTTPError as exc:
+                    raise _requests_error(exc) from exc
+                finally:
+                    raw.release_conn()
+                return response.status_code, response, None
+        body = response.raw = _ReportingRaw(raw)
+        return response.status_code, response, body
+
+    @staticmethod
+    def retry_after(response: requests.Response) -> str | None:
+        return response.headers.get("Retry-After")
 
     fault = staticmethod(classify)
 
-    def discard(self, response: requests.Response) -> None:
+    @staticmethod
+    def discard(response: requests.Response) -> None:
         response.close()
 
-    def final(self, error: Exception) -> Exception:
-        """The final error: of the class and with the ``args[0]`` plain requests would raise,
-        its message followed by lbclient's summary of every attempt, with them as
-        ``.attempts``."""
-        summary = self.plan.describe()
+    def final(self, error: Exception, summary: str) -> Exception:
+        """Of the class and with the ``args[0]`` plain requests would raise, its message
+        followed by the summary (see :func:`~lbclient._loop.final_text`)."""
         inner = error.args[0] if error.args else None
         if isinstance(inner, BaseException):
             inner = _with_summary(inner, summary)
         else:
-            inner = f"{inner}; {summary}" if inner else summary
-        final = type(error)(  # type: ignore[call-arg]
+            inner = final_text("" if inner is None else str(inner), summary)
+        return type(error)(  # type: ignore[call-arg]
             inner, request=self.request, response=getattr(error, "response", None)
         )
-        final.attempts = tuple(self.plan.attempts)  # type: ignore[attr-defined]
-        return final
 
 
 def _with_summary(error: BaseException, summary: str) -> BaseException:
@@ -591,18 +577,10 @@ def _with_summary(error: BaseException, summary: str) -> BaseException:
     copy = type(error).__new__(type(error))
     copy.__dict__.update(error.__dict__)
     first = error.args[0] if error.args else ""
-    copy.args = (f"{first}; {summary}" if first else summary, *error.args[1:])
+    copy.args = (final_text(str(first), summary), *error.args[1:])
     copy.__cause__, copy.__context__ = error.__cause__, error.__context__
     copy.__traceback__ = error.__traceback__
     return copy
-
-
-def _refuse_hedging(policy: RetryPolicy) -> None:
-    if policy.hedge_after is not None:
-        raise ValueError(
-            f"hedge_after={policy.hedge_after:g}: LBAdapter does not hedge requests (requests "
-            "is synchronous); use httpx with AsyncLBTransport to hedge"
-        )
 
 
 #: The class of the twin requests sent to backends.

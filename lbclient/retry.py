@@ -3,12 +3,13 @@ of each :class:`Attempt`. Plain values; the attempt loop that applies them is pr
 
 The rules:
 
-* ``NEVER_SENT`` failures (connection refused, connect timeout, TLS handshake, DNS) are retried
-  on the next backend for every method: the request never left the client.
+* ``NEVER_SENT`` failures (connection refused, connect timeout, TLS handshake, DNS, and a
+  backend's own connection pool that has no connection free in time) are retried on the next
+  backend for every method: the request never left the client.
 * ``MAYBE_SENT`` failures (read or write errors and timeouts, server disconnected, protocol
   errors) are retried only for idempotent methods whose body can be sent again, and only when
   ``retry_maybe_sent`` is on. A POST that may have reached a server is never sent twice.
-* ``LOCAL`` failures (a full local connection pool, a malformed request) say nothing about the
+* ``LOCAL`` failures (a malformed request, an unsupported scheme) say nothing about the
   backend: not reported, not retried.
 * A response whose status is in ``retry_statuses`` is retried like a maybe-sent failure.
 * A backend that timed out or failed its TLS handshake is not tried again by the same request;
@@ -18,19 +19,25 @@ The rules:
 * Timeouts keep their meaning: every attempt gets the client's own timeouts, per operation.
   ``attempt_timeout`` caps one attempt up to its response head; ``deadline`` caps the whole
   request, attempts and waits together, and no attempt starts without a useful share of it.
+* The attempts after a failed first one run in a tenacity ``Retrying`` (``AsyncRetrying`` for
+  the async transport) made of these rules; a policy may add tenacity strategies of its own
+  (``stop``, ``wait``, ``retry``, ``before_sleep``, ``after``), which can only end the retries
+  sooner or wait longer: they never retry what these rules do not.
 
-Plain values only: no I/O, no HTTP client, no tenacity (those are the attempt loop's).
+Plain values only: no I/O, no HTTP client, no tenacity import (the strategies a policy holds are
+opaque callables here; the attempt loop composes them).
 """
 
 from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, replace
-from typing import Final, NamedTuple
+from typing import Any, Final, NamedTuple
 
 from lbclient.backend import Backend
+from lbclient.health import status_set
 
 __all__ = [
     "IDEMPOTENT_METHODS",
@@ -75,17 +82,6 @@ def _attempts(value: object) -> None:
         raise ValueError(f"max_attempts must be >= 1, got {value}")
 
 
-def _status_set(name: str, value: Iterable[int]) -> frozenset[int]:
-    try:
-        statuses = frozenset(value)
-    except TypeError:
-        raise TypeError(f"{name} must be a collection of status codes, got {value!r}") from None
-    for status in statuses:
-        if isinstance(status, bool) or not isinstance(status, int) or not 100 <= status <= 599:
-            raise ValueError(f"{name} must hold HTTP status codes 100..599, got {status!r}")
-    return statuses
-
-
 @dataclass(frozen=True)
 class RetryBudget:
     """How many retries a transport or adapter may send, as Finagle's and Envoy's retry budgets
@@ -122,8 +118,6 @@ class RetryPolicy:
       bodies (True).
     * ``retry_statuses``: response statuses retried for idempotent requests, e.g.
       ``{502, 503, 504}`` (none).
-    * ``failure_statuses``: response statuses reported to passive health as server errors
-      (500..599).
     * ``idempotent_methods``: methods considered idempotent (:data:`IDEMPOTENT_METHODS`).
     * ``backoff``: seconds of the first backoff before trying a backend again; doubles per
       retry, with full jitter (0.05).
@@ -144,12 +138,26 @@ class RetryPolicy:
     * ``hedge_after``: seconds without a response head after which an idempotent request with
       a replayable body is also sent to the next backend; the first head wins (None: no
       hedging; async transport only).
+
+    tenacity strategies, composed with the rules above and never overriding them (see the
+    README's "Failover through tenacity"): they may end the retries sooner or wait longer, but
+    a request these rules do not retry (a POST that may have been sent) is never retried:
+
+    * ``stop``: a tenacity stop strategy, joined to lbclient's with ``|`` (stops when either
+      does), e.g. ``tenacity.stop_after_delay(2)``; attempt numbers count the request's first
+      attempt as 1 (None).
+    * ``wait``: a tenacity wait strategy; each wait is the longer of lbclient's (none before a
+      backend not tried yet, backoff before a revisit, ``Retry-After``) and this one's (None).
+    * ``retry``: a tenacity retry strategy, joined to lbclient's with ``&`` (retries only when
+      both do), e.g. ``tenacity.retry_if_exception_type(httpx.ConnectError)`` (None).
+    * ``before_sleep``: called before each retry with tenacity's ``RetryCallState``, e.g.
+      ``tenacity.before_sleep_log(log, logging.INFO)`` (None).
+    * ``after``: called after each attempt that is followed by a retry (None).
     """
 
     max_attempts: int = 3
     retry_maybe_sent: bool = True
     retry_statuses: Collection[int] = frozenset()
-    failure_statuses: Collection[int] = frozenset(range(500, 600))
     idempotent_methods: Collection[str] = IDEMPOTENT_METHODS
     backoff: float = 0.05
     backoff_max: float = 2.0
@@ -159,6 +167,11 @@ class RetryPolicy:
     budget: RetryBudget | None = RetryBudget()
     retry_after_max: float = 10.0
     hedge_after: float | None = None
+    stop: Callable[[Any], bool] | None = None
+    wait: Callable[[Any], float] | None = None
+    retry: Callable[[Any], bool] | None = None
+    before_sleep: Callable[[Any], object] | None = None
+    after: Callable[[Any], object] | None = None
 
     def __post_init__(self) -> None:
         _attempts(self.max_attempts)
@@ -169,11 +182,15 @@ class RetryPolicy:
         if not isinstance(self.retry_maybe_sent, bool):
             raise TypeError(f"retry_maybe_sent must be a bool, got {self.retry_maybe_sent!r}")
         object.__setattr__(
-            self, "retry_statuses", _status_set("retry_statuses", self.retry_statuses)
+            self, "retry_statuses", status_set("retry_statuses", self.retry_statuses)
         )
-        object.__setattr__(
-            self, "failure_statuses", _status_set("failure_statuses", self.failure_statuses)
-        )
+        for name in ("stop", "wait", "retry", "before_sleep", "after"):
+            strategy = getattr(self, name)
+            if strategy is not None and not callable(strategy):
+                raise TypeError(
+                    f"{name} must be a tenacity strategy (a callable of the retry state) or "
+                    f"None, got {strategy!r}"
+                )
         if isinstance(self.idempotent_methods, str):
             raise TypeError("idempotent_methods must be a collection of method names, not a str")
         object.__setattr__(

@@ -26,7 +26,9 @@ from lbclient import (
     RetryPolicy,
     RoundRobin,
 )
-from lbclient._attempt import Fault, Ledger, RequestPlan, retry_after_seconds, run_async
+from lbclient._hedge import hedged
+from lbclient._ledger import Ledger
+from lbclient._plan import Fault, RequestPlan, retry_after_seconds
 from lbclient.retry import Failure, RequestOptions
 from lbclient.testing import Exchange, TestServer
 
@@ -109,7 +111,11 @@ def test_an_empty_budget_stops_the_retry_and_says_so() -> None:
     first = plan.take()
     assert first is not None
     attempt = plan.failed(first, Fault(Failure.NEVER_SENT), ConnectionError("refused"))
-    assert not plan.may_retry(attempt)
+    assert plan.may_retry(attempt)  # a question: the budget is the taking step's to spend
+    assert ledger.stats(0.0).exhaustions == 0
+    assert plan.take() is None  # taking finds nothing to spend, and counts it
+    assert ledger.stats(0.0).exhaustions == 1
+    assert ledger.stats(0.0).retries == 0
     assert "the retry budget is exhausted" in plan.describe()
 
 
@@ -133,7 +139,8 @@ def test_retry_after_sets_the_least_wait_and_must_fit() -> None:
                        clock=lambda: 0.0)
     first = plan.take()
     assert first is not None
-    assert plan.responded(first, 503, "2")
+    plan.responded(first, 503, "2")
+    assert plan.retries_response
     assert plan.may_retry()
     assert plan.wait() >= 2.0
     long = RequestPlan(LoadBalancer(ADDRS, Hash), b"k", "GET", True, policy, clock=lambda: 0.0)
@@ -349,21 +356,31 @@ def test_a_failed_first_attempt_is_retried_while_hedging() -> None:
 class SlowWire:
     """A fake async wire: the first backend answers late, the others at once."""
 
-    def __init__(self, plan: RequestPlan, slow: Backend) -> None:
-        self.plan = plan
+    request = None
+    method = "GET"
+    url = "http://svc/"
+    replayable = True
+    timeouts = None
+    options = None
+
+    def __init__(self, slow: Backend) -> None:
         self.slow = slow
         self.discarded: list[str] = []
         self.cancelled: list[Backend] = []
 
-    async def send(self, backend: Backend) -> str:
+    async def send(
+        self, backend: Backend, timeouts: object, headers: object, buffer: int
+    ) -> tuple[int, str, None]:
         try:
             if backend == self.slow:
                 await anyio.sleep(10)
         except BaseException:
             self.cancelled.append(backend)
             raise
-        self.plan.responded(backend, 200)
-        return f"from {backend.address}"
+        return 200, f"from {backend.address}", None
+
+    def retry_after(self, response: str) -> None:
+        return None
 
     def fault(self, error: Exception) -> Fault | None:
         return None
@@ -371,7 +388,7 @@ class SlowWire:
     async def discard(self, response: str) -> None:
         self.discarded.append(response)
 
-    def final(self, error: Exception) -> Exception:
+    def final(self, error: Exception, summary: str) -> Exception:
         return error
 
 
@@ -380,8 +397,8 @@ def test_the_hedged_loop_cancels_the_slow_attempt() -> None:
     plan = RequestPlan(lb, b"k", "GET", True, RetryPolicy(hedge_after=0.01), ledger=Ledger(None))
     first = plan.take()
     assert first is not None
-    wire = SlowWire(plan, first)
-    result = asyncio.run(run_async(plan, first, wire))
+    wire = SlowWire(first)
+    result = asyncio.run(hedged(plan, first, wire))
     assert result != f"from {first.address}"
     assert wire.cancelled == [first]
     assert len(plan.attempts) == 1  # the cancelled attempt recorded nothing

@@ -27,7 +27,8 @@ from lbclient import (
     LoadBalancer,
     RetryBudget,
 )
-from lbclient._attempt import RequestPlan, WatchedPlan
+from lbclient._observe import WatchedPlan
+from lbclient._plan import RequestPlan
 from lbclient.metrics import register
 from lbclient.testing import TestServer, closed_port
 
@@ -319,24 +320,33 @@ def test_registration_is_explicit_and_undone() -> None:
         lb = LoadBalancer([server.address])
         plain = LBTransport(lb)
         watched = LBTransport(lb)
-        assert plain._common.client.observers == ()
+        assert plain._config.observers == ()
         registration = register(watched, service="users", registry=registry)
-        assert plain._common.client.observers == ()  # nothing global
-        plan, _ = watched._common.client.start(None, "GET", "http://users/", True,
-                                               watched.policy)
+        assert plain._config.observers == ()  # nothing global
+        plan, _ = watched._config.start(Request())
         assert type(plan) is WatchedPlan
-        plan, _ = plain._common.client.start(None, "GET", "http://users/", True, plain.policy)
+        plan, _ = plain._config.start(Request())
         assert type(plan) is RequestPlan  # nothing watched: nothing paid
         with pytest.raises(ValueError, match="already registered"):
             register(plain, service="users", registry=registry)
         registration.unregister()
         registration.unregister()
-        assert watched._common.client.observers == ()
+        assert watched._config.observers == ()
         assert b"lbclient_" not in prometheus_client.generate_latest(registry)
         with pytest.raises(TypeError, match="LBTransport"):
             register(object(), service="x", registry=registry)
         with pytest.raises(ValueError, match="service"):
             register(lb, service="", registry=registry)
+
+
+class Request:
+    """What an adapter's configuration reads of a request's wire to start its plan."""
+
+    request = None
+    method = "GET"
+    url = "http://users/"
+    replayable = True
+    options = None
 
 
 def test_without_the_extras_lbclient_works_and_imports_neither() -> None:

@@ -294,4 +294,4 @@ def test_instrumenting_is_explicit_and_undone(
             done.uninstrument()
             client.get("http://users/")
         assert len(attempts_of(exporter)) == 1
-        assert traced._common.client.observers == ()
+        assert traced._config.observers == ()

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pytest
 
 from lbclient import Backend, Hash, HealthPolicy, LoadBalancer, RoundRobin
-from lbclient._attempt import Client, Fault, RequestPlan, policy_from, redact, run_async, run_sync
+from lbclient._config import AdapterConfig, policy_from
+from lbclient._loop import drive_async, drive_sync
+from lbclient._plan import Fault, RequestPlan, redact
 from lbclient.errors import KeyFunctionError, NoBackendAvailable
 from lbclient.retry import Failure, RequestOptions, RetryPolicy
 
@@ -40,7 +41,8 @@ TIMEOUT = Fault(Failure.MAYBE_SENT, timed_out=True, barred=True)
 
 @dataclass
 class FakeWire:
-    """Fails the first attempts with ``faults``, then answers ``statuses`` (200 after them)."""
+    """Fails the first attempts with ``faults``, then answers ``statuses`` (200 after them).
+    Records nothing: the loop does."""
 
     plan: RequestPlan
     faults: list[Fault] = field(default_factory=list)
@@ -49,8 +51,16 @@ class FakeWire:
     took: float = 0.0
     seen: list[Backend] = field(default_factory=list)
     discarded: list[str] = field(default_factory=list)
+    request: object = None
+    method: str = "GET"
+    url: object = "http://svc/"
+    replayable: bool = True
+    timeouts: dict[str, float | None] | None = None
+    options: object = None
 
-    def send(self, backend: Backend) -> str:
+    def send(
+        self, backend: Backend, timeouts: object, headers: object, buffer: int
+    ) -> tuple[int, str, None]:
         self.seen.append(backend)
         if self.clock is not None:
             self.clock.now += self.took
@@ -58,8 +68,10 @@ class FakeWire:
         if n <= len(self.faults):
             raise Boom(f"attempt {n}", self.faults[n - 1])
         status = self.statuses[n - len(self.faults) - 1] if self.statuses else 200
-        self.plan.responded(backend, status)
-        return f"{status} from {backend.address}"
+        return status, f"{status} from {backend.address}", None
+
+    def retry_after(self, response: str) -> str | None:
+        return None
 
     def fault(self, error: Exception) -> Fault | None:
         return error.fault if isinstance(error, Boom) else None
@@ -67,17 +79,30 @@ class FakeWire:
     def discard(self, response: str) -> None:
         self.discarded.append(response)
 
-    def final(self, error: Exception) -> Exception:
+    def final(self, error: Exception, summary: str) -> Exception:
         return error
 
 
 @dataclass
 class AsyncFakeWire(FakeWire):
-    async def send(self, backend: Backend) -> str:  # type: ignore[override]
-        return FakeWire.send(self, backend)
+    async def send(  # type: ignore[override]
+        self, backend: Backend, timeouts: object, headers: object, buffer: int
+    ) -> tuple[int, str, None]:
+        return FakeWire.send(self, backend, timeouts, headers, buffer)
 
     async def discard(self, response: str) -> None:  # type: ignore[override]
         FakeWire.discard(self, response)
+
+
+def config(balancer: object, **given: object) -> AdapterConfig[str]:
+    """An adapter's configuration, with the defaults an adapter gives."""
+    options: dict[str, object] = {
+        "key": None, "algorithm": None, "failure_statuses": None, "policy": RetryPolicy(),
+        "hosts": None, "unavailable": lambda m, r: NoBackendAvailable(m), "name": "Fake",
+        "hedges": False,
+    }
+    options.update(given)
+    return AdapterConfig(balancer, **options)  # type: ignore[arg-type]
 
 
 def plan_for(
@@ -95,13 +120,13 @@ def plan_for(
 def run(plan: RequestPlan, wire: FakeWire) -> str:
     first = plan.take()
     assert first is not None
-    return run_sync(plan, first, wire)
+    return drive_sync(plan, first, wire)
 
 
 @pytest.fixture(autouse=True)
 def no_sleep(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     slept: list[float] = []
-    monkeypatch.setattr("lbclient._attempt.time.sleep", slept.append)
+    monkeypatch.setattr("lbclient._loop.time.sleep", slept.append)
     return slept
 
 
@@ -145,7 +170,7 @@ def test_errors_that_are_not_failures_propagate_unretried() -> None:
     plan = plan_for()
     wire = FakeWire(plan)
 
-    def send(backend: Backend) -> str:
+    def send(backend: Backend, *_: object) -> str:
         wire.seen.append(backend)
         raise KeyError("a bug, not a network failure")
 
@@ -250,7 +275,7 @@ def test_backoff_wait_counts_against_the_deadline(
         no_sleep.append(seconds)
         clock.now += seconds
 
-    monkeypatch.setattr("lbclient._attempt.time.sleep", sleep)
+    monkeypatch.setattr("lbclient._loop.time.sleep", sleep)
     # After 0.3 s, a 0.5 s backoff would leave 0.2 s: enough (>= 0.1). After the second
     # attempt (0.3 + 0.5 + 0.3 = 1.1 s) nothing is left: the last 503 is returned.
     assert run(plan, wire).startswith("503")
@@ -295,7 +320,7 @@ def test_async_loop_matches_sync() -> None:
     async def main() -> str:
         first = plan.take()
         assert first is not None
-        return await run_async(plan, first, wire)
+        return await drive_async(plan, first, wire)
 
     assert asyncio.run(main()).startswith("200")
     assert len(set(wire.seen)) == 2
@@ -358,22 +383,20 @@ def test_round_robin_first_attempts_stay_fair_when_a_backend_fails() -> None:
 def test_no_backend_says_why() -> None:
     lb = LoadBalancer(ADDRS[:2], health=HealthPolicy(consecutive_failures=1, panic_threshold=0,
                                                       max_ejection_percent=100))
-    client: Client[str] = Client(lb, key=None, algorithm=None, policy=RetryPolicy(), hosts=None,
-                                 unavailable=lambda m, r: NoBackendAvailable(m))
+    client: AdapterConfig[str] = config(lb)
     for b in lb.backends:
         lb.report(b, False)
+    wire = FakeWire(RequestPlan(lb, b"", "GET", True, RetryPolicy()), url="http://user:secret@svc/")
     with pytest.raises(NoBackendAvailable, match="none of its 2 enabled backends is healthy") \
             as caught:
-        client.start(None, "GET", "http://user:secret@svc/", True, RetryPolicy())
+        client.start(wire)
     assert "secret" not in str(caught.value)
     assert "user:[secure]@svc" in str(caught.value)
 
 
 @pytest.mark.parametrize("value", ["\ud800", b"\xff", 12])
 def test_every_unusable_key_is_a_key_function_error(value: object) -> None:
-    client: Client[str] = Client(ADDRS, key=lambda r: value, algorithm=None,  # type: ignore[arg-type,return-value]
-                                 policy=RetryPolicy(), hosts=None,
-                                 unavailable=lambda m, r: NoBackendAvailable(m))
+    client: AdapterConfig[str] = config(ADDRS, key=lambda r: value)
     if isinstance(value, bytes):
         assert client.key_of(None, "GET", "http://svc/") == value
         return
@@ -388,25 +411,21 @@ def test_redact_hides_passwords_only() -> None:
 
 
 def test_hosts_served_default_to_the_first_request() -> None:
-    make: Callable[..., Client[str]] = Client
-    client = make(ADDRS, key=None, algorithm=None, policy=RetryPolicy(), hosts=None,
-                  unavailable=lambda m, r: NoBackendAvailable(m))
+    client = config(ADDRS)
     assert client.serves("Users")
     assert client.serves("users")
     assert not client.serves("login.example.com")
-    pinned = make(ADDRS, key=None, algorithm=None, policy=RetryPolicy(), hosts=["a", "B"],
-                  unavailable=lambda m, r: NoBackendAvailable(m))
+    pinned = config(ADDRS, hosts=["a", "B"])
     assert pinned.serves("b")
     assert not pinned.serves("c")
     with pytest.raises(ValueError, match="hosts"):
-        make(ADDRS, key=None, algorithm=None, policy=RetryPolicy(), hosts=["http://a/"],
-             unavailable=lambda m, r: NoBackendAvailable(m))
+        config(ADDRS, hosts=["http://a/"])
 
 
 @pytest.mark.parametrize(("kwargs", "error"), [
     ({"max_attempts": 0}, ValueError), ({"max_attempts": True}, TypeError),
     ({"retry_statuses": {600}}, ValueError), ({"retry_statuses": 503}, TypeError),
-    ({"failure_statuses": ["500"]}, ValueError), ({"backoff": -1}, ValueError),
+    ({"backoff": -1}, ValueError),
     ({"backoff_max": "1"}, TypeError), ({"retry_maybe_sent": 1}, TypeError),
     ({"idempotent_methods": "GET"}, TypeError), ({"buffer_limit": -1}, ValueError),
     ({"attempt_timeout": 0}, ValueError), ({"deadline": -1}, ValueError),
@@ -421,8 +440,15 @@ def test_policy_normalises() -> None:
     policy = RetryPolicy(retry_statuses=[503, 503], idempotent_methods=["get"])
     assert policy.retry_statuses == frozenset({503})
     assert policy.idempotent_methods == frozenset({"GET"})
-    assert 500 in policy.failure_statuses
-    assert 499 not in policy.failure_statuses
+    health = HealthPolicy(failure_statuses=[503, 503])
+    assert health.failure_statuses == frozenset({503})
+    assert 500 in HealthPolicy().failure_statuses
+    assert 499 not in HealthPolicy().failure_statuses
+    for bad, error in ((["500"], ValueError), (500, TypeError), ("500", TypeError)):
+        with pytest.raises(error, match="failure_statuses"):
+            HealthPolicy(failure_statuses=bad)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="failure_statuses"):
+        RetryPolicy(failure_statuses={500})  # type: ignore[call-arg]  # the balancer's rule now
 
 
 def test_policy_and_a_conflicting_flat_option_is_a_type_error() -> None:

@@ -1,0 +1,334 @@
+"""What an adapter is configured with: :class:`AdapterConfig`.
+
+What lives here: everything the httpx transports and the requests adapter are given and share,
+defined once: the balancer (or the backends to build one), the hosts served, the key
+function's contract, the retry policy and its per-request overrides, the retry budget's account
+(:class:`~lbclient._ledger.Ledger`), the observers attached (metrics, tracing), who starts and
+stops the balancer's services for the adapter, and how a request's plan starts (its first
+backend, or the no-backend error and why). Also the flat-options helper :func:`policy_from`.
+
+What may not: an HTTP client (an adapter passes in its own ``NoBackendAvailable`` maker), the
+attempt loop, or a retry or health rule (those are the plan's).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Collection, Iterable
+from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar
+
+import anyio
+
+from lbclient._ledger import Ledger
+from lbclient._observe import Observer, enlist, watched_plan
+from lbclient._plan import RequestPlan, redact
+from lbclient.backend import Backend
+from lbclient.balancer import LoadBalancer
+from lbclient.errors import KeyFunctionError, NoBackendAvailable
+from lbclient.health import HealthPolicy
+from lbclient.retry import RequestOptions, RetryPolicy, RetryStats
+from lbclient.selection.base import AlgorithmLike
+
+if TYPE_CHECKING:
+    from lbclient._loop import AsyncWire, Wire
+
+__all__ = ["DEFAULT", "AdapterConfig", "Default", "config_of", "policy_from"]
+
+_R = TypeVar("_R")
+
+
+class Default:
+    """The type of :data:`DEFAULT`."""
+
+    def __repr__(self) -> str:
+        return "DEFAULT"
+
+
+#: "Not given", where None is a meaningful value (``budget=None`` turns the budget off).
+DEFAULT: Final = Default()
+
+
+def policy_from(policy: RetryPolicy | None, **options: Any) -> RetryPolicy:
+    """The policy an adapter runs with: ``policy``, or one made from the flat options that were
+    given (those left at None, or at DEFAULT, keep RetryPolicy's defaults). Both at once is a
+    TypeError."""
+    given = {
+        name: value
+        for name, value in options.items()
+        if value is not DEFAULT and (value is not None or name == "budget")
+    }
+    if policy is not None:
+        if not isinstance(policy, RetryPolicy):
+            raise TypeError(f"policy must be a RetryPolicy, got {policy!r}")
+        if given:
+            names = ", ".join(sorted(given))
+            raise TypeError(f"give either policy= or {names}, not both (policy={policy!r})")
+        return policy
+    return RetryPolicy(**given)
+
+
+def _name(fn: Callable[..., Any]) -> str:
+    return getattr(fn, "__qualname__", None) or repr(fn)
+
+
+def _balancer(
+    balancer: LoadBalancer | Iterable[Backend | str],
+    algorithm: AlgorithmLike | None,
+    failure_statuses: Collection[int] | None,
+) -> LoadBalancer:
+    """The balancer an adapter uses: ``balancer``, or one built of the backends given."""
+    if isinstance(balancer, LoadBalancer):
+        if algorithm is not None:
+            raise TypeError("algorithm= applies only when backends are given, not a balancer")
+        if failure_statuses is not None:
+            raise TypeError(
+                "failure_statuses= applies only when backends are given, not a balancer: "
+                "give the balancer HealthPolicy(failure_statuses=...)"
+            )
+        return balancer
+    health = None if failure_statuses is None else HealthPolicy(failure_statuses=failure_statuses)
+    if algorithm is None:
+        return LoadBalancer(balancer, health=health)
+    return LoadBalancer(balancer, algorithm, health=health)
+
+
+class AdapterConfig(Generic[_R]):
+    """What one httpx transport or requests adapter is configured with, and how a request's
+    plan starts. Client-agnostic: both adapters build on it.
+
+    * ``name``: the adapter's class name, for messages.
+    * ``hedges``: whether the adapter can hedge (the async transport); the others refuse a
+      policy with ``hedge_after``.
+    * ``unavailable``: makes the adapter's own NoBackendAvailable (message, request).
+    """
+
+    def __init__(
+        self,
+        balancer: LoadBalancer | Iterable[Backend | str],
+        *,
+        key: Callable[[Any], bytes | str | None] | None,
+        algorithm: AlgorithmLike | None,
+        failure_statuses: Collection[int] | None,
+        policy: RetryPolicy,
+        hosts: Iterable[str] | None,
+        unavailable: Callable[[str, Any], NoBackendAvailable],
+        name: str,
+        hedges: bool,
+    ) -> None:
+        self.balancer = _balancer(balancer, algorithm, failure_statuses)
+        if key is not None and not callable(key):
+            raise TypeError(f"key must be a function of the request, got {key!r}")
+        self.key = key
+        self.name = name
+        self.hedges = hedges
+        self.policy = self.refuse_hedging(policy)
+        #: The account every request through this adapter spends its retries from.
+        self.ledger = Ledger(policy.budget)
+        self.hosts = _hosts(hosts)
+        self.unavailable = unavailable
+        #: True until the balancer's services (active checks, discovery) were started for this
+        #: adapter (False at once when it has none): the per-request test is one attribute read.
+        self.services_pending = _has_services(self.balancer)
+        self._serving = False
+        self._lock = threading.Lock()
+        self._starting = threading.Lock()  # held while the services start (a thread waits)
+        self._astarting = anyio.Lock()  # the same for tasks, without blocking the event loop
+        #: What watches this adapter's requests (:func:`~lbclient._observe.attach`); while it
+        #: is empty, the per-request test is one attribute read and nothing else is paid.
+        self.observers: tuple[Observer, ...] = ()
+        enlist(self)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        del state["_lock"]
+        del state["_starting"]
+        del state["_astarting"]
+        del state["observers"]  # they watch this process's adapters, not a copy's
+        state["services_pending"] = _has_services(self.balancer)
+        state["_serving"] = False
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+        self._starting = threading.Lock()
+        self._astarting = anyio.Lock()
+        enlist(self)
+
+    # -- hosts and policy ------------------------------------------------------------------
+
+    def serves(self, host: str) -> bool:
+        """Whether requests for ``host`` go to the backends. Without ``hosts=``, the host of
+        the first request is the one served from then on."""
+        hosts = self.hosts
+        if hosts is None:
+            with self._lock:
+                if self.hosts is None:
+                    self.hosts = frozenset({host.lower()})
+                hosts = self.hosts
+        return host.lower() in hosts
+
+    def refuse_hedging(self, policy: RetryPolicy) -> RetryPolicy:
+        """``policy``, or a ValueError if it hedges and this adapter cannot."""
+        if policy.hedge_after is not None and not self.hedges:
+            raise ValueError(
+                f"hedge_after={policy.hedge_after:g}: {self.name} does not hedge requests (it "
+                "is synchronous: each hedge would need a thread of its own); use httpx with "
+                "AsyncLBTransport to hedge"
+            )
+        return policy
+
+    def policy_for(self, options: object) -> RetryPolicy:
+        """The policy of a request with these per-request ``options`` (a
+        :class:`~lbclient.RequestOptions` or a mapping of its fields)."""
+        return self.refuse_hedging(RequestOptions.coerce(options).apply(self.policy))
+
+    # -- services: active checks and discovery ---------------------------------------------
+
+    def start_services(self) -> None:
+        """Start the balancer's services (active checks, discovery), once for this adapter.
+        Requests that arrive meanwhile wait: discovery's first answer comes first."""
+        with self._starting:
+            if self.services_pending:
+                self.balancer.start()
+                with self._lock:
+                    self._serving = True
+                    self.services_pending = False
+
+    async def astart_services(self) -> None:
+        """Start the balancer's services on the running event loop, once. Tasks that arrive
+        meanwhile wait, without blocking the event loop."""
+        async with self._astarting:
+            if self.services_pending:
+                await self.balancer.astart()
+                with self._lock:
+                    self._serving = True
+                    self.services_pending = False
+
+    def _stop(self) -> bool:
+        with self._lock:
+            self.services_pending = False
+            started, self._serving = self._serving, False
+            return started
+
+    def stop_services(self) -> None:
+        """Stop the services this adapter started (others' keep running)."""
+        if self._stop():
+            self.balancer.close()
+
+    async def astop_services(self) -> None:
+        """Stop the services this adapter started, awaiting their tasks."""
+        if self._stop():
+            await self.balancer.aclose()
+
+    # -- one request -------------------------------------------------------------------------
+
+    def key_of(self, request: object, method: str, url: object) -> bytes:
+        """The selection key of ``request``; KeyFunctionError if the key function fails.
+        ``url`` is the request's URL, or an object whose ``str()`` is (made only for a
+        message)."""
+        fn = self.key
+        if fn is None:
+            return b""
+        try:
+            value = fn(request)
+            if type(value) is bytes:
+                return value
+            if isinstance(value, str):
+                return value.encode("utf-8")
+        except Exception as exc:
+            what = (
+                f"returned a str that cannot be encoded as UTF-8 ({exc})"
+                if isinstance(exc, UnicodeEncodeError)
+                else f"raised {type(exc).__name__}: {exc}"
+            )
+            raise KeyFunctionError(
+                f"key function {_name(fn)} {what} for {method} {redact(str(url))}; nothing was sent"
+            ) from exc
+        if value is None:
+            return b""
+        if isinstance(value, (bytes, bytearray, memoryview)):
+            return bytes(value)
+        raise KeyFunctionError(
+            f"key function {_name(fn)} returned {value!r} ({type(value).__name__}) for "
+            f"{method} {redact(str(url))}; it must return bytes, str or None; nothing was sent"
+        )
+
+    def start(self, wire: Wire[Any] | AsyncWire[Any]) -> tuple[RequestPlan, Backend]:
+        """The plan for the request of ``wire`` and its first backend; NoBackendAvailable if
+        none."""
+        request, method, url = wire.request, wire.method, wire.url
+        options = wire.options
+        policy = self.policy if options is None else self.policy_for(options)
+        key = self.key_of(request, method, url)
+        ledger = self.ledger
+        observers = self.observers
+        plan = (
+            watched_plan(
+                observers, request, url, self.balancer, key, method, wire.replayable, policy,
+                ledger,
+            )
+            if observers
+            else RequestPlan(self.balancer, key, method, wire.replayable, policy, ledger=ledger)
+        )
+        ledger.deposit(plan.start)
+        first = plan.take()
+        if first is None:
+            error = self.unavailable(
+                f"no backend available for {method} {redact(str(url))}: {self._why_none()}",
+                request,
+            )
+            watch = plan.watch
+            if watch is not None:
+                watch.ended(plan, None, error)  # type: ignore[arg-type]
+            raise error
+        return plan, first
+
+    def stats(self) -> RetryStats:
+        """Requests, retries, hedges and the retry budget's state, as of now."""
+        return self.ledger.stats(time.monotonic())
+
+    def _why_none(self) -> str:
+        snapshot = self.balancer.snapshot()
+        count = len(snapshot.backends)
+        if not count:
+            if snapshot.discovery_error is not None:
+                return f"it has no backends: discovery failed: {snapshot.discovery_error}"
+            if self.balancer.discovery is None:
+                return "it has no backends"
+            if snapshot.discovery_refreshes:
+                return "it has no backends: discovery found none"
+            return "it has no backends: discovery has not answered (is the balancer started?)"
+        enabled = sum(b.enabled for b in snapshot.backends)
+        if not enabled:
+            return f"all {count} backends are disabled"
+        return (
+            f"none of its {enabled} enabled backends is healthy and panic mode is off "
+            f"(panic_threshold={self.balancer.policy.panic_threshold:g})"
+        )
+
+
+def config_of(target: object) -> AdapterConfig[Any] | None:
+    """The :class:`AdapterConfig` of an httpx transport or a requests adapter, or None for
+    anything else."""
+    config = getattr(target, "_config", None)
+    return config if isinstance(config, AdapterConfig) else None
+
+
+def _has_services(balancer: LoadBalancer) -> bool:
+    return balancer.health_check is not None or getattr(balancer, "discovery", None) is not None
+
+
+def _hosts(hosts: Iterable[str] | None) -> frozenset[str] | None:
+    if hosts is None:
+        return None
+    if isinstance(hosts, str):
+        hosts = [hosts]
+    names = frozenset(hosts)
+    for name in names:
+        if not isinstance(name, str) or not name or "/" in name or "@" in name:
+            raise ValueError(f"hosts must be host names like 'users', got {name!r}")
+    if not names:
+        raise ValueError("hosts must name at least one host, got none")
+    return frozenset(name.lower() for name in names)
