@@ -67,9 +67,7 @@ __all__ = [  # noqa: RUF022 (grouped by topic, not sorted)
     "__version__",
 ]
 
-# Loaded on first use: name -> module. The names after the blank line are not in __all__; they
-# stay importable from here for code written against earlier versions, and live in the module
-# named.
+# Loaded on first use: name -> module.
 _LAZY = {
     "LBTransport": "lbclient.httpx_transport",
     "AsyncLBTransport": "lbclient.httpx_transport",
@@ -79,33 +77,6 @@ _LAZY = {
     "RetryBudget": "lbclient.retry",
     "TcpCheck": "lbclient.checks",
     "HttpCheck": "lbclient.checks",
-
-    "HealthCheck": "lbclient.checks",
-    "CheckFailed": "lbclient.errors",
-    "Failure": "lbclient.retry",
-    "IDEMPOTENT_METHODS": "lbclient.retry",
-    "HealthState": "lbclient.health",
-    "MAX_WEIGHT": "lbclient.backend",
-    "DEFAULT_MAX_ITERATIONS": "lbclient.balancer",
-    "Algorithm": "lbclient.selection",
-    "Selector": "lbclient.selection",
-    "UniqueIterator": "lbclient.selection",
-    "Weighted": "lbclient.selection",
-    "WeightedIterator": "lbclient.selection",
-    "WeightedSelector": "lbclient.selection",
-    "ConsistentSelector": "lbclient.selection",
-    "Maglev": "lbclient.selection",
-    "MaglevSelector": "lbclient.selection",
-    "Rendezvous": "lbclient.selection",
-    "RendezvousSelector": "lbclient.selection",
-    "LibKetama": "lbclient.selection",
-    "LibKetamaSelector": "lbclient.selection",
-    "ServiceDiscovery": "lbclient.discovery",
-    "Discovered": "lbclient.discovery",
-    "Static": "lbclient.discovery",
-    "DNS": "lbclient.discovery",
-    "File": "lbclient.discovery",
-    "Function": "lbclient.discovery",
 }
 
 

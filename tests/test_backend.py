@@ -5,7 +5,8 @@ import random
 
 import pytest
 
-from lbclient import MAX_WEIGHT, Backend
+from lbclient import Backend
+from lbclient.backend import MAX_WEIGHT
 
 
 @pytest.mark.parametrize(

@@ -250,8 +250,17 @@ def test_top_level_names_are_few_and_all_resolve() -> None:
     assert len(lbclient.__all__) <= 30
     for name in lbclient.__all__:
         assert getattr(lbclient, name) is not None
-    # Names of earlier versions stay importable without being advertised.
-    from lbclient import MAX_WEIGHT, ConsistentSelector  # noqa: F401
+    # Nothing more is offered: each other name lives in its own module only.
+    elsewhere = {"HealthCheck", "CheckFailed", "Failure", "IDEMPOTENT_METHODS", "HealthState",
+                 "MAX_WEIGHT", "DEFAULT_MAX_ITERATIONS", "Algorithm", "Selector",
+                 "UniqueIterator", "Weighted", "WeightedIterator", "WeightedSelector",
+                 "ConsistentSelector", "Maglev", "MaglevSelector", "Rendezvous",
+                 "RendezvousSelector", "LibKetama", "LibKetamaSelector", "ServiceDiscovery",
+                 "Discovered", "Static", "DNS", "File", "Function"}
+    assert not elsewhere & set(dir(lbclient))
+    for name in elsewhere:
+        with pytest.raises(AttributeError):
+            getattr(lbclient, name)
 
 
 def test_unknown_top_level_name_is_an_attribute_error() -> None:

@@ -13,7 +13,7 @@ from typing import Final
 import xxhash
 
 from lbclient.backend import Backend
-from lbclient.selection.base import same_weight, weights_of
+from lbclient.selection.base import _same_weight, _weights_of
 
 __all__ = [
     "DENSE_SHARE",
@@ -65,9 +65,9 @@ TAIL: Final = 64
 def turns(backends: tuple[Backend, ...], size: int) -> Sequence[int]:
     """One round of turns: each backend's index, its weight (divided by the weights' greatest
     common divisor) times in a row, in sorted order."""
-    weights = weights_of(backends)
+    weights = _weights_of(backends)
     divisor = math.gcd(*weights)
-    if same_weight(weights):
+    if _same_weight(weights):
         order: Sequence[int] = range(len(backends))  # one turn each per round
     else:
         order = [i for i, w in enumerate(weights) for _ in range(w // divisor)]

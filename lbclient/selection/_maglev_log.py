@@ -48,7 +48,7 @@ from typing import Final, TypeAlias
 
 from lbclient.backend import Backend
 from lbclient.selection._maglev_fill import TAIL, permutation_start, pick_turns, read_turns, turns
-from lbclient.selection.base import Change, same_weight, weights_of
+from lbclient.selection.base import Change, _same_weight, _weights_of
 
 __all__ = [
     "MAX_CHANGES",
@@ -133,7 +133,7 @@ class Rounds:
         #: when every backend has one turn a round.
         self.starts: list[int] | None = None
         self.width = len(backends)
-        if weights and not same_weight(weights):
+        if weights and not _same_weight(weights):
             self.starts = list(accumulate((w // divisor for w in weights), initial=0))
             self.width = self.starts[-1]
 
@@ -265,7 +265,7 @@ def record(
     does, when ``size`` is smaller than the total weight.
     """
     order = turns(backends, size)
-    weights = weights_of(backends)
+    weights = _weights_of(backends)
     rounds = Rounds(backends, math.gcd(*weights), weights)
     if starts is None:
         starts = [permutation_start(b.address, size) for b in backends]
@@ -314,7 +314,7 @@ def recordable(backends: tuple[Backend, ...], size: int) -> bool:
     :data:`MIN_LOGGED` and :data:`MAX_TURNS`)."""
     if size < MIN_LOGGED or not backends:
         return False
-    weights = weights_of(backends)
+    weights = _weights_of(backends)
     divisor = math.gcd(*weights)
     return sum(w // divisor for w in weights) * MAX_TURNS >= size
 
@@ -336,7 +336,7 @@ def advance(
     if log.rounds.starts is None and all(b.weight == divisor for b in change.added):
         rounds = Rounds(backends, divisor, ())  # the weights are all the same still
     else:
-        weights = weights_of(backends)
+        weights = _weights_of(backends)
         if math.gcd(*weights) != divisor:
             return None
         rounds = Rounds(backends, divisor, weights)

@@ -14,7 +14,6 @@ from typing import Any, Final, Generic, Protocol, TypeVar, cast, runtime_checkab
 from lbclient.backend import Backend
 
 __all__ = [
-    "SPLICE_LIMIT",
     "Algorithm",
     "AlgorithmLike",
     "Change",
@@ -29,17 +28,13 @@ __all__ = [
     "prepare_backends",
     "prepare_update",
     "resolve_algorithm",
-    "same_weight",
-    "small",
-    "splice",
     "to_key",
-    "weights_of",
 ]
 
 #: Up to this many backends leaving and joining, a new set is made from the previous one by
 #: deleting and inserting them (and selectors splice their per-backend data); beyond it, sorted
 #: afresh.
-SPLICE_LIMIT: Final = 64
+_SPLICE_LIMIT: Final = 64
 
 _T = TypeVar("_T")
 _weight = attrgetter("weight")
@@ -282,7 +277,7 @@ def prepare_update(
     left += [b for b in map(lookup, (b.address for b in joined)) if b is not None]
     if not joined and not left and len(unique) == len(previous):
         return previous, Change((), (), (), ())
-    if len(joined) + len(left) > max(SPLICE_LIMIT, len(previous) // 64):
+    if len(joined) + len(left) > max(_SPLICE_LIMIT, len(previous) // 64):
         prepared = tuple(sorted(unique))
         return prepared, changes(previous, prepared)
     left.sort()
@@ -383,7 +378,7 @@ def changes(old: Sequence[Backend], new: Sequence[Backend]) -> Change:
     )
 
 
-def splice(
+def _splice(
     values: Sequence[_T], change: Change, make: Callable[[Backend], _T]
 ) -> list[_T]:
     """``values`` (one per backend of the previous set, in its order) for the new set: the
@@ -396,12 +391,12 @@ def splice(
     return out
 
 
-def weights_of(backends: Iterable[Backend]) -> list[int]:
+def _weights_of(backends: Iterable[Backend]) -> list[int]:
     """The weights of ``backends``, in order."""
     return list(map(_weight, backends))
 
 
-def same_weight(weights: Sequence[int]) -> int:
+def _same_weight(weights: Sequence[int]) -> int:
     """The weight every backend has, or 0 if they differ (or there are none)."""
     if not weights:
         return 0
@@ -409,10 +404,10 @@ def same_weight(weights: Sequence[int]) -> int:
     return first if weights.count(first) == len(weights) else 0
 
 
-def small(change: Change, count: int) -> bool:
+def _small(change: Change, count: int) -> bool:
     """Whether ``change`` is small enough, in a set of ``count`` backends, for a selector to
     splice its per-backend data rather than compute it all again."""
-    return len(change) <= max(SPLICE_LIMIT, count // 64)
+    return len(change) <= max(_SPLICE_LIMIT, count // 64)
 
 
 class UniqueIterator(Iterator[Backend]):

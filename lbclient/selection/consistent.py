@@ -35,11 +35,11 @@ from lbclient.selection.base import (
     Change,
     Key,
     Selector,
+    _weights_of,
     buildmethod,
     changes,
     prepare_backends,
     to_key,
-    weights_of,
 )
 
 __all__ = ["DEFAULT_POINTS_PER_WEIGHT", "Consistent", "ConsistentSelector", "Ring"]
@@ -379,7 +379,7 @@ class ConsistentSelector:
         self._backends = backends
         self._options = (points_per_weight, ipv6_brackets)
         #: The total weight of the backends.
-        self._weight = sum(weights_of(backends)) if weight is None else weight
+        self._weight = sum(_weights_of(backends)) if weight is None else weight
         total = self._weight * points_per_weight
         if total > _POINT_LIMIT:
             raise ValueError(

@@ -54,11 +54,11 @@ from lbclient.selection.base import (
     Change,
     Key,
     Selector,
+    _weights_of,
     buildmethod,
     changes,
     prepare_backends,
     to_key,
-    weights_of,
 )
 from lbclient.selection.consistent import Ring
 
@@ -152,7 +152,7 @@ class LibKetamaSelector:
                 f"a continuum holds up to {_NODE_MASK + 1:,} backends, got {servers:,}"
             )
         #: How many backends have each weight.
-        self._weights = Counter(weights_of(backends)) if weights is None else weights
+        self._weights = Counter(_weights_of(backends)) if weights is None else weights
         if ring is None:
             digests = self._digests(servers, self._total())
             ring = Ring.build(
@@ -240,9 +240,9 @@ class LibKetamaSelector:
         the number of digests of a weight that backends staying have (the number of backends
         or the total weight changed, and their share with it), the continuum is built anew."""
         weights = Counter(self._weights)
-        weights.subtract(weights_of(change.removed))
+        weights.subtract(_weights_of(change.removed))
         staying = +weights
-        weights.update(weights_of(change.added))
+        weights.update(_weights_of(change.added))
         weights = +weights
         before = self._digests(len(self._backends), self._total())
         after = self._digests(len(backends), sum(w * n for w, n in weights.items()))

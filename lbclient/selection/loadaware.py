@@ -26,10 +26,10 @@ from lbclient.selection.base import (
     Change,
     Key,
     Selector,
+    _same_weight,
+    _weights_of,
     buildmethod,
     prepare_backends,
-    same_weight,
-    weights_of,
 )
 from lbclient.selection.slow_start import SlowStart, slow_start_of
 
@@ -71,8 +71,8 @@ class LoadAwareSelector:
     ) -> None:
         self._backends = backends
         self._score = score
-        self._weights = weights_of(backends)
-        self._uniform = len(backends) <= 1 or same_weight(self._weights) > 0
+        self._weights = _weights_of(backends)
+        self._uniform = len(backends) <= 1 or _same_weight(self._weights) > 0
         self._cumulative = list(itertools.accumulate(self._weights))
         self._loads: Mapping[Backend, Load] = {}
         self._clock: Callable[[], float] = time.monotonic
@@ -201,7 +201,7 @@ class LeastRequest:
     ) -> LoadAwareSelector:
         """The selector over ``backends`` (sorted and de-duplicated), as ``build`` makes it;
         the load it reads is the balancer's, carried over for the backends that stay."""
-        uniform = len(backends) <= 1 or same_weight(weights_of(backends)) > 0
+        uniform = len(backends) <= 1 or _same_weight(_weights_of(backends)) > 0
         return _Chooser(backends, self._score(uniform), self.choices)
 
     def __repr__(self) -> str:

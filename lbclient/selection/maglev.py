@@ -39,11 +39,11 @@ from lbclient.selection.base import (
     Change,
     Key,
     Selector,
+    _small,
+    _splice,
     buildmethod,
     changes,
     prepare_backends,
-    small,
-    splice,
     to_key,
 )
 
@@ -177,8 +177,8 @@ class MaglevSelector:
             # Not to be replayed (see advance): filled afresh, and the next small change makes
             # a record again. The record knows the permutations of the backends that stay.
             return MaglevSelector(backends, size, permutations=_known(backends, log, size))
-        offsets = splice(self._offsets, change, lambda b: _offset(b, size))
-        skips = splice(self._skips, change, lambda b: _skip(b, size))
+        offsets = _splice(self._offsets, change, lambda b: _offset(b, size))
+        skips = _splice(self._skips, change, lambda b: _skip(b, size))
         if len(change) <= MAX_CHANGES and recordable(backends, size):
             starts = list(zip(offsets, skips, strict=True))
             return MaglevSelector(backends, size, log=record(backends, size, starts))
@@ -272,7 +272,7 @@ class Maglev:
             return MaglevSelector(backends, self.table_size)
         if change is None:
             change = changes(previous.backends, backends)
-        return previous.rebuilt(backends, change if small(change, len(backends)) else None)
+        return previous.rebuilt(backends, change if _small(change, len(backends)) else None)
 
     def __repr__(self) -> str:
         return f"Maglev(table_size={self.table_size})"

@@ -35,14 +35,14 @@ from lbclient.selection.base import (
     Change,
     Key,
     Selector,
+    _same_weight,
+    _small,
+    _splice,
+    _weights_of,
     buildmethod,
     changes,
     prepare_backends,
-    same_weight,
-    small,
-    splice,
     to_key,
-    weights_of,
 )
 
 __all__ = ["Rendezvous", "RendezvousSelector"]
@@ -78,8 +78,8 @@ class RendezvousSelector:
         self._count = len(backends)
         #: Each backend's seed (``seeds``, when given, must be theirs, in order).
         self._seeds = tuple(map(backend_seed, backends) if seeds is None else seeds)
-        self._weights = tuple(weights_of(backends))
-        self._equal = not backends or same_weight(self._weights) > 0
+        self._weights = tuple(_weights_of(backends))
+        self._equal = not backends or _same_weight(self._weights) > 0
 
     @property
     def backends(self) -> tuple[Backend, ...]:
@@ -130,7 +130,7 @@ class RendezvousSelector:
     def rebuilt(self, backends: tuple[Backend, ...], change: Change) -> RendezvousSelector:
         """The selector for ``backends``, which ``change`` made from this set: the seeds of
         the backends that stay are kept, those of the joining ones computed."""
-        return RendezvousSelector(backends, seeds=splice(self._seeds, change, backend_seed))
+        return RendezvousSelector(backends, seeds=_splice(self._seeds, change, backend_seed))
 
     def __len__(self) -> int:
         return self._count
@@ -164,7 +164,7 @@ class Rendezvous:
             return RendezvousSelector(backends)
         if change is None:
             change = changes(previous.backends, backends)
-        if not small(change, len(backends)):
+        if not _small(change, len(backends)):
             return RendezvousSelector(backends)
         return previous.rebuilt(backends, change)
 

@@ -24,11 +24,11 @@ from lbclient.selection.base import (
     Change,
     Key,
     Selector,
+    _same_weight,
+    _weights_of,
     buildmethod,
     prepare_backends,
-    same_weight,
     to_key,
-    weights_of,
 )
 from lbclient.selection.slow_start import SlowStart, slow_start_of
 
@@ -47,10 +47,10 @@ class SmoothSelector:
     def __init__(self, backends: tuple[Backend, ...]) -> None:
         self._backends = backends
         self._count = count = len(backends)
-        weights = weights_of(backends)
+        weights = _weights_of(backends)
         self._total = sum(weights)
         members: dict[int, list[int]] = {}
-        weight = same_weight(weights)
+        weight = _same_weight(weights)
         if weight:
             members[weight] = list(range(count))
         else:

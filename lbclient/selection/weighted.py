@@ -27,10 +27,10 @@ from lbclient.selection.base import (
     Change,
     Key,
     Selector,
+    _weights_of,
     buildmethod,
     prepare_backends,
     to_key,
-    weights_of,
 )
 from lbclient.selection.slow_start import SlowStart, slow_start_of
 
@@ -77,7 +77,7 @@ class WeightedSelector:
         self._index = index
         self._step = step
         self._count = len(backends)
-        weights = weights_of(backends)
+        weights = _weights_of(backends)
         self._total = sum(weights)
         self._table: tuple[Backend, ...] | None = None
         self._cumulative: list[int] = []
