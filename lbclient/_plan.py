@@ -531,7 +531,7 @@ class BodyReport:
                 plan.balancer.observe(load, None, True)
             load.end()
         if ok is not None and not self._done:
-            plan.report(self._backend, Outcome.SUCCESS if ok else Outcome.CONNECTION_FAILURE)
+            plan.report(self._backend, ok)  # a bool: the balancer's fast path for a success
         plan.body_ended(self._backend, ok is not False)
 
 
