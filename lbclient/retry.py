@@ -56,11 +56,13 @@ IDEMPOTENT_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"
 class Failure(enum.Enum):
     """How far a failed attempt got, which decides whether it may be retried."""
 
-    #: The request never left the client: safe to retry for every method.
+    #: The request never left the client (refused, connect timeout, TLS handshake, no free
+    #: connection in that backend's pool in time): safe to retry for every method.
     NEVER_SENT = "never sent"
     #: The request may have reached the server: retry only idempotent, replayable requests.
     MAYBE_SENT = "maybe sent"
-    #: A local problem (pool exhausted, bad request): not the backend's fault, not retried.
+    #: A local problem (a malformed request, an unsupported scheme): not the backend's fault,
+    #: not retried.
     LOCAL = "local"
 
 
