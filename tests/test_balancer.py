@@ -13,11 +13,11 @@ from lbclient import (
     FNVHash,
     Hash,
     HealthPolicy,
-    HealthState,
     LoadBalancer,
     Random,
     RoundRobin,
 )
+from lbclient.health import HealthState
 
 A, B, C = "10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"
 

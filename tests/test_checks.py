@@ -19,14 +19,14 @@ import requests
 from lbclient import (
     AsyncLBTransport,
     Backend,
-    CheckFailed,
-    HealthCheck,
     HttpCheck,
     LBAdapter,
     LBTransport,
     LoadBalancer,
     TcpCheck,
 )
+from lbclient.checks import HealthCheck
+from lbclient.errors import CheckFailed
 from lbclient.testing import TestServer, TLSCerts, closed_port
 
 FAST = 0.05  # check interval in the runner tests, seconds

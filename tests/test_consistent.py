@@ -13,7 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lbclient import Backend, Consistent, ConsistentSelector, LoadBalancer
+from lbclient import Backend, Consistent, LoadBalancer
+from lbclient.selection import ConsistentSelector
 
 
 def ports(picks: list[Backend]) -> list[int]:

@@ -15,11 +15,11 @@ from lbclient import (
     Backend,
     Hash,
     HealthPolicy,
-    HealthState,
     LoadBalancer,
     Outcome,
     RoundRobin,
 )
+from lbclient.health import HealthState
 
 CONN, FIVE, OK = Outcome.CONNECTION_FAILURE, Outcome.SERVER_ERROR, Outcome.SUCCESS
 A, B, C, D = "10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80", "10.0.0.4:80"

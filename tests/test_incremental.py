@@ -19,13 +19,13 @@ from lbclient import (
     FNVHash,
     Hash,
     HealthPolicy,
-    HealthState,
     LoadBalancer,
     Random,
     RoundRobin,
 )
 from lbclient._load import Load, Total
 from lbclient.hashing import crc32
+from lbclient.health import HealthState
 from lbclient.selection import (
     LeastRequest,
     LibKetama,
@@ -35,6 +35,7 @@ from lbclient.selection import (
     SmoothRoundRobin,
     Weighted,
 )
+from lbclient.selection._ring import Ring
 from lbclient.selection.base import (
     Change,
     Rebuildable,
@@ -42,7 +43,6 @@ from lbclient.selection.base import (
     prepare_backends,
     prepare_update,
 )
-from lbclient.selection.consistent import Ring
 
 KEYS = [f"key-{i}".encode() for i in range(400)]
 FALLBACKS = 4  # items of each key's selection order compared, the first pick included

@@ -12,8 +12,15 @@ from typing import Any
 
 import pytest
 
-from lbclient import Backend, Consistent, HealthPolicy, HealthState, LoadBalancer, RoundRobin
+from lbclient import (
+    Backend,
+    Consistent,
+    HealthPolicy,
+    LoadBalancer,
+    RoundRobin,
+)
 from lbclient._book import Cell, Tally
+from lbclient.health import HealthState
 from lbclient.selection import Maglev, MaglevSelector
 from lbclient.selection.maglev import _fill, permutation_start
 

@@ -13,7 +13,6 @@ import requests
 
 from lbclient import (
     Backend,
-    Failure,
     Hash,
     HealthPolicy,
     LoadBalancer,
@@ -22,6 +21,7 @@ from lbclient import (
 )
 from lbclient.errors import KeyFunctionError
 from lbclient.requests_adapter import LBAdapter, classify
+from lbclient.retry import Failure
 from lbclient.testing import TestServer, TLSCerts, closed_port
 
 pytestmark = pytest.mark.timeout(120)

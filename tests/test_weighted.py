@@ -14,11 +14,9 @@ from lbclient import (
     Hash,
     Random,
     RoundRobin,
-    UniqueIterator,
-    Weighted,
-    WeightedIterator,
 )
 from lbclient.hashing import fnv1a_64, le64, xxh3_64
+from lbclient.selection import UniqueIterator, Weighted, WeightedIterator
 from lbclient.selection.weighted import WeightedSelector
 
 B1 = "1.1.1.1:80"

@@ -31,7 +31,7 @@ The continuum, for ``n`` backends in sorted order with total weight ``W``:
   exactly onto a point goes to that point's backend); the C code leaves the owner of a shared
   point to its sort, and here the first backend in sorted order owns it.
 
-The continuum is kept in arrays, as :class:`~lbclient.selection.consistent.Ring`. When the set
+The continuum is kept in arrays, as :class:`~lbclient.selection._ring.Ring`. When the set
 changes and the backends that stay keep their numbers of digests (always, with equal weights),
 :meth:`LibKetama.rebuild` only takes out and merges in the points of the backends that left or
 joined; otherwise the continuum is built anew.
@@ -50,6 +50,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Final, Protocol
 
 from lbclient.backend import Backend
+from lbclient.selection._ring import Ring
 from lbclient.selection.base import (
     Change,
     Key,
@@ -60,7 +61,6 @@ from lbclient.selection.base import (
     prepare_backends,
     to_key,
 )
-from lbclient.selection.consistent import Ring
 
 __all__ = ["DIGESTS_PER_SERVER", "VARIANTS", "LibKetama", "LibKetamaSelector"]
 
