@@ -1,14 +1,16 @@
-"""Maglev's fill: the turns that claim the table's slots, in three phases by density (the rules
+"""Maglev's fill: the turns that claim the table's slots, in three phases by density, and the
+order of those turns (:class:`Rounds`: who takes the fill's turn of a given number). The rules
 are in :mod:`lbclient.selection.maglev`; :mod:`lbclient.selection._maglev_log` keeps a fill with
-the record a change replays)."""
+the record a change replays."""
 
 from __future__ import annotations
 
 import math
+from bisect import bisect_right
 from collections.abc import Iterable, Sequence
-from itertools import cycle, islice, repeat
+from itertools import accumulate, cycle, islice, repeat
 from operator import mod, mul, sub
-from typing import Final
+from typing import Final, TypeAlias
 
 import xxhash
 
@@ -22,11 +24,15 @@ __all__ = [
     "STRETCH",
     "TAIL",
     "Cells",
+    "Rounds",
+    "Turn",
     "fill",
     "permutation_start",
     "pick_turns",
     "read_turns",
+    "turn_of",
     "turns",
+    "turns_before",
     "walk_turns",
 ]
 
@@ -194,3 +200,69 @@ def pick_turns(
         free.pop()
         owners[slot] = i
         place[i] = (slot + steps[i]) % size
+
+
+# -- the order of the turns --------------------------------------------------------------------
+
+#: A turn's place in the fill: its round, its backend's sort order, its place in the round's
+#: run of that backend's turns.
+Turn: TypeAlias = "tuple[int, tuple[int, int | str, int, int], int]"
+
+def turn_of(backend: Backend, number: int, divisor: int) -> Turn:
+    """The place in the fill of ``backend``'s turn ``number`` (counted from 0)."""
+    run = backend.weight // divisor
+    if run == 1:
+        return (number, backend._order, 0)
+    rnd, within = divmod(number, run)
+    return (rnd, backend._order, within)
+
+
+def turns_before(backend: Backend, bound: Turn, divisor: int) -> int:
+    """How many of ``backend``'s turns come before the turn at ``bound``."""
+    run = backend.weight // divisor
+    rnd, order, within = bound
+    if backend._order < order:
+        return (rnd + 1) * run
+    if backend._order == order:
+        return rnd * run + within
+    return rnd * run
+
+
+class Rounds:
+    """The order of the turns of one sorted set: who takes the fill's turn of a given number."""
+
+    __slots__ = ("backends", "divisor", "starts", "width")
+
+    def __init__(self, backends: tuple[Backend, ...], divisor: int, weights: Sequence[int]):
+        """``weights``: those of ``backends``, or empty when they are known to be the same."""
+        self.backends = backends
+        self.divisor = divisor
+        #: Where each backend's run starts in a round (and the round's length last), or None
+        #: when every backend has one turn a round.
+        self.starts: list[int] | None = None
+        self.width = len(backends)
+        if weights and not _same_weight(weights):
+            self.starts = list(accumulate((w // divisor for w in weights), initial=0))
+            self.width = self.starts[-1]
+
+    def taker(self, number: int) -> tuple[int, int]:
+        """The index of the backend that takes the fill's turn ``number``, and which of that
+        backend's turns it is."""
+        rnd, rest = divmod(number, self.width)
+        starts = self.starts
+        if starts is None:
+            return rest, rnd
+        i = bisect_right(starts, rest) - 1
+        return i, rnd * (starts[i + 1] - starts[i]) + rest - starts[i]
+
+    def place(self, number: int) -> Turn:
+        """The place of the fill's turn ``number``."""
+        i, mine = self.taker(number)
+        return turn_of(self.backends[i], mine, self.divisor)
+
+    def takers(self, start: int, stop: int) -> list[int]:
+        """The indexes of the backends that take the turns ``start`` to ``stop - 1``."""
+        if self.starts is None:
+            width = self.width
+            return [number % width for number in range(start, stop)]
+        return [self.taker(number)[0] for number in range(start, stop)]

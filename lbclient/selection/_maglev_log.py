@@ -42,13 +42,23 @@ from bisect import bisect_right
 from collections import deque
 from collections.abc import Sequence
 from heapq import heappop, heappush
-from itertools import accumulate, count, cycle, islice, repeat
+from itertools import count, cycle, islice, repeat
 from operator import mod
 from typing import Final, TypeAlias
 
 from lbclient.backend import Backend
-from lbclient.selection._maglev_fill import TAIL, permutation_start, pick_turns, read_turns, turns
-from lbclient.selection.base import Change, _same_weight, _weights_of
+from lbclient.selection._maglev_fill import (
+    TAIL,
+    Rounds,
+    Turn,
+    permutation_start,
+    pick_turns,
+    read_turns,
+    turn_of,
+    turns,
+    turns_before,
+)
+from lbclient.selection.base import Change, _weights_of
 
 __all__ = [
     "MAX_CHANGES",
@@ -92,72 +102,9 @@ _TAIL_STRETCH: Final = 64
 #: ``window.translate(_CLAIMED)``: 1 for each slot claimed in the window, 0 for the others.
 _CLAIMED: Final = bytes(0 if mark == IN_TAIL else 1 for mark in range(256))
 
-#: A turn's place in the fill: its round, its backend's sort order, its place in the round's
-#: run of that backend's turns.
-Turn: TypeAlias = "tuple[int, tuple[int, int | str, int, int], int]"
 #: A backend's lane: the first slot and the step of its permutation, and the position along it of
 #: the slot each of its window turns claimed (increasing).
 Lane: TypeAlias = "tuple[int, int, tuple[int, ...]]"
-
-
-def turn_of(backend: Backend, number: int, divisor: int) -> Turn:
-    """The place in the fill of ``backend``'s turn ``number`` (counted from 0)."""
-    run = backend.weight // divisor
-    if run == 1:
-        return (number, backend._order, 0)
-    rnd, within = divmod(number, run)
-    return (rnd, backend._order, within)
-
-
-def turns_before(backend: Backend, bound: Turn, divisor: int) -> int:
-    """How many of ``backend``'s turns come before the turn at ``bound``."""
-    run = backend.weight // divisor
-    rnd, order, within = bound
-    if backend._order < order:
-        return (rnd + 1) * run
-    if backend._order == order:
-        return rnd * run + within
-    return rnd * run
-
-
-class Rounds:
-    """The order of the turns of one sorted set: who takes the fill's turn of a given number."""
-
-    __slots__ = ("backends", "divisor", "starts", "width")
-
-    def __init__(self, backends: tuple[Backend, ...], divisor: int, weights: Sequence[int]):
-        """``weights``: those of ``backends``, or empty when they are known to be the same."""
-        self.backends = backends
-        self.divisor = divisor
-        #: Where each backend's run starts in a round (and the round's length last), or None
-        #: when every backend has one turn a round.
-        self.starts: list[int] | None = None
-        self.width = len(backends)
-        if weights and not _same_weight(weights):
-            self.starts = list(accumulate((w // divisor for w in weights), initial=0))
-            self.width = self.starts[-1]
-
-    def taker(self, number: int) -> tuple[int, int]:
-        """The index of the backend that takes the fill's turn ``number``, and which of that
-        backend's turns it is."""
-        rnd, rest = divmod(number, self.width)
-        starts = self.starts
-        if starts is None:
-            return rest, rnd
-        i = bisect_right(starts, rest) - 1
-        return i, rnd * (starts[i + 1] - starts[i]) + rest - starts[i]
-
-    def place(self, number: int) -> Turn:
-        """The place of the fill's turn ``number``."""
-        i, mine = self.taker(number)
-        return turn_of(self.backends[i], mine, self.divisor)
-
-    def takers(self, start: int, stop: int) -> list[int]:
-        """The indexes of the backends that take the turns ``start`` to ``stop - 1``."""
-        if self.starts is None:
-            width = self.width
-            return [number % width for number in range(start, stop)]
-        return [self.taker(number)[0] for number in range(start, stop)]
 
 
 class FillLog:
