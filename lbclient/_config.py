@@ -31,7 +31,7 @@ from lbclient.retry import RequestOptions, RetryPolicy, RetryStats
 from lbclient.selection.base import AlgorithmLike
 
 if TYPE_CHECKING:
-    from lbclient._loop import AsyncWire, Wire
+    from lbclient._wire import AsyncWire, Wire
 
 __all__ = ["DEFAULT", "AdapterConfig", "Default", "config_of", "policy_from"]
 

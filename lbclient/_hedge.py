@@ -19,8 +19,8 @@ from typing import Any, TypeVar
 import anyio
 import anyio.abc
 
-from lbclient._loop import AsyncWire, _final, _send_async
 from lbclient._plan import EXHAUSTED, RequestPlan
+from lbclient._wire import AsyncWire, final, send_async
 from lbclient.backend import Backend
 
 __all__ = ["hedged"]
@@ -49,7 +49,7 @@ async def hedged(plan: RequestPlan, first: Backend, wire: AsyncWire[_R]) -> _R:
                 plan.abandon(backend)
                 raise
         try:
-            seen = await _send_async(plan, wire, backend)
+            seen = await send_async(plan, wire, backend)
         except Exception as error:
             sender.send_nowait((backend, None, error))
         else:
@@ -116,4 +116,4 @@ async def hedged(plan: RequestPlan, first: Backend, wire: AsyncWire[_R]) -> _R:
     if spare is not None:
         return spare
     assert last_error is not None
-    raise _final(plan, wire, last_error) from last_error
+    raise final(plan, wire, last_error) from last_error

@@ -34,8 +34,9 @@ import httpx
 
 from lbclient._config import DEFAULT, AdapterConfig, Default, policy_from
 from lbclient._gate import AsyncGate
-from lbclient._loop import ReportingBody, final_text, merge_headers, run_async, run_sync
+from lbclient._loop import run_async, run_sync
 from lbclient._plan import Fault, Timeouts
+from lbclient._wire import ReportingBody, final_text, merge_headers
 from lbclient.backend import Backend
 from lbclient.balancer import LoadBalancer
 from lbclient.errors import NoBackendAvailable

@@ -46,8 +46,9 @@ from urllib3.util.retry import Retry
 from urllib3.util.timeout import Timeout
 
 from lbclient._config import DEFAULT, AdapterConfig, Default, policy_from
-from lbclient._loop import ReportingBody, final_text, merge_headers, run_sync
+from lbclient._loop import run_sync
 from lbclient._plan import Fault, Timeouts
+from lbclient._wire import ReportingBody, final_text, merge_headers
 from lbclient.backend import Backend
 from lbclient.balancer import LoadBalancer
 from lbclient.errors import NoBackendAvailable

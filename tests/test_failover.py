@@ -345,8 +345,8 @@ def test_the_plans_questions_leave_the_ledger_and_the_watch_untouched() -> None:
 
 
 ADAPTERS = {str(PACKAGE / "httpx_transport.py"), str(PACKAGE / "requests_adapter.py")}
-LOOP = {str(PACKAGE / name) for name in ("_loop.py", "_config.py", "_plan.py", "_observe.py",
-                                         "_ledger.py", "_hedge.py")}
+LOOP = {str(PACKAGE / name) for name in ("_loop.py", "_wire.py", "_failover.py", "_hedge.py",
+                                         "_config.py", "_plan.py", "_observe.py", "_ledger.py")}
 
 
 class Crossings:

@@ -126,7 +126,7 @@ def run(plan: RequestPlan, wire: FakeWire) -> str:
 @pytest.fixture(autouse=True)
 def no_sleep(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     slept: list[float] = []
-    monkeypatch.setattr("lbclient._loop.time.sleep", slept.append)
+    monkeypatch.setattr("lbclient._failover.time.sleep", slept.append)
     return slept
 
 
@@ -275,7 +275,7 @@ def test_backoff_wait_counts_against_the_deadline(
         no_sleep.append(seconds)
         clock.now += seconds
 
-    monkeypatch.setattr("lbclient._loop.time.sleep", sleep)
+    monkeypatch.setattr("lbclient._failover.time.sleep", sleep)
     # After 0.3 s, a 0.5 s backoff would leave 0.2 s: enough (>= 0.1). After the second
     # attempt (0.3 + 0.5 + 0.3 = 1.1 s) nothing is left: the last 503 is returned.
     assert run(plan, wire).startswith("503")
