@@ -8,7 +8,7 @@ redirect to a login page, say) goes through an ordinary httpx transport with the
 settings, never to the backends. Connections are pooled per backend, in one pool per logical
 TLS name, so a connection opened for one name is never reused for another. The async
 transport admits at most ``max_keepalive_connections`` attempts to a backend at once, each over
-a connection of its own, and queues the rest (see :class:`_AsyncPools`).
+a connection of its own, and queues the rest (see :class:`~lbclient._pools.AsyncPools`).
 
 The transports talk to httpcore directly (as httpx's own transport does): the request for the
 backend is made without parsing a URL, which keeps the per-request cost to a few microseconds.
@@ -23,7 +23,6 @@ adapter.
 from __future__ import annotations
 
 import functools
-import importlib.util
 import ssl
 import threading
 from collections.abc import AsyncIterator, Callable, Collection, Iterable, Iterator, Mapping
@@ -33,9 +32,9 @@ import httpcore
 import httpx
 
 from lbclient._config import DEFAULT, AdapterConfig, Default, policy_from
-from lbclient._gate import AsyncGate
 from lbclient._loop import run_async, run_sync
 from lbclient._plan import Fault, Timeouts
+from lbclient._pools import AsyncPools, pool_key, pool_options, stale_pools
 from lbclient._wire import ReportingBody, final_text, merge_headers
 from lbclient.backend import Backend
 from lbclient.balancer import LoadBalancer
@@ -48,7 +47,7 @@ __all__ = ["AsyncLBTransport", "KeyFunction", "LBTransport", "NoBackendAvailable
 #: Derives the selection key from a request: bytes or str, or None for the empty key.
 KeyFunction = Callable[[httpx.Request], "bytes | str | None"]
 
-_P = TypeVar("_P", httpcore.ConnectionPool, "_AsyncPools")
+_P = TypeVar("_P", httpcore.ConnectionPool, "AsyncPools")
 _T = TypeVar("_T", httpx.HTTPTransport, httpx.AsyncHTTPTransport)
 
 DEFAULT_LIMITS: Final = httpx.Limits(max_connections=100, max_keepalive_connections=20)
@@ -178,26 +177,6 @@ def _response(
     return result
 
 
-def _stale(
-    pools: dict[tuple[str | None, str], _P], balancer: LoadBalancer
-) -> list[_P]:
-    """Remove and return the idle pools of backends no longer in the balancer's set."""
-    current = {b.address for b in balancer.backends}
-    gone = [
-        key
-        for key, pool in pools.items()
-        if key[1] not in current and all(c.is_idle() for c in pool.connections)
-    ]
-    return [pools.pop(key) for key in gone]
-
-
-def _pool_key(url: httpx.URL, backend: Backend) -> tuple[str | None, str]:
-    """One pool per (logical TLS name, backend address): a TLS connection is never shared
-    between two names, and a backend that is slow or black-holed holds only its own
-    connections. Keyed by address: nothing holds on to a Backend that left the set."""
-    return (url.host if url.scheme == "https" else None, backend.address)
-
-
 class _Wire:
     """What both transports' wires share: one request's facts and its client's words."""
 
@@ -223,76 +202,6 @@ class _Wire:
     def final(self, error: Exception, summary: str) -> Exception:
         """Of the last failure's class, its message followed by the summary."""
         return type(error)(final_text(str(error), summary), request=self.request)  # type: ignore[call-arg]
-
-
-def _pool_options(
-    verify: ssl.SSLContext | str | bool,
-    cert: Any,
-    trust_env: bool,
-    http1: bool,
-    http2: bool,
-    limits: httpx.Limits,
-    local_address: str | None,
-    socket_options: Iterable[Any] | None,
-) -> dict[str, Any]:
-    if not isinstance(limits, httpx.Limits):
-        raise TypeError(f"limits must be an httpx.Limits, got {limits!r}")
-    if http2 and importlib.util.find_spec("h2") is None:
-        raise ImportError("http2=True needs the h2 package: pip install 'lbclient[http2]'")
-    return {
-        "ssl_context": httpx.create_ssl_context(verify=verify, cert=cert, trust_env=trust_env),
-        "max_connections": limits.max_connections,
-        "max_keepalive_connections": limits.max_keepalive_connections,
-        "keepalive_expiry": limits.keepalive_expiry,
-        "http1": http1,
-        "http2": http2,
-        "local_address": local_address,
-        "socket_options": socket_options,
-        "retries": 0,
-    }
-
-
-class _AsyncPools:
-    """One backend's connections for one TLS name, for the async transport: a gate that admits
-    at most ``limit`` attempts and queues the rest, and a connection pool per slot the gate
-    hands out. Over HTTP/1.1 each slot's pool keeps one connection: httpcore scans every
-    connection of a pool on each request and each release, so with one pool for all of them
-    a backend's requests would cost more the more there are at once; here each costs the
-    same at any concurrency. With HTTP/2 on, the slots share one pool, whose connection
-    multiplexes them."""
-
-    __slots__ = ("_options", "_pools", "gate")
-
-    def __init__(self, options: dict[str, Any], limit: int) -> None:
-        self.gate = AsyncGate(limit)
-        if not options["http2"]:
-            keepalive = options["max_keepalive_connections"]
-            options = {
-                **options,
-                "max_connections": 1,
-                "max_keepalive_connections": 1 if keepalive is None else min(1, keepalive),
-            }
-        self._options = options
-        self._pools: dict[int, httpcore.AsyncConnectionPool] = {}
-
-    def pool(self, slot: int) -> httpcore.AsyncConnectionPool:
-        """The pool of ``slot``, made when first needed."""
-        key = slot if not self._options["http2"] else 0
-        pool = self._pools.get(key)
-        if pool is None:
-            pool = self._pools[key] = httpcore.AsyncConnectionPool(**self._options)
-        return pool
-
-    @property
-    def connections(self) -> list[httpcore.AsyncConnectionInterface]:
-        """Every connection, of every slot."""
-        return [c for pool in self._pools.values() for c in pool.connections]
-
-    async def aclose(self) -> None:
-        pools = list(self._pools.values())
-        self._pools.clear()
-        for pool in pools:
-            await pool.aclose()
 
 
 class _SyncStream(ReportingBody, httpx.SyncByteStream):
@@ -395,7 +304,7 @@ class _Configured(Generic[_P, _T]):
             name=type(self).__name__,
             hedges=self._hedges,
         )
-        self._options = _pool_options(
+        self._options = pool_options(
             verify, cert, trust_env, http1, http2, limits, local_address, socket_options
         )
         self._plain_options = {
@@ -491,7 +400,7 @@ class LBTransport(_Configured[httpcore.ConnectionPool, httpx.HTTPTransport], htt
     _hedges = False
 
     def _pool(self, url: httpx.URL, backend: Backend) -> httpcore.ConnectionPool:
-        name = _pool_key(url, backend)
+        name = pool_key(url, backend)
         pool = self._pools.get(name)
         if pool is None:
             stale: list[httpcore.ConnectionPool] = []
@@ -500,7 +409,7 @@ class LBTransport(_Configured[httpcore.ConnectionPool, httpx.HTTPTransport], htt
                     raise RuntimeError("LBTransport is closed")
                 pool = self._pools.get(name)
                 if pool is None:
-                    stale = _stale(self._pools, self._config.balancer)
+                    stale = stale_pools(self._pools, self._config.balancer)
                     pool = self._pools[name] = httpcore.ConnectionPool(**self._options)
             for old in stale:
                 old.close()
@@ -570,7 +479,7 @@ class _SyncWire(_Wire):
 
 
 class AsyncLBTransport(
-    _Configured["_AsyncPools", httpx.AsyncHTTPTransport], httpx.AsyncBaseTransport
+    _Configured["AsyncPools", httpx.AsyncHTTPTransport], httpx.AsyncBaseTransport
 ):
     """The async twin of :class:`LBTransport` for ``httpx.AsyncClient`` (asyncio or trio),
     with the same arguments."""
@@ -578,15 +487,15 @@ class AsyncLBTransport(
     _plain_class = httpx.AsyncHTTPTransport
     _hedges = True
 
-    async def _pool(self, url: httpx.URL, backend: Backend) -> _AsyncPools:
+    async def _pool(self, url: httpx.URL, backend: Backend) -> AsyncPools:
         # No await between the lookup and the insert: safe among tasks of one event loop.
-        name = _pool_key(url, backend)
+        name = pool_key(url, backend)
         pools = self._pools.get(name)
         if pools is None:
             if self._closed:
                 raise RuntimeError("AsyncLBTransport is closed")
-            stale = _stale(self._pools, self._config.balancer)
-            pools = self._pools[name] = _AsyncPools(self._options, self._admit)
+            stale = stale_pools(self._pools, self._config.balancer)
+            pools = self._pools[name] = AsyncPools(self._options, self._admit)
             for old in stale:
                 await old.aclose()
         return pools

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextvars
 import functools
 import io
-import traceback
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from types import EllipsisType
 from typing import Any
@@ -31,28 +30,19 @@ import requests
 from requests.adapters import BaseAdapter, HTTPAdapter
 from requests.structures import CaseInsensitiveDict
 from urllib3 import HTTPResponse
-from urllib3.exceptions import (
-    ClosedPoolError,
-    ConnectTimeoutError,
-    DecodeError,
-    EmptyPoolError,
-    NewConnectionError,
-    ProtocolError,
-    ReadTimeoutError,
-)
 from urllib3.exceptions import HTTPError as URLLib3HTTPError
-from urllib3.exceptions import SSLError as URLLib3SSLError
 from urllib3.util.retry import Retry
 from urllib3.util.timeout import Timeout
 
 from lbclient._config import DEFAULT, AdapterConfig, Default, policy_from
 from lbclient._loop import run_sync
-from lbclient._plan import Fault, Timeouts
+from lbclient._plan import Timeouts
+from lbclient._requests_faults import classify, requests_error
 from lbclient._wire import ReportingBody, final_text, merge_headers
 from lbclient.backend import Backend
 from lbclient.balancer import LoadBalancer
 from lbclient.errors import NoBackendAvailable
-from lbclient.retry import Failure, RequestOptions, RetryBudget, RetryPolicy, RetryStats
+from lbclient.retry import RequestOptions, RetryBudget, RetryPolicy, RetryStats
 from lbclient.selection.base import AlgorithmLike
 
 __all__ = ["LBAdapter", "LBTimeout", "NoBackendAvailableError", "RequestsKeyFunction", "mount"]
@@ -67,11 +57,6 @@ _SERVER_HOSTNAME: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 )
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
-_HANDSHAKE_FRAMES = frozenset(
-    {"_ssl_wrap_socket_and_match_hostname", "ssl_wrap_socket", "do_handshake", "_new_conn"}
-)
-
-
 class NoBackendAvailableError(NoBackendAvailable, requests.ConnectionError):
     """What :class:`LBAdapter` raises when no backend could be chosen: a
     :class:`~lbclient.NoBackendAvailable` that is also a ``requests.ConnectionError``."""
@@ -121,66 +106,6 @@ class LBTimeout(tuple):  # type: ignore[type-arg]
         }
 
 
-def _chain(exc: BaseException) -> Iterator[BaseException]:
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        yield current
-        if current.args and isinstance(current.args[0], BaseException):
-            yield from _chain(current.args[0])
-        reason = getattr(current, "reason", None)
-        if isinstance(reason, BaseException):
-            yield from _chain(reason)
-        current = current.__cause__ or current.__context__
-
-
-def _during_handshake(exc: BaseException) -> bool:
-    """Whether a timeout was raised while connecting (urllib3 reports a TLS handshake timeout
-    as a read timeout, although no request byte was sent)."""
-    for error in _chain(exc):
-        frames = traceback.extract_tb(error.__traceback__)
-        if any(frame.name in _HANDSHAKE_FRAMES for frame in frames):
-            return True
-    return False
-
-
-def classify(exc: BaseException) -> Fault | None:
-    """How far a request got when requests or urllib3 raised ``exc``; None for an error that
-    is not a failure of the attempt."""
-    if not isinstance(exc, requests.RequestException):
-        return None
-    errors = list(_chain(exc))
-    if isinstance(exc, requests.exceptions.SSLError) or any(
-        isinstance(e, URLLib3SSLError) for e in errors
-    ):
-        return Fault(Failure.NEVER_SENT, barred=True)
-    if any(isinstance(e, EmptyPoolError) for e in errors):
-        # This backend's own pool is full: nothing was sent, another backend may do.
-        return Fault(Failure.NEVER_SENT, timed_out=True, barred=True)
-    if any(isinstance(e, NewConnectionError) for e in errors):
-        return Fault(Failure.NEVER_SENT)
-    if any(isinstance(e, ConnectTimeoutError) for e in errors):
-        return Fault(Failure.NEVER_SENT, timed_out=True, barred=True)
-    if any(isinstance(e, ClosedPoolError) for e in errors):
-        return Fault(Failure.NEVER_SENT)
-    if isinstance(exc, requests.exceptions.ReadTimeout) or any(
-        isinstance(e, ReadTimeoutError) for e in errors
-    ):
-        sent = Failure.NEVER_SENT if _during_handshake(exc) else Failure.MAYBE_SENT
-        return Fault(sent, timed_out=True, barred=True)
-    if isinstance(
-        exc,
-        (
-            requests.exceptions.InvalidURL,
-            requests.exceptions.InvalidHeader,
-            requests.exceptions.InvalidSchema,
-        ),
-    ):
-        return Fault(Failure.LOCAL)
-    return Fault(Failure.MAYBE_SENT)
-
-
 @functools.lru_cache(maxsize=256)
 def _logical(origin: str) -> tuple[str, str, str]:
     """(host name, Host header value, TLS name) of a logical URL's ``scheme://netloc``."""
@@ -191,17 +116,6 @@ def _logical(origin: str) -> tuple[str, str, str]:
     if port is not None and port != _DEFAULT_PORTS.get(parts.scheme):
         host = f"{host}:{port}"
     return hostname, host, hostname
-
-
-def _requests_error(exc: URLLib3HTTPError) -> requests.RequestException:
-    """What requests itself raises for a urllib3 error met while reading a body."""
-    if isinstance(exc, DecodeError):
-        return requests.exceptions.ContentDecodingError(exc)
-    if isinstance(exc, ProtocolError):
-        return requests.exceptions.ChunkedEncodingError(exc)
-    if isinstance(exc, URLLib3SSLError):
-        return requests.exceptions.SSLError(exc)
-    return requests.ConnectionError(exc)
 
 
 class _ReportingRaw(ReportingBody):
@@ -543,7 +457,7 @@ class _Wire:
                         response._content = raw.read(decode_content=True) or b""
                         response._content_consumed = True  # type: ignore[attr-defined]
                 except URLLib3HTTPError as exc:
-                    raise _requests_error(exc) from exc
+                    raise requests_error(exc) from exc
                 finally:
                     raw.release_conn()
                 return response.status_code, response, None

@@ -19,8 +19,9 @@ from lbclient import (
     NoBackendAvailable,
     RoundRobin,
 )
+from lbclient._requests_faults import classify
 from lbclient.errors import KeyFunctionError
-from lbclient.requests_adapter import LBAdapter, classify
+from lbclient.requests_adapter import LBAdapter
 from lbclient.retry import Failure
 from lbclient.testing import TestServer, TLSCerts, closed_port
 
