@@ -672,6 +672,6 @@ async def test_reset_and_503_async() -> None:
 
 
 def test_http2_needs_h2(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("lbclient.httpx_transport.importlib.util.find_spec", lambda name: None)
+    monkeypatch.setattr("lbclient._pools.importlib.util.find_spec", lambda name: None)
     with pytest.raises(ImportError, match=r"lbclient\[http2\]"):
         LBTransport(["127.0.0.1:1"], http2=True)
