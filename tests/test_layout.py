@@ -27,8 +27,8 @@ from lbclient.testing import TestServer, closed_port
 
 PACKAGE = Path(lbclient.__file__).parent
 # The core, and the pure values the errors refer to (lbclient.retry: RetryPolicy, Attempt).
-CORE = ["backend", "hashing", "selection", "health", "_book", "_load", "balancer", "errors",
-        "retry"]
+CORE = ["backend", "hashing", "selection", "health", "_book", "_load", "_view", "balancer",
+        "errors", "retry"]
 CLIENTS = {"httpx", "httpcore", "requests", "urllib3", "tenacity", "anyio", "h11"}
 IO = {"socket", "ssl", "asyncio", "selectors", "subprocess", "lbclient.checks", "checks"}
 
