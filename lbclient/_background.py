@@ -274,10 +274,10 @@ class TaskRunner:
         task = self._loop.create_task(_run(job), name=job.name)
         self._tasks.append(task)
         self._ended.clear()
-        task.add_done_callback(self._check_ended)
+        task.add_done_callback(self._note_end)
         self._patience = max(self._patience, job.timeout + 1.0)
 
-    def _check_ended(self, _task: asyncio.Task[None]) -> None:
+    def _note_end(self, _task: asyncio.Task[None]) -> None:
         if all(task.done() for task in self._tasks):
             self._ended.set()
 

@@ -135,21 +135,29 @@ class Services:
         """Add a user; for the first, start a thread runner, looking the discovery up before
         returning. Pair with :meth:`stop`."""
         fresh, stale, first, ready = self._acquire(asynchronous=False)
-        if stale is not None:
-            stale.stop()
-        if fresh is not None:
-            fresh.call(lambda: self._launch(fresh, first, ready))
-        ready.result()
+        try:
+            if stale is not None:
+                stale.stop()
+            if fresh is not None:
+                fresh.call(lambda: self._launch(fresh, first, ready))
+            ready.result()
+        except BaseException:
+            self.stop()  # this user did not start: its count goes
+            raise
 
     async def astart(self) -> None:
         """Add a user; for the first, start tasks on the running asyncio loop (a thread runner
         on another async library), looking the discovery up first. Pair with :meth:`astop`."""
         fresh, stale, first, ready = self._acquire(asynchronous=True)
-        if stale is not None:
-            await stale.astop()
-        if fresh is not None:
-            await fresh.acall(lambda: self._launch(fresh, first, ready))
-        await wait_future(ready)
+        try:
+            if stale is not None:
+                await stale.astop()
+            if fresh is not None:
+                await fresh.acall(lambda: self._launch(fresh, first, ready))
+            await wait_future(ready)
+        except BaseException:  # cancelled, say: this user did not start
+            self.stop()
+            raise
 
     def stop(self) -> None:
         """Remove a user; after the last, stop the runner: when this returns nothing more runs

@@ -3,9 +3,10 @@
 What lives here: selection over one immutable view of the backend set (sorted backends, built
 selector, health cells and set-wide counts), replaced whole by :meth:`LoadBalancer.update`.
 Readers take the current view with a single attribute read and never lock. Every health change
-is delegated to the health book (:mod:`lbclient._book`). The public methods background work
-calls (:meth:`~LoadBalancer.report_check`, :meth:`~LoadBalancer.update`,
-:meth:`~LoadBalancer.report_discovery`), and the :class:`Lifecycle` port through which
+is delegated to the health book (:mod:`lbclient._book`), the making of each view to
+:mod:`lbclient._view`. It offers the public methods background work calls
+(:meth:`~LoadBalancer.report_check`, :meth:`~LoadBalancer.update`,
+:meth:`~LoadBalancer.report_discovery`), and defines the :class:`Lifecycle` port through which
 ``with balancer:`` starts and stops what runs beside it.
 
 What may not: I/O, sockets, threads or tasks of its own, a clock or a random source other than
@@ -45,13 +46,7 @@ from lbclient.selection.base import (
 from lbclient.selection.slow_start import SlowStart, slow_start_of
 from lbclient.selection.weighted import RoundRobin
 
-__all__ = [
-    "DEFAULT_MAX_ITERATIONS",
-    "Lifecycle",
-    "LoadBalancer",
-    "bad_setting",
-    "install_lifecycle",
-]
+__all__ = ["DEFAULT_MAX_ITERATIONS", "Lifecycle", "LoadBalancer", "install_lifecycle"]
 
 logger = logging.getLogger("lbclient")
 
