@@ -153,7 +153,10 @@ class Runner(Protocol):
 
 class ThreadRunner:
     """Jobs as tasks of an event loop on one daemon thread; blocking work on a pool of
-    ``workers`` threads (the loop's default executor). Runs from construction to :meth:`stop`.
+    ``workers`` threads (the loop's default executor, made as the work comes). Runs from
+    construction to :meth:`stop`, which waits for blocking work in flight (each piece keeps its
+    own timeout). The pool's threads are Python's executor threads: a process that exits with
+    a runner still up waits for such work too, not for the runner.
     """
 
     def __init__(self, name: str = THREAD_NAME, workers: int = WORKERS) -> None:
