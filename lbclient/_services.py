@@ -36,7 +36,10 @@ __all__ = ["Keeper", "Services", "services_of"]
 
 
 class Keeper(Protocol):
-    """What a balancer's setting (a check, a discovery source) binds itself into."""
+    """What a balancer's setting (a check, a discovery source) binds itself into: a check or a
+    polled source gives an :class:`~lbclient._background.Every` job; a watched source (etcd,
+    Kubernetes) would give a :class:`~lbclient._background.Watch`, its first listing as its
+    preparation."""
 
     def jobs(self) -> Sequence[Job]:
         """The jobs that run on the balancer's runner while it has users."""
