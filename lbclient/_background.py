@@ -1,151 +1,269 @@
-"""Periodic work in the background: a :class:`Job` run by a :class:`Schedule`.
+"""The runner: where background work runs, and how it stops.
 
-What lives here: the runners (one daemon thread, or one asyncio task of the running loop) that
-run a job's rounds every ``interval`` seconds, fanning each round out over the job's items (up to
-:data:`PARALLEL` at once); and :class:`Schedule`, which starts a runner for its first user and
-stops it after its last (reference-counted), replacing a task that cannot serve a new user (it
-runs on another event loop) by a thread.
+What lives here: the two kinds of job, as plain values, and the two runners that run them.
 
-What may not: anything about checks, discovery or the balancer. A job says what to do for one
-item and what to do with the result; it knows the rest. After ``stop()`` returns (or
-``astop()`` completes) no result is delivered any more.
+* :class:`Every`: a round awaited again and again, ``interval()`` seconds apart (a poll).
+* :class:`Watch`: a coroutine that runs until the runner stops (a watched stream); awaited again
+  ``retry`` seconds after it returns or raises early.
+* :class:`ThreadRunner`, for sync code and for async libraries other than asyncio (trio): one
+  daemon thread running an asyncio event loop, on which every job runs as a task, and a pool of
+  at most :data:`WORKERS` threads for blocking work (the loop's default executor:
+  ``asyncio.to_thread``, name lookups). So :data:`THREADS` threads at most, whatever the jobs
+  and however many rounds; no thread is created per round or per job, and none is left once
+  :meth:`~ThreadRunner.stop` returns.
+* :class:`TaskRunner`, for asyncio code: every job is a task of the running loop; no thread.
+
+A stop made from one of the runner's own threads or tasks (a callback that closes the balancer
+while a job reports to it) cancels the jobs and returns without waiting for itself.
+
+What may not: anything about checks, discovery, probes or the balancer: a job is a name, an
+interval and coroutine functions, nothing more. Who starts a runner for whom, and when it
+stops (reference counting), is the services layer's (:mod:`lbclient._services`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
+import logging
 import threading
-from collections.abc import Sequence
-from typing import Final, Generic, Protocol, TypeVar
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Final, Protocol, TypeVar
 
-__all__ = ["PARALLEL", "Job", "Schedule"]
+__all__ = [
+    "THREADS",
+    "WORKERS",
+    "Every",
+    "Job",
+    "Runner",
+    "TaskRunner",
+    "ThreadRunner",
+    "start_runner",
+    "wait_future",
+]
 
-#: How many items of one round run at once.
-PARALLEL: Final = 32
+logger = logging.getLogger("lbclient")
 
-_I = TypeVar("_I")
-_R = TypeVar("_R")
+#: Threads of a :class:`ThreadRunner`'s pool for blocking work.
+WORKERS: Final = 4
+#: The most threads a :class:`ThreadRunner` runs: its event loop's, and its pool's.
+THREADS: Final = 1 + WORKERS
+#: The name of a :class:`ThreadRunner`'s thread (its pool's threads add ``-worker_<n>``).
+THREAD_NAME: Final = "lbclient-runner"
+
+_T = TypeVar("_T")
 
 
-class Job(Protocol[_I, _R]):
-    """Periodic work over a changing list of items."""
+@dataclass(frozen=True)
+class Every:
+    """A job run in rounds: ``round()`` is awaited, then the runner waits ``interval()``
+    seconds, and so on until it stops. A round that raises is logged; the next one comes as
+    usual."""
 
-    #: The name of the runner's thread or task (its worker threads add ``-worker``).
+    #: The name of the job's task.
     name: str
-    #: Seconds between the end of one round and the start of the next.
-    interval: float
-    #: Seconds one item may take; stopping from another thread waits about this long at most.
-    timeout: float
+    round: Callable[[], Awaitable[object]]
+    #: Seconds from the end of one round to the start of the next, asked after each round.
+    interval: Callable[[], float]
+    #: Seconds one round may take: how long a stop made from another thread waits at most for
+    #: a task runner's job to end (a round that holds the loop).
+    timeout: float = 1.0
 
-    def items(self) -> Sequence[_I]:
-        """The items of the next round."""
+
+@dataclass(frozen=True)
+class Watch:
+    """A job that runs until the runner stops: ``watch()`` is awaited, and cancelled at the
+    stop. If it returns or raises first (a lost connection), it is awaited again after
+    ``retry`` seconds."""
+
+    name: str
+    watch: Callable[[], Awaitable[object]]
+    retry: float = 1.0
+    timeout: float = 1.0
+
+
+#: What a runner runs.
+Job = Every | Watch
+
+
+async def _run(job: Job) -> None:
+    """A job's life on a task: until cancelled (a CancelledError is never caught here)."""
+    while True:
+        try:
+            if isinstance(job, Every):
+                await job.round()
+            else:
+                await job.watch()
+                logger.info("%s: the watch ended; it starts again", job.name)
+        except Exception:
+            logger.exception("%s failed; it goes on", job.name)
+        await asyncio.sleep(job.interval() if isinstance(job, Every) else job.retry)
+
+
+async def _await(fn: Callable[[], Awaitable[_T]]) -> _T:
+    return await fn()
+
+
+async def wait_future(future: concurrent.futures.Future[_T]) -> _T:
+    """The result of ``future`` (set on another thread), awaited without blocking the event
+    loop: on asyncio, with no thread; on another async library (trio), from one of its worker
+    threads."""
+    if future.done():
+        return future.result()
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:  # another async library
+        import anyio.to_thread
+
+        return await anyio.to_thread.run_sync(future.result)
+    return await asyncio.wrap_future(future)
+
+
+class Runner(Protocol):
+    """What the services layer asks of a runner."""
+
+    def spawn(self, job: Job) -> None:
+        """Run ``job`` until the runner stops (nothing, once it is stopping)."""
         ...
 
-    def run(self, item: _I) -> _R:
-        """Do one item's work, blocking (on a worker thread); must not raise."""
+    def call(self, fn: Callable[[], Awaitable[_T]]) -> _T:
+        """Await ``fn()`` once on the runner's event loop, blocking until it is done (from
+        sync code; a thread runner's only)."""
         ...
 
-    async def arun(self, item: _I) -> _R:
-        """Do one item's work on the event loop; must not raise (but may be cancelled)."""
+    async def acall(self, fn: Callable[[], Awaitable[_T]]) -> _T:
+        """Await ``fn()`` once on the runner's event loop (from any async code)."""
         ...
 
-    def deliver(self, item: _I, result: _R) -> None:
-        """Take one item's result (not called once the runner is stopping)."""
+    def serves(self, asynchronous: bool) -> bool:
+        """Whether this runner can serve one more user of that kind, from here."""
         ...
-
-
-class _Runner(Protocol):
-    def serves(self, asynchronous: bool) -> bool: ...
-
-    def stop(self) -> None: ...
-
-    async def astop(self) -> None: ...
-
-
-class _ThreadRunner(Generic[_I, _R]):
-    """Runs rounds from a daemon thread, each item on a short-lived daemon worker thread."""
-
-    def __init__(self, job: Job[_I, _R]) -> None:
-        self._job = job
-        self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name=job.name, daemon=True)
-        #: The runner's own threads: a stop from one of them (an on_change callback that
-        #: closes the balancer) must not wait for itself.
-        self._own: set[threading.Thread] = {self._thread}
-        self._thread.start()
-
-    def _loop(self) -> None:
-        while not self._stopping.is_set():
-            pending = list(self._job.items())
-            lock = threading.Lock()
-            workers = [
-                threading.Thread(
-                    target=self._work,
-                    args=(pending, lock),
-                    name=f"{self._job.name}-worker",
-                    daemon=True,
-                )
-                for _ in range(min(PARALLEL, len(pending)))
-            ]
-            self._own.update(workers)
-            for worker in workers:
-                worker.start()
-            for worker in workers:
-                worker.join()
-            self._own.difference_update(workers)
-            self._stopping.wait(self._job.interval)
-
-    def _work(self, pending: list[_I], lock: threading.Lock) -> None:
-        while not self._stopping.is_set():
-            with lock:
-                if not pending:
-                    return
-                item = pending.pop()
-            result = self._job.run(item)
-            if not self._stopping.is_set():
-                self._job.deliver(item, result)
 
     def stop(self) -> None:
+        """Cancel every job; when this returns, none runs (unless called from the runner's
+        own thread or task, which it does not wait for)."""
+        ...
+
+    async def astop(self) -> None:
+        """:meth:`stop`, awaited without blocking the event loop."""
+        ...
+
+
+class ThreadRunner:
+    """Jobs as tasks of an event loop on one daemon thread; blocking work on a pool of
+    ``workers`` threads (the loop's default executor, made as the work comes). Runs from
+    construction to :meth:`stop`, which waits for blocking work in flight (each piece keeps its
+    own timeout). The pool's threads are Python's executor threads: a process that exits with
+    a runner still up waits for such work too, not for the runner.
+    """
+
+    def __init__(self, name: str = THREAD_NAME, workers: int = WORKERS) -> None:
+        self.name = name
+        self._loop = asyncio.new_event_loop()
+        self._lock = threading.Lock()
+        #: The runner's own threads: a stop from one of them must not wait for itself.
+        self._own: set[threading.Thread] = set()
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            workers, thread_name_prefix=f"{name}-worker", initializer=self._enlist
+        )
+        self._loop.set_default_executor(self._executor)
+        self._stopping = threading.Event()
+        self._done: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
+        self._own.add(self._thread)
+        self._thread.start()
+
+    def _enlist(self) -> None:
+        with self._lock:
+            self._own.add(threading.current_thread())
+
+    def _mine(self) -> bool:
+        with self._lock:
+            return threading.current_thread() in self._own
+
+    def _main(self) -> None:
+        loop = self._loop
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_forever()  # until _halt
+            pending = asyncio.all_tasks(loop)
+            for task in pending:
+                task.cancel()
+            if pending:
+                loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+        finally:
+            # Blocking work in flight ends first (each is trusted to keep its own timeout).
+            self._executor.shutdown(wait=True)
+            asyncio.set_event_loop(None)
+            loop.close()
+            self._done.set_result(None)
+
+    def _halt(self) -> None:
+        for task in asyncio.all_tasks(self._loop):
+            task.cancel()
+        self._loop.stop()
+
+    def _spawn(self, job: Job) -> None:
+        if not self._stopping.is_set():
+            self._loop.create_task(_run(job), name=job.name)
+
+    def spawn(self, job: Job) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: stopped
+            self._loop.call_soon_threadsafe(self._spawn, job)
+
+    def call(self, fn: Callable[[], Awaitable[_T]]) -> _T:
+        """Await ``fn()`` once on the runner's loop and return its result, blocking (not from
+        the runner's own loop)."""
+        if threading.current_thread() is self._thread:
+            raise RuntimeError("ThreadRunner.call from its own event loop would wait forever")
+        return asyncio.run_coroutine_threadsafe(_await(fn), self._loop).result()
+
+    async def acall(self, fn: Callable[[], Awaitable[_T]]) -> _T:
+        return await wait_future(asyncio.run_coroutine_threadsafe(_await(fn), self._loop))
+
+    def serves(self, asynchronous: bool) -> bool:
+        """A thread serves users of every kind while it runs."""
+        return not self._stopping.is_set() and self._thread.is_alive()
+
+    def _signal(self) -> bool:
+        """Ask the loop to cancel every job and end; return whether to wait for it (False on
+        the runner's own threads)."""
         self._stopping.set()
-        if threading.current_thread() not in self._own:
+        if threading.current_thread() is self._thread:
+            self._halt()  # at once: no job takes another step
+            return False
+        with contextlib.suppress(RuntimeError):  # the loop is closed: stopped already
+            self._loop.call_soon_threadsafe(self._halt)
+        return not self._mine()
+
+    def stop(self) -> None:
+        if self._signal():
             self._thread.join()
 
     async def astop(self) -> None:
-        # Wait for the round in flight on a worker thread, not on the event loop.
-        import anyio.to_thread
+        if self._signal():
+            await wait_future(self._done)
+            self._thread.join()  # it has set _done: this is its last step
 
-        self._stopping.set()
-        await anyio.to_thread.run_sync(self.stop)
-
-    def serves(self, asynchronous: bool) -> bool:
-        """Whether this runner can serve one more user (a thread serves everyone)."""
-        return self._thread.is_alive() and not self._stopping.is_set()
+    def __repr__(self) -> str:
+        state = "stopping" if self._stopping.is_set() else "running"
+        return f"<ThreadRunner {self.name} {state}>"
 
 
-class _TaskRunner(Generic[_I, _R]):
-    """Runs rounds from an asyncio task, up to :data:`PARALLEL` items at once."""
+class TaskRunner:
+    """Jobs as tasks of ``loop`` (the running loop); no thread of its own."""
 
-    def __init__(self, job: Job[_I, _R], loop: asyncio.AbstractEventLoop) -> None:
-        self._job = job
-        self._loop = loop
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self._loop = asyncio.get_running_loop() if loop is None else loop
+        self._tasks: list[asyncio.Task[None]] = []
         self._stopping = threading.Event()
-        self._finished = threading.Event()
-        self._task = loop.create_task(self._run(), name=job.name)
-
-    async def _run(self) -> None:
-        limit = asyncio.Semaphore(PARALLEL)
-        try:
-            while True:
-                await asyncio.gather(*(self._one(item, limit) for item in self._job.items()))
-                await asyncio.sleep(self._job.interval)
-        finally:
-            self._finished.set()
-
-    async def _one(self, item: _I, limit: asyncio.Semaphore) -> None:
-        async with limit:
-            result = await self._job.arun(item)
-        if not self._stopping.is_set():
-            self._job.deliver(item, result)
+        #: Set once every job's task has ended (at once while there is none).
+        self._ended = threading.Event()
+        self._ended.set()
+        self._patience = 1.0
 
     def _on_loop(self) -> bool:
         try:
@@ -153,16 +271,58 @@ class _TaskRunner(Generic[_I, _R]):
         except RuntimeError:
             return False
 
-    def stop(self) -> None:
-        self._stopping.set()  # from here on, nothing is delivered
+    def _spawn(self, job: Job) -> None:
+        if self._stopping.is_set():
+            return
+        task = self._loop.create_task(_run(job), name=job.name)
+        self._tasks.append(task)
+        self._ended.clear()
+        task.add_done_callback(self._note_end)
+        self._patience = max(self._patience, job.timeout + 1.0)
+
+    def _note_end(self, _task: asyncio.Task[None]) -> None:
+        if all(task.done() for task in self._tasks):
+            self._ended.set()
+
+    def spawn(self, job: Job) -> None:
         if self._on_loop():
-            self._task.cancel()
+            self._spawn(job)
+        else:
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(self._spawn, job)
+
+    def call(self, fn: Callable[[], Awaitable[_T]]) -> _T:
+        raise RuntimeError("a task runner serves async users of its own loop only")
+
+    async def acall(self, fn: Callable[[], Awaitable[_T]]) -> _T:
+        if not self._on_loop():
+            raise RuntimeError("TaskRunner.acall from another event loop")
+        return await fn()
+
+    def serves(self, asynchronous: bool) -> bool:
+        """Only async users of its own loop, while its jobs run."""
+        return (
+            asynchronous
+            and self._on_loop()
+            and not self._stopping.is_set()
+            and not any(task.done() for task in self._tasks)
+        )
+
+    def _halt(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+
+    def stop(self) -> None:
+        self._stopping.set()  # from here on, no job is spawned
+        if self._on_loop():
+            self._halt()  # each job's next step is its cancellation
             return
-        if self._loop.is_closed() or self._task.done():
+        if self._loop.is_closed() or self._ended.is_set():
             return
-        self._loop.call_soon_threadsafe(self._task.cancel)
-        if self._loop.is_running():  # wait for the cancellation to land, within reason
-            self._finished.wait(self._job.timeout + 1.0)
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self._halt)
+        if self._loop.is_running():  # wait for the cancellations to land, within reason
+            self._ended.wait(self._patience)
 
     async def astop(self) -> None:
         if not self._on_loop():  # started on another event loop
@@ -172,88 +332,21 @@ class _TaskRunner(Generic[_I, _R]):
             await anyio.to_thread.run_sync(self.stop)
             return
         self._stopping.set()
-        self._task.cancel()
-        await asyncio.wait([self._task])
+        self._halt()
+        if self._tasks:
+            await asyncio.wait(self._tasks)
 
-    def serves(self, asynchronous: bool) -> bool:
-        """Whether this runner can serve one more user: only async users of its own loop, and
-        only while it runs."""
-        return (
-            asynchronous
-            and self._on_loop()
-            and not self._task.done()
-            and not self._stopping.is_set()
-        )
+    def __repr__(self) -> str:
+        state = "stopping" if self._stopping.is_set() else "running"
+        return f"<TaskRunner {len(self._tasks)} jobs {state}>"
 
 
-def _start(job: Job[_I, _R], asynchronous: bool) -> _Runner:
-    """A runner for ``job``: an asyncio task of the running loop when ``asynchronous`` and one
-    is running, a daemon thread otherwise (sync code, or another async library)."""
+def start_runner(asynchronous: bool) -> ThreadRunner | TaskRunner:
+    """A runner for a user of that kind: tasks of the running loop for asyncio code, a
+    :class:`ThreadRunner` otherwise (sync code, or another async library)."""
     if asynchronous:
         try:
-            loop = asyncio.get_running_loop()
+            return TaskRunner(asyncio.get_running_loop())
         except RuntimeError:
             pass
-        else:
-            return _TaskRunner(job, loop)
-    return _ThreadRunner(job)
-
-
-class Schedule(Generic[_I, _R]):
-    """Runs ``job`` while it has users: the first :meth:`start` (or :meth:`astart`) starts it,
-    the :meth:`stop` (or :meth:`astop`) matching the last start stops it."""
-
-    def __init__(self, job: Job[_I, _R]) -> None:
-        self.job = job
-        self._lock = threading.Lock()
-        self._runner: _Runner | None = None
-        self._users = 0
-
-    @property
-    def running(self) -> bool:
-        """Whether a runner is up."""
-        return self._runner is not None
-
-    def start(self) -> None:
-        """Add a user; start on a daemon thread if none runs."""
-        self._acquire(asynchronous=False)
-
-    async def astart(self) -> None:
-        """Add a user; start on an asyncio task of the running loop if none runs (a daemon
-        thread outside asyncio)."""
-        self._acquire(asynchronous=True)
-
-    def _acquire(self, asynchronous: bool) -> None:
-        with self._lock:
-            self._users += 1
-            stale = self._runner
-            if stale is not None and stale.serves(asynchronous):
-                return
-            # None yet; or a task on another (or a finished) event loop, which cannot serve
-            # this user: a thread serves users of every kind.
-            self._runner = _start(self.job, asynchronous and stale is None)
-        if stale is not None:
-            stale.stop()
-
-    def _release(self) -> _Runner | None:
-        with self._lock:
-            if self._users == 0:
-                return None
-            self._users -= 1
-            if self._users:
-                return None
-            runner, self._runner = self._runner, None
-            return runner
-
-    def stop(self) -> None:
-        """Remove a user; after the last, stop: when this returns nothing more is delivered (an
-        asyncio task is cancelled; prefer :meth:`astop` there)."""
-        runner = self._release()
-        if runner is not None:
-            runner.stop()
-
-    async def astop(self) -> None:
-        """Remove a user; after the last, stop, awaiting an asyncio task's end."""
-        runner = self._release()
-        if runner is not None:
-            await runner.astop()
+    return ThreadRunner()

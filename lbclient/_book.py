@@ -155,8 +155,6 @@ class HealthBook:
         self.on_change = on_change
         self._events: deque[tuple[Backend, bool]] = deque()
         self._delivering = threading.Lock()
-        #: Adds to every snapshot what the balancer's services know (a discovery's counts).
-        self.extend: Callable[[HealthSnapshot], HealthSnapshot] | None = None
 
     @staticmethod
     def cells(backends: Iterable[Backend], old: Tally | None = None) -> dict[Backend, Cell]:
@@ -257,8 +255,11 @@ class HealthBook:
         tally: Tally,
         loads: Mapping[Backend, Load],
         decay: float,
+        discovery: tuple[int, int, str | None, int | None] = (0, 0, None, None),
     ) -> HealthSnapshot:
-        """Every backend's health and load, and whether panic mode is on, as of now."""
+        """Every backend's health and load, and whether panic mode is on, as of now;
+        ``discovery`` is what the balancer's discovery last reported (refreshes, failures,
+        error, priority)."""
         now = self.clock()
         panic = tally.panic
         items = []
@@ -285,8 +286,7 @@ class HealthBook:
                     penalty=load.penalty_at(now, decay),
                 )
             )
-        snapshot = HealthSnapshot(now, panic, tuple(items))
-        return snapshot if self.extend is None else self.extend(snapshot)
+        return HealthSnapshot(now, panic, tuple(items), *discovery)
 
     # -- on_change -------------------------------------------------------------------------
 

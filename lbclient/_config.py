@@ -23,6 +23,7 @@ import anyio
 from lbclient._ledger import Ledger
 from lbclient._observe import Observer, enlist, watched_plan
 from lbclient._plan import RequestPlan, redact
+from lbclient._services import Services, services_of
 from lbclient.backend import Backend
 from lbclient.balancer import LoadBalancer
 from lbclient.errors import KeyFunctionError, NoBackendAvailable
@@ -127,9 +128,12 @@ class AdapterConfig(Generic[_R]):
         self.ledger = Ledger(policy.budget)
         self.hosts = _hosts(hosts)
         self.unavailable = unavailable
-        #: True until the balancer's services (active checks, discovery) were started for this
-        #: adapter (False at once when it has none): the per-request test is one attribute read.
-        self.services_pending = _has_services(self.balancer)
+        #: The balancer's background work (active check, discovery), or None: started by the
+        #: adapter's first request (or ``with``), stopped when the adapter closes.
+        self.services: Services | None = services_of(self.balancer)
+        #: True until the services were started for this adapter (False at once when there are
+        #: none): the per-request test is one attribute read.
+        self.services_pending = self.services is not None
         self._serving = False
         self._lock = threading.Lock()
         self._starting = threading.Lock()  # held while the services start (a thread waits)
@@ -145,12 +149,14 @@ class AdapterConfig(Generic[_R]):
         del state["_starting"]
         del state["_astarting"]
         del state["observers"]  # they watch this process's adapters, not a copy's
-        state["services_pending"] = _has_services(self.balancer)
+        del state["services"]  # a copy's balancer has services of its own
         state["_serving"] = False
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        self.services = services_of(self.balancer)
+        self.services_pending = self.services is not None
         self._lock = threading.Lock()
         self._starting = threading.Lock()
         self._astarting = anyio.Lock()
@@ -190,8 +196,8 @@ class AdapterConfig(Generic[_R]):
         """Start the balancer's services (active checks, discovery), once for this adapter.
         Requests that arrive meanwhile wait: discovery's first answer comes first."""
         with self._starting:
-            if self.services_pending:
-                self.balancer.start()
+            if self.services_pending and self.services is not None:
+                self.services.start()
                 with self._lock:
                     self._serving = True
                     self.services_pending = False
@@ -200,8 +206,8 @@ class AdapterConfig(Generic[_R]):
         """Start the balancer's services on the running event loop, once. Tasks that arrive
         meanwhile wait, without blocking the event loop."""
         async with self._astarting:
-            if self.services_pending:
-                await self.balancer.astart()
+            if self.services_pending and self.services is not None:
+                await self.services.astart()
                 with self._lock:
                     self._serving = True
                     self.services_pending = False
@@ -214,13 +220,13 @@ class AdapterConfig(Generic[_R]):
 
     def stop_services(self) -> None:
         """Stop the services this adapter started (others' keep running)."""
-        if self._stop():
-            self.balancer.close()
+        if self._stop() and self.services is not None:
+            self.services.stop()
 
     async def astop_services(self) -> None:
         """Stop the services this adapter started, awaiting their tasks."""
-        if self._stop():
-            await self.balancer.aclose()
+        if self._stop() and self.services is not None:
+            await self.services.astop()
 
     # -- one request -------------------------------------------------------------------------
 
@@ -314,10 +320,6 @@ def config_of(target: object) -> AdapterConfig[Any] | None:
     anything else."""
     config = getattr(target, "_config", None)
     return config if isinstance(config, AdapterConfig) else None
-
-
-def _has_services(balancer: LoadBalancer) -> bool:
-    return balancer.health_check is not None or getattr(balancer, "discovery", None) is not None
 
 
 def _hosts(hosts: Iterable[str] | None) -> frozenset[str] | None:

@@ -1,18 +1,20 @@
-"""Active health checks: TCP (optionally TLS) and HTTP, run on a thread or an asyncio task.
+"""Active health checks: TCP (optionally TLS) and HTTP, run on the balancer's runner.
 
 A check object says how to check one backend (:meth:`HealthCheck.check` with sockets,
 :meth:`HealthCheck.acheck` with asyncio streams), how often (``interval``) and how many results
 in a row flip its verdict (``consecutive_successes`` / ``consecutive_failures``). Give one to
-:class:`~lbclient.LoadBalancer` as ``health_check``; the balancer binds it
-(:meth:`HealthCheck.bind`) and runs it on every backend, in parallel, once started
-(``with balancer:``, ``async with balancer:``, or a transport using the balancer), and stops it
-on close.
+:class:`~lbclient.LoadBalancer` as ``health_check``; the services layer binds it
+(:meth:`HealthCheck.bind`) and runs it on every backend, in parallel, once the balancer is
+started (``with balancer:``, ``async with balancer:``, or a transport using the balancer), and
+stops it on close.
 
-What lives here: the checks, and the job that runs one over a balancer's backends and reports
-each verdict through the balancer's public :meth:`~lbclient.LoadBalancer.report_check`. The
-runners and their reference-counted start and stop are :mod:`lbclient._background`'s. What may
-not: the balancer's internals (the balancer imports nothing from here). Only the standard
-library is used: the request is written and the status line read by hand.
+What lives here: the checks, and the job that runs one over a balancer's backends (its async
+path, on the runner's event loop) and reports each verdict, with the check's thresholds,
+through the balancer's public :meth:`~lbclient.LoadBalancer.report_check`. What may not: the
+balancer's internals (the balancer imports nothing from here), threads or tasks of its own
+(the runner's, :mod:`lbclient._background`), starting or stopping (the services layer's,
+:mod:`lbclient._services`, imported here so that a balancer given a check always finds it).
+Only the standard library is used: the request is written and the status line read by hand.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ import time
 from collections.abc import Callable, Collection, Mapping
 from typing import TYPE_CHECKING, Final
 
-from lbclient._background import Schedule
+import lbclient._services  # noqa: F401  (installs the services layer: see the module's text)
+from lbclient._background import Every
 from lbclient.backend import Backend
 from lbclient.errors import CheckFailed
 
@@ -39,6 +42,8 @@ __all__ = ["CheckFailed", "HealthCheck", "HttpCheck", "TcpCheck"]
 MAX_HEAD: Final = 64 * 1024
 #: The most bytes of a check response's body read (to see it arrive whole); the rest is left.
 MAX_BODY: Final = 64 * 1024
+#: How many backends one round of checks checks at once.
+PARALLEL: Final = 32
 
 Validator = Callable[[int, Mapping[str, str]], bool]
 
@@ -133,15 +138,16 @@ class HealthCheck:
         """Check ``backend`` with blocking sockets; raise if it fails."""
         raise NotImplementedError
 
-    def bind(self, balancer: LoadBalancer) -> Schedule[Backend, tuple[bool, str]]:
-        """The schedule that runs this check on every backend of ``balancer`` and reports each
-        verdict to :meth:`~lbclient.LoadBalancer.report_check`. The balancer calls this once
-        and starts and stops the schedule with itself (``with balancer:``)."""
-        return Schedule(_CheckJob(self, balancer))
+    def bind(self, balancer: LoadBalancer) -> CheckJob:
+        """The job that runs this check on every backend of ``balancer`` and reports each
+        verdict to :meth:`~lbclient.LoadBalancer.report_check`. The services layer calls this
+        once per balancer and runs the job while the balancer has users."""
+        return CheckJob(self, balancer)
 
     async def acheck(self, backend: Backend) -> None:
-        """Check ``backend`` with asyncio streams; raise if it fails."""
-        raise NotImplementedError
+        """Check ``backend`` on the running event loop; raise if it fails (by default:
+        :meth:`check` on a worker thread, so a check of your own may define only that)."""
+        await asyncio.to_thread(self.check, backend)
 
     def __repr__(self) -> str:
         return (
@@ -407,35 +413,42 @@ def describe(error: BaseException) -> str:
 # -- running checks ----------------------------------------------------------------------------
 
 
-class _CheckJob:
-    """Checks every backend of a balancer each ``interval`` and reports the verdicts to it."""
+class CheckJob:
+    """Checks every backend of a balancer each ``interval``, up to :data:`PARALLEL` at once,
+    and reports each verdict to it as it comes."""
 
     name = "lbclient-health"
 
     def __init__(self, check: HealthCheck, balancer: LoadBalancer) -> None:
         self.check = check
         self.balancer = balancer
-        self.interval = check.interval
-        self.timeout = check.timeout
 
-    def items(self) -> tuple[Backend, ...]:
-        return self.balancer.backends
+    def jobs(self) -> tuple[Every]:
+        check = self.check
+        return (Every(self.name, self.round, lambda: check.interval, check.timeout),)
 
-    def run(self, backend: Backend) -> tuple[bool, str]:
-        try:
-            self.check.check(backend)
-        except Exception as exc:
-            return False, describe(exc)
-        return True, ""
+    async def prepare(self) -> None:
+        """Nothing to do before the first start returns."""
 
-    async def arun(self, backend: Backend) -> tuple[bool, str]:
-        try:
-            await self.check.acheck(backend)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            return False, describe(exc)
-        return True, ""
+    async def round(self) -> None:
+        """One check of every backend. A verdict is reported as soon as it is known: once the
+        runner stops, the checks still out are cancelled and report nothing."""
+        limit = asyncio.Semaphore(PARALLEL)
+        await asyncio.gather(*(self._one(backend, limit) for backend in self.balancer.backends))
 
-    def deliver(self, backend: Backend, result: tuple[bool, str]) -> None:
-        self.balancer.report_check(backend, *result)
+    async def _one(self, backend: Backend, limit: asyncio.Semaphore) -> None:
+        async with limit:
+            try:
+                await self.check.acheck(backend)
+            except Exception as exc:
+                ok, detail = False, describe(exc)
+            else:
+                ok, detail = True, ""
+        check = self.check
+        self.balancer.report_check(
+            backend,
+            ok,
+            detail,
+            successes=check.consecutive_successes,
+            failures=check.consecutive_failures,
+        )

@@ -25,6 +25,7 @@ from lbclient import (
     LoadBalancer,
     TcpCheck,
 )
+from lbclient._background import THREAD_NAME
 from lbclient.checks import HealthCheck
 from lbclient.errors import CheckFailed
 from lbclient.testing import TestServer, TLSCerts, closed_port
@@ -60,12 +61,16 @@ def certs() -> TLSCerts:
 
 
 def health_threads() -> list[threading.Thread]:
-    """The runners' threads (their short-lived workers are named lbclient-health-check)."""
-    return [t for t in threading.enumerate() if t.name == "lbclient-health"]
+    """The runners' event loop threads (their pools' threads are named lbclient-runner-worker_n)."""
+    return [t for t in threading.enumerate() if t.name == THREAD_NAME]
 
 
 def no_check_threads() -> bool:
-    return not [t for t in threading.enumerate() if t.name.startswith("lbclient-health")]
+    return not [t for t in threading.enumerate() if t.name.startswith(THREAD_NAME)]
+
+
+def health_tasks() -> list[asyncio.Task[Any]]:
+    return [t for t in asyncio.all_tasks() if t.get_name() == "lbclient-health"]
 
 
 def eventually(condition: Callable[[], bool], within: float = 20.0) -> None:
@@ -216,18 +221,26 @@ def test_bad_check_settings_named(make: Callable[[], object], error: type[Except
 
 
 class Recording(HttpCheck):
-    """An HttpCheck that notes every result, in order, per backend."""
+    """An HttpCheck that notes every result, in order, per backend, and every check begun
+    once the test said the balancer was closed (``closed``): there must be none."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.results: dict[Backend, list[bool]] = {}
         self._lock = threading.Lock()
+        self.closed = threading.Event()
+        self.late: list[Backend] = []
 
     def note(self, backend: Backend, ok: bool) -> None:
         with self._lock:
             self.results.setdefault(backend, []).append(ok)
 
+    def begin(self, backend: Backend) -> None:
+        if self.closed.is_set():
+            self.late.append(backend)
+
     def check(self, backend: Backend) -> None:
+        self.begin(backend)
         try:
             super().check(backend)
         except Exception:
@@ -236,6 +249,7 @@ class Recording(HttpCheck):
         self.note(backend, True)
 
     async def acheck(self, backend: Backend) -> None:
+        self.begin(backend)
         try:
             await super().acheck(backend)
         except Exception:
@@ -293,10 +307,10 @@ def test_thread_runner_marks_a_stopped_backend_down_and_up_again() -> None:
             eventually(lambda: lb.ready(b.address))
             assert events[3] == (b.address, True, (True, 3))
             assert len(events) == 4
+        check.closed.set()
+        # close() joined the runner's thread and its pool: nothing is left to check anything.
         assert no_check_threads()
-        done = check.total()
-        time.sleep(5 * FAST)
-        assert check.total() == done  # no check after close
+        assert check.late == []
         checked = [r for r in a.requests if r.target == "/healthz"]
         assert checked
         assert {r.headers["host"] for r in checked} == {"users"}
@@ -311,7 +325,7 @@ async def task_runner_down_and_up() -> None:
         check = Recording("/healthz", interval=FAST, consecutive_failures=2)
         lb, events = watched(check, [a, b])
         async with lb:
-            tasks = [t for t in asyncio.all_tasks() if t.get_name() == "lbclient-health"]
+            tasks = health_tasks()
             assert len(tasks) == 1
             assert no_check_threads()  # a task, not a thread
             await aeventually(lambda: len(events) == 2)
@@ -321,11 +335,13 @@ async def task_runner_down_and_up() -> None:
             b.restart()
             await aeventually(lambda: lb.ready(b.address))
             assert events[3] == (b.address, True, (True, 1))
+        check.closed.set()
+        # The job's task (and with it every check it ran) has ended: nothing is left to run.
         assert tasks[0].done()
-        assert not [t for t in asyncio.all_tasks() if t.get_name() == "lbclient-health"]
-        done = check.total()
-        await asyncio.sleep(5 * FAST)
-        assert check.total() == done
+        assert not health_tasks()
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert check.late == []
 
 
 def test_checks_run_in_parallel() -> None:
@@ -405,19 +421,18 @@ async def test_async_transport_starts_checks_and_leaves_nothing(anyio_backend: s
         client = httpx.AsyncClient(transport=AsyncLBTransport(lb), base_url="http://users")
         assert (await client.get("/")).status_code == 200
         if anyio_backend == "asyncio":
-            running = [t for t in asyncio.all_tasks() if t.get_name() == "lbclient-health"]
-            assert len(running) == 1
+            assert len(health_tasks()) == 1
         else:  # trio: the checks run on a thread
             assert len(health_threads()) == 1
         while check.total() < 4:
             await anyio.sleep(0.01)
         await client.aclose()
+        check.closed.set()
+        # Its thread joined, or its task ended: nothing is left to run a check.
         assert no_check_threads()
         if anyio_backend == "asyncio":
-            assert not [t for t in asyncio.all_tasks() if t.get_name() == "lbclient-health"]
-        done = check.total()
-        time.sleep(5 * FAST)
-        assert check.total() == done
+            assert not health_tasks()
+        assert check.late == []
 
 
 def test_closing_from_on_change_does_not_wait_for_itself() -> None:
@@ -445,14 +460,13 @@ def test_checks_go_on_when_the_event_loop_that_started_them_ends() -> None:
         async def forget() -> None:
             await lb.astart()  # a user that never closes; its loop ends
 
-        async def use() -> int:
+        async def use() -> None:
             async with lb:
                 start = check.total()
-                await asyncio.sleep(10 * FAST)
-                return check.total() - start
+                await aeventually(lambda: check.total() > start)
 
         asyncio.run(forget())
-        assert asyncio.run(use()) > 0  # the second loop's user still gets checks
+        asyncio.run(use())  # the second loop's user still gets checks
         lb.close()  # the first user's close
         eventually(no_check_threads)
 
@@ -478,9 +492,9 @@ def test_closing_from_another_thread_stops_a_task_runner_before_returning(
         reports: list[bool] = []
         original = lb.report_check
 
-        def counting(backend: Backend | str, ok: bool, detail: str = "") -> bool:
+        def counting(backend: Backend | str, ok: bool, detail: str = "", **kw: int) -> bool:
             reports.append(ok)
-            return original(backend, ok, detail)
+            return original(backend, ok, detail, **kw)
 
         monkeypatch.setattr(lb, "report_check", counting)
         loop = asyncio.new_event_loop()
@@ -491,18 +505,25 @@ def test_closing_from_another_thread_stops_a_task_runner_before_returning(
             assert check.entered.wait(10)  # a check is running on the loop's thread
             lb.close()
             done = len(reports)
-            time.sleep(0.5)
-            assert len(reports) == done  # nothing reported once close() returned
+            # When close() returned, the job's task had ended on that loop: nothing is left
+            # to report, however many turns the loop takes.
             tasks = asyncio.run_coroutine_threadsafe(_health_tasks(), loop).result(10)
             assert tasks == []
+            asyncio.run_coroutine_threadsafe(_turns(10), loop).result(10)
+            assert len(reports) == done
         finally:
             loop.call_soon_threadsafe(loop.stop)
             thread.join()
             loop.close()
 
 
-async def _health_tasks() -> list[asyncio.Task[object]]:
-    return [t for t in asyncio.all_tasks() if t.get_name() == "lbclient-health"]
+async def _health_tasks() -> list[asyncio.Task[Any]]:
+    return health_tasks()
+
+
+async def _turns(count: int) -> None:
+    for _ in range(count):
+        await asyncio.sleep(0)
 
 
 def test_a_check_keeps_one_deadline_over_every_address(monkeypatch: pytest.MonkeyPatch) -> None:

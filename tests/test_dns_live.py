@@ -31,8 +31,9 @@ from lbclient import (
     RoundRobin,
     TcpCheck,
 )
+from lbclient._background import THREAD_NAME
 from lbclient.discovery import DNS, Discovered
-from lbclient.discovery._refresh import REFRESH, RefreshJob
+from lbclient.discovery._refresh import RefreshJob
 from lbclient.testing import TestServer
 
 pytestmark = [pytest.mark.dnsmasq, pytest.mark.timeout(120)]
@@ -146,7 +147,8 @@ async def aspread(client: httpx.AsyncClient, requests: int) -> Counter[str]:
 
 
 def discovery_threads() -> list[str]:
-    return [t.name for t in threading.enumerate() if t.name.startswith("lbclient-discovery")]
+    """The names of the runners' threads (the event loop's first, then its pool's)."""
+    return sorted(t.name for t in threading.enumerate() if t.name.startswith(THREAD_NAME))
 
 
 # -- A and AAAA records --------------------------------------------------------------------------
@@ -166,7 +168,7 @@ def test_records_are_followed_under_traffic_on_a_thread(
     with lb, httpx.Client(transport=LBTransport(lb), base_url="http://users") as client:
         # Looked up before start() returned: the first request already has the backends.
         assert addresses(lb) == [one.address, two.address]
-        assert discovery_threads()[:1] == ["lbclient-discovery"]
+        assert discovery_threads()[:1] == [THREAD_NAME]
         assert set(spread(client, 20)) == {"127.0.0.1", "127.0.0.2"}
 
         two.mode = "status:503"  # one 503 ejects it; the clock never ends the ejection
@@ -359,14 +361,14 @@ def test_an_empty_answer_empties_the_set_only_when_it_repeats(
     dnsmasq.start()
     lb = LoadBalancer()
     job = RefreshJob(source(dnsmasq, one.port), lb, None)  # stepped by hand, lookup by lookup
-    job.deliver(REFRESH, job.run(REFRESH))
+    asyncio.run(job.lookup())
     assert len(lb) == 2
     dnsmasq.set_hosts({NAME: []})  # NXDOMAIN from now on
     assert source(dnsmasq, one.port).discover() == Discovered([], 0.01)  # asked again soon
     for _ in range(2):
-        job.deliver(REFRESH, job.run(REFRESH))
+        asyncio.run(job.lookup())
         assert len(lb) == 2
-    job.deliver(REFRESH, job.run(REFRESH))
+    asyncio.run(job.lookup())
     assert len(lb) == 0
     assert job.progress.refreshes == 4
     assert job.progress.failures == 0

@@ -18,6 +18,7 @@ from lbclient import (
     LoadBalancer,
     Outcome,
     RoundRobin,
+    TcpCheck,
 )
 from lbclient.health import HealthState
 
@@ -431,6 +432,32 @@ def test_check_verdicts_follow_thresholds_and_first_verdict_fires() -> None:
     assert up.check_streak == 1
     assert HealthPolicy.check(up, False, 2, 3).check_streak == 0  # the run was broken
     assert HealthPolicy.check(up, True, 2, 3).checked is True
+
+
+def test_a_check_passes_its_thresholds_to_report_check() -> None:
+    lb, _, changes = make([A, B])
+    lb.report_check(A, True, successes=2, failures=3)
+    assert lb.report_check(A, False, failures=3) is False  # 1 of 3
+    assert lb.report_check(A, False, failures=3) is False  # 2 of 3
+    assert lb.report_check(A, False, "refused", failures=3) is True  # 3 of 3: down
+    assert lb.report_check(A, True, successes=2) is False  # 1 of 2
+    assert lb.report_check(A, True, successes=2) is True  # 2 of 2: up
+    assert changes == [(A, True), (A, False), (A, True)]
+    # Without thresholds every result decides (1 and 1), whatever the balancer's settings.
+    checked = LoadBalancer([A, B], health_check=TcpCheck(consecutive_failures=5))
+    assert checked.report_check(B, False) is True
+
+
+def test_the_discovery_reports_its_counts_for_snapshots() -> None:
+    lb, _, _ = make([A, B])
+    snapshot = lb.snapshot()
+    assert (snapshot.discovery_refreshes, snapshot.discovery_failures) == (0, 0)
+    assert (snapshot.discovery_error, snapshot.discovery_priority) == (None, None)
+    lb.report_discovery(refreshes=3, failures=1, error="RuntimeError: down", priority=10)
+    snapshot = lb.snapshot()
+    assert (snapshot.discovery_refreshes, snapshot.discovery_failures) == (3, 1)
+    assert (snapshot.discovery_error, snapshot.discovery_priority) == ("RuntimeError: down", 10)
+    assert "discovery: 3 answers, 1 failed lookups, priority 10 in use" in str(snapshot)
 
 
 def test_passing_check_ends_an_ejection_and_failing_one_takes_it_out() -> None:

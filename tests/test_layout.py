@@ -7,6 +7,7 @@ import asyncio
 import importlib
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import httpx
@@ -27,8 +28,8 @@ from lbclient.testing import TestServer, closed_port
 
 PACKAGE = Path(lbclient.__file__).parent
 # The core, and the pure values the errors refer to (lbclient.retry: RetryPolicy, Attempt).
-CORE = ["backend", "hashing", "selection", "health", "_book", "_load", "balancer", "errors",
-        "retry"]
+CORE = ["backend", "hashing", "selection", "health", "_book", "_load", "_view", "balancer",
+        "errors", "retry"]
 CLIENTS = {"httpx", "httpcore", "requests", "urllib3", "tenacity", "anyio", "h11"}
 IO = {"socket", "ssl", "asyncio", "selectors", "subprocess", "lbclient.checks", "checks"}
 
@@ -102,6 +103,124 @@ def test_core_starts_no_thread() -> None:
         source = path.read_text()
         assert "Thread(" not in source, path.name
         assert "create_task" not in source, path.name
+
+
+# -- rule 5: transports -> services -> runner; services -> balancer ---------------------------
+
+SERVICE_MODULES = {"lbclient._services", "lbclient._background", "lbclient.checks",
+                   "lbclient.discovery"}
+
+
+def test_the_balancer_binds_starts_and_reads_nothing_of_its_checks_or_discovery() -> None:
+    tree = ast.parse((PACKAGE / "balancer.py").read_text())
+    imported = _imports(PACKAGE / "balancer.py")
+    assert not {m for m in imported if m.startswith(tuple(SERVICE_MODULES))}
+    # Its health_check and discovery settings are kept (__init__), handed back (the
+    # properties, pickling) and nothing else: no method reads, binds or starts them.
+    keeping = set()
+    for function in ast.walk(tree):
+        if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for node in ast.walk(function):
+                if isinstance(node, ast.Attribute) and node.attr in {"_health_check",
+                                                                     "_discovery"}:
+                    keeping.add(function.name)
+    assert keeping == {"__init__", "health_check", "discovery", "__reduce__"}
+    called = {
+        node.func.attr
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+    }
+    assert not called & {"bind", "describe", "spawn", "call", "prepare", "jobs"}
+    # What starts and stops is the port, and only in the lifecycle methods.
+    forwarding = {
+        function.name
+        for function in ast.walk(tree)
+        if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef))
+        for node in ast.walk(function)
+        if isinstance(node, ast.Attribute) and node.attr == "_services"
+    }
+    assert forwarding == {"__init__", "services", "start", "astart", "close", "aclose"}
+
+
+def _identifiers(path: Path) -> set[str]:
+    """The names a module's code uses (its strings and comments left out)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Name):
+            names.add(node.id)
+        elif isinstance(node, ast.Attribute):
+            names.add(node.attr)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.arg):
+            names.add(node.arg)
+    return names
+
+
+def test_the_runner_knows_nothing_of_checks_discovery_or_the_balancer() -> None:
+    imported = _imports(PACKAGE / "_background.py")
+    assert not {m for m in imported if m.startswith("lbclient")}
+    for name in _identifiers(PACKAGE / "_background.py"):
+        for word in ("check", "discover", "balancer", "probe", "backend", "refresh"):
+            assert word not in name.lower(), name
+
+
+def test_the_services_layer_imports_the_runner_and_the_balancer_only() -> None:
+    imported = {m for m in _imports(PACKAGE / "_services.py") if m.startswith("lbclient")}
+    assert imported == {"lbclient._background", "lbclient.balancer"}
+
+
+def test_with_balancer_only_forwards_to_its_lifecycle_port(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import lbclient.balancer as core
+    from lbclient.checks import TcpCheck
+
+    calls: list[str] = []
+
+    class Recorder:
+        def start(self) -> None:
+            calls.append("start")
+
+        async def astart(self) -> None:
+            calls.append("astart")
+
+        def stop(self) -> None:
+            calls.append("stop")
+
+        async def astop(self) -> None:
+            calls.append("astop")
+
+    before = set(threading.enumerate())
+    monkeypatch.setattr(core, "_make_lifecycle", lambda balancer: Recorder())
+    lb = LoadBalancer(["10.0.0.1:80"], health_check=TcpCheck())
+    with lb:
+        pass
+
+    async def use() -> None:
+        async with lb:
+            pass
+
+    asyncio.run(use())
+    assert calls == ["start", "stop", "astart", "astop"]
+    assert set(threading.enumerate()) <= before  # it started nothing of its own
+
+
+def test_a_balancer_with_a_check_or_a_source_always_finds_the_services_layer() -> None:
+    code = (
+        "import sys, lbclient\n"
+        "lbclient.LoadBalancer(['10.0.0.1:80']).select()\n"
+        "print(sorted(m for m in sys.modules if m in {'lbclient._services', "
+        "'lbclient._background', 'asyncio'}))\n"
+        "from lbclient import TcpCheck, LoadBalancer\n"
+        "print(type(LoadBalancer(['10.0.0.1:80'], health_check=TcpCheck()).services).__name__)\n"
+        "from lbclient.discovery import Static\n"
+        "print(type(LoadBalancer(discovery=Static([])).services).__name__)\n"
+        "print(LoadBalancer(['10.0.0.1:80']).services)\n"
+    )
+    done = run(code)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["[]", "Services", "Services", "None"]
 
 
 # -- one exception tree ---------------------------------------------------------------------

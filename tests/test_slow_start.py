@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import random
 from collections import Counter
+from collections.abc import Callable
 
 import pytest
 
@@ -96,6 +98,48 @@ def test_a_backend_back_from_an_ejection_ramps_up() -> None:
     assert early[NEW] <= 20_000 / 4 / 3
     clock.now += 61.0
     assert abs(shares(lb)[NEW] - 5_000) < 500
+
+
+def ramping(clock: Clock, draw: Callable[[], float]) -> LoadBalancer:
+    """Round robin over OLD, then NEW joined a tenth of the window ago, drawing from ``draw``."""
+    lb = LoadBalancer(OLD, RoundRobin(slow_start=60), clock=clock, random=draw)
+    lb.update([*OLD, NEW])
+    clock.now += 6.0
+    return lb
+
+
+def test_slow_start_draws_from_the_injected_random_source(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def picks(seed: int) -> list[str]:
+        lb = ramping(Clock(), random.Random(seed).random)
+        return [b.address for b in (lb.select() for _ in range(2_000)) if b is not None]
+
+    # The global random source is never drawn from: the same seed, the same picks.
+    def refuse() -> float:
+        raise AssertionError("slow start drew from the global random source")
+
+    monkeypatch.setattr(random, "random", refuse)
+    first = picks(7)
+    assert picks(7) == first
+    assert picks(8) != first
+    assert 0 < first.count(NEW) < 2_000 / 4 / 3
+
+
+def test_slow_start_takes_the_sources_draw_as_it_is() -> None:
+    # A draw below the ramp's share lets the ramping backend take its turn; one above, never.
+    draws: list[float] = []
+
+    def low() -> float:
+        draws.append(0.0)
+        return 0.0
+
+    lb = ramping(Clock(), low)
+    assert shares(lb, 4_000)[NEW] == 1_000  # every one of its round robin turns
+    assert len(draws) == 1_000  # one draw per turn of the ramping backend, none for others
+    assert shares(ramping(Clock(), lambda: 0.99), 4_000)[NEW] == 0
+    with pytest.raises(TypeError, match="random must be callable"):
+        LoadBalancer(OLD, random=0.5)  # type: ignore[arg-type]
 
 
 def test_key_based_algorithms_take_no_slow_start() -> None:

@@ -11,8 +11,9 @@ Sources (each a :class:`ServiceDiscovery`, Pingora's trait of that name):
 
 Give one to ``LoadBalancer(discovery=..., refresh=...)``. Started with the balancer (``with
 balancer:``, ``async with balancer:``), it looks the source up once before ``start()`` returns,
-then keeps looking on one daemon thread or asyncio task, handing each answer to
-``balancer.update()``: backends that stay keep their health and load.
+then keeps looking on the balancer's runner (one thread with its event loop, or a task of the
+running asyncio loop), handing each answer to ``balancer.update()``: backends that stay keep
+their health and load.
 
 A failed lookup never takes traffic down: the last good set stays, the failure is logged on the
 ``lbclient`` logger and counted in ``balancer.snapshot()`` (``discovery_failures``,

@@ -1,14 +1,17 @@
-"""Keeping a balancer's backends current from a source: the refresh job and its service.
+"""Keeping a balancer's backends current from a source: the rules of a refresh, and its job.
 
 What lives here: the rules of a refresh as plain values (:func:`clamp_ttl`,
 :func:`retry_delay`, :class:`Progress` for failures, backoff and the empty-answer rule,
-:class:`Priorities` for priority groups); the job that looks the source up on the runner of
-:mod:`lbclient._background` and hands the result to the balancer's public :meth:`update`; and
-:class:`DiscoveryService`, which the balancer starts and stops with itself and which looks the
-source up once before its first start returns.
+:class:`Priorities` for priority groups); and :class:`RefreshJob`, what a source binds itself
+into for a balancer: its first lookup (done before the balancer's first start returns) and its
+rounds on the balancer's runner (a lookup when due, a look at the health of priority groups
+between), each handing the answer to the balancer's public :meth:`update` and its counts to
+``report_discovery``.
 
-What may not: the balancer's internals. The job reads ``snapshot()`` and ``health_check`` and
-calls ``update()``; the balancer imports nothing from here.
+What may not: the balancer's internals (the job reads ``backends``, ``snapshot()`` and the
+``health_check`` setting, and calls ``update()`` and ``report_discovery()``; the balancer
+imports nothing from here), threads or tasks of its own (the runner's), starting or stopping
+(the services layer's).
 """
 
 from __future__ import annotations
@@ -19,21 +22,20 @@ import math
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
-from lbclient._background import Schedule
+from lbclient._background import Every
 from lbclient.backend import Backend
-from lbclient.discovery.base import ServiceDiscovery, as_discovered
-from lbclient.health import HealthSnapshot
+from lbclient.discovery.base import ServiceDiscovery, as_discovered, positive
 
 if TYPE_CHECKING:
     from lbclient.balancer import LoadBalancer
     from lbclient.discovery.base import Discovered
 
 __all__ = [
+    "OVERRUN",
     "RETRY_FIRST",
-    "DiscoveryService",
     "Priorities",
     "Progress",
     "RefreshJob",
@@ -47,6 +49,12 @@ logger = logging.getLogger("lbclient")
 #: Seconds before the first retry of a failed (or empty) lookup; doubled for each next one, up
 #: to the refresh interval.
 RETRY_FIRST: Final = 1.0
+
+#: A lookup still running at this many times its ``timeout``, and a second, is cancelled. A
+#: source keeps its timeout itself where it can (DNS does, give or take dnspython's pauses
+#: between retries) and then fails with its own error, which says why; this catches one that
+#: hangs.
+OVERRUN: Final = 2.0
 
 #: The job's two kinds of work: a lookup (with probes), or probes and a look at health only.
 REFRESH: Final = "refresh"
@@ -188,8 +196,6 @@ class Priorities:
 
 
 class _Probe(Protocol):
-    def check(self, backend: Backend) -> None: ...
-
     async def acheck(self, backend: Backend) -> None: ...
 
 
@@ -207,7 +213,10 @@ def describe(error: BaseException) -> str:
 
 
 class RefreshJob:
-    """Looks a source up when due, probes failed priority groups, and updates the balancer."""
+    """Looks a source up when due, probes failed priority groups, and updates the balancer.
+
+    ``refresh``: seconds between lookups of answers without a TTL (None: the source's own).
+    """
 
     name = "lbclient-discovery"
 
@@ -216,7 +225,7 @@ class RefreshJob:
     ) -> None:
         self.source = source
         self.balancer = balancer
-        self.refresh = float(source.refresh if refresh is None else refresh)
+        self.refresh = positive("refresh", source.refresh if refresh is None else refresh)
         self.timeout = float(source.timeout)
         self.progress = Progress(source.empty_after)
         self.priorities = Priorities()
@@ -227,9 +236,34 @@ class RefreshJob:
         self._due = -math.inf
         #: Whether the answers carry priorities (so the snapshot shows the group in use).
         self._prioritised = False
-        #: (refreshes, failures, error, priority) for snapshots; replaced whole.
-        self._status: tuple[int, int, str | None, int | None] = (0, 0, None, None)
         self._tcp: _Probe | None = None
+
+    # -- on the runner -------------------------------------------------------------------
+
+    def jobs(self) -> tuple[Every]:
+        """The rounds, on the balancer's runner."""
+        limit = self.timeout * OVERRUN + 1.0
+        return (Every(self.name, self.round, lambda: self.interval, limit),)
+
+    async def prepare(self) -> None:
+        """The first lookup, before the balancer's first start returns."""
+        await self.lookup()
+
+    async def round(self) -> None:
+        """A lookup when one is due; between lookups, with priority groups, a look at the
+        health of the group in use and probes of the groups that failed."""
+        if time.monotonic() >= self._due:
+            await self.lookup()
+        elif self.priorities.several or self.priorities.down:
+            await self.recheck()
+
+    async def lookup(self) -> None:
+        """Look the source up now (probing failed groups), and take the answer."""
+        self._take(await self._work(REFRESH))
+
+    async def recheck(self) -> None:
+        """Probe failed groups and look at the health of the group in use, now."""
+        self._take(await self._work(RECHECK))
 
     # -- timing --------------------------------------------------------------------------
 
@@ -246,40 +280,20 @@ class RefreshJob:
         """Make the next lookup due in ``seconds``."""
         self._due = time.monotonic() + seconds
 
-    def items(self) -> tuple[str, ...]:
-        if time.monotonic() >= self._due:
-            return (REFRESH,)
-        if self.priorities.several or self.priorities.down:
-            return (RECHECK,)
-        return ()
-
     # -- work ----------------------------------------------------------------------------
 
-    def run(self, item: str) -> _Result:
+    async def _work(self, item: str) -> _Result:
         found = error = None
         if item == REFRESH:
+            limit = self.timeout * OVERRUN + 1.0
             try:
-                found = as_discovered(self.source.discover())
-            except Exception as exc:
-                error = describe(exc)
-        recovered = frozenset(p for p, group in self._suspects() if self._up(group))
-        return _Result(found, error, recovered)
-
-    async def arun(self, item: str) -> _Result:
-        found = error = None
-        if item == REFRESH:
-            try:
-                found = as_discovered(
-                    await asyncio.wait_for(self.source.adiscover(), self.timeout)
-                )
-            except asyncio.CancelledError:
-                raise
+                found = as_discovered(await asyncio.wait_for(self.source.adiscover(), limit))
             except asyncio.TimeoutError:
-                error = f"timed out after {self.timeout:g} s"
+                error = f"timed out after {limit:g} s"
             except Exception as exc:
                 error = describe(exc)
         suspects = self._suspects()
-        ups = await asyncio.gather(*(self._aup(group) for _p, group in suspects))
+        ups = await asyncio.gather(*(self._up(group) for _p, group in suspects))
         recovered = frozenset(p for (p, _group), up in zip(suspects, ups, strict=True) if up)
         return _Result(found, error, recovered)
 
@@ -292,7 +306,7 @@ class RefreshJob:
     def _probe(self) -> _Probe:
         """The balancer's active check, if it has one; a TCP connect otherwise."""
         check: Any = self.balancer.health_check
-        if callable(getattr(check, "check", None)) and callable(getattr(check, "acheck", None)):
+        if callable(getattr(check, "acheck", None)):
             probe: _Probe = check
             return probe
         if self._tcp is None:
@@ -301,24 +315,12 @@ class RefreshJob:
             self._tcp = TcpCheck(timeout=self.timeout)
         return self._tcp
 
-    def _up(self, group: tuple[Backend, ...]) -> bool:
-        probe = self._probe()
-        for backend in group:
-            try:
-                probe.check(backend)
-            except Exception:
-                continue
-            return True
-        return False
-
-    async def _aup(self, group: tuple[Backend, ...]) -> bool:
+    async def _up(self, group: tuple[Backend, ...]) -> bool:
         probe = self._probe()
 
         async def one(backend: Backend) -> bool:
             try:
                 await probe.acheck(backend)
-            except asyncio.CancelledError:
-                raise
             except Exception:
                 return False
             return True
@@ -327,11 +329,11 @@ class RefreshJob:
 
     # -- results -------------------------------------------------------------------------
 
-    def deliver(self, item: str, result: _Result) -> None:
-        with self._lock:
-            self._take(result)
-
     def _take(self, result: _Result) -> None:
+        with self._lock:
+            self._take_locked(result)
+
+    def _take_locked(self, result: _Result) -> None:
         source = self.source
         progress = self.progress
         priorities = self.priorities
@@ -381,11 +383,11 @@ class RefreshJob:
                     "discovery %r: %d backends (%d added, %d removed)",
                     source, len(after), len(after - before), len(before - after),
                 )
-        self._status = (
-            progress.refreshes,
-            progress.failures,
-            progress.error,
-            priorities.active if self._prioritised else None,
+        self.balancer.report_discovery(
+            refreshes=progress.refreshes,
+            failures=progress.failures,
+            error=progress.error,
+            priority=priorities.active if self._prioritised else None,
         )
 
     def _active_down(self) -> bool:
@@ -398,68 +400,3 @@ class RefreshJob:
         group = set(groups.get(active, ()))
         seen = [h for h in self.balancer.snapshot().backends if h.backend in group and h.enabled]
         return bool(seen) and not any(h.healthy for h in seen)
-
-    def describe(self, snapshot: HealthSnapshot) -> HealthSnapshot:
-        refreshes, failures, error, priority = self._status
-        return replace(
-            snapshot,
-            discovery_refreshes=refreshes,
-            discovery_failures=failures,
-            discovery_error=error,
-            discovery_priority=priority,
-        )
-
-
-class DiscoveryService:
-    """A source bound to a balancer: started with the balancer's first user (looking the source
-    up once before returning, so the first request sees its answer) and stopped with its
-    last; between the two, the job runs on a daemon thread or an asyncio task."""
-
-    def __init__(
-        self, source: ServiceDiscovery, balancer: LoadBalancer, refresh: float | None = None
-    ) -> None:
-        self._job = RefreshJob(source, balancer, refresh)
-        self._schedule: Schedule[str, _Result] = Schedule(self._job)
-
-    @property
-    def running(self) -> bool:
-        """Whether the refresh runs."""
-        return self._schedule.running
-
-    def start(self) -> None:
-        """Add a user; for the first, look the source up (blocking), then refresh on a
-        daemon thread."""
-        if not self._schedule.running:
-            self._job.deliver(REFRESH, self._job.run(REFRESH))
-        self._schedule.start()
-
-    async def astart(self) -> None:
-        """Add a user; for the first, look the source up, then refresh on an asyncio task of
-        the running loop (a daemon thread outside asyncio)."""
-        if not self._schedule.running:
-            try:
-                asyncio.get_running_loop()
-            except RuntimeError:  # another async library: the lookup runs on a thread
-                import anyio.to_thread
-
-                result = await anyio.to_thread.run_sync(self._job.run, REFRESH)
-            else:
-                result = await self._job.arun(REFRESH)
-            self._job.deliver(REFRESH, result)
-        await self._schedule.astart()
-
-    def stop(self) -> None:
-        """Remove a user; after the last, stop: nothing more is looked up or updated."""
-        self._schedule.stop()
-
-    async def astop(self) -> None:
-        """Remove a user; after the last, stop, awaiting an asyncio task's end."""
-        await self._schedule.astop()
-
-    def describe(self, snapshot: HealthSnapshot) -> HealthSnapshot:
-        """``snapshot`` with this discovery's counts, latest error and priority group."""
-        return self._job.describe(snapshot)
-
-    def __repr__(self) -> str:
-        state = "running" if self.running else "stopped"
-        return f"<DiscoveryService {self._job.source!r} {state}>"

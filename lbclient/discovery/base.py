@@ -7,6 +7,10 @@ when they cannot answer; the refresh that runs them keeps the last good set.
 
 Backends whose metadata holds an int ``"priority"`` form priority groups (DNS SRV records do):
 the refresh gives the balancer the lowest group that can serve. See :mod:`lbclient.discovery`.
+
+A source binds itself to a balancer (:meth:`ServiceDiscovery.bind`) into the refresh job of
+:mod:`lbclient.discovery._refresh`; the services layer (:mod:`lbclient._services`, imported
+here so that a balancer given a source always finds it) runs that job and starts and stops it.
 """
 
 from __future__ import annotations
@@ -18,12 +22,13 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import lbclient._services  # noqa: F401  (installs the services layer: see the module's text)
 from lbclient.backend import Backend
 from lbclient.selection.base import prepare_backends
 
 if TYPE_CHECKING:
     from lbclient.balancer import LoadBalancer
-    from lbclient.discovery._refresh import DiscoveryService
+    from lbclient.discovery._refresh import RefreshJob
 
 __all__ = ["Discovered", "Function", "ServiceDiscovery", "Static"]
 
@@ -81,19 +86,20 @@ def as_discovered(value: object) -> Discovered:
 class ServiceDiscovery:
     """Where a balancer's backends come from (Pingora's ``ServiceDiscovery``).
 
-    Give one to ``LoadBalancer(discovery=...)``: the balancer binds it (:meth:`bind`) and,
-    once started (``with balancer:``, ``async with balancer:``), looks it up once before
-    ``start()`` returns, then again every ``refresh`` seconds (or as the answer's ``ttl``
-    says) on a daemon thread or an asyncio task, replacing its backend set with what was
-    found. Backends that stay keep their health and load.
+    Give one to ``LoadBalancer(discovery=...)``: once the balancer is started (``with
+    balancer:``, ``async with balancer:``), it is looked up once before ``start()`` returns,
+    then again every ``refresh`` seconds (or as the answer's ``ttl`` says) on the balancer's
+    runner (a thread, or a task of the running asyncio loop), replacing the balancer's backend
+    set with what was found. Backends that stay keep their health and load.
 
     A source of your own subclasses this and implements :meth:`discover` (and, when it can
     wait without blocking, :meth:`adiscover`). Options every source has:
 
     * ``empty_after``: answers in a row with no backends that it takes to empty the set; until
       then the last set stays (3). Failed lookups in between neither count nor reset it.
-    * ``timeout``: seconds one lookup may take (5.0); an :meth:`adiscover` is cancelled
-      then, a blocking :meth:`discover` is trusted to keep it (DNS does).
+    * ``timeout``: seconds one lookup may take (5.0). A source keeps it itself where it can
+      (DNS does) and fails with its own error; a lookup still running at twice that and a
+      second is cancelled (a blocking :meth:`discover` on a worker thread is left to end).
     * ``failover_interval``: with priority groups, seconds between looks at the health of the
       group in use, and between probes of groups that failed (1.0).
     """
@@ -117,7 +123,7 @@ class ServiceDiscovery:
         self.failover_interval = positive("failover_interval", failover_interval)
 
     def discover(self) -> Discovered:
-        """The backends now, blocking (on a worker thread); raises when it cannot say."""
+        """The backends now, blocking; raises when it cannot say."""
         raise NotImplementedError
 
     async def adiscover(self) -> Discovered:
@@ -125,14 +131,14 @@ class ServiceDiscovery:
         worker thread)."""
         return await asyncio.to_thread(self.discover)
 
-    def bind(self, balancer: LoadBalancer, refresh: float | None = None) -> DiscoveryService:
-        """The service that keeps ``balancer``'s backends current from this source.
+    def bind(self, balancer: LoadBalancer, refresh: float | None = None) -> RefreshJob:
+        """The job that keeps ``balancer``'s backends current from this source.
         ``refresh``: seconds between lookups of answers without a TTL (None: the source's
-        own, :attr:`refresh`). The balancer calls this once and starts and stops the service
-        with itself."""
-        from lbclient.discovery._refresh import DiscoveryService
+        own, :attr:`refresh`). The services layer calls this once per balancer and runs the
+        job while the balancer has users."""
+        from lbclient.discovery._refresh import RefreshJob
 
-        return DiscoveryService(self, balancer, refresh)
+        return RefreshJob(self, balancer, refresh)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -164,9 +170,10 @@ class Function(ServiceDiscovery):
     """Backends from a function of your own, called with no arguments on every refresh.
 
     ``fn`` returns backends (``Backend`` objects or ``"host:port"`` strings) or a
-    :class:`Discovered`; it raises when it cannot say. It may be an ``async def``: async users
-    await it on their event loop; on a thread it runs in an event loop of its own. A plain
-    function runs on a worker thread, so it may block (an HTTP call to a registry).
+    :class:`Discovered`; it raises when it cannot say. It may be an ``async def``: it is awaited
+    on the event loop the balancer's runner uses (an asyncio user's own, or the runner
+    thread's). A plain function runs on a worker thread (of the runner's small pool), so it may
+    block (an HTTP call to a registry), within the source's ``timeout``.
     """
 
     def __init__(self, fn: Callable[[], Answer | Awaitable[Answer]], **options: Any) -> None:
