@@ -32,7 +32,7 @@ from lbclient.retry import RequestOptions, RetryPolicy, RetryStats
 from lbclient.selection.base import AlgorithmLike
 
 if TYPE_CHECKING:
-    from lbclient._wire import AsyncWire, Wire
+    from lbclient._wire import Facts
 
 __all__ = ["DEFAULT", "AdapterConfig", "Default", "config_of", "policy_from"]
 
@@ -261,9 +261,9 @@ class AdapterConfig(Generic[_R]):
             f"{method} {redact(str(url))}; it must return bytes, str or None; nothing was sent"
         )
 
-    def start(self, wire: Wire[Any] | AsyncWire[Any]) -> tuple[RequestPlan, Backend]:
-        """The plan for the request of ``wire`` and its first backend; NoBackendAvailable if
-        none."""
+    def start(self, wire: Facts) -> tuple[RequestPlan, Backend]:
+        """The plan for the request ``wire`` carries and its first backend; NoBackendAvailable
+        if none."""
         request, method, url = wire.request, wire.method, wire.url
         options = wire.options
         policy = self.policy if options is None else self.policy_for(options)

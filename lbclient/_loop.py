@@ -76,21 +76,15 @@ def drive_sync(plan: RequestPlan, first: Backend, wire: Wire[_R]) -> _R:
     try:
         status, response = send_sync(plan, wire, first)
     except Exception as error:
-        if not recorded(plan, error):
-            raise
-        if not plan.may_retry():
-            raise final(plan, wire, error) from error
-        failover = Failover(plan, wire, None, error)
+        failover = _after_failure(plan, wire, error)
     else:
-        if not plan.retries_status(status) or not plan.may_retry():
+        if not _retried(plan, status):
             return response
         failover = Failover(plan, wire, response, None)
-    retrying = Retrying(sleep=sleep, **failover.strategies())
     try:
-        return retrying(failover.attempt)
+        return Retrying(sleep=sleep, **failover.strategies())(failover.attempt)
     except Exception as error:
-        if recorded(plan, error):
-            raise final(plan, wire, error) from error
+        _fail(plan, wire, error)
         raise
 
 
@@ -101,19 +95,37 @@ async def drive_async(plan: RequestPlan, first: Backend, wire: AsyncWire[_R]) ->
     try:
         status, response = await send_async(plan, wire, first)
     except Exception as error:
-        if not recorded(plan, error):
-            raise
-        if not plan.may_retry():
-            raise final(plan, wire, error) from error
-        failover = Failover(plan, wire, None, error)
+        failover = _after_failure(plan, wire, error)
     else:
-        if not plan.retries_status(status) or not plan.may_retry():
+        if not _retried(plan, status):
             return response
         failover = Failover(plan, wire, response, None)
-    retrying = AsyncRetrying(sleep=asleep, **failover.strategies())
     try:
-        return await retrying(failover.aattempt)
+        return await AsyncRetrying(sleep=asleep, **failover.strategies())(failover.aattempt)
     except Exception as error:
-        if recorded(plan, error):
-            raise final(plan, wire, error) from error
+        _fail(plan, wire, error)
         raise
+
+
+def _retried(plan: RequestPlan, status: int) -> bool:
+    """Whether the first attempt's response, of ``status``, is followed by another attempt."""
+    return plan.retries_status(status) and plan.may_retry()
+
+
+def _after_failure(
+    plan: RequestPlan, wire: Wire[_R] | AsyncWire[_R], error: Exception
+) -> Failover[_R]:
+    """After the first attempt raised ``error``: the failover, if the plan may retry; else the
+    final error is raised (or ``error`` itself, when it is not a failure of the attempt)."""
+    if not recorded(plan, error):
+        raise error
+    if not plan.may_retry():
+        raise final(plan, wire, error) from error
+    return Failover(plan, wire, None, error)
+
+
+def _fail(plan: RequestPlan, wire: Wire[Any] | AsyncWire[Any], error: Exception) -> None:
+    """After the last attempt raised ``error``: raise the final error if it is a failure the
+    plan recorded (the caller re-raises anything else as it is)."""
+    if recorded(plan, error):
+        raise final(plan, wire, error) from error

@@ -22,6 +22,7 @@ from lbclient.backend import Backend
 
 __all__ = [
     "AsyncWire",
+    "Facts",
     "ReportingBody",
     "Wire",
     "final",
@@ -76,9 +77,8 @@ class ReportingBody:
         return error if backend is None else name_backend(error, backend)
 
 
-class Wire(Protocol[_R_co]):
-    """An adapter's part of one request: its facts, the I/O of one attempt, and its client's
-    words. Every outcome is recorded by the loop, never by the wire."""
+class Facts(Protocol):
+    """What the loop and the adapter's configuration read of one request."""
 
     @property
     def request(self) -> object:
@@ -103,6 +103,11 @@ class Wire(Protocol[_R_co]):
     @property
     def options(self) -> object:
         """This request's :class:`~lbclient.RequestOptions` (or a mapping of them), or None."""
+
+
+class Wire(Facts, Protocol[_R_co]):
+    """An adapter's part of one request: its facts, the I/O of one attempt, and its client's
+    words. Every outcome is recorded by the loop, never by the wire."""
 
     def send(
         self,
@@ -138,32 +143,8 @@ class Wire(Protocol[_R_co]):
         ...
 
 
-class AsyncWire(Protocol[_R_co]):
+class AsyncWire(Facts, Protocol[_R_co]):
     """The async twin of :class:`Wire`."""
-
-    @property
-    def request(self) -> object:
-        """The caller's request (for the key function, observers and errors)."""
-
-    @property
-    def method(self) -> str:
-        """The request's method, upper case."""
-
-    @property
-    def url(self) -> object:
-        """The request's URL, or an object whose ``str()`` is (made only when needed)."""
-
-    @property
-    def replayable(self) -> bool:
-        """Whether its body can be sent again."""
-
-    @property
-    def timeouts(self) -> Timeouts | None:
-        """The client's own per-operation timeouts, or None when it gives none to cap."""
-
-    @property
-    def options(self) -> object:
-        """This request's :class:`~lbclient.RequestOptions` (or a mapping of them), or None."""
 
     async def send(
         self,

@@ -19,11 +19,13 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from lbclient import Hash, HealthPolicy, LoadBalancer
+from lbclient import Backend, Hash, HealthPolicy, LoadBalancer
+from lbclient._plan import Fault
 from lbclient.testing import Exchange, TestServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -273,3 +275,76 @@ def busy_and_idle() -> Iterator[tuple[TestServer, TestServer, LoadBalancer, str,
             yield busy, idle, lb, key_for(lb, busy), release
     finally:
         release.set()
+
+
+# -- a wire for the loop alone, with no socket ---------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Boom(Exception):
+    """A client error the fake wire classifies by its ``fault``."""
+
+    def __init__(self, text: str, fault: Fault) -> None:
+        super().__init__(text)
+        self.fault = fault
+
+
+@dataclass
+class FakeWire:
+    """A wire that sends nothing: it fails the first attempts with ``faults``, then answers
+    ``statuses`` (200 after them), and records nothing (the loop does)."""
+
+    faults: list[Fault] = field(default_factory=list)
+    statuses: list[int] = field(default_factory=list)
+    clock: Clock | None = None
+    took: float = 0.0
+    seen: list[Backend] = field(default_factory=list)
+    discarded: list[str] = field(default_factory=list)
+    request: object = None
+    method: str = "GET"
+    url: object = "http://svc/"
+    replayable: bool = True
+    timeouts: dict[str, float | None] | None = None
+    options: object = None
+
+    def send(
+        self, backend: Backend, timeouts: object, headers: object, buffer: int
+    ) -> tuple[int, str, None]:
+        self.seen.append(backend)
+        if self.clock is not None:
+            self.clock.now += self.took
+        n = len(self.seen)
+        if n <= len(self.faults):
+            raise Boom(f"attempt {n}", self.faults[n - 1])
+        status = self.statuses[n - len(self.faults) - 1] if self.statuses else 200
+        return status, f"{status} from {backend.address}", None
+
+    def retry_after(self, response: str) -> str | None:
+        return None
+
+    def fault(self, error: Exception) -> Fault | None:
+        return error.fault if isinstance(error, Boom) else None
+
+    def discard(self, response: str) -> None:
+        self.discarded.append(response)
+
+    def final(self, error: Exception, summary: str) -> Exception:
+        return error
+
+
+@dataclass
+class AsyncFakeWire(FakeWire):
+    async def send(  # type: ignore[override]
+        self, backend: Backend, timeouts: object, headers: object, buffer: int
+    ) -> tuple[int, str, None]:
+        return FakeWire.send(self, backend, timeouts, headers, buffer)
+
+    async def discard(self, response: str) -> None:  # type: ignore[override]
+        FakeWire.discard(self, response)

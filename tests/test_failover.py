@@ -8,7 +8,6 @@ import asyncio
 import logging
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -18,12 +17,11 @@ import httpx
 import pytest
 import requests
 import tenacity
-from conftest import NO_EJECTION
+from conftest import NO_EJECTION, FakeWire
 
 import lbclient
 from lbclient import (
     AsyncLBTransport,
-    Backend,
     Hash,
     HealthPolicy,
     LBAdapter,
@@ -228,41 +226,6 @@ def test_a_users_stop_after_delay_counts_from_the_request_start(ok: TestServer) 
 # -- the loop records every outcome ---------------------------------------------------------
 
 
-@dataclass
-class SilentWire:
-    """A wire that sends nothing and records nothing: it returns what it "saw"."""
-
-    statuses: list[int]
-    faults: list[Fault] = field(default_factory=list)
-    seen: list[Backend] = field(default_factory=list)
-    request: object = None
-    method: str = "GET"
-    url: object = "http://svc/"
-    replayable: bool = True
-    timeouts: dict[str, float | None] | None = None
-    options: object = None
-
-    def send(
-        self, backend: Backend, timeouts: object, headers: object, buffer: int
-    ) -> tuple[int, str, None]:
-        self.seen.append(backend)
-        if len(self.seen) <= len(self.faults):
-            raise ConnectionError(f"attempt {len(self.seen)}")
-        return self.statuses.pop(0), f"from {backend.address}", None
-
-    def retry_after(self, response: str) -> str | None:
-        return "0"
-
-    def fault(self, error: Exception) -> Fault | None:
-        return self.faults[len(self.seen) - 1] if isinstance(error, ConnectionError) else None
-
-    def discard(self, response: str) -> None:
-        pass
-
-    def final(self, error: Exception, summary: str) -> Exception:
-        return error
-
-
 def test_the_loop_records_what_a_silent_wire_saw() -> None:
     lb = LoadBalancer(["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"], Hash,
                       health=HealthPolicy(consecutive_5xx=1, consecutive_failures=2))
@@ -270,8 +233,8 @@ def test_the_loop_records_what_a_silent_wire_saw() -> None:
     plan = RequestPlan(lb, b"k", "GET", True, policy)
     first = plan.take()
     assert first is not None
-    wire = SilentWire([503, 200], faults=[Fault(Failure.NEVER_SENT)])
-    assert drive_sync(plan, first, wire).startswith("from ")
+    wire = FakeWire([Fault(Failure.NEVER_SENT)], [503, 200])  # sends nothing, records nothing
+    assert drive_sync(plan, first, wire).startswith("200 from ")
     refused, failing, answered = wire.seen
     # Health: a connection failure counted, a 503 ejected (consecutive_5xx=1), a 200 fine.
     assert lb.health(refused).consecutive_failures == 1

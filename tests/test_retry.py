@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
 
 import pytest
+from conftest import AsyncFakeWire, Boom, Clock, FakeWire
 
 from lbclient import Backend, Hash, HealthPolicy, LoadBalancer, RoundRobin
 from lbclient._config import AdapterConfig, policy_from
@@ -17,81 +17,10 @@ from lbclient.retry import Failure, RequestOptions, RetryPolicy
 ADDRS = ["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"]
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class Boom(Exception):
-    """A client error the fake wire classifies by its ``fault``."""
-
-    def __init__(self, text: str, fault: Fault) -> None:
-        super().__init__(text)
-        self.fault = fault
-
-
 NEVER = Fault(Failure.NEVER_SENT)
 MAYBE = Fault(Failure.MAYBE_SENT)
 LOCAL = Fault(Failure.LOCAL)
 TIMEOUT = Fault(Failure.MAYBE_SENT, timed_out=True, barred=True)
-
-
-@dataclass
-class FakeWire:
-    """Fails the first attempts with ``faults``, then answers ``statuses`` (200 after them).
-    Records nothing: the loop does."""
-
-    plan: RequestPlan
-    faults: list[Fault] = field(default_factory=list)
-    statuses: list[int] = field(default_factory=list)
-    clock: Clock | None = None
-    took: float = 0.0
-    seen: list[Backend] = field(default_factory=list)
-    discarded: list[str] = field(default_factory=list)
-    request: object = None
-    method: str = "GET"
-    url: object = "http://svc/"
-    replayable: bool = True
-    timeouts: dict[str, float | None] | None = None
-    options: object = None
-
-    def send(
-        self, backend: Backend, timeouts: object, headers: object, buffer: int
-    ) -> tuple[int, str, None]:
-        self.seen.append(backend)
-        if self.clock is not None:
-            self.clock.now += self.took
-        n = len(self.seen)
-        if n <= len(self.faults):
-            raise Boom(f"attempt {n}", self.faults[n - 1])
-        status = self.statuses[n - len(self.faults) - 1] if self.statuses else 200
-        return status, f"{status} from {backend.address}", None
-
-    def retry_after(self, response: str) -> str | None:
-        return None
-
-    def fault(self, error: Exception) -> Fault | None:
-        return error.fault if isinstance(error, Boom) else None
-
-    def discard(self, response: str) -> None:
-        self.discarded.append(response)
-
-    def final(self, error: Exception, summary: str) -> Exception:
-        return error
-
-
-@dataclass
-class AsyncFakeWire(FakeWire):
-    async def send(  # type: ignore[override]
-        self, backend: Backend, timeouts: object, headers: object, buffer: int
-    ) -> tuple[int, str, None]:
-        return FakeWire.send(self, backend, timeouts, headers, buffer)
-
-    async def discard(self, response: str) -> None:  # type: ignore[override]
-        FakeWire.discard(self, response)
 
 
 def config(balancer: object, **given: object) -> AdapterConfig[str]:
@@ -133,7 +62,7 @@ def no_sleep(monkeypatch: pytest.MonkeyPatch) -> list[float]:
 @pytest.mark.parametrize("method", ["GET", "POST", "PATCH", "DELETE"])
 def test_never_sent_is_retried_for_every_method(method: str) -> None:
     plan = plan_for(method)
-    wire = FakeWire(plan, [NEVER, NEVER])
+    wire = FakeWire([NEVER, NEVER])
     assert run(plan, wire) == f"200 from {wire.seen[2].address}"
     assert len(set(wire.seen)) == 3  # never the same backend twice while another remains
 
@@ -146,7 +75,7 @@ def test_never_sent_is_retried_for_every_method(method: str) -> None:
 def test_maybe_sent_only_for_idempotent_replayable(method: str, replayable: bool,
                                                    retried: bool) -> None:
     plan = plan_for(method, replayable)
-    wire = FakeWire(plan, [MAYBE])
+    wire = FakeWire([MAYBE])
     if retried:
         run(plan, wire)
         assert len(wire.seen) == 2
@@ -159,7 +88,7 @@ def test_maybe_sent_only_for_idempotent_replayable(method: str, replayable: bool
 
 def test_local_failures_neither_retried_nor_reported() -> None:
     plan = plan_for()
-    wire = FakeWire(plan, [LOCAL])
+    wire = FakeWire([LOCAL])
     with pytest.raises(Boom):
         run(plan, wire)
     assert len(wire.seen) == 1
@@ -168,7 +97,7 @@ def test_local_failures_neither_retried_nor_reported() -> None:
 
 def test_errors_that_are_not_failures_propagate_unretried() -> None:
     plan = plan_for()
-    wire = FakeWire(plan)
+    wire = FakeWire()
 
     def send(backend: Backend, *_: object) -> str:
         wire.seen.append(backend)
@@ -183,7 +112,7 @@ def test_errors_that_are_not_failures_propagate_unretried() -> None:
 
 def test_max_attempts_and_failures_reported() -> None:
     plan = plan_for(max_attempts=2)
-    wire = FakeWire(plan, [NEVER] * 5)
+    wire = FakeWire([NEVER] * 5)
     with pytest.raises(Boom, match="attempt 2"):
         run(plan, wire)
     assert len(wire.seen) == 2
@@ -195,7 +124,7 @@ def test_max_attempts_and_failures_reported() -> None:
 def test_backoff_only_when_revisiting(no_sleep: list[float]) -> None:
     lb = LoadBalancer(ADDRS[:2], Hash)
     plan = plan_for(balancer=lb, max_attempts=5, backoff=0.2, backoff_max=0.3)
-    wire = FakeWire(plan, [NEVER] * 4)
+    wire = FakeWire([NEVER] * 4)
     run(plan, wire)
     seen = wire.seen
     assert seen[0] != seen[1]
@@ -209,7 +138,7 @@ def test_backoff_only_when_revisiting(no_sleep: list[float]) -> None:
 def test_a_timed_out_backend_is_never_tried_again() -> None:
     lb = LoadBalancer(ADDRS[:2], Hash)
     plan = plan_for(balancer=lb, max_attempts=5)
-    wire = FakeWire(plan, [TIMEOUT, TIMEOUT])
+    wire = FakeWire([TIMEOUT, TIMEOUT])
     with pytest.raises(Boom, match="attempt 2"):
         run(plan, wire)
     assert len(wire.seen) == 2
@@ -219,7 +148,7 @@ def test_a_timed_out_backend_is_never_tried_again() -> None:
 
 def test_the_only_backend_that_timed_out_is_not_sent_the_request_again() -> None:
     plan = plan_for(balancer=LoadBalancer(ADDRS[:1]), max_attempts=3)
-    wire = FakeWire(plan, [TIMEOUT] * 3)
+    wire = FakeWire([TIMEOUT] * 3)
     with pytest.raises(Boom, match="attempt 1"):
         run(plan, wire)
     assert len(wire.seen) == 1
@@ -227,7 +156,7 @@ def test_the_only_backend_that_timed_out_is_not_sent_the_request_again() -> None
 
 def test_status_retry_discards_the_retried_response() -> None:
     plan = plan_for(retry_statuses={503})
-    wire = FakeWire(plan, statuses=[503, 503, 200])
+    wire = FakeWire(statuses=[503, 503, 200])
     assert run(plan, wire).startswith("200")
     assert len(wire.discarded) == 2
     assert all(c.startswith("503") for c in wire.discarded)
@@ -235,7 +164,7 @@ def test_status_retry_discards_the_retried_response() -> None:
 
 def test_status_retry_returns_last_response_when_out_of_attempts() -> None:
     plan = plan_for(retry_statuses={503}, max_attempts=2)
-    wire = FakeWire(plan, statuses=[503, 503])
+    wire = FakeWire(statuses=[503, 503])
     result = run(plan, wire)
     assert result.startswith("503")
     assert len(wire.discarded) == 1
@@ -245,7 +174,7 @@ def test_status_retry_returns_last_response_when_out_of_attempts() -> None:
 def test_deadline_stops_retries() -> None:
     clock = Clock()
     plan = plan_for(clock=clock, deadline=1.0)
-    wire = FakeWire(plan, [MAYBE] * 3, clock=clock, took=0.6)
+    wire = FakeWire([MAYBE] * 3, clock=clock, took=0.6)
     with pytest.raises(Boom):
         run(plan, wire)
     assert len(plan.attempts) == 2
@@ -255,7 +184,7 @@ def test_deadline_stops_retries() -> None:
 def test_no_attempt_without_a_useful_share_of_the_deadline() -> None:
     clock = Clock()
     plan = plan_for(clock=clock, deadline=1.0)
-    wire = FakeWire(plan, [NEVER] * 3, clock=clock, took=0.95)  # leaves less than a tenth
+    wire = FakeWire([NEVER] * 3, clock=clock, took=0.95)  # leaves less than a tenth
     with pytest.raises(Boom):
         run(plan, wire)
     assert len(plan.attempts) == 1
@@ -269,7 +198,7 @@ def test_backoff_wait_counts_against_the_deadline(
     clock = Clock()
     lb = LoadBalancer(ADDRS[:1], Hash)  # one backend: every retry is a revisit
     plan = plan_for(balancer=lb, clock=clock, retry_statuses={503}, backoff=0.5, deadline=1.0)
-    wire = FakeWire(plan, statuses=[503, 503, 503], clock=clock, took=0.3)
+    wire = FakeWire(statuses=[503, 503, 503], clock=clock, took=0.3)
 
     def sleep(seconds: float) -> None:
         no_sleep.append(seconds)
@@ -315,7 +244,7 @@ def test_timeouts_cut_by_the_deadline_are_not_blamed_on_the_backend() -> None:
 
 def test_async_loop_matches_sync() -> None:
     plan = plan_for("POST")
-    wire = AsyncFakeWire(plan, [NEVER])
+    wire = AsyncFakeWire([NEVER])
 
     async def main() -> str:
         first = plan.take()
