@@ -634,6 +634,26 @@ def test_body_cut_short_by_the_caller_reports_nothing(trio: list[TestServer]) ->
 
 
 @pytest.mark.anyio
+async def test_a_body_closed_part_read_frees_its_place_and_its_load() -> None:
+    from lbclient.testing import Exchange
+
+    def big(exchange: Exchange) -> bool:
+        return exchange.respond(200, b"x" * 1_000_000)
+
+    with TestServer("big", behaviours={"big": big}) as server:
+        limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+        transport = AsyncLBTransport([server.address], limits=limits)
+        timeout = httpx.Timeout(5.0, pool=1.0)  # one place: a leaked one is a PoolTimeout
+        async with httpx.AsyncClient(transport=transport, timeout=timeout) as client:
+            for _ in range(3):
+                async with client.stream("POST", "http://users/", content=b"") as response:
+                    async for _chunk in response.aiter_raw(1024):
+                        break  # read a little, then close
+                assert transport.balancer.load(server.address).in_flight == 0
+            assert (await client.get("http://users/")).status_code == 200
+
+
+@pytest.mark.anyio
 async def test_no_pool_after_aclose(trio: list[TestServer]) -> None:
     transport = AsyncLBTransport(addresses(trio))
     await transport.aclose()
