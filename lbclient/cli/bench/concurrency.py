@@ -443,8 +443,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Print the table and the aims; 0 whatever the figures (a measurement, not a test)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="a short run")
+    # For the test suite: shorter rounds, the same code path. Not part of the interface.
+    parser.add_argument("--seconds", type=float, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--rounds", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    seconds, rounds = settings(args.quick)
+    try:
+        seconds, rounds = settings(args.quick, args.seconds, args.rounds)
+    except ValueError as exc:
+        parser.error(str(exc))
     print(f"Python {platform.python_version()} on {platform.platform()}, httpx {httpx.__version__}")
     print(textwrap.fill(setup(seconds, rounds), width=100, subsequent_indent="  "), flush=True)
     rows = run(seconds=seconds, rounds=rounds)
