@@ -97,6 +97,48 @@ def wait_for(predicate: object, timeout: float = 2.0) -> None:
         time.sleep(0.01)
 
 
+def refused(port: int) -> bool:
+    """Whether a connection to 127.0.0.1:``port`` is refused (nothing listens there)."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    except ConnectionRefusedError:
+        return True
+    except ConnectionResetError:  # the listener closed with this connection in its backlog
+        return False
+    return False
+
+
+def unread(sock: socket.socket) -> int | None:
+    """The bytes ``sock`` (a loopback client's socket) sent that its server has not read yet:
+    the receive queue of the server's end in Linux's /proc/net/tcp; None where it cannot be
+    seen."""
+    host, port = sock.getsockname()[:2]
+    peer_host, peer_port = sock.getpeername()[:2]
+
+    def hexed(address: str, number: int) -> str:
+        return f"{int.from_bytes(socket.inet_aton(address), 'little'):08X}:{number:04X}"
+
+    try:
+        table = Path("/proc/net/tcp").read_text(encoding="ascii").splitlines()[1:]
+    except OSError:
+        return None
+    ours = (hexed(peer_host, peer_port), hexed(host, port))  # the server's end: local, remote
+    for line in table:
+        fields = line.split()
+        if (fields[1], fields[2]) == ours:
+            return int(fields[4].split(":")[1], 16)  # tx_queue:rx_queue
+    return None
+
+
+def wait_until_read(sock: socket.socket) -> None:
+    """Until the server has read everything ``sock`` sent (where the kernel's receive queue
+    cannot be seen, after a pause that lets it)."""
+    if unread(sock) is None:
+        time.sleep(0.1)
+    else:
+        wait_for(lambda: unread(sock) == 0)
+
+
 # -- ok / status -------------------------------------------------------------------------------
 
 
@@ -556,7 +598,14 @@ def test_kill_closes_idle_keep_alive_connections(server: TestServer) -> None:
 
 
 def test_kill_finishes_in_flight_requests_with_connection_close() -> None:
-    with TestServer(delay=0.6) as s:
+    release = threading.Event()
+
+    def held(exchange: Exchange) -> bool:
+        while not release.is_set():  # in flight until the test has seen the listener close
+            exchange.sleep(0.01)  # kill() lets a sleeping request finish, as with delay=
+        return exchange.respond()
+
+    with TestServer("held", behaviours={"held": held}) as s:
         results: list[httpx.Response | BaseException] = []
 
         def call() -> None:
@@ -573,10 +622,10 @@ def test_kill_finishes_in_flight_requests_with_connection_close() -> None:
         killer.start()
         wait_for(lambda: not s.running)
         # the listener closes before the in-flight request finishes
-        time.sleep(0.05)
-        with pytest.raises(ConnectionRefusedError):
-            socket.create_connection(("127.0.0.1", s.port), timeout=2)
-        assert killer.is_alive()  # kill() waits for the delayed answer
+        wait_for(lambda: refused(s.port))
+        assert killer.is_alive()  # kill() waits for the answer in flight
+        assert not results
+        release.set()
         killer.join(5)
         caller.join(5)
         (response,) = results
@@ -589,10 +638,10 @@ def test_kill_lets_a_partly_sent_request_finish() -> None:
     with TestServer() as s:
         sock = socket.create_connection(("127.0.0.1", s.port), timeout=5)
         sock.sendall(b"POST /p HTTP/1.1\r\nHost: h\r\nContent-Length: 4\r\n\r\nab")
-        time.sleep(0.1)
+        wait_until_read(sock)  # the server is reading the request: no longer idle
         killer = threading.Thread(target=s.kill)
         killer.start()
-        time.sleep(0.2)
+        wait_for(lambda: refused(s.port))  # kill() has begun: the listener is closed
         sock.sendall(b"cd")
         data = recv_eof(sock)
         killer.join(5)

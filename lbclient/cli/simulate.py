@@ -61,6 +61,7 @@ from lbclient import (
     SmoothRoundRobin,
 )
 from lbclient.backend import MAX_WEIGHT
+from lbclient.cli import COMMANDS
 from lbclient.selection import AlgorithmLike, LibKetama, Maglev, Rendezvous
 
 __all__ = [
@@ -745,8 +746,7 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     """Register the ``simulate`` subcommand on ``python -m lbclient``'s subparsers."""
     sub = commands.add_parser(
         "simulate",
-        help="key distribution per backend, and keys moved when a backend leaves or joins; "
-        "load runs with one slow backend for the algorithms that ignore the key",
+        help=COMMANDS["simulate"],
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

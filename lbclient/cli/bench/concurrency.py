@@ -25,7 +25,8 @@ at a time as fast as the answers come:
   and ``pool_block=True`` (a thread waits for a connection rather than opening one more).
 
 Every client has a 60 s timeout, the retry budget its default. A case warms up for a quarter of
-a second, then runs for its time; requests still out when it is up are waited for and counted.
+a second (no longer than its round), then runs for its time; requests still out when it is up
+are waited for and counted.
 The rounds alternate lbclient's client and the plain one. Every latency is one GET from the
 call to the body read; p50 and p99 are nearest-rank percentiles over all rounds; requests per
 second are the requests over the wall time. The ratio is lbclient's requests per second over
@@ -72,6 +73,7 @@ __all__ = [
     "run",
     "settings",
     "setup",
+    "warm_up",
 ]
 
 #: Backends, and the connections each client may hold to each of them.
@@ -84,6 +86,12 @@ FULL_SECONDS, QUICK_SECONDS = 2.0, 1.0
 FULL_ROUNDS, QUICK_ROUNDS = 2, 1
 #: Seconds of warm-up before each round is measured.
 WARMUP = 0.25
+
+
+def warm_up(seconds: float) -> float:
+    """The warm-up before rounds of ``seconds``: :data:`WARMUP`, or as long as a shorter round
+    (the test suite's smallest runs)."""
+    return min(WARMUP, seconds)
 #: Seconds any one request may take (connect, pool wait, read), on every client.
 TIMEOUT = 60.0
 #: The aims: the 1,000-task throughput at least this share of the 10-task one, and the p99 at
@@ -211,7 +219,7 @@ def _async_round(
         logical = itertools.repeat("http://users/item")
         async with lb, plain:
             for client, urls, tally in ((lb, logical, ours), (plain, _urls(addresses), theirs)):
-                await _drive_async(client, urls, tasks, WARMUP, _Tally())
+                await _drive_async(client, urls, tasks, warm_up(seconds), _Tally())
                 await _drive_async(client, urls, tasks, seconds, tally)
 
     asyncio.run(both())
@@ -322,7 +330,8 @@ def _threads_round(
     lb, plain = make(addresses)
     with lb.opened, plain.opened:
         for side, tally in ((lb, ours), (plain, theirs)):
-            _drive_threads(side.get, side.urls, threads, WARMUP, _Tally(), side.errors)
+            _drive_threads(side.get, side.urls, threads, warm_up(seconds), _Tally(),
+                           side.errors)
             _drive_threads(side.get, side.urls, threads, seconds, tally, side.errors)
 
 
@@ -425,8 +434,8 @@ def setup(seconds: float, rounds: int) -> str:
     """One line on what every case sends, and where."""
     return (
         f"{rounds} round{'s' if rounds > 1 else ''} of {seconds:g} s per side and level, each "
-        f"after {WARMUP:g} s of warm-up, to {BACKENDS} loopback backends answering at once, "
-        f"{PER_BACKEND} connections per backend on every client"
+        f"after {warm_up(seconds):g} s of warm-up, to {BACKENDS} loopback backends answering at "
+        f"once, {PER_BACKEND} connections per backend on every client"
     )
 
 
@@ -443,8 +452,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Print the table and the aims; 0 whatever the figures (a measurement, not a test)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="a short run")
+    # For the test suite: shorter rounds, the same code path. Not part of the interface.
+    parser.add_argument("--seconds", type=float, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--rounds", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    seconds, rounds = settings(args.quick)
+    try:
+        seconds, rounds = settings(args.quick, args.seconds, args.rounds)
+    except ValueError as exc:
+        parser.error(str(exc))
     print(f"Python {platform.python_version()} on {platform.platform()}, httpx {httpx.__version__}")
     print(textwrap.fill(setup(seconds, rounds), width=100, subsequent_indent="  "), flush=True)
     rows = run(seconds=seconds, rounds=rounds)

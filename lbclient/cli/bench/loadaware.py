@@ -18,22 +18,22 @@ pace, not the client process's CPU), the fourth (the odd one) misbehaves, one wa
 * **1 of 4 failing half**: it answers every other request at once with a 503, the rest like the
   others.
 
-Each case is one client and one algorithm: a fresh ``AsyncLBTransport`` driven by 32 asyncio
-tasks, or a fresh ``LBAdapter`` on one ``requests.Session`` driven by 16 threads, each task or
-thread sending one GET at a time as fast as the answers come. The balancer is
-``LoadBalancer(backends, algorithm, health=HealthPolicy(consecutive_5xx=None))``: 503s never
-eject a backend, so what the figures show is the algorithm's doing alone; the transports have
-no retry budget (``budget=None``) and retry no status, so a caller sees every 503. Each round
-of a case warms up for a quarter of a second (connections opened, latencies learnt; the requests
-it sent are waited for), then runs for its time (whole stall periods in the stalling run);
-requests still out when it is up are waited for and counted. The rounds of a run take turns
-between the algorithms. Every latency is one GET from the call to the body read; p50 and p99 are
-nearest-rank percentiles over all rounds; requests per second are the requests over the wall
-time; the odd backend's share is counted by the servers themselves (the requests each answered
-while measured), the 503 share by the callers; the client's CPU is this process's CPU time over
-the wall time (near 100%, the client itself would be the bottleneck). Each load-aware row is set
-against RoundRobin's, in the same run and client, as a ratio (the algorithm's figure /
-RoundRobin's). A measurement, not a test: the aims are reported, never asserted.
+Each case is one client and one algorithm: a fresh ``AsyncLBTransport`` driven by 32 asyncio tasks,
+or a fresh ``LBAdapter`` on one ``requests.Session`` driven by 16 threads, each task or thread
+sending one GET at a time as fast as the answers come. The balancer is ``LoadBalancer(backends,
+algorithm, health=HealthPolicy(consecutive_5xx=None))``: 503s never eject a backend, so what the
+figures show is the algorithm's doing alone; the transports have no retry budget (``budget=None``)
+and retry no status, so a caller sees every 503. Each round of a case warms up for a quarter of a
+second, no longer than the round (connections opened, latencies learnt; the requests it sent are
+waited for), then runs for its time (whole stall periods in the stalling run); requests still out
+when it is up are waited for and counted. The rounds of a run take turns between the algorithms.
+Every latency is one GET from the call to the body read; p50 and p99 are nearest-rank percentiles
+over all rounds; requests per second are the requests over the wall time; the odd backend's share
+is counted by the servers themselves (the requests each answered while measured), the 503 share by
+the callers; the client's CPU is this process's CPU time over the wall time (near 100%, the client
+itself would be the bottleneck). Each load-aware row is set against RoundRobin's, in the same run
+and client, as a ratio (the algorithm's figure / RoundRobin's). A measurement, not a test: the aims
+are reported, never asserted.
 """
 
 from __future__ import annotations
@@ -88,6 +88,7 @@ __all__ = [
     "run",
     "settings",
     "setup",
+    "warm_up",
 ]
 
 #: Seconds the well-behaved backends take to answer each request.
@@ -105,6 +106,12 @@ FULL_SECONDS, QUICK_SECONDS = 2.0, 1.0
 FULL_ROUNDS, QUICK_ROUNDS = 2, 1
 #: Seconds of warm-up before each case is measured.
 WARMUP = 0.25
+
+
+def warm_up(seconds: float) -> float:
+    """The warm-up before rounds of ``seconds``: :data:`WARMUP`, or as long as a shorter round
+    (the test suite's smallest runs)."""
+    return min(WARMUP, seconds)
 
 
 class Run(NamedTuple):
@@ -228,7 +235,7 @@ def _async_case(
     async def case() -> None:
         transport = AsyncLBTransport(_balancer(backends, algorithm), budget=None)
         async with httpx.AsyncClient(transport=transport, base_url="http://users") as client:
-            await _drive_async(client, WARMUP, _Tally())
+            await _drive_async(client, warm_up(seconds), _Tally())
             before = _counts(backends)  # no request is out: the loop may block here
             await _drive_async(client, seconds, tally)
             tally.add_served(before, _counts(backends))
@@ -284,7 +291,7 @@ def _threads_case(
     adapter = LBAdapter(_balancer(backends, algorithm), budget=None, pool_maxsize=THREADS)
     with requests.Session() as session:
         session.mount("http://users/", adapter)
-        _drive_threads(session, WARMUP, _Tally())
+        _drive_threads(session, warm_up(seconds), _Tally())
         before = _counts(backends)
         _drive_threads(session, seconds, tally)
         tally.add_served(before, _counts(backends))
@@ -441,7 +448,7 @@ def setup(seconds: float, rounds: int) -> str:
     """One line on what every case sends, and where."""
     return (
         f"{rounds} round{'s' if rounds > 1 else ''} of {seconds:g} s per case, each after "
-        f"{WARMUP:g} s of warm-up, from {TASKS} asyncio tasks "
+        f"{warm_up(seconds):g} s of warm-up, from {TASKS} asyncio tasks "
         f"through AsyncLBTransport or {THREADS} threads through LBAdapter, to 4 loopback "
         f"backends answering after {FAST * 1000:g} ms, one of them the odd one: "
         + "; ".join(f"{each.name}: it {each.odd}" for each in RUNS)
@@ -462,8 +469,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Print the table and the aims; 0 whatever the figures (a measurement, not a test)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="a short run")
+    # For the test suite: shorter rounds, the same code path. Not part of the interface.
+    parser.add_argument("--seconds", type=float, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--rounds", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    seconds, rounds = settings(args.quick)
+    try:
+        seconds, rounds = settings(args.quick, args.seconds, args.rounds)
+    except ValueError as exc:
+        parser.error(str(exc))
     print(f"Python {platform.python_version()} on {platform.platform()}, httpx {httpx.__version__}")
     print(textwrap.fill(setup(seconds, rounds), width=100, subsequent_indent="  "), flush=True)
     rows = run(seconds=seconds, rounds=rounds)

@@ -514,14 +514,15 @@ def _update_ms(
 
 
 def _scale_rows(
-    build_runs: int, update_runs: int
+    build_runs: int, update_runs: int, sizes: Sequence[int] = SCALE_SIZES
 ) -> tuple[list[Row], dict[str, LoadBalancer]]:
     """Refresh at scale: each algorithm's balancer build, one-change update and memory at
-    every size; and the balancers of :data:`SCALE_SELECT_ALGORITHMS` built at the largest
-    size (holding its first set)."""
+    every one of ``sizes``; and the balancers of :data:`SCALE_SELECT_ALGORITHMS` built at the
+    largest size (holding its first set)."""
     rows: list[Row] = []
     largest: dict[str, LoadBalancer] = {}
-    for n in SCALE_SIZES:
+    top = max(sizes)
+    for n in sizes:
         everyone = _backends(n + 1, lambda _i: 1)
         first = everyone[:n]
         # One out (the middle one), one in (the last one).
@@ -533,7 +534,7 @@ def _scale_rows(
         for name, algorithm in SCALE_ALGORITHMS:
             build_ms, balancer = _build_ms(partial(LoadBalancer, first, algorithm), build_runs)
             memory: float | None = None
-            if n != max(SCALE_SIZES) or name not in SCALE_MEMORY_SHARED:
+            if n != top or name not in SCALE_MEMORY_SHARED:
                 memory, balancer = _retained_mb(partial(LoadBalancer, first, algorithm))
             update_ms, first_ms = _update_ms(balancer, (second, first), update_runs)
             rows += [
@@ -546,9 +547,9 @@ def _scale_rows(
             if memory is not None:
                 rows.append(_row(f"scale/memory/{name}/{n}", section, "scale-memory", name,
                                  f"{name} balancer memory, {n:,} backends", "MB", memory))
-            if name in SCALE_RECORDED and n == max(SCALE_SIZES):
+            if name in SCALE_RECORDED and n == top:
                 rows += _recorded_rows(name, algorithm, (first, second), section, first_ms)
-            if n == max(SCALE_SIZES) and name in SCALE_SELECT_ALGORITHMS:
+            if n == top and name in SCALE_SELECT_ALGORITHMS:
                 largest[name] = balancer
             del balancer  # collected by the next memory measurement
     return rows, largest
@@ -584,13 +585,13 @@ def _recorded_rows(
 def _plan_scale_select(
     plan: _Plan,
     balancers: dict[str, LoadBalancer],
+    n: int,
     bkeys: list[bytes],
     skeys: list[str],
     uhashring: ModuleType | None,
 ) -> None:
-    """LoadBalancer.select at the largest scale size; against uhashring's ketama ring of as
-    many nodes when ``uhashring`` is given."""
-    n = max(SCALE_SIZES)
+    """LoadBalancer.select at the largest scale size, ``n``, by the ``balancers`` of that many
+    backends; against uhashring's ketama ring of as many nodes when ``uhashring`` is given."""
     section = f"LoadBalancer.select per algorithm, {n:,} backends"
     for name, balancer in balancers.items():
         case = f"{name} select, {n:,} backends, bytes"
@@ -635,6 +636,7 @@ def run(
     reps: int | None = None,
     scale: bool | None = None,
     ketama_10k: bool = False,
+    scale_sizes: Sequence[int] = SCALE_SIZES,
 ) -> list[Row]:
     """Run every measurement and return the rows.
 
@@ -642,8 +644,9 @@ def run(
     weighted 10-backend set, the md5 ring, the cold rows and the breakdown). ``baseline=False``
     runs without uhashring (no comparison rows); with ``baseline=True`` a missing uhashring raises
     MissingBaselineError. ``reps`` overrides the number of repetitions of the per-call figures.
-    ``scale`` adds the refresh rows at 1,000 and 10,000 backends and the selects at 10,000
-    (None: with ``detail``); ``ketama_10k`` compares with uhashring at 10,000 nodes too.
+    ``scale`` adds the refresh rows at each of ``scale_sizes`` (1,000 and 10,000 backends) and
+    the selects at the largest (None: with ``detail``); ``ketama_10k`` compares with uhashring at
+    that size too.
     """
     uhashring = load_uhashring() if baseline else None
     reps = repetitions(quick, reps)
@@ -661,8 +664,9 @@ def run(
             scaled, balancers = _scale_rows(
                 QUICK_SCALE_BUILD_RUNS if quick else FULL_SCALE_BUILD_RUNS,
                 QUICK_UPDATE_RUNS if quick else FULL_UPDATE_RUNS,
+                scale_sizes,
             )
-            _plan_scale_select(plan, balancers, bkeys, skeys,
+            _plan_scale_select(plan, balancers, max(scale_sizes), bkeys, skeys,
                                uhashring if ketama_10k else None)
             gc.collect()
         _plan_select(plan, bkeys, skeys, detail)

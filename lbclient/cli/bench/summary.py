@@ -32,13 +32,15 @@ import shlex
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
+from lbclient.cli import COMMANDS
 from lbclient.cli.bench import concurrency, hedging, loadaware, selection, transport
 
 __all__ = [
     "HEAD",
+    "PARTS",
     "SummaryRow",
     "SummaryRun",
     "add_parser",
@@ -76,6 +78,9 @@ HEDGING_LABELS = {
     "hedge_after=0.05, default RetryBudget()":
         "AsyncLBTransport p99, 1 of 3 slow, hedged at 50 ms, default budget",
 }
+
+#: The benchmarks of the summary, in the order they run and their rows are shown.
+PARTS = ("selection", "transports", "hedging", "load-aware", "concurrency")
 
 #: The table's columns.
 HEAD = ("benchmark", "lbclient", "baseline", "ratio", "floor")
@@ -134,8 +139,13 @@ def _floor(verdict: tuple[str, bool] | None) -> tuple[str, bool]:
     return f"{threshold}: {'met' if met else 'NOT MET'}", not met
 
 
-def _selection_rows(rows: Sequence[selection.Row], have_baseline: bool) -> list[SummaryRow]:
-    """The selection results shown in the summary, in table order."""
+def _selection_rows(
+    rows: Sequence[selection.Row],
+    have_baseline: bool,
+    scale_sizes: Sequence[int] = selection.SCALE_SIZES,
+) -> list[SummaryRow]:
+    """The selection results shown in the summary, in table order; the refresh rows at each
+    of ``scale_sizes``."""
     by_id = {r["id"]: r for r in rows}
     out: list[SummaryRow] = []
 
@@ -151,7 +161,7 @@ def _selection_rows(rows: Sequence[selection.Row], have_baseline: bool) -> list[
     for n in SELECT_SIZES:
         for name in SELECT_ALGORITHMS:
             add(f"select {name}, {n:,} backends", by_id[f"select/{name}/{n}/bytes"], _ns)
-    largest = max(selection.SCALE_SIZES)
+    largest = max(scale_sizes)
     for name in selection.SCALE_SELECT_ALGORITHMS:
         add(f"select {name}, {largest:,} backends", by_id[f"select/{name}/{largest}/bytes"], _ns)
     for n in SELECT_SIZES:
@@ -166,7 +176,7 @@ def _selection_rows(rows: Sequence[selection.Row], have_baseline: bool) -> list[
     count = selection.CONSISTENT_BUILD_BACKENDS
     add(f"build Consistent vs uhashring ketama, {count:,} backends",
         by_id[f"build/Consistent/{count}"], _ms)
-    for n in selection.SCALE_SIZES:
+    for n in scale_sizes:
         for name, _ in selection.SCALE_ALGORITHMS:
             for figure, what, unit in REFRESH_FIGURES:
                 refresh = by_id.get(f"scale/{figure}/{name}/{n}")
@@ -276,31 +286,55 @@ def run_summary(
     rounds: int | None = None,
     requests: int | None = None,
     seconds: float | None = None,
+    scale_sizes: Sequence[int] | None = None,
+    parts: Collection[str] = PARTS,
 ) -> SummaryRun:
     """Run the benchmarks; return the table's rows, the seconds each part took, and the
     hedging, load-aware and concurrency cases in full (for their own tables).
 
     ``reps`` (selection repetitions), ``rounds`` and ``requests`` (transport rounds, and requests
-    per round and side) and ``seconds`` (per round of a load-aware or concurrency case) override
-    the mode's; the measuring code is the same whatever they are.
+    per round and side), ``seconds`` (per round of a load-aware or concurrency case) and
+    ``scale_sizes`` (the backends of the refresh rows) override the mode's; the measuring code
+    is the same whatever they are. ``parts`` (of :data:`PARTS`) are the benchmarks run: those
+    left out have no rows, and no cases.
     """
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        raise ValueError(f"no such part of the bench: {', '.join(sorted(unknown))}")
     have_baseline = selection.has_uhashring()
+    sizes = tuple(scale_sizes or selection.SCALE_SIZES)
     clock = time.perf_counter
-    marks = [clock()]
-    picked = selection.run(quick, detail=False, baseline=have_baseline, reps=reps, scale=True)
-    marks.append(clock())
-    sent = transport.run(quick, count=requests, rounds=rounds)
-    marks.append(clock())
-    hedged = hedging.run(quick)
-    marks.append(clock())
-    loads = loadaware.run(quick, seconds=seconds)
-    marks.append(clock())
-    concurrent = concurrency.run(quick, seconds=seconds)
-    marks.append(clock())
-    rows = (_selection_rows(picked, have_baseline) + _transport_rows(sent)
-            + _hedging_rows(hedged) + _load_rows(loads) + _concurrency_rows(concurrent))
-    parts = ("selection", "transports", "hedging", "load-aware", "concurrency")
-    took = {part: marks[i + 1] - marks[i] for i, part in enumerate(parts)}
+    took: dict[str, float] = {}
+    rows: list[SummaryRow] = []
+    hedged: list[hedging.HedgingRow] = []
+    loads: list[loadaware.LoadRow] = []
+    concurrent: list[concurrency.ConcurrencyRow] = []
+    if "selection" in parts:
+        start = clock()
+        picked = selection.run(quick, detail=False, baseline=have_baseline, reps=reps,
+                               scale=True, scale_sizes=sizes)
+        took["selection"] = clock() - start
+        rows += _selection_rows(picked, have_baseline, sizes)
+    if "transports" in parts:
+        start = clock()
+        sent = transport.run(quick, count=requests, rounds=rounds)
+        took["transports"] = clock() - start
+        rows += _transport_rows(sent)
+    if "hedging" in parts:
+        start = clock()
+        hedged = hedging.run(quick)
+        took["hedging"] = clock() - start
+        rows += _hedging_rows(hedged)
+    if "load-aware" in parts:
+        start = clock()
+        loads = loadaware.run(quick, seconds=seconds)
+        took["load-aware"] = clock() - start
+        rows += _load_rows(loads)
+    if "concurrency" in parts:
+        start = clock()
+        concurrent = concurrency.run(quick, seconds=seconds)
+        took["concurrency"] = clock() - start
+        rows += _concurrency_rows(concurrent)
     return SummaryRun(rows, took, hedged, loads, concurrent)
 
 
@@ -351,6 +385,10 @@ def command_line(args: argparse.Namespace) -> str:
         value = getattr(args, option)
         if value is not None:
             words += [f"--{option}", str(value)]
+    if args.scale_sizes is not None:
+        words += ["--scale-sizes", ",".join(map(str, args.scale_sizes))]
+    if args.parts is not None:
+        words += ["--parts", ",".join(args.parts)]
     return shlex.join(words)
 
 
@@ -365,31 +403,40 @@ def command(args: argparse.Namespace) -> int:
     print(f"Python {platform.python_version()} ({platform.python_implementation()}) on "
           f"{platform.platform()}; {_cpus()}")
     print(_versions())
-    print(f"selection: median of {reps} interleaved passes over {selection.NUM_KEYS:,} keys; "
-          f"transports: median of {rounds} rounds of {count} requests per side; "
-          f"hedging: {hedging.requests_per_case(quick):,} GETs per case from {hedging.TASKS} "
-          f"tasks; load-aware: {load_rounds} x {load_seconds:g} s per case; concurrency: "
-          f"{busy_rounds} x {busy_seconds:g} s per side and level")
+    parts = args.parts or PARTS
+    settings = {
+        "selection": f"median of {reps} interleaved passes over {selection.NUM_KEYS:,} keys",
+        "transports": f"median of {rounds} rounds of {count} requests per side",
+        "hedging": f"{hedging.requests_per_case(quick):,} GETs per case from {hedging.TASKS} "
+                   "tasks",
+        "load-aware": f"{load_rounds} x {load_seconds:g} s per case",
+        "concurrency": f"{busy_rounds} x {busy_seconds:g} s per side and level",
+    }
+    print("; ".join(f"{part}: {what}" for part, what in settings.items() if part in parts))
     print(flush=True)
     done = run_summary(quick, reps=args.reps, rounds=args.rounds, requests=args.requests,
-                       seconds=args.seconds)
+                       seconds=args.seconds, scale_sizes=args.scale_sizes, parts=parts)
     rows, seconds = done.rows, done.seconds
     print(format_summary(rows))
     print()
-    print(f"hedging, in detail: {hedging.setup(hedging.requests_per_case(quick))}")
-    print(hedging.format_table(done.hedged))
-    print()
-    print(textwrap.fill(f"load-aware, in detail: {loadaware.setup(load_seconds, load_rounds)}",
-                        width=100, subsequent_indent="  "))
-    print(loadaware.format_table(done.loads))
-    print("load-aware aims (ratios to RoundRobin's):")
-    print(loadaware.format_aims(loadaware.aims(done.loads)))
-    print()
-    print(f"concurrency, in detail: {concurrency.setup(busy_seconds, busy_rounds)}")
-    print(concurrency.format_table(done.concurrent))
-    print("concurrency aims:")
-    print(concurrency.format_aims(concurrency.aims(done.concurrent)))
-    print()
+    if done.hedged:
+        print(f"hedging, in detail: {hedging.setup(hedging.requests_per_case(quick))}")
+        print(hedging.format_table(done.hedged))
+        print()
+    if done.loads:
+        print(textwrap.fill(
+            f"load-aware, in detail: {loadaware.setup(load_seconds, load_rounds)}",
+            width=100, subsequent_indent="  "))
+        print(loadaware.format_table(done.loads))
+        print("load-aware aims (ratios to RoundRobin's):")
+        print(loadaware.format_aims(loadaware.aims(done.loads)))
+        print()
+    if done.concurrent:
+        print(f"concurrency, in detail: {concurrency.setup(busy_seconds, busy_rounds)}")
+        print(concurrency.format_table(done.concurrent))
+        print("concurrency aims:")
+        print(concurrency.format_aims(concurrency.aims(done.concurrent)))
+        print()
     missed = [row.benchmark for row in rows if row.missed]
     notes = [
         "ns/op: one LoadBalancer.select (or uhashring get_node) in a Python loop over keys "
@@ -450,12 +497,35 @@ def _positive(text: str) -> float:
     return value
 
 
+def _sizes(text: str) -> tuple[int, ...]:
+    """Backend counts, comma-separated, ascending and apart from the select rows' sizes."""
+    try:
+        sizes = tuple(int(word) for word in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of whole numbers") from None
+    if any(n < 2 for n in sizes) or list(sizes) != sorted(set(sizes)):
+        raise argparse.ArgumentTypeError(f"need ascending sizes of at least 2, got {text}")
+    if max(sizes) in SELECT_SIZES:  # its select rows would be named like those
+        raise argparse.ArgumentTypeError(
+            f"the largest size may not be one of {', '.join(map(str, SELECT_SIZES))}")
+    return sizes
+
+
+def _parts(text: str) -> tuple[str, ...]:
+    """Parts of the bench, comma-separated, each one of :data:`PARTS`."""
+    parts = tuple(text.split(","))
+    unknown = [part for part in parts if part not in PARTS]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"{', '.join(map(repr, unknown))}: the parts are {', '.join(PARTS)}")
+    return parts
+
+
 def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register the ``bench`` subcommand on ``python -m lbclient``'s subparsers."""
     bench = commands.add_parser(
         "bench",
-        help="selection, transport, hedging, load-aware and concurrency benchmarks against their "
-        "baselines, in one table",
+        help=COMMANDS["bench"],
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -463,8 +533,11 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                        help="a short run (seconds, not minutes)")
     bench.add_argument("--strict", action="store_true",
                        help="exit 1 when a full run misses a floor")
-    # For the test suite: fewer repetitions, the same code path. Not part of the interface.
+    # For the test suite: fewer repetitions, fewer backends, some parts only; the same code
+    # path. Not part of the interface.
     bench.add_argument("--reps", type=_at_least(1), default=None, help=argparse.SUPPRESS)
     bench.add_argument("--rounds", type=_at_least(1), default=None, help=argparse.SUPPRESS)
     bench.add_argument("--requests", type=_at_least(4), default=None, help=argparse.SUPPRESS)
     bench.add_argument("--seconds", type=_positive, default=None, help=argparse.SUPPRESS)
+    bench.add_argument("--scale-sizes", type=_sizes, default=None, help=argparse.SUPPRESS)
+    bench.add_argument("--parts", type=_parts, default=None, help=argparse.SUPPRESS)
