@@ -31,6 +31,19 @@ from lbclient.testing import Exchange, TestServer
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """``-n auto`` (the suite's default): one worker per CPU, and one more for the worker that
+    mostly waits on the README's bench run (a subprocess of its own)."""
+    return (os.cpu_count() or 1) + 1
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The tests marked ``long`` first: under pytest-xdist a worker starts each of them at once,
+    and the other workers take the rest (``--dist worksteal``), so the suite lasts about as long
+    as its longest test, not as that test plus whatever was queued behind it."""
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)
+
+
 def _shared_dir() -> Path:
     configured = os.environ.get("LBCLIENT_SHARED")
     return Path(configured) if configured else ROOT.parent / "shared"

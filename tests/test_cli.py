@@ -22,10 +22,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from cli_runs import BENCH_QUICK, Run, lbclient, leaves_no_process, shared_run
-
-# Runs python -m lbclient bench --quick once per session, in the background.
-pytest_plugins = ["bench_session"]
+from cli_runs import BENCH_QUICK, lbclient, leaves_no_process, readme_command_lines
 
 MISSING_UHASHRING = "uhashring not installed (pip install 'lbclient[bench]')"
 PLOT_EXTRA = "pip install 'lbclient[plot]'"
@@ -298,14 +295,6 @@ def bench_table(stdout: str) -> dict[str, list[str]]:
     return rows
 
 
-@pytest.fixture
-def quick_bench() -> Run:
-    """``python -m lbclient bench --quick``, the README's line: one run per test session, shared
-    with the README test (test_docs), made while the other tests run (the tests that read it
-    are marked ``reads_bench_quick``, and run last)."""
-    return shared_run(BENCH_QUICK)
-
-
 def selection_rows(rows: dict[str, str]) -> dict[str, str]:
     """Of the summary's ``rows``, those of the selection benchmark."""
     return {name: unit for name, unit in rows.items()
@@ -357,17 +346,26 @@ def check_bench_table(out: str, expected: dict[str, str], *, uhashring: bool) ->
 
 
 @pytest.mark.slow
-@pytest.mark.reads_bench_quick
-def test_bench_quick_prints_one_table_with_every_row(quick_bench: Run) -> None:
+@pytest.mark.long
+@pytest.mark.timeout(900)
+def test_the_readmes_bench_quick_prints_every_table(tmp_path: Path) -> None:
+    """The README's ``python -m lbclient bench --quick``, run once: one summary table with every
+    row, then the hedging, load-aware and concurrency cases, and no process left behind. (The
+    README test of test_docs leaves this line to this test.)"""
     pytest.importorskip("uhashring", reason="uhashring (in the dev extra) is the ring baseline")
-    done = quick_bench.done
+    assert f"python {' '.join(BENCH_QUICK)}" in readme_command_lines()
+    with leaves_no_process() as env:
+        done = subprocess.run([sys.executable, *BENCH_QUICK], capture_output=True, text=True,
+                              timeout=900, cwd=tmp_path, env=env, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert not quick_bench.left, "the bench left processes behind"
     out = done.stdout
     assert re.search(r"^Python 3\.\d+\.\d+ .*; \d+ CPUs", out, re.M), out
     assert re.search(rf"^lbclient bench \(quick run\): {re.escape(sys.executable)} -m lbclient "
                      r"bench --quick$", out, re.M), out
     check_bench_table(out, BENCH_ROWS, uhashring=True)
+    check_hedging(out)  # the same cases as the benchmark run alone
+    check_load_aware(out, measured=True)
+    check_concurrency(out)
 
 
 @pytest.mark.slow
@@ -440,13 +438,6 @@ def test_hedging_benchmark_runs_alone_and_counts_the_attempts(tmp_path: Path) ->
     assert done.returncode == 0, done.stdout + done.stderr
     assert not done.stderr  # nor from the servers, which hedges' losers hang up on
     check_hedging(done.stdout)
-
-
-@pytest.mark.slow
-@pytest.mark.reads_bench_quick
-def test_bench_quick_counts_the_attempts_of_each_hedging_case(quick_bench: Run) -> None:
-    assert quick_bench.done.returncode == 0, quick_bench.done.stdout + quick_bench.done.stderr
-    check_hedging(quick_bench.done.stdout)  # the same cases as the benchmark run alone
 
 
 LOAD_CASES = [(run, client, algorithm) for run in LOAD_RUNS for client in LOAD_CLIENTS
@@ -566,26 +557,12 @@ def test_loadaware_benchmark_runs_alone_and_prints_every_case(tmp_path: Path) ->
 
 
 @pytest.mark.slow
-@pytest.mark.reads_bench_quick
-def test_bench_quick_shows_every_load_aware_case_against_round_robin(quick_bench: Run) -> None:
-    assert quick_bench.done.returncode == 0, quick_bench.done.stdout + quick_bench.done.stderr
-    check_load_aware(quick_bench.done.stdout, measured=True)
-
-
-@pytest.mark.slow
 def test_concurrency_benchmark_runs_alone_and_prints_every_level(tmp_path: Path) -> None:
     done = run_alone("concurrency", tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
     assert not done.stderr
     assert "1 round of 0.05 s per side and level" in done.stdout  # as the run was asked for
     check_concurrency(done.stdout)
-
-
-@pytest.mark.slow
-@pytest.mark.reads_bench_quick
-def test_bench_quick_shows_every_concurrency_level(quick_bench: Run) -> None:
-    assert quick_bench.done.returncode == 0, quick_bench.done.stdout + quick_bench.done.stderr
-    check_concurrency(quick_bench.done.stdout)
 
 
 @pytest.mark.parametrize("module", ["loadaware", "concurrency"])

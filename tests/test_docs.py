@@ -9,18 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from cli_runs import BENCH_QUICK, READS_BENCH_QUICK, shared_run
-
-# Runs python -m lbclient bench --quick once per session, in the background.
-pytest_plugins = ["bench_session"]
+from cli_runs import BENCH_QUICK, blocks, readme_command_lines
 
 ROOT = Path(__file__).resolve().parent.parent
-README = (ROOT / "README.md").read_text(encoding="utf-8")
 EXAMPLES = sorted((ROOT / "examples").glob("*.py"))
-
-
-def blocks(language: str) -> list[str]:
-    return re.findall(rf"```{language}\n(.*?)```", README, flags=re.S)
 
 
 @pytest.mark.parametrize("snippet", blocks("python"))
@@ -118,39 +110,23 @@ def test_demo_rejects_bad_arguments() -> None:
     assert "--backends" in done.stderr
 
 
-def command_lines() -> list[str]:
-    """The ``python -m lbclient ...`` lines of the README's shell blocks after the first two."""
-    return [line.strip() for block in blocks("bash")[2:] for line in block.splitlines()
-            if line.strip().startswith("python -m lbclient ")]
-
-
 def test_readme_shows_the_command_line() -> None:
-    assert {line.split()[3] for line in command_lines()} >= {"bench", "simulate"}
+    assert {line.split()[3] for line in readme_command_lines()} >= {"bench", "simulate"}
 
 
-def readme_lines() -> list[object]:
-    """:func:`command_lines`, the bench's ``--quick`` run marked as read from the session's one
-    run of it (test_cli's bench tests read it too)."""
-    return [
-        pytest.param(line, marks=getattr(pytest.mark, READS_BENCH_QUICK))
-        if tuple(line.split()[1:]) == BENCH_QUICK else line
-        for line in command_lines()
-    ]
+#: The README's command lines this test runs; ``bench --quick`` (minutes of benchmarks) runs
+#: once, in test_cli, where every table it prints is checked.
+RUN_HERE = [line for line in readme_command_lines() if tuple(line.split()[1:]) != BENCH_QUICK]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("line", readme_lines())
+@pytest.mark.parametrize("line", RUN_HERE)
 def test_readme_commands_run_as_written(line: str, tmp_path: Path) -> None:
     if "--plot" in line:
         pytest.importorskip("matplotlib", reason="--plot needs matplotlib (lbclient[plot])")
     args = line.split()[1:]  # "python" is this interpreter
-    if tuple(args) == BENCH_QUICK:
-        # Minutes of benchmarks: run once per session, in the background while the other tests
-        # run, and read by test_cli's bench tests too.
-        done = shared_run(args).done
-    else:
-        done = subprocess.run([sys.executable, *args], capture_output=True, text=True,
-                              timeout=600, cwd=tmp_path, check=False)
+    done = subprocess.run([sys.executable, *args], capture_output=True, text=True,
+                          timeout=600, cwd=tmp_path, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.strip()
     if "--plot" in line:
