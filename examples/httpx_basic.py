@@ -20,8 +20,9 @@ try:
         print("spread over the backends:", dict(served))
 
         backends[0].kill()  # connections to it are now refused...
-        served = Counter(client.post("/orders", json={"item": 1}).json()["server"]
-                         for _ in range(15))
+        served = Counter(
+            client.post("/orders", json={"item": 1}).json()["server"] for _ in range(15)
+        )
         print("after users-0 died, every POST still succeeded:", dict(served))
         # Five refused connections in a row ejected it: traffic skips it for 30 s, then one
         # probe request decides whether it is back.

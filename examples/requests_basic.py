@@ -22,8 +22,9 @@ try:
     print("spread:", dict(served))
 
     backends[1].kill()
-    statuses = Counter(session.post("http://inventory/items", json={"sku": n}).status_code
-                       for n in range(6))
+    statuses = Counter(
+        session.post("http://inventory/items", json={"sku": n}).status_code for n in range(6)
+    )
     print("after inventory-1 died:", dict(statuses), "- no POST lost, none sent twice")
     session.close()
 finally:

@@ -272,7 +272,14 @@ class AdapterConfig(Generic[_R]):
         observers = self.observers
         plan = (
             watched_plan(
-                observers, request, url, self.balancer, key, method, wire.replayable, policy,
+                observers,
+                request,
+                url,
+                self.balancer,
+                key,
+                method,
+                wire.replayable,
+                policy,
                 ledger,
             )
             if observers

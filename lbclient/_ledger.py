@@ -122,7 +122,8 @@ class Ledger:
             balance = self._balance(now)
             oldest = int(now // self._width) - self.SLOTS + 1
             spent = sum(
-                used for epoch, used in zip(self._epochs, self._spent, strict=True)
+                used
+                for epoch, used in zip(self._epochs, self._spent, strict=True)
                 if epoch >= oldest
             )
             return RetryStats(

@@ -133,4 +133,3 @@ class Load:
     def __repr__(self) -> str:
         estimate = "-" if self.estimate is None else f"{self.estimate * 1000:.1f} ms"
         return f"<Load in_flight={self.in_flight} estimate={estimate} penalty={self.penalty:.2f}>"
-

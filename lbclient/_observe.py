@@ -81,11 +81,13 @@ class Watch(Protocol):
 
     def headers(self, plan: WatchedPlan, backend: Backend) -> Mapping[str, str] | None: ...
 
-    def responded(self, plan: WatchedPlan, backend: Backend, status: int, seconds: float) -> None:
-        ...
+    def responded(
+        self, plan: WatchedPlan, backend: Backend, status: int, seconds: float
+    ) -> None: ...
 
-    def failed(self, plan: WatchedPlan, backend: Backend, attempt: Attempt, fault: Fault) -> None:
-        ...
+    def failed(
+        self, plan: WatchedPlan, backend: Backend, attempt: Attempt, fault: Fault
+    ) -> None: ...
 
     def finished(self, plan: WatchedPlan, backend: Backend, ok: bool) -> None: ...
 
@@ -168,9 +170,7 @@ class WatchedPlan(RequestPlan):
             return
         before = _state(balancer, backend)
         flipped = balancer.report(backend, outcome)
-        _tell_health(
-            self, backend, before, flipped, outcome or Outcome.CONNECTION_FAILURE
-        )
+        _tell_health(self, backend, before, flipped, outcome or Outcome.CONNECTION_FAILURE)
 
 
 class TracedPlan(WatchedPlan):

@@ -27,9 +27,7 @@ __all__ = ["AsyncPools", "pool_key", "pool_options", "stale_pools"]
 _P = TypeVar("_P", httpcore.ConnectionPool, "AsyncPools")
 
 
-def stale_pools(
-    pools: dict[tuple[str | None, str], _P], balancer: LoadBalancer
-) -> list[_P]:
+def stale_pools(pools: dict[tuple[str | None, str], _P], balancer: LoadBalancer) -> list[_P]:
     """Remove and return the idle pools of backends no longer in the balancer's set."""
     current = {b.address for b in balancer.backends}
     gone = [

@@ -35,7 +35,6 @@ _HANDSHAKE_FRAMES = frozenset(
 )
 
 
-
 def _chain(exc: BaseException) -> Iterator[BaseException]:
     seen: set[int] = set()
     current: BaseException | None = exc

@@ -259,9 +259,7 @@ def send_sync(plan: RequestPlan, wire: Wire[_R], backend: Backend) -> tuple[int,
     return status, response
 
 
-async def send_async(
-    plan: RequestPlan, wire: AsyncWire[_R], backend: Backend
-) -> tuple[int, _R]:
+async def send_async(plan: RequestPlan, wire: AsyncWire[_R], backend: Backend) -> tuple[int, _R]:
     """The async twin of :func:`_send_sync`."""
     headers = plan.headers(backend) if plan.propagates else None
     try:

@@ -370,7 +370,6 @@ class LoadBalancer:
         view = self._view
         return view.loads[require(view, backend)]
 
-
     # -- changes ------------------------------------------------------------------------------
 
     def update(self, backends: Iterable[Backend | str]) -> bool:
@@ -566,6 +565,13 @@ def _restore(
     random: Callable[[], float] | None = None,
 ) -> LoadBalancer:
     return LoadBalancer(
-        backends, algorithm, health=health, health_check=health_check, on_change=on_change,
-        clock=clock, discovery=discovery, refresh=refresh, random=random or _random.random,
+        backends,
+        algorithm,
+        health=health,
+        health_check=health_check,
+        on_change=on_change,
+        clock=clock,
+        discovery=discovery,
+        refresh=refresh,
+        random=random or _random.random,
     )

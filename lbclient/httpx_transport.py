@@ -152,7 +152,9 @@ def _backend_request(
     return httpcore.Request(
         method=request.method,
         url=httpcore.URL(
-            scheme=url.raw_scheme, host=host.encode("ascii"), port=backend.port,
+            scheme=url.raw_scheme,
+            host=host.encode("ascii"),
+            port=backend.port,
             target=url.raw_path,
         ),
         headers=raw,

@@ -75,7 +75,20 @@ __all__ = ["DEFAULT_BUCKETS", "LBCollector", "Registration", "register"]
 
 #: The attempt duration histogram's bucket bounds, in seconds (prometheus-client's defaults).
 DEFAULT_BUCKETS: Final = (
-    0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
 )
 
 #: Ejection reasons, always shown (zero until one happens).
@@ -252,9 +265,7 @@ class _Meter:
         attempts = plan.attempts
         if error is None and len(attempts) == 1:  # the common case: one attempt, a response
             attempt = attempts[0]
-            outcome = (
-                _SERVER_ERROR if attempt.status in plan.failure_statuses else _SUCCESS
-            )
+            outcome = _SERVER_ERROR if attempt.status in plan.failure_statuses else _SUCCESS
             waiting = self._done
             waiting.append((attempt.backend.address, outcome, attempt.seconds))
             if len(waiting) > self.BATCH:  # nobody reads: count them now, keep the queue short
@@ -267,8 +278,11 @@ class _Meter:
         done = [
             (
                 a.backend,
-                _failure(faults[i]) if i in faults
-                else _SERVER_ERROR if a.status in failures else _SUCCESS,
+                _failure(faults[i])
+                if i in faults
+                else _SERVER_ERROR
+                if a.status in failures
+                else _SUCCESS,
                 a.seconds,
             )
             for i, a in enumerate(attempts)
@@ -327,8 +341,7 @@ def _families() -> dict[str, Metric]:
         "attempts": ("Attempts by outcome.", ["result", "sent"]),
         "retries": ("Attempts after a request's first, hedges aside.", []),
         "hedges": ("Hedged attempts.", []),
-        "retry_budget_exhausted": (
-            "Retries and hedges kept back by an empty retry budget.", []),
+        "retry_budget_exhausted": ("Retries and hedges kept back by an empty retry budget.", []),
         "ejections": ("Passive ejections by reason.", ["reason"]),
         "restorations": ("Ejected backends restored by their probe request.", []),
         "probes": ("Probe requests to an ejected backend whose outcome was reported.", []),
@@ -468,9 +481,7 @@ class LBCollector:
 
 
 _lock = threading.Lock()
-_collectors: weakref.WeakKeyDictionary[CollectorRegistry, LBCollector] = (
-    weakref.WeakKeyDictionary()
-)
+_collectors: weakref.WeakKeyDictionary[CollectorRegistry, LBCollector] = weakref.WeakKeyDictionary()
 
 
 class Registration:

@@ -108,7 +108,14 @@ class _Trace:
     """One request's attempt spans, by backend (one attempt per backend at a time)."""
 
     __slots__ = (
-        "_method", "_name", "_original", "_owner", "_parent", "_spans", "_url", "_where",
+        "_method",
+        "_name",
+        "_original",
+        "_owner",
+        "_parent",
+        "_spans",
+        "_url",
+        "_where",
         "propagates",
     )
 
@@ -272,8 +279,7 @@ def instrument(
     client = config_of(target)
     if client is None:
         raise TypeError(
-            "target must be an LBTransport, an AsyncLBTransport or an LBAdapter, "
-            f"got {target!r}"
+            f"target must be an LBTransport, an AsyncLBTransport or an LBAdapter, got {target!r}"
         )
     if not isinstance(propagate, bool):
         raise TypeError(f"propagate must be a bool, got {propagate!r}")

@@ -57,6 +57,8 @@ _SERVER_HOSTNAME: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 )
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
 class NoBackendAvailableError(NoBackendAvailable, requests.ConnectionError):
     """What :class:`LBAdapter` raises when no backend could be chosen: a
     :class:`~lbclient.NoBackendAvailable` that is also a ``requests.ConnectionError``."""

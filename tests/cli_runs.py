@@ -32,8 +32,13 @@ def blocks(language: str) -> list[str]:
 
 def readme_command_lines() -> list[str]:
     """The ``python -m lbclient ...`` lines of the README's shell blocks after the first two."""
-    return [line.strip() for block in blocks("bash")[2:] for line in block.splitlines()
-            if line.strip().startswith("python -m lbclient ")]
+    return [
+        line.strip()
+        for block in blocks("bash")[2:]
+        for line in block.splitlines()
+        if line.strip().startswith("python -m lbclient ")
+    ]
+
 
 # Runs ``python -m lbclient ARGS...`` with the module named by the first argument made
 # unimportable, as if it were not installed: a meta path finder ahead of every other one.
@@ -55,7 +60,10 @@ runpy.run_module("lbclient", run_name="__main__", alter_sys=True)
 
 
 def lbclient(
-    *args: str, without: str | None = None, cwd: Path | None = None, timeout: float = 120,
+    *args: str,
+    without: str | None = None,
+    cwd: Path | None = None,
+    timeout: float = 120,
     env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """``python -m lbclient *args``, optionally with module ``without`` made unimportable."""
@@ -63,8 +71,9 @@ def lbclient(
         command = [sys.executable, "-m", "lbclient", *args]
     else:
         command = [sys.executable, "-c", WITHOUT, without, *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=cwd,
-                          env=env, check=False)
+    return subprocess.run(
+        command, capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env, check=False
+    )
 
 
 # -- processes left behind -----------------------------------------------------------------------

@@ -282,8 +282,10 @@ def busy_and_idle() -> Iterator[tuple[TestServer, TestServer, LoadBalancer, str,
         return exchange.respond()
 
     try:
-        with TestServer("hold", name="busy", behaviours={"hold": hold}) as busy, \
-                TestServer(name="idle") as idle:
+        with (
+            TestServer("hold", name="busy", behaviours={"hold": hold}) as busy,
+            TestServer(name="idle") as idle,
+        ):
             lb = LoadBalancer([busy.address, idle.address], Hash, health=NO_EJECTION)
             yield busy, idle, lb, key_for(lb, busy), release
     finally:

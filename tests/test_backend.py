@@ -21,8 +21,12 @@ from lbclient.backend import MAX_WEIGHT
         ("[::ffff:102:304]:80", "[::ffff:1.2.3.4]:80", "[::ffff:1.2.3.4]", 80),
         ("10.0.0.1:65535", "10.0.0.1:65535", "10.0.0.1", 65535),
         ("10.0.0.1:00080", "10.0.0.1:80", "10.0.0.1", 80),
-        ("svc_a.ns.svc.cluster.local.:9000", "svc_a.ns.svc.cluster.local.:9000",
-         "svc_a.ns.svc.cluster.local.", 9000),
+        (
+            "svc_a.ns.svc.cluster.local.:9000",
+            "svc_a.ns.svc.cluster.local.:9000",
+            "svc_a.ns.svc.cluster.local.",
+            9000,
+        ),
     ],
 )
 def test_parses_and_normalises(text: str, address: str, host: str, port: int) -> None:
@@ -171,11 +175,20 @@ def test_numeric_looking_host_names_stay_valid(text: str, host: str) -> None:
     assert (b.address, b.host, b.is_ip) == (text, host, False)
 
 
-@pytest.mark.parametrize(("weight", "error"), [
-    (0, ValueError), (-1, ValueError), (MAX_WEIGHT + 1, ValueError),
-    (True, TypeError), (False, TypeError), (1.0, TypeError), (2.5, TypeError),
-    ("2", TypeError), (None, TypeError),
-])
+@pytest.mark.parametrize(
+    ("weight", "error"),
+    [
+        (0, ValueError),
+        (-1, ValueError),
+        (MAX_WEIGHT + 1, ValueError),
+        (True, TypeError),
+        (False, TypeError),
+        (1.0, TypeError),
+        (2.5, TypeError),
+        ("2", TypeError),
+        (None, TypeError),
+    ],
+)
 def test_bad_weights_name_the_value(weight: object, error: type[Exception]) -> None:
     with pytest.raises(error) as info:
         Backend("1.2.3.4:80", weight)  # type: ignore[arg-type]

@@ -29,8 +29,18 @@ def test_strings_and_backends_accepted_and_sorted() -> None:
     assert "backends=4" in repr(lb)
 
 
-@pytest.mark.parametrize("algorithm", [RoundRobin, Random, Hash, FNVHash, Consistent,
-                                       RoundRobin(), Consistent(points_per_weight=160)])
+@pytest.mark.parametrize(
+    "algorithm",
+    [
+        RoundRobin,
+        Random,
+        Hash,
+        FNVHash,
+        Consistent,
+        RoundRobin(),
+        Consistent(points_per_weight=160),
+    ],
+)
 def test_class_or_instance_accepted(algorithm: object) -> None:
     lb = LoadBalancer([A, B, C], algorithm)  # type: ignore[arg-type]
     assert lb.select(b"key") in set(lb.backends)

@@ -17,8 +17,9 @@ BACKENDS = [f"10.0.0.{i}:80" for i in range(1, 11)]
 
 def keys(count: int, hot_share: float = 0.2, seed: int = 7) -> list[str]:
     rng = random.Random(seed)
-    return ["hot" if rng.random() < hot_share else f"user-{rng.randrange(10**9)}"
-            for _ in range(count)]
+    return [
+        "hot" if rng.random() < hot_share else f"user-{rng.randrange(10**9)}" for _ in range(count)
+    ]
 
 
 def hold(lb: LoadBalancer, mix: list[str]) -> dict[Backend, int]:
@@ -62,9 +63,15 @@ def test_fallbacks_stay_the_ring_walk() -> None:
         assert list(plain.iter(f"k{i}")) == list(bounded.iter(f"k{i}"))
 
 
-@pytest.mark.parametrize(("factor", "error"), [
-    (0.9, ValueError), (float("nan"), ValueError), ("1.2", TypeError), (True, TypeError),
-])
+@pytest.mark.parametrize(
+    ("factor", "error"),
+    [
+        (0.9, ValueError),
+        (float("nan"), ValueError),
+        ("1.2", TypeError),
+        (True, TypeError),
+    ],
+)
 def test_balance_factor_validation(factor: object, error: type[Exception]) -> None:
     with pytest.raises(error):
         Consistent(balance_factor=factor)  # type: ignore[arg-type]

@@ -96,10 +96,15 @@ def test_budget_is_thread_safe() -> None:
     assert stats.retries <= stats.requests
 
 
-@pytest.mark.parametrize(("kwargs", "error"), [
-    ({"ratio": -0.1}, ValueError), ({"min_per_second": "1"}, TypeError),
-    ({"window": 0}, ValueError), ({"ratio": True}, TypeError),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"ratio": -0.1}, ValueError),
+        ({"min_per_second": "1"}, TypeError),
+        ({"window": 0}, ValueError),
+        ({"ratio": True}, TypeError),
+    ],
+)
 def test_budget_validation(kwargs: dict[str, object], error: type[Exception]) -> None:
     with pytest.raises(error):
         RetryBudget(**kwargs)  # type: ignore[arg-type]
@@ -107,8 +112,7 @@ def test_budget_validation(kwargs: dict[str, object], error: type[Exception]) ->
 
 def test_an_empty_budget_stops_the_retry_and_says_so() -> None:
     ledger = Ledger(RetryBudget(ratio=0, min_per_second=0, window=1))
-    plan = RequestPlan(LoadBalancer(ADDRS, Hash), b"k", "GET", True, RetryPolicy(),
-                       ledger=ledger)
+    plan = RequestPlan(LoadBalancer(ADDRS, Hash), b"k", "GET", True, RetryPolicy(), ledger=ledger)
     first = plan.take()
     assert first is not None
     attempt = plan.failed(first, Fault(Failure.NEVER_SENT), ConnectionError("refused"))
@@ -136,8 +140,7 @@ def test_retry_after_seconds_and_dates() -> None:
 
 def test_retry_after_sets_the_least_wait_and_must_fit() -> None:
     policy = RetryPolicy(retry_statuses={503}, deadline=10.0, retry_after_max=5.0)
-    plan = RequestPlan(LoadBalancer(ADDRS, Hash), b"k", "GET", True, policy,
-                       clock=lambda: 0.0)
+    plan = RequestPlan(LoadBalancer(ADDRS, Hash), b"k", "GET", True, policy, clock=lambda: 0.0)
     first = plan.take()
     assert first is not None
     plan.responded(first, 503, "2")
@@ -150,8 +153,14 @@ def test_retry_after_sets_the_least_wait_and_must_fit() -> None:
     long.responded(first, 503, "7")
     assert not long.may_retry()  # longer than retry_after_max: the 503 is returned
     assert "Retry-After of 7 s" in long.stopped
-    tight = RequestPlan(LoadBalancer(ADDRS, Hash), b"k", "GET", True,
-                        RetryPolicy(retry_statuses={503}, deadline=3.0), clock=lambda: 0.0)
+    tight = RequestPlan(
+        LoadBalancer(ADDRS, Hash),
+        b"k",
+        "GET",
+        True,
+        RetryPolicy(retry_statuses={503}, deadline=3.0),
+        clock=lambda: 0.0,
+    )
     first = tight.take()
     assert first is not None
     tight.responded(first, 503, "3")
@@ -253,10 +262,11 @@ def late(seconds: float) -> object:
 
 @pytest.fixture
 def slow_and_fast() -> Iterator[tuple[TestServer, TestServer]]:
-    with TestServer("late", name="slow", behaviours={"late": late(0.3)}) as slow, \
-            TestServer(name="fast") as fast:
+    with (
+        TestServer("late", name="slow", behaviours={"late": late(0.3)}) as slow,
+        TestServer(name="fast") as fast,
+    ):
         yield slow, fast
-
 
 
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
@@ -305,8 +315,9 @@ def test_hedges_count_toward_max_attempts_and_the_budget(
     lb = LoadBalancer([slow.address, fast.address], Hash, health=NO_EJECTION)
     key = key_for(lb, slow)
     single = AsyncLBTransport(lb, key=lambda r: key, hedge_after=0.05, max_attempts=1)
-    broke = AsyncLBTransport(lb, key=lambda r: key, hedge_after=0.05,
-                             budget=RetryBudget(ratio=0, min_per_second=0))
+    broke = AsyncLBTransport(
+        lb, key=lambda r: key, hedge_after=0.05, budget=RetryBudget(ratio=0, min_per_second=0)
+    )
 
     async def main() -> list[str]:
         servers = []
@@ -340,8 +351,10 @@ def test_a_hedge_per_request_and_the_sync_clients_refuse_it(
         LBTransport(["10.0.0.1:80"], hedge_after=0.05)
     with pytest.raises(ValueError, match="AsyncLBTransport"):
         LBAdapter(["10.0.0.1:80"], policy=RetryPolicy(hedge_after=0.05))
-    with httpx.Client(transport=LBTransport([fast.address])) as client, \
-            pytest.raises(ValueError, match="hedge_after"):
+    with (
+        httpx.Client(transport=LBTransport([fast.address])) as client,
+        pytest.raises(ValueError, match="hedge_after"),
+    ):
         client.get("http://users/", extensions={"lbclient": {"hedge_after": 0.05}})
 
 

@@ -97,12 +97,14 @@ def test_http_check_sends_method_path_and_host(server: TestServer, asynchronous:
     run_check(check, server.address, asynchronous)
     run_check(HttpCheck(method="head"), server.address, asynchronous)
     first, second = server.requests
-    assert (first.method, first.target, first.headers["host"]) == ("GET", "/healthz?deep=1",
-                                                                   "users")
+    assert (first.method, first.target, first.headers["host"]) == (
+        "GET",
+        "/healthz?deep=1",
+        "users",
+    )
     assert first.headers["x-probe"] == "1"
     assert first.headers["connection"] == "close"
-    assert (second.method, second.target, second.headers["host"]) == ("HEAD", "/",
-                                                                      server.address)
+    assert (second.method, second.target, second.headers["host"]) == ("HEAD", "/", server.address)
 
 
 @both
@@ -180,39 +182,51 @@ def test_tcp_check_connects(server: TestServer, asynchronous: bool) -> None:
 def test_tls_checks_use_the_logical_name(certs: TLSCerts, asynchronous: bool) -> None:
     with TestServer(ssl_context=certs.server_context()) as tls:
         trust = certs.client_context()
-        run_check(HttpCheck("/h", host="users.internal", tls=True, ssl_context=trust),
-                  tls.address, asynchronous)
+        run_check(
+            HttpCheck("/h", host="users.internal", tls=True, ssl_context=trust),
+            tls.address,
+            asynchronous,
+        )
         (request,) = tls.requests
         assert request.tls_server_name == "users.internal"
         assert request.headers["host"] == "users.internal"
-        run_check(TcpCheck(tls=True, server_name="users.internal", ssl_context=trust),
-                  tls.address, asynchronous)
+        run_check(
+            TcpCheck(tls=True, server_name="users.internal", ssl_context=trust),
+            tls.address,
+            asynchronous,
+        )
         with pytest.raises(ssl.SSLCertVerificationError):
-            run_check(HttpCheck(host="orders.internal", tls=True, ssl_context=trust),
-                      tls.address, asynchronous)
+            run_check(
+                HttpCheck(host="orders.internal", tls=True, ssl_context=trust),
+                tls.address,
+                asynchronous,
+            )
         with pytest.raises(ssl.SSLCertVerificationError):  # the system store does not know it
-            run_check(TcpCheck(tls=True, server_name="users.internal"), tls.address,
-                      asynchronous)
+            run_check(TcpCheck(tls=True, server_name="users.internal"), tls.address, asynchronous)
 
 
-@pytest.mark.parametrize(("make", "error", "fragment"), [
-    (lambda: HttpCheck("healthz"), ValueError, "path must start with '/'.*'healthz'"),
-    (lambda: HttpCheck("/a b"), ValueError, "'/a b'"),
-    (lambda: HttpCheck(host="a\r\nb"), ValueError, "host must be"),
-    (lambda: HttpCheck(method="GE T"), ValueError, "'GE T'"),
-    (lambda: HttpCheck(expect=700), ValueError, "expect must be HTTP statuses.*700"),
-    (lambda: HttpCheck(expect=True), ValueError, "True"),
-    (lambda: HttpCheck(validator=3), TypeError, "validator must be callable"),
-    (lambda: HttpCheck(headers={"x": "a\nb"}), ValueError, "bad header 'x'"),
-    (lambda: TcpCheck(interval=0), ValueError, "interval must be a finite number > 0, got 0"),
-    (lambda: TcpCheck(timeout="1"), TypeError, "timeout must be a number of seconds, got '1'"),
-    (lambda: TcpCheck(consecutive_failures=0), ValueError, "consecutive_failures must be >= 1"),
-    (lambda: TcpCheck(consecutive_successes=True), TypeError, "consecutive_successes"),
-    (lambda: TcpCheck(ssl_context=ssl.create_default_context()), ValueError, "tls=True"),
-    (lambda: TcpCheck(tls=1), TypeError, "tls must be a bool, got 1"),
-])
-def test_bad_check_settings_named(make: Callable[[], object], error: type[Exception],
-                                  fragment: str) -> None:
+@pytest.mark.parametrize(
+    ("make", "error", "fragment"),
+    [
+        (lambda: HttpCheck("healthz"), ValueError, "path must start with '/'.*'healthz'"),
+        (lambda: HttpCheck("/a b"), ValueError, "'/a b'"),
+        (lambda: HttpCheck(host="a\r\nb"), ValueError, "host must be"),
+        (lambda: HttpCheck(method="GE T"), ValueError, "'GE T'"),
+        (lambda: HttpCheck(expect=700), ValueError, "expect must be HTTP statuses.*700"),
+        (lambda: HttpCheck(expect=True), ValueError, "True"),
+        (lambda: HttpCheck(validator=3), TypeError, "validator must be callable"),
+        (lambda: HttpCheck(headers={"x": "a\nb"}), ValueError, "bad header 'x'"),
+        (lambda: TcpCheck(interval=0), ValueError, "interval must be a finite number > 0, got 0"),
+        (lambda: TcpCheck(timeout="1"), TypeError, "timeout must be a number of seconds, got '1'"),
+        (lambda: TcpCheck(consecutive_failures=0), ValueError, "consecutive_failures must be >= 1"),
+        (lambda: TcpCheck(consecutive_successes=True), TypeError, "consecutive_successes"),
+        (lambda: TcpCheck(ssl_context=ssl.create_default_context()), ValueError, "tls=True"),
+        (lambda: TcpCheck(tls=1), TypeError, "tls must be a bool, got 1"),
+    ],
+)
+def test_bad_check_settings_named(
+    make: Callable[[], object], error: type[Exception], fragment: str
+) -> None:
     with pytest.raises(error, match=fragment):
         make()
 
@@ -286,22 +300,26 @@ def watched(check: Recording, servers: list[TestServer]) -> tuple[LoadBalancer, 
 
 def test_thread_runner_marks_a_stopped_backend_down_and_up_again() -> None:
     with TestServer(name="a") as a, TestServer(name="b") as b:
-        check = Recording("/healthz", host="users", interval=FAST, consecutive_failures=2,
-                          consecutive_successes=3)
+        check = Recording(
+            "/healthz", host="users", interval=FAST, consecutive_failures=2, consecutive_successes=3
+        )
         lb, events = watched(check, [a, b])
         assert no_check_threads()
         with lb:
             assert [t.daemon for t in health_threads()] == [True]
             eventually(lambda: len(events) == 2)
             # The first verdicts fire too (Pingora's observer stays silent there).
-            assert sorted(events) == sorted([(a.address, True, (True, 1)),
-                                             (b.address, True, (True, 1))])
+            assert sorted(events) == sorted(
+                [(a.address, True, (True, 1)), (b.address, True, (True, 1))]
+            )
             b.kill()
             eventually(lambda: not lb.ready(b.address))
             # Down exactly at the second failed check in a row: within interval x threshold.
             assert events[2] == (b.address, False, (False, 2))
-            assert lb.snapshot().backends[[x.address for x in lb.backends].index(b.address)
-                                          ].checked is False
+            assert (
+                lb.snapshot().backends[[x.address for x in lb.backends].index(b.address)].checked
+                is False
+            )
             assert {lb.select() for _ in range(6)} == {Backend(a.address)}
             b.restart()
             eventually(lambda: lb.ready(b.address))
@@ -444,8 +462,7 @@ def test_closing_from_on_change_does_not_wait_for_itself() -> None:
             box[0].close()  # runs on a check thread: must not join itself
             closed.set()
 
-        lb = LoadBalancer([s.address], health_check=TcpCheck(interval=FAST),
-                          on_change=on_change)
+        lb = LoadBalancer([s.address], health_check=TcpCheck(interval=FAST), on_change=on_change)
         box.append(lb)
         lb.start()
         assert closed.wait(20)
@@ -544,8 +561,9 @@ def test_a_check_keeps_one_deadline_over_every_address(monkeypatch: pytest.Monke
 
     def two_addresses(host: str, *args: Any, **kwargs: Any) -> Any:
         if host == "svc.internal":  # first a silent address, then a refusing one
-            return (real("127.0.0.1", port, socket.AF_INET, socket.SOCK_STREAM)
-                    + real("127.0.0.1", refused, socket.AF_INET, socket.SOCK_STREAM))
+            return real("127.0.0.1", port, socket.AF_INET, socket.SOCK_STREAM) + real(
+                "127.0.0.1", refused, socket.AF_INET, socket.SOCK_STREAM
+            )
         return real(host, *args, **kwargs)
 
     monkeypatch.setattr(socket, "getaddrinfo", two_addresses)

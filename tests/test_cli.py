@@ -28,9 +28,19 @@ MISSING_UHASHRING = "uhashring not installed (pip install 'lbclient[bench]')"
 PLOT_EXTRA = "pip install 'lbclient[plot]'"
 
 # The algorithms of the refresh rows: one of each kind of selector.
-SCALE_ALGORITHMS = ("RoundRobin", "Random", "Hash", "SmoothRoundRobin", "Consistent",
-                    "Consistent-bounded", "LibKetama", "Maglev", "Rendezvous", "LeastRequest",
-                    "PeakEWMA")
+SCALE_ALGORITHMS = (
+    "RoundRobin",
+    "Random",
+    "Hash",
+    "SmoothRoundRobin",
+    "Consistent",
+    "Consistent-bounded",
+    "LibKetama",
+    "Maglev",
+    "Rendezvous",
+    "LeastRequest",
+    "PeakEWMA",
+)
 # The refresh rows' sizes, as the bench runs them and as the smallest runs here take them.
 SCALE_SIZES = (1_000, 10_000)
 SMOKE_SCALE_SIZES = (200,)
@@ -65,8 +75,11 @@ def bench_rows(scale: tuple[int, ...] = SCALE_SIZES) -> dict[str, str]:
                 ("memory kept", "MB"),
             )
             # Consistent's ring: its memory is measured on Consistent alone at the largest size.
-            if not (size == largest and figure == "memory kept"
-                    and algorithm in ("Consistent-bounded", "LibKetama"))
+            if not (
+                size == largest
+                and figure == "memory kept"
+                and algorithm in ("Consistent-bounded", "LibKetama")
+            )
         },
         "LBTransport vs plain httpx.Client, 3 backends": "req/s",
         "LBTransport vs plain httpx.Client, 3 backends, metrics on": "req/s",
@@ -116,22 +129,54 @@ HEDGING_CASES = [
     "hedge_after=0.05, RetryBudget(ratio=0.5)",
     "hedge_after=0.05, default RetryBudget()",
 ]
-HEDGING_COLUMNS = ["case", "req/s", "p50", "p99", "p99 ratio", "requests", "retries", "hedges",
-                   "hedge wins", "exhaustions", "waited"]
+HEDGING_COLUMNS = [
+    "case",
+    "req/s",
+    "p50",
+    "p99",
+    "p99 ratio",
+    "requests",
+    "retries",
+    "hedges",
+    "hedge wins",
+    "exhaustions",
+    "waited",
+]
 HEDGING_COUNTS = ["requests", "retries", "hedges", "hedge wins", "exhaustions", "waited"]
 QUICK_HEDGING_REQUESTS = 160
 # The bench's selection part alone at its smallest (the part that uses uhashring): every one of
 # its rows printed, nothing worth measuring.
-SMOKE_SELECTION = ["bench", "--quick", "--reps", "1",
-                   "--scale-sizes", ",".join(map(str, SMOKE_SCALE_SIZES)), "--parts", "selection"]
+SMOKE_SELECTION = [
+    "bench",
+    "--quick",
+    "--reps",
+    "1",
+    "--scale-sizes",
+    ",".join(map(str, SMOKE_SCALE_SIZES)),
+    "--parts",
+    "selection",
+]
 # The same for a benchmark run alone: rounds of 0.05 s (whole stall periods where one stalls).
 SMOKE_ALONE = ["--quick", "--seconds", "0.05"]
 # The load-aware benchmark's runs, clients and algorithms, in table order, and its columns.
 LOAD_RUNS = ["1 of 4 slow", "1 of 4 stalling", "1 of 4 failing half"]
 LOAD_CLIENTS = ["AsyncLBTransport, 32 tasks", "LBAdapter, 16 threads"]
 LOAD_ALGORITHMS = ["RoundRobin", "LeastRequest", "PeakEWMA"]
-LOAD_COLUMNS = ["run", "client", "algorithm", "req/s", "req/s x RR", "p50", "p99", "p99 x RR",
-                "odd share", "odd x RR", "503 share", "503 x RR", "client CPU"]
+LOAD_COLUMNS = [
+    "run",
+    "client",
+    "algorithm",
+    "req/s",
+    "req/s x RR",
+    "p50",
+    "p99",
+    "p99 x RR",
+    "odd share",
+    "odd x RR",
+    "503 share",
+    "503 x RR",
+    "client CPU",
+]
 LOAD_RATIOS = ["req/s x RR", "p99 x RR", "odd x RR", "503 x RR"]
 # The concurrency benchmark's rows (client, callers), in table order, and its columns.
 CONCURRENCY_ROWS = [
@@ -143,9 +188,21 @@ CONCURRENCY_ROWS = [
     )
     for level in levels
 ]
-CONCURRENCY_COLUMNS = ["client", "callers", "req/s", "p50", "p99", "p99 / (n / req/s)",
-                       "plain client", "plain req/s", "plain p50", "plain p99", "ratio",
-                       "errors", "client CPU"]
+CONCURRENCY_COLUMNS = [
+    "client",
+    "callers",
+    "req/s",
+    "p50",
+    "p99",
+    "p99 / (n / req/s)",
+    "plain client",
+    "plain req/s",
+    "plain p50",
+    "plain p99",
+    "ratio",
+    "errors",
+    "client CPU",
+]
 
 
 # -- the package ---------------------------------------------------------------------------------
@@ -181,18 +238,29 @@ def test_help_names_the_three_commands() -> None:
 
 @pytest.mark.slow
 def test_the_library_never_imports_the_command_line() -> None:
-    done = subprocess.run([sys.executable, "-c", IMPORT_LIBRARY], capture_output=True, text=True,
-                          timeout=60, check=False)
+    done = subprocess.run(
+        [sys.executable, "-c", IMPORT_LIBRARY],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.strip() == "[]"
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("module", ["selection", "transport", "hedging", "loadaware",
-                                    "concurrency"])
+@pytest.mark.parametrize(
+    "module", ["selection", "transport", "hedging", "loadaware", "concurrency"]
+)
 def test_each_benchmark_runs_alone(module: str) -> None:
-    done = subprocess.run([sys.executable, "-m", f"lbclient.cli.bench.{module}", "--help"],
-                          capture_output=True, text=True, timeout=60, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", f"lbclient.cli.bench.{module}", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "--quick" in done.stdout
     assert not done.stderr  # no warning about a module imported twice
@@ -205,9 +273,13 @@ def test_each_benchmark_runs_alone(module: str) -> None:
     ids=["plain", "delayed", "stalling", "failing"],
 )
 def test_the_loopback_server_runs_as_a_module_and_exits_with_its_stdin(options: list[str]) -> None:
-    server = subprocess.Popen([sys.executable, "-m", "lbclient.cli.bench.server", *options],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "lbclient.cli.bench.server", *options],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert server.stdout is not None
         port = server.stdout.readline().strip()
@@ -234,10 +306,13 @@ def test_the_loopback_server_runs_as_a_module_and_exits_with_its_stdin(options: 
 
 @pytest.mark.slow
 def test_the_loopback_server_fails_every_nth_request_and_counts_them() -> None:
-    server = subprocess.Popen([sys.executable, "-m", "lbclient.cli.bench.server",
-                               "--fail-every", "2"],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "lbclient.cli.bench.server", "--fail-every", "2"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert server.stdout is not None
         port = int(server.stdout.readline())
@@ -280,7 +355,12 @@ def bench_table(stdout: str) -> dict[str, list[str]]:
     lines = stdout.splitlines()
     head = next(i for i, line in enumerate(lines) if line.startswith("benchmark "))
     assert [c.strip() for c in lines[head].split(" | ")] == [
-        "benchmark", "lbclient", "baseline", "ratio", "floor"]
+        "benchmark",
+        "lbclient",
+        "baseline",
+        "ratio",
+        "floor",
+    ]
     assert set(lines[head + 1]) <= {"-", "+"}
     rows: dict[str, list[str]] = {}
     for line in lines[head + 2 :]:
@@ -297,8 +377,11 @@ def bench_table(stdout: str) -> dict[str, list[str]]:
 
 def selection_rows(rows: dict[str, str]) -> dict[str, str]:
     """Of the summary's ``rows``, those of the selection benchmark."""
-    return {name: unit for name, unit in rows.items()
-            if name.startswith(("select ", "build ", "refresh "))}
+    return {
+        name: unit
+        for name, unit in rows.items()
+        if name.startswith(("select ", "build ", "refresh "))
+    }
 
 
 def check_bench_table(out: str, expected: dict[str, str], *, uhashring: bool) -> None:
@@ -327,8 +410,11 @@ def check_bench_table(out: str, expected: dict[str, str], *, uhashring: bool) ->
     for name in baselines + (UHASHRING_ROWS if uhashring else []):
         if name in expected:
             assert rows[name][2] != "-", f"{name} has no baseline"
-    for name in [n for n in expected if "p99" in n or " vs RoundRobin " in n or "tasks" in n
-                 or "threads" in n]:
+    for name in [
+        n
+        for n in expected
+        if "p99" in n or " vs RoundRobin " in n or "tasks" in n or "threads" in n
+    ]:
         assert rows[name][4] == "-", f"{name} has a floor"  # a measurement only
     for name in [n for n in expected if n.startswith("refresh ")]:
         assert rows[name][2] == "-", f"{name} has a baseline"
@@ -355,13 +441,24 @@ def test_the_readmes_bench_quick_prints_every_table(tmp_path: Path) -> None:
     pytest.importorskip("uhashring", reason="uhashring (in the dev extra) is the ring baseline")
     assert f"python {' '.join(BENCH_QUICK)}" in readme_command_lines()
     with leaves_no_process() as env:
-        done = subprocess.run([sys.executable, *BENCH_QUICK], capture_output=True, text=True,
-                              timeout=900, cwd=tmp_path, env=env, check=False)
+        done = subprocess.run(
+            [sys.executable, *BENCH_QUICK],
+            capture_output=True,
+            text=True,
+            timeout=900,
+            cwd=tmp_path,
+            env=env,
+            check=False,
+        )
     assert done.returncode == 0, done.stdout + done.stderr
     out = done.stdout
     assert re.search(r"^Python 3\.\d+\.\d+ .*; \d+ CPUs", out, re.M), out
-    assert re.search(rf"^lbclient bench \(quick run\): {re.escape(sys.executable)} -m lbclient "
-                     r"bench --quick$", out, re.M), out
+    assert re.search(
+        rf"^lbclient bench \(quick run\): {re.escape(sys.executable)} -m lbclient "
+        r"bench --quick$",
+        out,
+        re.M,
+    ), out
     check_bench_table(out, BENCH_ROWS, uhashring=True)
     check_hedging(out)  # the same cases as the benchmark run alone
     check_load_aware(out, measured=True)
@@ -376,8 +473,7 @@ def test_bench_without_uhashring_says_so_and_exits_0(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"-m lbclient {' '.join(SMOKE_SELECTION)}\n" in done.stdout  # the sizes are told
     # The uhashring rows say what to install; every other row is measured as usual.
-    check_bench_table(done.stdout, selection_rows(bench_rows(SMOKE_SCALE_SIZES)),
-                      uhashring=False)
+    check_bench_table(done.stdout, selection_rows(bench_rows(SMOKE_SCALE_SIZES)), uhashring=False)
     assert "uhashring not installed" in done.stdout.split("\n\n")[0]  # the header says it too
     # The selection part alone ran.
     assert re.search(r"^total run time [\d.]+ s \(selection [\d.]+ s\)$", done.stdout, re.M)
@@ -433,15 +529,25 @@ def check_hedging(stdout: str) -> None:
 def test_hedging_benchmark_runs_alone_and_counts_the_attempts(tmp_path: Path) -> None:
     with leaves_no_process() as env:
         done = subprocess.run(
-            [sys.executable, "-m", "lbclient.cli.bench.hedging", "--quick"], capture_output=True,
-            text=True, timeout=120, cwd=tmp_path, env=env, check=False)
+            [sys.executable, "-m", "lbclient.cli.bench.hedging", "--quick"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=tmp_path,
+            env=env,
+            check=False,
+        )
     assert done.returncode == 0, done.stdout + done.stderr
     assert not done.stderr  # nor from the servers, which hedges' losers hang up on
     check_hedging(done.stdout)
 
 
-LOAD_CASES = [(run, client, algorithm) for run in LOAD_RUNS for client in LOAD_CLIENTS
-              for algorithm in LOAD_ALGORITHMS]
+LOAD_CASES = [
+    (run, client, algorithm)
+    for run in LOAD_RUNS
+    for client in LOAD_CLIENTS
+    for algorithm in LOAD_ALGORITHMS
+]
 
 
 def detail_table(
@@ -450,8 +556,9 @@ def detail_table(
     """The detail table whose head is ``columns``: each row's cells by column, keyed by its
     first ``key`` cells."""
     lines = stdout.splitlines()
-    head = next(i for i, line in enumerate(lines)
-                if [c.strip() for c in line.split(" | ")] == columns)
+    head = next(
+        i for i, line in enumerate(lines) if [c.strip() for c in line.split(" | ")] == columns
+    )
     assert set(lines[head + 1]) <= {"-", "+"}
     rows: dict[tuple[str, ...], dict[str, str]] = {}
     for line in lines[head + 2 :]:
@@ -506,8 +613,12 @@ def check_load_aware(stdout: str, *, measured: bool) -> None:
         else:
             assert failed == 0, (run, algorithm)
             assert cells["503 x RR"] == "-"
-    aims = re.findall(r"^  (1 of 4 [a-z ]+), (AsyncLBTransport, 32 tasks|LBAdapter, 16 threads): "
-                      r"(\w+) .+: [\d.]+x, (met|NOT MET)$", stdout, re.M)
+    aims = re.findall(
+        r"^  (1 of 4 [a-z ]+), (AsyncLBTransport, 32 tasks|LBAdapter, 16 threads): "
+        r"(\w+) .+: [\d.]+x, (met|NOT MET)$",
+        stdout,
+        re.M,
+    )
     assert len(aims) == 14, stdout  # 7 aims per client
 
 
@@ -516,8 +627,11 @@ def check_concurrency(stdout: str) -> None:
     aims."""
     rows = concurrency_table(stdout)
     assert list(rows) == CONCURRENCY_ROWS, "levels missing, extra or out of order"
-    plains = {"AsyncLBTransport": "httpx.AsyncClient", "LBTransport": "httpx.Client",
-              "LBAdapter": "requests.Session"}
+    plains = {
+        "AsyncLBTransport": "httpx.AsyncClient",
+        "LBTransport": "httpx.Client",
+        "LBAdapter": "requests.Session",
+    }
     for (client, _), cells in rows.items():
         assert cells["plain client"] == plains[client]
         for column in ("req/s", "plain req/s"):
@@ -528,12 +642,21 @@ def check_concurrency(stdout: str) -> None:
         assert float(cells["p99 / (n / req/s)"]) > 0
         assert re.fullmatch(r"\d[\d,]* / \d[\d,]*", cells["errors"]), cells["errors"]
         assert re.fullmatch(r"\d+% / \d+%", cells["client CPU"]), cells["client CPU"]
-    assert re.search(r"^  AsyncLBTransport, 1,000 tasks / 10 tasks, req/s: [\d.]+ \(aim >= 0.7\): "
-                     r"(met|NOT MET)$", stdout, re.M), stdout
-    tails = re.findall(r"^  \w+, [\d,]+ tasks: p99 .+ \(aim <= 2x\): (?:met|NOT MET)$",
-                       stdout, re.M)
-    threads = re.findall(r"^  \w+, [\d,]+ threads: p99 .+ \(the plain client's: [\d.]+x\): "
-                         r"for information$", stdout, re.M)
+    assert re.search(
+        r"^  AsyncLBTransport, 1,000 tasks / 10 tasks, req/s: [\d.]+ \(aim >= 0.7\): "
+        r"(met|NOT MET)$",
+        stdout,
+        re.M,
+    ), stdout
+    tails = re.findall(
+        r"^  \w+, [\d,]+ tasks: p99 .+ \(aim <= 2x\): (?:met|NOT MET)$", stdout, re.M
+    )
+    threads = re.findall(
+        r"^  \w+, [\d,]+ threads: p99 .+ \(the plain client's: [\d.]+x\): "
+        r"for information$",
+        stdout,
+        re.M,
+    )
     assert len(tails) == 3  # the task levels
     assert len(tails) + len(threads) == len(CONCURRENCY_ROWS)
 
@@ -544,7 +667,13 @@ def run_alone(module: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
     with leaves_no_process() as env:
         return subprocess.run(
             [sys.executable, "-m", f"lbclient.cli.bench.{module}", *SMOKE_ALONE],
-            capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env, check=False)
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=tmp_path,
+            env=env,
+            check=False,
+        )
 
 
 @pytest.mark.slow
@@ -610,8 +739,11 @@ def _distribution(out: str) -> list[dict[str, float]]:
 
 def _moves(out: str) -> dict[str, dict[str, float]]:
     return {
-        m["change"]: {k: float(v.replace(",", "")) for k, v in m.groupdict().items()
-                      if k not in ("change", "address")}
+        m["change"]: {
+            k: float(v.replace(",", ""))
+            for k, v in m.groupdict().items()
+            if k not in ("change", "address")
+        }
         for m in MOVE.finditer(out)
     }
 
@@ -687,11 +819,13 @@ def test_simulate_is_deterministic_and_seeded() -> None:
 
 @pytest.mark.slow
 def test_simulate_plot_writes_a_png(tmp_path: Path) -> None:
-    pytest.importorskip("matplotlib", reason="matplotlib (the 'plot' extra, also in 'dev') "
-                        "draws the charts")
+    pytest.importorskip(
+        "matplotlib", reason="matplotlib (the 'plot' extra, also in 'dev') draws the charts"
+    )
     path = tmp_path / "x.png"
-    out = run_simulate("--algorithm", "consistent", "--backends", "10", "--keys", "20000",
-                    "--plot", str(path))
+    out = run_simulate(
+        "--algorithm", "consistent", "--backends", "10", "--keys", "20000", "--plot", str(path)
+    )
     assert str(path) in out
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"

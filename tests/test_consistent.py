@@ -108,9 +108,13 @@ def test_ipv6_ring_nginx_form_hashes_bracketed_text() -> None:
 
 
 def test_crate_doc_example() -> None:
-    sel = Consistent.build([
-        Backend("127.0.0.1:12345", 1), Backend("127.0.0.2:12345", 2), Backend("127.0.0.3:12345", 3)
-    ])
+    sel = Consistent.build(
+        [
+            Backend("127.0.0.1:12345", 1),
+            Backend("127.0.0.2:12345", 2),
+            Backend("127.0.0.3:12345", 3),
+        ]
+    )
     assert sel.first("some_key") == Backend("127.0.0.3:12345", 3)
     assert sel.first("another_key") == Backend("127.0.0.3:12345", 3)
     assert sel.first("last_key") == Backend("127.0.0.2:12345", 2)
@@ -161,8 +165,9 @@ def test_points_per_weight_option() -> None:
     assert "points_per_weight=40" in repr(Consistent(points_per_weight=40))
 
 
-@pytest.mark.parametrize(("value", "error"), [(0, ValueError), (-5, ValueError),
-                                              (True, TypeError), (1.5, TypeError)])
+@pytest.mark.parametrize(
+    ("value", "error"), [(0, ValueError), (-5, ValueError), (True, TypeError), (1.5, TypeError)]
+)
 def test_points_per_weight_validated(value: object, error: type[Exception]) -> None:
     with pytest.raises(error, match="points_per_weight"):
         Consistent(points_per_weight=value)  # type: ignore[arg-type]
@@ -204,9 +209,7 @@ def test_matches_nginx_sample_data(shared_vectors: Path) -> None:
     probes=st.lists(st.integers(min_value=0, max_value=2**32 - 1), max_size=200),
 )
 def test_bucket_index_agrees_with_plain_binary_search(n: int, probes: list[int]) -> None:
-    sel = Consistent(points_per_weight=1 + n % 7).build(
-        [f"10.2.0.{i + 1}:80" for i in range(n)]
-    )
+    sel = Consistent(points_per_weight=1 + n % 7).build([f"10.2.0.{i + 1}:80" for i in range(n)])
     hashes = [h for h, _ in sel.points()]
     edges = [0, 2**32 - 1, *hashes, *(h - 1 for h in hashes if h), *(h + 1 for h in hashes)]
     for h in [*probes, *edges]:

@@ -122,7 +122,10 @@ def test_failures_back_off_and_an_answer_resets_them() -> None:
     assert (progress.failures, progress.failed, progress.error) == (5, 5, "timed out")
     assert progress.answer(2, 10.0) == (True, 10.0)
     assert (progress.refreshes, progress.failures, progress.failed, progress.error) == (
-        1, 5, 0, None,
+        1,
+        5,
+        0,
+        None,
     )
     assert progress.failure("SERVFAIL", 10.0) == 1
 
@@ -154,8 +157,11 @@ def _b(address: str, priority: int | None, weight: int = 1) -> Backend:
 
 
 def test_groups_by_priority_lowest_first() -> None:
-    a, b, c, d = _b("10.0.0.1:80", 10), _b("10.0.0.2:80", 20), _b("10.0.0.3:80", 10), _b(
-        "10.0.0.4:80", None
+    a, b, c, d = (
+        _b("10.0.0.1:80", 10),
+        _b("10.0.0.2:80", 20),
+        _b("10.0.0.3:80", 10),
+        _b("10.0.0.4:80", None),
     )
     assert groups_of([a, b, c, d]) == {0: (d,), 10: (a, c), 20: (b,)}
 
@@ -201,7 +207,8 @@ def test_priorities_follow_new_answers() -> None:
 def test_static_answers_its_backends_sorted() -> None:
     source = Static(["10.0.0.2:80", Backend("10.0.0.1:80", 3)])
     assert [(b.address, b.weight) for b in source.discover().backends] == [
-        ("10.0.0.1:80", 3), ("10.0.0.2:80", 1),
+        ("10.0.0.1:80", 3),
+        ("10.0.0.2:80", 1),
     ]
     assert asyncio.run(source.adiscover()) is source.discover()
     assert repr(source) == "Static(['10.0.0.1:80', '10.0.0.2:80'])"
@@ -288,7 +295,9 @@ def test_lines_with_weights_comments_and_ipv6() -> None:
     text = "# pool A\n\n10.0.3.7:8080 3\n  10.0.3.8:8080   # no weight\n[2001:db8::7]:8080 2\n"
     backends = parse_lines(text, "users.txt")
     assert [(b.address, b.weight) for b in backends] == [
-        ("10.0.3.7:8080", 3), ("10.0.3.8:8080", 1), ("[2001:db8::7]:8080", 2),
+        ("10.0.3.7:8080", 3),
+        ("10.0.3.8:8080", 1),
+        ("[2001:db8::7]:8080", 2),
     ]
 
 
@@ -350,7 +359,8 @@ def test_file_is_read_again_only_when_it_changes(tmp_path: Path) -> None:
     path.write_text("10.0.0.1:80\n10.0.0.2:80 4\n")
     second = source.discover()
     assert [(b.address, b.weight) for b in second.backends] == [
-        ("10.0.0.1:80", 1), ("10.0.0.2:80", 4),
+        ("10.0.0.1:80", 1),
+        ("10.0.0.2:80", 4),
     ]
     # Replaced by a rename, as editors and config managers do.
     other = tmp_path / "users.txt.new"
@@ -722,8 +732,9 @@ def test_transports_start_discovery_with_their_first_request() -> None:
         with httpx.Client(transport=transport) as client:
             answers: list[str] = []
             threads = [
-                threading.Thread(target=lambda: answers.append(
-                    client.get("http://users/").json()["server"]))
+                threading.Thread(
+                    target=lambda: answers.append(client.get("http://users/").json()["server"])
+                )
                 for _ in range(4)
             ]
             for thread in threads:

@@ -87,7 +87,10 @@ def source(dnsmasq: Dnsmasq, port: int, **options: object) -> DNS:
     settings: dict[str, object] = {"min_ttl": 0.01, "max_ttl": 0.03, "timeout": 1.0}
     settings.update(options)
     return DNS(
-        NAME, port=port, nameservers=["127.0.0.1"], nameserver_port=dnsmasq.port,
+        NAME,
+        port=port,
+        nameservers=["127.0.0.1"],
+        nameserver_port=dnsmasq.port,
         **settings,  # type: ignore[arg-type]
     )
 
@@ -95,9 +98,7 @@ def source(dnsmasq: Dnsmasq, port: int, **options: object) -> DNS:
 def srv_source(dnsmasq: Dnsmasq, **options: object) -> DNS:
     settings: dict[str, object] = {"min_ttl": 0.01, "max_ttl": 0.03, "timeout": 1.0}
     settings.update(options)
-    return DNS.srv(
-        SERVICE, nameservers=["127.0.0.1"], nameserver_port=dnsmasq.port, **settings
-    )
+    return DNS.srv(SERVICE, nameservers=["127.0.0.1"], nameserver_port=dnsmasq.port, **settings)
 
 
 def addresses(lb: LoadBalancer) -> list[str]:
@@ -416,12 +417,21 @@ def test_srv_answers_the_same_sync_and_async(dnsmasq: Dnsmasq) -> None:
         dict(b.metadata) for b in found.backends
     ]
     assert [(b.address, b.weight, dict(b.metadata)) for b in found.backends] == [
-        ("127.0.0.1:8080", 1, {"name": SERVICE, "target": f"a.{DNS_DOMAIN}", "priority": 10,
-                               "srv_weight": 0}),
-        ("127.0.0.2:8081", 7, {"name": SERVICE, "target": f"b.{DNS_DOMAIN}", "priority": 20,
-                               "srv_weight": 7}),
-        ("[::1]:8080", 1, {"name": SERVICE, "target": f"a.{DNS_DOMAIN}", "priority": 10,
-                           "srv_weight": 0}),
+        (
+            "127.0.0.1:8080",
+            1,
+            {"name": SERVICE, "target": f"a.{DNS_DOMAIN}", "priority": 10, "srv_weight": 0},
+        ),
+        (
+            "127.0.0.2:8081",
+            7,
+            {"name": SERVICE, "target": f"b.{DNS_DOMAIN}", "priority": 20, "srv_weight": 7},
+        ),
+        (
+            "[::1]:8080",
+            1,
+            {"name": SERVICE, "target": f"a.{DNS_DOMAIN}", "priority": 10, "srv_weight": 0},
+        ),
     ]
 
 
@@ -455,7 +465,8 @@ def test_srv_priorities_and_weights_with_failover_and_back(
     with lb, httpx.Client(transport=LBTransport(lb), base_url="http://users") as client:
         # Only the lowest priority group serves, shared by weight.
         assert [(b.address, b.weight) for b in lb.backends] == [
-            (one.address, 3), (two.address, 1),
+            (one.address, 3),
+            (two.address, 1),
         ]
         assert lb.snapshot().discovery_priority == 10
         assert spread(client, 400) == {"127.0.0.1": 300, "127.0.0.2": 100}
@@ -465,7 +476,8 @@ def test_srv_priorities_and_weights_with_failover_and_back(
         two.kill()
         wait_until(lambda: lb.snapshot().discovery_priority == 20, "failover to priority 20")
         assert [(b.address, b.weight) for b in lb.backends] == [
-            (three.address, 2), (six.address, 1),
+            (three.address, 2),
+            (six.address, 1),
         ]
         assert spread(client, 300) == {"127.0.0.3": 200, "::1": 100}  # IPv6 reached too
 

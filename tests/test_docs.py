@@ -39,8 +39,14 @@ def test_there_are_examples() -> None:
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
 def test_examples_run(path: Path) -> None:
-    done = subprocess.run([sys.executable, str(path)], capture_output=True, text=True,
-                          timeout=120, cwd=ROOT, check=False)
+    done = subprocess.run(
+        [sys.executable, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip()
 
@@ -49,9 +55,23 @@ def test_examples_run(path: Path) -> None:
 @pytest.mark.parametrize("algorithm", ["roundrobin", "random", "hash", "fnv", "consistent"])
 def test_demo_runs(algorithm: str) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "lbclient", "demo", "--algorithm", algorithm, "--backends", "3",
-         "--requests", "300"],
-        capture_output=True, text=True, timeout=120, cwd=ROOT, check=False,
+        [
+            sys.executable,
+            "-m",
+            "lbclient",
+            "demo",
+            "--algorithm",
+            algorithm,
+            "--backends",
+            "3",
+            "--requests",
+            "300",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        check=False,
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "summary: " in done.stdout
@@ -61,8 +81,11 @@ def test_demo_runs(algorithm: str) -> None:
     assert "backend-0 restored: its probe request succeeded" in done.stdout
     assert "the others stay: True" in done.stdout
     # A backend added to the discovery file gets traffic once the file was re-read.
-    joined = re.search(r"before: 0 of 150 requests; joined the set after [\d.]+ s; then (\d+) of "
-                       r"150", done.stdout)
+    joined = re.search(
+        r"before: 0 of 150 requests; joined the set after [\d.]+ s; then (\d+) of "
+        r"150",
+        done.stdout,
+    )
     assert joined is not None, done.stdout
     assert int(joined.group(1)) > 0
     assert "\x1b[" not in done.stdout  # not a terminal: plain text
@@ -78,7 +101,12 @@ def test_demo_shows_a_live_table_on_a_terminal() -> None:
     env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": "120", "LINES": "40"}
     process = subprocess.Popen(
         [sys.executable, "-m", "lbclient", "demo", "--requests", "40"],
-        stdin=child, stdout=child, stderr=child, env=env, cwd=ROOT, close_fds=True,
+        stdin=child,
+        stdout=child,
+        stderr=child,
+        env=env,
+        cwd=ROOT,
+        close_fds=True,
     )
     os.close(child)
     output = b""
@@ -104,8 +132,13 @@ def test_demo_shows_a_live_table_on_a_terminal() -> None:
 
 
 def test_demo_rejects_bad_arguments() -> None:
-    done = subprocess.run([sys.executable, "-m", "lbclient", "demo", "--backends", "1"],
-                          capture_output=True, text=True, timeout=60, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "lbclient", "demo", "--backends", "1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert done.returncode == 2
     assert "--backends" in done.stderr
 
@@ -125,8 +158,14 @@ def test_readme_commands_run_as_written(line: str, tmp_path: Path) -> None:
     if "--plot" in line:
         pytest.importorskip("matplotlib", reason="--plot needs matplotlib (lbclient[plot])")
     args = line.split()[1:]  # "python" is this interpreter
-    done = subprocess.run([sys.executable, *args], capture_output=True, text=True,
-                          timeout=600, cwd=tmp_path, check=False)
+    done = subprocess.run(
+        [sys.executable, *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+        check=False,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.strip()
     if "--plot" in line:

@@ -64,7 +64,9 @@ def ok() -> Iterator[TestServer]:
 def first_pick(lb: LoadBalancer, address: str) -> str:
     """A key whose first pick in ``lb`` is ``address``."""
     return next(
-        f"k{i}" for i in range(10_000) if lb.select(f"k{i}").address == address  # type: ignore[union-attr]
+        f"k{i}"
+        for i in range(10_000)
+        if lb.select(f"k{i}").address == address  # type: ignore[union-attr]
     )
 
 
@@ -171,8 +173,10 @@ def test_a_users_retry_strategy_narrows_lbclients_and_never_widens_it() -> None:
             stop=tenacity.stop_never,
             wait=tenacity.wait_none(),
         )
-        with httpx.Client(transport=LBTransport(addresses, policy=forever)) as client, \
-                pytest.raises(httpx.RemoteProtocolError):
+        with (
+            httpx.Client(transport=LBTransport(addresses, policy=forever)) as client,
+            pytest.raises(httpx.RemoteProtocolError),
+        ):
             client.post("http://users/", content=b"pay once")
         with requests.Session() as session:
             session.mount("http://users/", LBAdapter(addresses, policy=forever))
@@ -182,8 +186,10 @@ def test_a_users_retry_strategy_narrows_lbclients_and_never_widens_it() -> None:
         assert sum(s.count("POST") for s in resets) == 2
         # A user's retry that refuses: a GET lbclient would retry is not.
         never = RetryPolicy(retry=tenacity.retry_if_exception_type(httpx.ConnectError))
-        with httpx.Client(transport=LBTransport(addresses, policy=never)) as client, \
-                pytest.raises(httpx.RemoteProtocolError) as caught:
+        with (
+            httpx.Client(transport=LBTransport(addresses, policy=never)) as client,
+            pytest.raises(httpx.RemoteProtocolError) as caught,
+        ):
             client.get("http://users/")
         assert len(caught.value.attempts) == 1  # type: ignore[attr-defined]
         assert sum(s.count("GET") for s in resets) == 1
@@ -199,9 +205,11 @@ def test_before_sleep_log_logs_each_revisit(caplog: pytest.LogCaptureFixture) ->
     policy = RetryPolicy(
         max_attempts=3, backoff=0.001, before_sleep=tenacity.before_sleep_log(log, logging.INFO)
     )
-    with caplog.at_level(logging.INFO, logger="test.failover"), \
-            httpx.Client(transport=LBTransport([dead], policy=policy)) as client, \
-            pytest.raises(httpx.ConnectError):
+    with (
+        caplog.at_level(logging.INFO, logger="test.failover"),
+        httpx.Client(transport=LBTransport([dead], policy=policy)) as client,
+        pytest.raises(httpx.ConnectError),
+    ):
         client.get("http://users/")
     lines = [r.getMessage() for r in caplog.records if r.name == "test.failover"]
     assert len(lines) == 2  # attempts 2 and 3 revisit the one backend
@@ -227,8 +235,11 @@ def test_a_users_stop_after_delay_counts_from_the_request_start(ok: TestServer) 
 
 
 def test_the_loop_records_what_a_silent_wire_saw() -> None:
-    lb = LoadBalancer(["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"], Hash,
-                      health=HealthPolicy(consecutive_5xx=1, consecutive_failures=2))
+    lb = LoadBalancer(
+        ["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"],
+        Hash,
+        health=HealthPolicy(consecutive_5xx=1, consecutive_failures=2),
+    )
     policy = RetryPolicy(retry_statuses={503}, max_attempts=3)
     plan = RequestPlan(lb, b"k", "GET", True, policy)
     first = plan.take()
@@ -267,12 +278,22 @@ class Told:
 
 def test_the_plans_questions_leave_the_ledger_and_the_watch_untouched() -> None:
     now = [0.0]
-    lb = LoadBalancer(["10.0.0.1:80", "10.0.0.2:80"], Hash,
-                      health=HealthPolicy(consecutive_failures=1, base_ejection_time=1,
-                                          panic_threshold=0), clock=lambda: now[0])
+    lb = LoadBalancer(
+        ["10.0.0.1:80", "10.0.0.2:80"],
+        Hash,
+        health=HealthPolicy(consecutive_failures=1, base_ejection_time=1, panic_threshold=0),
+        clock=lambda: now[0],
+    )
     ledger = Ledger(RetryBudget(ratio=0, min_per_second=0, window=1))  # nothing to spend
-    plan = WatchedPlan(lb, b"k", "GET", True, RetryPolicy(hedge_after=0.1, deadline=5),
-                       clock=lambda: now[0], ledger=ledger)
+    plan = WatchedPlan(
+        lb,
+        b"k",
+        "GET",
+        True,
+        RetryPolicy(hedge_after=0.1, deadline=5),
+        clock=lambda: now[0],
+        ledger=ledger,
+    )
     watch = Told()
     plan.watch, plan.faults, plan.latest = watch, None, None  # type: ignore[assignment]
     first = plan.take()
@@ -306,8 +327,19 @@ def test_the_plans_questions_leave_the_ledger_and_the_watch_untouched() -> None:
 
 
 ADAPTERS = {str(PACKAGE / "httpx_transport.py"), str(PACKAGE / "requests_adapter.py")}
-LOOP = {str(PACKAGE / name) for name in ("_loop.py", "_wire.py", "_failover.py", "_hedge.py",
-                                         "_config.py", "_plan.py", "_observe.py", "_ledger.py")}
+LOOP = {
+    str(PACKAGE / name)
+    for name in (
+        "_loop.py",
+        "_wire.py",
+        "_failover.py",
+        "_hedge.py",
+        "_config.py",
+        "_plan.py",
+        "_observe.py",
+        "_ledger.py",
+    )
+}
 
 
 class Crossings:

@@ -127,8 +127,10 @@ async def test_a_queued_request_that_times_out_fails_over_as_never_sent(
             lb, key=lambda r: key, limits=httpx.Limits(max_keepalive_connections=1)
         )
         timeout = httpx.Timeout(10.0, pool=0.2)
-        async with httpx.AsyncClient(transport=transport, timeout=timeout) as client, \
-                anyio.create_task_group() as tg:
+        async with (
+            httpx.AsyncClient(transport=transport, timeout=timeout) as client,
+            anyio.create_task_group() as tg,
+        ):
             tg.start_soon(client.get, "http://users/hold")
             while not busy.requests:
                 await anyio.sleep(0.01)

@@ -109,8 +109,12 @@ def test_maglev_weights_count_by_their_ratios_only() -> None:
 
 @pytest.mark.parametrize(
     "servers",
-    [backends(10), backends(10, [1, 2, 3, 4, 5, 1, 2, 3, 4, 5]), backends(100),
-     backends(40, [1 + i % 5 for i in range(40)])],
+    [
+        backends(10),
+        backends(10, [1, 2, 3, 4, 5, 1, 2, 3, 4, 5]),
+        backends(100),
+        backends(40, [1 + i % 5 for i in range(40)]),
+    ],
     ids=["10-equal", "10-weighted", "100-equal", "40-weighted"],
 )
 def test_maglev_spread_within_one_percent_of_fair(servers: list[Backend]) -> None:
@@ -212,16 +216,22 @@ def rendezvous_by_hand(servers: Sequence[Backend], key: bytes) -> list[Backend]:
         values: list[float] = [float(h) for h in hashes]
         order = sorted(range(len(servers)), key=lambda i: (-hashes[i], i))
     else:
-        values = [b.weight / -math.log(((h >> 12) + 0.5) * 2.0**-52)
-                  for h, b in zip(hashes, servers, strict=True)]
+        values = [
+            b.weight / -math.log(((h >> 12) + 0.5) * 2.0**-52)
+            for h, b in zip(hashes, servers, strict=True)
+        ]
         order = sorted(range(len(servers)), key=lambda i: (-values[i], i))
     return [servers[i] for i in order]
 
 
 @pytest.mark.parametrize(
     "servers",
-    [backends(10), backends(10, [1, 2, 3, 4, 5, 1, 2, 3, 4, 5]), backends(60, [3] * 60),
-     backends(25, [1 + (i * 7) % 9 for i in range(25)])],
+    [
+        backends(10),
+        backends(10, [1, 2, 3, 4, 5, 1, 2, 3, 4, 5]),
+        backends(60, [3] * 60),
+        backends(25, [1 + (i * 7) % 9 for i in range(25)]),
+    ],
     ids=["10-equal", "10-weighted", "60-equal-3", "25-weighted"],
 )
 def test_rendezvous_fallback_order_is_the_ranking_by_score(servers: list[Backend]) -> None:
@@ -299,8 +309,11 @@ NODE_SETS = {
     "10-weighted": backends(10, [5, 1, 1, 2, 8, 1, 3, 1, 1, 9], port=11211),
     "40-weighted": backends(40, [1 + (i * 5) % 11 for i in range(40)], port=11211),
     "zero-points": backends(3, [1, 40, 80], port=11211),  # the weight-1 server gets no point
-    "mixed-hosts": [Backend("[2001:db8::1]:11211"), Backend("cache-a.internal:11211", 2),
-                    Backend("192.168.1.7:11211", 3)],
+    "mixed-hosts": [
+        Backend("[2001:db8::1]:11211"),
+        Backend("cache-a.internal:11211", 2),
+        Backend("192.168.1.7:11211", 3),
+    ],
 }
 
 
@@ -312,7 +325,8 @@ def test_libketama_agrees_with_uhashring_ketama(name: str) -> None:
     assert isinstance(selector, LibKetamaSelector)
     # The continuum itself: every point, and its owner.
     assert [(p, b.address) for p, b in selector.points()] == [
-        (p, node) for p, node in dict(ring.get_points()).items()  # type: ignore[attr-defined]
+        (p, node)
+        for p, node in dict(ring.get_points()).items()  # type: ignore[attr-defined]
     ]
     lb = LoadBalancer(servers, LibKetama)
     # 10,000 keys, and keys that hash exactly onto a point (the strings the points come from).
@@ -387,8 +401,17 @@ def test_libketama_variant_follows_the_c_code() -> None:
 
 def test_libketama_single_precision_count_matches_float32_arithmetic() -> None:
     np = pytest.importorskip("numpy")
-    cases = [(1, 220, 11), (2, 220, 11), (7, 10, 2), (1, 3, 3), (45_549, 86_760, 10),
-             (63, 240, 10), (65_535, 65_535 * 1_000, 1_000), (3, 7, 7), (1, 110, 11)]
+    cases = [
+        (1, 220, 11),
+        (2, 220, 11),
+        (7, 10, 2),
+        (1, 3, 3),
+        (45_549, 86_760, 10),
+        (63, 240, 10),
+        (65_535, 65_535 * 1_000, 1_000),
+        (3, 7, 7),
+        (1, 110, 11),
+    ]
     cases += [(w, t, 1 + (w * t) % 50) for w in range(1, 30) for t in range(w, 400, 7)]
     for w, total, n in cases:
         share = np.float32(w) / np.float32(total)  # float / float, in single precision
@@ -443,8 +466,14 @@ def test_routes_are_the_same_in_another_process_with_hash_randomisation() -> Non
     here = routes_here()
     for seed in ("random", "12345"):
         env = {**os.environ, "PYTHONHASHSEED": seed}
-        done = subprocess.run([sys.executable, "-c", ROUTES], capture_output=True, text=True,
-                              env=env, timeout=120, check=False)
+        done = subprocess.run(
+            [sys.executable, "-c", ROUTES],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+            check=False,
+        )
         assert done.returncode == 0, done.stderr
         assert json.loads(done.stdout) == here
 

@@ -65,29 +65,36 @@ def test_documented_defaults() -> None:
     assert LoadBalancer([A]).policy == p
 
 
-@pytest.mark.parametrize(("kwargs", "error", "fragment"), [
-    ({"consecutive_failures": 0}, ValueError, "consecutive_failures must be >= 1, got 0"),
-    ({"consecutive_5xx": True}, TypeError, "consecutive_5xx must be an int or None, got True"),
-    ({"consecutive_5xx": 2.0}, TypeError, "2.0"),
-    ({"combine_failures": 1}, TypeError, "combine_failures must be a bool, got 1"),
-    ({"combine_failures": True, "consecutive_failures": None}, ValueError, "combine_failures"),
-    ({"base_ejection_time": -1}, ValueError, "base_ejection_time .* got -1"),
-    ({"max_ejection_time": float("inf")}, ValueError, "inf"),
-    ({"max_ejection_percent": 101}, ValueError, "between 0 and 100, got 101"),
-    ({"panic_threshold": "50"}, TypeError, "panic_threshold must be a number, got '50'"),
-])
-def test_bad_policy_settings_named(kwargs: dict[str, object], error: type[Exception],
-                                   fragment: str) -> None:
+@pytest.mark.parametrize(
+    ("kwargs", "error", "fragment"),
+    [
+        ({"consecutive_failures": 0}, ValueError, "consecutive_failures must be >= 1, got 0"),
+        ({"consecutive_5xx": True}, TypeError, "consecutive_5xx must be an int or None, got True"),
+        ({"consecutive_5xx": 2.0}, TypeError, "2.0"),
+        ({"combine_failures": 1}, TypeError, "combine_failures must be a bool, got 1"),
+        ({"combine_failures": True, "consecutive_failures": None}, ValueError, "combine_failures"),
+        ({"base_ejection_time": -1}, ValueError, "base_ejection_time .* got -1"),
+        ({"max_ejection_time": float("inf")}, ValueError, "inf"),
+        ({"max_ejection_percent": 101}, ValueError, "between 0 and 100, got 101"),
+        ({"panic_threshold": "50"}, TypeError, "panic_threshold must be a number, got '50'"),
+    ],
+)
+def test_bad_policy_settings_named(
+    kwargs: dict[str, object], error: type[Exception], fragment: str
+) -> None:
     with pytest.raises(error, match=fragment):
         HealthPolicy(**kwargs)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize(("kwargs", "fragment"), [
-    ({"health": 5}, "health must be a HealthPolicy"),
-    ({"health_check": "http"}, "health_check must be a TcpCheck, an HttpCheck or None"),
-    ({"on_change": 3}, "on_change"),
-    ({"clock": 3}, "clock"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "fragment"),
+    [
+        ({"health": 5}, "health must be a HealthPolicy"),
+        ({"health_check": "http"}, "health_check must be a TcpCheck, an HttpCheck or None"),
+        ({"on_change": 3}, "on_change"),
+        ({"clock": 3}, "clock"),
+    ],
+)
 def test_bad_balancer_settings_named(kwargs: dict[str, object], fragment: str) -> None:
     with pytest.raises(TypeError, match=fragment):
         LoadBalancer([A], **kwargs)  # type: ignore[arg-type]
@@ -187,8 +194,7 @@ def test_a_detector_can_be_turned_off() -> None:
 
 
 def test_ejection_grows_with_each_ejection_and_is_capped() -> None:
-    lb, clock, changes = make(consecutive_failures=1, base_ejection_time=10,
-                              max_ejection_time=35)
+    lb, clock, changes = make(consecutive_failures=1, base_ejection_time=10, max_ejection_time=35)
     lb.report(A, False)
     durations = []
     for _ in range(5):
@@ -292,7 +298,9 @@ def test_max_ejection_percent_is_respected_but_one_always_may_go() -> None:
     lb2.report(twenty[0], True)
     lb2.report(twenty[5], False)
     assert [b.backend.address for b in lb2.snapshot().backends if b.ejected] == [
-        twenty[1], twenty[5]]
+        twenty[1],
+        twenty[5],
+    ]
 
 
 def test_panic_mode_spreads_over_all_backends(caplog: pytest.LogCaptureFixture) -> None:
@@ -307,7 +315,8 @@ def test_panic_mode_spreads_over_all_backends(caplog: pytest.LogCaptureFixture) 
         assert lb.snapshot().panic
         assert "panic mode on: 1 of 4 backends healthy" in caplog.text
         assert Counter(lb.select() for _ in range(400)) == dict.fromkeys(
-            map(Backend, [A, B, C, D]), 100)
+            map(Backend, [A, B, C, D]), 100
+        )
         assert all(lb.ready(b) and lb.admit(b) for b in (A, B, C, D))
         assert lb.snapshot().ready == 4
         lb.report_check(A, True)  # a passing check brings A back (B and C stay out)
@@ -378,8 +387,10 @@ def test_ejection_logged_with_its_reason(caplog: pytest.LogCaptureFixture) -> No
         lb.report(A, CONN)
         clock.now += 60
         lb.report(A, OK)
-    assert "backend 10.0.0.1:80 ejected for 30 s after 3 server errors in a row (ejection 1)" \
+    assert (
+        "backend 10.0.0.1:80 ejected for 30 s after 3 server errors in a row (ejection 1)"
         in caplog.text
+    )
     assert "sending a probe request" in caplog.text
     assert "ejected for 60 s after its probe request failed (ejection 2)" in caplog.text
     assert "backend 10.0.0.1:80 restored: its probe request succeeded" in caplog.text
@@ -519,9 +530,11 @@ def test_on_change_calls_arrive_in_the_order_of_the_changes() -> None:
         if backend.address == A and not healthy:
             lb.report(B, False)  # a change made by the callback itself comes after this one
 
-    lb = LoadBalancer([A, B, C, D], health=HealthPolicy(consecutive_failures=1,
-                                                        max_ejection_percent=100),
-                      on_change=on_change)
+    lb = LoadBalancer(
+        [A, B, C, D],
+        health=HealthPolicy(consecutive_failures=1, max_ejection_percent=100),
+        on_change=on_change,
+    )
     assert lb.report(A, False) is True
     assert seen == [(A, False), (B, False)]
     assert lb.report_check(A, True) is True
@@ -532,8 +545,11 @@ def test_on_change_order_holds_across_threads() -> None:
     # The thread that ejects A is held up in a log handler, after its change and before its
     # callback; meanwhile a check result brings A back. The calls still come in change order.
     seen: list[tuple[str, bool]] = []
-    lb = LoadBalancer([A, B, C, D], health=HealthPolicy(consecutive_failures=1),
-                      on_change=lambda b, healthy: seen.append((b.address, healthy)))
+    lb = LoadBalancer(
+        [A, B, C, D],
+        health=HealthPolicy(consecutive_failures=1),
+        on_change=lambda b, healthy: seen.append((b.address, healthy)),
+    )
     held, release = threading.Event(), threading.Event()
 
     class Hold(logging.Handler):
@@ -570,9 +586,15 @@ def test_set_wide_counts_always_match_a_recount(
     steps: list[tuple[int, int, object]], percent: float, combine: bool
 ) -> None:
     addresses = [f"10.9.0.{i}:80" for i in range(1, 9)]
-    lb, clock, _ = make(addresses[:4], consecutive_failures=2, consecutive_5xx=2,
-                        base_ejection_time=1, max_ejection_time=3,
-                        max_ejection_percent=percent, combine_failures=combine)
+    lb, clock, _ = make(
+        addresses[:4],
+        consecutive_failures=2,
+        consecutive_5xx=2,
+        base_ejection_time=1,
+        max_ejection_time=3,
+        max_ejection_percent=percent,
+        combine_failures=combine,
+    )
     policy = lb.policy
     for op, index, value in steps:
         backends = lb.backends

@@ -131,12 +131,16 @@ def test_key_function_errors_send_nothing(trio: list[TestServer]) -> None:
     def broken(request: httpx.Request) -> str:
         raise LookupError("no tenant")
 
-    with httpx.Client(transport=LBTransport(addresses(trio), key=broken)) as client, \
-            pytest.raises(KeyFunctionError, match="broken raised LookupError: no tenant"):
+    with (
+        httpx.Client(transport=LBTransport(addresses(trio), key=broken)) as client,
+        pytest.raises(KeyFunctionError, match="broken raised LookupError: no tenant"),
+    ):
         client.get("http://users/")
     wrong = LBTransport(addresses(trio), key=lambda r: 42)  # type: ignore[arg-type, return-value]
-    with httpx.Client(transport=wrong) as client, \
-            pytest.raises(KeyFunctionError, match=r"returned 42 \(int\)"):
+    with (
+        httpx.Client(transport=wrong) as client,
+        pytest.raises(KeyFunctionError, match=r"returned 42 \(int\)"),
+    ):
         client.get("http://users/")
     assert sum(s.count() for s in trio) == 0
     with pytest.raises(TypeError, match="key must be a function"):
@@ -206,8 +210,10 @@ def hang_pair() -> tuple[TestServer, TestServer, LoadBalancer]:
     hang = TestServer("hang", name="hang").start()
     ok = TestServer(name="ok").start()
     # One failure ejects, so the tests see each timeout recorded.
-    return hang, ok, LoadBalancer(
-        [hang.address, ok.address], Hash, health=HealthPolicy(consecutive_failures=1)
+    return (
+        hang,
+        ok,
+        LoadBalancer([hang.address, ok.address], Hash, health=HealthPolicy(consecutive_failures=1)),
     )
 
 
@@ -242,8 +248,9 @@ async def test_hanging_backend_async() -> None:
     try:
         key = key_landing_on(lb, hang)
         transport = AsyncLBTransport(lb, key=lambda r: key)
-        async with httpx.AsyncClient(transport=transport, base_url="http://users",
-                                     timeout=TIMEOUT) as client:
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://users", timeout=TIMEOUT
+        ) as client:
             with pytest.raises(httpx.ReadTimeout):
                 await client.post("/charge", content=b"once")
             assert hang.count("POST") == 1
@@ -314,8 +321,10 @@ def test_503_recorded_and_optionally_retried() -> None:
 def test_all_attempts_failed_names_every_backend() -> None:
     ports = [closed_port() for _ in range(3)]
     backends = [f"127.0.0.1:{p}" for p in ports]
-    with httpx.Client(transport=LBTransport(backends)) as client, \
-            pytest.raises(httpx.ConnectError) as info:
+    with (
+        httpx.Client(transport=LBTransport(backends)) as client,
+        pytest.raises(httpx.ConnectError) as info,
+    ):
         client.post("http://users/", content=b"x")
     message = str(info.value)
     assert "failed after 3 attempts" in message
@@ -325,13 +334,17 @@ def test_all_attempts_failed_names_every_backend() -> None:
 
 
 def test_no_backend_available() -> None:
-    with httpx.Client(transport=LBTransport([])) as client, \
-            pytest.raises(httpx.ConnectError, match="no backends"):
+    with (
+        httpx.Client(transport=LBTransport([])) as client,
+        pytest.raises(httpx.ConnectError, match="no backends"),
+    ):
         client.get("http://users/")
     lb = LoadBalancer(["127.0.0.1:1"])
     lb.set_enabled("127.0.0.1:1", False)
-    with httpx.Client(transport=LBTransport(lb)) as client, \
-            pytest.raises(NoBackendAvailable, match="disabled"):
+    with (
+        httpx.Client(transport=LBTransport(lb)) as client,
+        pytest.raises(NoBackendAvailable, match="disabled"),
+    ):
         client.get("http://users/")
 
 
@@ -357,8 +370,11 @@ def test_unready_backends_are_skipped_and_panic_off_means_no_request(
         return [b.address for b in lb.iter(key)]
 
     # A key whose fallback order is the dead backend, both ejected ones, then the ready one.
-    key = next(k for k in (f"k{i}" for i in range(10_000))
-               if fallback(k)[0] == dead and fallback(k)[-1] == ready.address)
+    key = next(
+        k
+        for k in (f"k{i}" for i in range(10_000))
+        if fallback(k)[0] == dead and fallback(k)[-1] == ready.address
+    )
     with httpx.Client(transport=LBTransport(lb, key=lambda r: key, max_attempts=3)) as client:
         # The dead backend refuses; the retry passes over the ejected backends to the ready one.
         assert client.get("http://users/").json()["server"] == ready.name
@@ -379,8 +395,10 @@ def test_retry_maybe_sent_can_be_turned_off() -> None:
     try:
         key = key_landing_on(lb, hang)
         transport = LBTransport(lb, key=lambda r: key, retry_maybe_sent=False)
-        with httpx.Client(transport=transport, timeout=TIMEOUT) as client, \
-                pytest.raises(httpx.ReadTimeout, match="retry_maybe_sent is off"):
+        with (
+            httpx.Client(transport=transport, timeout=TIMEOUT) as client,
+            pytest.raises(httpx.ReadTimeout, match="retry_maybe_sent is off"),
+        ):
             client.get("http://users/")
         assert ok.count() == 0
     finally:
@@ -392,8 +410,10 @@ def test_deadline_bounds_all_attempts() -> None:
     servers = [TestServer("hang").start() for _ in range(3)]
     try:
         transport = LBTransport(addresses(servers), max_attempts=3, deadline=0.5)
-        with httpx.Client(transport=transport, timeout=httpx.Timeout(0.5, read=0.3)) as c, \
-                pytest.raises(httpx.ReadTimeout, match=r"deadline of 0\.5 s ran out") as caught:
+        with (
+            httpx.Client(transport=transport, timeout=httpx.Timeout(0.5, read=0.3)) as c,
+            pytest.raises(httpx.ReadTimeout, match=r"deadline of 0\.5 s ran out") as caught,
+        ):
             c.get("http://users/")
         # The first attempt had its own 0.3 s; the second got what was left of the deadline;
         # a third could not have had a useful share of it.
@@ -469,8 +489,11 @@ def tls() -> TLSCerts:
 def test_tls_verified_against_logical_name(tls: TLSCerts) -> None:
     servers = [TestServer(ssl_context=tls.server_context()).start() for _ in range(2)]
     try:
-        transport = LBTransport(addresses(servers), verify=tls.client_context(),
-                                hosts=["users.internal", "orders.internal"])
+        transport = LBTransport(
+            addresses(servers),
+            verify=tls.client_context(),
+            hosts=["users.internal", "orders.internal"],
+        )
         with httpx.Client(transport=transport) as client:
             for _ in range(4):
                 body = client.get("https://users.internal/secure").json()
@@ -492,8 +515,7 @@ def test_tls_wrong_name_rejected(tls: TLSCerts) -> None:
     server = TestServer(ssl_context=tls.server_context()).start()
     try:
         transport = LBTransport([server.address], verify=tls.client_context())
-        with httpx.Client(transport=transport) as client, \
-                pytest.raises(httpx.ConnectError) as info:
+        with httpx.Client(transport=transport) as client, pytest.raises(httpx.ConnectError) as info:
             client.get("https://billing.internal/")
         assert "certificate" in str(info.value.__cause__) or "CERTIFICATE" in str(
             info.value.__cause__
@@ -529,8 +551,9 @@ async def test_thousand_concurrent_async_requests_with_a_backend_killed() -> Non
         done = 0
         killed = asyncio.Event()
 
-        async with httpx.AsyncClient(transport=transport, base_url="http://users",
-                                     timeout=30) as client:
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://users", timeout=30
+        ) as client:
 
             async def one(i: int) -> int:
                 nonlocal done
@@ -541,8 +564,7 @@ async def test_thousand_concurrent_async_requests_with_a_backend_killed() -> Non
                     await asyncio.to_thread(servers[1].kill)
                 return response.status_code
 
-            results = await asyncio.gather(*(one(i) for i in range(1000)),
-                                           return_exceptions=True)
+            results = await asyncio.gather(*(one(i) for i in range(1000)), return_exceptions=True)
         errors = [r for r in results if r != 200]
         assert errors == []
         assert killed.is_set()
@@ -572,8 +594,12 @@ def test_constructor_arguments(trio: list[TestServer]) -> None:
         LBTransport(lb, retry_statuses={999})
     with pytest.raises(TypeError, match="limits"):
         LBTransport(lb, limits=10)  # type: ignore[arg-type]
-    transport = LBTransport([Backend(trio[0].address, 2)], algorithm=Consistent,
-                            limits=httpx.Limits(max_connections=2), local_address="127.0.0.1")
+    transport = LBTransport(
+        [Backend(trio[0].address, 2)],
+        algorithm=Consistent,
+        limits=httpx.Limits(max_connections=2),
+        local_address="127.0.0.1",
+    )
     with httpx.Client(transport=transport) as client:
         assert client.get("http://users/").status_code == 200
     assert transport.balancer.backends == (Backend(trio[0].address, 2),)

@@ -75,8 +75,9 @@ def pool(count: int, rng: random.Random) -> list[Backend]:
     return [Backend(h, rng.choice((1, 1, 1, 2, 3))) for h in hosts]
 
 
-def changed(current: Sequence[Backend], spare: Sequence[Backend], rng: random.Random,
-            equal_weights: bool) -> list[Backend]:
+def changed(
+    current: Sequence[Backend], spare: Sequence[Backend], rng: random.Random, equal_weights: bool
+) -> list[Backend]:
     """``current`` with a few backends removed, added or given another weight."""
     out = list(current)
     for _ in range(rng.randint(1, 3)):
@@ -209,8 +210,9 @@ def test_other_options_or_big_changes_build_afresh() -> None:
     assert_routes_alike("Consistent", Consistent().rebuild(ring, half), Consistent.build(half))
     maglev = Maglev(101).build(backends)
     assert Maglev(103).rebuild(maglev, prepared).table_size == 103
-    assert_routes_alike("Maglev", Maglev(101).rebuild(Hash.build(backends), prepared),
-                        Maglev(101).build(prepared))
+    assert_routes_alike(
+        "Maglev", Maglev(101).rebuild(Hash.build(backends), prepared), Maglev(101).build(prepared)
+    )
 
 
 # -- the ring itself, with points made to collide -------------------------------------------
@@ -330,8 +332,10 @@ def test_prepare_update_takes_equal_objects_made_afresh_as_the_known_ones() -> N
     # A discovery makes new Backend objects on every lookup: those equal to known ones, with
     # the same metadata, are the known objects; the others are theirs.
     known = prepare_backends(
-        [Backend(f"10.1.0.{i}:80", 1 + i % 2, {"zone": "a"} if i % 5 else None)
-         for i in range(1, 200)]
+        [
+            Backend(f"10.1.0.{i}:80", 1 + i % 2, {"zone": "a"} if i % 5 else None)
+            for i in range(1, 200)
+        ]
     )
     fresh = [Backend(b.address, b.weight, dict(b.metadata)) for b in known[1:]]
     fresh[7] = Backend(fresh[7].address, fresh[7].weight, {"zone": "b"})
@@ -349,9 +353,13 @@ def test_prepare_update_takes_equal_objects_made_afresh_as_the_known_ones() -> N
 def test_prepare_update_errors_as_prepare_backends() -> None:
     known = prepare_backends(["10.0.0.1:80", "10.0.0.2:80"])
     mapping = {b.address: b for b in known}
-    for bad, error in ((["10.0.0.1:80", Backend("10.0.0.1:80", 2)], ValueError),
-                       (["10.0.0.1:80", 42], TypeError), ([["x"]], TypeError),
-                       ("10.0.0.1:80", TypeError), (["nope"], ValueError)):
+    for bad, error in (
+        (["10.0.0.1:80", Backend("10.0.0.1:80", 2)], ValueError),
+        (["10.0.0.1:80", 42], TypeError),
+        ([["x"]], TypeError),
+        ("10.0.0.1:80", TypeError),
+        (["nope"], ValueError),
+    ):
         with pytest.raises(error) as expected:
             prepare_backends(bad)  # type: ignore[arg-type]
         with pytest.raises(error) as caught:
@@ -377,15 +385,18 @@ def recount(lb: LoadBalancer) -> tuple[Any, ...]:
     return (fresh.disabled, fresh.unhealthy, fresh.ejected, fresh.impaired, fresh.panic)
 
 
-@pytest.mark.parametrize("name", ["RoundRobin", "Hash", "Consistent", "Maglev", "LeastRequest",
-                                  "SmoothRoundRobin"])
+@pytest.mark.parametrize(
+    "name", ["RoundRobin", "Hash", "Consistent", "Maglev", "LeastRequest", "SmoothRoundRobin"]
+)
 def test_balancer_carries_health_and_load_over(name: str) -> None:
     rng = random.Random(name)
     now = [100.0]
     everyone = pool(120, rng)
     lb = LoadBalancer(
-        everyone[:80], ALGORITHMS[name](),
-        health=HealthPolicy(consecutive_failures=1, panic_threshold=0), clock=lambda: now[0],
+        everyone[:80],
+        ALGORITHMS[name](),
+        health=HealthPolicy(consecutive_failures=1, panic_threshold=0),
+        clock=lambda: now[0],
     )
     for _ in range(15):
         for b in rng.sample(lb.backends, 4):
@@ -402,8 +413,10 @@ def test_balancer_carries_health_and_load_over(name: str) -> None:
             assert isinstance(victim, Backend)
             wanted[wanted.index(victim)] = Backend(victim.address, victim.weight, {"v": 2})
         if rng.random() < 0.3:
-            wanted = [b.address if isinstance(b, Backend) and b.weight == 1 and not b.metadata
-                      else b for b in wanted]
+            wanted = [
+                b.address if isinstance(b, Backend) and b.weight == 1 and not b.metadata else b
+                for b in wanted
+            ]
         assert lb.update(wanted)
         assert lb.backends == prepare_backends(wanted)
         for b in lb.backends:

@@ -28,8 +28,18 @@ from lbclient.testing import TestServer, closed_port
 
 PACKAGE = Path(lbclient.__file__).parent
 # The core, and the pure values the errors refer to (lbclient.retry: RetryPolicy, Attempt).
-CORE = ["backend", "hashing", "selection", "health", "_book", "_load", "_view", "balancer",
-        "errors", "retry"]
+CORE = [
+    "backend",
+    "hashing",
+    "selection",
+    "health",
+    "_book",
+    "_load",
+    "_view",
+    "balancer",
+    "errors",
+    "retry",
+]
 CLIENTS = {"httpx", "httpcore", "requests", "urllib3", "tenacity", "anyio", "h11"}
 IO = {"socket", "ssl", "asyncio", "selectors", "subprocess", "lbclient.checks", "checks"}
 
@@ -91,9 +101,7 @@ def test_core_modules_import_no_client_and_no_io(path: Path) -> None:
     assert not (tops | imported) & IO, f"{path.name} imports {sorted((tops | imported) & IO)}"
     # lbclient modules outside the core (checks, transports, the attempt loop) are off limits.
     outside = {
-        name
-        for name in imported
-        if name.startswith("lbclient.") and name.split(".")[1] not in CORE
+        name for name in imported if name.startswith("lbclient.") and name.split(".")[1] not in CORE
     }
     assert not outside, f"{path.name} imports {sorted(outside)}"
 
@@ -107,8 +115,12 @@ def test_core_starts_no_thread() -> None:
 
 # -- rule 5: transports -> services -> runner; services -> balancer ---------------------------
 
-SERVICE_MODULES = {"lbclient._services", "lbclient._background", "lbclient.checks",
-                   "lbclient.discovery"}
+SERVICE_MODULES = {
+    "lbclient._services",
+    "lbclient._background",
+    "lbclient.checks",
+    "lbclient.discovery",
+}
 
 
 def test_the_balancer_binds_starts_and_reads_nothing_of_its_checks_or_discovery() -> None:
@@ -121,8 +133,7 @@ def test_the_balancer_binds_starts_and_reads_nothing_of_its_checks_or_discovery(
     for function in ast.walk(tree):
         if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
             for node in ast.walk(function):
-                if isinstance(node, ast.Attribute) and node.attr in {"_health_check",
-                                                                     "_discovery"}:
+                if isinstance(node, ast.Attribute) and node.attr in {"_health_check", "_discovery"}:
                     keeping.add(function.name)
     assert keeping == {"__init__", "health_check", "discovery", "__reduce__"}
     called = {
@@ -370,12 +381,34 @@ def test_top_level_names_are_few_and_all_resolve() -> None:
     for name in lbclient.__all__:
         assert getattr(lbclient, name) is not None
     # Nothing more is offered: each other name lives in its own module only.
-    elsewhere = {"HealthCheck", "CheckFailed", "Failure", "IDEMPOTENT_METHODS", "HealthState",
-                 "MAX_WEIGHT", "DEFAULT_MAX_ITERATIONS", "Algorithm", "Selector",
-                 "UniqueIterator", "Weighted", "WeightedIterator", "WeightedSelector",
-                 "ConsistentSelector", "Maglev", "MaglevSelector", "Rendezvous",
-                 "RendezvousSelector", "LibKetama", "LibKetamaSelector", "ServiceDiscovery",
-                 "Discovered", "Static", "DNS", "File", "Function"}
+    elsewhere = {
+        "HealthCheck",
+        "CheckFailed",
+        "Failure",
+        "IDEMPOTENT_METHODS",
+        "HealthState",
+        "MAX_WEIGHT",
+        "DEFAULT_MAX_ITERATIONS",
+        "Algorithm",
+        "Selector",
+        "UniqueIterator",
+        "Weighted",
+        "WeightedIterator",
+        "WeightedSelector",
+        "ConsistentSelector",
+        "Maglev",
+        "MaglevSelector",
+        "Rendezvous",
+        "RendezvousSelector",
+        "LibKetama",
+        "LibKetamaSelector",
+        "ServiceDiscovery",
+        "Discovered",
+        "Static",
+        "DNS",
+        "File",
+        "Function",
+    }
     assert not elsewhere & set(dir(lbclient))
     for name in elsewhere:
         with pytest.raises(AttributeError):

@@ -115,8 +115,10 @@ def test_failures_and_cancelled_attempts_leave_nothing_in_flight() -> None:
 
     with TestServer("close") as closing, TestServer("slow", behaviours={"slow": slow}) as busy:
         lb = LoadBalancer([closing.address, busy.address], health=NO_EJECTION)
-        with httpx.Client(transport=LBTransport([closing.address], max_attempts=2)) as client, \
-                pytest.raises(httpx.RemoteProtocolError):
+        with (
+            httpx.Client(transport=LBTransport([closing.address], max_attempts=2)) as client,
+            pytest.raises(httpx.RemoteProtocolError),
+        ):
             client.get("http://users/")
         with requests.Session() as session:
             session.mount("http://users/", LBAdapter(lb, max_attempts=1))

@@ -28,8 +28,9 @@ class Clock:
         return self.now
 
 
-def selector(algorithm: object, addresses: Sequence[str | Backend] = ADDRS,
-             clock: Clock | None = None) -> tuple[LoadAwareSelector, dict[Backend, Load]]:
+def selector(
+    algorithm: object, addresses: Sequence[str | Backend] = ADDRS, clock: Clock | None = None
+) -> tuple[LoadAwareSelector, dict[Backend, Load]]:
     built = algorithm.build(addresses)  # type: ignore[attr-defined]
     loads = {b: Load() for b in built.backends}
     built.attach(loads, clock or Clock())
@@ -47,17 +48,18 @@ def test_least_request_never_picks_the_busier_of_two() -> None:
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.integers(min_value=0, max_value=20), min_size=2, max_size=8),
-       st.data())
-def test_p2c_never_picks_the_worse_of_its_two_choices(in_flight: list[int],
-                                                       data: st.DataObject) -> None:
+@given(st.lists(st.integers(min_value=0, max_value=20), min_size=2, max_size=8), st.data())
+def test_p2c_never_picks_the_worse_of_its_two_choices(
+    in_flight: list[int], data: st.DataObject
+) -> None:
     addresses = [f"10.0.0.{i + 1}:80" for i in range(len(in_flight))]
     sel, loads = selector(LeastRequest(), addresses)
     for backend, count in zip(sel.backends, in_flight, strict=True):
         for _ in range(count):
             loads[backend].begin()
-    pair = data.draw(st.lists(st.integers(0, len(addresses) - 1), min_size=2, max_size=2,
-                              unique=True))
+    pair = data.draw(
+        st.lists(st.integers(0, len(addresses) - 1), min_size=2, max_size=2, unique=True)
+    )
     with patch.object(type(sel), "_sample", lambda self, count: pair):
         picked = sel.first(b"")
     assert picked in sel.backends  # every pick is a backend of the set
@@ -139,18 +141,24 @@ def test_fallback_order_is_every_other_backend_best_first() -> None:
 
 
 def test_load_aware_algorithms_ignore_the_key_and_respect_health() -> None:
-    lb = LoadBalancer(ADDRS, PeakEWMA(decay=5.0),
-                      health=HealthPolicy(consecutive_failures=1, panic_threshold=0))
+    lb = LoadBalancer(
+        ADDRS, PeakEWMA(decay=5.0), health=HealthPolicy(consecutive_failures=1, panic_threshold=0)
+    )
     lb.report(ADDRS[0], False)
     picks = {lb.select(key) for key in (b"a", b"b", b"c") for _ in range(30)}
     assert Backend(ADDRS[0]) not in picks
     assert picks <= set(lb.backends)
 
 
-@pytest.mark.parametrize(("kwargs", "error"), [
-    ({"choices": 1}, ValueError), ({"choices": 2.0}, TypeError), ({"bias": -1}, ValueError),
-    ({"decay": 0}, ValueError),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"choices": 1}, ValueError),
+        ({"choices": 2.0}, TypeError),
+        ({"bias": -1}, ValueError),
+        ({"decay": 0}, ValueError),
+    ],
+)
 def test_least_request_validation(kwargs: dict[str, object], error: type[Exception]) -> None:
     with pytest.raises(error):
         LeastRequest(**kwargs)  # type: ignore[arg-type]
@@ -168,8 +176,11 @@ def test_peak_ewma_moves_traffic_off_a_slow_backend() -> None:
         exchange.sleep(0.05)
         return exchange.respond()
 
-    with TestServer("slow", name="slow", behaviours={"slow": slow}) as slow_server, \
-            TestServer(name="fast-1") as fast_1, TestServer(name="fast-2") as fast_2:
+    with (
+        TestServer("slow", name="slow", behaviours={"slow": slow}) as slow_server,
+        TestServer(name="fast-1") as fast_1,
+        TestServer(name="fast-2") as fast_2,
+    ):
         lb = LoadBalancer([slow_server.address, fast_1.address, fast_2.address], PeakEWMA)
         with httpx.Client(transport=LBTransport(lb)) as client:
             served = Counter(client.get("http://users/").json()["server"] for _ in range(150))

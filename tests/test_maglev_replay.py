@@ -188,8 +188,14 @@ def test_small_tables_and_sets_of_many_turns_each_are_filled_afresh_without_a_re
 def test_sets_emptied_and_filled_again_route_as_fresh_builds() -> None:
     backends = [Backend(a, 1 + i % 3) for i, a in enumerate(addresses(30))]
     lb = LoadBalancer(backends, Maglev(8_209))
-    for wanted in (backends[:20], [], backends[5:25], [b.with_weight(2) for b in backends[5:25]],
-                   backends[:1], backends):
+    for wanted in (
+        backends[:20],
+        [],
+        backends[5:25],
+        [b.with_weight(2) for b in backends[5:25]],
+        backends[:1],
+        backends,
+    ):
         lb.update(wanted)
         selector = lb._view.selector
         assert isinstance(selector, MaglevSelector)

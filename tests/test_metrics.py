@@ -90,8 +90,11 @@ class Clock:
 
 
 def scenario(
-    servers: list[TestServer], clock: Clock, send: Callable[[int], list[int]],
-    scraped: Callable[[], Samples], service: str,
+    servers: list[TestServer],
+    clock: Clock,
+    send: Callable[[int], list[int]],
+    scraped: Callable[[], Samples],
+    service: str,
 ) -> None:
     """Traffic with a kill, an ejection, retries, a probe and a restoration."""
     victim = servers[0]
@@ -117,24 +120,32 @@ def check(samples: Samples, servers: list[TestServer], service: str, sent: int) 
     for server in servers:
         where = {"service": service, "backend": server.address}
         served = server.count("GET")
-        assert value(samples, "lbclient_requests_total", result="success", sent="yes",
-                     **where) == served
-        assert value(samples, "lbclient_attempts_total", result="success", sent="yes",
-                     **where) == served
+        assert (
+            value(samples, "lbclient_requests_total", result="success", sent="yes", **where)
+            == served
+        )
+        assert (
+            value(samples, "lbclient_attempts_total", result="success", sent="yes", **where)
+            == served
+        )
         failed = 2 if server is victim else 0
         assert total(samples, "lbclient_attempts_total", **where) == served + failed
         assert value(samples, "lbclient_attempt_duration_seconds_count", **where) == (
-            served + failed)
-        assert value(samples, "lbclient_attempt_duration_seconds_bucket", le="+Inf",
-                     **where) == served + failed
+            served + failed
+        )
+        assert (
+            value(samples, "lbclient_attempt_duration_seconds_bucket", le="+Inf", **where)
+            == served + failed
+        )
         assert value(samples, "lbclient_attempt_duration_seconds_sum", **where) > 0
         assert value(samples, "lbclient_hedges_total", **where) == 0
         assert value(samples, "lbclient_retry_budget_exhausted_total", **where) == 0
         ejected = 1 if server is victim else 0
-        assert value(samples, "lbclient_ejections_total", reason="consecutive_failures",
-                     **where) == ejected
-        assert value(samples, "lbclient_ejections_total", reason="consecutive_5xx",
-                     **where) == 0
+        assert (
+            value(samples, "lbclient_ejections_total", reason="consecutive_failures", **where)
+            == ejected
+        )
+        assert value(samples, "lbclient_ejections_total", reason="consecutive_5xx", **where) == 0
         assert value(samples, "lbclient_ejections_total", reason="probe_failed", **where) == 0
         assert value(samples, "lbclient_probes_total", **where) == ejected
         assert value(samples, "lbclient_restorations_total", **where) == ejected
@@ -143,8 +154,12 @@ def check(samples: Samples, servers: list[TestServer], service: str, sent: int) 
         assert value(samples, "lbclient_backend_ejected", **where) == 0
         assert value(samples, "lbclient_backend_in_flight", **where) == 0
     where = {"service": service, "backend": victim.address}
-    assert value(samples, "lbclient_attempts_total", result="connection_failure", sent="never",
-                 **where) == 2
+    assert (
+        value(
+            samples, "lbclient_attempts_total", result="connection_failure", sent="never", **where
+        )
+        == 2
+    )
     assert total(samples, "lbclient_retries_total", **mine) == 2  # each refused one, once
     assert value(samples, "lbclient_retries_total", **where) == 0  # never a retry's target
     assert value(samples, "lbclient_requests_unavailable_total", **mine) == 0
@@ -204,8 +219,9 @@ def test_scraped_counts_match_the_traffic_of_all_three_clients(
         def send_requests(n: int) -> list[int]:
             return [session.get(f"http://users/items/{i}").status_code for i in range(n)]
 
-        scenario(groups["requests"], clocks["requests"], send_requests, lambda: scrape(url),
-                 "requests")
+        scenario(
+            groups["requests"], clocks["requests"], send_requests, lambda: scrape(url), "requests"
+        )
 
         samples = scrape(url)
         for name, servers in groups.items():
@@ -216,8 +232,17 @@ def test_scraped_counts_match_the_traffic_of_all_three_clients(
         after = scrape(url)
         assert backends_of(after, "sync") == {s.address for s in groups["sync"][1:]}
         kept = groups["sync"][1]
-        assert value(after, "lbclient_requests_total", service="sync", backend=kept.address,
-                     result="success", sent="yes") == kept.count()
+        assert (
+            value(
+                after,
+                "lbclient_requests_total",
+                service="sync",
+                backend=kept.address,
+                result="success",
+                sent="yes",
+            )
+            == kept.count()
+        )
 
 
 def metrics_of(registry: CollectorRegistry) -> Samples:
@@ -237,8 +262,10 @@ def test_failures_timeouts_server_errors_and_budget_exhaustion_are_counted() -> 
     ):
         dead = f"127.0.0.1:{closed_port()}"
         # One attempt per request: what each backend did is what each request ended with.
-        lb = LoadBalancer([failing.address, hanging.address, dead],
-                          health=HealthPolicy(consecutive_5xx=None, consecutive_failures=None))
+        lb = LoadBalancer(
+            [failing.address, hanging.address, dead],
+            health=HealthPolicy(consecutive_5xx=None, consecutive_failures=None),
+        )
         transport = LBTransport(lb, max_attempts=1, attempt_timeout=0.2)
         register(transport, service="users", registry=registry)
         with httpx.Client(transport=transport, base_url="http://users") as client:
@@ -249,8 +276,9 @@ def test_failures_timeouts_server_errors_and_budget_exhaustion_are_counted() -> 
                 except httpx.HTTPError as exc:
                     outcomes.append(type(exc).__name__)
         samples = metrics_of(registry)
-        assert sorted(map(str, outcomes)) == sorted(["503", "503", "ConnectError", "ConnectError",
-                                                     "ReadTimeout", "ReadTimeout"])
+        assert sorted(map(str, outcomes)) == sorted(
+            ["503", "503", "ConnectError", "ConnectError", "ReadTimeout", "ReadTimeout"]
+        )
         for address, result, sent in [
             (failing.address, "server_error", "yes"),
             (hanging.address, "timeout", "maybe"),
@@ -274,8 +302,16 @@ def test_failures_timeouts_server_errors_and_budget_exhaustion_are_counted() -> 
     samples = metrics_of(registry)
     assert total(samples, "lbclient_retry_budget_exhausted_total", service="stingy") == 3
     assert total(samples, "lbclient_retries_total", service="stingy") == 0
-    assert total(samples, "lbclient_requests_total", service="stingy",
-                 result="connection_failure", sent="never") == 3
+    assert (
+        total(
+            samples,
+            "lbclient_requests_total",
+            service="stingy",
+            result="connection_failure",
+            sent="never",
+        )
+        == 3
+    )
     assert stingy.stats().exhaustions == 3
 
 
@@ -283,12 +319,12 @@ def test_no_backend_and_hedges_are_counted() -> None:
     registry = CollectorRegistry()
     empty = LBTransport([])
     register(empty, service="empty", registry=registry)
-    with httpx.Client(transport=empty, base_url="http://users") as client, pytest.raises(
-        httpx.ConnectError, match="no backend available"
+    with (
+        httpx.Client(transport=empty, base_url="http://users") as client,
+        pytest.raises(httpx.ConnectError, match="no backend available"),
     ):
         client.get("/")
-    assert value(metrics_of(registry), "lbclient_requests_unavailable_total",
-                 service="empty") == 1
+    assert value(metrics_of(registry), "lbclient_requests_unavailable_total", service="empty") == 1
 
     with TestServer(name="slow", delay=1.0) as slow, TestServer(name="fast") as fast:
         lb = LoadBalancer([slow.address, fast.address])
@@ -306,10 +342,28 @@ def test_no_backend_and_hedges_are_counted() -> None:
         # Round robin sends two first attempts to the slow backend; each is hedged to the fast
         # one, which wins; the slow attempts are cancelled.
         assert value(samples, "lbclient_hedges_total", backend=fast.address, **where) == 2
-        assert value(samples, "lbclient_attempts_total", backend=slow.address,
-                     result="cancelled", sent="maybe", **where) == 2
-        assert value(samples, "lbclient_requests_total", backend=fast.address,
-                     result="success", sent="yes", **where) == 4
+        assert (
+            value(
+                samples,
+                "lbclient_attempts_total",
+                backend=slow.address,
+                result="cancelled",
+                sent="maybe",
+                **where,
+            )
+            == 2
+        )
+        assert (
+            value(
+                samples,
+                "lbclient_requests_total",
+                backend=fast.address,
+                result="success",
+                sent="yes",
+                **where,
+            )
+            == 4
+        )
         assert total(samples, "lbclient_requests_total", **where) == 4
         assert fast.count() == 4
 
@@ -381,8 +435,9 @@ for name, extra in (("lbclient.metrics", "lbclient[metrics]"), ("lbclient.otel",
         raise AssertionError(name + " imported without its extra")
 print("ok")
 """
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=60, check=False)
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
     assert (done.returncode, done.stdout, done.stderr) == (0, "ok\n", "")
 
 
@@ -392,8 +447,7 @@ def test_requests_counted_while_nobody_scrapes_stay_bounded_and_exact(
     # Requests answered at their first attempt wait in a queue until a scrape; with nobody
     # scraping, the queue is counted whenever it grows past its batch, and nothing is lost.
     registry, url = exposition
-    with TestServer() as server, \
-            httpx.Client(transport=LBTransport([server.address])) as client:
+    with TestServer() as server, httpx.Client(transport=LBTransport([server.address])) as client:
         registration = register(client._transport, service="quiet", registry=registry)
         meter = registration._source.meter
         meter.BATCH = 7

@@ -70,9 +70,7 @@ def _name(exchange: Exchange) -> bool:
 # --------------------------------------------------------------------------- nginx discovery
 
 
-def _nginx_conf(
-    directory: Path, front_port: int, servers: Sequence[TestServer], info: str
-) -> str:
+def _nginx_conf(directory: Path, front_port: int, servers: Sequence[TestServer], info: str) -> str:
     lines = conf_head(directory, info)
     upstreams = [list(zip(servers, weights, strict=False)) for weights in WEIGHT_SETS]
     upstreams.append([(server, 1) for server in reversed(servers[:3])])
@@ -91,8 +89,11 @@ def _nginx_conf(
         "        add_header X-Upstream $upstream_addr always;",
     ]
     for number in range(len(upstreams)):
-        lines += [f"        location /u{number}/ {{", f"            proxy_pass http://u{number};",
-                  "        }"]
+        lines += [
+            f"        location /u{number}/ {{",
+            f"            proxy_pass http://u{number};",
+            "        }",
+        ]
     lines += ["    }", "}"]
     return "\n".join(lines) + "\n"
 
@@ -138,8 +139,9 @@ def _transport_sequence(backends: Sequence[Backend], count: int) -> list[str]:
     """The name of the backend lbclient's LBTransport sent each of ``count`` requests to."""
     served: list[str] = []
     transport = LBTransport(backends, algorithm=SmoothRoundRobin, max_attempts=1)
-    with httpx.Client(transport=transport, base_url="http://service", timeout=HTTP_TIMEOUT_S,
-                      trust_env=False) as client:
+    with httpx.Client(
+        transport=transport, base_url="http://service", timeout=HTTP_TIMEOUT_S, trust_env=False
+    ) as client:
         for _ in range(count):
             response = client.get("/")
             assert response.status_code == 200, response.status_code
@@ -168,8 +170,9 @@ def test_smooth_round_robin_picks_nginx_sequence(
         picked = lb.select()
         assert picked is not None
         expected.append(picked.address)
-    diverged = next((i for i, (a, b) in enumerate(zip(served, expected, strict=True)) if a != b),
-                    None)
+    diverged = next(
+        (i for i, (a, b) in enumerate(zip(served, expected, strict=True)) if a != b), None
+    )
     assert diverged is None, (
         f"request {diverged}: nginx {served[diverged]}, lbclient {expected[diverged]}; "
         f"nginx's first picks {served[:20]}, lbclient's {expected[:20]}"

@@ -55,7 +55,8 @@ class Clock:
 def attempts_of(exporter: InMemorySpanExporter) -> list[ReadableSpan]:
     """The attempt spans, in the order they started."""
     found = [
-        s for s in exporter.get_finished_spans()
+        s
+        for s in exporter.get_finished_spans()
         if s.instrumentation_scope is not None and s.instrumentation_scope.name == "lbclient"
     ]
     return sorted(found, key=lambda s: s.start_time or 0)
@@ -85,8 +86,12 @@ def test_each_attempt_is_a_client_span_under_the_application_span(
     with TestServer(name="victim") as victim, TestServer(name="live") as live:
         lb = LoadBalancer(
             [victim.address, live.address],
-            health=HealthPolicy(consecutive_failures=2, base_ejection_time=10,
-                                max_ejection_percent=50, panic_threshold=0),
+            health=HealthPolicy(
+                consecutive_failures=2,
+                base_ejection_time=10,
+                max_ejection_percent=50,
+                panic_threshold=0,
+            ),
             clock=clock,
         )
         transport = LBTransport(lb)
@@ -151,17 +156,24 @@ def test_each_attempt_is_a_client_span_under_the_application_span(
         assert len(retries) == 2  # each refused attempt, once, on the live backend
         # The ejection is an event on the span of the attempt whose failure caused it; the
         # restoration one on the probe's span.
-        ejected = [(s, e) for s in finished for e in s.events
-                   if e.name == "lbclient.backend.ejected"]
+        ejected = [
+            (s, e) for s in finished for e in s.events if e.name == "lbclient.backend.ejected"
+        ]
         assert [(s, dict(e.attributes or {})) for s, e in ejected] == [
-            (failed[1], {"lbclient.backend": victim.address,
-                         "lbclient.reason": "consecutive_failures"})]
-        restored = [(s, e) for s in finished for e in s.events
-                    if e.name == "lbclient.backend.restored"]
+            (
+                failed[1],
+                {"lbclient.backend": victim.address, "lbclient.reason": "consecutive_failures"},
+            )
+        ]
+        restored = [
+            (s, e) for s in finished for e in s.events if e.name == "lbclient.backend.restored"
+        ]
         assert len(restored) == 1
         probe, event = restored[0]
-        assert dict(event.attributes or {}) == {"lbclient.backend": victim.address,
-                                                "lbclient.reason": "probe_succeeded"}
+        assert dict(event.attributes or {}) == {
+            "lbclient.backend": victim.address,
+            "lbclient.reason": "probe_succeeded",
+        }
         assert (probe.attributes or {})["lbclient.probe"] is True
         assert (probe.attributes or {})["server.port"] == int(victim.address.rpartition(":")[2])
         assert_no_secret(list(exporter.get_finished_spans()), victim, live)
@@ -260,8 +272,9 @@ def test_hedges_are_spans_and_the_loser_is_cancelled(
         assert asyncio.run(main()) == ["fast", "fast"]
         finished = attempts_of(exporter)
         (parent,) = [s for s in exporter.get_finished_spans() if s.name == "app"]
-        assert all(s.parent is not None and s.parent.span_id == parent.context.span_id
-                   for s in finished)
+        assert all(
+            s.parent is not None and s.parent.span_id == parent.context.span_id for s in finished
+        )
         kinds = sorted(str((s.attributes or {})["lbclient.attempt.kind"]) for s in finished)
         assert kinds == ["first", "first", "hedge"]
         (hedge,) = [s for s in finished if (s.attributes or {})["lbclient.attempt.kind"] == "hedge"]

@@ -86,8 +86,9 @@ def test_503s_eject_then_one_probe_decides(three: list[TestServer]) -> None:
 
 def test_connection_failures_eject_through_requests(three: list[TestServer]) -> None:
     dead = three[1]
-    lb = LoadBalancer([s.address for s in three], RoundRobin,
-                      health=HealthPolicy(consecutive_failures=2))
+    lb = LoadBalancer(
+        [s.address for s in three], RoundRobin, health=HealthPolicy(consecutive_failures=2)
+    )
     session = requests.Session()
     session.mount("http://users/", LBAdapter(lb))
     with session:
@@ -104,8 +105,9 @@ def test_two_of_three_down_max_ejection_percent_holds(three: list[TestServer]) -
     # Default 10%: of three backends only one may be ejected at a time.
     for s in three[:2]:
         s.mode = "status:503"
-    lb = LoadBalancer([s.address for s in three], RoundRobin,
-                      health=HealthPolicy(consecutive_5xx=2))
+    lb = LoadBalancer(
+        [s.address for s in three], RoundRobin, health=HealthPolicy(consecutive_5xx=2)
+    )
     with httpx.Client(transport=LBTransport(lb), base_url="http://users") as client:
         for _ in range(30):
             client.get("/")
@@ -120,8 +122,11 @@ def test_two_of_three_down_max_ejection_percent_holds(three: list[TestServer]) -
 def test_two_of_three_down_panic_spreads_over_all(three: list[TestServer]) -> None:
     for s in three[:2]:
         s.mode = "status:503"
-    lb = LoadBalancer([s.address for s in three], RoundRobin,
-                      health=HealthPolicy(consecutive_5xx=2, max_ejection_percent=100))
+    lb = LoadBalancer(
+        [s.address for s in three],
+        RoundRobin,
+        health=HealthPolicy(consecutive_5xx=2, max_ejection_percent=100),
+    )
     with httpx.Client(transport=LBTransport(lb), base_url="http://users") as client:
         for _ in range(6):
             client.get("/")

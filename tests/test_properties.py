@@ -15,8 +15,13 @@ from hypothesis import strategies as st
 
 from lbclient import Backend, Consistent, FNVHash, Hash, LoadBalancer, Random, RoundRobin
 
-ALGORITHMS = {"RoundRobin": RoundRobin, "Random": Random, "Hash": Hash, "FNVHash": FNVHash,
-              "Consistent": Consistent}
+ALGORITHMS = {
+    "RoundRobin": RoundRobin,
+    "Random": Random,
+    "Hash": Hash,
+    "FNVHash": FNVHash,
+    "Consistent": Consistent,
+}
 
 weights_st = st.lists(st.integers(min_value=1, max_value=12), min_size=1, max_size=9)
 
@@ -146,11 +151,19 @@ def route_here(backends: list[Backend], keys: list[bytes]) -> dict[str, list[lis
 )
 def test_routing_is_identical_in_another_process(keys: list[bytes], weights: list[int]) -> None:
     backends = [*make_backends(weights), Backend("[2001:db8::7]:443"), Backend("svc.local:80")]
-    payload = json.dumps({"backends": [[b.address, b.weight] for b in backends],
-                          "keys": [k.hex() for k in keys]})
+    payload = json.dumps(
+        {"backends": [[b.address, b.weight] for b in backends], "keys": [k.hex() for k in keys]}
+    )
     expected = route_here(backends, keys)
     for seed in ("0", "12345"):
         env = {**os.environ, "PYTHONHASHSEED": seed}
-        result = subprocess.run([sys.executable, "-c", ROUTE_SCRIPT], input=payload, env=env,
-                                capture_output=True, text=True, timeout=120, check=True)
+        result = subprocess.run(
+            [sys.executable, "-c", ROUTE_SCRIPT],
+            input=payload,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        )
         assert json.loads(result.stdout) == expected

@@ -12,13 +12,25 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=600, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+        check=False,
+    )
 
 
 @pytest.mark.slow
 def test_ruff_clean() -> None:
     done = run("ruff", "check", "lbclient", "tests", "examples")
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.slow
+def test_ruff_format_clean() -> None:
+    done = run("ruff", "format", "--check", "lbclient", "tests", "examples")
     assert done.returncode == 0, done.stdout + done.stderr
 
 

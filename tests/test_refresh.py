@@ -42,8 +42,10 @@ def counts(tally: Tally) -> tuple[int, int, int, int, bool]:
 
 
 def addresses(count: int, start: int = 0) -> list[str]:
-    return [f"10.{i >> 8 & 255}.{i & 255}.{i >> 16 & 255 or 1}:8080"
-            for i in range(start, start + count)]
+    return [
+        f"10.{i >> 8 & 255}.{i & 255}.{i >> 16 & 255 or 1}:8080"
+        for i in range(start, start + count)
+    ]
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -73,8 +75,9 @@ def test_tally_from_the_previous_one_equals_a_recount(seed: int) -> None:
 def test_balancer_view_after_updates_equals_a_fresh_one() -> None:
     rng = random.Random(3)
     everyone = [Backend(a) for a in addresses(400)]
-    lb = LoadBalancer(everyone[:300], Consistent,
-                      health=HealthPolicy(consecutive_failures=1, panic_threshold=0))
+    lb = LoadBalancer(
+        everyone[:300], Consistent, health=HealthPolicy(consecutive_failures=1, panic_threshold=0)
+    )
     for _ in range(25):
         for b in rng.sample(lb.backends, 3):
             lb.report(b, False)
@@ -112,6 +115,7 @@ def _count_calls(monkeypatch: pytest.MonkeyPatch, owner: type, name: str) -> lis
 
         monkeypatch.setattr(owner, name, property(counted_get))
     else:
+
         def counted(self: Any, *args: Any) -> Any:
             calls[0] += 1
             return real(self, *args)
@@ -125,8 +129,9 @@ def test_one_change_reads_the_moved_backends_alone(
     monkeypatch: pytest.MonkeyPatch, algorithm: type
 ) -> None:
     everyone = [Backend(a) for a in addresses(2_001)]
-    lb = LoadBalancer(everyone[:2_000], algorithm,
-                      health=HealthPolicy(consecutive_failures=1, panic_threshold=0))
+    lb = LoadBalancer(
+        everyone[:2_000], algorithm, health=HealthPolicy(consecutive_failures=1, panic_threshold=0)
+    )
     for b in everyone[:2_000:97]:
         lb.report(b, False)  # some counts to carry over
     second = everyone[:1_000] + everyone[1_001:]
@@ -197,11 +202,19 @@ def test_maglev_fill_in_any_phases_is_the_walk(
     assert _fill(backends, size, offsets, skips) == expected
     # The last phase costs (turns x free slots): up to 1,500 of its turns.
     tail = min(size, 1_500)
-    splits = [(0, 0), (size, 0), (size, tail), (size // 2, size // 5), (size // 3, 1),
-              (rng.randrange(size + 1), rng.randrange(tail + 1))]
+    splits = [
+        (0, 0),
+        (size, 0),
+        (size, tail),
+        (size // 2, size // 5),
+        (size // 3, 1),
+        (rng.randrange(size + 1), rng.randrange(tail + 1)),
+    ]
     for dense, tail in splits:
         assert _fill(backends, size, offsets, skips, dense=dense, tail=tail) == expected, (
-            dense, tail)
+            dense,
+            tail,
+        )
 
 
 @pytest.mark.parametrize("seed", range(3))

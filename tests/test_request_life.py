@@ -40,12 +40,10 @@ from lbclient.testing import Exchange, TestServer, closed_port
 pytestmark = pytest.mark.timeout(120)
 
 
-
 @pytest.fixture
 def hang_and_ok() -> Iterator[tuple[TestServer, TestServer]]:
     with TestServer("hang", name="hang") as hang, TestServer(name="ok") as ok:
         yield hang, ok
-
 
 
 # -- a hanging backend, with the client's own timeout ------------------------------------------
@@ -133,8 +131,10 @@ def arrivals(times: list[float]) -> Callable[[Exchange], bool]:
 
 def test_deadline_ends_the_request_and_no_attempt_starts_after_it() -> None:
     times: list[float] = []
-    servers = [TestServer("slow", behaviours={"slow": arrivals(times)}, hang_seconds=5).start()
-               for _ in range(3)]
+    servers = [
+        TestServer("slow", behaviours={"slow": arrivals(times)}, hang_seconds=5).start()
+        for _ in range(3)
+    ]
     try:
         lb = LoadBalancer([s.address for s in servers], RoundRobin, health=NO_EJECTION)
         transport = LBTransport(lb, deadline=0.5, max_attempts=10)
@@ -158,8 +158,10 @@ def test_one_request_overrides_the_limits(hang_and_ok: tuple[TestServer, TestSer
         options = RequestOptions(attempt_timeout=0.2)
         assert client.get("http://users/", extensions={"lbclient": options}).status_code == 200
         with pytest.raises(httpx.ReadTimeout):
-            client.get("http://users/", extensions={"lbclient": {"attempt_timeout": 0.2,
-                                                                 "max_attempts": 1}})
+            client.get(
+                "http://users/",
+                extensions={"lbclient": {"attempt_timeout": 0.2, "max_attempts": 1}},
+            )
     with requests.Session() as session:
         session.mount("http://users/", LBAdapter(lb, key=lambda r: key))
         response = session.get("http://users/", timeout=LBTimeout(30.0, attempt_timeout=0.2))
@@ -182,8 +184,10 @@ def test_lbtimeout_is_a_plain_tuple_to_other_adapters() -> None:
 def test_a_read_timeout_on_the_only_backend_is_sent_once() -> None:
     with TestServer("hang") as hang:
         transport = LBTransport([hang.address], max_attempts=3)
-        with httpx.Client(transport=transport, timeout=0.3) as client, \
-                pytest.raises(httpx.ReadTimeout):
+        with (
+            httpx.Client(transport=transport, timeout=0.3) as client,
+            pytest.raises(httpx.ReadTimeout),
+        ):
             client.get("http://users/")
         with requests.Session() as session:
             session.mount("http://users/", LBAdapter([hang.address], max_attempts=3))
@@ -194,8 +198,7 @@ def test_a_read_timeout_on_the_only_backend_is_sent_once() -> None:
 
 def test_pool_timeout_fails_over_as_never_sent() -> None:
     with busy_and_idle() as (busy, _, lb, key, release):
-        transport = LBTransport(lb, key=lambda r: key,
-                                limits=httpx.Limits(max_connections=1))
+        transport = LBTransport(lb, key=lambda r: key, limits=httpx.Limits(max_connections=1))
         with httpx.Client(transport=transport, timeout=httpx.Timeout(10.0, pool=0.2)) as client:
             holder = threading.Thread(target=client.get, args=("http://users/hold",))
             holder.start()
@@ -229,8 +232,9 @@ def test_a_redirect_to_another_host_never_reaches_the_backends() -> None:
         target = f"http://{login.address}/callback"
         path = "/__redirect/" + target.replace("/", "%2F").replace(":", "%3A")
         transport = LBTransport([backend.address])
-        with httpx.Client(transport=transport, base_url="http://users",
-                          follow_redirects=True) as client:
+        with httpx.Client(
+            transport=transport, base_url="http://users", follow_redirects=True
+        ) as client:
             response = client.get(path)
         assert response.json()["server"] == "login"
         assert response.json()["host"] == login.address
@@ -238,8 +242,11 @@ def test_a_redirect_to_another_host_never_reaches_the_backends() -> None:
         assert transport.hosts == frozenset({"users"})
 
         async def main() -> httpx.Response:
-            async with httpx.AsyncClient(transport=AsyncLBTransport([backend.address]),
-                                         base_url="http://users", follow_redirects=True) as c:
+            async with httpx.AsyncClient(
+                transport=AsyncLBTransport([backend.address]),
+                base_url="http://users",
+                follow_redirects=True,
+            ) as c:
                 return await c.get(path)
 
         assert asyncio.run(main()).json()["server"] == "login"
@@ -297,21 +304,32 @@ def test_requests_errors_keep_plain_requests_args() -> None:
 def test_no_message_log_or_repr_carries_a_password(caplog: pytest.LogCaptureFixture) -> None:
     dead = f"127.0.0.1:{closed_port()}"
     caplog.set_level(logging.DEBUG, logger="lbclient")
-    with httpx.Client(transport=LBTransport([dead], max_attempts=1)) as client, \
-            pytest.raises(httpx.ConnectError) as failed:
+    with (
+        httpx.Client(transport=LBTransport([dead], max_attempts=1)) as client,
+        pytest.raises(httpx.ConnectError) as failed,
+    ):
         client.get("http://user:hunter2@users/")
-    with httpx.Client(transport=LBTransport([])) as client, \
-            pytest.raises(NoBackendAvailable) as none:
+    with (
+        httpx.Client(transport=LBTransport([])) as client,
+        pytest.raises(NoBackendAvailable) as none,
+    ):
         client.get("http://user:hunter2@users/")
 
     def boom(request: httpx.Request) -> str:
         raise RuntimeError("no key")
 
-    with httpx.Client(transport=LBTransport([dead], key=boom)) as client, \
-            pytest.raises(KeyFunctionError) as key:
+    with (
+        httpx.Client(transport=LBTransport([dead], key=boom)) as client,
+        pytest.raises(KeyFunctionError) as key,
+    ):
         client.get("http://user:hunter2@users/")
-    texts = [str(failed.value), str(none.value), str(key.value), caplog.text,
-             repr(failed.value.attempts)]  # type: ignore[attr-defined]
+    texts = [
+        str(failed.value),
+        str(none.value),
+        str(key.value),
+        caplog.text,
+        repr(failed.value.attempts),
+    ]  # type: ignore[attr-defined]
     assert not [t for t in texts if "hunter2" in t]
     assert "[secure]" in str(none.value)
 
@@ -319,16 +337,20 @@ def test_no_message_log_or_repr_carries_a_password(caplog: pytest.LogCaptureFixt
 def test_a_key_that_cannot_be_encoded_is_a_key_function_error() -> None:
     with TestServer() as server:
         transport = LBTransport([server.address], key=lambda r: "\ud800")
-        with httpx.Client(transport=transport) as client, \
-                pytest.raises(KeyFunctionError, match="UTF-8"):
+        with (
+            httpx.Client(transport=transport) as client,
+            pytest.raises(KeyFunctionError, match="UTF-8"),
+        ):
             client.get("http://users/")
         assert server.count() == 0
 
 
 def test_a_body_that_breaks_after_the_head_names_the_backend() -> None:
     with TestServer("reset") as reset:
-        with httpx.Client(transport=LBTransport([reset.address])) as client, \
-                pytest.raises(httpx.TransportError, match=reset.address):
+        with (
+            httpx.Client(transport=LBTransport([reset.address])) as client,
+            pytest.raises(httpx.TransportError, match=reset.address),
+        ):
             client.post("http://users/", content=b"x")
         with requests.Session() as session:
             session.mount("http://users/", LBAdapter([reset.address]))
@@ -383,8 +405,9 @@ def test_transports_hold_nothing_for_backends_that_left() -> None:
         transport = LBTransport(lb)
         with httpx.Client(transport=transport) as client:
             for i in range(50):
-                lb.update([Backend(server.address, weight=1 + i % 2,
-                                   metadata={"blob": "x" * 10_000})])
+                lb.update(
+                    [Backend(server.address, weight=1 + i % 2, metadata={"blob": "x" * 10_000})]
+                )
                 client.get("http://users/")
             assert len(transport._pools) == 1
             assert all(isinstance(key[1], str) for key in transport._pools)
@@ -405,8 +428,10 @@ def test_io_buffers_are_not_shared_between_requests() -> None:
 
 
 def test_maybe_sent_failures_are_recorded_as_such() -> None:
-    with TestServer("close") as closing, \
-            httpx.Client(transport=LBTransport([closing.address], max_attempts=1)) as client, \
-            pytest.raises(httpx.RemoteProtocolError) as caught:
+    with (
+        TestServer("close") as closing,
+        httpx.Client(transport=LBTransport([closing.address], max_attempts=1)) as client,
+        pytest.raises(httpx.RemoteProtocolError) as caught,
+    ):
         client.get("http://users/")
     assert caught.value.attempts[0].failure is Failure.MAYBE_SENT  # type: ignore[attr-defined]

@@ -65,11 +65,14 @@ def test_routing_keeps_the_logical_request(trio: list[TestServer]) -> None:
 
 
 def test_key_function_sticky_and_errors(trio: list[TestServer]) -> None:
-    adapter = LBAdapter([s.address for s in trio], algorithm=Hash,
-                        key=lambda r: r.headers.get("x-user-id"))
+    adapter = LBAdapter(
+        [s.address for s in trio], algorithm=Hash, key=lambda r: r.headers.get("x-user-id")
+    )
     with session_for(adapter) as session:
-        homes = {session.get("http://users/", headers={"x-user-id": "u7"}).json()["server"]
-                 for _ in range(6)}
+        homes = {
+            session.get("http://users/", headers={"x-user-id": "u7"}).json()["server"]
+            for _ in range(6)
+        }
         assert len(homes) == 1
     broken = LBAdapter([s.address for s in trio], key=lambda r: 1 / 0)
     with session_for(broken) as session, pytest.raises(KeyFunctionError, match="ZeroDivision"):
@@ -168,8 +171,10 @@ def test_all_attempts_failed_and_no_backend() -> None:
         session.post("http://users/", data=b"x")
     for port in ports:
         assert f"127.0.0.1:{port}" in str(info.value)
-    with session_for(LBAdapter([])) as session, \
-            pytest.raises(requests.ConnectionError, match="no backends"):
+    with (
+        session_for(LBAdapter([])) as session,
+        pytest.raises(requests.ConnectionError, match="no backends"),
+    ):
         session.get("http://users/")
     with session_for(LBAdapter([])) as session, pytest.raises(NoBackendAvailable):
         session.get("http://users/")
@@ -177,8 +182,9 @@ def test_all_attempts_failed_and_no_backend() -> None:
 
 def test_relative_redirect_stays_on_the_logical_service(trio: list[TestServer]) -> None:
     with session_for(LBAdapter([s.address for s in trio])) as session:
-        response = session.get("http://users/a/__redirect/..%2Flanding%3Fx%3D1",
-                               headers={"Authorization": "Bearer t"})
+        response = session.get(
+            "http://users/a/__redirect/..%2Flanding%3Fx%3D1", headers={"Authorization": "Bearer t"}
+        )
     assert response.status_code == 200
     assert response.url == "http://users/a/landing?x=1"
     assert response.history[0].status_code == 302
@@ -194,8 +200,12 @@ def test_tls_logical_name_and_threads(tmp_path: Path) -> None:
     certs.write_ca(ca)
     servers = [TestServer(ssl_context=certs.server_context()).start() for _ in range(3)]
     try:
-        adapter = LBAdapter([s.address for s in servers], algorithm=RoundRobin,
-                            pool_connections=20, hosts=["users.internal", "orders.internal"])
+        adapter = LBAdapter(
+            [s.address for s in servers],
+            algorithm=RoundRobin,
+            pool_connections=20,
+            hosts=["users.internal", "orders.internal"],
+        )
         session = requests.Session()
         session.mount("https://users.internal/", adapter)
         session.mount("https://orders.internal/", adapter)
@@ -262,8 +272,9 @@ def test_tls_handshake_timeout_is_never_sent(tmp_path: Path) -> None:
         key = key_landing_on(lb, stalled)
         with requests.Session() as session:
             session.mount("https://users.internal/", LBAdapter(lb, key=lambda r: key))
-            response = session.post("https://users.internal/", data=b"x", timeout=(0.3, 5),
-                                    verify=str(ca))
+            response = session.post(
+                "https://users.internal/", data=b"x", timeout=(0.3, 5), verify=str(ca)
+            )
         assert response.status_code == 200
         assert good.count("POST") == 1
     finally:
@@ -315,8 +326,7 @@ def test_each_requests_tls_settings_get_their_own_pool(tmp_path: Path) -> None:
     # verify=False first, then the default verification: the unverified pool must not be
     # reused for the request that asks for verification.
     certs = TLSCerts("users.internal")
-    with TestServer(ssl_context=certs.server_context()) as server, \
-            requests.Session() as session:
+    with TestServer(ssl_context=certs.server_context()) as server, requests.Session() as session:
         session.mount("https://users.internal/", LBAdapter([server.address], max_attempts=1))
         assert session.get("https://users.internal/", verify=False).status_code == 200
         with pytest.raises(requests.exceptions.SSLError, match="certificate verify failed"):

@@ -26,8 +26,13 @@ TIMEOUT = Fault(Failure.MAYBE_SENT, timed_out=True, barred=True)
 def config(balancer: object, **given: object) -> AdapterConfig[str]:
     """An adapter's configuration, with the defaults an adapter gives."""
     options: dict[str, object] = {
-        "key": None, "algorithm": None, "failure_statuses": None, "policy": RetryPolicy(),
-        "hosts": None, "unavailable": lambda m, r: NoBackendAvailable(m), "name": "Fake",
+        "key": None,
+        "algorithm": None,
+        "failure_statuses": None,
+        "policy": RetryPolicy(),
+        "hosts": None,
+        "unavailable": lambda m, r: NoBackendAvailable(m),
+        "name": "Fake",
         "hedges": False,
     }
     options.update(given)
@@ -42,8 +47,14 @@ def plan_for(
     **policy: object,
 ) -> RequestPlan:
     lb = balancer or LoadBalancer(ADDRS, Hash)
-    return RequestPlan(lb, b"key", method, replayable, RetryPolicy(**policy),  # type: ignore[arg-type]
-                       clock or Clock())
+    return RequestPlan(
+        lb,
+        b"key",
+        method,
+        replayable,
+        RetryPolicy(**policy),  # type: ignore[arg-type]
+        clock or Clock(),
+    )
 
 
 def run(plan: RequestPlan, wire: FakeWire) -> str:
@@ -67,13 +78,23 @@ def test_never_sent_is_retried_for_every_method(method: str) -> None:
     assert len(set(wire.seen)) == 3  # never the same backend twice while another remains
 
 
-@pytest.mark.parametrize(("method", "replayable", "retried"), [
-    ("GET", True, True), ("PUT", True, True), ("DELETE", True, True), ("HEAD", True, True),
-    ("OPTIONS", True, True), ("TRACE", True, True),
-    ("POST", True, False), ("PATCH", True, False), ("GET", False, False),
-])
-def test_maybe_sent_only_for_idempotent_replayable(method: str, replayable: bool,
-                                                   retried: bool) -> None:
+@pytest.mark.parametrize(
+    ("method", "replayable", "retried"),
+    [
+        ("GET", True, True),
+        ("PUT", True, True),
+        ("DELETE", True, True),
+        ("HEAD", True, True),
+        ("OPTIONS", True, True),
+        ("TRACE", True, True),
+        ("POST", True, False),
+        ("PATCH", True, False),
+        ("GET", False, False),
+    ],
+)
+def test_maybe_sent_only_for_idempotent_replayable(
+    method: str, replayable: bool, retried: bool
+) -> None:
     plan = plan_for(method, replayable)
     wire = FakeWire([MAYBE])
     if retried:
@@ -218,8 +239,9 @@ def test_timeouts_are_capped_by_attempt_timeout_and_deadline() -> None:
     given = {"connect": 5.0, "read": 0.1, "write": None, "pool": 5.0}
     assert plan.timeouts(given) == {"connect": 0.2, "read": 0.1, "write": 0.2, "pool": 0.2}
     clock.now = 0.9
-    assert plan.timeouts(given) == pytest.approx({"connect": 0.1, "read": 0.1, "write": 0.1,
-                                                  "pool": 0.1})
+    assert plan.timeouts(given) == pytest.approx(
+        {"connect": 0.1, "read": 0.1, "write": 0.1, "pool": 0.1}
+    )
     unlimited = plan_for()
     assert unlimited.timeouts(given) is given  # the client's own, per operation
 
@@ -258,7 +280,9 @@ def test_async_loop_matches_sync() -> None:
 def test_deciding_and_describing_never_claim_a_probe() -> None:
     clock = Clock()
     lb = LoadBalancer(
-        ADDRS[:2], Hash, clock=clock,
+        ADDRS[:2],
+        Hash,
+        clock=clock,
         health=HealthPolicy(consecutive_failures=1, base_ejection_time=10, panic_threshold=0),
     )
     plan = plan_for("POST", balancer=lb, clock=clock)
@@ -291,8 +315,9 @@ def test_a_retry_goes_to_the_current_set_untried_first() -> None:
 
 
 def test_round_robin_first_attempts_stay_fair_when_a_backend_fails() -> None:
-    lb = LoadBalancer(ADDRS[:2], RoundRobin,
-                      health=HealthPolicy(consecutive_failures=None, consecutive_5xx=None))
+    lb = LoadBalancer(
+        ADDRS[:2], RoundRobin, health=HealthPolicy(consecutive_failures=None, consecutive_5xx=None)
+    )
     bad = lb.backends[0]
     firsts = []
     for _ in range(1000):
@@ -310,14 +335,17 @@ def test_round_robin_first_attempts_stay_fair_when_a_backend_fails() -> None:
 
 
 def test_no_backend_says_why() -> None:
-    lb = LoadBalancer(ADDRS[:2], health=HealthPolicy(consecutive_failures=1, panic_threshold=0,
-                                                      max_ejection_percent=100))
+    lb = LoadBalancer(
+        ADDRS[:2],
+        health=HealthPolicy(consecutive_failures=1, panic_threshold=0, max_ejection_percent=100),
+    )
     client: AdapterConfig[str] = config(lb)
     for b in lb.backends:
         lb.report(b, False)
     wire = FakeWire(RequestPlan(lb, b"", "GET", True, RetryPolicy()), url="http://user:secret@svc/")
-    with pytest.raises(NoBackendAvailable, match="none of its 2 enabled backends is healthy") \
-            as caught:
+    with pytest.raises(
+        NoBackendAvailable, match="none of its 2 enabled backends is healthy"
+    ) as caught:
         client.start(wire)
     assert "secret" not in str(caught.value)
     assert "user:[secure]@svc" in str(caught.value)
@@ -351,15 +379,24 @@ def test_hosts_served_default_to_the_first_request() -> None:
         config(ADDRS, hosts=["http://a/"])
 
 
-@pytest.mark.parametrize(("kwargs", "error"), [
-    ({"max_attempts": 0}, ValueError), ({"max_attempts": True}, TypeError),
-    ({"retry_statuses": {600}}, ValueError), ({"retry_statuses": 503}, TypeError),
-    ({"backoff": -1}, ValueError),
-    ({"backoff_max": "1"}, TypeError), ({"retry_maybe_sent": 1}, TypeError),
-    ({"idempotent_methods": "GET"}, TypeError), ({"buffer_limit": -1}, ValueError),
-    ({"attempt_timeout": 0}, ValueError), ({"deadline": -1}, ValueError),
-    ({"deadline": float("inf")}, ValueError), ({"attempt_timeout": True}, TypeError),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"max_attempts": 0}, ValueError),
+        ({"max_attempts": True}, TypeError),
+        ({"retry_statuses": {600}}, ValueError),
+        ({"retry_statuses": 503}, TypeError),
+        ({"backoff": -1}, ValueError),
+        ({"backoff_max": "1"}, TypeError),
+        ({"retry_maybe_sent": 1}, TypeError),
+        ({"idempotent_methods": "GET"}, TypeError),
+        ({"buffer_limit": -1}, ValueError),
+        ({"attempt_timeout": 0}, ValueError),
+        ({"deadline": -1}, ValueError),
+        ({"deadline": float("inf")}, ValueError),
+        ({"attempt_timeout": True}, TypeError),
+    ],
+)
 def test_policy_validation(kwargs: dict[str, object], error: type[Exception]) -> None:
     with pytest.raises(error):
         RetryPolicy(**kwargs)  # type: ignore[arg-type]

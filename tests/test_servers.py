@@ -896,8 +896,9 @@ def test_h2_kill_drops_streams_in_flight_and_start_listens_again(certs: TLSCerts
 
 def test_h2_tls_context_alpn() -> None:
     certs = TLSCerts("users.internal")
-    with TestServer(ssl_context=certs.server_context()) as s, httpx.Client(
-        http2=True, verify=certs.client_context()
-    ) as client:
+    with (
+        TestServer(ssl_context=certs.server_context()) as s,
+        httpx.Client(http2=True, verify=certs.client_context()) as client,
+    ):
         response = client.get(s.url, extensions=SNI)  # the HTTP/1.1 server does not offer h2
     assert response.http_version == "HTTP/1.1"

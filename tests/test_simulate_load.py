@@ -47,8 +47,13 @@ KEY_ROW = re.compile(
 )
 
 
-def run(algorithm: str, scenario: str = "slow", seed: int = 0,
-        backends: list[Backend] = TEN, **kwargs: int) -> LoadRun:
+def run(
+    algorithm: str,
+    scenario: str = "slow",
+    seed: int = 0,
+    backends: list[Backend] = TEN,
+    **kwargs: int,
+) -> LoadRun:
     return simulate_load(algorithm, backends, scenario, seed=seed, **kwargs)
 
 
@@ -150,9 +155,12 @@ def test_a_run_neither_reads_nor_leaves_changed_the_shared_random_generator() ->
 def test_compare_load_pairs_each_scenario_with_the_baseline() -> None:
     comparison = compare_load("leastrequest", TEN, clients=8, requests=2000, seed=3)
     assert [(a.scenario, b.scenario) for a, b in comparison.pairs] == [
-        ("slow", "slow"), ("failing", "failing")]
-    assert all(a.algorithm == "leastrequest" and b.algorithm == BASELINE
-               for a, b in comparison.pairs)
+        ("slow", "slow"),
+        ("failing", "failing"),
+    ]
+    assert all(
+        a.algorithm == "leastrequest" and b.algorithm == BASELINE for a, b in comparison.pairs
+    )
     assert comparison.pairs[0][0] == run("leastrequest", seed=3, clients=8, requests=2000)
     # The baseline against itself is one run, shown once.
     own = compare_load(BASELINE, TEN, clients=8, requests=2000)
@@ -193,8 +201,9 @@ def test_the_report_shows_both_runs_side_by_side() -> None:
 def test_the_command_keeps_the_key_spread_and_adds_the_load_runs(
     capsys: pytest.CaptureFixture[str], algorithm: str
 ) -> None:
-    status, out, err = cli(capsys, "--algorithm", algorithm, "--backends", "3", "--keys", "3000",
-                           "--requests", "2000")
+    status, out, err = cli(
+        capsys, "--algorithm", algorithm, "--backends", "3", "--keys", "3000", "--requests", "2000"
+    )
     assert status == 0, err
     spread, _, load = out.partition("\nSimulated run")
     # The key spread reads as before: three rows, every key counted, and why no key moves.
@@ -209,7 +218,7 @@ def test_the_command_keeps_the_key_spread_and_adds_the_load_runs(
 
 
 def test_the_command_prints_no_load_run_for_keyed_algorithms(
-    capsys: pytest.CaptureFixture[str]
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     status, out, _ = cli(capsys, "--algorithm", "maglev", "--keys", "2000")
     assert status == 0
@@ -218,8 +227,9 @@ def test_the_command_prints_no_load_run_for_keyed_algorithms(
 
 
 @pytest.mark.parametrize("algorithm", LOAD_AWARE)
-def test_the_command_is_deterministic_for_a_seed(capsys: pytest.CaptureFixture[str],
-                                                 algorithm: str) -> None:
+def test_the_command_is_deterministic_for_a_seed(
+    capsys: pytest.CaptureFixture[str], algorithm: str
+) -> None:
     args = ("--algorithm", algorithm, "--keys", "2000", "--requests", "3000")
     first = cli(capsys, *args)[1].split("\ntook")[0]
     assert cli(capsys, *args)[1].split("\ntook")[0] == first
@@ -229,7 +239,10 @@ def test_the_command_is_deterministic_for_a_seed(capsys: pytest.CaptureFixture[s
 def test_python_m_lbclient_simulate_peakewma() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "lbclient", "simulate", "--algorithm", "peakewma"],
-        capture_output=True, text=True, timeout=120, check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert done.returncode == 0, done.stdout + done.stderr
     out = done.stdout
@@ -252,24 +265,33 @@ def test_python_m_lbclient_simulate_peakewma() -> None:
     [
         pytest.param(["--algorithm", "leastrequests"], "'leastrequests'", id="unknown-algorithm"),
         pytest.param(["--algorithm", "peakewma", "--clients", "0"], "got 0", id="no-clients"),
-        pytest.param(["--algorithm", "peakewma", "--clients", "many"], "'many'",
-                     id="clients-not-a-number"),
-        pytest.param(["--algorithm", "peakewma", "--clients", "10001"], "got 10001",
-                     id="too-many-clients"),
-        pytest.param(["--algorithm", "leastrequest", "--requests", "-3"], "got -3",
-                     id="negative-requests"),
-        pytest.param(["--algorithm", "leastrequest", "--requests", "1e4"], "'1e4'",
-                     id="requests-not-whole"),
+        pytest.param(
+            ["--algorithm", "peakewma", "--clients", "many"], "'many'", id="clients-not-a-number"
+        ),
+        pytest.param(
+            ["--algorithm", "peakewma", "--clients", "10001"], "got 10001", id="too-many-clients"
+        ),
+        pytest.param(
+            ["--algorithm", "leastrequest", "--requests", "-3"], "got -3", id="negative-requests"
+        ),
+        pytest.param(
+            ["--algorithm", "leastrequest", "--requests", "1e4"], "'1e4'", id="requests-not-whole"
+        ),
         pytest.param(["--algorithm", "peakewma", "--backends", "0"], "got 0", id="no-backends"),
-        pytest.param(["--algorithm", "peakewma", "--backends", "3", "--weights", "1,2"],
-                     "'1,2'", id="weights-for-2-of-3"),
+        pytest.param(
+            ["--algorithm", "peakewma", "--backends", "3", "--weights", "1,2"],
+            "'1,2'",
+            id="weights-for-2-of-3",
+        ),
         pytest.param(["--algorithm", "peakewma", "--seed", "x"], "'x'", id="seed-not-a-number"),
-        pytest.param(["--algorithm", "peakewma", "--plot", "load.svg"], "'load.svg'",
-                     id="plot-not-png"),
+        pytest.param(
+            ["--algorithm", "peakewma", "--plot", "load.svg"], "'load.svg'", id="plot-not-png"
+        ),
     ],
 )
-def test_bad_input_is_rejected_naming_the_value(capsys: pytest.CaptureFixture[str],
-                                                args: list[str], named: str) -> None:
+def test_bad_input_is_rejected_naming_the_value(
+    capsys: pytest.CaptureFixture[str], args: list[str], named: str
+) -> None:
     status, out, err = cli(capsys, *args)
     assert status == 2
     assert "error:" in err

@@ -43,11 +43,15 @@ def test_the_ramp() -> None:
     assert SlowStart(60.0, min_weight_percent=0).factor(0) == 0.0
 
 
-@pytest.mark.parametrize(("kwargs", "error"), [
-    ({"window": 0}, ValueError), ({"window": "1"}, TypeError),
-    ({"window": 1, "aggression": 0}, ValueError),
-    ({"window": 1, "min_weight_percent": 120}, ValueError),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"window": 0}, ValueError),
+        ({"window": "1"}, TypeError),
+        ({"window": 1, "aggression": 0}, ValueError),
+        ({"window": 1, "min_weight_percent": 120}, ValueError),
+    ],
+)
 def test_slow_start_validation(kwargs: dict[str, object], error: type[Exception]) -> None:
     with pytest.raises(error):
         SlowStart(**kwargs)  # type: ignore[arg-type]
@@ -62,10 +66,16 @@ def shares(lb: LoadBalancer, picks: int = 20_000) -> Counter[str]:
     return counted
 
 
-@pytest.mark.parametrize("algorithm", [
-    RoundRobin(slow_start=60), Random(slow_start=60), SmoothRoundRobin(slow_start=60),
-    LeastRequest(slow_start=60), PeakEWMA(slow_start=60),
-])
+@pytest.mark.parametrize(
+    "algorithm",
+    [
+        RoundRobin(slow_start=60),
+        Random(slow_start=60),
+        SmoothRoundRobin(slow_start=60),
+        LeastRequest(slow_start=60),
+        PeakEWMA(slow_start=60),
+    ],
+)
 def test_a_new_backend_ramps_up_over_the_window(algorithm: object) -> None:
     clock = Clock()
     lb = LoadBalancer(OLD, algorithm, clock=clock)  # type: ignore[arg-type]
@@ -86,7 +96,9 @@ def test_a_new_backend_ramps_up_over_the_window(algorithm: object) -> None:
 def test_a_backend_back_from_an_ejection_ramps_up() -> None:
     clock = Clock()
     lb = LoadBalancer(
-        [*OLD, NEW], RoundRobin(slow_start=SlowStart(60.0)), clock=clock,
+        [*OLD, NEW],
+        RoundRobin(slow_start=SlowStart(60.0)),
+        clock=clock,
         health=HealthPolicy(consecutive_failures=1, base_ejection_time=10, panic_threshold=0),
     )
     lb.report(NEW, False)

@@ -171,8 +171,11 @@ def test_concurrent_picks_are_never_lost_or_counted_twice() -> None:
     # a a b a c.
     periods, rest = divmod(threads * per_thread, 7)
     assert (periods, rest) == (2_285, 5)
-    assert total == {backends[0]: 5 * periods + 3, backends[1]: periods + 1,
-                     backends[2]: periods + 1}
+    assert total == {
+        backends[0]: 5 * periods + 3,
+        backends[1]: periods + 1,
+        backends[2]: periods + 1,
+    }
     # The shared state is where 16,000 picks in a row leave it.
     selector = lb._view.selector
     assert isinstance(selector, SmoothSelector)

@@ -223,8 +223,9 @@ def test_hashed_iter_after_is_iter(algorithm: type[Weighted]) -> None:
 
 
 def test_big_total_weight_uses_cumulative_search_with_same_answers() -> None:
-    backends = tuple(sorted(Backend(f"10.0.{i // 200}.{i % 200 + 1}:80", 1 + i % 7)
-                            for i in range(300)))
+    backends = tuple(
+        sorted(Backend(f"10.0.{i // 200}.{i % 200 + 1}:80", 1 + i % 7) for i in range(300))
+    )
     expanded = WeightedSelector(backends, xxh3_64)
     searched = WeightedSelector(backends, xxh3_64, expand_limit=0)
     for i in range(3000):
@@ -240,8 +241,10 @@ def test_big_total_weight_uses_cumulative_search_with_same_answers() -> None:
 
 
 def test_scale_10000_backends_weights_up_to_100() -> None:
-    backends = [Backend(f"10.{i // 65536}.{i // 256 % 256}.{i % 256}:80", 1 + i % 100)
-                for i in range(10_000)]
+    backends = [
+        Backend(f"10.{i // 65536}.{i // 256 % 256}.{i % 256}:80", 1 + i % 100)
+        for i in range(10_000)
+    ]
     sel = Hash.build(backends)
     assert len(sel.backends) == 10_000
     assert sel.total_weight == sum(b.weight for b in backends)

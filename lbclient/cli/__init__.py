@@ -32,9 +32,9 @@ DESCRIPTION = (__doc__ or "").rpartition("\n\n")[0]
 COMMANDS = {
     "demo": "real traffic, failover and sticky sessions",
     "bench": "selection, transport, hedging, load-aware and concurrency benchmarks against their "
-             "baselines, in one table",
+    "baselines, in one table",
     "simulate": "key distribution per backend, and keys moved when a backend leaves or joins; "
-                "load runs with one slow backend for the algorithms that ignore the key",
+    "load runs with one slow backend for the algorithms that ignore the key",
 }
 
 
@@ -47,7 +47,10 @@ def _demo_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     run.add_argument("--requests", type=int, default=300)
     run.add_argument("--plain", action="store_true", help="plain text, even on a terminal")
     run.add_argument(
-        "--metrics-port", type=int, metavar="N", default=None,
+        "--metrics-port",
+        type=int,
+        metavar="N",
+        default=None,
         help="serve Prometheus metrics on http://127.0.0.1:N/metrics while the demo runs "
         "(0: a free port; needs lbclient[metrics])",
     )

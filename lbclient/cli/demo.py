@@ -298,8 +298,7 @@ def demo(
         except OSError as exc:
             for server in servers:
                 server.close()
-            print(f"demo: cannot serve metrics on 127.0.0.1:{metrics_port}: {exc}",
-                  file=sys.stderr)
+            print(f"demo: cannot serve metrics on 127.0.0.1:{metrics_port}: {exc}", file=sys.stderr)
             return 2
     board = Board(lb, names)
     events = _Events(board, names)
@@ -315,7 +314,7 @@ def demo(
             "requests per phase, GETs and POSTs through LBTransport\n"
         )
         if metrics is not None:
-            display.note(f"metrics (service=\"users\") while the demo runs: {metrics.url}\n")
+            display.note(f'metrics (service="users") while the demo runs: {metrics.url}\n')
         stayed_put = _run(board, display, servers, requests, live)
     finally:
         display.close()
@@ -434,8 +433,7 @@ def _discovery_phase(
 
         write(servers[:-1])
         lb = LoadBalancer(discovery=File(listing), refresh=0.2, algorithm=RoundRobin)
-        with httpx.Client(transport=LBTransport(lb), base_url="http://orders",
-                          timeout=5) as client:
+        with httpx.Client(transport=LBTransport(lb), base_url="http://orders", timeout=5) as client:
 
             def share(count: int) -> int:
                 got = 0

@@ -214,8 +214,9 @@ def _moved(before: Sequence[Backend | None], after: Sequence[Backend | None]) ->
     return sum(1 for a, b in zip(before, after, strict=True) if a != b)
 
 
-def simulate(algorithm: str, backends: Sequence[Backend], keys: Sequence[bytes],
-             seed: int = 0) -> Simulation:
+def simulate(
+    algorithm: str, backends: Sequence[Backend], keys: Sequence[bytes], seed: int = 0
+) -> Simulation:
     """Route ``keys`` through ``LoadBalancer(backends, algorithm).select`` and measure.
 
     The removed backend is the last in sorted order; the added one comes after it, with the
@@ -245,8 +246,14 @@ def simulate(algorithm: str, backends: Sequence[Backend], keys: Sequence[bytes],
     if len(layout) > 1:
         gone = layout[-1]
         lb.update(layout[:-1])
-        removal = Movement("remove", gone, _moved(base, _owners(lb, keys)), counts.get(gone, 0),
-                           gone.weight / total_weight, total)
+        removal = Movement(
+            "remove",
+            gone,
+            _moved(base, _owners(lb, keys)),
+            counts.get(gone, 0),
+            gone.weight / total_weight,
+            total,
+        )
     weight = max(1, round(statistics.mean(b.weight for b in layout)))
     taken = {b.address for b in layout}
     index = len(layout)
@@ -255,8 +262,14 @@ def simulate(algorithm: str, backends: Sequence[Backend], keys: Sequence[bytes],
     new = Backend(_address(index), weight=weight)
     lb.update([*layout, new])
     added = _owners(lb, keys)
-    addition = Movement("add", new, _moved(base, added), sum(1 for b in added if b == new),
-                        weight / (total_weight + weight), total)
+    addition = Movement(
+        "add",
+        new,
+        _moved(base, added),
+        sum(1 for b in added if b == new),
+        weight / (total_weight + weight),
+        total,
+    )
     return Simulation(algorithm, total, seed, shares, removal, addition)
 
 
@@ -346,8 +359,14 @@ class LoadComparison:
     pairs: tuple[tuple[LoadRun, LoadRun], ...]
 
 
-def simulate_load(algorithm: str, backends: Sequence[Backend], scenario: str = "slow",
-                  clients: int = 32, requests: int = 20_000, seed: int = 0) -> LoadRun:
+def simulate_load(
+    algorithm: str,
+    backends: Sequence[Backend],
+    scenario: str = "slow",
+    clients: int = 32,
+    requests: int = 20_000,
+    seed: int = 0,
+) -> LoadRun:
     """Run ``requests`` requests from ``clients`` closed-loop clients through
     ``LoadBalancer(backends, algorithm)`` on a simulated clock, and measure.
 
@@ -422,7 +441,13 @@ def simulate_load(algorithm: str, backends: Sequence[Backend], scenario: str = "
         for b in layout
     )
     return LoadRun(
-        algorithm, scenario, clients, requests, seed, odd, shares,
+        algorithm,
+        scenario,
+        clients,
+        requests,
+        seed,
+        odd,
+        shares,
         mean=math.fsum(latencies) / requests,
         p99=latencies[max(0, math.ceil(0.99 * requests) - 1)],
         duration=clock.now,
@@ -430,15 +455,23 @@ def simulate_load(algorithm: str, backends: Sequence[Backend], scenario: str = "
     )
 
 
-def compare_load(algorithm: str, backends: Sequence[Backend], clients: int = 32,
-                 requests: int = 20_000, seed: int = 0,
-                 scenarios: Sequence[str] = SCENARIOS) -> LoadComparison:
+def compare_load(
+    algorithm: str,
+    backends: Sequence[Backend],
+    clients: int = 32,
+    requests: int = 20_000,
+    seed: int = 0,
+    scenarios: Sequence[str] = SCENARIOS,
+) -> LoadComparison:
     """:func:`simulate_load` for ``algorithm`` and for :data:`BASELINE`, per scenario."""
     pairs = []
     for scenario in scenarios:
         run = simulate_load(algorithm, backends, scenario, clients, requests, seed)
-        baseline = run if algorithm == BASELINE else simulate_load(
-            BASELINE, backends, scenario, clients, requests, seed)
+        baseline = (
+            run
+            if algorithm == BASELINE
+            else simulate_load(BASELINE, backends, scenario, clients, requests, seed)
+        )
         pairs.append((run, baseline))
     return LoadComparison(algorithm, tuple(pairs))
 
@@ -479,8 +512,11 @@ def _format_pair(run: LoadRun, baseline: LoadRun) -> list[str]:
     answers = 9 if failing else 7
     lead = 2 + width + 2 + 6 + 2 + answers
     lines.append(" " * lead + "".join(f"{h:>{block}}" for h in heads))
-    lines.append(f"  {'backend':<{width}}  {'weight':>6}  {'answers':>{answers}}"
-                 + "".join(f"{columns:>{block}}" for _ in runs) + f"  {'fair':>8}")
+    lines.append(
+        f"  {'backend':<{width}}  {'weight':>6}  {'answers':>{answers}}"
+        + "".join(f"{columns:>{block}}" for _ in runs)
+        + f"  {'fair':>8}"
+    )
     for position, share in enumerate(run.shares):
         backend = share.backend
         if backend != run.odd:
@@ -496,15 +532,20 @@ def _format_pair(run: LoadRun, baseline: LoadRun) -> list[str]:
             if failing:
                 cell += f"  {other.failures:>8,}"
             cells += f"{cell:>{block}}"
-        lines.append(f"  {backend.address:<{width}}  {backend.weight:>6}  {note:>{answers}}"
-                     f"{cells}  {100 * share.fair:>7.2f}%{mark}")
+        lines.append(
+            f"  {backend.address:<{width}}  {backend.weight:>6}  {note:>{answers}}"
+            f"{cells}  {100 * share.fair:>7.2f}%{mark}"
+        )
 
     def overall(label: str, value: Callable[[LoadRun], str]) -> str:
         return f"  {label:<{lead - 2}}" + "".join(f"{value(r):>{block}}" for r in runs)
 
     if failing:
-        lines.append(overall("failures callers see",
-                             lambda r: f"{100 * r.failure_share:.2f}% ({r.failures:,})"))
+        lines.append(
+            overall(
+                "failures callers see", lambda r: f"{100 * r.failure_share:.2f}% ({r.failures:,})"
+            )
+        )
     lines.append(overall("mean latency", lambda r: _ms(r.mean)))
     lines.append(overall("p99 latency", lambda r: _ms(r.p99)))
     lines.append(overall("throughput", lambda r: f"{r.throughput:,.0f} req/s"))
@@ -536,8 +577,10 @@ def format_report(result: Simulation) -> str:
         "Distribution: each backend's share of the keys against its weighted fair share",
     ]
     width = max(len(s.backend.address) for s in shares)
-    lines.append(f"  {'backend':<{width}}  {'weight':>6}  {'keys':>11}  {'share':>8}  "
-                 f"{'fair':>8}  {'load':>5}")
+    lines.append(
+        f"  {'backend':<{width}}  {'weight':>6}  {'keys':>11}  {'share':>8}  "
+        f"{'fair':>8}  {'load':>5}"
+    )
     scale = max(s.share for s in shares)
     for s in shares:
         lines.append(
@@ -591,14 +634,26 @@ def plot(result: Simulation, path: Path, load: LoadComparison | None = None) -> 
     shares = result.shares
     xs = list(range(len(shares)))
     left.bar(xs, [100 * s.share for s in shares], color="tab:blue", label="share of keys")
-    left.hlines([100 * s.fair for s in shares], [x - 0.4 for x in xs], [x + 0.4 for x in xs],
-                colors="black", linewidth=2, label="weighted fair share")
+    left.hlines(
+        [100 * s.fair for s in shares],
+        [x - 0.4 for x in xs],
+        [x + 0.4 for x in xs],
+        colors="black",
+        linewidth=2,
+        label="weighted fair share",
+    )
     left.set_ylabel("% of keys")
-    left.set_title(f"{result.algorithm}: {result.keys:,} keys over {len(shares):,} backends "
-                   f"(max/mean load {result.max_load.load:.3f})")
+    left.set_title(
+        f"{result.algorithm}: {result.keys:,} keys over {len(shares):,} backends "
+        f"(max/mean load {result.max_load.load:.3f})"
+    )
     if len(shares) <= 30:
-        left.set_xticks(xs, [f"{s.backend.address}\nw={s.backend.weight}" for s in shares],
-                        rotation=0 if len(shares) <= 6 else 60, fontsize=7)
+        left.set_xticks(
+            xs,
+            [f"{s.backend.address}\nw={s.backend.weight}" for s in shares],
+            rotation=0 if len(shares) <= 6 else 60,
+            fontsize=7,
+        )
     else:
         left.set_xlabel("backends, in sorted order")
     top = max(max(s.share for s in shares), max(s.fair for s in shares))
@@ -611,19 +666,36 @@ def plot(result: Simulation, path: Path, load: LoadComparison | None = None) -> 
         _plot_load(right, *load.pairs[0])
     elif result.algorithm not in KEYED:
         reason = UNKEYED_REASON[result.algorithm].replace(": ", ":\n")
-        right.text(0.5, 0.5, f"n/a:\n{reason}", ha="center", va="center", wrap=True,
-                   fontsize=9, transform=right.transAxes)
+        right.text(
+            0.5,
+            0.5,
+            f"n/a:\n{reason}",
+            ha="center",
+            va="center",
+            wrap=True,
+            fontsize=9,
+            transform=right.transAxes,
+        )
         right.set_axis_off()
     else:
         positions = list(range(len(moves)))
-        moved = right.bar([p - 0.2 for p in positions], [100 * m.moved_share for m in moves],
-                          width=0.4, color="tab:orange", label="moved")
-        ideal = right.bar([p + 0.2 for p in positions], [100 * m.ideal_share for m in moves],
-                          width=0.4, color="tab:green", label="ideal minimum")
+        moved = right.bar(
+            [p - 0.2 for p in positions],
+            [100 * m.moved_share for m in moves],
+            width=0.4,
+            color="tab:orange",
+            label="moved",
+        )
+        ideal = right.bar(
+            [p + 0.2 for p in positions],
+            [100 * m.ideal_share for m in moves],
+            width=0.4,
+            color="tab:green",
+            label="ideal minimum",
+        )
         right.bar_label(moved, fmt="%.1f%%", fontsize=8)
         right.bar_label(ideal, fmt="%.1f%%", fontsize=8)
-        right.set_xticks(positions, [f"{m.change}\n{m.backend.address}" for m in moves],
-                         fontsize=8)
+        right.set_xticks(positions, [f"{m.change}\n{m.backend.address}" for m in moves], fontsize=8)
         right.set_ylabel("% of keys")
         right.set_ylim(0, 100)
         right.legend()
@@ -637,12 +709,26 @@ def _plot_load(axes: Any, run: LoadRun, baseline: LoadRun) -> None:
     width = 0.8 / len(runs)
     for index, (r, color) in enumerate(zip(runs, ("tab:blue", "tab:gray"), strict=False)):
         offset = (index - (len(runs) - 1) / 2) * width
-        axes.bar([x + offset for x in xs], [100 * s.share for s in r.shares], width=width,
-                 color=color, label=r.algorithm)
-    axes.hlines([100 * s.fair for s in run.shares], [x - 0.4 for x in xs],
-                [x + 0.4 for x in xs], colors="black", linewidth=1.5, label="fair share")
-    axes.set_title(f"simulated run: {run.odd.address} {SLOW / FAST:g}x slower\n"
-                   f"{run.clients:,} clients, {run.requests:,} requests", fontsize=9)
+        axes.bar(
+            [x + offset for x in xs],
+            [100 * s.share for s in r.shares],
+            width=width,
+            color=color,
+            label=r.algorithm,
+        )
+    axes.hlines(
+        [100 * s.fair for s in run.shares],
+        [x - 0.4 for x in xs],
+        [x + 0.4 for x in xs],
+        colors="black",
+        linewidth=1.5,
+        label="fair share",
+    )
+    axes.set_title(
+        f"simulated run: {run.odd.address} {SLOW / FAST:g}x slower\n"
+        f"{run.clients:,} clients, {run.requests:,} requests",
+        fontsize=9,
+    )
     axes.set_ylabel("% of requests")
     if len(xs) <= 30:
         axes.set_xticks(xs, [s.backend.address for s in run.shares], rotation=60, fontsize=7)
@@ -750,25 +836,54 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub.add_argument("--algorithm", choices=list(ALGORITHMS), default="consistent",
-                     help="the selection algorithm (default: consistent)")
-    sub.add_argument("--backends", type=_count(1, MAX_BACKENDS), default=10,
-                     help="number of backends (default: 10)")
-    sub.add_argument("--weights", metavar="W1,W2,...",
-                     help=f"one weight per backend, 1..{MAX_WEIGHT:,} each (default: all 1)")
-    sub.add_argument("--keys", type=_count(1, MAX_KEYS), default=100_000,
-                     help="number of keys (default: 100,000)")
-    sub.add_argument("--clients", type=_count(1, MAX_CLIENTS), default=32,
-                     help="load runs (the algorithms that ignore the key): clients sending "
-                     "requests back to back (default: 32)")
-    sub.add_argument("--requests", type=_count(1, MAX_REQUESTS), default=20_000,
-                     help="load runs: requests completed per run (default: 20,000)")
-    sub.add_argument("--seed", type=_integer, default=0,
-                     help="seed of the key generator, of the algorithms' random draws and of "
-                     "the load runs' service times (default: 0)")
-    sub.add_argument("--plot", metavar="FILE.png",
-                     help=f"also draw both charts into FILE.png (needs {PLOT_EXTRA}); for the "
-                     "algorithms that ignore the key, the second is the slow-backend run's "
-                     "shares")
+    sub.add_argument(
+        "--algorithm",
+        choices=list(ALGORITHMS),
+        default="consistent",
+        help="the selection algorithm (default: consistent)",
+    )
+    sub.add_argument(
+        "--backends",
+        type=_count(1, MAX_BACKENDS),
+        default=10,
+        help="number of backends (default: 10)",
+    )
+    sub.add_argument(
+        "--weights",
+        metavar="W1,W2,...",
+        help=f"one weight per backend, 1..{MAX_WEIGHT:,} each (default: all 1)",
+    )
+    sub.add_argument(
+        "--keys",
+        type=_count(1, MAX_KEYS),
+        default=100_000,
+        help="number of keys (default: 100,000)",
+    )
+    sub.add_argument(
+        "--clients",
+        type=_count(1, MAX_CLIENTS),
+        default=32,
+        help="load runs (the algorithms that ignore the key): clients sending "
+        "requests back to back (default: 32)",
+    )
+    sub.add_argument(
+        "--requests",
+        type=_count(1, MAX_REQUESTS),
+        default=20_000,
+        help="load runs: requests completed per run (default: 20,000)",
+    )
+    sub.add_argument(
+        "--seed",
+        type=_integer,
+        default=0,
+        help="seed of the key generator, of the algorithms' random draws and of "
+        "the load runs' service times (default: 0)",
+    )
+    sub.add_argument(
+        "--plot",
+        metavar="FILE.png",
+        help=f"also draw both charts into FILE.png (needs {PLOT_EXTRA}); for the "
+        "algorithms that ignore the key, the second is the slow-backend run's "
+        "shares",
+    )
     sub.set_defaults(simulate_parser=sub)
-

@@ -345,7 +345,11 @@ class RefreshJob:
             logger.warning(
                 "discovery %r: lookup failed (%d in a row): %s; keeping the last %d backends, "
                 "next lookup in %.3g s",
-                source, progress.failed, result.error, kept, delay,
+                source,
+                progress.failed,
+                result.error,
+                kept,
+                delay,
             )
         elif result.found is not None:
             found = result.found
@@ -356,20 +360,23 @@ class RefreshJob:
             if found.backends:
                 self._interval = interval
             if failed:
-                logger.info("discovery %r: answering again after %d failed lookups",
-                            source, failed)
+                logger.info("discovery %r: answering again after %d failed lookups", source, failed)
             if take:
                 priorities.take(found.backends)
                 self._prioritised = any(priority_of(b) is not None for b in found.backends)
                 if not found.backends:
                     logger.warning(
                         "discovery %r found no backends %d times in a row: the set is empty",
-                        source, progress.empty,
+                        source,
+                        progress.empty,
                     )
             else:
                 logger.warning(
                     "discovery %r found no backends (%d of %d in a row); keeping the last %d",
-                    source, progress.empty, progress.empty_after, kept,
+                    source,
+                    progress.empty,
+                    progress.empty_after,
+                    kept,
                 )
         active_down = priorities.several and self._active_down()
         backends, note = priorities.choose(active_down, result.recovered)
@@ -381,7 +388,10 @@ class RefreshJob:
                 after = set(backends)
                 logger.info(
                     "discovery %r: %d backends (%d added, %d removed)",
-                    source, len(after), len(after - before), len(before - after),
+                    source,
+                    len(after),
+                    len(after - before),
+                    len(before - after),
                 )
         self.balancer.report_discovery(
             refreshes=progress.refreshes,

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Discovered", "Function", "ServiceDiscovery", "Static"]
 
+
 def positive(name: str, value: object) -> float:
     """``value`` as seconds, if it is a finite number > 0; else an error naming it."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):

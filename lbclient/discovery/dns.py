@@ -36,8 +36,7 @@ __all__ = ["DNS"]
 #: The record types of an address lookup.
 ADDRESS_RECORDS: Final = ("A", "AAAA")
 _MISSING = (
-    "lbclient.discovery.DNS needs dnspython, which is not installed: "
-    "pip install 'lbclient[dns]'"
+    "lbclient.discovery.DNS needs dnspython, which is not installed: pip install 'lbclient[dns]'"
 )
 
 

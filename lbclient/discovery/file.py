@@ -47,9 +47,7 @@ def parse_lines(text: str, where: str = "<text>") -> tuple[Backend, ...]:
             continue
         parts = line.split()
         if len(parts) > 2:
-            raise ValueError(
-                f"{where}, line {number}: expected 'host:port [weight]', got {line!r}"
-            )
+            raise ValueError(f"{where}, line {number}: expected 'host:port [weight]', got {line!r}")
         weight = 1
         if len(parts) == 2:
             if not parts[1].isdigit() or not parts[1].isascii():

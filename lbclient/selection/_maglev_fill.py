@@ -55,7 +55,6 @@ def permutation_start(address: str, table_size: int) -> tuple[int, int]:
     return offset, skip
 
 
-
 #: The fill runs in three phases, each the cheapest way to find a turn's slot at its density.
 #: A turn walks its permutation slot by slot until no more than this share (1/16) of the slots
 #: are free: up to there a walk takes 16 steps at most on average (``size / free``).
@@ -192,8 +191,9 @@ def pick_turns(
         inverse = inverses.get(i)
         if inverse is None:
             inverse = inverses[i] = pow(steps[i], -1, size)
-        along = list(map(mod, map(mul, map(sub, free, repeat(slot)), repeat(inverse)),
-                         repeat(size)))
+        along = list(
+            map(mod, map(mul, map(sub, free, repeat(slot)), repeat(inverse)), repeat(size))
+        )
         j = along.index(min(along))
         slot = free[j]
         free[j] = free[-1]
@@ -207,6 +207,7 @@ def pick_turns(
 #: A turn's place in the fill: its round, its backend's sort order, its place in the round's
 #: run of that backend's turns.
 Turn: TypeAlias = "tuple[int, tuple[int, int | str, int, int], int]"
+
 
 def turn_of(backend: Backend, number: int, divisor: int) -> Turn:
     """The place in the fill of ``backend``'s turn ``number`` (counted from 0)."""

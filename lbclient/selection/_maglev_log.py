@@ -251,9 +251,7 @@ def record(
         for b, (offset, skip), mine in zip(backends, starts, claimed, strict=True)
     }
     _tail(backends, lanes, bytes(taken), list(islice(order_cycle, free)), table)
-    return FillLog(
-        rounds, size, free, lanes, claims, window, reached, tuple(table)
-    )
+    return FillLog(rounds, size, free, lanes, claims, window, reached, tuple(table))
 
 
 def recordable(backends: tuple[Backend, ...], size: int) -> bool:
@@ -485,8 +483,16 @@ class _Replay:
         takers = self.rounds.takers(size - log.free, size)
         _tail(backends, lanes, bytes(window.translate(_CLAIMED)), takers, table)
         return FillLog(
-            self.rounds, size, log.free, lanes, claims, window, self.reached(lanes),
-            tuple(table), self.members(), len(self.played),
+            self.rounds,
+            size,
+            log.free,
+            lanes,
+            claims,
+            window,
+            self.reached(lanes),
+            tuple(table),
+            self.members(),
+            len(self.played),
         )
 
     def members(self) -> dict[int, Backend]:
@@ -553,8 +559,9 @@ class _Replay:
                 continue
             low, high = min(before, after) + 1, max(before, after) + 1
             first = offset + low * skip
-            walked = map(arrays, map(mod, range(first, first + (high - low) * skip, skip),
-                                     repeat(size)))
+            walked = map(
+                arrays, map(mod, range(first, first + (high - low) * skip, skip), repeat(size))
+            )
             edit = array.append if after > before else array.remove
             deque(map(edit, walked, repeat(ident)), maxlen=0)
         return reached

@@ -373,14 +373,10 @@ def changes(old: Sequence[Backend], new: Sequence[Backend]) -> Change:
     after = dict(zip(map(id, new), range(len(new)), strict=True))
     removed_at = sorted(map(before.__getitem__, before.keys() - after.keys()))
     added_at = sorted(map(after.__getitem__, after.keys() - before.keys()))
-    return Change(
-        [old[i] for i in removed_at], removed_at, [new[i] for i in added_at], added_at
-    )
+    return Change([old[i] for i in removed_at], removed_at, [new[i] for i in added_at], added_at)
 
 
-def _splice(
-    values: Sequence[_T], change: Change, make: Callable[[Backend], _T]
-) -> list[_T]:
+def _splice(values: Sequence[_T], change: Change, make: Callable[[Backend], _T]) -> list[_T]:
     """``values`` (one per backend of the previous set, in its order) for the new set: the
     leaving backends' values deleted, ``make(backend)`` inserted for each joining one."""
     out = list(values)

@@ -47,12 +47,21 @@ __all__ = ["DEFAULT_POINTS_PER_WEIGHT", "Consistent", "ConsistentSelector"]
 #: nginx's number of ring points per unit of weight.
 DEFAULT_POINTS_PER_WEIGHT: Final = 160
 
+
 class ConsistentSelector:
     """A built ketama ring over a fixed, sorted set of backends."""
 
     __slots__ = (
-        "_backends", "_count", "_hashes", "_members", "_options", "_owners", "_ring", "_shift",
-        "_starts", "_weight",
+        "_backends",
+        "_count",
+        "_hashes",
+        "_members",
+        "_options",
+        "_owners",
+        "_ring",
+        "_shift",
+        "_starts",
+        "_weight",
     )
 
     def __init__(
@@ -235,9 +244,7 @@ class BoundedSelector(ConsistentSelector):
         )
 
 
-def _walk(
-    members: tuple[Backend | None, ...], owners: array[int], start: int
-) -> Iterator[Backend]:
+def _walk(members: tuple[Backend | None, ...], owners: array[int], start: int) -> Iterator[Backend]:
     size = len(owners)
     i = start
     while True:
@@ -280,8 +287,9 @@ class Consistent:
             if isinstance(balance_factor, bool) or not isinstance(balance_factor, (int, float)):
                 raise TypeError(f"balance_factor must be a number or None, got {balance_factor!r}")
             if not math.isfinite(balance_factor) or balance_factor < 1:
-                raise ValueError(f"balance_factor must be a finite number >= 1, got "
-                                 f"{balance_factor!r}")
+                raise ValueError(
+                    f"balance_factor must be a finite number >= 1, got {balance_factor!r}"
+                )
         self.points_per_weight = points_per_weight
         self.ipv6_brackets = ipv6_brackets
         self.balance_factor = balance_factor
@@ -314,8 +322,10 @@ class Consistent:
             type(previous) is not kind
             or not isinstance(previous, ConsistentSelector)
             or previous._options != (self.points_per_weight, self.ipv6_brackets)
-            or (isinstance(previous, BoundedSelector)
-                and previous._factor != float(self.balance_factor or 0.0))
+            or (
+                isinstance(previous, BoundedSelector)
+                and previous._factor != float(self.balance_factor or 0.0)
+            )
         ):
             return self._build(backends)
         if change is None:

@@ -132,8 +132,17 @@ class LibKetamaSelector:
     """A built libketama continuum over a fixed, sorted set of backends. Immutable."""
 
     __slots__ = (
-        "_backends", "_count", "_hashes", "_members", "_owners", "_ring", "_search", "_shift",
-        "_starts", "_variant", "_weights",
+        "_backends",
+        "_count",
+        "_hashes",
+        "_members",
+        "_owners",
+        "_ring",
+        "_search",
+        "_shift",
+        "_starts",
+        "_variant",
+        "_weights",
     )
 
     def __init__(
@@ -264,9 +273,7 @@ class LibKetamaSelector:
         )
 
 
-def _walk(
-    members: tuple[Backend | None, ...], owners: array[int], start: int
-) -> Iterator[Backend]:
+def _walk(members: tuple[Backend | None, ...], owners: array[int], start: int) -> Iterator[Backend]:
     size = len(owners)
     i = start
     while True:
@@ -310,10 +317,7 @@ class LibKetama:
         continuum of this variant: only the points of the backends that left or joined change,
         while the other backends' numbers of digests stay (always, with equal weights). Every
         key routes as on ``build(backends)``."""
-        if (
-            type(previous) is not LibKetamaSelector
-            or previous.variant != self.variant
-        ):
+        if type(previous) is not LibKetamaSelector or previous.variant != self.variant:
             return LibKetamaSelector(backends, self.variant)
         if change is None:
             change = changes(previous.backends, backends)

@@ -54,8 +54,9 @@ def _positive(name: str, value: object, zero: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
     if not (value >= 0 if zero else value > 0) or value != value or value == float("inf"):
-        raise ValueError(f"{name} must be a finite number {'>= 0' if zero else '> 0'}, "
-                         f"got {value!r}")
+        raise ValueError(
+            f"{name} must be a finite number {'>= 0' if zero else '> 0'}, got {value!r}"
+        )
     return float(value)
 
 
@@ -260,10 +261,7 @@ class PeakEWMA:
         return _Chooser(backends, self._cost, self.choices)
 
     def __repr__(self) -> str:
-        return (
-            f"PeakEWMA(decay={self.decay:g}, choices={self.choices}, "
-            f"penalty={self.penalty:g})"
-        )
+        return f"PeakEWMA(decay={self.decay:g}, choices={self.choices}, penalty={self.penalty:g})"
 
 
 def _later(rank: Callable[[Backend], list[Backend]], first: Backend) -> Iterator[Backend]:

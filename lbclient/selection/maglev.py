@@ -73,8 +73,7 @@ def check_table_size(value: object) -> int:
         raise ValueError(f"table_size must be a prime in 2..{MAX_TABLE_SIZE:,}, got {value}")
     if not is_prime(value):
         raise ValueError(
-            f"table_size must be a prime number, got {value} (e.g. {DEFAULT_TABLE_SIZE} or "
-            "655373)"
+            f"table_size must be a prime number, got {value} (e.g. {DEFAULT_TABLE_SIZE} or 655373)"
         )
     return value
 
@@ -196,9 +195,7 @@ class MaglevSelector:
         return f"<MaglevSelector backends={self._count} table_size={self._size}>"
 
 
-def _known(
-    backends: tuple[Backend, ...], log: FillLog, size: int
-) -> tuple[list[int], list[int]]:
+def _known(backends: tuple[Backend, ...], log: FillLog, size: int) -> tuple[list[int], list[int]]:
     """The permutations of ``backends``: from ``log``'s lanes for those it has, else hashed."""
     offsets: list[int] = []
     skips: list[int] = []

@@ -92,6 +92,8 @@ def warm_up(seconds: float) -> float:
     """The warm-up before rounds of ``seconds``: :data:`WARMUP`, or as long as a shorter round
     (the test suite's smallest runs)."""
     return min(WARMUP, seconds)
+
+
 #: Seconds any one request may take (connect, pool wait, read), on every client.
 TIMEOUT = 60.0
 #: The aims: the 1,000-task throughput at least this share of the 10-task one, and the p99 at
@@ -160,9 +162,14 @@ class _Tally:
 
     def side(self) -> Side:
         latencies = self.latencies or [0.0]
-        return Side(len(self.latencies), self.errors, self.seconds,
-                    percentile(latencies, 50), percentile(latencies, 99),
-                    self.cpu / self.seconds)
+        return Side(
+            len(self.latencies),
+            self.errors,
+            self.seconds,
+            percentile(latencies, 50),
+            percentile(latencies, 99),
+            self.cpu / self.seconds,
+        )
 
 
 def _urls(addresses: Sequence[str]) -> Iterator[str]:
@@ -173,6 +180,7 @@ def _urls(addresses: Sequence[str]) -> Iterator[str]:
 
 
 # -- asyncio tasks ------------------------------------------------------------------------------
+
 
 async def _drive_async(
     client: httpx.AsyncClient, urls: Iterator[str], tasks: int, seconds: float, tally: _Tally
@@ -201,8 +209,9 @@ async def _drive_async(
 
 
 def _async_clients(addresses: Sequence[str]) -> tuple[httpx.AsyncClient, httpx.AsyncClient]:
-    lb = httpx.AsyncClient(transport=AsyncLBTransport(addresses, algorithm=RoundRobin),
-                           timeout=TIMEOUT)
+    lb = httpx.AsyncClient(
+        transport=AsyncLBTransport(addresses, algorithm=RoundRobin), timeout=TIMEOUT
+    )
     total = BACKENDS * PER_BACKEND
     plain = httpx.AsyncClient(
         limits=httpx.Limits(max_connections=total, max_keepalive_connections=total),
@@ -227,9 +236,14 @@ def _async_round(
 
 # -- threads ------------------------------------------------------------------------------------
 
+
 def _drive_threads(
-    get: Callable[[str], object], urls: Callable[[int], Iterator[str]], threads: int,
-    seconds: float, tally: _Tally, errors: tuple[type[Exception], ...],
+    get: Callable[[str], object],
+    urls: Callable[[int], Iterator[str]],
+    threads: int,
+    seconds: float,
+    tally: _Tally,
+    errors: tuple[type[Exception], ...],
 ) -> None:
     """``threads`` threads calling ``get`` for ``seconds``; what they saw goes to ``tally``.
     Thread ``i`` takes its URLs from ``urls(i)``."""
@@ -290,8 +304,9 @@ class _Client(NamedTuple):
 
 def _httpx_sides(addresses: Sequence[str]) -> tuple[_Client, _Client]:
     per = httpx.Limits(max_connections=PER_BACKEND, max_keepalive_connections=PER_BACKEND)
-    lb = httpx.Client(transport=LBTransport(addresses, algorithm=RoundRobin, limits=per),
-                      timeout=TIMEOUT)
+    lb = httpx.Client(
+        transport=LBTransport(addresses, algorithm=RoundRobin, limits=per), timeout=TIMEOUT
+    )
     total = BACKENDS * PER_BACKEND
     plain = httpx.Client(
         limits=httpx.Limits(max_connections=total, max_keepalive_connections=total),
@@ -303,16 +318,27 @@ def _httpx_sides(addresses: Sequence[str]) -> tuple[_Client, _Client]:
 
     logical = lambda _: itertools.repeat("http://users/item")  # noqa: E731
     spread = lambda n: _urls([*addresses[n % BACKENDS :], *addresses[: n % BACKENDS]])  # noqa: E731
-    return (_Client(lb, get(lb), logical, (httpx.HTTPError,)),
-            _Client(plain, get(plain), spread, (httpx.HTTPError,)))
+    return (
+        _Client(lb, get(lb), logical, (httpx.HTTPError,)),
+        _Client(plain, get(plain), spread, (httpx.HTTPError,)),
+    )
 
 
 def _requests_sides(addresses: Sequence[str]) -> tuple[_Client, _Client]:
     lb, plain = requests.Session(), requests.Session()
-    lb.mount("http://users/", LBAdapter(addresses, algorithm=RoundRobin, pool_connections=BACKENDS,
-                                        pool_maxsize=PER_BACKEND, pool_block=True))
-    plain.mount("http://", HTTPAdapter(pool_connections=BACKENDS, pool_maxsize=PER_BACKEND,
-                                       pool_block=True))
+    lb.mount(
+        "http://users/",
+        LBAdapter(
+            addresses,
+            algorithm=RoundRobin,
+            pool_connections=BACKENDS,
+            pool_maxsize=PER_BACKEND,
+            pool_block=True,
+        ),
+    )
+    plain.mount(
+        "http://", HTTPAdapter(pool_connections=BACKENDS, pool_maxsize=PER_BACKEND, pool_block=True)
+    )
 
     def get(session: requests.Session) -> Callable[[str], object]:
         return lambda url: _checked(session.get(url, timeout=TIMEOUT))
@@ -324,18 +350,22 @@ def _requests_sides(addresses: Sequence[str]) -> tuple[_Client, _Client]:
 
 
 def _threads_round(
-    make: Callable[[Sequence[str]], tuple[_Client, _Client]], addresses: Sequence[str],
-    threads: int, seconds: float, ours: _Tally, theirs: _Tally,
+    make: Callable[[Sequence[str]], tuple[_Client, _Client]],
+    addresses: Sequence[str],
+    threads: int,
+    seconds: float,
+    ours: _Tally,
+    theirs: _Tally,
 ) -> None:
     lb, plain = make(addresses)
     with lb.opened, plain.opened:
         for side, tally in ((lb, ours), (plain, theirs)):
-            _drive_threads(side.get, side.urls, threads, warm_up(seconds), _Tally(),
-                           side.errors)
+            _drive_threads(side.get, side.urls, threads, warm_up(seconds), _Tally(), side.errors)
             _drive_threads(side.get, side.urls, threads, seconds, tally, side.errors)
 
 
 # -- the run ------------------------------------------------------------------------------------
+
 
 def settings(
     quick: bool, seconds: float | None = None, rounds: int | None = None
@@ -366,16 +396,24 @@ def run(
                         _async_round(addresses, level, seconds, ours, theirs)
                     else:
                         _threads_round(makers[client], addresses, level, seconds, ours, theirs)
-                rows.append(ConcurrencyRow(client, plain, unit, level, ours.side(),
-                                           theirs.side()))
+                rows.append(ConcurrencyRow(client, plain, unit, level, ours.side(), theirs.side()))
     return rows
 
 
 #: The table's columns, and whether each is right-aligned.
 COLUMNS = (
-    ("client", False), ("callers", True), ("req/s", True), ("p50", True), ("p99", True),
-    ("p99 / (n / req/s)", True), ("plain client", False), ("plain req/s", True),
-    ("plain p50", True), ("plain p99", True), ("ratio", True), ("errors", True),
+    ("client", False),
+    ("callers", True),
+    ("req/s", True),
+    ("p50", True),
+    ("p99", True),
+    ("p99 / (n / req/s)", True),
+    ("plain client", False),
+    ("plain req/s", True),
+    ("plain p50", True),
+    ("plain p99", True),
+    ("ratio", True),
+    ("errors", True),
     ("client CPU", True),
 )
 
@@ -387,10 +425,18 @@ def _ms(seconds: float) -> str:
 def _cells(row: ConcurrencyRow) -> tuple[str, ...]:
     ours, theirs = row.ours, row.theirs
     return (
-        row.client, f"{row.level:,} {row.unit}",
-        f"{ours.per_second:,.0f}", _ms(ours.p50), _ms(ours.p99), f"{row.tail:.2f}",
-        row.plain, f"{theirs.per_second:,.0f}", _ms(theirs.p50), _ms(theirs.p99),
-        f"{row.ratio:.2f}", f"{ours.errors:,} / {theirs.errors:,}",
+        row.client,
+        f"{row.level:,} {row.unit}",
+        f"{ours.per_second:,.0f}",
+        _ms(ours.p50),
+        _ms(ours.p99),
+        f"{row.tail:.2f}",
+        row.plain,
+        f"{theirs.per_second:,.0f}",
+        _ms(theirs.p50),
+        _ms(theirs.p99),
+        f"{row.ratio:.2f}",
+        f"{ours.errors:,} / {theirs.errors:,}",
         f"{ours.cpu:.0%} / {theirs.cpu:.0%}",
     )
 
@@ -410,12 +456,19 @@ def aims(rows: Sequence[ConcurrencyRow]) -> list[tuple[str, bool | None]]:
     low, high = min(TASK_LEVELS), max(TASK_LEVELS)
     if low in tasks and high in tasks:
         kept = tasks[high].ours.per_second / tasks[low].ours.per_second
-        out.append((f"AsyncLBTransport, {high:,} tasks / {low:,} tasks, req/s: {kept:.2f} "
-                    f"(aim >= {KEEP})", kept >= KEEP))
+        out.append(
+            (
+                f"AsyncLBTransport, {high:,} tasks / {low:,} tasks, req/s: {kept:.2f} "
+                f"(aim >= {KEEP})",
+                kept >= KEEP,
+            )
+        )
     for row in rows:
-        text = (f"{row.client}, {row.level:,} {row.unit}: p99 {_ms(row.ours.p99)} is "
-                f"{row.tail:.2f}x {row.level:,} / {row.ours.per_second:,.0f} req/s = "
-                f"{_ms(row.little)}")
+        text = (
+            f"{row.client}, {row.level:,} {row.unit}: p99 {_ms(row.ours.p99)} is "
+            f"{row.tail:.2f}x {row.level:,} / {row.ours.per_second:,.0f} req/s = "
+            f"{_ms(row.little)}"
+        )
         if row.unit == "tasks":
             out.append((f"{text} (aim <= {TAIL:g}x)", row.tail <= TAIL))
         else:

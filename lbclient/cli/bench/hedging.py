@@ -178,9 +178,17 @@ def run(quick: bool = False, *, count: int | None = None) -> list[HedgingRow]:
 
 #: The detail table's columns, and whether each is right-aligned.
 COLUMNS = (
-    ("case", False), ("req/s", True), ("p50", True), ("p99", True), ("p99 ratio", True),
-    ("requests", True), ("retries", True), ("hedges", True), ("hedge wins", True),
-    ("exhaustions", True), ("waited", True),
+    ("case", False),
+    ("req/s", True),
+    ("p50", True),
+    ("p99", True),
+    ("p99 ratio", True),
+    ("requests", True),
+    ("retries", True),
+    ("hedges", True),
+    ("hedge wins", True),
+    ("exhaustions", True),
+    ("waited", True),
 )
 
 

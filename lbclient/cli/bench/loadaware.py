@@ -128,11 +128,19 @@ class Run(NamedTuple):
 #: The runs, in order.
 RUNS = (
     Run("1 of 4 slow", f"answers after {SLOW * 1000:g} ms", SLOW),
-    Run("1 of 4 stalling",
-        f"stops answering for {STALL_FOR * 1000:g} ms every {STALL_EVERY:g} s", FAST,
-        stall_every=STALL_EVERY, stall_for=STALL_FOR),
-    Run("1 of 4 failing half", f"answers every {FAIL_EVERY}nd request with a fast 503", FAST,
-        fail_every=FAIL_EVERY),
+    Run(
+        "1 of 4 stalling",
+        f"stops answering for {STALL_FOR * 1000:g} ms every {STALL_EVERY:g} s",
+        FAST,
+        stall_every=STALL_EVERY,
+        stall_for=STALL_FOR,
+    ),
+    Run(
+        "1 of 4 failing half",
+        f"answers every {FAIL_EVERY}nd request with a fast 503",
+        FAST,
+        fail_every=FAIL_EVERY,
+    ),
 )
 
 #: The clients, as the table names them.
@@ -328,21 +336,26 @@ def run(
         tallies = {(client, name): _Tally() for client in CLIENTS for name, _ in ALGORITHMS}
         with ExitStack() as stack:
             backends = start_servers(stack, 3, delay=FAST) + start_servers(
-                stack, 1, delay=each.delay, stall_every=each.stall_every,
-                stall_for=each.stall_for, fail_every=each.fail_every)
+                stack,
+                1,
+                delay=each.delay,
+                stall_every=each.stall_every,
+                stall_for=each.stall_for,
+                fail_every=each.fail_every,
+            )
             for client, case in zip(CLIENTS, cases, strict=True):
                 for _ in range(rounds):
                     for name, make in ALGORITHMS:
-                        case(backends, make(), case_seconds(each, seconds),
-                             tallies[client, name])
+                        case(backends, make(), case_seconds(each, seconds), tallies[client, name])
         rows += [tally.row(each.name, *key) for key, tally in tallies.items()]
     return rows
 
 
 def reference(rows: Sequence[LoadRow], row: LoadRow) -> LoadRow:
     """RoundRobin's row of the same run and client as ``row``."""
-    return next(r for r in rows
-                if r.run == row.run and r.client == row.client and r.algorithm == REFERENCE)
+    return next(
+        r for r in rows if r.run == row.run and r.client == row.client and r.algorithm == REFERENCE
+    )
 
 
 def _ratio(ours: float, theirs: float) -> float | None:
@@ -363,9 +376,19 @@ def ratios(rows: Sequence[LoadRow], row: LoadRow) -> dict[str, float | None]:
 
 #: The table's columns, and whether each is right-aligned.
 COLUMNS = (
-    ("run", False), ("client", False), ("algorithm", False), ("req/s", True),
-    ("req/s x RR", True), ("p50", True), ("p99", True), ("p99 x RR", True), ("odd share", True),
-    ("odd x RR", True), ("503 share", True), ("503 x RR", True), ("client CPU", True),
+    ("run", False),
+    ("client", False),
+    ("algorithm", False),
+    ("req/s", True),
+    ("req/s x RR", True),
+    ("p50", True),
+    ("p99", True),
+    ("p99 x RR", True),
+    ("odd share", True),
+    ("odd x RR", True),
+    ("503 share", True),
+    ("503 x RR", True),
+    ("client CPU", True),
 )
 
 
@@ -381,11 +404,19 @@ def _cells(rows: Sequence[LoadRow], row: LoadRow) -> tuple[str, ...]:
         return "-" if first else _times(got[name])
 
     return (
-        row.run, row.client, row.algorithm,
-        f"{row.per_second:,.0f}", ratio("req/s"),
-        f"{row.p50 * 1000:,.1f} ms", f"{row.p99 * 1000:,.1f} ms", ratio("p99"),
-        f"{row.odd_share:.1%}", ratio("odd share"),
-        f"{row.failed_share:.1%}", ratio("503s"), f"{row.cpu:.0%}",
+        row.run,
+        row.client,
+        row.algorithm,
+        f"{row.per_second:,.0f}",
+        ratio("req/s"),
+        f"{row.p50 * 1000:,.1f} ms",
+        f"{row.p99 * 1000:,.1f} ms",
+        ratio("p99"),
+        f"{row.odd_share:.1%}",
+        ratio("odd share"),
+        f"{row.failed_share:.1%}",
+        ratio("503s"),
+        f"{row.cpu:.0%}",
     )
 
 
@@ -421,8 +452,14 @@ def aims(rows: Sequence[LoadRow]) -> list[Aim]:
     out = []
     for client in dict.fromkeys(row.client for row in rows):
         for run_name, algorithm, figure, sense, bound in AIMS:
-            row = next((r for r in rows if r.run == run_name and r.client == client
-                        and r.algorithm == algorithm), None)
+            row = next(
+                (
+                    r
+                    for r in rows
+                    if r.run == run_name and r.client == client and r.algorithm == algorithm
+                ),
+                None,
+            )
             if row is None:
                 continue
             value = ratios(rows, row)[figure]

@@ -216,10 +216,18 @@ class _Plan:
     def measure(self, reps: int) -> list[Row]:
         medians = _interleaved(self.cases, reps)
         return [
-            _row(row_id, section, kind, algorithm, label, "ns/op", medians[index],
-                 None if baseline is None else medians[baseline], baseline_name)
-            for row_id, section, kind, algorithm, label, index, baseline, baseline_name
-            in self.rows
+            _row(
+                row_id,
+                section,
+                kind,
+                algorithm,
+                label,
+                "ns/op",
+                medians[index],
+                None if baseline is None else medians[baseline],
+                baseline_name,
+            )
+            for row_id, section, kind, algorithm, label, index, baseline, baseline_name in self.rows
         ]
 
 
@@ -345,12 +353,24 @@ def _plan_select(plan: _Plan, bkeys: list[bytes], skeys: list[str], detail: bool
             select = LoadBalancer(backends, algorithm=algorithm).select
             case = f"{name} select, {label}, bytes"
             keys = bkeys[:LINEAR_KEYS] if name in LINEAR_ALGORITHMS and n > 10 else bkeys
-            plan.row(f"select/{name}/{size_id}/bytes", section, "select", name, case,
-                     plan.case(case, select, keys))
+            plan.row(
+                f"select/{name}/{size_id}/bytes",
+                section,
+                "select",
+                name,
+                case,
+                plan.case(case, select, keys),
+            )
             if name in ("Hash", "Consistent") and "weighted" not in size_id:
                 case = f"{name} select, {label}, str"
-                plan.row(f"select/{name}/{size_id}/str", section, "select", name, case,
-                         plan.case(case, select, skeys))
+                plan.row(
+                    f"select/{name}/{size_id}/str",
+                    section,
+                    "select",
+                    name,
+                    case,
+                    plan.case(case, select, skeys),
+                )
 
 
 def _plan_compare(
@@ -370,8 +390,9 @@ def _plan_compare(
     for n in SIZES:
         nodes = _addresses(n)
         select = LoadBalancer(nodes, algorithm=Consistent).select
-        ketama_ms, ketama = _build_ms(partial(uhashring.HashRing, nodes, hash_fn="ketama"),
-                                      build_runs)
+        ketama_ms, ketama = _build_ms(
+            partial(uhashring.HashRing, nodes, hash_fn="ketama"), build_runs
+        )
         ketama_get: Call = ketama.get_node
         md5_ms: float | None = None
         md5_get: Call | None = None
@@ -391,20 +412,40 @@ def _plan_compare(
         keyed = [("str", lb_str)]
         if md5_get is not None:
             keyed.append(("bytes", plan.case("lbclient bytes", select, bkeys)))
-            baselines.append((plan.case("uhashring md5", md5_get, skeys), "uhashring md5", "md5",
-                              "HashRing() md5, 160 vnodes"))
+            baselines.append(
+                (
+                    plan.case("uhashring md5", md5_get, skeys),
+                    "uhashring md5",
+                    "md5",
+                    "HashRing() md5, 160 vnodes",
+                )
+            )
         for base_i, base_name, base_id, what in baselines:
             for keys_label, lb_i in keyed:
-                plan.row(f"compare/{base_id}/{n}/{keys_label}", section, "compare", "Consistent",
-                         f"Consistent {keys_label} keys vs {what}, {n:,} nodes",
-                         lb_i, base_i, base_name)
+                plan.row(
+                    f"compare/{base_id}/{n}/{keys_label}",
+                    section,
+                    "compare",
+                    "Consistent",
+                    f"Consistent {keys_label} keys vs {what}, {n:,} nodes",
+                    lb_i,
+                    base_i,
+                    base_name,
+                )
         if detail and n == max(SIZES):
             # The same rings, timed cold: no warm-up pass, every other case ran in between.
             lb_cold = plan.case("lbclient str, cold", select, skeys, warm=False)
             ketama_cold = plan.case("uhashring ketama, cold", ketama_get, skeys, warm=False)
-            plan.row(f"compare-cold/ketama/{n}/str", section, "compare-cold", "Consistent",
-                     f"Consistent str keys vs HashRing(hash_fn='ketama'), {n:,} nodes, cold",
-                     lb_cold, ketama_cold, KETAMA)
+            plan.row(
+                f"compare-cold/ketama/{n}/str",
+                section,
+                "compare-cold",
+                "Consistent",
+                f"Consistent str keys vs HashRing(hash_fn='ketama'), {n:,} nodes, cold",
+                lb_cold,
+                ketama_cold,
+                KETAMA,
+            )
     return builds
 
 
@@ -418,8 +459,12 @@ def _plan_breakdown(plan: _Plan, bkeys: list[bytes]) -> None:
         ("zlib.crc32(key) alone (Consistent's hash)", crc32, bkeys, True),
         ("xxh3_64(key) alone (Hash's hash)", xxh3_64, bkeys, True),
         ("Hash selector.first, 10 backends, bytes", Hash.build(small).first, bkeys, True),
-        ("Hash LoadBalancer.select, 10 backends, bytes",
-         LoadBalancer(small, algorithm=Hash).select, bkeys, True),
+        (
+            "Hash LoadBalancer.select, 10 backends, bytes",
+            LoadBalancer(small, algorithm=Hash).select,
+            bkeys,
+            True,
+        ),
     ]
     ring = Consistent.build(big)
     hashes = [h for h, _ in ring.points()]
@@ -427,23 +472,27 @@ def _plan_breakdown(plan: _Plan, bkeys: list[bytes]) -> None:
     bisect = partial(bisect_left, hashes)
     select = LoadBalancer(big, algorithm=Consistent).select
     cases += [
-        (f"bisect_left over the {len(hashes):,} ring hashes alone (crc32 precomputed)", bisect,
-         crcs, True),
+        (
+            f"bisect_left over the {len(hashes):,} ring hashes alone (crc32 precomputed)",
+            bisect,
+            crcs,
+            True,
+        ),
         ("Consistent selector.first, 1,000 backends, bytes", ring.first, bkeys, True),
         ("Consistent LoadBalancer.select, 1,000 backends, bytes", select, bkeys, True),
-        ("same, cold: own ring, no warm-up pass, all other cases ran since",
-         LoadBalancer(big, algorithm=Consistent).select, bkeys, False),
-        ("Consistent selector.first, cold (as above)", Consistent.build(big).first, bkeys,
-         False),
+        (
+            "same, cold: own ring, no warm-up pass, all other cases ran since",
+            LoadBalancer(big, algorithm=Consistent).select,
+            bkeys,
+            False,
+        ),
+        ("Consistent selector.first, cold (as above)", Consistent.build(big).first, bkeys, False),
     ]
     for n, (name, fn, keys, warm) in enumerate(cases):
-        plan.row(f"breakdown/{n}", section, "breakdown", "-", name,
-                 plan.case(name, fn, keys, warm))
+        plan.row(f"breakdown/{n}", section, "breakdown", "-", name, plan.case(name, fn, keys, warm))
 
 
-def _build_rows(
-    runs: int, ring_builds: dict[int, tuple[float, float | None]] | None
-) -> list[Row]:
+def _build_rows(runs: int, ring_builds: dict[int, tuple[float, float | None]] | None) -> list[Row]:
     """Section 3: build times in ms (median of ``runs``); baselines from ``ring_builds``."""
     rows: list[Row] = []
     section = "Build, ms (median of runs; prebuilt Backend objects; prepare + sort included)"
@@ -466,19 +515,40 @@ def _build_rows(
     ring = _backends(CONSISTENT_BUILD_BACKENDS, lambda _i: 1)
     ms, selector = _build_ms(partial(Consistent.build, ring), runs)
     case = (
-        f"Consistent.build, {CONSISTENT_BUILD_BACKENDS:,} backends "
-        f"({selector.ring_size:,} points)"
+        f"Consistent.build, {CONSISTENT_BUILD_BACKENDS:,} backends ({selector.ring_size:,} points)"
     )
     row_id = f"build/Consistent/{CONSISTENT_BUILD_BACKENDS}"
     if ring_builds is None:
         rows.append(_row(row_id, section, "build", "Consistent", case, "ms", ms))
         return rows
     ketama_ms, md5_ms = ring_builds[CONSISTENT_BUILD_BACKENDS]
-    rows.append(_row(row_id, section, "build", "Consistent", f"{case} vs uhashring ketama", "ms",
-                     ms, ketama_ms, KETAMA))
+    rows.append(
+        _row(
+            row_id,
+            section,
+            "build",
+            "Consistent",
+            f"{case} vs uhashring ketama",
+            "ms",
+            ms,
+            ketama_ms,
+            KETAMA,
+        )
+    )
     if md5_ms is not None:
-        rows.append(_row(f"{row_id}/md5", section, "build", "Consistent",
-                         f"{case} vs uhashring md5", "ms", ms, md5_ms, "uhashring md5"))
+        rows.append(
+            _row(
+                f"{row_id}/md5",
+                section,
+                "build",
+                "Consistent",
+                f"{case} vs uhashring md5",
+                "ms",
+                ms,
+                md5_ms,
+                "uhashring md5",
+            )
+        )
     return rows
 
 
@@ -538,15 +608,37 @@ def _scale_rows(
                 memory, balancer = _retained_mb(partial(LoadBalancer, first, algorithm))
             update_ms, first_ms = _update_ms(balancer, (second, first), update_runs)
             rows += [
-                _row(f"scale/build/{name}/{n}", section, "scale-build", name,
-                     f"LoadBalancer({name}) build, {n:,} backends", "ms", build_ms),
-                _row(f"scale/update/{name}/{n}", section, "scale-update", name,
-                     f"{name} update(), one backend out and one in, {n:,} backends", "ms",
-                     update_ms),
+                _row(
+                    f"scale/build/{name}/{n}",
+                    section,
+                    "scale-build",
+                    name,
+                    f"LoadBalancer({name}) build, {n:,} backends",
+                    "ms",
+                    build_ms,
+                ),
+                _row(
+                    f"scale/update/{name}/{n}",
+                    section,
+                    "scale-update",
+                    name,
+                    f"{name} update(), one backend out and one in, {n:,} backends",
+                    "ms",
+                    update_ms,
+                ),
             ]
             if memory is not None:
-                rows.append(_row(f"scale/memory/{name}/{n}", section, "scale-memory", name,
-                                 f"{name} balancer memory, {n:,} backends", "MB", memory))
+                rows.append(
+                    _row(
+                        f"scale/memory/{name}/{n}",
+                        section,
+                        "scale-memory",
+                        name,
+                        f"{name} balancer memory, {n:,} backends",
+                        "MB",
+                        memory,
+                    )
+                )
             if name in SCALE_RECORDED and n == top:
                 rows += _recorded_rows(name, algorithm, (first, second), section, first_ms)
             if n == top and name in SCALE_SELECT_ALGORITHMS:
@@ -573,12 +665,24 @@ def _recorded_rows(
     n = len(sets[0])
     memory, _ = _retained_mb(partial(_refreshed, algorithm, sets))
     return [
-        _row(f"scale/first-update/{name}/{n}", section, "scale-update", name,
-             f"{name} first update() after a build (makes the fill's record), {n:,} backends",
-             "ms", first_ms),
-        _row(f"scale/memory-refreshed/{name}/{n}", section, "scale-memory", name,
-             f"{name} balancer memory after one refresh (with the record), {n:,} backends",
-             "MB", memory),
+        _row(
+            f"scale/first-update/{name}/{n}",
+            section,
+            "scale-update",
+            name,
+            f"{name} first update() after a build (makes the fill's record), {n:,} backends",
+            "ms",
+            first_ms,
+        ),
+        _row(
+            f"scale/memory-refreshed/{name}/{n}",
+            section,
+            "scale-memory",
+            name,
+            f"{name} balancer memory after one refresh (with the record), {n:,} backends",
+            "MB",
+            memory,
+        ),
     ]
 
 
@@ -595,8 +699,14 @@ def _plan_scale_select(
     section = f"LoadBalancer.select per algorithm, {n:,} backends"
     for name, balancer in balancers.items():
         case = f"{name} select, {n:,} backends, bytes"
-        plan.row(f"select/{name}/{n}/bytes", section, "select", name, case,
-                 plan.case(case, balancer.select, bkeys))
+        plan.row(
+            f"select/{name}/{n}/bytes",
+            section,
+            "select",
+            name,
+            case,
+            plan.case(case, balancer.select, bkeys),
+        )
     ring = balancers.get("Consistent")
     if ring is None:
         return
@@ -606,9 +716,16 @@ def _plan_scale_select(
     if uhashring is not None:
         nodes = [b.address for b in ring.backends]
         ketama = plan.case(KETAMA, uhashring.HashRing(nodes, hash_fn="ketama").get_node, skeys)
-        plan.row(f"compare/ketama/{n}/str", f"{section}, vs uhashring", "compare", "Consistent",
-                 f"Consistent str keys vs HashRing(hash_fn='ketama'), {n:,} nodes", lb_str,
-                 ketama, KETAMA)
+        plan.row(
+            f"compare/ketama/{n}/str",
+            f"{section}, vs uhashring",
+            "compare",
+            "Consistent",
+            f"Consistent str keys vs HashRing(hash_fn='ketama'), {n:,} nodes",
+            lb_str,
+            ketama,
+            KETAMA,
+        )
 
 
 def repetitions(quick: bool, reps: int | None = None) -> int:
@@ -666,8 +783,9 @@ def run(
                 QUICK_UPDATE_RUNS if quick else FULL_UPDATE_RUNS,
                 scale_sizes,
             )
-            _plan_scale_select(plan, balancers, max(scale_sizes), bkeys, skeys,
-                               uhashring if ketama_10k else None)
+            _plan_scale_select(
+                plan, balancers, max(scale_sizes), bkeys, skeys, uhashring if ketama_10k else None
+            )
             gc.collect()
         _plan_select(plan, bkeys, skeys, detail)
         ring_builds = None
@@ -717,23 +835,34 @@ def floors(rows: Sequence[Row]) -> list[tuple[str, bool, str]]:
     cb = worst("build", ("Consistent",))
     ring = [r for r in rows if r["id"] == RING_MEMORY_ID]
     memory = [
-        (f"Consistent balancer of {max(SCALE_SIZES):,} backends < {FLOOR_RING_MB:,.0f} MB",
-         r["lbclient"] < FLOOR_RING_MB, f"{r['lbclient']:,.1f} MB")
+        (
+            f"Consistent balancer of {max(SCALE_SIZES):,} backends < {FLOOR_RING_MB:,.0f} MB",
+            r["lbclient"] < FLOOR_RING_MB,
+            f"{r['lbclient']:,.1f} MB",
+        )
         for r in ring
     ]
     return [
-        ("Consistent >= 2x faster than uhashring ketama", ketama >= FLOOR_KETAMA_RATIO,
-         f"worst {ketama:.2f}x over {len(ratios)} warm comparisons; "
-         f"cold 1,000-node row, not counted: {cold}"),
+        (
+            "Consistent >= 2x faster than uhashring ketama",
+            ketama >= FLOOR_KETAMA_RATIO,
+            f"worst {ketama:.2f}x over {len(ratios)} warm comparisons; "
+            f"cold 1,000-node row, not counted: {cold}",
+        ),
         ("RoundRobin select < 1 us", rr < FLOOR_NS, f"worst {rr:,.0f} ns"),
         ("Hash select < 1 us", hs < FLOOR_NS, f"worst {hs:,.0f} ns"),
-        (f"weighted build of {WEIGHTED_BUILD_BACKENDS:,} backends < 1 s", wb < FLOOR_BUILD_MS,
-         f"worst {wb:,.1f} ms"),
-        (f"Consistent build of {CONSISTENT_BUILD_BACKENDS:,} backends < 1 s",
-         cb < FLOOR_BUILD_MS, f"{cb:,.1f} ms"),
+        (
+            f"weighted build of {WEIGHTED_BUILD_BACKENDS:,} backends < 1 s",
+            wb < FLOOR_BUILD_MS,
+            f"worst {wb:,.1f} ms",
+        ),
+        (
+            f"Consistent build of {CONSISTENT_BUILD_BACKENDS:,} backends < 1 s",
+            cb < FLOOR_BUILD_MS,
+            f"{cb:,.1f} ms",
+        ),
         *memory,
     ]
-
 
 
 def row_floor(row: Row) -> tuple[str, bool] | None:
@@ -754,6 +883,7 @@ def row_floor(row: Row) -> tuple[str, bool] | None:
         return f"< {FLOOR_RING_MB:,.0f} MB", row["lbclient"] < FLOOR_RING_MB
     return None
 
+
 def _fmt(value: float | None, unit: str) -> str:
     if value is None:
         return "-"
@@ -772,8 +902,13 @@ def format_table(rows: Sequence[Row]) -> str:
     """One plain-text table of ``rows``, by section."""
     head = ("case", "unit", "lbclient", "baseline", "ratio")
     body = [
-        (r["case"], r["unit"], _fmt(r["lbclient"], r["unit"]), _fmt(r["baseline"], r["unit"]),
-         _fmt_ratio(r["ratio"]))
+        (
+            r["case"],
+            r["unit"],
+            _fmt(r["lbclient"], r["unit"]),
+            _fmt(r["baseline"], r["unit"]),
+            _fmt_ratio(r["ratio"]),
+        )
         for r in rows
     ]
     widths = [max(len(line[i]) for line in [head, *body]) for i in range(len(head))]
@@ -812,8 +947,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Print the table and the floors; 0 whether or not the floors are met, 2 without uhashring."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (a few seconds)")
-    parser.add_argument("--ketama-10k", action="store_true",
-                        help="compare with uhashring at 10,000 nodes too (about two minutes more)")
+    parser.add_argument(
+        "--ketama-10k",
+        action="store_true",
+        help="compare with uhashring at 10,000 nodes too (about two minutes more)",
+    )
     args = parser.parse_args(argv)
     try:
         load_uhashring()
@@ -821,13 +959,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(exc, file=sys.stderr)
         return 2
     reps = QUICK_REPS if args.quick else FULL_REPS
-    print(f"Python {platform.python_version()} ({platform.python_implementation()}) "
-          f"on {platform.platform()}, {platform.machine()}")
+    print(
+        f"Python {platform.python_version()} ({platform.python_implementation()}) "
+        f"on {platform.platform()}, {platform.machine()}"
+    )
     print(f"{_versions()}; mode: {'quick' if args.quick else 'full'}")
-    print(f"per-call figures: median of {reps} interleaved repetitions of a Python loop over "
-          f"{NUM_KEYS:,} keys (b'user-N' / 'user-N'),")
-    print("  per call, loop and call overhead included (nothing subtracted), each timed pass "
-          "after an untimed one (hot caches) unless marked cold, GC off")
+    print(
+        f"per-call figures: median of {reps} interleaved repetitions of a Python loop over "
+        f"{NUM_KEYS:,} keys (b'user-N' / 'user-N'),"
+    )
+    print(
+        "  per call, loop and call overhead included (nothing subtracted), each timed pass "
+        "after an untimed one (hot caches) unless marked cold, GC off"
+    )
     print()
     start = time.perf_counter()
     rows = run(quick=args.quick, ketama_10k=args.ketama_10k)

@@ -49,8 +49,9 @@ MAX_HEAD = 65536
 
 def _counted(count: int) -> bytes:
     body = str(count).encode("ascii")
-    return (b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nContent-Type: text/plain\r\n\r\n"
-            % len(body)) + body
+    return (
+        b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nContent-Type: text/plain\r\n\r\n" % len(body)
+    ) + body
 
 
 def served(address: str, timeout: float = 10.0) -> int:
@@ -211,9 +212,7 @@ if sys.platform == "linux":
         """epoll, with timers waited out to the microsecond (epoll alone rounds them up to the
         millisecond, which would stretch a 2 ms delay by a quarter)."""
 
-        def select(
-            self, timeout: float | None = None
-        ) -> list[tuple[selectors.SelectorKey, int]]:
+        def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
             if timeout is not None and timeout > 0:
                 select.select([self.fileno()], [], [], timeout)  # until an event or the timer
                 timeout = 0
@@ -304,14 +303,34 @@ def _count(text: str) -> int:
 def main(argv: list[str] | None = None) -> None:
     """Serve until standard input closes; the port goes to standard output first."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--delay", type=_seconds, default=0.0, metavar="SECONDS",
-                        help="seconds to wait before each answer (default 0)")
-    parser.add_argument("--stall-every", type=_seconds, default=None, metavar="SECONDS",
-                        help="stop answering once per this many seconds (with --stall-for)")
-    parser.add_argument("--stall-for", type=_seconds, default=0.0, metavar="SECONDS",
-                        help="how long each stall lasts (default 0: none)")
-    parser.add_argument("--fail-every", type=_count, default=None, metavar="N",
-                        help="answer every N-th request with a fast 503")
+    parser.add_argument(
+        "--delay",
+        type=_seconds,
+        default=0.0,
+        metavar="SECONDS",
+        help="seconds to wait before each answer (default 0)",
+    )
+    parser.add_argument(
+        "--stall-every",
+        type=_seconds,
+        default=None,
+        metavar="SECONDS",
+        help="stop answering once per this many seconds (with --stall-for)",
+    )
+    parser.add_argument(
+        "--stall-for",
+        type=_seconds,
+        default=0.0,
+        metavar="SECONDS",
+        help="how long each stall lasts (default 0: none)",
+    )
+    parser.add_argument(
+        "--fail-every",
+        type=_count,
+        default=None,
+        metavar="N",
+        help="answer every N-th request with a fast 503",
+    )
     args = parser.parse_args(argv)
     if (args.stall_every is None) != (args.stall_for == 0):
         parser.error("--stall-every and --stall-for go together")

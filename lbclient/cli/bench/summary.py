@@ -73,10 +73,12 @@ TRANSPORT_LABELS = {
 #: Hedging case (as :func:`lbclient.cli.bench.hedging.run` names it) -> what is measured.
 HEDGING_LABELS = {
     "no hedging": "AsyncLBTransport p99, 1 of 3 slow, no hedging",
-    "hedge_after=0.05, RetryBudget(ratio=0.5)":
-        "AsyncLBTransport p99, 1 of 3 slow, hedged at 50 ms, budget ratio 0.5",
-    "hedge_after=0.05, default RetryBudget()":
-        "AsyncLBTransport p99, 1 of 3 slow, hedged at 50 ms, default budget",
+    "hedge_after=0.05, RetryBudget(ratio=0.5)": (
+        "AsyncLBTransport p99, 1 of 3 slow, hedged at 50 ms, budget ratio 0.5"
+    ),
+    "hedge_after=0.05, default RetryBudget()": (
+        "AsyncLBTransport p99, 1 of 3 slow, hedged at 50 ms, default budget"
+    ),
 }
 
 #: The benchmarks of the summary, in the order they run and their rows are shown.
@@ -155,8 +157,16 @@ def _selection_rows(
             base = "-" if have_baseline or "uhashring" not in label else selection.MISSING_UHASHRING
             out.append(SummaryRow(label, unit(row["lbclient"]), base, "-", floor, missed))
         else:
-            out.append(SummaryRow(label, unit(row["lbclient"]), unit(row["baseline"]),
-                                  f"{row['ratio']:.2f}", floor, missed))
+            out.append(
+                SummaryRow(
+                    label,
+                    unit(row["lbclient"]),
+                    unit(row["baseline"]),
+                    f"{row['ratio']:.2f}",
+                    floor,
+                    missed,
+                )
+            )
 
     for n in SELECT_SIZES:
         for name in SELECT_ALGORITHMS:
@@ -171,11 +181,15 @@ def _selection_rows(
         add(f"select Consistent vs uhashring ketama, {n:,} backends, str keys", row, _ns)
     count = selection.WEIGHTED_BUILD_BACKENDS
     for name in ("RoundRobin", "Hash"):
-        add(f"build {name}, {count:,} backends, weights 1..100", by_id[f"build/{name}/{count}"],
-            _ms)
+        add(
+            f"build {name}, {count:,} backends, weights 1..100", by_id[f"build/{name}/{count}"], _ms
+        )
     count = selection.CONSISTENT_BUILD_BACKENDS
-    add(f"build Consistent vs uhashring ketama, {count:,} backends",
-        by_id[f"build/Consistent/{count}"], _ms)
+    add(
+        f"build Consistent vs uhashring ketama, {count:,} backends",
+        by_id[f"build/Consistent/{count}"],
+        _ms,
+    )
     for n in scale_sizes:
         for name, _ in selection.SCALE_ALGORITHMS:
             for figure, what, unit in REFRESH_FIGURES:
@@ -191,20 +205,42 @@ def _transport_rows(rows: Sequence[transport.TransportRow]) -> list[SummaryRow]:
     for row in rows:
         met = row.ratio >= transport.FLOOR
         floor, missed = _floor((f">= {transport.FLOOR:.2f}", met))
-        out.append(SummaryRow(TRANSPORT_LABELS.get(row.case, row.case), _per_second(row.lbclient),
-                              _per_second(row.plain), f"{row.ratio:.2f}", floor, missed))
+        out.append(
+            SummaryRow(
+                TRANSPORT_LABELS.get(row.case, row.case),
+                _per_second(row.lbclient),
+                _per_second(row.plain),
+                f"{row.ratio:.2f}",
+                floor,
+                missed,
+            )
+        )
     return out
 
 
 def _hedging_rows(rows: Sequence[hedging.HedgingRow]) -> list[SummaryRow]:
     """The hedging results as p99 latencies: each hedged case against the case without."""
     reference = rows[0]
-    out = [SummaryRow(HEDGING_LABELS.get(reference.case, reference.case),
-                      _ms(reference.p99 * 1000), "-", "-", "-")]
+    out = [
+        SummaryRow(
+            HEDGING_LABELS.get(reference.case, reference.case),
+            _ms(reference.p99 * 1000),
+            "-",
+            "-",
+            "-",
+        )
+    ]
     for row in rows[1:]:
         ratio = "-" if row.ratio is None else f"{row.ratio:.2f}"
-        out.append(SummaryRow(HEDGING_LABELS.get(row.case, row.case), _ms(row.p99 * 1000),
-                              _ms(reference.p99 * 1000), ratio, "-"))
+        out.append(
+            SummaryRow(
+                HEDGING_LABELS.get(row.case, row.case),
+                _ms(row.p99 * 1000),
+                _ms(reference.p99 * 1000),
+                ratio,
+                "-",
+            )
+        )
     return out
 
 
@@ -234,18 +270,29 @@ def _load_rows(rows: Sequence[loadaware.LoadRow]) -> list[SummaryRow]:
     for client in loadaware.CLIENTS:
         for name, _ in loadaware.ALGORITHMS[1:]:
             for run, figure, label in LOAD_FIGURES:
-                row = next((r for r in rows if r.run == run and r.client == client
-                            and r.algorithm == name), None)
+                row = next(
+                    (
+                        r
+                        for r in rows
+                        if r.run == run and r.client == client and r.algorithm == name
+                    ),
+                    None,
+                )
                 if row is None:
                     continue
                 base = loadaware.reference(rows, row)
                 gain = loadaware.ratios(rows, row)[figure]
                 if gain is not None and figure != "req/s":
                     gain = 1 / gain if gain > 0 else None
-                out.append(SummaryRow(
-                    f"{name} vs RoundRobin {label}, {run}, {client}",
-                    _load_cell(row, figure), _load_cell(base, figure),
-                    "-" if gain is None else f"{gain:.2f}", "-"))
+                out.append(
+                    SummaryRow(
+                        f"{name} vs RoundRobin {label}, {run}, {client}",
+                        _load_cell(row, figure),
+                        _load_cell(base, figure),
+                        "-" if gain is None else f"{gain:.2f}",
+                        "-",
+                    )
+                )
     return out
 
 
@@ -253,18 +300,28 @@ def _concurrency_rows(rows: Sequence[concurrency.ConcurrencyRow]) -> list[Summar
     """Each lbclient client against the plain one at each level of concurrency, as requests
     per second; then AsyncLBTransport's throughput at the most tasks against the fewest."""
     out = [
-        SummaryRow(f"{row.client} vs plain {row.plain}, {row.level:,} {row.unit}",
-                   _per_second(1 / row.ours.per_second), _per_second(1 / row.theirs.per_second),
-                   f"{row.ratio:.2f}", "-")
+        SummaryRow(
+            f"{row.client} vs plain {row.plain}, {row.level:,} {row.unit}",
+            _per_second(1 / row.ours.per_second),
+            _per_second(1 / row.theirs.per_second),
+            f"{row.ratio:.2f}",
+            "-",
+        )
         for row in rows
     ]
     tasks = {row.level: row for row in rows if row.client == "AsyncLBTransport"}
     low, high = min(concurrency.TASK_LEVELS), max(concurrency.TASK_LEVELS)
     if low in tasks and high in tasks:
         most, fewest = tasks[high].ours.per_second, tasks[low].ours.per_second
-        out.append(SummaryRow(
-            f"AsyncLBTransport req/s, {high:,} tasks vs {low:,} tasks",
-            _per_second(1 / most), _per_second(1 / fewest), f"{most / fewest:.2f}", "-"))
+        out.append(
+            SummaryRow(
+                f"AsyncLBTransport req/s, {high:,} tasks vs {low:,} tasks",
+                _per_second(1 / most),
+                _per_second(1 / fewest),
+                f"{most / fewest:.2f}",
+                "-",
+            )
+        )
     return out
 
 
@@ -311,8 +368,9 @@ def run_summary(
     concurrent: list[concurrency.ConcurrencyRow] = []
     if "selection" in parts:
         start = clock()
-        picked = selection.run(quick, detail=False, baseline=have_baseline, reps=reps,
-                               scale=True, scale_sizes=sizes)
+        picked = selection.run(
+            quick, detail=False, baseline=have_baseline, reps=reps, scale=True, scale_sizes=sizes
+        )
         took["selection"] = clock() - start
         rows += _selection_rows(picked, have_baseline, sizes)
     if "transports" in parts:
@@ -400,22 +458,30 @@ def command(args: argparse.Namespace) -> int:
     load_seconds, load_rounds = loadaware.settings(quick, args.seconds)
     busy_seconds, busy_rounds = concurrency.settings(quick, args.seconds)
     print(f"lbclient bench ({'quick' if quick else 'full'} run): {command_line(args)}")
-    print(f"Python {platform.python_version()} ({platform.python_implementation()}) on "
-          f"{platform.platform()}; {_cpus()}")
+    print(
+        f"Python {platform.python_version()} ({platform.python_implementation()}) on "
+        f"{platform.platform()}; {_cpus()}"
+    )
     print(_versions())
     parts = args.parts or PARTS
     settings = {
         "selection": f"median of {reps} interleaved passes over {selection.NUM_KEYS:,} keys",
         "transports": f"median of {rounds} rounds of {count} requests per side",
-        "hedging": f"{hedging.requests_per_case(quick):,} GETs per case from {hedging.TASKS} "
-                   "tasks",
+        "hedging": f"{hedging.requests_per_case(quick):,} GETs per case from {hedging.TASKS} tasks",
         "load-aware": f"{load_rounds} x {load_seconds:g} s per case",
         "concurrency": f"{busy_rounds} x {busy_seconds:g} s per side and level",
     }
     print("; ".join(f"{part}: {what}" for part, what in settings.items() if part in parts))
     print(flush=True)
-    done = run_summary(quick, reps=args.reps, rounds=args.rounds, requests=args.requests,
-                       seconds=args.seconds, scale_sizes=args.scale_sizes, parts=parts)
+    done = run_summary(
+        quick,
+        reps=args.reps,
+        rounds=args.rounds,
+        requests=args.requests,
+        seconds=args.seconds,
+        scale_sizes=args.scale_sizes,
+        parts=parts,
+    )
     rows, seconds = done.rows, done.seconds
     print(format_summary(rows))
     print()
@@ -424,9 +490,13 @@ def command(args: argparse.Namespace) -> int:
         print(hedging.format_table(done.hedged))
         print()
     if done.loads:
-        print(textwrap.fill(
-            f"load-aware, in detail: {loadaware.setup(load_seconds, load_rounds)}",
-            width=100, subsequent_indent="  "))
+        print(
+            textwrap.fill(
+                f"load-aware, in detail: {loadaware.setup(load_seconds, load_rounds)}",
+                width=100,
+                subsequent_indent="  ",
+            )
+        )
         print(loadaware.format_table(done.loads))
         print("load-aware aims (ratios to RoundRobin's):")
         print(loadaware.format_aims(loadaware.aims(done.loads)))
@@ -467,7 +537,8 @@ def command(args: argparse.Namespace) -> int:
         "another full run. --strict makes a full run exit 1 when a floor is missed.",
         f"floors missed: {len(missed)}" + (f" ({'; '.join(missed)})" if missed else ""),
         f"total run time {sum(seconds.values()):.1f} s ("
-        + ", ".join(f"{part} {took:.1f} s" for part, took in seconds.items()) + ")",
+        + ", ".join(f"{part} {took:.1f} s" for part, took in seconds.items())
+        + ")",
     ]
     for note in notes:
         print(textwrap.fill(note, width=100, subsequent_indent="  "))
@@ -507,7 +578,8 @@ def _sizes(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"need ascending sizes of at least 2, got {text}")
     if max(sizes) in SELECT_SIZES:  # its select rows would be named like those
         raise argparse.ArgumentTypeError(
-            f"the largest size may not be one of {', '.join(map(str, SELECT_SIZES))}")
+            f"the largest size may not be one of {', '.join(map(str, SELECT_SIZES))}"
+        )
     return sizes
 
 
@@ -517,7 +589,8 @@ def _parts(text: str) -> tuple[str, ...]:
     unknown = [part for part in parts if part not in PARTS]
     if unknown:
         raise argparse.ArgumentTypeError(
-            f"{', '.join(map(repr, unknown))}: the parts are {', '.join(PARTS)}")
+            f"{', '.join(map(repr, unknown))}: the parts are {', '.join(PARTS)}"
+        )
     return parts
 
 
@@ -529,10 +602,10 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    bench.add_argument("--quick", action="store_true",
-                       help="a short run (seconds, not minutes)")
-    bench.add_argument("--strict", action="store_true",
-                       help="exit 1 when a full run misses a floor")
+    bench.add_argument("--quick", action="store_true", help="a short run (seconds, not minutes)")
+    bench.add_argument(
+        "--strict", action="store_true", help="exit 1 when a full run misses a floor"
+    )
     # For the test suite: fewer repetitions, fewer backends, some parts only; the same code
     # path. Not part of the interface.
     bench.add_argument("--reps", type=_at_least(1), default=None, help=argparse.SUPPRESS)

@@ -344,8 +344,9 @@ def run(
         ):
             rows.append(TransportRow(case, *bench(addresses, count, rounds)))
             if metered:
-                rows.append(TransportRow(f"{case}, metrics", *bench(addresses, count, rounds,
-                                                                     metrics=True)))
+                rows.append(
+                    TransportRow(f"{case}, metrics", *bench(addresses, count, rounds, metrics=True))
+                )
         rows += [
             TransportRow("sync, 1 backend", *bench_sync(addresses[:1], count, rounds)),
             TransportRow("async, 1 backend", *bench_async(addresses[:1], count, rounds)),
