@@ -57,7 +57,7 @@ def policy_from(policy: RetryPolicy | None, **options: Any) -> RetryPolicy:
     given = {
         name: value
         for name, value in options.items()
-        if value is not DEFAULT and (value is not None or name == "budget")
+        if value is not DEFAULT and (value is not None or name in ("budget", "hedge_budget"))
     }
     if policy is not None:
         if not isinstance(policy, RetryPolicy):
@@ -125,7 +125,7 @@ class AdapterConfig(Generic[_R]):
         self.hedges = hedges
         self.policy = self.refuse_hedging(policy)
         #: The account every request through this adapter spends its retries from.
-        self.ledger = Ledger(policy.budget)
+        self.ledger = Ledger(policy.budget, policy.hedge_budget)
         self.hosts = _hosts(hosts)
         self.unavailable = unavailable
         #: The balancer's background work (active check, discovery), or None: started by the

@@ -232,7 +232,7 @@ class RequestPlan:
             return "out of attempts"
         if self._candidate() is None:
             return "no other backend to try"
-        if budget and not self.affordable():
+        if budget and not self.affordable(hedge=True):
             return EXHAUSTED
         return self.deadline_refusal(self.wait())
 
@@ -245,10 +245,20 @@ class RequestPlan:
             return "no other backend to try"
         return self.deadline_refusal(wait)
 
-    def affordable(self) -> bool:
-        """Whether the retry budget has a retry to give now (always, without a budget)."""
+    def affordable(self, hedge: bool = False) -> bool:
+        """Whether the budget has a retry (``hedge``: a hedge) to give now: always without a
+        budget, and for a retry of an attempt that never reached a server (a requeue)."""
         ledger = self.ledger
-        return ledger is None or self._paid or ledger.can_spend(self.clock())
+        if ledger is None or self._paid or (not hedge and self.requeue):
+            return True
+        return ledger.can_spend(self.clock(), hedge)
+
+    @property
+    def requeue(self) -> bool:
+        """Whether a retry now would be a requeue: the attempt recorded last never reached a
+        server, so resending adds no load to any (a requeue spends no retry budget)."""
+        attempts = self.attempts
+        return bool(attempts) and attempts[-1].failure is Failure.NEVER_SENT
 
     def deadline_refusal(self, wait: float) -> str:
         """Why the deadline leaves no time for an attempt after ``wait`` seconds, or ""."""
@@ -376,7 +386,8 @@ class RequestPlan:
         """The backend for the next attempt, or None when no candidate is left or the retry
         budget has nothing to give (then :attr:`stopped` says so and the exhaustion is
         counted). Choosing an ejected backend whose probe is due claims the probe; every
-        attempt after the first spends a retry (``hedge``: a hedge) from the budget.
+        attempt after the first spends a retry (``hedge``: a hedge) from its budget, but a
+        requeue (see :attr:`requeue`), which is counted and free.
         ``waited``: the caller already waited what :meth:`wait` asked, so the attempt starts
         now; otherwise :attr:`pause` says how long to wait before it."""
         balancer = self.balancer
@@ -398,7 +409,8 @@ class RequestPlan:
             delay = 0.0 if waited else self.wait()
             if self.launched and not self._paid:
                 ledger = self.ledger
-                if ledger is not None and not ledger.spend(self.clock(), hedge):
+                requeue = not hedge and self.requeue
+                if ledger is not None and not ledger.spend(self.clock(), hedge, requeue):
                     self.stopped = EXHAUSTED
                     return None
                 self._paid = True

@@ -276,6 +276,7 @@ class _Configured(Generic[_P, _T]):
         deadline: float | None = None,
         hedge_after: float | None = None,
         budget: RetryBudget | Default | None = DEFAULT,
+        hedge_budget: RetryBudget | Default | None = DEFAULT,
         policy: RetryPolicy | None = None,
         verify: ssl.SSLContext | str | bool = True,
         cert: Any = None,
@@ -300,6 +301,7 @@ class _Configured(Generic[_P, _T]):
                 deadline=deadline,
                 hedge_after=hedge_after,
                 budget=budget,
+                hedge_budget=hedge_budget,
             ),
             hosts=hosts,
             unavailable=_unavailable,
@@ -381,10 +383,12 @@ class LBTransport(_Configured[httpcore.ConnectionPool, httpx.HTTPTransport], htt
     * ``hedge_after``: seconds without a response head before an idempotent request is also
       sent to the next backend; the first head wins (None: no hedging; AsyncLBTransport
       only, the sync transport refuses it).
-    * ``budget``: the :class:`~lbclient.RetryBudget` every retry and hedge through this
-      transport spends from (``RetryBudget()``: 20% of requests plus 10 per second over 10 s;
-      None: no budget).
-    * ``policy``: a :class:`~lbclient.RetryPolicy` instead of the eight retry options above
+    * ``budget``: the :class:`~lbclient.RetryBudget` every retry through this transport
+      spends from, but a retry of an attempt that never reached a server (``RetryBudget()``:
+      20% of requests plus 10 per second over 10 s; None: no budget).
+    * ``hedge_budget``: the :class:`~lbclient.RetryBudget` every hedge spends from, apart from
+      the retries' (``RetryBudget()``; None: no budget).
+    * ``policy``: a :class:`~lbclient.RetryPolicy` instead of the nine retry options above
       (giving both is a TypeError); it may carry tenacity strategies of its own.
     * ``verify``, ``cert``, ``trust_env``: TLS verification, client certificate and whether to
       read ``SSL_CERT_FILE``-style settings, as for ``httpx.HTTPTransport`` (True, None, True).

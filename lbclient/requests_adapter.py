@@ -188,7 +188,8 @@ class LBAdapter(HTTPAdapter):
 
     * ``balancer``, ``algorithm``, ``max_attempts``, ``retry_maybe_sent``, ``retry_statuses``,
       ``failure_statuses``, ``attempt_timeout``, ``deadline``, ``budget``, ``policy``: as for
-      :class:`~lbclient.LBTransport` (hedging needs the async httpx transport).
+      :class:`~lbclient.LBTransport`.
+    * ``hedge_after``: a ValueError unless None: hedging needs the async httpx transport.
     * ``hosts``: the logical host names served; requests for other hosts are sent as a plain
       ``HTTPAdapter`` sends them (None: the host of the first request).
     * ``key``: ``key(prepared_request)`` returns the selection key, bytes or str, or None
@@ -220,6 +221,7 @@ class LBAdapter(HTTPAdapter):
         deadline: float | None = None,
         budget: RetryBudget | Default | None = DEFAULT,
         policy: RetryPolicy | None = None,
+        hedge_after: float | None = None,
         pool_connections: int = 10,
         pool_maxsize: int = 10,
         pool_block: bool = False,
@@ -237,6 +239,7 @@ class LBAdapter(HTTPAdapter):
                 attempt_timeout=attempt_timeout,
                 deadline=deadline,
                 budget=budget,
+                hedge_after=hedge_after,
             ),
             hosts=hosts,
             unavailable=_unavailable,

@@ -41,6 +41,7 @@ from lbclient.health import status_set
 
 __all__ = [
     "IDEMPOTENT_METHODS",
+    "MAX_ATTEMPTS",
     "Attempt",
     "Failure",
     "RequestOptions",
@@ -66,30 +67,47 @@ class Failure(enum.Enum):
     LOCAL = "local"
 
 
-def _seconds(name: str, value: object, optional: bool = False) -> None:
+#: The most attempts a request may make, the first included: with every one refused and the
+#: longest backoffs, about ten seconds of trying (gRPC caps its retry policy at 5 attempts).
+MAX_ATTEMPTS: Final = 10
+
+
+def _seconds(
+    name: str,
+    value: object,
+    optional: bool = False,
+    *,
+    positive: bool = False,
+    what: str = "a number of seconds",
+) -> None:
+    """Check a number option: finite, ``>= 0`` (``> 0`` when ``positive`` or ``optional``);
+    None only when ``optional``."""
     if value is None and optional:
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number of seconds, got {value!r}")
-    low_ok = value > 0 if optional else value >= 0
-    if not math.isfinite(value) or not low_ok:
-        bound = "> 0" if optional else ">= 0"
+        raise TypeError(f"{name} must be {what}, got {value!r}")
+    above = optional or positive
+    if not math.isfinite(value) or not (value > 0 if above else value >= 0):
+        bound = "> 0" if above else ">= 0"
         raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
 
 
 def _attempts(value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"max_attempts must be an int, got {value!r}")
-    if value < 1:
-        raise ValueError(f"max_attempts must be >= 1, got {value}")
+    if not 1 <= value <= MAX_ATTEMPTS:
+        raise ValueError(f"max_attempts must be from 1 to {MAX_ATTEMPTS}, got {value}")
 
 
 @dataclass(frozen=True)
 class RetryBudget:
-    """How many retries a transport or adapter may send, as Finagle's and Envoy's retry budgets
-    bound them: over the last ``window`` seconds, ``ratio`` retries per request plus a reserve
-    of ``min_per_second`` retries per second. Any attempt after a request's first, hedges
-    included, spends one; with nothing left, a request is not retried, and its error says so.
+    """How many retries (or hedges) a transport or adapter may send, as Finagle's and Envoy's
+    retry budgets bound them: over the last ``window`` seconds, ``ratio`` per request plus a
+    reserve of ``min_per_second`` a second. Retries spend from the policy's ``budget`` and
+    hedges from its ``hedge_budget``, so that hedging never takes what failover needs. A retry
+    of an attempt that never reached a server (a refused connection, a connect timeout) spends
+    nothing: it adds no load to any server. With nothing left, a request is not retried, and
+    its error says so.
 
     A value: each transport or adapter keeps its own account, shared by every request through
     it (see its ``stats()``).
@@ -104,9 +122,9 @@ class RetryBudget:
     window: float = 10.0
 
     def __post_init__(self) -> None:
-        _seconds("ratio", self.ratio)
-        _seconds("min_per_second", self.min_per_second)
-        _seconds("window", self.window, optional=True)
+        _seconds("ratio", self.ratio, what="a number")
+        _seconds("min_per_second", self.min_per_second, what="a number")
+        _seconds("window", self.window, positive=True)
 
 
 @dataclass(frozen=True)
@@ -115,7 +133,8 @@ class RetryPolicy:
 
     Every option, with its unit and default:
 
-    * ``max_attempts``: attempts per request, the first included (3).
+    * ``max_attempts``: attempts per request, the first included, from 1 to
+      :data:`MAX_ATTEMPTS` (10) (3).
     * ``retry_maybe_sent``: retry maybe-sent failures of idempotent requests with replayable
       bodies (True).
     * ``retry_statuses``: response statuses retried for idempotent requests, e.g.
@@ -132,8 +151,11 @@ class RetryPolicy:
       the client's own timeouts).
     * ``deadline``: seconds for the whole request, all attempts and waits together (None: no
       limit beyond each attempt's timeouts).
-    * ``budget``: the :class:`RetryBudget` every retry and hedge spends from (``RetryBudget()``;
-      None: retries are bounded by ``max_attempts`` alone).
+    * ``budget``: the :class:`RetryBudget` every retry spends from, but a retry of an attempt
+      that never reached a server (``RetryBudget()``; None: retries are bounded by
+      ``max_attempts`` alone).
+    * ``hedge_budget``: the :class:`RetryBudget` every hedge spends from (``RetryBudget()``;
+      None: hedges are bounded by ``max_attempts`` alone).
     * ``retry_after_max``: seconds; a retried response's ``Retry-After`` is waited out up to
       this long (and only if it fits the deadline); a longer one returns the response as it is
       (10.0).
@@ -167,6 +189,7 @@ class RetryPolicy:
     attempt_timeout: float | None = None
     deadline: float | None = None
     budget: RetryBudget | None = RetryBudget()
+    hedge_budget: RetryBudget | None = RetryBudget()
     retry_after_max: float = 10.0
     hedge_after: float | None = None
     stop: Callable[[Any], bool] | None = None
@@ -177,8 +200,10 @@ class RetryPolicy:
 
     def __post_init__(self) -> None:
         _attempts(self.max_attempts)
-        if self.budget is not None and not isinstance(self.budget, RetryBudget):
-            raise TypeError(f"budget must be a RetryBudget or None, got {self.budget!r}")
+        for name in ("budget", "hedge_budget"):
+            budget = getattr(self, name)
+            if budget is not None and not isinstance(budget, RetryBudget):
+                raise TypeError(f"{name} must be a RetryBudget or None, got {budget!r}")
         _seconds("retry_after_max", self.retry_after_max)
         _seconds("hedge_after", self.hedge_after, optional=True)
         if not isinstance(self.retry_maybe_sent, bool):
@@ -219,12 +244,18 @@ class RetryStats:
     hedges: int
     #: Requests whose response came from a hedge rather than the first attempt.
     hedge_wins: int
-    #: Retries and hedges not sent because the retry budget was empty.
+    #: Retries and hedges not sent because their budget was empty.
     exhaustions: int
     #: Retries the budget allows now (None without a budget).
     budget_remaining: float | None
     #: Retries spent within the budget's current window.
     budget_spent: int
+    #: Retries of attempts that never reached a server (free of the budget), since it was made.
+    requeues: int = 0
+    #: Hedges the hedge budget allows now (None without one).
+    hedge_budget_remaining: float | None = None
+    #: Hedges spent within the hedge budget's current window.
+    hedge_budget_spent: int = 0
 
 
 _OVERRIDABLE = ("max_attempts", "attempt_timeout", "deadline", "hedge_after")

@@ -115,13 +115,33 @@ def test_an_empty_budget_stops_the_retry_and_says_so() -> None:
     plan = RequestPlan(LoadBalancer(ADDRS, Hash), b"k", "GET", True, RetryPolicy(), ledger=ledger)
     first = plan.take()
     assert first is not None
-    attempt = plan.failed(first, Fault(Failure.NEVER_SENT), ConnectionError("refused"))
+    attempt = plan.failed(first, Fault(Failure.MAYBE_SENT), ConnectionError("reset"))
     assert plan.may_retry(attempt)  # a question: the budget is the taking step's to spend
     assert ledger.stats(0.0).exhaustions == 0
     assert plan.take() is None  # taking finds nothing to spend, and counts it
     assert ledger.stats(0.0).exhaustions == 1
     assert ledger.stats(0.0).retries == 0
     assert "the retry budget is exhausted" in plan.describe()
+
+
+def test_a_retry_of_an_attempt_never_sent_spends_no_budget() -> None:
+    ledger = Ledger(RetryBudget(ratio=0, min_per_second=0, window=1))  # nothing to spend
+    plan = RequestPlan(LoadBalancer(ADDRS, Hash), b"k", "POST", True, RetryPolicy(), ledger=ledger)
+    first = plan.take()
+    assert first is not None
+    plan.failed(first, Fault(Failure.NEVER_SENT), ConnectionError("refused"))
+    assert plan.requeue
+    assert plan.may_retry()
+    assert plan.affordable()
+    second = plan.take()  # a requeue: it added no load to any server
+    assert second is not None
+    assert second != first
+    stats = ledger.stats(0.0)
+    assert (stats.retries, stats.requeues, stats.exhaustions, stats.budget_spent) == (1, 1, 0, 0)
+    plan.failed(second, Fault(Failure.MAYBE_SENT), ConnectionError("reset"))
+    plan.may_retry()
+    assert plan.take() is None  # a retry of a maybe-sent failure spends, and there is none
+    assert ledger.stats(0.0).exhaustions == 1
 
 
 # -- Retry-After -------------------------------------------------------------------------------
@@ -316,7 +336,10 @@ def test_hedges_count_toward_max_attempts_and_the_budget(
     key = key_for(lb, slow)
     single = AsyncLBTransport(lb, key=lambda r: key, hedge_after=0.05, max_attempts=1)
     broke = AsyncLBTransport(
-        lb, key=lambda r: key, hedge_after=0.05, budget=RetryBudget(ratio=0, min_per_second=0)
+        lb,
+        key=lambda r: key,
+        hedge_after=0.05,
+        hedge_budget=RetryBudget(ratio=0, min_per_second=0),
     )
 
     async def main() -> list[str]:

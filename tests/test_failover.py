@@ -284,7 +284,8 @@ def test_the_plans_questions_leave_the_ledger_and_the_watch_untouched() -> None:
         health=HealthPolicy(consecutive_failures=1, base_ejection_time=1, panic_threshold=0),
         clock=lambda: now[0],
     )
-    ledger = Ledger(RetryBudget(ratio=0, min_per_second=0, window=1))  # nothing to spend
+    empty = RetryBudget(ratio=0, min_per_second=0, window=1)
+    ledger = Ledger(empty, empty)  # nothing to spend, for retries nor hedges
     plan = WatchedPlan(
         lb,
         b"k",
@@ -301,7 +302,7 @@ def test_the_plans_questions_leave_the_ledger_and_the_watch_untouched() -> None:
     other = next(b for b in lb.backends if b != first)
     lb.report(other, False)  # ejected for 1 s; after it, its probe is due
     now[0] = 2.0
-    plan.failed(first, Fault(Failure.NEVER_SENT), ConnectionError("refused"))
+    plan.failed(first, Fault(Failure.MAYBE_SENT), ConnectionError("reset"))
     watch.calls.clear()
     before = ledger.stats(now[0])
     for _ in range(3):

@@ -291,14 +291,16 @@ def test_failures_timeouts_server_errors_and_budget_exhaustion_are_counted() -> 
         assert hanging.count() == 2
 
     # An empty budget keeps every retry back: counted against the backend it would have hit.
+    # (Backends that close without answering: a retry of a refused connection, which reached
+    # no server, spends no budget.)
     registry = CollectorRegistry()
-    dead_ones = sorted(f"127.0.0.1:{closed_port()}" for _ in range(2))
-    stingy = LBTransport(dead_ones, budget=RetryBudget(ratio=0, min_per_second=0))
-    register(stingy, service="stingy", registry=registry)
-    with httpx.Client(transport=stingy, base_url="http://users") as client:
-        for _ in range(3):
-            with pytest.raises(httpx.ConnectError, match="retry budget is exhausted"):
-                client.get("/")
+    with TestServer("close") as one, TestServer("close") as two:
+        stingy = LBTransport([one.address, two.address], budget=RetryBudget(0, 0))
+        register(stingy, service="stingy", registry=registry)
+        with httpx.Client(transport=stingy, base_url="http://users") as client:
+            for _ in range(3):
+                with pytest.raises(httpx.RemoteProtocolError, match="retry budget is exhausted"):
+                    client.get("/")
     samples = metrics_of(registry)
     assert total(samples, "lbclient_retry_budget_exhausted_total", service="stingy") == 3
     assert total(samples, "lbclient_retries_total", service="stingy") == 0
@@ -308,7 +310,7 @@ def test_failures_timeouts_server_errors_and_budget_exhaustion_are_counted() -> 
             "lbclient_requests_total",
             service="stingy",
             result="connection_failure",
-            sent="never",
+            sent="maybe",
         )
         == 3
     )
