@@ -11,7 +11,8 @@ still warm, are used again and the others may expire.
 
 What lives here: :class:`AsyncGate` (asyncio or trio, one event loop). A wait respects its
 timeout (raising TimeoutError) and cancellation; a place handed to a waiter that gave up is
-passed on. What may not: anything about HTTP.
+passed on; closing the gate turns every waiter away at once (:class:`GateClosed`), and every
+later comer. What may not: anything about HTTP.
 """
 
 from __future__ import annotations
@@ -20,7 +21,11 @@ from collections import deque
 
 import anyio
 
-__all__ = ["AsyncGate"]
+__all__ = ["AsyncGate", "GateClosed"]
+
+
+class GateClosed(Exception):
+    """The gate was closed: no place is handed out any more."""
 
 
 class _Turn:
@@ -36,7 +41,7 @@ class _Turn:
 class AsyncGate:
     """Admission for tasks of one event loop."""
 
-    __slots__ = ("_free", "_opened", "_waiters", "active", "limit")
+    __slots__ = ("_closed", "_free", "_opened", "_waiters", "active", "limit")
 
     def __init__(self, limit: int) -> None:
         if limit < 1:
@@ -48,10 +53,14 @@ class AsyncGate:
         self._free: list[int] = []
         self._opened = 0
         self._waiters: deque[_Turn] = deque()
+        self._closed = False
 
     async def enter(self, timeout: float | None) -> int:
         """Wait for a place, at most ``timeout`` seconds (None: no limit); return its slot,
-        a number below ``limit``, held by no one else until it is given back."""
+        a number below ``limit``, held by no one else until it is given back. GateClosed once
+        the gate is closed, whether before or during the wait."""
+        if self._closed:
+            raise GateClosed
         if self.active < self.limit and not self._waiters:
             self.active += 1
             if self._free:
@@ -66,11 +75,19 @@ class AsyncGate:
         except BaseException:
             if turn.slot is not None:  # handed over just as this waiter gave up: pass it on
                 self.leave(turn.slot)
-            else:
+            elif turn in self._waiters:
                 self._waiters.remove(turn)
             raise
-        assert turn.slot is not None
+        if turn.slot is None:  # woken by close()
+            raise GateClosed
         return turn.slot
+
+    def close(self) -> None:
+        """Hand out no place any more: every waiter, and every later comer, gets GateClosed."""
+        self._closed = True
+        waiters, self._waiters = self._waiters, deque()
+        for turn in waiters:
+            turn.event.set()
 
     def leave(self, slot: int) -> None:
         """Give the place and its ``slot`` up: to the first waiter, if any."""

@@ -478,7 +478,9 @@ class RequestPlan:
         self._retry_after = after
         load = self._loads.get(backend)
         if load is not None:  # it stays in flight until the body is done
-            self.balancer.observe(load, seconds, failing or status == 429, after)
+            # The failure penalty is held no longer than a Retry-After the plan would wait out.
+            hold = None if after is None else min(after, self.policy.retry_after_max)
+            self.balancer.observe(load, seconds, failing or status == 429, hold)
 
     def reporter(self, backend: Backend) -> BodyReport:
         """What reports the body of the response just recorded from ``backend``."""
@@ -551,15 +553,18 @@ def retry_after_seconds(value: str, now: float) -> float | None:
     """Seconds a ``Retry-After`` header asks to wait (delay-seconds or an HTTP date, against
     the wall clock ``now``), or None if it is neither."""
     text = value.strip()
-    if text.isdigit():
+    if text.isascii() and text.isdigit():  # "²" is a digit to str.isdigit, not to HTTP
         return float(text)
     try:
         when = email.utils.parsedate_to_datetime(text)
-    except (TypeError, ValueError, IndexError):
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
     if when is None:
         return None
-    return max(0.0, when.timestamp() - now)
+    try:
+        return max(0.0, when.timestamp() - now)
+    except (OverflowError, OSError, ValueError):  # a date past what the platform can count
+        return None
 
 
 def backoff(policy: RetryPolicy, revisit: int) -> float:

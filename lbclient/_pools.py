@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import httpcore
 import httpx
 
-from lbclient._gate import AsyncGate
+from lbclient._gate import AsyncGate, GateClosed
 from lbclient.backend import Backend
 from lbclient.balancer import LoadBalancer
 
@@ -81,7 +81,7 @@ class AsyncPools:
     same at any concurrency. With HTTP/2 on, the slots share one pool, whose connection
     multiplexes them."""
 
-    __slots__ = ("_options", "_pools", "gate")
+    __slots__ = ("_closed", "_options", "_pools", "gate")
 
     def __init__(self, options: dict[str, Any], limit: int) -> None:
         self.gate = AsyncGate(limit)
@@ -94,9 +94,12 @@ class AsyncPools:
             }
         self._options = options
         self._pools: dict[int, httpcore.AsyncConnectionPool] = {}
+        self._closed = False
 
     def pool(self, slot: int) -> httpcore.AsyncConnectionPool:
-        """The pool of ``slot``, made when first needed."""
+        """The pool of ``slot``, made when first needed; GateClosed once closed."""
+        if self._closed:
+            raise GateClosed
         key = slot if not self._options["http2"] else 0
         pool = self._pools.get(key)
         if pool is None:
@@ -109,6 +112,10 @@ class AsyncPools:
         return [c for pool in self._pools.values() for c in pool.connections]
 
     async def aclose(self) -> None:
+        """Turn away every attempt waiting for a place (and every later one), and close the
+        connections."""
+        self._closed = True
+        self.gate.close()
         pools = list(self._pools.values())
         self._pools.clear()
         for pool in pools:

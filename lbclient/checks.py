@@ -271,7 +271,7 @@ class HttpCheck(HealthCheck):
         if self.method == "HEAD" or status < 200 or status in (204, 304):
             return 0
         length = headers.get("content-length", "")
-        if length.isdigit() and "transfer-encoding" not in headers:
+        if length.isascii() and length.isdigit() and "transfer-encoding" not in headers:
             return min(int(length), MAX_BODY)
         return None
 
@@ -338,7 +338,11 @@ def parse_head(head: bytes) -> tuple[int, dict[str, str]]:
     text = head.split(b"\r\n\r\n", 1)[0].decode("latin-1")
     status_line, *lines = text.split("\r\n")
     parts = status_line.split(" ", 2)
-    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+    if (
+        len(parts) < 2
+        or not parts[0].startswith("HTTP/1.")
+        or not (parts[1].isascii() and parts[1].isdigit())
+    ):
         raise CheckFailed(f"not an HTTP/1 response: {status_line[:80]!r}")
     headers = {}
     for line in lines:

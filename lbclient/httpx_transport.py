@@ -32,6 +32,7 @@ import httpcore
 import httpx
 
 from lbclient._config import DEFAULT, AdapterConfig, Default, policy_from
+from lbclient._gate import GateClosed
 from lbclient._loop import run_async, run_sync
 from lbclient._plan import Fault, Timeouts
 from lbclient._pools import AsyncPools, pool_key, pool_options, stale_pools
@@ -522,6 +523,8 @@ class AsyncLBTransport(
         self._closed = True
         pools = list(self._pools.values())
         self._pools.clear()
+        for waiting in pools:  # before any await: nothing queued is sent from here on
+            waiting.gate.close()
         plain, self._plain = self._plain, None
         await self._config.astop_services()
         for pool in pools:
@@ -556,6 +559,8 @@ class _AsyncWire(_Wire):
             raise httpx.PoolTimeout(
                 f"no connection to backend {backend.address} became free in time"
             ) from None
+        except GateClosed:  # aclose() while it waited: nothing more is sent
+            raise RuntimeError("AsyncLBTransport is closed") from None
         try:
             response = await pools.pool(slot).handle_async_request(sent)
             if buffer >= 0:
@@ -570,6 +575,9 @@ class _AsyncWire(_Wire):
         except _HTTPCORE_ERRORS as exc:
             gate.leave(slot)
             raise _httpx_error(exc) from exc
+        except GateClosed:
+            gate.leave(slot)
+            raise RuntimeError("AsyncLBTransport is closed") from None
         except BaseException:
             gate.leave(slot)
             raise

@@ -453,7 +453,7 @@ class _Wire:
         raw = response.raw
         if buffer >= 0:
             length = response.headers.get("Content-Length", "")
-            if length.isdigit() and int(length) <= buffer:
+            if length.isascii() and length.isdigit() and int(length) <= buffer:
                 # Read here, so that a connection lost mid-body can still be retried.
                 try:
                     if self.stream:  # the caller reads raw: keep the body as it came
@@ -523,13 +523,23 @@ def _replayable(body: object) -> bool:
 
 
 def _timeouts(timeout: Any) -> dict[str, float | None]:
-    """requests' ``timeout`` argument as per-operation timeouts."""
-    if isinstance(timeout, tuple):
-        connect, read = timeout
-        return {"connect": connect, "read": read}
+    """requests' ``timeout`` argument as per-operation timeouts, checked as plain requests
+    checks it: urllib3's ``Timeout`` judges each value, and a tuple that is not a valid
+    ``(connect, read)`` pair gets requests' own message (its tests look for it)."""
     if isinstance(timeout, Timeout):
-        return {"connect": _number(timeout.connect_timeout), "read": _number(timeout.read_timeout)}
-    return {"connect": timeout, "read": timeout}
+        checked = timeout
+    elif isinstance(timeout, tuple):
+        try:
+            connect, read = timeout
+            checked = Timeout(connect=connect, read=read)
+        except ValueError:
+            raise ValueError(  # noqa: B904 (chained implicitly, as requests chains it)
+                f"Invalid timeout {timeout}. Pass a (connect, read) timeout tuple, or a single "
+                "float to set both timeouts to the same value."
+            )
+    else:
+        checked = Timeout(connect=timeout, read=timeout)
+    return {"connect": _number(checked.connect_timeout), "read": _number(checked.read_timeout)}
 
 
 def _number(value: object) -> float | None:

@@ -23,6 +23,7 @@ from lbclient import (
     LBAdapter,
     LBTransport,
     LoadBalancer,
+    Random,
     RetryBudget,
     RetryPolicy,
     RoundRobin,
@@ -31,7 +32,7 @@ from lbclient._hedge import hedged
 from lbclient._ledger import Ledger
 from lbclient._plan import Fault, RequestPlan, retry_after_seconds
 from lbclient.retry import Failure, RequestOptions
-from lbclient.testing import Exchange, TestServer
+from lbclient.testing import Exchange, TestServer, closed_port
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -445,3 +446,133 @@ def test_the_hedged_loop_cancels_the_slow_attempt() -> None:
     assert result != f"from {first.address}"
     assert wire.cancelled == [first]
     assert len(plan.attempts) == 1  # the cancelled attempt recorded nothing
+
+
+# -- what a chaos run found ---------------------------------------------------------------------
+
+
+def test_failover_past_refused_connections_works_under_the_default_budget() -> None:
+    """Two live backends and two dead ports, all in rotation (the ejection cap keeps one dead
+    one in): every GET whose first attempt was refused is sent on, under the default budget,
+    because a refused connection reached no server."""
+    with TestServer(name="a") as a, TestServer(name="b") as b:
+        dead = [f"127.0.0.1:{closed_port()}" for _ in range(2)]
+        transport = LBTransport([a.address, b.address, *dead], algorithm=Random)
+        failed: list[BaseException] = []
+
+        def worker(client: httpx.Client) -> None:
+            for _ in range(150):
+                try:
+                    assert client.get("http://users/").status_code == 200
+                except httpx.HTTPError as error:
+                    failed.append(error)
+
+        with httpx.Client(transport=transport) as client:
+            threads = [threading.Thread(target=worker, args=(client,)) for _ in range(8)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        stats = transport.stats()
+    assert failed == []
+    assert stats.requeues > 100  # a quarter or more of the first attempts hit a dead port
+    assert stats.budget_spent == 0  # none of them spent the budget
+    assert stats.exhaustions == 0
+
+
+def test_hedges_spend_their_own_budget_never_the_retries() -> None:
+    def closing(exchange: Exchange) -> bool:
+        return exchange.close()
+
+    with (
+        TestServer("late", name="slow", behaviours={"late": late(0.2)}) as slow,
+        TestServer(name="fast") as fast,
+        TestServer("closing", name="closing", behaviours={"closing": closing}) as closer,
+    ):
+        lb = LoadBalancer([slow.address, fast.address, closer.address], Hash, health=NO_EJECTION)
+        to_slow, to_closer = key_for(lb, slow), key_for(lb, closer)
+        stingy = RetryBudget(ratio=0, min_per_second=0.5, window=10)  # five of each, no more
+        transport = AsyncLBTransport(
+            lb,
+            key=lambda r: r.headers["x-key"],
+            hedge_after=0.02,
+            budget=stingy,
+            hedge_budget=stingy,
+        )
+
+        async def main() -> list[int]:
+            async with httpx.AsyncClient(transport=transport) as client:
+                # A burst of hedged GETs spends the whole hedge budget...
+                for _ in range(8):
+                    await client.get("http://users/", headers={"x-key": to_slow})
+                # ...and failover still has its own: GETs whose first attempt fails are retried.
+                return [
+                    (await client.get("http://users/", headers={"x-key": to_closer})).status_code
+                    for _ in range(5)
+                ]
+
+        assert asyncio.run(main()) == [200] * 5
+    stats = transport.stats()
+    assert stats.hedges == 5  # the hedge budget held five
+    assert stats.budget_spent == 5  # the five retries, from the retries' own budget
+    assert stats.hedge_budget_spent == 5
+
+
+def test_every_hedged_attempt_ends_once_winner_loser_or_late_failure() -> None:
+    def close_late(exchange: Exchange) -> bool:
+        exchange.sleep(0.05)
+        return exchange.close()
+
+    with (
+        TestServer("close_late", name="closer", behaviours={"close_late": close_late}) as closer,
+        TestServer("late", name="answerer", behaviours={"late": late(0.05)}) as answerer,
+    ):
+        lb = LoadBalancer([closer.address, answerer.address], RoundRobin, health=NO_EJECTION)
+        transport = AsyncLBTransport(lb, hedge_after=0.02, hedge_budget=None)
+
+        async def main() -> None:
+            async with httpx.AsyncClient(transport=transport) as client:
+
+                async def task() -> None:
+                    for _ in range(10):
+                        assert (await client.get("http://users/")).status_code == 200
+
+                async with anyio.create_task_group() as group:
+                    for _ in range(10):
+                        group.start_soon(task)
+
+        asyncio.run(main())
+        # Every attempt ended once: nothing is left in flight, on either backend...
+        assert lb.load(closer.address).in_flight == 0
+        assert lb.load(answerer.address).in_flight == 0
+        # ...and the failures that came after their request's winner reached health and load.
+        assert closer.count() > 0
+        assert lb.load(closer.address).penalty > 0
+
+
+def test_a_retry_after_header_of_any_text_is_a_response_or_a_retry() -> None:
+    def odd(exchange: Exchange) -> bool:
+        return exchange.respond(503, b"busy", {"Retry-After": exchange.arg or ""})
+
+    for text in ("\u00b2", "\u00b9", "99999999999", "Fri, 31 Dec 9999 23:59:59 GMT", "soon"):
+        with TestServer(f"odd:{text}", name="odd", behaviours={"odd": odd}) as server:
+            lb = LoadBalancer([server.address], health=NO_EJECTION)
+            with httpx.Client(transport=LBTransport(lb, retry_statuses={503})) as client:
+                assert client.get("http://users/").status_code == 503
+            with requests.Session() as session:
+                session.mount("http://users/", LBAdapter(lb, retry_statuses={503}))
+                assert session.get("http://users/").status_code == 503
+
+
+def test_a_huge_retry_after_holds_the_penalty_no_longer_than_retry_after_max() -> None:
+    now = [100.0]
+    lb = LoadBalancer(ADDRS, Hash, clock=lambda: now[0])
+    policy = RetryPolicy(retry_statuses={503}, retry_after_max=10.0)
+    for header in ("99999999999", "Fri, 31 Dec 9999 23:59:59 GMT"):
+        plan = RequestPlan(lb, b"k", "GET", True, policy, clock=lambda: now[0])
+        first = plan.take()
+        assert first is not None
+        plan.responded(first, 503, header)
+        assert not plan.may_retry()  # longer than retry_after_max: the 503 is returned
+        assert lb.load(first).penalty_floor_until <= now[0] + 10.0
+        plan.reporter(first)(True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -721,3 +722,33 @@ def test_http2_needs_h2(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("lbclient._pools.importlib.util.find_spec", lambda name: None)
     with pytest.raises(ImportError, match=r"lbclient\[http2\]"):
         LBTransport(["127.0.0.1:1"], http2=True)
+
+
+def test_requests_queued_when_aclose_is_called_are_never_sent() -> None:
+    from lbclient.testing import Exchange
+
+    held = threading.Event()
+
+    def hold(exchange: Exchange) -> bool:
+        held.set()
+        exchange.sleep(0.3)
+        return exchange.respond()
+
+    with TestServer("hold", behaviours={"hold": hold}) as server:
+        limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)  # one at a time
+        transport = AsyncLBTransport([server.address], limits=limits, max_attempts=1)
+
+        async def main() -> list[BaseException | int]:
+            client = httpx.AsyncClient(transport=transport)
+            tasks = [asyncio.ensure_future(client.get("http://users/")) for _ in range(20)]
+            while not held.is_set():  # the first is inside, the other 19 wait their turn
+                await asyncio.sleep(0.01)
+            await transport.aclose()
+            outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+            return [o if isinstance(o, BaseException) else o.status_code for o in outcomes]
+
+        outcomes = asyncio.run(main())
+        queued = [o for o in outcomes if isinstance(o, RuntimeError)]
+        assert len(queued) == 19  # turned away with the transport's closed error
+        assert all("AsyncLBTransport is closed" in str(o) for o in queued)
+        assert server.count() == 1  # nothing queued was sent, before or after aclose()

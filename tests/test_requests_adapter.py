@@ -334,3 +334,23 @@ def test_each_requests_tls_settings_get_their_own_pool(tmp_path: Path) -> None:
         ca = certs.write_ca(tmp_path / "ca.pem")
         assert session.get("https://users.internal/", verify=str(ca)).status_code == 200
         assert session.get("https://users.internal/", verify=False).status_code == 200
+
+
+@pytest.mark.parametrize("timeout", [(1, 2, 3), "foo", (1, "x"), -1, (0, 1)])
+def test_a_bad_timeout_is_the_error_plain_requests_raises(timeout: object) -> None:
+    def error_of(session: requests.Session, url: str) -> tuple[type[BaseException], str]:
+        with pytest.raises(Exception) as caught:  # noqa: PT011 (whatever requests raises)
+            session.get(url, timeout=timeout)  # type: ignore[arg-type]
+        return type(caught.value), str(caught.value)
+
+    with TestServer() as server, requests.Session() as plain, requests.Session() as ours:
+        ours.mount("http://users/", LBAdapter([server.address]))
+        expected = error_of(plain, server.url)
+        assert expected[0] is ValueError
+        assert error_of(ours, "http://users/") == expected
+        assert server.count() == 0
+
+
+def test_lbadapter_refuses_hedging_with_a_value_error() -> None:
+    with pytest.raises(ValueError, match=r"hedge_after=0\.1: LBAdapter does not hedge"):
+        LBAdapter(["127.0.0.1:80"], hedge_after=0.1)

@@ -434,3 +434,18 @@ def test_request_options_override_the_policy() -> None:
         RequestOptions.coerce({"timeout_s": 1})
     with pytest.raises(ValueError, match="deadline"):
         RequestOptions(deadline=0)
+
+
+def test_max_attempts_is_capped_and_a_budget_needs_a_window() -> None:
+    from lbclient import LBTransport, RetryBudget
+    from lbclient.retry import MAX_ATTEMPTS
+
+    assert RetryPolicy(max_attempts=MAX_ATTEMPTS).max_attempts == 10
+    for bad in (MAX_ATTEMPTS + 1, 10**6):
+        with pytest.raises(ValueError, match=f"from 1 to 10, got {bad}"):
+            RetryPolicy(max_attempts=bad)
+        with pytest.raises(ValueError, match="max_attempts"):
+            LBTransport(ADDRS, max_attempts=bad)
+    for window in (None, 0, "10"):
+        with pytest.raises((TypeError, ValueError), match="window"):
+            RetryBudget(window=window)  # type: ignore[arg-type]
