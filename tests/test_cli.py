@@ -90,8 +90,8 @@ def bench_rows(scale: tuple[int, ...] = SCALE_SIZES) -> dict[str, str]:
         "LBTransport vs plain httpx.Client, 1 backend": "req/s",
         "AsyncLBTransport vs plain httpx.AsyncClient, 1 backend": "req/s",
         "AsyncLBTransport p99, 1 of 3 slow, no hedging": "ms",
-        "AsyncLBTransport p99, 1 of 3 slow, hedged at 50 ms, budget ratio 0.5": "ms",
-        "AsyncLBTransport p99, 1 of 3 slow, hedged at 50 ms, default budget": "ms",
+        "AsyncLBTransport p99, 1 of 3 slow, hedged at 50 ms, hedge budget ratio 0.5": "ms",
+        "AsyncLBTransport p99, 1 of 3 slow, hedged at 50 ms, default hedge budget": "ms",
         **{
             f"{algorithm} vs RoundRobin {figure}, {run}, {client}": unit
             for client in ("AsyncLBTransport, 32 tasks", "LBAdapter, 16 threads")
@@ -126,8 +126,8 @@ SHARE_ROWS = [name for name, unit in BENCH_ROWS.items() if unit == "%"]
 # The hedging benchmark's cases, its table's columns, and the columns that are counts.
 HEDGING_CASES = [
     "no hedging",
-    "hedge_after=0.05, RetryBudget(ratio=0.5)",
-    "hedge_after=0.05, default RetryBudget()",
+    "hedge_after=0.05, hedge_budget=RetryBudget(ratio=0.5)",
+    "hedge_after=0.05, default hedge budget",
 ]
 HEDGING_COLUMNS = [
     "case",

@@ -1,5 +1,5 @@
 """Hedging benchmark: tail latency through ``AsyncLBTransport`` when one backend of three is
-slow, without hedged requests and with them, under two retry budgets.
+slow, without hedged requests and with them, under two hedge budgets.
 
 Run it alone::
 
@@ -16,10 +16,11 @@ over it; 16 asyncio tasks then send the case's GETs between them, each task one 
 time, as fast as the answers come. The cases, in this order:
 
 * no hedging (the transport's defaults);
-* ``hedge_after=0.05`` with ``RetryBudget(ratio=0.5)``: room for every slow first attempt to
-  be hedged;
-* ``hedge_after=0.05`` with the default ``RetryBudget()`` (20% of requests plus 10 per second
-  over 10 s): its reserve of 100 covers the hedges of a quick run, not those of a full run.
+* ``hedge_after=0.05`` with ``hedge_budget=RetryBudget(ratio=0.5)``: room for every slow
+  first attempt to be hedged;
+* ``hedge_after=0.05`` with the default hedge budget, ``RetryBudget()`` (20% of requests plus
+  10 per second over 10 s): its reserve of 100 covers the hedges of a quick run, not those of a
+  full run.
 
 Every latency is one ``client.get`` from the call to the body read, connection setup included
 (the pools start cold). p50 and p99 are nearest-rank percentiles of all the case's latencies;
@@ -78,13 +79,16 @@ Make = Callable[[Sequence[str]], AsyncLBTransport]
 CASES: tuple[tuple[str, Make], ...] = (
     ("no hedging", lambda backends: AsyncLBTransport(backends, algorithm=RoundRobin)),
     (
-        f"hedge_after={HEDGE_AFTER:g}, RetryBudget(ratio=0.5)",
+        f"hedge_after={HEDGE_AFTER:g}, hedge_budget=RetryBudget(ratio=0.5)",
         lambda backends: AsyncLBTransport(
-            backends, algorithm=RoundRobin, hedge_after=HEDGE_AFTER, budget=RetryBudget(ratio=0.5)
+            backends,
+            algorithm=RoundRobin,
+            hedge_after=HEDGE_AFTER,
+            hedge_budget=RetryBudget(ratio=0.5),
         ),
     ),
     (
-        f"hedge_after={HEDGE_AFTER:g}, default RetryBudget()",
+        f"hedge_after={HEDGE_AFTER:g}, default hedge budget",
         lambda backends: AsyncLBTransport(backends, algorithm=RoundRobin, hedge_after=HEDGE_AFTER),
     ),
 )
@@ -235,7 +239,7 @@ NOTES = (
     "p50, p99: nearest-rank percentiles of every request's latency (call to body read); req/s: "
     "requests over the case's wall time; p99 ratio: the no-hedging p99 / the case's (above 1, "
     "hedging cut the tail); retries: attempts after a request's first, hedges included; hedge "
-    "wins: requests answered by their hedge; exhaustions: the budget's refusals, as stats() "
+    "wins: requests answered by their hedge; exhaustions: the budgets' refusals, as stats() "
     "counts them; waited: requests that took the slow backend's "
     f"{DELAY * 1000:.0f} ms or longer (slow first attempts left unhedged)."
 )

@@ -73,11 +73,11 @@ TRANSPORT_LABELS = {
 #: Hedging case (as :func:`lbclient.cli.bench.hedging.run` names it) -> what is measured.
 HEDGING_LABELS = {
     "no hedging": "AsyncLBTransport p99, 1 of 3 slow, no hedging",
-    "hedge_after=0.05, RetryBudget(ratio=0.5)": (
-        "AsyncLBTransport p99, 1 of 3 slow, hedged at 50 ms, budget ratio 0.5"
+    "hedge_after=0.05, hedge_budget=RetryBudget(ratio=0.5)": (
+        "AsyncLBTransport p99, 1 of 3 slow, hedged at 50 ms, hedge budget ratio 0.5"
     ),
-    "hedge_after=0.05, default RetryBudget()": (
-        "AsyncLBTransport p99, 1 of 3 slow, hedged at 50 ms, default budget"
+    "hedge_after=0.05, default hedge budget": (
+        "AsyncLBTransport p99, 1 of 3 slow, hedged at 50 ms, default hedge budget"
     ),
 }
 
