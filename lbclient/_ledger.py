@@ -48,9 +48,6 @@ class _Window:
             self.spent[slot] = 0
         return slot
 
-    def deposit(self, now: float) -> None:
-        self.requests[self.slot(now)] += 1
-
     def totals(self, now: float) -> tuple[int, int]:
         """(requests, spent) within the window at ``now``."""
         oldest = int(now // self.width) - SLOTS + 1
@@ -75,6 +72,7 @@ class Ledger:
         "_hedging",
         "_lock",
         "_retrying",
+        "_windows",
         "budget",
         "exhaustions",
         "hedge_budget",
@@ -91,6 +89,8 @@ class Ledger:
         self._lock = threading.Lock()
         self._retrying = None if budget is None else _Window(budget)
         self._hedging = None if hedge_budget is None else _Window(hedge_budget)
+        #: The windows there are, for deposits.
+        self._windows = tuple(w for w in (self._retrying, self._hedging) if w is not None)
         self.requests = self.retries = self.requeues = 0
         self.hedges = self.hedge_wins = self.exhaustions = 0
 
@@ -105,13 +105,17 @@ class Ledger:
 
     def deposit(self, now: float) -> None:
         """One request started."""
-        retrying, hedging = self._retrying, self._hedging
-        with self._lock:
+        windows = self._windows
+        with self._lock:  # as _Window.slot, inline: this runs once per request
             self.requests += 1
-            if retrying is not None:
-                retrying.deposit(now)
-            if hedging is not None:
-                hedging.deposit(now)
+            for window in windows:
+                epoch = int(now // window.width)
+                slot = epoch % SLOTS
+                if window.epochs[slot] != epoch:
+                    window.epochs[slot] = epoch
+                    window.requests[slot] = 0
+                    window.spent[slot] = 0
+                window.requests[slot] += 1
 
     def can_spend(self, now: float, hedge: bool = False) -> bool:
         """Whether one more retry (or hedge) fits its budget now."""
