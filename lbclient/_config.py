@@ -22,7 +22,8 @@ import anyio
 
 from lbclient._ledger import Ledger
 from lbclient._observe import Observer, enlist, watched_plan
-from lbclient._plan import RequestPlan, redact
+from lbclient._plan import RequestPlan
+from lbclient._redact import redact
 from lbclient._services import Services, services_of
 from lbclient.backend import Backend
 from lbclient.balancer import LoadBalancer

@@ -22,11 +22,11 @@ import functools
 import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Final, NamedTuple
-from urllib.parse import urlsplit, urlunsplit
 
 from tenacity import RetryCallState, wait_random_exponential
 
 from lbclient._load import Load
+from lbclient._redact import redact
 from lbclient.backend import Backend
 from lbclient.balancer import LoadBalancer
 from lbclient.health import Outcome
@@ -42,7 +42,6 @@ __all__ = [
     "Fault",
     "RequestPlan",
     "Timeouts",
-    "redact",
     "retry_after_seconds",
 ]
 
@@ -579,25 +578,3 @@ def backoff(policy: RetryPolicy, revisit: int) -> float:
 @functools.lru_cache(maxsize=64)
 def _strategy(base: float, cap: float) -> wait_random_exponential:
     return wait_random_exponential(multiplier=base, max=cap)
-
-
-def redact(text: str) -> str:
-    """``text`` (a URL, or a message holding one) with any URL password replaced."""
-    if "@" not in text:
-        return text
-    return " ".join(_redact_url(word) for word in text.split(" "))
-
-
-def _redact_url(word: str) -> str:
-    if "@" not in word or "://" not in word:
-        return word
-    try:
-        parts = urlsplit(word)
-        password = parts.password
-    except ValueError:
-        return word
-    if not password:
-        return word
-    userinfo, _, hostport = parts.netloc.rpartition("@")
-    user = userinfo.partition(":")[0]
-    return urlunsplit(parts._replace(netloc=f"{user}:[secure]@{hostport}"))

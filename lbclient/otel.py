@@ -48,7 +48,8 @@ except ImportError as exc:  # the extra is not installed
 from lbclient import __version__
 from lbclient._config import AdapterConfig, config_of
 from lbclient._observe import attach, detach
-from lbclient._plan import Fault, RequestPlan, redact
+from lbclient._plan import Fault, RequestPlan
+from lbclient._redact import redact
 from lbclient.backend import Backend
 from lbclient.retry import Attempt
 

@@ -10,7 +10,8 @@ from conftest import AsyncFakeWire, Boom, Clock, FakeWire
 from lbclient import Backend, Hash, HealthPolicy, LoadBalancer, RoundRobin
 from lbclient._config import AdapterConfig, policy_from
 from lbclient._loop import drive_async, drive_sync
-from lbclient._plan import Fault, RequestPlan, redact
+from lbclient._plan import Fault, RequestPlan
+from lbclient._redact import redact
 from lbclient.errors import KeyFunctionError, NoBackendAvailable
 from lbclient.retry import Failure, RequestOptions, RetryPolicy
 
