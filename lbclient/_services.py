@@ -50,8 +50,9 @@ class Keeper(Protocol):
         ...
 
     async def prepare(self) -> None:
-        """Work done on the runner before the first start returns (discovery's first lookup);
-        must not raise."""
+        """Work done on the runner before the first start returns (discovery's first lookup;
+        a start waits for it at most the discovery's timeout); what it raises, the starts
+        waiting for it raise."""
         ...
 
 

@@ -29,7 +29,7 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any, Final
 
-__all__ = ["MAX_WEIGHT", "Backend", "shown"]
+__all__ = ["MAX_WEIGHT", "SHOWN_MAX", "Backend", "shown"]
 
 #: The largest weight a backend may have. Weights expand into table entries and ring points,
 #: so an absurd weight would turn into an absurd amount of memory.
