@@ -62,9 +62,9 @@ THREADS: Final = 1 + WORKERS
 #: :class:`Lane`'s ``-worker_call``).
 THREAD_NAME: Final = "lbclient-runner"
 #: Seconds a :class:`Lane` call that is cancelled (its runner stops) waits for the call to
-#: return, so that a call about to end leaves no thread behind; one that takes longer is left
-#: to end on its own thread.
-LINGER: Final = 1.0
+#: return, blocking, so that a call about to end leaves no thread behind; one that takes
+#: longer is left to end on its own thread.
+LINGER: Final = 0.1
 
 _T = TypeVar("_T")
 
@@ -208,10 +208,9 @@ class Lane:
         try:
             await asyncio.wait({arrived}, timeout=timeout)
         except asyncio.CancelledError:
-            # A stop: a call about to return may end first, leaving no thread behind.
-            await asyncio.wait({arrived}, timeout=LINGER)
-            if arrived.done():
-                thread.join()
+            # A stop: a call about to return ends first, leaving no thread behind. A join, not
+            # an await: a stop may cancel again at once (a thread runner's does).
+            thread.join(LINGER)
             raise
         if not arrived.done():
             raise TimeoutError(f"{what} did not return within {timeout:g} s")

@@ -218,8 +218,9 @@ class Function(ServiceDiscovery):
     on the event loop the balancer's runner uses (an asyncio user's own, or the runner
     thread's), and cancelled at the source's ``timeout``. A plain function runs on a thread of
     its own, so it may block (an HTTP call to a registry): past the ``timeout`` the lookup fails
-    and the call is left to end by itself (nothing waits for it: not a request, not
-    ``close()``, not ``asyncio.run()``), and the function is not called again until it has.
+    and the call is left to end by itself (no request waits for it, and ``close()`` or
+    ``asyncio.run()`` only a tenth of a second), and the function is not called again until
+    it has.
     """
 
     def __init__(self, fn: Callable[[], Answer | Awaitable[Answer]], **options: Any) -> None:
