@@ -12,6 +12,10 @@ What lives here: the two kinds of job, as plain values, and the two runners that
   and however many rounds; no thread is created per round or per job, and none is left once
   :meth:`~ThreadRunner.stop` returns.
 * :class:`TaskRunner`, for asyncio code: every job is a task of the running loop; no thread.
+* :class:`Lane`, for blocking work that may not keep its timeout (a function of the user's):
+  one call at a time, on a daemon thread of its own, awaited within a timeout and then left to
+  end by itself; neither a stop (beyond :data:`LINGER`), nor ``asyncio.run()``, nor the
+  interpreter's exit waits for it. One more thread per lane while a call runs, none after.
 
 A stop made from one of the runner's own threads or tasks (a callback that closes the balancer
 while a job reports to it) cancels the jobs and returns without waiting for itself.
@@ -28,15 +32,19 @@ import concurrent.futures
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Final, Protocol, TypeVar
+from typing import Any, Final, Protocol, TypeVar
 
 __all__ = [
+    "LINGER",
     "THREADS",
     "WORKERS",
+    "Busy",
     "Every",
     "Job",
+    "Lane",
     "Runner",
     "TaskRunner",
     "ThreadRunner",
@@ -50,8 +58,13 @@ logger = logging.getLogger("lbclient")
 WORKERS: Final = 4
 #: The most threads a :class:`ThreadRunner` runs: its event loop's, and its pool's.
 THREADS: Final = 1 + WORKERS
-#: The name of a :class:`ThreadRunner`'s thread (its pool's threads add ``-worker_<n>``).
+#: The name of a :class:`ThreadRunner`'s thread (its pool's threads add ``-worker_<n>``, a
+#: :class:`Lane`'s ``-worker_call``).
 THREAD_NAME: Final = "lbclient-runner"
+#: Seconds a :class:`Lane` call that is cancelled (its runner stops) waits for the call to
+#: return, blocking, so that a call about to end leaves no thread behind; one that takes
+#: longer is left to end on its own thread.
+LINGER: Final = 0.1
 
 _T = TypeVar("_T")
 
@@ -106,19 +119,111 @@ async def _await(fn: Callable[[], Awaitable[_T]]) -> _T:
     return await fn()
 
 
-async def wait_future(future: concurrent.futures.Future[_T]) -> _T:
+async def wait_future(future: concurrent.futures.Future[_T], timeout: float | None = None) -> _T:
     """The result of ``future`` (set on another thread), awaited without blocking the event
     loop: on asyncio, with no thread; on another async library (trio), from one of its worker
-    threads."""
+    threads. ``timeout``: seconds to wait at most (None: until it is done), then TimeoutError.
+    Cancelling the wait leaves ``future`` alone (others may wait for it too)."""
     if future.done():
         return future.result()
     try:
-        asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
     except RuntimeError:  # another async library
         import anyio.to_thread
 
-        return await anyio.to_thread.run_sync(future.result)
-    return await asyncio.wrap_future(future)
+        return await anyio.to_thread.run_sync(lambda: future.result(timeout))
+    arrived: asyncio.Future[None] = loop.create_future()
+
+    def settle() -> None:
+        if not arrived.done():
+            arrived.set_result(None)
+
+    def tell(_done: object) -> None:
+        with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits there
+            loop.call_soon_threadsafe(settle)
+
+    future.add_done_callback(tell)
+    await asyncio.wait({arrived}, timeout=timeout)
+    if not future.done():
+        raise TimeoutError(f"not done within {timeout:g} s")
+    return future.result()
+
+
+class Busy(RuntimeError):
+    """A :class:`Lane` was asked for a call while its previous one still runs."""
+
+
+class Lane:
+    """Blocking calls made one at a time, each on a daemon thread of its own, awaited within a
+    timeout: for work that may block past any timeout (a function of the user's).
+
+    A call still running at its timeout fails the wait with TimeoutError and is left to end on
+    its thread (its result is dropped); until it has, the lane refuses another call
+    (:class:`Busy`), so a function that hangs holds one thread, not one per attempt. No one
+    waits for such a thread: a runner's stop waits at most :data:`LINGER` for a call in flight,
+    and neither ``asyncio.run()`` nor the interpreter's exit waits for it (it is no executor's).
+    """
+
+    def __init__(self, name: str = f"{THREAD_NAME}-worker_call") -> None:
+        self.name = name
+        self._lock = threading.Lock()
+        #: The thread of the latest call, and when it started (monotonic seconds).
+        self._latest: tuple[threading.Thread, float] | None = None
+
+    async def run(self, fn: Callable[[], _T], timeout: float, what: str) -> _T:
+        """``fn()``, called on a thread of its own and awaited for ``timeout`` seconds at most;
+        ``what`` names it in the errors (TimeoutError, :class:`Busy`)."""
+        loop = asyncio.get_running_loop()
+        arrived: asyncio.Future[_T] = loop.create_future()
+
+        def deliver(value: _T | None, error: Exception | None) -> None:
+            if arrived.done():
+                return
+            if error is not None:
+                arrived.set_exception(error)
+            else:
+                arrived.set_result(value)  # type: ignore[arg-type]
+
+        def body() -> None:
+            value: _T | None = None
+            error: Exception | None = None
+            try:
+                value = fn()
+            except Exception as exc:
+                error = exc
+            with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits
+                loop.call_soon_threadsafe(deliver, value, error)
+
+        with self._lock:
+            latest = self._latest
+            if latest is not None and latest[0].is_alive():
+                raise Busy(
+                    f"{what} has not returned from its call of "
+                    f"{time.monotonic() - latest[1]:.3g} s ago; it is not called again until "
+                    "it does"
+                )
+            thread = threading.Thread(target=body, name=self.name, daemon=True)
+            self._latest = (thread, time.monotonic())
+            thread.start()
+        try:
+            await asyncio.wait({arrived}, timeout=timeout)
+        except asyncio.CancelledError:
+            # A stop: a call about to return ends first, leaving no thread behind. A join, not
+            # an await: a stop may cancel again at once (a thread runner's does).
+            thread.join(LINGER)
+            raise
+        if not arrived.done():
+            raise TimeoutError(f"{what} did not return within {timeout:g} s")
+        thread.join()  # its last step was to deliver: it is ending
+        return arrived.result()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Lane, (self.name,))
+
+    def __repr__(self) -> str:
+        latest = self._latest
+        state = "busy" if latest is not None and latest[0].is_alive() else "idle"
+        return f"<Lane {self.name} {state}>"
 
 
 class Runner(Protocol):
@@ -135,6 +240,11 @@ class Runner(Protocol):
 
     async def acall(self, fn: Callable[[], Awaitable[_T]]) -> _T:
         """Await ``fn()`` once on the runner's event loop (from any async code)."""
+        ...
+
+    def submit(self, fn: Callable[[], Awaitable[object]]) -> None:
+        """Start awaiting ``fn()`` once on the runner's event loop, without waiting for it; it
+        is cancelled by a stop like a job (a task runner: from its own loop only)."""
         ...
 
     def serves(self, asynchronous: bool) -> bool:
@@ -224,6 +334,10 @@ class ThreadRunner:
     async def acall(self, fn: Callable[[], Awaitable[_T]]) -> _T:
         return await wait_future(asyncio.run_coroutine_threadsafe(_await(fn), self._loop))
 
+    def submit(self, fn: Callable[[], Awaitable[object]]) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: stopped
+            asyncio.run_coroutine_threadsafe(_await(fn), self._loop)
+
     def serves(self, asynchronous: bool) -> bool:
         """A thread serves users of every kind while it runs."""
         return not self._stopping.is_set() and self._thread.is_alive()
@@ -259,8 +373,10 @@ class TaskRunner:
     def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self._loop = asyncio.get_running_loop() if loop is None else loop
         self._tasks: list[asyncio.Task[None]] = []
+        #: Tasks of :meth:`submit`: cancelled and awaited by a stop like the jobs.
+        self._calls: list[asyncio.Task[object]] = []
         self._stopping = threading.Event()
-        #: Set once every job's task has ended (at once while there is none).
+        #: Set once every job's (and submitted) task has ended (at once while there is none).
         self._ended = threading.Event()
         self._ended.set()
         self._patience = 1.0
@@ -280,9 +396,12 @@ class TaskRunner:
         task.add_done_callback(self._note_end)
         self._patience = max(self._patience, job.timeout + 1.0)
 
-    def _note_end(self, _task: asyncio.Task[None]) -> None:
-        if all(task.done() for task in self._tasks):
+    def _note_end(self, _task: asyncio.Task[Any]) -> None:
+        if all(task.done() for task in self._all()):
             self._ended.set()
+
+    def _all(self) -> list[asyncio.Task[Any]]:
+        return [*self._tasks, *self._calls]
 
     def spawn(self, job: Job) -> None:
         if self._on_loop():
@@ -299,6 +418,18 @@ class TaskRunner:
             raise RuntimeError("TaskRunner.acall from another event loop")
         return await fn()
 
+    def submit(self, fn: Callable[[], Awaitable[object]]) -> None:
+        if not self._on_loop():
+            raise RuntimeError("TaskRunner.submit from another event loop")
+        if self._stopping.is_set():
+            return
+        self._calls = [task for task in self._calls if not task.done()]
+        task = self._loop.create_task(_await(fn))
+        self._calls.append(task)
+        self._ended.clear()
+        task.add_done_callback(self._note_end)
+        self._patience = max(self._patience, LINGER + 1.0)
+
     def serves(self, asynchronous: bool) -> bool:
         """Only async users of its own loop, while its jobs run."""
         return (
@@ -309,7 +440,7 @@ class TaskRunner:
         )
 
     def _halt(self) -> None:
-        for task in self._tasks:
+        for task in self._all():
             task.cancel()
 
     def stop(self) -> None:
@@ -333,8 +464,9 @@ class TaskRunner:
             return
         self._stopping.set()
         self._halt()
-        if self._tasks:
-            await asyncio.wait(self._tasks)
+        tasks = self._all()
+        if tasks:
+            await asyncio.wait(tasks)
 
     def __repr__(self) -> str:
         state = "stopping" if self._stopping.is_set() else "running"

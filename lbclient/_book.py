@@ -155,6 +155,9 @@ class HealthBook:
         self.on_change = on_change
         self._events: deque[tuple[Backend, bool]] = deque()
         self._delivering = threading.Lock()
+        #: The parts of the discovery's answers that failed, counted by part, and what failed
+        #: in its latest answer (see ``report_discovery``); replaced in one assignment.
+        self.discovery_parts: tuple[Mapping[str, int], str | None] = ({}, None)
 
     @staticmethod
     def cells(backends: Iterable[Backend], old: Tally | None = None) -> dict[Backend, Cell]:
@@ -259,7 +262,7 @@ class HealthBook:
     ) -> HealthSnapshot:
         """Every backend's health and load, and whether panic mode is on, as of now;
         ``discovery`` is what the balancer's discovery last reported (refreshes, failures,
-        error, priority)."""
+        error, priority); :attr:`discovery_parts` adds the parts that failed."""
         now = self.clock()
         panic = tally.panic
         items = []
@@ -286,7 +289,8 @@ class HealthBook:
                     penalty=load.penalty_at(now, decay),
                 )
             )
-        return HealthSnapshot(now, panic, tuple(items), *discovery)
+        parts, partial = self.discovery_parts
+        return HealthSnapshot(now, panic, tuple(items), *discovery, dict(parts), partial)
 
     # -- on_change -------------------------------------------------------------------------
 

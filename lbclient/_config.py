@@ -193,25 +193,104 @@ class AdapterConfig(Generic[_R]):
 
     # -- services: active checks and discovery ---------------------------------------------
 
-    def start_services(self) -> None:
+    def start_services(self, wire: Facts | None = None) -> None:
         """Start the balancer's services (active checks, discovery), once for this adapter.
-        Requests that arrive meanwhile wait: discovery's first answer comes first."""
+        The request ``wire`` carries then waits for discovery's first answer, as do the
+        requests after it until it has come, each at most its own time (:func:`first_wait`)
+        and the discovery's ``timeout``; if no answer came by then and the balancer has no
+        backends, it fails with the adapter's NoBackendAvailable, saying so (the lookup goes
+        on). Without a request (an adapter's ``with``), it starts them and returns."""
+        services = self.services
+        if services is None or not self.services_pending:
+            return
         with self._starting:
-            if self.services_pending and self.services is not None:
-                self.services.start()
-                with self._lock:
-                    self._serving = True
-                    self.services_pending = False
+            self._enter(services)
+        if wire is None:
+            return
+        wait = first_wait(wire, self._policy_of(wire))
+        try:
+            ready = services.ready(wait)
+        except BaseException:
+            self._leave(services)
+            raise
+        self._after_wait(services, ready, wire, wait)
 
-    async def astart_services(self) -> None:
-        """Start the balancer's services on the running event loop, once. Tasks that arrive
-        meanwhile wait, without blocking the event loop."""
+    async def astart_services(self, wire: Facts | None = None) -> None:
+        """:meth:`start_services` on the running event loop: tasks that arrive meanwhile wait,
+        without blocking the event loop."""
+        services = self.services
+        if services is None or not self.services_pending:
+            return
         async with self._astarting:
-            if self.services_pending and self.services is not None:
-                await self.services.astart()
+            with self._lock:
+                begin = self.services_pending and not self._serving
+            if begin:
+                await services.aenter()
                 with self._lock:
                     self._serving = True
+        if wire is None:
+            return
+        wait = first_wait(wire, self._policy_of(wire))
+        try:
+            ready = await services.aready(wait)
+        except BaseException:
+            self._leave(services)
+            raise
+        self._after_wait(services, ready, wire, wait)
+
+    def _enter(self, services: Services) -> None:
+        """Count this adapter as a user of ``services``, once (the caller holds _starting)."""
+        with self._lock:
+            begin = self.services_pending and not self._serving
+        if begin:
+            services.enter()
+            with self._lock:
+                self._serving = True
+
+    def _leave(self, services: Services) -> None:
+        """The first start failed: this adapter is no user (a later request tries again)."""
+        with self._lock:
+            started, self._serving = self._serving, False
+        if started:
+            services.stop()
+
+    def _after_wait(self, services: Services, ready: bool, wire: Facts, wait: float | None) -> None:
+        """After the wait for discovery's first answer: done waiting once it came; else a
+        request with no backend to go to fails, naming the wait."""
+        if ready:
+            with self._lock:
+                if self._serving:
                     self.services_pending = False
+            return
+        if len(self.balancer):
+            return  # a set to serve until the answer comes
+        waited = services.bound(wait) or 0.0
+        error = self.unavailable(
+            f"no backend available for {wire.method} {redact(str(wire.url))}: it has no "
+            f"backends: discovery {self.balancer.discovery!r} has not answered within "
+            f"{waited:g} s (its first lookup goes on)",
+            wire.request,
+        )
+        if self.observers:  # counted like every request that found no backend
+            plan = watched_plan(
+                self.observers,
+                wire.request,
+                wire.url,
+                self.balancer,
+                b"",
+                wire.method,
+                wire.replayable,
+                self._policy_of(wire),
+                self.ledger,
+            )
+            watch = plan.watch
+            if watch is not None:
+                watch.ended(plan, None, error)
+        raise error
+
+    def _policy_of(self, wire: Facts) -> RetryPolicy:
+        options = wire.options
+        return self.policy if options is None else self.policy_for(options)
 
     def _stop(self) -> bool:
         with self._lock:
@@ -321,6 +400,16 @@ class AdapterConfig(Generic[_R]):
             f"none of its {enabled} enabled backends is healthy and panic mode is off "
             f"(panic_threshold={self.balancer.policy.panic_threshold:g})"
         )
+
+
+def first_wait(wire: Facts, policy: RetryPolicy) -> float | None:
+    """The longest a request waits for discovery's first answer: the smallest of its client's
+    ``connect`` and ``pool`` timeouts (the time it gives to getting a connection, which a
+    backend set comes before) and its ``deadline``; None when it has none of them."""
+    timeouts = wire.timeouts or {}
+    limits = [timeouts.get("connect"), timeouts.get("pool"), policy.deadline]
+    given = [float(v) for v in limits if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return min(given) if given else None
 
 
 def config_of(target: object) -> AdapterConfig[Any] | None:

@@ -39,7 +39,7 @@ def run_sync(config: AdapterConfig[Any], wire: Wire[_R]) -> _R:
     the wire's final error for the last failure.
     """
     if config.services_pending:
-        config.start_services()
+        config.start_services(wire)
     plan, first = config.start(wire)
     watch = plan.watch
     if watch is None:
@@ -56,7 +56,7 @@ def run_sync(config: AdapterConfig[Any], wire: Wire[_R]) -> _R:
 async def run_async(config: AdapterConfig[Any], wire: AsyncWire[_R]) -> _R:
     """The async twin of :func:`run_sync` (asyncio or trio); hedges when the plan says so."""
     if config.services_pending:
-        await config.astart_services()
+        await config.astart_services(wire)
     plan, first = config.start(wire)
     watch = plan.watch
     if watch is None:

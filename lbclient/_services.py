@@ -4,7 +4,10 @@ What lives here: :class:`Services`, the background work of one balancer (its dis
 active check, as its ``discovery=`` and ``health_check=`` settings say) on one runner of
 :mod:`lbclient._background`, started by its first user and stopped by its last
 (reference-counted: every start needs its stop). The discovery is looked up once before the
-first start returns, then the jobs start, the check's first round on the discovered set.
+first start returns, then the jobs start, the check's first round on the discovered set. A
+start waits for that first lookup at most the discovery's ``timeout`` (the lookup goes on if it
+takes longer); a user that may wait less (a request with its own timeout) enters without
+waiting (:meth:`Services.enter`) and waits as long as it may (:meth:`Services.ready`).
 :func:`services_of` is how the layer above (the transports' configuration) finds a balancer's
 services; :meth:`LoadBalancer.start() <lbclient.LoadBalancer.start>` and ``with balancer:``
 reach the same object through the balancer's :class:`~lbclient.balancer.Lifecycle` port.
@@ -25,6 +28,7 @@ tasks of its own (the runner's).
 from __future__ import annotations
 
 import concurrent.futures
+import math
 import threading
 from collections.abc import Sequence
 from typing import Protocol
@@ -46,8 +50,9 @@ class Keeper(Protocol):
         ...
 
     async def prepare(self) -> None:
-        """Work done on the runner before the first start returns (discovery's first lookup);
-        must not raise."""
+        """Work done on the runner before the first start returns (discovery's first lookup;
+        a start waits for it at most the discovery's timeout); what it raises, the starts
+        waiting for it raise."""
         ...
 
 
@@ -75,6 +80,9 @@ class Services:
                 raise bad_setting("health_check", check)
             keepers.append(bind(balancer))
         self.keepers: tuple[Keeper, ...] = tuple(keepers)
+        #: The longest a start waits for the first lookup: the discovery's ``timeout`` (None:
+        #: until the preparations end; without a discovery there is nothing to wait for).
+        self.patience = _timeout_of(discovery)
         self._lock = threading.Lock()
         self._users = 0
         self._runner: Runner | None = None
@@ -122,7 +130,8 @@ class Services:
     async def _launch(
         self, runner: Runner, first: bool, ready: concurrent.futures.Future[None]
     ) -> None:
-        """On the runner: the first start's preparations, then every job."""
+        """On the runner: the first start's preparations, then every job. What the
+        preparations raise goes to ``ready``, for the starts that wait on it."""
         try:
             if first:
                 for keeper in self.keepers:
@@ -130,34 +139,79 @@ class Services:
             for keeper in self.keepers:
                 for job in keeper.jobs():
                     runner.spawn(job)
+        except Exception as exc:
+            if not ready.done():
+                ready.set_exception(exc)
         finally:
             if not ready.done():
                 ready.set_result(None)
 
-    def start(self) -> None:
-        """Add a user; for the first, start a thread runner, looking the discovery up before
-        returning. Pair with :meth:`stop`."""
+    def bound(self, wait: float | None) -> float | None:
+        """Seconds to wait for the first lookup: ``wait``, at most :attr:`patience`."""
+        limits = [w for w in (wait, self.patience) if w is not None]
+        return max(0.0, min(limits)) if limits else None
+
+    def enter(self) -> None:
+        """Add a user without waiting for anything: for the first, start a thread runner and
+        the first lookup on it. Pair with :meth:`stop`; :meth:`ready` says when it is done."""
         fresh, stale, first, ready = self._acquire(asynchronous=False)
         try:
             if stale is not None:
                 stale.stop()
             if fresh is not None:
-                fresh.call(lambda: self._launch(fresh, first, ready))
-            ready.result()
+                fresh.submit(lambda: self._launch(fresh, first, ready))
+        except BaseException:
+            self.stop()  # this user did not start: its count goes
+            raise
+
+    async def aenter(self) -> None:
+        """:meth:`enter` from async code: tasks on the running asyncio loop (a thread runner
+        on another async library)."""
+        fresh, stale, first, ready = self._acquire(asynchronous=True)
+        try:
+            if stale is not None:
+                await stale.astop()
+            if fresh is not None:
+                fresh.submit(lambda: self._launch(fresh, first, ready))
+        except BaseException:
+            self.stop()
+            raise
+
+    def ready(self, wait: float | None = None) -> bool:
+        """Wait until the first start's preparations (the first lookup) are done, at most
+        ``wait`` seconds and at most :attr:`patience`; return whether they are. Raises what
+        they raised."""
+        try:
+            self._ready.result(self.bound(wait))
+        except (TimeoutError, concurrent.futures.TimeoutError):
+            return False
+        return True
+
+    async def aready(self, wait: float | None = None) -> bool:
+        """:meth:`ready`, awaited without blocking the event loop."""
+        try:
+            await wait_future(self._ready, self.bound(wait))
+        except (TimeoutError, concurrent.futures.TimeoutError):
+            return False
+        return True
+
+    def start(self) -> None:
+        """Add a user; for the first, start a thread runner, looking the discovery up before
+        returning (waiting at most its timeout). Pair with :meth:`stop`."""
+        self.enter()
+        try:
+            self.ready()
         except BaseException:
             self.stop()  # this user did not start: its count goes
             raise
 
     async def astart(self) -> None:
         """Add a user; for the first, start tasks on the running asyncio loop (a thread runner
-        on another async library), looking the discovery up first. Pair with :meth:`astop`."""
-        fresh, stale, first, ready = self._acquire(asynchronous=True)
+        on another async library), looking the discovery up first (waiting at most its
+        timeout). Pair with :meth:`astop`."""
+        await self.aenter()
         try:
-            if stale is not None:
-                await stale.astop()
-            if fresh is not None:
-                await fresh.acall(lambda: self._launch(fresh, first, ready))
-            await wait_future(ready)
+            await self.aready()
         except BaseException:  # cancelled, say: this user did not start
             self.stop()
             raise
@@ -178,6 +232,14 @@ class Services:
     def __repr__(self) -> str:
         state = f"running ({self._users} users)" if self.running else "stopped"
         return f"<Services {[type(k).__name__ for k in self.keepers]} {state}>"
+
+
+def _timeout_of(discovery: object) -> float | None:
+    """A discovery's ``timeout`` in seconds, if it has a sound one."""
+    value = getattr(discovery, "timeout", None)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return max(0.0, float(value))
 
 
 def services_of(balancer: LoadBalancer) -> Services | None:

@@ -10,7 +10,8 @@ when the value is made, so every later use (ordering, hashing, routing) works on
 Anything else is a :class:`ValueError` naming the address: whitespace anywhere, a port outside
 1..65535 (however many digits it has), and any other spelling a resolver would read as IPv4
 (``127.1``, ``0x7f.0.0.1``, ``0177.0.0.1``, ``2130706433``), so the address that is checked is
-the address that is dialled.
+the address that is dialled. Messages name a bad value as :func:`shown` writes it: whole when
+it is of a sensible size, cut short (saying how long it was) when it is absurd.
 
 Equality and hashing use ``(address, weight)``; ``metadata`` rides along and is ignored by both.
 Backends sort as Pingora sorts them: IPv4 addresses by numeric value, then IPv6 addresses by
@@ -22,12 +23,13 @@ Part of the core: no I/O (a host name is never resolved here), no HTTP client, n
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any, Final
 
-__all__ = ["MAX_WEIGHT", "Backend"]
+__all__ = ["MAX_WEIGHT", "SHOWN_MAX", "Backend", "shown"]
 
 #: The largest weight a backend may have. Weights expand into table entries and ring points,
 #: so an absurd weight would turn into an absurd amount of memory.
@@ -41,44 +43,64 @@ _EMPTY: Mapping[str, Any] = MappingProxyType({})
 # Ordering classes, as Pingora orders socket addresses: IPv4 < IPv6; host names come last.
 _V4, _V6, _NAME = 0, 1, 2
 
+#: The longest text of a value an error message shows whole (see :func:`shown`).
+SHOWN_MAX: Final = 80
+
+
+def shown(value: object, limit: int = SHOWN_MAX) -> str:
+    """``repr(value)`` for an error message; one longer than ``limit`` characters is cut in
+    the middle and says how long it was, and an int too long to print says how many digits it
+    has (Python refuses to print ints of more than 4,300 digits)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 256:
+        digits = int(math.log10(abs(value))) + 1
+        return f"an int of {digits:,} digits"
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    keep = max(limit // 2 - 8, 8)
+    return f"{text[:keep]}...{text[-(keep // 2) :]} ({len(text):,} characters)"
+
 
 def _parse_port(text: str, address: str) -> int:
     if not text:
-        raise ValueError(f"backend address {address!r} has no port (expected host:port)")
+        raise ValueError(f"backend address {shown(address)} has no port (expected host:port)")
     if not text.isdigit() or not text.isascii():
-        raise ValueError(f"backend address {address!r} has an invalid port {text!r}")
+        raise ValueError(f"backend address {shown(address)} has an invalid port {shown(text)}")
     digits = text.lstrip("0")
     if len(digits) > 5:
         # Too long to be a port; judged by length, before int() could hit its digit limit.
         raise ValueError(
-            f"backend address {address!r} has a {len(text)}-digit port, outside 1..65535"
+            f"backend address {shown(address)} has a {len(text):,}-digit port, outside 1..65535"
         )
     port = int(digits or "0")
     if not 1 <= port <= 65_535:
-        raise ValueError(f"backend address {address!r} has port {port}, outside 1..65535")
+        raise ValueError(f"backend address {shown(address)} has port {port}, outside 1..65535")
     return port
 
 
 def _check_hostname(host: str, address: str) -> None:
     name = host[:-1] if host.endswith(".") else host
     if not name or len(name) > 253:
-        raise ValueError(f"backend address {address!r} has an invalid host name {host!r}")
+        raise ValueError(f"backend address {shown(address)} has an invalid host name {shown(host)}")
     for label in name.split("."):
         if not _LABEL.match(label):
-            raise ValueError(f"backend address {address!r} has an invalid host name {host!r}")
+            raise ValueError(
+                f"backend address {shown(address)} has an invalid host name {shown(host)}"
+            )
     labels = name.split(".")
     if all(_NUMERIC_LABEL.match(label) for label in labels):
         # Numbers and dots only, yet not dotted-quad decimal: "127.1", "0x7f.0.0.1", "010.0.0.1",
         # "2130706433" (resolvers read these as some other IPv4 address) or "1.2.3.256".
         raise ValueError(
-            f"backend address {address!r} is not a canonical IPv4 address: invalid IPv4 address "
-            f"{host!r} (write four decimal parts 0..255 without leading zeros, e.g. '127.0.0.1')"
+            f"backend address {shown(address)} is not a canonical IPv4 address: invalid IPv4 "
+            f"address {shown(host)} (write four decimal parts 0..255 without leading zeros, "
+            "e.g. '127.0.0.1')"
         )
     if _NUMERIC_LABEL.match(labels[-1]):
         # No top-level domain is numeric (RFC 3696, section 2), and resolvers may take such a
         # name for an IPv4 address.
         raise ValueError(
-            f"backend address {address!r} has an invalid host name {host!r} "
+            f"backend address {shown(address)} has an invalid host name {shown(host)} "
             f"(its last label {labels[-1]!r} is numeric)"
         )
 
@@ -88,23 +110,23 @@ def _parse(address: str) -> tuple[str, str, int, tuple[int, int | str]]:
     if address.startswith("["):
         end = address.find("]")
         if end < 0:
-            raise ValueError(f"backend address {address!r} has an unclosed '['")
+            raise ValueError(f"backend address {shown(address)} has an unclosed '['")
         inner = address[1:end]
         rest = address[end + 1 :]
         if not rest.startswith(":"):
             raise ValueError(
-                f"backend address {address!r} has no port after ']' (expected [ip]:port)"
+                f"backend address {shown(address)} has no port after ']' (expected [ip]:port)"
             )
         port = _parse_port(rest[1:], address)
         if "%" in inner:
             raise ValueError(
-                f"backend address {address!r}: scoped IPv6 addresses are not supported"
+                f"backend address {shown(address)}: scoped IPv6 addresses are not supported"
             )
         try:
             ip6 = ipaddress.IPv6Address(inner)
         except ValueError:
             raise ValueError(
-                f"backend address {address!r} has an invalid IPv6 address {inner!r}"
+                f"backend address {shown(address)} has an invalid IPv6 address {shown(inner)}"
             ) from None
         mapped = ip6.ipv4_mapped
         # RFC 5952 text; IPv4-mapped addresses in mixed notation on every Python version.
@@ -112,18 +134,19 @@ def _parse(address: str) -> tuple[str, str, int, tuple[int, int | str]]:
         return f"{host}:{port}", host, port, (_V6, int(ip6))
     host, sep, port_text = address.rpartition(":")
     if not sep:
-        raise ValueError(f"backend address {address!r} has no port (expected host:port)")
+        raise ValueError(f"backend address {shown(address)} has no port (expected host:port)")
     if "/" in address:
         raise ValueError(
-            f"backend address {address!r} looks like a URL; give host:port (e.g. '10.0.0.1:8080')"
+            f"backend address {shown(address)} looks like a URL; give host:port "
+            "(e.g. '10.0.0.1:8080')"
         )
     if ":" in host:
         raise ValueError(
-            f"backend address {address!r} looks like an IPv6 address without brackets "
+            f"backend address {shown(address)} looks like an IPv6 address without brackets "
             "(write it as [addr]:port)"
         )
     if not host:
-        raise ValueError(f"backend address {address!r} has an empty host")
+        raise ValueError(f"backend address {shown(address)} has an empty host")
     port = _parse_port(port_text, address)
     try:
         ip4 = ipaddress.IPv4Address(host)
@@ -137,9 +160,11 @@ def _parse(address: str) -> tuple[str, str, int, tuple[int, int | str]]:
 def check_weight(weight: object, where: str = "backend") -> int:
     """Return ``weight`` if it is a valid weight, else raise an error naming the value."""
     if isinstance(weight, bool) or not isinstance(weight, int):
-        raise TypeError(f"{where} weight must be an int, got {weight!r} ({type(weight).__name__})")
+        raise TypeError(
+            f"{where} weight must be an int, got {shown(weight)} ({type(weight).__name__})"
+        )
     if not 1 <= weight <= MAX_WEIGHT:
-        raise ValueError(f"{where} weight must be in 1..{MAX_WEIGHT}, got {weight!r}")
+        raise ValueError(f"{where} weight must be in 1..{MAX_WEIGHT}, got {shown(weight)}")
     return weight
 
 
@@ -166,14 +191,14 @@ class Backend:
     ) -> None:
         if not isinstance(address, str):
             raise TypeError(
-                f"backend address must be a str like 'host:port', got {address!r} "
+                f"backend address must be a str like 'host:port', got {shown(address)} "
                 f"({type(address).__name__})"
             )
         if not address or address.isspace():
-            raise ValueError(f"backend address must not be empty, got {address!r}")
+            raise ValueError(f"backend address must not be empty, got {shown(address)}")
         if any(char.isspace() for char in address):
-            raise ValueError(f"backend address {address!r} contains whitespace")
-        check_weight(weight, f"backend {address!r}")
+            raise ValueError(f"backend address {shown(address)} contains whitespace")
+        check_weight(weight, f"backend {shown(address)}")
         if metadata is not None and not isinstance(metadata, Mapping):
             raise TypeError(
                 f"backend metadata must be a mapping or None, got {type(metadata).__name__}"
@@ -198,7 +223,7 @@ class Backend:
         if isinstance(value, str):
             return cls(value)
         raise TypeError(
-            f"expected a Backend or an address string like 'host:port', got {value!r} "
+            f"expected a Backend or an address string like 'host:port', got {shown(value)} "
             f"({type(value).__name__})"
         )
 

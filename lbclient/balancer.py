@@ -457,13 +457,23 @@ class LoadBalancer:
         return found is not None and self._book.check(found, ok, detail, (successes, failures))
 
     def report_discovery(
-        self, *, refreshes: int, failures: int, error: str | None, priority: int | None
+        self,
+        *,
+        refreshes: int,
+        failures: int,
+        error: str | None,
+        priority: int | None,
+        part_failures: dict[str, int] | None = None,
+        partial: str | None = None,
     ) -> None:
         """Record how the discovery keeping the backends current fares, for :meth:`snapshot`:
         answers so far (empty ones included), failed lookups, why the latest lookup failed
-        (None once one succeeds) and the priority group in use (None without priorities).
+        (None once one succeeds), the priority group in use (None without priorities), the
+        parts of answers that failed while the rest answered, counted by part (DNS: by record
+        type, ``{"AAAA": 3}``), and what failed in the latest answer (None once one is whole).
         The discovery's refresh calls this after each lookup; so may a discovery of your own.
         """
+        self._book.discovery_parts = (dict(part_failures or {}), partial)
         self._found = (refreshes, failures, error, priority)
 
     # -- what runs beside it ------------------------------------------------------------------

@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Collection, Iterable
-from dataclasses import dataclass, replace
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass, field, replace
 
 from lbclient.backend import Backend
 
@@ -337,6 +337,11 @@ class HealthSnapshot:
     discovery_error: str | None = None
     #: The priority group in use, when the discovery gives priorities (DNS SRV).
     discovery_priority: int | None = None
+    #: Parts of answers that failed while the rest answered and was used, counted by part
+    #: (DNS: by record type, ``{"AAAA": 3}``; each SRV target's query counts).
+    discovery_part_failures: Mapping[str, int] = field(default_factory=dict)
+    #: What failed in the latest answer, when a part of it did; None once an answer is whole.
+    discovery_partial: str | None = None
 
     @property
     def ready(self) -> int:
@@ -362,9 +367,14 @@ class HealthSnapshot:
                 f"discovery: {self.discovery_refreshes} answers, "
                 f"{self.discovery_failures} failed lookups"
             )
+            parts = self.discovery_part_failures
+            if parts:
+                line += ", failed parts: " + ", ".join(f"{p} {n}" for p, n in sorted(parts.items()))
             if self.discovery_priority is not None:
                 line += f", priority {self.discovery_priority} in use"
             if self.discovery_error is not None:
                 line += f"; latest: {self.discovery_error}"
+            elif self.discovery_partial is not None:
+                line += f"; latest answer lacks: {self.discovery_partial}"
             lines.append(line)
         return "\n".join(lines)

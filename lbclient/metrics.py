@@ -29,7 +29,8 @@ Every series has the ``service`` label; those per backend have ``backend`` (``ho
 * ``lbclient_backend_latency_estimate_seconds``: the balancer's latency estimate.
 * ``lbclient_panic``: 1 while panic mode is on (per service).
 * ``lbclient_discovery_refreshes_total``, ``lbclient_discovery_failures_total``: when the
-  balancer discovers its backends (per service).
+  balancer discovers its backends (per service); ``lbclient_discovery_part_failures_total{part}``:
+  parts of its answers that failed while the rest was used (DNS: ``part`` is the record type).
 
 ``result`` is ``success`` (a response whose status is not in ``failure_statuses``),
 ``server_error`` (one whose status is), ``connection_failure``, ``timeout``, ``local_error``
@@ -66,7 +67,7 @@ except ImportError as exc:  # the extra is not installed
 from lbclient._config import AdapterConfig, config_of
 from lbclient._observe import WatchedPlan, attach, detach
 from lbclient._plan import Fault
-from lbclient.backend import Backend
+from lbclient.backend import Backend, shown
 from lbclient.balancer import LoadBalancer
 from lbclient.errors import NoBackendAvailable
 from lbclient.retry import Attempt, Failure
@@ -378,6 +379,11 @@ def _families() -> dict[str, Metric]:
     families["discovery_failures"] = CounterMetricFamily(
         "lbclient_discovery_failures", "Discovery refreshes that failed.", labels=["service"]
     )
+    families["discovery_part_failures"] = CounterMetricFamily(
+        "lbclient_discovery_part_failures",
+        "Parts of discovery answers that failed while the rest was used (DNS: record types).",
+        labels=["service", "part"],
+    )
     return families
 
 
@@ -403,7 +409,7 @@ class LBCollector:
         families = _families()
         for source in sources:
             self._fill(families, source)
-        discovered = ("discovery_refreshes", "discovery_failures")
+        discovered = ("discovery_refreshes", "discovery_failures", "discovery_part_failures")
         for name, family in families.items():
             if name not in discovered or family.samples:
                 yield family
@@ -463,6 +469,10 @@ class LBCollector:
             value = _number(getattr(snapshot, name, None))
             if value is not None and (discovers or value):
                 add(name, [service], value)
+        for part, n in sorted(
+            dict(getattr(snapshot, "discovery_part_failures", None) or {}).items()
+        ):
+            add("discovery_part_failures", [service, str(part)], float(n))
 
     def add(self, source: _Source) -> None:
         with self._lock:
@@ -540,16 +550,22 @@ def register(
       :class:`~lbclient.AsyncLBTransport` or an :class:`~lbclient.LBAdapter` (its own
       requests).
     * ``service``: the value of the ``service`` label; one per registry.
-    * ``registry``: a ``prometheus_client.CollectorRegistry`` (its default ``REGISTRY``).
+    * ``registry``: a ``prometheus_client.CollectorRegistry`` (its default ``REGISTRY``);
+      anything else is a TypeError naming it.
     * ``buckets``: the bounds of the attempt duration histogram, in seconds
       (:data:`DEFAULT_BUCKETS`).
 
     Returns a :class:`Registration`; ``unregister()`` undoes it.
     """
     if not isinstance(service, str) or not service:
-        raise ValueError(f"service must be a non-empty str, got {service!r}")
+        raise ValueError(f"service must be a non-empty str, got {shown(service)}")
     bounds = _check_buckets(buckets)
     registry = REGISTRY if registry is None else registry
+    if not isinstance(registry, CollectorRegistry):
+        raise TypeError(
+            "registry must be a prometheus_client.CollectorRegistry (or None: its REGISTRY), "
+            f"got {shown(registry)} ({type(registry).__name__})"
+        )
     attached: AdapterConfig[Any] | LoadBalancer
     if isinstance(target, LoadBalancer):
         attached = balancer = target

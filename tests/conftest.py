@@ -5,7 +5,12 @@ in this repository. Tests that read it skip where it is absent (a user's clone h
 ``LBCLIENT_REQUIRE_SHARED=1`` is set, as CI does, which turns that skip into a failure.
 
 :class:`Dnsmasq` runs a real DNS server on a free loopback port for the discovery tests; where
-dnsmasq is not installed they skip, unless ``LBCLIENT_REQUIRE_DNSMASQ=1``.
+dnsmasq is not installed they skip, unless ``LBCLIENT_REQUIRE_DNSMASQ=1``. By default it answers
+for its domain alone (``--local``); made with ``local=False`` it is a common local set-up, a
+resolver serving a hosts file with no upstream (what it cannot answer from the file, an AAAA
+query for a name with A records only, say, it REFUSES), or, given ``upstream=`` a port, one
+that forwards those queries there (:class:`Upstream`: a server that answers them SERVFAIL, or
+none at all, so that they time out).
 """
 
 from __future__ import annotations
@@ -110,10 +115,17 @@ class Dnsmasq:
     """A real dnsmasq on 127.0.0.1 and a free port, answering only from files the test writes:
     address records from a hosts file (read again on SIGHUP, see :meth:`set_hosts`) and SRV
     records from its config (read at start, see :meth:`set_srv`). It runs in the foreground
-    as a child of the test, logs into its directory, and is stopped by :meth:`stop`."""
+    as a child of the test, logs into its directory, and is stopped by :meth:`stop`.
 
-    def __init__(self, binary: str, directory: Path) -> None:
+    ``local=False``: without ``--local``, what the files cannot answer is REFUSED (no upstream),
+    or forwarded to the ``upstream`` port on 127.0.0.1 when one is given."""
+
+    def __init__(
+        self, binary: str, directory: Path, *, local: bool = True, upstream: int | None = None
+    ) -> None:
         self.binary = binary
+        self.local = local
+        self.upstream = upstream
         self.directory = directory
         self.hosts = directory / "hosts"
         self.config = directory / "dnsmasq.conf"
@@ -162,7 +174,8 @@ class Dnsmasq:
             f"--port={self.port}",
             "--listen-address=127.0.0.1",
             "--bind-interfaces",
-            f"--local=/{DNS_DOMAIN}/",
+            *([f"--local=/{DNS_DOMAIN}/"] if self.local else []),
+            *([f"--server=127.0.0.1#{self.upstream}"] if self.upstream is not None else []),
             f"--local-ttl={DNS_TTL}",
             "--no-negcache",
             "--pid-file=",
@@ -220,8 +233,14 @@ class Dnsmasq:
                     + self.log.read_text(errors="replace")[-3000:]
                 )
             try:
-                self._addresses(resolver, f"probe.{DNS_DOMAIN}")  # NXDOMAIN once it answers
-                if all(self._addresses(resolver, n) == want for n, want in wanted.items()):
+                if self.local:
+                    self._addresses(resolver, f"probe.{DNS_DOMAIN}")  # NXDOMAIN once it answers
+                else:
+                    self._version()  # answered by dnsmasq itself, whatever its upstream
+                if all(
+                    self._addresses(resolver, n, strict=self.local) == want
+                    for n, want in wanted.items()
+                ):
                     return
             except Exception:  # not answering yet
                 pass
@@ -229,8 +248,20 @@ class Dnsmasq:
                 raise RuntimeError(f"dnsmasq on port {self.port} did not answer as expected")
             time.sleep(0.02)
 
+    def _version(self) -> None:
+        """Ask dnsmasq its version (CHAOS TXT version.bind): it answers that itself."""
+        import dns.message
+        import dns.query
+        import dns.rdataclass
+
+        query = dns.message.make_query("version.bind", "TXT", rdclass=dns.rdataclass.CH)
+        dns.query.udp(query, "127.0.0.1", port=self.port, timeout=0.5)
+
     @staticmethod
-    def _addresses(resolver: object, name: str) -> set[str]:
+    def _addresses(resolver: object, name: str, strict: bool = True) -> set[str]:
+        """The addresses of ``name``; with ``strict=False``, a record type whose query fails
+        (REFUSED, SERVFAIL, no answer) has none."""
+        import dns.exception
         import dns.resolver
 
         assert isinstance(resolver, dns.resolver.Resolver)
@@ -240,8 +271,54 @@ class Dnsmasq:
                 answer = resolver.resolve(name, kind, lifetime=0.5, raise_on_no_answer=False)
             except dns.resolver.NXDOMAIN:
                 continue
+            except dns.exception.DNSException:
+                if strict:
+                    raise
+                continue
             found.update(r.to_text() for r in answer.rrset or ())
         return found
+
+
+class Upstream:
+    """A DNS server of a few lines on 127.0.0.1 and a free UDP port, for a :class:`Dnsmasq` to
+    forward to: it answers every query with ``rcode`` (SERVFAIL by default), or, with
+    ``rcode=None``, receives and never answers (the queries time out). One thread of its own;
+    a context manager."""
+
+    def __init__(self, rcode: str | None = "SERVFAIL") -> None:
+        self.rcode = rcode
+        self.queries = 0
+        self._socket = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self._socket.bind(("127.0.0.1", 0))
+        self._socket.settimeout(0.05)
+        self.port = int(self._socket.getsockname()[1])
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="test-upstream", daemon=True)
+
+    def _serve(self) -> None:
+        import dns.message
+        import dns.rcode
+
+        while not self._stop.is_set():
+            try:
+                data, peer = self._socket.recvfrom(4096)
+            except TimeoutError:
+                continue
+            self.queries += 1
+            if self.rcode is None:
+                continue
+            response = dns.message.make_response(dns.message.from_wire(data))
+            response.set_rcode(dns.rcode.from_text(self.rcode))
+            self._socket.sendto(response.to_wire(), peer)
+
+    def __enter__(self) -> Upstream:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._socket.close()
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import random
 import pytest
 
 from lbclient import Backend
-from lbclient.backend import MAX_WEIGHT
+from lbclient.backend import MAX_WEIGHT, SHOWN_MAX, shown
 
 
 @pytest.mark.parametrize(
@@ -70,10 +70,18 @@ def test_bad_addresses_name_the_value(text: str, fragment: str) -> None:
 
 
 def _assert_names_address(text: str, fragment: str) -> None:
+    """The message names the address: whole when it is of a sensible size; an absurd one cut
+    short, its start and end shown and its length said."""
     with pytest.raises(ValueError, match=r"^backend address") as info:
         Backend(text)
     message = str(info.value)
-    assert repr(text) in message
+    if len(repr(text)) <= SHOWN_MAX:
+        assert repr(text) in message
+    else:
+        assert repr(text)[:20] in message
+        assert repr(text)[-10:] in message
+        assert f"({len(repr(text)):,} characters)" in message
+        assert len(message) < 250
     assert fragment in message
     assert "integer string conversion" not in message
 
@@ -269,3 +277,20 @@ def test_coerce() -> None:
     assert Backend.coerce("1.2.3.4:80") == b
     with pytest.raises(TypeError, match="42"):
         Backend.coerce(42)  # type: ignore[arg-type]
+
+
+def test_shown_names_a_value_whole_or_cut_short() -> None:
+    assert shown("10.0.0.1:80") == "'10.0.0.1:80'"
+    assert shown(65536) == "65536"
+    long = shown("x" * 5000)
+    assert long.startswith("'xxxx")
+    assert long.endswith("xx' (5,002 characters)")
+    assert len(long) <= SHOWN_MAX + 30
+    assert shown(10**5000) == "an int of 5,001 digits"  # too long for Python to print
+    assert shown(-(10**300)) == "an int of 301 digits"
+    assert shown(10**70) == repr(10**70)
+
+
+def test_an_absurd_weight_is_named_cut_short() -> None:
+    with pytest.raises(ValueError, match=r"weight must be in 1\.\.65535, got an int of 5,001"):
+        Backend("10.0.0.1:80", 10**5000)

@@ -10,6 +10,7 @@ import asyncio
 import logging
 import os
 import pickle
+import re
 import subprocess
 import sys
 import threading
@@ -120,7 +121,7 @@ def test_failures_back_off_and_an_answer_resets_them() -> None:
     progress = Progress(empty_after=3)
     assert [progress.failure("timed out", 10.0) for _ in range(5)] == [1, 2, 4, 8, 10]
     assert (progress.failures, progress.failed, progress.error) == (5, 5, "timed out")
-    assert progress.answer(2, 10.0) == (True, 10.0)
+    assert progress.answer(2, 10.0, now=0.0) == (True, 10.0)
     assert (progress.refreshes, progress.failures, progress.failed, progress.error) == (
         1,
         5,
@@ -130,26 +131,69 @@ def test_failures_back_off_and_an_answer_resets_them() -> None:
     assert progress.failure("SERVFAIL", 10.0) == 1
 
 
-def test_an_empty_answer_is_taken_only_when_it_repeats() -> None:
-    progress = Progress(empty_after=3)
-    assert progress.answer(2, 30.0) == (True, 30.0)
-    assert progress.answer(0, 30.0) == (False, 1.0)  # kept; asked again sooner
-    assert progress.answer(0, 30.0) == (False, 2.0)
-    assert progress.answer(0, 30.0) == (True, 30.0)  # the third in a row empties the set
-    assert progress.answer(0, 30.0) == (True, 30.0)
-    assert progress.answer(1, 30.0) == (True, 30.0)
-    assert progress.empty == 0
+def test_an_empty_answer_is_taken_only_when_it_repeats_and_has_held() -> None:
+    progress = Progress(empty_after=3, empty_for=10.0)
+    assert progress.answer(2, 30.0, now=0.0) == (True, 30.0)
+    assert progress.answer(0, 30.0, now=100.0) == (False, 1.0)  # kept; asked again sooner
+    assert progress.answer(0, 30.0, now=101.0) == (False, 2.0)
+    # Three in a row, but for 3 s only: kept, and asked again no later than when 10 s are up.
+    assert progress.answer(0, 30.0, now=103.0) == (False, 4.0)
+    assert progress.answer(0, 30.0, now=107.0) == (False, 3.0)
+    assert progress.answer(0, 30.0, now=110.0) == (True, 30.0)  # 3+ in a row over 10 s
+    assert progress.answer(0, 30.0, now=140.0) == (True, 30.0)
+    assert progress.answer(1, 30.0, now=170.0) == (True, 30.0)
+    assert (progress.empty, progress.empty_since) == (0, None)
+
+
+def test_empty_answers_in_quick_succession_never_empty_the_set() -> None:
+    # A file emptied for a moment, read every 0.2 s: dozens of empty answers, all kept.
+    progress = Progress(empty_after=3, empty_for=10.0)
+    progress.answer(4, 0.2, now=0.0)
+    taken = [progress.answer(0, 0.2, now=0.2 * i)[0] for i in range(1, 50)]
+    assert taken == [False] * 49
+    assert progress.answer(4, 0.2, now=10.0) == (True, 0.2)  # written again: the count resets
+    assert [progress.answer(0, 0.2, now=10.0 + 0.2 * i)[0] for i in range(1, 4)] == [False] * 3
 
 
 def test_failures_between_empty_answers_neither_count_nor_reset() -> None:
-    progress = Progress(empty_after=2)
-    assert progress.answer(0, 10.0)[0] is False
+    progress = Progress(empty_after=2, empty_for=5.0)
+    assert progress.answer(0, 10.0, now=0.0)[0] is False
     progress.failure("timed out", 10.0)
-    assert progress.answer(0, 10.0)[0] is True
+    assert progress.answer(0, 10.0, now=4.0)[0] is False  # two, but over 4 s
+    progress.failure("timed out", 10.0)
+    assert progress.answer(0, 10.0, now=5.0)[0] is True
 
 
-def test_empty_after_one_takes_the_first_empty_answer() -> None:
-    assert Progress(empty_after=1).answer(0, 10.0) == (True, 10.0)
+def test_empty_for_zero_takes_the_count_alone() -> None:
+    assert Progress(empty_after=1).answer(0, 10.0, now=0.0) == (True, 10.0)
+    progress = Progress(empty_after=2, empty_for=0.0)
+    assert progress.answer(0, 10.0, now=0.0) == (False, 1.0)
+    assert progress.answer(0, 10.0, now=0.0) == (True, 10.0)
+
+
+def test_an_answer_in_part_is_taken_and_its_failed_parts_counted() -> None:
+    progress = Progress(empty_after=3)
+    refused = ("AAAA", "AAAA users.svc: NoNameservers: REFUSED")
+    assert progress.answer(2, 30.0, now=0.0, failed=[refused]) == (True, 30.0)
+    assert (progress.refreshes, progress.failures, progress.error) == (1, 0, None)
+    assert progress.parts == {"AAAA": 1}
+    assert progress.partial == "AAAA users.svc: NoNameservers: REFUSED"
+    progress.answer(2, 30.0, now=1.0, failed=[refused, ("A", "A b.svc: SERVFAIL")])
+    assert progress.parts == {"AAAA": 2, "A": 1}
+    assert progress.partial == "AAAA users.svc: NoNameservers: REFUSED; A b.svc: SERVFAIL"
+    progress.answer(2, 30.0, now=2.0)
+    assert (progress.parts, progress.partial) == ({"AAAA": 2, "A": 1}, None)  # whole again
+
+
+def test_no_backends_while_a_part_failed_is_a_failed_lookup() -> None:
+    progress = Progress(empty_after=1, empty_for=0.0)
+    assert progress.answer(0, 30.0, now=0.0, failed=[("AAAA", "AAAA x: timed out")]) == (
+        False,
+        1.0,
+    )
+    assert (progress.refreshes, progress.failures, progress.empty) == (0, 1, 0)
+    assert progress.error == "no backends found, and part of the lookup failed: AAAA x: timed out"
+    assert progress.parts == {}
 
 
 def _b(address: str, priority: int | None, weight: int = 1) -> Backend:
@@ -284,6 +328,8 @@ def test_every_source_checks_its_options() -> None:
         Static([], empty_after=0)
     with pytest.raises(ValueError, match="timeout must be a finite number > 0"):
         Function(list, timeout=0)
+    with pytest.raises(ValueError, match="timeout must be a finite number > 0, got an int of"):
+        Function(list, timeout=10**5000)
     with pytest.raises(TypeError, match="failover_interval must be a number"):
         Static([], failover_interval="1")
 
@@ -382,6 +428,54 @@ def test_file_format_by_name_or_content(tmp_path: Path) -> None:
     assert [b.address for b in File(sniffed).discover().backends] == ["10.0.0.2:80"]
 
 
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[1, 2]", r"users, backends\[0\]: expected 'host:port' or an object, got 1$"),
+        ('[["10.0.0.1:80"]]', r"users, backends\[0\]: expected 'host:port' or an object"),
+        ('{"servers": []}', r"users: a JSON object must hold only 'backends'"),
+        ("[]\n", None),
+    ],
+)
+def test_a_file_that_is_json_is_read_as_json(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "users"  # no .json: what the text is decides
+    path.write_text(text)
+    if message is None:
+        assert File(path).discover().backends == ()
+        return
+    with pytest.raises(ValueError, match=str(tmp_path)) as caught:
+        File(path).discover()
+    assert re.search(message, str(caught.value).replace(str(tmp_path) + "/", "")), caught.value
+    assert "whole number" not in str(caught.value)
+
+
+def test_lines_that_open_with_a_bracket_are_still_lines(tmp_path: Path) -> None:
+    path = tmp_path / "users.txt"
+    path.write_text("[::1]:80 2\n[2001:db8::7]:8080\n")
+    assert [(b.address, b.weight) for b in File(path).discover().backends] == [
+        ("[::1]:80", 2),
+        ("[2001:db8::7]:8080", 1),
+    ]
+    path.write_text("[1, 2\n")  # broken: not JSON, so a line, named
+    with pytest.raises(ValueError, match=r"line 1: backend address '\[1,' has an unclosed"):
+        File(path).discover()
+
+
+def test_absurd_values_in_a_file_are_named_cut_short(tmp_path: Path) -> None:
+    path = tmp_path / "users.txt"
+    path.write_text("10.0.0.1:80 " + "9" * 5000 + "\n")
+    with pytest.raises(ValueError, match="the weight must be in") as caught:
+        File(path).discover()
+    message = str(caught.value)
+    assert "line 1: the weight must be in 1..65535, got '99999" in message
+    assert "(5,002 characters)" in message
+    assert len(message) < 300
+    path.write_text("10.0.0.1:" + "8" * 5000 + "\n")
+    with pytest.raises(ValueError, match=r"line 1: .*5,000-digit port") as caught:
+        File(path).discover()
+    assert len(str(caught.value)) < 300
+
+
 def test_a_bad_file_names_the_file_and_line(tmp_path: Path) -> None:
     path = tmp_path / "users.txt"
     path.write_text("10.0.0.1:80\n10.0.0.2:80 x\n")
@@ -420,6 +514,50 @@ def test_dns_settings_are_checked() -> None:
     assert repr(DNS.srv("_http._tcp.users.service.consul")) == (
         "DNS.srv('_http._tcp.users.service.consul')"
     )
+
+
+@pytest.mark.parametrize(
+    ("name", "why"),
+    [
+        ("-bad-.test", r"the label '-bad-' may hold only letters, digits, '-' and '_'"),
+        ("a.-b.test", r"the label '-b' may hold only"),
+        ("a" * 300 + ".test", r"is 300 characters long \(at most 63\)"),
+        (".".join(["a" * 60] * 5), r"it is 304 characters long \(at most 253\)"),
+        ("users..test", "it has an empty label"),
+        ("users.te$t", r"the label 'te\$t' may hold only"),
+        ("☃.test", r"'☃' is not a valid international label"),
+        ("", r"got ''$"),
+        (".", r"got '\.'$"),
+    ],
+)
+def test_dns_rejects_names_that_no_lookup_could_answer(name: str, why: str) -> None:
+    pytest.importorskip("dns.resolver")
+    with pytest.raises(
+        ValueError, match=r"name must be a DNS name like 'users\.internal', got "
+    ) as e:
+        DNS(name, port=80)
+    message = str(e.value)
+    assert re.search(why, message), message
+    assert len(message) < 300  # a 300-character label is named, cut short
+    with pytest.raises(TypeError, match=r"name must be a str like 'users.internal', got 7 \(int\)"):
+        DNS(7, port=80)  # type: ignore[arg-type]
+
+
+def test_dns_asks_an_international_name_in_its_idna_form() -> None:
+    pytest.importorskip("dns.resolver")
+    assert DNS("bücher.test", port=80).name == "xn--bcher-kva.test"  # as httpx encodes it
+    assert DNS("Bücher.Test.", port=80).name == "xn--bcher-kva.Test."
+    assert DNS.srv("_http._tcp.bücher.test").name == "_http._tcp.xn--bcher-kva.test"
+    assert repr(DNS("bücher.test", port=80)) == "DNS('xn--bcher-kva.test', port=80)"
+    assert httpx.URL("http://bücher.test/").raw_host == b"xn--bcher-kva.test"
+
+
+def test_dns_settings_name_absurd_values_cut_short() -> None:
+    pytest.importorskip("dns.resolver")
+    with pytest.raises(ValueError, match=r"port must be in 1\.\.65535, got an int of 5,001 digits"):
+        DNS("users.internal", port=10**5000)
+    with pytest.raises(ValueError, match=r"timeout must be a finite number > 0, got -1"):
+        DNS("users.internal", port=80, timeout=-1)
 
 
 def test_dns_without_dnspython_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -567,15 +705,18 @@ def test_a_failed_lookup_keeps_the_last_set_and_is_counted(
     assert job.interval == pytest.approx(3600, abs=1)
 
 
-def test_an_empty_answer_empties_the_set_only_when_it_repeats() -> None:
+def test_an_empty_answer_empties_the_set_only_when_it_repeats_and_holds() -> None:
     source = Source("10.0.0.1:80", "10.0.0.2:80")
     lb = LoadBalancer()
-    job = RefreshJob(Function(source), lb, 60)
+    clock = Clock()
+    job = RefreshJob(Function(source), lb, 60, clock=clock)
     step(job)
     source.answer = []
-    step(job)
-    step(job)
+    for _ in range(5):  # five empty answers within a second: kept
+        clock.now += 0.2
+        step(job)
     assert addresses(lb) == ["10.0.0.1:80", "10.0.0.2:80"]
+    clock.now += 10.0
     step(job)
     assert addresses(lb) == []
     source.answer = ["10.0.0.3:80"]
@@ -583,14 +724,62 @@ def test_an_empty_answer_empties_the_set_only_when_it_repeats() -> None:
     assert addresses(lb) == ["10.0.0.3:80"]
 
 
-def test_empty_after_is_the_sources() -> None:
+def test_empty_after_and_empty_for_are_the_sources() -> None:
     source = Source("10.0.0.1:80")
     lb = LoadBalancer()
-    job = RefreshJob(Function(source, empty_after=1), lb, 60)
+    job = RefreshJob(Function(source, empty_after=1, empty_for=0), lb, 60, clock=Clock())
     step(job)
     source.answer = []
     step(job)
     assert addresses(lb) == []
+    with pytest.raises(ValueError, match=r"empty_for must be a finite number >= 0, got -1"):
+        Function(source, empty_for=-1)
+
+
+def test_a_file_emptied_for_a_moment_keeps_the_set(tmp_path: Path) -> None:
+    # An editor's non-atomic save, a tool that truncates then writes: the file is read empty
+    # several times in a row, for well under empty_for (10 s). The set stays.
+    path = tmp_path / "users.txt"
+    path.write_text("10.0.0.1:80\n10.0.0.2:80\n")
+    lb = LoadBalancer()
+    clock = Clock()
+    job = RefreshJob(File(path), lb, 0.2, clock=clock)
+    step(job)
+    path.write_text("")
+    for _ in range(3):  # read empty every 0.2 s for 0.6 s
+        clock.now += 0.2
+        step(job)
+    assert addresses(lb) == ["10.0.0.1:80", "10.0.0.2:80"]
+    path.write_text("10.0.0.1:80\n10.0.0.2:80\n10.0.0.3:80\n")
+    clock.now += 0.2
+    step(job)
+    assert addresses(lb) == ["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"]
+    # Left empty: once empty answers have held for empty_for, the set empties.
+    path.write_text("")
+    while addresses(lb):
+        clock.now += job.interval  # the next lookup, when the job says it is due
+        step(job)
+        assert clock.now < 2000
+    assert job.progress.empty_since is not None
+    assert clock.now - job.progress.empty_since >= 10.0
+
+
+def test_a_file_emptied_for_a_moment_under_traffic_takes_nothing_down(tmp_path: Path) -> None:
+    # The live version: the balancer re-reads the file every 0.2 s on its runner while the
+    # file stays empty for three reads; not one read empties the set.
+    path = tmp_path / "users.txt"
+    path.write_text("10.0.0.1:80\n10.0.0.2:80\n")
+    sizes: list[int] = []
+    lb = LoadBalancer(discovery=File(path), refresh=0.2)
+    with lb:
+        path.write_text("")
+        seen = lb.snapshot().discovery_refreshes
+        while lb.snapshot().discovery_refreshes < seen + 4:  # three reads of it empty, at least
+            sizes.append(len(lb))
+            time.sleep(0.005)
+        path.write_text("10.0.0.1:80\n10.0.0.2:80\n")
+        sizes.append(len(lb))
+    assert min(sizes) == 2
 
 
 def test_ttl_sets_the_next_lookup_and_refresh_the_rest() -> None:

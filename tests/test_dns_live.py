@@ -354,24 +354,28 @@ def test_a_first_lookup_that_fails_fails_the_request_naming_it(
         assert client.get("/").json()["server"] == "127.0.0.1"
 
 
-def test_an_empty_answer_empties_the_set_only_when_it_repeats(
+def test_an_empty_answer_empties_the_set_only_when_it_repeats_and_holds(
     dnsmasq: Dnsmasq, servers: dict[str, TestServer]
 ) -> None:
     one = servers["127.0.0.1"]
     dnsmasq.set_hosts({NAME: ["127.0.0.1", "::1"]})
     dnsmasq.start()
     lb = LoadBalancer()
-    job = RefreshJob(source(dnsmasq, one.port), lb, None)  # stepped by hand, lookup by lookup
+    clock = Clock()
+    # Stepped by hand, lookup by lookup, on a clock of the test's.
+    job = RefreshJob(source(dnsmasq, one.port, empty_for=5.0), lb, None, clock=clock)
     asyncio.run(job.lookup())
     assert len(lb) == 2
     dnsmasq.set_hosts({NAME: []})  # NXDOMAIN from now on
     assert source(dnsmasq, one.port).discover() == Discovered([], 0.01)  # asked again soon
-    for _ in range(2):
+    for _ in range(4):  # four NXDOMAIN answers in a row, over 3 s: kept
+        clock.now += 1.0
         asyncio.run(job.lookup())
         assert len(lb) == 2
+    clock.now += 2.0  # the first of them was 5 s ago
     asyncio.run(job.lookup())
     assert len(lb) == 0
-    assert job.progress.refreshes == 4
+    assert job.progress.refreshes == 6
     assert job.progress.failures == 0
 
 

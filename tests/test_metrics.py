@@ -27,6 +27,7 @@ from lbclient import (
     LoadBalancer,
     RetryBudget,
 )
+from lbclient._config import config_of
 from lbclient._observe import WatchedPlan
 from lbclient._plan import RequestPlan
 from lbclient.metrics import register
@@ -393,6 +394,19 @@ def test_registration_is_explicit_and_undone() -> None:
             register(object(), service="x", registry=registry)
         with pytest.raises(ValueError, match="service"):
             register(lb, service="", registry=registry)
+
+
+@pytest.mark.parametrize("registry", ["x", 42, {}, object()])
+def test_a_registry_that_is_not_one_is_named(registry: object) -> None:
+    lb = LoadBalancer(["127.0.0.1:80"])
+    with pytest.raises(TypeError) as caught:
+        register(lb, service="users", registry=registry)  # type: ignore[arg-type]
+    message = str(caught.value)
+    assert message.startswith("registry must be a prometheus_client.CollectorRegistry")
+    assert f"got {registry!r} ({type(registry).__name__})" in message
+    assert "weak reference" not in message
+    assert lb.snapshot() is not None  # nothing was attached
+    assert config_of(LBTransport(lb)).observers == ()  # type: ignore[union-attr]
 
 
 class Request:

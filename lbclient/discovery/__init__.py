@@ -10,16 +10,18 @@ Sources (each a :class:`ServiceDiscovery`, Pingora's trait of that name):
 * :class:`Function`: a function of your own (sync or async) returning backends.
 
 Give one to ``LoadBalancer(discovery=..., refresh=...)``. Started with the balancer (``with
-balancer:``, ``async with balancer:``), it looks the source up once before ``start()`` returns,
-then keeps looking on the balancer's runner (one thread with its event loop, or a task of the
-running asyncio loop), handing each answer to ``balancer.update()``: backends that stay keep
-their health and load.
+balancer:``, ``async with balancer:``), it looks the source up once before ``start()`` returns
+(waiting at most the source's ``timeout``), then keeps looking on the balancer's runner (one
+thread with its event loop, or a task of the running asyncio loop), handing each answer to
+``balancer.update()``: backends that stay keep their health and load. A transport's first
+request waits for the first answer at most the smaller of the source's ``timeout`` and its own.
 
 A failed lookup never takes traffic down: the last good set stays, the failure is logged on the
 ``lbclient`` logger and counted in ``balancer.snapshot()`` (``discovery_failures``,
 ``discovery_error``), and the next lookup comes sooner, backing off (1 s, 2 s, 4 s... up to the
-refresh interval). An answer with no backends empties the set only once it repeats
-(``empty_after``, 3 answers in a row).
+refresh interval). A lookup that fails in part (a DNS record type) answers with the rest, the
+part counted (``discovery_part_failures``). An answer with no backends empties the set only
+once it has repeated and held (``empty_after``, 3 answers in a row, over ``empty_for``, 10 s).
 
 Priority groups (DNS SRV, or any backend whose metadata has an int ``"priority"``): the balancer
 gets only the lowest group, while any of its backends is usable. When every one of them is

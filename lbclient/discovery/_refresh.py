@@ -1,8 +1,9 @@
 """Keeping a balancer's backends current from a source: the rules of a refresh, and its job.
 
 What lives here: the rules of a refresh as plain values (:func:`clamp_ttl`,
-:func:`retry_delay`, :class:`Progress` for failures, backoff and the empty-answer rule,
-:class:`Priorities` for priority groups); and :class:`RefreshJob`, what a source binds itself
+:func:`retry_delay`, :class:`Progress` for failures, backoff, partial answers and the
+empty-answer rule, each given the time as ``now``; :class:`Priorities` for priority groups);
+and :class:`RefreshJob`, what a source binds itself
 into for a balancer: its first lookup (done before the balancer's first start returns) and its
 rounds on the balancer's runner (a lookup when due, a look at the health of priority groups
 between), each handing the answer to the balancer's public :meth:`update` and its counts to
@@ -21,7 +22,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
@@ -79,10 +80,21 @@ def retry_delay(attempt: int, interval: float, first: float = RETRY_FIRST) -> fl
 
 class Progress:
     """What the lookups of one source came to, and what the next answer or failure means:
-    whether to take the answer, and how long to wait. Plain values: no clock, no I/O."""
+    whether to take the answer, and how long to wait. Plain values: no clock (the time is
+    given as ``now``), no I/O.
 
-    def __init__(self, empty_after: int) -> None:
+    The empty-answer rule: an answer with no backends is taken (emptying the set) only once
+    such answers have come ``empty_after`` times in a row and ``empty_for`` seconds have passed
+    since the first of them; until then the last set stays, and the next lookup comes sooner
+    (backing off, and no later than when ``empty_for`` is up). Failed lookups in between
+    neither count nor reset it. An answer with no backends in which a part of the lookup
+    failed (:attr:`Discovered.failed <lbclient.discovery.Discovered.failed>`) is a failed
+    lookup: it cannot say that there are none.
+    """
+
+    def __init__(self, empty_after: int, empty_for: float = 0.0) -> None:
         self.empty_after = empty_after
+        self.empty_for = empty_for
         #: Answers received (empty ones included).
         self.refreshes = 0
         #: Lookups that failed, in all.
@@ -91,22 +103,48 @@ class Progress:
         self.failed = 0
         #: Answers in a row with no backends (failed lookups in between do not count).
         self.empty = 0
+        #: When the first of those answers came (None while there is none).
+        self.empty_since: float | None = None
         #: Why the latest lookup failed; None once an answer arrives.
         self.error: str | None = None
+        #: Parts that failed in answers otherwise taken, counted by part (DNS: "A", "AAAA").
+        self.parts: dict[str, int] = {}
+        #: What failed in the latest answer, when a part of it did; None once one is whole.
+        self.partial: str | None = None
 
-    def answer(self, backends: int, interval: float) -> tuple[bool, float]:
-        """An answer with ``backends`` backends, normally good for ``interval`` seconds: return
-        whether to take it, and the seconds until the next lookup."""
+    def answer(
+        self,
+        backends: int,
+        interval: float,
+        now: float,
+        failed: Sequence[tuple[str, str]] = (),
+    ) -> tuple[bool, float]:
+        """An answer with ``backends`` backends, normally good for ``interval`` seconds, that
+        came at ``now`` with the parts ``failed`` missing: return whether to take it, and the
+        seconds until the next lookup."""
+        if failed and not backends:
+            why = "; ".join(text for _part, text in failed)
+            return False, self.failure(
+                f"no backends found, and part of the lookup failed: {why}", interval
+            )
         self.refreshes += 1
         self.failed = 0
         self.error = None
+        for part, _text in failed:
+            self.parts[part] = self.parts.get(part, 0) + 1
+        self.partial = "; ".join(text for _part, text in failed) or None
         if backends:
             self.empty = 0
+            self.empty_since = None
             return True, interval
         self.empty += 1
-        if self.empty >= self.empty_after:
+        if self.empty_since is None:
+            self.empty_since = now
+        left = self.empty_for - (now - self.empty_since)
+        if self.empty >= self.empty_after and left <= 0:
             return True, interval
-        return False, retry_delay(self.empty, interval)
+        delay = retry_delay(self.empty, interval)
+        return False, min(delay, left) if left > 0 else delay
 
     def failure(self, error: str, interval: float) -> float:
         """A failed lookup (``error`` says why); return the seconds until the next one, backing
@@ -221,13 +259,19 @@ class RefreshJob:
     name = "lbclient-discovery"
 
     def __init__(
-        self, source: ServiceDiscovery, balancer: LoadBalancer, refresh: float | None
+        self,
+        source: ServiceDiscovery,
+        balancer: LoadBalancer,
+        refresh: float | None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.source = source
         self.balancer = balancer
         self.refresh = positive("refresh", source.refresh if refresh is None else refresh)
         self.timeout = float(source.timeout)
-        self.progress = Progress(source.empty_after)
+        #: Monotonic seconds: when lookups are due, and how long empty answers have held.
+        self.clock = clock
+        self.progress = Progress(source.empty_after, float(getattr(source, "empty_for", 0.0)))
         self.priorities = Priorities()
         self._lock = threading.Lock()
         #: The refresh interval of the last answer with backends.
@@ -252,7 +296,7 @@ class RefreshJob:
     async def round(self) -> None:
         """A lookup when one is due; between lookups, with priority groups, a look at the
         health of the group in use and probes of the groups that failed."""
-        if time.monotonic() >= self._due:
+        if self.clock() >= self._due:
             await self.lookup()
         elif self.priorities.several or self.priorities.down:
             await self.recheck()
@@ -270,7 +314,7 @@ class RefreshJob:
     @property
     def interval(self) -> float:
         """Seconds until the next round: the next lookup, or sooner the next look at health."""
-        left = max(0.0, self._due - time.monotonic())
+        left = max(0.0, self._due - self.clock())
         if self.priorities.several or self.priorities.down:
             return min(left, self.source.failover_interval)
         return left
@@ -278,7 +322,7 @@ class RefreshJob:
     @interval.setter
     def interval(self, seconds: float) -> None:
         """Make the next lookup due in ``seconds``."""
-        self._due = time.monotonic() + seconds
+        self._due = self.clock() + seconds
 
     # -- work ----------------------------------------------------------------------------
 
@@ -287,15 +331,25 @@ class RefreshJob:
         if item == REFRESH:
             limit = self.timeout * OVERRUN + 1.0
             try:
-                found = as_discovered(await asyncio.wait_for(self.source.adiscover(), limit))
-            except asyncio.TimeoutError:
+                outcome = await asyncio.wait_for(self._ask(), limit)
+            except asyncio.TimeoutError:  # the limit's own: the source's is in the outcome
                 error = f"timed out after {limit:g} s"
-            except Exception as exc:
-                error = describe(exc)
+            else:
+                if isinstance(outcome, Exception):
+                    error = describe(outcome)
+                else:
+                    found = outcome
         suspects = self._suspects()
         ups = await asyncio.gather(*(self._up(group) for _p, group in suspects))
         recovered = frozenset(p for (p, _group), up in zip(suspects, ups, strict=True) if up)
         return _Result(found, error, recovered)
+
+    async def _ask(self) -> Discovered | Exception:
+        """The source's answer, or what it raised (a TimeoutError of its own among them)."""
+        try:
+            return as_discovered(await self.source.adiscover())
+        except Exception as exc:
+            return exc
 
     def _suspects(self) -> list[tuple[int, tuple[Backend, ...]]]:
         """The groups that failed, to probe."""
@@ -334,52 +388,79 @@ class RefreshJob:
             self._take_locked(result)
 
     def _take_locked(self, result: _Result) -> None:
-        source = self.source
         progress = self.progress
-        priorities = self.priorities
-        now = time.monotonic()
+        now = self.clock()
         kept = len(self.balancer.backends)
+        found = result.found
         if result.error is not None:
             delay = progress.failure(result.error, self._interval)
             self._due = now + delay
-            logger.warning(
-                "discovery %r: lookup failed (%d in a row): %s; keeping the last %d backends, "
-                "next lookup in %.3g s",
-                source,
-                progress.failed,
-                result.error,
-                kept,
-                delay,
-            )
-        elif result.found is not None:
-            found = result.found
+            self._log_failure(kept, delay)
+        elif found is not None:
             interval = self.refresh if found.ttl is None else found.ttl
             failed = progress.failed
-            take, delay = progress.answer(len(found.backends), interval)
+            take, delay = progress.answer(len(found.backends), interval, now, found.failed)
             self._due = now + delay
-            if found.backends:
-                self._interval = interval
-            if failed:
-                logger.info("discovery %r: answering again after %d failed lookups", source, failed)
-            if take:
-                priorities.take(found.backends)
-                self._prioritised = any(priority_of(b) is not None for b in found.backends)
-                if not found.backends:
-                    logger.warning(
-                        "discovery %r found no backends %d times in a row: the set is empty",
-                        source,
-                        progress.empty,
-                    )
+            if progress.failed > failed:  # no backends while a part failed: a failed lookup
+                self._log_failure(kept, delay)
             else:
+                self._answered(found, interval, take, failed, kept, now)
+        self._serve(result.recovered)
+
+    def _log_failure(self, kept: int, delay: float) -> None:
+        logger.warning(
+            "discovery %r: lookup failed (%d in a row): %s; keeping the last %d backends, "
+            "next lookup in %.3g s",
+            self.source,
+            self.progress.failed,
+            self.progress.error,
+            kept,
+            delay,
+        )
+
+    def _answered(
+        self, found: Discovered, interval: float, take: bool, failed: int, kept: int, now: float
+    ) -> None:
+        """An answer came (``failed`` lookups had failed before it): take it, or say why not."""
+        source, progress = self.source, self.progress
+        if found.backends:
+            self._interval = interval
+        if failed:
+            logger.info("discovery %r: answering again after %d failed lookups", source, failed)
+        if progress.partial is not None:
+            logger.warning(
+                "discovery %r: part of the lookup failed; using the %d backends found: %s",
+                source,
+                len(found.backends),
+                progress.partial,
+            )
+        if take:
+            self.priorities.take(found.backends)
+            self._prioritised = any(priority_of(b) is not None for b in found.backends)
+            if not found.backends:
                 logger.warning(
-                    "discovery %r found no backends (%d of %d in a row); keeping the last %d",
+                    "discovery %r found no backends %d times in a row: the set is empty",
                     source,
                     progress.empty,
-                    progress.empty_after,
-                    kept,
                 )
+        else:
+            since = now if progress.empty_since is None else progress.empty_since
+            logger.warning(
+                "discovery %r found no backends (%d in a row over %.3g s; the set empties after "
+                "%d over %.3g s); keeping the last %d",
+                source,
+                progress.empty,
+                now - since,
+                progress.empty_after,
+                progress.empty_for,
+                kept,
+            )
+
+    def _serve(self, recovered: frozenset[int]) -> None:
+        """Give the balancer the group that serves, and report how the discovery fares."""
+        source, progress, priorities = self.source, self.progress, self.priorities
         active_down = priorities.several and self._active_down()
-        backends, note = priorities.choose(active_down, result.recovered)
+        backends, note = priorities.choose(active_down, recovered)
         if note is not None:
             logger.warning("discovery %r: %s", source, note)
         if backends is not None:
@@ -398,6 +479,8 @@ class RefreshJob:
             failures=progress.failures,
             error=progress.error,
             priority=priorities.active if self._prioritised else None,
+            part_failures=progress.parts,
+            partial=progress.partial,
         )
 
     def _active_down(self) -> bool:

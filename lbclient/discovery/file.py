@@ -14,9 +14,11 @@ with ``address`` and optionally ``weight``, ``priority`` and ``metadata``::
     {"backends": [{"address": "10.0.3.7:8080", "weight": 3, "metadata": {"zone": "a"}},
                   {"address": "10.0.9.1:8080", "priority": 1}, "10.0.3.8:8080"]}
 
-A file named ``*.json``, or whose text starts like JSON (``{``, or ``[`` followed by ``{``,
-``"`` or ``]``), is read as JSON; anything else as lines. A mistake is a ValueError naming the
-file and the line (or the entry); the refresh then keeps the last good set.
+A file named ``*.json`` is read as JSON; so is one whose text is JSON (``[1, 2]``, say: it
+is no list of lines, whose addresses carry ports), or starts like it (``{``, or ``[`` followed
+by ``{``, ``"`` or ``]``); anything else as lines (``[::1]:80`` is a line). A mistake is a
+ValueError naming the file and the line (or the entry); the refresh then keeps the last good
+set.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from lbclient.backend import Backend
+from lbclient.backend import MAX_WEIGHT, Backend, shown
 from lbclient.discovery.base import Discovered, ServiceDiscovery
 
 __all__ = ["File", "parse_json", "parse_lines"]
@@ -47,12 +49,20 @@ def parse_lines(text: str, where: str = "<text>") -> tuple[Backend, ...]:
             continue
         parts = line.split()
         if len(parts) > 2:
-            raise ValueError(f"{where}, line {number}: expected 'host:port [weight]', got {line!r}")
+            raise ValueError(
+                f"{where}, line {number}: expected 'host:port [weight]', got {shown(line)}"
+            )
         weight = 1
         if len(parts) == 2:
             if not parts[1].isdigit() or not parts[1].isascii():
                 raise ValueError(
-                    f"{where}, line {number}: the weight must be a whole number, got {parts[1]!r}"
+                    f"{where}, line {number}: the weight must be a whole number, "
+                    f"got {shown(parts[1])}"
+                )
+            if len(parts[1].lstrip("0")) > len(str(MAX_WEIGHT)):  # before int()'s digit limit
+                raise ValueError(
+                    f"{where}, line {number}: the weight must be in 1..{MAX_WEIGHT}, "
+                    f"got {shown(parts[1])}"
                 )
             weight = int(parts[1])
         try:
@@ -81,6 +91,8 @@ def parse_json(text: str, where: str = "<text>") -> tuple[Backend, ...]:
         raise ValueError(
             f"{where}, line {exc.lineno} column {exc.colno}: not valid JSON: {exc.msg}"
         ) from None
+    except ValueError as exc:  # a number beyond int()'s digit limit, say
+        raise ValueError(f"{where}: not valid JSON: {exc}") from None
     if isinstance(data, dict):
         if set(data) != {"backends"}:
             raise ValueError(
@@ -113,7 +125,7 @@ def _entry(entry: Any, at: str) -> Backend:
     elif isinstance(entry, dict):
         fields = entry
     else:
-        raise ValueError(f"{at}: expected 'host:port' or an object, got {entry!r}")
+        raise ValueError(f"{at}: expected 'host:port' or an object, got {shown(entry)}")
     unknown = set(fields) - _ENTRY_KEYS
     if unknown:
         raise ValueError(
@@ -122,20 +134,32 @@ def _entry(entry: Any, at: str) -> Backend:
         )
     address = fields.get("address")
     if not isinstance(address, str):
-        raise ValueError(f"{at}: 'address' must be a 'host:port' string, got {address!r}")
+        raise ValueError(f"{at}: 'address' must be a 'host:port' string, got {shown(address)}")
     weight = fields.get("weight", 1)
     metadata = fields.get("metadata") or {}
     if not isinstance(metadata, dict):
-        raise ValueError(f"{at}: 'metadata' must be an object, got {metadata!r}")
+        raise ValueError(f"{at}: 'metadata' must be an object, got {shown(metadata)}")
     if "priority" in fields:
         priority = fields["priority"]
         if isinstance(priority, bool) or not isinstance(priority, int) or priority < 0:
-            raise ValueError(f"{at}: 'priority' must be a whole number >= 0, got {priority!r}")
+            raise ValueError(f"{at}: 'priority' must be a whole number >= 0, got {shown(priority)}")
         metadata = {**metadata, "priority": priority}
     try:
         return Backend(address, weight, metadata)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{at}: {exc}") from None
+
+
+def _is_json(text: str) -> bool:
+    """Whether ``text`` is a JSON list or object (no file of lines is: its first address
+    would be followed by a port after the closing bracket)."""
+    if not text.lstrip().startswith(("[", "{")):
+        return False
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
 
 
 class File(ServiceDiscovery):
@@ -151,7 +175,7 @@ class File(ServiceDiscovery):
 
     def __init__(self, path: str | os.PathLike[str], **options: Any) -> None:
         if not isinstance(path, (str, os.PathLike)):
-            raise TypeError(f"path must be a str or a path, got {path!r}")
+            raise TypeError(f"path must be a str or a path, got {shown(path)}")
         super().__init__(**options)
         self.path = Path(path)
         self._lock = threading.Lock()
@@ -177,7 +201,7 @@ class File(ServiceDiscovery):
     def parse(self, text: str) -> tuple[Backend, ...]:
         """The backends in ``text``, read as this file's format."""
         where = str(self.path)
-        if self.path.suffix.lower() == ".json" or _JSON_START.match(text):
+        if self.path.suffix.lower() == ".json" or _JSON_START.match(text) or _is_json(text):
             return parse_json(text, where)
         return parse_lines(text, where)
 
