@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
+import math
 import platform
 import sys
 import textwrap
@@ -136,8 +137,10 @@ class ConcurrencyRow(NamedTuple):
 
     @property
     def ratio(self) -> float:
-        """lbclient's requests per second over the plain client's: above 1, lbclient is faster."""
-        return self.ours.per_second / self.theirs.per_second
+        """lbclient's requests per second over the plain client's: above 1, lbclient is faster
+        (infinite if the plain client answered nothing)."""
+        theirs = self.theirs.per_second
+        return self.ours.per_second / theirs if theirs else math.inf
 
     @property
     def little(self) -> float:
@@ -192,7 +195,9 @@ async def _drive_async(
     end = start + seconds
 
     async def task() -> None:
-        while clock() < end:
+        first = True  # each task sends one request at least, however late it starts
+        while first or clock() < end:
+            first = False
             began = clock()
             try:
                 response = await client.get(next(urls))
@@ -258,8 +263,10 @@ def _drive_threads(
         failed = 0
         own = urls(number)
         go.wait()
+        first = True  # each thread sends one request at least, however late it starts
         try:
-            while clock() < end[0]:
+            while first or clock() < end[0]:
+                first = False
                 began = clock()
                 try:
                     get(next(own))
