@@ -386,3 +386,62 @@ def test_key_based_algorithms_keep_their_own_fallback(algorithm: type) -> None:
     for i in range(200):
         key = f"user-{i}"
         assert lb.select(key) == next(b for b in lb.iter(key) if b != Backend(B))
+
+
+def test_shares_among_the_available_are_exact_across_threads_while_health_changes() -> None:
+    backends = [A, B, C, "10.0.0.4:80"]
+    lb = LoadBalancer(backends, RoundRobin, health=HealthPolicy(panic_threshold=0))
+    lb.set_enabled(B, False)
+    counts: list[Counter[Backend | None]] = [Counter() for _ in range(8)]
+    barrier = threading.Barrier(9)
+    errors: list[BaseException] = []
+
+    def run(slot: int) -> None:
+        try:
+            barrier.wait()
+            for _ in range(1_500):
+                counts[slot][lb.select()] += 1
+        except BaseException as exc:
+            errors.append(exc)
+
+    def flap() -> None:  # health changes that move no backend in or out, meanwhile
+        barrier.wait()
+        for _ in range(300):
+            lb.report("10.0.0.4:80", False)  # a streak of one failure (five eject)
+            lb.report("10.0.0.4:80", True)
+            lb.set_enabled(B, False)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
+    threads.append(threading.Thread(target=flap))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    total: Counter[Backend | None] = Counter()
+    for c in counts:
+        total.update(c)
+    assert total == {Backend(b): 4_000 for b in (A, C, "10.0.0.4:80")}
+    # Switched on and off while others pick: every pick is of an available backend.
+    flapping = LoadBalancer(backends, RoundRobin, health=HealthPolicy(panic_threshold=0))
+    picked: list[Backend | None] = []
+    stop = threading.Event()
+
+    def toggle() -> None:
+        while not stop.is_set():
+            flapping.set_enabled(C, False)
+            flapping.set_enabled(C, True)
+
+    toggler = threading.Thread(target=toggle)
+    toggler.start()
+    try:
+        picked.extend(flapping.select() for _ in range(20_000))
+    finally:
+        stop.set()
+        toggler.join()
+    assert None not in picked
+    assert set(picked) <= set(flapping.backends)
+    flapping.set_enabled(C, False)
+    assert Counter(flapping.select() for _ in range(300)) == {
+        Backend(b): 100 for b in (A, B, "10.0.0.4:80")
+    }
