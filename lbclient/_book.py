@@ -1,7 +1,9 @@
 """The health book: where a balancer keeps and changes its backends' health.
 
 What lives here: one cell per backend holding its immutable :class:`HealthState`; the set-wide
-counts of one backend set (a :class:`Tally`: disabled, unhealthy, ejected, impaired, panic);
+counts of one backend set (a :class:`Tally`: disabled, unhealthy, ejected, impaired, panic),
+which hears of every change it counts (:meth:`Tally.restate`, for what a view derives from
+the backends' availability);
 :class:`HealthBook`, through which every change goes (under one lock), applying the rules of
 :mod:`lbclient.health`, the ejection limit and panic mode, and delivering ``on_change`` calls in
 the order of the changes; and the wording of each change, as pure functions.
@@ -115,6 +117,13 @@ class Tally:
         """Enabled backends that are healthy."""
         return self.enabled - self.unhealthy
 
+    def restate(
+        self, backend: Backend, before: HealthState, after: HealthState, flipped: bool
+    ) -> None:
+        """Told, under the book's lock, that ``backend``'s state went from ``before`` to
+        ``after`` (the counts and panic mode already updated; ``flipped``: panic mode flipped
+        with it). Nothing here; a view keeps what it derives from availability current."""
+
     def store(self, cell: Cell, after: HealthState, policy: HealthPolicy) -> bool:
         """Put ``after`` in ``cell`` and update the counts; return whether panic mode flipped."""
         before = cell.state
@@ -176,9 +185,12 @@ class HealthBook:
             cell = tally.cells.get(backend)
             if cell is None:
                 return False
-            if cell.state.enabled == enabled:
+            before = cell.state
+            if before.enabled == enabled:
                 return True
-            panic = tally.store(cell, replace(cell.state, enabled=enabled), self.policy)
+            after = replace(before, enabled=enabled)
+            panic = tally.store(cell, after, self.policy)
+            tally.restate(backend, before, after, panic)
         if panic:
             _log_panic(tally, self.policy)
         return True
@@ -198,6 +210,7 @@ class HealthBook:
             if after is before:
                 return False
             panic = tally.store(cell, after, policy)
+            tally.restate(backend, before, after, panic)
             flipped = self._queue(backend, before, after)
         text = report_text(backend.address, before, after, outcome, now, policy)
         if text is not None:
@@ -229,6 +242,7 @@ class HealthBook:
             if after is before:
                 return False
             panic = tally.store(cell, after, policy)
+            tally.restate(backend, before, after, panic)
             first = before.checked is None and after.checked is not None
             flipped = self._queue(backend, before, after, first)
         for text in check_texts(backend.address, before, after, ok, detail):
@@ -243,10 +257,15 @@ class HealthBook:
         it. The counts do not change: a probing backend is still ejected and unhealthy."""
         with self.lock:
             cell = tally.cells[backend]
-            after = self.policy.claim_probe(cell.state, now)
+            before = cell.state
+            after = self.policy.claim_probe(before, now)
             if after is None:
                 return False
             cell.state = after
+            tally.restate(backend, before, after, False)
+            live = self._current()
+            if live is not tally and live.cells.get(backend) is cell:  # an update came between
+                live.restate(backend, before, after, False)
         logger.info("backend %s: ejection over, sending a probe request", backend.address)
         return True
 

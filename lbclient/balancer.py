@@ -21,7 +21,6 @@ backend whose time is up, under the book's lock, once per ejection.
 from __future__ import annotations
 
 import logging
-import math
 import random as _random
 import threading
 import time
@@ -31,13 +30,12 @@ from typing import Any, Final, Protocol
 
 from lbclient._book import HealthBook, OnChange
 from lbclient._load import Load, Total
-from lbclient._view import View, Views, candidates, find, require
+from lbclient._view import Picker, View, Views, candidates, find, require
 from lbclient.backend import Backend
 from lbclient.health import HealthPolicy, HealthSnapshot, HealthState, Outcome
 from lbclient.selection.base import (
     AlgorithmLike,
     Key,
-    UniqueIterator,
     check_max_iterations,
     prepare_backends,
     resolve_algorithm,
@@ -177,6 +175,8 @@ class LoadBalancer:
         self._slow_start: SlowStart | None = slow_start_of(
             getattr(self._algorithm, "slow_start", None)
         )
+        #: How a select chooses in a view (the walk, the choice among the available).
+        self._picker = Picker(self._book, clock, random, self._slow_start)
         prepared = prepare_backends(backends)
         self._view = self._views.view(prepared, None)
         #: What the discovery reported (refreshes, failures, error, priority), for snapshots.
@@ -245,6 +245,12 @@ class LoadBalancer:
         At most ``max_iterations`` items are pulled from the selection order. Choosing an
         ejected backend whose probe is due takes the probe: until that request reports back,
         no other request is sent there.
+
+        An algorithm that follows weights and ignores the key (``RoundRobin``, ``Random``,
+        ``SmoothRoundRobin``) chooses among the available backends alone, so they share what
+        the unavailable ones would have had by their weights; an ejected backend whose probe
+        is due is chosen first, for that one request. The key-based algorithms keep their own
+        fallback: the next candidate of the key's order.
         """
         view = self._view
         if (
@@ -260,7 +266,9 @@ class LoadBalancer:
         """The first distinct candidate for which ``accept(backend, ready)`` is true, or None.
 
         Every item pulled from the selection order counts toward ``max_iterations``, repeated
-        ones included.
+        ones included. Every backend is offered in time, available or not; with an algorithm
+        that follows weights and backends unavailable, the order starts with a pick among the
+        available ones (see :func:`lbclient._view.order`).
         """
         if not callable(accept):
             raise TypeError(f"accept must be callable as accept(backend, ready), got {accept!r}")
@@ -270,34 +278,10 @@ class LoadBalancer:
         self, view: View, key: Key, max_iterations: object, accept: Accept
     ) -> Backend | None:
         limit = check_max_iterations(max_iterations)
-        cells = view.cells
-        panic = view.panic
-        ramp = self._slow_start
-        now: float | None = None
-        passed: Backend | None = None  # a ramping backend passed over, as a last resort
-        for backend in UniqueIterator(view.selector.iter(to_key(key)), limit):
-            state = cells[backend].state
-            probe = False
-            if panic or state.healthy:
-                ready = state.enabled
-            else:
-                if now is None:
-                    now = self._clock()
-                ready = probe = state.enabled and state.probe_due(now)
-            if not accept(backend, ready):
-                continue
-            if ramp is not None and not probe:
-                if now is None:
-                    now = self._clock()
-                restored = state.restored_at if state.restored_at > 0.0 else -math.inf
-                since = max(view.loads[backend].joined, restored)
-                if now - since < ramp.window and self._random() >= ramp.factor(now - since):
-                    passed = passed or backend
-                    continue  # still ramping up: this time, the next candidate
-            if probe and not self._book.claim(view, backend, self._clock()):
-                continue  # another request took the probe first
-            return backend
-        return passed
+        roster = view.roster
+        if roster is not None and accept is _accept_ready:
+            return self._picker.choose(view, roster, to_key(key), limit)
+        return self._picker.walk(view, to_key(key), limit, accept)
 
     def iter(
         self,

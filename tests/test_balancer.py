@@ -318,3 +318,130 @@ def test_ready_and_health_for_unknown_backends() -> None:
     with pytest.raises(ValueError, match="no port"):
         lb.ready("10.0.0.1")
     assert lb.report(B, False) is False  # a report racing an update is dropped
+
+
+# -- with backends unavailable ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("down", [[B], [A, B], ["10.0.0.4:80"]])
+def test_round_robin_spreads_the_turns_of_unavailable_backends_over_the_others(
+    down: list[str],
+) -> None:
+    backends = [A, B, C, "10.0.0.4:80"]
+    lb = LoadBalancer(backends, RoundRobin, health=HealthPolicy(panic_threshold=0))
+    for backend in down:
+        lb.set_enabled(backend, False)
+    up = [b for b in backends if b not in down]
+    picks = Counter(lb.select() for _ in range(100 * len(up)))
+    assert picks == {Backend(b): 100 for b in up}  # before: the next one got the turns too
+
+
+def test_the_counter_goes_on_when_a_backend_goes_and_comes_back() -> None:
+    lb = LoadBalancer([A, B, C, "10.0.0.4:80"], RoundRobin)
+    first = [lb.select() for _ in range(2)]
+    lb.set_enabled(C, False)
+    during = [lb.select() for _ in range(3)]  # counter values 2, 3, 4 over A, B, D
+    lb.set_enabled(C, True)
+    after = [lb.select() for _ in range(3)]  # values 5, 6, 7 over all four
+    four = "10.0.0.4:80"
+    assert [*first, *during, *after] == list(map(Backend, [A, B, four, A, B, B, C, four]))
+
+
+def test_a_due_probe_is_taken_first_then_the_others_share() -> None:
+    now = [0.0]
+    lb = LoadBalancer(
+        [A, B, C],
+        RoundRobin,
+        health=HealthPolicy(consecutive_failures=1, base_ejection_time=10),
+        clock=lambda: now[0],
+    )
+    assert lb.report(B, False)
+    assert Counter(lb.select() for _ in range(10)) == {Backend(A): 5, Backend(C): 5}
+    now[0] = 10.0
+    assert lb.select() == Backend(B)  # the probe, for this request alone
+    assert Counter(lb.select() for _ in range(10)) == {Backend(A): 5, Backend(C): 5}
+    assert lb.report(B, True)  # restored
+    assert Counter(lb.select() for _ in range(30)) == dict.fromkeys(map(Backend, [A, B, C]), 10)
+
+
+def test_select_with_offers_every_backend_starting_among_the_available() -> None:
+    lb = LoadBalancer([A, B, C, "10.0.0.4:80"], RoundRobin)
+    lb.set_enabled(B, False)
+    offers: list[list[tuple[Backend, bool]]] = []
+    for _ in range(6):
+        offered: list[tuple[Backend, bool]] = []
+        refuse = offered.append  # returns None: refuses every backend, noting it
+        lb.select_with(b"", 256, lambda b, r, note=refuse: note((b, r)) is not None)
+        offers.append(offered)
+    assert all(len({b for b, _ in o}) == len(o) == 4 for o in offers)
+    assert all(o[0][1] for o in offers)  # the first offered is available
+    assert Counter(o[0][0] for o in offers) == dict.fromkeys(map(Backend, [A, C, "10.0.0.4:80"]), 2)
+    assert lb.select_with(b"", 256, lambda b, r: b == Backend(B)) == Backend(B)
+
+
+@pytest.mark.parametrize("algorithm", [Hash, FNVHash, Consistent])
+def test_key_based_algorithms_keep_their_own_fallback(algorithm: type) -> None:
+    lb = LoadBalancer([A, B, C, "10.0.0.4:80"], algorithm)
+    lb.set_enabled(B, False)
+    for i in range(200):
+        key = f"user-{i}"
+        assert lb.select(key) == next(b for b in lb.iter(key) if b != Backend(B))
+
+
+def test_shares_among_the_available_are_exact_across_threads_while_health_changes() -> None:
+    backends = [A, B, C, "10.0.0.4:80"]
+    lb = LoadBalancer(backends, RoundRobin, health=HealthPolicy(panic_threshold=0))
+    lb.set_enabled(B, False)
+    counts: list[Counter[Backend | None]] = [Counter() for _ in range(8)]
+    barrier = threading.Barrier(9)
+    errors: list[BaseException] = []
+
+    def run(slot: int) -> None:
+        try:
+            barrier.wait()
+            for _ in range(1_500):
+                counts[slot][lb.select()] += 1
+        except BaseException as exc:
+            errors.append(exc)
+
+    def flap() -> None:  # health changes that move no backend in or out, meanwhile
+        barrier.wait()
+        for _ in range(300):
+            lb.report("10.0.0.4:80", False)  # a streak of one failure (five eject)
+            lb.report("10.0.0.4:80", True)
+            lb.set_enabled(B, False)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
+    threads.append(threading.Thread(target=flap))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    total: Counter[Backend | None] = Counter()
+    for c in counts:
+        total.update(c)
+    assert total == {Backend(b): 4_000 for b in (A, C, "10.0.0.4:80")}
+    # Switched on and off while others pick: every pick is of an available backend.
+    flapping = LoadBalancer(backends, RoundRobin, health=HealthPolicy(panic_threshold=0))
+    picked: list[Backend | None] = []
+    stop = threading.Event()
+
+    def toggle() -> None:
+        while not stop.is_set():
+            flapping.set_enabled(C, False)
+            flapping.set_enabled(C, True)
+
+    toggler = threading.Thread(target=toggle)
+    toggler.start()
+    try:
+        picked.extend(flapping.select() for _ in range(20_000))
+    finally:
+        stop.set()
+        toggler.join()
+    assert None not in picked
+    assert set(picked) <= set(flapping.backends)
+    flapping.set_enabled(C, False)
+    assert Counter(flapping.select() for _ in range(300)) == {
+        Backend(b): 100 for b in (A, B, "10.0.0.4:80")
+    }

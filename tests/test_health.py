@@ -4,6 +4,7 @@ injected clock: every rule is exercised without sleeping."""
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from collections import Counter
 
@@ -18,6 +19,7 @@ from lbclient import (
     LoadBalancer,
     Outcome,
     RoundRobin,
+    SmoothRoundRobin,
     TcpCheck,
 )
 from lbclient.health import HealthState
@@ -581,13 +583,19 @@ ops = st.lists(
 
 
 @settings(max_examples=150, deadline=None)
-@given(ops, st.sampled_from([10.0, 50.0, 100.0]), st.booleans())
+@given(
+    ops,
+    st.sampled_from([10.0, 50.0, 100.0]),
+    st.booleans(),
+    st.sampled_from([RoundRobin, SmoothRoundRobin, Hash]),
+)
 def test_set_wide_counts_always_match_a_recount(
-    steps: list[tuple[int, int, object]], percent: float, combine: bool
+    steps: list[tuple[int, int, object]], percent: float, combine: bool, algorithm: type
 ) -> None:
     addresses = [f"10.9.0.{i}:80" for i in range(1, 9)]
     lb, clock, _ = make(
         addresses[:4],
+        algorithm,
         consecutive_failures=2,
         consecutive_5xx=2,
         base_ejection_time=1,
@@ -624,3 +632,51 @@ def test_set_wide_counts_always_match_a_recount(
         assert view.panic == policy.panics(healthy, len(enabled))
         snap = lb.snapshot()
         assert [b.ready for b in snap.backends] == [lb.ready(b) for b in lb.backends]
+        assert_roster_matches_a_recount(lb, algorithm is Hash)
+
+
+@pytest.mark.parametrize("take", ["admit", "select"])
+def test_a_taken_probe_moves_when_the_next_one_is_due(take: str) -> None:
+    lb, clock, _ = make([A, B, C, D], consecutive_failures=1, base_ejection_time=10)
+    lb.report(A, False)
+    assert_roster_matches_a_recount(lb, False)
+    clock.now += 10
+    if take == "admit":
+        assert lb.admit(A)
+    else:
+        assert lb.select() == Backend(A)  # a due probe goes first
+    assert_roster_matches_a_recount(lb, False)
+    roster = lb._view.roster
+    assert roster is not None
+    assert roster.due == clock.now + 10
+    assert Backend(A) not in {lb.select() for _ in range(30)}  # one request only
+    clock.now += 10  # the probe never reported back: another request may probe
+    assert lb.select() == Backend(A)
+
+
+def assert_roster_matches_a_recount(lb: LoadBalancer, keyed: bool) -> None:
+    """The view's roster (what a selection that follows weights chooses among) is what the
+    cells say now."""
+    view = lb._view
+    roster = view.roster
+    if keyed:
+        assert roster is None
+        return
+    assert roster is not None
+    states = {b: view.cells[b].state for b in view.backends}
+    down = {b for b, s in states.items() if not (s.healthy and s.enabled)}
+    disabled = {b for b, s in states.items() if not s.enabled}
+    assert roster.down == down
+    assert roster.disabled == disabled
+    out = disabled if view.panic else down
+    assert roster.selector.backends == tuple(b for b in view.backends if b not in out)
+    if not out:
+        assert roster.selector is view.selector
+    probes = []
+    if not view.panic:
+        for b in down:
+            s = states[b]
+            if s.enabled and s.ejected_until is not None and s.checked is not False:
+                probes.append((max(s.ejected_until, s.probe_until or -math.inf), b))
+    assert sorted(roster.probes, key=str) == sorted(probes, key=str)
+    assert [t for t, _ in roster.probes] == sorted(t for t, _ in probes)

@@ -13,6 +13,9 @@ each upstream lists its servers in lbclient's sorted backend order (loopback, as
 request, ``LoadBalancer(backends, SmoothRoundRobin).select()``, and the backend lbclient's own
 ``LBTransport`` sends each of 1,000 requests to.
 
+More upstreams mark some of their servers ``down``: nginx then picks among the others alone,
+and so must lbclient with the same backends switched off or ejected (its backends down).
+
 Skipped when nginx is not installed, unless ``LBCLIENT_REQUIRE_NGINX=1`` (then it fails).
 """
 
@@ -28,7 +31,7 @@ import httpx
 import pytest
 from nginx_process import conf_head, nginx_with, running
 
-from lbclient import Backend, LBTransport, LoadBalancer, SmoothRoundRobin
+from lbclient import Backend, HealthPolicy, LBTransport, LoadBalancer, SmoothRoundRobin
 from lbclient.testing import Exchange, TestServer
 
 pytestmark = pytest.mark.nginx
@@ -46,6 +49,16 @@ WEIGHT_SETS: tuple[tuple[int, ...], ...] = (
 # An extra upstream with equal weights written in reverse sorted order: shows that nginx
 # follows the order written.
 REVERSED = len(WEIGHT_SETS)
+# Upstreams with servers marked ``down``: (weights, the indexes of those down), in sorted order.
+DOWN_SETS: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...] = (
+    ((5, 1, 1), (0,)),  # the heaviest
+    ((3, 2, 1, 1), (1,)),
+    ((1, 5, 1, 3), (1, 2)),
+    ((2, 7, 7, 1, 4), (1,)),  # one of two equal
+    ((1, 1, 1, 1, 1, 1), (1, 2, 3)),  # a zone: three in a row
+    ((1, 2, 3, 2), (3,)),
+)
+FIRST_DOWN = REVERSED + 1
 REQUIRED_MODULES = ("proxy",)
 
 
@@ -72,13 +85,20 @@ def _name(exchange: Exchange) -> bool:
 
 def _nginx_conf(directory: Path, front_port: int, servers: Sequence[TestServer], info: str) -> str:
     lines = conf_head(directory, info)
-    upstreams = [list(zip(servers, weights, strict=False)) for weights in WEIGHT_SETS]
-    upstreams.append([(server, 1) for server in reversed(servers[:3])])
+    upstreams = [
+        [(server, weight, False) for server, weight in zip(servers, weights, strict=False)]
+        for weights in WEIGHT_SETS
+    ]
+    upstreams.append([(server, 1, False) for server in reversed(servers[:3])])
+    upstreams += [
+        [(servers[i], weight, i in down) for i, weight in enumerate(weights)]
+        for weights, down in DOWN_SETS
+    ]
     for number, members in enumerate(upstreams):
         lines.append(f"    upstream u{number} {{")
         lines += [
-            f"        server {server.address} weight={weight} max_fails=0;"
-            for server, weight in members
+            f"        server {server.address} weight={weight} max_fails=0{' down' if out else ''};"
+            for server, weight, out in members
         ]
         lines.append("    }")
     lines += [
@@ -102,7 +122,7 @@ def _nginx_conf(directory: Path, front_port: int, servers: Sequence[TestServer],
 def nginx_front(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NginxFront]:
     nginx, info = nginx_with(REQUIRED_MODULES)
     directory = tmp_path_factory.mktemp("nginx-smooth")
-    count = max(len(weights) for weights in WEIGHT_SETS)
+    count = max(len(weights) for weights in (*WEIGHT_SETS, *(w for w, _ in DOWN_SETS)))
 
     with contextlib.ExitStack() as stack:
         started = [
@@ -135,10 +155,13 @@ def _nginx_sequence(front: NginxFront, upstream: int, count: int) -> list[str]:
     return served
 
 
-def _transport_sequence(backends: Sequence[Backend], count: int) -> list[str]:
+def _transport_sequence(backends: Sequence[Backend] | LoadBalancer, count: int) -> list[str]:
     """The name of the backend lbclient's LBTransport sent each of ``count`` requests to."""
     served: list[str] = []
-    transport = LBTransport(backends, algorithm=SmoothRoundRobin, max_attempts=1)
+    if isinstance(backends, LoadBalancer):
+        transport = LBTransport(backends, max_attempts=1)
+    else:
+        transport = LBTransport(backends, algorithm=SmoothRoundRobin, max_attempts=1)
     with httpx.Client(
         transport=transport, base_url="http://service", timeout=HTTP_TIMEOUT_S, trust_env=False
     ) as client:
@@ -189,3 +212,64 @@ def test_smooth_round_robin_picks_nginx_sequence(
 def test_nginx_breaks_ties_in_the_order_written(nginx_front: NginxFront) -> None:
     written = [server.address for server in reversed(nginx_front.servers[:3])]
     assert _nginx_sequence(nginx_front, REVERSED, 6) == written * 2
+
+
+def _with_down(backends: Sequence[Backend], down: Sequence[int], how: str) -> LoadBalancer:
+    """A smooth round robin balancer over ``backends`` with those at ``down`` switched off or
+    ejected (on a clock that never moves: no probe comes due); panic mode off."""
+    lb = LoadBalancer(
+        backends,
+        SmoothRoundRobin,
+        health=HealthPolicy(consecutive_failures=1, max_ejection_percent=100, panic_threshold=0),
+        clock=lambda: 1000.0,
+    )
+    for i in down:
+        if how == "disabled":
+            lb.set_enabled(backends[i], False)
+        else:
+            lb.report(backends[i], False)
+            assert lb.health(backends[i]).ejected
+    return lb
+
+
+@pytest.mark.parametrize("how", ["disabled", "ejected"])
+@pytest.mark.parametrize(
+    ("upstream", "weights", "down"),
+    [(FIRST_DOWN + i, weights, down) for i, (weights, down) in enumerate(DOWN_SETS)],
+    ids=[
+        "-".join(f"{w}{'x' if i in down else ''}" for i, w in enumerate(weights))
+        for weights, down in DOWN_SETS
+    ],
+)
+def test_with_servers_down_the_others_pick_nginx_sequence(
+    nginx_front: NginxFront,
+    upstream: int,
+    weights: tuple[int, ...],
+    down: tuple[int, ...],
+    how: str,
+) -> None:
+    backends = nginx_front.backends(weights)
+    lb = _with_down(backends, down, how)
+    up = [b for i, b in enumerate(backends) if i not in down]
+    period = sum(b.weight for b in up)
+    # Whole periods: nginx's current weights are back at 0 for the next test of the upstream.
+    count = period * -(-REQUESTS // period)
+    served = _nginx_sequence(nginx_front, upstream, count)
+    assert {backends[i].address for i in down}.isdisjoint(served)
+    expected = []
+    for _ in range(count):
+        picked = lb.select()
+        assert picked is not None
+        expected.append(picked.address)
+    diverged = next(
+        (i for i, (a, b) in enumerate(zip(served, expected, strict=True)) if a != b), None
+    )
+    assert diverged is None, (
+        f"request {diverged}: nginx {served[diverged]}, lbclient {expected[diverged]}; "
+        f"nginx's first picks {served[:20]}, lbclient's {expected[:20]}"
+    )
+    assert [served[:period].count(b.address) for b in up] == [b.weight for b in up]
+
+    names = {server.address: server.name for server in nginx_front.servers}
+    through_transport = _transport_sequence(_with_down(backends, down, how), count)
+    assert through_transport == [names[address] for address in served]

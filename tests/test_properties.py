@@ -13,10 +13,21 @@ from collections import Counter
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lbclient import Backend, Consistent, FNVHash, Hash, LoadBalancer, Random, RoundRobin
+from lbclient import (
+    Backend,
+    Consistent,
+    FNVHash,
+    Hash,
+    HealthPolicy,
+    LoadBalancer,
+    Random,
+    RoundRobin,
+    SmoothRoundRobin,
+)
 
 ALGORITHMS = {
     "RoundRobin": RoundRobin,
+    "SmoothRoundRobin": SmoothRoundRobin,
     "Random": Random,
     "Hash": Hash,
     "FNVHash": FNVHash,
@@ -167,3 +178,78 @@ def test_routing_is_identical_in_another_process(keys: list[bytes], weights: lis
             check=True,
         )
         assert json.loads(result.stdout) == expected
+
+
+#: Availability changes: (backend index, switched on or off, selects made afterwards).
+changes_st = st.lists(
+    st.tuples(st.integers(min_value=0, max_value=8), st.booleans(), st.integers(0, 30)),
+    max_size=8,
+)
+
+
+def after_changes(
+    algorithm: object, weights: list[int], changes: list[tuple[int, bool, int]]
+) -> tuple[LoadBalancer, list[Backend]]:
+    """A balancer whose backends were switched off and on (panic mode off), with selects in
+    between; and the backends available at the end."""
+    backends = make_backends(weights)
+    lb = LoadBalancer(backends, algorithm, health=HealthPolicy(panic_threshold=0))  # type: ignore[arg-type]
+    for index, enabled, picks in changes:
+        lb.set_enabled(backends[index % len(backends)], enabled)
+        for _ in range(picks):
+            picked = lb.select()
+            assert picked is None or lb.ready(picked)
+    return lb, [b for b in backends if lb.ready(b)]
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    weights=weights_st,
+    changes=changes_st,
+    algorithm=st.sampled_from(["RoundRobin", "SmoothRoundRobin"]),
+    rounds=st.integers(min_value=1, max_value=3),
+)
+def test_round_robins_share_exactly_by_weight_among_the_available(
+    weights: list[int], changes: list[tuple[int, bool, int]], algorithm: str, rounds: int
+) -> None:
+    lb, up = after_changes(ALGORITHMS[algorithm], weights, changes)
+    total = sum(b.weight for b in up)
+    picks = Counter(lb.select() for _ in range(rounds * max(total, 1)))
+    if not up:
+        assert picks == {None: rounds}
+        return
+    # Any run of consecutive picks as long as the available weight, wherever it starts.
+    assert picks == {b: rounds * b.weight for b in up}
+
+
+@settings(max_examples=25, deadline=None)
+@given(weights=weights_st, changes=changes_st, seed=st.integers(0, 2**32))
+def test_random_draws_by_weight_among_the_available(
+    weights: list[int], changes: list[tuple[int, bool, int]], seed: int
+) -> None:
+    lb, up = after_changes(Random(seed=seed), weights, changes)
+    n = 6000
+    counts = Counter(lb.select() for _ in range(n))
+    if not up:
+        assert counts == {None: n}
+        return
+    total = sum(b.weight for b in up)
+    assert set(counts) <= set(up)
+    for b in up:
+        p = b.weight / total
+        sigma = math.sqrt(n * p * (1 - p))
+        assert abs(counts[b] - n * p) <= 5 * sigma + 1, (b, counts[b], n * p)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    weights=weights_st,
+    changes=changes_st,
+    algorithm=st.sampled_from(["Hash", "FNVHash", "Consistent"]),
+    key=st.binary(max_size=24),
+)
+def test_key_based_algorithms_fall_back_along_the_keys_own_order(
+    weights: list[int], changes: list[tuple[int, bool, int]], algorithm: str, key: bytes
+) -> None:
+    lb, up = after_changes(ALGORITHMS[algorithm], weights, changes)
+    assert lb.select(key) == next((b for b in lb.iter(key) if b in up), None)

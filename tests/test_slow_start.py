@@ -161,3 +161,18 @@ def test_key_based_algorithms_take_no_slow_start() -> None:
     lb.update([*OLD, NEW])
     key_owner = {lb.select(f"k{i}") for i in range(200)}
     assert Backend(NEW) in key_owner  # a new backend takes its keys at once
+
+
+@pytest.mark.parametrize("algorithm", [RoundRobin(slow_start=60), SmoothRoundRobin(slow_start=60)])
+def test_a_ramping_backends_passed_turns_are_not_given_to_its_neighbour(algorithm: object) -> None:
+    # The new backend sorts between two old ones; while it ramps, the turns it passes over are
+    # drawn afresh, so the old ones share them evenly instead of the one after it taking them.
+    middle = "10.0.0.2:81"
+    clock = Clock()
+    lb = LoadBalancer(OLD, algorithm, clock=clock, random=lambda: 0.99)  # type: ignore[arg-type]
+    lb.update([*OLD, middle])
+    assert lb.backends[2] == Backend(middle)
+    clock.now += 1.0
+    counted = shares(lb, 3_000)
+    assert Backend(middle).address not in counted
+    assert max(counted.values()) - min(counted.values()) <= 2, counted

@@ -356,3 +356,58 @@ def test_simulate_spreads_exactly_by_weight() -> None:
     assert result.removal is None
     assert result.addition is None
     assert "n/a: smooth does not map keys to backends" in format_report(result)
+
+
+# -- among the available backends -------------------------------------------------------------
+
+
+def test_among_the_available_from_a_fresh_start_is_their_own_sequence() -> None:
+    backends = [Backend(A, 5), Backend(B, 1), Backend(C, 1), Backend(D, 2)]
+    full = SmoothRoundRobin.build(backends)
+    assert full.among(full.backends) is full
+    some = full.among(tuple(backends[1:]), full)
+    alone = SmoothRoundRobin.build(backends[1:])
+    assert [some.first(b"") for _ in range(12)] == [alone.first(b"") for _ in range(12)]
+    assert full.current_weights() == (0, 0, 0, 0)  # the full selector did not move
+
+
+def test_each_weights_turns_go_on_across_a_change_of_availability() -> None:
+    backends = make_backends([1] * 6)
+    full = SmoothRoundRobin.build(backends)
+    assert [full.first(b"") for _ in range(4)] == backends[:4]
+    # The last one goes down: the turns go on from the fifth, not from the first again.
+    some = full.among(tuple(backends[:5]), full)
+    assert [some.first(b"") for _ in range(6)] == [backends[4], *backends[:4], backends[4]]
+    assert sum(some.current_weights()) == 0
+    # The fifth goes down too (the next turn was the first's): then back to all six.
+    fewer = full.among(tuple(backends[:4]), some)
+    assert [fewer.first(b"") for _ in range(3)] == backends[:3]
+    assert full.among(full.backends, fewer) is full
+    assert [full.first(b"") for _ in range(6)] == [*backends[3:], *backends[:3]]
+
+
+def test_turns_start_after_a_backend_that_left_and_per_weight() -> None:
+    backends = [Backend(A, 2), Backend(B, 1), Backend(C, 2), Backend(D, 1)]
+    full = SmoothRoundRobin.build(backends)
+    # 2, 1, 2, 1: a (2) c (2) b (1) a c d: the weight-2 turns are a's, the weight-1 turns b's.
+    assert full.turns() == {2: backends[0], 1: backends[1]}
+    full.first(b"")
+    assert full.turns() == {2: backends[2], 1: backends[1]}
+    some = full.among((*backends[:2], backends[3]), full)  # c, whose turn it was, is out
+    assert some.turns() == {2: backends[0], 1: backends[1]}  # the next after it: a again
+    assert sum(some.current_weights()) == 0
+
+
+def test_balancer_retries_follow_the_sequence_among_the_available() -> None:
+    backends = make_backends([1] * 4)
+    lb = LoadBalancer(backends, SmoothRoundRobin)
+    lb.set_enabled(backends[3], False)
+    retries: Counter[Backend] = Counter()
+    for _ in range(30):
+        first = lb.select()
+        assert first is not None
+        assert first != backends[3]
+        retry = next(lb.iter(after=first))
+        assert retry not in (first, backends[3])
+        retries[retry] += 1
+    assert set(retries) == set(backends[:3])  # not one backend taking every retry

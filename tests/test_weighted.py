@@ -289,3 +289,55 @@ def test_keys_must_be_bytes_or_str() -> None:
         sel.iter(None)  # type: ignore[arg-type]
     assert sel.first(bytearray(b"k")) == sel.first(b"k")  # type: ignore[arg-type]
     assert sel.first("é") == sel.first("é".encode())
+
+
+# -- among the available backends -------------------------------------------------------------
+
+
+def test_round_robin_among_the_available_goes_on_from_the_same_counter() -> None:
+    backends = [Backend(f"10.0.0.{i}:80") for i in range(1, 5)]
+    full = RoundRobin.build(backends)
+    assert full.among(full.backends) is full
+    some = full.among((backends[0], *backends[2:]))
+    assert some is not None
+    assert some.backends == (backends[0], backends[2], backends[3])
+    assert [full.first(b"") for _ in range(2)] == backends[:2]  # counter values 0, 1
+    # Values 2, 3, 4, 5 over the three left (value % 3 of the restricted set).
+    a, _, c, d = backends
+    assert [some.first(b"") for _ in range(4)] == [d, a, c, d]
+    assert full.first(b"") == backends[2]  # value 6 on the full set: the counter is shared
+    # Its fallbacks go round the available backends from the first pick, drawing nothing.
+    walk = some.iter_after(b"", backends[3])
+    assert list(itertools.islice(walk, 3)) == [backends[0], backends[2], backends[3]]
+    assert full.first(b"") == backends[3]  # value 7
+
+
+def test_random_among_the_available_draws_by_weight_from_the_same_source() -> None:
+    backends = [Backend("10.0.0.1:80", 1), Backend("10.0.0.2:80", 2), Backend("10.0.0.3:80", 3)]
+    some = Random(seed=3).build([*backends, Backend("10.0.0.4:80", 2)])
+    restricted = some.among(tuple(backends))
+    assert restricted is not None
+    assert restricted.total_weight == 6
+    counts = Counter(restricted.first(b"") for _ in range(60_000))
+    for backend in backends:
+        assert abs(counts[backend] - 10_000 * backend.weight) < 500, counts
+
+
+@pytest.mark.parametrize("algorithm", [Hash, FNVHash])
+def test_keyed_selections_keep_their_own_fallback(algorithm: type[Weighted]) -> None:
+    selector = algorithm.build([B1, B2, B3])
+    assert selector.among(selector.backends[1:]) is None
+    assert selector.among(selector.backends) is None
+    plain = Weighted(fnv1a_64).build([B1, B2])
+    assert plain.among(plain.backends) is None
+
+
+def test_without_keeps_the_order_for_few_and_many() -> None:
+    from lbclient.selection.base import without
+
+    backends = tuple(Backend(f"10.0.{i // 250}.{i % 250 + 1}:80") for i in range(1_000))
+    for out in ({backends[0]}, {backends[-1], backends[500]}, set(backends[100:900])):
+        kept = without(backends, frozenset(out))
+        assert kept == tuple(b for b in backends if b not in out)
+    assert without(backends, frozenset()) is backends
+    assert without(backends, frozenset({Backend("10.9.9.9:80")})) == backends

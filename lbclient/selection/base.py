@@ -1,13 +1,14 @@
-"""What every selection algorithm shares: the protocols, key coercion, backend preparation and
-the unique-candidate iterator."""
+"""What every selection algorithm shares: the protocols, key coercion, backend preparation, the
+unique-candidate iterator, and how a selection that follows weights is restricted to the
+backends available."""
 
 from __future__ import annotations
 
 import types
 from bisect import bisect_left
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from itertools import compress, repeat
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from itertools import chain, compress, repeat
 from operator import and_, attrgetter, eq, is_not, ne, not_, or_, truth
 from typing import Any, Final, Generic, Protocol, TypeVar, cast, runtime_checkable
 
@@ -21,6 +22,7 @@ __all__ = [
     "Rebuildable",
     "Selector",
     "UniqueIterator",
+    "among",
     "buildmethod",
     "changes",
     "check_max_iterations",
@@ -29,6 +31,7 @@ __all__ = [
     "prepare_update",
     "resolve_algorithm",
     "to_key",
+    "without",
 ]
 
 #: Up to this many backends leaving and joining, a new set is made from the previous one by
@@ -64,7 +67,8 @@ def to_key(key: object) -> bytes:
 class Selector(Protocol):
     """A built selection over a fixed, sorted set of backends.
 
-    It may also define ``iter_after(key, first)``: see :func:`fallbacks_after`.
+    It may also define ``iter_after(key, first)``: see :func:`fallbacks_after`; and
+    ``among(available, current)``: see :func:`among`.
     """
 
     @property
@@ -94,6 +98,61 @@ def fallbacks_after(selector: Selector, key: bytes, first: Backend) -> Iterator[
         return selector.iter(key)
     order: Iterator[Backend] = own(key, first)
     return order
+
+
+def among(
+    selector: Selector, available: tuple[Backend, ...], current: Selector | None = None
+) -> Selector | None:
+    """The same selection among ``available`` (some of ``selector``'s backends, sorted), for a
+    selection whose picks follow the weights and ignore the key (round robin, random, smooth):
+    with some backends unavailable, the others share every pick by their weights.
+
+    The selector's own ``among(available, current)`` if it has one: it shares ``selector``'s
+    shared state (a round robin counter, a random source), carries over what it can of
+    ``current``'s (the selector that picked until now: ``selector``, one it made, or None for a
+    fresh start) and is ``selector`` itself when ``available`` is all of its backends. None,
+    from a selector without one or with one that returns None, when the selection keeps its
+    own fallback order instead (a key's owner, then the ring's next point or the table's next
+    entry: their contract).
+    """
+    own = getattr(selector, "among", None)
+    if own is None:
+        return None
+    restricted: Selector | None = own(available, current)
+    return restricted
+
+
+def without(backends: tuple[Backend, ...], out: Collection[Backend]) -> tuple[Backend, ...]:
+    """The sorted ``backends`` less those equal to one in ``out`` (a set), in order.
+
+    A few are found by binary search and the rest copied in slices, so that taking one
+    backend out of a large set costs a copy, not a Python loop over the set; many, by
+    identity first (the objects of ``backends`` themselves, as a view's are), in C.
+    """
+    if not out:
+        return backends
+    count = len(backends)
+    if len(out) * 16 > count:
+        ids = set(map(id, out))
+        kept = tuple(compress(backends, map(not_, map(ids.__contains__, map(id, backends)))))
+        if len(kept) == count - len(out):
+            return kept
+        return tuple(b for b in backends if b not in out)  # equal objects, not the same ones
+    places: list[int] = []
+    for backend in out:
+        i = bisect_left(backends, backend)
+        if i < count and backends[i] == backend:
+            places.append(i)
+        elif backend in backends:  # an order that disagrees with equality: look it up
+            places.append(backends.index(backend))
+    places.sort()
+    parts: list[tuple[Backend, ...]] = []
+    start = 0
+    for i in places:
+        parts.append(backends[start:i])
+        start = i + 1
+    parts.append(backends[start:])
+    return tuple(chain.from_iterable(parts))
 
 
 class Algorithm(Protocol):

@@ -11,13 +11,19 @@ the current weights are back at 0, so the sequence repeats with that period.
 The key is ignored. The current weights are shared by every request on one selector: a pick
 takes a lock for a few arithmetic steps (no I/O) so that concurrent picks are neither lost nor
 counted twice. Fallbacks read the current weights without moving them.
+
+With backends down, the picks go to the others alone, as nginx skips a peer that is ``down`` or
+failed: a selector over the available backends (:meth:`SmoothSelector.among`), which starts
+each weight's turns where the selector picking before it had got to, so that a change of health
+does not send the next turns back to the first backends in sorted order.
 """
 
 from __future__ import annotations
 
 import itertools
 import threading
-from collections.abc import Iterable, Iterator
+from bisect import bisect_left
+from collections.abc import Iterable, Iterator, Mapping
 
 from lbclient.backend import Backend
 from lbclient.selection.base import (
@@ -35,31 +41,55 @@ from lbclient.selection.slow_start import SlowStart, slow_start_of
 __all__ = ["SmoothRoundRobin", "SmoothSelector"]
 
 
+#: One weight class: (weight, number of backends, their indexes in sorted order, the place
+#: in those indexes whose turn comes first).
+_Class = tuple[int, int, tuple[int, ...], int]
+
+#: What a pick changes: (picks taken in the current period, the picks of each weight class in
+#: it, the classes they count in).
+_State = tuple[int, tuple[int, ...], tuple[_Class, ...]]
+
+
 class SmoothSelector:
     """Smooth weighted round robin over a fixed, sorted set of backends.
 
     Backends of equal weight take turns among themselves in sorted order, so a pick costs
     O(distinct weights), not O(backends). Picks are safe across threads.
+
+    ``turns`` maps a weight to the backend whose turn among the backends of that weight comes
+    next (as another selector stood, see :meth:`turns`): their turns start there (at the first
+    backend after it in sorted order if it is not one of them). None: from the first.
+    ``weight``: every backend's weight, when known (0: read from them).
     """
 
     __slots__ = ("_backends", "_classes", "_count", "_lock", "_step", "_taken", "_total")
 
-    def __init__(self, backends: tuple[Backend, ...]) -> None:
+    def __init__(
+        self,
+        backends: tuple[Backend, ...],
+        turns: Mapping[int, Backend] | None = None,
+        weight: int = 0,
+    ) -> None:
         self._backends = backends
         self._count = count = len(backends)
-        weights = _weights_of(backends)
-        self._total = sum(weights)
         members: dict[int, list[int]] = {}
-        weight = _same_weight(weights)
-        if weight:
+        if weight:  # known to be every backend's: nothing to read
+            weights: list[int] = []
+            self._total = weight * count
+        else:
+            weights = _weights_of(backends)
+            self._total = sum(weights)
+            weight = _same_weight(weights)
+        if weight and count:
             members[weight] = list(range(count))
         else:
             for index, each in enumerate(weights):
                 members.setdefault(each, []).append(index)
-        #: (weight, number of backends, their indexes in sorted order) per distinct weight.
-        self._classes: tuple[tuple[int, int, tuple[int, ...]], ...] = tuple(
-            (weight, len(indexes), tuple(indexes)) for weight, indexes in members.items()
+        self._classes: tuple[_Class, ...] = tuple(
+            (weight, len(indexes), tuple(indexes), 0) for weight, indexes in members.items()
         )
+        if turns:
+            self._classes = self._started(turns)
         self._lock = threading.Lock()
         self._step = 0  # picks taken in the current period (0 <= step < total weight)
         self._taken = [0] * len(self._classes)  # of those, the picks of each weight class
@@ -113,9 +143,7 @@ class SmoothSelector:
             to_key(key)
         if not self._count:
             return iter(())
-        with self._lock:
-            state = self._step, tuple(self._taken)
-        order = self._ranking(state)
+        order = self._ranking(self._state())
         others = [i for i in order if self._backends[i] != first]
         if len(others) < len(order):
             others.append(next(i for i in order if self._backends[i] == first))
@@ -123,9 +151,54 @@ class SmoothSelector:
 
     def current_weights(self) -> tuple[int, ...]:
         """Each backend's current weight, in sorted order (they sum to 0)."""
+        return self._currents(self._state())
+
+    def turns(self) -> dict[int, Backend]:
+        """For each weight, the backend whose turn among the backends of that weight is next."""
         with self._lock:
-            state = self._step, tuple(self._taken)
-        return self._currents(state)
+            taken = tuple(self._taken)
+            classes = self._classes
+        backends = self._backends
+        return {
+            weight: backends[indexes[(start + picks) % size]]
+            for (weight, size, indexes, start), picks in zip(classes, taken, strict=True)
+        }
+
+    def among(
+        self, available: tuple[Backend, ...], current: Selector | None = None
+    ) -> SmoothSelector:
+        """The smooth selection among ``available`` (some of the backends, sorted), each
+        weight's turns going on from where ``current`` (the selector that picked until now)
+        had got to; the current weights start at 0, as nginx's would over the peers that are
+        up. With every backend available, this selector itself, its turns moved on to
+        ``current``'s if that is another one."""
+        turns = current.turns() if isinstance(current, SmoothSelector) else None
+        if len(available) != self._count:
+            classes = self._classes
+            same = classes[0][0] if len(classes) == 1 else 0  # one weight here: so among them
+            return SmoothSelector(available, turns, same)
+        if turns is not None and current is not self:
+            with self._lock:
+                self._classes = self._started(turns)
+                self._step = 0
+                self._taken = [0] * len(self._classes)
+        return self
+
+    def _started(self, turns: Mapping[int, Backend]) -> tuple[_Class, ...]:
+        """The weight classes, each starting its turns at the backend ``turns`` names."""
+        backends = self._backends
+        classes = []
+        for weight, size, indexes, _ in self._classes:
+            start = 0
+            after = turns.get(weight)
+            if after is not None:
+                start = bisect_left(indexes, after, key=backends.__getitem__) % size
+            classes.append((weight, size, indexes, start))
+        return tuple(classes)
+
+    def _state(self) -> _State:
+        with self._lock:
+            return self._step, tuple(self._taken), self._classes
 
     def _pick(self) -> int:
         """Take one pick and return the winner's index; the caller holds the lock."""
@@ -135,13 +208,13 @@ class SmoothSelector:
         best_class = 0
         best_value = -total  # below every current weight
         best_index = self._count
-        for c, (weight, size, indexes) in enumerate(self._classes):
+        for c, (weight, size, indexes, start) in enumerate(self._classes):
             picks = taken[c]
             # The current weight, after this pick's addition, of the class member whose turn
             # it is: the largest in its class, and the first in sorted order among equals.
             value = step * weight - total * (picks // size)
             if value >= best_value:
-                index = indexes[picks % size]
+                index = indexes[(start + picks) % size]
                 if value > best_value or index < best_index:
                     best_class, best_value, best_index = c, value, index
         taken[best_class] += 1
@@ -152,18 +225,18 @@ class SmoothSelector:
             self._step = step
         return best_index
 
-    def _currents(self, state: tuple[int, tuple[int, ...]]) -> tuple[int, ...]:
-        step, taken = state
+    def _currents(self, state: _State) -> tuple[int, ...]:
+        step, taken, classes = state
         total = self._total
         currents = [0] * self._count
-        for (weight, size, indexes), picks in zip(self._classes, taken, strict=True):
+        for (weight, size, indexes, start), picks in zip(classes, taken, strict=True):
             rounds, position = divmod(picks, size)
             for place, index in enumerate(indexes):
-                wins = rounds + 1 if place < position else rounds
+                wins = rounds + 1 if (place - start) % size < position else rounds
                 currents[index] = step * weight - total * wins
         return tuple(currents)
 
-    def _ranking(self, state: tuple[int, tuple[int, ...]]) -> list[int]:
+    def _ranking(self, state: _State) -> list[int]:
         """Backend indexes by the value the next pick would give them, largest first."""
         currents = self._currents(state)
         backends = self._backends
@@ -172,7 +245,7 @@ class SmoothSelector:
     def _walk(self) -> Iterator[Backend]:
         with self._lock:
             index = self._pick()
-            state = self._step, tuple(self._taken)
+            state = self._step, tuple(self._taken), self._classes
         backends = self._backends
         yield backends[index]
         order = [i for i in self._ranking(state) if i != index]
@@ -203,7 +276,9 @@ class SmoothRoundRobin:
     and start at 0 at every build: ``LoadBalancer.update()`` with a changed set starts the
     sequence over, as an nginx reload does. Fallbacks take no pick: they are the other
     backends by the value the next pick would give them (:meth:`SmoothSelector.iter_after`).
-    Failures do not lower a backend's weight here; health is the balancer's.
+    Failures do not lower a backend's weight here; health is the balancer's. With backends
+    unavailable (ejected, disabled, failing their checks), the picks are the smooth sequence
+    over the available ones, as nginx's over the peers that are up.
 
     * ``slow_start``: a :class:`~lbclient.selection.slow_start.SlowStart` (or a window in
       seconds) for backends that join or return from an ejection (None: none).

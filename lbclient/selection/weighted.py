@@ -11,6 +11,11 @@ The algorithms differ only in ``ALG``: RoundRobin (a shared counter, ignoring it
 Hash (xxHash XXH3-64) and FNVHash (FNV-1a 64). RoundRobin's later picks continue from the first
 pick's value instead (``h + 1``, ``h + 2``, ...), so only first picks draw from the counter: the
 sequence Pingora yields when no other request picks in between.
+
+The two that ignore the key, RoundRobin and Random, also make a selector among the available
+backends alone (:meth:`WeightedSelector.among`), sharing the counter or the random source:
+with backends down, the others share the first picks by their weights. The keyed ones keep
+Pingora's fallback.
 """
 
 from __future__ import annotations
@@ -60,10 +65,24 @@ class WeightedSelector:
     """A weighted selection over a fixed, sorted set of backends.
 
     ``index`` gives each first pick's value; ``step`` each later pick's value from the previous
-    one (None: ``index(le64(h))``, see :meth:`Weighted.step_function`).
+    one (None: ``index(le64(h))``, see :meth:`Weighted.step_function`). ``keyed``: the key
+    decides the picks (the hashes), so the selection keeps its own fallback when a backend is
+    down; False for an index that ignores the key (RoundRobin, Random), whose picks are
+    shared among the available backends instead (:meth:`among`). ``ones``: every weight is
+    known to be 1 (so none is read).
     """
 
-    __slots__ = ("_backends", "_count", "_cumulative", "_index", "_step", "_table", "_total")
+    __slots__ = (
+        "_backends",
+        "_count",
+        "_cumulative",
+        "_index",
+        "_keyed",
+        "_limit",
+        "_step",
+        "_table",
+        "_total",
+    )
 
     def __init__(
         self,
@@ -72,15 +91,23 @@ class WeightedSelector:
         *,
         step: StepFn | None = None,
         expand_limit: int = EXPAND_LIMIT,
+        keyed: bool = True,
+        ones: bool = False,
     ) -> None:
         self._backends = backends
         self._index = index
         self._step = step
+        self._keyed = keyed
+        self._limit = expand_limit
         self._count = len(backends)
-        weights = _weights_of(backends)
-        self._total = sum(weights)
         self._table: tuple[Backend, ...] | None = None
         self._cumulative: list[int] = []
+        if ones:  # known to weigh 1 each: nothing to sum
+            self._total = self._count
+            self._table = backends
+            return
+        weights = _weights_of(backends)
+        self._total = sum(weights)
         if self._total == self._count:  # every weight is 1
             self._table = backends
         elif self._total <= expand_limit:
@@ -136,6 +163,27 @@ class WeightedSelector:
             return self.iter(key)
         place = bisect_right(self._backends, first)  # just past first, or where it would sit
         return WeightedIterator.continuing(self, (place - 1) & MASK64)
+
+    def among(
+        self, available: tuple[Backend, ...], current: Selector | None = None
+    ) -> WeightedSelector | None:
+        """The same selection among ``available`` (some of the backends, sorted), drawing from
+        this selector's index function (RoundRobin's counter goes on, Random's source too);
+        this selector itself when they are all of its backends. None for a keyed selection,
+        which keeps its fallback. ``current`` is not needed: the shared state lives in the
+        index function."""
+        if self._keyed:
+            return None
+        if len(available) == self._count:
+            return self
+        return WeightedSelector(
+            available,
+            self._index,
+            step=self._step,
+            expand_limit=self._limit,
+            keyed=False,
+            ones=self._table is self._backends,  # every weight 1 here: so among them
+        )
 
     def __len__(self) -> int:
         return self._count
@@ -194,6 +242,10 @@ class Weighted:
     deterministic over bytes if routing must agree across processes.
     """
 
+    #: Whether the key decides the picks. A keyed selection keeps Pingora's fallback when its
+    #: pick is down; one that ignores the key shares its picks among the available backends.
+    keyed: bool = True
+
     def __init__(self, index: IndexFn | None = None) -> None:
         if index is not None and not callable(index):
             raise TypeError(f"index must be a callable taking bytes, got {index!r}")
@@ -230,7 +282,9 @@ class Weighted:
     def build(self, backends: Iterable[Backend | str]) -> WeightedSelector:
         """Build a selector over ``backends`` (sorted and de-duplicated first)."""
         index = self.index_function()
-        return WeightedSelector(prepare_backends(backends), index, step=self.step_function(index))
+        return WeightedSelector(
+            prepare_backends(backends), index, step=self.step_function(index), keyed=self.keyed
+        )
 
     def rebuild(
         self,
@@ -243,7 +297,7 @@ class Weighted:
         from ``previous``: the table is made in a few passes over the weights, none of them
         a Python loop."""
         index = self.index_function()
-        return WeightedSelector(backends, index, step=self.step_function(index))
+        return WeightedSelector(backends, index, step=self.step_function(index), keyed=self.keyed)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -256,10 +310,14 @@ class RoundRobin(Weighted):
     picks every backend is chosen exactly ``weight`` times, however many fallbacks requests
     walk. Fallbacks continue from their first pick's value (``h + 1``, ``h + 2``, ...) and leave
     the counter alone; with no other request picking in between, that is Pingora's sequence.
+    With backends unavailable, the first picks go round the available ones alone, from the same
+    counter: over their total weight of picks each is chosen exactly ``weight`` times.
 
     * ``slow_start``: a :class:`~lbclient.selection.slow_start.SlowStart` (or a window in
       seconds) for backends that join or return from an ejection (None: none).
     """
+
+    keyed = False
 
     def __init__(self, *, slow_start: SlowStart | float | None = None) -> None:
         super().__init__()
@@ -285,11 +343,14 @@ def _successor(h: int) -> int:
 
 
 class Random(Weighted):
-    """A random 64-bit value per pick; the key is ignored.
+    """A random 64-bit value per pick; the key is ignored. With backends unavailable, each
+    first pick is drawn by weight among the available ones.
 
     * ``seed``: the seed of the picks' random source (None: from the system).
     * ``slow_start``: as for :class:`RoundRobin` (None).
     """
+
+    keyed = False
 
     def __init__(
         self, seed: int | None = None, *, slow_start: SlowStart | float | None = None
