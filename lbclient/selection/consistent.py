@@ -11,9 +11,11 @@ Points are sorted by hash; of several points with one hash the first (in backend
 A key goes to the first point whose hash is ``>= crc32(key)``, wrapping past the end to the
 first point; its fallbacks are the following points along the ring.
 
-The ring is kept in arrays (:class:`~lbclient.selection._ring.Ring`: 4 bytes per point for the
-hash, 2 for its owner up to 65,536 backends; 160 points per backend take about 1 KB). A
-backend's points depend on that backend alone, so when the set changes,
+The ring is kept in arrays (:class:`~lbclient.selection._ring.Ring`: from 65,536 points on, 2
+bytes per point for the hash's low 16 bits, its top 16 in a bucket index, and 2 for its owner
+up to 65,536 backends; 160 points per backend take about 640 bytes). A build makes every
+backend's chain a step at a time and sorts the points by buckets, never holding all of them as
+Python ints. A backend's points depend on that backend alone, so when the set changes,
 :meth:`Consistent.rebuild` takes out the points of the backends that left and merges in those
 of the backends that joined, and keeps the rest.
 """
@@ -30,7 +32,7 @@ from typing import Final
 
 from lbclient._load import Load, Total
 from lbclient.backend import Backend
-from lbclient.selection._ring import _POINT_LIMIT, Ring, _member, ketama_points
+from lbclient.selection._ring import _POINT_LIMIT, Ring, _member, ketama_points, ketama_steps
 from lbclient.selection.base import (
     Change,
     Key,
@@ -54,7 +56,8 @@ class ConsistentSelector:
     __slots__ = (
         "_backends",
         "_count",
-        "_hashes",
+        "_lows",
+        "_mask",
         "_members",
         "_options",
         "_owners",
@@ -84,18 +87,20 @@ class ConsistentSelector:
                 "lower the weights or points_per_weight"
             )
         if ring is None:
-            ring = Ring.build(
+            ring = Ring.from_steps(
                 backends,
-                (ketama_points(b, points_per_weight, ipv6_brackets) for b in backends),
+                ketama_steps(backends, points_per_weight, ipv6_brackets),
+                total,
                 last_wins=False,
             )
         self._ring = ring
-        self._hashes = ring.hashes
+        self._lows = ring.lows
+        self._mask = ring.mask
         self._owners = ring.owners
         self._members = ring.members
         self._starts = ring.starts
         self._shift = ring.shift
-        self._count = len(ring.hashes)
+        self._count = len(ring.lows)
 
     @property
     def backends(self) -> tuple[Backend, ...]:
@@ -121,7 +126,7 @@ class ConsistentSelector:
         """Index of the first point with hash >= h, wrapping to 0."""
         bucket = h >> self._shift
         starts = self._starts
-        i = bisect_left(self._hashes, h, starts[bucket], starts[bucket + 1])
+        i = bisect_left(self._lows, h & self._mask, starts[bucket], starts[bucket + 1])
         return 0 if i == self._count else i
 
     def first(self, key: Key) -> Backend | None:
@@ -133,7 +138,7 @@ class ConsistentSelector:
         h = zlib.crc32(key)
         bucket = h >> self._shift
         starts = self._starts
-        i = bisect_left(self._hashes, h, starts[bucket], starts[bucket + 1])
+        i = bisect_left(self._lows, h & self._mask, starts[bucket], starts[bucket + 1])
         return self._members[self._owners[0 if i == self._count else i]]
 
     def iter(self, key: Key) -> Iterator[Backend]:
