@@ -21,7 +21,7 @@ import zlib
 from array import array
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Iterator, Sequence
-from itertools import chain, compress, repeat
+from itertools import accumulate, chain, compress, repeat
 from operator import add
 from typing import Final
 
@@ -39,6 +39,8 @@ _U16: Final = "H"
 _U32: Final = "I" if array("I").itemsize == 4 else "L"
 _U64: Final = "Q"
 _SMALL_SLOTS: Final = 1 << 16  # slots in 16 bits
+#: Bucket starts kept in a list (reading one makes no int) up to this many, in an array above.
+_LISTED: Final = (1 << 12) + 1
 _LOW16: Final = 0xFFFF
 _FULL: Final = 0xFFFFFFFF
 #: A build sorts points packed as ``value << 32 | slot`` in one 64-bit word. Where the value and
@@ -148,12 +150,12 @@ class Ring:
 
     The distinct point values, ascending, are split by their top ``32 - shift`` bits into
     buckets: ``starts[b]`` is the index of the first point of bucket ``b`` (``starts[-1]`` the
-    number of points). ``lows`` holds each point's value less those bits (``value & mask``:
-    with a 16-bit index, the low 16 bits; below that, the whole value) and ``owners`` the slot
-    of the point's backend in ``members``. Of several backends with a point of one value the
-    first in sorted order owns it (the last, with ``last_wins``); the others are kept in
-    ``shadow`` (value -> their slots), so that the point passes to the next of them when its
-    owner leaves.
+    number of points; a list up to 4,097 buckets, an array above). ``lows`` holds each point's
+    value less those bits (``value & mask``: with a 16-bit index, the low 16 bits; below that,
+    the whole value) and ``owners`` the slot of the point's backend in ``members``. Of several
+    backends with a point of one value the first in sorted order owns it (the last, with
+    ``last_wins``); the others are kept in ``shadow`` (value -> their slots), so that the point
+    passes to the next of them when its owner leaves.
 
     Slots are stable: a backend keeps its slot while it stays, so a change rewrites the
     entries of the points it touches and nothing else.
@@ -176,7 +178,7 @@ class Ring:
         members: tuple[Backend | None, ...],
         lows: array[int],
         owners: array[int],
-        starts: array[int],
+        starts: array[int] | list[int],
         shift: int,
         shadow: dict[int, tuple[int, ...]],
         last_wins: bool,
@@ -221,8 +223,9 @@ class Ring:
         shift = 32 - _index_bits(total)
         lows = array(_U16 if shift == 16 else _U32, [0]) * total
         owners = array(_U16 if len(backends) <= _SMALL_SLOTS else _U32, [0]) * total
-        starts, repeats = _merged(words, bounds, shift, lows, owners)
+        index, repeats = _merged(words, bounds, shift, lows, owners)
         del words
+        starts = index.tolist() if len(index) <= _LISTED else index
         ring = cls(tuple(backends), lows, owners, starts, shift, {}, last_wins)
         return ring._dropping(repeats) if repeats else ring
 
@@ -511,19 +514,25 @@ def _edited(
 
 
 def _shifted(
-    starts: array[int], shift: int, edits: Sequence[tuple[int, int, int, int]]
-) -> array[int]:
+    starts: array[int] | list[int], shift: int, edits: Sequence[tuple[int, int, int, int]]
+) -> array[int] | list[int]:
     """``starts`` after the ``edits``: each insert moves the start of every bucket past its
     value's bucket by one, each delete by minus one.
 
-    All starts move in one addition: the starts are read as the 32-bit fields of one integer,
-    and so are the moves (plus 2**31 each, so that none is negative; the sum of those 2**31 is
-    taken off after). No field carries into the next, as every start stays under 2**28."""
+    In an array, all starts move in one addition: the starts are read as the 32-bit fields of
+    one integer, and so are the moves (plus 2**31 each, so that none is negative; the sum of
+    those 2**31 is taken off after). No field carries into the next, as every start stays under
+    2**28."""
     moves: dict[int, int] = {}
     for _, what, h, _ in edits:
         if what != _REPLACE:
             bucket = (h >> shift) + 1
             moves[bucket] = moves.get(bucket, 0) + (1 if what == _INSERT else -1)
+    if isinstance(starts, list):
+        steps = [0] * len(starts)
+        for bucket, move in moves.items():
+            steps[bucket] = move
+        return list(map(add, starts, accumulate(steps)))
     pieces: list[bytes] = []
     run = at = 0
     for bucket in sorted(moves):

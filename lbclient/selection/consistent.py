@@ -48,6 +48,7 @@ __all__ = ["DEFAULT_POINTS_PER_WEIGHT", "Consistent", "ConsistentSelector"]
 
 #: nginx's number of ring points per unit of weight.
 DEFAULT_POINTS_PER_WEIGHT: Final = 160
+_crc32 = zlib.crc32
 
 
 class ConsistentSelector:
@@ -120,7 +121,7 @@ class ConsistentSelector:
         """The index of the ring point ``key`` lands on (0 on an empty ring)."""
         if type(key) is not bytes:
             key = to_key(key)
-        return self._locate(zlib.crc32(key))
+        return self._locate(_crc32(key))
 
     def _locate(self, h: int) -> int:
         """Index of the first point with hash >= h, wrapping to 0."""
@@ -131,15 +132,16 @@ class ConsistentSelector:
 
     def first(self, key: Key) -> Backend | None:
         """The backend ``key`` lands on; None with no backends."""
-        if not self._count:
-            return None
         if type(key) is not bytes:
             key = to_key(key)
-        h = zlib.crc32(key)
+        h = _crc32(key)
         bucket = h >> self._shift
         starts = self._starts
         i = bisect_left(self._lows, h & self._mask, starts[bucket], starts[bucket + 1])
-        return self._members[self._owners[0 if i == self._count else i]]
+        try:
+            return self._members[self._owners[i if i < self._count else 0]]
+        except IndexError:  # no points: no backends
+            return None
 
     def iter(self, key: Key) -> Iterator[Backend]:
         """The backend of each ring point from ``key``'s point on, wrapping, without end."""

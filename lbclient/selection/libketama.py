@@ -264,15 +264,16 @@ class LibKetamaSelector:
 
     def first(self, key: Key) -> Backend | None:
         """The backend ``key`` goes to; None with no backends."""
-        if not self._count:
-            return None
         if type(key) is not bytes:
             key = to_key(key)
         h: int = _first_point(_md5(key).digest())[0]
         bucket = h >> self._shift
         starts = self._starts
         i = self._search(self._lows, h & self._mask, starts[bucket], starts[bucket + 1])
-        return self._members[self._owners[0 if i == self._count else i]]
+        try:
+            return self._members[self._owners[i if i < self._count else 0]]
+        except IndexError:  # no points: no backends
+            return None
 
     def iter(self, key: Key) -> Iterator[Backend]:
         """The backend of each point from ``key``'s point on, wrapping, without end."""
