@@ -194,7 +194,7 @@ def test_repeated_values_are_found_wherever_they_are() -> None:
 
 MEASURE = """
 import gc, os, sys
-from lbclient import Backend, Consistent
+from lbclient import Backend, Consistent, LoadBalancer
 from lbclient.selection import LibKetama
 
 def resident():
