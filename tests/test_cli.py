@@ -388,7 +388,8 @@ def check_bench_table(out: str, expected: dict[str, str], *, uhashring: bool) ->
     for name, unit in expected.items():
         _, ours, baseline, ratio, floor = rows[name]
         share = name in SHARE_ROWS
-        figure = _number(ours, unit, zero=share)
+        # A balancer of a few hundred backends may fit in memory the interpreter already has.
+        figure = _number(ours, unit, zero=share or name.endswith(": memory kept"))
         if name in UHASHRING_ROWS and not uhashring:
             assert baseline == MISSING_UHASHRING, name  # lbclient's side is still measured
             assert ratio == "-", name
