@@ -13,11 +13,11 @@ first point; its fallbacks are the following points along the ring.
 
 The ring is kept in arrays (:class:`~lbclient.selection._ring.Ring`: from 65,536 points on, 2
 bytes per point for the hash's low 16 bits, its top 16 in a bucket index, and 2 for its owner
-up to 65,536 backends; 160 points per backend take about 640 bytes). A build makes every
-backend's chain a step at a time and sorts the points by buckets, never holding all of them as
-Python ints. A backend's points depend on that backend alone, so when the set changes,
-:meth:`Consistent.rebuild` takes out the points of the backends that left and merges in those
-of the backends that joined, and keeps the rest.
+up to 65,536 backends; 160 points per backend take about 640 bytes). A build makes a step of
+every backend's chain at a time and sorts the points in runs merged by ranges of values, never
+holding all of them as Python ints. A backend's points depend on that backend alone, so when the
+set changes, :meth:`Consistent.rebuild` takes out the points of the backends that left and
+merges in those of the backends that joined, and keeps the rest.
 """
 
 from __future__ import annotations
@@ -222,7 +222,7 @@ class BoundedSelector(ConsistentSelector):
         if type(key) is not bytes:
             key = to_key(key)
         loads = self._loads
-        start = self._locate(zlib.crc32(key))
+        start = self._locate(_crc32(key))
         seen: set[Backend] = set()
         for backend in itertools.islice(_walk(self._members, self._owners, start), self._count):
             if backend in seen:
