@@ -74,12 +74,6 @@ def bench_rows(scale: tuple[int, ...] = SCALE_SIZES) -> dict[str, str]:
                 ("update, one backend out and one in", "ms"),
                 ("memory kept", "MB"),
             )
-            # Consistent's ring: its memory is measured on Consistent alone at the largest size.
-            if not (
-                size == largest
-                and figure == "memory kept"
-                and algorithm in ("Consistent-bounded", "LibKetama")
-            )
         },
         "LBTransport vs plain httpx.Client, 3 backends": "req/s",
         "LBTransport vs plain httpx.Client, 3 backends, metrics on": "req/s",
@@ -118,7 +112,8 @@ def bench_rows(scale: tuple[int, ...] = SCALE_SIZES) -> dict[str, str]:
 
 BENCH_ROWS = bench_rows()
 UHASHRING_ROWS = [name for name in BENCH_ROWS if "uhashring" in name]
-# The one refresh row with a floor: a 10,000-backend ring kept in compact arrays.
+# The one refresh row with a floor: a 10,000-backend ring kept in compact arrays, its build's
+# temporaries given back (a fresh interpreter's resident set grows by 16 MB at most).
 RING_MEMORY_ROW = "refresh Consistent, 10,000 backends: memory kept"
 HEDGED_ROWS = [name for name in BENCH_ROWS if "hedged at" in name]
 # Rows whose figure may be zero (a share of requests), and then has no ratio.
@@ -393,7 +388,8 @@ def check_bench_table(out: str, expected: dict[str, str], *, uhashring: bool) ->
     for name, unit in expected.items():
         _, ours, baseline, ratio, floor = rows[name]
         share = name in SHARE_ROWS
-        figure = _number(ours, unit, zero=share)
+        # A balancer of a few hundred backends may fit in memory the interpreter already has.
+        figure = _number(ours, unit, zero=share or name.endswith(": memory kept"))
         if name in UHASHRING_ROWS and not uhashring:
             assert baseline == MISSING_UHASHRING, name  # lbclient's side is still measured
             assert ratio == "-", name
@@ -419,7 +415,8 @@ def check_bench_table(out: str, expected: dict[str, str], *, uhashring: bool) ->
     for name in [n for n in expected if n.startswith("refresh ")]:
         assert rows[name][2] == "-", f"{name} has a baseline"
         if name == RING_MEMORY_ROW:
-            assert rows[name][4] == "< 16 MB: met", rows[name]  # tracemalloc's count, no clock
+            # RSS growth of a fresh interpreter, a memory figure: no clock in it.
+            assert rows[name][4] == "<= 16 MB: met", rows[name]
         else:
             assert rows[name][4] == "-", f"{name} has a floor"
     if expected != selection_rows(expected):

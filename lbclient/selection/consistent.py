@@ -11,11 +11,13 @@ Points are sorted by hash; of several points with one hash the first (in backend
 A key goes to the first point whose hash is ``>= crc32(key)``, wrapping past the end to the
 first point; its fallbacks are the following points along the ring.
 
-The ring is kept in arrays (:class:`~lbclient.selection._ring.Ring`: 4 bytes per point for the
-hash, 2 for its owner up to 65,536 backends; 160 points per backend take about 1 KB). A
-backend's points depend on that backend alone, so when the set changes,
-:meth:`Consistent.rebuild` takes out the points of the backends that left and merges in those
-of the backends that joined, and keeps the rest.
+The ring is kept in arrays (:class:`~lbclient.selection._ring.Ring`: from 65,536 points on, 2
+bytes per point for the hash's low 16 bits, its top 16 in a bucket index, and 2 for its owner
+up to 65,536 backends; 160 points per backend take about 640 bytes). A build makes a step of
+every backend's chain at a time and sorts the points in runs merged by ranges of values, never
+holding all of them as Python ints. A backend's points depend on that backend alone, so when the
+set changes, :meth:`Consistent.rebuild` takes out the points of the backends that left and
+merges in those of the backends that joined, and keeps the rest.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from typing import Final
 
 from lbclient._load import Load, Total
 from lbclient.backend import Backend
-from lbclient.selection._ring import _POINT_LIMIT, Ring, _member, ketama_points
+from lbclient.selection._ring import _POINT_LIMIT, Ring, _member, ketama_points, ketama_steps
 from lbclient.selection.base import (
     Change,
     Key,
@@ -46,6 +48,7 @@ __all__ = ["DEFAULT_POINTS_PER_WEIGHT", "Consistent", "ConsistentSelector"]
 
 #: nginx's number of ring points per unit of weight.
 DEFAULT_POINTS_PER_WEIGHT: Final = 160
+_crc32 = zlib.crc32
 
 
 class ConsistentSelector:
@@ -54,7 +57,8 @@ class ConsistentSelector:
     __slots__ = (
         "_backends",
         "_count",
-        "_hashes",
+        "_lows",
+        "_mask",
         "_members",
         "_options",
         "_owners",
@@ -84,18 +88,20 @@ class ConsistentSelector:
                 "lower the weights or points_per_weight"
             )
         if ring is None:
-            ring = Ring.build(
+            ring = Ring.from_steps(
                 backends,
-                (ketama_points(b, points_per_weight, ipv6_brackets) for b in backends),
+                ketama_steps(backends, points_per_weight, ipv6_brackets),
+                total,
                 last_wins=False,
             )
         self._ring = ring
-        self._hashes = ring.hashes
+        self._lows = ring.lows
+        self._mask = ring.mask
         self._owners = ring.owners
         self._members = ring.members
         self._starts = ring.starts
         self._shift = ring.shift
-        self._count = len(ring.hashes)
+        self._count = len(ring.lows)
 
     @property
     def backends(self) -> tuple[Backend, ...]:
@@ -115,26 +121,27 @@ class ConsistentSelector:
         """The index of the ring point ``key`` lands on (0 on an empty ring)."""
         if type(key) is not bytes:
             key = to_key(key)
-        return self._locate(zlib.crc32(key))
+        return self._locate(_crc32(key))
 
     def _locate(self, h: int) -> int:
         """Index of the first point with hash >= h, wrapping to 0."""
         bucket = h >> self._shift
         starts = self._starts
-        i = bisect_left(self._hashes, h, starts[bucket], starts[bucket + 1])
+        i = bisect_left(self._lows, h & self._mask, starts[bucket], starts[bucket + 1])
         return 0 if i == self._count else i
 
     def first(self, key: Key) -> Backend | None:
         """The backend ``key`` lands on; None with no backends."""
-        if not self._count:
-            return None
         if type(key) is not bytes:
             key = to_key(key)
-        h = zlib.crc32(key)
+        h = _crc32(key)
         bucket = h >> self._shift
         starts = self._starts
-        i = bisect_left(self._hashes, h, starts[bucket], starts[bucket + 1])
-        return self._members[self._owners[0 if i == self._count else i]]
+        i = bisect_left(self._lows, h & self._mask, starts[bucket], starts[bucket + 1])
+        try:
+            return self._members[self._owners[i if i < self._count else 0]]
+        except IndexError:  # no points: no backends
+            return None
 
     def iter(self, key: Key) -> Iterator[Backend]:
         """The backend of each ring point from ``key``'s point on, wrapping, without end."""
@@ -215,7 +222,7 @@ class BoundedSelector(ConsistentSelector):
         if type(key) is not bytes:
             key = to_key(key)
         loads = self._loads
-        start = self._locate(zlib.crc32(key))
+        start = self._locate(_crc32(key))
         seen: set[Backend] = set()
         for backend in itertools.islice(_walk(self._members, self._owners, start), self._count):
             if backend in seen:

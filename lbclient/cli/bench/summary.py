@@ -193,9 +193,11 @@ def _selection_rows(
     for n in scale_sizes:
         for name, _ in selection.SCALE_ALGORITHMS:
             for figure, what, unit in REFRESH_FIGURES:
-                refresh = by_id.get(f"scale/{figure}/{name}/{n}")
-                if refresh is not None:  # no memory row where the ring is Consistent's
-                    add(f"refresh {name}, {n:,} backends: {what}", refresh, unit)
+                add(
+                    f"refresh {name}, {n:,} backends: {what}",
+                    by_id[f"scale/{figure}/{name}/{n}"],
+                    unit,
+                )
     return out
 
 
@@ -514,7 +516,8 @@ def command(args: argparse.Namespace) -> int:
         "build; refresh rows: a LoadBalancer of that many backends of weight 1 built (median), "
         "one update() that takes one backend out and puts another in (median of "
         f"{selection.QUICK_UPDATE_RUNS if quick else selection.FULL_UPDATE_RUNS}), and the "
-        "memory the balancer keeps (tracemalloc: selector, health cells, loads); "
+        "memory the balancer keeps (how much a fresh interpreter's resident set grows with "
+        "the build, after a collection: what the allocators keep of its temporaries counts); "
         "req/s: sequential GETs to loopback servers in their own processes, alternating "
         "request by request with the plain client (concurrency rows: concurrent GETs from that "
         "many callers, each one at a time); hedging rows: the p99 latency of concurrent "
