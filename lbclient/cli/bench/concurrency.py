@@ -193,11 +193,12 @@ async def _drive_async(
     cpu = time.process_time()
     start = clock()
     end = start + seconds
+    sent = [0]
 
     async def task() -> None:
-        first = True  # each task sends one request at least, however late it starts
-        while first or clock() < end:
-            first = False
+        # past the end, a task sends only if no task of the round has sent yet
+        while clock() < end or not sent[0]:
+            sent[0] += 1
             began = clock()
             try:
                 response = await client.get(next(urls))
@@ -256,6 +257,7 @@ def _drive_threads(
     lock = threading.Lock()
     go = threading.Event()
     end = [0.0]
+    sent = [0]
     raised: list[BaseException] = []
 
     def thread(number: int) -> None:
@@ -263,10 +265,10 @@ def _drive_threads(
         failed = 0
         own = urls(number)
         go.wait()
-        first = True  # each thread sends one request at least, however late it starts
         try:
-            while first or clock() < end[0]:
-                first = False
+            # past the end, a thread sends only if no thread of the round has sent yet
+            while clock() < end[0] or not sent[0]:
+                sent[0] += 1  # a lost increment under a race is harmless: it only counts past 0
                 began = clock()
                 try:
                     get(next(own))
