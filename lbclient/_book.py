@@ -289,6 +289,7 @@ class HealthBook:
             s = tally.cells[backend].state
             until = s.ejected_until
             load = loads[backend]
+            report = load.report
             items.append(
                 BackendHealth(
                     backend=backend,
@@ -306,6 +307,10 @@ class HealthBook:
                     in_flight=load.in_flight,
                     latency=load.estimate_at(now, decay),
                     penalty=load.penalty_at(now, decay),
+                    report=report,
+                    report_age=None if report is None else max(0.0, now - report.at),
+                    reports=load.reports,
+                    reports_refused=dict(load.refused),
                 )
             )
         parts, partial = self.discovery_parts

@@ -1,5 +1,6 @@
-"""Live load per backend: requests in flight, a peak-sensitive latency estimate, and a failure
-penalty, fed by the attempt loop and read by the load-aware algorithms.
+"""Live load per backend: requests in flight, a peak-sensitive latency estimate, a failure
+penalty, and the latest load report the backend sent (:mod:`lbclient.reports`), fed by the
+attempt loop (and by probes) and read by the load-aware algorithms.
 
 What lives here: :class:`Load`, one per backend, carried across ``update()`` for backends that
 stay. Writers (an attempt starting, its response head, its end) update it under its own small
@@ -15,6 +16,8 @@ from __future__ import annotations
 import math
 import threading
 from typing import Final
+
+from lbclient.reports import LoadReport
 
 __all__ = ["FAILURE_PENALTY", "Load", "Total", "decayed"]
 
@@ -54,6 +57,9 @@ class Load:
         "joined",
         "penalty",
         "penalty_floor_until",
+        "refused",
+        "report",
+        "reports",
         "stamp",
     )
 
@@ -72,6 +78,12 @@ class Load:
         self.stamp = 0.0
         #: The clock value at which the backend joined the set (for slow start).
         self.joined = joined
+        #: The latest load report the backend sent (None before the first).
+        self.report: LoadReport | None = None
+        #: Reports kept, and reports refused by why (``reason`` of
+        #: :class:`~lbclient.reports.BadReport`, or ``"stale"``: older than the one kept).
+        self.reports = 0
+        self.refused: dict[str, int] = {}
 
     def begin(self) -> None:
         """An attempt started."""
@@ -115,6 +127,23 @@ class Load:
                 self.penalty_floor_until = max(self.penalty_floor_until, now + hold)
             self.penalty = penalty
             self.stamp = now
+
+    def reported(self, report: LoadReport) -> bool:
+        """Keep ``report`` as the latest, unless the one kept arrived later (then it is
+        refused as stale). Whether it was kept."""
+        with self._lock:
+            kept = self.report
+            if kept is not None and report.at < kept.at:
+                self.refused["stale"] = self.refused.get("stale", 0) + 1
+                return False
+            self.report = report
+            self.reports += 1
+            return True
+
+    def refuse(self, reason: str) -> None:
+        """Count a report that was not used, by why."""
+        with self._lock:
+            self.refused[reason] = self.refused.get(reason, 0) + 1
 
     def penalty_at(self, now: float, tau: float) -> float:
         """The penalty at clock value ``now``: held until ``penalty_floor_until``, then decaying."""

@@ -33,6 +33,8 @@ from lbclient._load import Load, Total
 from lbclient._view import Picker, View, Views, candidates, find, require
 from lbclient.backend import Backend
 from lbclient.health import HealthPolicy, HealthSnapshot, HealthState, Outcome
+from lbclient.reports import BadReport, LoadReport, parse_prequal
+from lbclient.reports import parse as parse_report
 from lbclient.selection.base import (
     AlgorithmLike,
     Key,
@@ -348,6 +350,43 @@ class LoadBalancer:
         """Record an attempt's response head (``latency`` seconds) or failure on ``load``;
         ``hold`` keeps a failure's penalty from decaying for that many seconds."""
         load.observe(self._clock(), latency, failed, self._decay, hold)
+
+    def read_report(
+        self,
+        load: Load,
+        header: str | bytes | None,
+        rif: str | None = None,
+        latency_us: str | None = None,
+    ) -> LoadReport | None:
+        """Read a response's load report into ``load``: the ``endpoint-load-metrics``
+        ``header``, else Prequal's headers (``rif``, ``latency_us``); stamped with the
+        balancer's clock. A report that is refused is counted on the load, never raised;
+        None then, or when the response carried none."""
+        try:
+            if header is not None:
+                report = parse_report(header, self._clock())
+            elif rif is not None or latency_us is not None:
+                report = parse_prequal(rif, latency_us, self._clock())
+            else:
+                return None
+        except BadReport as bad:
+            load.refuse(bad.reason)
+            return None
+        return report if load.reported(report) else None
+
+    def report_load(
+        self,
+        backend: Backend | str,
+        header: str | bytes | None = None,
+        *,
+        rif: str | None = None,
+        latency_us: str | None = None,
+    ) -> LoadReport | None:
+        """Record the load report ``backend`` sent (an ``endpoint-load-metrics`` header's
+        value, or Prequal's ``x-prequal-rif`` and ``x-prequal-latency-us``), as a response or a
+        probe brought it; what was kept, or None (refused and counted, or none given).
+        ValueError if ``backend`` is not in the set."""
+        return self.read_report(self.load(backend), header, rif, latency_us)
 
     def load(self, backend: Backend | str) -> Load:
         """The live load of ``backend``; ValueError if it is not in the set."""

@@ -31,6 +31,7 @@ from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
 from lbclient.backend import Backend
+from lbclient.reports import LoadReport
 
 __all__ = ["BackendHealth", "HealthPolicy", "HealthSnapshot", "HealthState", "Outcome"]
 
@@ -317,6 +318,12 @@ class BackendHealth:
     latency: float | None = None
     #: The failure penalty the load-aware algorithms add to this backend's cost.
     penalty: float = 0.0
+    #: The latest load report the backend sent (None: none yet), and its age in seconds.
+    report: LoadReport | None = None
+    report_age: float | None = None
+    #: Reports kept, and reports refused by why (see :class:`~lbclient.reports.BadReport`).
+    reports: int = 0
+    reports_refused: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ CORE = [
     "health",
     "_book",
     "_load",
+    "reports",
     "_view",
     "balancer",
     "errors",

@@ -1,0 +1,281 @@
+"""Load the servers report: ORCA's ``endpoint-load-metrics`` header and Prequal's headers, read
+into a :class:`LoadReport`.
+
+A client asks for a report with the request header ``endpoint-load-metrics-format: TEXT`` (or
+``JSON``); a server that supports it answers with ``endpoint-load-metrics``:
+
+* ``TEXT cpu_utilization=0.3, rps_fractional=120, eps=0.5, named_metrics.kv_cache_usage_perc=0.4``
+* ``JSON {"cpu_utilization": 0.3, "named_metrics": {"kv_cache_usage_perc": 0.4}}``
+
+The fields are ORCA's: ``cpu_utilization``, ``mem_utilization``, ``application_utilization``,
+``rps_fractional`` (requests per second), ``eps`` (errors per second) and ``named_metrics`` (a
+name to a number). Two named metrics have a meaning here: ``named_metrics.rif``, the server's
+requests in flight, and ``named_metrics.latency_ms``, its latency estimate in milliseconds (what
+:mod:`lbclient.server` reports, and Prequal reads). A server may send Prequal's headers instead:
+``x-prequal-rif`` and ``x-prequal-latency-us`` (microseconds).
+
+A report is all or nothing. :func:`parse` raises :class:`BadReport` (its ``reason`` short and
+fixed, for counting) for a header that is not one of the two formats; a name outside ORCA's
+fields (``unknown field``, as Envoy's parser refuses them); a name given twice; a value that is
+not a number (ASCII, as ``float()`` reads it), is NaN or infinite, negative, or above
+:data:`MAX_VALUE`; more than :data:`MAX_NAMED` named metrics; or a header longer than
+:data:`MAX_LENGTH` characters (read no further). The caller ignores such a report and counts
+it; it is never the caller's error.
+
+What may not: I/O, a clock (the arrival time is given), anything of the clients. Part of the
+core.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+from typing import Any, Final, NamedTuple
+
+__all__ = [
+    "FIELDS",
+    "FORMAT_HEADER",
+    "MAX_LENGTH",
+    "MAX_NAMED",
+    "MAX_VALUE",
+    "PREQUAL_LATENCY_HEADER",
+    "PREQUAL_RIF_HEADER",
+    "REPORT_HEADER",
+    "BadReport",
+    "LoadReport",
+    "parse",
+    "parse_prequal",
+]
+
+#: The request header that asks for a report, and the format asked (``TEXT`` or ``JSON``).
+FORMAT_HEADER: Final = "endpoint-load-metrics-format"
+#: The response header that carries it.
+REPORT_HEADER: Final = "endpoint-load-metrics"
+#: Prequal's headers: requests in flight, and a latency estimate in microseconds.
+PREQUAL_RIF_HEADER: Final = "x-prequal-rif"
+PREQUAL_LATENCY_HEADER: Final = "x-prequal-latency-us"
+
+#: ORCA's fields besides ``named_metrics``.
+FIELDS: Final = (
+    "cpu_utilization",
+    "mem_utilization",
+    "application_utilization",
+    "rps_fractional",
+    "eps",
+)
+#: The longest header read (characters); a longer one is refused unread.
+MAX_LENGTH: Final = 8192
+#: The most named metrics a report may carry.
+MAX_NAMED: Final = 64
+#: The largest value a field may have (no rate, utilization or count of a real server is near).
+MAX_VALUE: Final = 1e9
+
+_NAMED_PREFIX: Final = "named_metrics."
+_EMPTY: Mapping[str, float] = MappingProxyType({})
+
+
+class BadReport(ValueError):
+    """A report that is not used; ``reason`` says why in a few fixed words (for counting),
+    the message adds the value at fault (shortened)."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+class LoadReport(NamedTuple):
+    """One report a backend sent, as read (immutable). Fields the server left out are None."""
+
+    #: The clock value at which the response carrying it arrived.
+    at: float
+    cpu_utilization: float | None = None
+    mem_utilization: float | None = None
+    application_utilization: float | None = None
+    #: Requests per second the server serves.
+    rps_fractional: float | None = None
+    #: Errors per second.
+    eps: float | None = None
+    #: Named metrics, by name without the ``named_metrics.`` prefix.
+    named_metrics: Mapping[str, float] = _EMPTY
+    #: Requests in flight at the server (``named_metrics.rif`` or ``x-prequal-rif``).
+    rif: float | None = None
+    #: The server's latency estimate in seconds (``named_metrics.latency_ms`` or
+    #: ``x-prequal-latency-us``).
+    latency: float | None = None
+
+    def get(self, name: str) -> float | None:
+        """A field by its ORCA name (``cpu_utilization``, ``named_metrics.<key>``, ...)."""
+        if name.startswith(_NAMED_PREFIX):
+            return self.named_metrics.get(name[len(_NAMED_PREFIX) :])
+        if name in FIELDS:
+            value: float | None = getattr(self, name)
+            return value
+        return None
+
+
+def _short(text: str) -> str:
+    return repr(text if len(text) <= 40 else text[:37] + "...")
+
+
+def _refused(name: str, number: float) -> BadReport:
+    """Why ``number`` (a float outside ``0 <= number <= MAX_VALUE``) is refused."""
+    if not math.isfinite(number):
+        return BadReport("not finite", f"{name}={number!r}")
+    if number < 0.0:
+        return BadReport("negative", f"{name}={number!r}")
+    return BadReport("too large", f"{name}={number!r}")
+
+
+_KNOWN: Final = frozenset(FIELDS)
+_new = tuple.__new__
+_PREFIX_LENGTH: Final = len(_NAMED_PREFIX)
+
+
+def _report(at: float, values: dict[str, float]) -> LoadReport:
+    """The report of ``values`` (checked numbers by ORCA name), its names checked here."""
+    get = values.get
+    named: dict[str, float] | None = None
+    if not _KNOWN.issuperset(values):
+        named = {}
+        for name, number in values.items():
+            if name in _KNOWN:
+                continue
+            if not name.startswith(_NAMED_PREFIX) or len(name) == _PREFIX_LENGTH:
+                raise BadReport("unknown field", _short(name))
+            named[name[_PREFIX_LENGTH:]] = number
+        if len(named) > MAX_NAMED:
+            raise BadReport("too many fields", f"{len(named)} named metrics")
+    latency_ms = None if named is None else named.get("latency_ms")
+    return _new(  # the tuple's own constructor: a report is made per response
+        LoadReport,
+        (
+            at,
+            get("cpu_utilization"),
+            get("mem_utilization"),
+            get("application_utilization"),
+            get("rps_fractional"),
+            get("eps"),
+            _EMPTY if named is None else MappingProxyType(named),
+            None if named is None else named.get("rif"),
+            None if latency_ms is None else latency_ms / 1000.0,
+        ),
+    )
+
+
+def _number(name: str, value: str) -> float:
+    """``value`` (a field's text, ASCII) as a checked float."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise BadReport("not a number", f"{name}={_short(value.strip())}") from None
+    if not 0.0 <= number <= MAX_VALUE:  # NaN fails this too
+        raise _refused(name, number)
+    return number
+
+
+def _text(body: str, at: float) -> LoadReport:
+    values: dict[str, float] = {}
+    for item in body.split(","):
+        name, equals, value = item.partition("=")
+        if not equals:
+            raise BadReport("malformed", _short(item.strip()) if item.strip() else "an empty item")
+        name = name.strip()
+        if name in values:
+            raise BadReport("duplicate field", _short(name))
+        try:
+            number = float(value)
+        except ValueError:
+            raise BadReport("not a number", f"{name}={_short(value.strip())}") from None
+        if not 0.0 <= number <= MAX_VALUE:  # NaN fails this too
+            raise _refused(name, number)
+        values[name] = number
+    return _report(at, values)
+
+
+def _decoded(name: str, value: object) -> float:
+    """``value`` (a decoded JSON value) as a checked float: JSON numbers alone."""
+    if type(value) is not float and type(value) is not int:
+        raise BadReport("not a number", f"{name}={_short(repr(value))}")
+    number = float(value)
+    if not 0.0 <= number <= MAX_VALUE:
+        raise _refused(name, number)
+    return number
+
+
+def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for name, value in pairs:
+        if name in seen:
+            raise BadReport("duplicate field", _short(name))
+        seen[name] = value
+    return seen
+
+
+def _constant(name: str) -> float:
+    raise BadReport("not finite", name)
+
+
+def _json(body: str, at: float) -> LoadReport:
+    try:
+        decoded = json.loads(body, object_pairs_hook=_pairs, parse_constant=_constant)
+    except BadReport:
+        raise
+    except (ValueError, RecursionError):
+        raise BadReport("malformed", "not JSON") from None
+    if not isinstance(decoded, dict):
+        raise BadReport("malformed", "not a JSON object")
+    values: dict[str, float] = {}
+    for name, value in decoded.items():
+        if name == "named_metrics":
+            if not isinstance(value, dict):
+                raise BadReport("malformed", "named_metrics is not an object")
+            for key, number in value.items():
+                full = _NAMED_PREFIX + key
+                values[full] = _decoded(full, number)
+        elif name.startswith(_NAMED_PREFIX):  # only as a key of named_metrics
+            raise BadReport("unknown field", _short(name))
+        else:
+            values[name] = _decoded(name, value)
+    return _report(at, values)
+
+
+_FORMATS: Final[dict[str, Callable[[str, float], LoadReport]]] = {"TEXT": _text, "JSON": _json}
+
+
+def parse(header: str | bytes, at: float) -> LoadReport:
+    """The report in an ``endpoint-load-metrics`` header that arrived at clock value ``at``.
+
+    Raises :class:`BadReport` for any report that is not used (see the module's account)."""
+    if len(header) > MAX_LENGTH:
+        raise BadReport("too long", f"{len(header)} characters")
+    if isinstance(header, bytes):
+        try:
+            header = header.decode("ascii")
+        except UnicodeDecodeError:
+            raise BadReport("malformed", "not ASCII") from None
+    if not header.isascii():
+        raise BadReport("malformed", "not ASCII")
+    kind, space, body = header.strip().partition(" ")
+    reader = _FORMATS.get(kind)
+    if reader is None or not space:
+        if kind == "BIN":
+            raise BadReport("unsupported format", "BIN")
+        raise BadReport("malformed", f"no TEXT or JSON format in {_short(header)}")
+    return reader(body, at)
+
+
+def parse_prequal(rif: str | None, latency_us: str | None, at: float) -> LoadReport:
+    """The report in Prequal's headers (either may be missing, not both)."""
+    if rif is None and latency_us is None:
+        raise BadReport("missing")
+    for text in (rif, latency_us):
+        if text is not None and len(text) > 64:
+            raise BadReport("too long", f"{len(text)} characters")
+    for text in (rif, latency_us):
+        if text is not None and not text.isascii():
+            raise BadReport("not a number", _short(text))
+    load = None if rif is None else _number(PREQUAL_RIF_HEADER, rif)
+    micros = None if latency_us is None else _number(PREQUAL_LATENCY_HEADER, latency_us)
+    return LoadReport(at, rif=load, latency=None if micros is None else micros / 1e6)
