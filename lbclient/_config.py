@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar
 
 import anyio
@@ -29,6 +29,7 @@ from lbclient.backend import Backend
 from lbclient.balancer import LoadBalancer
 from lbclient.errors import KeyFunctionError, NoBackendAvailable
 from lbclient.health import HealthPolicy
+from lbclient.reports import FORMAT_HEADER
 from lbclient.retry import RequestOptions, RetryPolicy, RetryStats
 from lbclient.selection.base import AlgorithmLike
 
@@ -68,6 +69,23 @@ def policy_from(policy: RetryPolicy | None, **options: Any) -> RetryPolicy:
             raise TypeError(f"give either policy= or {names}, not both (policy={policy!r})")
         return policy
     return RetryPolicy(**given)
+
+
+def asks_for(load_reports: object, balancer: LoadBalancer) -> Mapping[str, str] | None:
+    """The header asking for load reports in the format ``load_reports`` names: ``"TEXT"``
+    (or True) or ``"JSON"``; False: never; None: in TEXT when the balancer's algorithm reads
+    them (its ``load_reports`` attribute is true), else never."""
+    if load_reports is None:
+        load_reports = bool(getattr(balancer.algorithm, "load_reports", False))
+    if load_reports is False:
+        return None
+    if load_reports is True:
+        return {FORMAT_HEADER: "TEXT"}
+    if isinstance(load_reports, str) and load_reports.upper() in ("TEXT", "JSON"):
+        return {FORMAT_HEADER: load_reports.upper()}
+    raise ValueError(
+        f"load_reports must be True, False, None, 'TEXT' or 'JSON', got {load_reports!r}"
+    )
 
 
 def _name(fn: Callable[..., Any]) -> str:
@@ -117,8 +135,12 @@ class AdapterConfig(Generic[_R]):
         unavailable: Callable[[str, Any], NoBackendAvailable],
         name: str,
         hedges: bool,
+        load_reports: object = None,
     ) -> None:
         self.balancer = _balancer(balancer, algorithm, failure_statuses)
+        #: The header that asks every backend for a load report, or None (see
+        #: :func:`asks_for`).
+        self.asks = asks_for(load_reports, self.balancer)
         if key is not None and not callable(key):
             raise TypeError(f"key must be a function of the request, got {key!r}")
         self.key = key
@@ -365,6 +387,8 @@ class AdapterConfig(Generic[_R]):
             if observers
             else RequestPlan(self.balancer, key, method, wire.replayable, policy, ledger=ledger)
         )
+        if self.asks is not None:
+            plan.asks = self.asks
         ledger.deposit(plan.start)
         first = plan.take()
         if first is None:

@@ -147,7 +147,11 @@ class WatchedPlan(RequestPlan):
         self.watch.attempt(self, backend, kind, launched - 1, False)
 
     def headers(self, backend: Backend) -> Mapping[str, str] | None:
-        return self.watch.headers(self, backend)
+        found = self.watch.headers(self, backend)
+        asks = self.asks
+        if asks is None or not found:
+            return found or asks
+        return {**asks, **found}
 
     def failed(self, backend: Backend, fault: Fault, error: BaseException) -> Attempt:
         if self.faults is None:

@@ -92,6 +92,7 @@ class RequestPlan:
         "_skipped",
         "_walk",
         "_walked",
+        "asks",
         "attempts",
         "balancer",
         "clock",
@@ -148,6 +149,9 @@ class RequestPlan:
         self.revisits = 0
         #: Why the request stopped, for the final error (set when a retry is refused).
         self.stopped = ""
+        #: The header that asks each backend for a load report (``endpoint-load-metrics-format``),
+        #: or None: none asked and none read.
+        self.asks: Mapping[str, str] | None = None
         #: Seconds to wait before the attempt on the backend :meth:`take` returned last.
         self.pause = 0.0
         self._began: dict[Backend, float] = {}
@@ -341,9 +345,22 @@ class RequestPlan:
         return capped
 
     def headers(self, backend: Backend) -> Mapping[str, str] | None:
-        """Headers to add to the request of the attempt on ``backend`` (when
-        :attr:`propagates`): the watch's trace context."""
-        return None
+        """Headers to add to the request of the attempt on ``backend``: the request for a
+        load report (:attr:`asks`), and the watch's trace context (when :attr:`propagates`)."""
+        return self.asks
+
+    def loaded(
+        self,
+        backend: Backend,
+        header: str | None,
+        rif: str | None = None,
+        latency_us: str | None = None,
+    ) -> None:
+        """Read the load report of the response just received from ``backend`` (the headers'
+        values, None where missing) into its load; a bad one is counted there, never raised."""
+        load = self._loads.get(backend)
+        if load is not None and (header is not None or rif is not None or latency_us is not None):
+            self.balancer.read_report(load, header, rif, latency_us)
 
     def describe(self) -> str:
         """Every attempt, and why there was no other, for the message of the final error."""

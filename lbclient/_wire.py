@@ -19,6 +19,7 @@ from typing import Any, Protocol, TypeVar
 
 from lbclient._plan import Fault, RequestPlan, Timeouts
 from lbclient.backend import Backend
+from lbclient.reports import PREQUAL_LATENCY_HEADER, PREQUAL_RIF_HEADER, REPORT_HEADER
 
 __all__ = [
     "AsyncWire",
@@ -124,8 +125,8 @@ class Wire(Facts, Protocol[_R_co]):
         the client's own error for a failure."""
         ...
 
-    def retry_after(self, response: Any) -> str | None:
-        """The response's ``Retry-After`` header, if it has one."""
+    def header(self, response: Any, name: str) -> str | None:
+        """The value of the response's header ``name`` (lower case), if it has one."""
         ...
 
     def fault(self, error: Exception) -> Fault | None:
@@ -154,7 +155,7 @@ class AsyncWire(Facts, Protocol[_R_co]):
         buffer: int,
     ) -> tuple[int, _R_co, ReportingBody | None]: ...
 
-    def retry_after(self, response: Any) -> str | None: ...
+    def header(self, response: Any, name: str) -> str | None: ...
 
     def fault(self, error: Exception) -> Fault | None: ...
 
@@ -216,8 +217,17 @@ def received(
     response: Any,
     body: ReportingBody | None,
 ) -> None:
-    """Record a response head on the plan, and hand its body's report to the body."""
-    after = wire.retry_after(response) if status in plan.policy.retry_statuses else None
+    """Record a response head on the plan (and its load report, when one was asked for), and
+    hand its body's report to the body."""
+    header = wire.header
+    if plan.asks is not None:
+        plan.loaded(
+            backend,
+            header(response, REPORT_HEADER),
+            header(response, PREQUAL_RIF_HEADER),
+            header(response, PREQUAL_LATENCY_HEADER),
+        )
+    after = header(response, "retry-after") if status in plan.policy.retry_statuses else None
     plan.responded(backend, status, after)
     report = plan.reporter(backend)
     if body is None:
@@ -240,7 +250,7 @@ def limits(plan: RequestPlan, backend: Backend, wire: Wire[Any] | AsyncWire[Any]
 def send_sync(plan: RequestPlan, wire: Wire[_R], backend: Backend) -> tuple[int, _R]:
     """Send one attempt to ``backend`` and record what it saw. A failure is recorded and its
     error raised; anything else raised (a bug, an interruption) ends the attempt unrecorded."""
-    headers = plan.headers(backend) if plan.propagates else None
+    headers = plan.headers(backend) if plan.propagates else plan.asks
     try:
         status, response, body = wire.send(
             backend, limits(plan, backend, wire), headers, plan.buffer_limit()
@@ -261,7 +271,7 @@ def send_sync(plan: RequestPlan, wire: Wire[_R], backend: Backend) -> tuple[int,
 
 async def send_async(plan: RequestPlan, wire: AsyncWire[_R], backend: Backend) -> tuple[int, _R]:
     """The async twin of :func:`_send_sync`."""
-    headers = plan.headers(backend) if plan.propagates else None
+    headers = plan.headers(backend) if plan.propagates else plan.asks
     try:
         status, response, body = await wire.send(
             backend, limits(plan, backend, wire), headers, plan.buffer_limit()

@@ -196,8 +196,8 @@ class _Wire:
         self.options: object = extensions.get("lbclient")
 
     @staticmethod
-    def retry_after(response: httpx.Response) -> str | None:
-        value: str | None = response.headers.get("retry-after")
+    def header(response: httpx.Response, name: str) -> str | None:
+        value: str | None = response.headers.get(name)
         return value
 
     fault = staticmethod(_fault)
@@ -279,6 +279,7 @@ class _Configured(Generic[_P, _T]):
         budget: RetryBudget | Default | None = DEFAULT,
         hedge_budget: RetryBudget | Default | None = DEFAULT,
         policy: RetryPolicy | None = None,
+        load_reports: bool | str | None = None,
         verify: ssl.SSLContext | str | bool = True,
         cert: Any = None,
         trust_env: bool = True,
@@ -305,6 +306,7 @@ class _Configured(Generic[_P, _T]):
                 hedge_budget=hedge_budget,
             ),
             hosts=hosts,
+            load_reports=load_reports,
             unavailable=_unavailable,
             name=type(self).__name__,
             hedges=self._hedges,
@@ -391,6 +393,10 @@ class LBTransport(_Configured[httpcore.ConnectionPool, httpx.HTTPTransport], htt
       the retries' (``RetryBudget()``; None: no budget).
     * ``policy``: a :class:`~lbclient.RetryPolicy` instead of the nine retry options above
       (giving both is a TypeError); it may carry tenacity strategies of its own.
+    * ``load_reports``: ask every backend for its load report (``endpoint-load-metrics-format``)
+      and read each response's into the backend's load (see :mod:`lbclient.reports`): True or
+      ``"TEXT"``, ``"JSON"``, False never; None (the default): in TEXT when the algorithm
+      balances on them (``WeightedRoundRobin``, ``Prequal``).
     * ``verify``, ``cert``, ``trust_env``: TLS verification, client certificate and whether to
       read ``SSL_CERT_FILE``-style settings, as for ``httpx.HTTPTransport`` (True, None, True).
     * ``http1``, ``http2``: the HTTP versions offered (True, False; HTTP/2 needs

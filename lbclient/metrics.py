@@ -27,6 +27,10 @@ Every series has the ``service`` label; those per backend have ``backend`` (``ho
 * ``lbclient_backend_healthy``, ``_ejected``, ``_enabled``, ``_ready``: 1 or 0.
 * ``lbclient_backend_in_flight``: attempts in flight (every client of the balancer's).
 * ``lbclient_backend_latency_estimate_seconds``: the balancer's latency estimate.
+* ``lbclient_backend_load_report{field}``: the latest load report the backend sent, a sample per
+  field it carried (``cpu_utilization``, ``named_metrics.kv_cache_usage_perc``, ...);
+  ``lbclient_backend_load_report_age_seconds``: its age; ``lbclient_load_reports_total{result}``:
+  reports kept (``kept``) and refused, by why (``not finite``, ``unknown field``, ``stale``...).
 * ``lbclient_panic``: 1 while panic mode is on (per service).
 * ``lbclient_discovery_refreshes_total``, ``lbclient_discovery_failures_total``: when the
   balancer discovers its backends (per service); ``lbclient_discovery_part_failures_total{part}``:
@@ -48,7 +52,7 @@ import math
 import threading
 import weakref
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Final
 
 try:
@@ -70,6 +74,7 @@ from lbclient._plan import Fault
 from lbclient.backend import Backend, shown
 from lbclient.balancer import LoadBalancer
 from lbclient.errors import NoBackendAvailable
+from lbclient.reports import FIELDS
 from lbclient.retry import Attempt, Failure
 
 __all__ = ["DEFAULT_BUCKETS", "LBCollector", "Registration", "register"]
@@ -373,6 +378,22 @@ def _families() -> dict[str, Metric]:
     families["panic"] = GaugeMetricFamily(
         "lbclient_panic", "1 while panic mode is on: health is ignored.", labels=["service"]
     )
+    families["load_report"] = GaugeMetricFamily(
+        "lbclient_backend_load_report",
+        "The latest load report the backend sent, by field (ORCA's names; named metrics as "
+        "named_metrics.<name>).",
+        labels=[*per_backend, "field"],
+    )
+    families["load_report_age"] = GaugeMetricFamily(
+        "lbclient_backend_load_report_age_seconds",
+        "Seconds since the latest load report the backend sent arrived.",
+        labels=per_backend,
+    )
+    families["load_reports"] = CounterMetricFamily(
+        "lbclient_load_reports",
+        "Load reports read: kept, or refused and why.",
+        labels=[*per_backend, "result"],
+    )
     families["discovery_refreshes"] = CounterMetricFamily(
         "lbclient_discovery_refreshes", "Discovery refreshes.", labels=["service"]
     )
@@ -385,6 +406,25 @@ def _families() -> dict[str, Metric]:
         labels=["service", "part"],
     )
     return families
+
+
+def _reported(add: Callable[[str, list[str], float], None], mine: list[str], entry: Any) -> None:
+    """The load report samples of one backend's snapshot entry (none before a report)."""
+    report = getattr(entry, "report", None)
+    if report is not None:
+        for name in FIELDS:
+            value = getattr(report, name)
+            if value is not None:
+                add("load_report", [*mine, name], value)
+        for name, value in sorted(report.named_metrics.items()):
+            add("load_report", [*mine, f"named_metrics.{name}"], value)
+        add("load_report_age", mine, entry.report_age or 0.0)
+    kept = getattr(entry, "reports", 0)
+    refused = getattr(entry, "reports_refused", {})
+    if kept or refused:
+        add("load_reports", [*mine, "kept"], kept)
+        for reason, count in sorted(refused.items()):
+            add("load_reports", [*mine, reason], count)
 
 
 def _number(value: object) -> float | None:
@@ -438,6 +478,7 @@ class LBCollector:
             add("backend_in_flight", mine, entry.in_flight)
             if entry.latency is not None:
                 add("backend_latency_estimate_seconds", mine, entry.latency)
+            _reported(add, mine, entry)
             c = counts.get(address, idle)
             for (result, sent), n in zip(OUTCOMES, c.requests, strict=True):
                 if n:

@@ -187,8 +187,8 @@ class LBAdapter(HTTPAdapter):
     follow lbclient's rules.
 
     * ``balancer``, ``algorithm``, ``max_attempts``, ``retry_maybe_sent``, ``retry_statuses``,
-      ``failure_statuses``, ``attempt_timeout``, ``deadline``, ``budget``, ``policy``: as for
-      :class:`~lbclient.LBTransport`.
+      ``failure_statuses``, ``attempt_timeout``, ``deadline``, ``budget``, ``policy``,
+      ``load_reports``: as for :class:`~lbclient.LBTransport`.
     * ``hedge_after``: a ValueError unless None: hedging needs the async httpx transport.
     * ``hosts``: the logical host names served; requests for other hosts are sent as a plain
       ``HTTPAdapter`` sends them (None: the host of the first request).
@@ -221,6 +221,7 @@ class LBAdapter(HTTPAdapter):
         deadline: float | None = None,
         budget: RetryBudget | Default | None = DEFAULT,
         policy: RetryPolicy | None = None,
+        load_reports: bool | str | None = None,
         hedge_after: float | None = None,
         pool_connections: int = 10,
         pool_maxsize: int = 10,
@@ -242,6 +243,7 @@ class LBAdapter(HTTPAdapter):
                 hedge_after=hedge_after,
             ),
             hosts=hosts,
+            load_reports=load_reports,
             unavailable=_unavailable,
             name="LBAdapter",
             hedges=False,
@@ -470,8 +472,8 @@ class _Wire:
         return response.status_code, response, body
 
     @staticmethod
-    def retry_after(response: requests.Response) -> str | None:
-        return response.headers.get("Retry-After")
+    def header(response: requests.Response, name: str) -> str | None:
+        return response.headers.get(name)
 
     fault = staticmethod(classify)
 

@@ -418,7 +418,7 @@ class FakeWire:
         status = self.statuses[n - len(self.faults) - 1] if self.statuses else 200
         return status, f"{status} from {backend.address}", None
 
-    def retry_after(self, response: str) -> str | None:
+    def header(self, response: str, name: str) -> str | None:
         return None
 
     def fault(self, error: Exception) -> Fault | None:

@@ -423,7 +423,7 @@ class SlowWire:
             raise
         return 200, f"from {backend.address}", None
 
-    def retry_after(self, response: str) -> None:
+    def header(self, response: str, name: str) -> None:
         return None
 
     def fault(self, error: Exception) -> Fault | None:

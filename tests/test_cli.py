@@ -75,6 +75,7 @@ def bench_rows(scale: tuple[int, ...] = SCALE_SIZES) -> dict[str, str]:
                 ("memory kept", "MB"),
             )
         },
+        "read a load report, ORCA TEXT, 4 fields": "ns/op",
         "LBTransport vs plain httpx.Client, 3 backends": "req/s",
         "LBTransport vs plain httpx.Client, 3 backends, metrics on": "req/s",
         "AsyncLBTransport vs plain httpx.AsyncClient, 3 backends": "req/s",
@@ -375,7 +376,7 @@ def selection_rows(rows: dict[str, str]) -> dict[str, str]:
     return {
         name: unit
         for name, unit in rows.items()
-        if name.startswith(("select ", "build ", "refresh "))
+        if name.startswith(("select ", "build ", "refresh ", "read a load report"))
     }
 
 

@@ -55,6 +55,8 @@ from typing import Any, TypedDict, TypeVar
 import lbclient
 from lbclient import Backend, Consistent, FNVHash, Hash, LoadBalancer, Random, RoundRobin
 from lbclient.hashing import crc32, xxh3_64
+from lbclient.reports import LoadReport, parse_prequal
+from lbclient.reports import parse as parse_report
 from lbclient.selection import (
     LeastRequest,
     LibKetama,
@@ -494,6 +496,38 @@ def _plan_breakdown(plan: _Plan, bkeys: list[bytes]) -> None:
         plan.row(f"breakdown/{n}", section, "breakdown", "-", name, plan.case(name, fn, keys, warm))
 
 
+#: Typical load reports: what vLLM and the server companion send, and Prequal's headers.
+REPORT_TEXT = (
+    "TEXT cpu_utilization=0.3, rps_fractional=120, eps=0.5, named_metrics.kv_cache_usage_perc=0.4"
+)
+REPORT_JSON = (
+    'JSON {"cpu_utilization": 0.3, "rps_fractional": 120, "eps": 0.5, '
+    '"named_metrics": {"kv_cache_usage_perc": 0.4}}'
+)
+FLOOR_REPORT_NS = 2_000.0  # "at most 2 us" for a typical TEXT header
+REPORT_TEXT_ID = "report/text"
+
+
+def _parse_at_zero(header: str) -> LoadReport:
+    return parse_report(header, 0.0)
+
+
+def _prequal_at_zero(values: tuple[str, str]) -> LoadReport:
+    return parse_prequal(values[0], values[1], 0.0)
+
+
+def _plan_reports(plan: _Plan) -> None:
+    """Reading one load report: a typical ORCA header in each format, and Prequal's."""
+    section = "Load reports: read one (the header's value into a LoadReport)"
+    for row_id, label, fn, header in (
+        (REPORT_TEXT_ID, "parse ORCA TEXT, 4 fields (vLLM's kind)", _parse_at_zero, REPORT_TEXT),
+        ("report/json", "parse ORCA JSON, the same 4 fields", _parse_at_zero, REPORT_JSON),
+        ("report/prequal", "parse x-prequal-rif and x-prequal-latency-us", _prequal_at_zero, None),
+    ):
+        keys: Sequence[Any] = [header] * NUM_KEYS if header else [("7", "2500")] * NUM_KEYS
+        plan.row(row_id, section, "report", "-", label, plan.case(label, fn, keys))
+
+
 def _build_rows(runs: int, ring_builds: dict[int, tuple[float, float | None]] | None) -> list[Row]:
     """Section 3: build times in ms (median of ``runs``); baselines from ``ring_builds``."""
     rows: list[Row] = []
@@ -829,6 +863,7 @@ def run(
         ring_builds = None
         if uhashring is not None:
             ring_builds = _plan_compare(plan, uhashring, bkeys, skeys, baseline_runs, detail)
+        _plan_reports(plan)
         if detail:
             _plan_breakdown(plan, bkeys)
         gc.collect()
@@ -843,7 +878,7 @@ def run(
         [r for r in timed if r["kind"] in ("select", "compare", "compare-cold")]
         + builds
         + scaled
-        + [r for r in timed if r["kind"] == "breakdown"]
+        + [r for r in timed if r["kind"] in ("report", "breakdown")]
     )
 
 
@@ -872,6 +907,15 @@ def floors(rows: Sequence[Row]) -> list[tuple[str, bool, str]]:
     wb = worst("build", ("RoundRobin", "Hash"))
     cb = worst("build", ("Consistent",))
     ring = [r for r in rows if r["id"] == RING_MEMORY_ID]
+    reports = [
+        (
+            f"a typical ORCA TEXT report parses in < {FLOOR_REPORT_NS / 1000:,.0f} us",
+            r["lbclient"] < FLOOR_REPORT_NS,
+            f"{r['lbclient']:,.0f} ns",
+        )
+        for r in rows
+        if r["id"] == REPORT_TEXT_ID
+    ]
     memory = [
         (
             f"Consistent balancer of {max(SCALE_SIZES):,} backends grows the RSS by <= "
@@ -901,6 +945,7 @@ def floors(rows: Sequence[Row]) -> list[tuple[str, bool, str]]:
             f"{cb:,.1f} ms",
         ),
         *memory,
+        *reports,
     ]
 
 
@@ -921,6 +966,8 @@ def row_floor(row: Row) -> tuple[str, bool] | None:
         return f"< {FLOOR_BUILD_MS:,.0f} ms", row["lbclient"] < FLOOR_BUILD_MS
     if row["id"] == RING_MEMORY_ID:
         return f"<= {FLOOR_RING_MB:,.0f} MB", row["lbclient"] <= FLOOR_RING_MB
+    if row["id"] == REPORT_TEXT_ID:
+        return f"< {FLOOR_REPORT_NS:,.0f} ns/op", row["lbclient"] < FLOOR_REPORT_NS
     return None
 
 

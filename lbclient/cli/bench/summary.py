@@ -198,6 +198,7 @@ def _selection_rows(
                     by_id[f"scale/{figure}/{name}/{n}"],
                     unit,
                 )
+    add("read a load report, ORCA TEXT, 4 fields", by_id[selection.REPORT_TEXT_ID], _ns)
     return out
 
 
