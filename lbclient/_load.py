@@ -17,7 +17,7 @@ import math
 import threading
 from typing import Final
 
-from lbclient.reports import LoadReport
+from lbclient.reports import BadReport, LoadReport, parse, parse_prequal
 
 __all__ = ["FAILURE_PENALTY", "Load", "Total", "decayed"]
 
@@ -127,6 +127,25 @@ class Load:
                 self.penalty_floor_until = max(self.penalty_floor_until, now + hold)
             self.penalty = penalty
             self.stamp = now
+
+    def read(
+        self, header: str | bytes | None, rif: str | None, latency_us: str | None, now: float
+    ) -> LoadReport | None:
+        """Read a load report that arrived at clock value ``now``: the ``endpoint-load-metrics``
+        ``header``, else Prequal's headers (``rif``, ``latency_us``), and keep it (see
+        :meth:`reported`). A refused report is counted here, never raised; None then, or when
+        none was given."""
+        try:
+            if header is not None:
+                report = parse(header, now)
+            elif rif is not None or latency_us is not None:
+                report = parse_prequal(rif, latency_us, now)
+            else:
+                return None
+        except BadReport as bad:
+            self.refuse(bad.reason)
+            return None
+        return report if self.reported(report) else None
 
     def reported(self, report: LoadReport) -> bool:
         """Keep ``report`` as the latest, unless the one kept arrived later (then it is

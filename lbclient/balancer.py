@@ -33,8 +33,7 @@ from lbclient._load import Load, Total
 from lbclient._view import Picker, View, Views, candidates, find, require
 from lbclient.backend import Backend
 from lbclient.health import HealthPolicy, HealthSnapshot, HealthState, Outcome
-from lbclient.reports import BadReport, LoadReport, parse_prequal
-from lbclient.reports import parse as parse_report
+from lbclient.reports import LoadReport
 from lbclient.selection.base import (
     AlgorithmLike,
     Key,
@@ -352,27 +351,11 @@ class LoadBalancer:
         load.observe(self._clock(), latency, failed, self._decay, hold)
 
     def read_report(
-        self,
-        load: Load,
-        header: str | bytes | None,
-        rif: str | None = None,
-        latency_us: str | None = None,
+        self, load: Load, header: str | bytes | None, rif: str | None, latency_us: str | None
     ) -> LoadReport | None:
-        """Read a response's load report into ``load``: the ``endpoint-load-metrics``
-        ``header``, else Prequal's headers (``rif``, ``latency_us``); stamped with the
-        balancer's clock. A report that is refused is counted on the load, never raised;
-        None then, or when the response carried none."""
-        try:
-            if header is not None:
-                report = parse_report(header, self._clock())
-            elif rif is not None or latency_us is not None:
-                report = parse_prequal(rif, latency_us, self._clock())
-            else:
-                return None
-        except BadReport as bad:
-            load.refuse(bad.reason)
-            return None
-        return report if load.reported(report) else None
+        """Read a response's load report into ``load`` at the balancer's clock (see
+        :meth:`Load.read`)."""
+        return load.read(header, rif, latency_us, self._clock())
 
     def report_load(
         self,

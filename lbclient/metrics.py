@@ -52,7 +52,7 @@ import math
 import threading
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Final
 
 try:
@@ -69,12 +69,13 @@ except ImportError as exc:  # the extra is not installed
     ) from exc
 
 from lbclient._config import AdapterConfig, config_of
+from lbclient._metric_families import families as _families
+from lbclient._metric_families import reported as _reported
 from lbclient._observe import WatchedPlan, attach, detach
 from lbclient._plan import Fault
 from lbclient.backend import Backend, shown
 from lbclient.balancer import LoadBalancer
 from lbclient.errors import NoBackendAvailable
-from lbclient.reports import FIELDS
 from lbclient.retry import Attempt, Failure
 
 __all__ = ["DEFAULT_BUCKETS", "LBCollector", "Registration", "register"]
@@ -338,93 +339,6 @@ class _Source:
         self.balancer = balancer
         self.target = target
         self.meter = meter
-
-
-def _families() -> dict[str, Metric]:
-    per_backend = ["service", "backend"]
-    counters = {
-        "requests": ("Requests by the outcome of their last attempt.", ["result", "sent"]),
-        "attempts": ("Attempts by outcome.", ["result", "sent"]),
-        "retries": ("Attempts after a request's first, hedges aside.", []),
-        "hedges": ("Hedged attempts.", []),
-        "retry_budget_exhausted": ("Retries and hedges kept back by an empty retry budget.", []),
-        "ejections": ("Passive ejections by reason.", ["reason"]),
-        "restorations": ("Ejected backends restored by their probe request.", []),
-        "probes": ("Probe requests to an ejected backend whose outcome was reported.", []),
-    }
-    gauges = {
-        "backend_healthy": "1 if the backend is neither ejected nor failing its checks.",
-        "backend_ejected": "1 if the backend is passively ejected.",
-        "backend_enabled": "1 unless the backend is switched off by hand.",
-        "backend_ready": "1 if the backend may take a request now.",
-        "backend_in_flight": "Attempts in flight to the backend.",
-        "backend_latency_estimate_seconds": "The balancer's latency estimate of the backend.",
-    }
-    families: dict[str, Metric] = {}
-    for name, (text, extra) in counters.items():
-        families[name] = CounterMetricFamily(
-            f"lbclient_{name}", text, labels=[*per_backend, *extra]
-        )
-    families["unavailable"] = CounterMetricFamily(
-        "lbclient_requests_unavailable", "Requests that found no backend.", labels=["service"]
-    )
-    families["duration"] = HistogramMetricFamily(
-        "lbclient_attempt_duration_seconds",
-        "Seconds from an attempt's start to its response head or its failure.",
-        labels=per_backend,
-    )
-    for name, text in gauges.items():
-        families[name] = GaugeMetricFamily(f"lbclient_{name}", text, labels=per_backend)
-    families["panic"] = GaugeMetricFamily(
-        "lbclient_panic", "1 while panic mode is on: health is ignored.", labels=["service"]
-    )
-    families["load_report"] = GaugeMetricFamily(
-        "lbclient_backend_load_report",
-        "The latest load report the backend sent, by field (ORCA's names; named metrics as "
-        "named_metrics.<name>).",
-        labels=[*per_backend, "field"],
-    )
-    families["load_report_age"] = GaugeMetricFamily(
-        "lbclient_backend_load_report_age_seconds",
-        "Seconds since the latest load report the backend sent arrived.",
-        labels=per_backend,
-    )
-    families["load_reports"] = CounterMetricFamily(
-        "lbclient_load_reports",
-        "Load reports read: kept, or refused and why.",
-        labels=[*per_backend, "result"],
-    )
-    families["discovery_refreshes"] = CounterMetricFamily(
-        "lbclient_discovery_refreshes", "Discovery refreshes.", labels=["service"]
-    )
-    families["discovery_failures"] = CounterMetricFamily(
-        "lbclient_discovery_failures", "Discovery refreshes that failed.", labels=["service"]
-    )
-    families["discovery_part_failures"] = CounterMetricFamily(
-        "lbclient_discovery_part_failures",
-        "Parts of discovery answers that failed while the rest was used (DNS: record types).",
-        labels=["service", "part"],
-    )
-    return families
-
-
-def _reported(add: Callable[[str, list[str], float], None], mine: list[str], entry: Any) -> None:
-    """The load report samples of one backend's snapshot entry (none before a report)."""
-    report = getattr(entry, "report", None)
-    if report is not None:
-        for name in FIELDS:
-            value = getattr(report, name)
-            if value is not None:
-                add("load_report", [*mine, name], value)
-        for name, value in sorted(report.named_metrics.items()):
-            add("load_report", [*mine, f"named_metrics.{name}"], value)
-        add("load_report_age", mine, entry.report_age or 0.0)
-    kept = getattr(entry, "reports", 0)
-    refused = getattr(entry, "reports_refused", {})
-    if kept or refused:
-        add("load_reports", [*mine, "kept"], kept)
-        for reason, count in sorted(refused.items()):
-            add("load_reports", [*mine, reason], count)
 
 
 def _number(value: object) -> float | None:

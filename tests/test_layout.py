@@ -107,6 +107,25 @@ def test_core_modules_import_no_client_and_no_io(path: Path) -> None:
     assert not outside, f"{path.name} imports {sorted(outside)}"
 
 
+#: The longest a library module may be: one job per module. The command line and the test
+#: servers are programs of their own, not the library.
+MODULE_LINES = 600
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        p
+        for p in sorted(PACKAGE.rglob("*.py"))
+        if "cli" not in p.relative_to(PACKAGE).parts and p.name != "testing.py"
+    ],
+    ids=lambda p: p.relative_to(PACKAGE).as_posix(),
+)
+def test_no_library_module_is_over_600_lines(path: Path) -> None:
+    lines = len(path.read_text().splitlines())
+    assert lines <= MODULE_LINES, f"{path.relative_to(PACKAGE)} has {lines} lines"
+
+
 def test_core_starts_no_thread() -> None:
     for path in _core_files():
         source = path.read_text()
