@@ -1,0 +1,146 @@
+"""The load report a server sends, and its forms on the wire: the ORCA ``endpoint-load-metrics``
+header in TEXT and JSON (as vLLM and Triton write it) and Prequal's probe headers.
+
+What lives here: :class:`LoadReport` (a plain value), the header names, which format a request
+asks for, how a number is written. What may not: counting, clocks, I/O, any HTTP client or
+framework.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Final, NamedTuple
+
+__all__ = [
+    "FORMATS",
+    "FORMAT_HEADER",
+    "PREQUAL_LATENCY_HEADER",
+    "PREQUAL_RIF_HEADER",
+    "REPORT_HEADER",
+    "LoadReport",
+    "check_metric_name",
+    "number",
+    "requested_format",
+    "usable",
+]
+
+#: The request header that asks for a report: ``TEXT`` or ``JSON`` (any case).
+FORMAT_HEADER: Final = "endpoint-load-metrics-format"
+#: The response header that carries it: ``TEXT name=value, ...`` or ``JSON {...}``.
+REPORT_HEADER: Final = "endpoint-load-metrics"
+#: Prequal's probe answer: requests in flight, and the latency estimate in microseconds.
+PREQUAL_RIF_HEADER: Final = "x-prequal-rif"
+PREQUAL_LATENCY_HEADER: Final = "x-prequal-latency-us"
+#: The formats this package writes (the binary form is not offered).
+FORMATS: Final = ("TEXT", "JSON")
+
+#: A named metric's name: letters, digits, ``_``, ``.`` and ``-`` (nothing the TEXT form or a
+#: JSON string would need to escape).
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*\Z")
+#: The largest float written as an integer (beyond it, a float's repr is exact enough).
+_EXACT = 2.0**53
+
+
+def requested_format(value: str | bytes | None) -> str | None:
+    """The format a request's ``endpoint-load-metrics-format`` value asks for, ``"TEXT"`` or
+    ``"JSON"``; None for no value or one this package does not write (no report is sent then)."""
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        value = value.decode("latin-1")
+    asked = value.strip().upper()
+    return asked if asked in FORMATS else None
+
+
+def check_metric_name(name: str) -> str:
+    """``name`` if it may name a metric (see ``_NAME``); ValueError naming it otherwise."""
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ValueError(
+            f"a metric name is letters, digits, '_', '.' and '-' (not starting with '.' or '-'),"
+            f" got {name!r}"
+        )
+    return name
+
+
+def number(value: float) -> str:
+    """``value`` (finite, not negative) as the report writes it: a whole number without a
+    fraction (``120``), anything else rounded to 6 decimals as Python's shortest repr
+    (``0.3``, ``4.2``, ``1e-05``). Both TEXT and JSON use this text; ``float()`` reads it."""
+    if value.is_integer() and abs(value) < _EXACT:
+        return str(int(value))
+    rounded = round(value, 6)
+    if rounded.is_integer():
+        return str(int(rounded))
+    return repr(rounded)
+
+
+class LoadReport(NamedTuple):
+    """One server process's load, as it stands when the report is made.
+
+    ``rif`` and ``latency_ms`` are written as the named metrics ``named_metrics.rif`` and
+    ``named_metrics.latency_ms`` (the names lbclient's clients read); ``named_metrics`` holds the
+    others. A utilization that is None is left out.
+    """
+
+    rif: int  # requests in flight
+    latency_ms: float  # the median of recent requests' latencies; 0 before the first
+    rps_fractional: float  # requests finished per second, over the tracker's rate window
+    eps: float  # of those, errors per second
+    cpu_utilization: float | None = None
+    application_utilization: float | None = None
+    named_metrics: Mapping[str, float] = MappingProxyType({})
+
+    @property
+    def latency_us(self) -> int:
+        """The latency estimate in whole microseconds (Prequal's ``x-prequal-latency-us``)."""
+        return round(self.latency_ms * 1000)
+
+    def _top(self) -> list[tuple[str, str]]:
+        fields = []
+        if self.cpu_utilization is not None:
+            fields.append(("cpu_utilization", number(self.cpu_utilization)))
+        if self.application_utilization is not None:
+            fields.append(("application_utilization", number(self.application_utilization)))
+        fields.append(("rps_fractional", number(self.rps_fractional)))
+        fields.append(("eps", number(self.eps)))
+        return fields
+
+    def _named(self) -> list[tuple[str, str]]:
+        named = [("rif", str(self.rif)), ("latency_ms", number(self.latency_ms))]
+        named.extend((name, number(value)) for name, value in self.named_metrics.items())
+        return named
+
+    def text(self) -> str:
+        """``TEXT cpu_utilization=0.3, rps_fractional=120, eps=0.5, named_metrics.rif=3, ...``"""
+        pairs = [f"{name}={value}" for name, value in self._top()]
+        pairs.extend(f"named_metrics.{name}={value}" for name, value in self._named())
+        return "TEXT " + ", ".join(pairs)
+
+    def json(self) -> str:
+        """``JSON {"cpu_utilization": 0.3, ..., "named_metrics": {"rif": 3, ...}}``"""
+        named = ", ".join(f'"{name}": {value}' for name, value in self._named())
+        pairs = [f'"{name}": {value}' for name, value in self._top()]
+        pairs.append(f'"named_metrics": {{{named}}}')
+        return "JSON {" + ", ".join(pairs) + "}"
+
+    def render(self, form: str) -> str:
+        """The header value in ``form``, ``"TEXT"`` or ``"JSON"`` (as :func:`requested_format`
+        returns it)."""
+        if form == "JSON":
+            return self.json()
+        if form == "TEXT":
+            return self.text()
+        raise ValueError(f"the report is written as TEXT or JSON, not {form!r}")
+
+
+def usable(value: object) -> bool:
+    """Whether a metric's ``value`` may go into a report: a real number, finite, not negative."""
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value >= 0
+    )
