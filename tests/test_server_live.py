@@ -36,10 +36,10 @@ PATIENCE = 30.0
 def base_url(request: pytest.FixtureRequest) -> Iterator[str]:
     with ExitStack() as stack:
         if request.param == "uvicorn":
-            address = start_uvicorn(stack, "server_apps:asgi", app_dir=HERE)
+            server = start_uvicorn(stack, "server_apps:asgi", app_dir=HERE)
         else:
-            address = start_gunicorn(stack, "server_apps:wsgi", threads=8, app_dir=HERE)
-        yield f"http://{address}"
+            server = start_gunicorn(stack, "server_apps:wsgi", threads=8, app_dir=HERE)
+        yield f"http://{server.address}"
 
 
 def probe(client: httpx.Client, form: str | None = None) -> httpx.Response:

@@ -84,7 +84,10 @@ class LoadReportingASGI:
                 status = message["status"]
                 if asked is not None:
                     headers = list(message.get("headers", ()))
-                    if all(name.lower() != _REPORT for name, _ in headers):
+                    for name, _ in headers:
+                        if name.lower() == _REPORT:  # the app reported itself
+                            break
+                    else:
                         value = tracker.report().render(asked).encode("latin-1")
                         headers.append((_REPORT, value))
                         message = {**message, "headers": headers}

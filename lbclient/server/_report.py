@@ -40,8 +40,6 @@ FORMATS: Final = ("TEXT", "JSON")
 #: A named metric's name: letters, digits, ``_``, ``.`` and ``-`` (nothing the TEXT form or a
 #: JSON string would need to escape).
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*\Z")
-#: The largest float written as an integer (beyond it, a float's repr is exact enough).
-_EXACT = 2.0**53
 
 
 def requested_format(value: str | bytes | None) -> str | None:
@@ -66,15 +64,11 @@ def check_metric_name(name: str) -> str:
 
 
 def number(value: float) -> str:
-    """``value`` (finite, not negative) as the report writes it: a whole number without a
-    fraction (``120``), anything else rounded to 6 decimals as Python's shortest repr
-    (``0.3``, ``4.2``, ``1e-05``). Both TEXT and JSON use this text; ``float()`` reads it."""
-    if value.is_integer() and abs(value) < _EXACT:
-        return str(int(value))
-    rounded = round(value, 6)
-    if rounded.is_integer():
-        return str(int(rounded))
-    return repr(rounded)
+    """``value`` (finite, not negative) as the report writes it, in both TEXT and JSON: six
+    significant digits, without trailing zeros (``120``, ``0.3``, ``4.2``, ``0.666667``), in
+    exponent form below 0.0001 and from a million on (``1e-05``, ``1.23457e+06``), as C's
+    ``%.6g`` writes it. ``float()`` and JSON read it."""
+    return f"{value:.6g}"
 
 
 class LoadReport(NamedTuple):
@@ -98,33 +92,38 @@ class LoadReport(NamedTuple):
         """The latency estimate in whole microseconds (Prequal's ``x-prequal-latency-us``)."""
         return round(self.latency_ms * 1000)
 
-    def _top(self) -> list[tuple[str, str]]:
-        fields = []
+    def _utilizations(self, pattern: str) -> str:
+        """The utilizations given, each written as ``pattern`` % (name, value) and a comma."""
+        head = ""
         if self.cpu_utilization is not None:
-            fields.append(("cpu_utilization", number(self.cpu_utilization)))
+            head = pattern % ("cpu_utilization", number(self.cpu_utilization))
         if self.application_utilization is not None:
-            fields.append(("application_utilization", number(self.application_utilization)))
-        fields.append(("rps_fractional", number(self.rps_fractional)))
-        fields.append(("eps", number(self.eps)))
-        return fields
-
-    def _named(self) -> list[tuple[str, str]]:
-        named = [("rif", str(self.rif)), ("latency_ms", number(self.latency_ms))]
-        named.extend((name, number(value)) for name, value in self.named_metrics.items())
-        return named
+            head += pattern % ("application_utilization", number(self.application_utilization))
+        return head
 
     def text(self) -> str:
         """``TEXT cpu_utilization=0.3, rps_fractional=120, eps=0.5, named_metrics.rif=3, ...``"""
-        pairs = [f"{name}={value}" for name, value in self._top()]
-        pairs.extend(f"named_metrics.{name}={value}" for name, value in self._named())
-        return "TEXT " + ", ".join(pairs)
+        head = self._utilizations("%s=%s, ")
+        text = (
+            f"TEXT {head}rps_fractional={self.rps_fractional:.6g}, "
+            f"eps={self.eps:.6g}, named_metrics.rif={self.rif}, "
+            f"named_metrics.latency_ms={self.latency_ms:.6g}"
+        )
+        for name, value in self.named_metrics.items():
+            text += f", named_metrics.{name}={value:.6g}"
+        return text
 
     def json(self) -> str:
         """``JSON {"cpu_utilization": 0.3, ..., "named_metrics": {"rif": 3, ...}}``"""
-        named = ", ".join(f'"{name}": {value}' for name, value in self._named())
-        pairs = [f'"{name}": {value}' for name, value in self._top()]
-        pairs.append(f'"named_metrics": {{{named}}}')
-        return "JSON {" + ", ".join(pairs) + "}"
+        head = self._utilizations('"%s": %s, ')
+        text = (
+            f'JSON {{{head}"rps_fractional": {self.rps_fractional:.6g}, '
+            f'"eps": {self.eps:.6g}, "named_metrics": {{"rif": {self.rif}, '
+            f'"latency_ms": {self.latency_ms:.6g}'
+        )
+        for name, value in self.named_metrics.items():
+            text += f', "{name}": {value:.6g}'
+        return text + "}}"
 
     def render(self, form: str) -> str:
         """The header value in ``form``, ``"TEXT"`` or ``"JSON"`` (as :func:`requested_format`

@@ -30,6 +30,7 @@ Metric = Callable[[], float]
 LATENCY_WINDOW: Final = 128
 #: Over how many seconds (whole-second buckets) requests and errors per second are counted.
 RATE_WINDOW: Final = 10
+_INFINITY: Final = float("inf")
 #: Named metrics the tracker writes itself.
 RESERVED: Final = frozenset({"rif", "latency_ms"})
 
@@ -53,6 +54,8 @@ class _Reading:
         except Exception as error:
             self._complain("raised %r", error)
             return None
+        if value.__class__ is float and 0.0 <= value < _INFINITY:  # the usual case, quickly
+            return value
         if not usable(value):
             self._complain("returned %r (not a finite number >= 0)", value)
             return None
@@ -197,22 +200,27 @@ class LoadTracker:
                 median = ordered[count // 2]
             else:
                 median = (ordered[count // 2 - 1] + ordered[count // 2]) / 2
-            for slot, counted in enumerate(self._seconds):
-                if oldest <= counted <= second:
-                    requests += self._requests[slot]
-                    errors += self._errors[slot]
+            if min(self._seconds) >= oldest:  # every bucket in the window: a busy server
+                requests, errors = sum(self._requests), sum(self._errors)
+            else:
+                for counted, done, failed in zip(
+                    self._seconds, self._requests, self._errors, strict=True
+                ):
+                    if counted >= oldest:  # never later than now: the clock is monotonic
+                        requests += done
+                        errors += failed
         span = max(elapsed - oldest, 1.0)
         named: dict[str, float] = {}
         for reading in self._named:
             value = reading.read()
             if value is not None:
                 named[reading.name] = value
-        return LoadReport(
-            rif=rif,
-            latency_ms=median * 1000,
-            rps_fractional=requests / span,
-            eps=errors / span,
-            cpu_utilization=None if self._cpu is None else self._cpu.read(),
-            application_utilization=None if self._application is None else self._application.read(),
-            named_metrics=named,
+        return LoadReport(  # positional: the fields' order
+            rif,
+            median * 1000,
+            requests / span,
+            errors / span,
+            None if self._cpu is None else self._cpu.read(),
+            None if self._application is None else self._application.read(),
+            named,
         )

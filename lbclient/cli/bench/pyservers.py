@@ -60,6 +60,26 @@ class Server:
     def pid(self) -> int:
         return self._proc.pid
 
+    @property
+    def address(self) -> str:
+        """``127.0.0.1:PORT`` (see :meth:`wait_listening`)."""
+        return f"127.0.0.1:{self._port}"
+
+    def cpu_seconds(self) -> float | None:
+        """CPU time (user + system) spent so far by the server process and its children's
+        threads (gunicorn's worker), from ``/proc``; None where there is no ``/proc``."""
+        pids = [self._proc.pid]
+        try:
+            children = Path(f"/proc/{self._proc.pid}/task/{self._proc.pid}/children")
+            pids += [int(pid) for pid in children.read_text().split()]
+            ticks = 0
+            for pid in pids:
+                fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+                ticks += int(fields[11]) + int(fields[12])  # utime, stime
+        except (OSError, ValueError, IndexError):
+            return None
+        return ticks / os.sysconf("SC_CLK_TCK")
+
     def log(self) -> str:
         """The last lines the server wrote."""
         return b"".join(self._log).decode("utf-8", "replace")
@@ -95,10 +115,11 @@ def _start(
     cwd: Path | None,
     env: dict[str, str] | None,
     timeout: float,
-) -> str:
+) -> Server:
     server = Server(command, cwd=cwd, env=env)
     stack.callback(server.stop, sig)
-    return server.wait_listening(timeout)
+    server.wait_listening(timeout)
+    return server
 
 
 def _environment(app_dir: Path | None, env: dict[str, str] | None) -> dict[str, str] | None:
@@ -116,9 +137,9 @@ def start_uvicorn(
     app_dir: Path | None = None,
     env: dict[str, str] | None = None,
     timeout: float = 30.0,
-) -> str:
+) -> Server:
     """``python -m uvicorn APP`` (``module:attribute``, importable from ``app_dir`` if given) on
-    127.0.0.1, one process, no access log, no lifespan; its address once it listens."""
+    127.0.0.1, one process, no access log, no lifespan; returned once it listens."""
     command = [
         *(sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", "0"),
         *("--no-access-log", "--lifespan", "off", "--timeout-graceful-shutdown", "1"),
@@ -142,9 +163,9 @@ def start_gunicorn(
     app_dir: Path | None = None,
     env: dict[str, str] | None = None,
     timeout: float = 30.0,
-) -> str:
+) -> Server:
     """``python -m gunicorn APP`` (``module:attribute``, importable from ``app_dir`` if given) on
-    127.0.0.1: one ``gthread`` worker with ``threads`` threads; its address once it listens
+    127.0.0.1: one ``gthread`` worker with ``threads`` threads; returned once it listens
     (requests sent before its worker has booted wait in the listen queue)."""
     command = [
         *(sys.executable, "-m", "gunicorn", app, "--bind", "127.0.0.1:0"),
