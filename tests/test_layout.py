@@ -351,6 +351,7 @@ PUBLIC = [
     "lbclient.requests_adapter",
     "lbclient.retry",
     "lbclient.selection",
+    "lbclient.server",
     "lbclient.testing",
 ]
 MACHINERY = {
