@@ -371,6 +371,7 @@ PUBLIC = [
     "lbclient.requests_adapter",
     "lbclient.retry",
     "lbclient.selection",
+    "lbclient.server",
     "lbclient.testing",
 ]
 MACHINERY = {

@@ -1,0 +1,118 @@
+"""The ASGI middleware: counts each HTTP request in a :class:`LoadTracker`, adds the load report
+to the responses that ask for it, and answers the probe path itself.
+
+What lives here: :class:`LoadReportingASGI` and the few ASGI types it needs. What may not: a
+rule of counting or reporting (the tracker and the report hold them), buffering a body.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
+from typing import Any
+
+from lbclient.server._common import PROBE_PATH, probe_answer, tracker_of
+from lbclient.server._report import FORMAT_HEADER, REPORT_HEADER, requested_format
+from lbclient.server._tracker import LoadTracker, Metric
+
+__all__ = ["ASGIApp", "LoadReportingASGI", "Receive", "Scope", "Send"]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+_ASKING = FORMAT_HEADER.encode("latin-1")
+_REPORT = REPORT_HEADER.encode("latin-1")
+
+
+def _asked(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
+    for name, value in headers:
+        if name == _ASKING:
+            return requested_format(value)
+    return None
+
+
+class LoadReportingASGI:
+    """ASGI middleware reporting the process's load (see :class:`LoadTracker` for the fields).
+
+    * Each HTTP request is in flight from its arrival until the app returns (or raises, or is
+      cancelled); its latency runs to the same point. It is an error if the app raised or its
+      response status is 500 or more; a cancelled request leaves the count and nothing else.
+    * A request with ``endpoint-load-metrics-format: TEXT`` (or ``JSON``, any case) gets the
+      report, made when its response starts, in an ``endpoint-load-metrics`` response header
+      (unless the app set one itself); any other value, or none, gets none. Bodies stream as
+      the app sends them.
+    * A request for ``probe_path`` (the path the app would see, any method; None: no probe) is
+      answered here without calling the app and counts nowhere: 200, the report (TEXT unless
+      JSON is asked) in the body and the ``endpoint-load-metrics`` header, and
+      ``x-prequal-rif`` and ``x-prequal-latency-us``.
+    * Lifespan and WebSocket scopes pass through untouched.
+
+    The metrics are those of ``tracker``, or of a new tracker with ``cpu_utilization``,
+    ``application_utilization`` and ``named_metrics`` (name -> callable).
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        probe_path: str | None = PROBE_PATH,
+        cpu_utilization: Metric | None = None,
+        application_utilization: Metric | None = None,
+        named_metrics: Mapping[str, Metric] | None = None,
+        tracker: LoadTracker | None = None,
+    ) -> None:
+        self.app = app
+        self.probe_path = probe_path
+        self.tracker = tracker_of(tracker, cpu_utilization, application_utilization, named_metrics)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if scope["path"] == self.probe_path:
+            await self._probe(scope, send)
+            return
+        asked = _asked(scope["headers"])
+        tracker = self.tracker
+        status = 500  # an app that returns without a response gets a 500 from its server
+
+        async def reply(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                if asked is not None:
+                    headers = list(message.get("headers", ()))
+                    for name, _ in headers:
+                        if name.lower() == _REPORT:  # the app reported itself
+                            break
+                    else:
+                        value = tracker.report().render(asked).encode("latin-1")
+                        headers.append((_REPORT, value))
+                        message = {**message, "headers": headers}
+            await send(message)
+
+        started = tracker.begin()
+        try:
+            await self.app(scope, receive, reply)
+        except Exception:
+            tracker.end(started, error=True)
+            raise
+        except BaseException:
+            tracker.drop()
+            raise
+        tracker.end(started, error=status >= 500)
+
+    async def _probe(self, scope: Scope, send: Send) -> None:
+        body, headers = probe_answer(self.tracker, _asked(scope["headers"]))
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(n.encode("latin-1"), v.encode("latin-1")) for n, v in headers],
+            }
+        )
+        await send(
+            {"type": "http.response.body", "body": b"" if scope.get("method") == "HEAD" else body}
+        )

@@ -1,0 +1,226 @@
+"""One process's load as its middleware sees it: requests in flight, a latency estimate, request
+and error rates, and the metrics the service adds; :class:`LoadTracker` makes the report.
+
+What lives here: the counting, under one small lock (a middleware calls :meth:`begin` and
+:meth:`end` from any thread or task), and the user's metric callables, read when a report is
+made. Every time comes from the injected clock. What may not: HTTP, a framework, a thread of
+its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from bisect import bisect_left, insort
+from collections import deque
+from collections.abc import Callable, Mapping
+from typing import Final
+
+from lbclient.server._report import ServerReport, check_metric_name, usable
+
+__all__ = ["LATENCY_WINDOW", "RATE_WINDOW", "LoadTracker", "Metric"]
+
+logger = logging.getLogger("lbclient.server")
+
+#: A metric the service reports: called when a report is made, returns a number >= 0.
+Metric = Callable[[], float]
+
+#: How many of the latest requests the latency median is taken over.
+LATENCY_WINDOW: Final = 128
+#: Over how many seconds (whole-second buckets) requests and errors per second are counted.
+RATE_WINDOW: Final = 10
+_INFINITY: Final = float("inf")
+#: Named metrics the tracker writes itself.
+RESERVED: Final = frozenset({"rif", "latency_ms"})
+
+
+class _Reading:
+    """A metric callable that never breaks a report: a value that raises, is not a finite
+    number, or is negative reads as None, and is logged once per metric."""
+
+    __slots__ = ("_function", "_logged", "name")
+
+    def __init__(self, name: str, function: Metric) -> None:
+        if not callable(function):
+            raise TypeError(f"metric {name!r} must be a callable returning a float")
+        self.name = name
+        self._function = function
+        self._logged = False
+
+    def read(self) -> float | None:
+        try:
+            value = self._function()
+        except Exception as error:
+            self._complain("raised %r", error)
+            return None
+        if value.__class__ is float and 0.0 <= value < _INFINITY:  # the usual case, quickly
+            return value
+        if not usable(value):
+            self._complain("returned %r (not a finite number >= 0)", value)
+            return None
+        return float(value)
+
+    def _complain(self, what: str, detail: object) -> None:
+        if not self._logged:
+            self._logged = True
+            logger.warning(
+                "load metric %s " + what + "; left out of the report (logged once)",
+                self.name,
+                detail,
+            )
+
+
+def _reading(name: str, function: Metric | None) -> _Reading | None:
+    return None if function is None else _Reading(name, function)
+
+
+class LoadTracker:
+    """Counts one process's requests and makes its load report.
+
+    A request is in flight from :meth:`begin` to :meth:`end` (or :meth:`drop`). ``end`` records
+    its latency (``end``'s time less ``begin``'s) and counts it, and an error if ``error``;
+    ``drop`` (a cancelled request: no answer finished, no fault of the app's) only takes it out
+    of the count.
+
+    The report (:meth:`report`):
+
+    * ``rif``: requests in flight now (a request asking for a report in its response counts
+      itself: it is in flight while its response starts);
+    * ``latency_ms``: the median latency of the last ``latency_window`` requests ended (128 by
+      default), errors included; 0 before the first;
+    * ``rps_fractional`` and ``eps``: requests ended, and errors, per second over the last
+      ``rate_window`` seconds (10 by default; whole-second buckets on the clock since the tracker
+      was made: the current second's part and the ``rate_window - 1`` seconds before it, or
+      since the tracker was made if that is later, and never less than one second);
+    * ``cpu_utilization``, ``application_utilization`` and ``named_metrics.<name>``: what the
+      given callables return, each left out when it raises or returns NaN, an infinity or a
+      negative number (logged once per metric).
+
+    ``clock`` (seconds, monotonic) is the only clock read. Thread-safe: one lock guards the
+    counts, held for a few list operations; the metric callables run outside it.
+    """
+
+    def __init__(
+        self,
+        *,
+        cpu_utilization: Metric | None = None,
+        application_utilization: Metric | None = None,
+        named_metrics: Mapping[str, Metric] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        latency_window: int = LATENCY_WINDOW,
+        rate_window: int = RATE_WINDOW,
+    ) -> None:
+        if isinstance(latency_window, bool) or not isinstance(latency_window, int):
+            raise TypeError(f"latency_window must be an int, got {latency_window!r}")
+        if isinstance(rate_window, bool) or not isinstance(rate_window, int):
+            raise TypeError(f"rate_window must be an int, got {rate_window!r}")
+        if latency_window < 1 or rate_window < 1:
+            raise ValueError(
+                f"latency_window and rate_window must be >= 1, got {latency_window}, {rate_window}"
+            )
+        named = dict(named_metrics or {})
+        for name in named:
+            check_metric_name(name)
+            if name in RESERVED:
+                raise ValueError(f"named metric {name!r} is the tracker's own")
+        self._cpu = _reading("cpu_utilization", cpu_utilization)
+        self._application = _reading("application_utilization", application_utilization)
+        self._named = tuple(_Reading(name, function) for name, function in named.items())
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._in_flight = 0
+        # Latency: the window's samples in arrival order, and the same samples sorted.
+        self._samples: deque[float] = deque()
+        self._sorted: list[float] = []
+        self._window = latency_window
+        # Rates: one bucket per second since the tracker was made, in a ring of rate_window.
+        self._origin = clock()
+        self._seconds = [-1] * rate_window  # which second each bucket counts
+        self._requests = [0] * rate_window
+        self._errors = [0] * rate_window
+
+    @property
+    def rif(self) -> int:
+        """Requests in flight now."""
+        return self._in_flight
+
+    @property
+    def clock(self) -> Callable[[], float]:
+        """The clock the tracker reads."""
+        return self._clock
+
+    def begin(self) -> float:
+        """A request arrived: count it in flight; returns its start time, for :meth:`end`."""
+        with self._lock:
+            self._in_flight += 1
+        return self._clock()
+
+    def end(self, started: float, *, error: bool = False) -> None:
+        """The request that began at ``started`` is over: out of flight, its latency recorded,
+        counted (and counted as an error if ``error``)."""
+        now = self._clock()
+        latency = max(now - started, 0.0)
+        second = int((now - self._origin) // 1.0)
+        slot = second % len(self._seconds)
+        with self._lock:
+            self._in_flight -= 1
+            samples, ordered = self._samples, self._sorted
+            if len(samples) == self._window:
+                del ordered[bisect_left(ordered, samples.popleft())]
+            samples.append(latency)
+            insort(ordered, latency)
+            if self._seconds[slot] != second:
+                self._seconds[slot] = second
+                self._requests[slot] = 0
+                self._errors[slot] = 0
+            self._requests[slot] += 1
+            if error:
+                self._errors[slot] += 1
+
+    def drop(self) -> None:
+        """A request ended without an answer its app finished (cancelled): out of flight only."""
+        with self._lock:
+            self._in_flight -= 1
+
+    def report(self) -> ServerReport:
+        """The load as it stands (see the class docstring for each field)."""
+        now = self._clock()
+        elapsed = now - self._origin
+        second = int(elapsed // 1.0)
+        oldest = max(second - len(self._seconds) + 1, 0)
+        requests = errors = 0
+        with self._lock:
+            rif = self._in_flight
+            ordered = self._sorted
+            count = len(ordered)
+            if count == 0:
+                median = 0.0
+            elif count % 2:
+                median = ordered[count // 2]
+            else:
+                median = (ordered[count // 2 - 1] + ordered[count // 2]) / 2
+            if min(self._seconds) >= oldest:  # every bucket in the window: a busy server
+                requests, errors = sum(self._requests), sum(self._errors)
+            else:
+                for counted, done, failed in zip(
+                    self._seconds, self._requests, self._errors, strict=True
+                ):
+                    if counted >= oldest:  # never later than now: the clock is monotonic
+                        requests += done
+                        errors += failed
+        span = max(elapsed - oldest, 1.0)
+        named: dict[str, float] = {}
+        for reading in self._named:
+            value = reading.read()
+            if value is not None:
+                named[reading.name] = value
+        return ServerReport(  # positional: the fields' order
+            rif,
+            median * 1000,
+            requests / span,
+            errors / span,
+            None if self._cpu is None else self._cpu.read(),
+            None if self._application is None else self._application.read(),
+            named,
+        )
