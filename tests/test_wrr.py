@@ -408,3 +408,14 @@ def test_built_without_a_balancer_it_is_round_robin() -> None:
     assert list(WeightedRoundRobin.build([]).iter(b"")) == []
     with pytest.raises(TypeError):
         built.first(7)  # type: ignore[arg-type]
+
+
+def test_the_simulator_feeds_reports_and_the_weights_follow_them() -> None:
+    from lbclient.cli.simulate import backends_for, simulate_load
+
+    # 20,000 requests, about half a simulated second: reports every 50 ms, weights every 0.1 s.
+    backends = backends_for([1, 1, 1, 1])
+    slow = simulate_load("wrr", backends, "slow")
+    assert slow.shares[0].share < 0.10  # the 10x slower backend: far below its 25%
+    failing = simulate_load("wrr", backends, "failing")
+    assert failing.failures / failing.requests < 0.05  # round robin: 12.5%
