@@ -20,6 +20,7 @@ from lbclient.selection import FNVHash, Hash, Random, RoundRobin, SmoothRoundRob
 from lbclient.selection.consistent import Consistent
 from lbclient.selection.loadaware import LeastRequest, PeakEWMA
 from lbclient.selection.slow_start import SlowStart
+from lbclient.selection.wrr import WeightedRoundRobin
 
 if TYPE_CHECKING:
     from lbclient.checks import HttpCheck, TcpCheck
@@ -44,6 +45,7 @@ __all__ = [  # noqa: RUF022 (grouped by topic, not sorted)
     "Consistent",
     "LeastRequest",
     "PeakEWMA",
+    "WeightedRoundRobin",
     "SlowStart",
     "SmoothRoundRobin",
     # health

@@ -23,6 +23,7 @@ from lbclient import (
     Random,
     RoundRobin,
     SmoothRoundRobin,
+    WeightedRoundRobin,
 )
 
 ALGORITHMS = {
@@ -32,6 +33,7 @@ ALGORITHMS = {
     "Hash": Hash,
     "FNVHash": FNVHash,
     "Consistent": Consistent,
+    "WeightedRoundRobin": WeightedRoundRobin,
 }
 
 weights_st = st.lists(st.integers(min_value=1, max_value=12), min_size=1, max_size=9)

@@ -10,10 +10,11 @@ Keys go through the real code path, ``LoadBalancer(...).select(key)``, over back
 * the share of keys whose backend changes when one backend is removed (the last one) and when
   one is added (a new last one, with the mean weight), after ``LoadBalancer.update``, beside the
   ideal minimum: the keys that must move, i.e. those of the removed backend, and those the new
-  backend takes. For RoundRobin, SmoothRoundRobin, Random, LeastRequest and PeakEWMA a key's
-  backend is not a function of the key, so no such figure is printed for them, only why.
+  backend takes. For RoundRobin, SmoothRoundRobin, Random, LeastRequest, PeakEWMA and
+  WeightedRoundRobin a key's backend is not a function of the key, so no such figure is printed
+  for them, only why.
 
-For those five, a simulated run follows, on a simulated clock (no sleeping, no threads):
+For those six, a simulated run follows, on a simulated clock (no sleeping, no threads):
 ``--clients`` clients each send requests back to back until ``--requests`` have completed. The
 first backend answers in 10 ms, the others in 1 ms, each within +/-25%. Every request goes
 through the balancer as a transport's would: ``select()``, ``begin()``, then at its completion
@@ -22,6 +23,11 @@ share; overall: the mean and p99 latency and the requests per simulated second, 
 RoundRobin's as the baseline. A second run has every backend answer in 1 ms but the first one
 answer every other request with a 503 in 0.1 ms: the share of failures callers see (nothing
 retries, and passive health checks are not fed, so this is the algorithm's own doing).
+
+For WeightedRoundRobin (``wrr``) the backends also report their load as an ORCA server would,
+every 50 ms of simulated time: requests per second, errors per second, and the share of the
+window spent serving (``cpu_utilization``) over the window, through ``report_load``. A run
+lasts about a second, so it runs with no blackout and the shortest update period (0.1 s).
 
 Keys are byte strings ``b"key-<n>"`` with ``n`` drawn from ``random.Random(seed)`` (distinct);
 the routing hashes are lbclient's own (never Python's salted built-in hash), and every random
@@ -59,6 +65,7 @@ from lbclient import (
     Random,
     RoundRobin,
     SmoothRoundRobin,
+    WeightedRoundRobin,
 )
 from lbclient.backend import MAX_WEIGHT
 from lbclient.cli import COMMANDS
@@ -94,6 +101,8 @@ ALGORITHMS: dict[str, Callable[[int], AlgorithmLike]] = {
     "random": lambda seed: Random(seed),
     "leastrequest": lambda _seed: LeastRequest,
     "peakewma": lambda _seed: PeakEWMA,
+    "wrr": lambda seed: _wrr(seed),
+    "weightedroundrobin": lambda seed: _wrr(seed),
     "hash": lambda _seed: Hash,
     "fnv": lambda _seed: FNVHash,
     "consistent": lambda _seed: Consistent,
@@ -101,6 +110,16 @@ ALGORITHMS: dict[str, Callable[[int], AlgorithmLike]] = {
     "rendezvous": lambda _seed: Rendezvous,
     "libketama": lambda _seed: LibKetama,
 }
+
+
+def _wrr(seed: int) -> WeightedRoundRobin:
+    """WeightedRoundRobin for runs of about a second: weights count at once, and are
+    recomputed every 0.1 s; its sequence counter starts where ``seed`` says."""
+    return WeightedRoundRobin(
+        blackout_period=0.0, weight_update_period=0.1, random=random.Random(seed).random
+    )
+
+
 #: The algorithms whose choice is a function of the key (the others ignore it).
 KEYED = frozenset({"hash", "fnv", "consistent", "maglev", "rendezvous", "libketama"})
 #: Why "the keys that move" means nothing for the others.
@@ -117,7 +136,11 @@ UNKEYED_REASON = {
     "peakewma": "peakewma does not map keys to backends: each select takes the one of lower "
     "latency x (requests in flight + 1) of two backends sampled at random, whatever the key "
     "(with none measured and none in flight, as for the keys above, either one)",
+    "wrr": "wrr does not map keys to backends: each select takes the next backend in a weighted "
+    "round robin whose weights come from the load the backends report, whatever the key (with "
+    "no reports, as for the keys above, plain round robin)",
 }
+UNKEYED_REASON["weightedroundrobin"] = UNKEYED_REASON["wrr"].replace("wrr", "weightedroundrobin", 1)
 #: The algorithm every load run is compared with.
 BASELINE = "roundrobin"
 
@@ -281,6 +304,7 @@ FAST = 0.001  # seconds: the service time of a healthy backend
 SLOW = 0.010  # seconds: the slow backend's
 FAIL = 0.0001  # seconds: the failing backend's 503
 JITTER = 0.25  # every service time is within +/- this share of its nominal value
+REPORT_WINDOW = 0.05  # seconds: how often backends report load, for algorithms that read it
 
 
 @contextmanager
@@ -420,6 +444,12 @@ def simulate_load(
             heapq.heappush(events, (now + service, sent, now, backend, fails))
             sent += 1
 
+        reporting = bool(getattr(lb.algorithm, "load_reports", False))
+        window = 0.0  # when the current report window began
+        busy: dict[Backend, float] = {}  # seconds spent serving in the window
+        answered: Counter[Backend] = Counter()
+        errors: Counter[Backend] = Counter()
+
         for _ in range(min(clients, requests)):
             send(0.0)
         while events:
@@ -432,6 +462,13 @@ def simulate_load(
             served[backend] += 1
             failed[backend] += fails
             latencies.append(latency)
+            if reporting:
+                busy[backend] = busy.get(backend, 0.0) + latency
+                answered[backend] += 1
+                errors[backend] += fails
+                if done - window >= REPORT_WINDOW:
+                    _report(lb, done - window, busy, answered, errors)
+                    window = done
             if sent < requests:
                 send(done)
     latencies.sort()
@@ -453,6 +490,26 @@ def simulate_load(
         duration=clock.now,
         failures=sum(failed.values()),
     )
+
+
+def _report(
+    lb: LoadBalancer,
+    span: float,
+    busy: dict[Backend, float],
+    answered: Counter[Backend],
+    errors: Counter[Backend],
+) -> None:
+    """Each backend that answered reports its load over the last ``span`` seconds, as an ORCA
+    server would; the window's counts start over."""
+    for backend, count in answered.items():
+        lb.report_load(
+            backend,
+            f"TEXT rps_fractional={count / span:.6g}, eps={errors[backend] / span:.6g}, "
+            f"cpu_utilization={busy[backend] / span:.6g}",
+        )
+    busy.clear()
+    answered.clear()
+    errors.clear()
 
 
 def compare_load(

@@ -27,6 +27,7 @@ from lbclient.selection.weighted import (
     WeightedIterator,
     WeightedSelector,
 )
+from lbclient.selection.wrr import WeightedRoundRobin, WeightedRoundRobinSelector
 
 __all__ = [
     "Algorithm",
@@ -54,5 +55,7 @@ __all__ = [
     "UniqueIterator",
     "Weighted",
     "WeightedIterator",
+    "WeightedRoundRobin",
+    "WeightedRoundRobinSelector",
     "WeightedSelector",
 ]
