@@ -12,10 +12,6 @@ from cli_runs import leaves_no_process
 
 from lbclient.cli.bench.companion import CASES
 
-pytest.importorskip("uvicorn", reason="the benchmark needs uvicorn (the dev extra)")
-pytest.importorskip("gunicorn", reason="the benchmark needs gunicorn (the dev extra)")
-
-
 #: The shortest run: one round of 0.1 s per side and case.
 SMOKE = ("--seconds", "0.1", "--rounds", "1")
 

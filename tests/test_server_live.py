@@ -20,9 +20,6 @@ import pytest
 from lbclient.cli.bench.pyservers import start_gunicorn, start_uvicorn
 from lbclient.server import PROBE_PATH
 
-pytest.importorskip("uvicorn", reason="the live tests need uvicorn (the dev extra)")
-pytest.importorskip("gunicorn", reason="the live tests need gunicorn (the dev extra)")
-
 pytestmark = pytest.mark.slow
 
 HERE = Path(__file__).resolve().parent
