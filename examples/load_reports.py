@@ -99,12 +99,13 @@ try:
             report = backend.report
             if report is not None:
                 print(
-                    f"  {names[backend.backend.address]}: reported {report.rps_fractional:.0f} req/s "
+                    f"  {names[backend.backend.address]}: "
+                    f"reported {report.rps_fractional:.0f} req/s "
                     f"at utilization {report.application_utilization:.2f}, "
                     f"{report.rif:.0f} in flight"
                 )
 finally:
-    for _, server, thread in services:
+    for _, server, _ in services:
         server.should_exit = True
     for _, _, thread in services:
         thread.join(10)
