@@ -64,6 +64,7 @@ from lbclient.selection import (
     PeakEWMA,
     Rendezvous,
     SmoothRoundRobin,
+    WeightedRoundRobin,
 )
 from lbclient.selection.base import AlgorithmLike
 
@@ -141,6 +142,8 @@ ALGORITHMS: tuple[tuple[str, type], ...] = (
     ("LibKetama", LibKetama),
     ("LeastRequest", LeastRequest),
     ("PeakEWMA", PeakEWMA),
+    # Without load reports (none here) its picks are plain round robin.
+    ("WeightedRoundRobin", WeightedRoundRobin),
 )
 #: The algorithms whose select is O(backends), and the keys their 1,000-backend passes use.
 LINEAR_ALGORITHMS = ("Rendezvous",)
