@@ -357,11 +357,13 @@ class LoadBalancer:
         header: str | bytes | None,
         rif: str | None = None,
         latency_us: str | None = None,
+        backend: Backend | None = None,
     ) -> LoadReport | None:
         """Read a response's load report into ``load``: the ``endpoint-load-metrics``
         ``header``, else Prequal's headers (``rif``, ``latency_us``); stamped with the
         balancer's clock. A report that is refused is counted on the load, never raised;
-        None then, or when the response carried none."""
+        None then, or when the response carried none. A report kept is also told to the
+        current selector, as ``selector.reported(backend, report)`` if it has that method."""
         try:
             if header is not None:
                 report = parse_report(header, self._clock())
@@ -372,7 +374,12 @@ class LoadBalancer:
         except BadReport as bad:
             load.refuse(bad.reason)
             return None
-        return report if load.reported(report) else None
+        if not load.reported(report):
+            return None
+        tell = None if backend is None else getattr(self._view.selector, "reported", None)
+        if tell is not None:
+            tell(backend, report)
+        return report
 
     def report_load(
         self,
@@ -386,7 +393,15 @@ class LoadBalancer:
         value, or Prequal's ``x-prequal-rif`` and ``x-prequal-latency-us``), as a response or a
         probe brought it; what was kept, or None (refused and counted, or none given).
         ValueError if ``backend`` is not in the set."""
-        return self.read_report(self.load(backend), header, rif, latency_us)
+        view = self._view
+        found = require(view, backend)
+        return self.read_report(view.loads[found], header, rif, latency_us, found)
+
+    def probe_targets(self) -> list[Backend]:
+        """The backends to probe for one request, if the algorithm probes (Prequal): ready
+        ones only; none otherwise. Deciding only: the transports send the probes."""
+        ask = getattr(self._view.selector, "probes_for_request", None)
+        return [] if ask is None else list(ask(self.ready))
 
     def load(self, backend: Backend | str) -> Load:
         """The live load of ``backend``; ValueError if it is not in the set."""
