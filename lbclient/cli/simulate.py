@@ -56,6 +56,7 @@ from lbclient import (
     LeastRequest,
     LoadBalancer,
     PeakEWMA,
+    Prequal,
     Random,
     RoundRobin,
     SmoothRoundRobin,
@@ -94,6 +95,8 @@ ALGORITHMS: dict[str, Callable[[int], AlgorithmLike]] = {
     "random": lambda seed: Random(seed),
     "leastrequest": lambda _seed: LeastRequest,
     "peakewma": lambda _seed: PeakEWMA,
+    # No probes in the simulator: Prequal picks by its peak EWMA fallback.
+    "prequal": lambda seed: Prequal(random=random.Random(seed).random),
     "hash": lambda _seed: Hash,
     "fnv": lambda _seed: FNVHash,
     "consistent": lambda _seed: Consistent,
@@ -117,6 +120,8 @@ UNKEYED_REASON = {
     "peakewma": "peakewma does not map keys to backends: each select takes the one of lower "
     "latency x (requests in flight + 1) of two backends sampled at random, whatever the key "
     "(with none measured and none in flight, as for the keys above, either one)",
+    "prequal": "prequal does not map keys to backends: each select takes the coldest, fastest "
+    "backend its probes reported, whatever the key (here, with no probes, peak EWMA's pick)",
 }
 #: The algorithm every load run is compared with.
 BASELINE = "roundrobin"

@@ -345,15 +345,22 @@ class PrequalSelector:
             self._credit = max(credit - count, 0.0)
         if count == 0:
             return []
-        pool = list(self._backends)
-        if ready is not None:
-            pool = [b for b in pool if ready(b)]
+        # A lazy Fisher-Yates shuffle: draws cost O(count), and ``ready`` is asked of the drawn
+        # backends only (of all of them only when few are ready).
+        backends = self._backends
+        n = len(backends)
         draw = self._random
+        moved: dict[int, int] = {}
         picked: list[Backend] = []
-        while pool and len(picked) < count:
-            index = min(int(draw() * len(pool)), len(pool) - 1)
-            pool[index], pool[-1] = pool[-1], pool[index]
-            picked.append(pool.pop())
+        for i in range(n):
+            j = min(i + int(draw() * (n - i)), n - 1)
+            position = moved.get(j, j)
+            moved[j] = moved.get(i, i)
+            backend = backends[position]
+            if ready is None or ready(backend):
+                picked.append(backend)
+                if len(picked) == count:
+                    break
         return picked
 
     def pool(self) -> list[tuple[Backend, float, float, float, int]]:
