@@ -19,6 +19,7 @@ from lbclient.health import BackendHealth, HealthPolicy, HealthSnapshot, Outcome
 from lbclient.selection import FNVHash, Hash, Random, RoundRobin, SmoothRoundRobin
 from lbclient.selection.consistent import Consistent
 from lbclient.selection.loadaware import LeastRequest, PeakEWMA
+from lbclient.selection.prequal import Prequal
 from lbclient.selection.slow_start import SlowStart
 from lbclient.selection.wrr import WeightedRoundRobin
 
@@ -46,6 +47,7 @@ __all__ = [  # noqa: RUF022 (grouped by topic, not sorted)
     "LeastRequest",
     "PeakEWMA",
     "WeightedRoundRobin",
+    "Prequal",
     "SlowStart",
     "SmoothRoundRobin",
     # health

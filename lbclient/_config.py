@@ -13,6 +13,7 @@ attempt loop, or a retry or health rule (those are the plan's).
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping
@@ -23,6 +24,7 @@ import anyio
 from lbclient._ledger import Ledger
 from lbclient._observe import Observer, enlist, watched_plan
 from lbclient._plan import RequestPlan
+from lbclient._probes import Probes, probes_of
 from lbclient._redact import redact
 from lbclient._services import Services, services_of
 from lbclient.backend import Backend
@@ -141,6 +143,11 @@ class AdapterConfig(Generic[_R]):
         #: The header that asks every backend for a load report, or None (see
         #: :func:`asks_for`).
         self.asks = asks_for(load_reports, self.balancer)
+        #: The algorithm's load probes (Prequal), sent beside requests; None for the others.
+        #: The requests adapter's are sent with urllib3, the httpx transports' with httpcore.
+        self.probes: Probes | None = probes_of(
+            self.balancer, "urllib3" if name == "LBAdapter" else "httpcore"
+        )
         if key is not None and not callable(key):
             raise TypeError(f"key must be a function of the request, got {key!r}")
         self.key = key
@@ -321,12 +328,16 @@ class AdapterConfig(Generic[_R]):
             return started
 
     def stop_services(self) -> None:
-        """Stop the services this adapter started (others' keep running)."""
+        """Stop the services this adapter started (others' keep running), and its probes."""
+        if self.probes is not None:
+            self.probes.close()
         if self._stop() and self.services is not None:
             self.services.stop()
 
     async def astop_services(self) -> None:
-        """Stop the services this adapter started, awaiting their tasks."""
+        """Stop the services this adapter started, awaiting their tasks, and its probes."""
+        if self.probes is not None:
+            await self.probes.aclose()
         if self._stop() and self.services is not None:
             await self.services.astop()
 
@@ -403,8 +414,10 @@ class AdapterConfig(Generic[_R]):
         return plan, first
 
     def stats(self) -> RetryStats:
-        """Requests, retries, hedges and the retry budget's state, as of now."""
-        return self.ledger.stats(time.monotonic())
+        """Requests, retries, hedges, the retry budget's state and probes, as of now."""
+        stats = self.ledger.stats(time.monotonic())
+        probes = self.probes
+        return stats if probes is None else dataclasses.replace(stats, **probes.counts())
 
     def _why_none(self) -> str:
         snapshot = self.balancer.snapshot()

@@ -41,6 +41,8 @@ def run_sync(config: AdapterConfig[Any], wire: Wire[_R]) -> _R:
     if config.services_pending:
         config.start_services(wire)
     plan, first = config.start(wire)
+    if config.probes is not None:
+        config.probes.launch(config.services, wire.url)
     watch = plan.watch
     if watch is None:
         return drive_sync(plan, first, wire)
@@ -58,6 +60,8 @@ async def run_async(config: AdapterConfig[Any], wire: AsyncWire[_R]) -> _R:
     if config.services_pending:
         await config.astart_services(wire)
     plan, first = config.start(wire)
+    if config.probes is not None:
+        config.probes.alaunch(wire.url)
     watch = plan.watch
     if watch is None:
         return await drive_async(plan, first, wire)

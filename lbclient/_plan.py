@@ -360,7 +360,7 @@ class RequestPlan:
         values, None where missing) into its load; a bad one is counted there, never raised."""
         load = self._loads.get(backend)
         if load is not None and (header is not None or rif is not None or latency_us is not None):
-            self.balancer.read_report(load, header, rif, latency_us)
+            self.balancer.read_report(load, header, rif, latency_us, backend)
 
     def describe(self) -> str:
         """Every attempt, and why there was no other, for the message of the final error."""

@@ -30,7 +30,8 @@ from __future__ import annotations
 import concurrent.futures
 import math
 import threading
-from collections.abc import Sequence
+import weakref
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 from lbclient._background import Job, Runner, start_runner, wait_future
@@ -216,6 +217,18 @@ class Services:
             self.stop()
             raise
 
+    def submit(self, fn: Callable[[], Awaitable[object]]) -> bool:
+        """Start awaiting ``fn()`` once on the runner (a probe), without waiting for it;
+        whether it was taken (False while no runner runs, or one that cannot take it)."""
+        runner = self._runner
+        if runner is None:
+            return False
+        try:
+            runner.submit(fn)
+        except RuntimeError:  # a task runner, from another thread or loop
+            return False
+        return True
+
     def stop(self) -> None:
         """Remove a user; after the last, stop the runner: when this returns nothing more runs
         (tasks of a running loop are cancelled; prefer :meth:`astop` there)."""
@@ -242,11 +255,27 @@ def _timeout_of(discovery: object) -> float | None:
     return max(0.0, float(value))
 
 
+#: The services of balancers that have neither discovery nor check but whose algorithm probes
+#: (Prequal): their adapters' probes run on them, one runner per balancer.
+_PROBING: weakref.WeakKeyDictionary[LoadBalancer, Services] = weakref.WeakKeyDictionary()
+_PROBING_LOCK = threading.Lock()
+
+
 def services_of(balancer: LoadBalancer) -> Services | None:
     """The services of ``balancer`` (its discovery and active check), or None when it has
-    neither. The same object ``with balancer:`` starts, so users of both share one count."""
+    neither. The same object ``with balancer:`` starts, so users of both share one count. A
+    balancer with neither whose algorithm probes (it has a ``probe_path``) gets services with
+    no job, shared by its adapters, for their probes to run on."""
     services = balancer.services
-    return services if isinstance(services, Services) else None
+    if isinstance(services, Services):
+        return services
+    if services is not None or not isinstance(getattr(balancer.algorithm, "probe_path", None), str):
+        return None
+    with _PROBING_LOCK:
+        found = _PROBING.get(balancer)
+        if found is None:
+            found = _PROBING[balancer] = Services(balancer)
+        return found
 
 
 install_lifecycle(Services)

@@ -25,7 +25,6 @@ import random as _random
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from types import TracebackType
 from typing import Any, Final, Protocol
 
 from lbclient._book import HealthBook, OnChange
@@ -351,11 +350,21 @@ class LoadBalancer:
         load.observe(self._clock(), latency, failed, self._decay, hold)
 
     def read_report(
-        self, load: Load, header: str | bytes | None, rif: str | None, latency_us: str | None
+        self,
+        load: Load,
+        header: str | bytes | None,
+        rif: str | None = None,
+        latency_us: str | None = None,
+        backend: Backend | None = None,
     ) -> LoadReport | None:
         """Read a response's load report into ``load`` at the balancer's clock (see
-        :meth:`Load.read`)."""
-        return load.read(header, rif, latency_us, self._clock())
+        :meth:`Load.read`); one kept is also told to the current selector, as
+        ``selector.reported(backend, report)`` where it has that method."""
+        report = load.read(header, rif, latency_us, self._clock())
+        tell = None if backend is None else getattr(self._view.selector, "reported", None)
+        if report is not None and tell is not None:
+            tell(backend, report)
+        return report
 
     def report_load(
         self,
@@ -369,7 +378,15 @@ class LoadBalancer:
         value, or Prequal's ``x-prequal-rif`` and ``x-prequal-latency-us``), as a response or a
         probe brought it; what was kept, or None (refused and counted, or none given).
         ValueError if ``backend`` is not in the set."""
-        return self.read_report(self.load(backend), header, rif, latency_us)
+        view = self._view
+        found = require(view, backend)
+        return self.read_report(view.loads[found], header, rif, latency_us, found)
+
+    def probe_targets(self) -> list[Backend]:
+        """The backends to probe for one request, if the algorithm probes (Prequal): ready
+        ones only; none otherwise. Deciding only: the transports send the probes."""
+        ask = getattr(self._view.selector, "probes_for_request", None)
+        return [] if ask is None else list(ask(self.ready))
 
     def load(self, backend: Backend | str) -> Load:
         """The live load of ``backend``; ValueError if it is not in the set."""
@@ -517,23 +534,13 @@ class LoadBalancer:
     def __enter__(self) -> LoadBalancer:
         return self.start()
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *_exc: object) -> None:
         self.close()
 
     async def __aenter__(self) -> LoadBalancer:
         return await self.astart()
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *_exc: object) -> None:
         await self.aclose()
 
     def snapshot(self) -> HealthSnapshot:

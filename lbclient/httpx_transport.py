@@ -36,6 +36,7 @@ from lbclient._gate import GateClosed
 from lbclient._loop import run_async, run_sync
 from lbclient._plan import Fault, Timeouts
 from lbclient._pools import AsyncPools, pool_key, pool_options, stale_pools
+from lbclient._probes import use as use_options
 from lbclient._wire import ReportingBody, final_text, merge_headers
 from lbclient.backend import Backend
 from lbclient.balancer import LoadBalancer
@@ -314,6 +315,7 @@ class _Configured(Generic[_P, _T]):
         self._options = pool_options(
             verify, cert, trust_env, http1, http2, limits, local_address, socket_options
         )
+        use_options(self._config.probes, self._options)
         self._plain_options = {
             "verify": verify,
             "cert": cert,

@@ -256,6 +256,12 @@ class RetryStats:
     hedge_budget_remaining: float | None = None
     #: Hedges spent within the hedge budget's current window.
     hedge_budget_spent: int = 0
+    #: Load probes sent (Prequal), since it was made.
+    probes_sent: int = 0
+    #: Probes sent that brought no report (no connection, a timeout, a bad status or report).
+    probes_failed: int = 0
+    #: Probes not sent because too many were in flight (or no runner could take them).
+    probes_dropped: int = 0
 
 
 _OVERRIDABLE = ("max_attempts", "attempt_timeout", "deadline", "hedge_after")

@@ -62,6 +62,7 @@ from lbclient import (
     LeastRequest,
     LoadBalancer,
     PeakEWMA,
+    Prequal,
     Random,
     RoundRobin,
     SmoothRoundRobin,
@@ -103,6 +104,8 @@ ALGORITHMS: dict[str, Callable[[int], AlgorithmLike]] = {
     "peakewma": lambda _seed: PeakEWMA,
     "wrr": lambda seed: _wrr(seed),
     "weightedroundrobin": lambda seed: _wrr(seed),
+    # No probes in the simulator: Prequal picks by its peak EWMA fallback.
+    "prequal": lambda seed: Prequal(random=random.Random(seed).random),
     "hash": lambda _seed: Hash,
     "fnv": lambda _seed: FNVHash,
     "consistent": lambda _seed: Consistent,
@@ -139,6 +142,8 @@ UNKEYED_REASON = {
     "wrr": "wrr does not map keys to backends: each select takes the next backend in a weighted "
     "round robin whose weights come from the load the backends report, whatever the key (with "
     "no reports, as for the keys above, plain round robin)",
+    "prequal": "prequal does not map keys to backends: each select takes the coldest, fastest "
+    "backend its probes reported, whatever the key (here, with no probes, peak EWMA's pick)",
 }
 UNKEYED_REASON["weightedroundrobin"] = UNKEYED_REASON["wrr"].replace("wrr", "weightedroundrobin", 1)
 #: The algorithm every load run is compared with.

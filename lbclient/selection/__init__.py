@@ -15,6 +15,7 @@ from lbclient.selection.consistent import Consistent, ConsistentSelector
 from lbclient.selection.libketama import LibKetama, LibKetamaSelector
 from lbclient.selection.loadaware import LeastRequest, LoadAwareSelector, PeakEWMA
 from lbclient.selection.maglev import Maglev, MaglevSelector
+from lbclient.selection.prequal import Prequal, PrequalSelector
 from lbclient.selection.rendezvous import Rendezvous, RendezvousSelector
 from lbclient.selection.slow_start import SlowStart
 from lbclient.selection.smooth import SmoothRoundRobin, SmoothSelector
@@ -44,6 +45,8 @@ __all__ = [
     "Maglev",
     "MaglevSelector",
     "PeakEWMA",
+    "Prequal",
+    "PrequalSelector",
     "Random",
     "Rendezvous",
     "RendezvousSelector",

@@ -1,0 +1,347 @@
+"""Probes: Prequal's load probes, sent beside requests, never in their way.
+
+What lives here: :class:`Probes`, one per adapter whose balancer's algorithm probes (it has a
+``probe_path``: :class:`~lbclient.Prequal`). After a request's first backend is taken, the loop
+asks it to probe: it asks the balancer which backends (:meth:`LoadBalancer.probe_targets
+<lbclient.LoadBalancer.probe_targets>`: the algorithm's choice among the ready ones) and sends
+each ``GET <probe_path>`` with the logical ``Host`` and ``endpoint-load-metrics-format: TEXT``
+only (no header, cookie or credential of the caller's), within ``probe_timeout``; the reply's
+report (ORCA's ``endpoint-load-metrics``, or ``x-prequal-rif`` and ``x-prequal-latency-us``) is
+recorded with :meth:`LoadBalancer.report_load <lbclient.LoadBalancer.report_load>`, which feeds
+the algorithm's pool.
+
+* The async transport sends them as tasks of the running asyncio loop (none on trio: counted
+  as dropped), kept referenced and cancelled by ``aclose()``.
+* The sync transport and ``LBAdapter`` submit them to the balancer's runner (its services'
+  thread runner), where they run on its pool of workers.
+* At most :data:`MAX_PENDING` (sync) or :data:`MAX_TASKS` (async) are in flight at once; beyond,
+  a probe is dropped, not queued. After ``close()`` none is sent.
+* A probe that fails (no connection, a timeout, a status other than 2xx, no report header) is
+  counted
+  and nothing more: it is no request's failure, and it does not count against the backend's
+  passive health (a server without the probe path would otherwise be ejected for it).
+
+Counts (``probes_sent``, ``probes_failed``, ``probes_dropped``) are in the adapter's ``stats()``.
+
+What may not: a selection rule (the algorithm's), a health rule, or a thread of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import Awaitable, Callable
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+from lbclient.backend import Backend
+from lbclient.balancer import LoadBalancer
+from lbclient.reports import FORMAT_HEADER, PREQUAL_LATENCY_HEADER, PREQUAL_RIF_HEADER
+from lbclient.reports import REPORT_HEADER as _REPORT
+
+__all__ = ["MAX_PENDING", "MAX_TASKS", "Probes", "probes_of"]
+
+#: The most probes of a sync adapter in flight or waiting for a worker at once.
+MAX_PENDING: Final = 8
+#: The most probe tasks of an async transport at once.
+MAX_TASKS: Final = 64
+
+#: What a probe's reply says: its status, then its ORCA header, RIF and latency headers.
+Reply = tuple[int, str | None, str | None, str | None]
+
+
+def _origin(url: object) -> tuple[str, str]:
+    parts = urlsplit(str(url))
+    return parts.scheme or "http", parts.netloc
+
+
+def _host(backend: Backend) -> str:
+    host = backend.host
+    return host[1:-1] if host.startswith("[") else host
+
+
+class Probes:
+    """The probes of one adapter over ``balancer``; ``kind`` names how they are sent
+    (``"httpcore"``, ``"httpcore-async"``, ``"urllib3"``), ``options`` the pool's settings."""
+
+    def __init__(
+        self, balancer: LoadBalancer, kind: str = "", options: dict[str, Any] | None = None
+    ) -> None:
+        self.balancer = balancer
+        algorithm = balancer.algorithm
+        self.path: str = algorithm.probe_path  # type: ignore[attr-defined]
+        self.timeout: float = algorithm.probe_timeout  # type: ignore[attr-defined]
+        self.kind = kind
+        self._options = options or {}
+        self.sent = self.failed = self.dropped = 0
+        self._pending = 0
+        self._lock = threading.Lock()
+        self._closed = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._pool: Any = None
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Probes, (self.balancer, self.kind))
+
+    def counts(self) -> dict[str, int]:
+        """Probes sent, failed (of those sent) and dropped (never sent), so far."""
+        with self._lock:
+            return {
+                "probes_sent": self.sent,
+                "probes_failed": self.failed,
+                "probes_dropped": self.dropped,
+            }
+
+    def _claim(self, bound: int) -> bool:
+        with self._lock:
+            if self._closed or self._pending >= bound:
+                self.dropped += 0 if self._closed else 1
+                return False
+            self._pending += 1
+            return True
+
+    def _begin(self) -> bool:
+        """A probe is about to be sent: whether it may (not after close)."""
+        with self._lock:
+            if self._closed:
+                self._pending -= 1
+                return False
+            self.sent += 1
+            return True
+
+    def _end(self, ok: bool) -> None:
+        with self._lock:
+            self._pending -= 1
+            self.failed += not ok
+
+    def _read(self, backend: Backend, reply: Reply) -> bool:
+        status, header, rif, latency = reply
+        if not 200 <= status < 300 or (header is None and rif is None and latency is None):
+            return False
+        # A report refused (malformed, or older than one kept) is counted on the backend's load.
+        with contextlib.suppress(ValueError):  # it left the set meanwhile
+            self.balancer.report_load(backend, header, rif=rif, latency_us=latency)
+        return True
+
+    # -- sync: on the balancer's runner ---------------------------------------------------
+
+    def launch(self, services: Any, url: object) -> None:
+        """Probe for one request of a sync adapter, on ``services``' runner."""
+        if self._closed or services is None:
+            return
+        targets = self.balancer.probe_targets()
+        if not targets:
+            return
+        scheme, netloc = _origin(url)
+        for backend in targets:
+            if not self._claim(MAX_PENDING):
+                continue
+
+            def job(backend: Backend = backend) -> Awaitable[None]:
+                return asyncio.to_thread(self._probe, scheme, netloc, backend)
+
+            if not services.submit(job):
+                with self._lock:
+                    self._pending -= 1
+                    self.dropped += 1
+
+    def _probe(self, scheme: str, netloc: str, backend: Backend) -> None:
+        if not self._begin():
+            return
+        ok = False
+        try:
+            send = _SYNC[self.kind]
+            ok = self._read(backend, send(self, scheme, netloc, backend))
+        except Exception:
+            ok = False
+        finally:
+            self._end(ok)
+
+    # -- async: tasks of the running loop ---------------------------------------------------
+
+    def alaunch(self, url: object) -> None:
+        """Probe for one request of the async transport, as tasks of the running loop."""
+        if self._closed:
+            return
+        targets = self.balancer.probe_targets()
+        if not targets:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # trio: no fire-and-forget task without a nursery
+            with self._lock:
+                self.dropped += len(targets)
+            return
+        scheme, netloc = _origin(url)
+        for backend in targets:
+            if self._claim(MAX_TASKS):
+                task = loop.create_task(self._aprobe(scheme, netloc, backend))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+    async def _aprobe(self, scheme: str, netloc: str, backend: Backend) -> None:
+        if not self._begin():
+            return
+        ok = False
+        try:
+            ok = self._read(backend, await _httpcore_async(self, scheme, netloc, backend))
+        except Exception:
+            ok = False
+        finally:
+            self._end(ok)
+
+    # -- the end ------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """No probe is sent from now on; a sync pool is closed, tasks are cancelled."""
+        with self._lock:
+            self._closed = True
+            pool, self._pool = self._pool, None
+        for task in list(self._tasks):
+            task.cancel()
+        if pool is not None and hasattr(pool, "clear"):  # urllib3
+            pool.clear()
+        elif pool is not None and not hasattr(pool, "aclose"):
+            pool.close()
+
+    async def aclose(self) -> None:
+        """:meth:`close`, awaiting the cancelled tasks and closing the async pool."""
+        with self._lock:
+            self._closed = True
+            pool, self._pool = self._pool, None
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if pool is not None:
+            await pool.aclose()
+
+
+def probes_of(balancer: LoadBalancer, kind: str) -> Probes | None:
+    """The probes of an adapter over ``balancer``, sent the way ``kind`` names (``"httpcore"``,
+    ``"urllib3"``): None unless its algorithm probes."""
+    if not isinstance(getattr(balancer.algorithm, "probe_path", None), str):
+        return None
+    return Probes(balancer, kind)
+
+
+def use(probes: Probes | None, options: dict[str, Any]) -> None:
+    """Have ``probes`` (an httpx transport's, if any) use its pools' TLS and socket settings."""
+    if probes is not None:
+        probes._options = options
+
+
+# -- the senders ----------------------------------------------------------------------------
+
+
+def _find(headers: list[tuple[bytes, bytes]], name: bytes) -> str | None:
+    for key, value in headers:
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return None
+
+
+def _httpcore_request(scheme: str, netloc: str, backend: Backend, path: str, timeout: float) -> Any:
+    import httpcore
+
+    extensions: dict[str, Any] = {
+        "timeout": {"connect": timeout, "read": timeout, "write": timeout, "pool": timeout}
+    }
+    if scheme == "https":
+        extensions["sni_hostname"] = urlsplit(f"//{netloc}").hostname or netloc
+    return httpcore.Request(
+        "GET",
+        httpcore.URL(
+            scheme=scheme.encode("ascii"),
+            host=_host(backend).encode("ascii"),
+            port=backend.port,
+            target=path.encode("ascii"),
+        ),
+        headers=[(b"Host", netloc.encode("latin-1")), (FORMAT_HEADER.encode(), b"TEXT")],
+        extensions=extensions,
+    )
+
+
+def _reply(status: int, headers: list[tuple[bytes, bytes]]) -> Reply:
+    return (
+        status,
+        _find(headers, _REPORT.encode()),
+        _find(headers, PREQUAL_RIF_HEADER.encode()),
+        _find(headers, PREQUAL_LATENCY_HEADER.encode()),
+    )
+
+
+def _pool_options(options: dict[str, Any]) -> dict[str, Any]:
+    keep = ("ssl_context", "http1", "http2", "local_address", "socket_options")
+    return {k: options[k] for k in keep if k in options} | {"retries": 0, "max_connections": 16}
+
+
+def _httpcore_sync(
+    probes: Probes, scheme: str, netloc: str, backend: Backend
+) -> Reply:  # pragma: no cover - a thread's
+    import httpcore
+
+    with probes._lock:
+        pool = probes._pool
+        if pool is None:
+            pool = probes._pool = httpcore.ConnectionPool(**_pool_options(probes._options))
+    request = _httpcore_request(scheme, netloc, backend, probes.path, probes.timeout)
+    response = pool.handle_request(request)
+    try:
+        response.read()
+    finally:
+        response.close()
+    return _reply(response.status, response.headers)
+
+
+async def _httpcore_async(probes: Probes, scheme: str, netloc: str, backend: Backend) -> Reply:
+    import httpcore
+
+    pool = probes._pool
+    if pool is None:
+        pool = probes._pool = httpcore.AsyncConnectionPool(**_pool_options(probes._options))
+    request = _httpcore_request(scheme, netloc, backend, probes.path, probes.timeout)
+    response = await pool.handle_async_request(request)
+    try:
+        await response.aread()
+    finally:
+        await response.aclose()
+    return _reply(response.status, response.headers)
+
+
+def _urllib3_sync(
+    probes: Probes, scheme: str, netloc: str, backend: Backend
+) -> Reply:  # pragma: no cover - a thread's
+    import urllib3
+
+    with probes._lock:
+        manager = probes._pool
+        if manager is None:
+            manager = probes._pool = urllib3.PoolManager(num_pools=64, retries=False)
+    host = urlsplit(f"//{netloc}").hostname or netloc
+    extra = {"server_hostname": host, "assert_hostname": host} if scheme == "https" else None
+    pool = manager.connection_from_host(_host(backend), backend.port, scheme, extra)
+    response = pool.urlopen(
+        "GET",
+        probes.path,
+        headers={"Host": netloc, FORMAT_HEADER: "TEXT"},
+        retries=False,
+        redirect=False,
+        assert_same_host=False,
+        timeout=urllib3.Timeout(connect=probes.timeout, read=probes.timeout),
+    )
+    headers = response.headers
+    return (
+        response.status,
+        headers.get(_REPORT),
+        headers.get(PREQUAL_RIF_HEADER),
+        headers.get(PREQUAL_LATENCY_HEADER),
+    )
+
+
+_SYNC: Final[dict[str, Callable[[Probes, str, str, Backend], Reply]]] = {
+    "httpcore": _httpcore_sync,
+    "urllib3": _urllib3_sync,
+}

@@ -1,0 +1,374 @@
+"""Prequal (Wydrowski, Kleinberg, Rumble, Archer, NSDI 2024, "Load is not what you should
+balance"): the hot-cold lexicographic rule over a pool of recent load reports.
+
+Each backend's report (:class:`~lbclient.reports.LoadReport`) gives its requests in flight
+(RIF: ``named_metrics.rif`` of ORCA's ``endpoint-load-metrics``, or ``x-prequal-rif``) and its
+latency estimate (``named_metrics.latency_ms``, or ``x-prequal-latency-us``). Reports enter a
+pool of at most ``pool_size`` entries, one per backend (a newer report of a backend replaces its
+entry), whether a probe brought them or an ordinary response did: the balancer tells the
+selector of every report it keeps (:meth:`PrequalSelector.reported`). A report without a RIF is
+not pooled.
+
+A pick, while the pool holds at least two entries (none older than ``max_age``):
+
+* ``threshold`` = the ``q_rif`` quantile (nearest rank) of the last :data:`RIF_WINDOW` RIFs
+  reported; an entry is cold when its RIF <= threshold, hot otherwise;
+* any cold entry: the cold one with the lowest latency (a report without latency ranks last);
+  all hot: the one with the lowest RIF;
+* the entry picked spends one use of its reuse budget (``reuse``) and leaves when it has none;
+  then one more entry leaves, alternately the oldest and the worst (the one the rule would
+  pick last), unless that would leave fewer than two (so a pool fed slowly, by responses
+  alone, keeps a choice).
+
+With fewer than two entries, the pick is peak EWMA's (:class:`~lbclient.PeakEWMA`) power of
+two choices, over the live load the balancer attaches: a backend that never reported, or a
+pool too thin to compare, falls back to peak EWMA's cost. The fallback order for retries is the
+pool's entries by the rule, then every other backend by peak EWMA's cost; walking it spends
+nothing.
+
+Probes are decided here and sent elsewhere (the transports, through the balancer's
+:meth:`~lbclient.LoadBalancer.probe_targets`): :meth:`PrequalSelector.probes_for_request` says
+which backends to probe for one request, ``r_probe`` per request on average by a deterministic
+accumulator (0.5: one probe every other request), drawn at random without replacement among the
+backends that may be chosen.
+
+Thread safety: a pick changes the pool, so the pool, the window and the accumulator are changed
+under one small lock of the selector (held for a few microseconds, never around I/O); a pick
+always returns one of the selector's backends, or None when it has none.
+"""
+
+from __future__ import annotations
+
+import math
+import random as _random
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Final
+
+from lbclient._load import Load
+from lbclient.backend import Backend
+from lbclient.reports import LoadReport
+from lbclient.selection.base import Change, Key, Selector, buildmethod, prepare_backends
+from lbclient.selection.loadaware import UNMEASURED, _positive
+
+__all__ = ["RIF_WINDOW", "Prequal", "PrequalSelector"]
+
+#: How many recent RIFs the hot-cold threshold is the quantile of.
+RIF_WINDOW: Final = 64
+#: The largest default reuse budget (``reuse=None`` with ``r_probe=0``, or a tiny rate).
+MAX_REUSE: Final = 16
+#: Seconds: the time constant of the peak EWMA fallback.
+DECAY: Final = 10.0
+
+_IDLE: Final = Load()
+
+
+def default_reuse(r_probe: float) -> int:
+    """The reuse budget derived from the probe rate: each request spends one use and removes
+    one entry, so ``r_probe`` new entries per request must bring two uses: ``ceil(2 / r_probe)``,
+    between 1 and :data:`MAX_REUSE` (which ``r_probe=0`` gets)."""
+    if r_probe <= 0:
+        return MAX_REUSE
+    return max(1, min(MAX_REUSE, math.ceil(2.0 / r_probe)))
+
+
+class Prequal:
+    """Prequal's hot-cold lexicographic rule over a pool of probed and reported load.
+
+    * ``r_probe``: probes per request, on average (3.0, the paper's); fractional values send
+      one every ``1 / r_probe`` requests; 0: no probes (the servers report on every response).
+    * ``pool_size``: the most entries the pool holds (16).
+    * ``max_age``: seconds an entry is used for (1.0).
+    * ``q_rif``: the RIF quantile above which a backend is hot (0.84, the paper's; prequal-rs
+      uses 0.6, which it found herds less at high load: lower it when most backends run hot).
+    * ``reuse``: how many picks one entry serves at most (None: :func:`default_reuse` of
+      ``r_probe``: 1 at the default rate).
+    * ``probe_path``: the path probes ask, ``GET`` (``/.lbclient/load``, what
+      :mod:`lbclient.server` answers).
+    * ``probe_timeout``: seconds a probe may take (1.0); a slower one is dropped and counted.
+    * ``random``: returns a float in [0, 1): draws the probes' backends and the fallback's
+      choices (``random.random``); inject a seeded one to make them repeatable.
+    """
+
+    #: The transports ask every backend for a load report by default.
+    load_reports = True
+    #: The time constant of the live load's estimate (the fallback's).
+    decay = DECAY
+
+    def __init__(
+        self,
+        r_probe: float = 3.0,
+        *,
+        pool_size: int = 16,
+        max_age: float = 1.0,
+        q_rif: float = 0.84,
+        reuse: int | None = None,
+        probe_path: str = "/.lbclient/load",
+        probe_timeout: float = 1.0,
+        random: Callable[[], float] | None = None,
+    ) -> None:
+        self.r_probe = _positive("r_probe", r_probe, zero=True)
+        if isinstance(pool_size, bool) or not isinstance(pool_size, int) or pool_size < 2:
+            raise ValueError(f"pool_size must be an int >= 2, got {pool_size!r}")
+        self.pool_size = pool_size
+        self.max_age = _positive("max_age", max_age)
+        q = _positive("q_rif", q_rif)
+        if q > 1.0:
+            raise ValueError(f"q_rif must be in (0, 1], got {q_rif!r}")
+        self.q_rif = q
+        if reuse is not None and (
+            isinstance(reuse, bool) or not isinstance(reuse, int) or reuse < 1
+        ):
+            raise ValueError(f"reuse must be an int >= 1 or None, got {reuse!r}")
+        self.reuse = default_reuse(self.r_probe) if reuse is None else reuse
+        if not isinstance(probe_path, str) or not probe_path.startswith("/"):
+            raise ValueError(f"probe_path must be a path starting with '/', got {probe_path!r}")
+        self.probe_path = probe_path
+        self.probe_timeout = _positive("probe_timeout", probe_timeout)
+        if random is not None and not callable(random):
+            raise TypeError(f"random must be callable, got {random!r}")
+        self.random = random
+
+    @buildmethod
+    def build(self, backends: Iterable[Backend | str]) -> PrequalSelector:
+        """Build a selector over ``backends`` (sorted and de-duplicated first)."""
+        return PrequalSelector(prepare_backends(backends), self)
+
+    def rebuild(
+        self,
+        previous: Selector | None,
+        backends: tuple[Backend, ...],
+        change: Change | None = None,
+    ) -> PrequalSelector:
+        """The selector over ``backends``; the pool's entries of backends that stay, the RIF
+        window and the probe accumulator carry over from ``previous``."""
+        selector = PrequalSelector(backends, self)
+        if isinstance(previous, PrequalSelector):
+            selector.carry(previous)
+        return selector
+
+    def __repr__(self) -> str:
+        return (
+            f"Prequal(r_probe={self.r_probe:g}, pool_size={self.pool_size}, "
+            f"max_age={self.max_age:g}, q_rif={self.q_rif:g}, reuse={self.reuse})"
+        )
+
+
+class _Entry:
+    """One pooled report: the backend, its RIF and latency, when it came, uses left."""
+
+    __slots__ = ("at", "backend", "latency", "rif", "uses")
+
+    def __init__(self, backend: Backend, rif: float, latency: float, at: float, uses: int) -> None:
+        self.backend = backend
+        self.rif = rif
+        self.latency = latency
+        self.at = at
+        self.uses = uses
+
+
+class PrequalSelector:
+    """A built Prequal selection over a fixed, sorted set of backends (see the module)."""
+
+    def __init__(self, backends: tuple[Backend, ...], algorithm: Prequal) -> None:
+        self._backends = backends
+        self._members = frozenset(backends)
+        self._algorithm = algorithm
+        self._random: Callable[[], float] = algorithm.random or _random.random
+        self._loads: Mapping[Backend, Load] = {}
+        self._clock: Callable[[], float] = time.monotonic
+        self._lock = threading.Lock()
+        #: The pool, by backend, in arrival order (the oldest first).
+        self._pool: dict[Backend, _Entry] = {}
+        self._window: deque[float] = deque(maxlen=RIF_WINDOW)
+        #: Probes owed: ``r_probe`` is added per request, whole probes are taken out.
+        self._credit = 0.0
+        #: Whether the next removal takes the oldest entry (else the worst).
+        self._oldest_next = True
+
+    def attach(
+        self, loads: Mapping[Backend, Load], clock: Callable[[], float], total: object = None
+    ) -> None:
+        """Read the live load (for the fallback) from ``loads`` at ``clock`` time."""
+        self._loads = loads
+        self._clock = clock
+
+    def carry(self, previous: PrequalSelector) -> None:
+        """Take over ``previous``'s pool (its backends still in this set), window and credit."""
+        with previous._lock:
+            members = self._members
+            self._pool = {b: e for b, e in previous._pool.items() if b in members}
+            self._window = deque(previous._window, maxlen=RIF_WINDOW)
+            self._credit = previous._credit
+            self._oldest_next = previous._oldest_next
+
+    @property
+    def backends(self) -> tuple[Backend, ...]:
+        """The backends in sorted order."""
+        return self._backends
+
+    def __len__(self) -> int:
+        return len(self._backends)
+
+    # -- what feeds the pool --------------------------------------------------------------
+
+    def reported(self, backend: Backend, report: LoadReport) -> None:
+        """A report of ``backend`` was kept (a probe's or a response's): pool it, if it has a
+        RIF and the backend is one of this set."""
+        rif = report.rif
+        if rif is None or backend not in self._members:
+            return
+        latency = math.inf if report.latency is None else report.latency
+        algorithm = self._algorithm
+        with self._lock:
+            pool = self._pool
+            pool.pop(backend, None)  # a newer report replaces it, at the young end
+            while len(pool) >= algorithm.pool_size:
+                del pool[next(iter(pool))]
+            pool[backend] = _Entry(backend, rif, latency, report.at, algorithm.reuse)
+            self._window.append(rif)
+
+    def threshold(self) -> float:
+        """The RIF at or below which an entry is cold: the ``q_rif`` quantile (nearest rank)
+        of the recent RIFs (infinite before any)."""
+        window = sorted(self._window)
+        if not window:
+            return math.inf
+        rank = math.ceil(self._algorithm.q_rif * len(window))
+        return window[min(max(rank, 1), len(window)) - 1]
+
+    def _fresh(self, now: float) -> list[_Entry]:
+        """The pool's entries, oldest first, those older than ``max_age`` dropped (lock held)."""
+        pool = self._pool
+        limit = self._algorithm.max_age
+        for backend in [b for b, e in pool.items() if now - e.at > limit]:
+            del pool[backend]
+        return list(pool.values())
+
+    @staticmethod
+    def _rank(threshold: float) -> Callable[[_Entry], tuple[int, float, float]]:
+        """The rule's order (best first): cold by latency, then hot by RIF."""
+
+        def rank(entry: _Entry) -> tuple[int, float, float]:
+            if entry.rif <= threshold:
+                return (0, entry.latency, entry.rif)
+            return (1, entry.rif, entry.latency)
+
+        return rank
+
+    # -- picking ----------------------------------------------------------------------------
+
+    def first(self, key: Key = b"") -> Backend | None:
+        """The rule's pick from the pool (spending one use and removing one entry), or peak
+        EWMA's with fewer than two entries; the key is ignored."""
+        backends = self._backends
+        if len(backends) <= 1:
+            return backends[0] if backends else None
+        now = self._clock()
+        with self._lock:
+            entries = self._fresh(now)
+            if len(entries) >= 2:
+                rank = self._rank(self.threshold())
+                best = min(entries, key=rank)
+                best.uses -= 1
+                pool = self._pool
+                if best.uses <= 0:
+                    del pool[best.backend]
+                if len(pool) > 2:
+                    rest = list(pool.values())
+                    gone = rest[0] if self._oldest_next else max(rest, key=rank)
+                    del pool[gone.backend]
+                    self._oldest_next = not self._oldest_next
+                return best.backend
+        return self._fallback(now)
+
+    def cost(self, backend: Backend, now: float) -> float:
+        """Peak EWMA's cost of ``backend`` at clock value ``now`` (lower is better)."""
+        load = self._loads.get(backend, _IDLE)
+        in_flight = load.in_flight
+        extra = load.penalty_at(now, DECAY)
+        estimate = load.estimate_at(now, DECAY)
+        if estimate is None:
+            cost = extra if in_flight == 0 else UNMEASURED * in_flight + extra
+        else:
+            cost = (estimate + extra) * (in_flight + 1)
+        return cost / backend.weight
+
+    def _fallback(self, now: float) -> Backend:
+        """Peak EWMA's power of two choices, drawn from the injected random source."""
+        backends = self._backends
+        n = len(backends)
+        draw = self._random
+        first = min(int(draw() * n), n - 1)
+        second = min(int(draw() * (n - 1)), n - 2)
+        second += second >= first
+        a, b = backends[first], backends[second]
+        return b if self.cost(b, now) < self.cost(a, now) else a
+
+    def ranked(self, exclude: Backend | None = None) -> list[Backend]:
+        """Every backend but ``exclude``: the pool's by the rule, then the rest by peak EWMA's
+        cost; spends nothing."""
+        now = self._clock()
+        with self._lock:
+            entries = [e for e in self._pool.values() if now - e.at <= self._algorithm.max_age]
+            threshold = self.threshold()
+        pooled = [e.backend for e in sorted(entries, key=self._rank(threshold))]
+        seen = set(pooled)
+        rest = sorted((b for b in self._backends if b not in seen), key=lambda b: self.cost(b, now))
+        return [b for b in (*pooled, *rest) if b != exclude]
+
+    def iter(self, key: Key = b"") -> Iterator[Backend]:
+        """The first pick, then every other backend in :meth:`ranked` order."""
+        first = self.first(key)
+        if first is None:
+            return iter(())
+        return _then(first, self.ranked)
+
+    def iter_after(self, key: Key, first: Backend) -> Iterator[Backend]:
+        """The fallback order after a first pick taken elsewhere."""
+        return iter(self.ranked(first))
+
+    # -- probes -----------------------------------------------------------------------------
+
+    def probes_for_request(self, ready: Callable[[Backend], bool] | None = None) -> list[Backend]:
+        """The backends to probe for one request: ``r_probe`` on average (the whole probes
+        owed so far), drawn at random without replacement among those ``ready`` accepts (all
+        with None). Probes owed and not sent for want of ready backends are forgiven."""
+        rate = self._algorithm.r_probe
+        if rate <= 0.0 or not self._backends:
+            return []
+        with self._lock:
+            credit = self._credit + rate
+            count = int(credit + 1e-9)
+            self._credit = max(credit - count, 0.0)
+        if count == 0:
+            return []
+        # A lazy Fisher-Yates shuffle: draws cost O(count), and ``ready`` is asked of the drawn
+        # backends only (of all of them only when few are ready).
+        backends = self._backends
+        n = len(backends)
+        draw = self._random
+        moved: dict[int, int] = {}
+        picked: list[Backend] = []
+        for i in range(n):
+            j = min(i + int(draw() * (n - i)), n - 1)
+            position = moved.get(j, j)
+            moved[j] = moved.get(i, i)
+            backend = backends[position]
+            if ready is None or ready(backend):
+                picked.append(backend)
+                if len(picked) == count:
+                    break
+        return picked
+
+    def pool(self) -> list[tuple[Backend, float, float, float, int]]:
+        """The pool as it stands: (backend, RIF, latency, at, uses left), oldest first."""
+        with self._lock:
+            return [(e.backend, e.rif, e.latency, e.at, e.uses) for e in self._pool.values()]
+
+
+def _then(first: Backend, rank: Callable[[Backend], list[Backend]]) -> Iterator[Backend]:
+    yield first
+    yield from rank(first)

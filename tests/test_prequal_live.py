@@ -1,0 +1,195 @@
+"""Prequal's probes through real clients and real servers: both httpx transports and LBAdapter
+probe beside requests (counted, without the caller's headers), route by what the probes bring,
+send none when the responses carry the reports (``r_probe=0``), none when nothing is sent, and
+none after closing."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Iterator
+
+import anyio
+import httpx
+import pytest
+import requests
+
+from lbclient import AsyncLBTransport, LBAdapter, LBTransport, LoadBalancer, Prequal
+from lbclient.testing import Exchange, TestServer
+
+PATH = "/.lbclient/load"
+
+
+def answering(exchange: Exchange) -> bool:
+    """The probe path answers with the RIF given as the mode's arg (Prequal's headers); any
+    other path answers ``ok``, with the same report when the mode's arg ends in ``+``."""
+    arg = exchange.arg or "1"
+    rif = arg.rstrip("+")
+    report = {"x-prequal-rif": rif, "x-prequal-latency-us": "500"}
+    if exchange.request.target.startswith(PATH):
+        return exchange.respond(200, b"", report)
+    return exchange.respond(200, b"ok", report if arg.endswith("+") else {})
+
+
+def orca(exchange: Exchange) -> bool:
+    if exchange.request.target.startswith(PATH):
+        header = f"TEXT named_metrics.rif={exchange.arg}, named_metrics.latency_ms=0.5"
+        return exchange.respond(200, b"", {"endpoint-load-metrics": header})
+    return exchange.respond(200, b"ok")
+
+
+@pytest.fixture
+def servers() -> Iterator[list[TestServer]]:
+    started = [
+        TestServer("probe:1", behaviours={"probe": answering, "orca": orca}).start()
+        for _ in range(3)
+    ]
+    yield started
+    for server in started:
+        server.kill()
+
+
+def probes(server: TestServer) -> list[dict[str, str]]:
+    return [r.headers for r in server.requests if r.target.startswith(PATH)]
+
+
+def served(server: TestServer) -> int:
+    return sum(not r.target.startswith(PATH) for r in server.requests)
+
+
+def read(balancer: LoadBalancer) -> int:
+    """Reports read so far (kept, or refused as older than the one kept)."""
+    loads = [balancer.load(b) for b in balancer.backends]
+    return sum(load.reports + sum(load.refused.values()) for load in loads)
+
+
+def wait_for(condition: Callable[[], bool]) -> None:
+    """Until ``condition()`` holds (probes end in the background); a bound, not a measure."""
+    for _ in range(500):
+        if condition():
+            return
+        time.sleep(0.01)
+    raise AssertionError("the probes never came")
+
+
+def balancer_of(servers: list[TestServer], **options: object) -> LoadBalancer:
+    algorithm = Prequal(random=random.Random(11).random, **options)  # type: ignore[arg-type]
+    return LoadBalancer([s.address for s in servers], algorithm)
+
+
+def test_lbtransport_probes_without_the_callers_headers(servers: list[TestServer]) -> None:
+    balancer = balancer_of(servers, r_probe=2)
+    transport = LBTransport(balancer)
+    client = httpx.Client(transport=transport, headers={"x-secret": "s3"}, cookies={"c": "1"})
+    with client:
+        for _ in range(5):
+            assert client.get("http://users/").text == "ok"
+        wait_for(lambda: transport.stats().probes_sent == 10)
+        wait_for(lambda: read(balancer) == 10)
+    stats = transport.stats()
+    assert (stats.probes_sent, stats.probes_failed, stats.probes_dropped) == (10, 0, 0)
+    for server in servers:
+        for headers in probes(server):
+            assert "x-secret" not in headers
+            assert "cookie" not in headers
+            assert headers["endpoint-load-metrics-format"] == "TEXT"
+            assert headers["host"] == "users"
+        assert all(r.headers.get("x-secret") == "s3" for r in server.requests if r.target == "/")
+
+
+def test_routing_follows_the_probed_rif(servers: list[TestServer]) -> None:
+    busy, *idle = servers
+    busy.mode = "orca:50"
+    for server in idle:
+        server.mode = "orca:1"
+    balancer = balancer_of(servers, r_probe=3, reuse=4, max_age=60.0)
+    transport = LBTransport(balancer)
+    with httpx.Client(transport=transport) as client:
+        client.get("http://users/")
+        wait_for(lambda: transport.stats().probes_sent >= 3)
+        wait_for(lambda: all(b.report is not None for b in balancer.snapshot().backends))
+        for _ in range(30):
+            client.get("http://users/")
+    assert served(busy) < min(served(s) for s in idle)
+    assert served(busy) <= 3
+
+
+def test_the_async_transport_probes_as_tasks(servers: list[TestServer]) -> None:
+    balancer = balancer_of(servers, r_probe=1)
+
+    async def main() -> tuple[int, int]:
+        transport = AsyncLBTransport(balancer)
+        async with httpx.AsyncClient(transport=transport, headers={"x-secret": "s3"}) as client:
+            for _ in range(4):
+                assert (await client.get("http://users/")).text == "ok"
+            for _ in range(200):
+                if transport.stats().probes_sent == 4 and read(balancer) == 4:
+                    break
+                await anyio.sleep(0.01)
+        after = transport.stats().probes_sent
+        return after, transport.stats().probes_failed
+
+    sent, failed = anyio.run(main)
+    assert (sent, failed) == (4, 0)
+    assert sum(len(probes(s)) for s in servers) == 4
+    assert all("x-secret" not in h for s in servers for h in probes(s))
+
+
+def test_lbadapter_probes_from_the_runner(servers: list[TestServer]) -> None:
+    balancer = balancer_of(servers, r_probe=0.5)
+    adapter = LBAdapter(balancer)
+    with requests.Session() as session:
+        session.headers["Authorization"] = "Bearer t"
+        session.mount("http://users/", adapter)
+        for _ in range(6):
+            assert session.get("http://users/").text == "ok"
+        wait_for(lambda: adapter.stats().probes_sent == 3)
+        wait_for(lambda: read(balancer) == 3)
+    assert adapter.stats().probes_failed == 0
+    assert all("authorization" not in h for s in servers for h in probes(s))
+    reports = [b.report for b in balancer.snapshot().backends if b.report is not None]
+    assert reports
+    assert all(r.rif == 1.0 for r in reports)
+
+
+def test_reports_on_responses_need_no_probes(servers: list[TestServer]) -> None:
+    for server in servers:
+        server.mode = "probe:2+"
+    balancer = balancer_of(servers, r_probe=0)
+    transport = LBTransport(balancer)
+    with httpx.Client(transport=transport) as client:
+        for _ in range(6):
+            client.get("http://users/")
+    assert transport.stats().probes_sent == 0
+    assert all(probes(s) == [] for s in servers)
+    assert any(b.report is not None and b.report.rif == 2.0 for b in balancer.snapshot().backends)
+
+
+def test_nothing_sent_no_probes_and_none_after_close(servers: list[TestServer]) -> None:
+    balancer = balancer_of(servers, r_probe=3)
+    transport = LBTransport(balancer)
+    client = httpx.Client(transport=transport)
+    time.sleep(0.05)
+    assert transport.stats().probes_sent == 0
+    client.get("http://users/")
+    wait_for(lambda: sum(len(probes(s)) for s in servers) == 3)
+    client.close()
+    with pytest.raises(RuntimeError):
+        client.get("http://users/")
+    assert transport.stats().probes_sent == 3
+    assert sum(len(probes(s)) for s in servers) == 3
+
+
+def test_a_failing_probe_is_counted_and_harms_nothing() -> None:
+    server = TestServer("ok").start()  # no probe path: 200 without a report
+    try:
+        balancer = LoadBalancer([server.address], Prequal(r_probe=1))
+        adapter = LBAdapter(balancer)
+        with requests.Session() as session:
+            session.mount("http://users/", adapter)
+            for _ in range(3):
+                assert session.get("http://users/").status_code == 200
+            wait_for(lambda: adapter.stats().probes_failed == 3)
+        assert balancer.health(server.address).healthy
+    finally:
+        server.kill()
