@@ -154,6 +154,12 @@ class ConcurrencyRow(NamedTuple):
         return self.ours.p99 / self.little
 
 
+def _times(value: float) -> str:
+    """A ratio to two decimals, or to two significant digits below 0.01 (a round under load
+    may have far fewer requests than callers), so that it never reads as 0."""
+    return f"{value:.2f}" if value >= 0.01 or value == 0 else f"{value:.1e}"
+
+
 class _Tally:
     """What the measured rounds of one side saw, added up."""
 
@@ -439,12 +445,12 @@ def _cells(row: ConcurrencyRow) -> tuple[str, ...]:
         f"{ours.per_second:,.0f}",
         _ms(ours.p50),
         _ms(ours.p99),
-        f"{row.tail:.2f}",
+        _times(row.tail),
         row.plain,
         f"{theirs.per_second:,.0f}",
         _ms(theirs.p50),
         _ms(theirs.p99),
-        f"{row.ratio:.2f}",
+        _times(row.ratio),
         f"{ours.errors:,} / {theirs.errors:,}",
         f"{ours.cpu:.0%} / {theirs.cpu:.0%}",
     )
@@ -475,7 +481,7 @@ def aims(rows: Sequence[ConcurrencyRow]) -> list[tuple[str, bool | None]]:
     for row in rows:
         text = (
             f"{row.client}, {row.level:,} {row.unit}: p99 {_ms(row.ours.p99)} is "
-            f"{row.tail:.2f}x {row.level:,} / {row.ours.per_second:,.0f} req/s = "
+            f"{_times(row.tail)}x {row.level:,} / {row.ours.per_second:,.0f} req/s = "
             f"{_ms(row.little)}"
         )
         if row.unit == "tasks":
