@@ -160,6 +160,11 @@ def _times(value: float) -> str:
     return f"{value:.2f}" if value >= 0.01 or value == 0 else f"{value:.1e}"
 
 
+def _rate(per_second: float) -> str:
+    """Requests per second, whole, or to two significant digits below 10 (never as 0)."""
+    return f"{per_second:,.0f}" if per_second >= 10 or per_second == 0 else f"{per_second:.2g}"
+
+
 class _Tally:
     """What the measured rounds of one side saw, added up."""
 
@@ -442,12 +447,12 @@ def _cells(row: ConcurrencyRow) -> tuple[str, ...]:
     return (
         row.client,
         f"{row.level:,} {row.unit}",
-        f"{ours.per_second:,.0f}",
+        _rate(ours.per_second),
         _ms(ours.p50),
         _ms(ours.p99),
         _times(row.tail),
         row.plain,
-        f"{theirs.per_second:,.0f}",
+        _rate(theirs.per_second),
         _ms(theirs.p50),
         _ms(theirs.p99),
         _times(row.ratio),
