@@ -42,7 +42,8 @@ def run_sync(config: AdapterConfig[Any], wire: Wire[_R]) -> _R:
         config.start_services(wire)
     plan, first = config.start(wire)
     if config.probes is not None:
-        config.probes.launch(config.services, wire.url)
+        # The client's per-request TLS settings, where it has them (requests' verify, cert).
+        config.probes.launch(config.services, wire.url, getattr(wire, "probe_tls", None))
     watch = plan.watch
     if watch is None:
         return drive_sync(plan, first, wire)
@@ -61,7 +62,7 @@ async def run_async(config: AdapterConfig[Any], wire: AsyncWire[_R]) -> _R:
         await config.astart_services(wire)
     plan, first = config.start(wire)
     if config.probes is not None:
-        config.probes.alaunch(wire.url)
+        config.probes.alaunch(config.services, wire.url)
     watch = plan.watch
     if watch is None:
         return await drive_async(plan, first, wire)

@@ -10,8 +10,9 @@ report (ORCA's ``endpoint-load-metrics``, or ``x-prequal-rif`` and ``x-prequal-l
 recorded with :meth:`LoadBalancer.report_load <lbclient.LoadBalancer.report_load>`, which feeds
 the algorithm's pool.
 
-* The async transport sends them as tasks of the running asyncio loop (none on trio: counted
-  as dropped), kept referenced and cancelled by ``aclose()``.
+* The async transport sends them as tasks of the running asyncio loop, kept referenced and
+  cancelled by ``aclose()``; on trio (no fire-and-forget task without a nursery) it submits
+  them to the balancer's runner, as the sync clients do.
 * The sync transport and ``LBAdapter`` submit them to the balancer's runner (its services'
   thread runner), where they run on its pool of workers.
 * At most :data:`MAX_PENDING` (sync) or :data:`MAX_TASKS` (async) are in flight at once; beyond,
@@ -126,8 +127,10 @@ class Probes:
 
     # -- sync: on the balancer's runner ---------------------------------------------------
 
-    def launch(self, services: Any, url: object) -> None:
-        """Probe for one request of a sync adapter, on ``services``' runner."""
+    def launch(self, services: Any, url: object, tls: dict[str, Any] | None = None) -> None:
+        """Probe for one request of a sync adapter, on ``services``' runner; ``tls``: the
+        request's certificate settings where the client gives them per request (requests'
+        ``verify`` and ``cert`` as urllib3's pool settings)."""
         if self._closed or services is None:
             return
         targets = self.balancer.probe_targets()
@@ -139,20 +142,22 @@ class Probes:
                 continue
 
             def job(backend: Backend = backend) -> Awaitable[None]:
-                return asyncio.to_thread(self._probe, scheme, netloc, backend)
+                return asyncio.to_thread(self._probe, scheme, netloc, backend, tls)
 
             if not services.submit(job):
                 with self._lock:
                     self._pending -= 1
                     self.dropped += 1
 
-    def _probe(self, scheme: str, netloc: str, backend: Backend) -> None:
+    def _probe(
+        self, scheme: str, netloc: str, backend: Backend, tls: dict[str, Any] | None
+    ) -> None:
         if not self._begin():
             return
         ok = False
         try:
             send = _SYNC[self.kind]
-            ok = self._read(backend, send(self, scheme, netloc, backend))
+            ok = self._read(backend, send(self, scheme, netloc, backend, tls))
         except Exception:
             ok = False
         finally:
@@ -160,18 +165,18 @@ class Probes:
 
     # -- async: tasks of the running loop ---------------------------------------------------
 
-    def alaunch(self, url: object) -> None:
-        """Probe for one request of the async transport, as tasks of the running loop."""
+    def alaunch(self, services: Any, url: object) -> None:
+        """Probe for one request of the async transport, as tasks of the running loop (on
+        trio, on ``services``' runner)."""
         if self._closed:
-            return
-        targets = self.balancer.probe_targets()
-        if not targets:
             return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # trio: no fire-and-forget task without a nursery
-            with self._lock:
-                self.dropped += len(targets)
+            self.launch(services, url)
+            return
+        targets = self.balancer.probe_targets()
+        if not targets:
             return
         scheme, netloc = _origin(url)
         for backend in targets:
@@ -215,8 +220,10 @@ class Probes:
             task.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
-        if pool is not None:
+        if pool is not None and hasattr(pool, "aclose"):
             await pool.aclose()
+        elif pool is not None:  # the runner's (trio): a sync pool
+            pool.close()
 
 
 def probes_of(balancer: LoadBalancer, kind: str) -> Probes | None:
@@ -279,7 +286,7 @@ def _pool_options(options: dict[str, Any]) -> dict[str, Any]:
 
 
 def _httpcore_sync(
-    probes: Probes, scheme: str, netloc: str, backend: Backend
+    probes: Probes, scheme: str, netloc: str, backend: Backend, _tls: dict[str, Any] | None
 ) -> Reply:  # pragma: no cover - a thread's
     import httpcore
 
@@ -312,7 +319,7 @@ async def _httpcore_async(probes: Probes, scheme: str, netloc: str, backend: Bac
 
 
 def _urllib3_sync(
-    probes: Probes, scheme: str, netloc: str, backend: Backend
+    probes: Probes, scheme: str, netloc: str, backend: Backend, tls: dict[str, Any] | None
 ) -> Reply:  # pragma: no cover - a thread's
     import urllib3
 
@@ -321,8 +328,10 @@ def _urllib3_sync(
         if manager is None:
             manager = probes._pool = urllib3.PoolManager(num_pools=64, retries=False)
     host = urlsplit(f"//{netloc}").hostname or netloc
-    extra = {"server_hostname": host, "assert_hostname": host} if scheme == "https" else None
-    pool = manager.connection_from_host(_host(backend), backend.port, scheme, extra)
+    extra = {"server_hostname": host, "assert_hostname": host, **(tls or {})}
+    if scheme != "https":
+        extra = {}
+    pool = manager.connection_from_host(_host(backend), backend.port, scheme, extra or None)
     response = pool.urlopen(
         "GET",
         probes.path,
@@ -341,7 +350,24 @@ def _urllib3_sync(
     )
 
 
-_SYNC: Final[dict[str, Callable[[Probes, str, str, Backend], Reply]]] = {
+def urllib3_tls(verify: object, cert: object) -> dict[str, Any]:
+    """requests' ``verify`` and ``cert`` as urllib3's pool settings, as requests applies them."""
+    import os
+
+    tls: dict[str, Any] = {}
+    if verify is False:
+        tls.update(cert_reqs="CERT_NONE", assert_hostname=False)
+    elif isinstance(verify, str):
+        tls.update(cert_reqs="CERT_REQUIRED")
+        tls["ca_cert_dir" if os.path.isdir(verify) else "ca_certs"] = verify
+    if isinstance(cert, str):
+        tls["cert_file"] = cert
+    elif isinstance(cert, tuple) and len(cert) == 2:
+        tls["cert_file"], tls["key_file"] = cert
+    return tls
+
+
+_SYNC: Final[dict[str, Callable[[Probes, str, str, Backend, dict[str, Any] | None], Reply]]] = {
     "httpcore": _httpcore_sync,
     "urllib3": _urllib3_sync,
 }

@@ -37,6 +37,7 @@ from urllib3.util.timeout import Timeout
 from lbclient._config import DEFAULT, AdapterConfig, Default, policy_from
 from lbclient._loop import run_sync
 from lbclient._plan import Timeouts
+from lbclient._probes import urllib3_tls
 from lbclient._requests_faults import classify, requests_error
 from lbclient._wire import ReportingBody, final_text, merge_headers
 from lbclient.backend import Backend
@@ -416,6 +417,11 @@ class _Wire:
         self.prefix = "http://"
         self.target = "/"
         self.headers: CaseInsensitiveDict[str] = CaseInsensitiveDict()
+
+    @property
+    def probe_tls(self) -> dict[str, Any]:
+        """This request's ``verify`` and ``cert`` for the algorithm's probes (Prequal)."""
+        return urllib3_tls(self.verify, self.cert)
 
     def send(
         self,

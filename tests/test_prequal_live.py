@@ -8,6 +8,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import anyio
 import httpx
@@ -15,7 +16,7 @@ import pytest
 import requests
 
 from lbclient import AsyncLBTransport, LBAdapter, LBTransport, LoadBalancer, Prequal
-from lbclient.testing import Exchange, TestServer
+from lbclient.testing import Exchange, TestServer, TLSCerts
 
 PATH = "/.lbclient/load"
 
@@ -114,10 +115,13 @@ def test_routing_follows_the_probed_rif(servers: list[TestServer]) -> None:
     assert served(busy) <= 3
 
 
-def test_the_async_transport_probes_as_tasks(servers: list[TestServer]) -> None:
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_the_async_transport_probes_on_asyncio_and_trio(
+    servers: list[TestServer], backend: str
+) -> None:
     balancer = balancer_of(servers, r_probe=1)
 
-    async def main() -> tuple[int, int]:
+    async def main() -> tuple[int, int, int]:
         transport = AsyncLBTransport(balancer)
         async with httpx.AsyncClient(transport=transport, headers={"x-secret": "s3"}) as client:
             for _ in range(4):
@@ -126,11 +130,11 @@ def test_the_async_transport_probes_as_tasks(servers: list[TestServer]) -> None:
                 if transport.stats().probes_sent == 4 and read(balancer) == 4:
                     break
                 await anyio.sleep(0.01)
-        after = transport.stats().probes_sent
-        return after, transport.stats().probes_failed
+        stats = transport.stats()
+        return stats.probes_sent, stats.probes_failed, stats.probes_dropped
 
-    sent, failed = anyio.run(main)
-    assert (sent, failed) == (4, 0)
+    sent, failed, dropped = anyio.run(main, backend=backend)
+    assert (sent, failed, dropped) == (4, 0, 0)
     assert sum(len(probes(s)) for s in servers) == 4
     assert all("x-secret" not in h for s in servers for h in probes(s))
 
@@ -193,3 +197,29 @@ def test_a_failing_probe_is_counted_and_harms_nothing() -> None:
         assert balancer.health(server.address).healthy
     finally:
         server.kill()
+
+
+def test_lbadapter_probes_over_tls_with_the_requests_verify(tmp_path: Path) -> None:
+    certs = TLSCerts("users.internal")
+    ca = tmp_path / "ca.pem"
+    certs.write_ca(ca)
+    context = certs.server_context()
+    servers = [
+        TestServer("probe:1", ssl_context=context, behaviours={"probe": answering}).start()
+        for _ in range(2)
+    ]
+    try:
+        balancer = balancer_of(servers, r_probe=1)
+        adapter = LBAdapter(balancer, hosts=["users.internal"])
+        with requests.Session() as session:
+            session.mount("https://users.internal/", adapter)
+            for _ in range(3):
+                assert session.get("https://users.internal/", verify=str(ca)).text == "ok"
+            wait_for(lambda: adapter.stats().probes_sent == 3 and read(balancer) == 3)
+        stats = adapter.stats()
+        assert (stats.probes_sent, stats.probes_failed) == (3, 0)
+        names = [r.tls_server_name for s in servers for r in s.requests if r.target == PATH]
+        assert names == ["users.internal"] * 3
+    finally:
+        for server in servers:
+            server.kill()
