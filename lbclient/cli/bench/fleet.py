@@ -5,7 +5,7 @@ measured client cannot see.
 Run it alone::
 
     python -m lbclient.cli.bench.fleet           # 3 rounds of 2 s per case (about 5 minutes)
-    python -m lbclient.cli.bench.fleet --quick   # 1 round of 0.5 s per case (about 50 s)
+    python -m lbclient.cli.bench.fleet --quick   # 1 round of 0.5 s per case (under a minute)
     python -m lbclient.cli.bench.fleet --tasks 32 --setups calm,stall   # the stall, busier
 
 Method: four backends, each a uvicorn process (one worker) serving an app of
@@ -165,6 +165,7 @@ class FleetRow(NamedTuple):
     odd_share: float | None = None  # None: the setup has no odd backend
     failures: int = 0
     probes: float | None = None  # probes per request; None: the transport counts none
+    dropped: float | None = None  # probes dropped per request, where counted
     cpu: float = 0.0  # the client process's CPU time over the wall time
 
     @property
@@ -186,6 +187,7 @@ class _Tally:
         self.seconds = 0.0
         self.cpu = 0.0
         self.probes: int | None = None
+        self.dropped: int | None = None  # probes the transport dropped (too many pending)
         self.requests = 0  # as the transport counted them, for probes per request
 
     def row(self, setup: Setup, algorithm: str, tasks: int, odd: Sequence[str]) -> FleetRow:
@@ -193,9 +195,11 @@ class _Tally:
         share = None
         if setup.odd:
             share = sum(self.ports[port] for port in odd) / answered if answered else 0.0
-        probes = None
+        probes = dropped = None
         if self.probes is not None and self.requests:
             probes = self.probes / self.requests
+        if self.dropped is not None and self.requests:
+            dropped = self.dropped / self.requests
         return FleetRow(
             setup=setup.name,
             algorithm=algorithm,
@@ -208,6 +212,7 @@ class _Tally:
             odd_share=share,
             failures=self.failures,
             probes=probes,
+            dropped=dropped,
             cpu=self.cpu / self.seconds if self.seconds > 0 else 0.0,
         )
 
@@ -238,11 +243,17 @@ async def _drive(client: httpx.AsyncClient, seconds: float, tasks: int, tally: _
     tally.cpu += time.process_time() - cpu
 
 
-def _probes_sent(transport: AsyncLBTransport) -> tuple[int, int | None]:
-    """(requests, probes sent) as the transport's ``stats()`` counts them (None: no probes)."""
+def _probes_sent(transport: AsyncLBTransport) -> tuple[int, int | None, int | None]:
+    """(requests, probes sent, probes dropped) as the transport's ``stats()`` counts them
+    (None: it counts no probes)."""
     stats = transport.stats()
-    probes = getattr(stats, "probes_sent", None)
-    return stats.requests, probes if isinstance(probes, int) else None
+    sent = getattr(stats, "probes_sent", None)
+    dropped = getattr(stats, "probes_dropped", None)
+    return (
+        stats.requests,
+        sent if isinstance(sent, int) else None,
+        dropped if isinstance(dropped, int) else None,
+    )
 
 
 def _case(
@@ -257,12 +268,14 @@ def _case(
         transport = AsyncLBTransport(LoadBalancer(backends, algorithm))
         async with httpx.AsyncClient(transport=transport, base_url="http://fleet") as client:
             await _drive(client, warm, tasks, _Tally())
-            requests, probes = _probes_sent(transport)
+            requests, probes, dropped = _probes_sent(transport)
             await _drive(client, seconds, tasks, tally)
-            requests_after, probes_after = _probes_sent(transport)
+            requests_after, probes_after, dropped_after = _probes_sent(transport)
             tally.requests += requests_after - requests
             if probes is not None and probes_after is not None:
                 tally.probes = (tally.probes or 0) + probes_after - probes
+            if dropped is not None and dropped_after is not None:
+                tally.dropped = (tally.dropped or 0) + dropped_after - dropped
 
     asyncio.run(case())
 
@@ -368,6 +381,14 @@ COLUMNS = (
 )
 
 
+def _probes(row: FleetRow) -> str:
+    if row.probes is None:
+        return "-"
+    if not row.dropped:
+        return f"{row.probes:.2f}"
+    return f"{row.probes:.2f} (+{row.dropped:.2f} dropped)"
+
+
 def _cells(row: FleetRow) -> tuple[str, ...]:
     if not row.available:
         return (row.setup, row.algorithm, str(row.tasks), "not available", *("-",) * 6)
@@ -380,7 +401,7 @@ def _cells(row: FleetRow) -> tuple[str, ...]:
         f"{row.p99 * 1000:,.1f} ms",
         "-" if row.odd_share is None else f"{row.odd_share:.1%}",
         f"{row.failures:,} ({row.failed_share:.1%})",
-        "-" if row.probes is None else f"{row.probes:.2f}",
+        _probes(row),
         f"{row.cpu:.0%}",
     )
 
@@ -480,7 +501,8 @@ NOTES = (
     "odd share: of the measured client's responses, the loaded backend's (hidden load), the "
     "stalling one's (stall), the two failing ones' (fail-fast); failures: 503s and transport "
     "errors the callers saw; probes/req: probes sent per request, from the transport's stats() "
-    "('-': it sends none). LeastRequest(choices=2), PeakEWMA(decay=10.0), "
+    "('-': it counts none), and those it dropped (too many pending) where there were any. "
+    "LeastRequest(choices=2), PeakEWMA(decay=10.0), "
     f"WeightedRoundRobin(blackout_period={WRR_BLACKOUT:g}, weight_update_period={WRR_UPDATE:g}) "
     "(gRPC's defaults, 10 s and 1 s, would need a longer warm-up), Prequal() with its defaults; "
     "the default health policy (outlier detection on) and retry policy. The aims are a "
