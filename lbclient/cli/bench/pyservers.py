@@ -22,7 +22,7 @@ from collections import deque
 from contextlib import ExitStack
 from pathlib import Path
 
-__all__ = ["Server", "start_gunicorn", "start_uvicorn"]
+__all__ = ["Server", "start_gunicorn", "start_uvicorn", "start_uvicorns", "uvicorn_command"]
 
 _PORT = re.compile(rb"(?:Uvicorn running on|Listening at:) http://127\.0\.0\.1:(\d+)")
 
@@ -140,11 +140,30 @@ def start_uvicorn(
 ) -> Server:
     """``python -m uvicorn APP`` (``module:attribute``, importable from ``app_dir`` if given) on
     127.0.0.1, one process, no access log, no lifespan; returned once it listens."""
-    command = [
+    return _start(
+        stack, uvicorn_command(app), signal.SIGTERM, None, _environment(app_dir, env), timeout
+    )
+
+
+def uvicorn_command(app: str) -> list[str]:
+    """The command line :func:`start_uvicorn` runs for ``app``."""
+    return [
         *(sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", "0"),
         *("--no-access-log", "--lifespan", "off", "--timeout-graceful-shutdown", "1"),
     ]
-    return _start(stack, command, signal.SIGTERM, None, _environment(app_dir, env), timeout)
+
+
+def start_uvicorns(stack: ExitStack, apps: list[str], *, timeout: float = 30.0) -> list[Server]:
+    """One :func:`start_uvicorn` server per app, all started at once (each stopped when
+    ``stack`` closes); returned once every one listens."""
+    servers = []
+    for app in apps:
+        server = Server(uvicorn_command(app), cwd=None, env=None)
+        stack.callback(server.stop, signal.SIGTERM)
+        servers.append(server)
+    for server in servers:
+        server.wait_listening(timeout)
+    return servers
 
 
 def _gunicorn_options() -> list[str]:
