@@ -122,7 +122,7 @@ class Probes:
             return False
         # A report refused (malformed, or older than one kept) is counted on the backend's load.
         with contextlib.suppress(ValueError):  # it left the set meanwhile
-            self.balancer.report_load(backend, header, rif=rif, latency_us=latency)
+            self.balancer.report_load(backend, header, rif=rif, latency_us=latency, probe=True)
         return True
 
     # -- sync: on the balancer's runner ---------------------------------------------------

@@ -356,14 +356,15 @@ class LoadBalancer:
         rif: str | None = None,
         latency_us: str | None = None,
         backend: Backend | None = None,
+        probe: bool = False,
     ) -> LoadReport | None:
-        """Read a response's load report into ``load`` at the balancer's clock (see
-        :meth:`Load.read`); one kept is also told to the current selector, as
-        ``selector.reported(backend, report)`` where it has that method."""
+        """Read a response's (or a ``probe``'s) load report into ``load`` at the balancer's
+        clock (see :meth:`Load.read`); one kept is also told to the current selector, as
+        ``selector.reported(backend, report, probe)`` where it has that method."""
         report = load.read(header, rif, latency_us, self._clock())
         tell = None if backend is None else getattr(self._view.selector, "reported", None)
         if report is not None and tell is not None:
-            tell(backend, report)
+            tell(backend, report, probe)
         return report
 
     def report_load(
@@ -373,14 +374,15 @@ class LoadBalancer:
         *,
         rif: str | None = None,
         latency_us: str | None = None,
+        probe: bool = False,
     ) -> LoadReport | None:
         """Record the load report ``backend`` sent (an ``endpoint-load-metrics`` header's
         value, or Prequal's ``x-prequal-rif`` and ``x-prequal-latency-us``), as a response or a
-        probe brought it; what was kept, or None (refused and counted, or none given).
+        ``probe`` brought it; what was kept, or None (refused and counted, or none given).
         ValueError if ``backend`` is not in the set."""
         view = self._view
         found = require(view, backend)
-        return self.read_report(view.loads[found], header, rif, latency_us, found)
+        return self.read_report(view.loads[found], header, rif, latency_us, found, probe)
 
     def probe_targets(self) -> list[Backend]:
         """The backends to probe for one request, if the algorithm probes (Prequal): ready

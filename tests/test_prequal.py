@@ -326,3 +326,26 @@ def test_concurrent_picks_and_reports_stay_in_the_set() -> None:
         thread.join()
     assert not errors
     assert set(seen) <= set(backends)
+
+
+def test_a_backend_answering_with_reports_is_not_probed() -> None:
+    selector, (a, b, c, d), clock = make(r_probe=4, max_age=1.0, reuse=10)
+    assert sorted(selector.probes_for_request()) == [a, b, c, d]
+    selector.reported(a, LoadReport(clock.now, rif=1.0), probe=False)  # a response's report
+    selector.reported(b, LoadReport(clock.now - 0.6, rif=1.0))  # older than half of max_age
+    selector.reported(c, LoadReport(clock.now, rif=1.0), probe=True)  # a probe's: no answer
+    assert sorted(selector.probes_for_request()) == [b, c, d]
+    clock.now += 0.4  # a's answer is still younger than 0.5 s
+    assert sorted(selector.probes_for_request()) == [b, c, d]
+    clock.now += 0.2  # now it is not: probed again
+    assert sorted(selector.probes_for_request()) == [a, b, c, d]
+    # Reports on every response: no probe while they keep coming, though picks spend the pool.
+    for backend in (a, b, c, d):
+        selector.reported(backend, LoadReport(clock.now, rif=1.0))
+    for _ in range(4):
+        selector.first(b"")
+    assert selector.probes_for_request() == []
+    # A report without a RIF feeds nothing here, and spares no probe.
+    clock.now += 1.0
+    selector.reported(a, LoadReport(clock.now, cpu_utilization=0.5))
+    assert a in selector.probes_for_request()

@@ -223,3 +223,28 @@ def test_lbadapter_probes_over_tls_with_the_requests_verify(tmp_path: Path) -> N
     finally:
         for server in servers:
             server.kill()
+
+
+def test_backends_answering_with_reports_are_probed_no_more(servers: list[TestServer]) -> None:
+    for server in servers:
+        server.mode = "probe:2+"  # every response carries the RIF
+    algorithm = Prequal(random=random.Random(11).random, r_probe=3)
+    # The balancer's clock stands still: every answer stays within half of max_age.
+    balancer = LoadBalancer([s.address for s in servers], algorithm, clock=lambda: 50.0)
+    transport = LBTransport(balancer)
+    probes_of = transport._config.probes
+    assert probes_of is not None
+    with httpx.Client(transport=transport) as client:
+        for _ in range(50):  # until each backend has answered a request
+            client.get("http://users/")
+            if all(served(s) for s in servers):
+                break
+        assert all(served(s) for s in servers)
+        wait_for(lambda: probes_of._pending == 0)
+        before = transport.stats().probes_sent
+        for _ in range(10):
+            client.get("http://users/")
+        wait_for(lambda: probes_of._pending == 0)
+        assert transport.stats().probes_sent == before
+    assert before <= 3 * sum(served(s) for s in servers)
+    assert sum(len(probes(s)) for s in servers) == before

@@ -30,7 +30,11 @@ Probes are decided here and sent elsewhere (the transports, through the balancer
 :meth:`~lbclient.LoadBalancer.probe_targets`): :meth:`PrequalSelector.probes_for_request` says
 which backends to probe for one request, ``r_probe`` per request on average by a deterministic
 accumulator (0.5: one probe every other request), drawn at random without replacement among the
-backends that may be chosen.
+backends that may be chosen. A backend drawn that answered a request with a report (one with a
+RIF) within the last half of ``max_age`` is not probed (that probe is not sent, not owed): its
+responses keep the pool fed. So servers that report on every response are probed little
+where the client calls each of them often (a small set, a busy client), and as designed where
+it does not: a probe costs the client about what a request does.
 
 Thread safety: a pick changes the pool, so the pool, the window and the accumulator are changed
 under one small lock of the selector (held for a few microseconds, never around I/O); a pick
@@ -182,6 +186,8 @@ class PrequalSelector:
         self._lock = threading.Lock()
         #: The pool, by backend, in arrival order (the oldest first).
         self._pool: dict[Backend, _Entry] = {}
+        #: When each backend last answered a request with a report (not a probe).
+        self._answered: dict[Backend, float] = {}
         self._window: deque[float] = deque(maxlen=RIF_WINDOW)
         #: Probes owed: ``r_probe`` is added per request, whole probes are taken out.
         self._credit = 0.0
@@ -196,10 +202,12 @@ class PrequalSelector:
         self._clock = clock
 
     def carry(self, previous: PrequalSelector) -> None:
-        """Take over ``previous``'s pool (its backends still in this set), window and credit."""
+        """Take over ``previous``'s pool and answers (its backends still in this set), window
+        and credit."""
         with previous._lock:
             members = self._members
             self._pool = {b: e for b, e in previous._pool.items() if b in members}
+            self._answered = {b: t for b, t in previous._answered.items() if b in members}
             self._window = deque(previous._window, maxlen=RIF_WINDOW)
             self._credit = previous._credit
             self._oldest_next = previous._oldest_next
@@ -214,12 +222,14 @@ class PrequalSelector:
 
     # -- what feeds the pool --------------------------------------------------------------
 
-    def reported(self, backend: Backend, report: LoadReport) -> None:
-        """A report of ``backend`` was kept (a probe's or a response's): pool it, if it has a
-        RIF and the backend is one of this set."""
+    def reported(self, backend: Backend, report: LoadReport, probe: bool = False) -> None:
+        """A report of ``backend`` was kept (a ``probe``'s or a response's): pool it, if it has
+        a RIF and the backend is one of this set."""
         rif = report.rif
         if rif is None or backend not in self._members:
             return
+        if not probe:
+            self._answered[backend] = report.at
         latency = math.inf if report.latency is None else report.latency
         algorithm = self._algorithm
         with self._lock:
@@ -335,7 +345,9 @@ class PrequalSelector:
     def probes_for_request(self, ready: Callable[[Backend], bool] | None = None) -> list[Backend]:
         """The backends to probe for one request: ``r_probe`` on average (the whole probes
         owed so far), drawn at random without replacement among those ``ready`` accepts (all
-        with None). Probes owed and not sent for want of ready backends are forgiven."""
+        with None), less those that answered a request with a report within half of
+        ``max_age``.
+        Probes owed and not sent for want of ready backends are forgiven."""
         rate = self._algorithm.r_probe
         if rate <= 0.0 or not self._backends:
             return []
@@ -351,17 +363,21 @@ class PrequalSelector:
         n = len(backends)
         draw = self._random
         moved: dict[int, int] = {}
-        picked: list[Backend] = []
+        drawn: list[Backend] = []
         for i in range(n):
             j = min(i + int(draw() * (n - i)), n - 1)
             position = moved.get(j, j)
             moved[j] = moved.get(i, i)
             backend = backends[position]
             if ready is None or ready(backend):
-                picked.append(backend)
-                if len(picked) == count:
+                drawn.append(backend)
+                if len(drawn) == count:
                     break
-        return picked
+        answered = self._answered
+        if not answered:
+            return drawn
+        since = self._clock() - self._algorithm.max_age / 2
+        return [b for b in drawn if answered.get(b, -math.inf) < since]
 
     def pool(self) -> list[tuple[Backend, float, float, float, int]]:
         """The pool as it stands: (backend, RIF, latency, at, uses left), oldest first."""
