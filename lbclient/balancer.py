@@ -11,11 +11,10 @@ is delegated to the health book (:mod:`lbclient._book`), the making of each view
 
 What may not: I/O, sockets, threads or tasks of its own, a clock or a random source other than
 the injected ones, and any import of the checks, discovery, the services layer, the transports
-or an HTTP client. The balancer does not bind, start or stop checks or discovery, nor read a
-check's settings: ``health_check`` and ``discovery`` are settings it keeps for the services
-layer, which makes the balancer's lifecycle (installed through :func:`install_lifecycle`; see
-:mod:`lbclient._services`). The one write a selection makes is taking the probe of an ejected
-backend whose time is up, under the book's lock, once per ejection.
+or an HTTP client. It does not bind, start or stop checks or discovery, nor read a check's
+settings: ``health_check`` and ``discovery`` are kept for the services layer, which makes its
+lifecycle (:func:`install_lifecycle`). The one write a selection makes is taking the probe of an
+ejected backend whose time is up, under the book's lock, once per ejection.
 """
 
 from __future__ import annotations
@@ -380,8 +379,7 @@ class LoadBalancer:
         value, or Prequal's ``x-prequal-rif`` and ``x-prequal-latency-us``), as a response or a
         ``probe`` brought it; what was kept, or None (refused and counted, or none given).
         ValueError if ``backend`` is not in the set."""
-        view = self._view
-        found = require(view, backend)
+        found = require(view := self._view, backend)
         return self.read_report(view.loads[found], header, rif, latency_us, found, probe)
 
     def probe_targets(self) -> list[Backend]:

@@ -27,7 +27,6 @@ A measurement, not a test: nothing here fails on a figure.
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import statistics
@@ -42,6 +41,7 @@ from typing import NamedTuple
 
 from lbclient.cli.bench import drive
 from lbclient.cli.bench.pyservers import Server, start_gunicorn, start_uvicorn
+from lbclient.cli.bench.rounds import round_parser, round_settings
 from lbclient.cli.bench.tables import aligned
 
 __all__ = ["AIM", "CASES", "CompanionRow", "format_table", "main", "run", "settings"]
@@ -120,11 +120,9 @@ class _Driver:
 
 def settings(quick: bool, seconds: float | None, rounds: int | None) -> tuple[float, int]:
     """Seconds per side and rounds: the mode's, or those given (ValueError when not > 0)."""
-    seconds = seconds if seconds is not None else QUICK_SECONDS if quick else FULL_SECONDS
-    rounds = rounds if rounds is not None else QUICK_ROUNDS if quick else FULL_ROUNDS
-    if not seconds > 0 or rounds < 1:
-        raise ValueError(f"need --seconds > 0 and --rounds >= 1, got {seconds}, {rounds}")
-    return seconds, rounds
+    return round_settings(
+        quick, seconds, rounds, (QUICK_SECONDS, QUICK_ROUNDS), (FULL_SECONDS, FULL_ROUNDS)
+    )
 
 
 def _measure(driver: _Driver, server: Server, seconds: float, ask: str | None) -> _Side:
@@ -243,11 +241,7 @@ NOTES = (
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Print the table; 0 whatever the figures (a measurement, not a test)."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--quick", action="store_true", help="a short run")
-    # For the test suite: shorter rounds, the same code path. Not part of the interface.
-    parser.add_argument("--seconds", type=float, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--rounds", type=int, default=None, help=argparse.SUPPRESS)
+    parser = round_parser(__doc__)
     args = parser.parse_args(argv)
     try:
         seconds, rounds = settings(args.quick, args.seconds, args.rounds)

@@ -38,7 +38,6 @@ test: the aims are reported, never asserted.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import itertools
 import math
@@ -57,6 +56,7 @@ from requests.adapters import HTTPAdapter
 
 from lbclient import AsyncLBTransport, LBAdapter, LBTransport, RoundRobin
 from lbclient.cli.bench.hedging import percentile
+from lbclient.cli.bench.rounds import round_parser, round_settings
 from lbclient.cli.bench.tables import aligned
 from lbclient.cli.bench.transport import start_servers
 
@@ -391,11 +391,9 @@ def settings(
     quick: bool, seconds: float | None = None, rounds: int | None = None
 ) -> tuple[float, int]:
     """(seconds per round, rounds per case): the given ones, or the mode's."""
-    seconds = seconds if seconds is not None else QUICK_SECONDS if quick else FULL_SECONDS
-    rounds = rounds if rounds is not None else QUICK_ROUNDS if quick else FULL_ROUNDS
-    if not seconds > 0 or rounds < 1:
-        raise ValueError(f"need seconds > 0 and rounds >= 1, got {seconds}, {rounds}")
-    return seconds, rounds
+    return round_settings(
+        quick, seconds, rounds, (QUICK_SECONDS, QUICK_ROUNDS), (FULL_SECONDS, FULL_ROUNDS)
+    )
 
 
 def run(
@@ -523,11 +521,7 @@ NOTES = (
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Print the table and the aims; 0 whatever the figures (a measurement, not a test)."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--quick", action="store_true", help="a short run")
-    # For the test suite: shorter rounds, the same code path. Not part of the interface.
-    parser.add_argument("--seconds", type=float, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--rounds", type=int, default=None, help=argparse.SUPPRESS)
+    parser = round_parser(__doc__)
     args = parser.parse_args(argv)
     try:
         seconds, rounds = settings(args.quick, args.seconds, args.rounds)

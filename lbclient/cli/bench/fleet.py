@@ -44,7 +44,6 @@ measurement, not a test: the aims are reported, never asserted.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import platform
@@ -73,6 +72,7 @@ from lbclient import (
 from lbclient.cli.bench.fleet_apps import CPU_BURN, SERVICE, STALL_EVERY, STALL_FOR, WORKERS
 from lbclient.cli.bench.hedging import percentile
 from lbclient.cli.bench.pyservers import start_uvicorns
+from lbclient.cli.bench.rounds import round_parser, round_settings
 from lbclient.cli.bench.tables import aligned
 from lbclient.selection.base import AlgorithmLike
 
@@ -318,11 +318,9 @@ def settings(
     quick: bool, seconds: float | None = None, rounds: int | None = None
 ) -> tuple[float, int]:
     """(seconds per round, rounds per case): the given ones, or the mode's."""
-    seconds = seconds if seconds is not None else QUICK_SECONDS if quick else FULL_SECONDS
-    rounds = rounds if rounds is not None else QUICK_ROUNDS if quick else FULL_ROUNDS
-    if not seconds > 0 or rounds < 1:
-        raise ValueError(f"need seconds > 0 and rounds >= 1, got {seconds}, {rounds}")
-    return seconds, rounds
+    return round_settings(
+        quick, seconds, rounds, (QUICK_SECONDS, QUICK_ROUNDS), (FULL_SECONDS, FULL_ROUNDS)
+    )
 
 
 def _tasks(setup: Setup, tasks: int | None) -> int:
@@ -527,15 +525,11 @@ def _stop(signum: int, frame: Any) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Print the table and the aims; 0 whatever the figures (a measurement, not a test)."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--quick", action="store_true", help="a short run")
+    parser = round_parser(__doc__)
     parser.add_argument("--tasks", type=int, default=None, help="the measured client's tasks")
     parser.add_argument(
         "--setups", default=None, help="comma-separated, of: " + ", ".join(s.name for s in SETUPS)
     )
-    # For the test suite: shorter rounds, the same code path. Not part of the interface.
-    parser.add_argument("--seconds", type=float, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--rounds", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     try:
         seconds, rounds = settings(args.quick, args.seconds, args.rounds)
