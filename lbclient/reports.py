@@ -129,39 +129,9 @@ def _refused(name: str, number: float) -> BadReport:
 
 
 _KNOWN: Final = frozenset(FIELDS)
+_CPU, _MEM, _APP, _RPS, _EPS = FIELDS
 _new = tuple.__new__
 _PREFIX_LENGTH: Final = len(_NAMED_PREFIX)
-
-
-def _report(at: float, values: dict[str, float]) -> LoadReport:
-    """The report of ``values`` (checked numbers by ORCA name), its names checked here."""
-    get = values.get
-    named: dict[str, float] | None = None
-    if not _KNOWN.issuperset(values):
-        named = {}
-        for name, number in values.items():
-            if name in _KNOWN:
-                continue
-            if not name.startswith(_NAMED_PREFIX) or len(name) == _PREFIX_LENGTH:
-                raise BadReport("unknown field", _short(name))
-            named[name[_PREFIX_LENGTH:]] = number
-        if len(named) > MAX_NAMED:
-            raise BadReport("too many fields", f"{len(named)} named metrics")
-    latency_ms = None if named is None else named.get("latency_ms")
-    return _new(  # the tuple's own constructor: a report is made per response
-        LoadReport,
-        (
-            at,
-            get("cpu_utilization"),
-            get("mem_utilization"),
-            get("application_utilization"),
-            get("rps_fractional"),
-            get("eps"),
-            _EMPTY if named is None else MappingProxyType(named),
-            None if named is None else named.get("rif"),
-            None if latency_ms is None else latency_ms / 1000.0,
-        ),
-    )
 
 
 def _number(name: str, value: str) -> float:
@@ -176,22 +146,61 @@ def _number(name: str, value: str) -> float:
 
 
 def _text(body: str, at: float) -> LoadReport:
-    values: dict[str, float] = {}
+    # One pass, the fields sorted as they come: a report is read for every response.
+    fields: dict[str, float] = {}
+    named: dict[str, float] | None = None
     for item in body.split(","):
         name, equals, value = item.partition("=")
         if not equals:
             raise BadReport("malformed", _short(item.strip()) if item.strip() else "an empty item")
         name = name.strip()
-        if name in values:
-            raise BadReport("duplicate field", _short(name))
         try:
             number = float(value)
         except ValueError:
             raise BadReport("not a number", f"{name}={_short(value.strip())}") from None
         if not 0.0 <= number <= MAX_VALUE:  # NaN fails this too
             raise _refused(name, number)
-        values[name] = number
-    return _report(at, values)
+        if name in _KNOWN:
+            if name in fields:
+                raise BadReport("duplicate field", _short(name))
+            fields[name] = number
+        elif name[:_PREFIX_LENGTH] == _NAMED_PREFIX and len(name) > _PREFIX_LENGTH:
+            if named is None:
+                named = {}
+            key = name[_PREFIX_LENGTH:]
+            if key in named:
+                raise BadReport("duplicate field", _short(name))
+            named[key] = number
+        else:
+            raise BadReport("unknown field", _short(name))
+    return _made(at, fields, named)
+
+
+def _made(at: float, fields: dict[str, float], named: dict[str, float] | None) -> LoadReport:
+    """The report of checked ``fields`` (ORCA's own) and ``named`` metrics."""
+    get = fields.get
+    if named is None:
+        return _new(
+            LoadReport,
+            (at, get(_CPU), get(_MEM), get(_APP), get(_RPS), get(_EPS), _EMPTY, None, None),
+        )
+    if len(named) > MAX_NAMED:
+        raise BadReport("too many fields", f"{len(named)} named metrics")
+    latency_ms = named.get("latency_ms")
+    return _new(  # the tuple's own constructor: a report is made per response
+        LoadReport,
+        (
+            at,
+            get(_CPU),
+            get(_MEM),
+            get(_APP),
+            get(_RPS),
+            get(_EPS),
+            MappingProxyType(named),
+            named.get("rif"),
+            None if latency_ms is None else latency_ms / 1000.0,
+        ),
+    )
 
 
 def _decoded(name: str, value: object) -> float:
@@ -226,19 +235,22 @@ def _json(body: str, at: float) -> LoadReport:
         raise BadReport("malformed", "not JSON") from None
     if not isinstance(decoded, dict):
         raise BadReport("malformed", "not a JSON object")
-    values: dict[str, float] = {}
-    for name, value in decoded.items():
+    fields: dict[str, float] = {}
+    named: dict[str, float] | None = None
+    for name, value in decoded.items():  # duplicate names were refused as they were read
         if name == "named_metrics":
             if not isinstance(value, dict):
                 raise BadReport("malformed", "named_metrics is not an object")
+            named = {}
             for key, number in value.items():
-                full = _NAMED_PREFIX + key
-                values[full] = _decoded(full, number)
-        elif name.startswith(_NAMED_PREFIX):  # only as a key of named_metrics
+                if not key:
+                    raise BadReport("unknown field", _short(_NAMED_PREFIX))
+                named[key] = _decoded(_NAMED_PREFIX + key, number)
+        elif name in _KNOWN:
+            fields[name] = _decoded(name, value)
+        else:  # named_metrics.<key> too: only as a key of named_metrics
             raise BadReport("unknown field", _short(name))
-        else:
-            values[name] = _decoded(name, value)
-    return _report(at, values)
+    return _made(at, fields, named or None)
 
 
 _FORMATS: Final[dict[str, Callable[[str, float], LoadReport]]] = {"TEXT": _text, "JSON": _json}
