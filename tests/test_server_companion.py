@@ -608,3 +608,30 @@ def test_what_the_companion_writes_the_clients_read_back(form: str) -> None:
     assert read.named_metrics["kv_cache_usage_perc"] == 0.25
     probe = parse_prequal(str(sent.rif), str(sent.latency_us), 9.0)
     assert (probe.rif, probe.latency) == (7.0, 0.00425)
+
+
+def test_a_rendered_report_keeps_rif_exact_and_the_rest_for_ten_ms() -> None:
+    from lbclient.reports import parse
+
+    clock = Clock()
+    calls = [0]
+
+    def utilization() -> float:
+        calls[0] += 1
+        return 0.25 * calls[0]
+
+    tracker = LoadTracker(clock=clock, application_utilization=utilization)
+    first = parse(tracker.rendered("TEXT"), 0.0)
+    assert (first.rif, first.application_utilization) == (0.0, 0.25)
+    started = tracker.begin()
+    clock.now += 0.009  # within REFRESH: the same rates and metrics, RIF as of now
+    again = parse(tracker.rendered("TEXT"), 0.0)
+    assert (again.rif, again.application_utilization) == (1.0, 0.25)
+    assert parse(tracker.rendered("JSON"), 0.0).rif == 1.0
+    tracker.end(started)
+    clock.now += 0.002  # past REFRESH: made afresh
+    fresh = parse(tracker.rendered("TEXT"), 0.0)
+    assert fresh.rif == 0.0
+    assert fresh.application_utilization == calls[0] * 0.25
+    assert calls[0] >= 3
+    assert parse(tracker.rendered("TEXT"), 0.0) == fresh  # the cache again

@@ -88,7 +88,7 @@ class LoadReportingASGI:
                         if name.lower() == _REPORT:  # the app reported itself
                             break
                     else:
-                        value = tracker.report().render(asked).encode("latin-1")
+                        value = tracker.rendered(asked).encode("latin-1")
                         headers.append((_REPORT, value))
                         message = {**message, "headers": headers}
             await send(message)

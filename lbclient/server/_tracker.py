@@ -33,6 +33,11 @@ RATE_WINDOW: Final = 10
 _INFINITY: Final = float("inf")
 #: Named metrics the tracker writes itself.
 RESERVED: Final = frozenset({"rif", "latency_ms"})
+#: Seconds a rendered report's rates, latency and metrics are reused for (requests in flight
+#: are always exact): the report added to every response costs a string join, not a report.
+REFRESH: Final = 0.01
+#: Where each form of a report writes the requests in flight (rendered as 0, then replaced).
+_RIF_MARK: Final = {"TEXT": "named_metrics.rif=0", "JSON": '"rif": 0'}
 
 
 class _Reading:
@@ -139,6 +144,8 @@ class LoadTracker:
         self._seconds = [-1] * rate_window  # which second each bucket counts
         self._requests = [0] * rate_window
         self._errors = [0] * rate_window
+        #: Per form: when it was rendered, and the text before and after its RIF.
+        self._rendered: dict[str, tuple[float, str, str]] = {}
 
     @property
     def rif(self) -> int:
@@ -182,6 +189,19 @@ class LoadTracker:
         """A request ended without an answer its app finished (cancelled): out of flight only."""
         with self._lock:
             self._in_flight -= 1
+
+    def rendered(self, form: str) -> str:
+        """The report's header value in ``form`` (``"TEXT"`` or ``"JSON"``): the requests in
+        flight as of now, the rest as of at most :data:`REFRESH` seconds ago."""
+        now = self._clock()
+        cached = self._rendered.get(form)
+        if cached is None or not 0.0 <= now - cached[0] < REFRESH:
+            report = self.report()._replace(rif=0)
+            mark = _RIF_MARK[form]
+            before, _, after = report.render(form).partition(mark)
+            cached = (now, before + mark[:-1], after)
+            self._rendered[form] = cached  # a race renders twice, harmlessly
+        return f"{cached[1]}{self._in_flight}{cached[2]}"
 
     def report(self) -> ServerReport:
         """The load as it stands (see the class docstring for each field)."""

@@ -139,7 +139,7 @@ class LoadReportingWSGI:
         ) -> Callable[[bytes], object]:
             answer.status = _status(status)
             if asked is not None and all(name.lower() != REPORT_HEADER for name, _ in headers):
-                headers = [*headers, (REPORT_HEADER, tracker.report().render(asked))]
+                headers = [*headers, (REPORT_HEADER, tracker.rendered(asked))]
             return start_response(status, headers, exc_info)
 
         try:
