@@ -1,7 +1,7 @@
 """lbclient: client-side load balancing for httpx and requests.
 
-``import lbclient`` loads the core only (backends, selection, health, the balancer, the
-errors): no HTTP client, no I/O, no thread. The rest loads on first use (PEP 562): the httpx
+``import lbclient`` loads the core only (backends, selection, subsets, health, the balancer,
+the errors): no HTTP client, no I/O, no thread. The rest loads on first use (PEP 562): the httpx
 transports (``LBTransport``, ``AsyncLBTransport``), the requests adapter (``LBAdapter``), the
 retry policy, the active health checks and service discovery.
 """
@@ -22,6 +22,7 @@ from lbclient.selection.loadaware import LeastRequest, PeakEWMA
 from lbclient.selection.prequal import Prequal
 from lbclient.selection.slow_start import SlowStart
 from lbclient.selection.wrr import WeightedRoundRobin
+from lbclient.subsets import Subset
 
 if TYPE_CHECKING:
     from lbclient.checks import HttpCheck, TcpCheck
@@ -50,6 +51,8 @@ __all__ = [  # noqa: RUF022 (grouped by topic, not sorted)
     "Prequal",
     "SlowStart",
     "SmoothRoundRobin",
+    # a fleet: which backends this client uses
+    "Subset",
     # health
     "HealthPolicy",
     "Outcome",

@@ -32,6 +32,8 @@ CORE = [
     "backend",
     "hashing",
     "selection",
+    "subsets",
+    "zones",
     "health",
     "_book",
     "_load",
