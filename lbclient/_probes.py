@@ -18,9 +18,10 @@ the algorithm's pool.
 * At most :data:`MAX_PENDING` (sync) or :data:`MAX_TASKS` (async) are in flight at once; beyond,
   a probe is dropped, not queued. After ``close()`` none is sent.
 * A probe that fails (no connection, a timeout, a status other than 2xx, no report header) is
-  counted
-  and nothing more: it is no request's failure, and it does not count against the backend's
-  passive health (a server without the probe path would otherwise be ejected for it).
+  counted and nothing more: it is no request's failure, and it does not count against the
+  backend's passive health (a server without the probe path would otherwise be ejected for it).
+  That backend is not probed again for :data:`QUIET` seconds (the probes it would have had are
+  not sent, not owed): a server that does not answer probes costs a probe a second at most.
 
 Counts (``probes_sent``, ``probes_failed``, ``probes_dropped``) are in the adapter's ``stats()``.
 
@@ -32,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 from urllib.parse import urlsplit
@@ -47,6 +49,9 @@ __all__ = ["MAX_PENDING", "MAX_TASKS", "Probes", "probes_of"]
 MAX_PENDING: Final = 8
 #: The most probe tasks of an async transport at once.
 MAX_TASKS: Final = 64
+
+#: Seconds a backend whose probe failed is not probed again.
+QUIET: Final = 1.0
 
 #: What a probe's reply says: its status, then its ORCA header, RIF and latency headers.
 Reply = tuple[int, str | None, str | None, str | None]
@@ -80,6 +85,8 @@ class Probes:
         self._lock = threading.Lock()
         self._closed = False
         self._tasks: set[asyncio.Task[None]] = set()
+        #: Backends whose probe failed, and until when (monotonic) they are not probed.
+        self._quiet: dict[Backend, float] = {}
         self._pool: Any = None
 
     def __reduce__(self) -> tuple[Any, ...]:
@@ -111,10 +118,25 @@ class Probes:
             self.sent += 1
             return True
 
-    def _end(self, ok: bool) -> None:
+    def _end(self, backend: Backend, ok: bool) -> None:
         with self._lock:
             self._pending -= 1
             self.failed += not ok
+            if not ok:
+                self._quiet[backend] = time.monotonic() + QUIET
+
+    def _targets(self) -> list[Backend]:
+        """The algorithm's targets for one request, less those whose probe failed lately."""
+        targets = self.balancer.probe_targets()
+        quiet = self._quiet
+        if targets and quiet:
+            now = time.monotonic()
+            with self._lock:
+                for backend, until in list(quiet.items()):
+                    if until <= now:
+                        del quiet[backend]
+                targets = [backend for backend in targets if backend not in quiet]
+        return targets
 
     def _read(self, backend: Backend, reply: Reply) -> bool:
         status, header, rif, latency = reply
@@ -133,7 +155,7 @@ class Probes:
         ``verify`` and ``cert`` as urllib3's pool settings)."""
         if self._closed or services is None:
             return
-        targets = self.balancer.probe_targets()
+        targets = self._targets()
         if not targets:
             return
         scheme, netloc = _origin(url)
@@ -161,7 +183,7 @@ class Probes:
         except Exception:
             ok = False
         finally:
-            self._end(ok)
+            self._end(backend, ok)
 
     # -- async: tasks of the running loop ---------------------------------------------------
 
@@ -175,7 +197,7 @@ class Probes:
         except RuntimeError:  # trio: no fire-and-forget task without a nursery
             self.launch(services, url)
             return
-        targets = self.balancer.probe_targets()
+        targets = self._targets()
         if not targets:
             return
         scheme, netloc = _origin(url)
@@ -194,7 +216,7 @@ class Probes:
         except Exception:
             ok = False
         finally:
-            self._end(ok)
+            self._end(backend, ok)
 
     # -- the end ------------------------------------------------------------------------------
 

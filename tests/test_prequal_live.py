@@ -15,6 +15,7 @@ import httpx
 import pytest
 import requests
 
+import lbclient._probes
 from lbclient import AsyncLBTransport, LBAdapter, LBTransport, LoadBalancer, Prequal
 from lbclient.testing import Exchange, TestServer, TLSCerts
 
@@ -184,16 +185,21 @@ def test_nothing_sent_no_probes_and_none_after_close(servers: list[TestServer]) 
     assert sum(len(probes(s)) for s in servers) == 3
 
 
-def test_a_failing_probe_is_counted_and_harms_nothing() -> None:
+def test_a_failing_probe_is_counted_and_harms_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(lbclient._probes, "QUIET", 60.0)  # no probe to it again in this test
     server = TestServer("ok").start()  # no probe path: 200 without a report
     try:
         balancer = LoadBalancer([server.address], Prequal(r_probe=1))
         adapter = LBAdapter(balancer)
         with requests.Session() as session:
             session.mount("http://users/", adapter)
-            for _ in range(3):
+            assert session.get("http://users/").status_code == 200
+            wait_for(lambda: adapter.stats().probes_failed == 1)
+            for _ in range(3):  # its probe failed: not probed again for QUIET seconds
                 assert session.get("http://users/").status_code == 200
-            wait_for(lambda: adapter.stats().probes_failed == 3)
+            stats = adapter.stats()
+        assert (stats.probes_sent, stats.probes_failed, stats.probes_dropped) == (1, 1, 0)
+        assert sum(r.target == PATH for r in server.requests) == 1
         assert balancer.health(server.address).healthy
     finally:
         server.kill()
