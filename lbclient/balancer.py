@@ -182,7 +182,7 @@ class LoadBalancer:
 
     @property
     def backends(self) -> tuple[Backend, ...]:
-        """The current backends, sorted."""
+        """The current backends, sorted: the full set, with a subset too (see :attr:`members`)."""
         return self._view.backends
 
     @property

@@ -14,6 +14,7 @@ import pytest
 import requests
 
 from lbclient import (
+    AsyncLBTransport,
     Backend,
     Consistent,
     FNVHash,
@@ -130,7 +131,8 @@ def test_the_adapters_build_their_balancer_with_the_subset() -> None:
     subset = Subset(3, index=2, clients=8)
     transport = LBTransport(ADDRESSES, subset=subset)
     adapter = LBAdapter(ADDRESSES, subset=subset, algorithm=SmoothRoundRobin)
-    for lb in (transport.balancer, adapter.balancer):
+    async_transport = AsyncLBTransport(ADDRESSES, subset=subset, algorithm=PeakEWMA)
+    for lb in (transport.balancer, adapter.balancer, async_transport.balancer):
         assert lb.subset == subset
         assert lb.members == subset.subset(lb.backends)
     transport.close()
