@@ -34,6 +34,7 @@ from lbclient.health import HealthPolicy
 from lbclient.reports import FORMAT_HEADER
 from lbclient.retry import RequestOptions, RetryPolicy, RetryStats
 from lbclient.selection.base import AlgorithmLike
+from lbclient.subsets import Subset
 
 if TYPE_CHECKING:
     from lbclient._wire import Facts
@@ -98,11 +99,17 @@ def _balancer(
     balancer: LoadBalancer | Iterable[Backend | str],
     algorithm: AlgorithmLike | None,
     failure_statuses: Collection[int] | None,
+    subset: Subset | None = None,
 ) -> LoadBalancer:
     """The balancer an adapter uses: ``balancer``, or one built of the backends given."""
     if isinstance(balancer, LoadBalancer):
         if algorithm is not None:
             raise TypeError("algorithm= applies only when backends are given, not a balancer")
+        if subset is not None:
+            raise TypeError(
+                "subset= applies only when backends are given, not a balancer: "
+                "give the balancer LoadBalancer(..., subset=...)"
+            )
         if failure_statuses is not None:
             raise TypeError(
                 "failure_statuses= applies only when backends are given, not a balancer: "
@@ -111,8 +118,8 @@ def _balancer(
         return balancer
     health = None if failure_statuses is None else HealthPolicy(failure_statuses=failure_statuses)
     if algorithm is None:
-        return LoadBalancer(balancer, health=health)
-    return LoadBalancer(balancer, algorithm, health=health)
+        return LoadBalancer(balancer, health=health, subset=subset)
+    return LoadBalancer(balancer, algorithm, health=health, subset=subset)
 
 
 class AdapterConfig(Generic[_R]):
@@ -138,8 +145,9 @@ class AdapterConfig(Generic[_R]):
         name: str,
         hedges: bool,
         load_reports: object = None,
+        subset: Subset | None = None,
     ) -> None:
-        self.balancer = _balancer(balancer, algorithm, failure_statuses)
+        self.balancer = _balancer(balancer, algorithm, failure_statuses, subset)
         #: The header that asks every backend for a load report, or None (see
         #: :func:`asks_for`).
         self.asks = asks_for(load_reports, self.balancer)

@@ -40,6 +40,8 @@ from lbclient.selection.slow_start import SlowStart
 __all__ = ["Picker", "Roster", "View", "Views", "candidates", "find", "order", "require"]
 
 _NONE: frozenset[Backend] = frozenset()
+#: Told of a change of a backend in a view: ``watch(view, backend, before, after)``.
+Watch = Callable[["View", Backend, HealthState, HealthState], None]
 _time = itemgetter(0)
 
 
@@ -100,7 +102,7 @@ class View(Tally):
     to a large set costs what changed.
     """
 
-    __slots__ = ("backends", "by_address", "loads", "roster", "selector")
+    __slots__ = ("backends", "by_address", "loads", "roster", "selector", "watch")
 
     #: The backends available now and the selector among them; None for a selection that
     #: keeps its own fallback order (the key-based ones). Replaced by :meth:`restate`.
@@ -134,6 +136,9 @@ class View(Tally):
         self.selector = selector
         self.loads = loads
         self.roster = None
+        #: Told of every change after this view's own (a balancer's subset: see
+        #: :mod:`lbclient._subset_view`); None for none.
+        self.watch: Watch | None = None
         if among(selector, backends) is not None:
             self.roster = self._first_roster(previous, removed, added)
 
@@ -222,7 +227,10 @@ class View(Tally):
     def restate(
         self, backend: Backend, before: HealthState, after: HealthState, flipped: bool
     ) -> None:
-        """Under the book's lock: keep the roster current after ``backend``'s change."""
+        """Under the book's lock: keep the roster current after ``backend``'s change, and tell
+        :attr:`watch`."""
+        if self.watch is not None:
+            self.watch(self, backend, before, after)
         roster = self.roster
         if roster is None:
             return
@@ -258,7 +266,7 @@ class Views:
     their health, ``clock`` dates the arrival of backends (for slow start), ``total`` counts
     requests in flight over every backend (for bounded loads)."""
 
-    __slots__ = ("algorithm", "clock", "policy", "total")
+    __slots__ = ("algorithm", "clock", "policy", "total", "watch")
 
     def __init__(
         self, algorithm: Any, policy: HealthPolicy, clock: Callable[[], float], total: Total
@@ -267,6 +275,8 @@ class Views:
         self.policy = policy
         self.clock = clock
         self.total = total
+        #: Given to every view made (:attr:`View.watch`).
+        self.watch: Watch | None = None
 
     def selector(self, prepared: tuple[Backend, ...], old: View | None, change: Any) -> Selector:
         """The selector of ``prepared``: rebuilt from ``old``'s, told of ``change``, by an
@@ -319,6 +329,7 @@ class Views:
         attach = getattr(view.selector, "attach", None)
         if attach is not None:  # load-aware selectors read the live load
             attach(view.loads, self.clock, total)
+        view.watch = self.watch
         return view
 
 

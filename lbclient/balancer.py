@@ -14,8 +14,7 @@ the injected ones, and any import of the checks, discovery, the services layer, 
 or an HTTP client. It does not bind, start or stop checks or discovery, nor read a check's
 settings: ``health_check`` and ``discovery`` are kept for the services layer, which makes its
 lifecycle (:func:`install_lifecycle`). The one write a selection makes is taking the probe of an
-ejected backend whose time is up, under the book's lock, once per ejection.
-"""
+ejected backend whose time is up, under the book's lock, once per ejection."""
 
 from __future__ import annotations
 
@@ -24,10 +23,13 @@ import random as _random
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
 from lbclient._book import HealthBook, OnChange
+from lbclient._lifecycle import Lifecycle
+from lbclient._lifecycle import bad_setting as bad_setting
 from lbclient._load import Load, Total
+from lbclient._subset_view import Members, MemberView, check_subset
 from lbclient._view import Picker, View, Views, candidates, find, require
 from lbclient.backend import Backend
 from lbclient.health import HealthPolicy, HealthSnapshot, HealthState, Outcome
@@ -42,6 +44,7 @@ from lbclient.selection.base import (
 )
 from lbclient.selection.slow_start import SlowStart, slow_start_of
 from lbclient.selection.weighted import RoundRobin
+from lbclient.subsets import Subset
 
 __all__ = ["DEFAULT_MAX_ITERATIONS", "Lifecycle", "LoadBalancer", "install_lifecycle"]
 
@@ -57,33 +60,8 @@ DEFAULT_DECAY: Final = 10.0
 Accept = Callable[[Backend, bool], bool]
 
 
-class Lifecycle(Protocol):
-    """The port through which a balancer's users start and stop what runs beside it (its
-    discovery and active checks): started by the first user, stopped by the last, every start
-    paired with its stop. The balancer only forwards :meth:`LoadBalancer.start` and the rest to
-    it; lbclient's services layer implements it."""
-
-    def start(self) -> None: ...
-
-    async def astart(self) -> None: ...
-
-    def stop(self) -> None: ...
-
-    async def astop(self) -> None: ...
-
-
 #: Makes the lifecycle of a balancer that has a ``health_check`` or a ``discovery``.
 _make_lifecycle: Callable[[LoadBalancer], Lifecycle] | None = None
-
-
-def bad_setting(name: str, value: object) -> TypeError:
-    """The error for a ``health_check`` or ``discovery`` setting that is not one."""
-    if name == "health_check":
-        return TypeError(f"health_check must be a TcpCheck, an HttpCheck or None, got {value!r}")
-    return TypeError(
-        "discovery must be a source of lbclient.discovery (Static, DNS, File, or Function(fn) "
-        f"around a function of your own) or None, got {value!r}"
-    )
 
 
 def install_lifecycle(make: Callable[[LoadBalancer], Lifecycle]) -> None:
@@ -130,11 +108,14 @@ class LoadBalancer:
     * ``random``: returns a float in [0, 1); the only random source the balancer draws from,
       for slow start's ramp (``random.random``). Inject a seeded one (``random.Random(7).random``)
       to make selection repeatable.
+    * ``subset``: a :class:`~lbclient.Subset`: select only among its members, an unavailable
+      one replaced by the next candidate outside it until it returns (None: every backend).
+      Needs an algorithm that ignores the key (ValueError otherwise). Health is kept for every
+      backend; panic mode is the subset's.
 
     The check and the discovery run on one runner per balancer (a thread and a few workers
     for sync users, tasks of the running loop for asyncio ones), kept by lbclient's services
-    layer, which the balancer reaches only through its :class:`Lifecycle` port.
-    """
+    layer, which the balancer reaches only through its :class:`Lifecycle` port."""
 
     def __init__(
         self,
@@ -148,6 +129,7 @@ class LoadBalancer:
         on_change: OnChange | None = None,
         clock: Callable[[], float] = time.monotonic,
         random: Callable[[], float] = _random.random,
+        subset: Subset | None = None,
     ) -> None:
         if health is None:
             health = HealthPolicy()
@@ -162,6 +144,7 @@ class LoadBalancer:
         if not callable(random):
             raise TypeError(f"random must be callable, got {random!r}")
         self._algorithm = resolve_algorithm(algorithm)
+        subset = check_subset(subset, self._algorithm)
         self._policy = health
         self._clock = clock
         self._random = random
@@ -178,6 +161,9 @@ class LoadBalancer:
         self._picker = Picker(self._book, clock, random, self._slow_start)
         prepared = prepare_backends(backends)
         self._view = self._views.view(prepared, None)
+        #: The view selection reads: the full one, or the subset's (swapped in on its changes).
+        self._members = None if subset is None else Members(subset, self._views, self._swap)
+        self._pick: View = self._view if self._members is None else self._members.build(self._view)
         #: What the discovery reported (refreshes, failures, error, priority), for snapshots.
         self._found: tuple[int, int, str | None, int | None] = (0, 0, None, None)
         self._health_check = health_check
@@ -196,8 +182,23 @@ class LoadBalancer:
 
     @property
     def backends(self) -> tuple[Backend, ...]:
-        """The current backends, sorted."""
+        """The current backends, sorted: the full set, with a subset too (see :attr:`members`)."""
         return self._view.backends
+
+    @property
+    def members(self) -> tuple[Backend, ...]:
+        """The backends selection uses now: the subset's members, replacements included (the
+        current backends without a subset); :attr:`backends` is the full set."""
+        pick = self._pick
+        return pick.members if isinstance(pick, MemberView) else pick.backends
+
+    @property
+    def subset(self) -> Subset | None:
+        """The ``subset`` setting (None: every backend)."""
+        return None if self._members is None else self._members.subset
+
+    def _swap(self, pick: MemberView) -> None:
+        self._pick = pick
 
     @property
     def algorithm(self) -> object:
@@ -234,7 +235,7 @@ class LoadBalancer:
     @property
     def panic(self) -> bool:
         """Whether panic mode is on: too few backends are healthy, so health is ignored."""
-        return self._view.panic
+        return self._pick.panic
 
     def select(
         self, key: Key = b"", max_iterations: int = DEFAULT_MAX_ITERATIONS
@@ -249,9 +250,8 @@ class LoadBalancer:
         ``SmoothRoundRobin``) chooses among the available backends alone, so they share what
         the unavailable ones would have had by their weights; an ejected backend whose probe
         is due is chosen first, for that one request. The key-based algorithms keep their own
-        fallback: the next candidate of the key's order.
-        """
-        view = self._view
+        fallback: the next candidate of the key's order."""
+        view = self._pick
         if (
             not view.impaired
             and self._slow_start is None
@@ -267,11 +267,10 @@ class LoadBalancer:
         Every item pulled from the selection order counts toward ``max_iterations``, repeated
         ones included. Every backend is offered in time, available or not; with an algorithm
         that follows weights and backends unavailable, the order starts with a pick among the
-        available ones (see :func:`lbclient._view.order`).
-        """
+        available ones (see :func:`lbclient._view.order`)."""
         if not callable(accept):
             raise TypeError(f"accept must be callable as accept(backend, ready), got {accept!r}")
-        return self._select(self._view, key, max_iterations, accept)
+        return self._select(self._pick, key, max_iterations, accept)
 
     def _select(
         self, view: View, key: Key, max_iterations: object, accept: Accept
@@ -296,12 +295,11 @@ class LoadBalancer:
         backend not yet yielded, in sorted order. Use :meth:`admit` to take only ready ones.
 
         * ``after``: this request's first pick, already taken (by :meth:`select`): the order
-          continues from it, draws no first pick of its own, and never yields it (None).
-        """
+          continues from it, draws no first pick of its own, and never yields it (None)."""
         limit = check_max_iterations(max_iterations)
         if after is not None and not isinstance(after, Backend):
             raise TypeError(f"after must be a Backend or None, got {after!r}")
-        return candidates(self._view, to_key(key), limit, after)
+        return candidates(self._pick, to_key(key), limit, after)
 
     def ready(self, backend: Backend | str) -> bool:
         """Whether ``backend`` may be chosen now: in the set, enabled, and healthy, due for its
@@ -319,7 +317,7 @@ class LoadBalancer:
         if found is None:
             return False
         state = view.cells[found].state
-        if view.panic or state.healthy:
+        if self._pick.panic or state.healthy:
             return state.enabled
         now = self._clock()
         if not (state.enabled and state.probe_due(now)):
@@ -361,7 +359,7 @@ class LoadBalancer:
         clock (see :meth:`Load.read`); one kept is also told to the current selector, as
         ``selector.reported(backend, report, probe)`` where it has that method."""
         report = load.read(header, rif, latency_us, self._clock())
-        tell = None if backend is None else getattr(self._view.selector, "reported", None)
+        tell = None if backend is None else getattr(self._pick.selector, "reported", None)
         if report is not None and tell is not None:
             tell(backend, report, probe)
         return report
@@ -385,7 +383,7 @@ class LoadBalancer:
     def probe_targets(self) -> list[Backend]:
         """The backends to probe for one request, if the algorithm probes (Prequal): ready
         ones only; none otherwise. Deciding only: the transports send the probes."""
-        ask = getattr(self._view.selector, "probes_for_request", None)
+        ask = getattr(self._pick.selector, "probes_for_request", None)
         return [] if ask is None else list(ask(self.ready))
 
     def load(self, backend: Backend | str) -> Load:
@@ -403,8 +401,7 @@ class LoadBalancer:
 
         A change costs what changed: backends equal to current ones (same metadata) are taken
         as the current objects, and an algorithm that can rebuild its selector from the
-        previous one (:class:`~lbclient.selection.base.Rebuildable`) is asked to.
-        """
+        previous one (:class:`~lbclient.selection.base.Rebuildable`) is asked to."""
         from lbclient.selection.base import changes, prepare_update
 
         hint = self._view
@@ -418,9 +415,10 @@ class LoadBalancer:
             selector = self._views.selector(prepared, old, change)
             with self._book.lock:
                 # Cells and counts are taken under the lock: no health change is lost.
-                self._view = self._views.view(
+                self._view = view = self._views.view(
                     prepared, old, selector, (change.removed, change.added)
                 )
+                self._pick = view if self._members is None else self._members.build(view)
         logger.debug("backends updated: %d backends", len(prepared))
         return True
 
@@ -436,8 +434,7 @@ class LoadBalancer:
 
         ``outcome`` is an :class:`Outcome`, or a bool: True for a success, False for a
         connection-level failure. Reports for a backend no longer in the set (an update raced
-        the request) are ignored.
-        """
+        the request) are ignored."""
         if outcome is True:
             outcome = Outcome.SUCCESS
             # The common case needs no lock: a success on a backend with no failure streak
@@ -472,8 +469,7 @@ class LoadBalancer:
 
         ``successes`` and ``failures`` are the results in a row that flip the check's verdict
         up and down (1 and 1: every result decides); a check passes its own thresholds.
-        ``detail`` says why a check failed, for the log.
-        """
+        ``detail`` says why a check failed, for the log."""
         if not isinstance(ok, bool):
             raise TypeError(f"ok must be a bool, got {ok!r}")
         found = find(self._view, backend)
@@ -546,7 +542,8 @@ class LoadBalancer:
     def snapshot(self) -> HealthSnapshot:
         """Every backend's health and load, and whether panic mode is on, as of now."""
         view = self._view
-        return self._book.snapshot(view.backends, view, view.loads, self._decay, self._found)
+        shot = self._book.snapshot(view.backends, view, view.loads, self._decay, self._found)
+        return shot if self._members is None else self._members.shown(shot)
 
     def __len__(self) -> int:
         return len(self._view.backends)
@@ -572,6 +569,7 @@ class LoadBalancer:
                 self._discovery,
                 self._refresh,
                 None if self._random is _random.random else self._random,
+                self.subset,
             ),
         )
 
@@ -586,6 +584,7 @@ def _restore(
     discovery: object | None = None,
     refresh: float | None = None,
     random: Callable[[], float] | None = None,
+    subset: Subset | None = None,
 ) -> LoadBalancer:
     return LoadBalancer(
         backends,
@@ -597,4 +596,5 @@ def _restore(
         discovery=discovery,
         refresh=refresh,
         random=random or _random.random,
+        subset=subset,
     )

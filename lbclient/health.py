@@ -349,6 +349,11 @@ class HealthSnapshot:
     discovery_part_failures: Mapping[str, int] = field(default_factory=dict)
     #: What failed in the latest answer, when a part of it did; None once an answer is whole.
     discovery_partial: str | None = None
+    #: With a :class:`~lbclient.Subset`: the subset regardless of health, and the members
+    #: selection uses now (replacements for unavailable ones included); None without one.
+    #: Panic mode is then the subset's.
+    subset: tuple[Backend, ...] | None = None
+    members: tuple[Backend, ...] | None = None
 
     @property
     def ready(self) -> int:

@@ -17,8 +17,7 @@ What lives here: translating httpx requests, responses and exceptions for the at
 wire that sends one attempt and returns what it saw, the pools, the body wrappers. What may
 not: a retry, timeout or health rule of its own, or recording an outcome; those live once, in
 the plan (:mod:`lbclient._plan`) and the loop (:mod:`lbclient._loop`), shared with the requests
-adapter.
-"""
+adapter."""
 
 from __future__ import annotations
 
@@ -43,6 +42,7 @@ from lbclient.balancer import LoadBalancer
 from lbclient.errors import NoBackendAvailable
 from lbclient.retry import Failure, RetryBudget, RetryPolicy, RetryStats
 from lbclient.selection.base import AlgorithmLike
+from lbclient.subsets import Subset
 
 __all__ = ["AsyncLBTransport", "KeyFunction", "LBTransport", "NoBackendAvailableError"]
 
@@ -289,6 +289,7 @@ class _Configured(Generic[_P, _T]):
         limits: httpx.Limits = DEFAULT_LIMITS,
         local_address: str | None = None,
         socket_options: Iterable[Any] | None = None,
+        subset: Subset | None = None,
     ) -> None:
         self._config: AdapterConfig[httpx.Response] = AdapterConfig(
             balancer,
@@ -311,6 +312,7 @@ class _Configured(Generic[_P, _T]):
             unavailable=_unavailable,
             name=type(self).__name__,
             hedges=self._hedges,
+            subset=subset,
         )
         self._options = pool_options(
             verify, cert, trust_env, http1, http2, limits, local_address, socket_options
@@ -406,10 +408,11 @@ class LBTransport(_Configured[httpcore.ConnectionPool, httpx.HTTPTransport], htt
     * ``limits``: an ``httpx.Limits`` applied to each backend's pool (100 connections, 20 kept
       alive).
     * ``local_address``, ``socket_options``: as for ``httpx.HTTPTransport`` (None, None).
+    * ``subset``: a :class:`~lbclient.Subset` when backends are given: connections go to its
+      members and their replacements only (None: every backend; see :class:`LoadBalancer`).
 
     One request may override ``max_attempts``, ``attempt_timeout`` and ``deadline`` with
-    ``extensions={"lbclient": RequestOptions(...)}`` (or a dict of them).
-    """
+    ``extensions={"lbclient": RequestOptions(...)}`` (or a dict of them)."""
 
     _plain_class = httpx.HTTPTransport
     _hedges = False

@@ -13,8 +13,7 @@ What lives here: translating requests and urllib3 (the prepared request's URL, t
 exceptions, sorted into never-sent and maybe-sent failures; the response's body). Backends are
 contacted directly: proxies resolved for the logical URL are not used. What may not: a retry,
 timeout or health rule of its own, or recording an outcome; those live once, in the plan
-(:mod:`lbclient._plan`) and the loop (:mod:`lbclient._loop`), shared with the httpx transports.
-"""
+(:mod:`lbclient._plan`) and the loop (:mod:`lbclient._loop`), shared with the httpx transports."""
 
 from __future__ import annotations
 
@@ -45,6 +44,7 @@ from lbclient.balancer import LoadBalancer
 from lbclient.errors import NoBackendAvailable
 from lbclient.retry import RequestOptions, RetryBudget, RetryPolicy, RetryStats
 from lbclient.selection.base import AlgorithmLike
+from lbclient.subsets import Subset
 
 __all__ = ["LBAdapter", "LBTimeout", "NoBackendAvailableError", "RequestsKeyFunction", "mount"]
 
@@ -189,7 +189,7 @@ class LBAdapter(HTTPAdapter):
 
     * ``balancer``, ``algorithm``, ``max_attempts``, ``retry_maybe_sent``, ``retry_statuses``,
       ``failure_statuses``, ``attempt_timeout``, ``deadline``, ``budget``, ``policy``,
-      ``load_reports``: as for :class:`~lbclient.LBTransport`.
+      ``load_reports``, ``subset``: as for :class:`~lbclient.LBTransport`.
     * ``hedge_after``: a ValueError unless None: hedging needs the async httpx transport.
     * ``hosts``: the logical host names served; requests for other hosts are sent as a plain
       ``HTTPAdapter`` sends them (None: the host of the first request).
@@ -202,8 +202,7 @@ class LBAdapter(HTTPAdapter):
 
     One request may override ``max_attempts``, ``attempt_timeout`` and ``deadline`` with
     ``timeout=LBTimeout(...)``. The adapter survives pickling with its session (health starts
-    afresh).
-    """
+    afresh)."""
 
     __attrs__ = [*HTTPAdapter.__attrs__, "_config"]  # noqa: RUF012 (as HTTPAdapter declares it)
 
@@ -227,6 +226,7 @@ class LBAdapter(HTTPAdapter):
         pool_connections: int = 10,
         pool_maxsize: int = 10,
         pool_block: bool = False,
+        subset: Subset | None = None,
     ) -> None:
         self._config: AdapterConfig[requests.Response] = AdapterConfig(
             balancer,
@@ -248,6 +248,7 @@ class LBAdapter(HTTPAdapter):
             unavailable=_unavailable,
             name="LBAdapter",
             hedges=False,
+            subset=subset,
         )
         super().__init__(pool_connections, pool_maxsize, 0, pool_block)
         self.max_retries = Retry(0, read=False, redirect=False, status=False)

@@ -39,6 +39,8 @@ CORE = [
     "_load",
     "reports",
     "_view",
+    "_subset_view",
+    "_lifecycle",
     "balancer",
     "errors",
     "retry",

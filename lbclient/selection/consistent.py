@@ -274,6 +274,9 @@ class Consistent:
       the ring, e.g. 1.25 (None: exactly nginx's routing, whatever the load).
     """
 
+    #: Whether the key decides the picks: a subset would break key agreement across clients.
+    keyed = True
+
     def __init__(
         self,
         points_per_weight: int = DEFAULT_POINTS_PER_WEIGHT,

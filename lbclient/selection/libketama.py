@@ -333,6 +333,9 @@ class LibKetama:
     For nginx's ``hash ... consistent`` ring use :class:`~lbclient.Consistent` instead.
     """
 
+    #: Whether the key decides the picks: a subset would break key agreement across clients.
+    keyed = True
+
     def __init__(self, variant: str = "uhashring") -> None:
         if not isinstance(variant, str):
             raise TypeError(f"variant must be a str, got {variant!r} ({type(variant).__name__})")

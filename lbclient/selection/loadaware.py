@@ -164,6 +164,9 @@ class LeastRequest:
       seconds) for backends that join or return from an ejection (None: none).
     """
 
+    #: Whether the key decides the picks (no: it may select within a subset).
+    keyed = False
+
     def __init__(
         self,
         choices: int = 2,
@@ -221,6 +224,9 @@ class PeakEWMA:
     * ``penalty``: seconds of latency one failure adds (1.0).
     * ``slow_start``: as for :class:`LeastRequest` (None).
     """
+
+    #: Whether the key decides the picks (no: it may select within a subset).
+    keyed = False
 
     def __init__(
         self,

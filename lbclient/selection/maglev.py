@@ -241,6 +241,9 @@ class Maglev:
     :class:`Rendezvous`, a few others; a larger table moves fewer.
     """
 
+    #: Whether the key decides the picks: a subset would break key agreement across clients.
+    keyed = True
+
     def __init__(self, table_size: int = DEFAULT_TABLE_SIZE) -> None:
         self.table_size = check_table_size(table_size)
 

@@ -96,6 +96,9 @@ class Prequal:
       choices (``random.random``); inject a seeded one to make them repeatable.
     """
 
+    #: Whether the key decides the picks (no: it may select within a subset).
+    keyed = False
+
     #: The transports ask every backend for a load report by default.
     load_reports = True
     #: The time constant of the live load's estimate (the fallback's).

@@ -147,6 +147,9 @@ class Rendezvous:
     full ranking of the backends per key. A pick costs one hash per backend.
     """
 
+    #: Whether the key decides the picks: a subset would break key agreement across clients.
+    keyed = True
+
     @buildmethod
     def build(self, backends: Iterable[Backend | str]) -> RendezvousSelector:
         """Build a selector over ``backends`` (sorted and de-duplicated first)."""

@@ -284,6 +284,9 @@ class SmoothRoundRobin:
       seconds) for backends that join or return from an ejection (None: none).
     """
 
+    #: Whether the key decides the picks (no: it may select within a subset).
+    keyed = False
+
     def __init__(self, *, slow_start: SlowStart | float | None = None) -> None:
         self.slow_start = slow_start_of(slow_start)
 

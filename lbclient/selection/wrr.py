@@ -420,6 +420,9 @@ class WeightedRoundRobin:
     them).
     """
 
+    #: Whether the key decides the picks (no: it may select within a subset).
+    keyed = False
+
     #: A transport that sees this asks each backend for a load report with every request.
     load_reports: Final = True
 
