@@ -227,11 +227,12 @@ def _churn(
         else Subset(options.subset_size, salt=salts[i])
         for i in range(options.clients)
     ]
+    earlier = [set(subset.members(backends)) for subset in subsets]
     tallies = []
     for after in (grown, shrunk):
         changed = members = most = 0
-        for subset in subsets:
-            before, now = set(subset.members(backends)), set(subset.members(after))
+        for subset, before in zip(subsets, earlier, strict=True):
+            now = set(subset.members(after))
             moved = max(len(before - now), len(now - before))
             if moved:
                 changed += 1
@@ -544,7 +545,8 @@ def plot(runs: Sequence[FleetRun], path: Path) -> None:
         axes.legend(fontsize=7)
     first = runs[0].options
     figure.suptitle(
-        f"{first.clients:,} clients x {first.backends:,} backends, {first.zones} zones, "
+        f"{first.clients:,} clients x {first.backends:,} backends, {first.zones} "
+        f"zone{'s' if first.zones != 1 else ''}, "
         f"{first.algorithm}, {first.requests:,} requests",
         fontsize=11,
     )
