@@ -9,12 +9,14 @@ concurrency) side by side with their baselines and prints one table of medians, 
 floors.
 ``simulate`` shows how an algorithm spreads keys over weighted backends and how many keys move
 when one backend is removed or added, against the ideal; for the algorithms that ignore the key,
-a simulated run with one slow backend instead.
+a simulated run with one slow backend instead; ``simulate --fleet``, a fleet of clients with
+subsets and zones on a virtual clock.
 
 This package holds the command-line tools, apart from the library's modules: the argument parser
 here, :mod:`lbclient.cli.demo`, :mod:`lbclient.cli.bench` (the benchmarks) and
-:mod:`lbclient.cli.simulate`. They use the library through its public names only, and the library
-never imports this package. Its modules are not public API: their names may change.
+:mod:`lbclient.cli.simulate` (its fleet in :mod:`lbclient.cli.fleet_sim`). They use the library
+through its public names only, and the library never imports this package. Its modules are not
+public API: their names may change.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ COMMANDS = {
     "bench": "selection, transport, hedging, load-aware and concurrency benchmarks against their "
     "baselines, in one table",
     "simulate": "key distribution per backend, and keys moved when a backend leaves or joins; "
-    "load runs with one slow backend for the algorithms that ignore the key",
+    "load runs with one slow backend for the algorithms that ignore the key; --fleet: many "
+    "clients with subsets and zones",
 }
 
 

@@ -149,6 +149,8 @@ UNKEYED_REASON["weightedroundrobin"] = UNKEYED_REASON["wrr"].replace("wrr", "wei
 #: The algorithm every load run is compared with.
 BASELINE = "roundrobin"
 
+#: The defaults of the options whose default differs with --fleet (see fleet_sim's).
+DEFAULTS = {"algorithm": "consistent", "backends": 10, "clients": 32, "requests": 20_000}
 MAX_BACKENDS = 10_000
 MAX_KEYS = 10_000_000
 MAX_CLIENTS = 10_000
@@ -857,7 +859,17 @@ def parse_weights(text: str, backends: int) -> list[Backend]:
 def command(args: argparse.Namespace) -> int:
     """Run ``python -m lbclient simulate``; 0, or 2 (after an error message) for bad input."""
     parser: argparse.ArgumentParser = args.simulate_parser
-    if args.weights is None:
+    from lbclient.cli import fleet_sim
+
+    if not args.fleet:
+        fleet_sim.check_not_fleet(args, parser)
+        for name, default in DEFAULTS.items():
+            if getattr(args, name) is None:
+                setattr(args, name, default)
+    backends: list[Backend] = []
+    if args.fleet:
+        pass  # the fleet makes its own backends
+    elif args.weights is None:
         backends = backends_for([1] * args.backends)
     else:
         try:
@@ -875,6 +887,8 @@ def command(args: argparse.Namespace) -> int:
             load_matplotlib()
         except ImportError:
             parser.error(f"--plot needs matplotlib, which is not installed: {PLOT_EXTRA}")
+    if args.fleet:
+        return fleet_sim.command(args, parser, path)
     start = time.perf_counter()
     result = simulate(args.algorithm, backends, make_keys(args.keys, args.seed), args.seed)
     print(format_report(result))
@@ -901,14 +915,12 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     sub.add_argument(
         "--algorithm",
         choices=list(ALGORITHMS),
-        default="consistent",
-        help="the selection algorithm (default: consistent)",
+        help="the selection algorithm (default: consistent; --fleet: roundrobin)",
     )
     sub.add_argument(
         "--backends",
         type=_count(1, MAX_BACKENDS),
-        default=10,
-        help="number of backends (default: 10)",
+        help="number of backends (default: 10; --fleet: 300)",
     )
     sub.add_argument(
         "--weights",
@@ -924,15 +936,13 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     sub.add_argument(
         "--clients",
         type=_count(1, MAX_CLIENTS),
-        default=32,
         help="load runs (the algorithms that ignore the key): clients sending "
-        "requests back to back (default: 32)",
+        "requests back to back (default: 32; --fleet: the fleet's clients, 300)",
     )
     sub.add_argument(
         "--requests",
         type=_count(1, MAX_REQUESTS),
-        default=20_000,
-        help="load runs: requests completed per run (default: 20,000)",
+        help="load runs: requests completed per run (default: 20,000; --fleet: 100,000)",
     )
     sub.add_argument(
         "--seed",
@@ -948,4 +958,7 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "algorithms that ignore the key, the second is the slow-backend run's "
         "shares",
     )
+    from lbclient.cli import fleet_sim
+
+    fleet_sim.add_arguments(sub)
     sub.set_defaults(simulate_parser=sub)
