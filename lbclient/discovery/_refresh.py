@@ -26,6 +26,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
+import anyio
+
 from lbclient._background import Every
 from lbclient.backend import Backend
 from lbclient.discovery.base import ServiceDiscovery, as_discovered, positive
@@ -331,8 +333,10 @@ class RefreshJob:
         if item == REFRESH:
             limit = self.timeout * OVERRUN + 1.0
             try:
-                outcome = await asyncio.wait_for(self._ask(), limit)
-            except asyncio.TimeoutError:  # the limit's own: the source's is in the outcome
+                # In this task (no task of its own): cancelling the round cancels the lookup.
+                with anyio.fail_after(limit):
+                    outcome = await self._ask()
+            except TimeoutError:  # the limit's own: the source's is in the outcome
                 error = f"timed out after {limit:g} s"
             else:
                 if isinstance(outcome, Exception):
