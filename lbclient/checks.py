@@ -28,6 +28,8 @@ import time
 from collections.abc import Callable, Collection, Mapping
 from typing import TYPE_CHECKING, Final
 
+import anyio
+
 import lbclient._services  # noqa: F401  (installs the services layer: see the module's text)
 from lbclient._background import Every
 from lbclient.backend import Backend
@@ -168,7 +170,8 @@ class TcpCheck(HealthCheck):
             _reader, writer = await self._aconnect(backend)
             await _close(writer)
 
-        await asyncio.wait_for(run(), self.timeout)
+        with anyio.fail_after(self.timeout):  # in this task: a cancelled check stops at once
+            await run()
 
 
 class HttpCheck(HealthCheck):
@@ -323,7 +326,8 @@ class HttpCheck(HealthCheck):
             finally:
                 await _close(writer)
 
-        await asyncio.wait_for(run(), self.timeout)
+        with anyio.fail_after(self.timeout):  # in this task: a cancelled check stops at once
+            await run()
 
     def __repr__(self) -> str:
         return (
