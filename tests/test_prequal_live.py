@@ -113,7 +113,9 @@ def test_routing_follows_the_probed_rif(servers: list[TestServer]) -> None:
         for _ in range(30):
             client.get("http://users/")
     assert served(busy) < min(served(s) for s in idle)
-    assert served(busy) <= 3
+    # Of 31 requests (a third each if spread evenly): a few at most, the picks made while a slow
+    # machine's probes had not yet refilled the pool (peak EWMA's, then).
+    assert served(busy) <= 6
 
 
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
