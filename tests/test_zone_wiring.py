@@ -15,6 +15,7 @@ import pytest
 import requests
 
 from lbclient import (
+    AsyncLBTransport,
     Backend,
     Consistent,
     Hash,
@@ -190,6 +191,7 @@ def test_the_zone_survives_pickling() -> None:
 def test_the_adapters_pass_the_zone_to_their_balancer() -> None:
     assert zones_of(LBTransport(fleet(), zone="c").balancer, 9) == {"c": 9}
     assert zones_of(LBAdapter(fleet(), zone="c").balancer, 9) == {"c": 9}
+    assert zones_of(AsyncLBTransport(fleet(), zone="c").balancer, 9) == {"c": 9}
     with pytest.raises(TypeError, match="zone= applies only when backends are given"):
         LBTransport(LoadBalancer(fleet()), zone="c")
 
