@@ -100,16 +100,18 @@ def _balancer(
     algorithm: AlgorithmLike | None,
     failure_statuses: Collection[int] | None,
     subset: Subset | None = None,
+    zone: str | None = None,
 ) -> LoadBalancer:
     """The balancer an adapter uses: ``balancer``, or one built of the backends given."""
     if isinstance(balancer, LoadBalancer):
         if algorithm is not None:
             raise TypeError("algorithm= applies only when backends are given, not a balancer")
-        if subset is not None:
-            raise TypeError(
-                "subset= applies only when backends are given, not a balancer: "
-                "give the balancer LoadBalancer(..., subset=...)"
-            )
+        for name, value in (("subset", subset), ("zone", zone)):
+            if value is not None:
+                raise TypeError(
+                    f"{name}= applies only when backends are given, not a balancer: "
+                    f"give the balancer LoadBalancer(..., {name}=...)"
+                )
         if failure_statuses is not None:
             raise TypeError(
                 "failure_statuses= applies only when backends are given, not a balancer: "
@@ -118,8 +120,8 @@ def _balancer(
         return balancer
     health = None if failure_statuses is None else HealthPolicy(failure_statuses=failure_statuses)
     if algorithm is None:
-        return LoadBalancer(balancer, health=health, subset=subset)
-    return LoadBalancer(balancer, algorithm, health=health, subset=subset)
+        return LoadBalancer(balancer, health=health, subset=subset, zone=zone)
+    return LoadBalancer(balancer, algorithm, health=health, subset=subset, zone=zone)
 
 
 class AdapterConfig(Generic[_R]):
@@ -146,8 +148,9 @@ class AdapterConfig(Generic[_R]):
         hedges: bool,
         load_reports: object = None,
         subset: Subset | None = None,
+        zone: str | None = None,
     ) -> None:
-        self.balancer = _balancer(balancer, algorithm, failure_statuses, subset)
+        self.balancer = _balancer(balancer, algorithm, failure_statuses, subset, zone)
         #: The header that asks every backend for a load report, or None (see
         #: :func:`asks_for`).
         self.asks = asks_for(load_reports, self.balancer)

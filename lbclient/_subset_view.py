@@ -116,7 +116,7 @@ class Members:
         """The member view of ``full`` (under the book's lock once ``full`` is shared)."""
         if self.order[0] is not full.backends:
             self.order = (full.backends, self.subset.candidates(full.backends))
-        full.watch = self.restate  # the first view was made before this was watching
+        full.watch = self.views.watch  # the first view was made before this was watching
         self.full = full
         self.current = self._make(full, *self._chosen(full))
         return self.current

@@ -422,16 +422,21 @@ class Picker:
         return age < ramp.window and self.random() >= ramp.factor(age)
 
     def walk(
-        self, view: View, key: bytes, limit: int, accept: Callable[[Backend, bool], bool]
+        self,
+        view: View,
+        key: bytes,
+        limit: int,
+        accept: Callable[[Backend, bool], bool],
+        walked: Iterator[Backend] | None = None,
     ) -> Backend | None:
-        """The first distinct candidate of :func:`order` within ``limit`` pulls that
-        ``accept(backend, ready)`` takes, a ramping one passed over unless nothing else is;
-        a due probe is taken when it is chosen."""
+        """The first distinct candidate of :func:`order` (or of ``walked``) within ``limit``
+        pulls that ``accept(backend, ready)`` takes, a ramping one passed over unless nothing
+        else is; a due probe is taken when it is chosen."""
         cells = view.cells
         panic = view.panic
         now: float | None = None
         passed: Backend | None = None  # a ramping backend passed over, as a last resort
-        for backend in UniqueIterator(order(view, key), limit):
+        for backend in UniqueIterator(order(view, key) if walked is None else walked, limit):
             state = cells[backend].state
             probe = False
             if panic or state.healthy:

@@ -31,6 +31,7 @@ from lbclient._lifecycle import bad_setting as bad_setting
 from lbclient._load import Load, Total
 from lbclient._subset_view import Members, MemberView, check_subset
 from lbclient._view import Picker, View, Views, candidates, find, require
+from lbclient._zone_view import Zones, check_zone
 from lbclient.backend import Backend
 from lbclient.health import HealthPolicy, HealthSnapshot, HealthState, Outcome
 from lbclient.reports import LoadReport
@@ -112,6 +113,9 @@ class LoadBalancer:
       one replaced by the next candidate outside it until it returns (None: every backend).
       Needs an algorithm that ignores the key (ValueError otherwise). Health is kept for every
       backend; panic mode is the subset's.
+    * ``zone``: this client's zone: route by Envoy's zone-aware rule over the backends'
+      ``metadata["zone"]`` (:func:`~lbclient.zones.plan_zones`; None: zone-blind). Key-less
+      algorithms only (ValueError otherwise); retries stay in the zone first.
 
     The check and the discovery run on one runner per balancer (a thread and a few workers
     for sync users, tasks of the running loop for asyncio ones), kept by lbclient's services
@@ -130,6 +134,7 @@ class LoadBalancer:
         clock: Callable[[], float] = time.monotonic,
         random: Callable[[], float] = _random.random,
         subset: Subset | None = None,
+        zone: str | None = None,
     ) -> None:
         if health is None:
             health = HealthPolicy()
@@ -144,7 +149,7 @@ class LoadBalancer:
         if not callable(random):
             raise TypeError(f"random must be callable, got {random!r}")
         self._algorithm = resolve_algorithm(algorithm)
-        subset = check_subset(subset, self._algorithm)
+        subset, zone = check_subset(subset, self._algorithm), check_zone(zone, self._algorithm)
         self._policy = health
         self._clock = clock
         self._random = random
@@ -164,6 +169,9 @@ class LoadBalancer:
         #: The view selection reads: the full one, or the subset's (swapped in on its changes).
         self._members = None if subset is None else Members(subset, self._views, self._swap)
         self._pick: View = self._view if self._members is None else self._members.build(self._view)
+        self._zones = (
+            None if zone is None else Zones(zone, self._views, self._picker, random, self._view)
+        )
         #: What the discovery reported (refreshes, failures, error, priority), for snapshots.
         self._found: tuple[int, int, str | None, int | None] = (0, 0, None, None)
         self._health_check = health_check
@@ -255,6 +263,7 @@ class LoadBalancer:
         if (
             not view.impaired
             and self._slow_start is None
+            and self._zones is None
             and type(max_iterations) is int
             and max_iterations > 0
         ):
@@ -276,7 +285,9 @@ class LoadBalancer:
         self, view: View, key: Key, max_iterations: object, accept: Accept
     ) -> Backend | None:
         limit = check_max_iterations(max_iterations)
-        roster = view.roster
+        zones, roster = self._zones, view.roster
+        if zones is not None and (zoned := zones.draw(view)) is not None:
+            return zones.select(view, zoned, to_key(key), limit, accept, accept is _accept_ready)
         if roster is not None and accept is _accept_ready:
             return self._picker.choose(view, roster, to_key(key), limit)
         return self._picker.walk(view, to_key(key), limit, accept)
@@ -299,7 +310,8 @@ class LoadBalancer:
         limit = check_max_iterations(max_iterations)
         if after is not None and not isinstance(after, Backend):
             raise TypeError(f"after must be a Backend or None, got {after!r}")
-        return candidates(self._pick, to_key(key), limit, after)
+        walk = candidates if self._zones is None else self._zones.candidates
+        return walk(self._pick, to_key(key), limit, after)
 
     def ready(self, backend: Backend | str) -> bool:
         """Whether ``backend`` may be chosen now: in the set, enabled, and healthy, due for its
@@ -543,7 +555,8 @@ class LoadBalancer:
         """Every backend's health and load, and whether panic mode is on, as of now."""
         view = self._view
         shot = self._book.snapshot(view.backends, view, view.loads, self._decay, self._found)
-        return shot if self._members is None else self._members.shown(shot)
+        shot = shot if self._members is None else self._members.shown(shot)
+        return shot if self._zones is None else self._zones.shown(shot, self._pick)
 
     def __len__(self) -> int:
         return len(self._view.backends)
@@ -557,44 +570,22 @@ class LoadBalancer:
 
     def __reduce__(self) -> tuple[Any, ...]:
         # The settings travel; health, load, and what ran beside the balancer start afresh.
-        return (
-            _restore,
-            (
-                self.backends,
-                self._algorithm,
-                self._policy,
-                self._health_check,
-                self._book.on_change,
-                self._clock,
-                self._discovery,
-                self._refresh,
-                None if self._random is _random.random else self._random,
-                self.subset,
-            ),
-        )
+        settings: dict[str, Any] = {
+            "health": self._policy,
+            "health_check": self._health_check,
+            "on_change": self._book.on_change,
+            "clock": self._clock,
+            "discovery": self._discovery,
+            "refresh": self._refresh,
+            "subset": self.subset,
+            "zone": None if self._zones is None else self._zones.local,
+        }
+        if self._random is not _random.random:
+            settings["random"] = self._random
+        return (_restore, (self.backends, self._algorithm, settings))
 
 
 def _restore(
-    backends: tuple[Backend, ...],
-    algorithm: AlgorithmLike,
-    health: HealthPolicy,
-    health_check: object | None,
-    on_change: OnChange | None,
-    clock: Callable[[], float],
-    discovery: object | None = None,
-    refresh: float | None = None,
-    random: Callable[[], float] | None = None,
-    subset: Subset | None = None,
+    backends: tuple[Backend, ...], algorithm: AlgorithmLike, settings: dict[str, Any]
 ) -> LoadBalancer:
-    return LoadBalancer(
-        backends,
-        algorithm,
-        health=health,
-        health_check=health_check,
-        on_change=on_change,
-        clock=clock,
-        discovery=discovery,
-        refresh=refresh,
-        random=random or _random.random,
-        subset=subset,
-    )
+    return LoadBalancer(backends, algorithm, **settings)

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field, replace
 
 from lbclient.backend import Backend
 from lbclient.reports import LoadReport
+from lbclient.zones import ZonePlan
 
 __all__ = ["BackendHealth", "HealthPolicy", "HealthSnapshot", "HealthState", "Outcome"]
 
@@ -354,6 +355,8 @@ class HealthSnapshot:
     #: Panic mode is then the subset's.
     subset: tuple[Backend, ...] | None = None
     members: tuple[Backend, ...] | None = None
+    #: With a ``zone``: the zone plan over the backends selection uses (None without one).
+    zones: ZonePlan | None = None
 
     @property
     def ready(self) -> int:

@@ -290,6 +290,7 @@ class _Configured(Generic[_P, _T]):
         local_address: str | None = None,
         socket_options: Iterable[Any] | None = None,
         subset: Subset | None = None,
+        zone: str | None = None,
     ) -> None:
         self._config: AdapterConfig[httpx.Response] = AdapterConfig(
             balancer,
@@ -313,6 +314,7 @@ class _Configured(Generic[_P, _T]):
             name=type(self).__name__,
             hedges=self._hedges,
             subset=subset,
+            zone=zone,
         )
         self._options = pool_options(
             verify, cert, trust_env, http1, http2, limits, local_address, socket_options
@@ -403,13 +405,11 @@ class LBTransport(_Configured[httpcore.ConnectionPool, httpx.HTTPTransport], htt
       balances on them (``WeightedRoundRobin``, ``Prequal``).
     * ``verify``, ``cert``, ``trust_env``: TLS verification, client certificate and whether to
       read ``SSL_CERT_FILE``-style settings, as for ``httpx.HTTPTransport`` (True, None, True).
-    * ``http1``, ``http2``: the HTTP versions offered (True, False; HTTP/2 needs
-      ``lbclient[http2]``).
-    * ``limits``: an ``httpx.Limits`` applied to each backend's pool (100 connections, 20 kept
-      alive).
+    * ``http1``, ``http2``: the HTTP versions offered (True, False; HTTP/2: ``lbclient[http2]``).
+    * ``limits``: an ``httpx.Limits`` for each backend's pool (100 connections, 20 kept alive).
     * ``local_address``, ``socket_options``: as for ``httpx.HTTPTransport`` (None, None).
-    * ``subset``: a :class:`~lbclient.Subset` when backends are given: connections go to its
-      members and their replacements only (None: every backend; see :class:`LoadBalancer`).
+    * ``subset``, ``zone``: when backends are given, a :class:`~lbclient.Subset` (connections
+      to its members and replacements only) and this client's zone (see :class:`LoadBalancer`).
 
     One request may override ``max_attempts``, ``attempt_timeout`` and ``deadline`` with
     ``extensions={"lbclient": RequestOptions(...)}`` (or a dict of them)."""

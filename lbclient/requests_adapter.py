@@ -82,8 +82,7 @@ class LBTimeout(tuple):  # type: ignore[type-arg]
     * ``connect``, ``read``: seconds, as requests' own ``timeout=(connect, read)``; ``read``
       defaults to ``connect`` (None, None: no timeout).
     * ``max_attempts``, ``attempt_timeout``, ``deadline``: as
-      :class:`~lbclient.RequestOptions` (None: the adapter's own).
-    """
+      :class:`~lbclient.RequestOptions` (None: the adapter's own)."""
 
     options: RequestOptions
 
@@ -189,14 +188,13 @@ class LBAdapter(HTTPAdapter):
 
     * ``balancer``, ``algorithm``, ``max_attempts``, ``retry_maybe_sent``, ``retry_statuses``,
       ``failure_statuses``, ``attempt_timeout``, ``deadline``, ``budget``, ``policy``,
-      ``load_reports``, ``subset``: as for :class:`~lbclient.LBTransport`.
+      ``load_reports``, ``subset``, ``zone``: as for :class:`~lbclient.LBTransport`.
     * ``hedge_after``: a ValueError unless None: hedging needs the async httpx transport.
     * ``hosts``: the logical host names served; requests for other hosts are sent as a plain
       ``HTTPAdapter`` sends them (None: the host of the first request).
     * ``key``: ``key(prepared_request)`` returns the selection key, bytes or str, or None
       (None: every request has the empty key).
-    * ``pool_connections``: connection pools kept; at least one per backend and TLS name is
-      best (10).
+    * ``pool_connections``: connection pools kept; one per backend and TLS name is best (10).
     * ``pool_maxsize``: connections kept per pool (10).
     * ``pool_block``: wait for a free connection instead of opening one more (False).
 
@@ -227,6 +225,7 @@ class LBAdapter(HTTPAdapter):
         pool_maxsize: int = 10,
         pool_block: bool = False,
         subset: Subset | None = None,
+        zone: str | None = None,
     ) -> None:
         self._config: AdapterConfig[requests.Response] = AdapterConfig(
             balancer,
@@ -249,6 +248,7 @@ class LBAdapter(HTTPAdapter):
             name="LBAdapter",
             hedges=False,
             subset=subset,
+            zone=zone,
         )
         super().__init__(pool_connections, pool_maxsize, 0, pool_block)
         self.max_retries = Retry(0, read=False, redirect=False, status=False)

@@ -40,6 +40,7 @@ CORE = [
     "reports",
     "_view",
     "_subset_view",
+    "_zone_view",
     "_lifecycle",
     "balancer",
     "errors",
