@@ -13,9 +13,10 @@ the state's makes a new one (reading the generation first) and stores it in one 
 Readers never lock.
 
 A request draws its zone by the plan's shares with the balancer's random source, then selects
-among that zone's available backends with the balancer's algorithm; retries continue in the
-zone first (its selector's order), then over every backend. A zone-blind plan (too few
-backends, the local zone unhealthy or unknown) or panic mode selects as without zones.
+among that zone's available backends with the balancer's algorithm; a retry goes to one more
+backend of the zone (its selector's order), then to the other zones', then to the rest. A
+zone-blind plan (too few backends, the local zone unhealthy or unknown) or panic mode selects as
+without zones.
 
 What may not: locks, a clock, I/O, threads. Part of the core.
 """
@@ -187,8 +188,10 @@ class Zones:
     def candidates(
         self, view: View, key: bytes, limit: int, after: Backend | None = None
     ) -> Iterator[Backend]:
-        """:func:`lbclient._view.candidates` in zone order: from ``after``, the other backends
-        of its zone first (its zone's selector's order), then every backend's order."""
+        """:func:`lbclient._view.candidates` in zone order. A first attempt: the drawn zone's
+        backends, then every backend's order. From ``after``: one more backend of its zone
+        (its zone's selector's order), then the other zones' backends, then every backend's
+        order; so a request whose zone died is saved by its next retry."""
         state = self.current(view)
         zoned = None
         if after is not None and not view.panic:
@@ -197,14 +200,16 @@ class Zones:
             zoned = self.draw(view)
         if zoned is None:
             return candidates(view, key, limit, after)
-        first = () if after is None else (after,)
-        size = len(zoned.backends)
-        near = fallbacks_after(zoned, key, after) if after is not None else zoned.iter(key)
-        return UniqueIterator(
-            chain(UniqueIterator(near, size, first), candidates(view, key, limit, after)),
-            len(view.backends) + size,
-            first,
-        )
+        rest = candidates(view, key, limit, after)
+        if after is None:
+            size = len(zoned.backends)
+            return UniqueIterator(chain(zoned.iter(key), rest), len(view.backends) + size)
+        first = (after,)
+        near = UniqueIterator(fallbacks_after(zoned, key, after), len(zoned.backends), first)
+        here = zone_of(after)
+        away = (b for b in candidates(view, key, limit, after) if zone_of(b) != here)
+        pulls = 2 * len(view.backends) + 1
+        return UniqueIterator(chain(islice(near, 1), away, rest), pulls, first)
 
     def shown(self, snapshot: HealthSnapshot, view: View) -> HealthSnapshot:
         """``snapshot`` with the zone plan of ``view``."""

@@ -115,7 +115,7 @@ class LoadBalancer:
       backend; panic mode is the subset's.
     * ``zone``: this client's zone: route by Envoy's zone-aware rule over the backends'
       ``metadata["zone"]`` (:func:`~lbclient.zones.plan_zones`; None: zone-blind). Key-less
-      algorithms only (ValueError otherwise); retries stay in the zone first.
+      algorithms only (ValueError otherwise); one retry in the zone, then other zones.
 
     The check and the discovery run on one runner per balancer (a thread and a few workers
     for sync users, tasks of the running loop for asyncio ones), kept by lbclient's services

@@ -149,8 +149,12 @@ def test_retries_stay_in_the_zone_first_then_go_elsewhere() -> None:
     order = list(lb.iter(after=first))
     assert first not in order
     assert len(order) == 8
-    assert [b.metadata["zone"] for b in order[:2]] == ["a", "a"]
-    assert {b.metadata["zone"] for b in order[2:]} == {"b", "c"}
+    # One more backend of the zone, then the other zones (a dead zone costs one retry, not all
+    # of them), then the rest of the zone.
+    zones = [b.metadata["zone"] for b in order]
+    assert zones[0] == "a"
+    assert set(zones[1:7]) == {"b", "c"}
+    assert zones[7] == "a"
     # Without a first pick, the order starts in the zone too.
     assert [b.metadata["zone"] for b in list(lb.iter())[:3]] == ["a", "a", "a"]
 
@@ -243,6 +247,27 @@ def test_the_local_zone_takes_the_traffic_then_spills_when_it_dies(
     assert after["b"] + after["c"] - counts["b"] - counts["c"] >= 100
     assert after["b"] > counts["b"]
     assert after["c"] > counts["c"]
+
+
+def test_a_whole_zone_of_three_dying_loses_no_request() -> None:
+    servers = {
+        zone: [TestServer(host=host, name=f"{zone}{i}").start() for i in range(3)]
+        for zone, host in (("a", "127.0.0.2"), ("b", "127.0.0.3"), ("c", "127.0.0.4"))
+    }
+    try:
+        transport = LBTransport(_backends(servers), zone="a", hosts=["svc"])  # max_attempts 3
+        with httpx.Client(transport=transport, base_url="http://svc") as http:
+            for _ in range(30):
+                http.get("/").raise_for_status()
+            assert _counts(servers)["a"] >= 28
+            for server in servers["a"]:
+                server.close()
+            statuses = [http.get("/").status_code for _ in range(30)]
+        assert statuses == [200] * 30
+    finally:
+        for group in servers.values():
+            for server in group:
+                server.close()
 
 
 def test_the_requests_adapter_routes_by_zone(zoned: dict[str, list[TestServer]]) -> None:
