@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from lbclient import Backend, LoadBalancer, Prequal
 from lbclient.health import HealthPolicy, Outcome
 from lbclient.reports import LoadReport
-from lbclient.selection.prequal import MAX_REUSE, PrequalSelector, default_reuse
+from lbclient.selection.prequal import HOT_MEMORY, MAX_REUSE, PrequalSelector, default_reuse
 
 
 class Clock:
@@ -104,7 +104,8 @@ def test_pool_ages_out_entries() -> None:
 
 
 def test_reuse_budget_removes_an_entry_once_spent() -> None:
-    selector, (a, b, c, _), clock = make(reuse=2)
+    selector, (a, b, c, d), clock = make(reuse=2)
+    report(selector, d, 10, 0.5, clock.now - 5)  # aged out: in the window only (threshold 10)
     report(selector, b, 1, 0.5, clock.now)
     report(selector, c, 1, 0.6, clock.now)
     report(selector, a, 1, 0.001, clock.now)
@@ -115,7 +116,10 @@ def test_reuse_budget_removes_an_entry_once_spent() -> None:
 
 
 def test_removals_alternate_oldest_and_worst_keeping_two() -> None:
-    selector, backends, clock = make(count=8, reuse=10)
+    selector, backends, clock = make(count=9, reuse=10)
+    *backends, spare = backends
+    for _ in range(5):  # aged out: in the window only (threshold 10)
+        report(selector, spare, 10, 0.5, clock.now - 5)
     for i, backend in enumerate(backends):  # oldest first, latency rising: the last is worst
         report(selector, backend, 1, 0.01 * (i + 1), clock.now + i * 0.01)
     clock.now += 0.1
@@ -349,3 +353,81 @@ def test_a_backend_answering_with_reports_is_not_probed() -> None:
     clock.now += 1.0
     selector.reported(a, LoadReport(clock.now, cpu_utilization=0.5))
     assert a in selector.probes_for_request()
+
+
+def test_a_pick_counts_its_request_in_the_entrys_rif() -> None:
+    selector, (a, b, *_), clock = make(reuse=10, q_rif=0.5)
+    for rif in (1, 1, 3, 3):  # the window: threshold 1 (the median, nearest rank)
+        report(selector, b, rif, 0.5, clock.now - 5)
+    report(selector, b, 1, 0.5, clock.now)
+    report(selector, a, 0, 0.001, clock.now)
+    assert selector.threshold() == 1
+    assert selector.first() == a  # cold and fastest: its RIF becomes 1, still cold
+    assert selector.first() == a  # now 2: hot
+    assert selector.first() == b  # the cold one, though slower
+    assert {e[0]: e[1] for e in selector.pool()}[a] == 2
+
+
+def probe_free(clock: Clock, seed: int = 3) -> LoadBalancer:
+    return LoadBalancer(
+        [f"10.0.0.{i}:80" for i in range(1, 5)],
+        Prequal(0, random=random.Random(seed).random),
+        clock=clock,
+    )
+
+
+def test_with_no_probes_a_pick_explores_backends_outside_the_pool() -> None:
+    clock = Clock()
+    balancer = probe_free(clock)
+    a, b, c, d = balancer.backends
+    for backend in (a, b):  # a and b answer with reports and carry this client's requests
+        balancer.observe(balancer.load(backend), 0.005, False)
+        balancer.report_load(backend, rif="2", latency_us="5000")
+        for _ in range(3):
+            balancer.begin(backend)
+    picks = [balancer.select() for _ in range(12)]  # fewer than the entries serve
+    # c and d never reported and carry nothing: peak EWMA's cost prefers them when drawn.
+    assert {c, d} <= set(picks)
+    assert all(p in (a, b, c, d) for p in picks)
+
+
+def test_with_no_probes_a_recent_hot_report_keeps_a_backend_out_until_it_is_old() -> None:
+    clock = Clock()
+    balancer = probe_free(clock)
+    a, b, c, d = balancer.backends
+    for backend in (a, b, c, d):
+        balancer.observe(balancer.load(backend), 0.005, False)
+    balancer.report_load(d, rif="40", latency_us="5000")  # hot, then no news of it
+    clock.now += 1.5  # out of the pool (max_age 1), not yet forgotten
+    for backend in (a, b, c):
+        for _ in range(4):  # this client's requests: d, idle, costs least
+            balancer.begin(backend)
+
+    def picks(count: int) -> set[Backend]:
+        seen = set()
+        for _ in range(count):
+            pick = balancer.select()
+            seen.add(pick)
+            balancer.report_load(pick, rif="1", latency_us="5000")  # its response reports
+        return seen
+
+    for backend in (a, b, c):
+        balancer.report_load(backend, rif="1", latency_us="5000")
+    assert d not in picks(60)
+    clock.now += HOT_MEMORY * 1.0  # its report is old now: cost decides again
+    assert d in picks(60)
+
+
+def test_with_probes_picks_stay_in_the_pool() -> None:
+    clock = Clock()
+    balancer = LoadBalancer(
+        [f"10.0.0.{i}:80" for i in range(1, 5)],
+        Prequal(random=random.Random(3).random, reuse=16),
+        clock=clock,
+    )
+    a, b, *_ = balancer.backends
+    for backend in (a, b):
+        balancer.report_load(backend, rif="2", latency_us="5000")
+        for _ in range(3):
+            balancer.begin(backend)
+    assert {balancer.select() for _ in range(8)} <= {a, b}  # the probes explore, not the pick
