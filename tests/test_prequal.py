@@ -431,3 +431,18 @@ def test_with_probes_picks_stay_in_the_pool() -> None:
         for _ in range(3):
             balancer.begin(backend)
     assert {balancer.select() for _ in range(8)} <= {a, b}  # the probes explore, not the pick
+
+
+def test_a_backend_its_probe_found_hot_is_not_probed_again_soon() -> None:
+    selector, (a, b, c, d), clock = make(r_probe=4, max_age=1.0)
+    for backend in (a, b, c):
+        selector.reported(backend, LoadReport(clock.now, rif=1.0), probe=True)
+    selector.reported(d, LoadReport(clock.now, rif=30.0), probe=True)  # hot: RIF above 1
+    # Probes that found a backend cold spare nothing: its entry serves one pick, then goes.
+    assert sorted(selector.probes_for_request()) == [a, b, c]
+    clock.now += 0.4
+    assert sorted(selector.probes_for_request()) == [a, b, c]
+    clock.now += 0.2  # half of max_age has passed: ask again
+    assert sorted(selector.probes_for_request()) == [a, b, c, d]
+    selector.reported(d, LoadReport(clock.now, rif=1.0), probe=True)  # cold now
+    assert sorted(selector.probes_for_request()) == [a, b, c, d]

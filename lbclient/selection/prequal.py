@@ -38,10 +38,14 @@ Probes are decided here and sent elsewhere (the transports, through the balancer
 which backends to probe for one request, ``r_probe`` per request on average by a deterministic
 accumulator (0.5: one probe every other request), drawn at random without replacement among the
 backends that may be chosen. A backend drawn that answered a request with a report (one with a
-RIF) within the last half of ``max_age`` is not probed (that probe is not sent, not owed): its
-responses keep the pool fed. So servers that report on every response are probed little
-where the client calls each of them often (a small set, a busy client), and as designed where
-it does not: a probe costs the client about what a request does.
+RIF), or whose latest probe found it hot (its RIF above the threshold), within the last half of
+``max_age`` is not probed (that probe is not sent, not owed): its responses keep the pool fed,
+or it is the backend to avoid and another probe would only say so again. So servers that report
+on every response are probed little where the client calls each of them often (a small set, a
+busy client), a backend the client avoids about twice per ``max_age`` rather than on most
+requests, and the rest as designed: a probe costs a Python client about what a request does (on
+a simulated clock, four backends with one hidden-loaded: probes from 0.71 to under 0.01 a
+request, the latencies as they were; ``python -m lbclient.cli.bench.fleet_model``).
 
 Thread safety: a pick changes the pool, so the pool, the window and the accumulator are changed
 under one small lock of the selector (held for a few microseconds, never around I/O); a pick
@@ -201,6 +205,8 @@ class PrequalSelector:
         self._pool: dict[Backend, _Entry] = {}
         #: When each backend last answered a request with a report (not a probe).
         self._answered: dict[Backend, float] = {}
+        #: When a probe last found each backend hot (only while its latest probe did).
+        self._hot: dict[Backend, float] = {}
         self._window: deque[float] = deque(maxlen=RIF_WINDOW)
         #: Probes owed: ``r_probe`` is added per request, whole probes are taken out.
         self._credit = 0.0
@@ -221,6 +227,7 @@ class PrequalSelector:
             members = self._members
             self._pool = {b: e for b, e in previous._pool.items() if b in members}
             self._answered = {b: t for b, t in previous._answered.items() if b in members}
+            self._hot = {b: t for b, t in previous._hot.items() if b in members}
             self._window = deque(previous._window, maxlen=RIF_WINDOW)
             self._credit = previous._credit
             self._oldest_next = previous._oldest_next
@@ -246,6 +253,11 @@ class PrequalSelector:
         latency = math.inf if report.latency is None else report.latency
         algorithm = self._algorithm
         with self._lock:
+            if probe:  # found hot: probing it again soon would only say so again
+                if rif > self.threshold():
+                    self._hot[backend] = report.at
+                else:
+                    self._hot.pop(backend, None)
             pool = self._pool
             pool.pop(backend, None)  # a newer report replaces it, at the young end
             while len(pool) >= algorithm.pool_size:
@@ -386,9 +398,10 @@ class PrequalSelector:
     def probes_for_request(self, ready: Callable[[Backend], bool] | None = None) -> list[Backend]:
         """The backends to probe for one request: ``r_probe`` on average (the whole probes
         owed so far), drawn at random without replacement among those ``ready`` accepts (all
-        with None), less those that answered a request with a report within half of
-        ``max_age``.
-        Probes owed and not sent for want of ready backends are forgiven."""
+        with None), less those heard from within half of ``max_age``: that answered a request
+        with a report, or whose probe found them hot. Such a draw is not sent and not owed,
+        and ``ready`` is not asked of it. Probes owed and not sent for want of ready backends
+        are forgiven."""
         rate = self._algorithm.r_probe
         if rate <= 0.0 or not self._backends:
             return []
@@ -398,6 +411,8 @@ class PrequalSelector:
             self._credit = max(credit - count, 0.0)
         if count == 0:
             return []
+        answered, hot = self._answered, self._hot
+        since = self._clock() - self._algorithm.max_age / 2 if answered or hot else math.inf
         # A lazy Fisher-Yates shuffle: draws cost O(count), and ``ready`` is asked of the drawn
         # backends only (of all of them only when few are ready).
         backends = self._backends
@@ -410,15 +425,15 @@ class PrequalSelector:
             position = moved.get(j, j)
             moved[j] = moved.get(i, i)
             backend = backends[position]
-            if ready is None or ready(backend):
+            if answered.get(backend, -math.inf) >= since or hot.get(backend, -math.inf) >= since:
+                count -= 1  # heard from lately: no probe would tell more
+            elif ready is None or ready(backend):
                 drawn.append(backend)
-                if len(drawn) == count:
-                    break
-        answered = self._answered
-        if not answered:
-            return drawn
-        since = self._clock() - self._algorithm.max_age / 2
-        return [b for b in drawn if answered.get(b, -math.inf) < since]
+            else:
+                continue
+            if len(drawn) >= count:
+                break
+        return drawn
 
     def pool(self) -> list[tuple[Backend, float, float, float, int]]:
         """The pool as it stands: (backend, RIF, latency, at, uses left), oldest first."""
