@@ -67,7 +67,7 @@ def read(balancer: LoadBalancer) -> int:
 
 def wait_for(condition: Callable[[], bool]) -> None:
     """Until ``condition()`` holds (probes end in the background); a bound, not a measure."""
-    for _ in range(500):
+    for _ in range(2000):  # 20 s: a loaded machine's probes may wait for a worker
         if condition():
             return
         time.sleep(0.01)

@@ -54,6 +54,7 @@ always returns one of the selector's backends, or None when it has none.
 
 from __future__ import annotations
 
+import bisect
 import math
 import random as _random
 import threading
@@ -208,6 +209,8 @@ class PrequalSelector:
         #: When a probe last found each backend hot (only while its latest probe did).
         self._hot: dict[Backend, float] = {}
         self._window: deque[float] = deque(maxlen=RIF_WINDOW)
+        #: The same RIFs in order, kept beside it (the quantile is then one index).
+        self._ordered: list[float] = []
         #: Probes owed: ``r_probe`` is added per request, whole probes are taken out.
         self._credit = 0.0
         #: Whether the next removal takes the oldest entry (else the worst).
@@ -229,6 +232,7 @@ class PrequalSelector:
             self._answered = {b: t for b, t in previous._answered.items() if b in members}
             self._hot = {b: t for b, t in previous._hot.items() if b in members}
             self._window = deque(previous._window, maxlen=RIF_WINDOW)
+            self._ordered = sorted(self._window)
             self._credit = previous._credit
             self._oldest_next = previous._oldest_next
 
@@ -263,12 +267,16 @@ class PrequalSelector:
             while len(pool) >= algorithm.pool_size:
                 del pool[next(iter(pool))]
             pool[backend] = _Entry(backend, rif, latency, report.at, algorithm.reuse)
-            self._window.append(rif)
+            window, ordered = self._window, self._ordered
+            if len(window) == RIF_WINDOW:
+                del ordered[bisect.bisect_left(ordered, window[0])]
+            window.append(rif)
+            bisect.insort(ordered, rif)
 
     def threshold(self) -> float:
         """The RIF at or below which an entry is cold: the ``q_rif`` quantile (nearest rank)
         of the recent RIFs (infinite before any)."""
-        window = sorted(self._window)
+        window = self._ordered
         if not window:
             return math.inf
         rank = math.ceil(self._algorithm.q_rif * len(window))
@@ -411,21 +419,25 @@ class PrequalSelector:
             self._credit = max(credit - count, 0.0)
         if count == 0:
             return []
-        answered, hot = self._answered, self._hot
-        since = self._clock() - self._algorithm.max_age / 2 if answered or hot else math.inf
+        answered, hot = self._answered.get, self._hot.get
+        since = self._clock() - self._algorithm.max_age / 2
+        never = -math.inf
         # A lazy Fisher-Yates shuffle: draws cost O(count), and ``ready`` is asked of the drawn
         # backends only (of all of them only when few are ready).
         backends = self._backends
         n = len(backends)
+        last = n - 1
         draw = self._random
         moved: dict[int, int] = {}
         drawn: list[Backend] = []
         for i in range(n):
-            j = min(i + int(draw() * (n - i)), n - 1)
+            j = i + int(draw() * (n - i))
+            if j > last:  # a float a hair under 1 may round up
+                j = last
             position = moved.get(j, j)
             moved[j] = moved.get(i, i)
             backend = backends[position]
-            if answered.get(backend, -math.inf) >= since or hot.get(backend, -math.inf) >= since:
+            if answered(backend, never) >= since or hot(backend, never) >= since:
                 count -= 1  # heard from lately: no probe would tell more
             elif ready is None or ready(backend):
                 drawn.append(backend)
