@@ -1,0 +1,273 @@
+"""The shared rules of watched discovery: the line reader, the backoff, endpoints, merging."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import http.server
+import json
+import threading
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+
+from lbclient import Backend, LoadBalancer
+from lbclient.discovery import Etcd
+from lbclient.discovery._watch import (
+    Change,
+    LineReader,
+    StreamBroken,
+    WatchedDiscovery,
+    WatchJob,
+    backoff,
+    endpoints_of,
+    merge,
+)
+from lbclient.discovery.etcd import Registration
+from lbclient.health import WatchState
+
+
+async def _chunks(*parts: bytes) -> AsyncIterator[bytes]:
+    for part in parts:
+        yield part
+
+
+async def _lines(reader: LineReader) -> list[bytes]:
+    out = []
+    while (line := await reader.next()) is not None:
+        out.append(line)
+    return out
+
+
+def test_lines_split_across_chunks_and_the_last_without_an_end() -> None:
+    reader = LineReader(_chunks(b'{"a":', b' 1}\n{"b"', b": 2}\r\n\nlast"))
+    assert asyncio.run(_lines(reader)) == [b'{"a": 1}', b'{"b": 2}', b"", b"last"]
+
+
+def test_buffered_says_whether_a_whole_line_waits() -> None:
+    async def go() -> list[bool]:
+        reader = LineReader(_chunks(b"one\ntwo\nthr", b"ee\n"))
+        seen = []
+        while await reader.next() is not None:
+            seen.append(reader.buffered())
+        return seen
+
+    assert asyncio.run(go()) == [True, False, False]
+
+
+def test_a_line_that_never_ends_breaks_the_stream_at_the_cap() -> None:
+    async def endless() -> AsyncIterator[bytes]:
+        while True:
+            yield b"x" * 1000
+
+    reader = LineReader(endless(), max_line=10_000)
+    with pytest.raises(StreamBroken, match="longer than 10000 bytes"):
+        asyncio.run(reader.next())
+
+
+def test_backoff_doubles_is_capped_and_jittered() -> None:
+    assert backoff(0, 0.2, 5.0, lambda: 0.0) == 0.0
+    assert [backoff(n, 0.2, 5.0, lambda: 0.999999) for n in (1, 2, 3)] == pytest.approx(
+        [0.2, 0.4, 0.8], rel=1e-5
+    )
+    assert backoff(1, 0.2, 5.0, lambda: 0.0) == pytest.approx(0.1)
+    assert backoff(100, 0.2, 5.0, lambda: 0.0) == pytest.approx(2.5)
+    assert backoff(10_000, 0.2, 5.0, lambda: 0.999999) == pytest.approx(5.0, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("value", "error", "text"),
+    [
+        ([], ValueError, "at least one URL"),
+        (["127.0.0.1:2379"], ValueError, "'127.0.0.1:2379' is not an http"),
+        (["ftp://host"], ValueError, "'ftp://host' is not an http"),
+        (["http://"], ValueError, "'http://' is not an http"),
+        (["http://h:99999"], ValueError, "'http://h:99999' is not a URL"),
+        ([2379], TypeError, "must hold URL strings, got 2379"),
+        (None, TypeError, "must be a list of URLs, got None"),
+    ],
+)
+def test_bad_endpoints_are_named(value: object, error: type[Exception], text: str) -> None:
+    with pytest.raises(error, match=text):
+        endpoints_of(value)
+
+
+def test_endpoints_accept_one_url_and_drop_a_trailing_slash() -> None:
+    assert endpoints_of("http://127.0.0.1:2379/") == ("http://127.0.0.1:2379",)
+    assert endpoints_of(["https://a:1", "http://[::1]:2"]) == ("https://a:1", "http://[::1]:2")
+
+
+def test_merge_takes_each_address_once_first_key_first() -> None:
+    a, a3, b = Backend("10.0.0.1:80"), Backend("10.0.0.1:80", 3), Backend("10.0.0.2:80")
+    assert merge({"k2": (a3,), "k1": (a, b), "k3": ()}) == [a, b]
+
+
+class _Lines(WatchedDiscovery):
+    """A source whose messages are {"put": {key: address}, "rev": n}."""
+
+    endpoints = ("http://127.0.0.1:1",)
+
+    def message(self, data: object) -> Change:
+        if not isinstance(data, dict):
+            raise ValueError(f"not an object: {data!r}")
+        return Change(
+            put={k: (Backend(v),) for k, v in data.get("put", {}).items()},
+            deleted=tuple(data.get("delete", ())),
+            revision=str(data["rev"]),
+        )
+
+
+def test_the_job_applies_changes_skips_garbage_and_reports_its_state() -> None:
+    balancer = LoadBalancer([])
+    job = WatchJob(_Lines(), balancer)
+    job.revision = "1"
+    for line in (
+        b'{"put": {"a": "10.0.0.1:80", "b": "10.0.0.2:80"}, "rev": 2}',
+        b"not json",
+        b'{"delete": ["a"], "rev": 3}',
+    ):
+        if job._take(line):
+            job._apply()
+    assert [b.address for b in balancer.backends] == ["10.0.0.2:80"]
+    state = balancer.snapshot().discovery_watch
+    assert state == WatchState(
+        connected=False, revision="3", endpoint="http://127.0.0.1:1", events=3, skipped=1
+    )
+    assert "watch: not connected" in str(balancer.snapshot())
+
+
+# -- etcd's values and bad input ---------------------------------------------------------------
+
+
+def test_etcd_values_in_both_formats() -> None:
+    from lbclient.discovery.etcd import parse_value
+
+    (named,) = parse_value("k", b'{"Op": 0, "Addr": "10.0.0.1:80", "Metadata": {"weight": 4}}')
+    assert (named.address, named.weight) == ("10.0.0.1:80", 4)
+    assert parse_value("k", b'{"Op": 1, "Addr": "10.0.0.1:80"}') == ()
+    (entry,) = parse_value("k", b'{"address": "[::1]:80", "priority": 2, "metadata": {"z": 1}}')
+    assert (entry.address, dict(entry.metadata)) == ("[::1]:80", {"z": 1, "priority": 2})
+    assert parse_value("k", b'"10.0.0.9:80"')[0].address == "10.0.0.9:80"
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [
+        (b"10.0.0.1:80", "key 'k': the value is not JSON"),
+        (b"\xff\xfe", "key 'k': the value is not JSON"),
+        (b"[1, 2]", "key 'k': expected etcd's naming JSON"),
+        (b'{"Op": 2, "Addr": "10.0.0.1:80"}', "'Op' must be 0 \\(add\\) or 1"),
+        (b'{"Addr": 80}', "'Addr' must be a 'host:port' string, got 80"),
+        (b'{"Addr": "10.0.0.1"}', "key 'k'"),
+        (b'{"address": "10.0.0.1:80", "weight": -1}', "key 'k'"),
+        (b'{"address": "10.0.0.1:80", "port": 1}', "unknown key 'port'"),
+    ],
+)
+def test_bad_etcd_values_are_named(value: bytes, text: str) -> None:
+    from lbclient.discovery.etcd import parse_value
+
+    with pytest.raises(ValueError, match=text):
+        parse_value("k", value)
+
+
+def test_prefix_end() -> None:
+    from lbclient.discovery.etcd import prefix_end
+
+    assert prefix_end(b"svc/") == b"svc0"
+    assert prefix_end(b"a\xff\xff") == b"b"
+    assert prefix_end(b"\xff") == b"\0"
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "text"),
+    [
+        (lambda: Etcd(""), ValueError, "prefix must not be empty"),
+        (lambda: Etcd(None), TypeError, "prefix must be a str, got None"),
+        (lambda: Etcd("s/", endpoints=["localhost:2379"]), ValueError, "'localhost:2379' is not"),
+        (lambda: Etcd("s/", endpoints=[]), ValueError, "at least one URL"),
+        (lambda: Etcd("s/", page_size=0), ValueError, "page_size must be an int >= 1, got 0"),
+        (lambda: Etcd("s/", idle=0), ValueError, "idle must be a finite number > 0, got 0"),
+        (lambda: Registration("", "10.0.0.1:80"), ValueError, "prefix must not be empty"),
+        (lambda: Registration("s", "10.0.0.1"), ValueError, "10.0.0.1"),
+        (lambda: Registration("s", "10.0.0.1:80", ttl=0), ValueError, "ttl must be a whole"),
+        (lambda: Registration("s", "h:1", endpoints="x"), ValueError, "'x' is not an http"),
+        (
+            lambda: Registration("s", "h:1", metadata={"a": object()}),
+            ValueError,
+            "metadata must be JSON",
+        ),
+    ],
+)
+def test_bad_etcd_input_is_named(call: object, error: type[Exception], text: str) -> None:
+    assert callable(call)
+    with pytest.raises(error, match=text):
+        call()
+
+
+def test_register_with_no_etcd_says_so() -> None:
+    from lbclient.testing import closed_port
+
+    url = f"http://127.0.0.1:{closed_port()}"
+    with pytest.raises(ConnectionError, match=f"every endpoint: {url}: ConnectError"):
+        Registration("s", "10.0.0.1:80", endpoints=[url], timeout=2.0).start()
+
+
+class _Gateway(http.server.BaseHTTPRequestHandler):
+    """An etcd gateway that lists one key, then streams a created message, a garbage line, a
+    change, and a line that never ends."""
+
+    def log_message(self, *_args: object) -> None:
+        pass
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+
+        def kv(key: str, address: str, revision: str) -> dict[str, str]:
+            value = json.dumps({"Op": 0, "Addr": address}).encode()
+            return {
+                "key": base64.b64encode(key.encode()).decode(),
+                "value": base64.b64encode(value).decode(),
+                "mod_revision": revision,
+            }
+
+        self.send_response(200)
+        self.end_headers()
+        if self.path == "/v3/kv/range":
+            body = {"header": {"revision": "5"}, "kvs": [kv("p/a", "10.0.0.1:80", "5")]}
+            self.wfile.write(json.dumps(body).encode())
+            return
+        change = {"header": {"revision": "6"}, "events": [{"kv": kv("p/b", "10.0.0.2:80", "6")}]}
+        for message in (
+            b'{"result": {"created": true}}',
+            b"garbage",
+            json.dumps({"result": change}).encode(),
+        ):
+            self.wfile.write(message + b"\n")
+        self.wfile.write(b"x" * 5000)  # and never a newline
+        self.wfile.flush()
+        time.sleep(2)
+
+
+def test_a_stream_of_garbage_and_an_endless_line_keeps_the_set() -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Gateway)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    source = Etcd("p/", endpoints=[url], max_line=1000, backoff=0.05, backoff_max=0.1)
+    balancer = LoadBalancer(discovery=source)
+    try:
+        with balancer:
+            end = time.monotonic() + 15  # a hang guard
+            while "longer than 1000 bytes" not in str(balancer.snapshot().discovery_watch):
+                assert time.monotonic() < end, balancer.snapshot().discovery_watch
+                time.sleep(0.01)
+            state = balancer.snapshot().discovery_watch
+            assert state is not None
+            assert state.skipped >= 1
+            assert state.revision == "6"
+            assert [b.address for b in balancer.backends] == ["10.0.0.1:80", "10.0.0.2:80"]
+    finally:
+        server.shutdown()
+        server.server_close()
