@@ -19,6 +19,7 @@ ejected backend whose time is up, under the book's lock, once per ejection."""
 from __future__ import annotations
 
 import logging
+import operator
 import random as _random
 import threading
 import time
@@ -408,8 +409,10 @@ class LoadBalancer:
     def update(self, backends: Iterable[Backend | str]) -> bool:
         """Replace the backend set; return whether it changed.
 
-        Sets are compared by (address, weight). Backends that stay keep their health; new ones
-        start healthy and enabled. Readers see the old view or the new one, never a mix.
+        Sets are compared by (address, weight) and metadata (a backend whose metadata changed,
+        its zone say, is replaced by the new one and keeps its health and load). Backends that
+        stay keep their health; new ones start healthy and enabled. Readers see the old view or
+        the new one, never a mix.
 
         A change costs what changed: backends equal to current ones (same metadata) are taken
         as the current objects, and an algorithm that can rebuild its selector from the
@@ -420,8 +423,11 @@ class LoadBalancer:
         prepared, change = prepare_update(backends, hint.backends, hint.by_address)
         with self._update_lock:
             old = self._view
-            if prepared is old.backends or prepared == old.backends:
-                return False
+            if prepared is old.backends or (
+                len(prepared) == len(old.backends)
+                and all(map(operator.is_, prepared, old.backends))
+            ):
+                return False  # the same objects: no metadata changed either
             if old is not hint:  # another update came first: the change is against its set
                 change = changes(old.backends, prepared)
             selector = self._views.selector(prepared, old, change)

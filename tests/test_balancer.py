@@ -270,7 +270,9 @@ def test_update_returns_whether_changed_and_keeps_health() -> None:
     lb.set_enabled(B, False)
     assert not lb.ready(A)
     assert not lb.update([B, A])
-    assert not lb.update([Backend(A, metadata={"x": 1}), B])  # metadata is not identity
+    # New metadata replaces the backend's object, and its health stays.
+    assert lb.update([Backend(A, metadata={"x": 1}), B])
+    assert not lb.ready(A)
     assert lb.update([A, B, C])
     assert not lb.ready(A)
     assert not lb.ready(B)
@@ -444,4 +446,36 @@ def test_shares_among_the_available_are_exact_across_threads_while_health_change
     flapping.set_enabled(C, False)
     assert Counter(flapping.select() for _ in range(300)) == {
         Backend(b): 100 for b in (A, B, "10.0.0.4:80")
+    }
+
+
+def test_update_takes_a_change_of_metadata_alone_and_keeps_health() -> None:
+    balancer = LoadBalancer([Backend("10.0.0.1:80", metadata={"zone": "a"}), "10.0.0.2:80"])
+    first = balancer.backends[0]
+    balancer.report(first, False)
+    assert balancer.update([Backend("10.0.0.1:80", metadata={"zone": "b"}), "10.0.0.2:80"])
+    moved = balancer.backends[0]
+    assert moved.metadata == {"zone": "b"}
+    assert balancer.health(moved).consecutive_failures == 1  # kept
+    assert balancer.select(b"") in balancer.backends
+    # The same again, in another order, or fewer: only what changed counts.
+    assert not balancer.update(["10.0.0.2:80", Backend("10.0.0.1:80", metadata={"zone": "b"})])
+    assert balancer.update([Backend("10.0.0.1:80", metadata={"zone": "b"})])
+    assert [str(b.address) for b in balancer.backends] == ["10.0.0.1:80"]
+
+
+def test_zone_routing_follows_a_zone_changed_in_metadata() -> None:
+    def fleet(local: int) -> list[Backend]:
+        return [
+            Backend(f"10.0.0.{i}:80", metadata={"zone": "a" if i <= local else "b"})
+            for i in range(1, 9)
+        ]
+
+    balancer = LoadBalancer(fleet(4), RoundRobin, zone="a")
+    assert {str(balancer.select(b"").address) for _ in range(40)} == {
+        f"10.0.0.{i}:80" for i in range(1, 5)
+    }
+    assert balancer.update(fleet(6))  # two backends found to be in zone a after all
+    assert {str(balancer.select(b"").address) for _ in range(60)} == {
+        f"10.0.0.{i}:80" for i in range(1, 7)
     }

@@ -462,13 +462,18 @@ def test_balancer_carries_health_and_load_over(name: str) -> None:
                 assert got is full.first(key)
 
 
-def test_metadata_alone_is_no_change_and_keeps_the_objects() -> None:
+def test_metadata_alone_changes_the_objects_and_keeps_the_ring() -> None:
     lb = LoadBalancer(["10.0.0.1:80", "10.0.0.2:80"], Consistent)
+    keys = [f"k{i}".encode() for i in range(200)]
+    routes = [lb.select(k) for k in keys]
     before = lb.backends
+    assert lb.update([Backend("10.0.0.2:80", metadata={"x": 1}), "10.0.0.1:80"])
+    assert lb.backends == before  # equal by (address, weight), the new objects in place
+    assert lb.backends[1].metadata == {"x": 1}
+    assert [lb.select(k) for k in keys] == routes  # the same ring
+    after = lb.backends
     assert not lb.update([Backend("10.0.0.2:80", metadata={"x": 1}), "10.0.0.1:80"])
-    assert lb.backends is before
-    assert not lb.update(["10.0.0.2:80", "10.0.0.1:80"])
-    assert lb.backends is before
+    assert lb.backends is after
 
 
 def test_update_racing_another_update_works_out_its_own_change(
