@@ -446,3 +446,21 @@ def test_a_backend_its_probe_found_hot_is_not_probed_again_soon() -> None:
     assert sorted(selector.probes_for_request()) == [a, b, c, d]
     selector.reported(d, LoadReport(clock.now, rif=1.0), probe=True)  # cold now
     assert sorted(selector.probes_for_request()) == [a, b, c, d]
+
+
+def test_the_fallback_passes_over_a_backend_its_probe_found_hot() -> None:
+    clock = Clock()
+    balancer = LoadBalancer(
+        ["10.0.0.1:80", "10.0.0.2:80"], Prequal(random=random.Random(2).random), clock=clock
+    )
+    a, b = balancer.backends
+    balancer.observe(balancer.load(a), 0.001, False)  # a looks the faster to peak EWMA
+    balancer.observe(balancer.load(b), 0.05, False)
+    balancer.report_load(b, rif="1", latency_us="500", probe=True)  # the window: threshold 1
+    balancer.report_load(a, rif="40", latency_us="500", probe=True)  # hot
+    selector = balancer._view.selector
+    assert isinstance(selector, PrequalSelector)
+    selector._pool.clear()  # fewer than two entries: the fallback picks
+    assert {balancer.select() for _ in range(20)} == {b}
+    clock.now += 0.6  # half of max_age later, peak EWMA's cost decides again
+    assert {balancer.select() for _ in range(20)} == {a}

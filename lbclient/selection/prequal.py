@@ -28,7 +28,8 @@ A pick, while the pool holds at least two entries (none older than ``max_age``):
   slots and 12 callers: p50 16 ms against 5.7 ms).
 
 With fewer than two entries, the pick is peak EWMA's (:class:`~lbclient.PeakEWMA`) power of
-two choices, over the live load the balancer attaches: a backend that never reported, or a
+two choices, over the live load the balancer attaches (of the two drawn, one whose probe found
+it hot within half of ``max_age`` loses to one not): a backend that never reported, or a
 pool too thin to compare, falls back to peak EWMA's cost. The fallback order for retries is the
 pool's entries by the rule, then every other backend by peak EWMA's cost; walking it spends
 nothing.
@@ -376,6 +377,10 @@ class PrequalSelector:
         second = min(int(draw() * (n - 1)), n - 2)
         second += second >= first
         a, b = backends[first], backends[second]
+        hot, since, never = self._hot.get, now - self._algorithm.max_age / 2, -math.inf
+        a_hot, b_hot = hot(a, never) >= since, hot(b, never) >= since
+        if a_hot != b_hot:  # one a probe found hot lately: the other
+            return a if b_hot else b
         return b if self.cost(b, now) < self.cost(a, now) else a
 
     def ranked(self, exclude: Backend | None = None) -> list[Backend]:
