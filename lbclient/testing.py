@@ -100,6 +100,7 @@ __all__ = [
     "Behaviour",
     "Exchange",
     "H2TestServer",
+    "KubernetesAPI",
     "RecordedRequest",
     "TLSCerts",
     "TestServer",
@@ -292,6 +293,11 @@ class Exchange:
         """Wait; ``kill()`` lets a sleeping request finish, within its grace period."""
         if self._conn.gen.force.wait(seconds):
             raise _Closed
+
+    @property
+    def stopping(self) -> bool:
+        """The server is stopping (``kill()``): a behaviour that streams should end."""
+        return self._conn.gen.stop.is_set()
 
     def hang(self) -> bool:
         """Hold the socket until ``hang_seconds`` pass or the server stops; returns False."""
@@ -1242,3 +1248,7 @@ def serve(*servers: TestServer | H2TestServer) -> contextlib.ExitStack:
         stack.close()
         raise
     return stack
+
+
+# The test Kubernetes API server lives in a module of its own; it builds on TestServer above.
+from lbclient._testing_kube import KubernetesAPI  # noqa: E402
