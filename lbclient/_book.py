@@ -22,7 +22,14 @@ from dataclasses import replace
 
 from lbclient._load import Load
 from lbclient.backend import Backend
-from lbclient.health import BackendHealth, HealthPolicy, HealthSnapshot, HealthState, Outcome
+from lbclient.health import (
+    BackendHealth,
+    HealthPolicy,
+    HealthSnapshot,
+    HealthState,
+    Outcome,
+    WatchState,
+)
 
 __all__ = ["Cell", "HealthBook", "OnChange", "Tally"]
 
@@ -167,6 +174,8 @@ class HealthBook:
         #: The parts of the discovery's answers that failed, counted by part, and what failed
         #: in its latest answer (see ``report_discovery``); replaced in one assignment.
         self.discovery_parts: tuple[Mapping[str, int], str | None] = ({}, None)
+        #: A watched discovery's state (see ``report_discovery``); None for others.
+        self.discovery_watch: WatchState | None = None
 
     @staticmethod
     def cells(backends: Iterable[Backend], old: Tally | None = None) -> dict[Backend, Cell]:
@@ -314,7 +323,9 @@ class HealthBook:
                 )
             )
         parts, partial = self.discovery_parts
-        return HealthSnapshot(now, panic, tuple(items), *discovery, dict(parts), partial)
+        return HealthSnapshot(
+            now, panic, tuple(items), *discovery, dict(parts), partial, self.discovery_watch
+        )
 
     # -- on_change -------------------------------------------------------------------------
 

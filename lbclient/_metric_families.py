@@ -17,7 +17,7 @@ from prometheus_client.core import (
 
 from lbclient.reports import FIELDS
 
-__all__ = ["families", "reported"]
+__all__ = ["WATCH_FIELDS", "families", "reported", "watched"]
 
 
 def families() -> dict[str, Metric]:
@@ -86,7 +86,48 @@ def families() -> dict[str, Metric]:
         "Parts of discovery answers that failed while the rest was used (DNS: record types).",
         labels=["service", "part"],
     )
+    for name, text in WATCH_COUNTERS.items():
+        families[name] = CounterMetricFamily(f"lbclient_{name}", text, labels=["service"])
+    for name, text in WATCH_GAUGES.items():
+        families[name] = GaugeMetricFamily(f"lbclient_{name}", text, labels=["service"])
     return families
+
+
+#: A watched discovery's counts (etcd, Kubernetes), by the :class:`~lbclient.health.WatchState`
+#: field each reads.
+WATCH_COUNTERS = {
+    "discovery_watch_reconnects": "Streams a watched discovery opened after its first.",
+    "discovery_watch_relists": "Listings of the whole set by a watched discovery.",
+    "discovery_watch_events": "Changes a watched discovery's stream delivered.",
+    "discovery_watch_skipped": "Bad values and stream lines a watched discovery skipped.",
+}
+WATCH_GAUGES = {
+    "discovery_watch_connected": "1 while a watched discovery's stream is open.",
+    "discovery_watch_revision": "The store revision a watched discovery has seen (if a number).",
+}
+WATCH_FIELDS = {
+    "discovery_watch_reconnects": "reconnects",
+    "discovery_watch_relists": "relists",
+    "discovery_watch_events": "events",
+    "discovery_watch_skipped": "skipped",
+    "discovery_watch_connected": "connected",
+    "discovery_watch_revision": "revision",
+}
+
+
+def watched(add: Callable[[str, list[str], float], None], service: str, state: Any) -> None:
+    """The samples of a watched discovery's state (none for other sources)."""
+    if state is None:
+        return
+    for name, attribute in WATCH_FIELDS.items():
+        value = getattr(state, attribute, None)
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:  # a resource version that is no number
+                continue
+        if isinstance(value, (bool, int, float)):
+            add(name, [service], float(value))
 
 
 def reported(add: Callable[[str, list[str], float], None], mine: list[str], entry: Any) -> None:

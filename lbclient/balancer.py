@@ -33,7 +33,7 @@ from lbclient._subset_view import Members, MemberView, check_subset
 from lbclient._view import Picker, View, Views, candidates, find, require
 from lbclient._zone_view import Zones, check_zone
 from lbclient.backend import Backend
-from lbclient.health import HealthPolicy, HealthSnapshot, HealthState, Outcome
+from lbclient.health import HealthPolicy, HealthSnapshot, HealthState, Outcome, WatchState
 from lbclient.reports import LoadReport
 from lbclient.selection.base import (
     AlgorithmLike,
@@ -496,15 +496,18 @@ class LoadBalancer:
         priority: int | None,
         part_failures: dict[str, int] | None = None,
         partial: str | None = None,
+        watch: WatchState | None = None,
     ) -> None:
         """Record how the discovery keeping the backends current fares, for :meth:`snapshot`:
         answers so far (empty ones included), failed lookups, why the latest lookup failed
         (None once one succeeds), the priority group in use (None without priorities), the
         parts of answers that failed while the rest answered, counted by part (DNS: by record
-        type, ``{"AAAA": 3}``), and what failed in the latest answer (None once one is whole).
+        type, ``{"AAAA": 3}``), what failed in the latest answer (None once one is whole), and
+        a watched discovery's state (:class:`~lbclient.health.WatchState`).
         The discovery's refresh calls this after each lookup; so may a discovery of your own.
         """
         self._book.discovery_parts = (dict(part_failures or {}), partial)
+        self._book.discovery_watch = watch
         self._found = (refreshes, failures, error, priority)
 
     # -- what runs beside it ------------------------------------------------------------------

@@ -34,7 +34,14 @@ from lbclient.backend import Backend
 from lbclient.reports import LoadReport
 from lbclient.zones import ZonePlan
 
-__all__ = ["BackendHealth", "HealthPolicy", "HealthSnapshot", "HealthState", "Outcome"]
+__all__ = [
+    "BackendHealth",
+    "HealthPolicy",
+    "HealthSnapshot",
+    "HealthState",
+    "Outcome",
+    "WatchState",
+]
 
 
 class Outcome(enum.Enum):
@@ -328,6 +335,33 @@ class BackendHealth:
 
 
 @dataclass(frozen=True)
+class WatchState:
+    """How a watched discovery (etcd, Kubernetes: told of each change over a stream) fares, as
+    its job last reported it: a plain value in :attr:`HealthSnapshot.discovery_watch`."""
+
+    #: Whether the stream is open now (the last good set is served meanwhile either way).
+    connected: bool = False
+    #: The store's version of the set last seen (etcd: the revision; Kubernetes: the resource
+    #: version), from which a new stream resumes; None before the first listing.
+    revision: str | None = None
+    #: The store's address in use (the latest tried while none answers).
+    endpoint: str | None = None
+    #: Streams opened after the first (each resuming from :attr:`revision`).
+    reconnects: int = 0
+    #: Listings of the whole set: the first, and each after the store said the revision is gone
+    #: (etcd: compacted; Kubernetes: 410 Gone).
+    relists: int = 0
+    #: Changes the stream delivered.
+    events: int = 0
+    #: Values skipped as bad (not JSON, no address, a bad weight), and stream lines that were
+    #: garbage.
+    skipped: int = 0
+    #: Why the latest connection failed or the stream broke; None once a listing or stream is
+    #: good again.
+    error: str | None = None
+
+
+@dataclass(frozen=True)
 class HealthSnapshot:
     """The health of every backend at one moment, whether panic mode is on, and how the
     balancer's discovery fares (zeros and None without one)."""
@@ -350,6 +384,8 @@ class HealthSnapshot:
     discovery_part_failures: Mapping[str, int] = field(default_factory=dict)
     #: What failed in the latest answer, when a part of it did; None once an answer is whole.
     discovery_partial: str | None = None
+    #: A watched discovery's state (connected, revision, reconnects...); None for others.
+    discovery_watch: WatchState | None = None
     #: With a :class:`~lbclient.Subset`: the subset regardless of health, and the members
     #: selection uses now (replacements for unavailable ones included); None without one.
     #: Panic mode is then the subset's.
@@ -392,4 +428,13 @@ class HealthSnapshot:
             elif self.discovery_partial is not None:
                 line += f"; latest answer lacks: {self.discovery_partial}"
             lines.append(line)
+        watch = self.discovery_watch
+        if watch is not None:
+            lines.append(
+                f"watch: {'connected' if watch.connected else 'not connected'}"
+                f"{f' to {watch.endpoint}' if watch.endpoint else ''}, revision {watch.revision},"
+                f" {watch.events} changes, {watch.reconnects} reconnects, {watch.relists} "
+                f"listings, {watch.skipped} skipped"
+                + (f"; latest: {watch.error}" if watch.error else "")
+            )
         return "\n".join(lines)

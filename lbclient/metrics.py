@@ -35,6 +35,10 @@ Every series has the ``service`` label; those per backend have ``backend`` (``ho
 * ``lbclient_discovery_refreshes_total``, ``lbclient_discovery_failures_total``: when the
   balancer discovers its backends (per service); ``lbclient_discovery_part_failures_total{part}``:
   parts of its answers that failed while the rest was used (DNS: ``part`` is the record type).
+* A watched discovery (etcd, Kubernetes), per service: ``lbclient_discovery_watch_connected``
+  (1 while its stream is open), ``lbclient_discovery_watch_revision`` (the revision seen),
+  ``lbclient_discovery_watch_reconnects_total``, ``_relists_total``, ``_events_total``,
+  ``_skipped_total`` (bad values and garbage lines).
 
 ``result`` is ``success`` (a response whose status is not in ``failure_statuses``),
 ``server_error`` (one whose status is), ``connection_failure``, ``timeout``, ``local_error``
@@ -69,8 +73,10 @@ except ImportError as exc:  # the extra is not installed
     ) from exc
 
 from lbclient._config import AdapterConfig, config_of
+from lbclient._metric_families import WATCH_FIELDS
 from lbclient._metric_families import families as _families
 from lbclient._metric_families import reported as _reported
+from lbclient._metric_families import watched as _watched
 from lbclient._observe import WatchedPlan, attach, detach
 from lbclient._plan import Fault
 from lbclient.backend import Backend, shown
@@ -363,7 +369,12 @@ class LBCollector:
         families = _families()
         for source in sources:
             self._fill(families, source)
-        discovered = ("discovery_refreshes", "discovery_failures", "discovery_part_failures")
+        discovered = {
+            "discovery_refreshes",
+            "discovery_failures",
+            "discovery_part_failures",
+            *WATCH_FIELDS,
+        }
         for name, family in families.items():
             if name not in discovered or family.samples:
                 yield family
@@ -428,6 +439,7 @@ class LBCollector:
             dict(getattr(snapshot, "discovery_part_failures", None) or {}).items()
         ):
             add("discovery_part_failures", [service, str(part)], float(n))
+        _watched(add, service, getattr(snapshot, "discovery_watch", None))
 
     def add(self, source: _Source) -> None:
         with self._lock:

@@ -1,0 +1,130 @@
+"""The shared rules of watched discovery: the line reader, the backoff, endpoints, merging."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from lbclient import Backend, LoadBalancer
+from lbclient.discovery._watch import (
+    Change,
+    LineReader,
+    StreamBroken,
+    WatchedDiscovery,
+    WatchJob,
+    backoff,
+    endpoints_of,
+    merge,
+)
+from lbclient.health import WatchState
+
+
+async def _chunks(*parts: bytes) -> AsyncIterator[bytes]:
+    for part in parts:
+        yield part
+
+
+async def _lines(reader: LineReader) -> list[bytes]:
+    out = []
+    while (line := await reader.next()) is not None:
+        out.append(line)
+    return out
+
+
+def test_lines_split_across_chunks_and_the_last_without_an_end() -> None:
+    reader = LineReader(_chunks(b'{"a":', b' 1}\n{"b"', b": 2}\r\n\nlast"))
+    assert asyncio.run(_lines(reader)) == [b'{"a": 1}', b'{"b": 2}', b"", b"last"]
+
+
+def test_buffered_says_whether_a_whole_line_waits() -> None:
+    async def go() -> list[bool]:
+        reader = LineReader(_chunks(b"one\ntwo\nthr", b"ee\n"))
+        seen = []
+        while await reader.next() is not None:
+            seen.append(reader.buffered())
+        return seen
+
+    assert asyncio.run(go()) == [True, False, False]
+
+
+def test_a_line_that_never_ends_breaks_the_stream_at_the_cap() -> None:
+    async def endless() -> AsyncIterator[bytes]:
+        while True:
+            yield b"x" * 1000
+
+    reader = LineReader(endless(), max_line=10_000)
+    with pytest.raises(StreamBroken, match="longer than 10000 bytes"):
+        asyncio.run(reader.next())
+
+
+def test_backoff_doubles_is_capped_and_jittered() -> None:
+    assert backoff(0, 0.2, 5.0, lambda: 0.0) == 0.0
+    assert [backoff(n, 0.2, 5.0, lambda: 0.999999) for n in (1, 2, 3)] == pytest.approx(
+        [0.2, 0.4, 0.8], rel=1e-5
+    )
+    assert backoff(1, 0.2, 5.0, lambda: 0.0) == pytest.approx(0.1)
+    assert backoff(100, 0.2, 5.0, lambda: 0.0) == pytest.approx(2.5)
+    assert backoff(10_000, 0.2, 5.0, lambda: 0.999999) == pytest.approx(5.0, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("value", "error", "text"),
+    [
+        ([], ValueError, "at least one URL"),
+        (["127.0.0.1:2379"], ValueError, "'127.0.0.1:2379' is not an http"),
+        (["ftp://host"], ValueError, "'ftp://host' is not an http"),
+        (["http://"], ValueError, "'http://' is not an http"),
+        (["http://h:99999"], ValueError, "'http://h:99999' is not a URL"),
+        ([2379], TypeError, "must hold URL strings, got 2379"),
+        (None, TypeError, "must be a list of URLs, got None"),
+    ],
+)
+def test_bad_endpoints_are_named(value: object, error: type[Exception], text: str) -> None:
+    with pytest.raises(error, match=text):
+        endpoints_of(value)
+
+
+def test_endpoints_accept_one_url_and_drop_a_trailing_slash() -> None:
+    assert endpoints_of("http://127.0.0.1:2379/") == ("http://127.0.0.1:2379",)
+    assert endpoints_of(["https://a:1", "http://[::1]:2"]) == ("https://a:1", "http://[::1]:2")
+
+
+def test_merge_takes_each_address_once_first_key_first() -> None:
+    a, a3, b = Backend("10.0.0.1:80"), Backend("10.0.0.1:80", 3), Backend("10.0.0.2:80")
+    assert merge({"k2": (a3,), "k1": (a, b), "k3": ()}) == [a, b]
+
+
+class _Lines(WatchedDiscovery):
+    """A source whose messages are {"put": {key: address}, "rev": n}."""
+
+    endpoints = ("http://127.0.0.1:1",)
+
+    def message(self, data: object) -> Change:
+        if not isinstance(data, dict):
+            raise ValueError(f"not an object: {data!r}")
+        return Change(
+            put={k: (Backend(v),) for k, v in data.get("put", {}).items()},
+            deleted=tuple(data.get("delete", ())),
+            revision=str(data["rev"]),
+        )
+
+
+def test_the_job_applies_changes_skips_garbage_and_reports_its_state() -> None:
+    balancer = LoadBalancer([])
+    job = WatchJob(_Lines(), balancer)
+    job.revision = "1"
+    for line in (
+        b'{"put": {"a": "10.0.0.1:80", "b": "10.0.0.2:80"}, "rev": 2}',
+        b"not json",
+        b'{"delete": ["a"], "rev": 3}',
+    ):
+        if job._take(line):
+            job._apply()
+    assert [b.address for b in balancer.backends] == ["10.0.0.2:80"]
+    state = balancer.snapshot().discovery_watch
+    assert state == WatchState(
+        connected=False, revision="3", endpoint="http://127.0.0.1:1", events=3, skipped=1
+    )
+    assert "watch: not connected" in str(balancer.snapshot())
