@@ -8,6 +8,8 @@ Sources (each a :class:`ServiceDiscovery`, Pingora's trait of that name):
   (``pip install 'lbclient[dns]'``).
 * :class:`File`: ``host:port [weight]`` lines or JSON, read again when the file changes.
 * :class:`Function`: a function of your own (sync or async) returning backends.
+* :class:`Kubernetes`: a Service's EndpointSlices, listed, then watched: each change reaches the
+  balancer as the API server tells it (``Kubernetes("users", port="http")``).
 
 Give one to ``LoadBalancer(discovery=..., refresh=...)``. Started with the balancer (``with
 balancer:``, ``async with balancer:``), it looks the source up once before ``start()`` returns
@@ -35,5 +37,6 @@ backends' weights.
 from lbclient.discovery.base import Discovered, Function, ServiceDiscovery, Static
 from lbclient.discovery.dns import DNS
 from lbclient.discovery.file import File
+from lbclient.discovery.kubernetes import Kubernetes
 
-__all__ = ["DNS", "Discovered", "File", "Function", "ServiceDiscovery", "Static"]
+__all__ = ["DNS", "Discovered", "File", "Function", "Kubernetes", "ServiceDiscovery", "Static"]
