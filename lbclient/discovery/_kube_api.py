@@ -22,7 +22,7 @@ import ipaddress
 import os
 import re
 import ssl
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -112,6 +112,8 @@ class Credentials:
     server: str
     token_file: Path | None = None
     token: str | None = None
+    #: A kubeconfig's: the whole ``Authorization`` value, asked for every request.
+    authorization: Callable[[], str | None] | None = None
     ca_file: str | None = None
     cert: tuple[str, str] | None = None
     verify: bool = True
@@ -132,6 +134,9 @@ class Credentials:
 
     def headers(self) -> dict[str, str]:
         """The request headers these credentials add."""
+        if self.authorization is not None and self.token_file is None:
+            value = self.authorization()
+            return {"Authorization": value} if value else {}
         token = self.bearer()
         return {"Authorization": f"Bearer {token}"} if token else {}
 
@@ -199,15 +204,11 @@ def _from_kubeconfig(kubeconfig: str | None, context: str | None) -> tuple[Crede
         namespace = (chosen or {}).get("context", {}).get("namespace")
     except Exception:  # a namespace is optional in a kubeconfig
         namespace = None
-    authorization = (getattr(found, "api_key", None) or {}).get("authorization")
-    token = None
-    if isinstance(authorization, str) and authorization.lower().startswith("bearer "):
-        token = authorization[len("bearer ") :].strip()
     cert_file, key_file = getattr(found, "cert_file", None), getattr(found, "key_file", None)
     return (
         Credentials(
             server=_server_url(found.host),
-            token=token,
+            authorization=lambda: _authorization(found),
             ca_file=getattr(found, "ssl_ca_cert", None),
             cert=(cert_file, key_file) if cert_file and key_file else None,
             verify=bool(getattr(found, "verify_ssl", True)),
@@ -215,6 +216,16 @@ def _from_kubeconfig(kubeconfig: str | None, context: str | None) -> tuple[Crede
         ),
         namespace,
     )
+
+
+def _authorization(found: Any) -> str | None:
+    """The ``Authorization`` value a kubeconfig's client configuration gives now (its refresh
+    hook, for a token an exec plugin renews, runs first)."""
+    try:
+        value = found.get_api_key_with_prefix("BearerToken", alias="authorization")
+    except TypeError:  # an older client: one identifier, "authorization"
+        value = found.get_api_key_with_prefix("authorization")
+    return value if isinstance(value, str) and value else None
 
 
 def _optional_file(name: str, value: object) -> Path | None:
@@ -269,7 +280,7 @@ def resolve(
             found = Credentials(
                 server=found.server,
                 token_file=token_path,
-                token=None if token_path is not None else found.token,
+                authorization=None if token_path is not None else found.authorization,
                 ca_file=str(ca_path) if ca_path is not None else found.ca_file,
                 cert=found.cert,
                 verify=found.verify,
