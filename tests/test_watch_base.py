@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from lbclient import Backend, LoadBalancer
+from lbclient.discovery import Etcd
 from lbclient.discovery._watch import (
     Change,
     LineReader,
@@ -18,6 +19,7 @@ from lbclient.discovery._watch import (
     endpoints_of,
     merge,
 )
+from lbclient.discovery.etcd import Registration
 from lbclient.health import WatchState
 
 
@@ -128,3 +130,79 @@ def test_the_job_applies_changes_skips_garbage_and_reports_its_state() -> None:
         connected=False, revision="3", endpoint="http://127.0.0.1:1", events=3, skipped=1
     )
     assert "watch: not connected" in str(balancer.snapshot())
+
+
+# -- etcd's values and bad input ---------------------------------------------------------------
+
+
+def test_etcd_values_in_both_formats() -> None:
+    from lbclient.discovery.etcd import parse_value
+
+    (named,) = parse_value("k", b'{"Op": 0, "Addr": "10.0.0.1:80", "Metadata": {"weight": 4}}')
+    assert (named.address, named.weight) == ("10.0.0.1:80", 4)
+    assert parse_value("k", b'{"Op": 1, "Addr": "10.0.0.1:80"}') == ()
+    (entry,) = parse_value("k", b'{"address": "[::1]:80", "priority": 2, "metadata": {"z": 1}}')
+    assert (entry.address, dict(entry.metadata)) == ("[::1]:80", {"z": 1, "priority": 2})
+    assert parse_value("k", b'"10.0.0.9:80"')[0].address == "10.0.0.9:80"
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [
+        (b"10.0.0.1:80", "key 'k': the value is not JSON"),
+        (b"\xff\xfe", "key 'k': the value is not JSON"),
+        (b"[1, 2]", "key 'k': expected etcd's naming JSON"),
+        (b'{"Op": 2, "Addr": "10.0.0.1:80"}', "'Op' must be 0 \\(add\\) or 1"),
+        (b'{"Addr": 80}', "'Addr' must be a 'host:port' string, got 80"),
+        (b'{"Addr": "10.0.0.1"}', "key 'k'"),
+        (b'{"address": "10.0.0.1:80", "weight": -1}', "key 'k'"),
+        (b'{"address": "10.0.0.1:80", "port": 1}', "unknown key 'port'"),
+    ],
+)
+def test_bad_etcd_values_are_named(value: bytes, text: str) -> None:
+    from lbclient.discovery.etcd import parse_value
+
+    with pytest.raises(ValueError, match=text):
+        parse_value("k", value)
+
+
+def test_prefix_end() -> None:
+    from lbclient.discovery.etcd import prefix_end
+
+    assert prefix_end(b"svc/") == b"svc0"
+    assert prefix_end(b"a\xff\xff") == b"b"
+    assert prefix_end(b"\xff") == b"\0"
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "text"),
+    [
+        (lambda: Etcd(""), ValueError, "prefix must not be empty"),
+        (lambda: Etcd(None), TypeError, "prefix must be a str, got None"),
+        (lambda: Etcd("s/", endpoints=["localhost:2379"]), ValueError, "'localhost:2379' is not"),
+        (lambda: Etcd("s/", endpoints=[]), ValueError, "at least one URL"),
+        (lambda: Etcd("s/", page_size=0), ValueError, "page_size must be an int >= 1, got 0"),
+        (lambda: Etcd("s/", idle=0), ValueError, "idle must be a finite number > 0, got 0"),
+        (lambda: Registration("", "10.0.0.1:80"), ValueError, "prefix must not be empty"),
+        (lambda: Registration("s", "10.0.0.1"), ValueError, "10.0.0.1"),
+        (lambda: Registration("s", "10.0.0.1:80", ttl=0), ValueError, "ttl must be a whole"),
+        (lambda: Registration("s", "h:1", endpoints="x"), ValueError, "'x' is not an http"),
+        (
+            lambda: Registration("s", "h:1", metadata={"a": object()}),
+            ValueError,
+            "metadata must be JSON",
+        ),
+    ],
+)
+def test_bad_etcd_input_is_named(call: object, error: type[Exception], text: str) -> None:
+    assert callable(call)
+    with pytest.raises(error, match=text):
+        call()
+
+
+def test_register_with_no_etcd_says_so() -> None:
+    from lbclient.testing import closed_port
+
+    url = f"http://127.0.0.1:{closed_port()}"
+    with pytest.raises(ConnectionError, match=f"every endpoint: {url}: ConnectError"):
+        Registration("s", "10.0.0.1:80", endpoints=[url], timeout=2.0).start()

@@ -8,8 +8,19 @@ Sources (each a :class:`ServiceDiscovery`, Pingora's trait of that name):
   (``pip install 'lbclient[dns]'``).
 * :class:`File`: ``host:port [weight]`` lines or JSON, read again when the file changes.
 * :class:`Function`: a function of your own (sync or async) returning backends.
+* :class:`Etcd`: the keys under a prefix in etcd, listed, then watched: each change reaches the
+  balancer as etcd tells it (no polling interval); :func:`lbclient.discovery.etcd.register`
+  is a service's side, a key held by a lease.
 * :class:`Kubernetes`: a Service's EndpointSlices, listed, then watched: each change reaches the
   balancer as the API server tells it (``Kubernetes("users", port="http")``).
+
+Sources that are told of each change (:class:`Etcd`, :class:`Kubernetes`, the base in
+:mod:`lbclient.discovery._watch`) list the set once, then follow a stream of changes on the
+balancer's runner; a broken stream or an unreachable store keeps the last good set while they
+reconnect (backing off, trying each endpoint) and resume from the last revision seen; a
+revision the store no longer has makes them list again. ``balancer.snapshot().discovery_watch``
+shows how they fare (connected, revision, reconnects, listings, changes, values skipped, the
+latest error).
 
 Give one to ``LoadBalancer(discovery=..., refresh=...)``. Started with the balancer (``with
 balancer:``, ``async with balancer:``), it looks the source up once before ``start()`` returns
@@ -36,7 +47,17 @@ backends' weights.
 
 from lbclient.discovery.base import Discovered, Function, ServiceDiscovery, Static
 from lbclient.discovery.dns import DNS
+from lbclient.discovery.etcd import Etcd
 from lbclient.discovery.file import File
 from lbclient.discovery.kubernetes import Kubernetes
 
-__all__ = ["DNS", "Discovered", "File", "Function", "Kubernetes", "ServiceDiscovery", "Static"]
+__all__ = [
+    "DNS",
+    "Discovered",
+    "Etcd",
+    "File",
+    "Function",
+    "Kubernetes",
+    "ServiceDiscovery",
+    "Static",
+]

@@ -33,7 +33,7 @@ from typing import Any
 from lbclient.backend import MAX_WEIGHT, Backend, shown
 from lbclient.discovery.base import Discovered, ServiceDiscovery
 
-__all__ = ["File", "parse_json", "parse_lines"]
+__all__ = ["File", "parse_entry", "parse_json", "parse_lines"]
 
 _JSON_START = re.compile(r'\s*(?:\{|\[\s*[\]{"])')
 _ENTRY_KEYS = frozenset({"address", "weight", "priority", "metadata"})
@@ -105,7 +105,7 @@ def parse_json(text: str, where: str = "<text>") -> tuple[Backend, ...]:
     seen: dict[str, tuple[int, int]] = {}
     for index, entry in enumerate(data):
         at = f"{where}, backends[{index}]"
-        backend = _entry(entry, at)
+        backend = parse_entry(entry, at)
         first = seen.get(backend.address)
         if first is not None:
             if first[1] != backend.weight:
@@ -119,7 +119,9 @@ def parse_json(text: str, where: str = "<text>") -> tuple[Backend, ...]:
     return tuple(backends)
 
 
-def _entry(entry: Any, at: str) -> Backend:
+def parse_entry(entry: Any, at: str) -> Backend:
+    """One JSON entry (``"host:port"``, or an object with ``address`` and optionally
+    ``weight``, ``priority`` and ``metadata``) as a backend; ValueError naming ``at``."""
     if isinstance(entry, str):
         fields: dict[str, Any] = {"address": entry}
     elif isinstance(entry, dict):
