@@ -4,6 +4,7 @@ loopback; no Kubernetes API server can run here), routing to real loopback backe
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -80,6 +81,19 @@ def watch(lb: LoadBalancer) -> WatchState:
     state = lb.snapshot().discovery_watch
     assert state is not None
     return state
+
+
+@contextlib.contextmanager
+def watched(
+    cluster: Cluster, service: str, **options: Any
+) -> Iterator[tuple[LoadBalancer, TestServer, TestServer]]:
+    """A balancer watching ``service``, whose one pod ``a`` is in the set, its watch open; pod
+    ``b`` is up, for the test to add."""
+    with TestServer() as a, TestServer() as b:
+        cluster.pod(f"{service}-a", a, service)
+        with LoadBalancer(discovery=cluster.source(service, **options)) as lb:
+            until(lambda: watch(lb).connected, "the watch is open")
+            yield lb, a, b
 
 
 # -- a rolling update under traffic --------------------------------------------------------------
@@ -257,96 +271,81 @@ def test_a_request_in_flight_on_a_terminating_pod_finishes(cluster: Cluster) -> 
 
 def test_410_relists_and_bookmarks_keep_the_version_fresh(cluster: Cluster) -> None:
     api = cluster.api
-    with TestServer() as a, TestServer() as b, TestServer() as c:
-        cluster.pod("fresh-a", a, "fresh")
-        with LoadBalancer(discovery=cluster.source("fresh")) as lb:
-            until(lambda: watch(lb).connected, "the watch is open")
-            assert watch(lb).relists == 1
-            # Other services change: this watch sees none of it and its version grows old.
-            api.apply("other-x", [E("10.0.0.9")], service="other", ports=[P(80)])
-            api.expire()
-            api.end_watches()
-            until(lambda: watch(lb).relists == 2, "a 410 Gone lists again")
-            cluster.pod("fresh-b", b, "fresh")
-            until(lambda: b.address in addresses(lb), "the change after the relist")
-            # A bookmark moves the version on: the next watch resumes without a 410.
-            version = api.bookmark()
-            until(lambda: watch(lb).revision == str(version), "the bookmark is taken")
-            api.expire()
-            api.end_watches()
-            until(lambda: watch(lb).reconnects >= 2 and watch(lb).connected, "resumed")
-            cluster.pod("fresh-c", c, "fresh")
-            until(lambda: c.address in addresses(lb), "the change after the resume")
-            assert watch(lb).relists == 2
-            # An ERROR event with a 410 Status, in the middle of a watch.
-            api.gone()
-            until(lambda: watch(lb).relists == 3, "the ERROR 410 event lists again")
-            assert addresses(lb) == {a.address, b.address, c.address}
+    with TestServer() as c, watched(cluster, "fresh") as (lb, a, b):
+        assert watch(lb).relists == 1
+        # Other services change: this watch sees none of it and its version grows old.
+        api.apply("other-x", [E("10.0.0.9")], service="other", ports=[P(80)])
+        api.expire()
+        api.end_watches()
+        until(lambda: watch(lb).relists == 2, "a 410 Gone lists again")
+        cluster.pod("fresh-b", b, "fresh")
+        until(lambda: b.address in addresses(lb), "the change after the relist")
+        # A bookmark moves the version on: the next watch resumes without a 410.
+        version = api.bookmark()
+        until(lambda: watch(lb).revision == str(version), "the bookmark is taken")
+        api.expire()
+        api.end_watches()
+        until(lambda: watch(lb).reconnects >= 2 and watch(lb).connected, "resumed")
+        cluster.pod("fresh-c", c, "fresh")
+        until(lambda: c.address in addresses(lb), "the change after the resume")
+        assert watch(lb).relists == 2
+        # An ERROR event with a 410 Status, in the middle of a watch.
+        api.gone()
+        until(lambda: watch(lb).relists == 3, "the ERROR 410 event lists again")
+        assert addresses(lb) == {a.address, b.address, c.address}
 
 
 def test_a_dropped_watch_resumes_and_misses_nothing(cluster: Cluster) -> None:
     api = cluster.api
-    with TestServer() as a, TestServer() as b:
-        cluster.pod("drop-a", a, "drop")
-        with LoadBalancer(discovery=cluster.source("drop")) as lb:
-            until(lambda: watch(lb).connected, "the watch is open")
-            lists = api.lists
-            api.drop_watches()
-            cluster.pod("drop-b", b, "drop")  # while the watch is down, perhaps
-            api.delete("drop-a")
-            until(lambda: addresses(lb) == {b.address}, "both changes arrive")
-            assert api.lists == lists  # resumed from the version seen, not listed again
-            assert watch(lb).reconnects >= 1
+    with watched(cluster, "drop") as (lb, _a, b):
+        lists = api.lists
+        api.drop_watches()
+        cluster.pod("drop-b", b, "drop")  # while the watch is down, perhaps
+        api.delete("drop-a")
+        until(lambda: addresses(lb) == {b.address}, "both changes arrive")
+        assert api.lists == lists  # resumed from the version seen, not listed again
+        assert watch(lb).reconnects >= 1
 
 
 def test_garbage_and_a_line_that_never_ends(cluster: Cluster) -> None:
     api = cluster.api
-    with TestServer() as a, TestServer() as b:
-        cluster.pod("junk-a", a, "junk")
-        with LoadBalancer(discovery=cluster.source("junk", max_line=4096)) as lb:
-            until(lambda: watch(lb).connected, "the watch is open")
-            api.send_raw(b"this is not json\n")
-            until(lambda: watch(lb).skipped == 1, "the garbage line is skipped")
-            api.send_raw(b'{"type": "ADDED", "object": "' + b"x" * 10_000)
-            until(lambda: watch(lb).reconnects == 1, "the endless line breaks the stream")
-            assert addresses(lb) == {a.address}
-            cluster.pod("junk-b", b, "junk")
-            until(lambda: b.address in addresses(lb), "the watch goes on")
+    with watched(cluster, "junk", max_line=4096) as (lb, a, b):
+        api.send_raw(b"this is not json\n")
+        until(lambda: watch(lb).skipped == 1, "the garbage line is skipped")
+        api.send_raw(b'{"type": "ADDED", "object": "' + b"x" * 10_000)
+        until(lambda: watch(lb).reconnects == 1, "the endless line breaks the stream")
+        assert addresses(lb) == {a.address}
+        cluster.pod("junk-b", b, "junk")
+        until(lambda: b.address in addresses(lb), "the watch goes on")
 
 
 def test_an_error_status_keeps_the_set_and_backs_off(cluster: Cluster) -> None:
     api = cluster.api
-    with TestServer() as a, TestServer() as b:
-        cluster.pod("sick-a", a, "sick")
-        with LoadBalancer(discovery=cluster.source("sick")) as lb:
-            until(lambda: watch(lb).connected, "the watch is open")
-            api.fail_next(500, 3)
-            api.end_watches()
-            until(lambda: "500" in str(watch(lb).error), "the error is shown")
-            assert addresses(lb) == {a.address}
-            cluster.pod("sick-b", b, "sick")
-            until(lambda: b.address in addresses(lb), "the watch recovers")
-            assert lb.snapshot().discovery_failures >= 3
+    with watched(cluster, "sick") as (lb, a, b):
+        api.fail_next(500, 3)
+        api.end_watches()
+        until(lambda: "500" in str(watch(lb).error), "the error is shown")
+        assert addresses(lb) == {a.address}
+        cluster.pod("sick-b", b, "sick")
+        until(lambda: b.address in addresses(lb), "the watch recovers")
+        assert lb.snapshot().discovery_failures >= 3
 
 
 def test_a_wrong_ca_is_refused_and_the_set_kept(cluster: Cluster, tmp_path: Path) -> None:
     ca = tmp_path / "ca.crt"
     ca.write_bytes(cluster.ca.read_bytes())
-    with TestServer() as a, TestServer() as b:
-        cluster.pod("trust-a", a, "trust")
-        with LoadBalancer(discovery=cluster.source("trust", ca_file=ca)) as lb:
-            until(lambda: watch(lb).connected, "the watch is open")
-            TLSCerts("127.0.0.1").write_ca(ca)  # a CA that did not sign the server's cert
-            cluster.api.drop_watches()
-            until(
-                lambda: "CERTIFICATE_VERIFY_FAILED" in str(watch(lb).error),
-                "the reconnect is refused, saying why",
-            )
-            assert not watch(lb).connected
-            assert addresses(lb) == {a.address}
-            ca.write_bytes(cluster.ca.read_bytes())
-            cluster.pod("trust-b", b, "trust")
-            until(lambda: b.address in addresses(lb), "trusted again, the watch resumes")
+    with watched(cluster, "trust", ca_file=ca) as (lb, a, b):
+        TLSCerts("127.0.0.1").write_ca(ca)  # a CA that did not sign the server's cert
+        cluster.api.drop_watches()
+        until(
+            lambda: "CERTIFICATE_VERIFY_FAILED" in str(watch(lb).error),
+            "the reconnect is refused, saying why",
+        )
+        assert not watch(lb).connected
+        assert addresses(lb) == {a.address}
+        ca.write_bytes(cluster.ca.read_bytes())
+        cluster.pod("trust-b", b, "trust")
+        until(lambda: b.address in addresses(lb), "trusted again, the watch resumes")
     TLSCerts("127.0.0.1").write_ca(ca)
     refused = cluster.source("trust", ca_file=ca)
     with pytest.raises(ConnectionError, match="CERTIFICATE_VERIFY_FAILED"):
