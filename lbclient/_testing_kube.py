@@ -10,9 +10,10 @@ of its documented protocol that EndpointSlice discovery uses, on a real
   ``timeoutSeconds=S``): a chunked stream of JSON lines ``{"type": ..., "object": ...}``,
   ``ADDED``/``MODIFIED``/``DELETED`` for each change after ``N``, ``BOOKMARK`` when the test asks
   (to watches that allow them), and ``ERROR`` with a ``Status`` of code 410 when ``N`` is older
-  than the oldest version kept (:meth:`KubernetesAPI.expire`) or when the test says so
-  (:meth:`KubernetesAPI.gone`); without ``resourceVersion`` (or ``0``) the watch starts with an
-  ``ADDED`` event per slice, as the real server's does;
+  than the oldest version kept (:meth:`KubernetesAPI.expire`; with ``gone_status = True``, a
+  ``410 Gone`` answer instead) or when the test says so (:meth:`KubernetesAPI.gone`);
+  without ``resourceVersion`` (or ``0``) the watch starts with an ``ADDED`` event per slice,
+  as the real server's does;
 * ``Authorization: Bearer <token>`` checked against :attr:`KubernetesAPI.token` (401 with a
   ``Status`` otherwise; the test may rotate it); a bad path 404, a bad selector or version 400.
 
@@ -151,6 +152,9 @@ class KubernetesAPI:
         self._slices: dict[tuple[str, str], dict[str, Any]] = {}
         self._log: list[_Entry] = []
         self._failures: list[int] = []
+        #: How a watch from an expired version is refused: an ``ERROR`` event with a 410
+        #: ``Status`` in a 200 stream (False, the default), or a ``410 Gone`` answer (True).
+        self.gone_status = False
         self._watching = 0
         self._closed = False
         #: Lists and watches served so far.
@@ -290,7 +294,6 @@ class KubernetesAPI:
         """Forget the history: a watch from a version older than the latest gets 410."""
         with self._cond:
             self._oldest = self._rv
-            self._log = [entry for entry in self._log if entry.kind != "event"]
 
     def send_raw(self, data: bytes) -> None:
         """Write ``data`` into the open watches as it is (garbage, a line without its end)."""
@@ -319,6 +322,9 @@ class KubernetesAPI:
             return _json(exchange, bad.code, status(bad.code, bad.reason, str(bad)))
         if not query.watch:
             return _json(exchange, 200, self._list(query))
+        if self.gone_status and query.since is not None and query.since < self._oldest:
+            message = f"too old resource version: {query.since} ({self._oldest})"
+            return _json(exchange, 410, status(410, "Expired", message))
         self._watch(exchange, query)
         return False
 

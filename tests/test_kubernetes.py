@@ -292,6 +292,16 @@ def test_410_relists_and_bookmarks_keep_the_version_fresh(cluster: Cluster) -> N
         # An ERROR event with a 410 Status, in the middle of a watch.
         api.gone()
         until(lambda: watch(lb).relists == 3, "the ERROR 410 event lists again")
+        # A watch refused with an HTTP 410 answer.
+        until(lambda: watch(lb).connected, "the watch is open again")
+        api.apply("other-y", [E("10.0.0.8")], service="other", ports=[P(80)])
+        api.expire()
+        api.gone_status = True
+        try:
+            api.end_watches()
+            until(lambda: watch(lb).relists == 4, "a 410 answer lists again")
+        finally:
+            api.gone_status = False
         assert addresses(lb) == {a.address, b.address, c.address}
 
 
