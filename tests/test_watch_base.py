@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import http.server
+import json
+import threading
+import time
 from collections.abc import AsyncIterator
 
 import pytest
@@ -206,3 +211,63 @@ def test_register_with_no_etcd_says_so() -> None:
     url = f"http://127.0.0.1:{closed_port()}"
     with pytest.raises(ConnectionError, match=f"every endpoint: {url}: ConnectError"):
         Registration("s", "10.0.0.1:80", endpoints=[url], timeout=2.0).start()
+
+
+class _Gateway(http.server.BaseHTTPRequestHandler):
+    """An etcd gateway that lists one key, then streams a created message, a garbage line, a
+    change, and a line that never ends."""
+
+    def log_message(self, *_args: object) -> None:
+        pass
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+
+        def kv(key: str, address: str, revision: str) -> dict[str, str]:
+            value = json.dumps({"Op": 0, "Addr": address}).encode()
+            return {
+                "key": base64.b64encode(key.encode()).decode(),
+                "value": base64.b64encode(value).decode(),
+                "mod_revision": revision,
+            }
+
+        self.send_response(200)
+        self.end_headers()
+        if self.path == "/v3/kv/range":
+            body = {"header": {"revision": "5"}, "kvs": [kv("p/a", "10.0.0.1:80", "5")]}
+            self.wfile.write(json.dumps(body).encode())
+            return
+        change = {"header": {"revision": "6"}, "events": [{"kv": kv("p/b", "10.0.0.2:80", "6")}]}
+        for message in (
+            b'{"result": {"created": true}}',
+            b"garbage",
+            json.dumps({"result": change}).encode(),
+        ):
+            self.wfile.write(message + b"\n")
+        self.wfile.write(b"x" * 5000)  # and never a newline
+        self.wfile.flush()
+        time.sleep(2)
+
+
+def test_a_stream_of_garbage_and_an_endless_line_keeps_the_set() -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Gateway)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    source = Etcd("p/", endpoints=[url], max_line=1000, backoff=0.05, backoff_max=0.1)
+    balancer = LoadBalancer(discovery=source)
+    try:
+        with balancer:
+            end = time.monotonic() + 15  # a hang guard
+            while "longer than 1000 bytes" not in str(balancer.snapshot().discovery_watch):
+                assert time.monotonic() < end, balancer.snapshot().discovery_watch
+                time.sleep(0.01)
+            state = balancer.snapshot().discovery_watch
+            assert state is not None
+            assert state.skipped >= 1
+            assert state.revision == "6"
+            assert [b.address for b in balancer.backends] == ["10.0.0.1:80", "10.0.0.2:80"]
+    finally:
+        server.shutdown()
+        server.server_close()
