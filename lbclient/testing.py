@@ -96,6 +96,8 @@ import h11
 if TYPE_CHECKING:
     from h2.connection import H2Connection
 
+    from lbclient._testing_kube import KubernetesAPI
+
 __all__ = [
     "Behaviour",
     "Exchange",
@@ -1250,5 +1252,11 @@ def serve(*servers: TestServer | H2TestServer) -> contextlib.ExitStack:
     return stack
 
 
-# The test Kubernetes API server lives in a module of its own; it builds on TestServer above.
-from lbclient._testing_kube import KubernetesAPI  # noqa: E402
+def __getattr__(name: str) -> object:
+    """``KubernetesAPI``, the test Kubernetes API server, lives in a module of its own that
+    builds on :class:`TestServer`: loaded on first use (PEP 562)."""
+    if name == "KubernetesAPI":
+        from lbclient._testing_kube import KubernetesAPI
+
+        return KubernetesAPI
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
