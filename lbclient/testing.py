@@ -96,10 +96,13 @@ import h11
 if TYPE_CHECKING:
     from h2.connection import H2Connection
 
+    from lbclient._testing_kube import KubernetesAPI
+
 __all__ = [
     "Behaviour",
     "Exchange",
     "H2TestServer",
+    "KubernetesAPI",
     "RecordedRequest",
     "TLSCerts",
     "TestServer",
@@ -292,6 +295,11 @@ class Exchange:
         """Wait; ``kill()`` lets a sleeping request finish, within its grace period."""
         if self._conn.gen.force.wait(seconds):
             raise _Closed
+
+    @property
+    def stopping(self) -> bool:
+        """The server is stopping (``kill()``): a behaviour that streams should end."""
+        return self._conn.gen.stop.is_set()
 
     def hang(self) -> bool:
         """Hold the socket until ``hang_seconds`` pass or the server stops; returns False."""
@@ -1242,3 +1250,13 @@ def serve(*servers: TestServer | H2TestServer) -> contextlib.ExitStack:
         stack.close()
         raise
     return stack
+
+
+def __getattr__(name: str) -> object:
+    """``KubernetesAPI``, the test Kubernetes API server, lives in a module of its own that
+    builds on :class:`TestServer`: loaded on first use (PEP 562)."""
+    if name == "KubernetesAPI":
+        from lbclient._testing_kube import KubernetesAPI
+
+        return KubernetesAPI
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

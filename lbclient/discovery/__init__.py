@@ -11,8 +11,10 @@ Sources (each a :class:`ServiceDiscovery`, Pingora's trait of that name):
 * :class:`Etcd`: the keys under a prefix in etcd, listed, then watched: each change reaches the
   balancer as etcd tells it (no polling interval); :func:`lbclient.discovery.etcd.register`
   is a service's side, a key held by a lease.
+* :class:`Kubernetes`: a Service's EndpointSlices, listed, then watched: each change reaches the
+  balancer as the API server tells it (``Kubernetes("users", port="http")``).
 
-Sources that are told of each change (:class:`Etcd`, the base in
+Sources that are told of each change (:class:`Etcd`, :class:`Kubernetes`, the base in
 :mod:`lbclient.discovery._watch`) list the set once, then follow a stream of changes on the
 balancer's runner; a broken stream or an unreachable store keeps the last good set while they
 reconnect (backing off, trying each endpoint) and resume from the last revision seen; a
@@ -47,5 +49,15 @@ from lbclient.discovery.base import Discovered, Function, ServiceDiscovery, Stat
 from lbclient.discovery.dns import DNS
 from lbclient.discovery.etcd import Etcd
 from lbclient.discovery.file import File
+from lbclient.discovery.kubernetes import Kubernetes
 
-__all__ = ["DNS", "Discovered", "Etcd", "File", "Function", "ServiceDiscovery", "Static"]
+__all__ = [
+    "DNS",
+    "Discovered",
+    "Etcd",
+    "File",
+    "Function",
+    "Kubernetes",
+    "ServiceDiscovery",
+    "Static",
+]
