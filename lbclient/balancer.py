@@ -46,6 +46,7 @@ from lbclient.selection.base import (
 from lbclient.selection.slow_start import SlowStart, slow_start_of
 from lbclient.selection.weighted import RoundRobin
 from lbclient.subsets import Subset
+from lbclient.zones import Zone, zone_of
 
 __all__ = ["DEFAULT_MAX_ITERATIONS", "Lifecycle", "LoadBalancer", "install_lifecycle"]
 
@@ -113,9 +114,10 @@ class LoadBalancer:
       one replaced by the next candidate outside it until it returns (None: every backend).
       Needs an algorithm that ignores the key (ValueError otherwise). Health is kept for every
       backend; panic mode is the subset's.
-    * ``zone``: this client's zone: route by Envoy's zone-aware rule over the backends'
-      ``metadata["zone"]`` (:func:`~lbclient.zones.plan_zones`; None: zone-blind). Key-less
-      algorithms only (ValueError otherwise); one retry in the zone, then other zones.
+    * ``zone``: this client's zone, a str or a :class:`~lbclient.Zone` with its settings:
+      route by Envoy's zone-aware rule over the backends' ``metadata["zone"]``, spilling when
+      the local zone is overloaded (:func:`~lbclient.zones.plan_zones`; None: zone-blind); a
+      subset is taken within each zone. Key-less algorithms only (ValueError otherwise).
 
     The check and the discovery run on one runner per balancer (a thread and a few workers
     for sync users, tasks of the running loop for asyncio ones), kept by lbclient's services
@@ -134,7 +136,7 @@ class LoadBalancer:
         clock: Callable[[], float] = time.monotonic,
         random: Callable[[], float] = _random.random,
         subset: Subset | None = None,
-        zone: str | None = None,
+        zone: str | Zone | None = None,
     ) -> None:
         if health is None:
             health = HealthPolicy()
@@ -167,10 +169,11 @@ class LoadBalancer:
         prepared = prepare_backends(backends)
         self._view = self._views.view(prepared, None)
         #: The view selection reads: the full one, or the subset's (swapped in on its changes).
-        self._members = None if subset is None else Members(subset, self._views, self._swap)
+        split = None if zone is None else zone_of  # with a zone, a subset within each zone
+        self._members = None if subset is None else Members(subset, self._views, self._swap, split)
         self._pick: View = self._view if self._members is None else self._members.build(self._view)
         self._zones = (
-            None if zone is None else Zones(zone, self._views, self._picker, random, self._view)
+            None if zone is None else Zones(zone, self._views, self._picker, random, self._full)
         )
         #: What the discovery reported (refreshes, failures, error, priority), for snapshots.
         self._found: tuple[int, int, str | None, int | None] = (0, 0, None, None)
@@ -207,6 +210,9 @@ class LoadBalancer:
 
     def _swap(self, pick: MemberView) -> None:
         self._pick = pick
+
+    def _full(self) -> View:
+        return self._view
 
     @property
     def algorithm(self) -> object:
@@ -578,7 +584,7 @@ class LoadBalancer:
             "discovery": self._discovery,
             "refresh": self._refresh,
             "subset": self.subset,
-            "zone": None if self._zones is None else self._zones.local,
+            "zone": None if self._zones is None else self._zones.zone,
         }
         if self._random is not _random.random:
             settings["random"] = self._random
