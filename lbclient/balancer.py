@@ -114,10 +114,9 @@ class LoadBalancer:
       one replaced by the next candidate outside it until it returns (None: every backend).
       Needs an algorithm that ignores the key (ValueError otherwise). Health is kept for every
       backend; panic mode is the subset's.
-    * ``zone``: this client's zone, a str or a :class:`~lbclient.Zone` with its settings:
-      route by Envoy's zone-aware rule over the backends' ``metadata["zone"]``, spilling when
-      the local zone is overloaded (:func:`~lbclient.zones.plan_zones`; None: zone-blind); a
-      subset is taken within each zone. Key-less algorithms only (ValueError otherwise).
+    * ``zone``: this client's zone, a str or a :class:`~lbclient.zones.Zone`: Envoy's rule over
+      the backends' ``metadata["zone"]``, and a load spill (:mod:`lbclient.zones`; None: blind);
+      a subset is taken within each zone. Key-less algorithms only (ValueError otherwise).
 
     The check and the discovery run on one runner per balancer (a thread and a few workers
     for sync users, tasks of the running loop for asyncio ones), kept by lbclient's services
@@ -173,7 +172,9 @@ class LoadBalancer:
         self._members = None if subset is None else Members(subset, self._views, self._swap, split)
         self._pick: View = self._view if self._members is None else self._members.build(self._view)
         self._zones = (
-            None if zone is None else Zones(zone, self._views, self._picker, random, self._full)
+            None
+            if zone is None
+            else Zones(zone, self._views, self._picker, random, lambda: self._view)
         )
         #: What the discovery reported (refreshes, failures, error, priority), for snapshots.
         self._found: tuple[int, int, str | None, int | None] = (0, 0, None, None)
@@ -208,11 +209,13 @@ class LoadBalancer:
         """The ``subset`` setting (None: every backend)."""
         return None if self._members is None else self._members.subset
 
+    @property
+    def zone(self) -> Zone | None:
+        """The ``zone`` setting, as a :class:`~lbclient.zones.Zone` (None: zone-blind)."""
+        return None if self._zones is None else self._zones.zone
+
     def _swap(self, pick: MemberView) -> None:
         self._pick = pick
-
-    def _full(self) -> View:
-        return self._view
 
     @property
     def algorithm(self) -> object:
@@ -584,7 +587,7 @@ class LoadBalancer:
             "discovery": self._discovery,
             "refresh": self._refresh,
             "subset": self.subset,
-            "zone": None if self._zones is None else self._zones.zone,
+            "zone": self.zone,
         }
         if self._random is not _random.random:
             settings["random"] = self._random
