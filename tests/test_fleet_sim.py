@@ -229,3 +229,12 @@ def test_each_client_is_one_wired_balancer_with_its_subset_and_zone(
     blind = [lb.subset for lb in made[:2]]
     assert blind == [Subset(3, index=0, clients=30), Subset(3, index=1, clients=30)]
     assert all(lb.zone is None for lb in made)
+
+
+def test_zone_aware_connections_count_the_members_of_the_local_zone() -> None:
+    for mode in ("deterministic", "rendezvous", "random"):
+        run = run_fleet(replace(OPTIONS, subset_mode=mode, churn=False))
+        # Ten clients per zone, 3 members each in their own zone, four backends per zone.
+        assert sum(run.connections) == OPTIONS.clients * 3, mode
+        if mode == "deterministic":
+            assert set(run.connections) <= {7, 8}

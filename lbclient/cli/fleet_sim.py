@@ -203,17 +203,18 @@ def _client(
     return LoadBalancer(given, algorithm, clock=clock, random=rng.random, subset=subset, zone=zone)
 
 
-def _routed(lb: LoadBalancer, plans: dict[tuple[Backend, ...], ZonePlan]) -> list[Backend]:
+def _routed(lb: LoadBalancer, plans: dict[object, ZonePlan]) -> list[Backend]:
     """The members of ``lb`` in the zones its plan routes to (all with a zone-blind plan). For
     the report: the plan is the one its balancer makes with every backend healthy (as in a
-    snapshot, without a snapshot's pass over each backend's health), one per backend set."""
+    snapshot, without a snapshot's pass over each backend's health), one per zone and set."""
     zone = lb.zone
     if zone is None:
         return list(lb.members)
-    plan = plans.get(lb.backends)
+    key = (zone, lb.backends)
+    plan = plans.get(key)
     if plan is None:
         counts = zone_counts(lb.backends)
-        plan = plans[lb.backends] = zone.plan(counts[0], counts[1])
+        plan = plans[key] = zone.plan(counts[0], counts[1])
     if plan.mode not in ("local", "residual"):
         return list(lb.members)
     return [b for b in lb.members if plan.share(zone_of(b)) > 0]
@@ -283,7 +284,7 @@ def run_fleet(options: FleetOptions) -> FleetRun:
     samples = rng.getrandbits(64)
     connections = [0] * len(backends)
     fleet: list[LoadBalancer] = []
-    plans: dict[tuple[Backend, ...], ZonePlan] = {}
+    plans: dict[object, ZonePlan] = {}
     with base._seeded_samples(samples):
         for i in range(options.clients):
             z = client_zone[i]
