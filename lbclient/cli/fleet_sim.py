@@ -18,7 +18,8 @@ request and selects there, all by itself; the simulator does not compute members
 Subset modes: ``deterministic``, ``rendezvous`` (``Subset(size, salt=...)``, a seeded salt per
 client), ``none`` (every backend), and ``random``, the SRE book's random subsets, the baseline
 (no ``Subset`` has that mode: the balancer is given ``size`` backends drawn by a seeded
-generator, within each zone when zone-aware, so its zone plan is over the drawn ones).
+generator, within each zone when zone-aware, so its zone plan is over the drawn ones, with the
+clients spread like them: a baseline for the spread of connections, not for zone capacity).
 
 **Traffic.** Open loop: requests arrive at the fleet as a Poisson process whose rate is
 ``--utilization`` times the healthy backends' capacity (servers / mean service time), each from a
@@ -188,7 +189,9 @@ def _client(
     mode, size = options.subset_mode, options.subset_size
     zone = None
     if options.zone_aware:
-        zone = Zone(zone_name, clients={z: float(n) for z, n in per_zone.items() if n})
+        # The random baseline's zones are its draws, size each: its clients spread like them.
+        spread = None if mode == "random" else {z: float(n) for z, n in per_zone.items() if n}
+        zone = Zone(zone_name, clients=spread)
     given: Sequence[Backend] = backends
     subset = None
     if mode == "random":
