@@ -18,7 +18,7 @@ SMALL = ["--fleet", "--clients", "30", "--backends", "12", "--zones", "3", "--re
 OPTIONS = FleetOptions(clients=30, backends=12, zones=3, subset_size=3, requests=2000)
 FIGURES = [
     "connections/backend min/mean/max",
-    "requests/backend max/mean",
+    "requests/backend min/mean/max",
     "cross-zone traffic",
     "latency p50",
     "latency p99",
@@ -238,3 +238,15 @@ def test_zone_aware_connections_count_the_members_of_the_local_zone() -> None:
         assert sum(run.connections) == OPTIONS.clients * 3, mode
         if mode == "deterministic":
             assert set(run.connections) <= {7, 8}
+
+
+def test_zone_aware_churn_counts_the_subsets_within_the_zones_routed_to() -> None:
+    run = run_fleet(replace(OPTIONS, subset_mode="rendezvous"))
+    assert run.joined is not None
+    # The new backend joins zone a: only zone a's ten clients route there.
+    changed, members, most = run.joined
+    assert 0 < changed <= 10
+    assert (members, most) == (changed, 1)
+    deterministic = run_fleet(OPTIONS)
+    assert deterministic.joined is not None
+    assert deterministic.joined[0] <= 10

@@ -223,11 +223,27 @@ def _routed(lb: LoadBalancer, plans: dict[object, ZonePlan]) -> list[Backend]:
     return [b for b in lb.members if plan.share(zone_of(b)) > 0]
 
 
+#: A client as the churn report sees it: its subset, and the zones it routes to (None: zone-blind,
+#: a subset of the whole set).
+Config = tuple[Subset | None, frozenset[str] | None]
+
+
+def _members_in(
+    subset: Subset, groups: dict[str, list[Backend]], zones: frozenset[str] | None
+) -> set[Backend]:
+    """The members of ``subset`` over the whole set (``groups[""]``), or within each of
+    ``zones``, as a set."""
+    if zones is None:
+        return set(subset.members(groups[""]))
+    return {b for z in zones for b in subset.members(groups.get(z, []))}
+
+
 def _churn(
-    options: FleetOptions, backends: Sequence[Backend], salts: Sequence[bytes], seed: int
+    options: FleetOptions, backends: Sequence[Backend], configs: Sequence[Config], seed: int
 ) -> tuple[tuple[int, int, int], tuple[int, int, int]] | None:
-    """(joined, left): the subsets that change when a backend joins and when one leaves, each
-    as (clients changed, members changed in all, most for one client), over the whole set."""
+    """(joined, left): the subsets that change when a backend joins (in the first zone) and
+    when one leaves, each as (clients changed, members changed in all, most for one client),
+    over each client's subset as configured: within the zones it routes to, or the whole set."""
     mode = options.subset_mode
     if mode == "none":
         return None
@@ -240,21 +256,24 @@ def _churn(
             for _ in range(options.clients)
         )
         return (0, 0, 0), (holders, holders, 1 if holders else 0)
-    grown = [*backends, new]
-    shrunk = [b for b in backends if b != gone]
-    subsets = [
-        Subset(options.subset_size, index=i, clients=options.clients)
-        if mode == "deterministic"
-        else Subset(options.subset_size, salt=salts[i])
-        for i in range(options.clients)
-    ]
-    earlier = [set(subset.members(backends)) for subset in subsets]
+
+    def grouped(every: Sequence[Backend]) -> dict[str, list[Backend]]:
+        groups: dict[str, list[Backend]] = {"": list(every)}
+        for backend in every:
+            groups.setdefault(zone_of(backend), []).append(backend)
+        return groups
+
+    now, grown = grouped(backends), grouped([*backends, new])
+    shrunk = grouped([b for b in backends if b != gone])
+    earlier = [_members_in(s, now, z) for s, z in configs if s is not None]
     tallies = []
     for after in (grown, shrunk):
         changed = members = most = 0
-        for subset, before in zip(subsets, earlier, strict=True):
-            now = set(subset.members(after))
-            moved = max(len(before - now), len(now - before))
+        kept = (c for c in configs if c[0] is not None)
+        for (subset, zones), before in zip(kept, earlier, strict=True):
+            assert subset is not None
+            later = _members_in(subset, after, zones)
+            moved = max(len(before - later), len(later - before))
             if moved:
                 changed += 1
                 members += moved
@@ -288,12 +307,15 @@ def run_fleet(options: FleetOptions) -> FleetRun:
     connections = [0] * len(backends)
     fleet: list[LoadBalancer] = []
     plans: dict[object, ZonePlan] = {}
+    configs: list[Config] = []
     with base._seeded_samples(samples):
         for i in range(options.clients):
             z = client_zone[i]
             who = (z, i, rank[i], per_zone[z], salts[i])
             lb = _client(options, rng, clock, backends, by_zone, who, per_zone)
             routed = _routed(lb, plans)
+            zoned = None if lb.zone is None else frozenset(zone_of(b) for b in routed)
+            configs.append((lb.subset, zoned))
             for b in routed:
                 connections[index[b]] += 1
             if not options.in_step and routed:
@@ -305,7 +327,7 @@ def run_fleet(options: FleetOptions) -> FleetRun:
         )
     latencies.sort()
     count = len(latencies)
-    churn = _churn(options, backends, salts, options.seed) if options.churn else None
+    churn = _churn(options, backends, configs, options.seed) if options.churn else None
     return FleetRun(
         options,
         tuple(connections),
@@ -442,12 +464,6 @@ def _spread(values: Sequence[int]) -> str:
     )
 
 
-def _load(run: FleetRun) -> str:
-    average = sum(run.served) / len(run.served)
-    top = max(run.served)
-    return f"{top:,} / {average:,.1f} ({top / average if average else 0:.3f})"
-
-
 def _churn_text(tally: tuple[int, int, int] | None, clients: int) -> str:
     if tally is None:
         return "n/a (no subsets)"
@@ -467,7 +483,7 @@ def _zones_text(run: FleetRun) -> str:
 ROWS: tuple[tuple[str, Callable[[FleetRun], str]], ...] = (
     ("backends per zone", _zones_text),
     ("connections/backend min/mean/max", lambda r: _spread(r.connections)),
-    ("requests/backend max/mean", _load),
+    ("requests/backend min/mean/max", lambda r: _spread(r.served)),
     ("cross-zone traffic", lambda r: f"{r.cross_share:.2%}"),
     ("latency p50", lambda r: base._ms(r.p50)),
     ("latency p99", lambda r: base._ms(r.p99)),
