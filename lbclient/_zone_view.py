@@ -1,6 +1,6 @@
 """Zone-aware routing wired into a balancer: which zone a request goes to, and its order there.
 
-What lives here: :func:`check_zone` (a ``zone=`` setting: a str or a :class:`~lbclient.Zone`,
+What lives here: :func:`check_zone` (a ``zone=`` setting: a str or a :class:`~lbclient.zones.Zone`,
 refused with a key-based algorithm); :class:`ZoneState`, the immutable plan of one view (the
 :class:`~lbclient.zones.ZonePlan` made by :meth:`Zone.plan` over the full set's backends per
 zone, and a selector per zone over that zone's available backends in the view the balancer
@@ -53,7 +53,7 @@ def check_zone(zone: object, algorithm: object) -> Zone | None:
         zone = Zone(zone)
     elif not isinstance(zone, Zone):
         raise TypeError(
-            f"zone must be a str, an lbclient.Zone or None, got {shown(zone)} "
+            f"zone must be a str, an lbclient.zones.Zone or None, got {shown(zone)} "
             f"({type(zone).__name__})"
         )
     if getattr(algorithm, "keyed", True):

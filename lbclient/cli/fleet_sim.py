@@ -513,8 +513,8 @@ def format_runs(runs: Sequence[FleetRun]) -> str:
         f"zone, {base._nominal(first.cross_zone)} across"
         + (f"; {first.slow} slow ({SLOWER:g}x)" if first.slow else "")
         + (f"; {first.failing} failing" if first.failing else ""),
-        "  connections: clients whose members include the backend; churn: clients whose "
-        "Subset.members over the whole set change, members changed each",
+        "  connections: clients whose members (in the zones they route to) include the "
+        "backend; churn: clients whose subsets there change, members changed each",
         "",
     ]
     cells = [[value(r) for r in runs] for _, value in ROWS]
