@@ -35,11 +35,12 @@ from lbclient.reports import FORMAT_HEADER
 from lbclient.retry import RequestOptions, RetryPolicy, RetryStats
 from lbclient.selection.base import AlgorithmLike
 from lbclient.subsets import Subset
+from lbclient.zones import Zone
 
 if TYPE_CHECKING:
     from lbclient._wire import Facts
 
-__all__ = ["DEFAULT", "AdapterConfig", "Default", "config_of", "policy_from"]
+__all__ = ["DEFAULT", "AdapterConfig", "Default", "Zone", "config_of", "policy_from"]
 
 _R = TypeVar("_R")
 
@@ -100,7 +101,7 @@ def _balancer(
     algorithm: AlgorithmLike | None,
     failure_statuses: Collection[int] | None,
     subset: Subset | None = None,
-    zone: str | None = None,
+    zone: str | Zone | None = None,
 ) -> LoadBalancer:
     """The balancer an adapter uses: ``balancer``, or one built of the backends given."""
     if isinstance(balancer, LoadBalancer):
@@ -148,7 +149,7 @@ class AdapterConfig(Generic[_R]):
         hedges: bool,
         load_reports: object = None,
         subset: Subset | None = None,
-        zone: str | None = None,
+        zone: str | Zone | None = None,
     ) -> None:
         self.balancer = _balancer(balancer, algorithm, failure_statuses, subset, zone)
         #: The header that asks every backend for a load report, or None (see

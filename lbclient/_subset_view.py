@@ -9,10 +9,12 @@ A member view holds the subset's members (the first ``size`` available candidate
 :meth:`Subset.members`: an unavailable member replaced by the next available candidate outside
 the subset) and, held beside them, the subset's own backends that are unavailable but enabled:
 an ejected member stays reachable for its probe, and when the probe succeeds it is a member
-again and its replacement leaves. Its health cells and loads are the balancer's own objects (the
-full view's), so health is kept for every backend of the full set. Panic mode is the subset's:
-fewer available members than the panic threshold of the subset's size (or of the enabled
-backends, when fewer).
+again and its replacement leaves. With a zone (``split``: a backend's zone), the subset is taken
+within each zone: ``size`` members of each zone's backends, so that zone-aware routing keeps a
+subset's evenness in the zone it routes to. Its health cells and loads are the balancer's own
+objects (the full view's), so health is kept for every backend of the full set. Panic mode is
+the subset's: fewer available members than the panic threshold of the subset's size (of each
+zone's, with a zone; or of the enabled backends, when fewer).
 
 The full view tells :meth:`Members.restate` of each change under the book's lock; a change that
 moves no backend in or out of availability (a failure streak, a probe taken) is kept in the
@@ -97,45 +99,69 @@ class Members:
     selectors (and tells of every change, see :meth:`restate`); ``publish`` swaps a new member
     view in."""
 
-    __slots__ = ("current", "full", "order", "publish", "subset", "views")
+    __slots__ = ("current", "full", "order", "publish", "split", "subset", "views")
 
     def __init__(
-        self, subset: Subset, views: Views, publish: Callable[[MemberView], object]
+        self,
+        subset: Subset,
+        views: Views,
+        publish: Callable[[MemberView], object],
+        split: Callable[[Backend], str] | None = None,
     ) -> None:
         self.subset = subset
         self.views = views
         self.publish = publish
+        #: Backends in groups (a balancer's zones), each with a subset of its own; or None.
+        self.split = split
         #: The full view the current member view was made of, and that member view.
         self.full: View | None = None
         self.current: MemberView | None = None
-        #: The full set and its candidates in this client's order (computed once per set).
-        self.order: tuple[tuple[Backend, ...], tuple[Backend, ...]] = ((), ())
+        #: The full set and its candidates in this client's order, a tuple per group (computed
+        #: once per set).
+        self.order: tuple[tuple[Backend, ...], tuple[tuple[Backend, ...], ...]] = ((), ())
         views.watch = self.restate
 
     def build(self, full: View) -> MemberView:
         """The member view of ``full`` (under the book's lock once ``full`` is shared)."""
         if self.order[0] is not full.backends:
-            self.order = (full.backends, self.subset.candidates(full.backends))
+            self.order = (full.backends, self._groups(full.backends))
         full.watch = self.views.watch  # the first view was made before this was watching
         self.full = full
         self.current = self._make(full, *self._chosen(full))
         return self.current
 
+    def _groups(self, backends: tuple[Backend, ...]) -> tuple[tuple[Backend, ...], ...]:
+        """The candidates of each group (one group, the whole set, without ``split``)."""
+        split = self.split
+        if split is None:
+            return (self.subset.candidates(backends),)
+        groups: dict[str, list[Backend]] = {}
+        for backend in backends:
+            groups.setdefault(split(backend), []).append(backend)
+        return tuple(self.subset.candidates(groups[name]) for name in sorted(groups))
+
     def _chosen(self, full: View) -> tuple[tuple[Backend, ...], tuple[Backend, ...]]:
-        """The members (the first ``size`` available candidates) and the held backends."""
+        """The members (the first ``size`` available candidates of each group) and the held
+        backends."""
         cells = full.cells
         size = self.subset.size
         members: list[Backend] = []
         held: list[Backend] = []
-        for i, backend in enumerate(self.order[1]):
-            state = cells[backend].state
-            if _sound(state):
-                members.append(backend)
-                if len(members) == size:
-                    break
-            elif i < size and state.enabled:
-                held.append(backend)
+        for group in self.order[1]:
+            taken = 0
+            for i, backend in enumerate(group):
+                state = cells[backend].state
+                if _sound(state):
+                    members.append(backend)
+                    taken += 1
+                    if taken == size:
+                        break
+                elif i < size and state.enabled:
+                    held.append(backend)
         return tuple(members), tuple(held)
+
+    def _quota(self, full: View) -> int:
+        return min(sum(min(self.subset.size, len(g)) for g in self.order[1]), full.enabled)
 
     def _make(
         self, full: View, members: tuple[Backend, ...], held: tuple[Backend, ...]
@@ -146,8 +172,8 @@ class Members:
         selector = views.selector(backends, None, None)
         cells = {b: full.cells[b] for b in backends}
         loads = {b: full.loads[b] for b in backends}
-        subset = self.order[1][: self.subset.size]
-        quota = min(self.subset.size, full.enabled)
+        subset = tuple(b for group in self.order[1] for b in group[: self.subset.size])
+        quota = self._quota(full)
         view = MemberView(
             backends, selector, cells, loads, views.policy, (members, held, subset, quota)
         )
@@ -169,7 +195,7 @@ class Members:
                 current.restate(backend, before, after, False)
             return
         members, held = self._chosen(full)
-        quota = min(self.subset.size, full.enabled)
+        quota = self._quota(full)
         if not inside and (members, held, quota) == (current.members, current.held, current.quota):
             return
         self.current = self._make(full, members, held)

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Final
 
 from lbclient._book import HealthBook, OnChange
-from lbclient._lifecycle import Lifecycle
+from lbclient._lifecycle import Lifecycle, Running
 from lbclient._lifecycle import bad_setting as bad_setting
 from lbclient._load import Load, Total
 from lbclient._subset_view import Members, MemberView, check_subset
@@ -47,6 +47,7 @@ from lbclient.selection.base import (
 from lbclient.selection.slow_start import SlowStart, slow_start_of
 from lbclient.selection.weighted import RoundRobin
 from lbclient.subsets import Subset
+from lbclient.zones import Zone, zone_of
 
 __all__ = ["DEFAULT_MAX_ITERATIONS", "Lifecycle", "LoadBalancer", "install_lifecycle"]
 
@@ -81,7 +82,7 @@ def _accept_ready(_backend: Backend, ready: bool) -> bool:
     return ready
 
 
-class LoadBalancer:
+class LoadBalancer(Running):
     """Chooses a backend per key, with fallbacks, skipping backends that are not ready.
 
     Every backend starts healthy and enabled. :meth:`report` feeds the outcomes of requests to
@@ -114,9 +115,9 @@ class LoadBalancer:
       one replaced by the next candidate outside it until it returns (None: every backend).
       Needs an algorithm that ignores the key (ValueError otherwise). Health is kept for every
       backend; panic mode is the subset's.
-    * ``zone``: this client's zone: route by Envoy's zone-aware rule over the backends'
-      ``metadata["zone"]`` (:func:`~lbclient.zones.plan_zones`; None: zone-blind). Key-less
-      algorithms only (ValueError otherwise); one retry in the zone, then other zones.
+    * ``zone``: this client's zone, a str or a :class:`~lbclient.zones.Zone`: Envoy's rule over
+      the backends' ``metadata["zone"]``, and a load spill (:mod:`lbclient.zones`; None: blind);
+      a subset is taken within each zone. Key-less algorithms only (ValueError otherwise).
 
     The check and the discovery run on one runner per balancer (a thread and a few workers
     for sync users, tasks of the running loop for asyncio ones), kept by lbclient's services
@@ -135,7 +136,7 @@ class LoadBalancer:
         clock: Callable[[], float] = time.monotonic,
         random: Callable[[], float] = _random.random,
         subset: Subset | None = None,
-        zone: str | None = None,
+        zone: str | Zone | None = None,
     ) -> None:
         if health is None:
             health = HealthPolicy()
@@ -168,10 +169,13 @@ class LoadBalancer:
         prepared = prepare_backends(backends)
         self._view = self._views.view(prepared, None)
         #: The view selection reads: the full one, or the subset's (swapped in on its changes).
-        self._members = None if subset is None else Members(subset, self._views, self._swap)
+        split = None if zone is None else zone_of  # with a zone, a subset within each zone
+        self._members = None if subset is None else Members(subset, self._views, self._swap, split)
         self._pick: View = self._view if self._members is None else self._members.build(self._view)
         self._zones = (
-            None if zone is None else Zones(zone, self._views, self._picker, random, self._view)
+            None
+            if zone is None
+            else Zones(zone, self._views, self._picker, random, lambda: self._view)
         )
         #: What the discovery reported (refreshes, failures, error, priority), for snapshots.
         self._found: tuple[int, int, str | None, int | None] = (0, 0, None, None)
@@ -205,6 +209,11 @@ class LoadBalancer:
     def subset(self) -> Subset | None:
         """The ``subset`` setting (None: every backend)."""
         return None if self._members is None else self._members.subset
+
+    @property
+    def zone(self) -> Zone | None:
+        """The ``zone`` setting, as a :class:`~lbclient.zones.Zone` (None: zone-blind)."""
+        return None if self._zones is None else self._zones.zone
 
     def _swap(self, pick: MemberView) -> None:
         self._pick = pick
@@ -516,50 +525,6 @@ class LoadBalancer:
         self._book.discovery_watch = watch
         self._found = (refreshes, failures, error, priority)
 
-    # -- what runs beside it ------------------------------------------------------------------
-
-    def start(self) -> LoadBalancer:
-        """Start what runs beside the balancer (its discovery, then its active checks), if
-        anything: the discovery is looked up before this returns, the rest runs on a thread.
-
-        Every :meth:`start` needs its :meth:`close`: it runs until the last user closes.
-        Returns the balancer.
-        """
-        if self._services is not None:
-            self._services.start()
-        return self
-
-    async def astart(self) -> LoadBalancer:
-        """:meth:`start` for async code: tasks of the running asyncio loop (a thread on
-        another async library). Pair with :meth:`aclose`."""
-        if self._services is not None:
-            await self._services.astart()
-        return self
-
-    def close(self) -> None:
-        """Stop what runs beside the balancer once every :meth:`start` was closed. When this
-        returns, nothing of it runs (an asyncio task is cancelled; prefer :meth:`aclose`
-        there)."""
-        if self._services is not None:
-            self._services.stop()
-
-    async def aclose(self) -> None:
-        """:meth:`close` for async code, awaiting the end of what ran."""
-        if self._services is not None:
-            await self._services.astop()
-
-    def __enter__(self) -> LoadBalancer:
-        return self.start()
-
-    def __exit__(self, *_exc: object) -> None:
-        self.close()
-
-    async def __aenter__(self) -> LoadBalancer:
-        return await self.astart()
-
-    async def __aexit__(self, *_exc: object) -> None:
-        await self.aclose()
-
     def snapshot(self) -> HealthSnapshot:
         """Every backend's health and load, and whether panic mode is on, as of now."""
         view = self._view
@@ -587,7 +552,7 @@ class LoadBalancer:
             "discovery": self._discovery,
             "refresh": self._refresh,
             "subset": self.subset,
-            "zone": None if self._zones is None else self._zones.local,
+            "zone": self.zone,
         }
         if self._random is not _random.random:
             settings["random"] = self._random

@@ -30,7 +30,7 @@ from typing import Any, Final, Generic, TypeVar
 import httpcore
 import httpx
 
-from lbclient._config import DEFAULT, AdapterConfig, Default, policy_from
+from lbclient._config import DEFAULT, AdapterConfig, Default, Zone, policy_from
 from lbclient._gate import GateClosed
 from lbclient._loop import run_async, run_sync
 from lbclient._plan import Fault, Timeouts
@@ -290,7 +290,7 @@ class _Configured(Generic[_P, _T]):
         local_address: str | None = None,
         socket_options: Iterable[Any] | None = None,
         subset: Subset | None = None,
-        zone: str | None = None,
+        zone: str | Zone | None = None,
     ) -> None:
         self._config: AdapterConfig[httpx.Response] = AdapterConfig(
             balancer,

@@ -33,7 +33,7 @@ from urllib3.exceptions import HTTPError as URLLib3HTTPError
 from urllib3.util.retry import Retry
 from urllib3.util.timeout import Timeout
 
-from lbclient._config import DEFAULT, AdapterConfig, Default, policy_from
+from lbclient._config import DEFAULT, AdapterConfig, Default, Zone, policy_from
 from lbclient._loop import run_sync
 from lbclient._plan import Timeouts
 from lbclient._probes import urllib3_tls
@@ -225,7 +225,7 @@ class LBAdapter(HTTPAdapter):
         pool_maxsize: int = 10,
         pool_block: bool = False,
         subset: Subset | None = None,
-        zone: str | None = None,
+        zone: str | Zone | None = None,
     ) -> None:
         self._config: AdapterConfig[requests.Response] = AdapterConfig(
             balancer,

@@ -18,7 +18,7 @@ SMALL = ["--fleet", "--clients", "30", "--backends", "12", "--zones", "3", "--re
 OPTIONS = FleetOptions(clients=30, backends=12, zones=3, subset_size=3, requests=2000)
 FIGURES = [
     "connections/backend min/mean/max",
-    "requests/backend max/mean",
+    "requests/backend min/mean/max",
     "cross-zone traffic",
     "latency p50",
     "latency p99",
@@ -188,3 +188,65 @@ def test_half_capacity_p99_stays_near_zone_blind_routing() -> None:
     aware, blind = run_fleet(options), run_fleet(replace(options, zone_aware=False))
     assert aware.cross_share < blind.cross_share
     assert aware.p99 <= 1.2 * blind.p99
+
+
+def test_each_client_is_one_wired_balancer_with_its_subset_and_zone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from lbclient import LoadBalancer, Subset
+    from lbclient.cli import fleet_sim
+
+    made: list[LoadBalancer] = []
+
+    class Recorded(LoadBalancer):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+            made.append(self)
+
+    def refused(*_args: object) -> None:
+        raise AssertionError("routing computed members outside the balancer")
+
+    monkeypatch.setattr(fleet_sim, "LoadBalancer", Recorded)
+    monkeypatch.setattr(Subset, "members", refused)  # the balancer uses its own view
+    run = run_fleet(replace(OPTIONS, churn=False))
+    assert run.requests == 2000
+    assert len(made) == OPTIONS.clients
+    assert all(len(lb.backends) == OPTIONS.backends for lb in made)
+    zones = [lb.zone for lb in made]
+    assert [z.name for z in zones if z is not None] == [
+        "abc"[i % 3] for i in range(OPTIONS.clients)
+    ]
+    assert {z.clients["a"] for z in zones if z is not None and z.clients} == {10.0}
+    # Deterministic subsets by rank among the clients of each zone (ten per zone).
+    assert [lb.subset for lb in made[:4]] == [
+        Subset(3, index=0, clients=10),
+        Subset(3, index=0, clients=10),
+        Subset(3, index=0, clients=10),
+        Subset(3, index=1, clients=10),
+    ]
+    made.clear()
+    run_fleet(replace(OPTIONS, churn=False, zone_aware=False))
+    blind = [lb.subset for lb in made[:2]]
+    assert blind == [Subset(3, index=0, clients=30), Subset(3, index=1, clients=30)]
+    assert all(lb.zone is None for lb in made)
+
+
+def test_zone_aware_connections_count_the_members_of_the_local_zone() -> None:
+    for mode in ("deterministic", "rendezvous", "random"):
+        run = run_fleet(replace(OPTIONS, subset_mode=mode, churn=False))
+        # Ten clients per zone, 3 members each in their own zone, four backends per zone.
+        assert sum(run.connections) == OPTIONS.clients * 3, mode
+        if mode == "deterministic":
+            assert set(run.connections) <= {7, 8}
+
+
+def test_zone_aware_churn_counts_the_subsets_within_the_zones_routed_to() -> None:
+    run = run_fleet(replace(OPTIONS, subset_mode="rendezvous"))
+    assert run.joined is not None
+    # The new backend joins zone a: only zone a's ten clients route there.
+    changed, members, most = run.joined
+    assert 0 < changed <= 10
+    assert (members, most) == (changed, 1)
+    deterministic = run_fleet(OPTIONS)
+    assert deterministic.joined is not None
+    assert deterministic.joined[0] <= 10

@@ -99,6 +99,26 @@ def test_local_zone_loaded_beyond_the_band_spills() -> None:
     assert plan_zones("a", healthy, load={"a": 9, "b": 0, "c": 0}).mode == "local"
 
 
+def test_a_load_floor_and_the_band_s_bottom_hold_a_spill() -> None:
+    healthy = {"a": 4, "b": 4, "c": 4}
+    idle = {"a": 2.1, "b": 0, "c": 0}
+    # An idle other side counts as the floor: over 2x a floor of 1 spills, under does not.
+    assert plan_zones("a", healthy, load=idle, load_floor=1.0).spilled
+    assert not plan_zones("a", healthy, load={"a": 1.9, "b": 0}, load_floor=1.0).spilled
+    # Once spilled, it stays until the local load falls to 0.8x the others' (floored).
+    held = {"a": 1.5, "b": 1.0, "c": 1.0}
+    assert not plan_zones("a", healthy, load=held, load_floor=1.0).spilled
+    kept = plan_zones("a", healthy, load=held, load_floor=1.0, spilled=True)
+    assert (kept.mode, kept.spilled) == ("blind", True)
+    assert "still over 0.8x" in kept.reason
+    back = plan_zones("a", healthy, load={"a": 0.7, "b": 0.2}, load_floor=1.0, spilled=True)
+    assert (back.mode, back.spilled) == ("local", False)
+    lower = plan_zones("a", healthy, load=held, load_floor=1.0, spilled=True, load_return=0.5)
+    assert lower.spilled
+    # Health comes first: a spill for load is one only when the zone is healthy enough.
+    assert not plan_zones("a", {"a": 1, "b": 4, "c": 4}, total=healthy, load=idle).spilled
+
+
 def test_unknown_or_emptied_local_zone_falls_back_to_zone_blind() -> None:
     plan = plan_zones("d", {"a": 2, "b": 2, "c": 2})
     assert plan.mode == "blind"

@@ -1,25 +1,25 @@
 """``python -m lbclient simulate --fleet``: a fleet of clients calling a fleet of backends, on a
 virtual clock, through the real balancer, subset and zone code in every simulated client.
 
-**What runs.** Each simulated client holds real :class:`~lbclient.LoadBalancer` objects with the
-real algorithm, one shared virtual clock and a seeded ``random``. Its backends come from
-:class:`~lbclient.subsets.Subset` ``.members(...)`` and its zone shares from
-:func:`~lbclient.zones.plan_zones`, as one client would compute them (DESIGN rule 6). The
-balancer has no ``subset=`` or ``zone=`` of its own yet, so the composition lives here, and will
-become ``LoadBalancer(subset=..., zone=...)`` once that is wired:
+**What runs.** Each simulated client is one real :class:`~lbclient.LoadBalancer` with the real
+algorithm, one shared virtual clock and a seeded ``random``, configured as a client of a real
+fleet would be (DESIGN rule 6): ``LoadBalancer(backends, algorithm, subset=Subset(...),
+zone=Zone(zone, clients=clients per zone))`` over the whole set of backends. The balancer
+takes its subset (within each zone, when zone-aware), plans its zone shares, draws a zone per
+request and selects there, all by itself; the simulator does not compute members or shares.
 
-* zone-blind routing: one balancer per client over ``subset.members(all backends)`` (every
-  backend with ``--subset-mode none``);
-* zone-aware routing: the client's zone plan, ``plan_zones(local, backends per zone, clients=
-  clients per zone)``, then one balancer per zone the plan routes to, over the members of a
-  subset taken *within that zone* (the subset within the zone first). A request draws its zone
-  by the plan's shares (seeded), then that zone's balancer selects. Deterministic subsets in a
-  zone use the client's rank among the clients of its own zone and their number, so each
-  zone's backends get the same number of clients of one source zone within one.
+* Zone-aware: ``zone=Zone(z, clients=...)`` with the fleet's clients per zone. Deterministic
+  subsets use the client's rank among the clients of its own zone and their number
+  (``Subset(size, index=rank, clients=clients in the zone)``), so each zone's backends get
+  the same number of clients of one source zone within one.
+* Zone-blind: no ``zone=``; deterministic subsets over the whole fleet
+  (``Subset(size, index=i, clients=n)``).
 
-Subset modes: ``deterministic`` (``Subset(size, index=i, clients=n)``), ``rendezvous``
-(``Subset(size, salt=...)``, a seeded salt per client), ``random`` (the SRE book's random
-subsets, ``size`` backends drawn per client by a seeded generator: the baseline), ``none``.
+Subset modes: ``deterministic``, ``rendezvous`` (``Subset(size, salt=...)``, a seeded salt per
+client), ``none`` (every backend), and ``random``, the SRE book's random subsets, the baseline
+(no ``Subset`` has that mode: the balancer is given ``size`` backends drawn by a seeded
+generator, within each zone when zone-aware, so its zone plan is over the drawn ones, with the
+clients spread like them: a baseline for the spread of connections, not for zone capacity).
 
 **Traffic.** Open loop: requests arrive at the fleet as a Poisson process whose rate is
 ``--utilization`` times the healthy backends' capacity (servers / mean service time), each from a
@@ -30,11 +30,12 @@ servers and exponential or lognormal service times (``--slow`` backends 10x slow
 records it as a transport does: ``observe(load, latency, failed)``, ``load.end()``, and
 ``report(backend, ok)`` for passive health. Clients are out of step: before the traffic each
 balancer makes a seeded random number of picks (under its number of members), as in a fleet that
-has been running a while. With ``--in-step`` they start fresh together; RoundRobin's counter
-starts at 0 in every balancer, so a fleet that starts at once sweeps the backends in step (a
-herd: the run shows it in the p50 and p99).
+has been running a while (RoundRobin keeps Pingora's shared counter from 0; only the clients'
+starting points differ). With ``--in-step`` they start fresh together, so a fleet that starts
+at once sweeps the backends in step (a herd: the run shows it in the p50 and p99).
 
-**Figures.** Connections per backend (the clients whose members include it; min / mean / max),
+**Figures.** Connections per backend (the clients whose members, in the zones their plan routes
+to, include it; min / mean / max),
 requests per backend (max / mean), the share of requests that crossed zones, p50 and p99
 latency, failures, and the subset churn when one backend joins and one leaves: the clients
 whose ``Subset.members`` over the whole set changed, and by how many members (for ``random``
@@ -59,7 +60,7 @@ from typing import Any
 from lbclient import Backend, LoadBalancer
 from lbclient.cli import simulate as base
 from lbclient.subsets import Subset
-from lbclient.zones import plan_zones, zone_of
+from lbclient.zones import Zone, ZonePlan, zone_counts, zone_of
 
 __all__ = [
     "ALGORITHMS",
@@ -169,44 +170,80 @@ def _zone_name(z: int) -> str:
     return chr(ord("a") + z)
 
 
-class _Client:
-    __slots__ = ("balancers", "cumulative", "zone", "zones")
-
-    def __init__(self, zone: str) -> None:
-        self.zone = zone
-        self.zones: list[str] = []  # the zones it routes to
-        self.cumulative: list[float] = []  # their shares, summed
-        self.balancers: list[LoadBalancer] = []
-
-
 def _random_subset(rng: random.Random, backends: Sequence[Backend], size: int) -> list[Backend]:
     return rng.sample(list(backends), min(size, len(backends)))
 
 
-def _members(
+def _client(
     options: FleetOptions,
     rng: random.Random,
+    clock: base._Clock,
     backends: Sequence[Backend],
-    index: int,
-    clients: int,
-    salt: bytes,
-) -> Sequence[Backend]:
-    """One client's backends among ``backends`` in the run's subset mode."""
-    mode = options.subset_mode
-    if mode == "none":
-        return backends
+    by_zone: dict[str, list[Backend]],
+    who: tuple[str, int, int, int, bytes],
+    per_zone: dict[str, int],
+) -> LoadBalancer:
+    """One client's balancer, configured as the module says. ``who``: its zone, index, rank
+    in its zone, clients in its zone, salt."""
+    zone_name, i, rank, peers, salt = who
+    mode, size = options.subset_mode, options.subset_size
+    zone = None
+    if options.zone_aware:
+        # The random baseline's zones are its draws, size each: its clients spread like them.
+        spread = None if mode == "random" else {z: float(n) for z, n in per_zone.items() if n}
+        zone = Zone(zone_name, clients=spread)
+    given: Sequence[Backend] = backends
+    subset = None
     if mode == "random":
-        return _random_subset(rng, backends, options.subset_size)
-    if mode == "deterministic":
-        return Subset(options.subset_size, index=index, clients=clients).members(backends)
-    return Subset(options.subset_size, salt=salt).members(backends)
+        groups = by_zone.values() if options.zone_aware else [backends]
+        given = [b for group in groups for b in _random_subset(rng, group, size)]
+    elif mode == "deterministic":
+        index, clients = (rank, peers) if options.zone_aware else (i, options.clients)
+        subset = Subset(size, index=index, clients=clients)
+    elif mode == "rendezvous":
+        subset = Subset(size, salt=salt)
+    algorithm = base.ALGORITHMS[options.algorithm](rng.getrandbits(32))
+    return LoadBalancer(given, algorithm, clock=clock, random=rng.random, subset=subset, zone=zone)
+
+
+def _routed(lb: LoadBalancer, plans: dict[object, ZonePlan]) -> list[Backend]:
+    """The members of ``lb`` in the zones its plan routes to (all with a zone-blind plan). For
+    the report: the plan is the one its balancer makes with every backend healthy (as in a
+    snapshot, without a snapshot's pass over each backend's health), one per zone and set."""
+    zone = lb.zone
+    if zone is None:
+        return list(lb.members)
+    key = (zone, lb.backends)
+    plan = plans.get(key)
+    if plan is None:
+        counts = zone_counts(lb.backends)
+        plan = plans[key] = zone.plan(counts[0], counts[1])
+    if plan.mode not in ("local", "residual"):
+        return list(lb.members)
+    return [b for b in lb.members if plan.share(zone_of(b)) > 0]
+
+
+#: A client as the churn report sees it: its subset, and the zones it routes to (None: zone-blind,
+#: a subset of the whole set).
+Config = tuple[Subset | None, frozenset[str] | None]
+
+
+def _members_in(
+    subset: Subset, groups: dict[str, list[Backend]], zones: frozenset[str] | None
+) -> set[Backend]:
+    """The members of ``subset`` over the whole set (``groups[""]``), or within each of
+    ``zones``, as a set."""
+    if zones is None:
+        return set(subset.members(groups[""]))
+    return {b for z in zones for b in subset.members(groups.get(z, []))}
 
 
 def _churn(
-    options: FleetOptions, backends: Sequence[Backend], salts: Sequence[bytes], seed: int
+    options: FleetOptions, backends: Sequence[Backend], configs: Sequence[Config], seed: int
 ) -> tuple[tuple[int, int, int], tuple[int, int, int]] | None:
-    """(joined, left): the subsets that change when a backend joins and when one leaves, each
-    as (clients changed, members changed in all, most for one client), over the whole set."""
+    """(joined, left): the subsets that change when a backend joins (in the first zone) and
+    when one leaves, each as (clients changed, members changed in all, most for one client),
+    over each client's subset as configured: within the zones it routes to, or the whole set."""
     mode = options.subset_mode
     if mode == "none":
         return None
@@ -219,21 +256,24 @@ def _churn(
             for _ in range(options.clients)
         )
         return (0, 0, 0), (holders, holders, 1 if holders else 0)
-    grown = [*backends, new]
-    shrunk = [b for b in backends if b != gone]
-    subsets = [
-        Subset(options.subset_size, index=i, clients=options.clients)
-        if mode == "deterministic"
-        else Subset(options.subset_size, salt=salts[i])
-        for i in range(options.clients)
-    ]
-    earlier = [set(subset.members(backends)) for subset in subsets]
+
+    def grouped(every: Sequence[Backend]) -> dict[str, list[Backend]]:
+        groups: dict[str, list[Backend]] = {"": list(every)}
+        for backend in every:
+            groups.setdefault(zone_of(backend), []).append(backend)
+        return groups
+
+    now, grown = grouped(backends), grouped([*backends, new])
+    shrunk = grouped([b for b in backends if b != gone])
+    earlier = [_members_in(s, now, z) for s, z in configs if s is not None]
     tallies = []
     for after in (grown, shrunk):
         changed = members = most = 0
-        for subset, before in zip(subsets, earlier, strict=True):
-            now = set(subset.members(after))
-            moved = max(len(before - now), len(now - before))
+        kept = (c for c in configs if c[0] is not None)
+        for (subset, zones), before in zip(kept, earlier, strict=True):
+            assert subset is not None
+            later = _members_in(subset, after, zones)
+            moved = max(len(before - later), len(later - before))
             if moved:
                 changed += 1
                 members += moved
@@ -259,56 +299,35 @@ def run_fleet(options: FleetOptions) -> FleetRun:
 
     client_zone = [_zone_name(i % options.zones) for i in range(options.clients)]
     per_zone = {z: client_zone.count(z) for z in zones}
-    rank = [client_zone[:i].count(client_zone[i]) for i in range(options.clients)]
+    rank = [i // options.zones for i in range(options.clients)]  # among its zone's clients
     salts = [rng.getrandbits(128).to_bytes(16, "little") for _ in range(options.clients)]
-    healthy = {z: float(len(by_zone[z])) for z in zones}
-    plans = {
-        z: plan_zones(z, healthy, clients={k: float(v) for k, v in per_zone.items() if v})
-        for z in zones
-        if per_zone[z]
-    }
 
     clock = base._Clock()
     samples = rng.getrandbits(64)
     connections = [0] * len(backends)
-    fleet: list[_Client] = []
+    fleet: list[LoadBalancer] = []
+    plans: dict[object, ZonePlan] = {}
+    configs: list[Config] = []
     with base._seeded_samples(samples):
         for i in range(options.clients):
-            client = _Client(client_zone[i])
-            if options.zone_aware:
-                shares = [(z, s) for z, s in plans[client.zone].shares.items() if s > 0]
-                pools = [
-                    (
-                        z,
-                        s,
-                        _members(
-                            options, rng, by_zone[z], rank[i], per_zone[client.zone], salts[i]
-                        ),
-                    )
-                    for z, s in shares
-                ]
-            else:
-                pools = [("", 1.0, _members(options, rng, backends, i, options.clients, salts[i]))]
-            total = 0.0
-            for z, share, members in pools:
-                for b in members:
-                    connections[index[b]] += 1
-                total += share
-                client.zones.append(z)
-                client.cumulative.append(total)
-                algorithm = base.ALGORITHMS[options.algorithm](rng.getrandbits(32))
-                lb = LoadBalancer(members, algorithm, clock=clock, random=rng.random)
-                if not options.in_step and members:
-                    for _ in range(rng.randrange(len(members))):
-                        lb.select()
-                client.balancers.append(lb)
-            fleet.append(client)
+            z = client_zone[i]
+            who = (z, i, rank[i], per_zone[z], salts[i])
+            lb = _client(options, rng, clock, backends, by_zone, who, per_zone)
+            routed = _routed(lb, plans)
+            zoned = None if lb.zone is None else frozenset(zone_of(b) for b in routed)
+            configs.append((lb.subset, zoned))
+            for b in routed:
+                connections[index[b]] += 1
+            if not options.in_step and routed:
+                for _ in range(rng.randrange(len(routed))):
+                    lb.select()
+            fleet.append(lb)
         served, crossed, failures, latencies = _traffic(
-            options, rng, clock, fleet, index, zone_index, zones, mean, failing
+            options, rng, clock, fleet, client_zone, index, zone_index, zones, mean, failing
         )
     latencies.sort()
     count = len(latencies)
-    churn = _churn(options, backends, salts, options.seed) if options.churn else None
+    churn = _churn(options, backends, configs, options.seed) if options.churn else None
     return FleetRun(
         options,
         tuple(connections),
@@ -331,7 +350,8 @@ def _traffic(
     options: FleetOptions,
     rng: random.Random,
     clock: base._Clock,
-    fleet: Sequence[_Client],
+    fleet: Sequence[LoadBalancer],
+    fleet_zones: Sequence[str],
     index: dict[Backend, int],
     zone_index: Sequence[int],
     zones: Sequence[str],
@@ -347,7 +367,7 @@ def _traffic(
         [(options.same_zone if a == b else options.cross_zone) / 2 for b in range(len(zones))]
         for a in range(len(zones))
     ]
-    client_zone = [zones.index(c.zone) for c in fleet]
+    client_zone = [zones.index(z) for z in fleet_zones]
     lognormal = options.distribution == "lognormal"
     mu_shift = -(LOGNORMAL_SIGMA**2) / 2  # so that the mean is the nominal service time
     served = [0] * n
@@ -355,7 +375,7 @@ def _traffic(
     latencies: list[float] = []
     events: list[tuple[float, int, int, Any]] = [(0.0, 0, _ARRIVE, None)]
     push, pop = heapq.heappush, heapq.heappop
-    expovariate, randrange, draw = rng.expovariate, rng.randrange, rng.random
+    expovariate, randrange = rng.expovariate, rng.randrange
     lognormvariate = rng.lognormvariate
     clients = len(fleet)
     sent = seq = 0
@@ -368,13 +388,7 @@ def _traffic(
                 seq += 1
                 push(events, (now + expovariate(rate), seq, _ARRIVE, None))
             c = randrange(clients)
-            client = fleet[c]
-            pick = 0
-            if len(client.cumulative) > 1:
-                r = draw()
-                while pick < len(client.cumulative) - 1 and r >= client.cumulative[pick]:
-                    pick += 1
-            lb = client.balancers[pick]
+            lb = fleet[c]
             backend = lb.select()
             if backend is None:
                 failures += 1
@@ -450,12 +464,6 @@ def _spread(values: Sequence[int]) -> str:
     )
 
 
-def _load(run: FleetRun) -> str:
-    average = sum(run.served) / len(run.served)
-    top = max(run.served)
-    return f"{top:,} / {average:,.1f} ({top / average if average else 0:.3f})"
-
-
 def _churn_text(tally: tuple[int, int, int] | None, clients: int) -> str:
     if tally is None:
         return "n/a (no subsets)"
@@ -475,7 +483,7 @@ def _zones_text(run: FleetRun) -> str:
 ROWS: tuple[tuple[str, Callable[[FleetRun], str]], ...] = (
     ("backends per zone", _zones_text),
     ("connections/backend min/mean/max", lambda r: _spread(r.connections)),
-    ("requests/backend max/mean", _load),
+    ("requests/backend min/mean/max", lambda r: _spread(r.served)),
     ("cross-zone traffic", lambda r: f"{r.cross_share:.2%}"),
     ("latency p50", lambda r: base._ms(r.p50)),
     ("latency p99", lambda r: base._ms(r.p99)),
@@ -505,8 +513,8 @@ def format_runs(runs: Sequence[FleetRun]) -> str:
         f"zone, {base._nominal(first.cross_zone)} across"
         + (f"; {first.slow} slow ({SLOWER:g}x)" if first.slow else "")
         + (f"; {first.failing} failing" if first.failing else ""),
-        "  connections: clients whose members include the backend; churn: clients whose "
-        "Subset.members over the whole set change, members changed each",
+        "  connections: clients whose members (in the zones they route to) include the "
+        "backend; churn: clients whose subsets there change, members changed each",
         "",
     ]
     cells = [[value(r) for r in runs] for _, value in ROWS]
