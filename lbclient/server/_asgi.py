@@ -78,7 +78,8 @@ class LoadReportingASGI:
         tracker = self.tracker
         status = 500  # an app that returns without a response gets a 500 from its server
 
-        async def reply(message: Message) -> None:
+        def reply(message: Message) -> Awaitable[None]:
+            # Not a coroutine: the server's own send is what the app awaits, no frame between.
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
@@ -91,7 +92,7 @@ class LoadReportingASGI:
                         value = tracker.rendered(asked).encode("latin-1")
                         headers.append((_REPORT, value))
                         message = {**message, "headers": headers}
-            await send(message)
+            return send(message)
 
         started = tracker.begin()
         try:

@@ -12,8 +12,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from bisect import bisect_left, insort
-from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Final
 
@@ -103,7 +101,8 @@ class LoadTracker:
       negative number (logged once per metric).
 
     ``clock`` (seconds, monotonic) is the only clock read. Thread-safe: one lock guards the
-    counts, held for a few list operations; the metric callables run outside it.
+    counts, held for a few list operations (the latency median is sorted out of it, when a
+    report is made); the metric callables run outside it.
     """
 
     def __init__(
@@ -135,15 +134,18 @@ class LoadTracker:
         self._clock = clock
         self._lock = threading.Lock()
         self._in_flight = 0
-        # Latency: the window's samples in arrival order, and the same samples sorted.
-        self._samples: deque[float] = deque()
-        self._sorted: list[float] = []
+        # Latency: the window's latest samples, a ring once full (sorted only for a report).
+        self._samples: list[float] = []
+        self._next = 0  # where the next sample goes once the ring is full
         self._window = latency_window
-        # Rates: one bucket per second since the tracker was made, in a ring of rate_window.
+        # Rates: one bucket per second since the tracker was made, in a ring of rate_window;
+        # requests count in the current second's bucket until the clock reaches ``_until``.
         self._origin = clock()
         self._seconds = [-1] * rate_window  # which second each bucket counts
         self._requests = [0] * rate_window
         self._errors = [0] * rate_window
+        self._slot = 0
+        self._until = self._origin  # the first request turns to its second's bucket
         #: Per form: when it was rendered, and the text before and after its RIF.
         self._rendered: dict[str, tuple[float, str, str]] = {}
 
@@ -167,23 +169,34 @@ class LoadTracker:
         """The request that began at ``started`` is over: out of flight, its latency recorded,
         counted (and counted as an error if ``error``)."""
         now = self._clock()
-        latency = max(now - started, 0.0)
-        second = int((now - self._origin) // 1.0)
-        slot = second % len(self._seconds)
+        latency = now - started
+        if latency < 0.0:
+            latency = 0.0
         with self._lock:
             self._in_flight -= 1
-            samples, ordered = self._samples, self._sorted
-            if len(samples) == self._window:
-                del ordered[bisect_left(ordered, samples.popleft())]
-            samples.append(latency)
-            insort(ordered, latency)
-            if self._seconds[slot] != second:
-                self._seconds[slot] = second
-                self._requests[slot] = 0
-                self._errors[slot] = 0
-            self._requests[slot] += 1
+            samples = self._samples
+            if len(samples) < self._window:
+                samples.append(latency)
+            else:
+                samples[self._next] = latency
+                self._next = (self._next + 1) % self._window
+            if now >= self._until:
+                self._turn(now)
+            self._requests[self._slot] += 1
             if error:
-                self._errors[slot] += 1
+                self._errors[self._slot] += 1
+
+    def _turn(self, now: float) -> None:
+        """Count in the bucket of the second ``now`` is in (the lock held): a bucket last used
+        for an older second starts from 0."""
+        second = int((now - self._origin) // 1.0)
+        slot = second % len(self._seconds)
+        if self._seconds[slot] != second:
+            self._seconds[slot] = second
+            self._requests[slot] = 0
+            self._errors[slot] = 0
+        self._slot = slot
+        self._until = self._origin + second + 1.0
 
     def drop(self) -> None:
         """A request ended without an answer its app finished (cancelled): out of flight only."""
@@ -212,14 +225,7 @@ class LoadTracker:
         requests = errors = 0
         with self._lock:
             rif = self._in_flight
-            ordered = self._sorted
-            count = len(ordered)
-            if count == 0:
-                median = 0.0
-            elif count % 2:
-                median = ordered[count // 2]
-            else:
-                median = (ordered[count // 2 - 1] + ordered[count // 2]) / 2
+            ordered = self._samples[:]
             if min(self._seconds) >= oldest:  # every bucket in the window: a busy server
                 requests, errors = sum(self._requests), sum(self._errors)
             else:
@@ -229,6 +235,14 @@ class LoadTracker:
                     if counted >= oldest:  # never later than now: the clock is monotonic
                         requests += done
                         errors += failed
+        ordered.sort()  # the median is taken when a report is made, not per request
+        count = len(ordered)
+        if count == 0:
+            median = 0.0
+        elif count % 2:
+            median = ordered[count // 2]
+        else:
+            median = (ordered[count // 2 - 1] + ordered[count // 2]) / 2
         span = max(elapsed - oldest, 1.0)
         named: dict[str, float] = {}
         for reading in self._named:
