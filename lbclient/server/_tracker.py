@@ -100,8 +100,9 @@ class LoadTracker:
       given callables return, each left out when it raises or returns NaN, an infinity or a
       negative number (logged once per metric).
 
-    ``clock`` (seconds, monotonic) is the only clock read. Thread-safe: one lock guards the
-    counts, held for a few list operations (the latency median is sorted out of it, when a
+    ``clock`` (seconds, monotonic) is the only clock read. Thread-safe: requests in flight are
+    counted without a lock (see ``_flying``), one lock guards the other counts, held for a few
+    list operations (the latency median is sorted out of it, when a
     report is made); the metric callables run outside it.
     """
 
@@ -133,7 +134,9 @@ class LoadTracker:
         self._named = tuple(_Reading(name, function) for name, function in named.items())
         self._clock = clock
         self._lock = threading.Lock()
-        self._in_flight = 0
+        # One entry per request in flight: a list's append and pop are each one step no other
+        # thread can split, so counting in flight takes no lock.
+        self._flying: list[None] = []
         # Latency: the window's latest samples, a ring once full (sorted only for a report).
         self._samples: list[float] = []
         self._next = 0  # where the next sample goes once the ring is full
@@ -152,7 +155,7 @@ class LoadTracker:
     @property
     def rif(self) -> int:
         """Requests in flight now."""
-        return self._in_flight
+        return len(self._flying)
 
     @property
     def clock(self) -> Callable[[], float]:
@@ -161,8 +164,7 @@ class LoadTracker:
 
     def begin(self) -> float:
         """A request arrived: count it in flight; returns its start time, for :meth:`end`."""
-        with self._lock:
-            self._in_flight += 1
+        self._flying.append(None)
         return self._clock()
 
     def end(self, started: float, *, error: bool = False) -> None:
@@ -172,8 +174,13 @@ class LoadTracker:
         latency = now - started
         if latency < 0.0:
             latency = 0.0
-        with self._lock:
-            self._in_flight -= 1
+        try:  # noqa: SIM105 (contextlib.suppress would cost a context manager per request)
+            self._flying.pop()
+        except IndexError:  # an end without its begin
+            pass
+        lock = self._lock
+        lock.acquire()  # not `with`: this runs per request, and acquire/release cost less
+        try:
             samples = self._samples
             if len(samples) < self._window:
                 samples.append(latency)
@@ -185,6 +192,15 @@ class LoadTracker:
             self._requests[self._slot] += 1
             if error:
                 self._errors[self._slot] += 1
+        finally:
+            lock.release()
+
+    def _out(self) -> None:
+        """One request fewer in flight (none below zero)."""
+        try:  # noqa: SIM105 (contextlib.suppress would cost a context manager per request)
+            self._flying.pop()
+        except IndexError:  # an end without its begin
+            pass
 
     def _turn(self, now: float) -> None:
         """Count in the bucket of the second ``now`` is in (the lock held): a bucket last used
@@ -200,8 +216,7 @@ class LoadTracker:
 
     def drop(self) -> None:
         """A request ended without an answer its app finished (cancelled): out of flight only."""
-        with self._lock:
-            self._in_flight -= 1
+        self._out()
 
     def rendered(self, form: str) -> str:
         """The report's header value in ``form`` (``"TEXT"`` or ``"JSON"``): the requests in
@@ -214,7 +229,7 @@ class LoadTracker:
             before, _, after = report.render(form).partition(mark)
             cached = (now, before + mark[:-1], after)
             self._rendered[form] = cached  # a race renders twice, harmlessly
-        return f"{cached[1]}{self._in_flight}{cached[2]}"
+        return f"{cached[1]}{len(self._flying)}{cached[2]}"
 
     def report(self) -> ServerReport:
         """The load as it stands (see the class docstring for each field)."""
@@ -224,7 +239,7 @@ class LoadTracker:
         oldest = max(second - len(self._seconds) + 1, 0)
         requests = errors = 0
         with self._lock:
-            rif = self._in_flight
+            rif = len(self._flying)
             ordered = self._samples[:]
             if min(self._seconds) >= oldest:  # every bucket in the window: a busy server
                 requests, errors = sum(self._requests), sum(self._errors)
