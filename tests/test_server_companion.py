@@ -11,6 +11,7 @@ import logging
 import math
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
@@ -49,6 +50,35 @@ def test_requests_in_flight_are_counted_exactly() -> None:
     assert tracker.rif == 1
     tracker.drop()
     assert tracker.rif == tracker.report().rif == 0
+
+
+def test_threads_counting_at_once_lose_no_request() -> None:
+    clock = Clock(5.0)
+    tracker = LoadTracker(clock=clock, latency_window=16)
+    barrier = threading.Barrier(4)
+
+    def serve(index: int) -> None:
+        barrier.wait()
+        for n in range(2_000):
+            started = tracker.begin()
+            if n % 3:
+                tracker.end(started, error=n % 7 == 0)
+            else:
+                tracker.drop()
+
+    threads = [threading.Thread(target=serve, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert tracker.rif == 0
+    ended = 4 * sum(1 for n in range(2_000) if n % 3)
+    errors = 4 * sum(1 for n in range(2_000) if n % 3 and n % 7 == 0)
+    report = tracker.report()
+    assert (report.rps_fractional, report.eps) == (ended, errors)  # all in one second
+    tracker.end(tracker.begin())
+    tracker.end(0.0)  # an end without its begin leaves none in flight, not fewer
+    assert tracker.rif == 0
 
 
 def test_latency_is_the_median_of_the_last_requests() -> None:

@@ -24,12 +24,17 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 _ASKING = FORMAT_HEADER.encode("latin-1")
 _REPORT = REPORT_HEADER.encode("latin-1")
+_REPORT_LENGTH = len(_REPORT)
+
+
+#: The values clients send most, read without decoding (anything else: ``requested_format``).
+_FORMS = {b"TEXT": "TEXT", b"JSON": "JSON", b"text": "TEXT", b"json": "JSON"}
 
 
 def _asked(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
     for name, value in headers:
         if name == _ASKING:
-            return requested_format(value)
+            return _FORMS.get(value) or requested_format(value)
     return None
 
 
@@ -78,20 +83,21 @@ class LoadReportingASGI:
         tracker = self.tracker
         status = 500  # an app that returns without a response gets a 500 from its server
 
-        async def reply(message: Message) -> None:
+        def reply(message: Message) -> Awaitable[None]:
+            # Not a coroutine: the server's own send is what the app awaits, no frame between.
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
                 if asked is not None:
                     headers = list(message.get("headers", ()))
                     for name, _ in headers:
-                        if name.lower() == _REPORT:  # the app reported itself
-                            break
+                        if len(name) == _REPORT_LENGTH and name.lower() == _REPORT:
+                            break  # the app reported itself
                     else:
                         value = tracker.rendered(asked).encode("latin-1")
                         headers.append((_REPORT, value))
                         message = {**message, "headers": headers}
-            await send(message)
+            return send(message)
 
         started = tracker.begin()
         try:

@@ -12,8 +12,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from bisect import bisect_left, insort
-from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Final
 
@@ -102,8 +100,10 @@ class LoadTracker:
       given callables return, each left out when it raises or returns NaN, an infinity or a
       negative number (logged once per metric).
 
-    ``clock`` (seconds, monotonic) is the only clock read. Thread-safe: one lock guards the
-    counts, held for a few list operations; the metric callables run outside it.
+    ``clock`` (seconds, monotonic) is the only clock read. Thread-safe: requests in flight are
+    counted without a lock (see ``_flying``), one lock guards the other counts, held for a few
+    list operations (the latency median is sorted out of it, when a
+    report is made); the metric callables run outside it.
     """
 
     def __init__(
@@ -134,23 +134,28 @@ class LoadTracker:
         self._named = tuple(_Reading(name, function) for name, function in named.items())
         self._clock = clock
         self._lock = threading.Lock()
-        self._in_flight = 0
-        # Latency: the window's samples in arrival order, and the same samples sorted.
-        self._samples: deque[float] = deque()
-        self._sorted: list[float] = []
+        # One entry per request in flight: a list's append and pop are each one step no other
+        # thread can split, so counting in flight takes no lock.
+        self._flying: list[None] = []
+        # Latency: the window's latest samples, a ring once full (sorted only for a report).
+        self._samples: list[float] = []
+        self._next = 0  # where the next sample goes once the ring is full
         self._window = latency_window
-        # Rates: one bucket per second since the tracker was made, in a ring of rate_window.
+        # Rates: one bucket per second since the tracker was made, in a ring of rate_window;
+        # requests count in the current second's bucket until the clock reaches ``_until``.
         self._origin = clock()
         self._seconds = [-1] * rate_window  # which second each bucket counts
         self._requests = [0] * rate_window
         self._errors = [0] * rate_window
+        self._slot = 0
+        self._until = self._origin  # the first request turns to its second's bucket
         #: Per form: when it was rendered, and the text before and after its RIF.
         self._rendered: dict[str, tuple[float, str, str]] = {}
 
     @property
     def rif(self) -> int:
         """Requests in flight now."""
-        return self._in_flight
+        return len(self._flying)
 
     @property
     def clock(self) -> Callable[[], float]:
@@ -159,36 +164,59 @@ class LoadTracker:
 
     def begin(self) -> float:
         """A request arrived: count it in flight; returns its start time, for :meth:`end`."""
-        with self._lock:
-            self._in_flight += 1
+        self._flying.append(None)
         return self._clock()
 
     def end(self, started: float, *, error: bool = False) -> None:
         """The request that began at ``started`` is over: out of flight, its latency recorded,
         counted (and counted as an error if ``error``)."""
         now = self._clock()
-        latency = max(now - started, 0.0)
+        latency = now - started
+        if latency < 0.0:
+            latency = 0.0
+        try:  # noqa: SIM105 (contextlib.suppress would cost a context manager per request)
+            self._flying.pop()
+        except IndexError:  # an end without its begin
+            pass
+        lock = self._lock
+        lock.acquire()  # not `with`: this runs per request, and acquire/release cost less
+        try:
+            samples = self._samples
+            if len(samples) < self._window:
+                samples.append(latency)
+            else:
+                samples[self._next] = latency
+                self._next = (self._next + 1) % self._window
+            if now >= self._until:
+                self._turn(now)
+            self._requests[self._slot] += 1
+            if error:
+                self._errors[self._slot] += 1
+        finally:
+            lock.release()
+
+    def _out(self) -> None:
+        """One request fewer in flight (none below zero)."""
+        try:  # noqa: SIM105 (contextlib.suppress would cost a context manager per request)
+            self._flying.pop()
+        except IndexError:  # an end without its begin
+            pass
+
+    def _turn(self, now: float) -> None:
+        """Count in the bucket of the second ``now`` is in (the lock held): a bucket last used
+        for an older second starts from 0."""
         second = int((now - self._origin) // 1.0)
         slot = second % len(self._seconds)
-        with self._lock:
-            self._in_flight -= 1
-            samples, ordered = self._samples, self._sorted
-            if len(samples) == self._window:
-                del ordered[bisect_left(ordered, samples.popleft())]
-            samples.append(latency)
-            insort(ordered, latency)
-            if self._seconds[slot] != second:
-                self._seconds[slot] = second
-                self._requests[slot] = 0
-                self._errors[slot] = 0
-            self._requests[slot] += 1
-            if error:
-                self._errors[slot] += 1
+        if self._seconds[slot] != second:
+            self._seconds[slot] = second
+            self._requests[slot] = 0
+            self._errors[slot] = 0
+        self._slot = slot
+        self._until = self._origin + second + 1.0
 
     def drop(self) -> None:
         """A request ended without an answer its app finished (cancelled): out of flight only."""
-        with self._lock:
-            self._in_flight -= 1
+        self._out()
 
     def rendered(self, form: str) -> str:
         """The report's header value in ``form`` (``"TEXT"`` or ``"JSON"``): the requests in
@@ -201,7 +229,7 @@ class LoadTracker:
             before, _, after = report.render(form).partition(mark)
             cached = (now, before + mark[:-1], after)
             self._rendered[form] = cached  # a race renders twice, harmlessly
-        return f"{cached[1]}{self._in_flight}{cached[2]}"
+        return f"{cached[1]}{len(self._flying)}{cached[2]}"
 
     def report(self) -> ServerReport:
         """The load as it stands (see the class docstring for each field)."""
@@ -211,15 +239,8 @@ class LoadTracker:
         oldest = max(second - len(self._seconds) + 1, 0)
         requests = errors = 0
         with self._lock:
-            rif = self._in_flight
-            ordered = self._sorted
-            count = len(ordered)
-            if count == 0:
-                median = 0.0
-            elif count % 2:
-                median = ordered[count // 2]
-            else:
-                median = (ordered[count // 2 - 1] + ordered[count // 2]) / 2
+            rif = len(self._flying)
+            ordered = self._samples[:]
             if min(self._seconds) >= oldest:  # every bucket in the window: a busy server
                 requests, errors = sum(self._requests), sum(self._errors)
             else:
@@ -229,6 +250,14 @@ class LoadTracker:
                     if counted >= oldest:  # never later than now: the clock is monotonic
                         requests += done
                         errors += failed
+        ordered.sort()  # the median is taken when a report is made, not per request
+        count = len(ordered)
+        if count == 0:
+            median = 0.0
+        elif count % 2:
+            median = ordered[count // 2]
+        else:
+            median = (ordered[count // 2 - 1] + ordered[count // 2]) / 2
         span = max(elapsed - oldest, 1.0)
         named: dict[str, float] = {}
         for reading in self._named:

@@ -16,7 +16,9 @@ load generator in a process of its own (``drive.py``: one event loop, raw socket
 connections each sending one GET at a time) drives one server at a time: in each round and case
 the plain server and the middleware's, the two taking turns going first, for the same time each.
 A case either sends no ``endpoint-load-metrics-format`` header or asks for the TEXT report on
-every request (the plain server ignores it).
+every request (the plain server ignores it). A control case drives one plain uvicorn process
+against another (of the next pair) the same way, so that the table shows the noise a ratio
+carries on the machine it ran on.
 
 Figures: each side's median requests per second and server CPU time per request over the
 rounds, and the median of the rounds' ratios (the middleware's req/s over the plain server's,
@@ -60,7 +62,10 @@ QUICK_SECONDS, QUICK_ROUNDS = 0.25, 3
 APPS = "lbclient.cli.bench.companion_apps"
 
 #: Each case: its name, the server (``asgi``: uvicorn, ``wsgi``: gunicorn), the format asked.
+#: The control (``control``) drives a plain uvicorn process against another plain one, as the
+#: other cases drive the plain app against the middleware's: its ratio is the bench's own noise.
 CASES: tuple[tuple[str, str, str | None], ...] = (
+    ("control: plain uvicorn against another plain one", "control", None),
     ("LoadReportingASGI under uvicorn", "asgi", None),
     ("the same, every request asks for the report", "asgi", "TEXT"),
     ("LoadReportingWSGI under gunicorn gthread", "wsgi", None),
@@ -76,6 +81,7 @@ class CompanionRow(NamedTuple):
     plain: float  # req/s of the plain app
     reported: float  # req/s of the app behind the middleware
     ratio: float  # median over rounds of reported / plain req/s: 1 is free
+    spread: tuple[float, float]  # the lowest and highest of the rounds' ratios
     plain_cpu: float | None  # the plain server's CPU seconds per request (None: no /proc)
     reported_cpu: float | None  # the middleware server's
     cpu_ratio: float | None  # median over rounds of plain / middleware CPU per request
@@ -143,6 +149,20 @@ def _median(values: Sequence[float | None]) -> float | None:
     return statistics.median(known) if known else None
 
 
+def _server(
+    servers: dict[str, list[tuple[Server, Server]]], kind: str, number: int, side: int
+) -> Server:
+    """The server of round ``number`` for ``side`` (0: plain, 1: the middleware's); the
+    control's second side is the plain server of the next pair, a process of its own."""
+    if kind == "control":
+        return servers["asgi"][(number + side) % PAIRS][0]
+    return servers[kind][number % PAIRS][side]
+
+
+def _ratios(plain: Sequence[_Side], reported: Sequence[_Side]) -> list[float]:
+    return [r.per_second / p.per_second for r, p in zip(reported, plain, strict=True)]
+
+
 def run(seconds: float, rounds: int) -> list[CompanionRow]:
     """Every case of :data:`CASES`, ``rounds`` rounds of ``seconds`` per side."""
     with ExitStack() as stack:
@@ -167,7 +187,7 @@ def run(seconds: float, rounds: int) -> list[CompanionRow]:
             for index, (_, kind, ask) in enumerate(CASES):
                 order = (0, 1) if (number + index) % 2 == 0 else (1, 0)
                 for side in order:
-                    server = servers[kind][number % PAIRS][side]
+                    server = _server(servers, kind, number, side)
                     sides[index][side].append(_measure(driver, server, seconds, ask))
     rows = []
     for (name, _, _), (plain, reported) in zip(CASES, sides, strict=True):
@@ -176,9 +196,8 @@ def run(seconds: float, rounds: int) -> list[CompanionRow]:
                 case=name,
                 plain=statistics.median(side.per_second for side in plain),
                 reported=statistics.median(side.per_second for side in reported),
-                ratio=statistics.median(
-                    r.per_second / p.per_second for r, p in zip(reported, plain, strict=True)
-                ),
+                ratio=statistics.median(ratios := _ratios(plain, reported)),
+                spread=(min(ratios), max(ratios)),
                 plain_cpu=_median([side.cpu for side in plain]),
                 reported_cpu=_median([side.cpu for side in reported]),
                 cpu_ratio=_median_ratio([p.cpu for p in plain], [r.cpu for r in reported]),
@@ -192,6 +211,7 @@ COLUMNS = (
     ("plain", True),
     ("middleware", True),
     ("ratio", True),
+    ("rounds' ratios", True),
     ("CPU/request plain", True),
     ("middleware", True),
     ("CPU ratio", True),
@@ -212,6 +232,7 @@ def format_table(rows: Sequence[CompanionRow]) -> str:
                 f"{row.plain:,.0f} req/s",
                 f"{row.reported:,.0f} req/s",
                 f"{row.ratio:.3f}",
+                f"{row.spread[0]:.3f}-{row.spread[1]:.3f}",
                 _micro(row.plain_cpu),
                 _micro(row.reported_cpu),
                 "-" if row.cpu_ratio is None else f"{row.cpu_ratio:.3f}",
@@ -235,7 +256,9 @@ NOTES = (
     "median over the rounds; CPU ratio: the median of the rounds' plain CPU/request over the "
     "middleware's, the throughput ratio a server with a CPU of its own would see (the req/s "
     "ratio moves with whatever else the machine runs). One server is driven at a time, from a "
-    "load generator process of its own."
+    "load generator process of its own. The control row drives two plain uvicorn processes the "
+    "same way: how far its ratio is from 1, and the rounds' spread (lowest-highest), is the "
+    "measurement's own noise."
 )
 
 
