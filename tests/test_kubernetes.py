@@ -427,3 +427,37 @@ def test_zones_named_ports_and_ipv6_reach_routing(cluster: Cluster) -> None:
 
         ports = asyncio.run(main())
     assert set(ports) == {six.port, four.port}
+
+
+def test_a_kubeconfig_read_by_the_official_loader(
+    cluster: Cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip(
+        "kubernetes", reason="the kubernetes package (extra 'kubernetes') is absent"
+    )
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    kubeconfig = tmp_path / "config"
+    kubeconfig.write_text(
+        "apiVersion: v1\n"
+        "kind: Config\n"
+        "clusters:\n"
+        f"- name: test\n  cluster:\n    server: {cluster.api.url}\n"
+        f"    certificate-authority: {cluster.ca}\n"
+        f"users:\n- name: tester\n  user:\n    token: {TOKEN}\n"
+        "contexts:\n- name: ctx\n  context:\n    cluster: test\n    user: tester\n"
+        "    namespace: team\n"
+        "current-context: ctx\n"
+    )
+    with TestServer() as pod:
+        cluster.api.apply(
+            "kc-a", [E(pod.host)], service="kc", ports=[P(pod.port, "http")], namespace="team"
+        )
+        source = Kubernetes(
+            "kc", kubeconfig=str(kubeconfig), port="http", service_account=tmp_path / "no-pod"
+        )
+        with (
+            LoadBalancer(discovery=source) as lb,
+            httpx.Client(transport=LBTransport(lb), base_url="http://kc") as client,
+        ):
+            assert addresses(lb) == {pod.address}  # the context's namespace, its CA and token
+            assert client.get("/").json()["port"] == pod.port

@@ -464,3 +464,13 @@ def test_the_fallback_passes_over_a_backend_its_probe_found_hot() -> None:
     assert {balancer.select() for _ in range(20)} == {b}
     clock.now += 0.6  # half of max_age later, peak EWMA's cost decides again
     assert {balancer.select() for _ in range(20)} == {a}
+
+
+def test_an_idle_backend_comes_before_faster_busy_ones() -> None:
+    selector, (a, b, c, _d), clock = make(reuse=10)
+    for _ in range(10):  # the window: RIFs of 3, every entry below cold
+        report(selector, c, 3, 0.002, clock.now - 5)
+    report(selector, a, 1, 0.002, clock.now)  # fast, busy
+    report(selector, b, 0, 0.009, clock.now)  # slower once, idle now: its median is stale
+    assert selector.first() == b
+    assert selector.first() == a  # b's RIF counts the request just sent: not idle any more

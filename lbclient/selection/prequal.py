@@ -13,7 +13,10 @@ A pick, while the pool holds at least two entries (none older than ``max_age``):
 
 * ``threshold`` = the ``q_rif`` quantile (nearest rank) of the last :data:`RIF_WINDOW` RIFs
   reported; an entry is cold when its RIF <= threshold, hot otherwise;
-* any cold entry: the cold one with the lowest latency (a report without latency ranks last);
+* any cold entry: the cold one with the lowest latency (a report without latency ranks last),
+  an idle one (RIF 0) before any other: a server's latency is the median of its recent
+  requests, which an idle server cannot bring down (it gets none), so ranked by it an idle
+  server that was once slower would stay unused (the paper's servers estimate latency per RIF);
   all hot: the one with the lowest RIF;
 * the entry picked spends one use of its reuse budget (``reuse``) and leaves when it has none,
   and its RIF counts one more (the request just sent joins those the backend reported, so an
@@ -293,12 +296,14 @@ class PrequalSelector:
 
     @staticmethod
     def _rank(threshold: float) -> Callable[[_Entry], tuple[int, float, float]]:
-        """The rule's order (best first): cold by latency, then hot by RIF."""
+        """The rule's order (best first): idle (RIF 0), then cold by latency, then hot by
+        RIF."""
 
         def rank(entry: _Entry) -> tuple[int, float, float]:
-            if entry.rif <= threshold:
-                return (0, entry.latency, entry.rif)
-            return (1, entry.rif, entry.latency)
+            rif = entry.rif
+            if rif <= threshold:
+                return (0, entry.latency if rif > 0.0 else -1.0, rif)
+            return (1, rif, entry.latency)
 
         return rank
 
