@@ -461,3 +461,12 @@ def test_a_kubeconfig_read_by_the_official_loader(
         ):
             assert addresses(lb) == {pod.address}  # the context's namespace, its CA and token
             assert client.get("/").json()["port"] == pod.port
+
+
+def test_the_event_delay_benchmark_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    from lbclient.cli.bench import kube_watch
+
+    assert kube_watch.main(["--changes", "4", "--pods", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "changes: 4;" in out
+    assert "event -> routing: p50 " in out

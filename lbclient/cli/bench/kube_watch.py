@@ -1,11 +1,11 @@
-"""Delay from an EndpointSlice change to routing, through Kubernetes discovery's watch.
+"""``python -m lbclient.cli.bench.kube_watch``: how fast Kubernetes discovery is told.
 
 Starts the test Kubernetes API server of lbclient.testing (TLS, bearer token) on loopback, a
 balancer watching a Service's slices, then makes ``--changes`` changes one at a time (a pod
 turns terminating, or ready again) and times each from the API server taking it to the
 balancer's set (what ``select`` reads) showing it. Prints p50, p90, p99 and the worst, in ms.
 
-    PYTHONPATH=. python benchmarks/scripts/kube_event_delay.py --changes 100
+    python -m lbclient.cli.bench.kube_watch --changes 100
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import argparse
 import statistics
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from lbclient import LoadBalancer
@@ -23,14 +24,19 @@ from lbclient.testing import KubernetesAPI
 E, P = KubernetesAPI.endpoint, KubernetesAPI.port
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lbclient.cli.bench.kube_watch")
     parser.add_argument("--changes", type=int, default=100)
     parser.add_argument("--pods", type=int, default=10)
-    args = parser.parse_args()
-    folder = Path(tempfile.mkdtemp())
-    (folder / "token").write_text("bench-token")
-    with KubernetesAPI(token="bench-token", tls=True) as api:
+    args = parser.parse_args(argv)
+    if args.changes < 2 or args.pods < 1:
+        parser.error("--changes must be at least 2 and --pods at least 1")
+    with (
+        tempfile.TemporaryDirectory() as temporary,
+        KubernetesAPI(token="bench-token", tls=True) as api,
+    ):
+        folder = Path(temporary)
+        (folder / "token").write_text("bench-token")
         ca = api.write_ca(folder / "ca.crt")
         pods = [f"10.1.0.{i + 1}" for i in range(args.pods)]
         for i, address in enumerate(pods):
@@ -67,7 +73,8 @@ def main() -> None:
         f"event -> routing: p50 {q[49]:.2f} ms, p90 {q[89]:.2f} ms, p99 {q[98]:.2f} ms, "
         f"max {ms[-1]:.2f} ms"
     )
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
