@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import gzip
 import http.server
 import json
+import logging
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 
@@ -271,3 +274,109 @@ def test_a_stream_of_garbage_and_an_endless_line_keeps_the_set() -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+class _Misbehaving(http.server.BaseHTTPRequestHandler):
+    """An etcd gateway whose listing is good and whose watch misbehaves as ``mode`` says:
+    ``error`` (accepted, then an error message), ``silent`` (created, then no byte), ``gzip``
+    (the stream gzip-encoded, then held open)."""
+
+    mode = "error"
+    watches = 0
+
+    def log_message(self, *_args: object) -> None:
+        pass
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        if self.path == "/v3/kv/range":
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(json.dumps({"header": {"revision": "5"}, "kvs": []}).encode())
+            return
+        type(self).watches += 1
+        change = {
+            "header": {"revision": "6"},
+            "events": [
+                {
+                    "kv": {
+                        "key": base64.b64encode(b"p/b").decode(),
+                        "value": base64.b64encode(b'{"Op": 0, "Addr": "10.0.0.2:80"}').decode(),
+                        "mod_revision": "6",
+                    }
+                }
+            ],
+        }
+        lines = {
+            "error": b'{"error": {"grpc_code": 7, "message": "permission denied"}}\n',
+            "silent": b'{"result": {"created": true}}\n',
+            "gzip": gzip.compress(
+                b'{"result": {"created": true}}\n' + json.dumps({"result": change}).encode() + b"\n"
+            ),
+        }[self.mode]
+        self.send_response(200)
+        if self.mode == "gzip":
+            self.send_header("Content-Encoding", "gzip")
+        self.end_headers()
+        self.wfile.write(lines)
+        self.wfile.flush()
+        if self.mode != "error":
+            time.sleep(1.5)
+
+
+@contextlib.contextmanager
+def _gateways(mode: str, count: int = 1) -> Iterator[list[str]]:
+    handler = type("Gateway", (_Misbehaving,), {"mode": mode, "watches": 0})
+    servers = [http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) for _ in range(count)]
+    for server in servers:
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield [f"http://127.0.0.1:{s.server_address[1]}" for s in servers]
+    finally:
+        for server in servers:
+            server.shutdown()
+            server.server_close()
+
+
+def _until(check: Callable[[], bool], what: str) -> None:
+    end = time.monotonic() + 15  # a hang guard
+    while not check():
+        assert time.monotonic() < end, what
+        time.sleep(0.005)
+
+
+def test_a_stream_accepted_then_broken_counts_its_failures_in_a_row(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="lbclient")
+    with _gateways("error", count=2) as urls:
+        source = Etcd("p/", endpoints=urls, backoff=0.01, backoff_max=0.05)
+        with LoadBalancer(discovery=source):
+            # The answer does not end the run of failures: the backoff grows with it (without
+            # that, two endpoints were asked thousands of times a second).
+            _until(lambda: "(4 in a row)" in caplog.text, caplog.text[-500:])
+
+
+def test_a_silent_stream_is_reopened_without_a_failure(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="lbclient")
+    with _gateways("silent") as urls:
+        source = Etcd("p/", endpoints=urls, idle=0.2, backoff=0.01, backoff_max=0.05)
+        balancer = LoadBalancer(discovery=source)
+        with balancer:
+            _until(lambda: balancer.snapshot().discovery_watch is not None, "watching")
+            state = balancer.snapshot
+            _until(lambda: (state().discovery_watch or WatchState()).reconnects >= 2, "reopened")
+            assert balancer.snapshot().discovery_failures == 0
+            assert (state().discovery_watch or WatchState()).error is None
+    assert "ReadTimeout" not in caplog.text
+
+
+def test_a_gzip_encoded_stream_is_read() -> None:
+    with _gateways("gzip") as urls:
+        balancer = LoadBalancer(discovery=Etcd("p/", endpoints=urls))
+        with balancer:
+            _until(lambda: [b.address for b in balancer.backends] == ["10.0.0.2:80"], "the change")
+            state = balancer.snapshot().discovery_watch
+            assert state is not None
+            assert state.skipped == 0

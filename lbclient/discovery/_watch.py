@@ -51,6 +51,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MAX_LINE",
+    "SHORT",
     "Change",
     "LineReader",
     "Listing",
@@ -67,11 +68,18 @@ logger = logging.getLogger("lbclient")
 
 #: The longest stream line read by default (bytes): a message longer breaks the stream.
 MAX_LINE: Final = 64 * 1024 * 1024
+#: Seconds: a stream that ends sooner having moved nothing on is reopened after a backoff
+#: (one that ends so again and again, longer each time); a longer one is reopened at once.
+SHORT: Final = 1.0
 
 
 class Relist(Exception):
     """The store says the revision asked for is gone (etcd: compacted; Kubernetes: 410 Gone):
     the whole set is listed again."""
+
+
+class _Silent(Exception):
+    """An open stream that had been following sent no byte for ``idle`` seconds."""
 
 
 class StreamBroken(Exception):
@@ -317,6 +325,7 @@ class WatchJob:
         self.connected = False
         self.failures = 0  # in all
         self.failed = 0  # in a row
+        self._idle = 0  # streams in a row that ended without moving on
         self.reconnects = 0
         self.relists = 0
         self.events = 0
@@ -355,20 +364,26 @@ class WatchJob:
     async def run(self) -> None:
         """Follow the stream until cancelled: list when needed, reconnect on failure."""
         while True:
-            delivered = False
             try:
                 if self.revision is None:
                     async with self.source.client() as client:
                         await self._list(client)
+                opened = asyncio.get_running_loop().time()
                 async with self.source.client(stream=True) as client:
-                    delivered = await self._follow(client)
+                    progressed = await self._follow(client)
                 # The server ended the stream (a watch's own time limit): resume at once,
-                # unless it ended having said nothing.
+                # unless it ended at once without a change or a revision, again and again.
                 self._lost()
-                if not delivered:
-                    await asyncio.sleep(self._wait(1))
+                lasted = asyncio.get_running_loop().time() - opened >= SHORT
+                self._idle = 0 if progressed or lasted else self._idle + 1
+                await asyncio.sleep(self._wait(self._idle))
             except asyncio.CancelledError:
                 raise
+            except _Silent:
+                # No byte for ``idle`` seconds on an open stream: a quiet store (etcd sends
+                # progress notices only every 10 minutes by default), not a failure: reopen it.
+                logger.debug("discovery %r: the stream was silent; reopening it", self.source)
+                self._lost()
             except Relist as exc:
                 # Listed again at once; a store that keeps saying so is asked less often.
                 logger.info("discovery %r: %s; listing again", self.source, exc)
@@ -394,7 +409,9 @@ class WatchJob:
         self._apply()
 
     async def _follow(self, client: httpx.AsyncClient) -> bool:
-        """One stream, until it ends; whether it delivered a message."""
+        """One stream, until it ends; whether a message moved it on (a change, a revision)."""
+        import httpx
+
         assert self.revision is not None
         request = self.source.watch_request(client, self.endpoint, self.revision)
         response = await client.send(request, stream=True)
@@ -406,20 +423,30 @@ class WatchJob:
                 self.reconnects += 1
             self._streams += 1
             self.connected = True
-            self.failed = 0
             self.error = None
             self._report()
-            reader = LineReader(response.aiter_raw(), self.source.max_line)
-            delivered = False
+            # Decoded as the server encoded it (gzip, say): lines are read from the body.
+            reader = LineReader(response.aiter_bytes(), self.source.max_line)
+            progressed = False
             dirty = False
             while True:
-                line = await reader.next()
+                try:
+                    line = await reader.next()
+                except httpx.ReadTimeout as exc:
+                    if progressed or self.failed == 0:
+                        raise _Silent from exc
+                    raise
                 if line is None:
                     break
                 if not line.strip():
                     continue
-                delivered = True
-                dirty = self._take(line) or dirty
+                taken = self._take(line)
+                if taken is not None:
+                    dirty = taken or dirty
+                    # Failures in a row end with a message that moves the stream on, not
+                    # with an answer: a stream that is accepted, then breaks, backs off.
+                    self.failed = 0
+                    progressed = True
                 if not reader.buffered():  # read all that came together, then apply it
                     if dirty:
                         self._apply()
@@ -428,12 +455,13 @@ class WatchJob:
                         self._report()
             if dirty:
                 self._apply()
-            return delivered
+            return progressed
         finally:
             await response.aclose()
 
-    def _take(self, line: bytes) -> bool:
-        """Take one stream line into :attr:`items`; whether the set may have changed."""
+    def _take(self, line: bytes) -> bool | None:
+        """Take one stream line into :attr:`items`; whether the set may have changed, or None
+        when the message moved nothing on (skipped, or no change and no revision)."""
         try:
             change = self.source.message(json.loads(line))
         except (Relist, StreamBroken):
@@ -446,7 +474,9 @@ class WatchJob:
                 describe(exc),
                 line[:120],
             )
-            return False
+            return None
+        if change.revision is None and change.events == 0:
+            return None
         if change.revision is not None:
             self.revision = change.revision
             self._relisting = 0

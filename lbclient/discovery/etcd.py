@@ -247,9 +247,12 @@ class Etcd(WatchedDiscovery):
         skipped = 0
         revision = None
         for event in events:
-            kv = event.get("kv") or {}
+            kv = event.get("kv") if isinstance(event, dict) else None
+            if not isinstance(kv, dict):
+                raise ValueError(f"a watch event without a key-value: {shown(event)}")
             name = _text(_unb64(kv.get("key"), "a key"))
-            revision = str(kv.get("mod_revision", revision))
+            if kv.get("mod_revision") is not None:
+                revision = str(kv["mod_revision"])
             if event.get("type") == "DELETE":
                 deleted.append(name)
                 put.pop(name, None)
