@@ -474,3 +474,18 @@ def test_an_idle_backend_comes_before_faster_busy_ones() -> None:
     report(selector, b, 0, 0.009, clock.now)  # slower once, idle now: its median is stale
     assert selector.first() == b
     assert selector.first() == a  # b's RIF counts the request just sent: not idle any more
+
+
+def test_after_a_change_of_metadata_picks_return_the_new_objects() -> None:
+    clock = Clock()
+    zone = {"zone": "a"}
+    balancer = LoadBalancer(
+        [Backend(f"10.0.0.{i}:80", metadata=zone) for i in range(1, 5)],
+        Prequal(random=random.Random(3).random, reuse=16),
+        clock=clock,
+    )
+    for backend in balancer.backends:
+        balancer.report_load(backend, rif="1", latency_us="500")
+    assert balancer.update([Backend(f"10.0.0.{i}:80", metadata={"zone": "b"}) for i in range(1, 5)])
+    picks = [balancer.select() for _ in range(6)] + list(balancer.iter())
+    assert all(pick is not None and pick.metadata == {"zone": "b"} for pick in picks)

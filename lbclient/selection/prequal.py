@@ -232,7 +232,15 @@ class PrequalSelector:
         and credit."""
         with previous._lock:
             members = self._members
-            self._pool = {b: e for b, e in previous._pool.items() if b in members}
+            # The entries are copied, for this set's own objects (a backend whose metadata
+            # changed is a new object, equal to the old): picks return this set's backends,
+            # and the previous selector's picks no longer touch these entries.
+            mine = {b: b for b in self._backends}
+            self._pool = {
+                mine[b]: _Entry(mine[b], e.rif, e.latency, e.at, e.uses)
+                for b, e in previous._pool.items()
+                if b in members
+            }
             self._answered = {b: t for b, t in previous._answered.items() if b in members}
             self._hot = {b: t for b, t in previous._hot.items() if b in members}
             self._window = deque(previous._window, maxlen=RIF_WINDOW)
