@@ -135,7 +135,8 @@ class Zone:
       flight to it (the balancer's load book), or ``"utilization"``, the latest load report's
       ``application_utilization`` (else ``cpu_utilization``; a backend without one is left out,
       a zone with none has no reading). ``load_floor``: the least the other zones' reading
-      counts as, in the same unit (1.0: one request in flight per backend).
+      counts as, in the same unit (None: 1.0 for ``"in_flight"``, one request in flight per
+      backend; 0.1 for ``"utilization"``, a tenth of a backend's capacity).
     * ``load_every``: seconds of the balancer's clock between readings of the load (1.0); a
       reading scans the backends the balancer selects among once, so select() pays for it at
       most once per interval (0: every select, O(backends) each).
@@ -150,7 +151,7 @@ class Zone:
     load_spill: float | None = LOAD_SPILL
     load_return: float = LOAD_RETURN
     load: str = "in_flight"
-    load_floor: float = 1.0
+    load_floor: float | None = None
     load_every: float = 1.0
 
     def __post_init__(self) -> None:
@@ -165,6 +166,8 @@ class Zone:
             raise ValueError(
                 f"Zone load must be one of {list(LOAD_SIGNALS)}, got {shown(self.load)}"
             )
+        if self.load_floor is None:  # in the unit of the reading
+            object.__setattr__(self, "load_floor", 1.0 if self.load == "in_flight" else 0.1)
         _number("load_floor", self.load_floor)
         _number("load_every", self.load_every)
         if self.clients is not None:
@@ -224,7 +227,7 @@ class Zone:
             panic_threshold=self.panic_threshold,
             load_spill=LOAD_SPILL if self.load_spill is None else self.load_spill,
             load_return=self.load_return,
-            load_floor=self.load_floor,
+            load_floor=0.0 if self.load_floor is None else self.load_floor,  # set by now
             spilled=spilled,
         )
 

@@ -299,3 +299,14 @@ def test_requests_piling_up_in_the_local_zone_spill_then_come_back(
             get()
     assert statuses == [200] * 25
     assert sum(s.count() for s in servers["a"]) == 25
+
+
+def test_the_load_floor_follows_the_unit_of_the_reading() -> None:
+    assert Zone("a").load_floor == 1.0
+    assert Zone("a", load="utilization").load_floor == 0.1
+    assert Zone("a", load="utilization", load_floor=0.3).load_floor == 0.3
+    # A local zone nearly full against idle others spills on utilization by default.
+    zone = Zone("a", load="utilization")
+    counts = {"a": 3.0, "b": 3.0, "c": 3.0}
+    assert zone.plan(counts, counts, {"a": 0.99, "b": 0.05, "c": 0.05}).mode == "blind"
+    assert zone.plan(counts, counts, {"a": 0.15, "b": 0.05, "c": 0.05}).mode == "local"
