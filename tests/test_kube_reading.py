@@ -161,6 +161,11 @@ def test_inside_a_pod_the_service_account_is_used(tmp_path: Path) -> None:
     with pytest.raises(OSError, match="cannot read the Kubernetes token file"):
         given.headers()
     assert slices_path("prod", "web").endswith("labelSelector=kubernetes.io%2Fservice-name%3Dweb")
+    # A plain-http server given without a token file (kubectl proxy, say) gets no pod token.
+    proxy, _ = resolve(server="http://127.0.0.1:8001", service_account=tmp_path, environ=env)
+    assert proxy.headers() == {}
+    secure, _ = resolve(server="https://10.0.0.9:6443", service_account=tmp_path, environ=env)
+    assert secure.headers() == {"Authorization": "Bearer t-2"}
 
 
 def test_outside_a_pod_without_the_client_says_which_extra(

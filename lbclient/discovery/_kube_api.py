@@ -262,7 +262,9 @@ def resolve(
         origin = "given"
         if env.get("KUBERNETES_SERVICE_HOST") and url == _pod_server(env):
             origin = "pod"
-        if token_path is None and (account / "token").is_file():
+        # The pod's token goes only over TLS (a server given as plain http:// gets it only
+        # when given as token_file): it is a credential to the cluster.
+        if token_path is None and url.startswith("https:") and (account / "token").is_file():
             token_path = account / "token"
         if ca_path is None and url.startswith("https:") and (account / "ca.crt").is_file():
             ca_path = account / "ca.crt"
