@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from typing import ClassVar
 
 import pytest
 
@@ -380,3 +381,43 @@ def test_a_gzip_encoded_stream_is_read() -> None:
             state = balancer.snapshot().discovery_watch
             assert state is not None
             assert state.skipped == 0
+
+
+class _NoPut(http.server.BaseHTTPRequestHandler):
+    """An etcd gateway that grants leases, refuses every put, and records what it is asked."""
+
+    calls: ClassVar[list[tuple[str, dict[str, object]]]] = []
+
+    def log_message(self, *_args: object) -> None:
+        pass
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])) or b"{}")
+        type(self).calls.append((self.path, body))
+        status, answer = {
+            "/v3/lease/grant": (200, {"ID": "7", "TTL": "10"}),
+            "/v3/lease/revoke": (200, {}),
+        }.get(self.path, (500, {"error": "no"}))
+        self.send_response(status)
+        self.end_headers()
+        self.wfile.write(json.dumps(answer).encode())
+
+
+def test_a_lease_whose_key_cannot_be_put_is_revoked() -> None:
+    handler = type("NoPut", (_NoPut,), {"calls": []})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        with pytest.raises(ConnectionError, match="/v3/kv/put failed"):
+            Registration("s", "10.0.0.1:80", endpoints=[url], timeout=2.0).start()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert [path for path, _ in handler.calls] == [
+        "/v3/lease/grant",
+        "/v3/kv/put",
+        "/v3/lease/revoke",
+    ]
+    assert handler.calls[-1][1] == {"ID": "7"}

@@ -22,6 +22,7 @@ revoked at ``close()``; if the process dies, the key expires by itself within ``
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 from collections.abc import Mapping, Sequence
@@ -340,9 +341,15 @@ class Registration:
         """Grant a lease and put the key with it."""
         grant = await self._on_each("/v3/lease/grant", {"TTL": self.ttl})
         lease = str(grant["ID"])
-        await self._on_each(
-            "/v3/kv/put", {"key": _b64(self.key), "value": _b64(self.value), "lease": lease}
-        )
+        try:
+            await self._on_each(
+                "/v3/kv/put", {"key": _b64(self.key), "value": _b64(self.value), "lease": lease}
+            )
+        except BaseException:
+            # The lease would hold nothing until its TTL ran out: give it back (best effort).
+            with contextlib.suppress(Exception):
+                await self._on_each("/v3/lease/revoke", {"ID": lease})
+            raise
         self.lease = lease
         self.grants += 1
 
