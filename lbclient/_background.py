@@ -464,9 +464,16 @@ class TaskRunner:
             return
         self._stopping.set()
         self._halt()
-        tasks = self._all()
-        if tasks:
-            await asyncio.wait(tasks)
+        pending = set(self._all())
+        # A job may swallow one cancellation (one landing as a timeout of its own expires
+        # is taken for that timeout): cancel again what is left, within the patience.
+        deadline = self._loop.time() + self._patience
+        while pending:
+            _, pending = await asyncio.wait(pending, timeout=0.05)
+            if self._loop.time() >= deadline:
+                break
+            for task in pending:
+                task.cancel()
 
     def __repr__(self) -> str:
         state = "stopping" if self._stopping.is_set() else "running"

@@ -393,3 +393,26 @@ def test_a_start_that_fails_leaves_no_user_and_no_thread() -> None:
     assert services is not None
     assert (services.users, services.running) == (0, False)
     assert runner_threads() == []
+
+
+def test_astop_ends_a_job_that_swallows_one_cancellation() -> None:
+    from lbclient._background import TaskRunner, Watch
+
+    swallowed: list[int] = []
+
+    async def stubborn() -> None:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:  # taken for a timeout of its own, say
+            swallowed.append(1)
+        await asyncio.sleep(3600)
+
+    async def main() -> None:
+        runner = TaskRunner(asyncio.get_running_loop())
+        runner.spawn(Watch("stubborn", stubborn, retry=0.01))
+        await asyncio.sleep(0.01)
+        await asyncio.wait_for(runner.astop(), 30)  # a hang guard: it ends far sooner
+        assert not {t.get_name() for t in asyncio.all_tasks()} & {"stubborn"}
+
+    asyncio.run(main())
+    assert swallowed == [1]

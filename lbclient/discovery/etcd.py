@@ -345,7 +345,7 @@ class Registration:
             await self._on_each(
                 "/v3/kv/put", {"key": _b64(self.key), "value": _b64(self.value), "lease": lease}
             )
-        except BaseException:
+        except Exception:  # (not on a cancellation: nothing more is awaited then)
             # The lease would hold nothing until its TTL ran out: give it back (best effort).
             with contextlib.suppress(Exception):
                 await self._on_each("/v3/lease/revoke", {"ID": lease})
