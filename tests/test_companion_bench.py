@@ -11,6 +11,7 @@ import pytest
 from cli_runs import leaves_no_process
 
 from lbclient.cli.bench.companion import CASES
+from lbclient.cli.bench.pyservers import uvicorn_flavour
 
 #: The shortest run: one round of 0.1 s per side and case.
 SMOKE = ("--seconds", "0.1", "--rounds", "1")
@@ -36,6 +37,8 @@ def test_companion_benchmark_runs_alone_and_prints_its_table(tmp_path: Path) -> 
         )
     assert done.returncode == 0, done.stdout + done.stderr
     lines = done.stdout.splitlines()
+    # Which HTTP parser and loop uvicorn took: its cost per request depends on them.
+    assert f"({uvicorn_flavour()})" in lines[0]
     head = next(i for i, line in enumerate(lines) if line.startswith("case "))
     assert [cell.strip() for cell in lines[head].split("|")][:4] == [
         "case",

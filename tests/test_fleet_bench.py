@@ -11,6 +11,7 @@ import pytest
 from cli_runs import leaves_no_process
 
 from lbclient.cli.bench.fleet import ALGORITHMS, COLUMNS, SETUPS
+from lbclient.cli.bench.fleet_apps import DEFAULT_SERVICE, SERVICE_VARIABLE, service_time
 
 #: The shortest run: one round of 0.2 s per case.
 SMOKE = ("--seconds", "0.2", "--rounds", "1")
@@ -69,7 +70,13 @@ def test_fleet_benchmark_runs_alone_and_prints_every_row(tmp_path: Path) -> None
 
 
 def test_fleet_benchmark_rejects_bad_settings() -> None:
-    for args in (("--rounds", "0"), ("--setups", "nowhere"), ("--tasks", "0")):
+    for args in (
+        ("--rounds", "0"),
+        ("--setups", "nowhere"),
+        ("--tasks", "0"),
+        ("--service", "0"),
+        ("--service", "nan"),
+    ):
         done = subprocess.run(
             [sys.executable, "-m", "lbclient.cli.bench.fleet", *args],
             capture_output=True,
@@ -79,3 +86,27 @@ def test_fleet_benchmark_rejects_bad_settings() -> None:
         )
         assert done.returncode == 2, args
         assert "error" in done.stderr
+
+
+def test_the_service_time_reaches_the_backends(tmp_path: Path) -> None:
+    # A request served for 40 ms cannot be answered sooner: every p50 is at least that (the
+    # default, 20 ms, would be far below it).
+    with leaves_no_process() as env:
+        out = fleet(*SMOKE, "--setups", "calm", "--service", "40", cwd=tmp_path, env=env)
+    assert "for 40 ms each" in out
+    lines = out.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("setup "))
+    rows = [[cell.strip() for cell in line.split("|")] for line in lines[head + 2 :]]
+    rows = [cells for cells in rows if len(cells) == len(COLUMNS) and cells[0] == "calm"]
+    assert len(rows) == len(ALGORITHMS)
+    for cells in rows:
+        if cells[3] != "not available":
+            assert float(cells[4].removesuffix(" ms").replace(",", "")) >= 40.0, cells
+
+
+def test_the_service_time_is_read_from_the_environment() -> None:
+    assert service_time({}) == DEFAULT_SERVICE
+    assert service_time({SERVICE_VARIABLE: "20"}) == 0.02
+    for bad in ("0", "-5", "nan", "inf", "twenty", "20000"):
+        with pytest.raises(ValueError, match=SERVICE_VARIABLE):
+            service_time({SERVICE_VARIABLE: bad})

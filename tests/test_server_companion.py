@@ -28,6 +28,7 @@ from lbclient.server import (
     cpu_utilization,
 )
 from lbclient.server._report import number, requested_format
+from lbclient.server._tracker import FOUND_AGE, MAX_FOUND
 
 
 class Clock:
@@ -102,6 +103,98 @@ def test_latency_is_the_median_of_the_last_requests() -> None:
     request(0.010)  # 2, 10, 10, 10
     assert tracker.report().latency_ms == pytest.approx(10.0)
     assert tracker.report().latency_us == 10_000
+
+
+def test_latency_is_counted_by_the_load_each_request_found() -> None:
+    clock = Clock()
+    tracker = LoadTracker(clock=clock, latency_window=4, named_metrics={"queue": lambda: 1.5})
+
+    def request(seconds: float) -> None:
+        started = tracker.begin()
+        clock.now += seconds
+        tracker.end(started)
+
+    def carried(form: str) -> str:
+        """The report a response carries (its request in flight as it starts)."""
+        answered = tracker.begin()
+        try:
+            return tracker.rendered(form)
+        finally:
+            tracker.drop()
+            assert answered[1] == tracker.rif
+
+    for _ in range(3):
+        request(0.002)  # each found none in flight
+    held = tracker.begin()  # found none
+    joined = tracker.begin()  # found one: it waits behind it
+    assert joined[1] == 1
+    clock.now += 0.008
+    tracker.end(joined)
+    # One in flight: a request arriving now meets one, as the 8 ms one did (the median of all
+    # four requests ended, 2 ms, would hide the wait).
+    assert tracker.report().latency_ms == pytest.approx(8.0)
+    assert "named_metrics.rif=1, named_metrics.latency_ms=8," in carried("TEXT")
+    assert carried("TEXT").endswith("latency_ms=8, named_metrics.queue=1.5")
+    assert '"rif": 1, "latency_ms": 8, "queue": 1.5}}' in carried("JSON")
+    tracker.end(held)  # 8 ms, having found none: 2, 2, 2, 8
+    assert tracker.report().latency_ms == pytest.approx(2.0)
+    # The same refresh period (the rates' text is reused), the estimate still follows the RIF.
+    assert "named_metrics.rif=0, named_metrics.latency_ms=2," in carried("TEXT")
+    holding = [tracker.begin() for _ in range(3)]  # found 0, 1, 2
+    # Three in flight, none ended having found three (nor two): the nearest fewer, one.
+    assert tracker.report().latency_ms == pytest.approx(8.0)
+    assert "named_metrics.rif=3, named_metrics.latency_ms=8," in carried("TEXT")
+    for arrival in holding:
+        tracker.end(arrival)
+    assert tracker.rif == 0
+
+
+def test_a_stale_estimate_gives_way_to_a_fresh_neighbour() -> None:
+    clock = Clock()
+    tracker = LoadTracker(clock=clock)
+    first = tracker.begin()
+    second = tracker.begin()  # found one
+    clock.now += 0.050
+    tracker.end(second)  # found one: 50 ms
+    tracker.end(first)  # found none: 50 ms
+    clock.now += FOUND_AGE + 1  # both old
+    assert tracker.report().latency_ms == pytest.approx(50.0)  # old, but all there is
+    tracker.begin()  # found none; dropped below, never ended
+    for _ in range(3):
+        tracker.end(tracker.begin())  # found one, at once: 50, 0, 0, 0
+    tracker.drop()
+    assert tracker.rif == 0
+    # None in flight: the found-none latency is old; the nearest fresh (found one) stands in.
+    assert tracker.report().latency_ms == pytest.approx(0.0)
+    clock.now += FOUND_AGE + 1
+    assert tracker.report().latency_ms == pytest.approx(50.0)  # all old: its own
+
+
+def test_arrivals_beyond_max_found_count_as_max_found() -> None:
+    clock = Clock()
+    tracker = LoadTracker(clock=clock)
+    crowd = [tracker.begin() for _ in range(MAX_FOUND + 10)]
+    assert crowd[-1][1] == MAX_FOUND + 9
+    clock.now += 0.030
+    tracker.end(crowd.pop())  # found MAX_FOUND + 9: kept as MAX_FOUND
+    assert tracker.rif == MAX_FOUND + 9
+    assert tracker.report().latency_ms == pytest.approx(30.0)
+    for arrival in crowd:
+        tracker.end(arrival)
+    assert tracker.rif == 0
+
+
+def test_an_end_given_a_start_time_alone_counts_what_is_in_flight_beside_it() -> None:
+    clock = Clock()
+    tracker = LoadTracker(clock=clock)
+    started = clock.now
+    tracker.begin()  # the arrival itself is dropped: only its time is given back
+    other = tracker.begin()
+    clock.now += 0.004
+    tracker.end(started)  # one beside it still in flight: counted as having found one
+    assert tracker.report().latency_ms == pytest.approx(4.0)  # one in flight now
+    tracker.end(other)  # found one as well (8 ms... from its own start)
+    assert tracker.rif == 0
 
 
 def test_requests_and_errors_per_second_over_the_rate_window() -> None:
@@ -336,8 +429,8 @@ def test_asgi_adds_the_report_only_when_asked() -> None:
     assert headers_of(start) == {
         b"x-app": b"1",
         b"endpoint-load-metrics": (
-            b"TEXT rps_fractional=0, eps=0, named_metrics.rif=1, named_metrics.latency_ms=0"
-        ),
+            b"TEXT rps_fractional=0, eps=0, named_metrics.rif=0, named_metrics.latency_ms=0"
+        ),  # the request answered is not counted: it leaves as the client reads the report
     }
     # The body passes through, message by message.
     chunks = [(m["body"], m.get("more_body", False)) for m in body]
@@ -562,7 +655,7 @@ def test_wsgi_adds_the_report_only_when_asked() -> None:
     app = LoadReportingWSGI(wsgi_app(Body([b"x"])), tracker=LoadTracker(clock=Clock()))
     for asked, expected in (
         ("json", 'JSON {"rps_fractional": 0, "eps": 0, "named_metrics": '),
-        ("TEXT", "TEXT rps_fractional=1, eps=0, named_metrics.rif=1, named_metrics.latency_ms=0"),
+        ("TEXT", "TEXT rps_fractional=1, eps=0, named_metrics.rif=0, named_metrics.latency_ms=0"),
     ):
         started = Started()
         app(environ(asked=asked), started).close()  # type: ignore[attr-defined]
@@ -651,6 +744,7 @@ def test_a_rendered_report_keeps_rif_exact_and_the_rest_for_ten_ms() -> None:
         return 0.25 * calls[0]
 
     tracker = LoadTracker(clock=clock, application_utilization=utilization)
+    answered = tracker.begin()  # the request whose response carries the report
     first = parse(tracker.rendered("TEXT"), 0.0)
     assert (first.rif, first.application_utilization) == (0.0, 0.25)
     started = tracker.begin()
@@ -659,6 +753,7 @@ def test_a_rendered_report_keeps_rif_exact_and_the_rest_for_ten_ms() -> None:
     assert (again.rif, again.application_utilization) == (1.0, 0.25)
     assert parse(tracker.rendered("JSON"), 0.0).rif == 1.0
     tracker.end(started)
+    tracker.end(answered)
     clock.now += 0.002  # past REFRESH: made afresh
     fresh = parse(tracker.rendered("TEXT"), 0.0)
     assert fresh.rif == 0.0

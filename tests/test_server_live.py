@@ -115,12 +115,12 @@ def test_a_response_carries_the_report_only_when_its_request_asks(base_url: str)
         value = asked.headers["endpoint-load-metrics"]
         assert value.startswith("JSON ")
         report = json.loads(value[len("JSON ") :])
-        assert report["named_metrics"]["rif"] == 1  # the request itself, in flight
+        assert report["named_metrics"]["rif"] == 0  # none besides the request itself
         assert report["named_metrics"]["queue"] == 2
         assert report["rps_fractional"] >= 0
         assert 0 <= report["cpu_utilization"] <= 1
         lower = client.get("/", headers={"endpoint-load-metrics-format": "text"})
-        assert text_fields(lower.headers["endpoint-load-metrics"])["named_metrics.rif"] == "1"
+        assert text_fields(lower.headers["endpoint-load-metrics"])["named_metrics.rif"] == "0"
         assert "endpoint-load-metrics" not in client.get("/").headers
         unknown = client.get("/", headers={"endpoint-load-metrics-format": "BIN"})
         assert unknown.text == "hello"
@@ -137,12 +137,15 @@ def test_streaming_responses_still_stream(base_url: str) -> None:
         client.stream("GET", "/stream", params={"gate": gate}, headers=headers) as response,
     ):
         assert response.status_code == 200
-        assert text_fields(response.headers["endpoint-load-metrics"])["named_metrics.rif"] == "1"
+        # Its own report counts it out: it leaves as the client reads it.
+        assert text_fields(response.headers["endpoint-load-metrics"])["named_metrics.rif"] == "0"
         chunks = response.iter_bytes()
         # The first chunk arrives while the app still waits to send the second.
         assert next(chunks) == b"first"
         with httpx.Client(base_url=base_url, timeout=PATIENCE) as other:
-            assert rif(other) == 1
+            assert rif(other) == 1  # a probe sees it in flight
+            beside = other.get("/", headers=headers)  # a response's report, besides itself
+            assert text_fields(beside.headers["endpoint-load-metrics"])["named_metrics.rif"] == "1"
             other.get("/release", params={"gate": gate})
         assert b"".join(chunks) == b"second"
     with httpx.Client(base_url=base_url, timeout=PATIENCE) as client:

@@ -14,9 +14,10 @@ A pick, while the pool holds at least two entries (none older than ``max_age``):
 * ``threshold`` = the ``q_rif`` quantile (nearest rank) of the last :data:`RIF_WINDOW` RIFs
   reported; an entry is cold when its RIF <= threshold, hot otherwise;
 * any cold entry: the cold one with the lowest latency (a report without latency ranks last),
-  an idle one (RIF 0) before any other: a server's latency is the median of its recent
-  requests, which an idle server cannot bring down (it gets none), so ranked by it an idle
-  server that was once slower would stay unused (the paper's servers estimate latency per RIF);
+  an idle one (RIF 0) before any other: a server whose latency is the median of all its
+  recent requests cannot bring it down while idle (it gets none), so ranked by it an idle
+  server that was once slower would stay unused (the paper's servers, and
+  :mod:`lbclient.server`, estimate latency per RIF, which this rule agrees with);
   all hot: the one with the lowest RIF;
 * the entry picked spends one use of its reuse budget (``reuse``) and leaves when it has none,
   and its RIF counts one more (the request just sent joins those the backend reported, so an

@@ -29,7 +29,7 @@ from lbclient.server._report import (
     REPORT_HEADER,
     ServerReport,
 )
-from lbclient.server._tracker import LATENCY_WINDOW, RATE_WINDOW, LoadTracker, Metric
+from lbclient.server._tracker import LATENCY_WINDOW, RATE_WINDOW, Arrival, LoadTracker, Metric
 from lbclient.server._wsgi import LoadReportingWSGI
 
 __all__ = [  # noqa: RUF022 (grouped by topic, not sorted)
@@ -39,6 +39,7 @@ __all__ = [  # noqa: RUF022 (grouped by topic, not sorted)
     "PROBE_PATH",
     # what they count in, and what they report
     "LoadTracker",
+    "Arrival",
     "ServerReport",
     "Metric",
     "LATENCY_WINDOW",

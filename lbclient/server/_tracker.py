@@ -17,15 +17,16 @@ from typing import Final
 
 from lbclient.server._report import ServerReport, check_metric_name, usable
 
-__all__ = ["LATENCY_WINDOW", "RATE_WINDOW", "LoadTracker", "Metric"]
+__all__ = ["LATENCY_WINDOW", "RATE_WINDOW", "Arrival", "LoadTracker", "Metric"]
 
 logger = logging.getLogger("lbclient.server")
 
 #: A metric the service reports: called when a report is made, returns a number >= 0.
 Metric = Callable[[], float]
 
-#: How many of the latest requests the latency median is taken over.
-LATENCY_WINDOW: Final = 128
+#: How many of the latest latencies the median is taken over, for each number of requests found
+#: in flight at arrival.
+LATENCY_WINDOW: Final = 16
 #: Over how many seconds (whole-second buckets) requests and errors per second are counted.
 RATE_WINDOW: Final = 10
 _INFINITY: Final = float("inf")
@@ -34,8 +35,73 @@ RESERVED: Final = frozenset({"rif", "latency_ms"})
 #: Seconds a rendered report's rates, latency and metrics are reused for (requests in flight
 #: are always exact): the report added to every response costs a string join, not a report.
 REFRESH: Final = 0.01
-#: Where each form of a report writes the requests in flight (rendered as 0, then replaced).
-_RIF_MARK: Final = {"TEXT": "named_metrics.rif=0", "JSON": '"rif": 0'}
+#: Arrivals are told apart by the requests they found in flight up to this many (more count
+#: as this many).
+MAX_FOUND: Final = 64
+#: Seconds after which the latencies kept for a number found in flight, none newer, are not used.
+FOUND_AGE: Final = 30.0
+#: Where each form of a report writes the requests in flight and the latency (rendered as 0,
+#: then replaced): (the mark, the text before the RIF, the text between RIF and latency).
+_MARKS: Final = {
+    "TEXT": (
+        "named_metrics.rif=0, named_metrics.latency_ms=0",
+        "named_metrics.rif=",
+        ", named_metrics.latency_ms=",
+    ),
+    "JSON": ('"rif": 0, "latency_ms": 0', '"rif": ', ', "latency_ms": '),
+}
+
+#: What :meth:`LoadTracker.begin` returns: the arrival's clock value, and the requests it found
+#: in flight.
+Arrival = tuple[float, int]
+
+
+class _Ring:
+    """The latest ``size`` latencies of the requests that found one number in flight, and when
+    the newest came."""
+
+    __slots__ = ("last", "next", "samples", "size")
+
+    def __init__(self, size: int) -> None:
+        self.samples: list[float] = []
+        self.size = size
+        self.next = 0  # where the next sample goes once the ring is full
+        self.last = 0.0
+
+    def add(self, latency: float, now: float) -> None:
+        samples = self.samples
+        if len(samples) < self.size:
+            samples.append(latency)
+        else:
+            samples[self.next] = latency
+            self.next = (self.next + 1) % self.size
+        self.last = now
+
+
+def _nearest(found: dict[int, _Ring], key: int, oldest: float) -> int | None:
+    """Of the numbers found in flight with latencies kept whose newest came at ``oldest`` or
+    later, the nearest below ``key``, else the nearest above (None: no such number)."""
+    fewer = more = None
+    for number, ring in found.items():
+        if ring.last < oldest or number == key:
+            continue
+        if number < key:
+            if fewer is None or number > fewer:
+                fewer = number
+        elif more is None or number < more:
+            more = number
+    return fewer if fewer is not None else more
+
+
+def _median(samples: list[float]) -> float:
+    """The median of ``samples`` (sorted in place; 0 for none)."""
+    samples.sort()
+    count = len(samples)
+    if count == 0:
+        return 0.0
+    if count % 2:
+        return samples[count // 2]
+    return (samples[count // 2 - 1] + samples[count // 2]) / 2
 
 
 class _Reading:
@@ -88,10 +154,18 @@ class LoadTracker:
 
     The report (:meth:`report`):
 
-    * ``rif``: requests in flight now (a request asking for a report in its response counts
-      itself: it is in flight while its response starts);
-    * ``latency_ms``: the median latency of the last ``latency_window`` requests ended (128 by
-      default), errors included; 0 before the first;
+    * ``rif``: requests in flight now; in the report a response carries (:meth:`rendered`),
+      those besides the request it answers, which leaves as the client reads it: what the
+      client's next request would find, as a probe's report says;
+    * ``latency_ms``: the latency a request arriving now may expect, as Prequal's servers
+      estimate it: the median latency of the last ``latency_window`` requests (16 by default,
+      errors included) that found as many requests in flight when they arrived as there are now
+      (``rif``; from :data:`MAX_FOUND` on, all count as that many). Latency is counted by the
+      load a request met, so a server whose slots are full reports the wait a request joining
+      it had, where a median of all requests would still show the unqueued ones: a client then
+      avoids it before its queue forms. Where none found as many lately (within
+      :data:`FOUND_AGE` seconds), the nearest fewer, else the nearest more; 0 before the first
+      request;
     * ``rps_fractional`` and ``eps``: requests ended, and errors, per second over the last
       ``rate_window`` seconds (10 by default; whole-second buckets on the clock since the tracker
       was made: the current second's part and the ``rate_window - 1`` seconds before it, or
@@ -137,9 +211,6 @@ class LoadTracker:
         # One entry per request in flight: a list's append and pop are each one step no other
         # thread can split, so counting in flight takes no lock.
         self._flying: list[None] = []
-        # Latency: the window's latest samples, a ring once full (sorted only for a report).
-        self._samples: list[float] = []
-        self._next = 0  # where the next sample goes once the ring is full
         self._window = latency_window
         # Rates: one bucket per second since the tracker was made, in a ring of rate_window;
         # requests count in the current second's bucket until the clock reaches ``_until``.
@@ -149,8 +220,14 @@ class LoadTracker:
         self._errors = [0] * rate_window
         self._slot = 0
         self._until = self._origin  # the first request turns to its second's bucket
-        #: Per form: when it was rendered, and the text before and after its RIF.
-        self._rendered: dict[str, tuple[float, str, str]] = {}
+        # Latencies by the requests each arrival found in flight (up to MAX_FOUND), each a ring
+        # of the window's latest (sorted only for a report).
+        self._found: dict[int, _Ring] = {}
+        #: Per form: when it was rendered, and the text before its RIF, between its RIF and
+        #: latency, and after.
+        self._rendered: dict[str, tuple[float, str, str, str]] = {}
+        #: When the latency estimates below were made, and each (written) by requests in flight.
+        self._estimates: tuple[float, dict[int, str]] = (-_INFINITY, {})
 
     @property
     def rif(self) -> int:
@@ -162,31 +239,42 @@ class LoadTracker:
         """The clock the tracker reads."""
         return self._clock
 
-    def begin(self) -> float:
-        """A request arrived: count it in flight; returns its start time, for :meth:`end`."""
-        self._flying.append(None)
-        return self._clock()
+    def begin(self) -> Arrival:
+        """A request arrived: count it in flight; returns its arrival (its start time, and the
+        requests it found in flight), for :meth:`end`."""
+        flying = self._flying
+        found = len(flying)
+        flying.append(None)
+        return (self._clock(), found)
 
-    def end(self, started: float, *, error: bool = False) -> None:
-        """The request that began at ``started`` is over: out of flight, its latency recorded,
-        counted (and counted as an error if ``error``)."""
+    def end(self, arrival: Arrival | float, *, error: bool = False) -> None:
+        """The request of ``arrival`` (what :meth:`begin` returned; a start time alone is taken
+        to have found in flight what is besides it now) is over: out of flight, its latency
+        recorded, counted (and counted as an error if ``error``)."""
         now = self._clock()
+        flying = self._flying
+        if isinstance(arrival, tuple):
+            started, found = arrival
+        else:  # a start time alone: taken to have found what is in flight besides it now
+            started, found = arrival, len(flying) - 1
         latency = now - started
         if latency < 0.0:
             latency = 0.0
         try:  # noqa: SIM105 (contextlib.suppress would cost a context manager per request)
-            self._flying.pop()
+            flying.pop()
         except IndexError:  # an end without its begin
             pass
+        if found < 0:
+            found = 0
+        elif found > MAX_FOUND:
+            found = MAX_FOUND
         lock = self._lock
         lock.acquire()  # not `with`: this runs per request, and acquire/release cost less
         try:
-            samples = self._samples
-            if len(samples) < self._window:
-                samples.append(latency)
-            else:
-                samples[self._next] = latency
-                self._next = (self._next + 1) % self._window
+            ring = self._found.get(found)
+            if ring is None:
+                ring = self._found[found] = _Ring(self._window)
+            ring.add(latency, now)
             if now >= self._until:
                 self._turn(now)
             self._requests[self._slot] += 1
@@ -219,17 +307,50 @@ class LoadTracker:
         self._out()
 
     def rendered(self, form: str) -> str:
-        """The report's header value in ``form`` (``"TEXT"`` or ``"JSON"``): the requests in
-        flight as of now, the rest as of at most :data:`REFRESH` seconds ago."""
+        """The header value in ``form`` (``"TEXT"`` or ``"JSON"``) of the report a response
+        carries, made as it starts: the requests in flight as of now besides the one it answers,
+        and the latency estimate for them; the rest as of at most :data:`REFRESH` seconds
+        ago."""
         now = self._clock()
         cached = self._rendered.get(form)
         if cached is None or not 0.0 <= now - cached[0] < REFRESH:
-            report = self.report()._replace(rif=0)
-            mark = _RIF_MARK[form]
+            report = self.report()._replace(rif=0, latency_ms=0.0)
+            mark, head, middle = _MARKS[form]
             before, _, after = report.render(form).partition(mark)
-            cached = (now, before + mark[:-1], after)
+            cached = (now, before + head, middle, after)
             self._rendered[form] = cached  # a race renders twice, harmlessly
-        return f"{cached[1]}{len(self._flying)}{cached[2]}"
+        rif = len(self._flying) - 1  # the request answered is on its way out
+        if rif < 0:
+            rif = 0
+        made, texts = self._estimates
+        if not 0.0 <= now - made < REFRESH:
+            texts = {}
+            self._estimates = (now, texts)
+        latency = texts.get(rif)
+        if latency is None:
+            with self._lock:
+                samples = self._estimate(rif, now)
+            latency = texts[rif] = f"{_median(samples) * 1000:.6g}"
+        return f"{cached[1]}{rif}{cached[2]}{latency}{cached[3]}"
+
+    def _estimate(self, rif: int, now: float) -> list[float]:
+        """The latencies (seconds) whose median a request arriving to find ``rif`` in flight may
+        expect, copied: those of the recent requests that found as many (any more than
+        :data:`MAX_FOUND` count as that many); where there are none, or the newest of them is
+        older than :data:`FOUND_AGE`, those of the nearest fewer, else the nearest more, with a
+        newer one; else its own however old, or where it has none the nearest of any age; none
+        before the first request. The lock is held."""
+        found = self._found
+        key = rif if rif < MAX_FOUND else MAX_FOUND
+        ring = found.get(key)
+        oldest = now - FOUND_AGE
+        if ring is None or ring.last < oldest:
+            near = _nearest(found, key, oldest)
+            if near is None and ring is None:
+                near = _nearest(found, key, -_INFINITY)
+            if near is not None:
+                ring = found[near]
+        return [] if ring is None else ring.samples[:]
 
     def report(self) -> ServerReport:
         """The load as it stands (see the class docstring for each field)."""
@@ -240,7 +361,7 @@ class LoadTracker:
         requests = errors = 0
         with self._lock:
             rif = len(self._flying)
-            ordered = self._samples[:]
+            samples = self._estimate(rif, now)
             if min(self._seconds) >= oldest:  # every bucket in the window: a busy server
                 requests, errors = sum(self._requests), sum(self._errors)
             else:
@@ -250,14 +371,7 @@ class LoadTracker:
                     if counted >= oldest:  # never later than now: the clock is monotonic
                         requests += done
                         errors += failed
-        ordered.sort()  # the median is taken when a report is made, not per request
-        count = len(ordered)
-        if count == 0:
-            median = 0.0
-        elif count % 2:
-            median = ordered[count // 2]
-        else:
-            median = (ordered[count // 2 - 1] + ordered[count // 2]) / 2
+        median = _median(samples)  # sorted here, out of the lock
         span = max(elapsed - oldest, 1.0)
         named: dict[str, float] = {}
         for reading in self._named:

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 from lbclient.server._common import PROBE_PATH, probe_answer, tracker_of
 from lbclient.server._report import REPORT_HEADER, requested_format
-from lbclient.server._tracker import LoadTracker, Metric
+from lbclient.server._tracker import Arrival, LoadTracker, Metric
 
 __all__ = ["LoadReportingWSGI", "StartResponse", "WSGIApp", "WSGIEnvironment"]
 
@@ -43,7 +43,7 @@ class _Body:
 
     __slots__ = ("_done", "_iterator", "_started", "_tracker", "inner", "status")
 
-    def __init__(self, tracker: LoadTracker, started: float) -> None:
+    def __init__(self, tracker: LoadTracker, started: Arrival) -> None:
         self._tracker = tracker
         self._started = started
         self.inner: Iterable[bytes] = ()

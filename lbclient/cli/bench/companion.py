@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from lbclient.cli.bench import drive
-from lbclient.cli.bench.pyservers import Server, start_gunicorn, start_uvicorn
+from lbclient.cli.bench.pyservers import Server, start_gunicorn, start_uvicorn, uvicorn_flavour
 from lbclient.cli.bench.rounds import round_parser, round_settings
 from lbclient.cli.bench.tables import aligned
 
@@ -272,7 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(error))
     print(
         f"Python {platform.python_version()} on {platform.platform()}, "
-        f"uvicorn {_version('uvicorn')}, gunicorn {_version('gunicorn')}"
+        f"uvicorn {_version('uvicorn')} ({uvicorn_flavour()}), gunicorn {_version('gunicorn')}"
     )
     print(
         f"{rounds} rounds of {seconds:g} s per side and case, {CONNECTIONS} keep-alive "

@@ -7,13 +7,18 @@ Run it alone::
     python -m lbclient.cli.bench.fleet           # 3 rounds of 2 s per case (about 5 minutes)
     python -m lbclient.cli.bench.fleet --quick   # 1 round of 0.5 s per case (under a minute)
     python -m lbclient.cli.bench.fleet --tasks 32 --setups calm,stall   # the stall, busier
+    python -m lbclient.cli.bench.fleet --service 5    # 5 ms per request: the client's CPU binds
 
 Method: four backends, each a uvicorn process (one worker) serving an app of
-``lbclient/cli/bench/fleet_apps.py``: a fixed concurrency of 4 requests served at once for 5 ms
-each (``asyncio.sleep``), the others queued, so latency grows with the queue; behind
-``LoadReportingASGI``, which reports requests in flight, a latency median, rps and eps when asked,
-an ``application_utilization`` (the mean requests in the app over the last second / 4) and
-answers Prequal's probe path. The setups:
+``lbclient/cli/bench/fleet_apps.py``: a fixed concurrency of 4 requests served at once for 20 ms
+each (``asyncio.sleep``; ``--service`` sets it), the others queued, so latency grows with the
+queue. At 20 ms the measured client has CPU to spare (70-85% of a core), so the tails are the
+backends' queues; at 5 ms it alone keeps a core busy (a Python client spends about a millisecond
+of CPU per request on a small machine), so its own event loop sets much of every latency and the
+tails move from run to run with whatever else runs. Behind ``LoadReportingASGI``, which
+reports requests in flight, a latency estimate (per RIF), rps and eps when asked, an
+``application_utilization`` (the mean requests in the app over the last second / 4) and answers
+Prequal's probe path. The setups:
 
 * **calm**: the four, nothing else: the reference for the others' tails;
 * **hidden load**: another client process (``drive.py``, raw sockets) keeps 12 requests in
@@ -69,9 +74,16 @@ from lbclient import (
     RoundRobin,
     WeightedRoundRobin,
 )
-from lbclient.cli.bench.fleet_apps import CPU_BURN, SERVICE, STALL_EVERY, STALL_FOR, WORKERS
+from lbclient.cli.bench.fleet_apps import (
+    CPU_BURN,
+    DEFAULT_SERVICE,
+    SERVICE_VARIABLE,
+    STALL_EVERY,
+    STALL_FOR,
+    WORKERS,
+)
 from lbclient.cli.bench.hedging import percentile
-from lbclient.cli.bench.pyservers import start_uvicorns
+from lbclient.cli.bench.pyservers import start_uvicorns, uvicorn_flavour
 from lbclient.cli.bench.rounds import round_parser, round_settings
 from lbclient.cli.bench.tables import aligned
 from lbclient.selection.base import AlgorithmLike
@@ -335,15 +347,18 @@ def run(
     *,
     setups: Sequence[Setup] = SETUPS,
     tasks: int | None = None,
+    service: float = DEFAULT_SERVICE,
 ) -> list[FleetRow]:
-    """Every setup and algorithm, in that order; ``tasks`` overrides every setup's."""
+    """Every setup and algorithm, in that order; ``tasks`` overrides every setup's, ``service``
+    is the seconds a queued backend serves a request for."""
     rows: list[FleetRow] = []
+    env = {**os.environ, SERVICE_VARIABLE: repr(service * 1000.0)}
     for setup in setups:
         count = _tasks(setup, tasks)
         made = [(name, make) for name, make in ALGORITHMS if make is not None]
         tallies = {name: _Tally() for name, _ in made}
         with ExitStack() as stack:
-            servers = start_uvicorns(stack, [_APPS + app for app in setup.apps])
+            servers = start_uvicorns(stack, [_APPS + app for app in setup.apps], env=env)
             backends = [server.address for server in servers]
             odd = [backends[i].rpartition(":")[2] for i in setup.odd]
             load = None
@@ -479,14 +494,16 @@ def format_aims(found: Sequence[Aim]) -> str:
     )
 
 
-def describe(seconds: float, rounds: int, tasks: int | None) -> str:
+def describe(
+    seconds: float, rounds: int, tasks: int | None, service: float = DEFAULT_SERVICE
+) -> str:
     """One paragraph on what every case sends, and where."""
     many, few = (tasks, tasks) if tasks is not None else (TASKS, LOW_TASKS)
     return (
         f"{rounds} round{'s' if rounds > 1 else ''} of {seconds:g} s per case, each after "
         f"{warm_up(seconds):g} s of warm-up, from {many} asyncio tasks ({few} in the CPU-bound "
         f"setup) through AsyncLBTransport to 4 uvicorn backends serving {WORKERS} requests at "
-        f"once for {SERVICE * 1000:g} ms each; hidden load: another process keeps {HIDDEN} "
+        f"once for {service * 1000:g} ms each; hidden load: another process keeps {HIDDEN} "
         f"requests in flight on one; stall: one stops for {STALL_FOR * 1000:g} ms every "
         f"{STALL_EVERY:g} s; fail-fast: two answer 503 at once and report no load; CPU-bound: "
         f"each request burns {CPU_BURN * 1000:g} ms of CPU. Load average "
@@ -530,19 +547,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--setups", default=None, help="comma-separated, of: " + ", ".join(s.name for s in SETUPS)
     )
+    parser.add_argument(
+        "--service",
+        type=float,
+        default=DEFAULT_SERVICE * 1000.0,
+        help=f"milliseconds a queued backend serves a request for ({DEFAULT_SERVICE * 1000:g})",
+    )
     args = parser.parse_args(argv)
     try:
         seconds, rounds = settings(args.quick, args.seconds, args.rounds)
         setups = _selected(args.setups)
         if args.tasks is not None and args.tasks < 1:
             raise ValueError(f"need tasks >= 1, got {args.tasks}")
+        if not 0.0 < args.service <= 10_000.0:
+            raise ValueError(f"need a service time in (0, 10000] ms, got {args.service:g}")
+        service = args.service / 1000.0
     except ValueError as exc:
         parser.error(str(exc))
     signal.signal(signal.SIGTERM, _stop)
-    print(f"Python {platform.python_version()} on {platform.platform()}, httpx {httpx.__version__}")
-    text = describe(seconds, rounds, args.tasks)
+    print(
+        f"Python {platform.python_version()} on {platform.platform()}, httpx {httpx.__version__},"
+        f" uvicorn backends ({uvicorn_flavour()})"
+    )
+    text = describe(seconds, rounds, args.tasks, service)
     print(textwrap.fill(text, width=100, subsequent_indent="  "), flush=True)
-    rows = run(seconds, rounds, setups=setups, tasks=args.tasks)
+    rows = run(seconds, rounds, setups=setups, tasks=args.tasks, service=service)
     print(format_table(rows))
     print("aims:")
     print(format_aims(aims(rows)))

@@ -2,8 +2,9 @@
 by uvicorn in a process of its own (``python -m uvicorn lbclient.cli.bench.fleet_apps:queued``).
 
 * ``queued``: a fixed concurrency, :data:`WORKERS` requests served at once for
-  :data:`SERVICE` seconds each (``asyncio.sleep``), the rest waiting their turn, so latency grows
-  with the queue; behind :class:`~lbclient.server.LoadReportingASGI`.
+  :data:`SERVICE` seconds each (``asyncio.sleep``; 20 ms unless :data:`SERVICE_VARIABLE` says
+  otherwise), the rest waiting their turn, so latency grows with the queue; behind
+  :class:`~lbclient.server.LoadReportingASGI`.
 * ``stalling``: ``queued`` that stops answering for :data:`STALL_FOR` seconds at the end of every
   :data:`STALL_EVERY` seconds since it started: every request in it, served or waiting, waits for
   the stall's end.
@@ -22,9 +23,10 @@ over the last second, divided by its concurrency (:data:`WORKERS`, or 1 for ``cp
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from lbclient.server import LoadReportingASGI, LoadTracker
@@ -32,7 +34,9 @@ from lbclient.server._asgi import Receive, Scope, Send
 
 __all__ = [
     "CPU_BURN",
+    "DEFAULT_SERVICE",
     "SERVICE",
+    "SERVICE_VARIABLE",
     "STALL_EVERY",
     "STALL_FOR",
     "WORKERS",
@@ -40,11 +44,33 @@ __all__ = [
     "cpu_bound",
     "failing",
     "queued",
+    "service_time",
     "stalling",
 ]
 
-#: Requests a ``queued`` backend serves at once, and the seconds each takes.
-WORKERS, SERVICE = 4, 0.005
+#: The environment variable that sets a ``queued`` backend's service time (milliseconds).
+SERVICE_VARIABLE = "LBCLIENT_FLEET_SERVICE_MS"
+#: Requests a ``queued`` backend serves at once, and the seconds each takes by default.
+WORKERS, DEFAULT_SERVICE = 4, 0.020
+
+
+def service_time(environ: Mapping[str, str]) -> float:
+    """The seconds a ``queued`` request is served for: :data:`SERVICE_VARIABLE`'s milliseconds
+    in ``environ``, else :data:`DEFAULT_SERVICE`."""
+    text = environ.get(SERVICE_VARIABLE)
+    if text is None:
+        return DEFAULT_SERVICE
+    try:
+        millis = float(text)
+    except ValueError:
+        raise ValueError(f"{SERVICE_VARIABLE} must be milliseconds, got {text!r}") from None
+    if not 0.0 < millis <= 10_000.0:
+        raise ValueError(f"{SERVICE_VARIABLE} must be in (0, 10000] ms, got {text!r}")
+    return millis / 1000.0
+
+
+#: The seconds each ``queued`` request is served for, in this process.
+SERVICE = service_time(os.environ)
 #: The stalling backend stops for STALL_FOR seconds at the end of every STALL_EVERY seconds.
 STALL_EVERY, STALL_FOR = 1.0, 0.2
 #: Seconds of CPU a ``cpu_bound`` request burns.

@@ -10,8 +10,9 @@ client, the backends and the hidden load share two cores and the client's CPU of
 pace. This model runs the same shape with no CPU at all, so that what remains is the algorithm's
 own doing: four backends, each serving ``slots`` requests at once for ``service`` seconds (x0.9
 to x1.3, uniform) and queueing the rest in arrival order; each answers with the load report the
-server companion sends (``named_metrics.rif``: its requests in flight after this one;
-``named_metrics.latency_ms``: the median of its last 64 latencies, queueing included). The
+server companion sends, made by the companion's own ``LoadTracker`` on the simulated clock
+(``named_metrics.rif``: its requests in flight besides this one; ``named_metrics.latency_ms``:
+the median latency, queueing included, of its recent requests that found as many in flight). The
 measured client sends ``tasks`` requests back to back through a real
 :class:`~lbclient.LoadBalancer` on the simulated clock (``select``, ``begin``, then at the answer
 ``observe``, ``read_report`` and ``end``; probes, where the algorithm asks for them, are answered
@@ -30,7 +31,6 @@ import argparse
 import heapq
 import itertools
 import random
-import statistics
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
@@ -38,6 +38,7 @@ from typing import NamedTuple
 from lbclient import LeastRequest, LoadBalancer, PeakEWMA, Prequal, RoundRobin
 from lbclient.backend import Backend
 from lbclient.selection.base import AlgorithmLike
+from lbclient.server import Arrival, LoadTracker
 
 __all__ = ["ALGORITHMS", "Result", "main", "run"]
 
@@ -67,18 +68,17 @@ class Result(NamedTuple):
 
 
 class _Server:
-    def __init__(self, slots: int, service: float) -> None:
+    """A backend: ``slots`` served at once, the rest queued in arrival order, counted by the
+    server companion's own :class:`~lbclient.server.LoadTracker` on the simulated clock."""
+
+    def __init__(self, slots: int, service: float, clock: Callable[[], float]) -> None:
         self.slots, self.service = slots, service
         self.busy = 0
-        self.in_flight = 0
-        self.waiting: deque[tuple[Callable[[str], None], float]] = deque()
-        self.latencies: deque[float] = deque(maxlen=64)
+        self.waiting: deque[tuple[Callable[[str], None], Arrival]] = deque()
+        self.tracker = LoadTracker(clock=clock)
 
     def report(self) -> str:
-        median = statistics.median(self.latencies) if self.latencies else self.service
-        return (
-            f"TEXT named_metrics.rif={self.in_flight}, named_metrics.latency_ms={median * 1e3:.3f}"
-        )
+        return self.tracker.rendered("TEXT")
 
 
 def run(
@@ -101,28 +101,27 @@ def run(
         heapq.heappush(events, (now + delay, next(order), fn))
 
     addresses = [f"10.0.0.{i}:80" for i in range(1, 5)]
-    servers = {address: _Server(slots, service) for address in addresses}
+    servers = {address: _Server(slots, service, lambda: now) for address in addresses}
     balancer = LoadBalancer(addresses, make(draw), clock=lambda: now, random=draw.random)
     latencies: list[float] = []
     taken = dict.fromkeys(addresses, 0)
     probes = 0
     sent = 0
 
-    def start(server: _Server, done: Callable[[str], None], since: float) -> None:
-        at(server.service * draw.uniform(0.9, 1.3), lambda: finish(server, done, since))
+    def start(server: _Server, done: Callable[[str], None], arrival: Arrival) -> None:
+        at(server.service * draw.uniform(0.9, 1.3), lambda: finish(server, done, arrival))
 
     def arrive(server: _Server, done: Callable[[str], None]) -> None:
-        server.in_flight += 1
+        arrival = server.tracker.begin()
         if server.busy < server.slots:
             server.busy += 1
-            start(server, done, now)
+            start(server, done, arrival)
         else:
-            server.waiting.append((done, now))
+            server.waiting.append((done, arrival))
 
-    def finish(server: _Server, done: Callable[[str], None], since: float) -> None:
-        server.latencies.append(now - since)
-        server.in_flight -= 1
-        report = server.report()
+    def finish(server: _Server, done: Callable[[str], None], arrival: Arrival) -> None:
+        report = server.report()  # as the companion: made as the response starts
+        server.tracker.end(arrival)
         if server.waiting:
             start(server, *server.waiting.popleft())
         else:

@@ -12,6 +12,7 @@ then killed if it still runs 10 s later.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import re
 import signal
@@ -22,7 +23,14 @@ from collections import deque
 from contextlib import ExitStack
 from pathlib import Path
 
-__all__ = ["Server", "start_gunicorn", "start_uvicorn", "start_uvicorns", "uvicorn_command"]
+__all__ = [
+    "Server",
+    "start_gunicorn",
+    "start_uvicorn",
+    "start_uvicorns",
+    "uvicorn_command",
+    "uvicorn_flavour",
+]
 
 _PORT = re.compile(rb"(?:Uvicorn running on|Listening at:) http://127\.0\.0\.1:(\d+)")
 
@@ -145,6 +153,16 @@ def start_uvicorn(
     )
 
 
+def uvicorn_flavour() -> str:
+    """What uvicorn's automatic choices take here (``--http auto``, ``--loop auto``):
+    ``"httptools, uvloop"`` where those are installed (``uvicorn[standard]``), else
+    ``"h11, asyncio"``, or one of each. Benchmarks print it: the server's own cost per request
+    differs several times between them."""
+    http = "httptools" if importlib.util.find_spec("httptools") else "h11"
+    loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
+    return f"{http}, {loop}"
+
+
 def uvicorn_command(app: str) -> list[str]:
     """The command line :func:`start_uvicorn` runs for ``app``."""
     return [
@@ -153,12 +171,19 @@ def uvicorn_command(app: str) -> list[str]:
     ]
 
 
-def start_uvicorns(stack: ExitStack, apps: list[str], *, timeout: float = 30.0) -> list[Server]:
+def start_uvicorns(
+    stack: ExitStack,
+    apps: list[str],
+    *,
+    env: dict[str, str] | None = None,
+    timeout: float = 30.0,
+) -> list[Server]:
     """One :func:`start_uvicorn` server per app, all started at once (each stopped when
-    ``stack`` closes); returned once every one listens."""
+    ``stack`` closes), in environment ``env`` (None: this process's); returned once every one
+    listens."""
     servers = []
     for app in apps:
-        server = Server(uvicorn_command(app), cwd=None, env=None)
+        server = Server(uvicorn_command(app), cwd=None, env=env)
         stack.callback(server.stop, signal.SIGTERM)
         servers.append(server)
     for server in servers:
