@@ -68,15 +68,6 @@ class _Ring:
         self.next = 0  # where the next sample goes once the ring is full
         self.last = 0.0
 
-    def add(self, latency: float, now: float) -> None:
-        samples = self.samples
-        if len(samples) < self.size:
-            samples.append(latency)
-        else:
-            samples[self.next] = latency
-            self.next = (self.next + 1) % self.size
-        self.last = now
-
 
 def _nearest(found: dict[int, _Ring], key: int, oldest: float) -> int | None:
     """Of the numbers found in flight with latencies kept whose newest came at ``oldest`` or
@@ -274,7 +265,13 @@ class LoadTracker:
             ring = self._found.get(found)
             if ring is None:
                 ring = self._found[found] = _Ring(self._window)
-            ring.add(latency, now)
+            samples = ring.samples  # the ring's add, inline: this runs per request
+            if len(samples) < ring.size:
+                samples.append(latency)
+            else:
+                samples[ring.next] = latency
+                ring.next = (ring.next + 1) % ring.size
+            ring.last = now
             if now >= self._until:
                 self._turn(now)
             self._requests[self._slot] += 1

@@ -18,7 +18,9 @@ the plain server and the middleware's, the two taking turns going first, for the
 A case either sends no ``endpoint-load-metrics-format`` header or asks for the TEXT report on
 every request (the plain server ignores it). A control case drives one plain uvicorn process
 against another (of the next pair) the same way, so that the table shows the noise a ratio
-carries on the machine it ran on.
+carries on the machine it ran on; a floor case sets the plain app against the same behind the
+least an ASGI middleware that sees each status does (``StatusWatcher``: a ``send`` of its own
+that reads the status), what any such middleware costs before it counts anything.
 
 Figures: each side's median requests per second and server CPU time per request over the
 rounds, and the median of the rounds' ratios (the middleware's req/s over the plain server's,
@@ -66,6 +68,7 @@ APPS = "lbclient.cli.bench.companion_apps"
 #: other cases drive the plain app against the middleware's: its ratio is the bench's own noise.
 CASES: tuple[tuple[str, str, str | None], ...] = (
     ("control: plain uvicorn against another plain one", "control", None),
+    ("floor: a do-nothing ASGI middleware reading the status", "floor", None),
     ("LoadReportingASGI under uvicorn", "asgi", None),
     ("the same, every request asks for the report", "asgi", "TEXT"),
     ("LoadReportingWSGI under gunicorn gthread", "wsgi", None),
@@ -175,7 +178,11 @@ def run(seconds: float, rounds: int) -> list[CompanionRow]:
                 )
                 for _ in range(PAIRS)
             ]
-            for kind, start in (("asgi", start_uvicorn), ("wsgi", start_gunicorn))
+            for kind, start in (
+                ("asgi", start_uvicorn),
+                ("floor", start_uvicorn),
+                ("wsgi", start_gunicorn),
+            )
         }
         driver = _Driver(stack)
         for pairs in servers.values():  # warm up: connections, imports, caches

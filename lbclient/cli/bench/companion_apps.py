@@ -13,7 +13,15 @@ from lbclient.server import LoadReportingASGI, LoadReportingWSGI, cpu_utilizatio
 from lbclient.server._asgi import Receive, Scope, Send
 from lbclient.server._wsgi import StartResponse
 
-__all__ = ["asgi_plain", "asgi_reported", "wsgi_plain", "wsgi_reported"]
+__all__ = [
+    "StatusWatcher",
+    "asgi_plain",
+    "asgi_reported",
+    "floor_plain",
+    "floor_reported",
+    "wsgi_plain",
+    "wsgi_reported",
+]
 
 _HEADERS = [(b"content-type", b"text/plain"), (b"content-length", b"2")]
 _START = {"type": "http.response.start", "status": 200, "headers": _HEADERS}
@@ -34,3 +42,26 @@ def wsgi_plain(environ: dict[str, Any], start_response: StartResponse) -> Iterab
 
 asgi_reported = LoadReportingASGI(asgi_plain, cpu_utilization=cpu_utilization())
 wsgi_reported = LoadReportingWSGI(wsgi_plain, cpu_utilization=cpu_utilization())
+
+
+class StatusWatcher:
+    """The least an ASGI middleware that sees each response's status does: it passes every
+    message through a ``send`` of its own, reading the status, and nothing else. Its cost is the
+    floor under any such middleware (the load-reporting one needs the status to count errors)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.status = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        def watch(message: Any) -> Any:
+            if message["type"] == "http.response.start":
+                self.status = message["status"]
+            return send(message)
+
+        await self.app(scope, receive, watch)
+
+
+#: The floor case: the plain app, and the same behind :class:`StatusWatcher`.
+floor_plain = asgi_plain
+floor_reported = StatusWatcher(asgi_plain)
