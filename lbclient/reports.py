@@ -346,8 +346,31 @@ def _careful(header: str | bytes, at: float) -> LoadReport:
     return reader(body, at)
 
 
+def _plain_prequal(rif: str, latency_us: str, at: float) -> LoadReport | None:
+    """Both of Prequal's headers, read at once when both are plain numbers in range; None for
+    anything else (refused, with its reason, by the rest of :func:`parse_prequal`)."""
+    if len(rif) > 64 or len(latency_us) > 64 or not (rif.isascii() and latency_us.isascii()):
+        return None
+    try:
+        load, micros = float(rif), float(latency_us)
+    except ValueError:
+        return None
+    if 0.0 <= load <= MAX_VALUE and 0.0 <= micros <= MAX_VALUE:  # NaN fails this too
+        return _new(LoadReport, (at, None, None, None, None, None, _EMPTY, load, micros / 1e6))
+    return None
+
+
 def parse_prequal(rif: str | None, latency_us: str | None, at: float) -> LoadReport:
     """The report in Prequal's headers (either may be missing, not both)."""
+    if isinstance(rif, str) and isinstance(latency_us, str):
+        report = _plain_prequal(rif, latency_us, at)
+        if report is not None:
+            return report
+    return _careful_prequal(rif, latency_us, at)
+
+
+def _careful_prequal(rif: str | None, latency_us: str | None, at: float) -> LoadReport:
+    """:func:`parse_prequal`, every rule checked in turn: any pair, the refusals' reasons."""
     if rif is None and latency_us is None:
         raise BadReport("missing")
     for text in (rif, latency_us):

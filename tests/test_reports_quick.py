@@ -1,12 +1,23 @@
 """The quick reading of a usual TEXT report and the careful one agree on every input: the quick
-one either gives the careful one's report or leaves the header to it."""
+one either gives the careful one's report or leaves the header to it. The same for Prequal's two
+headers."""
 
 from __future__ import annotations
 
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lbclient.reports import MAX_LENGTH, BadReport, LoadReport, _careful, _plain_text, parse
+from lbclient.reports import (
+    MAX_LENGTH,
+    BadReport,
+    LoadReport,
+    _careful,
+    _careful_prequal,
+    _plain_prequal,
+    _plain_text,
+    parse,
+    parse_prequal,
+)
 
 #: The usual reports: vLLM's kind, the server companion's, every field at once.
 USUAL = [
@@ -138,3 +149,34 @@ def test_many_named_metrics_and_duplicates_are_left_to_the_careful_reading() -> 
     for header in ("TEXT eps=1, eps=2", "TEXT named_metrics.a=1, named_metrics.a=2"):
         assert _plain_text(header, 0.0) is None
         assert outcome(parse, header) == "duplicate field"
+
+
+def prequal_outcome(read: object, rif: str | None, latency_us: str | None) -> LoadReport | str:
+    try:
+        return read(rif, latency_us, 2.5)  # type: ignore[operator, no-any-return]
+    except BadReport as bad:
+        return bad.reason
+
+
+PREQUAL_VALUES = [*VALUES, "7", "2500", "0.5", "1" * 65, "\u00b2"]
+
+
+@given(
+    st.one_of(st.none(), st.sampled_from(PREQUAL_VALUES), st.text(max_size=70)),
+    st.one_of(st.none(), st.sampled_from(PREQUAL_VALUES), st.text(max_size=70)),
+)
+def test_the_quick_and_careful_prequal_readings_agree(
+    rif: str | None, latency_us: str | None
+) -> None:
+    careful = prequal_outcome(_careful_prequal, rif, latency_us)
+    assert prequal_outcome(parse_prequal, rif, latency_us) == careful
+    if rif is not None and latency_us is not None:
+        quick = _plain_prequal(rif, latency_us, 2.5)
+        assert quick is None or quick == careful
+        if quick is not None:
+            assert [type(value) for value in quick] == [type(value) for value in careful]
+
+
+def test_the_usual_prequal_headers_are_read_quickly() -> None:
+    quick = _plain_prequal("7", "2500", 2.5)
+    assert quick == _careful_prequal("7", "2500", 2.5) == LoadReport(2.5, rif=7.0, latency=0.0025)
