@@ -109,8 +109,10 @@ class LoadBalancer(Running):
     * ``clock``: returns seconds, monotonic; the only clock the balancer reads
       (``time.monotonic``).
     * ``random``: returns a float in [0, 1); the only random source the balancer draws from,
-      for slow start's ramp (``random.random``). Inject a seeded one (``random.Random(7).random``)
-      to make selection repeatable.
+      for slow start's ramp (``random.random``). The algorithms that draw take their own
+      (``Random(seed=)``; ``random=`` of ``LeastRequest``, ``PeakEWMA``, ``WeightedRoundRobin``
+      and ``Prequal``): inject seeded ones (``random.Random(7).random``) to make selection
+      repeatable.
     * ``subset``: a :class:`~lbclient.Subset`: select only among its members, an unavailable
       one replaced by the next candidate outside it until it returns (None: every backend).
       Needs an algorithm that ignores the key (ValueError otherwise). Health is kept for every

@@ -24,6 +24,8 @@ from pathlib import Path
 import pytest
 from cli_runs import BENCH_QUICK, lbclient, leaves_no_process, readme_command_lines
 
+from lbclient.cli.bench import fleet
+
 MISSING_UHASHRING = "uhashring not installed (pip install 'lbclient[bench]')"
 PLOT_EXTRA = "pip install 'lbclient[plot]'"
 
@@ -108,6 +110,8 @@ def bench_rows(scale: tuple[int, ...] = SCALE_SIZES) -> dict[str, str]:
             for level in levels
         },
         "AsyncLBTransport req/s, 1,000 tasks vs 10 tasks": "req/s",
+        # A quick run's fleet: the calm and hidden-load setups, so the hidden load's row only.
+        "Prequal vs PeakEWMA p99, fleet, 1 of 4 loaded unseen": "ms",
     }
 
 
@@ -461,6 +465,29 @@ def test_the_readmes_bench_quick_prints_every_table(tmp_path: Path) -> None:
     check_hedging(out)  # the same cases as the benchmark run alone
     check_load_aware(out, measured=True)
     check_concurrency(out)
+    check_fleet(out)
+
+
+def check_fleet(stdout: str) -> None:
+    """The fleet's table, after the summary: a quick run's calm and hidden-load setups, every
+    algorithm, and the hidden load's aim."""
+    lines = stdout.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("setup "))
+    assert [c.strip() for c in lines[head].split("|")] == [name for name, _ in fleet.COLUMNS]
+    cases = []
+    for line in lines[head + 2 :]:
+        if set(line) <= {"-", "+"}:
+            break
+        cells = [c.strip() for c in line.split("|")]
+        cases.append((cells[0], cells[1]))
+        _number(cells[5], "ms")
+    expected = [
+        (setup.name, name)
+        for setup in fleet.summary_setups(quick=True)
+        for name, _ in fleet.ALGORITHMS
+    ]
+    assert cases == expected
+    assert re.search(r"^  hidden load: Prequal p99 <= 0\.60x PeakEWMA's: [\d.]+x, ", stdout, re.M)
 
 
 @pytest.mark.slow

@@ -190,3 +190,51 @@ def test_peak_ewma_moves_traffic_off_a_slow_backend() -> None:
         entry = next(b for b in lb.snapshot().backends if b.backend.address == slow_server.address)
         assert entry.latency is not None
         assert entry.latency >= 0.04
+
+
+@pytest.mark.parametrize(
+    ("make", "addresses"),
+    [
+        (lambda draw: LeastRequest(random=draw), ADDRS),
+        (lambda draw: PeakEWMA(random=draw), ADDRS),
+        (lambda draw: LeastRequest(3, random=draw), [f"10.0.1.{i}:80" for i in range(9)]),
+        (
+            lambda draw: LeastRequest(random=draw),
+            [Backend("10.0.2.1:80", 1), Backend("10.0.2.2:80", 5), Backend("10.0.2.3:80", 2)],
+        ),
+    ],
+    ids=["least request", "peak ewma", "three choices", "weighted"],
+)
+def test_picks_drawn_from_an_injected_source_repeat(make: object, addresses: list[object]) -> None:
+    # Two balancers, each with a source seeded alike, drawn in turn: the same picks, whatever
+    # else draws from the random module in between.
+    import random
+
+    def picks(balancer: LoadBalancer, n: int) -> list[str]:
+        out = []
+        for i in range(n):
+            backend = balancer.select()
+            assert backend is not None
+            load = balancer.begin(backend)
+            assert load is not None
+            if i % 3:
+                load.end()
+            out.append(str(backend.address))
+        return out
+
+    one = LoadBalancer(addresses, make(random.Random(3).random), clock=Clock())  # type: ignore[operator, arg-type]
+    two = LoadBalancer(addresses, make(random.Random(3).random), clock=Clock())  # type: ignore[operator, arg-type]
+    first, second = [], []
+    for _ in range(50):
+        first += picks(one, 4)
+        random.random()  # the module's source moves on between them
+        second += picks(two, 4)
+    assert first == second
+    assert len(set(first)) > 1
+
+
+def test_the_random_source_must_be_callable() -> None:
+    with pytest.raises(TypeError, match="random must be callable"):
+        LeastRequest(random=0.5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="random must be callable"):
+        PeakEWMA(random="seeded")  # type: ignore[arg-type]

@@ -170,6 +170,41 @@ def test_a_stale_estimate_gives_way_to_a_fresh_neighbour() -> None:
     assert tracker.report().latency_ms == pytest.approx(50.0)  # all old: its own
 
 
+def test_a_ring_of_old_latencies_starts_afresh_with_a_new_one() -> None:
+    clock = Clock()
+    tracker = LoadTracker(clock=clock)
+
+    def found(count: int, seconds: float) -> None:
+        """A request that finds ``count`` in flight (held for it) and takes ``seconds``."""
+        held = [tracker.begin() for _ in range(count)]
+        arrival = tracker.begin()
+        assert arrival[1] == count
+        clock.now += seconds
+        tracker.end(arrival)
+        for _ in held:
+            tracker.drop()
+
+    for _ in range(16):
+        found(3, 0.500)  # a slow spell at three in flight
+    clock.now += 3600.0
+    found(2, 0.005)
+    found(3, 0.005)  # an hour on: the old 500 ms are not its company
+    held = [tracker.begin() for _ in range(3)]
+    assert tracker.report().latency_ms == pytest.approx(5.0)
+    for _ in held:
+        tracker.drop()
+    # Rings with nothing in them stand in for nothing, however far the search goes.
+    fresh = LoadTracker(clock=clock)
+    first = fresh.begin()  # found none
+    clock.now += 0.007
+    fresh.end(first)
+    clock.now += FOUND_AGE + 1
+    crowd = [fresh.begin() for _ in range(5)]
+    assert fresh.report().latency_ms == pytest.approx(7.0)  # the only latency there is
+    for arrival in crowd:
+        fresh.end(arrival)
+
+
 def test_arrivals_beyond_max_found_count_as_max_found() -> None:
     clock = Clock()
     tracker = LoadTracker(clock=clock)

@@ -60,18 +60,38 @@ def _positive(name: str, value: object, zero: bool = False) -> float:
     return float(value)
 
 
+def _draws(source: Callable[[], float] | None) -> Callable[[], float]:
+    """The random source given (a callable returning a float in [0, 1)), or ``random.random``."""
+    if source is None:
+        return random.random
+    if not callable(source):
+        raise TypeError(f"random must be callable or None, got {source!r}")
+    return source
+
+
 class LoadAwareSelector:
     """A built load-aware selection over a fixed, sorted set of backends."""
 
-    __slots__ = ("_backends", "_clock", "_cumulative", "_loads", "_score", "_uniform", "_weights")
+    __slots__ = (
+        "_backends",
+        "_clock",
+        "_cumulative",
+        "_draw",
+        "_loads",
+        "_score",
+        "_uniform",
+        "_weights",
+    )
 
     def __init__(
         self,
         backends: tuple[Backend, ...],
         score: Callable[[Backend, Load, float], float],
+        draw: Callable[[], float] | None = None,
     ) -> None:
         self._backends = backends
         self._score = score
+        self._draw: Callable[[], float] = random.random if draw is None else draw
         self._weights = _weights_of(backends)
         self._uniform = len(backends) <= 1 or _same_weight(self._weights) > 0
         self._cumulative = list(itertools.accumulate(self._weights))
@@ -95,17 +115,21 @@ class LoadAwareSelector:
         n = len(self._backends)
         if count >= n:
             return range(n)
+        draw = self._draw
         if self._uniform:
-            if count == 2:  # the common case, without random.sample's overhead
-                draw = random.random
-                first = int(draw() * n)
-                second = int(draw() * (n - 1))
+            if count == 2:  # the common case
+                first = min(int(draw() * n), n - 1)
+                second = min(int(draw() * (n - 1)), n - 2)
                 return (first, second + (second >= first))
-            return random.sample(range(n), count)
+            positions = list(range(n))  # the first ``count`` of a partial shuffle
+            for i in range(count):
+                j = min(i + int(draw() * (n - i)), n - 1)
+                positions[i], positions[j] = positions[j], positions[i]
+            return positions[:count]
         picked: list[int] = []
         total = self._cumulative[-1]
         while len(picked) < count:
-            position = bisect.bisect_right(self._cumulative, random.random() * total)
+            position = bisect.bisect_right(self._cumulative, draw() * total)
             position = min(position, n - 1)
             if position not in picked:
                 picked.append(position)
@@ -162,6 +186,9 @@ class LeastRequest:
     * ``decay``: seconds, the time constant of the failure penalty (10.0).
     * ``slow_start``: a :class:`~lbclient.selection.slow_start.SlowStart` (or a window in
       seconds) for backends that join or return from an ejection (None: none).
+    * ``random``: returns a float in [0, 1); the draws of the backends compared
+      (``random.random``); inject a seeded one (``random.Random(7).random``) to make the picks
+      repeatable.
     """
 
     #: Whether the key decides the picks (no: it may select within a subset).
@@ -174,11 +201,13 @@ class LeastRequest:
         bias: float = 1.0,
         decay: float = 10.0,
         slow_start: SlowStart | float | None = None,
+        random: Callable[[], float] | None = None,
     ) -> None:
         self.choices = _choices("choices", choices)
         self.bias = _positive("bias", bias, zero=True)
         self.decay = _positive("decay", decay)
         self.slow_start = slow_start_of(slow_start)
+        self.random = _draws(random)
 
     def _score(self, uniform: bool) -> Callable[[Backend, Load, float], float]:
         decay, bias = self.decay, self.bias
@@ -206,7 +235,7 @@ class LeastRequest:
         """The selector over ``backends`` (sorted and de-duplicated), as ``build`` makes it;
         the load it reads is the balancer's, carried over for the backends that stay."""
         uniform = len(backends) <= 1 or _same_weight(_weights_of(backends)) > 0
-        return _Chooser(backends, self._score(uniform), self.choices)
+        return _Chooser(backends, self._score(uniform), self.choices, self.random)
 
     def __repr__(self) -> str:
         return f"LeastRequest(choices={self.choices}, bias={self.bias:g}, decay={self.decay:g})"
@@ -223,6 +252,7 @@ class PeakEWMA:
     * ``choices``: how many backends are compared per pick (2).
     * ``penalty``: seconds of latency one failure adds (1.0).
     * ``slow_start``: as for :class:`LeastRequest` (None).
+    * ``random``: as for :class:`LeastRequest` (``random.random``).
     """
 
     #: Whether the key decides the picks (no: it may select within a subset).
@@ -235,11 +265,13 @@ class PeakEWMA:
         choices: int = 2,
         penalty: float = 1.0,
         slow_start: SlowStart | float | None = None,
+        random: Callable[[], float] | None = None,
     ) -> None:
         self.decay = _positive("decay", decay)
         self.choices = _choices("choices", choices)
         self.penalty = _positive("penalty", penalty, zero=True)
         self.slow_start = slow_start_of(slow_start)
+        self.random = _draws(random)
 
     def _cost(self, backend: Backend, load: Load, now: float) -> float:
         in_flight = load.in_flight
@@ -254,7 +286,7 @@ class PeakEWMA:
     @buildmethod
     def build(self, backends: Iterable[Backend | str]) -> LoadAwareSelector:
         """Build a selector over ``backends`` (sorted and de-duplicated first)."""
-        return _Chooser(prepare_backends(backends), self._cost, self.choices)
+        return _Chooser(prepare_backends(backends), self._cost, self.choices, self.random)
 
     def rebuild(
         self,
@@ -264,7 +296,7 @@ class PeakEWMA:
     ) -> LoadAwareSelector:
         """The selector over ``backends`` (sorted and de-duplicated), as ``build`` makes it;
         the load it reads is the balancer's, carried over for the backends that stay."""
-        return _Chooser(backends, self._cost, self.choices)
+        return _Chooser(backends, self._cost, self.choices, self.random)
 
     def __repr__(self) -> str:
         return f"PeakEWMA(decay={self.decay:g}, choices={self.choices}, penalty={self.penalty:g})"
@@ -285,8 +317,9 @@ class _Chooser(LoadAwareSelector):
         backends: tuple[Backend, ...],
         score: Callable[[Backend, Load, float], float],
         choices: int,
+        draw: Callable[[], float] | None = None,
     ) -> None:
-        super().__init__(backends, score)
+        super().__init__(backends, score, draw)
         self._count = choices
 
     def first(self, key: Key = b"", choices: int | None = None) -> Backend | None:

@@ -80,7 +80,7 @@ class ServerReport(NamedTuple):
     """
 
     rif: int  # requests in flight
-    latency_ms: float  # the median of recent requests' latencies; 0 before the first
+    latency_ms: float  # the latency estimate for ``rif`` in flight (per RIF); 0 before any
     rps_fractional: float  # requests finished per second, over the tracker's rate window
     eps: float  # of those, errors per second
     cpu_utilization: float | None = None

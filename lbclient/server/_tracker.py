@@ -58,7 +58,7 @@ Arrival = tuple[float, int]
 
 class _Ring:
     """The latest ``size`` latencies of the requests that found one number in flight, and when
-    the newest came."""
+    the newest came (never: minus infinity)."""
 
     __slots__ = ("last", "next", "samples", "size")
 
@@ -66,22 +66,21 @@ class _Ring:
         self.samples: list[float] = []
         self.size = size
         self.next = 0  # where the next sample goes once the ring is full
-        self.last = 0.0
+        self.last = -_INFINITY
 
 
-def _nearest(found: dict[int, _Ring], key: int, oldest: float) -> int | None:
-    """Of the numbers found in flight with latencies kept whose newest came at ``oldest`` or
-    later, the nearest below ``key``, else the nearest above (None: no such number)."""
-    fewer = more = None
-    for number, ring in found.items():
-        if ring.last < oldest or number == key:
-            continue
-        if number < key:
-            if fewer is None or number > fewer:
-                fewer = number
-        elif more is None or number < more:
-            more = number
-    return fewer if fewer is not None else more
+def _nearest(found: list[_Ring], key: int, oldest: float) -> _Ring | None:
+    """Of the rings with latencies whose newest came at ``oldest`` or later, the one of the
+    nearest number found below ``key``, else the nearest above (None: no such ring)."""
+    for number in range(min(key, len(found)) - 1, -1, -1):
+        ring = found[number]
+        if ring.last >= oldest and ring.samples:
+            return ring
+    for number in range(key + 1, len(found)):
+        ring = found[number]
+        if ring.last >= oldest and ring.samples:
+            return ring
+    return None
 
 
 def _median(samples: list[float]) -> float:
@@ -213,7 +212,7 @@ class LoadTracker:
         self._until = self._origin  # the first request turns to its second's bucket
         # Latencies by the requests each arrival found in flight (up to MAX_FOUND), each a ring
         # of the window's latest (sorted only for a report).
-        self._found: dict[int, _Ring] = {}
+        self._found = [_Ring(latency_window) for _ in range(MAX_FOUND + 1)]
         #: Per form: when it was rendered, and the text before its RIF, between its RIF and
         #: latency, and after.
         self._rendered: dict[str, tuple[float, str, str, str]] = {}
@@ -262,10 +261,11 @@ class LoadTracker:
         lock = self._lock
         lock.acquire()  # not `with`: this runs per request, and acquire/release cost less
         try:
-            ring = self._found.get(found)
-            if ring is None:
-                ring = self._found[found] = _Ring(self._window)
+            ring = self._found[found]
             samples = ring.samples  # the ring's add, inline: this runs per request
+            if now - ring.last > FOUND_AGE:  # what it kept is old: it starts afresh
+                samples.clear()
+                ring.next = 0
             if len(samples) < ring.size:
                 samples.append(latency)
             else:
@@ -305,8 +305,8 @@ class LoadTracker:
 
     def rendered(self, form: str) -> str:
         """The header value in ``form`` (``"TEXT"`` or ``"JSON"``) of the report a response
-        carries, made as it starts: the requests in flight as of now besides the one it answers,
-        and the latency estimate for them; the rest as of at most :data:`REFRESH` seconds
+        carries, made as it starts: the requests in flight as of now besides the one it answers;
+        the latency estimate for that many, and the rest, as of at most :data:`REFRESH` seconds
         ago."""
         now = self._clock()
         cached = self._rendered.get(form)
@@ -339,15 +339,14 @@ class LoadTracker:
         before the first request. The lock is held."""
         found = self._found
         key = rif if rif < MAX_FOUND else MAX_FOUND
-        ring = found.get(key)
-        oldest = now - FOUND_AGE
-        if ring is None or ring.last < oldest:
-            near = _nearest(found, key, oldest)
-            if near is None and ring is None:
+        ring = found[key]
+        if ring.last < now - FOUND_AGE:
+            near = _nearest(found, key, now - FOUND_AGE)
+            if near is None and not ring.samples:
                 near = _nearest(found, key, -_INFINITY)
             if near is not None:
-                ring = found[near]
-        return [] if ring is None else ring.samples[:]
+                ring = near
+        return ring.samples[:]
 
     def report(self) -> ServerReport:
         """The load as it stands (see the class docstring for each field)."""

@@ -90,16 +90,21 @@ from lbclient.selection.base import AlgorithmLike
 
 __all__ = [
     "ALGORITHMS",
+    "NOTES",
+    "QUICK_SUMMARY_SETUPS",
     "SETUPS",
     "Aim",
     "FleetRow",
     "Setup",
     "aims",
+    "describe",
     "format_aims",
     "format_table",
     "main",
     "run",
     "settings",
+    "summary_cells",
+    "summary_setups",
 ]
 
 #: Tasks of the measured client, and of the CPU-bound (low load) setup.
@@ -523,6 +528,59 @@ NOTES = (
     "the default health policy (outlier detection on) and retry policy. The aims are a "
     "measurement's, reported and never asserted."
 )
+
+
+#: The setups ``python -m lbclient bench --quick`` runs (a full run: every one).
+QUICK_SUMMARY_SETUPS = ("calm", "hidden load")
+
+
+def summary_setups(quick: bool) -> list[Setup]:
+    """The setups of ``python -m lbclient bench``: every one, or in a quick run the calm and
+    hidden-load ones (the main aim's)."""
+    return [s for s in SETUPS if not quick or s.name in QUICK_SUMMARY_SETUPS]
+
+
+#: The summary's rows: (setup, figure, Prequal's rival, what the row says).
+SUMMARY_FIGURES = (
+    ("hidden load", "p99", "PeakEWMA", "Prequal vs PeakEWMA p99, fleet, 1 of 4 loaded unseen"),
+    (
+        "fail-fast",
+        "failures",
+        "RoundRobin",
+        "Prequal vs RoundRobin failures, fleet, 2 of 4 failing",
+    ),
+    ("CPU-bound", "req/s", "RoundRobin", "Prequal vs RoundRobin req/s, fleet, CPU-bound backends"),
+)
+
+
+def _summary_cell(row: FleetRow, figure: str) -> str:
+    if figure == "p99":
+        return f"{row.p99 * 1000:,.1f} ms"
+    if figure == "req/s":
+        return f"{row.per_second:,.0f} req/s"
+    return f"{row.failed_share:.1%}"
+
+
+def summary_cells(rows: Sequence[FleetRow]) -> list[tuple[str, str, str, str, str]]:
+    """``python -m lbclient bench``'s rows for the fleet: Prequal against its rival in each
+    setup measured (benchmark, Prequal's figure, the rival's, the gain, no floor). The gain is
+    above 1 when Prequal does better: req/s over the rival's, the rival's p99 or failures over
+    Prequal's ('-' where Prequal's is 0 or either is not measured)."""
+    cells = []
+    for setup, figure, rival, label in SUMMARY_FIGURES:
+        ours, theirs = _find(rows, setup, "Prequal"), _find(rows, setup, rival)
+        if ours is None or theirs is None or not ours.available or not theirs.available:
+            continue
+        mine, base = _figure(ours, figure), _figure(theirs, figure)
+        if figure == "req/s":
+            gain = mine / base if base > 0 else None
+        else:
+            gain = base / mine if mine > 0 else None
+        shown = "-" if gain is None else f"{gain:.2f}"
+        cells.append(
+            (label, _summary_cell(ours, figure), _summary_cell(theirs, figure), shown, "-")
+        )
+    return cells
 
 
 def _selected(names: str | None) -> list[Setup]:

@@ -52,8 +52,8 @@ Make = Callable[[random.Random], AlgorithmLike]
 
 ALGORITHMS: dict[str, Make] = {
     "RoundRobin": lambda _r: RoundRobin,
-    "LeastRequest": lambda _r: LeastRequest(),
-    "PeakEWMA": lambda _r: PeakEWMA(),
+    "LeastRequest": lambda r: LeastRequest(random=r.random),
+    "PeakEWMA": lambda r: PeakEWMA(random=r.random),
     "Prequal": lambda r: Prequal(random=r.random),
     "Prequal r_probe=0": lambda r: Prequal(0, random=r.random),
 }
@@ -78,7 +78,12 @@ class _Server:
         self.tracker = LoadTracker(clock=clock)
 
     def report(self) -> str:
+        """The report a response carries (its request still counted in the tracker)."""
         return self.tracker.rendered("TEXT")
+
+    def probe_report(self) -> str:
+        """The report a probe gets (a probe counts nowhere), as the companion answers it."""
+        return self.tracker.report().render("TEXT")
 
 
 def run(
@@ -135,7 +140,7 @@ def run(
         server = servers[str(backend.address)]
 
         def answered() -> None:
-            report = server.report()
+            report = server.probe_report()
             at(RTT / 2, lambda: balancer.report_load(backend, report, probe=True) and None)
 
         at(RTT / 2, answered)

@@ -1,5 +1,5 @@
-"""``python -m lbclient bench``: the selection, transport, hedging, load-aware and concurrency
-benchmarks in one table.
+"""``python -m lbclient bench``: the selection, transport, hedging, load-aware, concurrency and
+fleet benchmarks in one table.
 
 The benchmarks run in this one process, each side by side with its baseline: selection against
 uhashring's ketama ring (optional: ``pip install 'lbclient[bench]'``; without it those rows say
@@ -7,14 +7,16 @@ so and the rest still runs), the transports against the plain httpx and requests
 loopback servers in their own processes, hedged requests through ``AsyncLBTransport`` against no
 hedging, with one backend of three slow, LeastRequest and PeakEWMA against RoundRobin with one
 backend of four slow, stalling or failing, and lbclient's clients under 10 to 1,000 concurrent
-callers against the plain clients with pools of the same size; and, for one algorithm of each
+callers against the plain clients with pools of the same size, the load-aware algorithms and
+Prequal over a fleet on one machine (backends of a fixed concurrency, one loaded by another
+process the client cannot see; :mod:`lbclient.cli.bench.fleet`); and, for one algorithm of each
 kind, a balancer's build, one-change update and memory at 1,000 and 10,000 backends. The table
 shows medians (for hedging and the load-aware rows, p99 latencies, throughput and shares of
 requests), the ratio (lbclient's speed over the baseline's: above 1 means lbclient is faster, or
 the load-aware algorithm does better than RoundRobin; for hedging, the p99 without hedging over
 the p99 with it) and the project's performance floors (none on the hedging, load-aware,
 concurrency and refresh rows but one: the memory of a 10,000-backend Consistent ring). The
-hedging, load-aware and concurrency cases' figures follow in tables of their own.
+hedging, load-aware, concurrency and fleet cases' figures follow in tables of their own.
 
 A missed floor is reported, never hidden, but the command exits 0: a ratio a few percent from a
 floor moves across it from run to run on a shared machine, so one run is a measurement, not a
@@ -33,10 +35,10 @@ import sys
 import textwrap
 import time
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from lbclient.cli import COMMANDS
-from lbclient.cli.bench import concurrency, hedging, loadaware, selection, transport
+from lbclient.cli.bench import concurrency, fleet, hedging, loadaware, selection, transport
 
 __all__ = [
     "HEAD",
@@ -82,7 +84,7 @@ HEDGING_LABELS = {
 }
 
 #: The benchmarks of the summary, in the order they run and their rows are shown.
-PARTS = ("selection", "transports", "hedging", "load-aware", "concurrency")
+PARTS = ("selection", "transports", "hedging", "load-aware", "concurrency", "fleet")
 
 #: The table's columns.
 HEAD = ("benchmark", "lbclient", "baseline", "ratio", "floor")
@@ -337,6 +339,7 @@ class SummaryRun:
     hedged: list[hedging.HedgingRow]  # the hedging cases in full
     loads: list[loadaware.LoadRow]  # the load-aware cases in full
     concurrent: list[concurrency.ConcurrencyRow]  # the concurrency cases in full
+    fleets: list[fleet.FleetRow] = field(default_factory=list)  # the fleet's cases in full
 
 
 def run_summary(
@@ -369,6 +372,7 @@ def run_summary(
     hedged: list[hedging.HedgingRow] = []
     loads: list[loadaware.LoadRow] = []
     concurrent: list[concurrency.ConcurrencyRow] = []
+    fleets: list[fleet.FleetRow] = []
     if "selection" in parts:
         start = clock()
         picked = selection.run(
@@ -396,7 +400,12 @@ def run_summary(
         concurrent = concurrency.run(quick, seconds=seconds)
         took["concurrency"] = clock() - start
         rows += _concurrency_rows(concurrent)
-    return SummaryRun(rows, took, hedged, loads, concurrent)
+    if "fleet" in parts:
+        start = clock()
+        fleets = fleet.run(*fleet.settings(quick, seconds), setups=fleet.summary_setups(quick))
+        took["fleet"] = clock() - start
+        rows += [SummaryRow(*cells) for cells in fleet.summary_cells(fleets)]
+    return SummaryRun(rows, took, hedged, loads, concurrent, fleets)
 
 
 def format_summary(rows: Sequence[SummaryRow]) -> str:
@@ -460,6 +469,7 @@ def command(args: argparse.Namespace) -> int:
     count, rounds = transport.settings(quick, args.requests, args.rounds)
     load_seconds, load_rounds = loadaware.settings(quick, args.seconds)
     busy_seconds, busy_rounds = concurrency.settings(quick, args.seconds)
+    fleet_seconds, fleet_rounds = fleet.settings(quick, args.seconds)
     print(f"lbclient bench ({'quick' if quick else 'full'} run): {command_line(args)}")
     print(
         f"Python {platform.python_version()} ({platform.python_implementation()}) on "
@@ -473,6 +483,8 @@ def command(args: argparse.Namespace) -> int:
         "hedging": f"{hedging.requests_per_case(quick):,} GETs per case from {hedging.TASKS} tasks",
         "load-aware": f"{load_rounds} x {load_seconds:g} s per case",
         "concurrency": f"{busy_rounds} x {busy_seconds:g} s per side and level",
+        "fleet": f"{fleet_rounds} x {fleet_seconds:g} s per case, "
+        + ", ".join(setup.name for setup in fleet.summary_setups(quick)),
     }
     print("; ".join(f"{part}: {what}" for part, what in settings.items() if part in parts))
     print(flush=True)
@@ -510,6 +522,18 @@ def command(args: argparse.Namespace) -> int:
         print("concurrency aims:")
         print(concurrency.format_aims(concurrency.aims(done.concurrent)))
         print()
+    if done.fleets:
+        print(
+            textwrap.fill(
+                "fleet, in detail: " + fleet.describe(fleet_seconds, fleet_rounds, None),
+                width=100,
+                subsequent_indent="  ",
+            )
+        )
+        print(fleet.format_table(done.fleets))
+        print("fleet aims:")
+        print(fleet.format_aims(fleet.aims(done.fleets)))
+        print()
     missed = [row.benchmark for row in rows if row.missed]
     notes = [
         "ns/op: one LoadBalancer.select (or uhashring get_node) in a Python loop over keys "
@@ -534,8 +558,9 @@ def command(args: argparse.Namespace) -> int:
         hedging.NOTES,
         loadaware.NOTES,
         concurrency.NOTES,
+        fleet.NOTES,
         "floor: the project's performance floors (none on the hedging, load-aware, "
-        "concurrency and refresh rows, but the memory of a Consistent ring of "
+        "concurrency, fleet and refresh rows, but the memory of a Consistent ring of "
         f"{max(selection.SCALE_SIZES):,} backends). "
         + "A missed floor is reported; runs vary by a few percent, so confirm a miss with "
         "another full run. --strict makes a full run exit 1 when a floor is missed.",
