@@ -5,8 +5,8 @@
 its ejection and its return through one probe, and sticky sessions with ``Consistent``, showing
 how few users move when a backend leaves.
 ``bench`` runs the benchmarks (selection, transports, hedging, load-aware algorithms,
-concurrency) side by side with their baselines and prints one table of medians, ratios and
-floors.
+concurrency, a fleet on one machine) side by side with their baselines and prints one table of
+medians, ratios and floors.
 ``simulate`` shows how an algorithm spreads keys over weighted backends and how many keys move
 when one backend is removed or added, against the ideal; for the algorithms that ignore the key,
 a simulated run with one slow backend instead; ``simulate --fleet``, a fleet of clients with
@@ -33,8 +33,8 @@ DESCRIPTION = (__doc__ or "").rpartition("\n\n")[0]
 #: The commands, each with its line in ``--help``.
 COMMANDS = {
     "demo": "real traffic, failover and sticky sessions",
-    "bench": "selection, transport, hedging, load-aware and concurrency benchmarks against their "
-    "baselines, in one table",
+    "bench": "selection, transport, hedging, load-aware, concurrency and fleet benchmarks against "
+    "their baselines, in one table",
     "simulate": "key distribution per backend, and keys moved when a backend leaves or joins; "
     "load runs with one slow backend for the algorithms that ignore the key; --fleet: many "
     "clients with subsets and zones",
