@@ -110,7 +110,7 @@ def bench_rows(scale: tuple[int, ...] = SCALE_SIZES) -> dict[str, str]:
             for level in levels
         },
         "AsyncLBTransport req/s, 1,000 tasks vs 10 tasks": "req/s",
-        # A quick run's fleet: the calm and hidden-load setups, so the hidden load's row only.
+        # A quick run's fleet: the hidden-load setup, so its row only.
         "Prequal vs PeakEWMA p99, fleet, 1 of 4 loaded unseen": "ms",
     }
 
@@ -470,7 +470,7 @@ def test_the_readmes_bench_quick_prints_every_table(tmp_path: Path) -> None:
 
 
 def check_fleet(stdout: str) -> None:
-    """The fleet's table, after the summary: a quick run's calm and hidden-load setups, every
+    """The fleet's table, after the summary: a quick run's setup (the hidden load), every
     algorithm, and the hidden load's aim."""
     lines = stdout.splitlines()
     head = next(i for i, line in enumerate(lines) if line.startswith("setup "))

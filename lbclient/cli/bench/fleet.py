@@ -531,12 +531,12 @@ NOTES = (
 
 
 #: The setups ``python -m lbclient bench --quick`` runs (a full run: every one).
-QUICK_SUMMARY_SETUPS = ("calm", "hidden load")
+QUICK_SUMMARY_SETUPS = ("hidden load",)
 
 
 def summary_setups(quick: bool) -> list[Setup]:
-    """The setups of ``python -m lbclient bench``: every one, or in a quick run the calm and
-    hidden-load ones (the main aim's)."""
+    """The setups of ``python -m lbclient bench``: every one, or in a quick run the hidden-load
+    one (the main aim's)."""
     return [s for s in SETUPS if not quick or s.name in QUICK_SUMMARY_SETUPS]
 
 

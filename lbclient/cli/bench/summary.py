@@ -462,6 +462,15 @@ def command_line(args: argparse.Namespace) -> str:
     return shlex.join(words)
 
 
+def _detail(heading: str, table: str, aims_heading: str, aims: str) -> None:
+    """One part's cases in full, after the summary: what it ran, its table, its aims."""
+    print(textwrap.fill(heading, width=100, subsequent_indent="  "))
+    print(table)
+    print(aims_heading)
+    print(aims)
+    print()
+
+
 def command(args: argparse.Namespace) -> int:
     """Run ``python -m lbclient bench``; 0, or 1 when a full run missed a floor."""
     quick = bool(args.quick)
@@ -505,35 +514,26 @@ def command(args: argparse.Namespace) -> int:
         print(hedging.format_table(done.hedged))
         print()
     if done.loads:
-        print(
-            textwrap.fill(
-                f"load-aware, in detail: {loadaware.setup(load_seconds, load_rounds)}",
-                width=100,
-                subsequent_indent="  ",
-            )
+        _detail(
+            f"load-aware, in detail: {loadaware.setup(load_seconds, load_rounds)}",
+            loadaware.format_table(done.loads),
+            "load-aware aims (ratios to RoundRobin's):",
+            loadaware.format_aims(loadaware.aims(done.loads)),
         )
-        print(loadaware.format_table(done.loads))
-        print("load-aware aims (ratios to RoundRobin's):")
-        print(loadaware.format_aims(loadaware.aims(done.loads)))
-        print()
     if done.concurrent:
-        print(f"concurrency, in detail: {concurrency.setup(busy_seconds, busy_rounds)}")
-        print(concurrency.format_table(done.concurrent))
-        print("concurrency aims:")
-        print(concurrency.format_aims(concurrency.aims(done.concurrent)))
-        print()
-    if done.fleets:
-        print(
-            textwrap.fill(
-                "fleet, in detail: " + fleet.describe(fleet_seconds, fleet_rounds, None),
-                width=100,
-                subsequent_indent="  ",
-            )
+        _detail(
+            f"concurrency, in detail: {concurrency.setup(busy_seconds, busy_rounds)}",
+            concurrency.format_table(done.concurrent),
+            "concurrency aims:",
+            concurrency.format_aims(concurrency.aims(done.concurrent)),
         )
-        print(fleet.format_table(done.fleets))
-        print("fleet aims:")
-        print(fleet.format_aims(fleet.aims(done.fleets)))
-        print()
+    if done.fleets:
+        _detail(
+            "fleet, in detail: " + fleet.describe(fleet_seconds, fleet_rounds, None),
+            fleet.format_table(done.fleets),
+            "fleet aims:",
+            fleet.format_aims(fleet.aims(done.fleets)),
+        )
     missed = [row.benchmark for row in rows if row.missed]
     notes = [
         "ns/op: one LoadBalancer.select (or uhashring get_node) in a Python loop over keys "
