@@ -303,28 +303,27 @@ def run_fleet(options: FleetOptions) -> FleetRun:
     salts = [rng.getrandbits(128).to_bytes(16, "little") for _ in range(options.clients)]
 
     clock = base._Clock()
-    samples = rng.getrandbits(64)
+    rng.getrandbits(64)  # drawn as before, so that the draws after it stay where they were
     connections = [0] * len(backends)
     fleet: list[LoadBalancer] = []
     plans: dict[object, ZonePlan] = {}
     configs: list[Config] = []
-    with base._seeded_samples(samples):
-        for i in range(options.clients):
-            z = client_zone[i]
-            who = (z, i, rank[i], per_zone[z], salts[i])
-            lb = _client(options, rng, clock, backends, by_zone, who, per_zone)
-            routed = _routed(lb, plans)
-            zoned = None if lb.zone is None else frozenset(zone_of(b) for b in routed)
-            configs.append((lb.subset, zoned))
-            for b in routed:
-                connections[index[b]] += 1
-            if not options.in_step and routed:
-                for _ in range(rng.randrange(len(routed))):
-                    lb.select()
-            fleet.append(lb)
-        served, crossed, failures, latencies = _traffic(
-            options, rng, clock, fleet, client_zone, index, zone_index, zones, mean, failing
-        )
+    for i in range(options.clients):
+        z = client_zone[i]
+        who = (z, i, rank[i], per_zone[z], salts[i])
+        lb = _client(options, rng, clock, backends, by_zone, who, per_zone)
+        routed = _routed(lb, plans)
+        zoned = None if lb.zone is None else frozenset(zone_of(b) for b in routed)
+        configs.append((lb.subset, zoned))
+        for b in routed:
+            connections[index[b]] += 1
+        if not options.in_step and routed:
+            for _ in range(rng.randrange(len(routed))):
+                lb.select()
+        fleet.append(lb)
+    served, crossed, failures, latencies = _traffic(
+        options, rng, clock, fleet, client_zone, index, zone_index, zones, mean, failing
+    )
     latencies.sort()
     count = len(latencies)
     churn = _churn(options, backends, configs, options.seed) if options.churn else None

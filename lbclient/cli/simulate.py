@@ -47,8 +47,7 @@ import statistics
 import textwrap
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -100,8 +99,8 @@ ALGORITHMS: dict[str, Callable[[int], AlgorithmLike]] = {
     "roundrobin": lambda _seed: RoundRobin,
     "smooth": lambda _seed: SmoothRoundRobin,
     "random": lambda seed: Random(seed),
-    "leastrequest": lambda _seed: LeastRequest,
-    "peakewma": lambda _seed: PeakEWMA,
+    "leastrequest": lambda seed: LeastRequest(random=random.Random(seed).random),
+    "peakewma": lambda seed: PeakEWMA(random=random.Random(seed).random),
     "wrr": lambda seed: _wrr(seed),
     "weightedroundrobin": lambda seed: _wrr(seed),
     # No probes in the simulator: Prequal picks by its peak EWMA fallback.
@@ -260,8 +259,7 @@ def simulate(
         raise ValueError("simulate needs at least one key")
     lb = LoadBalancer(backends, ALGORITHMS[algorithm](seed))
     layout = lb.backends
-    with _seeded_samples(seed):
-        base = _owners(lb, keys)
+    base = _owners(lb, keys)
     counts = Counter(base)
     total_weight = sum(b.weight for b in layout)
     total = len(keys)
@@ -312,18 +310,6 @@ SLOW = 0.010  # seconds: the slow backend's
 FAIL = 0.0001  # seconds: the failing backend's 503
 JITTER = 0.25  # every service time is within +/- this share of its nominal value
 REPORT_WINDOW = 0.05  # seconds: how often backends report load, for algorithms that read it
-
-
-@contextmanager
-def _seeded_samples(seed: int) -> Iterator[None]:
-    """LeastRequest and PeakEWMA sample from the ``random`` module's shared generator: seed it
-    for the duration, and give it back its state after."""
-    state = random.getstate()
-    random.seed(seed)
-    try:
-        yield
-    finally:
-        random.setstate(state)
 
 
 class _Clock:
@@ -422,62 +408,61 @@ def simulate_load(
     rng = random.Random(seed)
     samples = rng.getrandbits(64)  # the algorithm's own draws, apart from the service times
     clock = _Clock()
-    with _seeded_samples(samples):
-        lb = LoadBalancer(backends, ALGORITHMS[algorithm](samples), clock=clock)
-        layout = lb.backends
-        odd = layout[0]
-        served: Counter[Backend] = Counter()
-        failed: Counter[Backend] = Counter()
-        latencies: list[float] = []
-        # In flight: (completion time, order sent, start time, backend, failed).
-        events: list[tuple[float, int, float, Backend, bool]] = []
-        sent = odd_sent = 0
+    lb = LoadBalancer(backends, ALGORITHMS[algorithm](samples), clock=clock)
+    layout = lb.backends
+    odd = layout[0]
+    served: Counter[Backend] = Counter()
+    failed: Counter[Backend] = Counter()
+    latencies: list[float] = []
+    # In flight: (completion time, order sent, start time, backend, failed).
+    events: list[tuple[float, int, float, Backend, bool]] = []
+    sent = odd_sent = 0
 
-        def send(now: float) -> None:
-            nonlocal sent, odd_sent
-            backend = lb.select()
-            if backend is None:  # every backend is healthy and enabled: never
-                raise RuntimeError("the balancer selected no backend")
-            lb.begin(backend)
-            fails = False
-            nominal = FAST
-            if backend == odd:
-                odd_sent += 1
-                if scenario == "slow":
-                    nominal = SLOW
-                elif odd_sent % 2 == 1:
-                    nominal, fails = FAIL, True
-            service = nominal * (1.0 - JITTER + 2.0 * JITTER * rng.random())
-            heapq.heappush(events, (now + service, sent, now, backend, fails))
-            sent += 1
+    def send(now: float) -> None:
+        nonlocal sent, odd_sent
+        backend = lb.select()
+        if backend is None:  # every backend is healthy and enabled: never
+            raise RuntimeError("the balancer selected no backend")
+        lb.begin(backend)
+        fails = False
+        nominal = FAST
+        if backend == odd:
+            odd_sent += 1
+            if scenario == "slow":
+                nominal = SLOW
+            elif odd_sent % 2 == 1:
+                nominal, fails = FAIL, True
+        service = nominal * (1.0 - JITTER + 2.0 * JITTER * rng.random())
+        heapq.heappush(events, (now + service, sent, now, backend, fails))
+        sent += 1
 
-        reporting = bool(getattr(lb.algorithm, "load_reports", False))
-        window = 0.0  # when the current report window began
-        busy: dict[Backend, float] = {}  # seconds spent serving in the window
-        answered: Counter[Backend] = Counter()
-        errors: Counter[Backend] = Counter()
+    reporting = bool(getattr(lb.algorithm, "load_reports", False))
+    window = 0.0  # when the current report window began
+    busy: dict[Backend, float] = {}  # seconds spent serving in the window
+    answered: Counter[Backend] = Counter()
+    errors: Counter[Backend] = Counter()
 
-        for _ in range(min(clients, requests)):
-            send(0.0)
-        while events:
-            done, _, start, backend, fails = heapq.heappop(events)
-            clock.now = done
-            latency = done - start
-            load = lb.load(backend)  # the one begin() counted it on: the set never changes
-            lb.observe(load, latency, fails)
-            load.end()
-            served[backend] += 1
-            failed[backend] += fails
-            latencies.append(latency)
-            if reporting:
-                busy[backend] = busy.get(backend, 0.0) + latency
-                answered[backend] += 1
-                errors[backend] += fails
-                if done - window >= REPORT_WINDOW:
-                    _report(lb, done - window, busy, answered, errors)
-                    window = done
-            if sent < requests:
-                send(done)
+    for _ in range(min(clients, requests)):
+        send(0.0)
+    while events:
+        done, _, start, backend, fails = heapq.heappop(events)
+        clock.now = done
+        latency = done - start
+        load = lb.load(backend)  # the one begin() counted it on: the set never changes
+        lb.observe(load, latency, fails)
+        load.end()
+        served[backend] += 1
+        failed[backend] += fails
+        latencies.append(latency)
+        if reporting:
+            busy[backend] = busy.get(backend, 0.0) + latency
+            answered[backend] += 1
+            errors[backend] += fails
+            if done - window >= REPORT_WINDOW:
+                _report(lb, done - window, busy, answered, errors)
+                window = done
+        if sent < requests:
+            send(done)
     latencies.sort()
     total_weight = sum(b.weight for b in layout)
     shares = tuple(
