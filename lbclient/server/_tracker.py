@@ -201,7 +201,6 @@ class LoadTracker:
         # One entry per request in flight: a list's append and pop are each one step no other
         # thread can split, so counting in flight takes no lock.
         self._flying: list[None] = []
-        self._window = latency_window
         # Rates: one bucket per second since the tracker was made, in a ring of rate_window;
         # requests count in the current second's bucket until the clock reaches ``_until``.
         self._origin = clock()
