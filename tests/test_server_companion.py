@@ -82,6 +82,46 @@ def test_threads_counting_at_once_lose_no_request() -> None:
     assert tracker.rif == 0
 
 
+def test_reports_made_while_threads_count_are_whole_and_readable() -> None:
+    from lbclient.reports import parse
+
+    clock = Clock(5.0)
+    tracker = LoadTracker(clock=clock)
+    barrier = threading.Barrier(5)
+    seen: list[str] = []
+    problems: list[BaseException] = []
+
+    def serve() -> None:
+        barrier.wait()
+        for n in range(3_000):
+            arrival = tracker.begin()
+            clock.now += 1e-5  # time moves on as they run (rings turn, renders refresh)
+            tracker.end(arrival, error=n % 11 == 0)
+
+    def report() -> None:
+        barrier.wait()
+        try:
+            for n in range(1_500):
+                text = tracker.rendered("TEXT" if n % 2 else "JSON")
+                seen.append(text)
+                parse(text, 0.0)
+                tracker.report()
+        except BaseException as exc:  # any failure is the test's
+            problems.append(exc)
+
+    threads = [threading.Thread(target=serve) for _ in range(4)]
+    threads.append(threading.Thread(target=report))
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert problems == []
+    assert len(seen) == 1_500
+    assert tracker.rif == 0
+    assert all(len(ring.samples) <= ring.size for ring in tracker._found)
+    assert tracker.report().rps_fractional == 4 * 3_000  # all within one second
+
+
 def test_latency_is_the_median_of_the_last_requests() -> None:
     clock = Clock()
     tracker = LoadTracker(clock=clock, latency_window=4)
