@@ -178,8 +178,9 @@ class Zone:
                 )
             object.__setattr__(self, "clients", MappingProxyType(dict(sorted(clients.items()))))
 
-    def __hash__(self) -> int:
-        clients = None if self.clients is None else tuple(self.clients.items())
+    def _settings(self) -> tuple[object, ...]:
+        """Every field, in order, ``clients`` as a plain dict (or None)."""
+        clients = None if self.clients is None else dict(self.clients)
         return (
             self.name,
             clients,
@@ -190,24 +191,15 @@ class Zone:
             self.load,
             self.load_floor,
             self.load_every,
-        ).__hash__()
+        )
+
+    def __hash__(self) -> int:
+        name, _, *rest = self._settings()
+        items = None if self.clients is None else tuple(self.clients.items())
+        return (name, items, *rest).__hash__()
 
     def __reduce__(self) -> tuple[object, ...]:
-        clients = None if self.clients is None else dict(self.clients)
-        return (
-            _zone,
-            (
-                self.name,
-                clients,
-                self.min_backends,
-                self.panic_threshold,
-                self.load_spill,
-                self.load_return,
-                self.load,
-                self.load_floor,
-                self.load_every,
-            ),
-        )
+        return (_zone, self._settings())
 
     def plan(
         self,
