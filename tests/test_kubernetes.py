@@ -8,7 +8,7 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -461,6 +461,51 @@ def test_a_kubeconfig_read_by_the_official_loader(
         ):
             assert addresses(lb) == {pod.address}  # the context's namespace, its CA and token
             assert client.get("/").json()["port"] == pod.port
+
+
+def test_a_kubeconfig_token_renewal_runs_off_the_loop(cluster: Cluster) -> None:
+    """A kubeconfig's Authorization is asked for in a thread (an exec plugin renewing it may
+    run for seconds): the loop runs other tasks meanwhile, for the listing and for the watch
+    request alike."""
+    with TestServer() as pod:
+        cluster.pod("renew-a", pod, "renew")
+        source = cluster.source("renew")
+        asked = threading.Event()  # the authorization has been asked for
+        released = threading.Event()  # a task of the loop let it go on
+        waits: list[bool] = []
+
+        def authorization() -> str:
+            asked.set()
+            waits.append(released.wait(timeout=5.0))  # False: the loop never ran meanwhile
+            asked.clear()
+            released.clear()
+            return f"Bearer {TOKEN}"
+
+        source.credentials = replace(
+            source.credentials, token_file=None, authorization=authorization, origin="kubeconfig"
+        )
+
+        async def release() -> None:
+            while True:
+                if asked.is_set():
+                    released.set()
+                await asyncio.sleep(0.001)
+
+        async def main() -> tuple[set[str], str | None]:
+            helper = asyncio.create_task(release())
+            try:
+                async with source.client() as client:
+                    listing = await source.alist(client, cluster.api.url)
+                    request = await source.watch_request(client, cluster.api.url, "1")
+            finally:
+                helper.cancel()
+            found = {b.address for backends in listing.items.values() for b in backends}
+            return found, request.headers.get("authorization")
+
+        found, header = asyncio.run(main())
+    assert waits == [True, True]
+    assert found == {pod.address}
+    assert header == f"Bearer {TOKEN}"
 
 
 def test_the_event_delay_benchmark_runs(capsys: pytest.CaptureFixture[str]) -> None:

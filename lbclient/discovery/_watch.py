@@ -246,10 +246,11 @@ class WatchedDiscovery(ServiceDiscovery):
         """The whole set, read from ``endpoint``."""
         raise NotImplementedError
 
-    def watch_request(
+    async def watch_request(
         self, client: httpx.AsyncClient, endpoint: str, revision: str
     ) -> httpx.Request:
-        """The request that opens a stream of changes after ``revision``."""
+        """The request that opens a stream of changes after ``revision`` (a coroutine: a source
+        may have to wait for its credentials)."""
         raise NotImplementedError
 
     def message(self, data: Any) -> Change:
@@ -413,7 +414,7 @@ class WatchJob:
         import httpx
 
         assert self.revision is not None
-        request = self.source.watch_request(client, self.endpoint, self.revision)
+        request = await self.source.watch_request(client, self.endpoint, self.revision)
         response = await client.send(request, stream=True)
         try:
             if not response.is_success:

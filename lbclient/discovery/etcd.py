@@ -213,7 +213,7 @@ class Etcd(WatchedDiscovery):
             if not body.get("more") or not kvs:
                 return Listing(items, revision, skipped)
 
-    def watch_request(
+    async def watch_request(
         self, client: httpx.AsyncClient, endpoint: str, revision: str
     ) -> httpx.Request:
         create = {

@@ -22,6 +22,7 @@ else a kubeconfig read by the official ``kubernetes`` client's loader (``pip ins
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from typing import TYPE_CHECKING, Any
@@ -118,8 +119,17 @@ class Kubernetes(WatchedDiscovery):
             trust_env=False,
         )
 
+    async def _headers(self) -> dict[str, str]:
+        """The credentials' request headers. A kubeconfig's are asked for in a thread: its
+        client library may run an exec plugin (a cloud CLI that fetches a token, for seconds)
+        to renew them, and the loop that runs this job runs others too."""
+        credentials = self.credentials
+        if credentials.authorization is None:
+            return credentials.headers()  # a token file's read: a page from memory
+        return await asyncio.to_thread(credentials.headers)
+
     async def alist(self, client: httpx.AsyncClient, endpoint: str) -> Listing:
-        response = await client.get(endpoint + self._path, headers=self.credentials.headers())
+        response = await client.get(endpoint + self._path, headers=await self._headers())
         if response.status_code != 200:
             raise ConnectionError(
                 f"{endpoint} answered the listing {response.status_code}: {_reason(response)}"
@@ -147,7 +157,7 @@ class Kubernetes(WatchedDiscovery):
             skipped += bad
         return Listing(found, version, skipped)
 
-    def watch_request(
+    async def watch_request(
         self, client: httpx.AsyncClient, endpoint: str, revision: str
     ) -> httpx.Request:
         query = (
@@ -155,7 +165,7 @@ class Kubernetes(WatchedDiscovery):
             f"&timeoutSeconds={max(1, int(self.watch_timeout))}"
         )
         return client.build_request(
-            "GET", endpoint + self._path + query, headers=self.credentials.headers()
+            "GET", endpoint + self._path + query, headers=await self._headers()
         )
 
     def message(self, data: Any) -> Change:
