@@ -48,6 +48,7 @@ import time
 import tracemalloc
 from bisect import bisect_left
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from types import ModuleType
 from typing import Any, TypedDict, TypeVar
@@ -669,6 +670,18 @@ def _kept_mb(name: str, n: int, refreshed: bool = False) -> float:
     return float(done.stdout)
 
 
+def _kept_all(sizes: Sequence[int]) -> dict[tuple[str, int, bool], float]:
+    """:func:`_kept_mb` of every balancer the refresh rows report, by (algorithm, backends,
+    refreshed): as many interpreters at a time as there are CPUs, before anything is timed
+    (each measures its own resident set, which the others do not touch)."""
+    top = max(sizes)
+    jobs = [(name, n, False) for n in sizes for name, _ in SCALE_ALGORITHMS]
+    jobs += [(name, top, True) for name, _ in SCALE_ALGORITHMS if name in SCALE_RECORDED]
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        kept = pool.map(lambda job: _kept_mb(*job), jobs)
+        return dict(zip(jobs, kept, strict=True))
+
+
 def _update_ms(
     balancer: LoadBalancer, sets: tuple[list[Backend], list[Backend]], runs: int
 ) -> tuple[float, float]:
@@ -696,6 +709,7 @@ def _scale_rows(
     rows: list[Row] = []
     largest: dict[str, LoadBalancer] = {}
     top = max(sizes)
+    memories = _kept_all(sizes)
     for n in sizes:
         first, second = _scale_sets(n)  # one out (the middle one), one in (the last one)
         section = (
@@ -704,7 +718,7 @@ def _scale_rows(
         )
         for name, algorithm in SCALE_ALGORITHMS:
             build_ms, balancer = _build_ms(partial(LoadBalancer, first, algorithm), build_runs)
-            memory = _kept_mb(name, n)
+            memory = memories[name, n, False]
             update_ms, first_ms = _update_ms(balancer, (second, first), update_runs)
             rows += [
                 _row(
@@ -738,17 +752,16 @@ def _scale_rows(
                 )
             )
             if name in SCALE_RECORDED and n == top:
-                rows += _recorded_rows(name, n, section, first_ms)
+                rows += _recorded_rows(name, n, section, first_ms, memories[name, n, True])
             if n == top and name in SCALE_SELECT_ALGORITHMS:
                 largest[name] = balancer
             del balancer
     return rows, largest
 
 
-def _recorded_rows(name: str, n: int, section: str, first_ms: float) -> list[Row]:
+def _recorded_rows(name: str, n: int, section: str, first_ms: float, memory: float) -> list[Row]:
     """The first update after a build, which makes the record the next ones replay, and the
-    memory of a balancer refreshed once, record and all."""
-    memory = _kept_mb(name, n, refreshed=True)
+    ``memory`` of a balancer refreshed once, record and all."""
     return [
         _row(
             f"scale/first-update/{name}/{n}",
