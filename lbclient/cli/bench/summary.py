@@ -631,7 +631,9 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    bench.add_argument("--quick", action="store_true", help="a short run (seconds, not minutes)")
+    bench.add_argument(
+        "--quick", action="store_true", help="a short run (about two minutes on two CPUs)"
+    )
     bench.add_argument(
         "--strict", action="store_true", help="exit 1 when a full run misses a floor"
     )
