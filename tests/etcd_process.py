@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -56,17 +57,47 @@ def wait_until(condition: Callable[[], object], guard: float = 15.0, what: str =
         time.sleep(0.005)
 
 
-class EtcdProcess:
-    """A single-member etcd on 127.0.0.1, its data in ``directory``."""
+class EtcdTLS:
+    """A throwaway CA (trustme), etcd's server certificate for 127.0.0.1 and a client
+    certificate, written as PEM files in ``directory``."""
 
     def __init__(self, directory: Path) -> None:
+        import trustme
+
+        ca = trustme.CA()
+        self.ca = directory / "ca.pem"
+        ca.cert_pem.write_to_path(str(self.ca))
+        self.server = self._write(ca.issue_cert("127.0.0.1"), directory, "server")
+        self.client = self._write(ca.issue_cert("lbclient-tests"), directory, "client")
+
+    @staticmethod
+    def _write(leaf: Any, directory: Path, name: str) -> tuple[str, str]:
+        cert, key = directory / f"{name}.pem", directory / f"{name}-key.pem"
+        leaf.cert_chain_pems[0].write_to_path(str(cert))
+        leaf.private_key_pem.write_to_path(str(key))
+        return str(cert), str(key)
+
+
+class EtcdProcess:
+    """A single-member etcd on 127.0.0.1, its data in ``directory``; with ``tls``, its client
+    URL is https and it asks clients for a certificate its CA signed (``--client-cert-auth``).
+    The tests' own client presents that certificate, and after :meth:`enable_auth` signs in
+    as root."""
+
+    def __init__(self, directory: Path, tls: EtcdTLS | None = None) -> None:
         self.binary = etcd_binary()
         self.directory = directory
+        self.tls = tls
         self.port = free_port()
         self.peer = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
         self.process: subprocess.Popen[bytes] | None = None
-        self.client = httpx.Client(timeout=10.0, trust_env=False)
+        verify: ssl.SSLContext | bool = True
+        if tls is not None:
+            verify = ssl.create_default_context(cafile=str(tls.ca))
+            verify.load_cert_chain(*tls.client)
+        self.client = httpx.Client(timeout=10.0, trust_env=False, verify=verify)
+        self.password: str | None = None
 
     def start(self) -> None:
         peer = f"http://127.0.0.1:{self.peer}"
@@ -84,6 +115,16 @@ class EtcdProcess:
                 "--max-txn-ops=20000",
                 "--max-request-bytes=33554432",
                 "--log-level=error",
+                *(
+                    [
+                        f"--cert-file={self.tls.server[0]}",
+                        f"--key-file={self.tls.server[1]}",
+                        "--client-cert-auth",
+                        f"--trusted-ca-file={self.tls.ca}",
+                    ]
+                    if self.tls is not None
+                    else []
+                ),
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -113,8 +154,23 @@ class EtcdProcess:
 
     # -- the tests' own writes -----------------------------------------------------------
 
+    def enable_auth(self, password: str) -> None:
+        """etcd's authentication on: the user root (role root) with ``password``."""
+        self.call("/v3/auth/user/add", {"name": "root", "password": password})
+        self.call("/v3/auth/role/add", {"name": "root"})
+        self.call("/v3/auth/user/grant", {"user": "root", "role": "root"})
+        self.call("/v3/auth/enable", {})
+        self.password = password
+
     def call(self, path: str, payload: Mapping[str, Any]) -> dict[str, Any]:
-        response = self.client.post(f"{self.url}{path}", json=payload)
+        headers = {}
+        if self.password is not None:  # a token of its own for each write: tokens end
+            token = self.client.post(
+                f"{self.url}/v3/auth/authenticate", json={"name": "root", "password": self.password}
+            )
+            token.raise_for_status()
+            headers["Authorization"] = token.json()["token"]
+        response = self.client.post(f"{self.url}{path}", json=payload, headers=headers)
         response.raise_for_status()
         body: dict[str, Any] = response.json()
         return body

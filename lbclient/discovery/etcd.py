@@ -25,11 +25,18 @@ import base64
 import contextlib
 import json
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from lbclient._background import Every, Runner, ThreadRunner, start_runner
 from lbclient.backend import Backend, shown
+from lbclient.discovery._etcd_access import (
+    UNAUTHENTICATED,
+    Access,
+    Unauthenticated,
+    stale_token,
+)
 from lbclient.discovery._watch import (
     Change,
     Listing,
@@ -45,14 +52,21 @@ from lbclient.discovery.file import parse_entry
 if TYPE_CHECKING:
     import httpx
 
-__all__ = ["Etcd", "Registration", "aregister", "parse_value", "prefix_end", "register"]
+__all__ = [
+    "Access",
+    "Etcd",
+    "Registration",
+    "Unauthenticated",
+    "aregister",
+    "parse_value",
+    "prefix_end",
+    "register",
+]
 
 logger = logging.getLogger("lbclient")
 
 #: Where a local etcd listens by default.
 DEFAULT_ENDPOINTS: tuple[str, ...] = ("http://127.0.0.1:2379",)
-#: etcd's gRPC status for "the revision was compacted" (OutOfRange).
-_OUT_OF_RANGE = 11
 
 
 def prefix_end(prefix: bytes) -> bytes:
@@ -130,33 +144,13 @@ def _prefix(prefix: object) -> bytes:
     return prefix
 
 
-def _error(body: Any, response: httpx.Response) -> str:
-    message = body.get("message") or body.get("error") if isinstance(body, dict) else None
-    return f"{response.request.url} answered {response.status_code}: {message or body!r}"
-
-
-async def _post(client: httpx.AsyncClient, url: str, payload: Mapping[str, Any]) -> Any:
-    """``payload`` posted to ``url``, its JSON answer; ConnectionError for an error status
-    (:class:`~lbclient.discovery._watch.Relist` for a compacted revision)."""
-    response = await client.post(url, json=payload)
-    try:
-        body = response.json()
-    except ValueError:
-        body = response.text[:200]
-    if not response.is_success:
-        if isinstance(body, dict) and body.get("code") == _OUT_OF_RANGE:
-            raise Relist(_error(body, response))
-        raise ConnectionError(_error(body, response))
-    if not isinstance(body, dict):
-        raise ConnectionError(f"{url} answered with no JSON object: {body!r}")
-    return body
-
-
 class Etcd(WatchedDiscovery):
     """The backends under ``prefix`` in etcd (see the module's text), listed then watched.
 
     ``endpoints``: the etcd client URLs, tried in turn (``http://`` or ``https://``).
-    ``page_size``: keys read per range request of a listing (1000). Options as for
+    ``page_size``: keys read per range request of a listing (1000). ``ca_file``, ``cert``,
+    ``username`` and ``password``: TLS and etcd's authentication, as :class:`Access` takes
+    them. Options as for
     :class:`~lbclient.discovery._watch.WatchedDiscovery` (``backoff``, ``backoff_max``,
     ``idle``, ``max_line``) and :class:`~lbclient.discovery.ServiceDiscovery` (``timeout``).
 
@@ -174,8 +168,13 @@ class Etcd(WatchedDiscovery):
         *,
         endpoints: Sequence[str] | str = DEFAULT_ENDPOINTS,
         page_size: int = 1000,
+        ca_file: str | os.PathLike[str] | None = None,
+        cert: tuple[str | os.PathLike[str], str | os.PathLike[str]] | None = None,
+        username: str | None = None,
+        password: str | None = None,
         **options: Any,
     ) -> None:
+        self.access = Access(ca_file=ca_file, cert=cert, username=username, password=password)
         self.prefix = _prefix(prefix)
         self.endpoints = endpoints_of(endpoints)
         if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
@@ -197,7 +196,7 @@ class Etcd(WatchedDiscovery):
             }
             if revision is not None:
                 payload["revision"] = revision
-            body = await _post(client, f"{endpoint}/v3/kv/range", payload)
+            body = await self.access.post(client, endpoint, "/v3/kv/range", payload)
             if revision is None:
                 revision = str(body.get("header", {}).get("revision", "0"))
             kvs = body.get("kvs") or []
@@ -222,13 +221,31 @@ class Etcd(WatchedDiscovery):
             "start_revision": str(int(revision) + 1),
             "progress_notify": True,
         }
-        return client.build_request("POST", f"{endpoint}/v3/watch", json={"create_request": create})
+        return client.build_request(
+            "POST",
+            f"{endpoint}/v3/watch",
+            json={"create_request": create},
+            headers=await self.access.headers(client, endpoint),
+        )
+
+    def client(self, stream: bool = False) -> httpx.AsyncClient:
+        import httpx
+
+        read = self.idle if stream else self.timeout
+        return self.access.client(httpx.Timeout(self.timeout, read=read))
+
+    def refused(self, response: httpx.Response, body: bytes) -> Exception:
+        if response.status_code == 401:  # the token is no longer taken: sign in again
+            self.access.forget(response.request.headers)
+        return super().refused(response, body)
 
     def message(self, data: Any) -> Change:
         if not isinstance(data, dict):
             raise ValueError(f"a watch message must be a JSON object, got {shown(data)}")
         if "error" in data:
-            raise StreamBroken(f"the watch failed: {data['error']!r}")
+            error = data["error"]
+            self._stale(error)
+            raise StreamBroken(f"the watch failed: {error!r}")
         result = data.get("result")
         if not isinstance(result, dict):
             raise ValueError(f"a watch message without a result: {shown(data)}")
@@ -236,7 +253,9 @@ class Etcd(WatchedDiscovery):
             compacted = int(result.get("compact_revision") or 0)
             if compacted:
                 raise Relist(f"etcd compacted the watched revisions up to {compacted}")
-            raise StreamBroken(f"etcd cancelled the watch: {result.get('cancel_reason', '')}")
+            reason = result.get("cancel_reason", "")
+            self._stale(reason)
+            raise StreamBroken(f"etcd cancelled the watch: {reason}")
         events = result.get("events") or []
         if not events:  # created, or a progress notification
             if result.get("created"):
@@ -268,6 +287,13 @@ class Etcd(WatchedDiscovery):
                 deleted.remove(name)
         return Change(put, tuple(deleted), revision, skipped)
 
+    def _stale(self, error: object) -> None:
+        """A watch ended by ``error``: if it says the token is no longer taken, the stream's
+        reopening signs in again."""
+        grpc_code = error.get("grpc_code") if isinstance(error, dict) else None
+        if grpc_code == UNAUTHENTICATED or stale_token(str(error)):
+            self.access.forget()
+
     def __repr__(self) -> str:
         return f"Etcd({_text(self.prefix)!r})"
 
@@ -290,7 +316,12 @@ class Registration:
         ttl: int = 10,
         metadata: Mapping[str, Any] | None = None,
         timeout: float = 5.0,
+        ca_file: str | os.PathLike[str] | None = None,
+        cert: tuple[str | os.PathLike[str], str | os.PathLike[str]] | None = None,
+        username: str | None = None,
+        password: str | None = None,
     ) -> None:
+        self.access = Access(ca_file=ca_file, cert=cert, username=username, password=password)
         raw = _prefix(prefix)
         self.backend = Backend(address)  # a clear error for a bad address
         self.address = address
@@ -320,9 +351,7 @@ class Registration:
         self._runner: Runner | None = None
 
     def _client(self) -> httpx.AsyncClient:
-        import httpx
-
-        return httpx.AsyncClient(timeout=self.timeout, trust_env=False)
+        return self.access.client(self.timeout)
 
     async def _on_each(self, call: str, payload: Mapping[str, Any]) -> Any:
         """``payload`` posted to the path ``call`` of each endpoint in turn until one answers."""
@@ -331,7 +360,7 @@ class Registration:
             endpoint = self.endpoints[self._index % len(self.endpoints)]
             try:
                 async with self._client() as client:
-                    return await _post(client, endpoint + call, payload)
+                    return await self.access.post(client, endpoint, call, payload)
             except Exception as exc:
                 errors.append(f"{endpoint}: {describe(exc)}")
                 self._index += 1
@@ -451,15 +480,30 @@ def register(
     ttl: int = 10,
     metadata: Mapping[str, Any] | None = None,
     timeout: float = 5.0,
+    ca_file: str | os.PathLike[str] | None = None,
+    cert: tuple[str | os.PathLike[str], str | os.PathLike[str]] | None = None,
+    username: str | None = None,
+    password: str | None = None,
 ) -> Registration:
     """Announce ``address`` under ``prefix`` in etcd, now: a lease of ``ttl`` seconds is
     granted, the key ``<prefix>/<address>`` put with etcd's naming JSON (``{"Op": 0, "Addr":
     address, "Metadata": metadata}``) under it, and the lease kept alive every ``ttl / 3``
     seconds on a thread until ``close()`` revokes it. A lease etcd lost (it was down longer
     than ``ttl``) is granted again. ConnectionError if no endpoint answers. Use it as a
-    context manager, or close it. From async code, ``await aregister(...)``."""
+    context manager, or close it. From async code, ``await aregister(...)``. ``ca_file``,
+    ``cert``, ``username`` and ``password``: TLS and etcd's authentication, as :class:`Access`
+    takes them."""
     return Registration(
-        prefix, address, endpoints=endpoints, ttl=ttl, metadata=metadata, timeout=timeout
+        prefix,
+        address,
+        endpoints=endpoints,
+        ttl=ttl,
+        metadata=metadata,
+        timeout=timeout,
+        ca_file=ca_file,
+        cert=cert,
+        username=username,
+        password=password,
     ).start()
 
 
@@ -471,9 +515,22 @@ async def aregister(
     ttl: int = 10,
     metadata: Mapping[str, Any] | None = None,
     timeout: float = 5.0,
+    ca_file: str | os.PathLike[str] | None = None,
+    cert: tuple[str | os.PathLike[str], str | os.PathLike[str]] | None = None,
+    username: str | None = None,
+    password: str | None = None,
 ) -> Registration:
     """:func:`register` on the running event loop: the keep-alives are a task of it, and the
     handle is closed with ``await registration.aclose()`` (or ``async with``)."""
     return await Registration(
-        prefix, address, endpoints=endpoints, ttl=ttl, metadata=metadata, timeout=timeout
+        prefix,
+        address,
+        endpoints=endpoints,
+        ttl=ttl,
+        metadata=metadata,
+        timeout=timeout,
+        ca_file=ca_file,
+        cert=cert,
+        username=username,
+        password=password,
     ).astart()
