@@ -206,3 +206,25 @@ def test_a_watch_cancelled_for_its_token_signs_in_again_when_reopened() -> None:
     with pytest.raises(StreamBroken):  # cancelled for another reason: the token stays
         source.message({"result": {"canceled": True, "cancel_reason": "too many watchers"}})
     assert source.access._token == "held"
+
+
+def test_credentials_work_before_and_after_authentication_is_turned_on(
+    tmp_path: Path, prefix: str
+) -> None:
+    server = EtcdProcess(tmp_path)
+    try:
+        server.start()
+        server.put(prefix + "a", naming("10.0.0.1:80"))
+        source = Etcd(prefix, endpoints=server.url, username="root", password=PASSWORD)
+        # Authentication off: etcd refuses a sign-in; calls go without a token, as its own
+        # client's do.
+        assert {b.address for b in asyncio.run(source.adiscover()).backends} == {"10.0.0.1:80"}
+        assert source.access._token == ""
+        server.enable_auth(PASSWORD)
+        server.put(prefix + "b", naming("10.0.0.2:80"))
+        # On: a call without a token is refused ("user name is empty"); it signs in.
+        found = {b.address for b in asyncio.run(source.adiscover()).backends}
+        assert found == {"10.0.0.1:80", "10.0.0.2:80"}
+        assert source.access._token
+    finally:
+        server.close()

@@ -32,9 +32,11 @@ __all__ = [
 OUT_OF_RANGE = 11
 #: etcd's gRPC status for a token it does not take (Unauthenticated: expired, or never given).
 UNAUTHENTICATED = 16
-#: What etcd says of a token it does not take: unknown or expired (Unauthenticated), or made
-#: before its users or roles last changed (InvalidArgument).
-_STALE_TOKEN = ("invalid auth token", "revision of auth store is old")
+#: What etcd says of a token it does not take: unknown or expired (Unauthenticated), made
+#: before its users or roles last changed, or none sent since it turned authentication on.
+_STALE_TOKEN = ("invalid auth token", "revision of auth store is old", "user name is empty")
+#: What etcd answers a sign-in while its authentication is off.
+_AUTH_OFF = "authentication is not enabled"
 
 
 def stale_token(text: str) -> bool:
@@ -92,7 +94,8 @@ class Access:
     for an etcd run with ``--client-cert-auth``); with etcd's authentication on, the user it
     signs in as (``username``, ``password``: a token is asked of ``/v3/auth/authenticate``,
     sent as ``Authorization`` on every call, and asked for again once etcd no longer takes
-    it). The files are read again for each connection, so a renewed certificate is used."""
+    it; while etcd's authentication is off, calls go without one, as etcd's own client's do).
+    The files are read again for each connection, so a renewed certificate is used."""
 
     def __init__(
         self,
@@ -136,21 +139,26 @@ class Access:
             return {}
         token = self._token
         if token is None:
-            body = await post(
-                client,
-                f"{endpoint}/v3/auth/authenticate",
-                {"name": self.username, "password": self._password},
-            )
+            try:
+                body = await post(
+                    client,
+                    f"{endpoint}/v3/auth/authenticate",
+                    {"name": self.username, "password": self._password},
+                )
+            except ConnectionError as error:
+                if _AUTH_OFF not in str(error):
+                    raise
+                body = {"token": ""}  # as etcd's own client: go on without one
             token = body.get("token")
-            if not isinstance(token, str) or not token:
+            if not isinstance(token, str):
                 raise ConnectionError(f"{endpoint} gave no token for user {self.username!r}")
             self._token = token
-        return {"Authorization": token}
+        return {"Authorization": token} if token else {}
 
     def forget(self, headers: Mapping[str, str] | None = None) -> None:
-        """The token in ``headers`` (None: the one held) is no longer taken: the next call
-        asks for another."""
-        if headers is None or headers.get("Authorization") == self._token:
+        """The token in ``headers`` (None: the one held; a call that carried none: none held)
+        is no longer taken: the next call signs in again."""
+        if headers is None or headers.get("Authorization", "") == self._token:
             self._token = None
 
     async def post(
@@ -162,7 +170,7 @@ class Access:
         try:
             return await post(client, endpoint + call, payload, headers)
         except Unauthenticated:
-            if not headers:
+            if self.username is None:
                 raise
             self.forget(headers)
             headers = await self.headers(client, endpoint)
