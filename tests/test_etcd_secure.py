@@ -228,3 +228,19 @@ def test_credentials_work_before_and_after_authentication_is_turned_on(
         assert source.access._token
     finally:
         server.close()
+
+
+def test_a_watch_refused_401_signs_in_again_when_reopened() -> None:
+    import httpx
+
+    source = Etcd("svc/", username="root", password=PASSWORD)
+    source.access._token = "held"
+    request = httpx.Request(
+        "POST", "http://127.0.0.1:2379/v3/watch", headers={"Authorization": "held"}
+    )
+    refused = source.refused(httpx.Response(401, request=request), b'{"code": 16}')
+    assert isinstance(refused, StreamBroken)
+    assert source.access._token is None
+    source.access._token = "newer"  # a 401 for a token since replaced leaves the new one
+    assert isinstance(source.refused(httpx.Response(401, request=request), b""), StreamBroken)
+    assert source.access._token == "newer"
