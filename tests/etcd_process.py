@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -18,10 +19,13 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 from conftest import require
+
+if TYPE_CHECKING:
+    from lbclient import LoadBalancer
 
 ETCD_MISSING = "etcd not installed (Debian: apt-get install etcd-server)"
 #: A hang guard only: etcd answers within about a second.
@@ -46,6 +50,22 @@ def free_port() -> int:
 
 def b64(text: str | bytes) -> str:
     return base64.b64encode(text.encode() if isinstance(text, str) else text).decode()
+
+
+def addresses(balancer: LoadBalancer) -> set[str]:
+    """The addresses ``balancer`` routes to now."""
+    return {b.address for b in balancer.backends}
+
+
+def naming(address: str, **metadata: object) -> str:
+    """etcd's naming JSON for ``address``."""
+    return json.dumps({"Op": 0, "Addr": address, "Metadata": metadata or None})
+
+
+def connected(balancer: LoadBalancer) -> bool:
+    """Whether ``balancer``'s watch has its stream open."""
+    state = balancer.snapshot().discovery_watch
+    return state is not None and state.connected
 
 
 def wait_until(condition: Callable[[], object], guard: float = 15.0, what: str = "") -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from etcd_process import Cut, EtcdProcess, wait_until
+from etcd_process import Cut, EtcdProcess, addresses, connected, naming, wait_until
 
 from lbclient import AsyncLBTransport, LBTransport, LoadBalancer
 from lbclient.discovery import Etcd
@@ -39,19 +39,6 @@ def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdProcess]:
 @pytest.fixture
 def prefix() -> str:
     return f"svc-{uuid.uuid4().hex[:8]}/"
-
-
-def addresses(balancer: LoadBalancer) -> set[str]:
-    return {b.address for b in balancer.backends}
-
-
-def naming(address: str, **metadata: object) -> str:
-    return json.dumps({"Op": 0, "Addr": address, "Metadata": metadata or None})
-
-
-def connected(balancer: LoadBalancer) -> bool:
-    state = balancer.snapshot().discovery_watch
-    return state is not None and state.connected
 
 
 def quick(prefix: str, *endpoints: str) -> Etcd:

@@ -6,13 +6,12 @@ Every wait is a hang guard; none measures time."""
 from __future__ import annotations
 
 import asyncio
-import json
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from etcd_process import EtcdProcess, EtcdTLS, wait_until
+from etcd_process import EtcdProcess, EtcdTLS, addresses, connected, naming, wait_until
 
 from lbclient import LoadBalancer
 from lbclient.discovery import Etcd
@@ -47,19 +46,6 @@ def auth_etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdProcess]
 @pytest.fixture
 def prefix() -> str:
     return f"svc-{uuid.uuid4().hex[:8]}/"
-
-
-def addresses(balancer: LoadBalancer) -> set[str]:
-    return {b.address for b in balancer.backends}
-
-
-def naming(address: str) -> str:
-    return json.dumps({"Op": 0, "Addr": address})
-
-
-def connected(balancer: LoadBalancer) -> bool:
-    state = balancer.snapshot().discovery_watch
-    return state is not None and state.connected
 
 
 def test_tls_with_a_client_certificate_lists_watches_and_registers(
