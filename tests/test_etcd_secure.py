@@ -168,7 +168,8 @@ def test_access_refuses_bad_settings(tmp_path: Path) -> None:
     with pytest.raises(TypeError, match="password must be a str"):
         Access(username="root", password=b"pw")  # type: ignore[arg-type]
     assert Access().verify() is True  # no TLS settings: the system's CAs
-    assert Access(ca_file=tmp_path / "none.pem").ca_file == str(tmp_path / "none.pem")
+    ca = EtcdTLS(tmp_path).ca  # a path object, kept as its text
+    assert Access(ca_file=ca).ca_file == str(ca)
 
 
 def test_a_watch_cancelled_for_its_token_signs_in_again_when_reopened() -> None:
@@ -230,3 +231,18 @@ def test_a_watch_refused_401_signs_in_again_when_reopened() -> None:
     source.access._token = "newer"  # a 401 for a token since replaced leaves the new one
     assert isinstance(source.refused(httpx.Response(401, request=request), b""), StreamBroken)
     assert source.access._token == "newer"
+
+
+def test_tls_files_that_cannot_be_used_are_an_error_when_the_source_is_made(
+    tmp_path: Path,
+) -> None:
+    missing = tmp_path / "missing-ca.pem"
+    with pytest.raises(ValueError, match=r"missing-ca\.pem"):
+        Etcd("svc/", endpoints="https://127.0.0.1:2379", ca_file=missing)
+    with pytest.raises(ValueError, match=r"missing-ca\.pem"):
+        register("svc/", "10.0.0.1:80", endpoints="https://127.0.0.1:2379", ca_file=missing)
+    tls = EtcdTLS(tmp_path)
+    # The client certificate with the server's key: they do not match.
+    with pytest.raises(ValueError, match="cannot use the TLS files given"):
+        Etcd("svc/", ca_file=tls.ca, cert=(tls.client[0], tls.server[1]))
+    assert Etcd("svc/", ca_file=tls.ca, cert=tls.client).access.cert == tls.client

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import ssl
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from lbclient.backend import shown
@@ -80,6 +80,16 @@ async def post(
     return body
 
 
+def _checked_tls(make: Callable[[], object], given: str) -> None:
+    """``make()`` (what builds the TLS context from the files given), once, so that a file
+    missing or unreadable, or a key that does not match its certificate, is an error when the
+    source is made rather than at each connection; ValueError naming ``given``."""
+    try:
+        make()
+    except (OSError, ssl.SSLError) as error:
+        raise ValueError(f"cannot use the TLS files given ({given}): {error}") from None
+
+
 def _path(name: str, value: object) -> str | None:
     if value is None:
         return None
@@ -95,7 +105,8 @@ class Access:
     signs in as (``username``, ``password``: a token is asked of ``/v3/auth/authenticate``,
     sent as ``Authorization`` on every call, and asked for again once etcd no longer takes
     it; while etcd's authentication is off, calls go without one, as etcd's own client's do).
-    The files are read again for each connection, so a renewed certificate is used."""
+    The files are checked here (ValueError naming them); they are read again for each
+    connection, so a renewed certificate is used."""
 
     def __init__(
         self,
@@ -118,6 +129,7 @@ class Access:
         self.username = username
         self._password = password
         self._token: str | None = None
+        _checked_tls(self.verify, f"ca_file={self.ca_file!r}, cert={self.cert!r}")
 
     def verify(self) -> ssl.SSLContext | bool:
         """What an httpx client verifies etcd with (and presents to it)."""
