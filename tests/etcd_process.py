@@ -162,6 +162,18 @@ class EtcdProcess:
                 raise RuntimeError("etcd did not answer within the startup guard")
             time.sleep(0.05)
 
+    def __enter__(self) -> EtcdProcess:
+        """Started; closed (killed) at the end of the ``with``, however it ends."""
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
     def kill(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGKILL)

@@ -28,12 +28,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdProcess]:
-    server = EtcdProcess(tmp_path_factory.mktemp("etcd"))
-    try:
-        server.start()
+    with EtcdProcess(tmp_path_factory.mktemp("etcd")) as server:
         yield server
-    finally:
-        server.close()
 
 
 @pytest.fixture

@@ -24,23 +24,15 @@ PASSWORD = "s3cret-Pass"
 @pytest.fixture(scope="module")
 def tls_etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdProcess]:
     directory = tmp_path_factory.mktemp("etcd-tls")
-    server = EtcdProcess(directory, tls=EtcdTLS(directory))
-    try:
-        server.start()
+    with EtcdProcess(directory, tls=EtcdTLS(directory)) as server:
         yield server
-    finally:
-        server.close()
 
 
 @pytest.fixture(scope="module")
 def auth_etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdProcess]:
-    server = EtcdProcess(tmp_path_factory.mktemp("etcd-auth"))
-    try:
-        server.start()
+    with EtcdProcess(tmp_path_factory.mktemp("etcd-auth")) as server:
         server.enable_auth(PASSWORD)
         yield server
-    finally:
-        server.close()
 
 
 @pytest.fixture
@@ -198,9 +190,7 @@ def test_a_watch_cancelled_for_its_token_signs_in_again_when_reopened() -> None:
 def test_credentials_work_before_and_after_authentication_is_turned_on(
     tmp_path: Path, prefix: str
 ) -> None:
-    server = EtcdProcess(tmp_path)
-    try:
-        server.start()
+    with EtcdProcess(tmp_path) as server:
         server.put(prefix + "a", naming("10.0.0.1:80"))
         source = Etcd(prefix, endpoints=server.url, username="root", password=PASSWORD)
         # Authentication off: etcd refuses a sign-in; calls go without a token, as its own
@@ -213,8 +203,6 @@ def test_credentials_work_before_and_after_authentication_is_turned_on(
         found = {b.address for b in asyncio.run(source.adiscover()).backends}
         assert found == {"10.0.0.1:80", "10.0.0.2:80"}
         assert source.access._token
-    finally:
-        server.close()
 
 
 def test_a_watch_refused_401_signs_in_again_when_reopened() -> None:
