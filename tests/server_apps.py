@@ -8,13 +8,19 @@ Paths (the same for both):
   stays open: a request that comes late passes at once), then 200 ``held``;
 * ``/stream?gate=NAME``: a body in two chunks, ``first`` at once and ``second`` once the gate
   opens (no Content-Length: chunked);
+* ``/wait?file=PATH``: a body in two chunks, the answering process's id at once, ``done`` once
+  the file ``PATH`` exists (a gate the processes of a server of several workers share);
+
+Every report names the answering process: ``named_metrics.pid``.
 * ``/fail``: 503; ``/boom``: the app raises.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 from urllib.parse import parse_qs
@@ -27,6 +33,14 @@ MOST = 60.0
 
 def _gate(query: str) -> str:
     return parse_qs(query).get("gate", ["default"])[0]
+
+
+def _file(query: str) -> str:
+    return parse_qs(query)["file"][0]
+
+
+#: How often a request waiting for a file looks for it (seconds).
+LOOK_EVERY = 0.01
 
 
 # -- ASGI ----------------------------------------------------------------------------------------
@@ -51,6 +65,13 @@ async def _plain_asgi(scope: dict[str, Any], receive: Any, send: Any) -> None:
     elif path == "/release":
         gate.set()
         await answer(200, b"released")
+    elif path == "/wait":
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"%d\n" % os.getpid(), "more_body": True})
+        deadline = time.monotonic() + MOST
+        while not os.path.exists(_file(query)) and time.monotonic() < deadline:
+            await asyncio.sleep(LOOK_EVERY)
+        await send({"type": "http.response.body", "body": b"done"})
     elif path == "/stream":
         start = {"type": "http.response.start", "status": 200, "headers": []}
         await send(start)
@@ -65,9 +86,12 @@ async def _plain_asgi(scope: dict[str, Any], receive: Any, send: Any) -> None:
         await answer(404, b"not found")
 
 
-asgi = LoadReportingASGI(
-    _plain_asgi, cpu_utilization=cpu_utilization(), named_metrics={"queue": lambda: 2.0}
-)
+def _pid() -> float:
+    return float(os.getpid())
+
+
+_METRICS = {"queue": lambda: 2.0, "pid": _pid}
+asgi = LoadReportingASGI(_plain_asgi, cpu_utilization=cpu_utilization(), named_metrics=_METRICS)
 
 
 # -- WSGI ----------------------------------------------------------------------------------------
@@ -87,6 +111,14 @@ def _stream(gate: threading.Event) -> Iterator[bytes]:
     yield b"second"
 
 
+def _wait(file: str) -> Iterator[bytes]:
+    yield b"%d\n" % os.getpid()
+    deadline = time.monotonic() + MOST
+    while not os.path.exists(file) and time.monotonic() < deadline:
+        time.sleep(LOOK_EVERY)
+    yield b"done"
+
+
 def _plain_wsgi(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
     path, query = environ["PATH_INFO"], environ.get("QUERY_STRING", "")
 
@@ -103,6 +135,9 @@ def _plain_wsgi(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]
     if path == "/release":
         gate.set()
         return answer("200 OK", b"released")
+    if path == "/wait":
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return _wait(_file(query))
     if path == "/stream":
         start_response("200 OK", [("Content-Type", "text/plain")])
         return _stream(gate)
@@ -113,6 +148,4 @@ def _plain_wsgi(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]
     return answer("404 Not Found", b"not found")
 
 
-wsgi = LoadReportingWSGI(
-    _plain_wsgi, cpu_utilization=cpu_utilization(), named_metrics={"queue": lambda: 2.0}
-)
+wsgi = LoadReportingWSGI(_plain_wsgi, cpu_utilization=cpu_utilization(), named_metrics=_METRICS)

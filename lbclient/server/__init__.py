@@ -14,6 +14,10 @@ What a middleware reports (:class:`LoadTracker` counts, the middlewares translat
 * on the probe path (``/.lbclient/load`` by default), answered without calling the app: the same
   report, and Prequal's ``x-prequal-rif`` and ``x-prequal-latency-us``.
 
+Under a server of several worker processes (``gunicorn -w N``, ``uvicorn --workers N``) the
+requests in flight are the server's, summed over its workers through a small shared file (on
+Linux; see :class:`LoadTracker`); the rest of a report is the answering worker's.
+
 This package imports no HTTP client and no framework, and ``import lbclient`` does not load it.
 """
 

@@ -76,11 +76,14 @@ class LoadReportingASGI:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        tracker = self.tracker
+        if not tracker.joined:  # the first request: the port it came to, for sharing the count
+            server = scope.get("server")
+            tracker.listening(server[1] if isinstance(server, (tuple, list)) else None)
         if scope["path"] == self.probe_path:
             await self._probe(scope, send)
             return
         asked = _asked(scope["headers"])
-        tracker = self.tracker
         status = 500  # an app that returns without a response gets a 500 from its server
 
         def reply(message: Message) -> Awaitable[None]:

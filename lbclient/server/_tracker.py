@@ -10,12 +10,15 @@ its own.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Final
 
 from lbclient.server._report import ServerReport, check_metric_name, usable
+from lbclient.server._shared import Shared
 
 __all__ = ["LATENCY_WINDOW", "RATE_WINDOW", "Arrival", "LoadTracker", "Metric"]
 
@@ -164,10 +167,20 @@ class LoadTracker:
       given callables return, each left out when it raises or returns NaN, an infinity or a
       negative number (logged once per metric).
 
+    With ``share_in_flight`` (the default), requests in flight are the server's, not the
+    process's alone: the middlewares tell the tracker the port of the first request they see
+    (:meth:`listening`), and every process that accepts on that listening socket (the workers
+    of ``gunicorn -w N`` or ``uvicorn --workers N``, whose trackers do the same) counts in a
+    slot of a small shared file (``/dev/shm/lbclient-rif-<uid>-<port>``); ``rif`` and the
+    requests an arrival found are then the sum of the live processes' slots. Where that is not
+    possible (not Linux, no such socket, the file refused, or ``share_in_flight=False``) each
+    process counts its own. Rates, latencies and metrics are the process's own either way.
+
     ``clock`` (seconds, monotonic) is the only clock read. Thread-safe: requests in flight are
-    counted without a lock (see ``_flying``), one lock guards the other counts, held for a few
-    list operations (the latency median is sorted out of it, when a
-    report is made); the metric callables run outside it.
+    counted without a lock (see ``_flying``; where they are shared, each change is published
+    under the lock below), one lock guards the other counts, held for a few list operations
+    (the latency median is sorted out of it, when a report is made); the metric callables run
+    outside it.
     """
 
     def __init__(
@@ -179,7 +192,10 @@ class LoadTracker:
         clock: Callable[[], float] = time.monotonic,
         latency_window: int = LATENCY_WINDOW,
         rate_window: int = RATE_WINDOW,
+        share_in_flight: bool = True,
     ) -> None:
+        if not isinstance(share_in_flight, bool):
+            raise TypeError(f"share_in_flight must be a bool, got {share_in_flight!r}")
         if isinstance(latency_window, bool) or not isinstance(latency_window, int):
             raise TypeError(f"latency_window must be an int, got {latency_window!r}")
         if isinstance(rate_window, bool) or not isinstance(rate_window, int):
@@ -217,11 +233,51 @@ class LoadTracker:
         self._rendered: dict[str, tuple[float, str, str, str]] = {}
         #: When the latency estimates below were made, and each (written) by requests in flight.
         self._estimates: tuple[float, dict[int, str]] = (-_INFINITY, {})
+        #: This process's slot among the server's processes (None: counted alone), and whether
+        #: the port was told (or nothing is to be shared).
+        self._shared: Shared | None = None
+        self.joined = not share_in_flight
+
+    def listening(self, port: object) -> None:
+        """The port the requests arrive on (what the middlewares read from their first request;
+        anything but a port number: none). With ``share_in_flight``, the tracker joins the other
+        processes accepting on this process's listening socket on that port, once."""
+        with self._lock:
+            if self.joined:
+                return
+            self.joined = True
+            if isinstance(port, str) and port.isdigit():
+                port = int(port)
+            if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+                return
+            shared = Shared.join(port)
+            if shared is None:
+                return
+            shared.publish(len(self._flying))
+            self._shared = shared
+        reference = weakref.ref(self)
+
+        def forked() -> None:  # a child of a fork is not the slot's owner: it may join anew
+            tracker = reference()
+            if tracker is not None and tracker._shared is shared:
+                tracker._shared = None
+                tracker.joined = False
+
+        os.register_at_fork(after_in_child=forked)
+
+    @property
+    def shared(self) -> bool:
+        """Whether requests in flight are counted across the server's processes."""
+        return self._shared is not None
+
+    def _others(self, now: float) -> int:
+        shared = self._shared
+        return 0 if shared is None else shared.others(now)
 
     @property
     def rif(self) -> int:
-        """Requests in flight now."""
-        return len(self._flying)
+        """Requests in flight now (the server's, where they are shared)."""
+        return len(self._flying) + self._others(self._clock())
 
     @property
     def clock(self) -> Callable[[], float]:
@@ -234,7 +290,17 @@ class LoadTracker:
         flying = self._flying
         found = len(flying)
         flying.append(None)
-        return (self._clock(), found)
+        shared = self._shared
+        if shared is None:
+            return (self._clock(), found)
+        now = self._clock()
+        lock = self._lock
+        lock.acquire()
+        try:  # the count as of now, read under the lock: the last one written is the latest
+            shared.publish(len(flying))
+        finally:
+            lock.release()
+        return (now, found + shared.others(now))
 
     def end(self, arrival: Arrival | float, *, error: bool = False) -> None:
         """The request of ``arrival`` (what :meth:`begin` returned; a start time alone is taken
@@ -271,6 +337,8 @@ class LoadTracker:
                 samples[ring.next] = latency
                 ring.next = (ring.next + 1) % ring.size
             ring.last = now
+            if self._shared is not None:
+                self._shared.publish(len(flying))
             if now >= self._until:
                 self._turn(now)
             self._requests[self._slot] += 1
@@ -285,6 +353,10 @@ class LoadTracker:
             self._flying.pop()
         except IndexError:  # an end without its begin
             pass
+        if self._shared is not None:
+            with self._lock:
+                if self._shared is not None:
+                    self._shared.publish(len(self._flying))
 
     def _turn(self, now: float) -> None:
         """Count in the bucket of the second ``now`` is in (the lock held): a bucket last used
@@ -318,6 +390,8 @@ class LoadTracker:
         rif = len(self._flying) - 1  # the request answered is on its way out
         if rif < 0:
             rif = 0
+        if self._shared is not None:
+            rif += self._others(now)
         made, texts = self._estimates
         if not 0.0 <= now - made < REFRESH:
             texts = {}
@@ -354,8 +428,9 @@ class LoadTracker:
         second = int(elapsed // 1.0)
         oldest = max(second - len(self._seconds) + 1, 0)
         requests = errors = 0
+        others = self._others(now)
         with self._lock:
-            rif = len(self._flying)
+            rif = len(self._flying) + others
             samples = self._estimate(rif, now)
             if min(self._seconds) >= oldest:  # every bucket in the window: a busy server
                 requests, errors = sum(self._requests), sum(self._errors)

@@ -125,12 +125,14 @@ class LoadReportingWSGI:
         self.tracker = tracker_of(tracker, cpu_utilization, application_utilization, named_metrics)
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        tracker = self.tracker
+        if not tracker.joined:  # the first request: the port it came to, for sharing the count
+            tracker.listening(environ.get("SERVER_PORT"))
         if environ.get("PATH_INFO") == self.probe_path:
             body, headers = probe_answer(self.tracker, requested_format(environ.get(_ASKING)))
             start_response("200 OK", headers)
             return [] if environ.get("REQUEST_METHOD") == "HEAD" else [body]
         asked = requested_format(environ.get(_ASKING))
-        tracker = self.tracker
         started = tracker.begin()
         answer = _Body(tracker, started)
 

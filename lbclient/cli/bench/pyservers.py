@@ -4,13 +4,19 @@ tests.
 
 Each server binds port 0 and the port it got is read from its log (``Uvicorn running on
 http://127.0.0.1:PORT``, ``Listening at: http://127.0.0.1:PORT``); its log is drained by a thread
-of this process until it exits. It is stopped when the ``ExitStack`` given closes: uvicorn by
-SIGTERM with a graceful shutdown of at most a second, gunicorn by SIGINT (its quick shutdown),
-then killed if it still runs 10 s later.
+of this process until it exits. It is stopped when the ``ExitStack`` given closes, by SIGTERM:
+a graceful shutdown of at most a second (``--timeout-graceful-shutdown``, ``--graceful-timeout``),
+in which the workers exit as they normally do (gunicorn's quick shutdown, SIGINT, would kill a
+gthread worker after that second, leaving its slot of the shared in-flight count behind), then
+killed if it still runs 10 s later; then the file its workers shared their requests in flight
+through is removed (uvicorn's workers end by the signal they caught, which leaves it). uvicorn
+with several workers says it listens before its workers do: connections are refused until they
+have started.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import os
@@ -22,6 +28,8 @@ import threading
 from collections import deque
 from contextlib import ExitStack
 from pathlib import Path
+
+from lbclient.server._shared import shared_file
 
 __all__ = [
     "Server",
@@ -114,6 +122,9 @@ class Server:
         self._reader.join(timeout=10)
         if self._proc.stderr is not None:
             self._proc.stderr.close()
+        if self._port is not None:  # its workers are gone; one killed leaves the file behind
+            with contextlib.suppress(OSError):
+                os.unlink(shared_file(self._port))
 
 
 def _start(
@@ -142,15 +153,16 @@ def start_uvicorn(
     stack: ExitStack,
     app: str,
     *,
+    workers: int = 1,
     app_dir: Path | None = None,
     env: dict[str, str] | None = None,
     timeout: float = 30.0,
 ) -> Server:
     """``python -m uvicorn APP`` (``module:attribute``, importable from ``app_dir`` if given) on
-    127.0.0.1, one process, no access log, no lifespan; returned once it listens."""
-    return _start(
-        stack, uvicorn_command(app), signal.SIGTERM, None, _environment(app_dir, env), timeout
-    )
+    127.0.0.1, one process (or ``workers`` worker processes under uvicorn's supervisor), no
+    access log, no lifespan; returned once it listens."""
+    command = uvicorn_command(app) + (["--workers", str(workers)] if workers != 1 else [])
+    return _start(stack, command, signal.SIGTERM, None, _environment(app_dir, env), timeout)
 
 
 def uvicorn_flavour() -> str:
@@ -204,17 +216,20 @@ def start_gunicorn(
     app: str,
     *,
     threads: int = 4,
+    workers: int = 1,
+    worker_class: str = "gthread",
     app_dir: Path | None = None,
     env: dict[str, str] | None = None,
     timeout: float = 30.0,
 ) -> Server:
     """``python -m gunicorn APP`` (``module:attribute``, importable from ``app_dir`` if given) on
-    127.0.0.1: one ``gthread`` worker with ``threads`` threads; returned once it listens
-    (requests sent before its worker has booted wait in the listen queue)."""
+    127.0.0.1: ``workers`` workers of ``worker_class`` (one ``gthread`` worker by default) with
+    ``threads`` threads; returned once it listens (requests sent before a worker has booted
+    wait in the listen queue)."""
     command = [
         *(sys.executable, "-m", "gunicorn", app, "--bind", "127.0.0.1:0"),
-        *("--worker-class", "gthread", "--workers", "1", "--threads", str(threads)),
+        *("--worker-class", worker_class, "--workers", str(workers), "--threads", str(threads)),
         *("--graceful-timeout", "1", "--keep-alive", "30", "--log-level", "info"),
         *_gunicorn_options(),
     ]
-    return _start(stack, command, signal.SIGINT, None, _environment(app_dir, env), timeout)
+    return _start(stack, command, signal.SIGTERM, None, _environment(app_dir, env), timeout)

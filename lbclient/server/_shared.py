@@ -1,0 +1,271 @@
+"""Requests in flight counted across the worker processes of one server: every process that
+accepts on the same listening socket (``gunicorn -w N``, ``uvicorn --workers N``) keeps its own
+count in a slot of a small file all of them map, and a report adds the others' slots to its own.
+
+The file is ``lbclient-rif-<uid>-<port>`` in ``/dev/shm`` (else the temporary directory), 4 KiB:
+one header slot (a mark, and a generation that each claim and release of a slot bumps) and
+:data:`SLOTS` slots of four 64-bit words: the owner's process id, its start time (from
+``/proc``, so that a reused id is told apart), the inode of the listening socket (workers of
+one server share the socket, so share its inode; another server that once had the port, or one
+in another network namespace, does not) and the owner's requests in flight. A slot is written
+by its owner only; slots are claimed and released under an exclusive ``flock`` of the file,
+and the file is removed when the last live owner releases its slot. A process that died without
+releasing (killed) leaves a slot that no reader counts and the next claim takes over.
+
+What lives here: finding this process's listening socket (Linux ``/proc``), the file and its
+slots. What may not: counting (the tracker counts and publishes), HTTP. Where any of it is not
+possible (not Linux, no such socket, the file owned by another user, every slot taken) joining
+returns None and the tracker counts its own process alone.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import logging
+import mmap
+import os
+import socket
+import stat
+import tempfile
+import time
+from collections.abc import Iterator
+from typing import Final, Literal
+
+__all__ = ["SLOTS", "Shared", "listening_inode", "shared_directory", "shared_file"]
+
+logger = logging.getLogger("lbclient.server")
+
+#: Slots of one file (the header's slot aside): the most worker processes counted together.
+SLOTS: Final = 127
+_WORDS: Final = 4  # per slot: pid, start time, socket inode, requests in flight
+_SIZE: Final = (SLOTS + 1) * _WORDS * 8
+_MARK: Final = 0x6C62_7269_6631  # "lbrif1": a file of this layout
+_PID, _START, _INODE, _COUNT = range(_WORDS)
+_GENERATION: Final = 1  # the header's word bumped by each claim and release
+#: Seconds between two checks that the other slots' owners still run.
+CHECK_EVERY: Final = 1.0
+#: How often, and how long apart (seconds), the file's lock is tried before giving up.
+LOCK_TRIES: Final = 200
+LOCK_PAUSE: Final = 0.005
+#: The largest count one slot may add (a slot holding more is not believed).
+MOST_PER_SLOT: Final = 1 << 20
+
+
+def shared_directory() -> str:
+    """Where the files are made: ``/dev/shm`` where it is a writable directory (memory, not a
+    disk), else the system's temporary directory."""
+    if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK | os.X_OK):
+        return "/dev/shm"
+    return tempfile.gettempdir()
+
+
+def shared_file(port: int, directory: str | None = None) -> str:
+    """The file the processes of a server listening on ``port`` share (in ``directory``, else
+    :func:`shared_directory`)."""
+    return os.path.join(directory or shared_directory(), f"lbclient-rif-{os.getuid()}-{port}")
+
+
+def listening_inode(port: int) -> int | None:
+    """The inode of this process's listening TCP socket on ``port`` (the smallest, where an
+    IPv4 and an IPv6 socket both listen on it), read from ``/proc/self/fd``; None where there is
+    none or no ``/proc``."""
+    try:
+        names = os.listdir("/proc/self/fd")
+    except OSError:
+        return None
+    found: list[int] = []
+    for name in names:
+        try:
+            fd = int(name)
+            if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+                continue
+            inode = os.fstat(fd).st_ino
+            copy = socket.socket(fileno=os.dup(fd))
+        except (ValueError, OSError):
+            continue
+        with copy:
+            try:
+                if (
+                    copy.family in (socket.AF_INET, socket.AF_INET6)
+                    and copy.type == socket.SOCK_STREAM
+                    and copy.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+                    and copy.getsockname()[1] == port
+                ):
+                    found.append(inode)
+            except OSError:
+                continue
+    return min(found) if found else None
+
+
+@contextlib.contextmanager
+def _locked(path: str, *, create: bool) -> Iterator[int]:
+    """The file at ``path`` opened (made if ``create``), under an exclusive ``flock`` until the
+    block ends. (Unlocked before it is closed: a mapping of it holds the open file, and with it
+    the lock, after the descriptor is closed.)"""
+    import fcntl  # Unix only; nothing here runs where there is no /proc
+
+    flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_CREAT if create else 0)
+    fd = os.open(path, flags, 0o600)
+    try:
+        for _ in range(LOCK_TRIES):  # held for microseconds: one held longer is a stuck process
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                time.sleep(LOCK_PAUSE)
+        else:
+            raise TimeoutError(f"{path} stayed locked for {LOCK_TRIES * LOCK_PAUSE:g} s")
+        try:
+            yield fd
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def _started(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks since boot, ``/proc/<pid>/stat``); None where
+    it does not run (gone, or a zombie) or there is no ``/proc``."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as file:
+            fields = file.read().rpartition(b")")[2].split()
+        if fields[0] == b"Z":
+            return None
+        return int(fields[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _alive(pid: int, started: int) -> bool:
+    return pid > 0 and _started(pid) == started
+
+
+class Shared:
+    """This process's slot in the file of one listening socket, and a view of the others'.
+
+    :meth:`publish` writes this process's count; :meth:`others` adds up the counts of the other
+    live slots of the same socket (its list of them made again when the generation moved, or
+    :data:`CHECK_EVERY` seconds after the last check, on the clock values given). Neither
+    locks: each slot has one writer, and a reader sees each word whole."""
+
+    def __init__(self, path: str, file: int, words: memoryview, place: int, inode: int) -> None:
+        self.path = path
+        self._file = file  # the inode of the file mapped (the path may name another later)
+        self._words = words
+        self._place = place
+        self._count = place + _COUNT
+        self._inode = inode
+        self._generation = -1
+        self._next_check = float("-inf")
+        self._counts: tuple[int, ...] = ()
+        self._left = False
+
+    @classmethod
+    def join(cls, port: int, *, directory: str | None = None) -> Shared | None:
+        """This process's slot for the server listening on ``port``; None where sharing is not
+        possible here (logged at debug level, or as a warning where the file is refused)."""
+        inode = listening_inode(port)
+        started = _started(os.getpid())
+        if inode is None or started is None:
+            logger.debug("no socket listening on port %s: in flight counted per process", port)
+            return None
+        path = shared_file(port, directory)
+        for _ in range(3):  # the file may be removed by its last owner between open and lock
+            try:
+                joined = cls._claim(path, inode, started)
+            except OSError as error:
+                logger.warning("cannot share requests in flight through %s: %s", path, error)
+                return None
+            if joined is not False:
+                return joined
+        return None
+
+    @classmethod
+    def _claim(cls, path: str, inode: int, started: int) -> Shared | Literal[False] | None:
+        """A slot of the file at ``path`` (False: the file was removed meanwhile, try again)."""
+        with _locked(path, create=True) as fd:
+            status = os.fstat(fd)
+            if status.st_nlink == 0:
+                return False
+            if status.st_uid != os.getuid() or stat.S_IMODE(status.st_mode) & 0o077:
+                logger.warning("%s is not this user's own: in flight counted per process", path)
+                return None
+            if status.st_size not in (0, _SIZE):
+                logger.warning("%s is not lbclient's: in flight counted per process", path)
+                return None
+            if status.st_size == 0:
+                os.ftruncate(fd, _SIZE)
+            words = memoryview(mmap.mmap(fd, _SIZE)).cast("q")
+            if words[0] not in (0, _MARK):
+                logger.warning("%s is not lbclient's: in flight counted per process", path)
+                return None
+            words[0] = _MARK
+            for slot in range(1, SLOTS + 1):
+                place = slot * _WORDS
+                owner = words[place + _PID]
+                if owner == 0 or not _alive(owner, words[place + _START]):
+                    words[place + _PID] = 0  # no reader takes it for its last owner's meanwhile
+                    words[place + _COUNT] = 0
+                    words[place + _INODE] = inode
+                    words[place + _START] = started
+                    words[place + _PID] = os.getpid()
+                    words[_GENERATION] += 1
+                    shared = cls(path, status.st_ino, words, place, inode)
+                    atexit.register(shared.leave)
+                    return shared
+            logger.warning("every slot of %s is taken: in flight counted per process", path)
+            return None
+
+    def publish(self, count: int) -> None:
+        """This process's requests in flight, as the others read them."""
+        self._words[self._count] = count
+
+    def others(self, now: float) -> int:
+        """The requests in flight of the other live processes of this server."""
+        words = self._words
+        if words[_GENERATION] != self._generation or now >= self._next_check:
+            self._check(now)
+        total = 0
+        for place in self._counts:
+            count = words[place]
+            if 0 < count <= MOST_PER_SLOT:
+                total += count
+        return total
+
+    def _check(self, now: float) -> None:
+        words = self._words
+        self._generation = words[_GENERATION]
+        self._next_check = now + CHECK_EVERY
+        counts = []
+        for slot in range(1, SLOTS + 1):
+            place = slot * _WORDS
+            if (
+                place != self._place
+                and words[place + _INODE] == self._inode
+                and _alive(words[place + _PID], words[place + _START])
+            ):
+                counts.append(place + _COUNT)
+        self._counts = tuple(counts)
+
+    def leave(self) -> None:
+        """Give the slot back (at exit, or when the process stops sharing); the last live owner
+        removes the file. Safe to call twice, or after a fork (only the slot's owner gives it
+        back)."""
+        if self._left:
+            return
+        self._left = True
+        words = self._words
+        if words[self._place + _PID] != os.getpid():
+            return  # a forked child's copy: the slot is its parent's
+        words[self._count] = 0
+        with contextlib.suppress(OSError), _locked(self.path, create=False) as fd:
+            if os.fstat(fd).st_ino != self._file:
+                return  # the path names another file now: not ours to release through
+            words[self._place + _PID] = 0
+            words[_GENERATION] += 1
+            if not any(
+                _alive(words[slot * _WORDS + _PID], words[slot * _WORDS + _START])
+                for slot in range(1, SLOTS + 1)
+            ):
+                os.unlink(self.path)

@@ -1,0 +1,382 @@
+"""Requests in flight shared by the processes of one server (``lbclient.server._shared`` and the
+tracker's use of it): real listening sockets on loopback, real files (in the test's folder),
+and real other processes that inherit the listening socket as a server's workers do. Clock
+values are given, never read.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from lbclient.server import LoadReportingASGI, LoadReportingWSGI, LoadTracker, _shared
+from lbclient.server._shared import CHECK_EVERY, SLOTS, Shared, listening_inode
+
+pytestmark = pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="the listening socket is found in Linux's /proc"
+)
+
+#: A worker of the server: inherits the listening socket (its descriptor in argv[1]), joins the
+#: file's folder (argv[2]), publishes argv[3] requests in flight, says so, then waits for a line
+#: on stdin: "leave" gives its slot back and exits, anything else exits without giving it back.
+WORKER = textwrap.dedent(
+    """
+    import socket, sys
+    from lbclient.server._shared import Shared
+    listener = socket.socket(fileno=int(sys.argv[1]))
+    shared = Shared.join(listener.getsockname()[1], directory=sys.argv[2])
+    assert shared is not None
+    shared.publish(int(sys.argv[3]))
+    print("joined", flush=True)
+    if sys.stdin.readline().strip() == "leave":
+        shared.leave()
+    import os
+    os._exit(0)
+    """
+)
+
+
+@pytest.fixture
+def listener() -> Iterator[socket.socket]:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    with sock:
+        yield sock
+
+
+def port_of(sock: socket.socket) -> int:
+    port: int = sock.getsockname()[1]
+    return port
+
+
+def joined(sock: socket.socket, folder: Path) -> Shared:
+    """A slot for ``sock``'s server, in ``folder``."""
+    shared = Shared.join(port_of(sock), directory=str(folder))
+    assert shared is not None
+    return shared
+
+
+def file_of(folder: Path, sock: socket.socket) -> Path:
+    return folder / f"lbclient-rif-{os.getuid()}-{port_of(sock)}"
+
+
+class Worker:
+    """Another process of the server (see WORKER)."""
+
+    def __init__(self, sock: socket.socket, folder: Path, count: int) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", WORKER, str(sock.fileno()), str(folder), str(count)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            pass_fds=[sock.fileno()],
+        )
+        assert self.proc.stdout is not None
+        assert self.proc.stdout.readline().strip() == "joined"
+
+    def stop(self, how: str) -> None:
+        assert self.proc.stdin is not None
+        if how == "kill":
+            self.proc.send_signal(signal.SIGKILL)
+        else:
+            self.proc.stdin.write(how + "\n")
+            self.proc.stdin.flush()
+        self.proc.wait(timeout=30)
+        self.proc.stdin.close()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+@pytest.fixture
+def workers() -> Iterator[list[Worker]]:
+    started: list[Worker] = []
+    yield started
+    for worker in started:
+        if worker.proc.poll() is None:
+            worker.stop("kill")
+
+
+def test_the_listening_socket_is_found_by_its_port(listener: socket.socket) -> None:
+    assert listening_inode(port_of(listener)) == os.fstat(listener.fileno()).st_ino
+    # A connected socket's port is not a listening one; a port nobody here listens on neither.
+    with socket.create_connection(listener.getsockname()) as client:
+        assert listening_inode(port_of(client)) is None
+        accepted, _ = listener.accept()
+        accepted.close()
+
+
+def test_processes_of_one_socket_read_each_others_counts(
+    listener: socket.socket, tmp_path: Path
+) -> None:
+    first, second = joined(listener, tmp_path), joined(listener, tmp_path)
+    path = file_of(tmp_path, listener)
+    assert path.stat().st_size == (SLOTS + 1) * 4 * 8
+    assert path.stat().st_mode & 0o777 == 0o600
+    first.publish(3)
+    second.publish(4)
+    assert (first.others(0.0), second.others(0.0)) == (4, 3)  # never its own
+    first.leave()
+    assert second.others(0.0) == 0
+    assert path.exists()  # a live owner is left
+    second.leave()
+    second.leave()
+    assert not path.exists()  # the last one removed it
+
+
+def test_a_worker_that_inherits_the_socket_is_counted_until_it_leaves(
+    listener: socket.socket, tmp_path: Path, workers: list[Worker]
+) -> None:
+    shared = joined(listener, tmp_path)
+    workers.append(Worker(listener, tmp_path, 5))
+    assert shared.others(0.0) == 5  # seen at once: a claim moves the generation
+    workers.append(Worker(listener, tmp_path, 2))
+    assert shared.others(0.0) == 7
+    workers[0].stop("leave")
+    assert shared.others(0.0) == 2
+    shared.leave()
+    workers[1].stop("leave")
+    assert not file_of(tmp_path, listener).exists()
+
+
+def test_a_killed_worker_is_not_counted_and_its_slot_is_taken_again(
+    listener: socket.socket, tmp_path: Path, workers: list[Worker]
+) -> None:
+    shared = joined(listener, tmp_path)
+    workers.append(Worker(listener, tmp_path, 6))
+    assert shared.others(10.0) == 6
+    workers[0].stop("kill")  # its slot still says 6: nobody gave it back
+    assert shared.others(10.0 + CHECK_EVERY / 2) == 6  # until the next check of the owners
+    assert shared.others(10.0 + CHECK_EVERY) == 0
+    workers.append(Worker(listener, tmp_path, 1))  # takes the dead one's slot
+    assert shared.others(10.0 + CHECK_EVERY) == 1
+    words = memoryview(file_of(tmp_path, listener).read_bytes()).cast("q")
+    owners = [words[slot * 4] for slot in range(1, SLOTS + 1) if words[slot * 4]]
+    assert sorted(owners) == sorted([os.getpid(), workers[1].proc.pid])
+    workers[1].stop("exit")  # gone without giving its slot back either
+    shared.leave()  # the last live owner: the file goes
+    assert not file_of(tmp_path, listener).exists()
+
+
+def test_another_socket_on_the_same_port_is_another_server(tmp_path: Path) -> None:
+    # Two servers on one port (SO_REUSEPORT): each counts its own processes only.
+    sockets = []
+    for _ in range(2):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(("127.0.0.1", port_of(sockets[0]) if sockets else 0))
+        sock.listen()
+        sockets.append(sock)
+    worker = None
+    try:
+        shared = joined(sockets[0], tmp_path)  # the smaller inode of the two
+        other = max(sockets, key=lambda s: os.fstat(s.fileno()).st_ino)
+        for sock in sockets:
+            if sock is not other:
+                sock.close()
+        worker = Worker(other, tmp_path, 9)  # a process of the other server only
+        assert shared.others(0.0) == 0
+        worker.stop("leave")
+        shared.leave()
+    finally:
+        if worker is not None and worker.proc.poll() is None:
+            worker.stop("kill")
+        for sock in sockets:
+            sock.close()
+
+
+@pytest.mark.parametrize(
+    "spoil",
+    ["another layout", "another size", "open to others", "a symbolic link"],
+)
+def test_a_file_not_ours_is_refused_and_each_process_counts_alone(
+    spoil: str, listener: socket.socket, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = file_of(tmp_path, listener)
+    if spoil == "another layout":
+        path.write_bytes(b"\x01" * (SLOTS + 1) * 32)
+    elif spoil == "another size":
+        path.write_bytes(b"\x00" * 100)
+    elif spoil == "open to others":
+        path.write_bytes(b"")
+        path.chmod(0o666)
+    else:
+        path.symlink_to(tmp_path / "elsewhere")
+    with caplog.at_level(logging.WARNING, logger="lbclient.server"):
+        assert Shared.join(port_of(listener), directory=str(tmp_path)) is None
+    assert str(path) in caplog.text
+    assert not (tmp_path / "elsewhere").exists()
+
+
+def test_when_every_slot_is_taken_the_process_counts_alone(
+    listener: socket.socket, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    taken = [joined(listener, tmp_path) for _ in range(SLOTS)]
+    with caplog.at_level(logging.WARNING, logger="lbclient.server"):
+        assert Shared.join(port_of(listener), directory=str(tmp_path)) is None
+    assert "every slot" in caplog.text
+    for shared in taken:
+        shared.leave()
+    assert not file_of(tmp_path, listener).exists()
+
+
+# -- the tracker -----------------------------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setattr(_shared, "shared_directory", lambda: str(tmp_path))
+    return tmp_path
+
+
+def test_trackers_of_one_socket_count_each_others_requests(
+    listener: socket.socket, folder: Path
+) -> None:
+    clock = Clock()
+    one, two = LoadTracker(clock=clock), LoadTracker(clock=clock)
+    for tracker in (one, two):
+        tracker.listening(str(port_of(listener)))  # as WSGI's SERVER_PORT gives it
+        assert tracker.shared
+    held = [one.begin(), one.begin()]
+    assert [two.rif, one.rif] == [2, 2]
+    arrival = two.begin()
+    assert arrival[1] == 2  # it found the server's two in flight, not its process's none
+    assert two.report().rif == 3
+    assert "named_metrics.rif=2," in two.rendered("TEXT")  # besides the one it answers
+    for started in held:
+        one.end(started)
+    assert [one.rif, two.rif] == [1, 1]
+    two.drop()
+    assert [one.rif, two.rif] == [0, 0]
+    clock.now += 5.0
+    assert one.report().rif == 0
+
+
+@pytest.mark.parametrize("port", [None, "", "http", True, 0, 70000, "listener's, unshared"])
+def test_a_tracker_that_cannot_share_counts_its_own(
+    port: object, listener: socket.socket, folder: Path
+) -> None:
+    tracker = LoadTracker(share_in_flight=port != "listener's, unshared")
+    tracker.listening(port_of(listener) if port == "listener's, unshared" else port)
+    assert not tracker.shared
+    assert tracker.joined
+    tracker.listening(port_of(listener))  # told once: never joins later
+    assert not tracker.shared
+    assert not list(folder.iterdir())
+
+
+def test_no_listening_socket_on_the_port_means_no_sharing(folder: Path) -> None:
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))  # bound, never listening
+        tracker = LoadTracker()
+        tracker.listening(port_of(unused))
+    assert not tracker.shared
+
+
+def test_share_in_flight_must_be_a_bool() -> None:
+    with pytest.raises(TypeError, match="share_in_flight must be a bool, got 1"):
+        LoadTracker(share_in_flight=1)  # type: ignore[arg-type]
+
+
+async def _ok(scope: object, receive: object, send: object) -> None:
+    return None
+
+
+def test_the_middlewares_tell_the_port_of_their_first_request(
+    listener: socket.socket, folder: Path
+) -> None:
+    import asyncio
+
+    port = port_of(listener)
+    asgi = LoadReportingASGI(_ok)
+    scope = {"type": "http", "path": "/", "headers": [], "server": ("127.0.0.1", port)}
+
+    async def send(message: object) -> None:
+        return None
+
+    async def receive() -> dict[str, object]:
+        return {"type": "http.request"}
+
+    asyncio.run(asgi(scope, receive, send))
+    assert asgi.tracker.shared
+
+    wsgi = LoadReportingWSGI(lambda environ, start: [b""])
+    body = wsgi({"PATH_INFO": "/", "SERVER_PORT": str(port)}, lambda *args: lambda data: None)
+    list(body)
+    assert wsgi.tracker.shared
+    assert asgi.tracker.rif == wsgi.tracker.rif == 0
+
+
+FORKED = textwrap.dedent(
+    """
+    import os, socket, sys
+    from lbclient.server import LoadTracker
+    from lbclient.server import _shared
+    _shared.shared_directory = lambda: sys.argv[1]
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    tracker = LoadTracker()
+    tracker.listening(listener.getsockname()[1])
+    assert tracker.shared
+    tracker.begin()
+    child = os.fork()
+    if child == 0:  # not the slot's owner: counts alone until told a port again
+        tracker.begin()
+        os._exit(0 if not tracker.shared and not tracker.joined and tracker.rif == 2 else 1)
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, status
+    assert tracker.shared
+    words = memoryview(open(tracker._shared.path, "rb").read()).cast("q")
+    assert [words[i + 3] for i in range(4, len(words), 4) if words[i] == os.getpid()] == [1]
+    print("ok")
+    """
+)
+
+
+def test_a_forked_child_does_not_write_in_its_parents_slot(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", FORKED, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
+    assert not list(tmp_path.iterdir())  # the parent gave its slot back at exit
+
+
+def test_a_file_locked_too_long_is_given_up(
+    listener: socket.socket,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import fcntl
+
+    monkeypatch.setattr(_shared, "LOCK_TRIES", 3)
+    path = file_of(tmp_path, listener)
+    with open(os.open(path, os.O_CREAT | os.O_RDWR, 0o600), "wb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # a process stuck while it holds the lock
+        with caplog.at_level(logging.WARNING, logger="lbclient.server"):
+            assert Shared.join(port_of(listener), directory=str(tmp_path)) is None
+    assert "stayed locked" in caplog.text
+    joined(listener, tmp_path).leave()  # released: it joins
