@@ -380,3 +380,23 @@ def test_a_file_locked_too_long_is_given_up(
             assert Shared.join(port_of(listener), directory=str(tmp_path)) is None
     assert "stayed locked" in caplog.text
     joined(listener, tmp_path).leave()  # released: it joins
+
+
+def test_a_full_file_system_is_a_warning_not_a_crash(
+    listener: socket.socket,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A full /dev/shm: the file's memory is taken before any write to it, so the error comes
+    # from the allocation (here, made to fail as a full tmpfs fails it) and no page is written.
+    import errno
+
+    def full(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with caplog.at_level(logging.WARNING, logger="lbclient.server"):
+        assert Shared.join(port_of(listener), directory=str(tmp_path)) is None
+    assert "No space left on device" in caplog.text
+    assert file_of(tmp_path, listener).stat().st_size == 0

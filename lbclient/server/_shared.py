@@ -194,8 +194,9 @@ class Shared:
             if status.st_size not in (0, _SIZE):
                 logger.warning("%s is not lbclient's: in flight counted per process", path)
                 return None
-            if status.st_size == 0:
-                os.ftruncate(fd, _SIZE)
+            # Its memory taken now: where the file system is full this is an error to log,
+            # where a write to a page of the mapping not yet backed would kill the process.
+            os.posix_fallocate(fd, 0, _SIZE)
             words = memoryview(mmap.mmap(fd, _SIZE)).cast("q")
             if words[0] not in (0, _MARK):
                 logger.warning("%s is not lbclient's: in flight counted per process", path)
