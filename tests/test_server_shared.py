@@ -19,7 +19,15 @@ from pathlib import Path
 import pytest
 
 from lbclient.server import LoadReportingASGI, LoadReportingWSGI, LoadTracker, _shared
-from lbclient.server._shared import CHECK_EVERY, SLOTS, Shared, listening_inode
+from lbclient.server._shared import (
+    CHECK_EVERY,
+    SLOTS,
+    Shared,
+    discard,
+    listening_inode,
+    shared_file,
+)
+from lbclient.server._tracker import JOIN_RETRY
 
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="the listening socket is found in Linux's /proc"
@@ -67,22 +75,29 @@ def joined(sock: socket.socket, folder: Path) -> Shared:
 
 
 def file_of(folder: Path, sock: socket.socket) -> Path:
-    return folder / f"lbclient-rif-{os.getuid()}-{port_of(sock)}"
+    return Path(shared_file(port_of(sock), str(folder)))
+
+
+def joined_process(script: str, sock: socket.socket, *args: str) -> subprocess.Popen[str]:
+    """``script`` run in a new interpreter that inherits ``sock`` (its descriptor the first
+    argument, then ``args``), once it says it joined."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, str(sock.fileno()), *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        pass_fds=[sock.fileno()],
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "joined"
+    return proc
 
 
 class Worker:
     """Another process of the server (see WORKER)."""
 
     def __init__(self, sock: socket.socket, folder: Path, count: int) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", WORKER, str(sock.fileno()), str(folder), str(count)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            pass_fds=[sock.fileno()],
-        )
-        assert self.proc.stdout is not None
-        assert self.proc.stdout.readline().strip() == "joined"
+        self.proc = joined_process(WORKER, sock, str(folder), str(count))
 
     def stop(self, how: str) -> None:
         assert self.proc.stdin is not None
@@ -115,18 +130,21 @@ def test_the_listening_socket_is_found_by_its_port(listener: socket.socket) -> N
         accepted.close()
 
 
-def test_processes_of_one_socket_read_each_others_counts(
-    listener: socket.socket, tmp_path: Path
+def test_slots_of_one_process_leave_each_other_out_and_the_last_removes_the_file(
+    listener: socket.socket, tmp_path: Path, workers: list[Worker]
 ) -> None:
+    # Two trackers of one process (two apps, or one wrapped twice): each reports its own.
     first, second = joined(listener, tmp_path), joined(listener, tmp_path)
     path = file_of(tmp_path, listener)
     assert path.stat().st_size == (SLOTS + 1) * 4 * 8
     assert path.stat().st_mode & 0o777 == 0o600
     first.publish(3)
     second.publish(4)
-    assert (first.others(0.0), second.others(0.0)) == (4, 3)  # never its own
+    assert (first.others(0.0), second.others(0.0)) == (0, 0)
+    workers.append(Worker(listener, tmp_path, 5))  # another process: both count it
+    assert (first.others(0.0), second.others(0.0)) == (5, 5)
+    workers[0].stop("leave")
     first.leave()
-    assert second.others(0.0) == 0
     assert path.exists()  # a live owner is left
     second.leave()
     second.leave()
@@ -246,30 +264,89 @@ def folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
-def test_trackers_of_one_socket_count_each_others_requests(
+#: Another worker process with a tracker: inherits the listening socket (argv[1]), makes its
+#: shared file in argv[2], then obeys a line at a time: "begin" and "end" a request (answering
+#: the requests in flight it reads), "exit" (normally: its slot is given back).
+TRACKER_WORKER = textwrap.dedent(
+    """
+    import socket, sys
+    from lbclient.server import LoadTracker, _shared
+    _shared.shared_directory = lambda: sys.argv[2]
+    listener = socket.socket(fileno=int(sys.argv[1]))
+    tracker = LoadTracker()
+    tracker.listening(str(listener.getsockname()[1]))  # as WSGI's SERVER_PORT gives it
+    assert tracker.shared
+    held = []
+    print("joined", flush=True)
+    for line in sys.stdin:
+        if line.strip() == "begin":
+            held.append(tracker.begin())
+        elif line.strip() == "end":
+            tracker.end(held.pop())
+        else:
+            break
+        print(tracker.rif, flush=True)
+    """
+)
+
+
+class TrackerWorker:
+    """Another process of the server, with a tracker (see TRACKER_WORKER)."""
+
+    def __init__(self, sock: socket.socket, folder: Path) -> None:
+        self.proc = joined_process(TRACKER_WORKER, sock, str(folder))
+
+    def tell(self, line: str) -> int:
+        """What it reads as in flight after ``line``."""
+        assert self.proc.stdin is not None
+        assert self.proc.stdout is not None
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+        return int(self.proc.stdout.readline())
+
+    def exit(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("exit\n")
+        self.proc.stdin.close()
+        assert self.proc.wait(timeout=30) == 0
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+def test_trackers_of_two_processes_count_each_others_requests(
     listener: socket.socket, folder: Path
 ) -> None:
     clock = Clock()
-    one, two = LoadTracker(clock=clock), LoadTracker(clock=clock)
-    for tracker in (one, two):
-        tracker.listening(str(port_of(listener)))  # as WSGI's SERVER_PORT gives it
-        assert tracker.shared
-    held = [one.begin(), one.begin()]
-    assert [two.rif, one.rif] == [2, 2]
-    arrival = two.begin()
-    assert arrival[1] == 2  # it found the server's two in flight, not its process's none
-    assert two.report().rif == 3
-    assert "named_metrics.rif=2," in two.rendered("TEXT")  # besides the one it answers
-    for started in held:
-        one.end(started)
-    assert [one.rif, two.rif] == [1, 1]
-    two.drop()
-    assert [one.rif, two.rif] == [0, 0]
-    clock.now += 5.0
-    assert one.report().rif == 0
+    here = LoadTracker(clock=clock)
+    here.listening(port_of(listener))
+    assert here.shared
+    there = TrackerWorker(listener, folder)
+    try:
+        assert [there.tell("begin"), there.tell("begin")] == [1, 2]
+        assert here.rif == 2
+        arrival = here.begin()
+        assert arrival[1] == 2  # it found the server's two in flight, not its process's none
+        assert here.report().rif == 3
+        assert "named_metrics.rif=2," in here.rendered("TEXT")  # besides the one it answers
+        assert there.tell("end") == 2  # its one, and this process's
+        here.end(arrival)
+        assert [here.rif, there.tell("end"), here.rif] == [1, 0, 0]
+        # Nor by one wrapped twice in this process: the other tracker here is not added.
+        inner = LoadTracker(clock=clock)
+        inner.listening(port_of(listener))
+        inner.begin()
+        assert [here.rif, inner.rif, there.tell("begin")] == [0, 1, 2]
+        inner.drop()
+        clock.now += 5.0
+        assert here.report().rif == 1
+    finally:
+        there.exit()
+    assert here.rif == 0  # gone, and it gave its slot back
 
 
-@pytest.mark.parametrize("port", [None, "", "http", True, 0, 70000, "listener's, unshared"])
+@pytest.mark.parametrize(
+    "port", [None, "", "http", "\u00b2", "008080", True, 0, 70000, "listener's, unshared"]
+)
 def test_a_tracker_that_cannot_share_counts_its_own(
     port: object, listener: socket.socket, folder: Path
 ) -> None:
@@ -364,22 +441,35 @@ def test_a_forked_child_does_not_write_in_its_parents_slot(tmp_path: Path) -> No
     assert not list(tmp_path.iterdir())  # the parent gave its slot back at exit
 
 
-def test_a_file_locked_too_long_is_given_up(
+def test_a_file_locked_too_long_is_tried_again_later(
     listener: socket.socket,
-    tmp_path: Path,
+    folder: Path,
     caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     import fcntl
 
-    monkeypatch.setattr(_shared, "LOCK_TRIES", 3)
-    path = file_of(tmp_path, listener)
+    monkeypatch.setattr(_shared, "LOCK_TRIES", 2)
+    clock = Clock()
+    tracker = LoadTracker(clock=clock)
+    path = file_of(folder, listener)
     with open(os.open(path, os.O_CREAT | os.O_RDWR, 0o600), "wb") as held:
         fcntl.flock(held, fcntl.LOCK_EX)  # a process stuck while it holds the lock
         with caplog.at_level(logging.WARNING, logger="lbclient.server"):
-            assert Shared.join(port_of(listener), directory=str(tmp_path)) is None
-    assert "stayed locked" in caplog.text
-    joined(listener, tmp_path).leave()  # released: it joins
+            tracker.listening(port_of(listener))
+        assert "stayed locked" in caplog.text
+        assert not tracker.shared
+        assert not tracker.joined
+        clock.now += JOIN_RETRY / 2
+        caplog.clear()
+        tracker.listening(port_of(listener))  # too soon: not tried
+        assert not caplog.text
+    tracker.listening(port_of(listener))
+    assert not tracker.shared
+    clock.now += JOIN_RETRY / 2
+    tracker.listening(port_of(listener))  # released, and time to try again
+    assert tracker.shared
+    assert tracker.joined
 
 
 def test_a_full_file_system_is_a_warning_not_a_crash(
@@ -400,3 +490,49 @@ def test_a_full_file_system_is_a_warning_not_a_crash(
         assert Shared.join(port_of(listener), directory=str(tmp_path)) is None
     assert "No space left on device" in caplog.text
     assert file_of(tmp_path, listener).stat().st_size == 0
+
+
+def test_finding_the_socket_touches_no_socket_of_the_process(listener: socket.socket) -> None:
+    # With a default timeout set, a socket object made over a copy of a descriptor would turn
+    # the shared open file non-blocking, and the server's blocking sockets with it.
+    listener.setblocking(True)
+    before = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(5.0)
+    try:
+        assert listening_inode(port_of(listener)) == os.fstat(listener.fileno()).st_ino
+    finally:
+        socket.setdefaulttimeout(before)
+    assert os.get_blocking(listener.fileno())
+
+
+def test_the_file_is_one_per_user_pid_namespace_and_port() -> None:
+    namespace = os.readlink("/proc/self/ns/pid").partition("[")[2].rstrip("]")
+    assert shared_file(8080, "/run") == f"/run/lbclient-rif-{os.getuid()}-{namespace}-8080"
+
+
+def test_a_supervisor_removes_the_file_only_when_no_owner_lives(
+    listener: socket.socket, tmp_path: Path, workers: list[Worker]
+) -> None:
+    workers.append(Worker(listener, tmp_path, 1))
+    discard(port_of(listener), str(tmp_path))
+    assert file_of(tmp_path, listener).exists()  # its owner runs
+    workers[0].stop("kill")
+    discard(port_of(listener), str(tmp_path))
+    assert not file_of(tmp_path, listener).exists()
+    discard(port_of(listener), str(tmp_path))  # none: nothing to do
+
+
+def test_a_count_published_after_leaving_reaches_no_slot(
+    listener: socket.socket, tmp_path: Path, workers: list[Worker]
+) -> None:
+    shared = joined(listener, tmp_path)
+    workers.append(Worker(listener, tmp_path, 2))
+    shared.leave()
+    workers.append(Worker(listener, tmp_path, 3))  # may take the slot given back
+    shared.publish(50)  # a request ending after the exit began
+    reader = joined(listener, tmp_path)
+    assert reader.others(0.0) == 5
+    assert shared.others(0.0) == 0
+    for worker in workers:
+        worker.stop("leave")
+    reader.leave()

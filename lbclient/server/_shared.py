@@ -1,8 +1,10 @@
 """Requests in flight counted across the worker processes of one server: every process that
 accepts on the same listening socket (``gunicorn -w N``, ``uvicorn --workers N``) keeps its own
-count in a slot of a small file all of them map, and a report adds the others' slots to its own.
+count in a slot of a small file all of them map, and a report adds the other processes' slots
+to its own.
 
-The file is ``lbclient-rif-<uid>-<port>`` in ``/dev/shm`` (else the temporary directory), 4 KiB:
+The file is ``lbclient-rif-<uid>-<pid namespace>-<port>`` in ``/dev/shm`` (else the temporary
+directory; process ids mean something within one PID namespace only), 4 KiB:
 one header slot (a mark, and a generation that each claim and release of a slot bumps) and
 :data:`SLOTS` slots of four 64-bit words: the owner's process id, its start time (from
 ``/proc``, so that a reused id is told apart), the inode of the listening socket (workers of
@@ -10,7 +12,8 @@ one server share the socket, so share its inode; another server that once had th
 in another network namespace, does not) and the owner's requests in flight. A slot is written
 by its owner only; slots are claimed and released under an exclusive ``flock`` of the file,
 and the file is removed when the last live owner releases its slot. A process that died without
-releasing (killed) leaves a slot that no reader counts and the next claim takes over.
+releasing (killed) leaves a slot that no reader counts and the next claim takes over. Slots of
+the reader's own process (its other trackers) are not added: each reports its own.
 
 What lives here: finding this process's listening socket (Linux ``/proc``), the file and its
 slots. What may not: counting (the tracker counts and publishes), HTTP. Where any of it is not
@@ -25,14 +28,13 @@ import contextlib
 import logging
 import mmap
 import os
-import socket
 import stat
 import tempfile
 import time
 from collections.abc import Iterator
 from typing import Final, Literal
 
-__all__ = ["SLOTS", "Shared", "listening_inode", "shared_directory", "shared_file"]
+__all__ = ["SLOTS", "Shared", "discard", "listening_inode", "shared_directory", "shared_file"]
 
 logger = logging.getLogger("lbclient.server")
 
@@ -46,7 +48,7 @@ _GENERATION: Final = 1  # the header's word bumped by each claim and release
 #: Seconds between two checks that the other slots' owners still run.
 CHECK_EVERY: Final = 1.0
 #: How often, and how long apart (seconds), the file's lock is tried before giving up.
-LOCK_TRIES: Final = 200
+LOCK_TRIES: Final = 40
 LOCK_PAUSE: Final = 0.005
 #: The largest count one slot may add (a slot holding more is not believed).
 MOST_PER_SLOT: Final = 1 << 20
@@ -60,41 +62,61 @@ def shared_directory() -> str:
     return tempfile.gettempdir()
 
 
+def _pid_namespace() -> str:
+    """This process's PID namespace (``/proc/self/ns/pid``'s inode; "0" where it cannot be
+    read): process ids mean something only within one."""
+    try:
+        return os.readlink("/proc/self/ns/pid").partition("[")[2].rstrip("]") or "0"
+    except OSError:
+        return "0"
+
+
 def shared_file(port: int, directory: str | None = None) -> str:
     """The file the processes of a server listening on ``port`` share (in ``directory``, else
-    :func:`shared_directory`)."""
-    return os.path.join(directory or shared_directory(), f"lbclient-rif-{os.getuid()}-{port}")
+    :func:`shared_directory`): one per user, PID namespace and port."""
+    name = f"lbclient-rif-{os.getuid()}-{_pid_namespace()}-{port}"
+    return os.path.join(directory or shared_directory(), name)
+
+
+_LISTEN: Final = "0A"  # a TCP socket's state in /proc/net/tcp: listening
 
 
 def listening_inode(port: int) -> int | None:
     """The inode of this process's listening TCP socket on ``port`` (the smallest, where an
-    IPv4 and an IPv6 socket both listen on it), read from ``/proc/self/fd``; None where there is
-    none or no ``/proc``."""
+    IPv4 and an IPv6 socket both listen on it): the listening sockets of the network namespace
+    on that port (``/proc/self/net/tcp`` and ``tcp6``) that are among this process's open files
+    (``/proc/self/fd``). None where there is none or no ``/proc``. Reads only: no socket of the
+    process is touched."""
+    listening: set[int] = set()
+    for table in ("/proc/self/net/tcp", "/proc/self/net/tcp6"):
+        try:
+            with open(table, "rb") as file:
+                lines = file.read().decode("ascii", "replace").splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            try:
+                if fields[3] == _LISTEN and int(fields[1].rpartition(":")[2], 16) == port:
+                    listening.add(int(fields[9]))
+            except (IndexError, ValueError):
+                continue
+    if not listening:
+        return None
+    found = []
     try:
         names = os.listdir("/proc/self/fd")
     except OSError:
         return None
-    found: list[int] = []
     for name in names:
         try:
-            fd = int(name)
-            if not stat.S_ISSOCK(os.fstat(fd).st_mode):
-                continue
-            inode = os.fstat(fd).st_ino
-            copy = socket.socket(fileno=os.dup(fd))
-        except (ValueError, OSError):
+            target = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
             continue
-        with copy:
-            try:
-                if (
-                    copy.family in (socket.AF_INET, socket.AF_INET6)
-                    and copy.type == socket.SOCK_STREAM
-                    and copy.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
-                    and copy.getsockname()[1] == port
-                ):
-                    found.append(inode)
-            except OSError:
-                continue
+        if target.startswith("socket:["):
+            inode = int(target[8:-1])
+            if inode in listening:
+                found.append(inode)
     return min(found) if found else None
 
 
@@ -160,11 +182,14 @@ class Shared:
         self._next_check = float("-inf")
         self._counts: tuple[int, ...] = ()
         self._left = False
+        self._pid = os.getpid()
 
     @classmethod
     def join(cls, port: int, *, directory: str | None = None) -> Shared | None:
         """This process's slot for the server listening on ``port``; None where sharing is not
-        possible here (logged at debug level, or as a warning where the file is refused)."""
+        possible here (logged at debug level, or as a warning where the file is refused).
+        Raises TimeoutError where the file stayed locked (:data:`LOCK_TRIES`): worth another
+        try later."""
         inode = listening_inode(port)
         started = _started(os.getpid())
         if inode is None or started is None:
@@ -174,6 +199,8 @@ class Shared:
         for _ in range(3):  # the file may be removed by its last owner between open and lock
             try:
                 joined = cls._claim(path, inode, started)
+            except TimeoutError:
+                raise
             except OSError as error:
                 logger.warning("cannot share requests in flight through %s: %s", path, error)
                 return None
@@ -241,10 +268,11 @@ class Shared:
         counts = []
         for slot in range(1, SLOTS + 1):
             place = slot * _WORDS
+            owner = words[place + _PID]
             if (
-                place != self._place
+                owner != self._pid  # this process's other trackers: each reports its own
                 and words[place + _INODE] == self._inode
-                and _alive(words[place + _PID], words[place + _START])
+                and _alive(owner, words[place + _START])
             ):
                 counts.append(place + _COUNT)
         self._counts = tuple(counts)
@@ -252,11 +280,14 @@ class Shared:
     def leave(self) -> None:
         """Give the slot back (at exit, or when the process stops sharing); the last live owner
         removes the file. Safe to call twice, or after a fork (only the slot's owner gives it
-        back)."""
+        back). Publishing after it writes nowhere; the others read as none."""
         if self._left:
             return
         self._left = True
         words = self._words
+        # A request still ending (at exit, in another thread) writes where no one reads: the
+        # slot may be another process's by then.
+        self._words = memoryview(bytearray(_SIZE)).cast("q")
         if words[self._place + _PID] != os.getpid():
             return  # a forked child's copy: the slot is its parent's
         words[self._count] = 0
@@ -270,3 +301,23 @@ class Shared:
                 for slot in range(1, SLOTS + 1)
             ):
                 os.unlink(self.path)
+
+
+def discard(port: int, directory: str | None = None) -> None:
+    """Remove the file of the server that listened on ``port`` if no live process owns a slot of
+    it (what a server's supervisor may do once its workers are gone: one that ended by a signal
+    leaves it)."""
+    path = shared_file(port, directory)
+    with contextlib.suppress(OSError), _locked(path, create=False) as fd:
+        if os.fstat(fd).st_size != _SIZE:
+            return
+        with mmap.mmap(fd, _SIZE) as memory:
+            words = memoryview(memory).cast("q")
+            try:
+                if words[0] == _MARK and not any(
+                    _alive(words[slot * _WORDS + _PID], words[slot * _WORDS + _START])
+                    for slot in range(1, SLOTS + 1)
+                ):
+                    os.unlink(path)
+            finally:
+                words.release()

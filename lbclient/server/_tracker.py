@@ -54,6 +54,21 @@ _MARKS: Final = {
     "JSON": ('"rif": 0, "latency_ms": 0', '"rif": ', ', "latency_ms": '),
 }
 
+#: Seconds before a tracker tries again to join the processes of its server, where the shared
+#: file stayed locked.
+JOIN_RETRY: Final = 5.0
+
+
+def _port_number(port: object) -> int | None:
+    """``port`` as a TCP port number (an int, or a string of ASCII digits); None for anything
+    else."""
+    if isinstance(port, str) and port.isascii() and port.isdigit() and len(port) <= 5:
+        port = int(port)
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+        return None
+    return port
+
+
 #: What :meth:`LoadTracker.begin` returns: the arrival's clock value, and the requests it found
 #: in flight.
 Arrival = tuple[float, int]
@@ -171,10 +186,11 @@ class LoadTracker:
     process's alone: the middlewares tell the tracker the port of the first request they see
     (:meth:`listening`), and every process that accepts on that listening socket (the workers
     of ``gunicorn -w N`` or ``uvicorn --workers N``, whose trackers do the same) counts in a
-    slot of a small shared file (``/dev/shm/lbclient-rif-<uid>-<port>``); ``rif`` and the
-    requests an arrival found are then the sum of the live processes' slots. Where that is not
-    possible (not Linux, no such socket, the file refused, or ``share_in_flight=False``) each
-    process counts its own. Rates, latencies and metrics are the process's own either way.
+    slot of a small shared file (``/dev/shm/lbclient-rif-<uid>-<pid namespace>-<port>``);
+    ``rif`` and the requests an arrival found are then this tracker's count and the other live
+    processes' slots. Where that is not possible (not Linux, no such socket, the file refused,
+    or ``share_in_flight=False``) each process counts its own. Rates, latencies and metrics are
+    the process's own either way.
 
     ``clock`` (seconds, monotonic) is the only clock read. Thread-safe: requests in flight are
     counted without a lock (see ``_flying``; where they are shared, each change is published
@@ -237,24 +253,39 @@ class LoadTracker:
         #: the port was told (or nothing is to be shared).
         self._shared: Shared | None = None
         self.joined = not share_in_flight
+        self._joining = threading.Lock()
+        self._join_after = -_INFINITY
 
     def listening(self, port: object) -> None:
         """The port the requests arrive on (what the middlewares read from their first request;
         anything but a port number: none). With ``share_in_flight``, the tracker joins the other
-        processes accepting on this process's listening socket on that port, once."""
-        with self._lock:
-            if self.joined:
+        processes accepting on this process's listening socket on that port, once (tried again
+        :data:`JOIN_RETRY` seconds later where the shared file stayed locked). Never waits for
+        another thread that is joining: that request is counted as the process's alone."""
+        if self.joined or not self._joining.acquire(blocking=False):
+            return
+        try:
+            now = self._clock()
+            if self.joined or now < self._join_after:
+                return
+            number = _port_number(port)
+            if number is None:
+                self.joined = True
+                return
+            try:
+                shared = Shared.join(number)
+            except TimeoutError as error:
+                logger.warning("%s; in flight counted per process until a later try", error)
+                self._join_after = now + JOIN_RETRY
                 return
             self.joined = True
-            if isinstance(port, str) and port.isdigit():
-                port = int(port)
-            if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
-                return
-            shared = Shared.join(port)
             if shared is None:
                 return
-            shared.publish(len(self._flying))
-            self._shared = shared
+            with self._lock:  # set, then published: a begin after this publishes too
+                self._shared = shared
+                shared.publish(len(self._flying))
+        finally:
+            self._joining.release()
         reference = weakref.ref(self)
 
         def forked() -> None:  # a child of a fork is not the slot's owner: it may join anew
@@ -311,7 +342,7 @@ class LoadTracker:
         if isinstance(arrival, tuple):
             started, found = arrival
         else:  # a start time alone: taken to have found what is in flight besides it now
-            started, found = arrival, len(flying) - 1
+            started, found = arrival, len(flying) - 1 + self._others(now)
         latency = now - started
         if latency < 0.0:
             latency = 0.0

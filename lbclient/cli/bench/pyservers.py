@@ -16,7 +16,6 @@ have started.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import importlib.util
 import os
@@ -29,7 +28,7 @@ from collections import deque
 from contextlib import ExitStack
 from pathlib import Path
 
-from lbclient.server._shared import shared_file
+from lbclient.server._shared import discard
 
 __all__ = [
     "Server",
@@ -123,8 +122,7 @@ class Server:
         if self._proc.stderr is not None:
             self._proc.stderr.close()
         if self._port is not None:  # its workers are gone; one killed leaves the file behind
-            with contextlib.suppress(OSError):
-                os.unlink(shared_file(self._port))
+            discard(self._port)
 
 
 def _start(
