@@ -54,6 +54,16 @@ def test_companion_benchmark_runs_alone_and_prints_its_table(tmp_path: Path) -> 
         assert cells[2].endswith(" req/s")
         float(cells[3])
     assert lines[head + 2 + len(CASES)].startswith("-")
+    # Then, in process, a tracker counting its process alone and one sharing with three others.
+    start = next(i for i, line in enumerate(lines) if line.startswith("In process, LoadTracker"))
+    alone, shared = lines[start + 1 : start + 3]
+    assert alone.startswith("  counted per process (share_in_flight=False)")
+    assert float(alone.split()[-2]) > 0
+    if sys.platform.startswith("linux"):
+        assert shared.startswith("  shared with 3 other worker processes")
+        assert float(shared.split()[-2]) > 0
+    else:
+        assert "not available here" in shared
 
 
 def test_companion_benchmark_rejects_bad_round_settings() -> None:

@@ -536,3 +536,33 @@ def test_a_count_published_after_leaving_reaches_no_slot(
     for worker in workers:
         worker.stop("leave")
     reader.leave()
+
+
+def test_the_count_published_by_many_threads_is_the_count_once_they_rest(
+    listener: socket.socket, folder: Path
+) -> None:
+    import threading
+
+    tracker = LoadTracker()
+    tracker.listening(port_of(listener))
+    assert tracker.shared
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads switched as often as the interpreter allows
+
+    def work() -> None:
+        for _ in range(2_000):
+            tracker.end(tracker.begin())
+        tracker.begin()  # each leaves one in flight
+
+    try:
+        threads = [threading.Thread(target=work) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    words = memoryview(file_of(folder, listener).read_bytes()).cast("q")
+    published = [words[i + 3] for i in range(4, len(words), 4) if words[i] == os.getpid()]
+    assert published == [8]
+    assert tracker.rif == 8

@@ -31,7 +31,7 @@ import os
 import stat
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sized
 from typing import Final, Literal
 
 __all__ = ["SLOTS", "Shared", "discard", "listening_inode", "shared_directory", "shared_file"]
@@ -168,8 +168,9 @@ class Shared:
 
     :meth:`publish` writes this process's count; :meth:`others` adds up the counts of the other
     live slots of the same socket (its list of them made again when the generation moved, or
-    :data:`CHECK_EVERY` seconds after the last check, on the clock values given). Neither
-    locks: each slot has one writer, and a reader sees each word whole."""
+    :data:`CHECK_EVERY` seconds after the last check, on the clock values given). None of them
+    locks: each slot has one writer process, its threads publish with :meth:`track`, and a
+    reader sees each word whole."""
 
     def __init__(self, path: str, file: int, words: memoryview, place: int, inode: int) -> None:
         self.path = path
@@ -181,6 +182,7 @@ class Shared:
         self._generation = -1
         self._next_check = float("-inf")
         self._counts: tuple[int, ...] = ()
+        self._most = 0
         self._left = False
         self._pid = os.getpid()
 
@@ -249,17 +251,29 @@ class Shared:
         """This process's requests in flight, as the others read them."""
         self._words[self._count] = count
 
+    def track(self, flying: Sized) -> None:
+        """Publish ``len(flying)``, which other threads may change meanwhile, without a lock:
+        written, then read again and written again until it held still, so that whichever
+        thread writes last writes what it found after its write."""
+        words, place = self._words, self._count
+        count = len(flying)
+        words[place] = count
+        while len(flying) != count:
+            count = len(flying)
+            words[place] = count
+
     def others(self, now: float) -> int:
         """The requests in flight of the other live processes of this server."""
         words = self._words
         if words[_GENERATION] != self._generation or now >= self._next_check:
             self._check(now)
-        total = 0
-        for place in self._counts:
-            count = words[place]
-            if 0 < count <= MOST_PER_SLOT:
-                total += count
-        return total
+        total: int = sum(map(words.__getitem__, self._counts))
+        if 0 <= total <= self._most:
+            return total
+        # A slot that is not believed (negative, or too many): the others, each checked.
+        return sum(
+            count for count in map(words.__getitem__, self._counts) if 0 < count <= MOST_PER_SLOT
+        )
 
     def _check(self, now: float) -> None:
         words = self._words
@@ -276,6 +290,7 @@ class Shared:
             ):
                 counts.append(place + _COUNT)
         self._counts = tuple(counts)
+        self._most = MOST_PER_SLOT * len(counts)
 
     def leave(self) -> None:
         """Give the slot back (at exit, or when the process stops sharing); the last live owner

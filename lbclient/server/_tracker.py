@@ -194,9 +194,9 @@ class LoadTracker:
 
     ``clock`` (seconds, monotonic) is the only clock read. Thread-safe: requests in flight are
     counted without a lock (see ``_flying``; where they are shared, each change is published
-    under the lock below), one lock guards the other counts, held for a few list operations
-    (the latency median is sorted out of it, when a report is made); the metric callables run
-    outside it.
+    without one too, see ``Shared.track``), one lock guards the other counts, held for a few
+    list operations (the latency median is sorted out of it, when a report is made); the metric
+    callables run outside it.
     """
 
     def __init__(
@@ -281,9 +281,8 @@ class LoadTracker:
             self.joined = True
             if shared is None:
                 return
-            with self._lock:  # set, then published: a begin after this publishes too
-                self._shared = shared
-                shared.publish(len(self._flying))
+            self._shared = shared  # set, then published: a begin after this publishes too
+            shared.track(self._flying)
         finally:
             self._joining.release()
         reference = weakref.ref(self)
@@ -325,12 +324,7 @@ class LoadTracker:
         if shared is None:
             return (self._clock(), found)
         now = self._clock()
-        lock = self._lock
-        lock.acquire()
-        try:  # the count as of now, read under the lock: the last one written is the latest
-            shared.publish(len(flying))
-        finally:
-            lock.release()
+        shared.track(flying)
         return (now, found + shared.others(now))
 
     def end(self, arrival: Arrival | float, *, error: bool = False) -> None:
@@ -369,7 +363,7 @@ class LoadTracker:
                 ring.next = (ring.next + 1) % ring.size
             ring.last = now
             if self._shared is not None:
-                self._shared.publish(len(flying))
+                self._shared.track(flying)
             if now >= self._until:
                 self._turn(now)
             self._requests[self._slot] += 1
@@ -384,10 +378,9 @@ class LoadTracker:
             self._flying.pop()
         except IndexError:  # an end without its begin
             pass
-        if self._shared is not None:
-            with self._lock:
-                if self._shared is not None:
-                    self._shared.publish(len(self._flying))
+        shared = self._shared
+        if shared is not None:
+            shared.track(self._flying)
 
     def _turn(self, now: float) -> None:
         """Count in the bucket of the second ``now`` is in (the lock held): a bucket last used

@@ -26,6 +26,8 @@ Figures: each side's median requests per second and server CPU time per request 
 rounds, and the median of the rounds' ratios (the middleware's req/s over the plain server's,
 and the plain server's CPU time per request over the middleware's: 1 is free, the aim is 0.97
 or more).
+Then, in process (:mod:`lbclient.cli.bench.sharing`): what a request costs the tracker when its
+count is shared with other worker processes, against one counting its process alone.
 A measurement, not a test: nothing here fails on a figure.
 """
 
@@ -43,7 +45,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import NamedTuple
 
-from lbclient.cli.bench import drive
+from lbclient.cli.bench import drive, sharing
 from lbclient.cli.bench.pyservers import Server, start_gunicorn, start_uvicorn, uvicorn_flavour
 from lbclient.cli.bench.rounds import round_parser, round_settings
 from lbclient.cli.bench.tables import aligned
@@ -288,6 +290,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print(format_table(run(seconds, rounds)))
     print(textwrap.fill(NOTES, width=100, subsequent_indent="  "))
+    cost = sharing.measure(max(rounds, 3))
+    print(
+        f"In process, LoadTracker.begin + rendered('TEXT') + end a request (median of "
+        f"{max(rounds, 3)} rounds of {sharing.BATCH:,}):"
+    )
+    print(f"  counted per process (share_in_flight=False)   {cost.alone:6.2f} us")
+    if cost.sharing:
+        print(f"  shared with {sharing.OTHERS} other worker processes        {cost.shared:6.2f} us")
+    else:
+        print("  shared with other worker processes          not available here (Linux only)")
     return 0
 
 
