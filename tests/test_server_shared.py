@@ -414,10 +414,13 @@ FORKED = textwrap.dedent(
     tracker.listening(listener.getsockname()[1])
     assert tracker.shared
     tracker.begin()
+    tracker._joining.acquire()  # as if a thread of this process were joining at the fork
     child = os.fork()
     if child == 0:  # not the slot's owner: counts alone until told a port again
         tracker.begin()
-        os._exit(0 if not tracker.shared and not tracker.joined and tracker.rif == 2 else 1)
+        alone = not tracker.shared and not tracker.joined and tracker.rif == 2
+        os._exit(0 if alone and tracker._joining.acquire(blocking=False) else 1)
+    tracker._joining.release()
     _, status = os.waitpid(child, 0)
     assert os.waitstatus_to_exitcode(status) == 0, status
     assert tracker.shared

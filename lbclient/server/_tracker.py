@@ -292,6 +292,7 @@ class LoadTracker:
             if tracker is not None and tracker._shared is shared:
                 tracker._shared = None
                 tracker.joined = False
+                tracker._joining = threading.Lock()  # a thread of the parent may have held it
 
         os.register_at_fork(after_in_child=forked)
 
