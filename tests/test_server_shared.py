@@ -6,6 +6,7 @@ values are given, never read.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -26,8 +27,9 @@ from lbclient.server._shared import (
     discard,
     listening_inode,
     shared_file,
+    unix_key,
 )
-from lbclient.server._tracker import JOIN_RETRY
+from lbclient.server._tracker import JOIN_RETRY, _address
 
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="the listening socket is found in Linux's /proc"
@@ -345,26 +347,112 @@ def test_trackers_of_two_processes_count_each_others_requests(
 
 
 @pytest.mark.parametrize(
-    "port", [None, "", "http", "\u00b2", "008080", True, 0, 70000, "listener's, unshared"]
+    ("given", "address"),
+    [
+        (8080, 8080),
+        ("8080", 8080),
+        ("08080", 8080),
+        ("/run/app.sock", "/run/app.sock"),
+        ("@abstract", "@abstract"),
+        (None, None),
+        ("", None),
+        ("http", None),
+        ("\u00b2", None),  # a digit to str.isdigit, not to int()
+        ("123456", None),
+        (True, None),
+        (0, None),
+        (70000, None),
+        (8080.0, None),
+    ],
 )
-def test_a_tracker_that_cannot_share_counts_its_own(
-    port: object, listener: socket.socket, folder: Path
-) -> None:
-    tracker = LoadTracker(share_in_flight=port != "listener's, unshared")
-    tracker.listening(port_of(listener) if port == "listener's, unshared" else port)
+def test_what_a_request_says_of_its_address(given: object, address: object) -> None:
+    assert _address(given) == address
+
+
+def test_a_tracker_told_not_to_share_counts_its_own(listener: socket.socket, folder: Path) -> None:
+    tracker = LoadTracker(share_in_flight=False)
+    tracker.listening(port_of(listener))
     assert not tracker.shared
     assert tracker.joined
-    tracker.listening(port_of(listener))  # told once: never joins later
-    assert not tracker.shared
     assert not list(folder.iterdir())
 
 
-def test_no_listening_socket_on_the_port_means_no_sharing(folder: Path) -> None:
-    with socket.socket() as unused:
-        unused.bind(("127.0.0.1", 0))  # bound, never listening
-        tracker = LoadTracker()
-        tracker.listening(port_of(unused))
-    assert not tracker.shared
+#: A process with the listening sockets argv[2:] asks for ("tcp", "tcp6" on the same port as
+#: the tcp one, "unix" at argv[1]/app.sock, "bound": a TCP socket never listening), then prints
+#: what it finds for each address of a list (JSON) on its standard input.
+LISTENERS = textwrap.dedent(
+    """
+    import json, os, socket, sys
+    from lbclient.server._shared import find_listener
+    folder, kinds = sys.argv[1], sys.argv[2:]
+    sockets, port = [], 0
+    for kind in kinds:
+        if kind == "unix":
+            sock = socket.socket(socket.AF_UNIX)
+            if os.path.exists(os.path.join(folder, "app.sock")):
+                os.unlink(os.path.join(folder, "app.sock"))  # left by the last process
+            sock.bind(os.path.join(folder, "app.sock"))
+        else:
+            sock = socket.socket(socket.AF_INET6 if kind == "tcp6" else socket.AF_INET)
+            if kind == "tcp6":
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(("::1" if kind == "tcp6" else "127.0.0.1", port))
+            port = sock.getsockname()[1]
+        if kind != "bound":
+            sock.listen()
+        sockets.append(sock)
+    print(json.dumps({"port": port}), flush=True)
+    found = [find_listener(address) for address in json.loads(sys.stdin.readline())]
+    print(json.dumps([None if f is None else f[1] for f in found]))
+    """
+)
+
+
+def listeners(folder: Path, kinds: list[str], addresses: list[object]) -> list[object]:
+    """What a process listening as ``kinds`` says (see LISTENERS): the key of the file found for
+    each address ("port" stands for the process's TCP port, asked or found)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", LISTENERS, str(folder), *kinds],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdin is not None
+    assert proc.stdout is not None
+    port = json.loads(proc.stdout.readline())["port"]
+    asked = [port if address == "port" else address for address in addresses]
+    proc.stdin.write(json.dumps(asked) + "\n")
+    proc.stdin.close()
+    found: list[object] = json.loads(proc.stdout.read())
+    proc.stdout.close()
+    assert proc.wait(timeout=30) == 0
+    return ["port" if key == port else key for key in found]
+
+
+def test_a_request_of_an_unknown_address_is_the_only_listeners(tmp_path: Path) -> None:
+    # gunicorn on a Unix socket gives the Host header's port; a worker listens on one address.
+    path = str(tmp_path / "app.sock")
+    unix = unix_key(path)
+    assert listeners(tmp_path, ["unix"], [80, None, path, "/elsewhere"]) == [unix] * 4
+    # Two addresses: each found by its own, and which one an unknown address is, not known.
+    assert listeners(tmp_path, ["unix", "tcp"], ["port", path, 80, None]) == [
+        "port",
+        unix,
+        None,
+        None,
+    ]
+    assert listeners(tmp_path, ["tcp"], [80, None, "port"]) == ["port"] * 3
+    assert listeners(tmp_path, ["bound"], ["port", None]) == [None, None]
+    assert listeners(tmp_path, [], [80, None]) == [None, None]
+
+
+@pytest.mark.skipif(not socket.has_ipv6, reason="no IPv6 here")
+def test_ipv4_and_ipv6_on_one_port_are_one_address(tmp_path: Path) -> None:
+    try:
+        found = listeners(tmp_path, ["tcp", "tcp6"], [80, None, "port"])
+    except AssertionError:  # ::1 cannot be bound here
+        pytest.skip("no IPv6 loopback here")
+    assert found == ["port"] * 3
 
 
 def test_share_in_flight_must_be_a_bool() -> None:

@@ -78,8 +78,11 @@ class LoadReportingASGI:
             return
         tracker = self.tracker
         if not tracker.joined:  # the first request: the port it came to, for sharing the count
-            server = scope.get("server")
-            tracker.listening(server[1] if isinstance(server, (tuple, list)) else None)
+            server = scope.get("server")  # (host, port), or (path, None) on a Unix socket
+            if isinstance(server, (tuple, list)) and len(server) == 2:
+                tracker.listening(server[0] if server[1] is None else server[1])
+            else:
+                tracker.listening(None)
         if scope["path"] == self.probe_path:
             await self._probe(scope, send)
             return

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import hashlib
 import logging
 import mmap
 import os
@@ -34,7 +35,16 @@ import time
 from collections.abc import Iterator, Sized
 from typing import Final, Literal
 
-__all__ = ["SLOTS", "Shared", "discard", "listening_inode", "shared_directory", "shared_file"]
+__all__ = [
+    "SLOTS",
+    "Shared",
+    "discard",
+    "find_listener",
+    "listening_inode",
+    "shared_directory",
+    "shared_file",
+    "unix_key",
+]
 
 logger = logging.getLogger("lbclient.server")
 
@@ -71,43 +81,60 @@ def _pid_namespace() -> str:
         return "0"
 
 
-def shared_file(port: int, directory: str | None = None) -> str:
-    """The file the processes of a server listening on ``port`` share (in ``directory``, else
-    :func:`shared_directory`): one per user, PID namespace and port."""
-    name = f"lbclient-rif-{os.getuid()}-{_pid_namespace()}-{port}"
+def shared_file(key: int | str, directory: str | None = None) -> str:
+    """The file the processes of a server share (in ``directory``, else
+    :func:`shared_directory`): one per user, PID namespace and listening address, ``key`` (its
+    port, or :func:`unix_key` of its socket's path)."""
+    name = f"lbclient-rif-{os.getuid()}-{_pid_namespace()}-{key}"
     return os.path.join(directory or shared_directory(), name)
 
 
+def unix_key(path: str) -> str:
+    """The key of the file shared by the processes listening on the Unix socket at ``path``."""
+    return "unix-" + hashlib.sha256(path.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+
+
 _LISTEN: Final = "0A"  # a TCP socket's state in /proc/net/tcp: listening
+_ACCEPTING: Final = 0x10000  # a Unix socket's flag in /proc/net/unix: listening
+_STREAM: Final = "0001"
 
 
-def listening_inode(port: int) -> int | None:
-    """The inode of this process's listening TCP socket on ``port`` (the smallest, where an
-    IPv4 and an IPv6 socket both listen on it): the listening sockets of the network namespace
-    on that port (``/proc/self/net/tcp`` and ``tcp6``) that are among this process's open files
-    (``/proc/self/fd``). None where there is none or no ``/proc``. Reads only: no socket of the
+def _table(name: str) -> list[list[str]]:
+    """The rows of ``/proc/self/net/<name>`` (none where it cannot be read)."""
+    try:
+        with open(f"/proc/self/net/{name}", "rb") as file:
+            lines = file.read().decode("utf-8", "surrogateescape").splitlines()[1:]
+    except OSError:
+        return []
+    return [line.split() for line in lines]
+
+
+def _listeners() -> dict[int, int | str]:
+    """The listening stream sockets among this process's open files, by inode: a TCP socket's
+    port, or a Unix socket's path (the network namespace's tables ``/proc/self/net/tcp``,
+    ``tcp6`` and ``unix``, and the process's ``/proc/self/fd``). Reads only: no socket of the
     process is touched."""
-    listening: set[int] = set()
-    for table in ("/proc/self/net/tcp", "/proc/self/net/tcp6"):
-        try:
-            with open(table, "rb") as file:
-                lines = file.read().decode("ascii", "replace").splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            fields = line.split()
+    listening: dict[int, int | str] = {}
+    for table in ("tcp", "tcp6"):
+        for fields in _table(table):
             try:
-                if fields[3] == _LISTEN and int(fields[1].rpartition(":")[2], 16) == port:
-                    listening.add(int(fields[9]))
+                if fields[3] == _LISTEN:
+                    listening[int(fields[9])] = int(fields[1].rpartition(":")[2], 16)
             except (IndexError, ValueError):
                 continue
+    for fields in _table("unix"):
+        try:
+            if len(fields) >= 8 and int(fields[3], 16) & _ACCEPTING and fields[4] == _STREAM:
+                listening[int(fields[6])] = fields[7]
+        except ValueError:
+            continue
     if not listening:
-        return None
-    found = []
+        return {}
     try:
         names = os.listdir("/proc/self/fd")
     except OSError:
-        return None
+        return {}
+    own: dict[int, int | str] = {}
     for name in names:
         try:
             target = os.readlink(f"/proc/self/fd/{name}")
@@ -116,7 +143,34 @@ def listening_inode(port: int) -> int | None:
         if target.startswith("socket:["):
             inode = int(target[8:-1])
             if inode in listening:
-                found.append(inode)
+                own[inode] = listening[inode]
+    return own
+
+
+def find_listener(address: int | str | None) -> tuple[int, int | str] | None:
+    """This process's listening socket for requests that came to ``address`` (a TCP port, or a
+    Unix socket's path; None: not known), and the key of its file: (inode, key). The socket of
+    that port or path (where an IPv4 and an IPv6 socket share a port, the smaller inode); where
+    there is none, the process's only listening address (a server's worker listens on its
+    server's alone; gunicorn on a Unix socket gives the port of the Host header); else None."""
+    listeners = _listeners()
+    for wanted in (address, None):
+        if wanted is None:  # the only address listened on, if there is one
+            addresses = set(listeners.values())
+            if len(addresses) != 1:
+                return None
+            wanted = addresses.pop()
+        inodes = [inode for inode, where in listeners.items() if where == wanted]
+        if inodes:
+            key = wanted if isinstance(wanted, int) else unix_key(wanted)
+            return min(inodes), key
+    return None
+
+
+def listening_inode(port: int) -> int | None:
+    """The inode of this process's listening TCP socket on ``port`` (the smallest, where an
+    IPv4 and an IPv6 socket both listen on it); None where there is none or no ``/proc``."""
+    found = [inode for inode, where in _listeners().items() if where == port]
     return min(found) if found else None
 
 
@@ -187,17 +241,18 @@ class Shared:
         self._pid = os.getpid()
 
     @classmethod
-    def join(cls, port: int, *, directory: str | None = None) -> Shared | None:
-        """This process's slot for the server listening on ``port``; None where sharing is not
-        possible here (logged at debug level, or as a warning where the file is refused).
-        Raises TimeoutError where the file stayed locked (:data:`LOCK_TRIES`): worth another
-        try later."""
-        inode = listening_inode(port)
+    def join(cls, address: int | str | None, *, directory: str | None = None) -> Shared | None:
+        """This process's slot for the server its requests came to at ``address`` (a port, or a
+        Unix socket's path; see :func:`find_listener`); None where sharing is not possible here
+        (logged at debug level, or as a warning where the file is refused). Raises TimeoutError
+        where the file stayed locked (:data:`LOCK_TRIES`): worth another try later."""
+        found = find_listener(address)
         started = _started(os.getpid())
-        if inode is None or started is None:
-            logger.debug("no socket listening on port %s: in flight counted per process", port)
+        if found is None or started is None:
+            logger.debug("no socket listening at %r: in flight counted per process", address)
             return None
-        path = shared_file(port, directory)
+        inode, key = found
+        path = shared_file(key, directory)
         for _ in range(3):  # the file may be removed by its last owner between open and lock
             try:
                 joined = cls._claim(path, inode, started)
@@ -318,11 +373,11 @@ class Shared:
                 os.unlink(self.path)
 
 
-def discard(port: int, directory: str | None = None) -> None:
-    """Remove the file of the server that listened on ``port`` if no live process owns a slot of
-    it (what a server's supervisor may do once its workers are gone: one that ended by a signal
-    leaves it)."""
-    path = shared_file(port, directory)
+def discard(key: int | str, directory: str | None = None) -> None:
+    """Remove the file of the server that listened at ``key`` (its port, or :func:`unix_key` of
+    its path) if no live process owns a slot of it (what a server's supervisor may do once its
+    workers are gone: one that ended by a signal leaves it)."""
+    path = shared_file(key, directory)
     with contextlib.suppress(OSError), _locked(path, create=False) as fd:
         if os.fstat(fd).st_size != _SIZE:
             return

@@ -59,14 +59,18 @@ _MARKS: Final = {
 JOIN_RETRY: Final = 5.0
 
 
-def _port_number(port: object) -> int | None:
-    """``port`` as a TCP port number (an int, or a string of ASCII digits); None for anything
-    else."""
-    if isinstance(port, str) and port.isascii() and port.isdigit() and len(port) <= 5:
-        port = int(port)
-    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+def _address(value: object) -> int | str | None:
+    """What a request says of the address it came to: a TCP port (an int, or a string of ASCII
+    digits), or a Unix socket's path (a string starting with ``/``, or ``@`` for an abstract
+    one); None for anything else (not known)."""
+    if isinstance(value, str):
+        if value[:1] in ("/", "@"):
+            return value
+        if value.isascii() and value.isdigit() and len(value) <= 5:
+            value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 65536:
         return None
-    return port
+    return value
 
 
 #: What :meth:`LoadTracker.begin` returns: the arrival's clock value, and the requests it found
@@ -183,14 +187,15 @@ class LoadTracker:
       negative number (logged once per metric).
 
     With ``share_in_flight`` (the default), requests in flight are the server's, not the
-    process's alone: the middlewares tell the tracker the port of the first request they see
-    (:meth:`listening`), and every process that accepts on that listening socket (the workers
-    of ``gunicorn -w N`` or ``uvicorn --workers N``, whose trackers do the same) counts in a
-    slot of a small shared file (``/dev/shm/lbclient-rif-<uid>-<pid namespace>-<port>``);
+    process's alone: the middlewares tell the tracker the address (port, or Unix socket) of the
+    first request they see (:meth:`listening`), and every process that accepts on that
+    listening socket (the workers of ``gunicorn -w N`` or ``uvicorn --workers N``, whose
+    trackers do the same) counts in a slot of a small shared file
+    (``/dev/shm/lbclient-rif-<uid>-<pid namespace>-<port, or unix-<hash of the path>>``);
     ``rif`` and the requests an arrival found are then this tracker's count and the other live
-    processes' slots. Where that is not possible (not Linux, no such socket, the file refused,
-    or ``share_in_flight=False``) each process counts its own. Rates, latencies and metrics are
-    the process's own either way.
+    processes' slots. Where that is not possible (not Linux, no listening socket found, the file
+    refused, or ``share_in_flight=False``) each process counts its own. Rates, latencies and
+    metrics are the process's own either way.
 
     ``clock`` (seconds, monotonic) is the only clock read. Thread-safe: requests in flight are
     counted without a lock (see ``_flying``; where they are shared, each change is published
@@ -256,10 +261,12 @@ class LoadTracker:
         self._joining = threading.Lock()
         self._join_after = -_INFINITY
 
-    def listening(self, port: object) -> None:
-        """The port the requests arrive on (what the middlewares read from their first request;
-        anything but a port number: none). With ``share_in_flight``, the tracker joins the other
-        processes accepting on this process's listening socket on that port, once (tried again
+    def listening(self, address: object) -> None:
+        """The address the requests arrive at, as the middlewares read it from their first
+        request: a port (an int, or a string of digits), or a Unix socket's path; anything else
+        is not known. With ``share_in_flight``, the tracker joins the other processes accepting
+        on this process's listening socket at that address (or, where it is not known or not
+        this process's, on the process's only listening address), once (tried again
         :data:`JOIN_RETRY` seconds later where the shared file stayed locked). Never waits for
         another thread that is joining: that request is counted as the process's alone."""
         if self.joined or not self._joining.acquire(blocking=False):
@@ -268,12 +275,8 @@ class LoadTracker:
             now = self._clock()
             if self.joined or now < self._join_after:
                 return
-            number = _port_number(port)
-            if number is None:
-                self.joined = True
-                return
             try:
-                shared = Shared.join(number)
+                shared = Shared.join(_address(address))
             except TimeoutError as error:
                 logger.warning("%s; in flight counted per process until a later try", error)
                 self._join_after = now + JOIN_RETRY
