@@ -378,7 +378,8 @@ def test_a_tracker_told_not_to_share_counts_its_own(listener: socket.socket, fol
 
 
 #: A process with the listening sockets argv[2:] asks for ("tcp", "tcp6" on the same port as
-#: the tcp one, "unix" at argv[1]/app.sock, "bound": a TCP socket never listening), then prints
+#: the tcp one, "unix" at argv[1]/app.sock, "unix-spaced" at argv[1]/"my app.sock", "bound": a
+#: TCP socket never listening), then prints
 #: what it finds for each address of a list (JSON) on its standard input.
 LISTENERS = textwrap.dedent(
     """
@@ -387,11 +388,12 @@ LISTENERS = textwrap.dedent(
     folder, kinds = sys.argv[1], sys.argv[2:]
     sockets, port = [], 0
     for kind in kinds:
-        if kind == "unix":
+        if kind.startswith("unix"):
             sock = socket.socket(socket.AF_UNIX)
-            if os.path.exists(os.path.join(folder, "app.sock")):
-                os.unlink(os.path.join(folder, "app.sock"))  # left by the last process
-            sock.bind(os.path.join(folder, "app.sock"))
+            path = os.path.join(folder, "app.sock" if kind == "unix" else "my app.sock")
+            if os.path.exists(path):
+                os.unlink(path)  # left by the last process
+            sock.bind(path)
         else:
             sock = socket.socket(socket.AF_INET6 if kind == "tcp6" else socket.AF_INET)
             if kind == "tcp6":
@@ -434,6 +436,8 @@ def test_a_request_of_an_unknown_address_is_the_only_listeners(tmp_path: Path) -
     path = str(tmp_path / "app.sock")
     unix = unix_key(path)
     assert listeners(tmp_path, ["unix"], [80, None, path, "/elsewhere"]) == [unix] * 4
+    spaced = str(tmp_path / "my app.sock")
+    assert listeners(tmp_path, ["unix-spaced"], [spaced, None]) == [unix_key(spaced)] * 2
     # Two addresses: each found by its own, and which one an unknown address is, not known.
     assert listeners(tmp_path, ["unix", "tcp"], ["port", path, 80, None]) == [
         "port",

@@ -99,52 +99,63 @@ _ACCEPTING: Final = 0x10000  # a Unix socket's flag in /proc/net/unix: listening
 _STREAM: Final = "0001"
 
 
-def _table(name: str) -> list[list[str]]:
-    """The rows of ``/proc/self/net/<name>`` (none where it cannot be read)."""
+def _table(name: str, columns: int) -> list[list[str]]:
+    """The rows of ``/proc/self/net/<name>``, split into ``columns`` at most (the last keeps its
+    spaces: a path); none where it cannot be read."""
     try:
         with open(f"/proc/self/net/{name}", "rb") as file:
             lines = file.read().decode("utf-8", "surrogateescape").splitlines()[1:]
     except OSError:
         return []
-    return [line.split() for line in lines]
+    return [line.split(maxsplit=columns - 1) for line in lines]
 
 
-def _listeners() -> dict[int, int | str]:
-    """The listening stream sockets among this process's open files, by inode: a TCP socket's
-    port, or a Unix socket's path (the network namespace's tables ``/proc/self/net/tcp``,
-    ``tcp6`` and ``unix``, and the process's ``/proc/self/fd``). Reads only: no socket of the
-    process is touched."""
-    listening: dict[int, int | str] = {}
-    for table in ("tcp", "tcp6"):
-        for fields in _table(table):
-            try:
-                if fields[3] == _LISTEN:
-                    listening[int(fields[9])] = int(fields[1].rpartition(":")[2], 16)
-            except (IndexError, ValueError):
-                continue
-    for fields in _table("unix"):
-        try:
-            if len(fields) >= 8 and int(fields[3], 16) & _ACCEPTING and fields[4] == _STREAM:
-                listening[int(fields[6])] = fields[7]
-        except ValueError:
-            continue
-    if not listening:
-        return {}
+def _own_sockets() -> set[int]:
+    """The inodes of the sockets among this process's open files (``/proc/self/fd``)."""
     try:
         names = os.listdir("/proc/self/fd")
     except OSError:
-        return {}
-    own: dict[int, int | str] = {}
+        return set()
+    own = set()
     for name in names:
         try:
             target = os.readlink(f"/proc/self/fd/{name}")
         except OSError:
             continue
         if target.startswith("socket:["):
-            inode = int(target[8:-1])
-            if inode in listening:
-                own[inode] = listening[inode]
+            own.add(int(target[8:-1]))
     return own
+
+
+def _listeners() -> dict[int, int | str]:
+    """The listening stream sockets among this process's open files, by inode: a TCP socket's
+    port, or a Unix socket's path (from the network namespace's tables ``/proc/self/net/tcp``,
+    ``tcp6`` and ``unix``). Reads only: no socket of the process is touched."""
+    own = _own_sockets()
+    if not own:
+        return {}
+    listening: dict[int, int | str] = {}
+    for table in ("tcp", "tcp6"):
+        for fields in _table(table, 17):
+            try:
+                inode = int(fields[9])
+                if inode in own and fields[3] == _LISTEN:
+                    listening[inode] = int(fields[1].rpartition(":")[2], 16)
+            except (IndexError, ValueError):
+                continue
+    for fields in _table("unix", 8):
+        try:
+            inode = int(fields[6])
+            if (
+                inode in own
+                and len(fields) == 8
+                and int(fields[3], 16) & _ACCEPTING
+                and fields[4] == _STREAM
+            ):
+                listening[inode] = fields[7]
+        except (IndexError, ValueError):
+            continue
+    return listening
 
 
 def find_listener(address: int | str | None) -> tuple[int, int | str] | None:
