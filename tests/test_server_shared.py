@@ -29,7 +29,7 @@ from lbclient.server._shared import (
     shared_file,
     unix_key,
 )
-from lbclient.server._tracker import JOIN_RETRY, _address
+from lbclient.server._tracker import JOIN_RETRY, JOIN_TRIES, _address
 
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="the listening socket is found in Linux's /proc"
@@ -187,8 +187,9 @@ def test_a_killed_worker_is_not_counted_and_its_slot_is_taken_again(
     assert not file_of(tmp_path, listener).exists()
 
 
-def test_another_socket_on_the_same_port_is_another_server(tmp_path: Path) -> None:
-    # Two servers on one port (SO_REUSEPORT): each counts its own processes only.
+def test_sockets_of_one_port_are_one_server(tmp_path: Path, workers: list[Worker]) -> None:
+    # gunicorn --reuse-port binds a socket in each worker (SO_REUSEPORT): a client of the port
+    # is answered by any of them, so their processes count together.
     sockets = []
     for _ in range(2):
         sock = socket.socket()
@@ -196,20 +197,14 @@ def test_another_socket_on_the_same_port_is_another_server(tmp_path: Path) -> No
         sock.bind(("127.0.0.1", port_of(sockets[0]) if sockets else 0))
         sock.listen()
         sockets.append(sock)
-    worker = None
     try:
-        shared = joined(sockets[0], tmp_path)  # the smaller inode of the two
-        other = max(sockets, key=lambda s: os.fstat(s.fileno()).st_ino)
-        for sock in sockets:
-            if sock is not other:
-                sock.close()
-        worker = Worker(other, tmp_path, 9)  # a process of the other server only
-        assert shared.others(0.0) == 0
-        worker.stop("leave")
+        shared = joined(sockets[0], tmp_path)
+        sockets[0].close()  # the worker gets the other socket alone
+        workers.append(Worker(sockets[1], tmp_path, 9))  # a process with the other socket only
+        assert shared.others(0.0) == 9
+        workers[0].stop("leave")
         shared.leave()
     finally:
-        if worker is not None and worker.proc.poll() is None:
-            worker.stop("kill")
         for sock in sockets:
             sock.close()
 
@@ -661,3 +656,81 @@ def test_the_count_published_by_many_threads_is_the_count_once_they_rest(
     published = [words[i + 3] for i in range(4, len(words), 4) if words[i] == os.getpid()]
     assert published == [8]
     assert tracker.rif == 8
+
+
+def test_a_file_locked_at_every_try_is_given_up(
+    listener: socket.socket, folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fcntl
+
+    monkeypatch.setattr(_shared, "LOCK_TRIES", 2)
+    clock = Clock()
+    tracker = LoadTracker(clock=clock)
+    with open(os.open(file_of(folder, listener), os.O_CREAT | os.O_RDWR, 0o600), "wb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        for _ in range(JOIN_TRIES):
+            assert not tracker.joined
+            tracker.listening(port_of(listener))
+            clock.now += JOIN_RETRY
+    assert tracker.joined  # no more tries: each would stall a request
+    assert not tracker.shared
+
+
+def test_a_file_not_ours_is_refused_without_waiting_for_its_lock(
+    listener: socket.socket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fcntl
+
+    monkeypatch.setattr(_shared, "LOCK_TRIES", 10**9)  # a wait would be this test's timeout
+    path = file_of(tmp_path, listener)
+    with open(os.open(path, os.O_CREAT | os.O_RDWR, 0o600), "wb") as held:
+        os.chmod(path, 0o666)  # open to others: anyone could write the counts
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert Shared.join(port_of(listener), directory=str(tmp_path)) is None
+
+
+@pytest.mark.parametrize("failing", ["shared_directory", "find_listener"])
+def test_whatever_fails_in_joining_never_reaches_the_request(
+    failing: str,
+    listener: socket.socket,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def fails(*args: object, **kwargs: object) -> str:
+        if failing == "shared_directory":  # no /dev/shm, and no temporary directory at all
+            raise FileNotFoundError("No usable temporary directory found")
+        raise RuntimeError("unexpected")
+
+    monkeypatch.setattr(_shared, failing, fails)
+    tracker = LoadTracker()
+    with caplog.at_level(logging.WARNING, logger="lbclient.server"):
+        tracker.listening(port_of(listener))
+    assert tracker.joined
+    assert not tracker.shared
+    assert "counted per process" in caplog.text or "cannot share" in caplog.text
+    tracker.end(tracker.begin())  # and requests are counted as ever
+    assert tracker.rif == 0
+
+
+def test_an_asgi_request_of_another_address_is_no_servers(
+    listener: socket.socket, folder: Path
+) -> None:
+    # What an ASGI server says is its socket's own: a request sent in process (httpx's
+    # ASGITransport says ("testserver", 80)) is not taken for the process's listener's.
+    tracker = LoadTracker()
+    tracker.listening(80, exact=True)
+    assert tracker.joined
+    assert not tracker.shared
+    assert not list(folder.iterdir())
+
+
+def test_a_tracker_dropped_gives_its_slot_back(listener: socket.socket, folder: Path) -> None:
+    import gc
+
+    tracker = LoadTracker()
+    tracker.listening(port_of(listener))
+    assert tracker.shared
+    assert file_of(folder, listener).exists()
+    del tracker
+    gc.collect()
+    assert not file_of(folder, listener).exists()  # its slot was the last

@@ -78,9 +78,9 @@ class LoadReportingASGI:
             return
         tracker = self.tracker
         if not tracker.joined:  # the first request: the port it came to, for sharing the count
-            server = scope.get("server")  # (host, port), or (path, None) on a Unix socket
+            server = scope.get("server")  # the socket's: (host, port), or (path, None)
             if isinstance(server, (tuple, list)) and len(server) == 2:
-                tracker.listening(server[0] if server[1] is None else server[1])
+                tracker.listening(server[0] if server[1] is None else server[1], exact=True)
             else:
                 tracker.listening(None)
         if scope["path"] == self.probe_path:

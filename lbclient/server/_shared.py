@@ -1,24 +1,25 @@
 """Requests in flight counted across the worker processes of one server: every process that
-accepts on the same listening socket (``gunicorn -w N``, ``uvicorn --workers N``) keeps its own
+accepts on the same listening address (``gunicorn -w N``, ``uvicorn --workers N``) keeps its own
 count in a slot of a small file all of them map, and a report adds the other processes' slots
 to its own.
 
-The file is ``lbclient-rif-<uid>-<pid namespace>-<port>`` in ``/dev/shm`` (else the temporary
-directory; process ids mean something within one PID namespace only), 4 KiB:
-one header slot (a mark, and a generation that each claim and release of a slot bumps) and
-:data:`SLOTS` slots of four 64-bit words: the owner's process id, its start time (from
-``/proc``, so that a reused id is told apart), the inode of the listening socket (workers of
-one server share the socket, so share its inode; another server that once had the port, or one
-in another network namespace, does not) and the owner's requests in flight. A slot is written
-by its owner only; slots are claimed and released under an exclusive ``flock`` of the file,
-and the file is removed when the last live owner releases its slot. A process that died without
-releasing (killed) leaves a slot that no reader counts and the next claim takes over. Slots of
-the reader's own process (its other trackers) are not added: each reports its own.
+The file is ``lbclient-rif-<uid>-<pid namespace>-<port>`` (or ``...-unix-<hash of the path>``)
+in ``/dev/shm`` (else the temporary directory; process ids mean something within one PID
+namespace only), 4 KiB: one header slot (a mark, and a generation that each claim and release of
+a slot bumps) and :data:`SLOTS` slots of four 64-bit words: the owner's process id, its start
+time (from ``/proc``, so that a reused id is told apart), the server's identity (for a port, the
+network namespace: a port in another one is another server; for a Unix socket, the socket's
+inode: another server that once had the path is not this one) and the owner's requests in
+flight. A slot is written by its owner only; slots are claimed and released under an exclusive
+``flock`` of the file, and the file is removed when the last live owner releases its slot. A
+process that died without releasing (killed) leaves a slot that no reader counts and the next
+claim takes over. Slots of the reader's own process (its other trackers) are not added: each
+reports its own.
 
-What lives here: finding this process's listening socket (Linux ``/proc``), the file and its
+What lives here: finding this process's listening address (Linux ``/proc``), the file and its
 slots. What may not: counting (the tracker counts and publishes), HTTP. Where any of it is not
-possible (not Linux, no such socket, the file owned by another user, every slot taken) joining
-returns None and the tracker counts its own process alone.
+possible (not Linux, no such socket, the file another user's, every slot taken) joining returns
+None and the tracker counts its own process alone.
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ import logging
 import mmap
 import os
 import stat
+import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sized
 from typing import Final, Literal
@@ -50,10 +53,10 @@ logger = logging.getLogger("lbclient.server")
 
 #: Slots of one file (the header's slot aside): the most worker processes counted together.
 SLOTS: Final = 127
-_WORDS: Final = 4  # per slot: pid, start time, socket inode, requests in flight
+_WORDS: Final = 4  # per slot: pid, start time, the server's identity, requests in flight
 _SIZE: Final = (SLOTS + 1) * _WORDS * 8
 _MARK: Final = 0x6C62_7269_6631  # "lbrif1": a file of this layout
-_PID, _START, _INODE, _COUNT = range(_WORDS)
+_PID, _START, _SERVER, _COUNT = range(_WORDS)
 _GENERATION: Final = 1  # the header's word bumped by each claim and release
 #: Seconds between two checks that the other slots' owners still run.
 CHECK_EVERY: Final = 1.0
@@ -104,7 +107,7 @@ def _table(name: str, columns: int) -> list[list[str]]:
     spaces: a path); none where it cannot be read."""
     try:
         with open(f"/proc/self/net/{name}", "rb") as file:
-            lines = file.read().decode("utf-8", "surrogateescape").splitlines()[1:]
+            lines = file.read().decode("utf-8", "surrogateescape").split("\n")[1:]
     except OSError:
         return []
     return [line.split(maxsplit=columns - 1) for line in lines]
@@ -158,24 +161,38 @@ def _listeners() -> dict[int, int | str]:
     return listening
 
 
-def find_listener(address: int | str | None) -> tuple[int, int | str] | None:
-    """This process's listening socket for requests that came to ``address`` (a TCP port, or a
-    Unix socket's path; None: not known), and the key of its file: (inode, key). The socket of
-    that port or path (where an IPv4 and an IPv6 socket share a port, the smaller inode); where
-    there is none, the process's only listening address (a server's worker listens on its
-    server's alone; gunicorn on a Unix socket gives the port of the Host header); else None."""
+def _network_namespace() -> int:
+    """This process's network namespace (``/proc/self/ns/net``'s inode; 0 where it cannot be
+    read)."""
+    try:
+        return int(os.readlink("/proc/self/ns/net").partition("[")[2].rstrip("]") or 0)
+    except (OSError, ValueError):
+        return 0
+
+
+def find_listener(
+    address: int | str | None, *, exact: bool = False
+) -> tuple[int, int | str] | None:
+    """This process's listening address for requests that came to ``address`` (a TCP port, or a
+    Unix socket's path; None: not known): (the server's identity, the key of its file). The
+    address itself where this process listens on it; else, unless ``exact`` (the address is the
+    socket's own, as ASGI servers give it: a request that came another way, in process, is no
+    server's), the process's only listening address (a server's worker listens on its server's
+    alone; gunicorn on a Unix socket gives the port of the Host header); else None.
+
+    The identity: for a port, the network namespace (the sockets a port's processes listen on
+    may be one, or one each with ``SO_REUSEPORT``, as ``gunicorn --reuse-port`` binds them:
+    a client of the port is answered by any); for a Unix socket, the socket's inode."""
     listeners = _listeners()
-    for wanted in (address, None):
-        if wanted is None:  # the only address listened on, if there is one
-            addresses = set(listeners.values())
-            if len(addresses) != 1:
-                return None
-            wanted = addresses.pop()
-        inodes = [inode for inode, where in listeners.items() if where == wanted]
-        if inodes:
-            key = wanted if isinstance(wanted, int) else unix_key(wanted)
-            return min(inodes), key
-    return None
+    wanted = address
+    if wanted is None or wanted not in listeners.values():
+        addresses = set(listeners.values())
+        if exact or len(addresses) != 1:
+            return None
+        wanted = addresses.pop()
+    if isinstance(wanted, int):
+        return _network_namespace(), wanted
+    return min(inode for inode, where in listeners.items() if where == wanted), unix_key(wanted)
 
 
 def listening_inode(port: int) -> int | None:
@@ -188,13 +205,17 @@ def listening_inode(port: int) -> int | None:
 @contextlib.contextmanager
 def _locked(path: str, *, create: bool) -> Iterator[int]:
     """The file at ``path`` opened (made if ``create``), under an exclusive ``flock`` until the
-    block ends. (Unlocked before it is closed: a mapping of it holds the open file, and with it
-    the lock, after the descriptor is closed.)"""
+    block ends; PermissionError, before waiting for its lock, where it is not this user's own
+    alone. (Unlocked before it is closed: a mapping of it holds the open file, and with it the
+    lock, after the descriptor is closed.)"""
     import fcntl  # Unix only; nothing here runs where there is no /proc
 
     flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_CREAT if create else 0)
     fd = os.open(path, flags, 0o600)
     try:
+        status = os.fstat(fd)  # another user's, or open to others: refused before any wait
+        if status.st_uid != os.getuid() or stat.S_IMODE(status.st_mode) & 0o077:
+            raise PermissionError(f"{path} is not this user's own")
         for _ in range(LOCK_TRIES):  # held for microseconds: one held longer is a stuck process
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -237,36 +258,45 @@ class Shared:
     locks: each slot has one writer process, its threads publish with :meth:`track`, and a
     reader sees each word whole."""
 
-    def __init__(self, path: str, file: int, words: memoryview, place: int, inode: int) -> None:
+    def __init__(self, path: str, file: int, words: memoryview, place: int, server: int) -> None:
         self.path = path
         self._file = file  # the inode of the file mapped (the path may name another later)
         self._words = words
         self._place = place
         self._count = place + _COUNT
-        self._inode = inode
+        self._server = server
         self._generation = -1
         self._next_check = float("-inf")
         self._counts: tuple[int, ...] = ()
         self._most = 0
         self._left = False
         self._pid = os.getpid()
+        is_gil_enabled = getattr(sys, "_is_gil_enabled", None)
+        self._free_threaded = is_gil_enabled is not None and not is_gil_enabled()
+        self._track_lock = threading.Lock()
 
     @classmethod
-    def join(cls, address: int | str | None, *, directory: str | None = None) -> Shared | None:
+    def join(
+        cls, address: int | str | None, *, exact: bool = False, directory: str | None = None
+    ) -> Shared | None:
         """This process's slot for the server its requests came to at ``address`` (a port, or a
         Unix socket's path; see :func:`find_listener`); None where sharing is not possible here
         (logged at debug level, or as a warning where the file is refused). Raises TimeoutError
         where the file stayed locked (:data:`LOCK_TRIES`): worth another try later."""
-        found = find_listener(address)
+        found = find_listener(address, exact=exact)
         started = _started(os.getpid())
         if found is None or started is None:
             logger.debug("no socket listening at %r: in flight counted per process", address)
             return None
-        inode, key = found
-        path = shared_file(key, directory)
+        identity, key = found
+        try:
+            path = shared_file(key, directory)
+        except OSError as error:  # no temporary directory at all
+            logger.warning("cannot share requests in flight: %s", error)
+            return None
         for _ in range(3):  # the file may be removed by its last owner between open and lock
             try:
-                joined = cls._claim(path, inode, started)
+                joined = cls._claim(path, identity, started)
             except TimeoutError:
                 raise
             except OSError as error:
@@ -277,15 +307,12 @@ class Shared:
         return None
 
     @classmethod
-    def _claim(cls, path: str, inode: int, started: int) -> Shared | Literal[False] | None:
+    def _claim(cls, path: str, server: int, started: int) -> Shared | Literal[False] | None:
         """A slot of the file at ``path`` (False: the file was removed meanwhile, try again)."""
         with _locked(path, create=True) as fd:
             status = os.fstat(fd)
             if status.st_nlink == 0:
                 return False
-            if status.st_uid != os.getuid() or stat.S_IMODE(status.st_mode) & 0o077:
-                logger.warning("%s is not this user's own: in flight counted per process", path)
-                return None
             if status.st_size not in (0, _SIZE):
                 logger.warning("%s is not lbclient's: in flight counted per process", path)
                 return None
@@ -303,11 +330,11 @@ class Shared:
                 if owner == 0 or not _alive(owner, words[place + _START]):
                     words[place + _PID] = 0  # no reader takes it for its last owner's meanwhile
                     words[place + _COUNT] = 0
-                    words[place + _INODE] = inode
+                    words[place + _SERVER] = server
                     words[place + _START] = started
                     words[place + _PID] = os.getpid()
                     words[_GENERATION] += 1
-                    shared = cls(path, status.st_ino, words, place, inode)
+                    shared = cls(path, status.st_ino, words, place, server)
                     atexit.register(shared.leave)
                     return shared
             logger.warning("every slot of %s is taken: in flight counted per process", path)
@@ -321,6 +348,10 @@ class Shared:
         """Publish ``len(flying)``, which other threads may change meanwhile, without a lock:
         written, then read again and written again until it held still, so that whichever
         thread writes last writes what it found after its write."""
+        if self._free_threaded:  # no interpreter lock to order the write and the read again
+            with self._track_lock:
+                self._words[self._count] = len(flying)
+            return
         words, place = self._words, self._count
         count = len(flying)
         words[place] = count
@@ -351,7 +382,7 @@ class Shared:
             owner = words[place + _PID]
             if (
                 owner != self._pid  # this process's other trackers: each reports its own
-                and words[place + _INODE] == self._inode
+                and words[place + _SERVER] == self._server
                 and _alive(owner, words[place + _START])
             ):
                 counts.append(place + _COUNT)

@@ -55,8 +55,9 @@ _MARKS: Final = {
 }
 
 #: Seconds before a tracker tries again to join the processes of its server, where the shared
-#: file stayed locked.
+#: file stayed locked, and how many tries it makes in all.
 JOIN_RETRY: Final = 5.0
+JOIN_TRIES: Final = 3
 
 
 def _address(value: object) -> int | str | None:
@@ -260,15 +261,18 @@ class LoadTracker:
         self.joined = not share_in_flight
         self._joining = threading.Lock()
         self._join_after = -_INFINITY
+        self._join_tries = 0
 
-    def listening(self, address: object) -> None:
+    def listening(self, address: object, *, exact: bool = False) -> None:
         """The address the requests arrive at, as the middlewares read it from their first
         request: a port (an int, or a string of digits), or a Unix socket's path; anything else
         is not known. With ``share_in_flight``, the tracker joins the other processes accepting
         on this process's listening socket at that address (or, where it is not known or not
-        this process's, on the process's only listening address), once (tried again
-        :data:`JOIN_RETRY` seconds later where the shared file stayed locked). Never waits for
-        another thread that is joining: that request is counted as the process's alone."""
+        this process's, unless ``exact`` says it is the socket's own, on the process's only
+        listening address), once: tried again :data:`JOIN_RETRY` seconds later where the shared
+        file stayed locked, :data:`JOIN_TRIES` times in all. Never raises (what fails is logged
+        and the process counts its own), never waits for another thread that is joining: that
+        request is counted as the process's alone."""
         if self.joined or not self._joining.acquire(blocking=False):
             return
         try:
@@ -276,11 +280,18 @@ class LoadTracker:
             if self.joined or now < self._join_after:
                 return
             try:
-                shared = Shared.join(_address(address))
+                shared = Shared.join(_address(address), exact=exact)
             except TimeoutError as error:
-                logger.warning("%s; in flight counted per process until a later try", error)
-                self._join_after = now + JOIN_RETRY
-                return
+                self._join_tries += 1
+                if self._join_tries < JOIN_TRIES:
+                    logger.warning("%s; in flight counted per process until a later try", error)
+                    self._join_after = now + JOIN_RETRY
+                    return
+                logger.warning("%s; in flight counted per process", error)
+                shared = None
+            except Exception:
+                logger.exception("requests in flight not shared: counted per process")
+                shared = None
             self.joined = True
             if shared is None:
                 return
@@ -298,6 +309,7 @@ class LoadTracker:
                 tracker._joining = threading.Lock()  # a thread of the parent may have held it
 
         os.register_at_fork(after_in_child=forked)
+        weakref.finalize(self, shared.leave)  # a tracker dropped gives its slot back
 
     @property
     def shared(self) -> bool:
