@@ -14,6 +14,7 @@ attempt loop, or a retry or health rule (those are the plan's).
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping
@@ -473,10 +474,40 @@ def _hosts(hosts: Iterable[str] | None) -> frozenset[str] | None:
         return None
     if isinstance(hosts, str):
         hosts = [hosts]
-    names = frozenset(hosts)
-    for name in names:
-        if not isinstance(name, str) or not name or "/" in name or "@" in name:
-            raise ValueError(f"hosts must be host names like 'users', got {name!r}")
+    names: set[str] = set()
+    for name in hosts:
+        names.update(_spellings(name))
     if not names:
         raise ValueError("hosts must name at least one host, got none")
-    return frozenset(name.lower() for name in names)
+    return frozenset(names)
+
+
+def _spellings(name: object) -> tuple[str, ...]:
+    """The forms of a logical host name a request's URL gives: lower case, and for a name
+    beyond ASCII both its Unicode form (httpx's ``url.host``) and its ASCII one (what
+    requests sends). A ValueError for anything that is not a host name alone."""
+    if not isinstance(name, str) or not name or any(c in _NOT_IN_NAMES for c in name):
+        unbracket = " (an IPv6 address without its brackets)" if "[" in str(name) else ""
+        raise ValueError(f"hosts must be host names like 'users'{unbracket}, got {name!r}")
+    lowered = name.lower()
+    if ":" in name:  # an IPv6 address, as a URL's host gives it (no brackets), or a port
+        try:
+            ipaddress.IPv6Address(name)
+        except ValueError:
+            raise ValueError(
+                f"hosts must be host names without a port, like 'users', got {name!r}"
+            ) from None
+        return (lowered,)
+    if lowered.isascii() and "xn--" not in lowered:
+        return (lowered,)
+    import idna  # a dependency of httpx and requests both; needed for such names alone
+
+    try:
+        ascii_name = idna.encode(name, uts46=True).decode("ascii")
+        return (lowered, ascii_name, idna.decode(ascii_name))
+    except idna.IDNAError as error:
+        raise ValueError(f"hosts must be host names like 'users', got {name!r}: {error}") from None
+
+
+#: What no host name holds (a URL's separators, brackets, white space).
+_NOT_IN_NAMES: Final = frozenset("/@?#[]\\ \t\r\n")

@@ -2,7 +2,8 @@
 
 What lives here: :func:`classify`, which sorts an error requests raised for an attempt into
 never-sent, maybe-sent and local failures (a TLS handshake that timed out is reported by
-urllib3 as a read timeout, though no request byte was sent: the traceback tells), and
+urllib3 as a read timeout, though no request byte was sent, and a TLS error is the same
+``SSLError`` before the request and after it: the traceback tells), and
 :func:`requests_error`, the error requests itself raises for a urllib3 error met while reading a
 body. What may not: a retry or health rule (the plan's), or sending anything.
 """
@@ -50,8 +51,9 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
 
 
 def _during_handshake(exc: BaseException) -> bool:
-    """Whether a timeout was raised while connecting (urllib3 reports a TLS handshake timeout
-    as a read timeout, although no request byte was sent)."""
+    """Whether ``exc`` was raised while connecting: urllib3 reports a TLS handshake timeout as
+    a read timeout, although no request byte was sent, and a TLS error as the same
+    ``SSLError`` whether the handshake failed or a record of the response was broken."""
     for error in _chain(exc):
         frames = traceback.extract_tb(error.__traceback__)
         if any(frame.name in _HANDSHAKE_FRAMES for frame in frames):
@@ -68,7 +70,9 @@ def classify(exc: BaseException) -> Fault | None:
     if isinstance(exc, requests.exceptions.SSLError) or any(
         isinstance(e, URLLib3SSLError) for e in errors
     ):
-        return Fault(Failure.NEVER_SENT, barred=True)
+        # A failed handshake sent nothing; a TLS record broken after it may follow the request.
+        sent = Failure.NEVER_SENT if _during_handshake(exc) else Failure.MAYBE_SENT
+        return Fault(sent, barred=True)
     if any(isinstance(e, EmptyPoolError) for e in errors):
         # This backend's own pool is full: nothing was sent, another backend may do.
         return Fault(Failure.NEVER_SENT, timed_out=True, barred=True)

@@ -19,8 +19,7 @@ from __future__ import annotations
 
 import contextvars
 import functools
-import io
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from types import EllipsisType
 from typing import Any
 from urllib.parse import urlsplit
@@ -28,7 +27,6 @@ from urllib.parse import urlsplit
 import requests
 from requests.adapters import BaseAdapter, HTTPAdapter
 from requests.structures import CaseInsensitiveDict
-from urllib3 import HTTPResponse
 from urllib3.exceptions import HTTPError as URLLib3HTTPError
 from urllib3.util.retry import Retry
 from urllib3.util.timeout import Timeout
@@ -37,8 +35,9 @@ from lbclient._config import DEFAULT, AdapterConfig, Default, Zone, policy_from
 from lbclient._loop import run_sync
 from lbclient._plan import Timeouts
 from lbclient._probes import urllib3_tls
+from lbclient._requests_bodies import ReportingRaw, buffered
 from lbclient._requests_faults import classify, requests_error
-from lbclient._wire import ReportingBody, final_text, merge_headers
+from lbclient._wire import final_text, merge_headers
 from lbclient.backend import Backend
 from lbclient.balancer import LoadBalancer
 from lbclient.errors import NoBackendAvailable
@@ -118,66 +117,6 @@ def _logical(origin: str) -> tuple[str, str, str]:
     if port is not None and port != _DEFAULT_PORTS.get(parts.scheme):
         host = f"{host}:{port}"
     return hostname, host, hostname
-
-
-class _ReportingRaw(ReportingBody):
-    """Wraps a response's urllib3 body, reporting its end (see :class:`ReportingBody`)."""
-
-    def __init__(self, raw: Any) -> None:
-        ReportingBody.__init__(self)
-        self._raw = raw
-
-    def stream(
-        self, amt: int | None = 2**16, decode_content: bool | None = None
-    ) -> Iterator[bytes]:
-        self._begin()
-        try:
-            yield from self._raw.stream(amt, decode_content=decode_content)
-        except Exception as exc:
-            raise self._fail(exc) from None
-        self._end(True)
-
-    def read(self, amt: int | None = None, *args: Any, **kwargs: Any) -> Any:
-        self._begin()
-        try:
-            data = self._raw.read(amt, *args, **kwargs)
-        except Exception as exc:
-            raise self._fail(exc) from None
-        if amt is None or not data:
-            self._end(True)
-        return data
-
-    def close(self) -> None:
-        try:
-            self._raw.close()
-        finally:
-            self._close()
-
-    def release_conn(self) -> None:
-        try:
-            self._raw.release_conn()
-        finally:
-            self._close()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._raw, name)
-
-
-def _buffered(raw: HTTPResponse, data: bytes) -> HTTPResponse:
-    """A urllib3 response that gives ``data`` (the body as it came, undecoded) through every
-    interface, as ``raw`` would have: ``read()``, ``stream()``, ``requests``' ``content``."""
-    return HTTPResponse(
-        body=io.BytesIO(data),
-        headers=raw.headers,
-        status=raw.status,
-        version=raw.version,
-        version_string=getattr(raw, "version_string", "HTTP/?"),
-        reason=raw.reason,
-        preload_content=False,
-        decode_content=raw.decode_content,
-        request_method=getattr(raw, "_request_method", None),
-        request_url=raw.geturl(),
-    )
 
 
 class LBAdapter(HTTPAdapter):
@@ -358,6 +297,8 @@ class LBAdapter(HTTPAdapter):
         wire.prefix = f"{scheme}://"
         wire.target = target if target.startswith("/") else f"/{target}"
         headers = _copy_headers(request.headers)
+        # For a proxy (requests adds it on redirects where one is configured); none is used.
+        headers.pop("Proxy-Authorization", None)
         if "host" not in headers:
             headers["Host"] = host_header
         wire.headers = headers
@@ -389,6 +330,7 @@ class _Wire:
         "target",
         "timeouts",
         "tls_name",
+        "total",
         "url",
         "verify",
     )
@@ -409,6 +351,7 @@ class _Wire:
         self.url = url
         self.replayable = _replayable(request.body)
         self.timeouts: Timeouts | None = _timeouts(timeout)
+        self.total = _total(timeout)
         self.options = timeout.options if isinstance(timeout, LBTimeout) else None
         self.stream = stream
         self.verify = verify
@@ -430,7 +373,7 @@ class _Wire:
         timeouts: Timeouts | None,
         headers: Mapping[str, str] | None,
         buffer: int,
-    ) -> tuple[int, requests.Response, _ReportingRaw | None]:
+    ) -> tuple[int, requests.Response, ReportingRaw | None]:
         request = self.request
         # A shallow twin of the caller's request (which stays logical): new URL and headers,
         # the same method, body, hooks and cookies. Cheaper than PreparedRequest.copy().
@@ -449,7 +392,7 @@ class _Wire:
             response = self.adapter._send(
                 sent,
                 stream=True,
-                timeout=(given.get("connect"), given.get("read")) if given else None,
+                timeout=_urllib3_timeout(given, self.total),
                 verify=self.verify,
                 cert=self.cert,
                 proxies={},
@@ -466,7 +409,7 @@ class _Wire:
                 # Read here, so that a connection lost mid-body can still be retried.
                 try:
                     if self.stream:  # the caller reads raw: keep the body as it came
-                        response.raw = _buffered(raw, raw.read(decode_content=False))
+                        response.raw = buffered(raw, raw.read(decode_content=False))
                     else:  # as requests itself does right after send()
                         response._content = raw.read(decode_content=True) or b""
                         response._content_consumed = True  # type: ignore[attr-defined]
@@ -475,7 +418,7 @@ class _Wire:
                 finally:
                     raw.release_conn()
                 return response.status_code, response, None
-        body = response.raw = _ReportingRaw(raw)
+        body = response.raw = ReportingRaw(raw)
         return response.status_code, response, body
 
     @staticmethod
@@ -548,7 +491,24 @@ def _timeouts(timeout: Any) -> dict[str, float | None]:
             )
     else:
         checked = Timeout(connect=timeout, read=timeout)
+    if checked.total is not None:  # its read timeout is what is left after connecting
+        checked = checked.clone()
+        checked.start_connect()
     return {"connect": _number(checked.connect_timeout), "read": _number(checked.read_timeout)}
+
+
+def _urllib3_timeout(given: Timeouts | None, total: float | None) -> Any:
+    """What an attempt passes to ``HTTPAdapter.send``: ``(connect, read)``, or a urllib3
+    ``Timeout`` where the caller's had a ``total`` (urllib3 applies it across both)."""
+    if total is not None:
+        given = given or {}
+        return Timeout(connect=given.get("connect"), read=given.get("read"), total=total)
+    return (given.get("connect"), given.get("read")) if given else None
+
+
+def _total(timeout: Any) -> float | None:
+    """The ``total`` of a urllib3 ``Timeout`` given as requests' ``timeout`` (None: none)."""
+    return _number(timeout.total) if isinstance(timeout, Timeout) else None
 
 
 def _number(value: object) -> float | None:
