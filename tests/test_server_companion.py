@@ -328,8 +328,17 @@ def test_the_report_holds_the_metrics_given() -> None:
 
 @pytest.mark.parametrize(
     "bad",
-    [lambda: 1 / 0, lambda: math.nan, lambda: math.inf, lambda: -0.1, lambda: "0.5", lambda: True],
-    ids=["raises", "nan", "inf", "negative", "str", "bool"],
+    [
+        lambda: 1 / 0,
+        lambda: math.nan,
+        lambda: math.inf,
+        lambda: -0.1,
+        lambda: "0.5",
+        lambda: True,
+        lambda: 2.5e9,
+        lambda: 10**10,
+    ],
+    ids=["raises", "nan", "inf", "negative", "str", "bool", "above-max-float", "above-max-int"],
 )
 def test_a_bad_metric_is_left_out_and_logged_once(
     bad: Any, caplog: pytest.LogCaptureFixture
@@ -783,6 +792,50 @@ def test_the_companion_imports_no_client_and_lbclient_does_not_import_it() -> No
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "['httpx', 'requests']"  # the two blocked entries only
+
+
+@pytest.mark.parametrize("form", ["TEXT", "JSON"])
+def test_the_most_a_tracker_may_report_the_clients_read(form: str) -> None:
+    # As many named metrics as a client reads, with the longest names that fit, every value
+    # the largest a client takes: what the tracker writes, a client keeps.
+    from lbclient.reports import MAX_LENGTH, MAX_NAMED, MAX_VALUE, parse
+
+    def largest() -> float:
+        return 123456789.0  # written "1.23457e+08", as long as a value is written
+
+    names = [f"m{i:02d}" for i in range(MAX_NAMED - 2)]
+
+    def fits(length: int) -> bool:
+        try:
+            LoadTracker(named_metrics=dict.fromkeys(["x" * length, *names[1:]], largest))
+        except ValueError as error:
+            assert "characters" in str(error)
+            return False
+        return True
+
+    low, high = 3, MAX_LENGTH  # the first name as long as the others allow: fits(low) holds
+    assert fits(low)
+    assert not fits(high)
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    longest = ["x" * low, *names[1:]]
+    tracker = LoadTracker(
+        clock=Clock(),
+        cpu_utilization=largest,
+        application_utilization=largest,
+        named_metrics=dict.fromkeys(longest, largest),
+    )
+    for _ in range(3):
+        tracker.end(tracker.begin())
+    written = tracker.rendered(form)
+    assert MAX_LENGTH - 80 < len(written) <= MAX_LENGTH or form == "JSON"  # short rates here
+    read = parse(written, 1.0)
+    assert len(read.named_metrics) == MAX_NAMED
+    assert read.cpu_utilization == pytest.approx(123457000.0)
+    assert largest() <= MAX_VALUE
+    with pytest.raises(ValueError, match=f"at most {MAX_NAMED - 2} of your own"):
+        LoadTracker(named_metrics=dict.fromkeys([*names, "one_more"], largest))
 
 
 @pytest.mark.parametrize("form", ["text", "json"])

@@ -14,8 +14,11 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Final, NamedTuple
 
-from lbclient.reports import (  # the names the clients read, defined once
+from lbclient.reports import (  # the names and bounds the clients read, defined once
     FORMAT_HEADER,
+    MAX_LENGTH,
+    MAX_NAMED,
+    MAX_VALUE,
     PREQUAL_LATENCY_HEADER,
     PREQUAL_RIF_HEADER,
     REPORT_HEADER,
@@ -29,6 +32,7 @@ __all__ = [
     "REPORT_HEADER",
     "ServerReport",
     "check_metric_name",
+    "check_named",
     "number",
     "requested_format",
     "usable",
@@ -136,10 +140,43 @@ class ServerReport(NamedTuple):
 
 
 def usable(value: object) -> bool:
-    """Whether a metric's ``value`` may go into a report: a real number, finite, not negative."""
+    """Whether a metric's ``value`` may go into a report: a real number, finite, not negative,
+    and at most :data:`~lbclient.reports.MAX_VALUE` (a client refuses a report with more)."""
     return (
         isinstance(value, (int, float))
         and not isinstance(value, bool)
         and math.isfinite(value)
-        and value >= 0
+        and 0 <= value <= MAX_VALUE
     )
+
+
+#: The longest a metric's value is written (``%.6g`` of a number up to MAX_VALUE:
+#: ``1.23457e+08``), and what a TEXT report holds besides its named metrics, at most.
+_VALUE_LENGTH: Final = 11
+_FIXED_LENGTH: Final = (
+    len(
+        "TEXT cpu_utilization=, application_utilization=, rps_fractional=, eps=, "
+        "named_metrics.rif=, named_metrics.latency_ms="
+    )
+    + 6 * _VALUE_LENGTH
+)
+
+
+def check_named(names: list[str]) -> None:
+    """A ValueError where reports with the named metrics ``names`` (besides the tracker's own
+    ``rif`` and ``latency_ms``) could hold more than a client reads: more than
+    :data:`~lbclient.reports.MAX_NAMED` named metrics, or more than
+    :data:`~lbclient.reports.MAX_LENGTH` characters."""
+    if len(names) + 2 > MAX_NAMED:
+        raise ValueError(
+            f"{len(names)} named metrics: a report holds at most {MAX_NAMED} (rif and "
+            f"latency_ms among them), so at most {MAX_NAMED - 2} of your own"
+        )
+    longest = _FIXED_LENGTH + sum(
+        len(", named_metrics.=") + len(name) + _VALUE_LENGTH for name in names
+    )
+    if longest > MAX_LENGTH:
+        raise ValueError(
+            f"named metrics whose names take {sum(map(len, names))} characters: a report could "
+            f"be {longest} characters long, and clients read at most {MAX_LENGTH}"
+        )

@@ -17,7 +17,8 @@ import weakref
 from collections.abc import Callable, Mapping
 from typing import Final
 
-from lbclient.server._report import ServerReport, check_metric_name, usable
+from lbclient.reports import MAX_VALUE
+from lbclient.server._report import ServerReport, check_metric_name, check_named, usable
 from lbclient.server._shared import Shared
 
 __all__ = ["LATENCY_WINDOW", "RATE_WINDOW", "Arrival", "LoadTracker", "Metric"]
@@ -136,10 +137,10 @@ class _Reading:
         except Exception as error:
             self._complain("raised %r", error)
             return None
-        if value.__class__ is float and 0.0 <= value < _INFINITY:  # the usual case, quickly
+        if value.__class__ is float and 0.0 <= value <= MAX_VALUE:  # the usual case, quickly
             return value
         if not usable(value):
-            self._complain("returned %r (not a finite number >= 0)", value)
+            self._complain(f"returned %r (not a number from 0 to {MAX_VALUE:g})", value)
             return None
         return float(value)
 
@@ -184,8 +185,10 @@ class LoadTracker:
       was made: the current second's part and the ``rate_window - 1`` seconds before it, or
       since the tracker was made if that is later, and never less than one second);
     * ``cpu_utilization``, ``application_utilization`` and ``named_metrics.<name>``: what the
-      given callables return, each left out when it raises or returns NaN, an infinity or a
-      negative number (logged once per metric).
+      given callables return, each left out when it raises or returns anything but a number
+      from 0 to :data:`~lbclient.reports.MAX_VALUE` (logged once per metric); at most
+      ``MAX_NAMED - 2`` named metrics, whose reports fit in ``MAX_LENGTH`` characters (what a
+      client reads; a ValueError otherwise).
 
     With ``share_in_flight`` (the default), requests in flight are the server's, not the
     process's alone: the middlewares tell the tracker the address (port, or Unix socket) of the
@@ -231,6 +234,7 @@ class LoadTracker:
             check_metric_name(name)
             if name in RESERVED:
                 raise ValueError(f"named metric {name!r} is the tracker's own")
+        check_named(list(named))
         self._cpu = _reading("cpu_utilization", cpu_utilization)
         self._application = _reading("application_utilization", application_utilization)
         self._named = tuple(_Reading(name, function) for name, function in named.items())
