@@ -32,8 +32,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import threading
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 from urllib.parse import urlsplit
@@ -88,6 +90,9 @@ class Probes:
         #: Backends whose probe failed, and until when (monotonic) they are not probed.
         self._quiet: dict[Backend, float] = {}
         self._pool: Any = None
+        #: The sockets of the sync probes' connections, shut down by close(): a probe blocked
+        #: reading a backend that does not answer ends then, not at its timeout.
+        self._sockets: weakref.WeakSet[socket.socket] = weakref.WeakSet()
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (Probes, (self.balancer, self.kind))
@@ -221,10 +226,12 @@ class Probes:
     # -- the end ------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """No probe is sent from now on; a sync pool is closed, tasks are cancelled."""
+        """No probe is sent from now on; a sync pool is closed (a probe waiting on one of its
+        connections ends at once), tasks are cancelled."""
         with self._lock:
             self._closed = True
             pool, self._pool = self._pool, None
+        self._shut()
         for task in list(self._tasks):
             task.cancel()
         if pool is not None and hasattr(pool, "clear"):  # urllib3
@@ -245,7 +252,15 @@ class Probes:
         if pool is not None and hasattr(pool, "aclose"):
             await pool.aclose()
         elif pool is not None:  # the runner's (trio): a sync pool
+            self._shut()
             pool.close()
+
+    def _shut(self) -> None:
+        """Shut the sync probes' sockets down (closing a pool from another thread does not end
+        a read blocked on one of its connections; a shutdown does)."""
+        for sock in list(self._sockets):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
 
 def probes_of(balancer: LoadBalancer, kind: str) -> Probes | None:
@@ -315,7 +330,10 @@ def _httpcore_sync(
     with probes._lock:
         pool = probes._pool
         if pool is None:
-            pool = probes._pool = httpcore.ConnectionPool(**_pool_options(probes._options))
+            tracked: Any = _Tracked(probes._sockets)  # httpcore's interface, duck-typed
+            pool = probes._pool = httpcore.ConnectionPool(
+                **_pool_options(probes._options), network_backend=tracked
+            )
     request = _httpcore_request(scheme, netloc, backend, probes.path, probes.timeout)
     response = pool.handle_request(request)
     try:
@@ -349,6 +367,7 @@ def _urllib3_sync(
         manager = probes._pool
         if manager is None:
             manager = probes._pool = urllib3.PoolManager(num_pools=64, retries=False)
+            manager.pool_classes_by_scheme = _tracked_pools(probes._sockets)
     host = urlsplit(f"//{netloc}").hostname or netloc
     extra = {"server_hostname": host, "assert_hostname": host, **(tls or {})}
     if scheme != "https":
@@ -370,6 +389,46 @@ def _urllib3_sync(
         headers.get(PREQUAL_RIF_HEADER),
         headers.get(PREQUAL_LATENCY_HEADER),
     )
+
+
+class _Tracked:
+    """httpcore's own network backend, each connection's socket kept in ``sockets``."""
+
+    def __init__(self, sockets: weakref.WeakSet[socket.socket]) -> None:
+        import httpcore
+
+        self._backend = httpcore.SyncBackend()
+        self._sockets = sockets
+
+    def connect_tcp(self, *args: Any, **kwargs: Any) -> Any:
+        stream = self._backend.connect_tcp(*args, **kwargs)
+        self._sockets.add(stream.get_extra_info("socket"))
+        return stream
+
+    def connect_unix_socket(self, *args: Any, **kwargs: Any) -> Any:
+        stream = self._backend.connect_unix_socket(*args, **kwargs)
+        self._sockets.add(stream.get_extra_info("socket"))
+        return stream
+
+    def sleep(self, seconds: float) -> None:
+        self._backend.sleep(seconds)
+
+
+def _tracked_pools(sockets: weakref.WeakSet[socket.socket]) -> dict[str, Any]:
+    """urllib3's pool classes by scheme, each connection's socket kept in ``sockets``."""
+    from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+
+    pools = {}
+    for scheme, pool in (("http", HTTPConnectionPool), ("https", HTTPSConnectionPool)):
+
+        class Connection(pool.ConnectionCls):  # type: ignore[name-defined,misc]
+            def _new_conn(self) -> socket.socket:
+                sock: socket.socket = super()._new_conn()
+                sockets.add(sock)
+                return sock
+
+        pools[scheme] = type(f"Probe{pool.__name__}", (pool,), {"ConnectionCls": Connection})
+    return pools
 
 
 def urllib3_tls(verify: object, cert: object) -> dict[str, Any]:

@@ -6,6 +6,7 @@ none after closing."""
 from __future__ import annotations
 
 import random
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -257,3 +258,62 @@ def test_backends_answering_with_reports_are_probed_no_more(servers: list[TestSe
         assert transport.stats().probes_sent == before
     assert before <= 3 * sum(served(s) for s in servers)
     assert sum(len(probes(s)) for s in servers) == before
+
+
+def silent_probes(exchange: Exchange) -> bool:
+    """The probe path is read and never answered (until the server stops); the rest ``ok``."""
+    if exchange.request.target.startswith(PATH):
+        return exchange.hang()
+    return exchange.respond(200, b"ok")
+
+
+@pytest.mark.parametrize("client", ["httpx", "requests", "trio"])
+def test_closing_ends_probes_waiting_on_a_silent_backend(client: str) -> None:
+    # A probe blocked reading a backend that never answers kept close() waiting until its
+    # probe_timeout (here an hour): the sync probes' sockets are shut down by close().
+    started = [
+        TestServer("silent", hang_seconds=3600, behaviours={"silent": silent_probes}).start()
+        for _ in range(3)
+    ]
+    try:
+        balancer = balancer_of(started, probe_timeout=3600.0)
+
+        def waiting() -> bool:
+            return sum(len(probes(s)) for s in started) >= 3
+
+        def closed_in_time(close: Callable[[], object]) -> None:
+            done: list[object] = []
+            closer = threading.Thread(target=lambda: done.append(close()), daemon=True)
+            closer.start()
+            closer.join(30)  # a bound, not a measure: the probes would wait an hour
+            assert done, "close() still waits for the probes"
+
+        if client == "httpx":
+            transport = LBTransport(balancer)
+            with httpx.Client(transport=transport, base_url="http://svc") as http:
+                for _ in range(3):
+                    assert http.get("/").status_code == 200
+                wait_for(waiting)
+                closed_in_time(http.close)
+        elif client == "requests":
+            session = requests.Session()
+            session.mount("http://svc/", LBAdapter(balancer))
+            for _ in range(3):
+                assert session.get("http://svc/").status_code == 200
+            wait_for(waiting)
+            closed_in_time(session.close)
+        else:
+
+            async def main() -> None:
+                transport = AsyncLBTransport(balancer)
+                async with httpx.AsyncClient(transport=transport, base_url="http://svc") as http:
+                    for _ in range(3):
+                        assert (await http.get("/")).status_code == 200
+                    await anyio.to_thread.run_sync(wait_for, waiting)
+                    with anyio.fail_after(30):  # a bound: the probes would wait an hour
+                        await transport.aclose()
+
+            anyio.run(main, backend="trio")
+    finally:
+        for server in started:
+            server.kill()
