@@ -180,6 +180,14 @@ class EtcdProcess:
             self.process.wait(10)
         self.process = None
 
+    def wipe(self) -> None:
+        """Kill etcd and start it again on the same ports with its data gone (a lost disk, a
+        restore): its revision starts over at 1, its cluster ID stays (etcd derives it from the
+        member's name and peer URL)."""
+        self.kill()
+        shutil.rmtree(self.directory / "data", ignore_errors=True)
+        self.start()
+
     def close(self) -> None:
         self.kill()
         self.client.close()
@@ -206,6 +214,11 @@ class EtcdProcess:
         response.raise_for_status()
         body: dict[str, Any] = response.json()
         return body
+
+    def header(self) -> dict[str, str]:
+        """A read's response header: the store's ``revision``, its ``cluster_id``."""
+        header: dict[str, str] = self.call("/v3/kv/range", {"key": b64("\0")})["header"]
+        return header
 
     def put(self, key: str, value: str | bytes) -> int:
         body = self.call("/v3/kv/put", {"key": b64(key), "value": b64(value)})
@@ -278,6 +291,11 @@ class Cut:
             with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
             s.close()
+
+    def point(self, port: int) -> None:
+        """Connections made from now on go to ``port`` (those open stay: :meth:`cut` them)."""
+        with self._lock:
+            self.target = port
 
     def mend(self) -> None:
         with self._lock:

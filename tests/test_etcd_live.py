@@ -21,6 +21,7 @@ from etcd_process import Cut, EtcdProcess, addresses, connected, naming, wait_un
 from lbclient import AsyncLBTransport, LBTransport, LoadBalancer
 from lbclient.discovery import Etcd
 from lbclient.discovery.etcd import aregister, register
+from lbclient.health import WatchState
 from lbclient.testing import TestServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,6 +40,12 @@ def prefix() -> str:
 
 def quick(prefix: str, *endpoints: str) -> Etcd:
     return Etcd(prefix, endpoints=list(endpoints), backoff=0.05, backoff_max=0.3)
+
+
+def watch_state(balancer: LoadBalancer) -> WatchState:
+    state = balancer.snapshot().discovery_watch
+    assert state is not None
+    return state
 
 
 def test_puts_and_deletes_reach_routing_and_bad_values_are_skipped(
@@ -176,6 +183,81 @@ def test_a_compacted_revision_lists_again(etcd: EtcdProcess, prefix: str) -> Non
             assert state.relists == 2
     finally:
         cut.close()
+
+
+def test_a_wiped_etcd_whose_revision_went_back_is_listed_again(tmp_path: Path, prefix: str) -> None:
+    with EtcdProcess(tmp_path) as etcd:
+        for _ in range(30):  # the revision well above what the wiped etcd will be at
+            etcd.put("noise/k", "x")
+        etcd.put(prefix + "a", naming("10.0.0.1:80"))
+        etcd.put(prefix + "b", naming("10.0.0.2:80"))
+        cluster = etcd.header()["cluster_id"]
+        balancer = LoadBalancer(discovery=quick(prefix, etcd.url))
+        with balancer:
+            wait_until(lambda: connected(balancer), what="the stream")
+            held = watch_state(balancer).revision
+            assert held == etcd.header()["revision"]
+            assert held is not None
+            assert int(held) > 30
+            etcd.wipe()
+            # The same cluster ID: only the revision, back below the one held, tells.
+            assert etcd.header()["cluster_id"] == cluster
+            etcd.put(prefix + "n0", naming("10.0.1.1:80"))
+            last = etcd.put(prefix + "n1", naming("10.0.1.2:80"))
+            wait_until(
+                lambda: addresses(balancer) == {"10.0.1.1:80", "10.0.1.2:80"},
+                what="the set the wiped etcd holds (not the keys it lost)",
+            )
+            wait_until(lambda: connected(balancer), what="the stream on the wiped etcd")
+            state = watch_state(balancer)
+            assert state.revision == str(last)
+            assert state.relists >= 2
+            # The watch follows the new store: past the old revision, and below it.
+            for _ in range(40):
+                etcd.put("noise/k", "x")
+            etcd.put(prefix + "n2", naming("10.0.1.3:80"))
+            etcd.delete(prefix + "n0")
+            wait_until(
+                lambda: addresses(balancer) == {"10.0.1.2:80", "10.0.1.3:80"},
+                what="changes after the wipe",
+            )
+
+
+def test_another_cluster_behind_the_same_address_is_listed_again(
+    tmp_path: Path, prefix: str
+) -> None:
+    (tmp_path / "first").mkdir()
+    (tmp_path / "second").mkdir()
+    with EtcdProcess(tmp_path / "first") as first, EtcdProcess(tmp_path / "second") as second:
+        second.put(prefix + "new", naming("10.0.1.1:80"))
+        for _ in range(30):  # the second's revision above the first's
+            second.put("noise/k", "x")
+        first.put(prefix + "old", naming("10.0.0.1:80"))
+        assert first.header()["cluster_id"] != second.header()["cluster_id"]
+        cut = Cut(first.port)
+        try:
+            balancer = LoadBalancer(discovery=quick(prefix, cut.url))
+            with balancer:
+                wait_until(lambda: connected(balancer), what="the stream")
+                held = watch_state(balancer).revision
+                # Only the cluster ID tells: the second's revision is above the one held.
+                assert held is not None
+                assert int(second.header()["revision"]) > int(held)
+                cut.point(second.port)
+                cut.cut()
+                cut.mend()
+                wait_until(
+                    lambda: addresses(balancer) == {"10.0.1.1:80"},
+                    what="the second cluster's set",
+                )
+                second.put(prefix + "more", naming("10.0.1.2:80"))
+                wait_until(
+                    lambda: addresses(balancer) == {"10.0.1.1:80", "10.0.1.2:80"},
+                    what="the second cluster's changes",
+                )
+                assert watch_state(balancer).relists >= 2
+        finally:
+            cut.close()
 
 
 def test_an_unreachable_first_endpoint_is_passed_over(etcd: EtcdProcess, prefix: str) -> None:

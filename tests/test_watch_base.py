@@ -9,6 +9,7 @@ import gzip
 import http.server
 import json
 import logging
+import re
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -21,12 +22,14 @@ from lbclient.discovery import Etcd
 from lbclient.discovery._watch import (
     Change,
     LineReader,
+    Relist,
     StreamBroken,
     WatchedDiscovery,
     WatchJob,
     backoff,
     endpoints_of,
     merge,
+    replaced,
 )
 from lbclient.discovery.etcd import Registration
 from lbclient.health import WatchState
@@ -139,6 +142,96 @@ def test_the_job_applies_changes_skips_garbage_and_reports_its_state() -> None:
         connected=False, revision="3", endpoint="http://127.0.0.1:1", events=3, skipped=1
     )
     assert "watch: not connected" in str(balancer.snapshot())
+
+
+def _numbers(revision: str, than: str) -> bool:
+    return int(revision) < int(than)
+
+
+@pytest.mark.parametrize(
+    ("held", "store", "change", "why"),
+    [
+        ("34", "7", Change(current="34", store="7"), None),
+        ("34", "7", Change(current="40", store="7"), None),
+        ("34", "7", Change(current="3", store="7"), "went back to 3, below the 34 held"),
+        ("34", "7", Change(current="40", store="8"), "another store answers \\(ID 8"),
+        ("34", "7", Change(current="3", store="8"), "another store"),
+        # What a message or a listing does not say is no evidence.
+        ("34", None, Change(current="40", store="8"), None),
+        ("34", "7", Change(current="40"), None),
+        ("34", "7", Change(revision="35"), None),
+        (None, "7", Change(current="3", store="7"), None),
+    ],
+)
+def test_a_store_other_than_the_one_listed_is_told_by_plain_values(
+    held: str | None, store: str | None, change: Change, why: str | None
+) -> None:
+    said = replaced(held, store, change, _numbers)
+    if why is None:
+        assert said is None
+    else:
+        assert said is not None
+        assert re.search(why, said), said
+
+
+def test_revisions_a_source_does_not_order_never_go_back() -> None:
+    assert not _Lines().older("3", "34")  # Kubernetes' resource versions: opaque
+    assert Etcd("p/").older("3", "34")
+    assert not Etcd("p/").older("34", "34")
+    assert not Etcd("p/").older("x", "34")
+
+
+def _etcd_message(revision: str, cluster: str, **result: object) -> bytes:
+    header = {"cluster_id": cluster, "member_id": "9", "revision": revision, "raft_term": "2"}
+    return json.dumps({"result": {"header": header, **result}}).encode()
+
+
+def test_an_etcd_whose_revision_went_back_or_another_cluster_is_listed_again() -> None:
+    job = WatchJob(Etcd("p/", endpoints=["http://127.0.0.1:1"]), LoadBalancer([]))
+    job.revision, job.store = "34", "7"
+    # A stream created on the store listed, at its revision or past it: nothing moves on.
+    assert job._take(_etcd_message("34", "7", created=True)) is None
+    assert job._take(_etcd_message("36", "7", created=True)) is None
+    # A progress notification moves the revision on.
+    assert job._take(_etcd_message("36", "7")) is False
+    assert job.revision == "36"
+    # etcd lost its data (a wiped member, a restore): its revision is below the one held.
+    with pytest.raises(Relist, match="went back to 3, below the 36 held"):
+        job._take(_etcd_message("3", "7", created=True))
+    # Another cluster at the same address, whatever its revision.
+    with pytest.raises(Relist, match="another store answers"):
+        job._take(_etcd_message("90", "8", created=True))
+    assert job.revision == "36"
+
+
+class _Pages(http.server.BaseHTTPRequestHandler):
+    """An etcd gateway whose listing's second page comes from another cluster."""
+
+    def log_message(self, *_args: object) -> None:
+        pass
+
+    def do_POST(self) -> None:
+        asked = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        value = base64.b64encode(b'{"Op": 0, "Addr": "10.0.0.1:80"}').decode()
+        kvs = [{"key": base64.b64encode(b"p/a").decode(), "value": value}]
+        cluster = "8" if "revision" in asked else "7"  # the pages after the first ask for one
+        body = {"header": {"cluster_id": cluster, "revision": "5"}, "kvs": kvs, "more": True}
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(json.dumps(body).encode())
+
+
+def test_a_listing_whose_pages_come_from_two_clusters_fails() -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Pages)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        with pytest.raises(ConnectionError, match="cluster changed during the listing"):
+            Etcd("p/", endpoints=[url], page_size=1, timeout=2.0).discover()
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 # -- etcd's values and bad input ---------------------------------------------------------------

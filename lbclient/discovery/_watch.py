@@ -8,7 +8,8 @@ What lives here: the rules every such source shares, and its job.
   (:meth:`~WatchedDiscovery.watch_request`) whose lines are JSON messages, each read by
   :meth:`~WatchedDiscovery.message` into a :class:`Change`. A message may say the revision is
   gone (etcd: compacted; Kubernetes: 410 Gone): it raises :class:`Relist`, and the set is
-  listed again.
+  listed again; so does one from a store other than the one listed (:func:`replaced`: another
+  cluster, or a revision of its own below the one held: the store lost its data).
 * :class:`LineReader`: the stream's lines, never waiting on a line that never ends (a line
   longer than ``max_line`` bytes breaks the stream) nor on a silent server (no byte for
   ``idle`` seconds breaks it: httpx's read timeout).
@@ -62,6 +63,7 @@ __all__ = [
     "backoff",
     "endpoints_of",
     "merge",
+    "replaced",
 ]
 
 logger = logging.getLogger("lbclient")
@@ -74,8 +76,8 @@ SHORT: Final = 1.0
 
 
 class Relist(Exception):
-    """The store says the revision asked for is gone (etcd: compacted; Kubernetes: 410 Gone):
-    the whole set is listed again."""
+    """The store says the revision asked for is gone (etcd: compacted; Kubernetes: 410 Gone),
+    or it is not the store listed (:func:`replaced`): the whole set is listed again."""
 
 
 class _Silent(Exception):
@@ -90,23 +92,28 @@ class StreamBroken(Exception):
 @dataclass(frozen=True)
 class Listing:
     """The whole set as the store holds it at ``revision``: backends by the store's key (a key
-    whose value is bad maps to no backend), and how many values were skipped as bad."""
+    whose value is bad maps to no backend), how many values were skipped as bad, and which
+    store answered (etcd's cluster ID; None: unknown)."""
 
     items: Mapping[str, tuple[Backend, ...]]
     revision: str
     skipped: int = 0
+    store: str | None = None
 
 
 @dataclass(frozen=True)
 class Change:
     """What one stream message says: keys put (to their backends: none for a bad value, which
     is skipped and counted), keys deleted, and the revision the stream has reached (None: the
-    message says nothing of it: a stream's "created" message, say)."""
+    message says nothing of it: a stream's "created" message, say); if it says them, the store's
+    own revision as it sent it and the store's ID (``current``, ``store``: :func:`replaced`)."""
 
     put: Mapping[str, tuple[Backend, ...]] = field(default_factory=dict)
     deleted: tuple[str, ...] = ()
     revision: str | None = None
     skipped: int = 0
+    current: str | None = None
+    store: str | None = None
 
     @property
     def events(self) -> int:
@@ -150,6 +157,20 @@ def endpoints_of(endpoints: object, name: str = "endpoints") -> tuple[str, ...]:
     if not urls:
         raise ValueError(f"{name} must name at least one URL, got {shown(endpoints)}")
     return tuple(urls)
+
+
+def replaced(
+    revision: str | None, store: str | None, change: Change, older: Callable[[str, str], bool]
+) -> str | None:
+    """Why ``change`` comes from a store other than the one the set was read from (None: the
+    same, as far as it says): another store's ID than ``store``, the listing's (a new cluster
+    behind the same address), or a revision of the store's own ``older`` than the ``revision``
+    held (the store went back: it lost its data, or was restored from a snapshot)."""
+    if store is not None and change.store is not None and change.store != store:
+        return f"another store answers (ID {change.store}, the set was listed from {store})"
+    if revision is not None and change.current is not None and older(change.current, revision):
+        return f"the store's revision went back to {change.current}, below the {revision} held"
+    return None
 
 
 def merge(items: Mapping[str, tuple[Backend, ...]]) -> list[Backend]:
@@ -259,6 +280,10 @@ class WatchedDiscovery(ServiceDiscovery):
         makes no sense (skipped and counted)."""
         raise NotImplementedError
 
+    def older(self, revision: str, than: str) -> bool:
+        """Whether ``revision`` comes before ``than`` (False: opaque ones, as Kubernetes' are)."""
+        return False
+
     def client(self, stream: bool = False) -> httpx.AsyncClient:
         """A client for one connection: the source's ``timeout`` to connect, and to read a
         listing; a stream's reads wait ``idle`` seconds."""
@@ -321,8 +346,9 @@ class WatchJob:
         self.draw = draw
         #: The set as the store holds it: backends by key.
         self.items: dict[str, tuple[Backend, ...]] = {}
-        #: The last revision seen (None: list first).
+        #: The last revision seen (None: list first), and the store listed (its ID, if known).
         self.revision: str | None = None
+        self.store: str | None = None
         self.connected = False
         self.failures = 0  # in all
         self.failed = 0  # in a row
@@ -403,6 +429,7 @@ class WatchJob:
         listing = await self.source.alist(client, self.endpoint)
         self.items = {key: tuple(backends) for key, backends in listing.items.items()}
         self.revision = listing.revision
+        self.store = listing.store
         self.relists += 1
         self.skipped += listing.skipped
         self.failed = 0
@@ -462,7 +489,8 @@ class WatchJob:
 
     def _take(self, line: bytes) -> bool | None:
         """Take one stream line into :attr:`items`; whether the set may have changed, or None
-        when the message moved nothing on (skipped, or no change and no revision)."""
+        when the message moved nothing on (skipped, or no change and no revision). Relist
+        when the store says the revision is gone, or is not the store listed."""
         try:
             change = self.source.message(json.loads(line))
         except (Relist, StreamBroken):
@@ -476,6 +504,9 @@ class WatchJob:
                 line[:120],
             )
             return None
+        why = replaced(self.revision, self.store, change, self.source.older)
+        if why is not None:
+            raise Relist(why)
         if change.revision is None and change.events == 0:
             return None
         if change.revision is not None:

@@ -134,6 +134,20 @@ def _text(key: bytes) -> str:
     return key.decode("utf-8", "backslashreplace")
 
 
+def _header(body: Mapping[str, Any]) -> tuple[str | None, str | None]:
+    """The store's revision and its cluster ID, as a response's header says (None: not said).
+    etcd gives the revision the store is at when it answers (a watch's "created" message too)
+    and the ID of its cluster, the same from every member."""
+    header = body.get("header")
+    if not isinstance(header, dict):
+        return None, None
+    revision, cluster = header.get("revision"), header.get("cluster_id")
+    return (
+        None if revision is None else str(revision),
+        None if cluster in (None, "", "0", 0) else str(cluster),
+    )
+
+
 def _prefix(prefix: object) -> bytes:
     if isinstance(prefix, str):
         prefix = prefix.encode("utf-8")
@@ -157,9 +171,11 @@ class Etcd(WatchedDiscovery):
     The listing reads every page at the revision of its first, so it is one consistent set;
     the watch starts at the revision after it. A broken stream or a restarted etcd: the watch
     resumes from the last revision seen, so no change is missed; a revision etcd compacted
-    meanwhile: the prefix is listed again. Asks etcd for progress notifications
-    (``--experimental-watch-progress-notify-interval``): a watch silent for ``idle`` seconds
-    (60) is reopened, from the same revision.
+    meanwhile, an etcd whose revision went back below the one held (it lost its data, or was
+    restored from a snapshot) or another cluster behind the same address (its cluster ID):
+    the prefix is listed again, and the listing replaces the set. Asks etcd for progress
+    notifications (``--experimental-watch-progress-notify-interval``): a watch silent for
+    ``idle`` seconds (60) is reopened, from the same revision.
     """
 
     def __init__(
@@ -188,6 +204,7 @@ class Etcd(WatchedDiscovery):
         skipped = 0
         start = self.prefix
         revision: str | None = None
+        store: str | None = None
         while True:
             payload: dict[str, Any] = {
                 "key": _b64(start),
@@ -197,8 +214,11 @@ class Etcd(WatchedDiscovery):
             if revision is not None:
                 payload["revision"] = revision
             body = await self.access.post(client, endpoint, "/v3/kv/range", payload)
+            current, cluster = _header(body)
             if revision is None:
-                revision = str(body.get("header", {}).get("revision", "0"))
+                revision, store = current or "0", cluster
+            elif cluster != store:  # the pages would mix two stores: list again
+                raise ConnectionError(f"etcd's cluster changed during the listing ({cluster})")
             kvs = body.get("kvs") or []
             for kv in kvs:
                 key = _unb64(kv.get("key"), "a key")
@@ -210,7 +230,7 @@ class Etcd(WatchedDiscovery):
                     logger.warning("discovery %r: skipped %s", self, exc)
                 start = key + b"\0"
             if not body.get("more") or not kvs:
-                return Listing(items, revision, skipped)
+                return Listing(items, revision, skipped, store)
 
     async def watch_request(
         self, client: httpx.AsyncClient, endpoint: str, revision: str
@@ -256,12 +276,12 @@ class Etcd(WatchedDiscovery):
             reason = result.get("cancel_reason", "")
             self._stale(reason)
             raise StreamBroken(f"etcd cancelled the watch: {reason}")
+        current, store = _header(result)
         events = result.get("events") or []
         if not events:  # created, or a progress notification
-            if result.get("created"):
-                return Change()
-            header = result.get("header") or {}
-            return Change(revision=str(header["revision"]) if "revision" in header else None)
+            if result.get("created"):  # its revision is the store's, not the stream's
+                return Change(current=current, store=store)
+            return Change(revision=current, current=current, store=store)
         put: dict[str, tuple[Backend, ...]] = {}
         deleted: list[str] = []
         skipped = 0
@@ -285,7 +305,13 @@ class Etcd(WatchedDiscovery):
                 logger.warning("discovery %r: skipped %s", self, exc)
             if name in deleted:
                 deleted.remove(name)
-        return Change(put, tuple(deleted), revision, skipped)
+        return Change(put, tuple(deleted), revision, skipped, current, store)
+
+    def older(self, revision: str, than: str) -> bool:
+        try:
+            return int(revision) < int(than)
+        except ValueError:
+            return False
 
     def _stale(self, error: object) -> None:
         """A watch ended by ``error``: if it says the token is no longer taken, the stream's
