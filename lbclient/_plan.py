@@ -319,28 +319,26 @@ class RequestPlan:
             return -1
         return policy.buffer_limit
 
-    def timeouts(self, given: Timeouts, backend: Backend | None = None) -> Timeouts:
-        """The client's per-operation timeouts for the attempt about to start on ``backend``,
-        each capped by ``attempt_timeout`` and by what is left of the deadline (noted, for the
-        health report of a timeout)."""
+    def limit(self) -> tuple[float | None, str]:
+        """Seconds the attempt about to start may take up to its response head, and what set
+        them: ``attempt_timeout`` ("attempt"), or what is left of the deadline when that is
+        shorter ("deadline"); (None, "") without either."""
         policy = self.policy
-        cap = policy.attempt_timeout
-        why = "attempt"
+        cap, why = policy.attempt_timeout, "attempt"
         if policy.deadline is not None:
             left = max(self.remaining() or 0.0, 0.001)
             if cap is None or left < cap:
                 cap, why = left, "deadline"
+        return cap, why if cap is not None else ""
+
+    def timeouts(self, given: Timeouts, backend: Backend | None = None) -> Timeouts:
+        """The client's per-operation timeouts for the attempt about to start on ``backend``,
+        each capped by :meth:`limit` (a cut noted, for the health report of a timeout)."""
+        cap, why = self.limit()
         if cap is None:
             return given
-        capped: dict[str, float | None] = {}
-        cut = False
-        for name, value in given.items():
-            if value is None or value > cap:
-                capped[name] = cap
-                cut = True
-            else:
-                capped[name] = value
-        if cut and backend is not None:
+        capped = {name: cap if v is None or v > cap else v for name, v in given.items()}
+        if backend is not None and capped != given:
             self._cuts[backend] = why
         return capped
 
@@ -469,7 +467,8 @@ class RequestPlan:
         if fault.barred:
             self._barred = {*self._barred, backend}
         cut = self._cuts.pop(backend, None) if self._cuts else None
-        if fault.timed_out and cut == "deadline":
+        left = self.remaining()  # a timeout once the deadline is over was the deadline's doing
+        if fault.timed_out and (cut == "deadline" or (left is not None and left <= 0.001)):
             self.stopped = f"the deadline of {self.policy.deadline:g} s ran out"
         elif fault.failure is not Failure.LOCAL:
             self.report(backend, Outcome.CONNECTION_FAILURE)

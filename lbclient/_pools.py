@@ -2,10 +2,13 @@
 
 What lives here: the httpcore pool options made of a transport's arguments
 (:func:`pool_options`), the key of a backend's pool (:func:`pool_key`), the pools of backends
-that left the set (:func:`stale_pools`), and :class:`AsyncPools`, the async transport's pools of
+that left the set (:func:`stale_pools`), :class:`AsyncPools`, the async transport's pools of
 one backend: a FIFO gate (:mod:`lbclient._gate`) that admits a fixed number of attempts at
-once, each over a pool of its own slot. What may not: sending a request or a rule about its
-outcome (the transport's wire and the loop).
+once, each over a pool of its own slot; and the network backends every pool connects through,
+whose connects, TLS handshakes, writes and reads end when the limits of the attempt running
+them (:data:`~lbclient._wire.BOUND`) say, however slowly a server sends or reads, with the
+timeout httpcore raises for that operation. What may not: sending a request or a rule about
+its outcome (the transport's wire and the loop).
 """
 
 from __future__ import annotations
@@ -13,16 +16,21 @@ from __future__ import annotations
 import importlib.util
 import ssl
 from collections.abc import Iterable
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 import httpcore
 import httpx
 
 from lbclient._gate import AsyncGate, GateClosed
+from lbclient._wire import BOUND, within
 from lbclient.backend import Backend
 from lbclient.balancer import LoadBalancer
 
-__all__ = ["AsyncPools", "pool_key", "pool_options", "stale_pools"]
+__all__ = ["AsyncPools", "pool_key", "pool_options", "stale_pools", "sync_pool"]
+
+#: The most one write hands httpcore's sync stream at once when an end is set: it gives every
+#: send() of a write the whole timeout, so a server that reads slowly could stretch one write.
+_PIECE: Final = 64 * 1024
 
 _P = TypeVar("_P", httpcore.ConnectionPool, "AsyncPools")
 
@@ -103,7 +111,9 @@ class AsyncPools:
         key = slot if not self._options["http2"] else 0
         pool = self._pools.get(key)
         if pool is None:
-            pool = self._pools[key] = httpcore.AsyncConnectionPool(**self._options)
+            pool = self._pools[key] = httpcore.AsyncConnectionPool(
+                **self._options, network_backend=_AsyncBackend()
+            )
         return pool
 
     @property
@@ -120,3 +130,153 @@ class AsyncPools:
         self._pools.clear()
         for pool in pools:
             await pool.aclose()
+
+
+def sync_pool(options: dict[str, Any]) -> httpcore.ConnectionPool:
+    """A sync transport's pool for one backend and TLS name."""
+    return httpcore.ConnectionPool(**options, network_backend=_SYNC_BACKEND)
+
+
+# -- I/O that ends when the attempt's limits say --------------------------------------------
+
+
+class _Stream(httpcore.NetworkStream):
+    """A connection's stream, each operation ended by the limits of the attempt running it."""
+
+    def __init__(self, inner: httpcore.NetworkStream) -> None:
+        self._inner = inner
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        bound = BOUND.get()
+        if bound is not None and bound.until is not None:
+            timeout = within(bound.until, timeout, httpcore.ReadTimeout)
+        return self._inner.read(max_bytes, timeout)
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        bound = BOUND.get()
+        if bound is None or bound.until is None:
+            self._inner.write(buffer, timeout)
+            return
+        for start in range(0, len(buffer), _PIECE):
+            piece = buffer if len(buffer) <= _PIECE else buffer[start : start + _PIECE]
+            self._inner.write(piece, within(bound.until, timeout, httpcore.WriteTimeout))
+
+    def close(self) -> None:
+        self._inner.close()
+
+    def start_tls(
+        self,
+        ssl_context: ssl.SSLContext,
+        server_hostname: str | None = None,
+        timeout: float | None = None,
+    ) -> httpcore.NetworkStream:
+        bound = BOUND.get()
+        if bound is not None and bound.until is not None:
+            timeout = within(bound.until, timeout, httpcore.ConnectTimeout)
+        return _Stream(self._inner.start_tls(ssl_context, server_hostname, timeout))
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._inner.get_extra_info(info)
+
+
+class _Backend(httpcore.NetworkBackend):
+    """httpcore's sync backend, its connects and streams ended by the attempt's limits."""
+
+    def __init__(self) -> None:
+        self._inner = httpcore.SyncBackend()
+
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.NetworkStream:
+        bound = BOUND.get()
+        if bound is not None and bound.until is not None:
+            timeout = within(bound.until, timeout, httpcore.ConnectTimeout)
+        stream = self._inner.connect_tcp(host, port, timeout, local_address, socket_options)
+        return _Stream(stream)
+
+    def sleep(self, seconds: float) -> None:
+        self._inner.sleep(seconds)
+
+
+_SYNC_BACKEND: Final = _Backend()
+
+
+class _AsyncStream(httpcore.AsyncNetworkStream):
+    """The async twin of :class:`_Stream` (whose writes anyio and trio bound as a whole)."""
+
+    def __init__(self, inner: httpcore.AsyncNetworkStream) -> None:
+        self._inner = inner
+
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        bound = BOUND.get()
+        if bound is not None and bound.until is not None:
+            timeout = within(bound.until, timeout, httpcore.ReadTimeout)
+        return await self._inner.read(max_bytes, timeout)
+
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        bound = BOUND.get()
+        if bound is not None and bound.until is not None:
+            timeout = within(bound.until, timeout, httpcore.WriteTimeout)
+        await self._inner.write(buffer, timeout)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+    async def start_tls(
+        self,
+        ssl_context: ssl.SSLContext,
+        server_hostname: str | None = None,
+        timeout: float | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        bound = BOUND.get()
+        if bound is not None and bound.until is not None:
+            timeout = within(bound.until, timeout, httpcore.ConnectTimeout)
+        return _AsyncStream(await self._inner.start_tls(ssl_context, server_hostname, timeout))
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._inner.get_extra_info(info)
+
+
+class _AsyncBackend(httpcore.AsyncNetworkBackend):
+    """httpcore's async backend for the running library (trio, else anyio), as httpcore
+    chooses it, its connects and streams ended by the attempt's limits."""
+
+    def __init__(self) -> None:
+        self._inner: httpcore.AsyncNetworkBackend | None = None
+
+    def _backend(self) -> httpcore.AsyncNetworkBackend:
+        inner = self._inner
+        if inner is None:
+            try:
+                import sniffio
+            except ImportError:  # pragma: no cover (httpcore assumes asyncio then, too)
+                library = "asyncio"
+            else:
+                library = sniffio.current_async_library()
+            trio = library == "trio"
+            inner = self._inner = httpcore.TrioBackend() if trio else httpcore.AnyIOBackend()
+        return inner
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        bound = BOUND.get()
+        if bound is not None and bound.until is not None:
+            timeout = within(bound.until, timeout, httpcore.ConnectTimeout)
+        stream = await self._backend().connect_tcp(
+            host, port, timeout, local_address, socket_options
+        )
+        return _AsyncStream(stream)
+
+    async def sleep(self, seconds: float) -> None:
+        await self._backend().sleep(seconds)

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from urllib3 import HTTPResponse
+from urllib3.exceptions import ReadTimeoutError
 
 from lbclient._wire import ReportingBody
 
@@ -34,7 +35,7 @@ class ReportingRaw(ReportingBody):
         try:
             yield from self._raw.stream(amt, decode_content=decode_content)
         except Exception as exc:
-            raise self._fail(exc) from None
+            raise self._fail(exc, isinstance(exc, ReadTimeoutError)) from None
         self._end(True)
 
     def read(self, amt: int | None = None, *args: Any, **kwargs: Any) -> Any:
@@ -42,7 +43,7 @@ class ReportingRaw(ReportingBody):
         try:
             data = self._raw.read(amt, *args, **kwargs)
         except Exception as exc:
-            raise self._fail(exc) from None
+            raise self._fail(exc, isinstance(exc, ReadTimeoutError)) from None
         if amt is None or not data:
             self._end(True)
         return data

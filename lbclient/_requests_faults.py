@@ -61,6 +61,10 @@ def _during_handshake(exc: BaseException) -> bool:
     return False
 
 
+def _timed_out(error: ProtocolError) -> bool:
+    return any(isinstance(arg, TimeoutError) for arg in error.args)
+
+
 def classify(exc: BaseException) -> Fault | None:
     """How far a request got when requests or urllib3 raised ``exc``; None for an error that
     is not a failure of the attempt."""
@@ -87,6 +91,9 @@ def classify(exc: BaseException) -> Fault | None:
     ):
         sent = Failure.NEVER_SENT if _during_handshake(exc) else Failure.MAYBE_SENT
         return Fault(sent, timed_out=True, barred=True)
+    if any(isinstance(e, ProtocolError) and _timed_out(e) for e in errors):
+        # A write that timed out: urllib3 reports it as "Connection aborted." with the timeout.
+        return Fault(Failure.MAYBE_SENT, timed_out=True, barred=True)
     if isinstance(
         exc,
         (

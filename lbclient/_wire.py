@@ -4,9 +4,10 @@ What lives here: what an adapter gives the loop for one request (:class:`Wire`,
 :class:`AsyncWire`: the request's facts, the I/O of one attempt, its client's words), what every
 adapter's wire builds on, once for both clients (:class:`ReportingBody`, the body wrappers'
 reporting rule; :func:`merge_headers`, the trace-header merge; :func:`final_text`, the final
-error's message), and how the loop sends one attempt and records what it saw on the plan
-(:func:`send_sync`, :func:`send_async`): the wire sends and returns what it saw, the loop
-records, never the wire.
+error's message; :class:`Limits`, an attempt's limits as its I/O applies them, and
+:data:`BOUND`, the limits of the I/O running now), and how the loop sends one attempt and
+records what it saw on the plan (:func:`send_sync`, :func:`send_async`): the wire sends and
+returns what it saw, the loop records, never the wire.
 
 What may not: an HTTP client (the adapters translate), a retry or health rule (the plan's), or
 deciding what happens next (the loop's).
@@ -14,7 +15,9 @@ deciding what happens next (the loop's).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Mapping
+from contextvars import ContextVar
 from typing import Any, Protocol, TypeVar
 
 from lbclient._plan import Fault, RequestPlan, Timeouts
@@ -22,8 +25,10 @@ from lbclient.backend import Backend
 from lbclient.reports import PREQUAL_LATENCY_HEADER, PREQUAL_RIF_HEADER, REPORT_HEADER
 
 __all__ = [
+    "BOUND",
     "AsyncWire",
     "Facts",
+    "Limits",
     "ReportingBody",
     "Wire",
     "final",
@@ -33,25 +38,126 @@ __all__ = [
     "recorded",
     "send_async",
     "send_sync",
+    "within",
 ]
 
 _R = TypeVar("_R")
 _R_co = TypeVar("_R_co", covariant=True)
 _H = TypeVar("_H", str, bytes)
+_C = TypeVar("_C")
+
+
+class Limits:
+    """One attempt's limits, as its wire applies them. Up to the response head: the client's
+    per-operation timeouts capped by ``attempt_timeout`` and the deadline (:attr:`timeouts`),
+    and a time (:attr:`until`, on ``time.monotonic``'s clock) by which every connect, write and
+    read must end, however slowly the bytes come. From the head on (:meth:`body`), however the
+    body is read (by lbclient inside the attempt, by the client, or streamed by the caller): the
+    client's own per-operation timeouts, and the deadline's end, if there is a deadline."""
+
+    __slots__ = ("deadline", "ends", "given", "read", "timeouts", "until")
+
+    def __init__(
+        self,
+        given: Timeouts,
+        timeouts: Timeouts,
+        cap: float | None,
+        left: float | None,
+        deadline: float | None,
+    ) -> None:
+        now = time.monotonic()
+        #: The client's own per-operation timeouts.
+        self.given = given
+        #: The per-operation timeouts that apply now, and the read timeout among them.
+        self.timeouts = timeouts
+        self.read = timeouts.get("read")
+        #: When the I/O that runs now must end (None: no end but the per-operation timeouts).
+        self.until = None if cap is None else now + cap
+        #: When the deadline runs out (None: no deadline), and its seconds.
+        self.ends = None if left is None else now + left
+        self.deadline = deadline
+
+    def body(self) -> Timeouts:
+        """The response head came: from now on, the client's own per-operation timeouts (which
+        are returned) and the deadline's end."""
+        self.timeouts = given = self.given
+        self.read = given.get("read")
+        self.until = self.ends
+        return given
+
+    def expired(self) -> bool:
+        """Whether the deadline has run out: a timeout now was its doing."""
+        ends = self.ends
+        return ends is not None and time.monotonic() >= ends - 0.001
+
+
+#: The limits of the attempt whose I/O runs now in this thread or task (None: none). Set by
+#: the wires around their I/O; read by each client's bounded I/O (:mod:`lbclient._pools`,
+#: :mod:`lbclient._requests_timeouts`).
+BOUND: ContextVar[Limits | None] = ContextVar("lbclient_bound", default=None)
+
+
+def within(until: float, timeout: float | None, error: Callable[[str], BaseException]) -> float:
+    """``timeout``, the seconds one operation may take (None: no limit), shortened to what is
+    left before ``until``; when nothing is, ``error("timed out")`` is raised instead."""
+    left = until - time.monotonic()
+    if left <= 0:
+        raise error("timed out")
+    return left if timeout is None or left < timeout else timeout
+
+
+def bounded(chunks: Iterable[_C], limits: Limits) -> Iterator[_C]:
+    """``chunks`` (a body's), each read with :data:`BOUND` set to ``limits``, and unset
+    again before the chunk goes to the caller."""
+    iterator = iter(chunks)
+    while True:
+        token = BOUND.set(limits)
+        try:
+            chunk = next(iterator, None)
+        finally:
+            BOUND.reset(token)
+        if chunk is None:
+            return
+        yield chunk
+
+
+def abounded(chunks: AsyncIterable[_C], limits: Limits) -> AsyncIterator[_C]:
+    """The async twin of :func:`bounded` (an iterator, not an async generator: nothing to
+    finalize when the caller stops early)."""
+    return _ABounded(aiter(chunks), limits)
+
+
+class _ABounded(AsyncIterator[_C]):
+    __slots__ = ("_iterator", "_limits")
+
+    def __init__(self, iterator: AsyncIterator[_C], limits: Limits) -> None:
+        self._iterator = iterator
+        self._limits = limits
+
+    async def __anext__(self) -> _C:
+        token = BOUND.set(self._limits)
+        try:
+            return await anext(self._iterator)
+        finally:
+            BOUND.reset(token)
 
 
 class ReportingBody:
     """A response body as the caller reads it, for an adapter's body wrapper to build on: read
     to the end, or closed unread, it reports a success; a failure while reading reports a
-    failure (and the error names the backend); closed part-read, neither. The loop sets
-    :attr:`report` before the response reaches the caller; ``after`` (the adapter's: free a
-    place in a connection pool) runs once when the body is done, whatever happened."""
+    failure (and the error names the backend), but a timeout once the deadline ran out, which
+    is the deadline's (and says so); closed part-read, neither. The loop sets :attr:`report`
+    before the response reaches the caller, the wire :attr:`limits` when the attempt had any;
+    ``after`` (the adapter's: free a place in a connection pool) runs once when the body is
+    done, whatever happened."""
 
-    __slots__ = ("_after", "_started", "report")
+    __slots__ = ("_after", "_started", "limits", "report")
 
     def __init__(self, after: Callable[[], object] | None = None) -> None:
         #: Set by the loop: reports the body's end through the request's plan.
         self.report: Callable[[bool | None], None] | None = None
+        #: Set by the wire: the attempt's limits, if it had any.
+        self.limits: Limits | None = None
         self._after = after
         self._started = False
 
@@ -71,11 +177,18 @@ class ReportingBody:
         """The caller closed the body: unread, a success; part-read, neither."""
         self._end(None if self._started else True)
 
-    def _fail(self, error: BaseException) -> BaseException:
-        """Reading failed with ``error``: report it, and return it naming the backend."""
+    def _fail(self, error: BaseException, timed_out: bool = False) -> BaseException:
+        """Reading failed with ``error`` (``timed_out``: a timeout): report it, and return it
+        naming the backend."""
         backend = getattr(self.report, "backend", None)
-        self._end(False)
-        return error if backend is None else name_backend(error, backend)
+        limits = self.limits
+        why = ""
+        if timed_out and limits is not None and limits.expired():
+            why = f"the deadline of {limits.deadline:g} s ran out "
+            self._end(None)  # not the backend's failure
+        else:
+            self._end(False)
+        return error if backend is None else name_backend(error, backend, why)
 
 
 class Facts(Protocol):
@@ -113,12 +226,14 @@ class Wire(Facts, Protocol[_R_co]):
     def send(
         self,
         backend: Backend,
-        timeouts: Timeouts | None,
+        limits: Limits | None,
         headers: Mapping[str, str] | None,
         buffer: int,
     ) -> tuple[int, _R_co, ReportingBody | None]:
-        """Send the request to ``backend`` with these ``timeouts`` (None: the client's own)
-        and ``headers`` added (replacing the caller's of the same name; see
+        """Send the request to ``backend`` within these ``limits`` (None: the client's own
+        timeouts; else its I/O runs with :data:`BOUND` set to them, and from the response head
+        on, as :meth:`Limits.body` says, the body wrapper's ``limits`` included) and
+        ``headers`` added (replacing the caller's of the same name; see
         :func:`merge_headers`), reading the body inside the attempt when its
         ``Content-Length`` is at most ``buffer``. Return the status, the response, and the
         body wrapper that reports a streamed body's end (None when the body was read); raise
@@ -150,7 +265,7 @@ class AsyncWire(Facts, Protocol[_R_co]):
     async def send(
         self,
         backend: Backend,
-        timeouts: Timeouts | None,
+        limits: Limits | None,
         headers: Mapping[str, str] | None,
         buffer: int,
     ) -> tuple[int, _R_co, ReportingBody | None]: ...
@@ -186,10 +301,10 @@ def merge_headers(
     return merged
 
 
-def name_backend(error: BaseException, backend: Backend) -> BaseException:
-    """``error`` (raised while reading a response body) with the backend named in its message,
-    keeping its class and its other arguments."""
-    where = f"(while reading the response body from backend {backend.address})"
+def name_backend(error: BaseException, backend: Backend, why: str = "") -> BaseException:
+    """``error`` (raised while reading a response body) with the backend named in its message
+    (after ``why``, if given), keeping its class and its other arguments."""
+    where = f"({why}while reading the response body from backend {backend.address})"
     if error.args and isinstance(error.args[0], str):
         error.args = (f"{error.args[0]} {where}", *error.args[1:])
     else:
@@ -237,11 +352,13 @@ def received(
 
 
 def limits(plan: RequestPlan, backend: Backend, wire: Wire[Any] | AsyncWire[Any]) -> Any:
-    given = wire.timeouts
+    """The limits of the attempt about to start on ``backend``, or None without any."""
     policy = plan.policy
-    if given is None or (policy.attempt_timeout is None and policy.deadline is None):
-        return given
-    return plan.timeouts(given, backend)
+    if policy.attempt_timeout is None and policy.deadline is None:
+        return None
+    given = wire.timeouts or {}
+    cap, _ = plan.limit()
+    return Limits(given, plan.timeouts(given, backend), cap, plan.remaining(), policy.deadline)
 
 
 # -- one attempt --------------------------------------------------------------------------------

@@ -32,15 +32,24 @@ import httpx
 
 from lbclient._config import DEFAULT, AdapterConfig, Default, Zone, policy_from
 from lbclient._gate import GateClosed
+from lbclient._httpx_faults import HTTPCORE_ERRORS, fault, httpx_error
 from lbclient._loop import run_async, run_sync
-from lbclient._plan import Fault, Timeouts
-from lbclient._pools import AsyncPools, pool_key, pool_options, stale_pools
+from lbclient._plan import Timeouts
+from lbclient._pools import AsyncPools, pool_key, pool_options, stale_pools, sync_pool
 from lbclient._probes import use as use_options
-from lbclient._wire import ReportingBody, final_text, merge_headers
+from lbclient._wire import (
+    BOUND,
+    Limits,
+    ReportingBody,
+    abounded,
+    bounded,
+    final_text,
+    merge_headers,
+)
 from lbclient.backend import Backend
 from lbclient.balancer import LoadBalancer
 from lbclient.errors import NoBackendAvailable
-from lbclient.retry import Failure, RetryBudget, RetryPolicy, RetryStats
+from lbclient.retry import RetryBudget, RetryPolicy, RetryStats
 from lbclient.selection.base import AlgorithmLike
 from lbclient.subsets import Subset
 
@@ -54,14 +63,6 @@ _T = TypeVar("_T", httpx.HTTPTransport, httpx.AsyncHTTPTransport)
 
 DEFAULT_LIMITS: Final = httpx.Limits(max_connections=100, max_keepalive_connections=20)
 
-_HTTPCORE_ERRORS: Final = (
-    httpcore.TimeoutException,
-    httpcore.NetworkError,
-    httpcore.ProtocolError,
-    httpcore.ProxyError,
-    httpcore.UnsupportedProtocol,
-)
-
 
 class NoBackendAvailableError(NoBackendAvailable, httpx.ConnectError):
     """What the transports raise when no backend could be chosen: a
@@ -73,42 +74,6 @@ class NoBackendAvailableError(NoBackendAvailable, httpx.ConnectError):
 
 def _unavailable(message: str, request: Any) -> NoBackendAvailable:
     return NoBackendAvailableError(message, request=request)
-
-
-def _httpx_error(exc: Exception) -> httpx.TransportError:
-    """The httpx exception for an httpcore one (same class name, as httpx itself maps them)."""
-    for cls in type(exc).__mro__:
-        mapped = getattr(httpx, cls.__name__, None)
-        if isinstance(mapped, type) and issubclass(mapped, httpx.TransportError):
-            return mapped(str(exc))
-    return httpx.TransportError(str(exc))
-
-
-def _tls_failure(error: BaseException) -> bool:
-    seen: set[int] = set()
-    current: BaseException | None = error
-    while current is not None and id(current) not in seen:
-        if isinstance(current, ssl.SSLError):
-            return True
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
-    return False
-
-
-def _fault(error: Exception) -> Fault | None:
-    """How far a request got when the transport raised ``error`` (an httpx error)."""
-    if not isinstance(error, httpx.TransportError):
-        return None
-    if isinstance(error, (httpx.ConnectTimeout, httpx.PoolTimeout)):
-        # A full pool is this backend's own: nothing was sent, another backend may do.
-        return Fault(Failure.NEVER_SENT, timed_out=True, barred=True)
-    if isinstance(error, httpx.ConnectError):
-        return Fault(Failure.NEVER_SENT, barred=_tls_failure(error))
-    if isinstance(error, httpx.TimeoutException):
-        return Fault(Failure.MAYBE_SENT, timed_out=True, barred=True)
-    if isinstance(error, (httpx.LocalProtocolError, httpx.UnsupportedProtocol)):
-        return Fault(Failure.LOCAL)
-    return Fault(Failure.MAYBE_SENT)
 
 
 def _has_host(headers: list[tuple[bytes, bytes]]) -> bool:
@@ -132,18 +97,19 @@ def _latin1(text: str) -> bytes:
 def _backend_request(
     request: httpx.Request,
     backend: Backend,
-    timeouts: Timeouts | None,
+    limits: Limits | None,
     headers: Mapping[str, str] | None,
 ) -> httpcore.Request:
     """The request for ``backend``: its host and port, the caller's logical ``Host`` and TLS
-    name, these ``timeouts`` (None: the caller's) and ``headers`` added."""
+    name, the timeouts of these ``limits`` (None: the caller's; else in extensions of its own,
+    changed when the head came) and ``headers`` added."""
     host = backend.host
     if host[0] == "[":
         host = host[1:-1]
     extensions = request.extensions
     url = request.url
-    if timeouts is not None and timeouts is not extensions.get("timeout"):
-        extensions = {**extensions, "timeout": timeouts}
+    if limits is not None:
+        extensions = {**extensions, "timeout": limits.timeouts}
     if url.scheme == "https":
         extensions = {**extensions, "sni_hostname": url.host}
     raw = request.headers.raw
@@ -201,7 +167,7 @@ class _Wire:
         value: str | None = response.headers.get(name)
         return value
 
-    fault = staticmethod(_fault)
+    fault = staticmethod(fault)
 
     def final(self, error: Exception, summary: str) -> Exception:
         """Of the last failure's class, its message followed by the summary."""
@@ -217,10 +183,15 @@ class _SyncStream(ReportingBody, httpx.SyncByteStream):
 
     def __iter__(self) -> Iterator[bytes]:
         self._begin()
+        limits = self.limits
         try:
-            yield from self._inner
-        except _HTTPCORE_ERRORS as exc:
-            raise self._fail(_httpx_error(exc)) from exc
+            if limits is None or limits.until is None:
+                yield from self._inner
+            else:  # each read bounded by the deadline's end
+                yield from bounded(self._inner, limits)
+        except HTTPCORE_ERRORS as exc:
+            timed_out = isinstance(exc, httpcore.TimeoutException)
+            raise self._fail(httpx_error(exc), timed_out) from exc
         self._end(True)
 
     def close(self) -> None:
@@ -241,11 +212,16 @@ class _AsyncStream(ReportingBody, httpx.AsyncByteStream):
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         self._begin()
+        limits = self.limits
+        chunks = (
+            self._inner if limits is None or limits.until is None else abounded(self._inner, limits)
+        )
         try:
-            async for chunk in self._inner:
+            async for chunk in chunks:
                 yield chunk
-        except _HTTPCORE_ERRORS as exc:
-            raise self._fail(_httpx_error(exc)) from exc
+        except HTTPCORE_ERRORS as exc:
+            timed_out = isinstance(exc, httpcore.TimeoutException)
+            raise self._fail(httpx_error(exc), timed_out) from exc
         self._end(True)
 
     async def aclose(self) -> None:
@@ -386,9 +362,11 @@ class LBTransport(_Configured[httpcore.ConnectionPool, httpx.HTTPTransport], htt
     * ``failure_statuses``: response statuses that count as server errors for passive health,
       when backends are given (None: 500..599); a balancer's own are its
       ``HealthPolicy(failure_statuses=...)``, shared by every adapter using it.
-    * ``attempt_timeout``: seconds one attempt may take up to its response head (None: only
-      the client's own timeouts, per operation).
-    * ``deadline``: seconds for the whole request, attempts and waits together (None: none).
+    * ``attempt_timeout``: seconds one attempt may take up to its response head, however
+      slowly it comes; the body then gets the client's own timeouts (None: only the client's
+      own timeouts, per operation).
+    * ``deadline``: seconds for the whole request: attempts, waits and the response body
+      together, whoever reads it (None: none).
     * ``hedge_after``: seconds without a response head before an idempotent request is also
       sent to the next backend; the first head wins (None: no hedging; AsyncLBTransport
       only, the sync transport refuses it).
@@ -428,7 +406,7 @@ class LBTransport(_Configured[httpcore.ConnectionPool, httpx.HTTPTransport], htt
                 pool = self._pools.get(name)
                 if pool is None:
                     stale = stale_pools(self._pools, self._config.balancer)
-                    pool = self._pools[name] = httpcore.ConnectionPool(**self._options)
+                    pool = self._pools[name] = sync_pool(self._options)
             for old in stale:
                 old.close()
         return pool
@@ -470,14 +448,18 @@ class _SyncWire(_Wire):
     def send(
         self,
         backend: Backend,
-        timeouts: Timeouts | None,
+        limits: Limits | None,
         headers: Mapping[str, str] | None,
         buffer: int,
     ) -> tuple[int, httpx.Response, _SyncStream | None]:
         request = self.request
         pool = self.transport._pool(request.url, backend)
+        sent = _backend_request(request, backend, limits, headers)
+        token = None if limits is None else BOUND.set(limits)
         try:
-            response = pool.handle_request(_backend_request(request, backend, timeouts, headers))
+            response = pool.handle_request(sent)
+            if limits is not None:  # httpcore reads the body's timeouts when it starts on it
+                sent.extensions["timeout"] = limits.body()
             if buffer >= 0:
                 length = _content_length(response)
                 if length is not None and length <= buffer:
@@ -486,9 +468,13 @@ class _SyncWire(_Wire):
                     finally:
                         response.close()
                     return response.status, _response(request, response, None), None
-        except _HTTPCORE_ERRORS as exc:
-            raise _httpx_error(exc) from exc
+        except HTTPCORE_ERRORS as exc:
+            raise httpx_error(exc) from exc
+        finally:
+            if token is not None:
+                BOUND.reset(token)
         body = _SyncStream(response.stream)
+        body.limits = limits
         return response.status, _response(request, response, body), body
 
     @staticmethod
@@ -556,13 +542,13 @@ class _AsyncWire(_Wire):
     async def send(
         self,
         backend: Backend,
-        timeouts: Timeouts | None,
+        limits: Limits | None,
         headers: Mapping[str, str] | None,
         buffer: int,
     ) -> tuple[int, httpx.Response, _AsyncStream | None]:
         request = self.request
         pools = await self.transport._pool(request.url, backend)
-        sent = _backend_request(request, backend, timeouts, headers)
+        sent = _backend_request(request, backend, limits, headers)
         gate = pools.gate
         try:
             slot = await gate.enter(sent.extensions.get("timeout", {}).get("pool"))
@@ -572,8 +558,11 @@ class _AsyncWire(_Wire):
             ) from None
         except GateClosed:  # aclose() while it waited: nothing more is sent
             raise RuntimeError("AsyncLBTransport is closed") from None
+        token = None if limits is None else BOUND.set(limits)
         try:
             response = await pools.pool(slot).handle_async_request(sent)
+            if limits is not None:  # httpcore reads the body's timeouts when it starts on it
+                sent.extensions["timeout"] = limits.body()
             if buffer >= 0:
                 length = _content_length(response)
                 if length is not None and length <= buffer:
@@ -583,16 +572,20 @@ class _AsyncWire(_Wire):
                         await response.aclose()
                     gate.leave(slot)
                     return response.status, _response(request, response, None), None
-        except _HTTPCORE_ERRORS as exc:
+        except HTTPCORE_ERRORS as exc:
             gate.leave(slot)
-            raise _httpx_error(exc) from exc
+            raise httpx_error(exc) from exc
         except GateClosed:
             gate.leave(slot)
             raise RuntimeError("AsyncLBTransport is closed") from None
         except BaseException:
             gate.leave(slot)
             raise
+        finally:
+            if token is not None:
+                BOUND.reset(token)
         body = _AsyncStream(response.stream, functools.partial(gate.leave, slot))
+        body.limits = limits
         return response.status, _response(request, response, body), body
 
     @staticmethod

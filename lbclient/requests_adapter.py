@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextvars
 import functools
 from collections.abc import Callable, Collection, Iterable, Mapping
-from types import EllipsisType
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -29,7 +28,6 @@ from requests.adapters import BaseAdapter, HTTPAdapter
 from requests.structures import CaseInsensitiveDict
 from urllib3.exceptions import HTTPError as URLLib3HTTPError
 from urllib3.util.retry import Retry
-from urllib3.util.timeout import Timeout
 
 from lbclient._config import DEFAULT, AdapterConfig, Default, Zone, policy_from
 from lbclient._loop import run_sync
@@ -37,11 +35,12 @@ from lbclient._plan import Timeouts
 from lbclient._probes import urllib3_tls
 from lbclient._requests_bodies import ReportingRaw, buffered
 from lbclient._requests_faults import classify, requests_error
-from lbclient._wire import final_text, merge_headers
+from lbclient._requests_timeouts import LBTimeout, bound_pools, timeouts, total_of, urllib3_timeout
+from lbclient._wire import BOUND, Limits, final_text, merge_headers
 from lbclient.backend import Backend
 from lbclient.balancer import LoadBalancer
 from lbclient.errors import NoBackendAvailable
-from lbclient.retry import RequestOptions, RetryBudget, RetryPolicy, RetryStats
+from lbclient.retry import RetryBudget, RetryPolicy, RetryStats
 from lbclient.selection.base import AlgorithmLike
 from lbclient.subsets import Subset
 
@@ -69,42 +68,6 @@ class NoBackendAvailableError(NoBackendAvailable, requests.ConnectionError):
 
 def _unavailable(message: str, request: Any) -> NoBackendAvailable:
     return NoBackendAvailableError(message, request=request)
-
-
-class LBTimeout(tuple):  # type: ignore[type-arg]
-    """requests' ``(connect, read)`` timeout, carrying lbclient's limits for one request:
-    ``session.get(url, timeout=LBTimeout(1.0, deadline=0.5))``.
-
-    It is a plain ``(connect, read)`` tuple to everything else, so an adapter that is not
-    lbclient's applies the timeouts and ignores the rest.
-
-    * ``connect``, ``read``: seconds, as requests' own ``timeout=(connect, read)``; ``read``
-      defaults to ``connect`` (None, None: no timeout).
-    * ``max_attempts``, ``attempt_timeout``, ``deadline``: as
-      :class:`~lbclient.RequestOptions` (None: the adapter's own)."""
-
-    options: RequestOptions
-
-    def __new__(
-        cls,
-        connect: float | None = None,
-        read: float | EllipsisType | None = ...,
-        *,
-        max_attempts: int | None = None,
-        attempt_timeout: float | None = None,
-        deadline: float | None = None,
-    ) -> LBTimeout:
-        self = super().__new__(cls, (connect, connect if read is ... else read))
-        self.options = RequestOptions(max_attempts, attempt_timeout, deadline)
-        return self
-
-    def __getnewargs_ex__(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        options = self.options
-        return tuple(self), {
-            "max_attempts": options.max_attempts,
-            "attempt_timeout": options.attempt_timeout,
-            "deadline": options.deadline,
-        }
 
 
 @functools.lru_cache(maxsize=256)
@@ -220,6 +183,7 @@ class LBAdapter(HTTPAdapter):
         self._pools_for: object = None
         self._remembered = max(1, connections)
         super().init_poolmanager(connections, maxsize, block, **pool_kwargs)
+        bound_pools(self.poolmanager)  # their I/O ends when an attempt's limits say
 
     def get_connection_with_tls_context(
         self,
@@ -350,8 +314,8 @@ class _Wire:
         self.method = (request.method or "GET").upper()
         self.url = url
         self.replayable = _replayable(request.body)
-        self.timeouts: Timeouts | None = _timeouts(timeout)
-        self.total = _total(timeout)
+        self.timeouts: Timeouts | None = timeouts(timeout)
+        self.total = total_of(timeout)
         self.options = timeout.options if isinstance(timeout, LBTimeout) else None
         self.stream = stream
         self.verify = verify
@@ -370,7 +334,7 @@ class _Wire:
     def send(
         self,
         backend: Backend,
-        timeouts: Timeouts | None,
+        limits: Limits | None,
         headers: Mapping[str, str] | None,
         buffer: int,
     ) -> tuple[int, requests.Response, ReportingRaw | None]:
@@ -385,21 +349,26 @@ class _Wire:
             if not headers
             else CaseInsensitiveDict(merge_headers(list(self.headers.items()), headers, str))
         )
-        given = self.timeouts if timeouts is None else timeouts
+        given = self.timeouts if limits is None else limits.timeouts
         # For https, the logical TLS name, read by build_connection_pool_key_attributes.
         token = None if self.tls_name is None else _SERVER_HOSTNAME.set(self.tls_name)
+        bound = None if limits is None else BOUND.set(limits)
         try:
             response = self.adapter._send(
                 sent,
                 stream=True,
-                timeout=_urllib3_timeout(given, self.total),
+                timeout=urllib3_timeout(given, self.total),
                 verify=self.verify,
                 cert=self.cert,
                 proxies={},
             )
         finally:
+            if bound is not None:
+                BOUND.reset(bound)
             if token is not None:
                 _SERVER_HOSTNAME.reset(token)
+        if limits is not None:  # the response's reader applies them from now on
+            limits.body()
         response.url = request.url or ""
         response.request = request
         raw = response.raw
@@ -419,6 +388,7 @@ class _Wire:
                     raw.release_conn()
                 return response.status_code, response, None
         body = response.raw = ReportingRaw(raw)
+        body.limits = limits
         return response.status_code, response, body
 
     @staticmethod
@@ -472,47 +442,6 @@ def _copy_headers(headers: Any) -> CaseInsensitiveDict[str]:
 
 def _replayable(body: object) -> bool:
     return body is None or isinstance(body, (bytes, str))
-
-
-def _timeouts(timeout: Any) -> dict[str, float | None]:
-    """requests' ``timeout`` argument as per-operation timeouts, checked as plain requests
-    checks it: urllib3's ``Timeout`` judges each value, and a tuple that is not a valid
-    ``(connect, read)`` pair gets requests' own message (its tests look for it)."""
-    if isinstance(timeout, Timeout):
-        checked = timeout
-    elif isinstance(timeout, tuple):
-        try:
-            connect, read = timeout
-            checked = Timeout(connect=connect, read=read)
-        except ValueError:
-            raise ValueError(  # noqa: B904 (chained implicitly, as requests chains it)
-                f"Invalid timeout {timeout}. Pass a (connect, read) timeout tuple, or a single "
-                "float to set both timeouts to the same value."
-            )
-    else:
-        checked = Timeout(connect=timeout, read=timeout)
-    if checked.total is not None:  # its read timeout is what is left after connecting
-        checked = checked.clone()
-        checked.start_connect()
-    return {"connect": _number(checked.connect_timeout), "read": _number(checked.read_timeout)}
-
-
-def _urllib3_timeout(given: Timeouts | None, total: float | None) -> Any:
-    """What an attempt passes to ``HTTPAdapter.send``: ``(connect, read)``, or a urllib3
-    ``Timeout`` where the caller's had a ``total`` (urllib3 applies it across both)."""
-    if total is not None:
-        given = given or {}
-        return Timeout(connect=given.get("connect"), read=given.get("read"), total=total)
-    return (given.get("connect"), given.get("read")) if given else None
-
-
-def _total(timeout: Any) -> float | None:
-    """The ``total`` of a urllib3 ``Timeout`` given as requests' ``timeout`` (None: none)."""
-    return _number(timeout.total) if isinstance(timeout, Timeout) else None
-
-
-def _number(value: object) -> float | None:
-    return float(value) if isinstance(value, (int, float)) else None
 
 
 def mount(session: requests.Session, adapter: LBAdapter) -> None:

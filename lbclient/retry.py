@@ -17,8 +17,9 @@ The rules:
 * No wait before an attempt on a backend not tried yet; jittered exponential backoff before
   trying a backend again.
 * Timeouts keep their meaning: every attempt gets the client's own timeouts, per operation.
-  ``attempt_timeout`` caps one attempt up to its response head; ``deadline`` caps the whole
-  request, attempts and waits together, and no attempt starts without a useful share of it.
+  ``attempt_timeout`` caps one attempt up to its response head, however slowly it comes (the
+  body then gets the client's own timeouts); ``deadline`` caps the whole request, attempts,
+  waits and the response body together, and no attempt starts without a useful share of it.
 * The attempts after a failed first one run in a tenacity ``Retrying`` (``AsyncRetrying`` for
   the async transport) made of these rules; a policy may add tenacity strategies of its own
   (``stop``, ``wait``, ``retry``, ``before_sleep``, ``after``), which can only end the retries
@@ -146,11 +147,13 @@ class RetryPolicy:
     * ``buffer_limit``: bytes; responses to retryable requests with a ``Content-Length`` up
       to this are read before they are returned, so a connection lost mid-body can still be
       retried (262144).
-    * ``attempt_timeout``: seconds one attempt may take up to its response head; expiry is a
+    * ``attempt_timeout``: seconds one attempt may take up to its response head, however
+      slowly its bytes come (its body then gets the client's own timeouts); expiry is a
       maybe-sent failure, reported to health and retried under the rules above (None: only
       the client's own timeouts).
-    * ``deadline``: seconds for the whole request, all attempts and waits together (None: no
-      limit beyond each attempt's timeouts).
+    * ``deadline``: seconds for the whole request, all attempts and waits and the response
+      body together, whoever reads it; a timeout it caused is not blamed on the backend
+      (None: no limit beyond each attempt's timeouts).
     * ``budget``: the :class:`RetryBudget` every retry spends from, but a retry of an attempt
       that never reached a server (``RetryBudget()``; None: retries are bounded by
       ``max_attempts`` alone).
@@ -278,7 +281,7 @@ class RequestOptions:
 
     * ``max_attempts``: attempts for this request, the first included.
     * ``attempt_timeout``: seconds one attempt may take up to its response head.
-    * ``deadline``: seconds for the whole request.
+    * ``deadline``: seconds for the whole request, its response body included.
     * ``hedge_after``: seconds without a response head before a hedge (async transport only).
     """
 
