@@ -76,3 +76,33 @@ def test_companion_benchmark_rejects_bad_round_settings() -> None:
     )
     assert done.returncode == 2
     assert "--rounds" in done.stderr
+
+
+@pytest.mark.parametrize("app", ["plain", "floor", "reported", "carry"])
+@pytest.mark.parametrize("ask", [False, True])
+def test_the_instruction_count_harness_answers_every_request(app: str, ask: bool) -> None:
+    # What valgrind counts runs uvicorn's h11 protocol in process; it raises unless every
+    # request got its answer (the count's own test of the harness, no valgrind needed).
+    from lbclient.cli.bench import companion_count
+
+    companion_count._serve(app, 25, ask)
+
+
+def test_the_instruction_counts_are_per_request_and_against_the_plain_app(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from lbclient.cli.bench import companion_count
+
+    made = {"plain": 500, "floor": 505, "reported": 515, "carry": 522}
+
+    def counted(app: str, requests: int, ask: bool) -> int:  # start-up, then per request
+        return 1_000_000 + requests * (made[app] + (20 if ask else 0))
+
+    monkeypatch.setattr(companion_count, "_instructions", counted)
+    rows = companion_count.count(few=10, many=110)
+    assert [row.case for row in rows] == [case[0] for case in companion_count.CASES]
+    by_case = {row.case: row for row in rows}
+    assert by_case["plain app"].per_request == 500
+    assert by_case["LoadReportingASGI"].ratio == pytest.approx(500 / 515)
+    asked = by_case["LoadReportingASGI, every request asks for the report"]
+    assert (asked.per_request, asked.ratio) == (535, pytest.approx(520 / 535))
