@@ -1,13 +1,15 @@
-"""Admission into a backend's connections: at most ``limit`` attempts inside at once, each
-holding a numbered place (a slot), the rest waiting in a first-in, first-out queue with an O(1)
-hand-off when one leaves.
+"""Admission into a backend's connections: at most ``limit`` attempts inside at once (httpx's
+``max_connections``), each holding a numbered place (a slot: a connection), the rest waiting in
+a first-in, first-out queue with an O(1) hand-off when one leaves.
 
 A connection pool that is handed more requests than it keeps connections wakes and scans all
 its waiters on every release, and opens and drops connections beyond its keep-alive limit; under
 a thousand concurrent requests its throughput collapses. Queued here instead, a waiting request
-costs nothing until its turn, and is handed the place (and the slot) of the attempt that
-leaves. Slots given back are handed out again latest first, so the connections used last,
-still warm, are used again and the others may expire.
+costs nothing until its turn, and is handed the place (and the slot, its connection still open)
+of the attempt that leaves. A slot given back with nobody waiting is kept (its connection idle)
+while fewer than ``keep`` are (httpx's ``max_keepalive_connections``); beyond, the one who gave
+it back is told to close its connection. Kept slots are handed out again latest first, so the
+connections used last, still warm, are used again and the others may expire.
 
 What lives here: :class:`AsyncGate` (asyncio or trio, one event loop). A wait respects its
 timeout (raising TimeoutError) and cancellation; a place handed to a waiter that gave up is
@@ -17,6 +19,7 @@ later comer. What may not: anything about HTTP.
 
 from __future__ import annotations
 
+import sys
 from collections import deque
 
 import anyio
@@ -41,16 +44,24 @@ class _Turn:
 class AsyncGate:
     """Admission for tasks of one event loop."""
 
-    __slots__ = ("_closed", "_free", "_opened", "_waiters", "active", "limit")
+    __slots__ = ("_closed", "_cold", "_free", "_keep", "_opened", "_waiters", "active", "limit")
 
-    def __init__(self, limit: int) -> None:
-        if limit < 1:
+    def __init__(self, limit: int | None, keep: int | None = None) -> None:
+        """At most ``limit`` inside at once, at most ``keep`` slots kept while free (None:
+        no limit)."""
+        if limit is not None and limit < 1:
             raise ValueError(f"a gate needs a limit of at least 1, got {limit!r}")
-        self.limit = limit
+        if keep is not None and keep < 0:
+            raise ValueError(f"a gate keeps at least 0 slots, got {keep!r}")
+        self.limit = sys.maxsize if limit is None else limit
+        self._keep = sys.maxsize if keep is None else keep
         #: Attempts inside (admitted, not yet left).
         self.active = 0
-        #: Slots given back, the latest last; slots below ``_opened`` not here are taken.
+        #: Slots given back and kept (their connections idle), the latest last.
         self._free: list[int] = []
+        #: Slots given back whose connections were closed; handed out after the kept ones.
+        self._cold: list[int] = []
+        #: Slots below ``_opened`` in neither list are taken.
         self._opened = 0
         self._waiters: deque[_Turn] = deque()
         self._closed = False
@@ -65,6 +76,8 @@ class AsyncGate:
             self.active += 1
             if self._free:
                 return self._free.pop()
+            if self._cold:
+                return self._cold.pop()
             self._opened += 1
             return self._opened - 1
         turn = _Turn()
@@ -74,6 +87,8 @@ class AsyncGate:
                 await turn.event.wait()
         except BaseException:
             if turn.slot is not None:  # handed over just as this waiter gave up: pass it on
+                # (if nobody takes it and it is not kept, its connection stays open, idle,
+                # until the slot is handed out again: nothing may wait here to close it)
                 self.leave(turn.slot)
             elif turn in self._waiters:
                 self._waiters.remove(turn)
@@ -89,12 +104,18 @@ class AsyncGate:
         for turn in waiters:
             turn.event.set()
 
-    def leave(self, slot: int) -> None:
-        """Give the place and its ``slot`` up: to the first waiter, if any."""
+    def leave(self, slot: int) -> bool:
+        """Give the place and its ``slot`` up: to the first waiter, if any. False when the
+        slot is not kept (``keep`` are already free): its connection is to be closed."""
         if self._waiters:
             turn = self._waiters.popleft()
             turn.slot = slot  # the place passes on; ``active`` stays
             turn.event.set()
-        elif self.active > 0:
+            return True
+        if self.active > 0:
             self.active -= 1
+            if len(self._free) >= self._keep:
+                self._cold.append(slot)
+                return False
             self._free.append(slot)
+        return True

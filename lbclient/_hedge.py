@@ -20,8 +20,9 @@ import anyio
 import anyio.abc
 
 from lbclient._plan import EXHAUSTED, RequestPlan
-from lbclient._wire import AsyncWire, final, send_async
+from lbclient._wire import AsyncWire, closed_after_failure, final, send_async
 from lbclient.backend import Backend
+from lbclient.errors import TransportClosed
 
 __all__ = ["hedged"]
 
@@ -60,6 +61,7 @@ async def hedged(plan: RequestPlan, first: Backend, wire: AsyncWire[_R]) -> _R:
         group.start_soon(attempt, backend, pause)
 
     winner: _R | None = None
+    closed: Exception | None = None  # the transport's closed error kept the next attempt back
     try:
         async with anyio.create_task_group() as group:
             launch(group, first)
@@ -84,6 +86,12 @@ async def hedged(plan: RequestPlan, first: Backend, wire: AsyncWire[_R]) -> _R:
                 in_flight.discard(backend)
                 if error is not None:
                     if not any(a.error is error for a in plan.attempts):
+                        if isinstance(error, TransportClosed):
+                            if in_flight:  # a hedge the close kept back: those in flight
+                                continue  # decide
+                            closed = error  # raised below, out of the task group
+                            group.cancel_scope.cancel()
+                            break
                         raise error  # not a failure of the attempt: it propagates as it is
                     last_error = error
                 else:
@@ -109,6 +117,11 @@ async def hedged(plan: RequestPlan, first: Backend, wire: AsyncWire[_R]) -> _R:
             if late is not None and late[1] is not winner:
                 with anyio.CancelScope(shield=True):
                     await wire.discard(late[1])
+    if closed is not None:
+        if spare is not None:
+            await wire.discard(spare)
+        closed_after_failure(plan, wire, closed)
+        raise closed
     if winner is not None:
         if spare is not None:
             await wire.discard(spare)

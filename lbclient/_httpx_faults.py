@@ -2,8 +2,8 @@
 
 What lives here: :func:`httpx_error`, the httpx exception for an httpcore one (as httpx itself
 maps them), and :func:`fault`, which sorts an error the transport raised for an attempt into
-never-sent, maybe-sent and local failures. What may not: a retry or health rule (the plan's),
-or sending anything.
+never-sent, maybe-sent and local failures, or none (the transport's closed error: no attempt
+was made). What may not: a retry or health rule (the plan's), or sending anything.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import httpcore
 import httpx
 
 from lbclient._plan import Fault
+from lbclient.errors import TransportClosed
 from lbclient.retry import Failure
 
 __all__ = ["HTTPCORE_ERRORS", "fault", "httpx_error"]
@@ -50,8 +51,9 @@ def _tls_failure(error: BaseException) -> bool:
 
 
 def fault(error: Exception) -> Fault | None:
-    """How far a request got when the transport raised ``error`` (an httpx error)."""
-    if not isinstance(error, httpx.TransportError):
+    """How far a request got when the transport raised ``error`` (an httpx error); None when
+    the attempt was never made (the transport was closed) or ``error`` is not httpx's."""
+    if not isinstance(error, httpx.TransportError) or isinstance(error, TransportClosed):
         return None
     if isinstance(error, (httpx.ConnectTimeout, httpx.PoolTimeout)):
         # A full pool is this backend's own: nothing was sent, another backend may do.

@@ -21,7 +21,15 @@ from tenacity import AsyncRetrying, Retrying
 from lbclient._failover import Failover, asleep, sleep
 from lbclient._hedge import hedged
 from lbclient._plan import RequestPlan
-from lbclient._wire import AsyncWire, Wire, final, recorded, send_async, send_sync
+from lbclient._wire import (
+    AsyncWire,
+    Wire,
+    closed_after_failure,
+    final,
+    recorded,
+    send_async,
+    send_sync,
+)
 from lbclient.backend import Backend
 
 if TYPE_CHECKING:
@@ -131,6 +139,8 @@ def _after_failure(
 
 def _fail(plan: RequestPlan, wire: Wire[Any] | AsyncWire[Any], error: Exception) -> None:
     """After the last attempt raised ``error``: raise the final error if it is a failure the
-    plan recorded (the caller re-raises anything else as it is)."""
+    plan recorded, or the last failure's if the attempt could not start because the adapter
+    was closed (the caller re-raises anything else as it is)."""
     if recorded(plan, error):
         raise final(plan, wire, error) from error
+    closed_after_failure(plan, wire, error)

@@ -3,12 +3,12 @@
 What lives here: the httpcore pool options made of a transport's arguments
 (:func:`pool_options`), the key of a backend's pool (:func:`pool_key`), the pools of backends
 that left the set (:func:`stale_pools`), :class:`AsyncPools`, the async transport's pools of
-one backend: a FIFO gate (:mod:`lbclient._gate`) that admits a fixed number of attempts at
-once, each over a pool of its own slot; and the network backends every pool connects through,
-whose connects, TLS handshakes, writes and reads end when the limits of the attempt running
-them (:data:`~lbclient._wire.BOUND`) say, however slowly a server sends or reads, with the
-timeout httpcore raises for that operation. What may not: sending a request or a rule about
-its outcome (the transport's wire and the loop).
+one backend: a FIFO gate (:mod:`lbclient._gate`) that admits ``max_connections`` attempts at
+once, each over a pool of its own slot, and keeps ``max_keepalive_connections`` of them idle;
+and the network backends every pool connects through, whose connects, TLS handshakes, writes
+and reads end when the limits of the attempt running them (:data:`~lbclient._wire.BOUND`) say,
+however slowly a server sends or reads, with the timeout httpcore raises for that operation.
+What may not: sending a request or a rule about its outcome (the transport's wire and the loop).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import ssl
 from collections.abc import Iterable
 from typing import Any, Final, TypeVar
 
+import anyio
 import httpcore
 import httpx
 
@@ -26,7 +27,7 @@ from lbclient._wire import BOUND, within
 from lbclient.backend import Backend
 from lbclient.balancer import LoadBalancer
 
-__all__ = ["AsyncPools", "pool_key", "pool_options", "stale_pools", "sync_pool"]
+__all__ = ["AsyncPools", "pool_key", "pool_options", "shut", "stale_pools", "sync_pool"]
 
 #: The most one write hands httpcore's sync stream at once when an end is set: it gives every
 #: send() of a write the whole timeout, so a server that reads slowly could stretch one write.
@@ -65,6 +66,8 @@ def pool_options(
 ) -> dict[str, Any]:
     if not isinstance(limits, httpx.Limits):
         raise TypeError(f"limits must be an httpx.Limits, got {limits!r}")
+    if limits.max_connections is not None and limits.max_connections < 1:
+        raise ValueError(f"limits.max_connections must be at least 1, got {limits!r}")
     if http2 and importlib.util.find_spec("h2") is None:
         raise ImportError("http2=True needs the h2 package: pip install 'lbclient[http2]'")
     return {
@@ -80,26 +83,34 @@ def pool_options(
     }
 
 
+async def shut(pool: httpcore.AsyncConnectionPool) -> None:
+    """Close ``pool``'s connections, even in a task being cancelled."""
+    with anyio.CancelScope(shield=True):
+        await pool.aclose()
+
+
 class AsyncPools:
-    """One backend's connections for one TLS name, for the async transport: a gate that admits
-    at most ``limit`` attempts and queues the rest, and a connection pool per slot the gate
-    hands out. Over HTTP/1.1 each slot's pool keeps one connection: httpcore scans every
-    connection of a pool on each request and each release, so with one pool for all of them
-    a backend's requests would cost more the more there are at once; here each costs the
-    same at any concurrency. With HTTP/2 on, the slots share one pool, whose connection
-    multiplexes them."""
+    """One backend's connections for one TLS name, for the async transport, limited as httpx
+    limits a pool: at most ``max_connections`` at once (more attempts wait in the gate's FIFO
+    queue, up to the pool timeout), at most ``max_keepalive_connections`` kept idle. Over
+    HTTP/1.1 each of the gate's slots has a pool of its own, of one connection: httpcore scans
+    every connection of a pool on each request and each release, so with one pool for all of
+    them a backend's requests would cost more the more there are at once; here each costs the
+    same at any concurrency, and a connection given back while an attempt waits passes to it
+    open. With HTTP/2 on, the gate admits every attempt into one pool of the transport's
+    limits, whose connections multiplex them."""
 
-    __slots__ = ("_closed", "_options", "_pools", "gate")
+    __slots__ = ("_closed", "_http2", "_options", "_pools", "gate")
 
-    def __init__(self, options: dict[str, Any], limit: int) -> None:
-        self.gate = AsyncGate(limit)
-        if not options["http2"]:
-            keepalive = options["max_keepalive_connections"]
-            options = {
-                **options,
-                "max_connections": 1,
-                "max_keepalive_connections": 1 if keepalive is None else min(1, keepalive),
-            }
+    def __init__(self, options: dict[str, Any]) -> None:
+        self._http2 = bool(options["http2"])
+        if self._http2:
+            self.gate = AsyncGate(None)
+        else:
+            most = options["max_connections"]
+            keep = options["max_keepalive_connections"]
+            self.gate = AsyncGate(most, keep if most is None or keep is None else min(most, keep))
+            options = {**options, "max_connections": 1, "max_keepalive_connections": 1}
         self._options = options
         self._pools: dict[int, httpcore.AsyncConnectionPool] = {}
         self._closed = False
@@ -108,13 +119,27 @@ class AsyncPools:
         """The pool of ``slot``, made when first needed; GateClosed once closed."""
         if self._closed:
             raise GateClosed
-        key = slot if not self._options["http2"] else 0
+        key = 0 if self._http2 else slot
         pool = self._pools.get(key)
         if pool is None:
             pool = self._pools[key] = httpcore.AsyncConnectionPool(
                 **self._options, network_backend=_AsyncBackend()
             )
         return pool
+
+    def give_back(self, slot: int) -> httpcore.AsyncConnectionPool | None:
+        """Give ``slot`` back (its attempt's response closed): to the next attempt waiting,
+        or kept idle; beyond ``max_keepalive_connections``, return its pool, for the caller
+        to close with :func:`shut` (taken out first: the slot may be handed out again)."""
+        if self.gate.leave(slot):
+            return None
+        return self._pools.pop(slot, None)
+
+    async def leave(self, slot: int) -> None:
+        """:meth:`give_back`, and close what is not kept."""
+        pool = self.give_back(slot)
+        if pool is not None:
+            await shut(pool)
 
     @property
     def connections(self) -> list[httpcore.AsyncConnectionInterface]:

@@ -4,10 +4,11 @@ What lives here: what an adapter gives the loop for one request (:class:`Wire`,
 :class:`AsyncWire`: the request's facts, the I/O of one attempt, its client's words), what every
 adapter's wire builds on, once for both clients (:class:`ReportingBody`, the body wrappers'
 reporting rule; :func:`merge_headers`, the trace-header merge; :func:`final_text`, the final
-error's message; :class:`Limits`, an attempt's limits as its I/O applies them, and
-:data:`BOUND`, the limits of the I/O running now), and how the loop sends one attempt and
-records what it saw on the plan (:func:`send_sync`, :func:`send_async`): the wire sends and
-returns what it saw, the loop records, never the wire.
+error's message; :func:`closed_after_failure`, the final error when the adapter's close kept an
+attempt back; :class:`Limits`, an attempt's limits as its I/O applies them, and :data:`BOUND`,
+the limits of the I/O running now), and how the loop sends one attempt and records what it saw
+on the plan (:func:`send_sync`, :func:`send_async`): the wire sends and returns what it saw, the
+loop records, never the wire.
 
 What may not: an HTTP client (the adapters translate), a retry or health rule (the plan's), or
 deciding what happens next (the loop's).
@@ -22,6 +23,7 @@ from typing import Any, Protocol, TypeVar
 
 from lbclient._plan import Fault, RequestPlan, Timeouts
 from lbclient.backend import Backend
+from lbclient.errors import TransportClosed
 from lbclient.reports import PREQUAL_LATENCY_HEADER, PREQUAL_RIF_HEADER, REPORT_HEADER
 
 __all__ = [
@@ -31,6 +33,7 @@ __all__ = [
     "Limits",
     "ReportingBody",
     "Wire",
+    "closed_after_failure",
     "final",
     "final_text",
     "merge_headers",
@@ -316,6 +319,21 @@ def final(plan: RequestPlan, wire: Wire[Any] | AsyncWire[Any], error: Exception)
     final = wire.final(error, plan.describe())
     final.attempts = tuple(plan.attempts)  # type: ignore[attr-defined]
     return final
+
+
+def closed_after_failure(
+    plan: RequestPlan, wire: Wire[Any] | AsyncWire[Any], error: Exception
+) -> None:
+    """An attempt could not start, raising ``error``: if that is because the adapter was
+    closed (:class:`~lbclient.errors.TransportClosed`) and an earlier attempt failed, raise
+    the final error of the last failure (the client's own class, as if no retry had been
+    allowed), the close noted as why there was no other attempt."""
+    if not isinstance(error, TransportClosed):
+        return
+    last = next((a.error for a in reversed(plan.attempts) if a.error is not None), None)
+    if isinstance(last, Exception):
+        plan.stopped = str(error)
+        raise final(plan, wire, last) from last
 
 
 def recorded(plan: RequestPlan, error: BaseException) -> bool:

@@ -9,6 +9,10 @@ The tree of what lbclient raises itself::
      +-- KeyFunctionError              the key function raised or returned a bad value
      |                                 (also a TypeError); nothing was sent
      +-- CheckFailed                   an active health check did not pass (lbclient.checks)
+     +-- TransportClosed               the transport was closed before the request (or, with
+          |                            no failure before, its next attempt) was sent
+          +-- httpx_transport.TransportClosedError       also an httpx.TransportError and a
+                                                         RuntimeError
 
 The two ``NoBackendAvailableError`` classes live with their adapter, so that
 ``except lbclient.NoBackendAvailable``, ``except httpx.ConnectError`` and
@@ -28,7 +32,13 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from lbclient.retry import Attempt
 
-__all__ = ["CheckFailed", "KeyFunctionError", "LBClientError", "NoBackendAvailable"]
+__all__ = [
+    "CheckFailed",
+    "KeyFunctionError",
+    "LBClientError",
+    "NoBackendAvailable",
+    "TransportClosed",
+]
 
 
 class LBClientError(Exception):
@@ -52,3 +62,13 @@ class KeyFunctionError(LBClientError, TypeError):
 
 class CheckFailed(LBClientError):
     """An active health check did not pass; the message says why."""
+
+
+class TransportClosed(LBClientError):
+    """The transport was closed (``close()``, ``aclose()``): nothing more is sent. Raised for
+    a request that begins after, or waits for a connection when, it is closed. A request that
+    had already failed an attempt ends with that failure instead (see the loop).
+
+    The httpx transports raise a subclass that is also an ``httpx.TransportError`` (with
+    ``.request``) and a ``RuntimeError``.
+    """

@@ -6,25 +6,26 @@ Each request for a host the transport serves is sent to a backend chosen by a
 the certificate is checked against the logical host name. A request for any other host (a
 redirect to a login page, say) goes through an ordinary httpx transport with the same TLS
 settings, never to the backends. Connections are pooled per backend, in one pool per logical
-TLS name, so a connection opened for one name is never reused for another. The async
-transport admits at most ``max_keepalive_connections`` attempts to a backend at once, each over
-a connection of its own, and queues the rest (see :class:`~lbclient._pools.AsyncPools`).
+TLS name, so a connection opened for one name is never reused for another; ``limits`` apply to
+each backend's connections as httpx applies them to its pool (the async transport's queue:
+:class:`~lbclient._pools.AsyncPools`). Once closed, a transport sends nothing more: a request
+that begins after, or waits for a connection, gets :class:`TransportClosedError`.
 
 The transports talk to httpcore directly (as httpx's own transport does): the request for the
 backend is made without parsing a URL, which keeps the per-request cost to a few microseconds.
 
 What lives here: translating httpx requests, responses and exceptions for the attempt loop: the
-wire that sends one attempt and returns what it saw, the pools, the body wrappers. What may
-not: a retry, timeout or health rule of its own, or recording an outcome; those live once, in
-the plan (:mod:`lbclient._plan`) and the loop (:mod:`lbclient._loop`), shared with the requests
-adapter."""
+wire that sends one attempt and returns what it saw, the pools (made in :mod:`lbclient._pools`;
+the body wrappers are :mod:`lbclient._httpx_bodies`'). What may not: a retry, timeout or health
+rule of its own, or recording an outcome; those live once, in the plan (:mod:`lbclient._plan`)
+and the loop (:mod:`lbclient._loop`), shared with the requests adapter."""
 
 from __future__ import annotations
 
 import functools
 import ssl
 import threading
-from collections.abc import AsyncIterator, Callable, Collection, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any, Final, Generic, TypeVar
 
 import httpcore
@@ -32,28 +33,27 @@ import httpx
 
 from lbclient._config import DEFAULT, AdapterConfig, Default, Zone, policy_from
 from lbclient._gate import GateClosed
+from lbclient._httpx_bodies import AsyncBody, SyncBody
 from lbclient._httpx_faults import HTTPCORE_ERRORS, fault, httpx_error
 from lbclient._loop import run_async, run_sync
 from lbclient._plan import Timeouts
-from lbclient._pools import AsyncPools, pool_key, pool_options, stale_pools, sync_pool
+from lbclient._pools import AsyncPools, pool_key, pool_options, shut, stale_pools, sync_pool
 from lbclient._probes import use as use_options
-from lbclient._wire import (
-    BOUND,
-    Limits,
-    ReportingBody,
-    abounded,
-    bounded,
-    final_text,
-    merge_headers,
-)
+from lbclient._wire import BOUND, Limits, final_text, merge_headers
 from lbclient.backend import Backend
 from lbclient.balancer import LoadBalancer
-from lbclient.errors import NoBackendAvailable
+from lbclient.errors import NoBackendAvailable, TransportClosed
 from lbclient.retry import RetryBudget, RetryPolicy, RetryStats
 from lbclient.selection.base import AlgorithmLike
 from lbclient.subsets import Subset
 
-__all__ = ["AsyncLBTransport", "KeyFunction", "LBTransport", "NoBackendAvailableError"]
+__all__ = [
+    "AsyncLBTransport",
+    "KeyFunction",
+    "LBTransport",
+    "NoBackendAvailableError",
+    "TransportClosedError",
+]
 
 #: Derives the selection key from a request: bytes or str, or None for the empty key.
 KeyFunction = Callable[[httpx.Request], "bytes | str | None"]
@@ -70,6 +70,15 @@ class NoBackendAvailableError(NoBackendAvailable, httpx.ConnectError):
 
     def __init__(self, message: str, *, request: httpx.Request | None = None) -> None:
         httpx.ConnectError.__init__(self, message, request=request)
+
+
+class TransportClosedError(TransportClosed, httpx.TransportError, RuntimeError):
+    """What the transports raise for a request they can no longer send, being closed: a
+    :class:`~lbclient.errors.TransportClosed` that is also an ``httpx.TransportError``."""
+
+    def __init__(self, transport: object, *, request: httpx.Request | None = None) -> None:
+        message = f"{type(transport).__name__} is closed"
+        httpx.TransportError.__init__(self, message, request=request)
 
 
 def _unavailable(message: str, request: Any) -> NoBackendAvailable:
@@ -174,65 +183,6 @@ class _Wire:
         return type(error)(final_text(str(error), summary), request=self.request)  # type: ignore[call-arg]
 
 
-class _SyncStream(ReportingBody, httpx.SyncByteStream):
-    """The body as the caller reads it, reporting its end (see :class:`ReportingBody`)."""
-
-    def __init__(self, inner: Any) -> None:
-        ReportingBody.__init__(self)
-        self._inner: Iterable[bytes] = inner
-
-    def __iter__(self) -> Iterator[bytes]:
-        self._begin()
-        limits = self.limits
-        try:
-            if limits is None or limits.until is None:
-                yield from self._inner
-            else:  # each read bounded by the deadline's end
-                yield from bounded(self._inner, limits)
-        except HTTPCORE_ERRORS as exc:
-            timed_out = isinstance(exc, httpcore.TimeoutException)
-            raise self._fail(httpx_error(exc), timed_out) from exc
-        self._end(True)
-
-    def close(self) -> None:
-        close = getattr(self._inner, "close", None)
-        try:
-            if close is not None:
-                close()
-        finally:
-            self._close()
-
-
-class _AsyncStream(ReportingBody, httpx.AsyncByteStream):
-    """The async twin of :class:`_SyncStream`; ``after`` frees the attempt's gate slot."""
-
-    def __init__(self, inner: Any, after: Callable[[], object]) -> None:
-        ReportingBody.__init__(self, after)
-        self._inner = inner
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        self._begin()
-        limits = self.limits
-        chunks = (
-            self._inner if limits is None or limits.until is None else abounded(self._inner, limits)
-        )
-        try:
-            async for chunk in chunks:
-                yield chunk
-        except HTTPCORE_ERRORS as exc:
-            timed_out = isinstance(exc, httpcore.TimeoutException)
-            raise self._fail(httpx_error(exc), timed_out) from exc
-        self._end(True)
-
-    async def aclose(self) -> None:
-        aclose = getattr(self._inner, "aclose", None)
-        try:
-            if aclose is not None:
-                await aclose()
-        finally:
-            self._close()
-
-
 class _Configured(Generic[_P, _T]):
     """The constructor and properties both transports share."""
 
@@ -308,8 +258,6 @@ class _Configured(Generic[_P, _T]):
         }
         self._plain: _T | None = None
         self._pools: dict[tuple[str | None, str], _P] = {}
-        #: Attempts admitted into one backend's pool at once; the rest wait in a FIFO queue.
-        self._admit = limits.max_keepalive_connections or limits.max_connections or 1_000_000
         self._lock = threading.Lock()
         self._closed = False
 
@@ -332,12 +280,12 @@ class _Configured(Generic[_P, _T]):
         """Requests, retries, hedges and the retry budget's state, as of now."""
         return self._config.stats()
 
-    def _plain_transport(self) -> _T:
+    def _plain_transport(self, request: httpx.Request) -> _T:
         """An ordinary transport, with the same TLS and connection settings, for requests to
         hosts this transport does not serve."""
         with self._lock:
             if self._closed:
-                raise RuntimeError(f"{type(self).__name__} is closed")
+                raise TransportClosedError(self, request=request)
             if self._plain is None:
                 self._plain = self._plain_class(**self._plain_options)
             return self._plain
@@ -395,14 +343,14 @@ class LBTransport(_Configured[httpcore.ConnectionPool, httpx.HTTPTransport], htt
     _plain_class = httpx.HTTPTransport
     _hedges = False
 
-    def _pool(self, url: httpx.URL, backend: Backend) -> httpcore.ConnectionPool:
-        name = pool_key(url, backend)
+    def _pool(self, request: httpx.Request, backend: Backend) -> httpcore.ConnectionPool:
+        name = pool_key(request.url, backend)
         pool = self._pools.get(name)
         if pool is None:
             stale: list[httpcore.ConnectionPool] = []
             with self._lock:
                 if self._closed:
-                    raise RuntimeError("LBTransport is closed")
+                    raise TransportClosedError(self, request=request)
                 pool = self._pools.get(name)
                 if pool is None:
                     stale = stale_pools(self._pools, self._config.balancer)
@@ -417,10 +365,10 @@ class LBTransport(_Configured[httpcore.ConnectionPool, httpx.HTTPTransport], htt
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         if self._closed:
-            raise RuntimeError("LBTransport is closed")
+            raise TransportClosedError(self, request=request)
         config = self._config
         if not config.serves(request.url.host):
-            return self._plain_transport().handle_request(request)
+            return self._plain_transport(request).handle_request(request)
         return run_sync(config, _SyncWire(self, request))
 
     def close(self) -> None:
@@ -451,9 +399,9 @@ class _SyncWire(_Wire):
         limits: Limits | None,
         headers: Mapping[str, str] | None,
         buffer: int,
-    ) -> tuple[int, httpx.Response, _SyncStream | None]:
+    ) -> tuple[int, httpx.Response, SyncBody | None]:
         request = self.request
-        pool = self.transport._pool(request.url, backend)
+        pool = self.transport._pool(request, backend)
         sent = _backend_request(request, backend, limits, headers)
         token = None if limits is None else BOUND.set(limits)
         try:
@@ -473,7 +421,7 @@ class _SyncWire(_Wire):
         finally:
             if token is not None:
                 BOUND.reset(token)
-        body = _SyncStream(response.stream)
+        body = SyncBody(response.stream)
         body.limits = limits
         return response.status, _response(request, response, body), body
 
@@ -491,15 +439,15 @@ class AsyncLBTransport(
     _plain_class = httpx.AsyncHTTPTransport
     _hedges = True
 
-    async def _pool(self, url: httpx.URL, backend: Backend) -> AsyncPools:
+    async def _pool(self, request: httpx.Request, backend: Backend) -> AsyncPools:
         # No await between the lookup and the insert: safe among tasks of one event loop.
-        name = pool_key(url, backend)
+        name = pool_key(request.url, backend)
         pools = self._pools.get(name)
         if pools is None:
             if self._closed:
-                raise RuntimeError("AsyncLBTransport is closed")
+                raise TransportClosedError(self, request=request)
             stale = stale_pools(self._pools, self._config.balancer)
-            pools = self._pools[name] = AsyncPools(self._options, self._admit)
+            pools = self._pools[name] = AsyncPools(self._options)
             for old in stale:
                 await old.aclose()
         return pools
@@ -510,10 +458,10 @@ class AsyncLBTransport(
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         if self._closed:
-            raise RuntimeError("AsyncLBTransport is closed")
+            raise TransportClosedError(self, request=request)
         config = self._config
         if not config.serves(request.url.host):
-            return await self._plain_transport().handle_async_request(request)
+            return await self._plain_transport(request).handle_async_request(request)
         return await run_async(config, _AsyncWire(self, request))
 
     async def aclose(self) -> None:
@@ -545,19 +493,18 @@ class _AsyncWire(_Wire):
         limits: Limits | None,
         headers: Mapping[str, str] | None,
         buffer: int,
-    ) -> tuple[int, httpx.Response, _AsyncStream | None]:
+    ) -> tuple[int, httpx.Response, AsyncBody | None]:
         request = self.request
-        pools = await self.transport._pool(request.url, backend)
+        pools = await self.transport._pool(request, backend)
         sent = _backend_request(request, backend, limits, headers)
-        gate = pools.gate
         try:
-            slot = await gate.enter(sent.extensions.get("timeout", {}).get("pool"))
-        except TimeoutError:
+            slot = await pools.gate.enter(sent.extensions.get("timeout", {}).get("pool"))
+        except TimeoutError:  # as httpx's own pool times out, and classified as it is
             raise httpx.PoolTimeout(
                 f"no connection to backend {backend.address} became free in time"
             ) from None
         except GateClosed:  # aclose() while it waited: nothing more is sent
-            raise RuntimeError("AsyncLBTransport is closed") from None
+            raise TransportClosedError(self.transport, request=request) from None
         token = None if limits is None else BOUND.set(limits)
         try:
             response = await pools.pool(slot).handle_async_request(sent)
@@ -570,21 +517,23 @@ class _AsyncWire(_Wire):
                         await response.aread()
                     finally:
                         await response.aclose()
-                    gate.leave(slot)
+                    closing = pools.give_back(slot)
+                    if closing is not None:
+                        await shut(closing)
                     return response.status, _response(request, response, None), None
         except HTTPCORE_ERRORS as exc:
-            gate.leave(slot)
+            await pools.leave(slot)
             raise httpx_error(exc) from exc
         except GateClosed:
-            gate.leave(slot)
-            raise RuntimeError("AsyncLBTransport is closed") from None
+            await pools.leave(slot)
+            raise TransportClosedError(self.transport, request=request) from None
         except BaseException:
-            gate.leave(slot)
+            await pools.leave(slot)
             raise
         finally:
             if token is not None:
                 BOUND.reset(token)
-        body = _AsyncStream(response.stream, functools.partial(gate.leave, slot))
+        body = AsyncBody(response.stream, functools.partial(pools.give_back, slot))
         body.limits = limits
         return response.status, _response(request, response, body), body
 

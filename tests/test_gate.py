@@ -95,6 +95,36 @@ def test_a_limit_below_one_is_refused(anyio_backend: str) -> None:
         AsyncGate(0)
 
 
+@pytest.mark.anyio
+async def test_slots_beyond_keep_are_given_back_cold(anyio_backend: str) -> None:
+    gate = AsyncGate(None, keep=1)  # no limit on places; one slot kept while free
+    slots = [await gate.enter(0) for _ in range(3)]
+    assert slots == [0, 1, 2]
+    assert gate.leave(0) is True  # kept: its connection stays, idle
+    assert gate.leave(1) is False  # one is kept already: its connection is to be closed
+    assert gate.leave(2) is False
+    assert gate.active == 0
+    # The kept slot first (its connection warm), then the cold ones, then new numbers.
+    assert [await gate.enter(0) for _ in range(4)] == [0, 2, 1, 3]
+
+
+@pytest.mark.anyio
+async def test_a_slot_handed_to_a_waiter_is_never_cold(anyio_backend: str) -> None:
+    gate = AsyncGate(1, keep=0)
+    slot = await gate.enter(None)
+    got: list[int] = []
+
+    async def waiter() -> None:
+        got.append(await gate.enter(None))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(waiter)
+        await settle()
+        assert gate.leave(slot) is True  # passed on with its connection open
+    assert got == [slot]
+    assert gate.leave(slot) is False  # nobody waits, none kept: close it
+
+
 # -- through the transport ---------------------------------------------------------------------
 
 
@@ -113,9 +143,11 @@ async def test_many_tasks_share_the_kept_connections(anyio_backend: str) -> None
             async with anyio.create_task_group() as tg:
                 for _ in range(200):
                     tg.start_soon(get)
+            (pools,) = transport._pools.values()
+            assert len(pools.connections) <= 4  # kept idle: max_keepalive_connections
         assert statuses == [200] * 200
         assert len(server.requests) == 200
-        assert len({r.connection for r in server.requests}) <= 4
+        assert len({r.connection for r in server.requests}) <= 10  # max_connections
 
 
 @pytest.mark.anyio
@@ -123,9 +155,7 @@ async def test_a_queued_request_that_times_out_fails_over_as_never_sent(
     anyio_backend: str,
 ) -> None:
     with busy_and_idle() as (busy, idle, lb, key, release):
-        transport = AsyncLBTransport(
-            lb, key=lambda r: key, limits=httpx.Limits(max_keepalive_connections=1)
-        )
+        transport = AsyncLBTransport(lb, key=lambda r: key, limits=httpx.Limits(max_connections=1))
         timeout = httpx.Timeout(10.0, pool=0.2)
         async with (
             httpx.AsyncClient(transport=transport, timeout=timeout) as client,

@@ -637,15 +637,15 @@ async def test_async_backoff_under_asyncio_and_trio(anyio_backend: str) -> None:
 
 
 def test_body_cut_short_by_the_caller_reports_nothing(trio: list[TestServer]) -> None:
+    from lbclient._httpx_bodies import SyncBody
     from lbclient._plan import BodyReport, RequestPlan
-    from lbclient.httpx_transport import _SyncStream
     from lbclient.retry import RetryPolicy
 
     lb = LoadBalancer(addresses(trio))
     backend = lb.backends[0]
     plan = RequestPlan(lb, b"", "GET", True, RetryPolicy())
     lb.report(backend, False)  # a failure streak: a success report would end it
-    stream = _SyncStream(iter([b"a", b"b"]))
+    stream = SyncBody(iter([b"a", b"b"]))
     stream.report = BodyReport(plan, backend, False, lb.begin(backend))
     assert lb.load(backend).in_flight == 1
     for _chunk in stream:
@@ -653,7 +653,7 @@ def test_body_cut_short_by_the_caller_reports_nothing(trio: list[TestServer]) ->
     stream.close()
     assert lb.health(backend).consecutive_failures == 1  # neither a success nor a failure
     assert lb.load(backend).in_flight == 0  # but the attempt is over
-    unread = _SyncStream(iter([b"a"]))
+    unread = SyncBody(iter([b"a"]))
     unread.report = BodyReport(plan, backend, False, lb.begin(backend))
     unread.close()  # headers only: the attempt succeeded
     assert lb.health(backend).consecutive_failures == 0
@@ -685,7 +685,7 @@ async def test_no_pool_after_aclose(trio: list[TestServer]) -> None:
     transport = AsyncLBTransport(addresses(trio))
     await transport.aclose()
     with pytest.raises(RuntimeError, match="closed"):
-        await transport._pool(httpx.URL("http://users/"), transport.balancer.backends[0])
+        await transport._pool(httpx.Request("GET", "http://users/"), transport.balancer.backends[0])
     assert transport._pools == {}
 
 

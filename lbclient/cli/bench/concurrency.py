@@ -13,9 +13,10 @@ one event loop each, so a server's throughput does not fall as its connections g
 answer at once. Each case is one client at one level of concurrency, callers sending one GET
 at a time as fast as the answers come:
 
-* asyncio tasks (10, 100, 1,000): ``AsyncLBTransport`` over the three (RoundRobin, its default
-  limits: at most 20 attempts admitted to each backend, each over a connection of its own, the
-  rest queued) against a plain ``httpx.AsyncClient`` with a pool of the same total,
+* asyncio tasks (10, 100, 1,000): ``AsyncLBTransport`` over the three (RoundRobin,
+  ``httpx.Limits(max_connections=20, max_keepalive_connections=20)`` per backend: at most 20
+  attempts admitted to each backend, each over a connection of its own, the rest queued) against
+  a plain ``httpx.AsyncClient`` with a pool of the same total,
   ``httpx.Limits(max_connections=60, max_keepalive_connections=60)``, its requests spread over
   the three backends' URLs in turn;
 * threads (4, 64, 256): ``LBTransport`` with ``httpx.Limits(max_connections=20,
@@ -226,8 +227,9 @@ async def _drive_async(
 
 
 def _async_clients(addresses: Sequence[str]) -> tuple[httpx.AsyncClient, httpx.AsyncClient]:
+    per = httpx.Limits(max_connections=PER_BACKEND, max_keepalive_connections=PER_BACKEND)
     lb = httpx.AsyncClient(
-        transport=AsyncLBTransport(addresses, algorithm=RoundRobin), timeout=TIMEOUT
+        transport=AsyncLBTransport(addresses, algorithm=RoundRobin, limits=per), timeout=TIMEOUT
     )
     total = BACKENDS * PER_BACKEND
     plain = httpx.AsyncClient(
