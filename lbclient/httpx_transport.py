@@ -506,6 +506,7 @@ class _AsyncWire(_Wire):
         except GateClosed:  # aclose() while it waited: nothing more is sent
             raise TransportClosedError(self.transport, request=request) from None
         token = None if limits is None else BOUND.set(limits)
+        read = False
         try:
             response = await pools.pool(slot).handle_async_request(sent)
             if limits is not None:  # httpcore reads the body's timeouts when it starts on it
@@ -517,10 +518,7 @@ class _AsyncWire(_Wire):
                         await response.aread()
                     finally:
                         await response.aclose()
-                    closing = pools.give_back(slot)
-                    if closing is not None:
-                        await shut(closing)
-                    return response.status, _response(request, response, None), None
+                    read = True
         except HTTPCORE_ERRORS as exc:
             await pools.leave(slot)
             raise httpx_error(exc) from exc
@@ -533,6 +531,11 @@ class _AsyncWire(_Wire):
         finally:
             if token is not None:
                 BOUND.reset(token)
+        if read:  # the slot is given back once, out of the handlers above
+            closing = pools.give_back(slot)
+            if closing is not None:
+                await shut(closing)
+            return response.status, _response(request, response, None), None
         body = AsyncBody(response.stream, functools.partial(pools.give_back, slot))
         body.limits = limits
         return response.status, _response(request, response, body), body
