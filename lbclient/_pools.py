@@ -123,7 +123,7 @@ class AsyncPools:
         pool = self._pools.get(key)
         if pool is None:
             pool = self._pools[key] = httpcore.AsyncConnectionPool(
-                **self._options, network_backend=_AsyncBackend()
+                **self._options, network_backend=_AsyncBackend(_cleartext_h2(self._options))
             )
         return pool
 
@@ -159,7 +159,8 @@ class AsyncPools:
 
 def sync_pool(options: dict[str, Any]) -> httpcore.ConnectionPool:
     """A sync transport's pool for one backend and TLS name."""
-    return httpcore.ConnectionPool(**options, network_backend=_SYNC_BACKEND)
+    backend = _SYNC_H2C_BACKEND if _cleartext_h2(options) else _SYNC_BACKEND
+    return httpcore.ConnectionPool(**options, network_backend=backend)
 
 
 # -- I/O that ends when the attempt's limits say --------------------------------------------
@@ -198,7 +199,8 @@ class _Stream(httpcore.NetworkStream):
         bound = BOUND.get()
         if bound is not None and bound.until is not None:
             timeout = within(bound.until, timeout, httpcore.ConnectTimeout)
-        return _Stream(self._inner.start_tls(ssl_context, server_hostname, timeout))
+        secured = self._inner.start_tls(ssl_context, server_hostname, timeout)
+        return secured if _multiplexed(secured) else _Stream(secured)
 
     def get_extra_info(self, info: str) -> Any:
         return self._inner.get_extra_info(info)
@@ -207,8 +209,9 @@ class _Stream(httpcore.NetworkStream):
 class _Backend(httpcore.NetworkBackend):
     """httpcore's sync backend, its connects and streams ended by the attempt's limits."""
 
-    def __init__(self) -> None:
+    def __init__(self, multiplexed: bool = False) -> None:
         self._inner = httpcore.SyncBackend()
+        self._multiplexed = multiplexed
 
     def connect_tcp(
         self,
@@ -222,13 +225,27 @@ class _Backend(httpcore.NetworkBackend):
         if bound is not None and bound.until is not None:
             timeout = within(bound.until, timeout, httpcore.ConnectTimeout)
         stream = self._inner.connect_tcp(host, port, timeout, local_address, socket_options)
-        return _Stream(stream)
+        return stream if self._multiplexed else _Stream(stream)
 
     def sleep(self, seconds: float) -> None:
         self._inner.sleep(seconds)
 
 
 _SYNC_BACKEND: Final = _Backend()
+_SYNC_H2C_BACKEND: Final = _Backend(multiplexed=True)
+
+
+def _multiplexed(stream: httpcore.NetworkStream | httpcore.AsyncNetworkStream) -> bool:
+    """Whether a TLS connection took HTTP/2: its streams are many requests', so no one
+    request's limits may end its reads or writes (httpcore would fail every stream of it);
+    each request's own timeouts, capped when its attempt began, still apply."""
+    ssl_object = stream.get_extra_info("ssl_object")
+    return ssl_object is not None and ssl_object.selected_alpn_protocol() == "h2"
+
+
+def _cleartext_h2(options: dict[str, Any]) -> bool:
+    """Whether a pool's connections all speak HTTP/2 without TLS (``http1=False``)."""
+    return bool(options.get("http2")) and not options.get("http1", True)
 
 
 class _AsyncStream(httpcore.AsyncNetworkStream):
@@ -261,7 +278,8 @@ class _AsyncStream(httpcore.AsyncNetworkStream):
         bound = BOUND.get()
         if bound is not None and bound.until is not None:
             timeout = within(bound.until, timeout, httpcore.ConnectTimeout)
-        return _AsyncStream(await self._inner.start_tls(ssl_context, server_hostname, timeout))
+        secured = await self._inner.start_tls(ssl_context, server_hostname, timeout)
+        return secured if _multiplexed(secured) else _AsyncStream(secured)
 
     def get_extra_info(self, info: str) -> Any:
         return self._inner.get_extra_info(info)
@@ -271,8 +289,9 @@ class _AsyncBackend(httpcore.AsyncNetworkBackend):
     """httpcore's async backend for the running library (trio, else anyio), as httpcore
     chooses it, its connects and streams ended by the attempt's limits."""
 
-    def __init__(self) -> None:
+    def __init__(self, multiplexed: bool = False) -> None:
         self._inner: httpcore.AsyncNetworkBackend | None = None
+        self._multiplexed = multiplexed
 
     def _backend(self) -> httpcore.AsyncNetworkBackend:
         inner = self._inner
@@ -301,7 +320,7 @@ class _AsyncBackend(httpcore.AsyncNetworkBackend):
         stream = await self._backend().connect_tcp(
             host, port, timeout, local_address, socket_options
         )
-        return _AsyncStream(stream)
+        return stream if self._multiplexed else _AsyncStream(stream)
 
     async def sleep(self, seconds: float) -> None:
         await self._backend().sleep(seconds)

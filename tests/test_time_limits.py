@@ -403,3 +403,85 @@ def test_limits_hold_over_tls(tmp_path: Path) -> None:
                     send()
                 assert time.monotonic() - start < SOON
         assert lb.health(server.address).consecutive_failures == 0
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["h2c", "h2-tls"])
+@pytest.mark.parametrize("client", ["sync", "async"])
+def test_one_requests_limits_leave_the_others_on_an_http2_connection(
+    tls: bool, client: str
+) -> None:
+    # Requests multiplexed on one HTTP/2 connection share its reads and writes: one request's
+    # deadline ending them failed every other stream of the connection, B's too (no limit).
+    from lbclient import RequestOptions
+    from lbclient.testing import H2TestServer
+
+    certs = TLSCerts("users", "127.0.0.1") if tls else None
+    server = H2TestServer(ssl_context=certs.server_context(alpn=["h2"]) if certs else None)
+    server.start()
+    scheme = "https" if certs else "http"
+    options = {"verify": certs.client_context()} if certs else {"http1": False}
+    limited = {"lbclient": RequestOptions(deadline=0.5, max_attempts=1)}
+    outcomes: dict[str, object] = {}
+
+    def release_later() -> None:
+        time.sleep(1.0)  # past A's deadline, while both wait on the connection
+        server.mode = "ok"
+
+    try:
+        if client == "sync":
+            transport = LBTransport([server.address], http2=True, max_attempts=1, **options)
+            with httpx.Client(transport=transport, timeout=10) as http:
+                http.get(f"{scheme}://users/warm")  # the one connection both will share
+                server.mode = "hold"
+
+                def one(name: str, extensions: dict[str, object]) -> None:
+                    try:
+                        outcomes[name] = http.get(
+                            f"{scheme}://users/{name}", extensions=extensions
+                        ).status_code
+                    except httpx.HTTPError as error:
+                        outcomes[name] = type(error)
+
+                workers = [
+                    threading.Thread(target=one, args=("b", {})),
+                    threading.Thread(target=one, args=("a", limited)),
+                    threading.Thread(target=release_later),
+                ]
+                workers[0].start()  # B first: it is reading the connection when A comes
+                for _ in range(1000):
+                    if any(r.target == "/b" for r in server.requests):
+                        break
+                    time.sleep(0.01)
+                for worker in workers[1:]:
+                    worker.start()
+                for worker in workers:
+                    worker.join(30)
+        else:
+
+            async def main() -> None:
+                transport = AsyncLBTransport(
+                    [server.address], http2=True, max_attempts=1, **options
+                )
+                async with httpx.AsyncClient(transport=transport, timeout=10) as http:
+                    await http.get(f"{scheme}://users/warm")
+                    server.mode = "hold"
+
+                    async def one(name: str, extensions: dict[str, object]) -> None:
+                        try:
+                            response = await http.get(
+                                f"{scheme}://users/{name}", extensions=extensions
+                            )
+                            outcomes[name] = response.status_code
+                        except httpx.HTTPError as error:
+                            outcomes[name] = type(error)
+
+                    async def release() -> None:
+                        await asyncio.to_thread(release_later)
+
+                    await asyncio.gather(one("b", {}), one("a", limited), release())
+
+            asyncio.run(main())
+        assert outcomes["b"] == 200
+        assert outcomes["a"] in (200, httpx.ReadTimeout, httpx.WriteTimeout, httpx.PoolTimeout)
+    finally:
+        server.close()
