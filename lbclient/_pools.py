@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import ssl
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Final, TypeVar
 
 import anyio
@@ -173,9 +173,7 @@ class _Stream(httpcore.NetworkStream):
         self._inner = inner
 
     def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        bound = BOUND.get()
-        if bound is not None and bound.until is not None:
-            timeout = within(bound.until, timeout, httpcore.ReadTimeout)
+        timeout = _capped(timeout, httpcore.ReadTimeout)
         return self._inner.read(max_bytes, timeout)
 
     def write(self, buffer: bytes, timeout: float | None = None) -> None:
@@ -196,9 +194,7 @@ class _Stream(httpcore.NetworkStream):
         server_hostname: str | None = None,
         timeout: float | None = None,
     ) -> httpcore.NetworkStream:
-        bound = BOUND.get()
-        if bound is not None and bound.until is not None:
-            timeout = within(bound.until, timeout, httpcore.ConnectTimeout)
+        timeout = _capped(timeout, httpcore.ConnectTimeout)
         secured = self._inner.start_tls(ssl_context, server_hostname, timeout)
         return secured if _multiplexed(secured) else _Stream(secured)
 
@@ -221,14 +217,21 @@ class _Backend(httpcore.NetworkBackend):
         local_address: str | None = None,
         socket_options: Iterable[Any] | None = None,
     ) -> httpcore.NetworkStream:
-        bound = BOUND.get()
-        if bound is not None and bound.until is not None:
-            timeout = within(bound.until, timeout, httpcore.ConnectTimeout)
+        timeout = _capped(timeout, httpcore.ConnectTimeout)
         stream = self._inner.connect_tcp(host, port, timeout, local_address, socket_options)
         return stream if self._multiplexed else _Stream(stream)
 
     def sleep(self, seconds: float) -> None:
         self._inner.sleep(seconds)
+
+
+def _capped(timeout: float | None, error: Callable[[str], BaseException]) -> float | None:
+    """``timeout`` for an operation of the attempt running it: no longer than the time its
+    limits leave (:func:`~lbclient._wire.within`: ``error`` once there is none)."""
+    bound = BOUND.get()
+    if bound is None or bound.until is None:
+        return timeout
+    return within(bound.until, timeout, error)
 
 
 _SYNC_BACKEND: Final = _Backend()
@@ -255,15 +258,11 @@ class _AsyncStream(httpcore.AsyncNetworkStream):
         self._inner = inner
 
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        bound = BOUND.get()
-        if bound is not None and bound.until is not None:
-            timeout = within(bound.until, timeout, httpcore.ReadTimeout)
+        timeout = _capped(timeout, httpcore.ReadTimeout)
         return await self._inner.read(max_bytes, timeout)
 
     async def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        bound = BOUND.get()
-        if bound is not None and bound.until is not None:
-            timeout = within(bound.until, timeout, httpcore.WriteTimeout)
+        timeout = _capped(timeout, httpcore.WriteTimeout)
         await self._inner.write(buffer, timeout)
 
     async def aclose(self) -> None:
@@ -275,9 +274,7 @@ class _AsyncStream(httpcore.AsyncNetworkStream):
         server_hostname: str | None = None,
         timeout: float | None = None,
     ) -> httpcore.AsyncNetworkStream:
-        bound = BOUND.get()
-        if bound is not None and bound.until is not None:
-            timeout = within(bound.until, timeout, httpcore.ConnectTimeout)
+        timeout = _capped(timeout, httpcore.ConnectTimeout)
         secured = await self._inner.start_tls(ssl_context, server_hostname, timeout)
         return secured if _multiplexed(secured) else _AsyncStream(secured)
 
@@ -314,9 +311,7 @@ class _AsyncBackend(httpcore.AsyncNetworkBackend):
         local_address: str | None = None,
         socket_options: Iterable[Any] | None = None,
     ) -> httpcore.AsyncNetworkStream:
-        bound = BOUND.get()
-        if bound is not None and bound.until is not None:
-            timeout = within(bound.until, timeout, httpcore.ConnectTimeout)
+        timeout = _capped(timeout, httpcore.ConnectTimeout)
         stream = await self._backend().connect_tcp(
             host, port, timeout, local_address, socket_options
         )
