@@ -401,17 +401,39 @@ class _Tracked:
         self._sockets = sockets
 
     def connect_tcp(self, *args: Any, **kwargs: Any) -> Any:
-        stream = self._backend.connect_tcp(*args, **kwargs)
-        self._sockets.add(stream.get_extra_info("socket"))
-        return stream
+        return _TrackedStream(self._backend.connect_tcp(*args, **kwargs), self._sockets)
 
     def connect_unix_socket(self, *args: Any, **kwargs: Any) -> Any:
-        stream = self._backend.connect_unix_socket(*args, **kwargs)
-        self._sockets.add(stream.get_extra_info("socket"))
-        return stream
+        return _TrackedStream(self._backend.connect_unix_socket(*args, **kwargs), self._sockets)
 
     def sleep(self, seconds: float) -> None:
         self._backend.sleep(seconds)
+
+
+class _TrackedStream:
+    """A connection's stream whose socket is kept in ``sockets``, and after ``start_tls`` its
+    TLS socket's (the TCP socket is detached then: shutting it down would do nothing)."""
+
+    def __init__(self, stream: Any, sockets: weakref.WeakSet[socket.socket]) -> None:
+        self._stream = stream
+        self._sockets = sockets
+        sockets.add(stream.get_extra_info("socket"))
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        data: bytes = self._stream.read(max_bytes, timeout)
+        return data
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._stream.write(buffer, timeout)
+
+    def close(self) -> None:
+        self._stream.close()
+
+    def start_tls(self, *args: Any, **kwargs: Any) -> Any:
+        return _TrackedStream(self._stream.start_tls(*args, **kwargs), self._sockets)
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._stream.get_extra_info(info)
 
 
 def _tracked_pools(sockets: weakref.WeakSet[socket.socket]) -> dict[str, Any]:
@@ -426,6 +448,10 @@ def _tracked_pools(sockets: weakref.WeakSet[socket.socket]) -> dict[str, Any]:
                 sock: socket.socket = super()._new_conn()
                 sockets.add(sock)
                 return sock
+
+            def connect(self) -> None:
+                super().connect()
+                sockets.add(self.sock)  # over TLS, the TLS socket (the TCP one is detached)
 
         pools[scheme] = type(f"Probe{pool.__name__}", (pool,), {"ConnectionCls": Connection})
     return pools

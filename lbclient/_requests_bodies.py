@@ -115,6 +115,19 @@ class _Body(io.BytesIO):
     def __init__(self, data: bytes) -> None:
         super().__init__(data)
         self._length = len(data)
+        self._read = False  # an empty body, too, is closed only once read
+
+    def read(self, size: int | None = -1, /) -> bytes:
+        self._read = True
+        return super().read(size)
+
+    def read1(self, size: int | None = -1, /) -> bytes:
+        self._read = True
+        return super().read1(size)
+
+    def readinto(self, buffer: Any, /) -> int:
+        self._read = True
+        return super().readinto(buffer)
 
     def isclosed(self) -> bool:
-        return self.closed or self.tell() >= self._length
+        return self.closed or (self._read and self.tell() >= self._length)

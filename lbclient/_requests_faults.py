@@ -103,6 +103,8 @@ def classify(exc: BaseException) -> Fault | None:
         ),
     ):
         return Fault(Failure.LOCAL)
+    if _during_handshake(exc):  # a connection reset in the TLS handshake, say: nothing sent
+        return Fault(Failure.NEVER_SENT)
     return Fault(Failure.MAYBE_SENT)
 
 

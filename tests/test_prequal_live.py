@@ -267,14 +267,34 @@ def silent_probes(exchange: Exchange) -> bool:
     return exchange.respond(200, b"ok")
 
 
-@pytest.mark.parametrize("client", ["httpx", "requests", "trio"])
-def test_closing_ends_probes_waiting_on_a_silent_backend(client: str) -> None:
+@pytest.mark.parametrize(
+    ("client", "tls"),
+    [("httpx", False), ("requests", False), ("trio", False), ("httpx", True), ("requests", True)],
+)
+def test_closing_ends_probes_waiting_on_a_silent_backend(
+    client: str, tls: bool, tmp_path: Path
+) -> None:
     # A probe blocked reading a backend that never answers kept close() waiting until its
-    # probe_timeout (here an hour): the sync probes' sockets are shut down by close().
+    # probe_timeout (here an hour): the sync probes' sockets (over TLS, the TLS sockets) are
+    # shut down by close().
+    certs = TLSCerts("svc", "127.0.0.1") if tls else None
     started = [
-        TestServer("silent", hang_seconds=3600, behaviours={"silent": silent_probes}).start()
+        TestServer(
+            "silent",
+            hang_seconds=3600,
+            behaviours={"silent": silent_probes},
+            ssl_context=certs.server_context() if certs else None,
+        ).start()
         for _ in range(3)
     ]
+    scheme = "https" if certs else "http"
+    verify: object = True
+    if certs is not None:
+        verify = (
+            certs.client_context()
+            if client == "httpx"
+            else str(certs.write_ca(tmp_path / "ca.pem"))
+        )
     try:
         balancer = balancer_of(started, probe_timeout=3600.0)
 
@@ -289,17 +309,18 @@ def test_closing_ends_probes_waiting_on_a_silent_backend(client: str) -> None:
             assert done, "close() still waits for the probes"
 
         if client == "httpx":
-            transport = LBTransport(balancer)
-            with httpx.Client(transport=transport, base_url="http://svc") as http:
+            transport = LBTransport(balancer, verify=verify)  # type: ignore[arg-type]
+            with httpx.Client(transport=transport, base_url=f"{scheme}://svc") as http:
                 for _ in range(3):
                     assert http.get("/").status_code == 200
                 wait_for(waiting)
                 closed_in_time(http.close)
         elif client == "requests":
             session = requests.Session()
-            session.mount("http://svc/", LBAdapter(balancer))
+            session.mount(f"{scheme}://svc/", LBAdapter(balancer))
             for _ in range(3):
-                assert session.get("http://svc/").status_code == 200
+                response = session.get(f"{scheme}://svc/", verify=verify)  # type: ignore[arg-type]
+                assert response.status_code == 200
             wait_for(waiting)
             closed_in_time(session.close)
         else:

@@ -9,6 +9,7 @@ import io
 import os
 import socket
 import ssl
+import struct
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -41,7 +42,11 @@ def _lines(exchange: Exchange) -> bool:
     return exchange.respond(body=body, headers={"Content-Type": "text/plain"})
 
 
-BEHAVIOURS = {"cookie": _cookie, "moved": _moved, "lines": _lines}
+def _empty(exchange: Exchange) -> bool:
+    return exchange.respond(body=b"", headers={"Content-Type": "text/plain"})
+
+
+BEHAVIOURS = {"cookie": _cookie, "moved": _moved, "lines": _lines, "empty": _empty}
 
 
 @pytest.fixture
@@ -267,4 +272,71 @@ def test_a_failed_handshake_still_moves_a_post_on(certs: TLSCerts, tmp_path: Pat
         assert wrong.count("POST") == 0
     finally:
         wrong.close()
+        right.close()
+
+
+def test_an_empty_body_read_ahead_is_open_until_read(server: TestServer) -> None:
+    server.mode = "empty"
+
+    def raw(session: requests.Session, base: str) -> tuple[bool, bytes, bool]:
+        with session.get(f"{base}/", stream=True) as response:
+            before = response.raw.closed
+            with response.raw as body:
+                data = body.read()
+            return before, data, b"".join(response.iter_content(chunk_size=None)) == b""
+
+    assert both(server, raw) == ((False, b"", True),) * 2
+
+
+class Hangup:
+    """A listener that reads a client's first bytes (a TLS ClientHello), then ends the
+    connection: with a TCP reset (``"reset"``) or a plain close (``"close"``)."""
+
+    def __init__(self, how: str) -> None:
+        self.how = how
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                connection, _ = self._listener.accept()
+            except OSError:
+                return
+            with connection:
+                connection.recv(4096)
+                if self.how == "reset":
+                    connection.setsockopt(
+                        socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                    )
+
+    def close(self) -> None:
+        self._listener.shutdown(socket.SHUT_RDWR)
+        self._listener.close()
+        self._thread.join(5)
+
+
+@pytest.mark.parametrize("how", ["reset", "close"])
+def test_a_handshake_ended_by_the_server_moves_a_post_on(
+    certs: TLSCerts, tmp_path: Path, how: str
+) -> None:
+    # A reset in the TLS handshake reaches urllib3 as "Connection aborted.", not as a TLS
+    # error: nothing was sent all the same.
+    ca = str(certs.write_ca(tmp_path / "ca.pem"))
+    broken = Hangup(how)
+    right = TestServer(ssl_context=certs.server_context()).start()
+    try:
+        with requests.Session() as plain, pytest.raises(requests.ConnectionError):
+            plain.post(f"https://{broken.address}/orders", data=b"pay 100", verify=ca)
+        adapter = LBAdapter([broken.address, right.address], algorithm=RoundRobin)
+        with requests.Session() as balanced:
+            balanced.mount("https://users/", adapter)
+            for _ in range(2):  # round robin: one of them starts on the broken backend
+                response = balanced.post("https://users/orders", data=b"pay 100", verify=ca)
+                assert response.status_code == 200
+        assert right.count("POST") == 2
+    finally:
+        broken.close()
         right.close()

@@ -150,9 +150,9 @@ def usable(value: object) -> bool:
     )
 
 
-#: The longest a metric's value is written (``%.6g`` of a number up to MAX_VALUE:
-#: ``1.23457e+08``), and what a TEXT report holds besides its named metrics, at most.
-_VALUE_LENGTH: Final = 11
+#: The longest a metric's value is written (``%.6g`` of a number from 0 to MAX_VALUE: down to
+#: ``1.23457e-100``), and what a TEXT report holds besides its named metrics, at most.
+_VALUE_LENGTH: Final = 12
 _FIXED_LENGTH: Final = (
     len(
         "TEXT cpu_utilization=, application_utilization=, rps_fractional=, eps=, "
