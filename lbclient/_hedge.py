@@ -111,20 +111,31 @@ async def hedged(plan: RequestPlan, first: Backend, wire: AsyncWire[_R]) -> _R:
                     following = plan.take() if plan.may_retry(last) else None
                     if following is not None:
                         launch(group, following, plan.pause)
+    except BaseException:
+        # Cancelled from outside (or failed) with a response in hand: none may keep its
+        # connection, whose slot would be lost to the backend's limit for good.
+        with anyio.CancelScope(shield=True):
+            for kept in (winner, spare):
+                if kept is not None:
+                    await wire.discard(kept)
+        raise
     finally:
         sender.close()
-        async for _backend, late, _error in receiver:
-            if late is not None and late[1] is not winner:
-                with anyio.CancelScope(shield=True):
+        with anyio.CancelScope(shield=True):  # every late response closed, cancelled or not
+            async for _backend, late, _error in receiver:
+                if late is not None and late[1] is not winner:
                     await wire.discard(late[1])
+        receiver.close()
     if closed is not None:
         if spare is not None:
-            await wire.discard(spare)
+            with anyio.CancelScope(shield=True):
+                await wire.discard(spare)
         closed_after_failure(plan, wire, closed)
         raise closed
     if winner is not None:
         if spare is not None:
-            await wire.discard(spare)
+            with anyio.CancelScope(shield=True):
+                await wire.discard(spare)
         return winner
     if spare is not None:
         return spare

@@ -55,8 +55,11 @@ def fault(error: Exception) -> Fault | None:
     the attempt was never made (the transport was closed) or ``error`` is not httpx's."""
     if not isinstance(error, httpx.TransportError) or isinstance(error, TransportClosed):
         return None
-    if isinstance(error, (httpx.ConnectTimeout, httpx.PoolTimeout)):
-        # A full pool is this backend's own: nothing was sent, another backend may do.
+    if isinstance(error, httpx.PoolTimeout):
+        # This backend's pool is full: nothing was sent, another backend may do; the limit
+        # is the client's own, not the backend's failure.
+        return Fault(Failure.NEVER_SENT, timed_out=True, barred=True, ours=True)
+    if isinstance(error, httpx.ConnectTimeout):
         return Fault(Failure.NEVER_SENT, timed_out=True, barred=True)
     if isinstance(error, httpx.ConnectError):
         return Fault(Failure.NEVER_SENT, barred=_tls_failure(error))

@@ -67,6 +67,8 @@ class Fault(NamedTuple):
     #: A failure that would repeat on the same backend (TLS verification, a timeout): that
     #: backend is not tried again by this request.
     barred: bool = False
+    #: The client's own limit (a full pool), not the backend's failure: not reported to health.
+    ours: bool = False
 
 
 class RequestPlan:
@@ -452,15 +454,16 @@ class RequestPlan:
     def failed(self, backend: Backend, fault: Fault, error: BaseException) -> Attempt:
         """Record a failed attempt and report it to passive health.
 
-        Not reported: local failures, and a timeout that the deadline cut short (the backend
-        was not given its normal time).
+        Not reported: local failures, the client's own limits (a full pool), and a timeout
+        that the deadline cut short (the backend was not given its normal time).
         """
         text = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
         seconds = self._took(backend)
         attempt = Attempt(backend, fault.failure, redact(text), error=error, seconds=seconds)
         load = self._loads.pop(backend, None)
+        blamed = fault.failure is not Failure.LOCAL and not fault.ours
         if load is not None:
-            if fault.failure is not Failure.LOCAL:
+            if blamed:
                 self.balancer.observe(load, seconds, True)
             load.end()
         self.attempts.append(attempt)
@@ -470,7 +473,7 @@ class RequestPlan:
         left = self.remaining()  # a timeout once the deadline is over was the deadline's doing
         if fault.timed_out and (cut == "deadline" or (left is not None and left <= 0.001)):
             self.stopped = f"the deadline of {self.policy.deadline:g} s ran out"
-        elif fault.failure is not Failure.LOCAL:
+        elif blamed:
             self.report(backend, Outcome.CONNECTION_FAILURE)
         self._retry_after = None
         return attempt

@@ -78,8 +78,9 @@ def classify(exc: BaseException) -> Fault | None:
         sent = Failure.NEVER_SENT if _during_handshake(exc) else Failure.MAYBE_SENT
         return Fault(sent, barred=True)
     if any(isinstance(e, EmptyPoolError) for e in errors):
-        # This backend's own pool is full: nothing was sent, another backend may do.
-        return Fault(Failure.NEVER_SENT, timed_out=True, barred=True)
+        # This backend's own pool is full: nothing was sent, another backend may do; the
+        # limit is the client's own, not the backend's failure.
+        return Fault(Failure.NEVER_SENT, timed_out=True, barred=True, ours=True)
     if any(isinstance(e, NewConnectionError) for e in errors):
         return Fault(Failure.NEVER_SENT)
     if any(isinstance(e, ConnectTimeoutError) for e in errors):

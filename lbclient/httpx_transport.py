@@ -77,7 +77,10 @@ class TransportClosedError(TransportClosed, httpx.TransportError, RuntimeError):
     :class:`~lbclient.errors.TransportClosed` that is also an ``httpx.TransportError``."""
 
     def __init__(self, transport: object, *, request: httpx.Request | None = None) -> None:
-        message = f"{type(transport).__name__} is closed"
+        # The transport closed, or (a copy, an unpickled one) the message already made.
+        message = (
+            transport if isinstance(transport, str) else f"{type(transport).__name__} is closed"
+        )
         httpx.TransportError.__init__(self, message, request=request)
 
 

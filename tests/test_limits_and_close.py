@@ -358,3 +358,96 @@ def test_a_request_after_close_gets_the_closed_error_an_httpx_error() -> None:
 
         anyio.run(main)
         assert server.count() == 0
+
+
+def test_the_closed_error_survives_a_copy_and_pickling() -> None:
+    import copy
+    import pickle
+
+    error = TransportClosedError(AsyncLBTransport(["127.0.0.1:1"]))
+    for twin in (copy.copy(error), pickle.loads(pickle.dumps(error))):
+        assert type(twin) is TransportClosedError
+        assert str(twin) == str(error) == "AsyncLBTransport is closed"
+
+
+def streaming(exchange: Exchange) -> bool:
+    """The head at once, then a chunked body of two pieces 50 ms apart."""
+    exchange.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+    for _ in range(2):
+        exchange.sleep(0.05)
+        exchange.send(b"5\r\nhello\r\n")
+    exchange.send(b"0\r\n\r\n")
+    return exchange.keep_alive
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+@pytest.mark.anyio
+async def test_hedged_requests_cancelled_around_their_answer_keep_no_slot() -> None:
+    # Cancelled from outside as a response came (or while the losers were being cancelled), a
+    # hedged request left that response open: its backend's slot was lost for good, and with
+    # max_connections every later request to it waited for the pool timeout. Its result stream
+    # was left unclosed too (a ResourceWarning each).
+    import gc
+    import warnings
+
+    slow = TestServer("ok", delay=0.2).start()
+    fast = TestServer("streaming", behaviours={"streaming": streaming}).start()
+    transport = AsyncLBTransport(
+        [slow.address, fast.address],
+        limits=httpx.Limits(max_connections=2),
+        hedge_after=0.02,
+        budget=None,
+        hedge_budget=None,
+    )
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ResourceWarning)
+            async with httpx.AsyncClient(
+                transport=transport, base_url="http://svc", timeout=httpx.Timeout(5, pool=1)
+            ) as client:
+                for trial in range(150):
+                    with anyio.move_on_after(0.015 + (trial % 60) * 0.0005):
+                        async with client.stream("GET", "/") as response:
+                            await response.aread()
+                    await anyio.sleep(0.02)
+                await wait_for(lambda: all(p.gate.active == 0 for p in transport._pools.values()))
+                for _ in range(4):  # every slot free: none of these waits for the pool
+                    assert (await client.get("/")).status_code == 200
+            gc.collect()
+        unclosed = [w for w in caught if "MemoryObject" in str(w.message)]
+        assert unclosed == []
+    finally:
+        slow.close()
+        fast.close()
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+@pytest.mark.anyio
+async def test_a_full_pool_is_not_the_backends_failure() -> None:
+    # A burst beyond the client's own max_connections ends in PoolTimeouts, as with plain
+    # httpx; those are the client's queue, not a failing backend: none is ejected for them.
+    servers = [TestServer("ok", delay=0.5).start() for _ in range(2)]
+    transport = AsyncLBTransport(
+        [s.address for s in servers], limits=httpx.Limits(max_connections=2)
+    )
+    timeouts = 0
+    try:
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://svc", timeout=httpx.Timeout(5, pool=0.1)
+        ) as client:
+
+            async def get(number: int) -> None:
+                nonlocal timeouts
+                try:
+                    await client.get(f"/{number}")
+                except httpx.PoolTimeout:
+                    timeouts += 1
+
+            async with anyio.create_task_group() as group:
+                for number in range(30):
+                    group.start_soon(get, number)
+            assert timeouts >= 20  # 4 at a time for 0.5 s, each of the rest waits 0.2 s at most
+            assert transport.balancer.snapshot().ready == 2
+    finally:
+        for server in servers:
+            server.close()
