@@ -106,10 +106,16 @@ async def hedged(plan: RequestPlan, first: Backend, wire: AsyncWire[_R]) -> _R:
                     if spare is not None:
                         await wire.discard(spare)
                     spare = response
+                    if in_flight:  # others race on, one may wait for its connection: closed,
+                        await wire.discard(spare)  # as the failover closes a retried one
+                        spare = None
                 last = next(a for a in reversed(plan.attempts) if a.backend == backend)
                 if not in_flight:
                     following = plan.take() if plan.may_retry(last) else None
                     if following is not None:
+                        if spare is not None:  # closed first, as the failover does: it may
+                            await wire.discard(spare)  # hold the connection the next needs
+                            spare = None
                         launch(group, following, plan.pause)
     except BaseException:
         # Cancelled from outside (or failed) with a response in hand: none may keep its

@@ -451,3 +451,38 @@ async def test_a_full_pool_is_not_the_backends_failure() -> None:
     finally:
         for server in servers:
             server.close()
+
+
+def unavailable(exchange: Exchange) -> bool:
+    """503 with a chunked body (no length: never read ahead)."""
+    exchange.send(
+        b"HTTP/1.1 503 Service Unavailable\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5\r\nhello\r\n0\r\n\r\n"
+    )
+    return exchange.keep_alive
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+@pytest.mark.anyio
+async def test_a_hedged_retry_does_not_wait_for_the_connection_of_the_response_it_retries() -> None:
+    # The hedged loop kept a response of a status to retry open (to return it if nothing
+    # better came) while the next attempt waited for a connection: with one backend and
+    # max_connections=1 that was its own connection, and with no pool timeout a hang.
+    server = TestServer("unavailable", behaviours={"unavailable": unavailable}).start()
+    transport = AsyncLBTransport(
+        [server.address],
+        limits=httpx.Limits(max_connections=1),
+        retry_statuses=[503],
+        hedge_after=0.05,
+        max_attempts=3,
+    )
+    try:
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://svc", timeout=httpx.Timeout(5, pool=None)
+        ) as client:
+            with anyio.fail_after(SAFETY):  # a bound: without the fix it never returns
+                response = await client.get("/")
+        assert response.status_code == 503
+        assert 2 <= server.count("GET") <= 3  # retried (max_attempts counts hedges too)
+    finally:
+        server.close()
