@@ -38,7 +38,7 @@ async def hedged(plan: RequestPlan, first: Backend, wire: AsyncWire[_R]) -> _R:
     assert hedge_after is not None
     counted = False  # an empty budget that kept a hedge back, once per request
     sender, receiver = anyio.create_memory_object_stream[_Outcome](math.inf)
-    in_flight: set[Backend] = set()
+    in_flight: list[Backend] = []  # one entry per attempt racing (a backend may have two)
     spare: _R | None = None  # a response with a status to retry, returned if nothing better
     last_error: Exception | None = None
 
@@ -57,7 +57,7 @@ async def hedged(plan: RequestPlan, first: Backend, wire: AsyncWire[_R]) -> _R:
             sender.send_nowait((backend, seen, None))
 
     def launch(group: anyio.abc.TaskGroup, backend: Backend, pause: float = 0.0) -> None:
-        in_flight.add(backend)
+        in_flight.append(backend)
         group.start_soon(attempt, backend, pause)
 
     winner: _R | None = None
@@ -83,7 +83,7 @@ async def hedged(plan: RequestPlan, first: Backend, wire: AsyncWire[_R]) -> _R:
                 else:
                     outcome = await receiver.receive()
                 backend, seen, error = outcome
-                in_flight.discard(backend)
+                in_flight.remove(backend)
                 if error is not None:
                     if not any(a.error is error for a in plan.attempts):
                         if isinstance(error, TransportClosed):
