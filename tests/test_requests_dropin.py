@@ -175,30 +175,49 @@ def test_proxy_credentials_never_reach_a_backend(
     assert all("proxy-authorization" not in r.headers for r in server.requests)
 
 
-class BrokenTLS:
+class Listener:
+    """A loopback listener whose thread hands each connection to :meth:`serve`."""
+
+    def __init__(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                connection, _ = self._listener.accept()
+            except OSError:
+                return
+            self.serve(connection)
+
+    def serve(self, connection: socket.socket) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() of the thread
+        self._listener.close()
+        self._thread.join(5)
+        assert not self._thread.is_alive()
+
+
+class BrokenTLS(Listener):
     """A TLS server that reads a whole request, counts it, then writes bytes that are not a
     TLS record on the TCP socket beneath: the client's TLS fails after its request was sent."""
 
     def __init__(self, context: ssl.SSLContext) -> None:
         self.received: list[bytes] = []
-        self._listener = socket.create_server(("127.0.0.1", 0))
         self._context = context
-        self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
+        super().__init__()
 
-    def _serve(self) -> None:
-        while True:
-            try:
-                raw, _ = self._listener.accept()
-            except OSError:
-                return
-            try:
-                with self._context.wrap_socket(raw, server_side=True) as tls:
-                    self.received.append(self._request(tls))
-                    os.write(tls.fileno(), b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-            except (OSError, ValueError):
-                raw.close()
+    def serve(self, connection: socket.socket) -> None:
+        try:
+            with self._context.wrap_socket(connection, server_side=True) as tls:
+                self.received.append(self._request(tls))
+                os.write(tls.fileno(), b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        except (OSError, ValueError):
+            connection.close()
 
     @staticmethod
     def _request(tls: ssl.SSLSocket) -> bytes:
@@ -216,12 +235,6 @@ class BrokenTLS:
                     while len(body) < int(value):
                         body += tls.recv(65536) or b"\0" * int(value)
         return head.split(b"\r\n", 1)[0]
-
-    def close(self) -> None:
-        self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() of the thread
-        self._listener.close()
-        self._thread.join(5)
-        assert not self._thread.is_alive()
 
 
 @pytest.fixture
@@ -288,34 +301,19 @@ def test_an_empty_body_read_ahead_is_open_until_read(server: TestServer) -> None
     assert both(server, raw) == ((False, b"", True),) * 2
 
 
-class Hangup:
+class Hangup(Listener):
     """A listener that reads a client's first bytes (a TLS ClientHello), then ends the
     connection: with a TCP reset (``"reset"``) or a plain close (``"close"``)."""
 
     def __init__(self, how: str) -> None:
         self.how = how
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
+        super().__init__()
 
-    def _serve(self) -> None:
-        while True:
-            try:
-                connection, _ = self._listener.accept()
-            except OSError:
-                return
-            with connection:
-                connection.recv(4096)
-                if self.how == "reset":
-                    connection.setsockopt(
-                        socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
-                    )
-
-    def close(self) -> None:
-        self._listener.shutdown(socket.SHUT_RDWR)
-        self._listener.close()
-        self._thread.join(5)
+    def serve(self, connection: socket.socket) -> None:
+        with connection:
+            connection.recv(4096)
+            if self.how == "reset":
+                connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
 
 @pytest.mark.parametrize("how", ["reset", "close"])
