@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import asyncio
 import importlib
+import re
 import subprocess
 import sys
 import threading
@@ -46,6 +47,8 @@ CORE = [
     "errors",
     "retry",
 ]
+#: The core's compiled part (optional; C): it may include Python's headers and string.h alone.
+COMPILED_CORE = {"_textreport": {"Python.h", "string.h"}}
 CLIENTS = {"httpx", "httpcore", "requests", "urllib3", "tenacity", "anyio", "h11"}
 IO = {"socket", "ssl", "asyncio", "selectors", "subprocess", "lbclient.checks", "checks"}
 
@@ -107,9 +110,20 @@ def test_core_modules_import_no_client_and_no_io(path: Path) -> None:
     assert not (tops | imported) & IO, f"{path.name} imports {sorted((tops | imported) & IO)}"
     # lbclient modules outside the core (checks, transports, the attempt loop) are off limits.
     outside = {
-        name for name in imported if name.startswith("lbclient.") and name.split(".")[1] not in CORE
+        name
+        for name in imported
+        if name.startswith("lbclient.")
+        and name.split(".")[1] not in CORE
+        and name.split(".")[1] not in COMPILED_CORE
     }
     assert not outside, f"{path.name} imports {sorted(outside)}"
+
+
+@pytest.mark.parametrize("name", sorted(COMPILED_CORE))
+def test_the_compiled_core_includes_nothing_but_pythons_headers_and_strings(name: str) -> None:
+    source = (PACKAGE / name).with_suffix(".c").read_text()
+    included = set(re.findall(r'^#include [<"]([^>"]+)[>"]', source, flags=re.MULTILINE))
+    assert included == COMPILED_CORE[name]
 
 
 #: The longest a library module may be: one job per module. The command line and the test

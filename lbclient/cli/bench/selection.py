@@ -56,7 +56,7 @@ from typing import Any, TypedDict, TypeVar
 import lbclient
 from lbclient import Backend, Consistent, FNVHash, Hash, LoadBalancer, Random, RoundRobin
 from lbclient.hashing import crc32, xxh3_64
-from lbclient.reports import LoadReport, parse_prequal
+from lbclient.reports import COMPILED, LoadReport, parse_prequal, python_parse
 from lbclient.reports import parse as parse_report
 from lbclient.selection import (
     LeastRequest,
@@ -519,6 +519,10 @@ def _parse_at_zero(header: str) -> LoadReport:
     return parse_report(header, 0.0)
 
 
+def _python_parse_at_zero(header: str) -> LoadReport:
+    return python_parse(header, 0.0)
+
+
 def _prequal_at_zero(values: tuple[str, str]) -> LoadReport:
     return parse_prequal(values[0], values[1], 0.0)
 
@@ -530,8 +534,20 @@ def _floats(values: tuple[str, str, str, str]) -> tuple[float, float, float, flo
 def _plan_reports(plan: _Plan) -> None:
     """Reading one load report: a typical ORCA header in each format, and Prequal's."""
     section = "Load reports: read one (the header's value into a LoadReport)"
+    reader = "compiled reader" if COMPILED else "pure Python: built without a C compiler"
     for row_id, label, fn, header in (
-        (REPORT_TEXT_ID, "parse ORCA TEXT, 4 fields (vLLM's kind)", _parse_at_zero, REPORT_TEXT),
+        (
+            REPORT_TEXT_ID,
+            f"parse ORCA TEXT, 4 fields (vLLM's kind; {reader})",
+            _parse_at_zero,
+            REPORT_TEXT,
+        ),
+        (
+            "report/text-python",
+            "the same, by the pure-Python reader",
+            _python_parse_at_zero,
+            REPORT_TEXT,
+        ),
         ("report/json", "parse ORCA JSON, the same 4 fields", _parse_at_zero, REPORT_JSON),
         ("report/prequal", "parse x-prequal-rif and x-prequal-latency-us", _prequal_at_zero, None),
     ):

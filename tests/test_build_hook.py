@@ -1,0 +1,119 @@
+"""The wheel's build hook (hatch_build.py): with a C compiler the wheel carries the compiled report
+reader and is tagged for this interpreter; without one (none configured, one that fails, or
+LBCLIENT_PURE_PYTHON=1) the wheel is pure Python, the build says why, and lbclient installed from
+it reads reports in Python. Wheels are built in process by hatchling, as pip's build does."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import sysconfig
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SUFFIX = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
+
+
+class Shown:
+    """What the build displays, kept (hatchling's application interface, the parts used)."""
+
+    def __init__(self) -> None:
+        self.warnings: list[str] = []
+
+    def display_warning(self, message: str = "", **_: object) -> None:
+        self.warnings.append(message)
+
+    def __getattr__(self, name: str) -> object:
+        return lambda *args, **kwargs: None
+
+
+def build(out: Path) -> tuple[Path, list[str]]:
+    """A regular wheel of this checkout in ``out``, and the warnings the build displayed."""
+    from hatchling.builders.wheel import WheelBuilder
+
+    shown = Shown()
+    builder = WheelBuilder(str(ROOT), app=shown)  # type: ignore[arg-type]
+    (wheel,) = builder.build(directory=str(out), versions=["standard"])
+    return Path(wheel), shown.warnings
+
+
+def installed(wheel: Path, into: Path) -> str:
+    """What lbclient, unpacked from ``wheel`` alone, says of its reader."""
+    with zipfile.ZipFile(wheel) as archive:
+        archive.extractall(into)
+    code = (
+        "import lbclient.reports as r; "
+        f"print(r.__file__.startswith({str(into)!r}), r.COMPILED, "
+        "r.parse('TEXT eps=0.5, named_metrics.rif=2', 1.0).rif)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, {str(into)!r}); {code}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def names(wheel: Path) -> list[str]:
+    with zipfile.ZipFile(wheel) as archive:
+        return archive.namelist()
+
+
+@pytest.fixture
+def hook_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    pytest.importorskip("hatchling", reason="hatchling (the dev extra) builds the wheels here")
+    if not (ROOT / "hatch_build.py").is_file():
+        pytest.skip("not a source checkout: no hatch_build.py beside the tests")
+    monkeypatch.delenv("LBCLIENT_PURE_PYTHON", raising=False)
+    monkeypatch.delenv("LDSHARED", raising=False)
+    return monkeypatch
+
+
+def test_a_wheel_built_with_a_compiler_carries_the_compiled_reader(
+    hook_env: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    if os.environ.get("LBCLIENT_REQUIRE_COMPILED") != "1" and not sysconfig.get_config_var(
+        "LDSHARED"
+    ):
+        pytest.skip("no C compiler is configured for this Python")
+    wheel, warnings = build(tmp_path / "dist")
+    assert warnings == []
+    inside = names(wheel)
+    assert f"lbclient/_textreport{SUFFIX}" in inside
+    assert not [name for name in inside if name.endswith(".c")]
+    assert not wheel.name.endswith("-py3-none-any.whl"), wheel.name
+    assert (
+        "Root-Is-Purelib: false"
+        in zipfile.ZipFile(wheel)
+        .read(next(name for name in inside if name.endswith(".dist-info/WHEEL")))
+        .decode()
+    )
+    assert installed(wheel, tmp_path / "site") == "True True 2.0"
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "why"),
+    [
+        ("LBCLIENT_PURE_PYTHON", "1", "LBCLIENT_PURE_PYTHON is set"),
+        ("LDSHARED", "false", "the compiler failed"),
+        ("LDSHARED", "/nonexistent/cc", "the compiler did not run"),
+    ],
+)
+def test_without_a_working_compiler_the_wheel_is_pure_python_and_says_why(
+    hook_env: pytest.MonkeyPatch, tmp_path: Path, variable: str, value: str, why: str
+) -> None:
+    hook_env.setenv(variable, value)
+    wheel, warnings = build(tmp_path / "dist")
+    assert wheel.name.endswith("-py3-none-any.whl"), wheel.name
+    assert not [name for name in names(wheel) if name.endswith((".so", ".pyd", ".c"))]
+    assert len(warnings) == 1
+    assert "compiled report reader was not built" in warnings[0]
+    assert why in warnings[0]
+    assert installed(wheel, tmp_path / "site") == "True False 2.0"
