@@ -92,7 +92,7 @@ class Probes:
         self._pool: Any = None
         #: The sockets of the sync probes' connections, shut down by close(): a probe blocked
         #: reading a backend that does not answer ends then, not at its timeout.
-        self._sockets: weakref.WeakSet[socket.socket] = weakref.WeakSet()
+        self._sockets = _Sockets()
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (Probes, (self.balancer, self.kind))
@@ -231,7 +231,7 @@ class Probes:
         with self._lock:
             self._closed = True
             pool, self._pool = self._pool, None
-        self._shut()
+        self._sockets.shut()
         for task in list(self._tasks):
             task.cancel()
         if pool is not None and hasattr(pool, "clear"):  # urllib3
@@ -252,15 +252,40 @@ class Probes:
         if pool is not None and hasattr(pool, "aclose"):
             await pool.aclose()
         elif pool is not None:  # the runner's (trio): a sync pool
-            self._shut()
+            self._sockets.shut()
             pool.close()
 
-    def _shut(self) -> None:
-        """Shut the sync probes' sockets down (closing a pool from another thread does not end
-        a read blocked on one of its connections; a shutdown does)."""
-        for sock in list(self._sockets):
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
+
+def _shut_down(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):  # closed already, or a TCP socket a TLS one took over
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+class _Sockets:
+    """The sync probes' sockets, to be shut down (closing a pool from another thread does not
+    end a read blocked on one of its connections; a shutdown does). A socket added once
+    :meth:`shut` has run is shut down at once: a probe may still be connecting when the probes
+    close (its TCP socket, or over TLS the TLS socket that took the TCP one's place as its
+    handshake ended, comes too late for the shutdown)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._live: weakref.WeakSet[socket.socket] = weakref.WeakSet()
+        self._shut = False
+
+    def add(self, sock: socket.socket) -> None:
+        with self._lock:
+            if not self._shut:
+                self._live.add(sock)
+                return
+        _shut_down(sock)
+
+    def shut(self) -> None:
+        with self._lock:
+            self._shut = True
+            live = list(self._live)
+        for sock in live:
+            _shut_down(sock)
 
 
 def probes_of(balancer: LoadBalancer, kind: str) -> Probes | None:
@@ -394,7 +419,7 @@ def _urllib3_sync(
 class _Tracked:
     """httpcore's own network backend, each connection's socket kept in ``sockets``."""
 
-    def __init__(self, sockets: weakref.WeakSet[socket.socket]) -> None:
+    def __init__(self, sockets: _Sockets) -> None:
         import httpcore
 
         self._backend = httpcore.SyncBackend()
@@ -414,7 +439,7 @@ class _TrackedStream:
     """A connection's stream whose socket is kept in ``sockets``, and after ``start_tls`` its
     TLS socket's (the TCP socket is detached then: shutting it down would do nothing)."""
 
-    def __init__(self, stream: Any, sockets: weakref.WeakSet[socket.socket]) -> None:
+    def __init__(self, stream: Any, sockets: _Sockets) -> None:
         self._stream = stream
         self._sockets = sockets
         sockets.add(stream.get_extra_info("socket"))
@@ -436,7 +461,7 @@ class _TrackedStream:
         return self._stream.get_extra_info(info)
 
 
-def _tracked_pools(sockets: weakref.WeakSet[socket.socket]) -> dict[str, Any]:
+def _tracked_pools(sockets: _Sockets) -> dict[str, Any]:
     """urllib3's pool classes by scheme, each connection's socket kept in ``sockets``."""
     from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
