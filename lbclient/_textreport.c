@@ -375,6 +375,10 @@ module_exec(PyObject *module)
 
 static PyModuleDef_Slot slots[] = {
     {Py_mod_exec, (void *)module_exec},
+#ifdef Py_mod_gil
+    /* Free-threaded builds: it keeps no state but the two keys made once as it is imported. */
+    {Py_mod_gil, Py_MOD_GIL_NOT_USED},
+#endif
     {0, NULL},
 };
 
