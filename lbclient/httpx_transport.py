@@ -36,7 +36,7 @@ from lbclient._gate import GateClosed
 from lbclient._httpx_bodies import AsyncBody, SyncBody
 from lbclient._httpx_faults import HTTPCORE_ERRORS, fault, httpx_error
 from lbclient._loop import run_async, run_sync
-from lbclient._plan import Timeouts
+from lbclient._plan import Fault, Timeouts
 from lbclient._pools import AsyncPools, pool_key, pool_options, shut, stale_pools, sync_pool
 from lbclient._probes import use as use_options
 from lbclient._wire import BOUND, Limits, final_text, merge_headers
@@ -179,7 +179,17 @@ class _Wire:
         value: str | None = response.headers.get(name)
         return value
 
-    fault = staticmethod(fault)
+    def fault(self, error: Exception) -> Fault | None:
+        """How ``error`` failed (see :func:`~lbclient._httpx_faults.fault`); once the transport
+        is closed, a failure is its own close's doing (a connection it shut under the
+        attempt), not the backend's: not reported to health."""
+        found = fault(error)
+        if found is not None and self._closing():
+            return found._replace(ours=True)
+        return found
+
+    def _closing(self) -> bool:
+        return False
 
     def final(self, error: Exception, summary: str) -> Exception:
         """Of the last failure's class, its message followed by the summary."""
@@ -396,6 +406,9 @@ class _SyncWire(_Wire):
         _Wire.__init__(self, request)
         self.transport = transport
 
+    def _closing(self) -> bool:
+        return self.transport._closed
+
     def send(
         self,
         backend: Backend,
@@ -489,6 +502,9 @@ class _AsyncWire(_Wire):
     def __init__(self, transport: AsyncLBTransport, request: httpx.Request) -> None:
         _Wire.__init__(self, request)
         self.transport = transport
+
+    def _closing(self) -> bool:
+        return self.transport._closed
 
     async def send(
         self,

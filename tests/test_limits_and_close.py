@@ -254,6 +254,9 @@ def test_close_under_a_request_in_flight_ends_it_as_plain_httpx_does(
     assert isinstance(ours.__cause__, httpx.ReadError)
     assert "GET failed after 1 attempt" in str(ours)
     assert len(ours.attempts) == 1  # type: ignore[attr-defined]
+    # The client's own close cut the attempt: the backend is not blamed (a balancer may serve
+    # other clients, whose backends would be ejected by one client's shutdown).
+    assert [b.consecutive_failures for b in lb.snapshot().backends] == [0, 0]
 
 
 @pytest.mark.parametrize("hedge_after", [None, 0.05])
@@ -297,6 +300,7 @@ async def test_aclose_under_a_request_in_flight_ends_it_as_plain_httpx_does(
     assert isinstance(ours.__cause__, httpx.ReadError)
     assert "GET failed after" in str(ours)
     assert all(a.error is not None for a in ours.attempts)  # type: ignore[attr-defined]
+    assert [b.consecutive_failures for b in lb.snapshot().backends] == [0, 0]
 
 
 # -- closed before a request begins, or while it waits for a connection --------------------------
