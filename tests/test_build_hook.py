@@ -117,3 +117,30 @@ def test_without_a_working_compiler_the_wheel_is_pure_python_and_says_why(
     assert "compiled report reader was not built" in warnings[0]
     assert why in warnings[0]
     assert installed(wheel, tmp_path / "site") == "True False 2.0"
+
+
+def test_the_sdist_builds_the_same_wheel(hook_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # What pip does with the sdist where no wheel fits: the C source and the hook travel in it.
+    import tarfile
+
+    from hatchling.builders.sdist import SdistBuilder
+
+    (sdist,) = SdistBuilder(str(ROOT)).build(directory=str(tmp_path / "sdist"))
+    with tarfile.open(sdist) as archive:
+        inside = archive.getnames()
+        if hasattr(tarfile, "data_filter"):  # Python 3.10.12 and later
+            archive.extractall(tmp_path / "source", filter="data")
+        else:  # pragma: no cover
+            archive.extractall(tmp_path / "source")  # noqa: S202 (our own sdist)
+    assert not [name for name in inside if name.endswith((".so", ".pyd"))]
+    (unpacked,) = (tmp_path / "source").iterdir()
+    from hatchling.builders.wheel import WheelBuilder
+
+    shown = Shown()
+    (wheel,) = WheelBuilder(str(unpacked), app=shown).build(  # type: ignore[arg-type]
+        directory=str(tmp_path / "dist"), versions=["standard"]
+    )
+    compiled = f"lbclient/_textreport{SUFFIX}" in names(Path(wheel))
+    assert compiled == (not shown.warnings), shown.warnings
+    assert compiled or os.environ.get("LBCLIENT_REQUIRE_COMPILED") != "1"
+    assert installed(Path(wheel), tmp_path / "site") == f"True {compiled} 2.0"
