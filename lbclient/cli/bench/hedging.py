@@ -46,7 +46,7 @@ from typing import NamedTuple
 import httpx
 
 from lbclient import AsyncLBTransport, RetryBudget, RoundRobin
-from lbclient.cli.bench.transport import start_servers
+from lbclient.cli.bench.transport import launch_servers
 
 __all__ = [
     "CASES",
@@ -174,7 +174,8 @@ def run(quick: bool = False, *, count: int | None = None) -> list[HedgingRow]:
     if count < 1:
         raise ValueError(f"need count >= 1, got {count}")
     with ExitStack() as stack:
-        backends = start_servers(stack, 2) + start_servers(stack, 1, delay=DELAY)
+        fast, slow = launch_servers(stack, 2), launch_servers(stack, 1, delay=DELAY)
+        backends = fast() + slow()
         rows = [_case(name, make, backends, count) for name, make in CASES]
     reference = rows[0].p99
     return [rows[0]] + [row._replace(ratio=reference / row.p99) for row in rows[1:]]

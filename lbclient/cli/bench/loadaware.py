@@ -64,7 +64,7 @@ from lbclient.cli.bench.hedging import percentile
 from lbclient.cli.bench.rounds import round_parser, round_settings
 from lbclient.cli.bench.server import served
 from lbclient.cli.bench.tables import aligned
-from lbclient.cli.bench.transport import start_servers
+from lbclient.cli.bench.transport import launch_servers
 from lbclient.selection.base import AlgorithmLike
 
 __all__ = [
@@ -330,22 +330,31 @@ def run(
     seconds, rounds = settings(quick, seconds, rounds)
     cases = (_async_case, _threads_case)
     rows = []
-    for each in RUNS:
-        tallies = {(client, name): _Tally() for client in CLIENTS for name, _ in ALGORITHMS}
-        with ExitStack() as stack:
-            backends = start_servers(stack, 3, delay=FAST) + start_servers(
-                stack,
-                1,
-                delay=each.delay,
-                stall_every=each.stall_every,
-                stall_for=each.stall_for,
-                fail_every=each.fail_every,
+    with ExitStack() as stack:
+        # Every run's backends start at once, side by side, and all listen before the first
+        # run; each run sends to its own.
+        launched = [
+            (
+                launch_servers(stack, 3, delay=FAST),
+                launch_servers(
+                    stack,
+                    1,
+                    delay=each.delay,
+                    stall_every=each.stall_every,
+                    stall_for=each.stall_for,
+                    fail_every=each.fail_every,
+                ),
             )
+            for each in RUNS
+        ]
+        listening = [fast() + odd() for fast, odd in launched]
+        for each, backends in zip(RUNS, listening, strict=True):
+            tallies = {(client, name): _Tally() for client in CLIENTS for name, _ in ALGORITHMS}
             for client, case in zip(CLIENTS, cases, strict=True):
                 for _ in range(rounds):
                     for name, make in ALGORITHMS:
                         case(backends, make(), case_seconds(each, seconds), tallies[client, name])
-        rows += [tally.row(each.name, *key) for key, tally in tallies.items()]
+            rows += [tally.row(each.name, *key) for key, tally in tallies.items()]
     return rows
 
 

@@ -57,6 +57,7 @@ class Server:
         )
         self._log: deque[bytes] = deque(maxlen=50)
         self._port: int | None = None
+        self._signalled = False
         self._listening = threading.Event()
         self._reader = threading.Thread(target=self._drain, daemon=True)
         self._reader.start()
@@ -109,10 +110,17 @@ class Server:
             )
         return f"127.0.0.1:{self._port}"
 
-    def stop(self, sig: signal.Signals = signal.SIGTERM) -> None:
-        """Signal it, wait for it (killing it after 10 s), and for its log to end."""
-        if self._proc.poll() is None:
+    def hang_up(self, sig: signal.Signals = signal.SIGTERM) -> None:
+        """Signal it to stop, once, if it still runs (:meth:`stop` then waits for it)."""
+        if not self._signalled and self._proc.poll() is None:
+            self._signalled = True
             self._proc.send_signal(sig)
+
+    def stop(self, sig: signal.Signals = signal.SIGTERM) -> None:
+        """Signal it (unless :meth:`hang_up` did), wait for it (killing it after 10 s), and for
+        its log to end."""
+        self.hang_up(sig)
+        if self._proc.poll() is None:
             try:
                 self._proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
@@ -188,17 +196,23 @@ def start_uvicorns(
     env: dict[str, str] | None = None,
     timeout: float = 30.0,
 ) -> list[Server]:
-    """One :func:`start_uvicorn` server per app, all started at once (each stopped when
-    ``stack`` closes), in environment ``env`` (None: this process's); returned once every one
-    listens."""
-    servers = []
+    """One :func:`start_uvicorn` server per app, all started at once (and stopped at once when
+    ``stack`` closes: every one signalled, then each waited for), in environment ``env`` (None:
+    this process's); returned once every one listens."""
+    servers: list[Server] = []
+    stack.callback(_stop_all, servers)
     for app in apps:
-        server = Server(uvicorn_command(app), cwd=None, env=env)
-        stack.callback(server.stop, signal.SIGTERM)
-        servers.append(server)
+        servers.append(Server(uvicorn_command(app), cwd=None, env=env))
     for server in servers:
         server.wait_listening(timeout)
     return servers
+
+
+def _stop_all(servers: list[Server]) -> None:
+    for server in servers:
+        server.hang_up(signal.SIGTERM)
+    for server in servers:
+        server.stop(signal.SIGTERM)
 
 
 def _gunicorn_options() -> list[str]:

@@ -47,7 +47,16 @@ import requests
 from lbclient import AsyncLBTransport, LBAdapter, LBTransport
 from lbclient.cli.bench import server
 
-__all__ = ["FLOOR", "TransportRow", "format_table", "main", "run", "settings", "start_servers"]
+__all__ = [
+    "FLOOR",
+    "TransportRow",
+    "format_table",
+    "launch_servers",
+    "main",
+    "run",
+    "settings",
+    "start_servers",
+]
 
 _T = TypeVar("_T")
 
@@ -85,6 +94,28 @@ def start_servers(
     ``fail_every``-th request with a fast 503 (none by default), is stopped when ``stack``
     closes, and exits by itself if this process dies.
     """
+    return launch_servers(
+        stack,
+        count,
+        delay=delay,
+        stall_every=stall_every,
+        stall_for=stall_for,
+        fail_every=fail_every,
+    )()
+
+
+def launch_servers(
+    stack: ExitStack,
+    count: int,
+    *,
+    delay: float = 0.0,
+    stall_every: float | None = None,
+    stall_for: float = 0.0,
+    fail_every: int | None = None,
+) -> Callable[[], list[str]]:
+    """:func:`start_servers` without waiting: the ``count`` servers are started (all at once,
+    their interpreters starting side by side), and the function returned gives their addresses
+    once they listen. Several groups launched before any is waited for start together."""
     command = [sys.executable, str(SERVER)]
     if delay > 0:
         command += ["--delay", repr(delay)]
@@ -92,26 +123,40 @@ def start_servers(
         command += ["--stall-every", repr(stall_every), "--stall-for", repr(stall_for)]
     if fail_every is not None:
         command += ["--fail-every", str(fail_every)]
-    addresses = []
+    procs: list[subprocess.Popen[str]] = []
+    stack.callback(_stop, procs)
     for _ in range(count):
-        proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        stack.callback(_stop, proc)
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        if not line.strip().isdigit():
-            raise RuntimeError(f"the loopback server {SERVER} did not print its port: {line!r}")
-        addresses.append(f"127.0.0.1:{int(line)}")
+        procs.append(
+            subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        )
+
+    def addresses() -> list[str]:
+        found = []
+        for proc in procs:
+            assert proc.stdout is not None
+            line = proc.stdout.readline()
+            if not line.strip().isdigit():
+                raise RuntimeError(f"the loopback server {SERVER} did not print its port: {line!r}")
+            found.append(f"127.0.0.1:{int(line)}")
+        return found
+
     return addresses
 
 
-def _stop(proc: subprocess.Popen[str]) -> None:
-    if proc.stdin is not None:
-        proc.stdin.close()
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+def _stop(procs: Sequence[subprocess.Popen[str]]) -> None:
+    """Stop the servers ``procs``: every one told at once (its standard input closed), then
+    each waited for, killed if it still runs 5 s later."""
+    for proc in procs:
+        if proc.stdin is not None:
+            proc.stdin.close()
+    for proc in procs:
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
 
 
 def _summary(ours: list[float], theirs: list[float]) -> tuple[float, float, float]:
