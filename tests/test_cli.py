@@ -611,7 +611,7 @@ def concurrency_table(stdout: str) -> dict[tuple[str, ...], dict[str, str]]:
 
 def check_load_aware(stdout: str, *, measured: bool) -> None:
     """The load-aware table of ``stdout``: every case in order, every figure and ratio parses,
-    503s only where a backend fails, and the aims. With ``measured`` (rounds of a second, as
+    503s only where a backend fails, and the aims. With ``measured`` (rounds of 0.2 s, as
     ``--quick`` runs them), RoundRobin sends the odd backend about a quarter of the requests."""
     rows = load_table(stdout)
     assert list(rows) == LOAD_CASES, "cases missing, extra or out of order"

@@ -4,7 +4,7 @@ grow from a few to a thousand, against the plain clients with pools of the same 
 Run it alone::
 
     python -m lbclient.cli.bench.concurrency           # 2 rounds of 2 s per side and level
-    python -m lbclient.cli.bench.concurrency --quick   # 1 round of 0.4 s
+    python -m lbclient.cli.bench.concurrency --quick   # 1 round of 0.1 s
 
 or as part of ``python -m lbclient bench`` (extra rows of the summary, and this table under it).
 
@@ -84,7 +84,7 @@ BACKENDS, PER_BACKEND = 3, 20
 TASK_LEVELS = (10, 100, 1_000)
 THREAD_LEVELS = (4, 64, 256)
 #: Seconds per round of a case (after its warm-up), and rounds per case.
-FULL_SECONDS, QUICK_SECONDS = 2.0, 0.4
+FULL_SECONDS, QUICK_SECONDS = 2.0, 0.1
 FULL_ROUNDS, QUICK_ROUNDS = 2, 1
 #: Seconds of warm-up before each round is measured.
 WARMUP = 0.25

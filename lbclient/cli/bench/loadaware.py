@@ -4,7 +4,7 @@ four misbehaves, through ``AsyncLBTransport`` and through ``LBAdapter``.
 Run it alone::
 
     python -m lbclient.cli.bench.loadaware           # 2 rounds of 2 s per case (about 100 s)
-    python -m lbclient.cli.bench.loadaware --quick   # 1 round of 0.4 s per case (about 12 s)
+    python -m lbclient.cli.bench.loadaware --quick   # 1 round of 0.2 s per case (about 20 s)
 
 or as part of ``python -m lbclient bench`` (extra rows of the summary, and this table under it).
 
@@ -102,7 +102,7 @@ FAIL_EVERY = 2
 #: Concurrent asyncio tasks through AsyncLBTransport; threads through LBAdapter.
 TASKS, THREADS = 32, 16
 #: Seconds each round of a case runs for (after its warm-up), and the rounds of each case.
-FULL_SECONDS, QUICK_SECONDS = 2.0, 0.4
+FULL_SECONDS, QUICK_SECONDS = 2.0, 0.2
 FULL_ROUNDS, QUICK_ROUNDS = 2, 1
 #: Seconds of warm-up before each case is measured.
 WARMUP = 0.25

@@ -24,7 +24,7 @@ Rendezvous hashes the key once per backend, so at 1,000 backends its passes go o
 Refresh at scale, at 1,000 and 10,000 backends of weight 1 (Backend objects made beforehand),
 for one algorithm of each kind of selector: the build of a ``LoadBalancer`` (ms, median of
 runs), one ``update()`` that takes one backend out and puts another in (ms, median of 21
-updates, 5 with ``--quick``, alternating between the two sets), and the memory the balancer
+updates, 3 with ``--quick``, alternating between the two sets), and the memory the balancer
 keeps once built (MB): how much the resident set of a fresh interpreter grows from before the
 build to after it, after a collection, read from ``/proc/self/statm`` (tracemalloc's count of
 the bytes kept where there is no ``/proc``), each in an interpreter of its own, as a process
@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib
-import importlib.metadata
 import os
 import platform
 import statistics
@@ -87,9 +86,9 @@ __all__ = [
 
 NUM_KEYS = 1_000
 FULL_REPS = 75
-QUICK_REPS = 11
+QUICK_REPS = 5
 FULL_BUILD_RUNS = 7
-QUICK_BUILD_RUNS = 3
+QUICK_BUILD_RUNS = 1
 FULL_BASELINE_BUILD_RUNS = 3  # uhashring's ketama build of 1,000 nodes takes seconds
 QUICK_BASELINE_BUILD_RUNS = 1
 SIZES = (10, 1_000)
@@ -120,7 +119,7 @@ RING_MEMORY_ID = f"scale/memory/Consistent/{max(SCALE_SIZES)}"
 #: O(backends), would take minutes there).
 SCALE_SELECT_ALGORITHMS = ("RoundRobin", "Hash", "Consistent", "Maglev")
 FULL_UPDATE_RUNS = 21
-QUICK_UPDATE_RUNS = 5
+QUICK_UPDATE_RUNS = 3
 FULL_SCALE_BUILD_RUNS = 3
 QUICK_SCALE_BUILD_RUNS = 1
 FLOOR_NS = 1_000.0  # "< 1 us"
@@ -1066,6 +1065,8 @@ def format_table(rows: Sequence[Row]) -> str:
 
 
 def _versions() -> str:
+    import importlib.metadata  # here only: the memory measurements' interpreters need not load it
+
     parts = []
     for dist in ("lbclient", "uhashring", "xxhash"):
         try:

@@ -632,7 +632,7 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     bench.add_argument(
-        "--quick", action="store_true", help="a short run (about two minutes on two CPUs)"
+        "--quick", action="store_true", help="a short run (about a minute and a half on two CPUs)"
     )
     bench.add_argument(
         "--strict", action="store_true", help="exit 1 when a full run misses a floor"

@@ -66,7 +66,7 @@ SERVER = Path(server.__file__)
 #: The floor for every row: lbclient's requests per second at least 98% of the plain client's.
 FLOOR = 0.98
 FULL_COUNT, FULL_ROUNDS = 200, 40
-QUICK_COUNT, QUICK_ROUNDS = 100, 6
+QUICK_COUNT, QUICK_ROUNDS = 40, 3
 
 
 class TransportRow(NamedTuple):
