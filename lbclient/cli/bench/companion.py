@@ -5,6 +5,8 @@ Run it alone::
 
     python -m lbclient.cli.bench.companion           # 12 rounds of 1 s per side and case
     python -m lbclient.cli.bench.companion --quick   # 3 rounds of 0.25 s (a few seconds)
+    python -m lbclient.cli.bench.companion --http h11  # uvicorn's protocol (default: auto,
+                                                       # httptools where it is installed)
 
 Method: a trivial endpoint (200, a two-byte body; ``lbclient/cli/bench/companion_apps.py``) is
 served four ways, each in processes of its own on loopback ports: under uvicorn (one process) as
@@ -41,6 +43,7 @@ import sys
 import textwrap
 from collections.abc import Sequence
 from contextlib import ExitStack
+from functools import partial
 from importlib import metadata
 from pathlib import Path
 from typing import NamedTuple
@@ -168,8 +171,9 @@ def _ratios(plain: Sequence[_Side], reported: Sequence[_Side]) -> list[float]:
     return [r.per_second / p.per_second for r, p in zip(reported, plain, strict=True)]
 
 
-def run(seconds: float, rounds: int) -> list[CompanionRow]:
-    """Every case of :data:`CASES`, ``rounds`` rounds of ``seconds`` per side."""
+def run(seconds: float, rounds: int, http: str = "auto") -> list[CompanionRow]:
+    """Every case of :data:`CASES`, ``rounds`` rounds of ``seconds`` per side; uvicorn serves
+    with its HTTP protocol ``http`` (``auto``, ``h11`` or ``httptools``)."""
     with ExitStack() as stack:
         env = {**os.environ, "PYTHONHASHSEED": "0"}
         servers = {
@@ -181,8 +185,8 @@ def run(seconds: float, rounds: int) -> list[CompanionRow]:
                 for _ in range(PAIRS)
             ]
             for kind, start in (
-                ("asgi", start_uvicorn),
-                ("floor", start_uvicorn),
+                ("asgi", partial(start_uvicorn, http=http)),
+                ("floor", partial(start_uvicorn, http=http)),
                 ("wsgi", start_gunicorn),
             )
         }
@@ -274,6 +278,12 @@ NOTES = (
 def main(argv: Sequence[str] | None = None) -> int:
     """Print the table; 0 whatever the figures (a measurement, not a test)."""
     parser = round_parser(__doc__)
+    parser.add_argument(
+        "--http",
+        choices=["auto", "h11", "httptools"],
+        default="auto",
+        help="uvicorn's HTTP protocol (default: auto, httptools where installed, else h11)",
+    )
     args = parser.parse_args(argv)
     try:
         seconds, rounds = settings(args.quick, args.seconds, args.rounds)
@@ -281,14 +291,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(error))
     print(
         f"Python {platform.python_version()} on {platform.platform()}, "
-        f"uvicorn {_version('uvicorn')} ({uvicorn_flavour()}), gunicorn {_version('gunicorn')}"
+        f"uvicorn {_version('uvicorn')} ({uvicorn_flavour(args.http)}), "
+        f"gunicorn {_version('gunicorn')}"
     )
     print(
         f"{rounds} rounds of {seconds:g} s per side and case, {CONNECTIONS} keep-alive "
         "connections, GET of a trivial endpoint",
         flush=True,
     )
-    print(format_table(run(seconds, rounds)))
+    print(format_table(run(seconds, rounds, args.http)))
     print(textwrap.fill(NOTES, width=100, subsequent_indent="  "))
     cost = sharing.measure(max(rounds, 3))
     print(

@@ -3,25 +3,32 @@ to a request served by uvicorn, as valgrind counts the machine instructions, the
 busy the machine is (the req/s of :mod:`lbclient.cli.bench.companion` swing 15-40% a round on a
 shared machine, more than the 3% asked of the middleware).
 
-Run it alone (Linux with valgrind; about half a minute per case)::
+Run it alone (Linux with valgrind; about half a minute per case and protocol, valgrind runs
+side by side on every CPU)::
 
-    python -m lbclient.cli.bench.companion_count
+    python -m lbclient.cli.bench.companion_count                  # h11 and httptools
+    python -m lbclient.cli.bench.companion_count --http httptools
 
-Method: uvicorn's own HTTP/1.1 protocol (``H11Protocol``, what ``uvicorn --http h11`` runs per
-connection) is fed requests on one keep-alive connection through an in-memory transport, one
-request at a time, each answered before the next (no sockets, no kernel, no other process). Each
-case runs twice under ``valgrind --tool=callgrind``, with a few requests and with many; the
-difference over the difference in requests is the instructions per request, start-up and
-imports cancelled out. The middleware's tracker reads a clock that moves 250 µs a request (a
-server at 4,000 req/s), so that what it caches for 10 ms is made as often as at that rate, not
-as often as valgrind's slowness would make it.
+Method: each of uvicorn's own HTTP/1.1 protocols (``H11Protocol``, what ``uvicorn --http h11``
+runs per connection; ``HttpToolsProtocol``, what ``--http httptools`` runs, and ``auto`` where
+httptools is installed, as ``uvicorn[standard]`` installs it) is fed requests on one keep-alive
+connection through an in-memory transport, one request at a time, each answered before the next
+(no sockets, no kernel, no other process). Each case runs twice under ``valgrind
+--tool=callgrind``, with a few requests and with many; the difference over the difference in
+requests is the instructions per request, start-up and imports cancelled out. The middleware's
+tracker reads a clock that moves 250 µs a request (a server at 4,000 req/s), of which the
+request takes 188 µs, so that what it caches for 10 ms is made as often as at that rate, not as
+often as valgrind's slowness would make it; its rates count from a second before the first
+request and its ``cpu_utilization`` metric reads a CPU time that follows the clock: the report
+it writes is as long as a busy server's (``REPORT``, what the carry case writes), the same run
+after run.
 
 Cases: the plain app and the same behind ``LoadReportingASGI``, each with no report asked and
 with ``endpoint-load-metrics-format: TEXT`` on every request; the least an ASGI middleware that
 reads the status does (``StatusWatcher``); and the plain app writing a report header of the
 usual length itself, which is what carrying the report costs the server's HTTP library whoever
-writes it. Ratios are the plain app's instructions over the case's (1 is free; 0.97 is the aim).
-A measurement, not a test.
+writes it. Ratios are the plain app's instructions over the case's, under the same protocol (1 is
+free; 0.97 is the aim). A measurement, not a test.
 """
 
 from __future__ import annotations
@@ -29,35 +36,63 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import importlib.util
 import os
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
 from lbclient.cli.bench.companion_apps import _BODY, asgi_plain
 from lbclient.cli.bench.tables import aligned
 from lbclient.server import LoadReportingASGI, LoadTracker, cpu_utilization
 
-__all__ = ["CASES", "CountRow", "count", "main"]
+__all__ = ["CASES", "PROTOCOLS", "CountRow", "count", "count_protocols", "main"]
 
 #: Requests of the short and the long run; the difference is what is counted.
 FEW, MANY = 200, 1200
-#: Seconds the tracker's clock moves per request.
+#: Seconds the tracker's clock moves per request: a request arrives every TICK (a server at
+#: 4,000 req/s) and takes LATENCY of it (the clock moves on as its response's head is written).
 TICK = 250e-6
-#: What a tracker writes, of the usual length (carried by the plain app in the "carry" case).
+LATENCY = 187.654e-6
+#: Seconds from the tracker's making to the first request: its rates are counted over more than
+#: a second, as on a server that has run a while (a rate with a fraction, not a whole count).
+IDLE = 1.0
+#: The process's CPU time per second of the clock, as the ``cpu_utilization`` metric reads it
+#: (from the clock, not ``os.times``: the same run after run).
+CPU = 0.412345
+#: What a tracker writes, of the usual length (carried by the plain app in the "carry" case; the
+#: middleware's own, with the clock and CPU time above, is as long within a character or two).
 REPORT = (
     b"TEXT cpu_utilization=0.412345, rps_fractional=3891.2, eps=0, named_metrics.rif=3, "
     b"named_metrics.latency_ms=0.412345"
 )
+
+#: uvicorn's HTTP/1.1 protocols (the name ``--http`` takes): the module and class serving a
+#: connection, and the module the protocol needs installed.
+PROTOCOLS: dict[str, tuple[str, str, str]] = {
+    "h11": ("uvicorn.protocols.http.h11_impl", "H11Protocol", "h11"),
+    "httptools": ("uvicorn.protocols.http.httptools_impl", "HttpToolsProtocol", "httptools"),
+}
 
 _NOW = [1000.0]
 
 
 def _clock() -> float:
     return _NOW[0]
+
+
+class _Times(NamedTuple):
+    user: float
+    system: float
+
+
+def _times() -> _Times:
+    return _Times(CPU * _NOW[0], 0.0)
 
 
 async def _carry(scope: Any, receive: Any, send: Any) -> None:
@@ -76,9 +111,9 @@ async def _carry(scope: Any, receive: Any, send: Any) -> None:
 def _reported() -> Any:
     # Counted per process: looking for a listening socket to share the count with reads the
     # machine's socket tables, as long as other processes make them (here there is none).
-    tracker = LoadTracker(
-        clock=_clock, cpu_utilization=cpu_utilization(clock=_clock), share_in_flight=False
-    )
+    # The metrics read the clock above, so that the report is of the usual length (REPORT's).
+    metric = cpu_utilization(cpus=1, clock=_clock, times=_times)
+    tracker = LoadTracker(clock=_clock, cpu_utilization=metric, share_in_flight=False)
     return LoadReportingASGI(asgi_plain, tracker=tracker)
 
 
@@ -106,11 +141,19 @@ _APPS: dict[str, Callable[[], Any]] = {
 }
 
 
-def _serve(app_name: str, requests: int, ask: bool) -> None:
-    """Feed ``requests`` requests to uvicorn's h11 protocol for ``app_name`` (in this process)."""
+def available(http: str) -> bool:
+    """Whether uvicorn's protocol ``http`` can run here (its parser installed)."""
+    return importlib.util.find_spec(PROTOCOLS[http][2]) is not None
+
+
+def _serve(app_name: str, requests: int, ask: bool, http: str = "h11") -> bytes:
+    """Feed ``requests`` requests to uvicorn's protocol ``http`` (a name of :data:`PROTOCOLS`)
+    for ``app_name`` (in this process); returns the last response's head."""
     from uvicorn.config import Config
-    from uvicorn.protocols.http.h11_impl import H11Protocol
     from uvicorn.server import ServerState
+
+    module, name, _ = PROTOCOLS[http]
+    protocol_class = getattr(importlib.import_module(module), name)
 
     head = b"GET / HTTP/1.1\r\nhost: bench\r\n"
     request = head + (b"endpoint-load-metrics-format: TEXT\r\n" if ask else b"") + b"\r\n"
@@ -119,9 +162,13 @@ def _serve(app_name: str, requests: int, ask: bool) -> None:
         def __init__(self) -> None:
             super().__init__()
             self.answers = 0
+            self.head = b""
 
         def write(self, data: Any) -> None:
-            self.answers += bytes(data[:9]) == b"HTTP/1.1 "
+            if bytes(data[:9]) == b"HTTP/1.1 ":  # a response starts: the request took LATENCY
+                self.answers += 1
+                self.head = data
+                _NOW[0] += LATENCY
 
         def get_extra_info(self, name: str, default: Any = None) -> Any:
             return {"sockname": ("127.0.0.1", 8000), "peername": ("127.0.0.1", 50000)}.get(
@@ -137,27 +184,33 @@ def _serve(app_name: str, requests: int, ask: bool) -> None:
         def resume_reading(self) -> None:
             pass
 
-    async def drive() -> None:
+    async def drive() -> bytes:
         config = Config(
-            _APPS[app_name](), http="h11", access_log=False, lifespan="off", log_level="warning"
+            _APPS[app_name](), http=http, access_log=False, lifespan="off", log_level="warning"
         )
         config.load()
-        protocol = H11Protocol(config, ServerState(), {}, asyncio.get_running_loop())
+        protocol = protocol_class(config, ServerState(), {}, asyncio.get_running_loop())
         transport = Transport()
         protocol.connection_made(transport)
-        for _ in range(requests):
-            _NOW[0] += TICK
+        first = _NOW[0] + IDLE
+        for number in range(requests):
+            _NOW[0] = first + number * TICK
             protocol.data_received(request)
             while protocol.cycle is not None and not protocol.cycle.response_complete:
                 await asyncio.sleep(0)
             await asyncio.sleep(0)
         if transport.answers != requests:
             raise RuntimeError(f"{transport.answers} answers to {requests} requests")
+        return bytes(transport.head)
 
-    asyncio.run(drive())
+    return asyncio.run(drive())
 
 
-def _instructions(app_name: str, requests: int, ask: bool) -> int:
+def _instructions(app_name: str, requests: int, ask: bool, http: str, cwd: str) -> int:
+    """What valgrind counts of one run, started in directory ``cwd``: an empty one, the same for
+    the runs set against each other (``python -m`` searches it for every import, and reads its
+    listing again whenever it changes: a busy directory such as /tmp moves the count by
+    millions of instructions from run to run)."""
     command = [
         "valgrind",
         "--tool=callgrind",
@@ -169,9 +222,10 @@ def _instructions(app_name: str, requests: int, ask: bool) -> int:
         app_name,
         str(requests),
         "ask" if ask else "-",
+        http,
     ]
     env = {**os.environ, "PYTHONHASHSEED": "0"}  # the same dicts, run after run
-    done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
+    done = subprocess.run(command, capture_output=True, text=True, check=False, env=env, cwd=cwd)
     found = re.search(r"Collected : (\d+)", done.stderr)
     if done.returncode != 0 or found is None:
         raise RuntimeError(f"valgrind failed ({done.returncode}): {done.stderr[-400:]}")
@@ -184,48 +238,105 @@ class CountRow(NamedTuple):
     ratio: float  # the plain side's instructions over this case's
 
 
-def count(few: int = FEW, many: int = MANY) -> list[CountRow]:
-    """Instructions per request of every case of :data:`CASES`."""
-    measured: dict[tuple[str, bool], int] = {}
-    for _, app_name, ask, _ in CASES:
-        if (app_name, ask) not in measured:
-            low, high = _instructions(app_name, few, ask), _instructions(app_name, many, ask)
-            measured[app_name, ask] = round((high - low) / (many - few))
-    rows = []
-    for name, app_name, ask, plain in CASES:
-        base = measured["plain", plain == "plain+ask"]
-        own = measured[app_name, ask]
-        rows.append(CountRow(name, own, base / own))
-    return rows
+def count_protocols(
+    protocols: Sequence[str], few: int = FEW, many: int = MANY, jobs: int = 1
+) -> dict[str, list[CountRow]]:
+    """Instructions per request of every case of :data:`CASES` under each of ``protocols``
+    (names of :data:`PROTOCOLS`), each against the plain app under the same protocol; the
+    valgrind runs ``jobs`` at a time (what one counts does not depend on the others)."""
+    runs = sorted(
+        {
+            (http, app_name, ask, requests)
+            for http in protocols
+            for _, app_name, ask, _ in CASES
+            for requests in (few, many)
+        }
+    )
+    with tempfile.TemporaryDirectory() as empty, ThreadPoolExecutor(max(jobs, 1)) as pool:
+        made = pool.map(lambda run: _instructions(run[1], run[3], run[2], run[0], empty), runs)
+        found = dict(zip(runs, made, strict=True))
+
+    def per_request(http: str, app_name: str, ask: bool) -> int:
+        low, high = found[http, app_name, ask, few], found[http, app_name, ask, many]
+        return round((high - low) / (many - few))
+
+    counted = {}
+    for http in protocols:
+        rows = []
+        for name, app_name, ask, plain in CASES:
+            base = per_request(http, "plain", plain == "plain+ask")
+            own = per_request(http, app_name, ask)
+            rows.append(CountRow(name, own, base / own))
+        counted[http] = rows
+    return counted
+
+
+def count(few: int = FEW, many: int = MANY, http: str = "h11", jobs: int = 1) -> list[CountRow]:
+    """Instructions per request of every case of :data:`CASES` under uvicorn's protocol
+    ``http``."""
+    return count_protocols([http], few, many, jobs)[http]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--serve", nargs=3, metavar=("APP", "REQUESTS", "ASK"), help=argparse.SUPPRESS
+        "--http",
+        choices=[*PROTOCOLS, "both"],
+        default="both",
+        help="uvicorn's protocol to count under (default: both, httptools where installed)",
+    )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="valgrind runs side by side (default: one per CPU; the counts are the same)",
+    )
+    parser.add_argument(
+        "--serve", nargs=4, metavar=("APP", "REQUESTS", "ASK", "HTTP"), help=argparse.SUPPRESS
     )
     args = parser.parse_args(argv)
     if args.serve:
-        app_name, requests, ask = args.serve
-        _serve(app_name, int(requests), ask == "ask")
+        app_name, requests, ask, http = args.serve
+        _serve(app_name, int(requests), ask == "ask", http)
         return 0
     if shutil.which("valgrind") is None:
         print("valgrind is not installed: nothing counted (apt-get install valgrind)")
         return 0
     importlib.import_module("uvicorn")
-    print(f"Instructions per request under uvicorn's h11 protocol, {many_text()} (valgrind)")
-    rows = count()
+    protocols = list(PROTOCOLS) if args.http == "both" else [args.http]
+    missing = [http for http in protocols if not available(http)]
+    for http in missing:
+        print(f"{http} is not installed: not counted under uvicorn's {http} protocol")
+    protocols = [http for http in protocols if http not in missing]
+    if not protocols:
+        return 0
     print(
-        aligned(
-            (("case", False), ("instructions/request", True), ("ratio", True)),
-            [(row.case, f"{row.per_request:,}", f"{row.ratio:.3f}") for row in rows],
-        )
+        f"Instructions per request under uvicorn's {' and '.join(protocols)} "
+        f"protocol{'s' if len(protocols) > 1 else ''}, {many_text()} (valgrind)",
+        flush=True,
     )
+    counted = count_protocols(protocols, jobs=args.jobs)
+    print(format_table(counted))
     print(
-        "ratio: the plain app's instructions per request (with the same request) over the "
-        "case's; 1 is free, the aim 0.97."
+        "ratio: the plain app's instructions per request (with the same request, under the same "
+        "protocol) over the case's; 1 is free, the aim 0.97."
     )
     return 0
+
+
+def format_table(counted: dict[str, list[CountRow]]) -> str:
+    """The cases' instructions per request and ratios, a column pair per protocol."""
+    columns: list[tuple[str, bool]] = [("case", False)]
+    for http in counted:
+        columns += [(f"{http} instructions/request", True), ("ratio", True)]
+    cases = [row.case for row in next(iter(counted.values()))]
+    lines = []
+    for index, case in enumerate(cases):
+        cells = [case]
+        for rows in counted.values():
+            cells += [f"{rows[index].per_request:,}", f"{rows[index].ratio:.3f}"]
+        lines.append(cells)
+    return aligned(columns, lines)
 
 
 def many_text() -> str:

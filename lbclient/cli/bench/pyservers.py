@@ -163,29 +163,35 @@ def start_uvicorn(
     app_dir: Path | None = None,
     env: dict[str, str] | None = None,
     timeout: float = 30.0,
+    http: str = "auto",
 ) -> Server:
     """``python -m uvicorn APP`` (``module:attribute``, importable from ``app_dir`` if given) on
     127.0.0.1, one process (or ``workers`` worker processes under uvicorn's supervisor), no
-    access log, no lifespan; returned once it listens."""
-    command = uvicorn_command(app) + (["--workers", str(workers)] if workers != 1 else [])
+    access log, no lifespan, uvicorn's HTTP protocol ``http`` (``--http``); returned once it
+    listens."""
+    command = uvicorn_command(app, http) + (["--workers", str(workers)] if workers != 1 else [])
     return _start(stack, command, signal.SIGTERM, None, _environment(app_dir, env), timeout)
 
 
-def uvicorn_flavour() -> str:
+def uvicorn_flavour(http: str = "auto") -> str:
     """What uvicorn's automatic choices take here (``--http auto``, ``--loop auto``):
     ``"httptools, uvloop"`` where those are installed (``uvicorn[standard]``), else
-    ``"h11, asyncio"``, or one of each. Benchmarks print it: the server's own cost per request
-    differs several times between them."""
-    http = "httptools" if importlib.util.find_spec("httptools") else "h11"
+    ``"h11, asyncio"``, or one of each; with ``http`` other than ``"auto"``, that protocol and
+    the loop uvicorn takes. Benchmarks print it: the server's own cost per request differs
+    several times between them."""
+    if http == "auto":
+        http = "httptools" if importlib.util.find_spec("httptools") else "h11"
     loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
     return f"{http}, {loop}"
 
 
-def uvicorn_command(app: str) -> list[str]:
-    """The command line :func:`start_uvicorn` runs for ``app``."""
+def uvicorn_command(app: str, http: str = "auto") -> list[str]:
+    """The command line :func:`start_uvicorn` runs for ``app`` (under uvicorn's HTTP protocol
+    ``http``: ``auto``, ``h11`` or ``httptools``)."""
     return [
         *(sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", "0"),
         *("--no-access-log", "--lifespan", "off", "--timeout-graceful-shutdown", "1"),
+        *(("--http", http) if http != "auto" else ()),
     ]
 
 
