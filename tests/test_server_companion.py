@@ -892,3 +892,31 @@ def test_a_rendered_report_keeps_rif_exact_and_the_rest_for_ten_ms() -> None:
     assert fresh.application_utilization == calls[0] * 0.25
     assert calls[0] >= 3
     assert parse(tracker.rendered("TEXT"), 0.0) == fresh  # the cache again
+
+
+def test_the_encoded_report_is_the_rendered_one_as_bytes() -> None:
+    # What the ASGI middleware writes (made once a value, kept as bytes) is rendered() encoded,
+    # whatever was made before it: fresh, kept, for another RIF, after the other form, made anew.
+    clock = Clock()
+    tracker = LoadTracker(clock=clock, application_utilization=lambda: 0.5)
+    for latency in (0.001, 0.002, 0.004):
+        started = tracker.begin()
+        clock.now += latency
+        tracker.end(started)
+    held = [tracker.begin()]
+    for step in range(24):
+        form = "JSON" if step % 3 == 2 else "TEXT"
+        if step % 2:
+            encoded = tracker.encoded(form)
+            assert encoded == tracker.rendered(form).encode("latin-1")
+        else:
+            rendered = tracker.rendered(form)
+            assert tracker.encoded(form) == rendered.encode("latin-1")
+        if step % 4 == 1:
+            held.append(tracker.begin())  # another RIF
+        if step % 5 == 4:
+            clock.now += 0.006  # past REFRESH, now and then
+    assert b"named_metrics.rif=" in tracker.encoded("TEXT")
+    for started in held:
+        tracker.end(started)
+    assert tracker.encoded("JSON") == tracker.rendered("JSON").encode("latin-1")

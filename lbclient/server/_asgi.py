@@ -86,7 +86,12 @@ class LoadReportingASGI:
         if scope["path"] == self.probe_path:
             await self._probe(scope, send)
             return
-        asked = _asked(scope["headers"])
+        for name, value in scope["headers"]:
+            if name == _ASKING:
+                asked = _FORMS.get(value) or requested_format(value)
+                break
+        else:
+            asked = None
         status = 500  # an app that returns without a response gets a 500 from its server
 
         def reply(message: Message) -> Awaitable[None]:
@@ -100,9 +105,9 @@ class LoadReportingASGI:
                         if len(name) == _REPORT_LENGTH and name.lower() == _REPORT:
                             break  # the app reported itself
                     else:
-                        value = tracker.rendered(asked).encode("latin-1")
-                        headers.append((_REPORT, value))
-                        message = {**message, "headers": headers}
+                        headers.append((_REPORT, tracker.encoded(asked)))
+                        message = {**message}
+                        message["headers"] = headers
             return send(message)
 
         started = tracker.begin()

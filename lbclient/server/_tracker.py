@@ -55,6 +55,11 @@ _MARKS: Final = {
     "JSON": ('"rif": 0, "latency_ms": 0', '"rif": ', ', "latency_ms": '),
 }
 
+#: A form's report as rendered: when, the text before its RIF, between its RIF and latency, and
+#: after; and the header values made of it since, by the requests in flight they write (the
+#: latency estimate for that many made with the first), as text and as latin-1 bytes.
+_Line = tuple[float, str, str, str, dict[int, str], dict[int, bytes]]
+
 #: Seconds before a tracker tries again to join the processes of its server, where the shared
 #: file stayed locked, and how many tries it makes in all.
 JOIN_RETRY: Final = 5.0
@@ -254,11 +259,8 @@ class LoadTracker:
         # Latencies by the requests each arrival found in flight (up to MAX_FOUND), each a ring
         # of the window's latest (sorted only for a report).
         self._found = [_Ring(latency_window) for _ in range(MAX_FOUND + 1)]
-        #: Per form: when it was rendered, and the text before its RIF, between its RIF and
-        #: latency, and after.
-        self._rendered: dict[str, tuple[float, str, str, str]] = {}
-        #: When the latency estimates below were made, and each (written) by requests in flight.
-        self._estimates: tuple[float, dict[int, str]] = (-_INFINITY, {})
+        #: Per form: the report as rendered (see _Line), for REFRESH seconds.
+        self._lines: dict[str, _Line] = {}
         #: This process's slot among the server's processes (None: counted alone), and whether
         #: the port was told (or nothing is to be shared).
         self._shared: Shared | None = None
@@ -424,28 +426,56 @@ class LoadTracker:
         the latency estimate for that many, and the rest, as of at most :data:`REFRESH` seconds
         ago."""
         now = self._clock()
-        cached = self._rendered.get(form)
-        if cached is None or not 0.0 <= now - cached[0] < REFRESH:
-            report = self.report()._replace(rif=0, latency_ms=0.0)
-            mark, head, middle = _MARKS[form]
-            before, _, after = report.render(form).partition(mark)
-            cached = (now, before + head, middle, after)
-            self._rendered[form] = cached  # a race renders twice, harmlessly
+        line = self._lines.get(form)
+        if line is None or not 0.0 <= now - line[0] < REFRESH:
+            line = self._line(form, now)
         rif = len(self._flying) - 1  # the request answered is on its way out
         if rif < 0:
             rif = 0
         if self._shared is not None:
             rif += self._others(now)
-        made, texts = self._estimates
-        if not 0.0 <= now - made < REFRESH:
-            texts = {}
-            self._estimates = (now, texts)
-        latency = texts.get(rif)
-        if latency is None:
-            with self._lock:
-                samples = self._estimate(rif, now)
-            latency = texts[rif] = f"{_median(samples) * 1000:.6g}"
-        return f"{cached[1]}{rif}{cached[2]}{latency}{cached[3]}"
+        text = line[4].get(rif)
+        if text is None:
+            text = self._text(line, rif, now)
+        return text
+
+    def encoded(self, form: str) -> bytes:
+        """:meth:`rendered`, as the latin-1 bytes of an ASGI header value (made once a value)."""
+        now = self._clock()
+        line = self._lines.get(form)
+        if line is None or not 0.0 <= now - line[0] < REFRESH:
+            line = self._line(form, now)
+        rif = len(self._flying) - 1  # the request answered is on its way out
+        if rif < 0:
+            rif = 0
+        if self._shared is not None:
+            rif += self._others(now)
+        value = line[5].get(rif)
+        if value is None:
+            text = line[4].get(rif)
+            if text is None:
+                text = self._text(line, rif, now)
+            value = line[5][rif] = text.encode("latin-1")
+        return value
+
+    def _line(self, form: str, now: float) -> _Line:
+        """``form``'s report rendered anew as of ``now``, kept for :data:`REFRESH` seconds."""
+        with self._lock:
+            rates = self._rates(now)
+        report = self._load(0, 0.0, rates)  # RIF and latency: written as each is asked
+        mark, head, middle = _MARKS[form]
+        before, _, after = report.render(form).partition(mark)
+        line: _Line = (now, before + head, middle, after, {}, {})
+        self._lines[form] = line  # a race renders twice, harmlessly
+        return line
+
+    def _text(self, line: _Line, rif: int, now: float) -> str:
+        """The header value of ``line`` for ``rif`` in flight, with the latency estimate for
+        that many as of ``now`` (kept in the line)."""
+        with self._lock:
+            samples = self._estimate(rif, now)
+        text = line[4][rif] = f"{line[1]}{rif}{line[2]}{_median(samples) * 1000:.6g}{line[3]}"
+        return text
 
     def _estimate(self, rif: int, now: float) -> list[float]:
         """The latencies (seconds) whose median a request arriving to find ``rif`` in flight may
@@ -468,25 +498,33 @@ class LoadTracker:
     def report(self) -> ServerReport:
         """The load as it stands (see the class docstring for each field)."""
         now = self._clock()
-        elapsed = now - self._origin
-        second = int(elapsed // 1.0)
-        oldest = max(second - len(self._seconds) + 1, 0)
-        requests = errors = 0
         others = self._others(now)
         with self._lock:
             rif = len(self._flying) + others
             samples = self._estimate(rif, now)
-            if min(self._seconds) >= oldest:  # every bucket in the window: a busy server
-                requests, errors = sum(self._requests), sum(self._errors)
-            else:
-                for counted, done, failed in zip(
-                    self._seconds, self._requests, self._errors, strict=True
-                ):
-                    if counted >= oldest:  # never later than now: the clock is monotonic
-                        requests += done
-                        errors += failed
+            rates = self._rates(now)
         median = _median(samples)  # sorted here, out of the lock
+        return self._load(rif, median * 1000, rates)
+
+    def _rates(self, now: float) -> tuple[float, float]:
+        """Requests and errors per second over the rate window as of ``now`` (the lock held)."""
+        elapsed = now - self._origin
+        oldest = max(int(elapsed // 1.0) - len(self._seconds) + 1, 0)
+        requests = errors = 0
+        if min(self._seconds) >= oldest:  # every bucket in the window: a busy server
+            requests, errors = sum(self._requests), sum(self._errors)
+        else:
+            for counted, done, failed in zip(
+                self._seconds, self._requests, self._errors, strict=True
+            ):
+                if counted >= oldest:  # never later than now: the clock is monotonic
+                    requests += done
+                    errors += failed
         span = max(elapsed - oldest, 1.0)
+        return requests / span, errors / span
+
+    def _load(self, rif: int, latency_ms: float, rates: tuple[float, float]) -> ServerReport:
+        """The report of ``rif``, ``latency_ms`` and ``rates``, with the metrics read now."""
         named: dict[str, float] = {}
         for reading in self._named:
             value = reading.read()
@@ -494,9 +532,9 @@ class LoadTracker:
                 named[reading.name] = value
         return ServerReport(  # positional: the fields' order
             rif,
-            median * 1000,
-            requests / span,
-            errors / span,
+            latency_ms,
+            rates[0],
+            rates[1],
             None if self._cpu is None else self._cpu.read(),
             None if self._application is None else self._application.read(),
             named,
