@@ -7,6 +7,7 @@ import importlib.util
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cli_runs import leaves_no_process
@@ -104,7 +105,7 @@ HTTP = [
 
 
 @pytest.mark.parametrize("http", HTTP)
-@pytest.mark.parametrize("app", ["plain", "floor", "reported", "carry"])
+@pytest.mark.parametrize("app", ["plain", "floor", "reported", "alone", "carry", "short"])
 @pytest.mark.parametrize("ask", [False, True])
 def test_the_instruction_count_harness_answers_every_request(
     app: str, ask: bool, http: str
@@ -116,8 +117,27 @@ def test_the_instruction_count_harness_answers_every_request(
     head = companion_count._serve(app, 25, ask, http)
     assert head.startswith(b"HTTP/1.1 200 OK\r\n")
     # The carry app writes its header whatever the request (it is counted with the report asked).
-    reported = app == "carry" or (ask and app == "reported")
+    reported = app in ("carry", "short") or (ask and app in ("reported", "alone"))
     assert (b"\r\nendpoint-load-metrics: " in head) == reported
+
+
+@pytest.mark.parametrize("http", HTTP)
+def test_the_counted_middleware_shares_its_count_as_a_server_does(
+    http: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The middleware is counted as a server runs it: its tracker finds the harness's listening
+    # socket and shares its requests in flight (the "alone" case counts its process only).
+    from lbclient.cli.bench import companion_count
+
+    made: dict[str, Any] = {}
+    for name in ("reported", "alone"):
+        factory = companion_count._APPS[name]
+        monkeypatch.setitem(
+            companion_count._APPS, name, lambda f=factory, n=name: made.setdefault(n, f())
+        )
+        companion_count._serve(name, 3, False, http)
+    assert made["reported"].tracker.shared
+    assert not made["alone"].tracker.shared
 
 
 @pytest.mark.parametrize("http", HTTP)
@@ -159,7 +179,7 @@ def test_the_instruction_count_serves_under_the_protocol_asked() -> None:
 def _counted(app: str, requests: int, ask: bool, http: str, cwd: str) -> int:
     """Instructions as valgrind would count them: start-up, then per request (httptools' own
     share half of h11's)."""
-    made = {"plain": 500, "floor": 505, "reported": 515, "carry": 522}
+    made = {"plain": 500, "floor": 505, "reported": 515, "alone": 512, "carry": 522, "short": 518}
     own = made[app] + (20 if ask else 0)
     return 1_000_000 + requests * (own if http == "h11" else own - 250)
 

@@ -17,6 +17,8 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lbclient.server import (
     PROBE_PATH,
@@ -257,6 +259,46 @@ def test_arrivals_beyond_max_found_count_as_max_found() -> None:
     for arrival in crowd:
         tracker.end(arrival)
     assert tracker.rif == 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    steps=st.lists(
+        st.tuples(
+            st.sampled_from(["begin", "end", "error", "drop", "report", "wait"]),
+            st.integers(min_value=0, max_value=10**6),
+        ),
+        max_size=400,
+    )
+)
+def test_ends_counted_in_batches_report_as_ends_counted_one_by_one(
+    steps: list[tuple[str, int]],
+) -> None:
+    # Ends are counted in batches (every FOLD_EVERY, or when a report is made); a tracker whose
+    # every end is followed by a report counts them one by one. Both report alike throughout.
+    clock = Clock(1000.0)
+    batched, each = LoadTracker(clock=clock), LoadTracker(clock=clock)
+    flights: list[tuple[tuple[float, int], tuple[float, int]]] = []
+    for action, amount in steps:
+        if action == "begin":
+            flights.append((batched.begin(), each.begin()))
+        elif action == "wait":
+            clock.now += amount / 10**6 * (40.0 if amount % 7 == 0 else 0.05)
+        elif action == "report":
+            # The header first: made without a report, it counts what has ended by itself.
+            assert batched.rendered("TEXT") == each.rendered("TEXT")
+            assert batched.report() == each.report()
+        elif flights:
+            first, second = flights.pop(amount % len(flights))
+            if action == "drop":
+                batched.drop()
+                each.drop()
+            else:
+                batched.end(first, error=action == "error")
+                each.end(second, error=action == "error")
+                each.report()
+    assert batched.report() == each.report()
+    assert batched.rif == each.rif == len(flights)
 
 
 def test_an_end_given_a_start_time_alone_counts_what_is_in_flight_beside_it() -> None:

@@ -359,11 +359,34 @@ class Shared:
             count = len(flying)
             words[place] = count
 
+    def arrived(self, flying: Sized, now: float) -> int:
+        """:meth:`track`, then :meth:`others`: what a request's arrival does, in one call."""
+        words = self._words
+        if self._free_threaded:
+            with self._track_lock:
+                words[self._count] = len(flying)
+        else:
+            place = self._count
+            count = len(flying)
+            words[place] = count
+            while len(flying) != count:
+                count = len(flying)
+                words[place] = count
+        if words[_GENERATION] != self._generation or now >= self._next_check:
+            self._check(now)
+        if not self._counts:  # the server's only process
+            return 0
+        return self._sum(words)
+
     def others(self, now: float) -> int:
         """The requests in flight of the other live processes of this server."""
         words = self._words
         if words[_GENERATION] != self._generation or now >= self._next_check:
             self._check(now)
+        return self._sum(words) if self._counts else 0
+
+    def _sum(self, words: memoryview) -> int:
+        """The counts of the other live slots, as :meth:`others` gives them."""
         total: int = sum(map(words.__getitem__, self._counts))
         if 0 <= total <= self._most:
             return total

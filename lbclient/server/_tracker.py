@@ -14,6 +14,7 @@ import os
 import threading
 import time
 import weakref
+from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Final
 
@@ -59,6 +60,10 @@ _MARKS: Final = {
 #: after; and the header values made of it since, by the requests in flight they write (the
 #: latency estimate for that many made with the first), as text and as latin-1 bytes.
 _Line = tuple[float, str, str, str, dict[int, str], dict[int, bytes]]
+
+#: Requests ended that are counted together (sooner where a report is made): a request's end
+#: appends to a list, and every so many the list is counted, in one loop under the lock.
+FOLD_EVERY: Final = 64
 
 #: Seconds before a tracker tries again to join the processes of its server, where the shared
 #: file stayed locked, and how many tries it makes in all.
@@ -208,9 +213,11 @@ class LoadTracker:
 
     ``clock`` (seconds, monotonic) is the only clock read. Thread-safe: requests in flight are
     counted without a lock (see ``_flying``; where they are shared, each change is published
-    without one too, see ``Shared.track``), one lock guards the other counts, held for a few
-    list operations (the latency median is sorted out of it, when a report is made); the metric
-    callables run outside it.
+    without one too, see ``Shared.track``), and so is a request's end: it is appended to a list
+    of ends that are counted later, together, under one lock (every :data:`FOLD_EVERY` ends,
+    and whenever a report is made, which always counts every end before it). The lock is held
+    for list operations (the latency median is sorted out of it); the metric callables run
+    outside it.
     """
 
     def __init__(
@@ -259,6 +266,8 @@ class LoadTracker:
         # Latencies by the requests each arrival found in flight (up to MAX_FOUND), each a ring
         # of the window's latest (sorted only for a report).
         self._found = [_Ring(latency_window) for _ in range(MAX_FOUND + 1)]
+        # Requests ended and not yet counted: (arrival, end time, error), see end and _fold.
+        self._ended: deque[tuple[Arrival, float, bool]] = deque()
         #: Per form: the report as rendered (see _Line), for REFRESH seconds.
         self._lines: dict[str, _Line] = {}
         #: This process's slot among the server's processes (None: counted alone), and whether
@@ -342,12 +351,11 @@ class LoadTracker:
         flying = self._flying
         found = len(flying)
         flying.append(None)
+        now = self._clock()
         shared = self._shared
         if shared is None:
-            return (self._clock(), found)
-        now = self._clock()
-        shared.track(flying)
-        return (now, found + shared.others(now))
+            return (now, found)
+        return (now, found + shared.arrived(flying, now))
 
     def end(self, arrival: Arrival | float, *, error: bool = False) -> None:
         """The request of ``arrival`` (what :meth:`begin` returned; a start time alone is taken
@@ -355,26 +363,44 @@ class LoadTracker:
         recorded, counted (and counted as an error if ``error``)."""
         now = self._clock()
         flying = self._flying
-        if isinstance(arrival, tuple):
-            started, found = arrival
-        else:  # a start time alone: taken to have found what is in flight besides it now
-            started, found = arrival, len(flying) - 1 + self._others(now)
-        latency = now - started
-        if latency < 0.0:
-            latency = 0.0
+        if not isinstance(arrival, tuple):  # a start time alone: what is in flight besides it
+            arrival = (arrival, len(flying) - 1 + self._others(now))
         try:  # noqa: SIM105 (contextlib.suppress would cost a context manager per request)
             flying.pop()
         except IndexError:  # an end without its begin
             pass
-        if found < 0:
-            found = 0
-        elif found > MAX_FOUND:
-            found = MAX_FOUND
-        lock = self._lock
-        lock.acquire()  # not `with`: this runs per request, and acquire/release cost less
-        try:
-            ring = self._found[found]
-            samples = ring.samples  # the ring's add, inline: this runs per request
+        shared = self._shared
+        if shared is not None:
+            shared.track(flying)
+        # Counted later, in a batch (see _fold): a deque's append is one step no other thread
+        # can split, so ending a request takes no lock.
+        ended = self._ended
+        ended.append((arrival, now, error))
+        if len(ended) >= FOLD_EVERY:
+            with self._lock:
+                self._fold()
+
+    def _fold(self) -> None:
+        """Count the requests ended since the last fold, in the order they ended: each one's
+        latency in the ring of the requests it found in flight, and it (and its error) in the
+        bucket of the second it ended in. The lock is held; requests that end meanwhile are
+        folded by this fold or the next."""
+        ended = self._ended
+        rings = self._found
+        requests, errors = self._requests, self._errors
+        slot, until = self._slot, self._until
+        popleft = ended.popleft
+        while ended:
+            (started, found), now, error = popleft()  # only a fold takes: never empty here
+            latency = now - started
+            if latency < 0.0:
+                latency = 0.0
+            if found < 0:
+                found = 0
+            elif found > MAX_FOUND:
+                found = MAX_FOUND
+            ring = rings[found]
+            samples = ring.samples
             if now - ring.last > FOUND_AGE:  # what it kept is old: it starts afresh
                 samples.clear()
                 ring.next = 0
@@ -384,15 +410,12 @@ class LoadTracker:
                 samples[ring.next] = latency
                 ring.next = (ring.next + 1) % ring.size
             ring.last = now
-            if self._shared is not None:
-                self._shared.track(flying)
-            if now >= self._until:
+            if now >= until:
                 self._turn(now)
-            self._requests[self._slot] += 1
+                slot, until = self._slot, self._until
+            requests[slot] += 1
             if error:
-                self._errors[self._slot] += 1
-        finally:
-            lock.release()
+                errors[slot] += 1
 
     def _out(self) -> None:
         """One request fewer in flight (none below zero)."""
@@ -484,6 +507,7 @@ class LoadTracker:
         older than :data:`FOUND_AGE`, those of the nearest fewer, else the nearest more, with a
         newer one; else its own however old, or where it has none the nearest of any age; none
         before the first request. The lock is held."""
+        self._fold()
         found = self._found
         key = rif if rif < MAX_FOUND else MAX_FOUND
         ring = found[key]
@@ -508,6 +532,7 @@ class LoadTracker:
 
     def _rates(self, now: float) -> tuple[float, float]:
         """Requests and errors per second over the rate window as of ``now`` (the lock held)."""
+        self._fold()
         elapsed = now - self._origin
         oldest = max(int(elapsed // 1.0) - len(self._seconds) + 1, 0)
         requests = errors = 0

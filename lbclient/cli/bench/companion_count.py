@@ -24,11 +24,15 @@ it writes is as long as a busy server's (``REPORT``, what the carry case writes)
 after run.
 
 Cases: the plain app and the same behind ``LoadReportingASGI``, each with no report asked and
-with ``endpoint-load-metrics-format: TEXT`` on every request; the least an ASGI middleware that
-reads the status does (``StatusWatcher``); and the plain app writing a report header of the
-usual length itself, which is what carrying the report costs the server's HTTP library whoever
-writes it. Ratios are the plain app's instructions over the case's, under the same protocol (1 is
-free; 0.97 is the aim). A measurement, not a test.
+with ``endpoint-load-metrics-format: TEXT`` on every request, its tracker made as a server makes
+it (requests in flight shared with the other processes of its listening socket: the harness
+listens on a loopback port, as uvicorn would, and the connection says it came to that port);
+the same with ``share_in_flight=False`` (what sharing the count costs); the least an ASGI
+middleware that reads the status does (``StatusWatcher``); and the plain app writing a report
+header of the usual length itself, which is what carrying the report costs the server's HTTP library
+whoever writes it, and one of a single field, the least a report costs. Ratios are the plain app's
+instructions over the case's, under the same protocol (1 is free; 0.97 is the aim). A measurement,
+not a test.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ import importlib.util
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -71,6 +76,9 @@ REPORT = (
     b"TEXT cpu_utilization=0.412345, rps_fractional=3891.2, eps=0, named_metrics.rif=3, "
     b"named_metrics.latency_ms=0.412345"
 )
+#: The shortest report worth sending (carried in the "short" case): how much of the carry's cost
+#: is the header's being there at all, not its length.
+SHORT_REPORT = b"TEXT named_metrics.rif=3"
 
 #: uvicorn's HTTP/1.1 protocols (the name ``--http`` takes): the module and class serving a
 #: connection, and the module the protocol needs installed.
@@ -95,23 +103,29 @@ def _times() -> _Times:
     return _Times(CPU * _NOW[0], 0.0)
 
 
-async def _carry(scope: Any, receive: Any, send: Any) -> None:
-    """The plain app, writing a report header itself."""
-    headers = [(b"content-type", b"text/plain"), (b"content-length", b"2")]
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 200,
-            "headers": [*headers, (b"endpoint-load-metrics", REPORT)],
-        }
-    )
-    await send(dict(_BODY))
+def _carrying(report: bytes) -> Any:
+    """The plain app, writing the report header ``report`` itself."""
+    head = [(b"content-type", b"text/plain"), (b"content-length", b"2")]
+    headers = [*head, (b"endpoint-load-metrics", report)]
+
+    async def carry(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": list(headers)})
+        await send(dict(_BODY))
+
+    return carry
 
 
 def _reported() -> Any:
-    # Counted per process: looking for a listening socket to share the count with reads the
-    # machine's socket tables, as long as other processes make them (here there is none).
-    # The metrics read the clock above, so that the report is of the usual length (REPORT's).
+    # The tracker as a server makes it: requests in flight shared with the other processes of
+    # its listening socket (the harness's, see _serve). The metrics read the clock above, so
+    # that the report is of the usual length (REPORT's).
+    metric = cpu_utilization(cpus=1, clock=_clock, times=_times)
+    tracker = LoadTracker(clock=_clock, cpu_utilization=metric)
+    return LoadReportingASGI(asgi_plain, tracker=tracker)
+
+
+def _alone() -> Any:
+    # The same, counting its process alone (share_in_flight=False): what sharing costs.
     metric = cpu_utilization(cpus=1, clock=_clock, times=_times)
     tracker = LoadTracker(clock=_clock, cpu_utilization=metric, share_in_flight=False)
     return LoadReportingASGI(asgi_plain, tracker=tracker)
@@ -129,15 +143,19 @@ CASES: tuple[tuple[str, str, bool, str], ...] = (
     ("plain app", "plain", False, "plain"),
     ("floor: a do-nothing ASGI middleware reading the status", "floor", False, "plain"),
     ("LoadReportingASGI", "reported", False, "plain"),
+    ("LoadReportingASGI, in flight counted per process", "alone", False, "plain"),
     ("plain app, every request asks for the report", "plain", True, "plain+ask"),
     ("carry: the plain app writing a report header itself", "carry", True, "plain+ask"),
+    ("carry: the same, a report of one field (24 characters)", "short", True, "plain+ask"),
     ("LoadReportingASGI, every request asks for the report", "reported", True, "plain+ask"),
 )
 _APPS: dict[str, Callable[[], Any]] = {
     "plain": lambda: asgi_plain,
     "floor": _watched,
     "reported": _reported,
-    "carry": lambda: _carry,
+    "alone": _alone,
+    "carry": lambda: _carrying(REPORT),
+    "short": lambda: _carrying(SHORT_REPORT),
 }
 
 
@@ -155,6 +173,12 @@ def _serve(app_name: str, requests: int, ask: bool, http: str = "h11") -> bytes:
     module, name, _ = PROTOCOLS[http]
     protocol_class = getattr(importlib.import_module(module), name)
 
+    # A socket listening as the server's would: the address the connection came to, where the
+    # middleware's tracker finds the server's processes to share requests in flight with.
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    address = listener.getsockname()
     head = b"GET / HTTP/1.1\r\nhost: bench\r\n"
     request = head + (b"endpoint-load-metrics-format: TEXT\r\n" if ask else b"") + b"\r\n"
 
@@ -171,9 +195,7 @@ def _serve(app_name: str, requests: int, ask: bool, http: str = "h11") -> bytes:
                 _NOW[0] += LATENCY
 
         def get_extra_info(self, name: str, default: Any = None) -> Any:
-            return {"sockname": ("127.0.0.1", 8000), "peername": ("127.0.0.1", 50000)}.get(
-                name, default
-            )
+            return {"sockname": address, "peername": ("127.0.0.1", 50000)}.get(name, default)
 
         def is_closing(self) -> bool:
             return False
@@ -203,7 +225,10 @@ def _serve(app_name: str, requests: int, ask: bool, http: str = "h11") -> bytes:
             raise RuntimeError(f"{transport.answers} answers to {requests} requests")
         return bytes(transport.head)
 
-    return asyncio.run(drive())
+    try:
+        return asyncio.run(drive())
+    finally:
+        listener.close()
 
 
 def _instructions(app_name: str, requests: int, ask: bool, http: str, cwd: str) -> int:
