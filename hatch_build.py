@@ -1,11 +1,13 @@
-"""The wheel's build hook: compiles lbclient's optional C reader of load reports
-(``lbclient/_textreport.c``) with the C compiler Python was built with.
+"""The wheel's build hook: compiles lbclient's optional C modules with the C compiler Python
+was built with: the reader of load reports (``lbclient/_textreport.c``) and the server
+companion's per-request path (``lbclient/server/_counting.c``).
 
-Optional by design: where there is no compiler (or no Python headers, or the compile fails, or
+Optional by design: where there is no compiler (or no Python headers, or a compile fails, or
 ``LBCLIENT_PURE_PYTHON=1`` is set) the wheel is built pure Python, the build says why, and
-lbclient reads reports with its pure-Python reader, giving the same reports. A regular wheel
-carries the module and is tagged for this interpreter and platform; an editable install builds
-it beside its source (``lbclient/_textreport<suffix>``), where the package is imported from.
+lbclient does the same in Python, with the same results. A regular wheel carries the modules and
+is tagged for this interpreter and platform; an editable install builds them beside their source
+(``lbclient/_textreport<suffix>``, ``lbclient/server/_counting<suffix>``), where the package is
+imported from.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ from typing import Any
 
 from hatchling.builders.hooks.plugin.interface import BuildHookInterface
 
-SOURCE = Path("lbclient") / "_textreport.c"
-MODULE = "_textreport"
+#: The modules: each one's C source; the module is built beside it, named as it is.
+SOURCES = (Path("lbclient") / "_textreport.c", Path("lbclient") / "server" / "_counting.c")
 
 
 def _compiler() -> list[str] | None:
@@ -37,8 +39,9 @@ def _compiler() -> list[str] | None:
     return [*shlex.split(linker), *shlex.split(shared)]
 
 
-def compile_module(root: Path, target: Path) -> str | None:
-    """Compiles the reader into ``target``; None on success, else why it was not built."""
+def compile_module(root: Path, source: Path, target: Path) -> str | None:
+    """Compiles ``source`` (relative to ``root``) into ``target``; None on success, else why
+    it was not built."""
     if os.environ.get("LBCLIENT_PURE_PYTHON", "") not in ("", "0"):
         return "LBCLIENT_PURE_PYTHON is set"
     command = _compiler()
@@ -47,7 +50,7 @@ def compile_module(root: Path, target: Path) -> str | None:
     include = sysconfig.get_paths()["include"]
     if not (Path(include) / "Python.h").is_file():
         return f"no Python headers (Python.h) in {include}"
-    source = root / SOURCE
+    source = root / source
     digest = hashlib.sha256(source.read_bytes()).hexdigest()
     command += [
         "-O2",
@@ -68,26 +71,35 @@ def compile_module(root: Path, target: Path) -> str | None:
 
 
 class CustomBuildHook(BuildHookInterface):  # type: ignore[type-arg]
-    """Builds the optional C reader into the wheel (see the module's account)."""
+    """Builds the optional C modules into the wheel (see the module's account): all of them,
+    or none (one warning says why)."""
 
     def initialize(self, version: str, build_data: dict[str, Any]) -> None:
         if self.target_name != "wheel":
             return
         root = Path(self.root)
-        name = MODULE + (sysconfig.get_config_var("EXT_SUFFIX") or ".so")
-        if version == "editable":
-            target = root / "lbclient" / name
-            target.unlink(missing_ok=True)  # never an old build beside new source
-        else:
-            target = Path(tempfile.mkdtemp(prefix="lbclient-build-")) / name
-        why = compile_module(root, target)
-        if why is not None:
-            self.app.display_warning(
-                f"lbclient: the compiled report reader was not built ({why}); "
-                "the pure-Python reader is used, with the same results"
-            )
-            return
+        suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
+        built: dict[str, str] = {}  # the module built -> its place in the wheel
+        scratch = Path(tempfile.mkdtemp(prefix="lbclient-build-"))
+        for source in SOURCES:
+            place = source.with_suffix(suffix)
+            if version == "editable":
+                target = root / place
+                target.unlink(missing_ok=True)  # never an old build beside new source
+            else:
+                target = scratch / place.name
+            why = compile_module(root, source, target)
+            if why is not None:
+                for made in built:
+                    Path(made).unlink(missing_ok=True)  # all or none: one build, one story
+                self.app.display_warning(
+                    f"lbclient: the compiled report reader and server path were not built "
+                    f"({source.name}: {why}); the pure-Python ones are used, with the same "
+                    "results"
+                )
+                return
+            built[str(target)] = place.as_posix()
         if version != "editable":
-            build_data["force_include"][str(target)] = f"lbclient/{name}"
+            build_data["force_include"].update(built)
         build_data["pure_python"] = False
         build_data["infer_tag"] = True

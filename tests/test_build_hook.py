@@ -42,12 +42,13 @@ def build(out: Path) -> tuple[Path, list[str]]:
 
 
 def installed(wheel: Path, into: Path) -> str:
-    """What lbclient, unpacked from ``wheel`` alone, says of its reader."""
+    """What lbclient, unpacked from ``wheel`` alone, says of its compiled parts (the report
+    reader's, the server companion's) and a report read."""
     with zipfile.ZipFile(wheel) as archive:
         archive.extractall(into)
     code = (
-        "import lbclient.reports as r; "
-        f"print(r.__file__.startswith({str(into)!r}), r.COMPILED, "
+        "import lbclient.reports as r; import lbclient.server as s; "
+        f"print(r.__file__.startswith({str(into)!r}), r.COMPILED, s.COMPILED, "
         "r.parse('TEXT eps=0.5, named_metrics.rif=2', 1.0).rif)"
     )
     done = subprocess.run(
@@ -87,6 +88,7 @@ def test_a_wheel_built_with_a_compiler_carries_the_compiled_reader(
     assert warnings == []
     inside = names(wheel)
     assert f"lbclient/_textreport{SUFFIX}" in inside
+    assert f"lbclient/server/_counting{SUFFIX}" in inside
     assert not [name for name in inside if name.endswith(".c")]
     assert not wheel.name.endswith("-py3-none-any.whl"), wheel.name
     assert (
@@ -95,7 +97,7 @@ def test_a_wheel_built_with_a_compiler_carries_the_compiled_reader(
         .read(next(name for name in inside if name.endswith(".dist-info/WHEEL")))
         .decode()
     )
-    assert installed(wheel, tmp_path / "site") == "True True 2.0"
+    assert installed(wheel, tmp_path / "site") == "True True True 2.0"
 
 
 @pytest.mark.parametrize(
@@ -114,9 +116,9 @@ def test_without_a_working_compiler_the_wheel_is_pure_python_and_says_why(
     assert wheel.name.endswith("-py3-none-any.whl"), wheel.name
     assert not [name for name in names(wheel) if name.endswith((".so", ".pyd", ".c"))]
     assert len(warnings) == 1
-    assert "compiled report reader was not built" in warnings[0]
+    assert "compiled report reader and server path were not built" in warnings[0]
     assert why in warnings[0]
-    assert installed(wheel, tmp_path / "site") == "True False 2.0"
+    assert installed(wheel, tmp_path / "site") == "True False False 2.0"
 
 
 def test_the_sdist_builds_the_same_wheel(hook_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -141,6 +143,7 @@ def test_the_sdist_builds_the_same_wheel(hook_env: pytest.MonkeyPatch, tmp_path:
         directory=str(tmp_path / "dist"), versions=["standard"]
     )
     compiled = f"lbclient/_textreport{SUFFIX}" in names(Path(wheel))
+    assert compiled == (f"lbclient/server/_counting{SUFFIX}" in names(Path(wheel)))
     assert compiled == (not shown.warnings), shown.warnings
     assert compiled or os.environ.get("LBCLIENT_REQUIRE_COMPILED") != "1"
-    assert installed(Path(wheel), tmp_path / "site") == f"True {compiled} 2.0"
+    assert installed(Path(wheel), tmp_path / "site") == f"True {compiled} {compiled} 2.0"

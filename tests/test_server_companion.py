@@ -9,6 +9,7 @@ import asyncio
 import json
 import logging
 import math
+import os
 import subprocess
 import sys
 import threading
@@ -27,10 +28,22 @@ from lbclient.server import (
     LoadReportingWSGI,
     LoadTracker,
     ServerReport,
+    _tracker,
     cpu_utilization,
 )
 from lbclient.server._report import number, requested_format
 from lbclient.server._tracker import FOUND_AGE, MAX_FOUND
+
+
+@pytest.fixture(autouse=True, params=["compiled", "python"])
+def counted_in(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test here runs with trackers counting in the compiled counter, and in Python."""
+    if request.param == "compiled" and not _tracker.COMPILED:
+        assert os.environ.get("LBCLIENT_REQUIRE_COMPILED") != "1", "the compiled path is missing"
+        pytest.skip("lbclient was installed without a C compiler: no compiled counter to test")
+    if request.param == "python":
+        monkeypatch.setattr(_tracker, "COMPILED", False)
+    return str(request.param)
 
 
 class Clock:

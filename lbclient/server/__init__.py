@@ -18,6 +18,9 @@ Under a server of several worker processes (``gunicorn -w N``, ``uvicorn --worke
 requests in flight are the server's, summed over its workers through a small shared file (on
 Linux; see :class:`LoadTracker`); the rest of a report is the answering worker's.
 
+Where lbclient was built with a C compiler (:data:`COMPILED`), the ASGI middleware's usual
+request is counted in C, with the same results.
+
 This package imports no HTTP client and no framework, and ``import lbclient`` does not load it.
 """
 
@@ -33,7 +36,14 @@ from lbclient.server._report import (
     REPORT_HEADER,
     ServerReport,
 )
-from lbclient.server._tracker import LATENCY_WINDOW, RATE_WINDOW, Arrival, LoadTracker, Metric
+from lbclient.server._tracker import (
+    COMPILED,
+    LATENCY_WINDOW,
+    RATE_WINDOW,
+    Arrival,
+    LoadTracker,
+    Metric,
+)
 from lbclient.server._wsgi import LoadReportingWSGI
 
 __all__ = [  # noqa: RUF022 (grouped by topic, not sorted)
@@ -56,4 +66,6 @@ __all__ = [  # noqa: RUF022 (grouped by topic, not sorted)
     "REPORT_HEADER",
     "PREQUAL_RIF_HEADER",
     "PREQUAL_LATENCY_HEADER",
+    # whether the per-request path is compiled
+    "COMPILED",
 ]

@@ -56,6 +56,10 @@ class LoadReportingASGI:
 
     The metrics are those of ``tracker``, or of a new tracker with ``cpu_utilization``,
     ``application_utilization`` and ``named_metrics`` (name -> callable).
+
+    Where the tracker counts in the compiled counter (:data:`~lbclient.server.COMPILED`), a
+    request of the usual path (an HTTP request, not the probe path, after the first) is counted
+    and its response watched in C (``lbclient/server/_counting.c``), with the same results.
     """
 
     def __init__(
@@ -71,8 +75,24 @@ class LoadReportingASGI:
         self.app = app
         self.probe_path = probe_path
         self.tracker = tracker_of(tracker, cpu_utilization, application_utilization, named_metrics)
+        self._gate = self.tracker.compiled_gate(probe_path)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        gate = self._gate
+        if gate is not None:
+            answer = gate.enter(scope, send)
+            if answer is not None:  # counted as arrived: see Gate in _counting.c
+                try:
+                    await self.app(scope, receive, answer)
+                except Exception:
+                    answer.end(True)
+                    raise
+                except BaseException:
+                    answer.drop()
+                    raise
+                answer.end(False)
+                return
+        # The Python path: any request where the compiled path is not built, and the rest.
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return

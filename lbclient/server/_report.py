@@ -2,15 +2,17 @@
 header in TEXT and JSON (as vLLM and Triton write it) and Prequal's probe headers.
 
 What lives here: :class:`ServerReport` (a plain value), the header names, which format a request
-asks for, how a number is written. What may not: counting, clocks, I/O, any HTTP client or
+asks for, how a number is written, a service's metric read so that it never breaks a report
+(:class:`Reading`). What may not: counting, clocks, I/O, any HTTP client or
 framework.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Final, NamedTuple
 
@@ -30,13 +32,21 @@ __all__ = [
     "PREQUAL_LATENCY_HEADER",
     "PREQUAL_RIF_HEADER",
     "REPORT_HEADER",
+    "Metric",
+    "Reading",
     "ServerReport",
     "check_metric_name",
     "check_named",
     "number",
+    "reading",
     "requested_format",
     "usable",
 ]
+
+logger = logging.getLogger("lbclient.server")
+
+#: A metric the service reports: called when a report is made, returns a number >= 0.
+Metric = Callable[[], float]
 
 #: The formats this package writes (the binary form is not offered).
 FORMATS: Final = ("TEXT", "JSON")
@@ -148,6 +158,46 @@ def usable(value: object) -> bool:
         and math.isfinite(value)
         and 0 <= value <= MAX_VALUE
     )
+
+
+class Reading:
+    """A metric callable that never breaks a report: a value that raises, is not a finite
+    number, or is negative reads as None, and is logged once per metric."""
+
+    __slots__ = ("_function", "_logged", "name")
+
+    def __init__(self, name: str, function: Metric) -> None:
+        if not callable(function):
+            raise TypeError(f"metric {name!r} must be a callable returning a float")
+        self.name = name
+        self._function = function
+        self._logged = False
+
+    def read(self) -> float | None:
+        try:
+            value = self._function()
+        except Exception as error:
+            self._complain("raised %r", error)
+            return None
+        if value.__class__ is float and 0.0 <= value <= MAX_VALUE:  # the usual case, quickly
+            return value
+        if not usable(value):
+            self._complain(f"returned %r (not a number from 0 to {MAX_VALUE:g})", value)
+            return None
+        return float(value)
+
+    def _complain(self, what: str, detail: object) -> None:
+        if not self._logged:
+            self._logged = True
+            logger.warning(
+                "load metric %s " + what + "; left out of the report (logged once)",
+                self.name,
+                detail,
+            )
+
+
+def reading(name: str, function: Metric | None) -> Reading | None:
+    return None if function is None else Reading(name, function)
 
 
 #: The longest a metric's value is written (``%.6g`` of a number from 0 to MAX_VALUE: down to

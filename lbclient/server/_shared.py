@@ -36,7 +36,10 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sized
-from typing import Final, Literal
+from typing import TYPE_CHECKING, Final, Literal
+
+if TYPE_CHECKING:
+    from lbclient.server._counting import Counter
 
 __all__ = [
     "SLOTS",
@@ -274,6 +277,7 @@ class Shared:
         is_gil_enabled = getattr(sys, "_is_gil_enabled", None)
         self._free_threaded = is_gil_enabled is not None and not is_gil_enabled()
         self._track_lock = threading.Lock()
+        self._counters: list[Counter] = []
 
     @classmethod
     def join(
@@ -339,6 +343,20 @@ class Shared:
                     return shared
             logger.warning("every slot of %s is taken: in flight counted per process", path)
             return None
+
+    def attach(self, counter: Counter) -> None:
+        """Let a compiled counter publish its count in this slot and read the others' (as
+        :meth:`track` and :meth:`others` do) until :meth:`leave`."""
+        if self._left:
+            return
+        self._counters.append(counter)
+        counter.share(self._words, self._count, self._checked)
+
+    def _checked(self, now: float) -> tuple[int, float, tuple[int, ...], int]:
+        """What a compiled counter keeps of a check as of ``now``: the generation, the next
+        check's time, the other live slots' count words, and the most they may add up to."""
+        self._check(now)
+        return self._generation, self._next_check, self._counts, self._most
 
     def publish(self, count: int) -> None:
         """This process's requests in flight, as the others read them."""
@@ -419,6 +437,9 @@ class Shared:
         if self._left:
             return
         self._left = True
+        for counter in self._counters:  # they write nowhere from now on, as track does
+            counter.share(None)
+        self._counters.clear()
         words = self._words
         # A request still ending (at exit, in another thread) writes where no one reads: the
         # slot may be another process's by then.

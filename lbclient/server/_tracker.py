@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 import time
 import weakref
@@ -18,16 +19,26 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Final
 
-from lbclient.reports import MAX_VALUE
-from lbclient.server._report import ServerReport, check_metric_name, check_named, usable
+from lbclient.server._report import (
+    Metric,
+    Reading,
+    ServerReport,
+    check_metric_name,
+    check_named,
+    reading,
+    requested_format,
+)
 from lbclient.server._shared import Shared
 
-__all__ = ["LATENCY_WINDOW", "RATE_WINDOW", "Arrival", "LoadTracker", "Metric"]
+try:  # the optional compiled per-request path (hatch_build.py builds it where a C compiler is)
+    from lbclient.server import _counting
+except ImportError:  # pragma: no cover - a build without a compiler
+    _counting = None  # type: ignore[assignment]
+
+__all__ = ["COMPILED", "LATENCY_WINDOW", "RATE_WINDOW", "Arrival", "LoadTracker", "Metric"]
 
 logger = logging.getLogger("lbclient.server")
 
-#: A metric the service reports: called when a report is made, returns a number >= 0.
-Metric = Callable[[], float]
 
 #: How many of the latest latencies the median is taken over, for each number of requests found
 #: in flight at arrival.
@@ -64,6 +75,13 @@ _Line = tuple[float, str, str, str, dict[int, str], dict[int, bytes]]
 #: Requests ended that are counted together (sooner where a report is made): a request's end
 #: appends to a list, and every so many the list is counted, in one loop under the lock.
 FOLD_EVERY: Final = 64
+
+_is_gil_enabled = getattr(sys, "_is_gil_enabled", None)
+#: Whether new trackers count requests in flight in the compiled counter, which lets
+#: :class:`~lbclient.server.LoadReportingASGI` take each usual request's path in C (the counts
+#: and reports are the same either way). It relies on the interpreter lock: False on a
+#: free-threaded build, and where the module was not built.
+COMPILED: bool = _counting is not None and (_is_gil_enabled is None or _is_gil_enabled())
 
 #: Seconds before a tracker tries again to join the processes of its server, where the shared
 #: file stayed locked, and how many tries it makes in all.
@@ -128,46 +146,6 @@ def _median(samples: list[float]) -> float:
     return (samples[count // 2 - 1] + samples[count // 2]) / 2
 
 
-class _Reading:
-    """A metric callable that never breaks a report: a value that raises, is not a finite
-    number, or is negative reads as None, and is logged once per metric."""
-
-    __slots__ = ("_function", "_logged", "name")
-
-    def __init__(self, name: str, function: Metric) -> None:
-        if not callable(function):
-            raise TypeError(f"metric {name!r} must be a callable returning a float")
-        self.name = name
-        self._function = function
-        self._logged = False
-
-    def read(self) -> float | None:
-        try:
-            value = self._function()
-        except Exception as error:
-            self._complain("raised %r", error)
-            return None
-        if value.__class__ is float and 0.0 <= value <= MAX_VALUE:  # the usual case, quickly
-            return value
-        if not usable(value):
-            self._complain(f"returned %r (not a number from 0 to {MAX_VALUE:g})", value)
-            return None
-        return float(value)
-
-    def _complain(self, what: str, detail: object) -> None:
-        if not self._logged:
-            self._logged = True
-            logger.warning(
-                "load metric %s " + what + "; left out of the report (logged once)",
-                self.name,
-                detail,
-            )
-
-
-def _reading(name: str, function: Metric | None) -> _Reading | None:
-    return None if function is None else _Reading(name, function)
-
-
 class LoadTracker:
     """Counts one process's requests and makes its load report.
 
@@ -218,6 +196,10 @@ class LoadTracker:
     and whenever a report is made, which always counts every end before it). The lock is held
     for list operations (the latency median is sorted out of it); the metric callables run
     outside it.
+
+    Where :data:`COMPILED`, the tracker counts in C instead (``lbclient/server/_counting.c``,
+    each step under the interpreter lock): requests in flight, published as they change, and
+    each end counted as it comes, by the same rules, with the same reports.
     """
 
     def __init__(
@@ -247,17 +229,32 @@ class LoadTracker:
             if name in RESERVED:
                 raise ValueError(f"named metric {name!r} is the tracker's own")
         check_named(list(named))
-        self._cpu = _reading("cpu_utilization", cpu_utilization)
-        self._application = _reading("application_utilization", application_utilization)
-        self._named = tuple(_Reading(name, function) for name, function in named.items())
+        self._cpu = reading("cpu_utilization", cpu_utilization)
+        self._application = reading("application_utilization", application_utilization)
+        self._named = tuple(Reading(name, function) for name, function in named.items())
         self._clock = clock
         self._lock = threading.Lock()
-        # One entry per request in flight: a list's append and pop are each one step no other
-        # thread can split, so counting in flight takes no lock.
-        self._flying: list[None] = []
+        # Requests ended and not yet counted: (arrival, end time, error), see end and _fold.
+        self._ended: deque[tuple[Arrival, float, bool]] = deque()
         # Rates: one bucket per second since the tracker was made, in a ring of rate_window;
         # requests count in the current second's bucket until the clock reaches ``_until``.
         self._origin = clock()
+        # One entry per request in flight: a list's append and pop are each one step no other
+        # thread can split, so counting in flight takes no lock. The compiled counter is the
+        # same (its len, append and pop), and counts each end as it comes, with the rates and
+        # latencies below kept in it instead (see lbclient/server/_counting.c).
+        self._flying: list[None] | _counting.Counter
+        if COMPILED:
+            self._flying = _counting.Counter(
+                None if clock is time.monotonic else clock,
+                self._origin,
+                latency_window,
+                rate_window,
+                MAX_FOUND,
+                FOUND_AGE,
+            )
+        else:
+            self._flying = []
         self._seconds = [-1] * rate_window  # which second each bucket counts
         self._requests = [0] * rate_window
         self._errors = [0] * rate_window
@@ -266,8 +263,6 @@ class LoadTracker:
         # Latencies by the requests each arrival found in flight (up to MAX_FOUND), each a ring
         # of the window's latest (sorted only for a report).
         self._found = [_Ring(latency_window) for _ in range(MAX_FOUND + 1)]
-        # Requests ended and not yet counted: (arrival, end time, error), see end and _fold.
-        self._ended: deque[tuple[Arrival, float, bool]] = deque()
         #: Per form: the report as rendered (see _Line), for REFRESH seconds.
         self._lines: dict[str, _Line] = {}
         #: This process's slot among the server's processes (None: counted alone), and whether
@@ -312,6 +307,8 @@ class LoadTracker:
                 return
             self._shared = shared  # set, then published: a begin after this publishes too
             shared.track(self._flying)
+            if not isinstance(self._flying, list):
+                shared.attach(self._flying)
         finally:
             self._joining.release()
         reference = weakref.ref(self)
@@ -319,12 +316,23 @@ class LoadTracker:
         def forked() -> None:  # a child of a fork is not the slot's owner: it may join anew
             tracker = reference()
             if tracker is not None and tracker._shared is shared:
+                if not isinstance(tracker._flying, list):
+                    tracker._flying.share(None)
                 tracker._shared = None
                 tracker.joined = False
                 tracker._joining = threading.Lock()  # a thread of the parent may have held it
 
         os.register_at_fork(after_in_child=forked)
         weakref.finalize(self, shared.leave)  # a tracker dropped gives its slot back
+
+    def compiled_gate(self, probe_path: str | None) -> _counting.Gate | None:
+        """The compiled path of an ASGI middleware's usual request, counting here and
+        answering the probe at ``probe_path`` by the middleware's own (None: the tracker counts
+        in Python, and so does the middleware)."""
+        flying = self._flying
+        if isinstance(flying, list):
+            return None
+        return _counting.Gate(flying, self, probe_path, requested_format)
 
     @property
     def shared(self) -> bool:
@@ -361,8 +369,11 @@ class LoadTracker:
         """The request of ``arrival`` (what :meth:`begin` returned; a start time alone is taken
         to have found in flight what is besides it now) is over: out of flight, its latency
         recorded, counted (and counted as an error if ``error``)."""
-        now = self._clock()
         flying = self._flying
+        if not isinstance(flying, list):
+            flying.end(arrival, error)
+            return
+        now = self._clock()
         if not isinstance(arrival, tuple):  # a start time alone: what is in flight besides it
             arrival = (arrival, len(flying) - 1 + self._others(now))
         try:  # noqa: SIM105 (contextlib.suppress would cost a context manager per request)
@@ -384,7 +395,7 @@ class LoadTracker:
         """Count the requests ended since the last fold, in the order they ended: each one's
         latency in the ring of the requests it found in flight, and it (and its error) in the
         bucket of the second it ended in. The lock is held; requests that end meanwhile are
-        folded by this fold or the next."""
+        folded by this fold or the next. (The compiled counter counts each end as it comes.)"""
         ended = self._ended
         rings = self._found
         requests, errors = self._requests, self._errors
@@ -507,6 +518,8 @@ class LoadTracker:
         older than :data:`FOUND_AGE`, those of the nearest fewer, else the nearest more, with a
         newer one; else its own however old, or where it has none the nearest of any age; none
         before the first request. The lock is held."""
+        if not isinstance(self._flying, list):
+            return self._flying.samples(rif, now)
         self._fold()
         found = self._found
         key = rif if rif < MAX_FOUND else MAX_FOUND
@@ -532,6 +545,8 @@ class LoadTracker:
 
     def _rates(self, now: float) -> tuple[float, float]:
         """Requests and errors per second over the rate window as of ``now`` (the lock held)."""
+        if not isinstance(self._flying, list):
+            return self._flying.rates(now)
         self._fold()
         elapsed = now - self._origin
         oldest = max(int(elapsed // 1.0) - len(self._seconds) + 1, 0)
@@ -551,10 +566,10 @@ class LoadTracker:
     def _load(self, rif: int, latency_ms: float, rates: tuple[float, float]) -> ServerReport:
         """The report of ``rif``, ``latency_ms`` and ``rates``, with the metrics read now."""
         named: dict[str, float] = {}
-        for reading in self._named:
-            value = reading.read()
+        for metric in self._named:
+            value = metric.read()
             if value is not None:
-                named[reading.name] = value
+                named[metric.name] = value
         return ServerReport(  # positional: the fields' order
             rif,
             latency_ms,

@@ -1,0 +1,1295 @@
+/* The compiled per-request path of the server companion (optional; see lbclient/server/_asgi.py).
+
+   Counter: what a LoadTracker counts per request. Its requests in flight (what the pure-Python
+   tracker keeps as a list of one entry per request: len, append and pop are the same here),
+   and, once the tracker shares its count with the server's other processes, this process's
+   word of the shared file, written as the count changes, and the other live processes' words,
+   added up as the Python Shared does (its list of them taken from Shared each time the file's
+   generation moves or its check falls due). And each request's end, counted as it comes: its
+   latency in the ring of the requests its arrival found in flight, it and its error in the
+   bucket of the second it ended in; the tracker asks for the latencies and rates it reports
+   (samples, rates). The rules are the pure-Python tracker's (_fold, _turn, _estimate, _rates),
+   each written here again, and tested against it.
+
+   Gate: what LoadReportingASGI does per HTTP request, up to calling the app: tells the requests
+   that take the usual path (an "http" scope of a joined tracker, not the probe path, headers a
+   list of pairs) from the rest (None: the caller takes its pure-Python path), reads the format
+   a request asks its report in, and counts the arrival. It returns the Reply, the `send` the app
+   gets: it keeps the response's status and adds the report to the start of a response that
+   asked; its end() and drop() count how the request ended.
+
+   Every rule here is the pure-Python path's, which stays the reference (tests run both on the
+   same requests). It relies on the interpreter lock: a free-threaded build keeps the Python path.
+   What may not: I/O, the report's text (the tracker renders it), a rule of its own. */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <math.h>
+#include <string.h>
+#include <time.h>
+
+#ifndef LBCLIENT_SOURCE_SHA256
+#define LBCLIENT_SOURCE_SHA256 ""
+#endif
+
+/* The largest count one slot may add (as lbclient.server._shared.MOST_PER_SLOT). */
+#define MOST_PER_SLOT (1 << 20)
+/* Where the file's generation is (as _shared._GENERATION). */
+#define GENERATION_WORD 1
+/* The header a request asks for its report with, and the one the report goes in. */
+static const char ASKING[] = "endpoint-load-metrics-format";
+#define ASKING_LENGTH ((Py_ssize_t)(sizeof(ASKING) - 1))
+static const char REPORT[] = "endpoint-load-metrics";
+#define REPORT_LENGTH ((Py_ssize_t)(sizeof(REPORT) - 1))
+
+static const char START_TEXT[] = "http.response.start";
+#define START_LENGTH ((Py_ssize_t)(sizeof(START_TEXT) - 1))
+
+static PyObject *KEY_TYPE, *KEY_STATUS, *KEY_HEADERS, *KEY_PATH, *HTTP, *START, *TEXT, *JSON,
+    *JOINED, *ENCODED, *REPORT_NAME;
+
+/* ---- Counter ---------------------------------------------------------------------------- */
+
+/* The latest `window` latencies of the requests that found one number in flight, and when the
+   newest came (never: minus infinity). */
+typedef struct {
+    double *samples;
+    Py_ssize_t count; /* kept, up to the window */
+    Py_ssize_t next;  /* where the next goes once the ring is full */
+    double last;
+} Ring;
+
+typedef struct {
+    PyObject_HEAD
+    Py_ssize_t flying;
+    PyObject *clock; /* NULL: CLOCK_MONOTONIC, as time.monotonic reads it */
+    /* Latencies, by the requests each arrival found in flight (0..max_found). */
+    Py_ssize_t window;
+    Py_ssize_t max_found;
+    double found_age;
+    Ring *rings;
+    double *store;
+    /* Requests and errors per whole second since origin, in a ring of rate_window buckets;
+       ends count in bucket `slot` until the clock reaches `until`. */
+    Py_ssize_t rate_window;
+    long long *seconds, *requests, *errors;
+    Py_ssize_t slot;
+    double origin, until;
+    /* Shared: the file's words while this process holds its slot. */
+    int shared;
+    Py_buffer words;
+    Py_ssize_t own;   /* the word of this process's count */
+    PyObject *check;  /* check(now) -> (generation, next check, the others' words, most) */
+    long long generation;
+    double next_check;
+    Py_ssize_t *others;
+    Py_ssize_t other_count;
+    long long most;
+} Counter;
+
+static double
+monotonic_now(void)
+{
+    /* time.monotonic's value: the nanoseconds of CLOCK_MONOTONIC as seconds, rounded alike. */
+    struct timespec now;
+    int64_t ns;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    ns = (int64_t)now.tv_sec * 1000000000 + now.tv_nsec;
+    if (ns % 1000000000 == 0) {
+        return (double)(ns / 1000000000);
+    }
+    return (double)ns / 1e9;
+}
+
+/* The clock's value into *now; -1 with an exception set where the clock failed. */
+static int
+read_clock(Counter *self, double *now)
+{
+    PyObject *value;
+    if (self->clock == NULL) {
+        *now = monotonic_now();
+        return 0;
+    }
+    value = PyObject_CallNoArgs(self->clock);
+    if (value == NULL) {
+        return -1;
+    }
+    *now = PyFloat_AsDouble(value);
+    Py_DECREF(value);
+    if (*now == -1.0 && PyErr_Occurred()) {
+        return -1;
+    }
+    return 0;
+}
+
+static void
+stop_sharing(Counter *self)
+{
+    if (self->shared) {
+        self->shared = 0;
+        PyBuffer_Release(&self->words);
+    }
+    PyMem_Free(self->others);
+    self->others = NULL;
+    self->other_count = 0;
+    Py_CLEAR(self->check);
+}
+
+static int64_t *
+words_of(Counter *self)
+{
+    return (int64_t *)self->words.buf;
+}
+
+static void
+publish(Counter *self)
+{
+    if (self->shared) {
+        words_of(self)[self->own] = (int64_t)self->flying;
+    }
+}
+
+/* Takes the others' words from Shared's check; -1 with an exception set where it failed. */
+static int
+recheck(Counter *self, double now)
+{
+    PyObject *checked, *places;
+    Py_ssize_t count, index, *others, length;
+    long long generation, most;
+    double next_check;
+    checked = PyObject_CallFunction(self->check, "d", now);
+    if (checked == NULL) {
+        return -1;
+    }
+    if (!PyArg_ParseTuple(checked, "LdO!L", &generation, &next_check, &PyTuple_Type, &places,
+                          &most)) {
+        Py_DECREF(checked);
+        return -1;
+    }
+    if (!self->shared) { /* the check gave the slot back meanwhile */
+        Py_DECREF(checked);
+        return 0;
+    }
+    length = self->words.len / 8;
+    count = PyTuple_GET_SIZE(places);
+    others = PyMem_New(Py_ssize_t, count > 0 ? count : 1);
+    if (others == NULL) {
+        Py_DECREF(checked);
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (index = 0; index < count; index++) {
+        Py_ssize_t place = PyLong_AsSsize_t(PyTuple_GET_ITEM(places, index));
+        if (place == -1 && PyErr_Occurred()) {
+            PyMem_Free(others);
+            Py_DECREF(checked);
+            return -1;
+        }
+        if (place < 0 || place >= length) {
+            PyMem_Free(others);
+            Py_DECREF(checked);
+            PyErr_Format(PyExc_ValueError, "word %zd is not in the shared file", place);
+            return -1;
+        }
+        others[index] = place;
+    }
+    Py_DECREF(checked);
+    PyMem_Free(self->others);
+    self->others = others;
+    self->other_count = count;
+    self->generation = generation;
+    self->next_check = next_check;
+    self->most = most;
+    return 0;
+}
+
+/* The other live processes' requests in flight, as Shared.others counts them (0 where the
+   count is not shared, or the check failed: that is reported as unraisable, not to the app). */
+static Py_ssize_t
+others_in_flight(Counter *self, double now)
+{
+    int64_t *words, total = 0;
+    Py_ssize_t index;
+    if (!self->shared) {
+        return 0;
+    }
+    words = words_of(self);
+    if (words[GENERATION_WORD] != self->generation || now >= self->next_check) {
+        if (recheck(self, now) < 0) {
+            PyErr_WriteUnraisable((PyObject *)self);
+            return 0;
+        }
+        if (!self->shared) {
+            return 0;
+        }
+        words = words_of(self);
+    }
+    if (self->other_count == 0) {
+        return 0;
+    }
+    for (index = 0; index < self->other_count; index++) {
+        total += words[self->others[index]];
+    }
+    if (0 <= total && total <= self->most) {
+        return (Py_ssize_t)total;
+    }
+    total = 0; /* a slot not believed: the others, each checked */
+    for (index = 0; index < self->other_count; index++) {
+        int64_t count = words[self->others[index]];
+        if (0 < count && count <= MOST_PER_SLOT) {
+            total += count;
+        }
+    }
+    return (Py_ssize_t)total;
+}
+
+/* A request arrived: counted in flight; its time and the requests it found (-1: the clock
+   failed, nothing counted, an exception set). */
+static int
+arrive(Counter *self, double *now, Py_ssize_t *found)
+{
+    if (read_clock(self, now) < 0) {
+        return -1;
+    }
+    *found = self->flying;
+    self->flying++;
+    publish(self);
+    *found += others_in_flight(self, *now);
+    return 0;
+}
+
+static void
+leave_flight(Counter *self)
+{
+    if (self->flying > 0) {
+        self->flying--;
+    }
+    publish(self);
+}
+
+/* Counting in the bucket of the second `now` is in (a bucket last used for an older second
+   starts from 0): _turn. */
+static void
+turn(Counter *self, double now)
+{
+    long long second = (long long)floor(now - self->origin);
+    Py_ssize_t slot = (Py_ssize_t)(((second % self->rate_window) + self->rate_window)
+                                   % self->rate_window);
+    if (self->seconds[slot] != second) {
+        self->seconds[slot] = second;
+        self->requests[slot] = 0;
+        self->errors[slot] = 0;
+    }
+    self->slot = slot;
+    self->until = self->origin + (double)second + 1.0;
+}
+
+/* One request ended at `now`: _fold's count of one entry. */
+static void
+count_end(Counter *self, double started, Py_ssize_t found, double now, int error)
+{
+    double latency = now - started;
+    Ring *ring;
+    if (latency < 0.0) {
+        latency = 0.0;
+    }
+    if (found < 0) {
+        found = 0;
+    }
+    else if (found > self->max_found) {
+        found = self->max_found;
+    }
+    ring = &self->rings[found];
+    if (now - ring->last > self->found_age) { /* what it kept is old: it starts afresh */
+        ring->count = 0;
+        ring->next = 0;
+    }
+    if (ring->count < self->window) {
+        ring->samples[ring->count++] = latency;
+    }
+    else {
+        ring->samples[ring->next] = latency;
+        ring->next = (ring->next + 1) % self->window;
+    }
+    ring->last = now;
+    if (now >= self->until) {
+        turn(self, now);
+    }
+    self->requests[self->slot]++;
+    if (error) {
+        self->errors[self->slot]++;
+    }
+}
+
+/* A request ended: out of flight, and counted (-1: the clock failed, out of flight only). */
+static int
+finish(Counter *self, double started, Py_ssize_t found, int error)
+{
+    double now;
+    if (read_clock(self, &now) < 0) {
+        leave_flight(self);
+        return -1;
+    }
+    leave_flight(self);
+    count_end(self, started, found, now, error);
+    return 0;
+}
+
+/* The ring of the nearest number found below `key` with latencies whose newest came at
+   `oldest` or later, else the nearest above; NULL for none: _nearest. */
+static Ring *
+nearest(Counter *self, Py_ssize_t key, double oldest)
+{
+    Py_ssize_t number, size = self->max_found + 1;
+    for (number = (key < size ? key : size) - 1; number >= 0; number--) {
+        Ring *ring = &self->rings[number];
+        if (ring->last >= oldest && ring->count > 0) {
+            return ring;
+        }
+    }
+    for (number = key + 1; number < size; number++) {
+        Ring *ring = &self->rings[number];
+        if (ring->last >= oldest && ring->count > 0) {
+            return ring;
+        }
+    }
+    return NULL;
+}
+
+static int
+Counter_init(Counter *self, PyObject *args, PyObject *kwargs)
+{
+    static char *keywords[] = {"clock",     "origin",    "latency_window", "rate_window",
+                               "max_found", "found_age", NULL};
+    PyObject *clock;
+    double origin, found_age;
+    Py_ssize_t window, rate_window, max_found, index;
+    if (self->rings != NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "a Counter is made once");
+        return -1;
+    }
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "Odnnnd", keywords, &clock, &origin, &window,
+                                     &rate_window, &max_found, &found_age)) {
+        return -1;
+    }
+    if (window < 1 || rate_window < 1 || max_found < 0 || window > (1 << 20)
+        || rate_window > (1 << 20) || max_found > (1 << 16)) {
+        PyErr_Format(PyExc_ValueError,
+                     "latency_window and rate_window must be 1 to 2**20 and max_found 0 to "
+                     "2**16, got %zd, %zd, %zd",
+                     window, rate_window, max_found);
+        return -1;
+    }
+    if (clock != Py_None && !PyCallable_Check(clock)) {
+        PyErr_Format(PyExc_TypeError, "clock must be a callable or None, got %R", clock);
+        return -1;
+    }
+    self->rings = PyMem_New(Ring, max_found + 1);
+    self->store = PyMem_New(double, (max_found + 1) * window);
+    self->seconds = PyMem_New(long long, rate_window);
+    self->requests = PyMem_New(long long, rate_window);
+    self->errors = PyMem_New(long long, rate_window);
+    if (self->rings == NULL || self->store == NULL || self->seconds == NULL
+        || self->requests == NULL || self->errors == NULL) {
+        PyErr_NoMemory();
+        return -1; /* freed by dealloc */
+    }
+    for (index = 0; index <= max_found; index++) {
+        self->rings[index].samples = self->store + index * window;
+        self->rings[index].count = 0;
+        self->rings[index].next = 0;
+        self->rings[index].last = -Py_HUGE_VAL;
+    }
+    for (index = 0; index < rate_window; index++) {
+        self->seconds[index] = -1;
+        self->requests[index] = 0;
+        self->errors[index] = 0;
+    }
+    Py_XSETREF(self->clock, clock == Py_None ? NULL : Py_NewRef(clock));
+    self->window = window;
+    self->max_found = max_found;
+    self->found_age = found_age;
+    self->rate_window = rate_window;
+    self->slot = 0;
+    self->origin = origin;
+    self->until = origin; /* the first end turns to its second's bucket */
+    return 0;
+}
+
+static int
+Counter_traverse(Counter *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->clock);
+    Py_VISIT(self->check);
+    return 0;
+}
+
+static int
+Counter_clear(Counter *self)
+{
+    Py_CLEAR(self->clock);
+    stop_sharing(self);
+    return 0;
+}
+
+static void
+Counter_dealloc(Counter *self)
+{
+    PyObject_GC_UnTrack(self);
+    Counter_clear(self);
+    PyMem_Free(self->rings);
+    PyMem_Free(self->store);
+    PyMem_Free(self->seconds);
+    PyMem_Free(self->requests);
+    PyMem_Free(self->errors);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* Whether the counter was made (its __init__ ran); else an exception is set. */
+static int
+made(Counter *self)
+{
+    if (self->rings == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "the Counter was not initialised");
+        return 0;
+    }
+    return 1;
+}
+
+static Py_ssize_t
+Counter_length(Counter *self)
+{
+    return self->flying;
+}
+
+static PyObject *
+Counter_append(Counter *self, PyObject *unused)
+{
+    self->flying++;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Counter_pop(Counter *self, PyObject *unused)
+{
+    if (self->flying == 0) {
+        PyErr_SetString(PyExc_IndexError, "pop from empty list");
+        return NULL;
+    }
+    self->flying--;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Counter_share(Counter *self, PyObject *args)
+{
+    PyObject *words, *check = NULL;
+    Py_ssize_t own = 0;
+    if (!PyArg_ParseTuple(args, "O|nO", &words, &own, &check)) {
+        return NULL;
+    }
+    stop_sharing(self);
+    if (words == Py_None) {
+        Py_RETURN_NONE;
+    }
+    if (check == NULL || !PyCallable_Check(check)) {
+        PyErr_SetString(PyExc_TypeError, "share(words, own, check): check must be a callable");
+        return NULL;
+    }
+    if (PyObject_GetBuffer(words, &self->words,
+                           PyBUF_WRITABLE | PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) < 0) {
+        return NULL;
+    }
+    if (self->words.itemsize != 8 || self->words.format == NULL
+        || strcmp(self->words.format, "q") != 0 || own <= GENERATION_WORD
+        || own >= self->words.len / 8) {
+        PyBuffer_Release(&self->words);
+        PyErr_Format(PyExc_ValueError, "share: words must be 64-bit words holding word %zd", own);
+        return NULL;
+    }
+    self->shared = 1;
+    self->own = own;
+    self->check = Py_NewRef(check);
+    self->generation = -1;
+    self->next_check = -Py_HUGE_VAL;
+    publish(self);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Counter_begin(Counter *self, PyObject *unused)
+{
+    double now;
+    Py_ssize_t found;
+    if (arrive(self, &now, &found) < 0) {
+        return NULL;
+    }
+    return Py_BuildValue("(dn)", now, found);
+}
+
+static PyObject *
+Counter_end(Counter *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *arrival;
+    double started, now;
+    Py_ssize_t found;
+    int error;
+    if (!made(self)) {
+        return NULL;
+    }
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "end(arrival, error)");
+        return NULL;
+    }
+    arrival = args[0];
+    error = PyObject_IsTrue(args[1]);
+    if (error < 0) {
+        return NULL;
+    }
+    if (PyTuple_Check(arrival)) {
+        if (!PyArg_ParseTuple(arrival, "dn", &started, &found)) {
+            return NULL;
+        }
+        if (finish(self, started, found, error) < 0) {
+            return NULL;
+        }
+        Py_RETURN_NONE;
+    }
+    /* A start time alone: it found what is in flight besides it now. */
+    started = PyFloat_AsDouble(arrival);
+    if (started == -1.0 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (read_clock(self, &now) < 0) {
+        return NULL;
+    }
+    found = self->flying - 1 + others_in_flight(self, now);
+    leave_flight(self);
+    count_end(self, started, found, now, error);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Counter_rates(Counter *self, PyObject *at)
+{
+    double now = PyFloat_AsDouble(at), elapsed, span;
+    long long oldest, requests = 0, errors = 0;
+    Py_ssize_t index;
+    if (!made(self) || (now == -1.0 && PyErr_Occurred())) {
+        return NULL;
+    }
+    elapsed = now - self->origin;
+    oldest = (long long)floor(elapsed) - self->rate_window + 1;
+    if (oldest < 0) {
+        oldest = 0;
+    }
+    for (index = 0; index < self->rate_window; index++) {
+        if (self->seconds[index] >= oldest) {
+            requests += self->requests[index];
+            errors += self->errors[index];
+        }
+    }
+    span = elapsed - (double)oldest;
+    if (span < 1.0) {
+        span = 1.0;
+    }
+    return Py_BuildValue("(dd)", (double)requests / span, (double)errors / span);
+}
+
+static PyObject *
+Counter_samples(Counter *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_ssize_t rif, key, index;
+    double now;
+    Ring *ring, *near;
+    PyObject *samples;
+    if (!made(self)) {
+        return NULL;
+    }
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "samples(rif, now)");
+        return NULL;
+    }
+    rif = PyLong_AsSsize_t(args[0]);
+    if (rif == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    now = PyFloat_AsDouble(args[1]);
+    if (now == -1.0 && PyErr_Occurred()) {
+        return NULL;
+    }
+    key = rif < self->max_found ? rif : self->max_found;
+    if (key < 0) {
+        key = 0;
+    }
+    ring = &self->rings[key];
+    if (ring->last < now - self->found_age) {
+        near = nearest(self, key, now - self->found_age);
+        if (near == NULL && ring->count == 0) {
+            near = nearest(self, key, -Py_HUGE_VAL);
+        }
+        if (near != NULL) {
+            ring = near;
+        }
+    }
+    samples = PyList_New(ring->count);
+    if (samples == NULL) {
+        return NULL;
+    }
+    for (index = 0; index < ring->count; index++) {
+        PyObject *value = PyFloat_FromDouble(ring->samples[index]);
+        if (value == NULL) {
+            Py_DECREF(samples);
+            return NULL;
+        }
+        PyList_SET_ITEM(samples, index, value);
+    }
+    return samples;
+}
+
+static PyObject *
+Counter_others(Counter *self, PyObject *now)
+{
+    double at = PyFloat_AsDouble(now);
+    if (at == -1.0 && PyErr_Occurred()) {
+        return NULL;
+    }
+    return PyLong_FromSsize_t(others_in_flight(self, at));
+}
+
+static PyObject *
+Counter_get_shared(Counter *self, void *unused)
+{
+    return PyBool_FromLong(self->shared);
+}
+
+static PyMethodDef Counter_methods[] = {
+    {"append", (PyCFunction)Counter_append, METH_O, "One request more in flight."},
+    {"pop", (PyCFunction)Counter_pop, METH_NOARGS,
+     "One request fewer in flight (IndexError where none is)."},
+    {"share", (PyCFunction)Counter_share, METH_VARARGS,
+     "share(words, own, check) publishes the count in words[own] and adds the others' up as "
+     "check(now) names them; share(None) stops."},
+    {"begin", (PyCFunction)Counter_begin, METH_NOARGS,
+     "A request arrived: counted; returns (its time, the requests it found in flight)."},
+    {"end", (PyCFunction)(void (*)(void))Counter_end, METH_FASTCALL,
+     "end(arrival, error): the request of arrival ((time, found), or a time alone) ended: out "
+     "of flight, its latency and it (an error if error) counted."},
+    {"rates", (PyCFunction)Counter_rates, METH_O,
+     "rates(now): (requests, errors) per second over the rate window."},
+    {"samples", (PyCFunction)(void (*)(void))Counter_samples, METH_FASTCALL,
+     "samples(rif, now): the latencies (seconds) a request finding rif in flight may expect."},
+    {"others", (PyCFunction)Counter_others, METH_O,
+     "others(now): the other processes' requests in flight (0 where not shared)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef Counter_getset[] = {
+    {"shared", (getter)Counter_get_shared, NULL, "Whether the count is published.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PySequenceMethods Counter_sequence = {
+    .sq_length = (lenfunc)Counter_length,
+};
+
+static PyTypeObject CounterType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "lbclient.server._counting.Counter",
+    .tp_basicsize = sizeof(Counter),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "What a tracker counts per request (see the module's account).",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Counter_init,
+    .tp_dealloc = (destructor)Counter_dealloc,
+    .tp_traverse = (traverseproc)Counter_traverse,
+    .tp_clear = (inquiry)Counter_clear,
+    .tp_as_sequence = &Counter_sequence,
+    .tp_methods = Counter_methods,
+    .tp_getset = Counter_getset,
+};
+
+/* ---- Reply ------------------------------------------------------------------------------ */
+
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    PyObject *send;
+    Counter *counter;
+    PyObject *tracker;
+    PyObject *asked; /* "TEXT", "JSON", or NULL: no report asked */
+    double arrival;
+    Py_ssize_t found;
+    int status; /* 500 until a response starts: an app that returns without one gets a 500 */
+    int over;   /* ended or dropped */
+} Reply;
+
+static PyTypeObject ReplyType;
+
+/* Whether header name `name` is the report's, in any case. */
+static int
+is_report_name(PyObject *name)
+{
+    const char *text;
+    Py_ssize_t index;
+    if (!PyBytes_Check(name) || PyBytes_GET_SIZE(name) != REPORT_LENGTH) {
+        return 0;
+    }
+    text = PyBytes_AS_STRING(name);
+    for (index = 0; index < REPORT_LENGTH; index++) {
+        char c = text[index];
+        if (c >= 'A' && c <= 'Z') {
+            c = (char)(c - 'A' + 'a');
+        }
+        if (c != REPORT[index]) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/* `message` with the report added to its headers (a new dict), or `message` itself where the
+   app set the header; NULL with an exception set. */
+static PyObject *
+with_report(Reply *self, PyObject *message)
+{
+    PyObject *given, *headers, *value, *pair, *copy;
+    Py_ssize_t index, count;
+    if (PyDict_Check(message)) {
+        given = PyDict_GetItemWithError(message, KEY_HEADERS);
+        if (given == NULL && PyErr_Occurred()) {
+            return NULL;
+        }
+        Py_XINCREF(given);
+    }
+    else {
+        given = PyObject_CallMethod(message, "get", "OO", KEY_HEADERS, Py_None);
+        if (given == NULL) {
+            return NULL;
+        }
+        if (given == Py_None) {
+            Py_CLEAR(given);
+        }
+    }
+    headers = given == NULL ? PyList_New(0) : PySequence_List(given);
+    Py_XDECREF(given);
+    if (headers == NULL) {
+        return NULL;
+    }
+    count = PyList_GET_SIZE(headers);
+    for (index = 0; index < count; index++) {
+        PyObject *item = PyList_GET_ITEM(headers, index), *name;
+        if (PyTuple_CheckExact(item) && PyTuple_GET_SIZE(item) == 2) {
+            name = PyTuple_GET_ITEM(item, 0);
+        }
+        else {
+            PyObject *items = PySequence_Tuple(item);
+            if (items == NULL) {
+                Py_DECREF(headers);
+                return NULL;
+            }
+            if (PyTuple_GET_SIZE(items) != 2) {
+                PyErr_Format(PyExc_ValueError, "a header must be a (name, value) pair, got %R",
+                             item);
+                Py_DECREF(items);
+                Py_DECREF(headers);
+                return NULL;
+            }
+            name = PyTuple_GET_ITEM(items, 0);
+            if (is_report_name(name)) {
+                Py_DECREF(items);
+                Py_DECREF(headers);
+                return Py_NewRef(message); /* the app reported itself */
+            }
+            Py_DECREF(items);
+            continue;
+        }
+        if (is_report_name(name)) {
+            Py_DECREF(headers);
+            return Py_NewRef(message);
+        }
+    }
+    value = PyObject_CallMethodOneArg(self->tracker, ENCODED, self->asked);
+    if (value == NULL) {
+        Py_DECREF(headers);
+        return NULL;
+    }
+    pair = PyTuple_Pack(2, REPORT_NAME, value);
+    Py_DECREF(value);
+    if (pair == NULL || PyList_Append(headers, pair) < 0) {
+        Py_XDECREF(pair);
+        Py_DECREF(headers);
+        return NULL;
+    }
+    Py_DECREF(pair);
+    copy = PyDict_New();
+    if (copy == NULL || PyDict_Update(copy, message) < 0
+        || PyDict_SetItem(copy, KEY_HEADERS, headers) < 0) {
+        Py_XDECREF(copy);
+        Py_DECREF(headers);
+        return NULL;
+    }
+    Py_DECREF(headers);
+    return copy;
+}
+
+static PyObject *
+Reply_vectorcall(Reply *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    PyObject *message, *kind, *status, *sent;
+    int started;
+    if (PyVectorcall_NARGS(nargsf) != 1 || (kwnames != NULL && PyTuple_GET_SIZE(kwnames))) {
+        PyErr_SetString(PyExc_TypeError, "send takes one message");
+        return NULL;
+    }
+    message = args[0];
+    if (PyDict_CheckExact(message)) { /* what servers and apps send: read without a call */
+        kind = PyDict_GetItemWithError(message, KEY_TYPE);
+        if (kind == NULL) {
+            if (!PyErr_Occurred()) {
+                PyErr_SetObject(PyExc_KeyError, KEY_TYPE);
+            }
+            return NULL;
+        }
+        Py_INCREF(kind);
+    }
+    else {
+        kind = PyObject_GetItem(message, KEY_TYPE);
+        if (kind == NULL) {
+            return NULL;
+        }
+    }
+    if (kind == START) {
+        started = 1;
+    }
+    else if (PyUnicode_CheckExact(kind) && PyUnicode_IS_COMPACT_ASCII(kind)) {
+        started = PyUnicode_GET_LENGTH(kind) == START_LENGTH
+                  && memcmp(PyUnicode_DATA(kind), START_TEXT, START_LENGTH) == 0;
+    }
+    else {
+        started = PyObject_RichCompareBool(kind, START, Py_EQ);
+        if (started < 0) {
+            Py_DECREF(kind);
+            return NULL;
+        }
+    }
+    Py_DECREF(kind);
+    if (!started) {
+        return PyObject_CallOneArg(self->send, message);
+    }
+    if (PyDict_CheckExact(message)) {
+        status = PyDict_GetItemWithError(message, KEY_STATUS);
+        if (status == NULL) {
+            if (!PyErr_Occurred()) {
+                PyErr_SetObject(PyExc_KeyError, KEY_STATUS);
+            }
+            return NULL;
+        }
+        Py_INCREF(status);
+    }
+    else {
+        status = PyObject_GetItem(message, KEY_STATUS);
+        if (status == NULL) {
+            return NULL;
+        }
+    }
+    if (PyLong_Check(status)) {
+        int overflow;
+        long value = PyLong_AsLongAndOverflow(status, &overflow);
+        self->status = overflow > 0 || value >= 500 ? 500 : overflow < 0 || value < 0 ? 0
+                                                                                       : (int)value;
+    }
+    else {
+        self->status = 500; /* not a status a server sends: counted as an error */
+    }
+    Py_DECREF(status);
+    if (self->asked == NULL) {
+        return PyObject_CallOneArg(self->send, message);
+    }
+    message = with_report(self, message);
+    if (message == NULL) {
+        return NULL;
+    }
+    sent = PyObject_CallOneArg(self->send, message);
+    Py_DECREF(message);
+    return sent;
+}
+
+static PyObject *
+Reply_end(Reply *self, PyObject *raised)
+{
+    int error = PyObject_IsTrue(raised);
+    if (error < 0) {
+        return NULL;
+    }
+    if (self->over) {
+        Py_RETURN_NONE;
+    }
+    self->over = 1;
+    if (finish(self->counter, self->arrival, self->found, error || self->status >= 500) < 0) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Reply_drop(Reply *self, PyObject *unused)
+{
+    if (!self->over) {
+        self->over = 1;
+        leave_flight(self->counter);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Reply_get_status(Reply *self, void *unused)
+{
+    return PyLong_FromLong(self->status);
+}
+
+static PyObject *
+Reply_get_arrival(Reply *self, void *unused)
+{
+    return Py_BuildValue("(dn)", self->arrival, self->found);
+}
+
+static int
+Reply_traverse(Reply *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->send);
+    Py_VISIT(self->counter);
+    Py_VISIT(self->tracker);
+    return 0;
+}
+
+static int
+Reply_clear(Reply *self)
+{
+    Py_CLEAR(self->send);
+    Py_CLEAR(self->counter);
+    Py_CLEAR(self->tracker);
+    Py_CLEAR(self->asked);
+    return 0;
+}
+
+static void
+Reply_dealloc(Reply *self)
+{
+    PyObject_GC_UnTrack(self);
+    Reply_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMethodDef Reply_methods[] = {
+    {"end", (PyCFunction)Reply_end, METH_O,
+     "end(raised): the request is over: counted, an error if raised or its status is 500 or "
+     "more (once; later ends and drops do nothing)."},
+    {"drop", (PyCFunction)Reply_drop, METH_NOARGS,
+     "The request was cancelled: out of flight only (once)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef Reply_getset[] = {
+    {"status", (getter)Reply_get_status, NULL, "The response's status as counted (500 until one "
+     "starts).", NULL},
+    {"arrival", (getter)Reply_get_arrival, NULL, "(arrival time, requests found in flight).",
+     NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject ReplyType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "lbclient.server._counting.Reply",
+    .tp_basicsize = sizeof(Reply),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_doc = "The send an app gets from LoadReportingASGI (see the module's account).",
+    .tp_vectorcall_offset = offsetof(Reply, vectorcall),
+    .tp_call = PyVectorcall_Call,
+    .tp_dealloc = (destructor)Reply_dealloc,
+    .tp_traverse = (traverseproc)Reply_traverse,
+    .tp_clear = (inquiry)Reply_clear,
+    .tp_methods = Reply_methods,
+    .tp_getset = Reply_getset,
+};
+
+/* ---- Gate ------------------------------------------------------------------------------- */
+
+typedef struct {
+    PyObject_HEAD
+    Counter *counter;
+    PyObject *tracker;
+    PyObject *probe_path; /* a str, or None */
+    PyObject *requested;  /* requested_format(value): the format of any other value, or None */
+} Gate;
+
+static int
+Gate_init(Gate *self, PyObject *args, PyObject *kwargs)
+{
+    static char *keywords[] = {"counter", "tracker", "probe_path", "requested", NULL};
+    PyObject *counter, *tracker, *probe_path, *requested;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O!OOO", keywords, &CounterType, &counter,
+                                     &tracker, &probe_path, &requested)) {
+        return -1;
+    }
+    if (!made((Counter *)counter)) {
+        return -1;
+    }
+    if (probe_path != Py_None && !PyUnicode_Check(probe_path)) {
+        PyErr_Format(PyExc_TypeError, "probe_path must be a str or None, got %R", probe_path);
+        return -1;
+    }
+    Py_XSETREF(self->counter, (Counter *)Py_NewRef(counter));
+    Py_XSETREF(self->tracker, Py_NewRef(tracker));
+    Py_XSETREF(self->probe_path, Py_NewRef(probe_path));
+    Py_XSETREF(self->requested, Py_NewRef(requested));
+    return 0;
+}
+
+/* The format a request's headers ask for (a new reference, Py_None for none); NULL: the
+   headers are not of the usual shape (no exception set) or reading them failed (one set). */
+static PyObject *
+asked_of(Gate *self, PyObject *headers)
+{
+    Py_ssize_t index, count;
+    if (!PyList_CheckExact(headers) && !PyTuple_CheckExact(headers)) {
+        return NULL;
+    }
+    count = PySequence_Fast_GET_SIZE(headers);
+    for (index = 0; index < count; index++) {
+        PyObject *pair = PySequence_Fast_GET_ITEM(headers, index), *name, *value;
+        if (!PyTuple_CheckExact(pair) || PyTuple_GET_SIZE(pair) != 2) {
+            return NULL;
+        }
+        name = PyTuple_GET_ITEM(pair, 0);
+        if (!PyBytes_CheckExact(name)) {
+            return NULL;
+        }
+        if (PyBytes_GET_SIZE(name) != ASKING_LENGTH
+            || memcmp(PyBytes_AS_STRING(name), ASKING, ASKING_LENGTH) != 0) {
+            continue;
+        }
+        value = PyTuple_GET_ITEM(pair, 1);
+        if (PyBytes_CheckExact(value) && PyBytes_GET_SIZE(value) == 4) {
+            const char *text = PyBytes_AS_STRING(value);
+            if (memcmp(text, "TEXT", 4) == 0 || memcmp(text, "text", 4) == 0) {
+                return Py_NewRef(TEXT);
+            }
+            if (memcmp(text, "JSON", 4) == 0 || memcmp(text, "json", 4) == 0) {
+                return Py_NewRef(JSON);
+            }
+        }
+        return PyObject_CallOneArg(self->requested, value);
+    }
+    return Py_NewRef(Py_None);
+}
+
+static PyObject *
+Gate_enter(Gate *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *scope, *send, *value, *joined, *asked;
+    Reply *reply;
+    int same;
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "enter(scope, send)");
+        return NULL;
+    }
+    scope = args[0];
+    send = args[1];
+    if (!PyDict_CheckExact(scope)) {
+        Py_RETURN_NONE;
+    }
+    value = PyDict_GetItemWithError(scope, KEY_TYPE);
+    if (value == NULL || !PyUnicode_Check(value)) {
+        if (PyErr_Occurred()) {
+            return NULL;
+        }
+        Py_RETURN_NONE;
+    }
+    if (value != HTTP && PyUnicode_Compare(value, HTTP) != 0) {
+        if (PyErr_Occurred()) {
+            return NULL;
+        }
+        Py_RETURN_NONE;
+    }
+    joined = PyObject_GetAttr(self->tracker, JOINED);
+    if (joined == NULL) {
+        return NULL;
+    }
+    same = joined == Py_True;
+    Py_DECREF(joined);
+    if (!same) {
+        Py_RETURN_NONE; /* the first request: the Python path finds the port to share at */
+    }
+    if (self->probe_path != Py_None) {
+        value = PyDict_GetItemWithError(scope, KEY_PATH);
+        if (value == NULL || !PyUnicode_Check(value)) {
+            if (PyErr_Occurred()) {
+                return NULL;
+            }
+            Py_RETURN_NONE;
+        }
+        same = PyUnicode_Compare(value, self->probe_path);
+        if (same == -1 && PyErr_Occurred()) {
+            return NULL;
+        }
+        if (same == 0) {
+            Py_RETURN_NONE;
+        }
+    }
+    value = PyDict_GetItemWithError(scope, KEY_HEADERS);
+    if (value == NULL) {
+        if (PyErr_Occurred()) {
+            return NULL;
+        }
+        Py_RETURN_NONE;
+    }
+    asked = asked_of(self, value);
+    if (asked == NULL) {
+        if (PyErr_Occurred()) {
+            return NULL;
+        }
+        Py_RETURN_NONE;
+    }
+    reply = PyObject_GC_New(Reply, &ReplyType);
+    if (reply == NULL) {
+        Py_DECREF(asked);
+        return NULL;
+    }
+    reply->vectorcall = (vectorcallfunc)Reply_vectorcall;
+    reply->send = Py_NewRef(send);
+    reply->counter = (Counter *)Py_NewRef(self->counter);
+    reply->tracker = Py_NewRef(self->tracker);
+    if (asked == Py_None) {
+        Py_DECREF(asked);
+        reply->asked = NULL;
+    }
+    else {
+        reply->asked = asked;
+    }
+    reply->status = 500;
+    reply->over = 0;
+    reply->found = 0;
+    reply->arrival = 0.0;
+    if (arrive(self->counter, &reply->arrival, &reply->found) < 0) {
+        reply->over = 1;
+        Py_DECREF(reply);
+        return NULL;
+    }
+    PyObject_GC_Track(reply);
+    return (PyObject *)reply;
+}
+
+static int
+Gate_traverse(Gate *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->counter);
+    Py_VISIT(self->tracker);
+    Py_VISIT(self->requested);
+    return 0;
+}
+
+static int
+Gate_clear(Gate *self)
+{
+    Py_CLEAR(self->counter);
+    Py_CLEAR(self->tracker);
+    Py_CLEAR(self->probe_path);
+    Py_CLEAR(self->requested);
+    return 0;
+}
+
+static void
+Gate_dealloc(Gate *self)
+{
+    PyObject_GC_UnTrack(self);
+    Gate_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMethodDef Gate_methods[] = {
+    {"enter", (PyCFunction)(void (*)(void))Gate_enter, METH_FASTCALL,
+     "enter(scope, send): the Reply of a request of the usual path, counted as arrived; None "
+     "for any other (the caller's Python path takes it)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject GateType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "lbclient.server._counting.Gate",
+    .tp_basicsize = sizeof(Gate),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "LoadReportingASGI's per-request path up to the app (see the module's account).",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Gate_init,
+    .tp_dealloc = (destructor)Gate_dealloc,
+    .tp_traverse = (traverseproc)Gate_traverse,
+    .tp_clear = (inquiry)Gate_clear,
+    .tp_methods = Gate_methods,
+};
+
+/* ---- the module ------------------------------------------------------------------------- */
+
+static int
+intern(PyObject **place, const char *text)
+{
+    if (*place == NULL) {
+        *place = PyUnicode_InternFromString(text);
+    }
+    return *place == NULL ? -1 : 0;
+}
+
+static int
+module_exec(PyObject *module)
+{
+    if (intern(&KEY_TYPE, "type") < 0 || intern(&KEY_STATUS, "status") < 0
+        || intern(&KEY_HEADERS, "headers") < 0 || intern(&KEY_PATH, "path") < 0
+        || intern(&HTTP, "http") < 0 || intern(&START, START_TEXT) < 0
+        || intern(&TEXT, "TEXT") < 0 || intern(&JSON, "JSON") < 0
+        || intern(&JOINED, "joined") < 0 || intern(&ENCODED, "encoded") < 0) {
+        return -1;
+    }
+    if (REPORT_NAME == NULL) {
+        REPORT_NAME = PyBytes_FromStringAndSize(REPORT, REPORT_LENGTH);
+        if (REPORT_NAME == NULL) {
+            return -1;
+        }
+    }
+    if (PyType_Ready(&CounterType) < 0 || PyType_Ready(&ReplyType) < 0
+        || PyType_Ready(&GateType) < 0) {
+        return -1;
+    }
+    if (PyModule_AddObjectRef(module, "Counter", (PyObject *)&CounterType) < 0
+        || PyModule_AddObjectRef(module, "Reply", (PyObject *)&ReplyType) < 0
+        || PyModule_AddObjectRef(module, "Gate", (PyObject *)&GateType) < 0
+        || PyModule_AddIntConstant(module, "MOST_PER_SLOT", MOST_PER_SLOT) < 0
+        || PyModule_AddStringConstant(module, "SOURCE_SHA256", LBCLIENT_SOURCE_SHA256) < 0) {
+        return -1;
+    }
+    return 0;
+}
+
+static PyModuleDef_Slot slots[] = {
+    {Py_mod_exec, (void *)module_exec},
+    {0, NULL},
+};
+
+static struct PyModuleDef definition = {
+    PyModuleDef_HEAD_INIT,
+    "lbclient.server._counting",
+    "The compiled per-request path of the server companion (see lbclient.server._asgi).",
+    0,
+    NULL,
+    slots,
+    NULL,
+    NULL,
+    NULL,
+};
+
+PyMODINIT_FUNC
+PyInit__counting(void)
+{
+    return PyModuleDef_Init(&definition);
+}

@@ -1,0 +1,65 @@
+"""The compiled per-request path of the server companion (lbclient/server/_counting.c)."""
+
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any, Final
+
+MOST_PER_SLOT: Final[int]
+#: The SHA-256 of the source it was compiled from (hex).
+SOURCE_SHA256: Final[str]
+
+class Counter:
+    """What a tracker counts per request: its requests in flight (``len``, ``append`` and
+    ``pop`` as a list of one entry per request; published in the server's shared file once
+    :meth:`share` is called), and each request's end, for its rates and latencies."""
+
+    def __init__(
+        self,
+        clock: Callable[[], float] | None,
+        origin: float,
+        latency_window: int,
+        rate_window: int,
+        max_found: int,
+        found_age: float,
+    ) -> None: ...
+    def __len__(self) -> int: ...
+    def append(self, entry: object, /) -> None: ...
+    def pop(self) -> None: ...
+    def share(
+        self,
+        words: object,
+        own: int = ...,
+        check: Callable[[float], tuple[int, float, tuple[int, ...], int]] = ...,
+        /,
+    ) -> None: ...
+    def begin(self) -> tuple[float, int]: ...
+    def end(self, arrival: tuple[float, int] | float, error: bool, /) -> None: ...
+    def rates(self, now: float, /) -> tuple[float, float]: ...
+    def samples(self, rif: int, now: float, /) -> list[float]: ...
+    def others(self, now: float, /) -> int: ...
+    @property
+    def shared(self) -> bool: ...
+
+class Reply:
+    """The ``send`` an app gets: keeps the status, adds the report where it was asked."""
+
+    def __call__(self, message: MutableMapping[str, Any], /) -> Awaitable[None]: ...
+    def end(self, raised: bool, /) -> None: ...
+    def drop(self) -> None: ...
+    @property
+    def status(self) -> int: ...
+    @property
+    def arrival(self) -> tuple[float, int]: ...
+
+class Gate:
+    """LoadReportingASGI's per-request path up to the app."""
+
+    def __init__(
+        self,
+        counter: Counter,
+        tracker: object,
+        probe_path: str | None,
+        requested: Callable[[bytes], str | None],
+    ) -> None: ...
+    def enter(
+        self, scope: MutableMapping[str, Any], send: Callable[..., Awaitable[None]], /
+    ) -> Reply | None: ...

@@ -1,0 +1,468 @@
+"""The server companion's compiled per-request path (lbclient/server/_counting.c): the ASGI
+middleware over a tracker that counts in C gives, request by request, what the pure-Python path
+gives (the messages sent, the counts, the reports), and the counter shares its count with the
+server's other processes as the Python tracker does."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import hashlib
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import lbclient.server
+from lbclient.server import PROBE_PATH, LoadReportingASGI, LoadTracker, _shared, _tracker
+from lbclient.server._tracker import FOUND_AGE, MAX_FOUND
+
+try:
+    from lbclient.server import _counting as counting
+except ImportError:  # pragma: no cover - an install without a C compiler
+    if os.environ.get("LBCLIENT_REQUIRE_COMPILED") == "1":  # CI builds it: not there is a fault
+        raise
+    pytest.skip(
+        "lbclient was installed without its compiled server path (no C compiler, or "
+        "LBCLIENT_PURE_PYTHON=1 at install): the pure-Python path serves",
+        allow_module_level=True,
+    )
+
+SOURCE = Path(lbclient.server.__file__).parent / "_counting.c"
+
+
+class Clock:
+    def __init__(self, now: float = 100.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def pure(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Trackers made within count in Python (as where the module is not built)."""
+    monkeypatch.setattr(_tracker, "COMPILED", False)
+
+
+def test_the_compiled_module_is_built_from_this_source() -> None:
+    if not SOURCE.is_file():
+        pytest.skip("not a source checkout: no _counting.c beside the package")
+    assert hashlib.sha256(SOURCE.read_bytes()).hexdigest() == counting.SOURCE_SHA256, (
+        "the compiled module is older than its source: reinstall (pip install -e .)"
+    )
+    assert counting.MOST_PER_SLOT == _shared.MOST_PER_SLOT
+    assert lbclient.server.COMPILED is True
+
+
+def test_a_tracker_counts_in_the_compiled_counter_unless_told_not_to(pure: None) -> None:
+    assert isinstance(LoadTracker()._flying, list)
+    assert LoadReportingASGI(hello)._gate is None
+
+
+def new_counter(clock: Any = None, origin: float = 100.0) -> Any:
+    return counting.Counter(clock, origin, 16, 10, MAX_FOUND, FOUND_AGE)
+
+
+def test_the_counter_counts_as_a_list_of_one_entry_per_request() -> None:
+    clock = Clock()
+    counter = new_counter(clock)
+    assert len(counter) == 0
+    with pytest.raises(IndexError):
+        counter.pop()
+    counter.append(None)
+    counter.append("anything")
+    assert len(counter) == 2
+    counter.pop()
+    assert len(counter) == 1
+    assert counter.begin() == (100.0, 1)
+    assert len(counter) == 2
+    assert counter.others(100.0) == 0
+    assert counter.shared is False
+    for windows in ((0, 10, 4), (16, 0, 4), (16, 10, -1)):
+        with pytest.raises(ValueError, match="latency_window and rate_window"):
+            counting.Counter(clock, 100.0, *windows, FOUND_AGE)
+    with pytest.raises(TypeError, match="clock"):
+        counting.Counter("not callable", 100.0, 16, 10, 4, FOUND_AGE)
+    unmade = counting.Counter.__new__(counting.Counter)
+    with pytest.raises(RuntimeError, match="not initialised"):
+        unmade.rates(1.0)
+    with pytest.raises(RuntimeError, match="not initialised"):
+        counting.Gate(unmade, None, None, print)
+    with pytest.raises(RuntimeError, match="made once"):
+        counter.__init__(clock, 100.0, 16, 10, 4, FOUND_AGE)
+
+
+def test_the_default_clock_is_time_monotonic() -> None:
+    counter = new_counter()
+    before = time.monotonic()
+    now, found = counter.begin()
+    assert before <= now <= time.monotonic()
+    assert found == 0
+
+
+#: Clock steps: within a request's time, within a second, across seconds and rate windows, and
+#: past FOUND_AGE.
+WAITS = st.sampled_from([0.0, 0.0003, 0.004, 0.02, 0.3, 0.7, 1.0, 2.5, 11.0, 31.0, 40.0])
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    steps=st.lists(
+        st.one_of(
+            st.tuples(st.sampled_from(["end", "error", "alone", "drop"]), st.integers(0, 50)),
+            st.tuples(st.sampled_from(["wait", "cycle"]), WAITS),
+            st.tuples(st.sampled_from(["begin", "report"]), st.just(0)),
+        ),
+        max_size=300,
+    ),
+    windows=st.tuples(st.integers(1, 20), st.sampled_from([1, 2, 3, 10])),
+)
+def test_a_tracker_counting_in_c_reports_as_one_counting_in_python(
+    steps: list[tuple[str, Any]], windows: tuple[int, int]
+) -> None:
+    clock = Clock(1000.0)
+    latency_window, rate_window = windows
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_tracker, "COMPILED", False)
+        python = LoadTracker(clock=clock, latency_window=latency_window, rate_window=rate_window)
+    compiled = LoadTracker(clock=clock, latency_window=latency_window, rate_window=rate_window)
+    assert isinstance(python._flying, list)
+    assert not isinstance(compiled._flying, list)
+    flights: list[tuple[Any, Any]] = []
+    for action, amount in steps:
+        if action == "begin":
+            flights.append((compiled.begin(), python.begin()))
+        elif action == "wait":
+            clock.now += amount
+        elif action == "cycle":  # a request begun and ended after a wait: rings fill
+            first, second = compiled.begin(), python.begin()
+            clock.now += amount
+            compiled.end(first, error=amount == 0.004)
+            python.end(second, error=amount == 0.004)
+        elif action == "report":
+            assert compiled.rendered("TEXT") == python.rendered("TEXT")
+            assert compiled.encoded("JSON") == python.encoded("JSON")
+            assert compiled.report() == python.report()
+        elif flights:
+            first, second = flights.pop(amount % len(flights))
+            assert first == second
+            if action == "drop":
+                compiled.drop()
+                python.drop()
+            elif action == "alone":  # an end given the start time alone
+                compiled.end(first[0])
+                python.end(second[0])
+            else:
+                compiled.end(first, error=action == "error")
+                python.end(second, error=action == "error")
+        assert compiled.rif == python.rif
+    assert compiled.report() == python.report()
+
+
+# -- the middleware, both paths side by side -----------------------------------------------------
+
+
+async def hello(where: Any, receive: Any, send: Any) -> None:
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"x-app", b"1")]})
+    await send({"type": "http.response.body", "body": b"hello"})
+
+
+KINDS = ("ok", "fail", "raise", "silent", "own", "cancel", "probe", "odd", "head_probe")
+ASKED = (None, b"TEXT", b"json", b" Text ", b"BIN", b"")
+
+
+async def scripted(where: Any, receive: Any, send: Any) -> None:
+    """The app: does what the request's scope says, once its release is set."""
+    where["seen"].append(type(send).__name__)
+    await where["release"].wait()
+    kind = where["kind"]
+    if kind == "cancel":
+        await asyncio.Event().wait()
+    if kind == "silent":
+        return
+    headers = [(b"x-app", b"1")]
+    if kind == "own":
+        headers.append((b"Endpoint-Load-Metrics", b"TEXT cpu_utilization=0.9"))
+    status = 503 if kind == "fail" else 200
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    if kind == "raise":
+        raise RuntimeError("boom")
+    await send({"type": "http.response.body", "body": b"done"})
+
+
+class Side:
+    """One middleware, its clock, and its requests under way."""
+
+    def __init__(self, compiled: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.clock = Clock()
+        with monkeypatch.context() as patch:
+            patch.setattr(_tracker, "COMPILED", compiled)
+            tracker = LoadTracker(clock=self.clock, share_in_flight=False)
+        self.app = LoadReportingASGI(scripted, tracker=tracker)
+        self.open: list[tuple[asyncio.Task[None], dict[str, Any]]] = []
+        self.sent: list[Any] = []
+        self.seen: list[str] = []
+
+    async def start(self, kind: str, asked: bytes | None) -> None:
+        headers = [(b"host", b"service")]
+        if asked is not None:
+            headers.append((b"endpoint-load-metrics-format", asked))
+        where: dict[str, Any] = {
+            "type": "http",
+            "method": "HEAD" if kind == "head_probe" else "GET",
+            "path": PROBE_PATH if kind in ("probe", "head_probe") else "/work",
+            "headers": [list(pair) for pair in headers] if kind == "odd" else headers,
+            "kind": kind,
+            "release": asyncio.Event(),
+            "seen": self.seen,
+        }
+        sent = self.sent
+
+        async def send(message: Any) -> None:
+            sent.append(message)
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        task = asyncio.ensure_future(self.app(where, receive, send))
+        await asyncio.sleep(0)  # it runs up to the app's wait (a probe: to its end)
+        await asyncio.sleep(0)
+        self.open.append((task, where))
+
+    async def finish(self, index: int) -> str:
+        task, where = self.open.pop(index % len(self.open))
+        if where["kind"] == "cancel":
+            task.cancel()
+        where["release"].set()
+        try:
+            await task
+        except asyncio.CancelledError:
+            return "cancelled"
+        except RuntimeError as error:
+            return f"raised {error}"
+        return "returned"
+
+    def state(self) -> tuple[Any, ...]:
+        tracker = self.app.tracker
+        return (
+            tracker.rif,
+            tracker.report(),
+            tracker.rendered("TEXT"),
+            tracker.encoded("JSON"),
+        )
+
+
+STEPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("start"), st.sampled_from(KINDS), st.sampled_from(ASKED)),
+        st.tuples(st.just("finish"), st.integers(0, 50)),
+        st.tuples(st.just("tick"), st.sampled_from([0.0003, 0.004, 0.02, 0.7, 3.0, 40.0])),
+        st.tuples(st.just("look")),
+    ),
+    max_size=60,
+)
+
+
+def run_both(steps: list[tuple[Any, ...]], monkeypatch: pytest.MonkeyPatch) -> list[Side]:
+    sides = [Side(True, monkeypatch), Side(False, monkeypatch)]
+
+    async def main() -> None:
+        for step in [*steps, ("drain",)]:
+            if step[0] == "start":
+                for side in sides:
+                    await side.start(step[1], step[2])
+            elif step[0] == "finish" and sides[0].open:
+                outcomes = [await side.finish(step[1]) for side in sides]
+                assert outcomes[0] == outcomes[1]
+            elif step[0] == "tick":
+                for side in sides:
+                    side.clock.now += step[1]
+            elif step[0] == "drain":
+                while sides[0].open:
+                    outcomes = [await side.finish(0) for side in sides]
+                    assert outcomes[0] == outcomes[1]
+            assert sides[0].sent == sides[1].sent
+            assert sides[0].state() == sides[1].state()
+
+    asyncio.run(main())
+    return sides
+
+
+@settings(max_examples=150, deadline=None)
+@given(steps=STEPS)
+def test_the_compiled_path_sends_and_counts_as_the_python_path(
+    steps: list[tuple[Any, ...]],
+) -> None:
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        compiled, python = run_both(steps, monkeypatch)
+    assert isinstance(python.app.tracker._flying, list)
+    assert not isinstance(compiled.app.tracker._flying, list)
+    assert "Reply" not in python.seen
+    # Every request of the usual path reached the app through the compiled path; the rest
+    # (headers not pairs of bytes) through the Python one.
+    usual = [s for s in steps if s[0] == "start" and s[1] not in ("probe", "head_probe", "odd")]
+    assert compiled.seen.count("Reply") == len(usual)
+
+
+def test_every_kind_of_request_takes_both_paths_alike(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The script above, every kind and format once, some held while others run.
+    steps: list[tuple[Any, ...]] = []
+    for kind in KINDS:
+        for asked in ASKED:
+            steps += [("start", kind, asked), ("tick", 0.004)]
+        steps += [("finish", 3), ("tick", 0.02), ("look",), ("finish", 0)]
+    compiled, _ = run_both(steps, monkeypatch)
+    reported = [m for m in compiled.sent if m["type"] == "http.response.start"]
+    assert any(
+        dict(m["headers"]).get(b"endpoint-load-metrics", b"").startswith(b"JSON {")
+        for m in reported
+    )
+    assert compiled.app.tracker.report().eps > 0
+    assert compiled.app.tracker.rif == 0
+
+
+def test_a_reply_ends_once() -> None:
+    tracker = LoadTracker(clock=Clock(), share_in_flight=False)
+    gate = counting.Gate(tracker._flying, tracker, PROBE_PATH, lambda value: None)
+    sent: list[Any] = []
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    reply = gate.enter({"type": "http", "path": "/", "headers": []}, send)
+    assert reply is not None
+    assert reply.status == 500  # no response yet: what its server would answer
+    assert tracker.rif == 1
+    asyncio.run(reply({"type": "http.response.start", "status": 404, "headers": []}))
+    assert reply.status == 404
+    reply.end(False)
+    reply.end(True)
+    reply.drop()
+    assert tracker.rif == 0
+    report = tracker.report()
+    assert (report.rps_fractional, report.eps) == (1, 0)
+    for odd in ([], {"type": "websocket", "path": "/", "headers": []}, {"type": "http"}):
+        assert gate.enter(odd, send) is None  # type: ignore[arg-type]
+    assert gate.enter({"type": "http", "path": PROBE_PATH, "headers": []}, send) is None
+    assert tracker.rif == 0
+    with pytest.raises(TypeError, match="probe_path"):
+        counting.Gate(tracker._flying, tracker, b"/load", print)
+
+
+# -- shared with the server's other processes ----------------------------------------------------
+
+
+def test_the_counter_publishes_in_its_slot_and_adds_the_others_as_shared_does(
+    tmp_path: Path,
+) -> None:
+    words = memoryview(bytearray(_shared._SIZE)).cast("q")
+    mine = 2 * _shared._WORDS + _shared._COUNT
+    others = (3 * _shared._WORDS + _shared._COUNT, 5 * _shared._WORDS + _shared._COUNT)
+    checks: list[float] = []
+
+    def check(now: float) -> tuple[int, float, tuple[int, ...], int]:
+        checks.append(now)
+        return (words[_shared._GENERATION], now + 1.0, others, 2 * _shared.MOST_PER_SLOT)
+
+    counter = new_counter(Clock())
+    counter.append(None)
+    counter.share(words, mine, check)
+    assert counter.shared is True
+    assert words[mine] == 1  # published as it joins
+    words[others[0]] = 4
+    words[others[1]] = 3
+    assert counter.begin() == (100.0, 1 + 7)
+    assert words[mine] == 2
+    assert checks == [100.0]
+    assert counter.others(100.5) == 7
+    assert checks == [100.0]  # checked again a second on, or when the generation moves
+    words[_shared._GENERATION] += 1
+    assert counter.others(100.5) == 7
+    assert checks == [100.0, 100.5]
+    words[others[1]] = -5  # a slot not believed: the others, each checked
+    assert counter.others(100.6) == 4
+    words[others[1]] = 2 * _shared.MOST_PER_SLOT  # more than one slot may hold
+    assert counter.others(100.6) == 4
+    counter.pop()
+    assert words[mine] == 2  # pop and append are the list's: the tracker publishes those
+    counter.share(None)
+    assert counter.shared is False
+    counter.begin()
+    assert words[mine] == 2  # no longer written
+    with pytest.raises(ValueError, match="64-bit words"):
+        counter.share(memoryview(bytearray(64)), 2, check)
+    with pytest.raises(ValueError, match="64-bit words"):
+        counter.share(words, len(words), check)
+    with pytest.raises(TypeError, match="callable"):
+        counter.share(words, mine, None)
+    with pytest.raises(BufferError):
+        counter.share(b"read only", mine, check)
+
+
+def test_a_counter_stops_writing_when_its_tracker_leaves_the_shared_file(
+    free_port_listener: int,
+) -> None:
+    tracker = LoadTracker(clock=Clock())
+    tracker.listening(free_port_listener, exact=True)
+    assert tracker.shared
+    counter = tracker._flying
+    assert not isinstance(counter, list)
+    assert counter.shared
+    shared = tracker._shared
+    assert shared is not None
+    words = shared._words
+    place = shared._count
+    arrival = counter.begin()
+    assert words[place] == 1
+    tracker.end(arrival)
+    assert words[place] == 0
+    shared.leave()
+    assert not counter.shared
+    counter.begin()
+    assert words[place] == 0
+    del tracker, counter
+    gc.collect()
+
+
+@pytest.fixture
+def free_port_listener() -> Iterator[int]:
+    import socket
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        yield port
+        _shared.discard(port)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_does_not_write_its_parents_slot(free_port_listener: int) -> None:
+    tracker = LoadTracker(clock=Clock())
+    tracker.listening(free_port_listener, exact=True)
+    shared = tracker._shared
+    assert shared is not None
+    words, place = shared._words, shared._count
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child reports through the pipe
+        try:
+            counter = tracker._flying
+            counter.begin()
+            counter.begin()
+            os.write(write, f"{int(tracker.shared)} {int(counter.shared)}".encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        said = pipe.read()
+    os.waitpid(child, 0)
+    assert said == "0 0"
+    assert words[place] == 0
+    shared.leave()
