@@ -84,8 +84,8 @@ def test_the_counter_counts_as_a_list_of_one_entry_per_request() -> None:
     assert len(counter) == 2
     assert counter.others(100.0) == 0
     assert counter.shared is False
-    for windows in ((0, 10, 4), (16, 0, 4), (16, 10, -1)):
-        with pytest.raises(ValueError, match="latency_window and rate_window"):
+    for windows in ((0, 10, 4), (16, 0, 4), (16, 10, -1), (counting.MOST_WINDOW + 1, 10, 4)):
+        with pytest.raises(ValueError, match="latency_window must be 1 to"):
             counting.Counter(clock, 100.0, *windows, FOUND_AGE)
     with pytest.raises(TypeError, match="clock"):
         counting.Counter("not callable", 100.0, 16, 10, 4, FOUND_AGE)
@@ -93,7 +93,7 @@ def test_the_counter_counts_as_a_list_of_one_entry_per_request() -> None:
     with pytest.raises(RuntimeError, match="not initialised"):
         unmade.rates(1.0)
     with pytest.raises(RuntimeError, match="not initialised"):
-        counting.Gate(unmade, None, None, print)
+        counting.Gate(unmade, None, None, print, {}, 0.01)
     with pytest.raises(RuntimeError, match="made once"):
         counter.__init__(clock, 100.0, 16, 10, 4, FOUND_AGE)
 
@@ -329,7 +329,7 @@ def test_every_kind_of_request_takes_both_paths_alike(monkeypatch: pytest.Monkey
 
 def test_a_reply_ends_once() -> None:
     tracker = LoadTracker(clock=Clock(), share_in_flight=False)
-    gate = counting.Gate(tracker._flying, tracker, PROBE_PATH, lambda value: None)
+    gate = counting.Gate(tracker._flying, tracker, PROBE_PATH, lambda value: None, {}, 0.01)
     sent: list[Any] = []
 
     async def send(message: Any) -> None:
@@ -352,7 +352,7 @@ def test_a_reply_ends_once() -> None:
     assert gate.enter({"type": "http", "path": PROBE_PATH, "headers": []}, send) is None
     assert tracker.rif == 0
     with pytest.raises(TypeError, match="probe_path"):
-        counting.Gate(tracker._flying, tracker, b"/load", print)
+        counting.Gate(tracker._flying, tracker, b"/load", print, {}, 0.01)
 
 
 # -- shared with the server's other processes ----------------------------------------------------
@@ -466,3 +466,237 @@ def test_a_forked_child_does_not_write_its_parents_slot(free_port_listener: int)
     assert said == "0 0"
     assert words[place] == 0
     shared.leave()
+
+
+# -- what the Python path does with odd input, the compiled one does too --------------------------
+
+
+def test_trackers_with_windows_larger_than_the_counter_keeps_count_in_python() -> None:
+    wide = LoadTracker(latency_window=counting.MOST_WINDOW + 1)
+    assert isinstance(wide._flying, list)
+    assert isinstance(LoadTracker(rate_window=counting.MOST_RATE_WINDOW + 1)._flying, list)
+    assert not isinstance(LoadTracker(latency_window=counting.MOST_WINDOW)._flying, list)
+    assert LoadReportingASGI(hello, tracker=wide)._gate is None
+
+
+def test_objects_made_without_their_init_refuse_rather_than_crash() -> None:
+    gate = counting.Gate.__new__(counting.Gate)
+    with pytest.raises(RuntimeError, match="not initialised"):
+        gate.enter({"type": "http", "path": "/", "headers": []}, print)
+    counter = counting.Counter.__new__(counting.Counter)
+    for call in (lambda: counter.end((1.0, 0), False), lambda: counter.samples(0, 1.0)):
+        with pytest.raises(RuntimeError, match="not initialised"):
+            call()
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+@pytest.mark.parametrize(
+    "arrival", [(1.0,), (1.0, 2, 3), ("soon", 0), (1.0, 1.5), [1.0, 0], "1.0", None]
+)
+def test_an_end_given_no_arrival_leaves_flight_and_names_it(
+    compiled: bool, arrival: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_tracker, "COMPILED", compiled)
+    tracker = LoadTracker(clock=Clock(), share_in_flight=False)
+    assert isinstance(tracker._flying, list) is not compiled
+    tracker.begin()
+    with pytest.raises(TypeError, match="an arrival is") as raised:
+        tracker.end(arrival)
+    assert repr(arrival) in str(raised.value)
+    assert tracker.rif == 0
+    assert tracker.report().rps_fractional == 0  # not counted, and reports go on
+
+
+class Failing:
+    """A clock that raises once told to."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+        self.fail: BaseException | None = None
+
+    def __call__(self) -> float:
+        if self.fail is not None:
+            raise self.fail
+        return self.now
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_a_clock_that_raises_leaves_nothing_in_flight(
+    compiled: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_tracker, "COMPILED", compiled)
+    clock = Failing()
+    tracker = LoadTracker(clock=clock, share_in_flight=False)
+    arrival = tracker.begin()
+    clock.fail = OSError("no clock")
+    with pytest.raises(OSError, match="no clock"):
+        tracker.begin()
+    with pytest.raises(OSError, match="no clock"):
+        tracker.end(arrival)
+    clock.fail = None
+    assert tracker.rif == 0
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 1e300])
+def test_the_compiled_counter_refuses_a_clock_far_from_its_origin(value: float) -> None:
+    clock = Clock()
+    counter = new_counter(clock)
+    clock.now = value
+    with pytest.raises(ValueError, match="the clock returned"):
+        counter.begin()
+    assert len(counter) == 0
+    for call in (lambda: counter.rates(value), lambda: counter.samples(0, value)):
+        with pytest.raises(ValueError, match="not a finite number"):
+            call()
+
+
+def test_other_slots_are_added_up_exactly_whatever_they_hold() -> None:
+    words = memoryview(bytearray(_shared._SIZE)).cast("q")
+    places = tuple(slot * _shared._WORDS + _shared._COUNT for slot in (3, 4, 5))
+    mine = 2 * _shared._WORDS + _shared._COUNT
+    counter = new_counter(Clock())
+    most = 3 * _shared.MOST_PER_SLOT
+    counter.share(words, mine, lambda now: (words[_shared._GENERATION], now + 1.0, places, most))
+    for held in ([2**63 - 1, 2**63 - 1, 5], [2**63 - 1, 1, -(2**63)], [-(2**63), 7, 0]):
+        for place, count in zip(places, held, strict=True):
+            words[place] = count
+        exact = sum(held)
+        believed = sum(c for c in held if 0 < c <= _shared.MOST_PER_SLOT)
+        assert counter.others(100.0) == (exact if 0 <= exact <= most else believed)
+    counter.share(None)
+
+
+def test_a_failing_check_is_reported_and_tried_again_a_second_later(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import sys
+
+    words = memoryview(bytearray(_shared._SIZE)).cast("q")
+    mine = 2 * _shared._WORDS + _shared._COUNT
+    calls: list[float] = []
+    failure: list[BaseException] = [RuntimeError("no /proc")]
+
+    def check(now: float) -> tuple[int, float, tuple[int, ...], int]:
+        calls.append(now)
+        raise failure[0]
+
+    reported: list[Any] = []
+    monkeypatch.setattr(sys, "unraisablehook", reported.append)
+    clock = Clock()
+    counter = new_counter(clock)
+    counter.share(words, mine, check)
+    assert counter.begin() == (100.0, 0)  # the request is served, the others counted as none
+    assert len(reported) == 1
+    assert "no /proc" in str(reported[0].exc_value)
+    assert counter.others(100.5) == 0
+    assert calls == [100.0]  # not again within the second
+    failure[0] = KeyboardInterrupt()
+    clock.now = 101.0
+    with pytest.raises(KeyboardInterrupt):
+        counter.begin()  # a second on: tried again, and what is not an Exception goes on up
+    assert len(counter) == 1  # the request that raised is not counted
+    counter.share(None)
+
+
+class NotADict(dict):  # type: ignore[type-arg]
+    """A message mapping of another type (its reads go through its methods)."""
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+@pytest.mark.parametrize(
+    "status",
+    [200, 200.0, 503.0, float("nan"), True, 10**30, -(10**30), "200", None],
+)
+def test_any_status_is_counted_alike(
+    compiled: bool, status: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_tracker, "COMPILED", compiled)
+    tracker = LoadTracker(clock=Clock(), share_in_flight=False)
+
+    async def app(where: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": status, "headers": []})
+
+    async def main() -> None:
+        async def send(message: Any) -> None:
+            pass
+
+        await LoadReportingASGI(app, tracker=tracker)(
+            {"type": "http", "path": "/", "headers": []}, send, send
+        )
+
+    asyncio.run(main())
+    try:
+        expected = 1.0 if status >= 500 else 0.0
+    except TypeError:
+        expected = 1.0
+    assert (tracker.rif, tracker.report().eps) == (0, expected)
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [(bytearray(b"Endpoint-Load-Metrics"), b"TEXT eps=1")],  # the app's own, any type
+        [("endpoint-load-metrics", "TEXT eps=1")],  # a str is not a header name here
+        [(7, b"x")],
+        [(b"x",)],
+        None,
+    ],
+)
+def test_odd_response_headers_are_read_alike(headers: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    def outcome(compiled: bool) -> tuple[Any, int]:
+        monkeypatch.setattr(_tracker, "COMPILED", compiled)
+        tracker = LoadTracker(clock=Clock(), share_in_flight=False)
+        sent: list[Any] = []
+
+        async def app(where: Any, receive: Any, send: Any) -> None:
+            await send(NotADict(type="http.response.start", status=200, headers=headers))
+
+        async def main() -> None:
+            async def send(message: Any) -> None:
+                sent.append(dict(message))
+
+            asked = [(b"endpoint-load-metrics-format", b"TEXT")]
+            await LoadReportingASGI(app, tracker=tracker)(
+                {"type": "http", "path": "/", "headers": asked}, send, send
+            )
+
+        try:
+            asyncio.run(main())
+        except Exception as error:  # what the app would see: the same class either way
+            return type(error), tracker.rif
+        return sent, tracker.rif
+
+    assert outcome(True) == outcome(False)
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_odd_requests_are_read_alike(compiled: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_tracker, "COMPILED", compiled)
+
+    async def main() -> list[Any]:
+        async def send(message: Any) -> None:
+            pass
+
+        outcomes: list[Any] = []
+        for probe_path, where in (
+            (None, {"type": "http", "headers": []}),  # no path: a KeyError, probe or not
+            (PROBE_PATH, {"type": "http", "headers": []}),
+            (
+                None,
+                {
+                    "type": "http",
+                    "path": "/",
+                    "headers": [(b"endpoint-load-metrics-format", bytearray(b"TEXT"))],
+                },
+            ),
+        ):
+            tracker = LoadTracker(clock=Clock(), share_in_flight=False)
+            app = LoadReportingASGI(hello, tracker=tracker, probe_path=probe_path)
+            try:
+                await app(where, send, send)
+                outcomes.append(("served", tracker.rif))
+            except Exception as error:
+                outcomes.append((type(error), tracker.rif))
+        return outcomes
+
+    assert asyncio.run(main()) == [(KeyError, 0), (KeyError, 0), (TypeError, 0)]

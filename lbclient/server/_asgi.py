@@ -139,7 +139,11 @@ class LoadReportingASGI:
         except BaseException:
             tracker.drop()
             raise
-        tracker.end(started, error=status >= 500)
+        try:
+            failed = bool(status >= 500)
+        except Exception:  # not a status that compares: counted as an error, as in C
+            failed = True
+        tracker.end(started, error=failed)
 
     async def _probe(self, scope: Scope, send: Send) -> None:
         body, headers = probe_answer(self.tracker, _asked(scope["headers"]))

@@ -47,6 +47,7 @@ static const char REPORT[] = "endpoint-load-metrics";
 static const char START_TEXT[] = "http.response.start";
 #define START_LENGTH ((Py_ssize_t)(sizeof(START_TEXT) - 1))
 
+static PyObject *EMPTY, *FIVE_HUNDRED; /* (), 500 */
 static PyObject *KEY_TYPE, *KEY_STATUS, *KEY_HEADERS, *KEY_PATH, *HTTP, *START, *TEXT, *JSON,
     *JOINED, *ENCODED, *REPORT_NAME;
 
@@ -64,7 +65,8 @@ typedef struct {
 typedef struct {
     PyObject_HEAD
     Py_ssize_t flying;
-    PyObject *clock; /* NULL: CLOCK_MONOTONIC, as time.monotonic reads it */
+    PyObject *clock; /* NULL: CLOCK_MONOTONIC, as time.monotonic reads it on Linux */
+    int has_clock;   /* a clock was given (it is gone once the GC cleared the counter) */
     /* Latencies, by the requests each arrival found in flight (0..max_found). */
     Py_ssize_t window;
     Py_ssize_t max_found;
@@ -103,12 +105,26 @@ monotonic_now(void)
     return (double)ns / 1e9;
 }
 
-/* The clock's value into *now; -1 with an exception set where the clock failed. */
+/* The largest windows counted here (a tracker with larger ones counts in Python). */
+#define MOST_WINDOW 1024
+#define MOST_RATE_WINDOW 65536
+#define MOST_FOUND 4096
+
+/* The most seconds a clock value may lie from the counter's origin: whole seconds and their
+   buckets stay exact in a double and a 64-bit integer (about 285 million years). */
+#define MOST_SECONDS 9007199254740992.0
+
+/* The clock's value into *now; -1 with an exception set where the clock failed, or gave a value
+   that is not a finite number within MOST_SECONDS of the origin. */
 static int
 read_clock(Counter *self, double *now)
 {
     PyObject *value;
     if (self->clock == NULL) {
+        if (self->has_clock) {
+            PyErr_SetString(PyExc_RuntimeError, "the Counter was cleared");
+            return -1;
+        }
         *now = monotonic_now();
         return 0;
     }
@@ -117,8 +133,30 @@ read_clock(Counter *self, double *now)
         return -1;
     }
     *now = PyFloat_AsDouble(value);
-    Py_DECREF(value);
     if (*now == -1.0 && PyErr_Occurred()) {
+        Py_DECREF(value);
+        return -1;
+    }
+    if (!isfinite(*now) || fabs(*now - self->origin) >= MOST_SECONDS) {
+        PyErr_Format(PyExc_ValueError,
+                     "the clock returned %R: not a finite number of seconds near the others",
+                     value);
+        Py_DECREF(value);
+        return -1;
+    }
+    Py_DECREF(value);
+    return 0;
+}
+
+/* `now`, checked as read_clock checks a clock's value (for the times Python passes in). */
+static int
+check_time(Counter *self, double now)
+{
+    char text[64];
+    if (!isfinite(now) || fabs(now - self->origin) >= MOST_SECONDS) {
+        PyOS_snprintf(text, sizeof(text), "%.17g", now);
+        PyErr_Format(PyExc_ValueError, "%s is not a finite number of seconds near the others",
+                     text);
         return -1;
     }
     return 0;
@@ -205,44 +243,59 @@ recheck(Counter *self, double now)
     return 0;
 }
 
-/* The other live processes' requests in flight, as Shared.others counts them (0 where the
-   count is not shared, or the check failed: that is reported as unraisable, not to the app). */
-static Py_ssize_t
-others_in_flight(Counter *self, double now)
+#ifdef __SIZEOF_INT128__
+typedef __int128 wide_sum; /* the exact sum of up to SLOTS 64-bit words, as Python's */
+#else
+typedef long double wide_sum; /* exact where 64 bits of mantissa are; else near enough */
+#endif
+
+/* The other live processes' requests in flight, as Shared.others counts them, into *count: 0
+   where the count is not shared. A check that raised an Exception is reported as unraisable
+   (not to the request) and tried again a second later, the others counted as last checked;
+   -1 with the exception set for anything else (KeyboardInterrupt, SystemExit). */
+static int
+others_in_flight(Counter *self, double now, Py_ssize_t *count)
 {
-    int64_t *words, total = 0;
+    int64_t *words;
+    wide_sum total = 0;
     Py_ssize_t index;
+    *count = 0;
     if (!self->shared) {
         return 0;
     }
     words = words_of(self);
     if (words[GENERATION_WORD] != self->generation || now >= self->next_check) {
         if (recheck(self, now) < 0) {
+            if (!PyErr_ExceptionMatches(PyExc_Exception)) {
+                return -1;
+            }
             PyErr_WriteUnraisable((PyObject *)self);
-            return 0;
+            if (self->shared) {
+                self->generation = words_of(self)[GENERATION_WORD];
+                self->next_check = now + 1.0;
+            }
         }
-        if (!self->shared) {
+        if (!self->shared) { /* the check gave the slot back meanwhile */
             return 0;
         }
         words = words_of(self);
     }
-    if (self->other_count == 0) {
-        return 0;
-    }
     for (index = 0; index < self->other_count; index++) {
         total += words[self->others[index]];
     }
-    if (0 <= total && total <= self->most) {
-        return (Py_ssize_t)total;
+    if (0 <= total && total <= (wide_sum)self->most) {
+        *count = (Py_ssize_t)total;
+        return 0;
     }
     total = 0; /* a slot not believed: the others, each checked */
     for (index = 0; index < self->other_count; index++) {
-        int64_t count = words[self->others[index]];
-        if (0 < count && count <= MOST_PER_SLOT) {
-            total += count;
+        int64_t one = words[self->others[index]];
+        if (0 < one && one <= MOST_PER_SLOT) {
+            total += one;
         }
     }
-    return (Py_ssize_t)total;
+    *count = (Py_ssize_t)total;
+    return 0;
 }
 
 /* A request arrived: counted in flight; its time and the requests it found (-1: the clock
@@ -250,13 +303,21 @@ others_in_flight(Counter *self, double now)
 static int
 arrive(Counter *self, double *now, Py_ssize_t *found)
 {
+    Py_ssize_t others;
     if (read_clock(self, now) < 0) {
         return -1;
     }
     *found = self->flying;
     self->flying++;
     publish(self);
-    *found += others_in_flight(self, *now);
+    if (others_in_flight(self, *now, &others) < 0) {
+        if (self->flying > 0) {
+            self->flying--;
+        }
+        publish(self);
+        return -1;
+    }
+    *found += others;
     return 0;
 }
 
@@ -364,8 +425,10 @@ Counter_init(Counter *self, PyObject *args, PyObject *kwargs)
     static char *keywords[] = {"clock",     "origin",    "latency_window", "rate_window",
                                "max_found", "found_age", NULL};
     PyObject *clock;
-    double origin, found_age;
+    double origin, found_age, *store;
     Py_ssize_t window, rate_window, max_found, index;
+    Ring *rings;
+    long long *seconds, *requests, *errors;
     if (self->rings != NULL) {
         PyErr_SetString(PyExc_RuntimeError, "a Counter is made once");
         return -1;
@@ -374,28 +437,43 @@ Counter_init(Counter *self, PyObject *args, PyObject *kwargs)
                                      &rate_window, &max_found, &found_age)) {
         return -1;
     }
-    if (window < 1 || rate_window < 1 || max_found < 0 || window > (1 << 20)
-        || rate_window > (1 << 20) || max_found > (1 << 16)) {
+    if (window < 1 || rate_window < 1 || max_found < 0 || window > MOST_WINDOW
+        || rate_window > MOST_RATE_WINDOW || max_found > MOST_FOUND) {
         PyErr_Format(PyExc_ValueError,
-                     "latency_window and rate_window must be 1 to 2**20 and max_found 0 to "
-                     "2**16, got %zd, %zd, %zd",
-                     window, rate_window, max_found);
+                     "latency_window must be 1 to %d, rate_window 1 to %d and max_found 0 to %d, "
+                     "got %zd, %zd, %zd",
+                     MOST_WINDOW, MOST_RATE_WINDOW, MOST_FOUND, window, rate_window, max_found);
+        return -1;
+    }
+    if (!isfinite(origin) || !isfinite(found_age)) {
+        PyErr_SetString(PyExc_ValueError, "origin and found_age must be finite");
         return -1;
     }
     if (clock != Py_None && !PyCallable_Check(clock)) {
         PyErr_Format(PyExc_TypeError, "clock must be a callable or None, got %R", clock);
         return -1;
     }
-    self->rings = PyMem_New(Ring, max_found + 1);
-    self->store = PyMem_New(double, (max_found + 1) * window);
-    self->seconds = PyMem_New(long long, rate_window);
-    self->requests = PyMem_New(long long, rate_window);
-    self->errors = PyMem_New(long long, rate_window);
-    if (self->rings == NULL || self->store == NULL || self->seconds == NULL
-        || self->requests == NULL || self->errors == NULL) {
+    /* All or nothing: a counter whose memory was refused stays unmade (made() says so). */
+    rings = PyMem_New(Ring, max_found + 1);
+    store = PyMem_New(double, (max_found + 1) * window);
+    seconds = PyMem_New(long long, rate_window);
+    requests = PyMem_New(long long, rate_window);
+    errors = PyMem_New(long long, rate_window);
+    if (rings == NULL || store == NULL || seconds == NULL || requests == NULL
+        || errors == NULL) {
+        PyMem_Free(rings);
+        PyMem_Free(store);
+        PyMem_Free(seconds);
+        PyMem_Free(requests);
+        PyMem_Free(errors);
         PyErr_NoMemory();
-        return -1; /* freed by dealloc */
+        return -1;
     }
+    self->rings = rings;
+    self->store = store;
+    self->seconds = seconds;
+    self->requests = requests;
+    self->errors = errors;
     for (index = 0; index <= max_found; index++) {
         self->rings[index].samples = self->store + index * window;
         self->rings[index].count = 0;
@@ -408,6 +486,7 @@ Counter_init(Counter *self, PyObject *args, PyObject *kwargs)
         self->errors[index] = 0;
     }
     Py_XSETREF(self->clock, clock == Py_None ? NULL : Py_NewRef(clock));
+    self->has_clock = clock != Py_None;
     self->window = window;
     self->max_found = max_found;
     self->found_age = found_age;
@@ -423,6 +502,9 @@ Counter_traverse(Counter *self, visitproc visit, void *arg)
 {
     Py_VISIT(self->clock);
     Py_VISIT(self->check);
+    if (self->shared) {
+        Py_VISIT(self->words.obj);
+    }
     return 0;
 }
 
@@ -487,6 +569,7 @@ Counter_share(Counter *self, PyObject *args)
 {
     PyObject *words, *check = NULL;
     Py_ssize_t own = 0;
+    Py_buffer view;
     if (!PyArg_ParseTuple(args, "O|nO", &words, &own, &check)) {
         return NULL;
     }
@@ -498,17 +581,21 @@ Counter_share(Counter *self, PyObject *args)
         PyErr_SetString(PyExc_TypeError, "share(words, own, check): check must be a callable");
         return NULL;
     }
-    if (PyObject_GetBuffer(words, &self->words,
-                           PyBUF_WRITABLE | PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) < 0) {
+    /* Into a buffer of its own: the exporter may run Python code (a __buffer__), which may
+       call share() again meanwhile; what that installed is given back before this is. */
+    if (PyObject_GetBuffer(words, &view, PyBUF_WRITABLE | PyBUF_FORMAT | PyBUF_C_CONTIGUOUS)
+        < 0) {
         return NULL;
     }
-    if (self->words.itemsize != 8 || self->words.format == NULL
-        || strcmp(self->words.format, "q") != 0 || own <= GENERATION_WORD
-        || own >= self->words.len / 8) {
-        PyBuffer_Release(&self->words);
-        PyErr_Format(PyExc_ValueError, "share: words must be 64-bit words holding word %zd", own);
+    if (view.itemsize != 8 || view.format == NULL || strcmp(view.format, "q") != 0
+        || (uintptr_t)view.buf % 8 != 0 || own <= GENERATION_WORD || own >= view.len / 8) {
+        PyBuffer_Release(&view);
+        PyErr_Format(PyExc_ValueError,
+                     "share: words must be aligned 64-bit words holding word %zd", own);
         return NULL;
     }
+    stop_sharing(self);
+    self->words = view;
     self->shared = 1;
     self->own = own;
     self->check = Py_NewRef(check);
@@ -529,12 +616,24 @@ Counter_begin(Counter *self, PyObject *unused)
     return Py_BuildValue("(dn)", now, found);
 }
 
+/* The request of `arrival` is out of flight, and `arrival` is not one: a TypeError naming it. */
+static PyObject *
+not_an_arrival(Counter *self, PyObject *arrival)
+{
+    leave_flight(self);
+    PyErr_Format(PyExc_TypeError,
+                 "an arrival is (start time, requests found), as begin() returns it, or a start "
+                 "time; got %R",
+                 arrival);
+    return NULL;
+}
+
 static PyObject *
 Counter_end(Counter *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    PyObject *arrival;
+    PyObject *arrival, *time;
     double started, now;
-    Py_ssize_t found;
+    Py_ssize_t found, others, flying;
     int error;
     if (!made(self)) {
         return NULL;
@@ -546,11 +645,22 @@ Counter_end(Counter *self, PyObject *const *args, Py_ssize_t nargs)
     arrival = args[0];
     error = PyObject_IsTrue(args[1]);
     if (error < 0) {
+        leave_flight(self);
         return NULL;
     }
     if (PyTuple_Check(arrival)) {
-        if (!PyArg_ParseTuple(arrival, "dn", &started, &found)) {
-            return NULL;
+        if (PyTuple_GET_SIZE(arrival) != 2 || !PyLong_Check(PyTuple_GET_ITEM(arrival, 1))) {
+            return not_an_arrival(self, arrival);
+        }
+        time = PyTuple_GET_ITEM(arrival, 0);
+        if (!PyFloat_Check(time) && !PyLong_Check(time)) {
+            return not_an_arrival(self, arrival);
+        }
+        started = PyFloat_AsDouble(time);
+        found = PyLong_AsSsize_t(PyTuple_GET_ITEM(arrival, 1));
+        if ((started == -1.0 || found == -1) && PyErr_Occurred()) {
+            PyErr_Clear();
+            return not_an_arrival(self, arrival);
         }
         if (finish(self, started, found, error) < 0) {
             return NULL;
@@ -558,16 +668,25 @@ Counter_end(Counter *self, PyObject *const *args, Py_ssize_t nargs)
         Py_RETURN_NONE;
     }
     /* A start time alone: it found what is in flight besides it now. */
+    if (!PyFloat_Check(arrival) && !PyLong_Check(arrival)) {
+        return not_an_arrival(self, arrival);
+    }
     started = PyFloat_AsDouble(arrival);
     if (started == -1.0 && PyErr_Occurred()) {
-        return NULL;
+        PyErr_Clear();
+        return not_an_arrival(self, arrival);
     }
     if (read_clock(self, &now) < 0) {
+        leave_flight(self);
         return NULL;
     }
-    found = self->flying - 1 + others_in_flight(self, now);
+    flying = self->flying; /* before the others: reading them may run Python code */
+    if (others_in_flight(self, now, &others) < 0) {
+        leave_flight(self);
+        return NULL;
+    }
     leave_flight(self);
-    count_end(self, started, found, now, error);
+    count_end(self, started, flying - 1 + others, now, error);
     Py_RETURN_NONE;
 }
 
@@ -577,7 +696,7 @@ Counter_rates(Counter *self, PyObject *at)
     double now = PyFloat_AsDouble(at), elapsed, span;
     long long oldest, requests = 0, errors = 0;
     Py_ssize_t index;
-    if (!made(self) || (now == -1.0 && PyErr_Occurred())) {
+    if (!made(self) || (now == -1.0 && PyErr_Occurred()) || check_time(self, now) < 0) {
         return NULL;
     }
     elapsed = now - self->origin;
@@ -617,7 +736,7 @@ Counter_samples(Counter *self, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     now = PyFloat_AsDouble(args[1]);
-    if (now == -1.0 && PyErr_Occurred()) {
+    if ((now == -1.0 && PyErr_Occurred()) || check_time(self, now) < 0) {
         return NULL;
     }
     key = rif < self->max_found ? rif : self->max_found;
@@ -653,10 +772,11 @@ static PyObject *
 Counter_others(Counter *self, PyObject *now)
 {
     double at = PyFloat_AsDouble(now);
-    if (at == -1.0 && PyErr_Occurred()) {
+    Py_ssize_t others;
+    if ((at == -1.0 && PyErr_Occurred()) || others_in_flight(self, at, &others) < 0) {
         return NULL;
     }
-    return PyLong_FromSsize_t(others_in_flight(self, at));
+    return PyLong_FromSsize_t(others);
 }
 
 static PyObject *
@@ -720,6 +840,8 @@ typedef struct {
     Counter *counter;
     PyObject *tracker;
     PyObject *asked; /* "TEXT", "JSON", or NULL: no report asked */
+    PyObject *lines; /* the tracker's rendered reports, by form */
+    double refresh;  /* seconds a rendered report is used for */
     double arrival;
     Py_ssize_t found;
     int status; /* 500 until a response starts: an app that returns without one gets a 500 */
@@ -728,26 +850,102 @@ typedef struct {
 
 static PyTypeObject ReplyType;
 
-/* Whether header name `name` is the report's, in any case. */
+/* Whether header name `name` is the report's, as the Python path asks it (`len(name) ==
+   REPORT_LENGTH and name.lower() == REPORT`): 1, 0, or -1 with an exception set. */
 static int
 is_report_name(PyObject *name)
 {
     const char *text;
-    Py_ssize_t index;
-    if (!PyBytes_Check(name) || PyBytes_GET_SIZE(name) != REPORT_LENGTH) {
-        return 0;
-    }
-    text = PyBytes_AS_STRING(name);
-    for (index = 0; index < REPORT_LENGTH; index++) {
-        char c = text[index];
-        if (c >= 'A' && c <= 'Z') {
-            c = (char)(c - 'A' + 'a');
-        }
-        if (c != REPORT[index]) {
+    Py_ssize_t index, length;
+    PyObject *lowered;
+    int same;
+    if (PyBytes_CheckExact(name)) {
+        if (PyBytes_GET_SIZE(name) != REPORT_LENGTH) {
             return 0;
         }
+        text = PyBytes_AS_STRING(name);
+        for (index = 0; index < REPORT_LENGTH; index++) {
+            char c = text[index];
+            if (c >= 'A' && c <= 'Z') {
+                c = (char)(c - 'A' + 'a');
+            }
+            if (c != REPORT[index]) {
+                return 0;
+            }
+        }
+        return 1;
     }
-    return 1;
+    length = PyObject_Length(name);
+    if (length < 0) {
+        return -1;
+    }
+    if (length != REPORT_LENGTH) {
+        return 0;
+    }
+    lowered = PyObject_CallMethod(name, "lower", NULL);
+    if (lowered == NULL) {
+        return -1;
+    }
+    same = PyObject_RichCompareBool(lowered, REPORT_NAME, Py_EQ);
+    Py_DECREF(lowered);
+    return same;
+}
+
+/* The report's header value, as the tracker's encoded(asked) gives it: from the tracker's lines
+   where the one of this form is fresh (rendered less than `refresh` seconds ago) and has made
+   the value for as many in flight as now; else by the tracker's own encoded. A new reference,
+   or NULL with an exception set. */
+static PyObject *
+encoded(Reply *self)
+{
+    PyObject *line, *values, *key, *value = NULL;
+    double now, age;
+    Py_ssize_t rif, others;
+    line = PyDict_GetItemWithError(self->lines, self->asked);
+    if (line == NULL && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (line != NULL && PyTuple_CheckExact(line) && PyTuple_GET_SIZE(line) == 6
+        && PyFloat_CheckExact(PyTuple_GET_ITEM(line, 0))
+        && PyDict_CheckExact(PyTuple_GET_ITEM(line, 5))) {
+        Py_INCREF(line); /* reading the clock may run Python code, which may replace it */
+        if (read_clock(self->counter, &now) < 0) {
+            Py_DECREF(line);
+            return NULL;
+        }
+        age = now - PyFloat_AS_DOUBLE(PyTuple_GET_ITEM(line, 0));
+        if (0.0 <= age && age < self->refresh) {
+            rif = self->counter->flying - 1; /* the request answered is on its way out */
+            if (rif < 0) {
+                rif = 0;
+            }
+            if (others_in_flight(self->counter, now, &others) < 0) {
+                Py_DECREF(line);
+                return NULL;
+            }
+            key = PyLong_FromSsize_t(rif + others);
+            if (key == NULL) {
+                Py_DECREF(line);
+                return NULL;
+            }
+            values = PyTuple_GET_ITEM(line, 5);
+            value = PyDict_GetItemWithError(values, key);
+            Py_DECREF(key);
+            if (value == NULL && PyErr_Occurred()) {
+                Py_DECREF(line);
+                return NULL;
+            }
+            if (value != NULL && !PyBytes_CheckExact(value)) {
+                value = NULL;
+            }
+            Py_XINCREF(value);
+        }
+        Py_DECREF(line);
+    }
+    if (value != NULL) {
+        return value;
+    }
+    return PyObject_CallMethodOneArg(self->tracker, ENCODED, self->asked);
 }
 
 /* `message` with the report added to its headers (a new dict), or `message` itself where the
@@ -757,35 +955,36 @@ with_report(Reply *self, PyObject *message)
 {
     PyObject *given, *headers, *value, *pair, *copy;
     Py_ssize_t index, count;
-    if (PyDict_Check(message)) {
+    int found;
+    if (PyDict_CheckExact(message)) {
         given = PyDict_GetItemWithError(message, KEY_HEADERS);
-        if (given == NULL && PyErr_Occurred()) {
-            return NULL;
+        if (given == NULL) {
+            if (PyErr_Occurred()) {
+                return NULL;
+            }
+            given = EMPTY;
         }
-        Py_XINCREF(given);
+        Py_INCREF(given);
     }
     else {
-        given = PyObject_CallMethod(message, "get", "OO", KEY_HEADERS, Py_None);
+        given = PyObject_CallMethod(message, "get", "OO", KEY_HEADERS, EMPTY);
         if (given == NULL) {
             return NULL;
         }
-        if (given == Py_None) {
-            Py_CLEAR(given);
-        }
     }
-    headers = given == NULL ? PyList_New(0) : PySequence_List(given);
-    Py_XDECREF(given);
+    headers = PySequence_List(given);
+    Py_DECREF(given);
     if (headers == NULL) {
         return NULL;
     }
     count = PyList_GET_SIZE(headers);
     for (index = 0; index < count; index++) {
-        PyObject *item = PyList_GET_ITEM(headers, index), *name;
+        PyObject *item = PyList_GET_ITEM(headers, index), *items;
         if (PyTuple_CheckExact(item) && PyTuple_GET_SIZE(item) == 2) {
-            name = PyTuple_GET_ITEM(item, 0);
+            found = is_report_name(PyTuple_GET_ITEM(item, 0));
         }
         else {
-            PyObject *items = PySequence_Tuple(item);
+            items = PySequence_Tuple(item);
             if (items == NULL) {
                 Py_DECREF(headers);
                 return NULL;
@@ -797,21 +996,16 @@ with_report(Reply *self, PyObject *message)
                 Py_DECREF(headers);
                 return NULL;
             }
-            name = PyTuple_GET_ITEM(items, 0);
-            if (is_report_name(name)) {
-                Py_DECREF(items);
-                Py_DECREF(headers);
-                return Py_NewRef(message); /* the app reported itself */
-            }
+            found = is_report_name(PyTuple_GET_ITEM(items, 0));
             Py_DECREF(items);
-            continue;
         }
-        if (is_report_name(name)) {
+        if (found != 0) {
             Py_DECREF(headers);
-            return Py_NewRef(message);
+            /* -1: the name could not be read; 1: the app reported itself */
+            return found < 0 ? NULL : Py_NewRef(message);
         }
     }
-    value = PyObject_CallMethodOneArg(self->tracker, ENCODED, self->asked);
+    value = encoded(self);
     if (value == NULL) {
         Py_DECREF(headers);
         return NULL;
@@ -842,6 +1036,10 @@ Reply_vectorcall(Reply *self, PyObject *const *args, size_t nargsf, PyObject *kw
     int started;
     if (PyVectorcall_NARGS(nargsf) != 1 || (kwnames != NULL && PyTuple_GET_SIZE(kwnames))) {
         PyErr_SetString(PyExc_TypeError, "send takes one message");
+        return NULL;
+    }
+    if (self->send == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "the Reply was cleared");
         return NULL;
     }
     message = args[0];
@@ -895,14 +1093,18 @@ Reply_vectorcall(Reply *self, PyObject *const *args, size_t nargsf, PyObject *kw
             return NULL;
         }
     }
-    if (PyLong_Check(status)) {
+    if (PyLong_CheckExact(status)) {
         int overflow;
         long value = PyLong_AsLongAndOverflow(status, &overflow);
         self->status = overflow > 0 || value >= 500 ? 500 : overflow < 0 || value < 0 ? 0
                                                                                        : (int)value;
     }
-    else {
-        self->status = 500; /* not a status a server sends: counted as an error */
+    else { /* as the Python path: an error where status >= 500, or it does not compare */
+        int failed = PyObject_RichCompareBool(status, FIVE_HUNDRED, Py_GE);
+        if (failed < 0) {
+            PyErr_Clear();
+        }
+        self->status = failed != 0 ? 500 : 0;
     }
     Py_DECREF(status);
     if (self->asked == NULL) {
@@ -924,7 +1126,7 @@ Reply_end(Reply *self, PyObject *raised)
     if (error < 0) {
         return NULL;
     }
-    if (self->over) {
+    if (self->over || self->counter == NULL) {
         Py_RETURN_NONE;
     }
     self->over = 1;
@@ -937,7 +1139,7 @@ Reply_end(Reply *self, PyObject *raised)
 static PyObject *
 Reply_drop(Reply *self, PyObject *unused)
 {
-    if (!self->over) {
+    if (!self->over && self->counter != NULL) {
         self->over = 1;
         leave_flight(self->counter);
     }
@@ -962,6 +1164,8 @@ Reply_traverse(Reply *self, visitproc visit, void *arg)
     Py_VISIT(self->send);
     Py_VISIT(self->counter);
     Py_VISIT(self->tracker);
+    Py_VISIT(self->asked);
+    Py_VISIT(self->lines);
     return 0;
 }
 
@@ -972,6 +1176,7 @@ Reply_clear(Reply *self)
     Py_CLEAR(self->counter);
     Py_CLEAR(self->tracker);
     Py_CLEAR(self->asked);
+    Py_CLEAR(self->lines);
     return 0;
 }
 
@@ -1023,15 +1228,20 @@ typedef struct {
     PyObject *tracker;
     PyObject *probe_path; /* a str, or None */
     PyObject *requested;  /* requested_format(value): the format of any other value, or None */
+    PyObject *lines;      /* the tracker's rendered reports, by form (a dict) */
+    double refresh;       /* seconds a rendered report is used for */
 } Gate;
 
 static int
 Gate_init(Gate *self, PyObject *args, PyObject *kwargs)
 {
-    static char *keywords[] = {"counter", "tracker", "probe_path", "requested", NULL};
-    PyObject *counter, *tracker, *probe_path, *requested;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O!OOO", keywords, &CounterType, &counter,
-                                     &tracker, &probe_path, &requested)) {
+    static char *keywords[] = {"counter", "tracker", "probe_path", "requested",
+                               "lines",   "refresh", NULL};
+    PyObject *counter, *tracker, *probe_path, *requested, *lines;
+    double refresh;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O!OOOO!d", keywords, &CounterType, &counter,
+                                     &tracker, &probe_path, &requested, &PyDict_Type, &lines,
+                                     &refresh)) {
         return -1;
     }
     if (!made((Counter *)counter)) {
@@ -1045,6 +1255,8 @@ Gate_init(Gate *self, PyObject *args, PyObject *kwargs)
     Py_XSETREF(self->tracker, Py_NewRef(tracker));
     Py_XSETREF(self->probe_path, Py_NewRef(probe_path));
     Py_XSETREF(self->requested, Py_NewRef(requested));
+    Py_XSETREF(self->lines, Py_NewRef(lines));
+    self->refresh = refresh;
     return 0;
 }
 
@@ -1054,6 +1266,7 @@ static PyObject *
 asked_of(Gate *self, PyObject *headers)
 {
     Py_ssize_t index, count;
+    PyObject *asked;
     if (!PyList_CheckExact(headers) && !PyTuple_CheckExact(headers)) {
         return NULL;
     }
@@ -1072,7 +1285,10 @@ asked_of(Gate *self, PyObject *headers)
             continue;
         }
         value = PyTuple_GET_ITEM(pair, 1);
-        if (PyBytes_CheckExact(value) && PyBytes_GET_SIZE(value) == 4) {
+        if (!PyBytes_CheckExact(value)) {
+            return NULL; /* the Python path reads (or refuses) any other value */
+        }
+        if (PyBytes_GET_SIZE(value) == 4) {
             const char *text = PyBytes_AS_STRING(value);
             if (memcmp(text, "TEXT", 4) == 0 || memcmp(text, "text", 4) == 0) {
                 return Py_NewRef(TEXT);
@@ -1081,7 +1297,10 @@ asked_of(Gate *self, PyObject *headers)
                 return Py_NewRef(JSON);
             }
         }
-        return PyObject_CallOneArg(self->requested, value);
+        Py_INCREF(value); /* held while Python code runs */
+        asked = PyObject_CallOneArg(self->requested, value);
+        Py_DECREF(value);
+        return asked;
     }
     return Py_NewRef(Py_None);
 }
@@ -1094,6 +1313,10 @@ Gate_enter(Gate *self, PyObject *const *args, Py_ssize_t nargs)
     int same;
     if (nargs != 2) {
         PyErr_SetString(PyExc_TypeError, "enter(scope, send)");
+        return NULL;
+    }
+    if (self->counter == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "the Gate was not initialised");
         return NULL;
     }
     scope = args[0];
@@ -1123,12 +1346,15 @@ Gate_enter(Gate *self, PyObject *const *args, Py_ssize_t nargs)
     if (!same) {
         Py_RETURN_NONE; /* the first request: the Python path finds the port to share at */
     }
+    value = PyDict_GetItemWithError(scope, KEY_PATH);
+    if (value == NULL) { /* the Python path says what is wrong */
+        if (PyErr_Occurred()) {
+            return NULL;
+        }
+        Py_RETURN_NONE;
+    }
     if (self->probe_path != Py_None) {
-        value = PyDict_GetItemWithError(scope, KEY_PATH);
-        if (value == NULL || !PyUnicode_Check(value)) {
-            if (PyErr_Occurred()) {
-                return NULL;
-            }
+        if (!PyUnicode_CheckExact(value)) {
             Py_RETURN_NONE;
         }
         same = PyUnicode_Compare(value, self->probe_path);
@@ -1162,6 +1388,8 @@ Gate_enter(Gate *self, PyObject *const *args, Py_ssize_t nargs)
     reply->send = Py_NewRef(send);
     reply->counter = (Counter *)Py_NewRef(self->counter);
     reply->tracker = Py_NewRef(self->tracker);
+    reply->lines = Py_NewRef(self->lines);
+    reply->refresh = self->refresh;
     if (asked == Py_None) {
         Py_DECREF(asked);
         reply->asked = NULL;
@@ -1187,7 +1415,9 @@ Gate_traverse(Gate *self, visitproc visit, void *arg)
 {
     Py_VISIT(self->counter);
     Py_VISIT(self->tracker);
+    Py_VISIT(self->probe_path);
     Py_VISIT(self->requested);
+    Py_VISIT(self->lines);
     return 0;
 }
 
@@ -1198,6 +1428,7 @@ Gate_clear(Gate *self)
     Py_CLEAR(self->tracker);
     Py_CLEAR(self->probe_path);
     Py_CLEAR(self->requested);
+    Py_CLEAR(self->lines);
     return 0;
 }
 
@@ -1251,6 +1482,13 @@ module_exec(PyObject *module)
         || intern(&JOINED, "joined") < 0 || intern(&ENCODED, "encoded") < 0) {
         return -1;
     }
+    if (EMPTY == NULL) {
+        EMPTY = PyTuple_New(0);
+        FIVE_HUNDRED = PyLong_FromLong(500);
+        if (EMPTY == NULL || FIVE_HUNDRED == NULL) {
+            return -1;
+        }
+    }
     if (REPORT_NAME == NULL) {
         REPORT_NAME = PyBytes_FromStringAndSize(REPORT, REPORT_LENGTH);
         if (REPORT_NAME == NULL) {
@@ -1265,6 +1503,9 @@ module_exec(PyObject *module)
         || PyModule_AddObjectRef(module, "Reply", (PyObject *)&ReplyType) < 0
         || PyModule_AddObjectRef(module, "Gate", (PyObject *)&GateType) < 0
         || PyModule_AddIntConstant(module, "MOST_PER_SLOT", MOST_PER_SLOT) < 0
+        || PyModule_AddIntConstant(module, "MOST_WINDOW", MOST_WINDOW) < 0
+        || PyModule_AddIntConstant(module, "MOST_RATE_WINDOW", MOST_RATE_WINDOW) < 0
+        || PyModule_AddIntConstant(module, "MOST_FOUND", MOST_FOUND) < 0
         || PyModule_AddStringConstant(module, "SOURCE_SHA256", LBCLIENT_SOURCE_SHA256) < 0) {
         return -1;
     }

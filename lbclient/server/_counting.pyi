@@ -4,6 +4,10 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any, Final
 
 MOST_PER_SLOT: Final[int]
+#: The largest windows a Counter keeps (a tracker with larger ones counts in Python).
+MOST_WINDOW: Final[int]
+MOST_RATE_WINDOW: Final[int]
+MOST_FOUND: Final[int]
 #: The SHA-256 of the source it was compiled from (hex).
 SOURCE_SHA256: Final[str]
 
@@ -59,6 +63,8 @@ class Gate:
         tracker: object,
         probe_path: str | None,
         requested: Callable[[bytes], str | None],
+        lines: dict[str, Any],
+        refresh: float,
     ) -> None: ...
     def enter(
         self, scope: MutableMapping[str, Any], send: Callable[..., Awaitable[None]], /

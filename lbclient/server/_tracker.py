@@ -12,12 +12,13 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import sysconfig
 import threading
 import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Mapping
-from typing import Final
+from typing import Final, NoReturn
 
 from lbclient.server._report import (
     Metric,
@@ -28,9 +29,15 @@ from lbclient.server._report import (
     reading,
     requested_format,
 )
+from lbclient.server._rings import Ring, median, nearest
 from lbclient.server._shared import Shared
 
-try:  # the optional compiled per-request path (hatch_build.py builds it where a C compiler is)
+#: Whether this interpreter runs without the interpreter lock (a free-threaded build), where the
+#: compiled counter, which relies on that lock, is not even imported.
+FREE_THREADED: Final = bool(sysconfig.get_config_var("Py_GIL_DISABLED"))
+try:  # the optional compiled per-request path (hatch_build.py builds it where a compiler is)
+    if FREE_THREADED:  # pragma: no cover - not this project's interpreter
+        raise ImportError("the compiled counter relies on the interpreter lock")
     from lbclient.server import _counting
 except ImportError:  # pragma: no cover - a build without a compiler
     _counting = None  # type: ignore[assignment]
@@ -76,12 +83,17 @@ _Line = tuple[float, str, str, str, dict[int, str], dict[int, bytes]]
 #: appends to a list, and every so many the list is counted, in one loop under the lock.
 FOLD_EVERY: Final = 64
 
-_is_gil_enabled = getattr(sys, "_is_gil_enabled", None)
-#: Whether new trackers count requests in flight in the compiled counter, which lets
+#: Whether new trackers count in the compiled counter, which lets
 #: :class:`~lbclient.server.LoadReportingASGI` take each usual request's path in C (the counts
 #: and reports are the same either way). It relies on the interpreter lock: False on a
-#: free-threaded build, and where the module was not built.
-COMPILED: bool = _counting is not None and (_is_gil_enabled is None or _is_gil_enabled())
+#: free-threaded build, and where the module was not built. (A tracker whose windows are larger
+#: than the compiled counter keeps, ``MOST_WINDOW`` latencies or ``MOST_RATE_WINDOW`` seconds,
+#: counts in Python.)
+COMPILED: bool = _counting is not None
+
+#: Where the compiled counter reads ``time.monotonic``'s clock itself (the same clock, rounded
+#: alike); elsewhere it calls ``time.monotonic``.
+_OWN_CLOCK: Final = sys.platform.startswith("linux")
 
 #: Seconds before a tracker tries again to join the processes of its server, where the shared
 #: file stayed locked, and how many tries it makes in all.
@@ -106,44 +118,6 @@ def _address(value: object) -> int | str | None:
 #: What :meth:`LoadTracker.begin` returns: the arrival's clock value, and the requests it found
 #: in flight.
 Arrival = tuple[float, int]
-
-
-class _Ring:
-    """The latest ``size`` latencies of the requests that found one number in flight, and when
-    the newest came (never: minus infinity)."""
-
-    __slots__ = ("last", "next", "samples", "size")
-
-    def __init__(self, size: int) -> None:
-        self.samples: list[float] = []
-        self.size = size
-        self.next = 0  # where the next sample goes once the ring is full
-        self.last = -_INFINITY
-
-
-def _nearest(found: list[_Ring], key: int, oldest: float) -> _Ring | None:
-    """Of the rings with latencies whose newest came at ``oldest`` or later, the one of the
-    nearest number found below ``key``, else the nearest above (None: no such ring)."""
-    for number in range(min(key, len(found)) - 1, -1, -1):
-        ring = found[number]
-        if ring.last >= oldest and ring.samples:
-            return ring
-    for number in range(key + 1, len(found)):
-        ring = found[number]
-        if ring.last >= oldest and ring.samples:
-            return ring
-    return None
-
-
-def _median(samples: list[float]) -> float:
-    """The median of ``samples`` (sorted in place; 0 for none)."""
-    samples.sort()
-    count = len(samples)
-    if count == 0:
-        return 0.0
-    if count % 2:
-        return samples[count // 2]
-    return (samples[count // 2 - 1] + samples[count // 2]) / 2
 
 
 class LoadTracker:
@@ -244,9 +218,13 @@ class LoadTracker:
         # same (its len, append and pop), and counts each end as it comes, with the rates and
         # latencies below kept in it instead (see lbclient/server/_counting.c).
         self._flying: list[None] | _counting.Counter
-        if COMPILED:
+        if (
+            COMPILED
+            and latency_window <= _counting.MOST_WINDOW
+            and rate_window <= _counting.MOST_RATE_WINDOW
+        ):
             self._flying = _counting.Counter(
-                None if clock is time.monotonic else clock,
+                None if clock is time.monotonic and _OWN_CLOCK else clock,
                 self._origin,
                 latency_window,
                 rate_window,
@@ -262,7 +240,7 @@ class LoadTracker:
         self._until = self._origin  # the first request turns to its second's bucket
         # Latencies by the requests each arrival found in flight (up to MAX_FOUND), each a ring
         # of the window's latest (sorted only for a report).
-        self._found = [_Ring(latency_window) for _ in range(MAX_FOUND + 1)]
+        self._found = [Ring(latency_window) for _ in range(MAX_FOUND + 1)]
         #: Per form: the report as rendered (see _Line), for REFRESH seconds.
         self._lines: dict[str, _Line] = {}
         #: This process's slot among the server's processes (None: counted alone), and whether
@@ -332,7 +310,7 @@ class LoadTracker:
         flying = self._flying
         if isinstance(flying, list):
             return None
-        return _counting.Gate(flying, self, probe_path, requested_format)
+        return _counting.Gate(flying, self, probe_path, requested_format, self._lines, REFRESH)
 
     @property
     def shared(self) -> bool:
@@ -357,9 +335,9 @@ class LoadTracker:
         """A request arrived: count it in flight; returns its arrival (its start time, and the
         requests it found in flight), for :meth:`end`."""
         flying = self._flying
+        now = self._clock()  # first: a clock that raises leaves nothing counted
         found = len(flying)
         flying.append(None)
-        now = self._clock()
         shared = self._shared
         if shared is None:
             return (now, found)
@@ -373,7 +351,21 @@ class LoadTracker:
         if not isinstance(flying, list):
             flying.end(arrival, error)
             return
-        now = self._clock()
+        # The request leaves flight whatever goes wrong here: a bad arrival, a clock that raises.
+        if isinstance(arrival, tuple):
+            if (
+                len(arrival) != 2
+                or not isinstance(arrival[0], (float, int))
+                or not isinstance(arrival[1], int)
+            ):
+                self._not_an_arrival(arrival)
+        elif not isinstance(arrival, (float, int)):
+            self._not_an_arrival(arrival)
+        try:
+            now = self._clock()
+        except BaseException:
+            self._out()
+            raise
         if not isinstance(arrival, tuple):  # a start time alone: what is in flight besides it
             arrival = (arrival, len(flying) - 1 + self._others(now))
         try:  # noqa: SIM105 (contextlib.suppress would cost a context manager per request)
@@ -390,6 +382,13 @@ class LoadTracker:
         if len(ended) >= FOLD_EVERY:
             with self._lock:
                 self._fold()
+
+    def _not_an_arrival(self, arrival: object) -> NoReturn:
+        self._out()
+        raise TypeError(
+            "an arrival is (start time, requests found), as begin() returns it, or a start "
+            f"time; got {arrival!r}"
+        )
 
     def _fold(self) -> None:
         """Count the requests ended since the last fold, in the order they ended: each one's
@@ -508,7 +507,7 @@ class LoadTracker:
         that many as of ``now`` (kept in the line)."""
         with self._lock:
             samples = self._estimate(rif, now)
-        text = line[4][rif] = f"{line[1]}{rif}{line[2]}{_median(samples) * 1000:.6g}{line[3]}"
+        text = line[4][rif] = f"{line[1]}{rif}{line[2]}{median(samples) * 1000:.6g}{line[3]}"
         return text
 
     def _estimate(self, rif: int, now: float) -> list[float]:
@@ -525,9 +524,9 @@ class LoadTracker:
         key = rif if rif < MAX_FOUND else MAX_FOUND
         ring = found[key]
         if ring.last < now - FOUND_AGE:
-            near = _nearest(found, key, now - FOUND_AGE)
+            near = nearest(found, key, now - FOUND_AGE)
             if near is None and not ring.samples:
-                near = _nearest(found, key, -_INFINITY)
+                near = nearest(found, key, -_INFINITY)
             if near is not None:
                 ring = near
         return ring.samples[:]
@@ -540,8 +539,8 @@ class LoadTracker:
             rif = len(self._flying) + others
             samples = self._estimate(rif, now)
             rates = self._rates(now)
-        median = _median(samples)  # sorted here, out of the lock
-        return self._load(rif, median * 1000, rates)
+        middle = median(samples)  # sorted here, out of the lock
+        return self._load(rif, middle * 1000, rates)
 
     def _rates(self, now: float) -> tuple[float, float]:
         """Requests and errors per second over the rate window as of ``now`` (the lock held)."""
