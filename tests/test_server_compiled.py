@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import hashlib
+import itertools
 import os
 import time
 from collections.abc import Iterator
@@ -639,6 +640,7 @@ def test_any_status_is_counted_alike(
         [("endpoint-load-metrics", "TEXT eps=1")],  # a str is not a header name here
         [(7, b"x")],
         [(b"x",)],
+        [itertools.count()],  # unpacked as Python unpacks it: three items read, not all
         None,
     ],
 )
@@ -700,3 +702,121 @@ def test_odd_requests_are_read_alike(compiled: bool, monkeypatch: pytest.MonkeyP
         return outcomes
 
     assert asyncio.run(main()) == [(KeyError, 0), (KeyError, 0), (TypeError, 0)]
+
+
+class Counting(Clock):
+    """A clock that counts its reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+
+    def __call__(self) -> float:
+        self.reads += 1
+        return self.now
+
+
+class Tagged(LoadTracker):
+    """A tracker whose reports say who made them."""
+
+    def encoded(self, form: str) -> bytes:
+        return b"tagged; " + super().encoded(form)
+
+
+@pytest.mark.parametrize("tracker_type", [LoadTracker, Tagged])
+def test_a_report_asked_reads_the_clock_and_the_tracker_as_the_python_path_does(
+    tracker_type: type[LoadTracker], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def run(compiled: bool) -> tuple[list[Any], int]:
+        monkeypatch.setattr(_tracker, "COMPILED", compiled)
+        clock = Counting()
+        tracker = tracker_type(clock=clock, share_in_flight=False)
+        assert isinstance(tracker._flying, list) is not compiled
+        app = LoadReportingASGI(hello, tracker=tracker)
+        sent: list[Any] = []
+
+        async def main() -> None:
+            async def send(message: Any) -> None:
+                sent.append(message)
+
+            asked = [(b"endpoint-load-metrics-format", b"TEXT")]
+            for step in range(6):  # within a line's 10 ms, and across
+                clock.now += 0.004 * step
+                await app({"type": "http", "path": "/", "headers": asked}, send, send)
+
+        asyncio.run(main())
+        return sent, clock.reads
+
+    compiled, python = run(True), run(False)
+    assert compiled == python
+    if tracker_type is Tagged:
+        starts = [m for m in compiled[0] if m["type"] == "http.response.start"]
+        assert all(
+            dict(m["headers"])[b"endpoint-load-metrics"].startswith(b"tagged; ") for m in starts
+        )
+
+
+class Stop(BaseException):
+    """Not an Exception: what a KeyboardInterrupt is to a request."""
+
+
+class Unsure:
+    """A status that cannot say whether it is 500 or more."""
+
+    def __ge__(self, other: object) -> bool:
+        raise Stop
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_a_status_whose_comparison_stops_everything_reaches_the_app(
+    compiled: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_tracker, "COMPILED", compiled)
+    tracker = LoadTracker(clock=Clock(), share_in_flight=False)
+
+    async def app(where: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": Unsure(), "headers": []})
+
+    async def main() -> None:
+        async def send(message: Any) -> None:
+            pass
+
+        await LoadReportingASGI(app, tracker=tracker)(
+            {"type": "http", "path": "/", "headers": []}, send, send
+        )
+
+    with pytest.raises(Stop):
+        asyncio.run(main())
+    assert (tracker.rif, tracker.report().rps_fractional) == (0, 0)  # dropped, not counted
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_an_arrival_that_found_more_than_any_count_counts_as_the_most(
+    compiled: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_tracker, "COMPILED", compiled)
+    clock = Clock()
+    tracker = LoadTracker(clock=clock, share_in_flight=False)
+    for found in (2**70, -(2**70)):
+        tracker.begin()
+        clock.now += 0.002
+        tracker.end((clock.now - 0.002, found))
+    assert tracker.rif == 0
+    assert tracker.report().rps_fractional == 2
+
+
+def test_an_arrival_the_shared_file_refuses_is_not_counted(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_tracker, "COMPILED", False)
+    tracker = LoadTracker(clock=Clock())
+
+    class Refusing:
+        def arrived(self, flying: Any, now: float) -> int:
+            raise Stop
+
+        def track(self, flying: Any) -> None:
+            pass
+
+    tracker._shared = Refusing()  # type: ignore[assignment]
+    with pytest.raises(Stop):
+        tracker.begin()
+    assert len(tracker._flying) == 0

@@ -112,13 +112,17 @@ class LoadReportingASGI:
                 break
         else:
             asked = None
-        status = 500  # an app that returns without a response gets a 500 from its server
+        failed = True  # an app that returns without a response gets a 500 from its server
 
         def reply(message: Message) -> Awaitable[None]:
             # Not a coroutine: the server's own send is what the app awaits, no frame between.
-            nonlocal status
+            nonlocal failed
             if message["type"] == "http.response.start":
                 status = message["status"]
+                try:
+                    failed = bool(status >= 500)
+                except Exception:  # not a status that compares: counted as an error
+                    failed = True
                 if asked is not None:
                     headers = list(message.get("headers", ()))
                     for name, _ in headers:
@@ -139,10 +143,6 @@ class LoadReportingASGI:
         except BaseException:
             tracker.drop()
             raise
-        try:
-            failed = bool(status >= 500)
-        except Exception:  # not a status that compares: counted as an error, as in C
-            failed = True
         tracker.end(started, error=failed)
 
     async def _probe(self, scope: Scope, send: Send) -> None:

@@ -49,7 +49,7 @@ static const char START_TEXT[] = "http.response.start";
 
 static PyObject *EMPTY, *FIVE_HUNDRED; /* (), 500 */
 static PyObject *KEY_TYPE, *KEY_STATUS, *KEY_HEADERS, *KEY_PATH, *HTTP, *START, *TEXT, *JSON,
-    *JOINED, *ENCODED, *REPORT_NAME;
+    *JOINED, *ENCODED, *ENCODED_AT, *REPORT_NAME;
 
 /* ---- Counter ---------------------------------------------------------------------------- */
 
@@ -616,6 +616,26 @@ Counter_begin(Counter *self, PyObject *unused)
     return Py_BuildValue("(dn)", now, found);
 }
 
+/* A start time's seconds into *seconds: a float's, or an int's (-1: neither, or an int too large
+   for a double; no exception set). */
+static int
+seconds_of(PyObject *time, double *seconds)
+{
+    if (PyFloat_Check(time)) {
+        *seconds = PyFloat_AS_DOUBLE(time);
+        return 0;
+    }
+    if (!PyLong_Check(time)) {
+        return -1;
+    }
+    *seconds = PyLong_AsDouble(time);
+    if (*seconds == -1.0 && PyErr_Occurred()) {
+        PyErr_Clear(); /* an OverflowError: not a time */
+        return -1;
+    }
+    return 0;
+}
+
 /* The request of `arrival` is out of flight, and `arrival` is not one: a TypeError naming it. */
 static PyObject *
 not_an_arrival(Counter *self, PyObject *arrival)
@@ -634,7 +654,8 @@ Counter_end(Counter *self, PyObject *const *args, Py_ssize_t nargs)
     PyObject *arrival, *time;
     double started, now;
     Py_ssize_t found, others, flying;
-    int error;
+    long long many;
+    int error, overflow;
     if (!made(self)) {
         return NULL;
     }
@@ -653,27 +674,25 @@ Counter_end(Counter *self, PyObject *const *args, Py_ssize_t nargs)
             return not_an_arrival(self, arrival);
         }
         time = PyTuple_GET_ITEM(arrival, 0);
-        if (!PyFloat_Check(time) && !PyLong_Check(time)) {
+        if (seconds_of(time, &started) < 0) {
             return not_an_arrival(self, arrival);
         }
-        started = PyFloat_AsDouble(time);
-        found = PyLong_AsSsize_t(PyTuple_GET_ITEM(arrival, 1));
-        if ((started == -1.0 || found == -1) && PyErr_Occurred()) {
-            PyErr_Clear();
-            return not_an_arrival(self, arrival);
+        /* Any int: those beyond the counted numbers count as the nearest (as _fold clamps). */
+        many = PyLong_AsLongLongAndOverflow(PyTuple_GET_ITEM(arrival, 1), &overflow);
+        if (many == -1 && PyErr_Occurred()) {
+            leave_flight(self);
+            return NULL;
         }
+        found = overflow > 0 || many > PY_SSIZE_T_MAX   ? PY_SSIZE_T_MAX
+                : overflow < 0 || many < PY_SSIZE_T_MIN ? PY_SSIZE_T_MIN
+                                                         : (Py_ssize_t)many;
         if (finish(self, started, found, error) < 0) {
             return NULL;
         }
         Py_RETURN_NONE;
     }
     /* A start time alone: it found what is in flight besides it now. */
-    if (!PyFloat_Check(arrival) && !PyLong_Check(arrival)) {
-        return not_an_arrival(self, arrival);
-    }
-    started = PyFloat_AsDouble(arrival);
-    if (started == -1.0 && PyErr_Occurred()) {
-        PyErr_Clear();
+    if (seconds_of(arrival, &started) < 0) {
         return not_an_arrival(self, arrival);
     }
     if (read_clock(self, &now) < 0) {
@@ -891,16 +910,24 @@ is_report_name(PyObject *name)
     return same;
 }
 
-/* The report's header value, as the tracker's encoded(asked) gives it: from the tracker's lines
-   where the one of this form is fresh (rendered less than `refresh` seconds ago) and has made
-   the value for as many in flight as now; else by the tracker's own encoded. A new reference,
-   or NULL with an exception set. */
+/* The report's header value, as the tracker's encoded(asked) gives it (where `lines` is None,
+   a subclass's own encoded: by calling it). Else as LoadTracker.encoded makes it: the clock
+   read, then the value from the tracker's lines where the one of this form is fresh (rendered
+   less than `refresh` seconds ago) and has made the value for as many in flight as now; where
+   not, the tracker's _encoded_at(form, now), with the time read here. A new reference, or NULL
+   with an exception set. */
 static PyObject *
 encoded(Reply *self)
 {
-    PyObject *line, *values, *key, *value = NULL;
+    PyObject *line, *values, *key, *value = NULL, *at, *made;
     double now, age;
     Py_ssize_t rif, others;
+    if (self->lines == Py_None) {
+        return PyObject_CallMethodOneArg(self->tracker, ENCODED, self->asked);
+    }
+    if (read_clock(self->counter, &now) < 0) {
+        return NULL;
+    }
     line = PyDict_GetItemWithError(self->lines, self->asked);
     if (line == NULL && PyErr_Occurred()) {
         return NULL;
@@ -908,13 +935,9 @@ encoded(Reply *self)
     if (line != NULL && PyTuple_CheckExact(line) && PyTuple_GET_SIZE(line) == 6
         && PyFloat_CheckExact(PyTuple_GET_ITEM(line, 0))
         && PyDict_CheckExact(PyTuple_GET_ITEM(line, 5))) {
-        Py_INCREF(line); /* reading the clock may run Python code, which may replace it */
-        if (read_clock(self->counter, &now) < 0) {
-            Py_DECREF(line);
-            return NULL;
-        }
         age = now - PyFloat_AS_DOUBLE(PyTuple_GET_ITEM(line, 0));
         if (0.0 <= age && age < self->refresh) {
+            Py_INCREF(line); /* the others' check may run Python code, which may replace it */
             rif = self->counter->flying - 1; /* the request answered is on its way out */
             if (rif < 0) {
                 rif = 0;
@@ -939,13 +962,58 @@ encoded(Reply *self)
                 value = NULL;
             }
             Py_XINCREF(value);
+            Py_DECREF(line);
         }
-        Py_DECREF(line);
     }
     if (value != NULL) {
         return value;
     }
-    return PyObject_CallMethodOneArg(self->tracker, ENCODED, self->asked);
+    at = PyFloat_FromDouble(now);
+    if (at == NULL) {
+        return NULL;
+    }
+    made = PyObject_CallMethodObjArgs(self->tracker, ENCODED_AT, self->asked, at, NULL);
+    Py_DECREF(at);
+    return made;
+}
+
+/* The first of `item`'s two items, as `name, _ = item` unpacks it (at most three read): a new
+   reference, or NULL with the exception that unpacking raises. */
+static PyObject *
+first_of_pair(PyObject *item)
+{
+    PyObject *iterator, *taken[3] = {NULL, NULL, NULL};
+    Py_ssize_t count = 0;
+    iterator = PyObject_GetIter(item);
+    if (iterator == NULL) {
+        return NULL;
+    }
+    while (count < 3) {
+        taken[count] = PyIter_Next(iterator);
+        if (taken[count] == NULL) {
+            break;
+        }
+        count++;
+    }
+    Py_DECREF(iterator);
+    Py_XDECREF(taken[1]);
+    Py_XDECREF(taken[2]);
+    if (PyErr_Occurred()) {
+        Py_XDECREF(taken[0]);
+        return NULL;
+    }
+    if (count != 2) {
+        Py_XDECREF(taken[0]);
+        if (count < 2) {
+            PyErr_Format(PyExc_ValueError, "not enough values to unpack (expected 2, got %zd)",
+                         count);
+        }
+        else {
+            PyErr_SetString(PyExc_ValueError, "too many values to unpack (expected 2)");
+        }
+        return NULL;
+    }
+    return taken[0];
 }
 
 /* `message` with the report added to its headers (a new dict), or `message` itself where the
@@ -984,19 +1052,12 @@ with_report(Reply *self, PyObject *message)
             found = is_report_name(PyTuple_GET_ITEM(item, 0));
         }
         else {
-            items = PySequence_Tuple(item);
+            items = first_of_pair(item);
             if (items == NULL) {
                 Py_DECREF(headers);
                 return NULL;
             }
-            if (PyTuple_GET_SIZE(items) != 2) {
-                PyErr_Format(PyExc_ValueError, "a header must be a (name, value) pair, got %R",
-                             item);
-                Py_DECREF(items);
-                Py_DECREF(headers);
-                return NULL;
-            }
-            found = is_report_name(PyTuple_GET_ITEM(items, 0));
+            found = is_report_name(items);
             Py_DECREF(items);
         }
         if (found != 0) {
@@ -1102,6 +1163,10 @@ Reply_vectorcall(Reply *self, PyObject *const *args, size_t nargsf, PyObject *kw
     else { /* as the Python path: an error where status >= 500, or it does not compare */
         int failed = PyObject_RichCompareBool(status, FIVE_HUNDRED, Py_GE);
         if (failed < 0) {
+            if (!PyErr_ExceptionMatches(PyExc_Exception)) {
+                Py_DECREF(status);
+                return NULL; /* KeyboardInterrupt and the like reach the app */
+            }
             PyErr_Clear();
         }
         self->status = failed != 0 ? 500 : 0;
@@ -1239,9 +1304,12 @@ Gate_init(Gate *self, PyObject *args, PyObject *kwargs)
                                "lines",   "refresh", NULL};
     PyObject *counter, *tracker, *probe_path, *requested, *lines;
     double refresh;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O!OOOO!d", keywords, &CounterType, &counter,
-                                     &tracker, &probe_path, &requested, &PyDict_Type, &lines,
-                                     &refresh)) {
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O!OOOOd", keywords, &CounterType, &counter,
+                                     &tracker, &probe_path, &requested, &lines, &refresh)) {
+        return -1;
+    }
+    if (lines != Py_None && !PyDict_CheckExact(lines)) {
+        PyErr_Format(PyExc_TypeError, "lines must be a dict or None, got %R", lines);
         return -1;
     }
     if (!made((Counter *)counter)) {
@@ -1479,15 +1547,15 @@ module_exec(PyObject *module)
         || intern(&KEY_HEADERS, "headers") < 0 || intern(&KEY_PATH, "path") < 0
         || intern(&HTTP, "http") < 0 || intern(&START, START_TEXT) < 0
         || intern(&TEXT, "TEXT") < 0 || intern(&JSON, "JSON") < 0
-        || intern(&JOINED, "joined") < 0 || intern(&ENCODED, "encoded") < 0) {
+        || intern(&JOINED, "joined") < 0 || intern(&ENCODED, "encoded") < 0
+        || intern(&ENCODED_AT, "_encoded_at") < 0) {
         return -1;
     }
-    if (EMPTY == NULL) {
-        EMPTY = PyTuple_New(0);
-        FIVE_HUNDRED = PyLong_FromLong(500);
-        if (EMPTY == NULL || FIVE_HUNDRED == NULL) {
-            return -1;
-        }
+    if (EMPTY == NULL && (EMPTY = PyTuple_New(0)) == NULL) {
+        return -1;
+    }
+    if (FIVE_HUNDRED == NULL && (FIVE_HUNDRED = PyLong_FromLong(500)) == NULL) {
+        return -1;
     }
     if (REPORT_NAME == NULL) {
         REPORT_NAME = PyBytes_FromStringAndSize(REPORT, REPORT_LENGTH);

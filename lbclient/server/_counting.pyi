@@ -63,7 +63,7 @@ class Gate:
         tracker: object,
         probe_path: str | None,
         requested: Callable[[bytes], str | None],
-        lines: dict[str, Any],
+        lines: dict[str, Any] | None,
         refresh: float,
     ) -> None: ...
     def enter(

@@ -310,7 +310,9 @@ class LoadTracker:
         flying = self._flying
         if isinstance(flying, list):
             return None
-        return _counting.Gate(flying, self, probe_path, requested_format, self._lines, REFRESH)
+        # A subclass's own encoded is called as it is (the compiled path reads no lines then).
+        lines = self._lines if type(self).encoded is LoadTracker.encoded else None
+        return _counting.Gate(flying, self, probe_path, requested_format, lines, REFRESH)
 
     @property
     def shared(self) -> bool:
@@ -341,7 +343,11 @@ class LoadTracker:
         shared = self._shared
         if shared is None:
             return (now, found)
-        return (now, found + shared.arrived(flying, now))
+        try:
+            return (now, found + shared.arrived(flying, now))
+        except BaseException:  # nothing left counted, as where the clock raises
+            self._out()
+            raise
 
     def end(self, arrival: Arrival | float, *, error: bool = False) -> None:
         """The request of ``arrival`` (what :meth:`begin` returned; a start time alone is taken
@@ -474,7 +480,10 @@ class LoadTracker:
 
     def encoded(self, form: str) -> bytes:
         """:meth:`rendered`, as the latin-1 bytes of an ASGI header value (made once a value)."""
-        now = self._clock()
+        return self._encoded_at(form, self._clock())
+
+    def _encoded_at(self, form: str, now: float) -> bytes:
+        """:meth:`encoded` with the clock read (``now``), as the compiled path reads it."""
         line = self._lines.get(form)
         if line is None or not 0.0 <= now - line[0] < REFRESH:
             line = self._line(form, now)
