@@ -497,8 +497,7 @@ def test_objects_made_without_their_init_refuse_rather_than_crash() -> None:
 def test_an_end_given_no_arrival_leaves_flight_and_names_it(
     compiled: bool, arrival: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(_tracker, "COMPILED", compiled)
-    tracker = LoadTracker(clock=Clock(), share_in_flight=False)
+    tracker = counting_in(compiled, monkeypatch, Clock())
     assert isinstance(tracker._flying, list) is not compiled
     tracker.begin()
     with pytest.raises(TypeError, match="an arrival is") as raised:
@@ -506,6 +505,16 @@ def test_an_end_given_no_arrival_leaves_flight_and_names_it(
     assert repr(arrival) in str(raised.value)
     assert tracker.rif == 0
     assert tracker.report().rps_fractional == 0  # not counted, and reports go on
+
+
+def counting_in(
+    compiled: bool, monkeypatch: pytest.MonkeyPatch, clock: Clock | Failing
+) -> LoadTracker:
+    """A tracker of ``clock`` counting alone, in C or in Python."""
+    monkeypatch.setattr(_tracker, "COMPILED", compiled)
+    tracker = LoadTracker(clock=clock, share_in_flight=False)
+    assert isinstance(tracker._flying, list) is not compiled
+    return tracker
 
 
 class Failing:
@@ -525,9 +534,8 @@ class Failing:
 def test_a_clock_that_raises_leaves_nothing_in_flight(
     compiled: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(_tracker, "COMPILED", compiled)
     clock = Failing()
-    tracker = LoadTracker(clock=clock, share_in_flight=False)
+    tracker = counting_in(compiled, monkeypatch, clock)
     arrival = tracker.begin()
     clock.fail = OSError("no clock")
     with pytest.raises(OSError, match="no clock"):
@@ -611,8 +619,7 @@ class NotADict(dict):  # type: ignore[type-arg]
 def test_any_status_is_counted_alike(
     compiled: bool, status: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(_tracker, "COMPILED", compiled)
-    tracker = LoadTracker(clock=Clock(), share_in_flight=False)
+    tracker = counting_in(compiled, monkeypatch, Clock())
 
     async def app(where: Any, receive: Any, send: Any) -> None:
         await send({"type": "http.response.start", "status": status, "headers": []})
@@ -771,8 +778,7 @@ class Unsure:
 def test_a_status_whose_comparison_stops_everything_reaches_the_app(
     compiled: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(_tracker, "COMPILED", compiled)
-    tracker = LoadTracker(clock=Clock(), share_in_flight=False)
+    tracker = counting_in(compiled, monkeypatch, Clock())
 
     async def app(where: Any, receive: Any, send: Any) -> None:
         await send({"type": "http.response.start", "status": Unsure(), "headers": []})
@@ -794,9 +800,8 @@ def test_a_status_whose_comparison_stops_everything_reaches_the_app(
 def test_an_arrival_that_found_more_than_any_count_counts_as_the_most(
     compiled: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(_tracker, "COMPILED", compiled)
     clock = Clock()
-    tracker = LoadTracker(clock=clock, share_in_flight=False)
+    tracker = counting_in(compiled, monkeypatch, clock)
     for found in (2**70, -(2**70)):
         tracker.begin()
         clock.now += 0.002
