@@ -10,6 +10,7 @@ import gc
 import hashlib
 import itertools
 import os
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -825,3 +826,65 @@ def test_an_arrival_the_shared_file_refuses_is_not_counted(monkeypatch: pytest.M
     with pytest.raises(Stop):
         tracker.begin()
     assert len(tracker._flying) == 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the shared count needs /proc")
+def test_a_report_from_the_lines_in_c_adds_the_other_workers_as_python_does(
+    free_port_listener: int,
+) -> None:
+    # Another live process's slot (this one's parent, as a server's other worker would be),
+    # holding 5: the header value the compiled path takes from the tracker's lines, and the one
+    # the tracker makes itself, both count them.
+    clock = Clock()
+    tracker = LoadTracker(clock=clock)
+    tracker.listening(free_port_listener, exact=True)
+    shared = tracker._shared
+    assert shared is not None
+    words = shared._words
+    parent = os.getppid()
+    started = _shared._started(parent)
+    assert started is not None
+    other = next(
+        slot * _shared._WORDS
+        for slot in range(1, _shared.SLOTS + 1)
+        if words[slot * _shared._WORDS + _shared._PID] == 0
+    )
+    words[other + _shared._SERVER] = shared._server
+    words[other + _shared._START] = started
+    words[other + _shared._COUNT] = 5
+    words[other + _shared._PID] = parent
+    words[_shared._GENERATION] += 1
+    try:
+        gate = tracker.compiled_gate(PROBE_PATH)
+        assert gate is not None
+        held = tracker.begin()  # one more in flight here
+        sent: list[Any] = []
+
+        async def send(message: Any) -> None:
+            sent.append(message)
+
+        asked = [(b"endpoint-load-metrics-format", b"TEXT")]
+        reply = gate.enter({"type": "http", "path": "/", "headers": asked}, send)
+        assert reply is not None
+        made = tracker.encoded("TEXT")  # the line rendered, with the value for 6 in flight
+        assert b"named_metrics.rif=6," in made  # the one held, and the other worker's 5
+        # Marked, so that only a value taken from the line, for 6, can carry the mark; and the
+        # tracker's own making watched, so that the value is seen taken in C.
+        tracker._lines["TEXT"][5][6] = b"TEXT named_metrics.rif=6, marked"
+        made_by_python: list[str] = []
+        making = tracker._encoded_at
+
+        def watched(form: str, now: float) -> bytes:
+            made_by_python.append(form)
+            return making(form, now)
+
+        tracker._encoded_at = watched  # type: ignore[method-assign]
+        asyncio.run(reply({"type": "http.response.start", "status": 200, "headers": []}))
+        assert dict(sent[0]["headers"])[b"endpoint-load-metrics"].endswith(b"marked")
+        assert made_by_python == []
+        reply.end(False)
+        tracker.end(held)
+    finally:
+        words[other + _shared._PID] = 0
+        words[_shared._GENERATION] += 1
+        shared.leave()

@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
 from typing import NamedTuple
@@ -91,6 +91,19 @@ def probe(target: Target) -> tuple[int, int]:
     return int(response.headers["x-prequal-rif"]), int(float(fields["named_metrics.pid"]))
 
 
+def asked(target: Target) -> tuple[int, int]:
+    """An ordinary request asking for the report, on a fresh connection: (the requests in flight
+    its response's report reads besides it, the worker's id). Under uvicorn the ASGI
+    middleware's compiled path answers it (after each worker's first request)."""
+    with target.client() as client:
+        response = client.get("/", headers={"endpoint-load-metrics-format": "TEXT"})
+    assert response.status_code == 200
+    fields = dict(
+        item.split("=", 1) for item in response.headers["endpoint-load-metrics"][5:].split(", ")
+    )
+    return int(fields["named_metrics.rif"]), int(float(fields["named_metrics.pid"]))
+
+
 def answering(target: Target) -> None:
     """Once the server answers: uvicorn's supervisor says it listens before its workers do."""
     deadline = time.monotonic() + PATIENCE
@@ -158,7 +171,10 @@ def server(
         yield target
 
 
-def test_a_probe_reads_the_requests_every_worker_holds(server: Target, tmp_path: Path) -> None:
+@pytest.mark.parametrize("read", [probe, asked], ids=["probe", "report"])
+def test_a_probe_reads_the_requests_every_worker_holds(
+    server: Target, tmp_path: Path, read: Callable[[Target], tuple[int, int]]
+) -> None:
     sync = server.kind.startswith("gunicorn")
     held = Held(server, tmp_path / "open")
     try:
@@ -172,7 +188,7 @@ def test_a_probe_reads_the_requests_every_worker_holds(server: Target, tmp_path:
                 held.one()
         readers: dict[int, int] = {}
         for _ in range(PROBES):
-            rif, pid = probe(server)
+            rif, pid = read(server)
             readers[pid] = rif
             if sync:
                 assert pid not in held.pids  # the one free worker answers
@@ -188,6 +204,6 @@ def test_a_probe_reads_the_requests_every_worker_holds(server: Target, tmp_path:
         held.release()
     # Released: once the held requests have ended, every worker reads none.
     deadline = time.monotonic() + PATIENCE
-    while probe(server)[0] != 0 and time.monotonic() < deadline:
+    while read(server)[0] != 0 and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert [probe(server)[0] for _ in range(10)] == [0] * 10
+    assert [read(server)[0] for _ in range(10)] == [0] * 10
