@@ -465,14 +465,7 @@ class LoadTracker:
         the latency estimate for that many, and the rest, as of at most :data:`REFRESH` seconds
         ago."""
         now = self._clock()
-        line = self._lines.get(form)
-        if line is None or not 0.0 <= now - line[0] < REFRESH:
-            line = self._line(form, now)
-        rif = len(self._flying) - 1  # the request answered is on its way out
-        if rif < 0:
-            rif = 0
-        if self._shared is not None:
-            rif += self._others(now)
+        line, rif = self._current(form, now)
         text = line[4].get(rif)
         if text is None:
             text = self._text(line, rif, now)
@@ -484,14 +477,7 @@ class LoadTracker:
 
     def _encoded_at(self, form: str, now: float) -> bytes:
         """:meth:`encoded` with the clock read (``now``), as the compiled path reads it."""
-        line = self._lines.get(form)
-        if line is None or not 0.0 <= now - line[0] < REFRESH:
-            line = self._line(form, now)
-        rif = len(self._flying) - 1  # the request answered is on its way out
-        if rif < 0:
-            rif = 0
-        if self._shared is not None:
-            rif += self._others(now)
+        line, rif = self._current(form, now)
         value = line[5].get(rif)
         if value is None:
             text = line[4].get(rif)
@@ -499,6 +485,20 @@ class LoadTracker:
                 text = self._text(line, rif, now)
             value = line[5][rif] = text.encode("latin-1")
         return value
+
+    def _current(self, form: str, now: float) -> tuple[_Line, int]:
+        """``form``'s line as of ``now`` (rendered anew where it is :data:`REFRESH` seconds old),
+        and the requests in flight a response's report says: those besides the one it answers,
+        which is on its way out."""
+        line = self._lines.get(form)
+        if line is None or not 0.0 <= now - line[0] < REFRESH:
+            line = self._line(form, now)
+        rif = len(self._flying) - 1
+        if rif < 0:
+            rif = 0
+        if self._shared is not None:
+            rif += self._others(now)
+        return line, rif
 
     def _line(self, form: str, now: float) -> _Line:
         """``form``'s report rendered anew as of ``now``, kept for :data:`REFRESH` seconds."""
