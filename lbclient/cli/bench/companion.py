@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from lbclient.cli.bench import drive, sharing
+from lbclient.cli.bench.processes import reap
 from lbclient.cli.bench.pyservers import Server, start_gunicorn, start_uvicorn, uvicorn_flavour
 from lbclient.cli.bench.rounds import round_parser, round_settings
 from lbclient.cli.bench.tables import aligned
@@ -125,11 +126,7 @@ class _Driver:
     def _stop(self) -> None:
         if self._proc.stdin is not None:
             self._proc.stdin.close()
-        try:
-            self._proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait()
+        reap(self._proc, 10)
 
 
 def settings(quick: bool, seconds: float | None, rounds: int | None) -> tuple[float, int]:

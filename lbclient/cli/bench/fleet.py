@@ -83,6 +83,7 @@ from lbclient.cli.bench.fleet_apps import (
     WORKERS,
 )
 from lbclient.cli.bench.hedging import percentile
+from lbclient.cli.bench.processes import reap
 from lbclient.cli.bench.pyservers import start_uvicorns, uvicorn_flavour
 from lbclient.cli.bench.rounds import round_parser, round_settings
 from lbclient.cli.bench.tables import aligned
@@ -315,11 +316,7 @@ def _hidden_load(address: str, connections: int) -> Iterator[subprocess.Popen[by
         yield load
     finally:
         load.terminate()
-        try:
-            load.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            load.kill()
-            load.wait()
+        reap(load, 10)
         if load.stdin is not None:
             load.stdin.close()
 

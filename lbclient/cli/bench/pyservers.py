@@ -28,6 +28,7 @@ from collections import deque
 from contextlib import ExitStack
 from pathlib import Path
 
+from lbclient.cli.bench.processes import reap
 from lbclient.server._shared import discard
 
 __all__ = [
@@ -121,11 +122,7 @@ class Server:
         its log to end."""
         self.hang_up(sig)
         if self._proc.poll() is None:
-            try:
-                self._proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
+            reap(self._proc, 10)
         self._reader.join(timeout=10)
         if self._proc.stderr is not None:
             self._proc.stderr.close()

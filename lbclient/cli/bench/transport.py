@@ -46,6 +46,7 @@ import requests
 
 from lbclient import AsyncLBTransport, LBAdapter, LBTransport
 from lbclient.cli.bench import server
+from lbclient.cli.bench.processes import reap
 
 __all__ = [
     "FLOOR",
@@ -78,30 +79,11 @@ class TransportRow(NamedTuple):
     ratio: float  # plain time / lbclient time: above 1 means lbclient is faster
 
 
-def start_servers(
-    stack: ExitStack,
-    count: int,
-    *,
-    delay: float = 0.0,
-    stall_every: float | None = None,
-    stall_for: float = 0.0,
-    fail_every: int | None = None,
-) -> list[str]:
-    """Start ``count`` loopback servers in their own processes; return their addresses.
-
-    Each one answers ``delay`` seconds after each request (none by default), stops answering
-    for ``stall_for`` seconds every ``stall_every`` seconds (never by default), answers every
-    ``fail_every``-th request with a fast 503 (none by default), is stopped when ``stack``
-    closes, and exits by itself if this process dies.
-    """
-    return launch_servers(
-        stack,
-        count,
-        delay=delay,
-        stall_every=stall_every,
-        stall_for=stall_for,
-        fail_every=fail_every,
-    )()
+def start_servers(stack: ExitStack, count: int) -> list[str]:
+    """Start ``count`` plain loopback servers in their own processes (see
+    :func:`launch_servers`, which also makes them slow, stalling or failing); return their
+    addresses once they listen."""
+    return launch_servers(stack, count)()
 
 
 def launch_servers(
@@ -113,9 +95,16 @@ def launch_servers(
     stall_for: float = 0.0,
     fail_every: int | None = None,
 ) -> Callable[[], list[str]]:
-    """:func:`start_servers` without waiting: the ``count`` servers are started (all at once,
-    their interpreters starting side by side), and the function returned gives their addresses
-    once they listen. Several groups launched before any is waited for start together."""
+    """Start ``count`` loopback servers in their own processes, without waiting: they are started
+    (all at once, their interpreters starting side by side), and the function returned gives
+    their addresses once they listen. Several groups launched before any is waited for start
+    together.
+
+    Each one answers ``delay`` seconds after each request (none by default), stops answering
+    for ``stall_for`` seconds every ``stall_every`` seconds (never by default), answers every
+    ``fail_every``-th request with a fast 503 (none by default), is stopped when ``stack``
+    closes, and exits by itself if this process dies.
+    """
     command = [sys.executable, str(SERVER)]
     if delay > 0:
         command += ["--delay", repr(delay)]
@@ -150,11 +139,7 @@ def _stop(procs: Sequence[subprocess.Popen[str]]) -> None:
         if proc.stdin is not None:
             proc.stdin.close()
     for proc in procs:
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        reap(proc, 5)
         if proc.stdout is not None:
             proc.stdout.close()
 
