@@ -16,6 +16,7 @@ none at all, so that they time out).
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import shutil
 import signal
@@ -26,6 +27,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -61,6 +63,22 @@ def require(condition: bool, reason: str, env: str) -> None:
     if os.environ.get(env) == "1":
         pytest.fail(f"{reason} ({env}=1 makes this a failure)")
     pytest.skip(reason)
+
+
+def compiled_module(name: str, what: str, instead: str) -> ModuleType:
+    """The compiled module ``name`` (``what`` it is); where the install did not build it, a
+    skip saying so and what serves ``instead`` (of the whole test module where called at its
+    top), or the ImportError where ``LBCLIENT_REQUIRE_COMPILED=1`` (CI builds it)."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        if os.environ.get("LBCLIENT_REQUIRE_COMPILED") == "1":
+            raise
+        pytest.skip(
+            f"lbclient was installed without its {what} (no C compiler, or "
+            f"LBCLIENT_PURE_PYTHON=1 at install): {instead}",
+            allow_module_level=True,
+        )
 
 
 @pytest.fixture(scope="session")

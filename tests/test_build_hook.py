@@ -41,18 +41,37 @@ def build(out: Path) -> tuple[Path, list[str]]:
     return Path(wheel), shown.warnings
 
 
+#: Run in an interpreter that sees lbclient unpacked from a wheel alone: whether that is the
+#: lbclient imported, whether its compiled parts are there (the report reader's, the server
+#: companion's), a report read, and two requests served through the ASGI middleware (what
+#: ``__call__`` reads as, the requests left in flight, whether they were counted).
+_INSTALLED = """
+import asyncio, inspect, sys
+sys.path.insert(0, {into!r})
+import lbclient.reports as r, lbclient.server as s
+
+async def app(scope, receive, send):
+    await send({{"type": "http.response.start", "status": 200, "headers": []}})
+
+async def ignore(message):
+    pass
+
+middleware = s.LoadReportingASGI(app, tracker=s.LoadTracker(share_in_flight=False))
+asyncio.run(middleware({{"type": "http", "path": "/", "headers": []}}, None, ignore))
+asyncio.run(middleware({{"type": "http", "path": "/", "headers": []}}, None, ignore))
+served = [inspect.iscoroutinefunction(middleware.__call__), middleware.tracker.rif,
+          middleware.tracker.report().rps_fractional > 0]
+print(r.__file__.startswith({into!r}), r.COMPILED, s.COMPILED,
+      r.parse("TEXT eps=0.5, named_metrics.rif=2", 1.0).rif, *served)
+"""
+
+
 def installed(wheel: Path, into: Path) -> str:
-    """What lbclient, unpacked from ``wheel`` alone, says of its compiled parts (the report
-    reader's, the server companion's) and a report read."""
+    """What lbclient, unpacked from ``wheel`` alone, says (see _INSTALLED)."""
     with zipfile.ZipFile(wheel) as archive:
         archive.extractall(into)
-    code = (
-        "import lbclient.reports as r; import lbclient.server as s; "
-        f"print(r.__file__.startswith({str(into)!r}), r.COMPILED, s.COMPILED, "
-        "r.parse('TEXT eps=0.5, named_metrics.rif=2', 1.0).rif)"
-    )
     done = subprocess.run(
-        [sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, {str(into)!r}); {code}"],
+        [sys.executable, "-I", "-c", _INSTALLED.format(into=str(into))],
         capture_output=True,
         text=True,
         timeout=60,
@@ -97,7 +116,7 @@ def test_a_wheel_built_with_a_compiler_carries_the_compiled_reader(
         .read(next(name for name in inside if name.endswith(".dist-info/WHEEL")))
         .decode()
     )
-    assert installed(wheel, tmp_path / "site") == "True True True 2.0"
+    assert installed(wheel, tmp_path / "site") == "True True True 2.0 True 0 True"
 
 
 @pytest.mark.parametrize(
@@ -118,7 +137,7 @@ def test_without_a_working_compiler_the_wheel_is_pure_python_and_says_why(
     assert len(warnings) == 1
     assert "compiled report reader and server path were not built" in warnings[0]
     assert why in warnings[0]
-    assert installed(wheel, tmp_path / "site") == "True False False 2.0"
+    assert installed(wheel, tmp_path / "site") == "True False False 2.0 True 0 True"
 
 
 def test_the_sdist_builds_the_same_wheel(hook_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -146,4 +165,6 @@ def test_the_sdist_builds_the_same_wheel(hook_env: pytest.MonkeyPatch, tmp_path:
     assert compiled == (f"lbclient/server/_counting{SUFFIX}" in names(Path(wheel)))
     assert compiled == (not shown.warnings), shown.warnings
     assert compiled or os.environ.get("LBCLIENT_REQUIRE_COMPILED") != "1"
-    assert installed(Path(wheel), tmp_path / "site") == f"True {compiled} {compiled} 2.0"
+    assert (
+        installed(Path(wheel), tmp_path / "site") == f"True {compiled} {compiled} 2.0 True 0 True"
+    )

@@ -133,7 +133,7 @@ def test_traffic_flows_and_the_failed_type_is_counted(tmp_path: Path) -> None:
         register(lb, service="users", registry=registry)
         with lb, httpx.Client(transport=LBTransport(lb), base_url="http://users") as client:
             assert client.get("/").json()["server"] == "one"
-            snapshot = lb.snapshot()
+        snapshot = lb.snapshot()  # closed: no refresh (one each 50 ms) moves it before the scrape
         assert snapshot.discovery_failures == 0
         assert snapshot.discovery_error is None
         assert snapshot.discovery_refreshes >= 1

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import struct
 import tracemalloc
 from pathlib import Path
@@ -15,6 +14,7 @@ from types import MappingProxyType, ModuleType
 from typing import Any
 
 import pytest
+from conftest import compiled_module
 from hypothesis import given
 from hypothesis import strategies as st
 from test_reports_quick import USUAL, near_usual, outcome
@@ -36,16 +36,9 @@ SOURCE = Path(lbclient.__file__).parent / "_textreport.c"
 
 
 def _compiled() -> ModuleType:
-    try:
-        from lbclient import _textreport
-    except ImportError:
-        if os.environ.get("LBCLIENT_REQUIRE_COMPILED") == "1":
-            raise
-        pytest.skip(
-            "lbclient was installed without its compiled report reader (no C compiler, or "
-            "LBCLIENT_PURE_PYTHON=1 at install): the pure-Python reader serves"
-        )
-    return _textreport
+    return compiled_module(
+        "lbclient._textreport", "compiled report reader", "the pure-Python reader serves"
+    )
 
 
 def bits(report: LoadReport | str) -> object:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import compiled_module
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -24,16 +25,9 @@ import lbclient.server
 from lbclient.server import PROBE_PATH, LoadReportingASGI, LoadTracker, _shared, _tracker
 from lbclient.server._tracker import FOUND_AGE, MAX_FOUND
 
-try:
-    from lbclient.server import _counting as counting
-except ImportError:  # pragma: no cover - an install without a C compiler
-    if os.environ.get("LBCLIENT_REQUIRE_COMPILED") == "1":  # CI builds it: not there is a fault
-        raise
-    pytest.skip(
-        "lbclient was installed without its compiled server path (no C compiler, or "
-        "LBCLIENT_PURE_PYTHON=1 at install): the pure-Python path serves",
-        allow_module_level=True,
-    )
+counting = compiled_module(
+    "lbclient.server._counting", "compiled server path", "the pure-Python path serves"
+)
 
 SOURCE = Path(lbclient.server.__file__).parent / "_counting.c"
 

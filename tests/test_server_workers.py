@@ -104,17 +104,21 @@ def asked(target: Target) -> tuple[int, int]:
     return int(fields["named_metrics.rif"]), int(float(fields["named_metrics.pid"]))
 
 
-def answering(target: Target) -> None:
-    """Once the server answers: uvicorn's supervisor says it listens before its workers do."""
+def answering(target: Target, workers: int = 1) -> None:
+    """Once ``workers`` of the server's workers have answered: uvicorn's supervisor says it
+    listens before its workers do, and a worker still starting accepts nothing, so requests
+    held before then all go to the first."""
     deadline = time.monotonic() + PATIENCE
-    while True:
+    seen: set[int] = set()
+    while len(seen) < workers:
         try:
-            probe(target)
-            return
+            seen.add(probe(target)[1])
         except httpx.TransportError:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.05)
+            continue
+        assert time.monotonic() < deadline, f"only workers {sorted(seen)} answered"
 
 
 def start_on_unix_socket(stack: ExitStack, kind: str, path: str) -> None:
@@ -167,7 +171,7 @@ def server(
                 stack, "server_apps:wsgi", workers=4, worker_class="sync", threads=1, app_dir=HERE
             )
             target = Target(kind, f"http://{started.address}")
-        answering(target)
+        answering(target, 2 if kind.startswith("uvicorn") else 1)
         yield target
 
 

@@ -18,8 +18,8 @@ Under a server of several worker processes (``gunicorn -w N``, ``uvicorn --worke
 requests in flight are the server's, summed over its workers through a small shared file (on
 Linux; see :class:`LoadTracker`); the rest of a report is the answering worker's.
 
-Where lbclient was built with a C compiler (:data:`COMPILED`), the ASGI middleware's usual
-request is counted in C, with the same results.
+Where lbclient was built with a C compiler (:data:`COMPILED`), the ASGI middleware's call and
+its usual request are counted in C, with the same results.
 
 This package imports no HTTP client and no framework, and ``import lbclient`` does not load it.
 """

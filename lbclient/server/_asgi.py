@@ -8,11 +8,11 @@ rule of counting or reporting (the tracker and the report hold them), buffering 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lbclient.server._common import PROBE_PATH, probe_answer, tracker_of
 from lbclient.server._report import FORMAT_HEADER, REPORT_HEADER, requested_format
-from lbclient.server._tracker import LoadTracker, Metric
+from lbclient.server._tracker import COMPILED, LoadTracker, Metric
 
 __all__ = ["ASGIApp", "LoadReportingASGI", "Receive", "Scope", "Send"]
 
@@ -38,7 +38,17 @@ def _asked(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
     return None
 
 
-class LoadReportingASGI:
+if TYPE_CHECKING or not COMPILED:
+    _Called = object
+    _CALLED: Any = None
+else:
+    #: Calling the middleware makes, in C, the awaitable its ``async def`` would make.
+    from lbclient.server._counting import Middleware as _Called
+
+    _CALLED = _Called.__call__
+
+
+class LoadReportingASGI(_Called):
     """ASGI middleware reporting the process's load (see :class:`LoadTracker` for the fields).
 
     * Each HTTP request is in flight from its arrival until the app returns (or raises, or is
@@ -60,6 +70,9 @@ class LoadReportingASGI:
     Where the tracker counts in the compiled counter (:data:`~lbclient.server.COMPILED`), a
     request of the usual path (an HTTP request, not the probe path, after the first) is counted
     and its response watched in C (``lbclient/server/_counting.c``), with the same results.
+    Where compiled, calling the middleware makes, in C, the awaitable its ``async def`` would
+    make (driven, thrown into, closed and collected alike), and ``__call__`` read on an
+    instance is still a coroutine function, as ASGI servers look for.
     """
 
     def __init__(
@@ -76,23 +89,29 @@ class LoadReportingASGI:
         self.probe_path = probe_path
         self.tracker = tracker_of(tracker, cpu_utilization, application_utilization, named_metrics)
         self._gate = self.tracker.compiled_gate(probe_path)
+        self._show_call()
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        gate = self._gate
-        if gate is not None:
-            answer = gate.enter(scope, send)
-            if answer is not None:  # counted as arrived: see Gate in _counting.c
-                try:
-                    await self.app(scope, receive, answer)
-                except Exception:
-                    answer.end(True)
-                    raise
-                except BaseException:
-                    answer.drop()
-                    raise
-                answer.end(False)
-                return
-        # The Python path: any request where the compiled path is not built, and the rest.
+    def _show_call(self) -> None:
+        if _CALLED is not None and type(self).__call__ is _CALLED:
+            # ASGI servers tell an ASGI 3 app by its __call__ being a coroutine function; the
+            # call itself is the type's, made in C (see Middleware in _counting.c).
+            vars(self)["__call__"] = self._awaited
+
+    def __getstate__(self) -> dict[str, Any]:  # what copy.copy takes (app and _gate may be C's)
+        state = {name: value for name, value in vars(self).items() if name != "__call__"}
+        return {**state, "app": self.app, "_gate": self._gate}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for name, value in state.items():
+            setattr(self, name, value)
+        self._show_call()
+
+    async def _awaited(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Calling the middleware, as a coroutine function (what ``app.__call__`` reads)."""
+        await _CALLED(self, scope, receive, send)
+
+    async def _in_python(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # The Python path: every request where the compiled path is not built, and the rest.
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -144,6 +163,9 @@ class LoadReportingASGI:
             tracker.drop()
             raise
         tracker.end(started, error=failed)
+
+    if TYPE_CHECKING or not COMPILED:
+        __call__ = _in_python
 
     async def _probe(self, scope: Scope, send: Send) -> None:
         body, headers = probe_answer(self.tracker, _asked(scope["headers"]))

@@ -18,6 +18,11 @@
    gets: it keeps the response's status and adds the report to the start of a response that
    asked; its end() and drop() count how the request ended.
 
+   Middleware and Call: LoadReportingASGI's base and what calling it makes, an awaitable
+   driven as the middleware's `async def` would be, without a Python frame: at its first step
+   it asks the Gate, awaits the app with the Reply, and ends or drops the request as the app
+   returns or raises; any other request goes to the middleware's Python path.
+
    Every rule here is the pure-Python path's, which stays the reference (tests run both on the
    same requests). It relies on the interpreter lock: a free-threaded build keeps the Python path.
    What may not: I/O, the report's text (the tracker renders it), a rule of its own. */
@@ -1184,18 +1189,33 @@ Reply_vectorcall(Reply *self, PyObject *const *args, size_t nargsf, PyObject *kw
     return sent;
 }
 
+/* The request is over: counted, an error if `error` or its status is 500 or more (once; later
+   ends and drops do nothing). 0, or -1 with an exception set. */
+static int
+reply_end(Reply *self, int error)
+{
+    if (self->over || self->counter == NULL) {
+        return 0;
+    }
+    self->over = 1;
+    return finish(self->counter, self->arrival, self->found, error || self->status >= 500);
+}
+
+/* The request was cancelled: out of flight only (once). */
+static void
+reply_drop(Reply *self)
+{
+    if (!self->over && self->counter != NULL) {
+        self->over = 1;
+        leave_flight(self->counter);
+    }
+}
+
 static PyObject *
 Reply_end(Reply *self, PyObject *raised)
 {
     int error = PyObject_IsTrue(raised);
-    if (error < 0) {
-        return NULL;
-    }
-    if (self->over || self->counter == NULL) {
-        Py_RETURN_NONE;
-    }
-    self->over = 1;
-    if (finish(self->counter, self->arrival, self->found, error || self->status >= 500) < 0) {
+    if (error < 0 || reply_end(self, error) < 0) {
         return NULL;
     }
     Py_RETURN_NONE;
@@ -1204,10 +1224,7 @@ Reply_end(Reply *self, PyObject *raised)
 static PyObject *
 Reply_drop(Reply *self, PyObject *unused)
 {
-    if (!self->over && self->counter != NULL) {
-        self->over = 1;
-        leave_flight(self->counter);
-    }
+    reply_drop(self);
     Py_RETURN_NONE;
 }
 
@@ -1373,22 +1390,18 @@ asked_of(Gate *self, PyObject *headers)
     return Py_NewRef(Py_None);
 }
 
+/* The Reply of a request of the usual path, counted as arrived (a new reference); Py_None for
+   any other; NULL with an exception set. */
 static PyObject *
-Gate_enter(Gate *self, PyObject *const *args, Py_ssize_t nargs)
+gate_enter(Gate *self, PyObject *scope, PyObject *send)
 {
-    PyObject *scope, *send, *value, *joined, *asked;
+    PyObject *value, *joined, *asked;
     Reply *reply;
     int same;
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "enter(scope, send)");
-        return NULL;
-    }
     if (self->counter == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "the Gate was not initialised");
         return NULL;
     }
-    scope = args[0];
-    send = args[1];
     if (!PyDict_CheckExact(scope)) {
         Py_RETURN_NONE;
     }
@@ -1478,6 +1491,16 @@ Gate_enter(Gate *self, PyObject *const *args, Py_ssize_t nargs)
     return (PyObject *)reply;
 }
 
+static PyObject *
+Gate_enter(Gate *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "enter(scope, send)");
+        return NULL;
+    }
+    return gate_enter(self, args[0], args[1]);
+}
+
 static int
 Gate_traverse(Gate *self, visitproc visit, void *arg)
 {
@@ -1529,6 +1552,687 @@ static PyTypeObject GateType = {
     .tp_methods = Gate_methods,
 };
 
+/* ---- Middleware and Call ---------------------------------------------------------------- */
+
+/* What calling LoadReportingASGI makes: an awaitable that runs the request as its Python
+   `async def` would, without a Python frame of its own. At its first step it asks the Gate:
+   a request of the usual path is counted as arrived and the app awaited with the Reply as its
+   send; any other goes to the middleware's Python path (_in_python), awaited as it is. The app
+   returning ends the request; an Exception ends it as an error; any other BaseException
+   (cancelled, closed) drops it. It is a coroutine to those that drive it (send, throw, close,
+   __await__), and steps the app's coroutine as `await` would. */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *app;  /* the app called (settable: read at each request) */
+    PyObject *gate; /* a Gate, or NULL: every request takes the Python path */
+} Middleware;
+
+enum { CALL_NEW, CALL_RUNNING, CALL_DONE };
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *middleware;
+    PyObject *scope, *receive, *send;
+    PyObject *inner; /* what is awaited while running: the app's coroutine or __await__ */
+    Reply *reply;    /* the counted request's send; NULL where the Python path counts */
+    int state;
+    int stepping; /* inside a step: a second step now is refused, as a coroutine refuses it */
+} Call;
+
+static PyTypeObject CallType;
+static PyObject *IN_PYTHON; /* "_in_python" */
+
+/* The exception being raised, taken (a new reference; the error indicator is cleared). */
+static PyObject *
+take_error(void)
+{
+#if PY_VERSION_HEX >= 0x030C0000
+    return PyErr_GetRaisedException();
+#else
+    PyObject *kind, *value, *traceback;
+    PyErr_Fetch(&kind, &value, &traceback);
+    PyErr_NormalizeException(&kind, &value, &traceback);
+    if (traceback != NULL && value != NULL) {
+        PyException_SetTraceback(value, traceback);
+    }
+    Py_XDECREF(kind);
+    Py_XDECREF(traceback);
+    return value;
+#endif
+}
+
+/* Raises `error` again (its reference is taken). */
+static void
+give_error(PyObject *error)
+{
+#if PY_VERSION_HEX >= 0x030C0000
+    PyErr_SetRaisedException(error);
+#else
+    PyErr_Restore(Py_NewRef(Py_TYPE(error)), error, PyException_GetTraceback(error));
+#endif
+}
+
+/* What `await` steps for `awaitable` (a new reference), as the interpreter finds it: a
+   coroutine (or a generator made one by types.coroutine) itself, else its __await__()'s
+   iterator; NULL with the TypeError `await` raises. */
+static int
+is_coroutine(PyObject *candidate)
+{
+    PyObject *code, *flags;
+    long value;
+    if (PyCoro_CheckExact(candidate)) {
+        return 1;
+    }
+    if (!PyGen_CheckExact(candidate)) {
+        return 0;
+    }
+    code = PyObject_GetAttrString(candidate, "gi_code");
+    if (code == NULL) {
+        return -1;
+    }
+    flags = PyObject_GetAttrString(code, "co_flags");
+    Py_DECREF(code);
+    if (flags == NULL) {
+        return -1;
+    }
+    value = PyLong_AsLong(flags);
+    Py_DECREF(flags);
+    if (value == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    return (value & CO_ITERABLE_COROUTINE) != 0;
+}
+
+static PyObject *
+awaited_of(PyObject *awaitable)
+{
+    unaryfunc method;
+    PyObject *iterator;
+    int coroutine = is_coroutine(awaitable);
+    if (coroutine != 0) {
+        return coroutine < 0 ? NULL : Py_NewRef(awaitable);
+    }
+    method = Py_TYPE(awaitable)->tp_as_async == NULL ? NULL
+                                                     : Py_TYPE(awaitable)->tp_as_async->am_await;
+    if (method == NULL) {
+        PyErr_Format(PyExc_TypeError, "object %.100s can't be used in 'await' expression",
+                     Py_TYPE(awaitable)->tp_name);
+        return NULL;
+    }
+    iterator = method(awaitable);
+    if (iterator == NULL) {
+        return NULL;
+    }
+    coroutine = is_coroutine(iterator);
+    if (coroutine != 0 || !PyIter_Check(iterator)) {
+        if (coroutine >= 0) {
+            if (coroutine) {
+                PyErr_SetString(PyExc_TypeError, "__await__() returned a coroutine");
+            }
+            else {
+                PyErr_Format(PyExc_TypeError, "__await__() returned non-iterator of type '%.100s'",
+                             Py_TYPE(iterator)->tp_name);
+            }
+        }
+        Py_DECREF(iterator);
+        return NULL;
+    }
+    return iterator;
+}
+
+/* The first step: the request counted and the app called with the Reply, or the Python path
+   called. 0; -1 with an exception set (where a Reply was made, the request is counted and
+   ends with it as an error). */
+static int
+call_begin(Call *self)
+{
+    Middleware *middleware = (Middleware *)self->middleware;
+    PyObject *gate = middleware->gate, *awaitable, *reply, *args[3];
+    if (gate != NULL && Py_IS_TYPE(gate, &GateType)) {
+        Py_INCREF(gate); /* the request's gate, whatever the app does to the middleware */
+        reply = gate_enter((Gate *)gate, self->scope, self->send);
+        Py_DECREF(gate);
+        if (reply == NULL) {
+            return -1;
+        }
+        if (reply != Py_None) {
+            self->reply = (Reply *)reply;
+            if (middleware->app == NULL) {
+                PyErr_SetString(PyExc_AttributeError, "the middleware has no app");
+                return -1;
+            }
+            args[0] = self->scope;
+            args[1] = self->receive;
+            args[2] = reply;
+            awaitable = PyObject_Vectorcall(middleware->app, args, 3, NULL);
+            if (awaitable == NULL) {
+                return -1;
+            }
+            self->inner = awaited_of(awaitable);
+            Py_DECREF(awaitable);
+            return self->inner == NULL ? -1 : 0;
+        }
+        Py_DECREF(reply);
+    }
+    awaitable = PyObject_CallMethodObjArgs(self->middleware, IN_PYTHON, self->scope,
+                                           self->receive, self->send, NULL);
+    if (awaitable == NULL) {
+        return -1;
+    }
+    self->inner = awaited_of(awaitable);
+    Py_DECREF(awaitable);
+    return self->inner == NULL ? -1 : 0;
+}
+
+/* The request is over, as the step that ended it says (`status`, PYGEN_RETURN with `*result`
+   or PYGEN_ERROR with an exception set): the app's return ends it, an Exception ends it as an
+   error, any other exception drops it. What the Call gives: None on return, or the exception
+   (an end that raises raises its own, the app's as its context). */
+static PySendResult
+call_over(Call *self, PySendResult status, PyObject **result)
+{
+    Reply *reply = self->reply;
+    PyObject *error, *later;
+    int failed;
+    self->state = CALL_DONE;
+    self->reply = NULL;
+    Py_CLEAR(self->inner);
+    if (status == PYGEN_RETURN) {
+        Py_CLEAR(*result); /* as `await self.app(...)` in an async def returning None */
+        if (reply != NULL && reply_end(reply, 0) < 0) {
+            Py_DECREF(reply);
+            return PYGEN_ERROR;
+        }
+        Py_XDECREF(reply);
+        *result = Py_NewRef(Py_None);
+        return PYGEN_RETURN;
+    }
+    *result = NULL;
+    if (reply == NULL) {
+        return PYGEN_ERROR;
+    }
+    failed = PyErr_ExceptionMatches(PyExc_Exception);
+    error = take_error();
+    if (failed) {
+        failed = reply_end(reply, 1);
+    }
+    else {
+        reply_drop(reply);
+    }
+    Py_DECREF(reply);
+    if (failed < 0) {
+        later = take_error();
+        if (error != NULL) {
+            PyException_SetContext(later, error); /* takes the reference */
+        }
+        give_error(later);
+        return PYGEN_ERROR;
+    }
+    if (error != NULL) {
+        give_error(error);
+    }
+    return PYGEN_ERROR;
+}
+
+static int
+call_busy(Call *self)
+{
+    if (self->stepping) {
+        PyErr_SetString(PyExc_ValueError, "coroutine already executing");
+        return 1;
+    }
+    return 0;
+}
+
+static PySendResult
+Call_am_send(Call *self, PyObject *value, PyObject **result)
+{
+    PySendResult status;
+    *result = NULL;
+    if (call_busy(self)) {
+        return PYGEN_ERROR;
+    }
+    if (self->state == CALL_DONE) {
+        PyErr_SetString(PyExc_RuntimeError, "cannot reuse already awaited coroutine");
+        return PYGEN_ERROR;
+    }
+    self->stepping = 1;
+    if (self->state == CALL_NEW) {
+        if (value != Py_None) {
+            self->stepping = 0;
+            PyErr_SetString(PyExc_TypeError,
+                            "can't send non-None value to a just-started coroutine");
+            return PYGEN_ERROR;
+        }
+        self->state = CALL_RUNNING;
+        if (call_begin(self) < 0) {
+            status = call_over(self, PYGEN_ERROR, result);
+            self->stepping = 0;
+            return status;
+        }
+    }
+    status = PyIter_Send(self->inner, value, result);
+    if (status != PYGEN_NEXT) {
+        status = call_over(self, status, result);
+    }
+    self->stepping = 0;
+    return status;
+}
+
+/* A step's outcome as a Python method gives it: the value yielded, or StopIteration. */
+static PyObject *
+stepped(PySendResult status, PyObject *result)
+{
+    if (status == PYGEN_NEXT) {
+        return result;
+    }
+    if (status == PYGEN_RETURN) {
+        if (result == Py_None) {
+            PyErr_SetNone(PyExc_StopIteration);
+        }
+        else {
+            PyObject *stop = PyObject_CallOneArg(PyExc_StopIteration, result);
+            if (stop != NULL) {
+                PyErr_SetObject(PyExc_StopIteration, stop);
+                Py_DECREF(stop);
+            }
+        }
+        Py_DECREF(result);
+    }
+    return NULL;
+}
+
+static PyObject *
+Call_iternext(Call *self)
+{
+    PyObject *result;
+    PySendResult status = Call_am_send(self, Py_None, &result);
+    if (status == PYGEN_RETURN) { /* the end of iteration: no StopIteration needed for None */
+        Py_DECREF(result);
+        return NULL;
+    }
+    return stepped(status, result);
+}
+
+static PyObject *
+Call_send(Call *self, PyObject *value)
+{
+    PyObject *result;
+    PySendResult status = Call_am_send(self, value, &result);
+    return stepped(status, result);
+}
+
+/* Raises what throw(kind[, value[, traceback]]) names, as a coroutine not started does. */
+static PyObject *
+raise_thrown(PyObject *kind, PyObject *value, PyObject *traceback)
+{
+    if (traceback == Py_None) {
+        traceback = NULL;
+    }
+    if (traceback != NULL && !PyTraceBack_Check(traceback)) {
+        PyErr_SetString(PyExc_TypeError, "throw() third argument must be a traceback object");
+        return NULL;
+    }
+    if (PyExceptionClass_Check(kind)) {
+        PyErr_Restore(Py_NewRef(kind), Py_XNewRef(value), Py_XNewRef(traceback));
+        return NULL;
+    }
+    if (PyExceptionInstance_Check(kind)) {
+        if (value != NULL && value != Py_None) {
+            PyErr_SetString(PyExc_TypeError, "instance exception may not have a separate value");
+            return NULL;
+        }
+        if (traceback == NULL) {
+            PyErr_Restore(Py_NewRef(Py_TYPE(kind)), Py_NewRef(kind),
+                          PyException_GetTraceback(kind));
+        }
+        else {
+            PyErr_Restore(Py_NewRef(Py_TYPE(kind)), Py_NewRef(kind), Py_NewRef(traceback));
+        }
+        return NULL;
+    }
+    PyErr_Format(PyExc_TypeError,
+                 "exceptions must be classes or instances deriving from BaseException, not %s",
+                 Py_TYPE(kind)->tp_name);
+    return NULL;
+}
+
+/* `inner`'s method `name` (a new reference); NULL: it has none (no exception) or reading it
+   failed (one set). */
+static PyObject *
+method_of(PyObject *inner, const char *name)
+{
+    PyObject *method = PyObject_GetAttrString(inner, name);
+    if (method == NULL && PyErr_ExceptionMatches(PyExc_AttributeError)) {
+        PyErr_Clear();
+    }
+    return method;
+}
+
+static PyObject *
+Call_throw(Call *self, PyObject *args)
+{
+    PyObject *kind, *value = NULL, *traceback = NULL, *method, *result = NULL;
+    PySendResult status;
+    if (!PyArg_UnpackTuple(args, "throw", 1, 3, &kind, &value, &traceback)) {
+        return NULL;
+    }
+    if (call_busy(self)) {
+        return NULL;
+    }
+    if (self->state == CALL_DONE) {
+        PyErr_SetString(PyExc_RuntimeError, "cannot reuse already awaited coroutine");
+        return NULL;
+    }
+    if (self->state == CALL_NEW) { /* raised before anything ran, as in a coroutine */
+        self->state = CALL_DONE;
+        return raise_thrown(kind, value, traceback);
+    }
+    self->stepping = 1;
+    if (PyExceptionClass_Check(kind) ? PyErr_GivenExceptionMatches(kind, PyExc_GeneratorExit)
+                                     : PyObject_TypeCheck(kind, (PyTypeObject *)PyExc_GeneratorExit)) {
+        /* as a coroutine: what it awaits is closed, then the exception raised where it waits */
+        method = method_of(self->inner, "close");
+        if (method != NULL) {
+            result = PyObject_CallNoArgs(method);
+            Py_DECREF(method);
+            Py_XDECREF(result);
+            result = NULL;
+            if (!PyErr_Occurred()) {
+                raise_thrown(kind, value, traceback);
+            }
+        }
+        else if (!PyErr_Occurred()) {
+            raise_thrown(kind, value, traceback);
+        }
+        status = call_over(self, PYGEN_ERROR, &result);
+        self->stepping = 0;
+        return stepped(status, result);
+    }
+    method = method_of(self->inner, "throw");
+    if (method != NULL) {
+        result = PyObject_Call(method, args, NULL);
+        Py_DECREF(method);
+        if (result != NULL) {
+            self->stepping = 0;
+            return result;
+        }
+    }
+    else if (!PyErr_Occurred()) { /* nothing to throw it into: raised where it is awaited */
+        raise_thrown(kind, value, traceback);
+    }
+    status = PYGEN_ERROR;
+    if (PyErr_ExceptionMatches(PyExc_StopIteration)) {
+        PyObject *stop = take_error();
+        result = PyObject_GetAttrString(stop, "value");
+        Py_DECREF(stop);
+        if (result != NULL) {
+            status = PYGEN_RETURN;
+        }
+    }
+    status = call_over(self, status, &result);
+    self->stepping = 0;
+    return stepped(status, result);
+}
+
+static PyObject *
+Call_close(Call *self, PyObject *unused)
+{
+    PyObject *method, *closed, *result = NULL;
+    if (call_busy(self)) {
+        return NULL;
+    }
+    if (self->state != CALL_RUNNING) {
+        self->state = CALL_DONE;
+        Py_RETURN_NONE;
+    }
+    self->stepping = 1;
+    method = method_of(self->inner, "close");
+    if (method != NULL) {
+        closed = PyObject_CallNoArgs(method);
+        Py_DECREF(method);
+        if (closed != NULL) {
+            Py_DECREF(closed);
+            PyErr_SetNone(PyExc_GeneratorExit);
+        }
+    }
+    else if (!PyErr_Occurred()) {
+        PyErr_SetNone(PyExc_GeneratorExit);
+    }
+    call_over(self, PYGEN_ERROR, &result);
+    self->stepping = 0;
+    if (PyErr_ExceptionMatches(PyExc_GeneratorExit)) {
+        PyErr_Clear();
+        Py_RETURN_NONE;
+    }
+    return NULL;
+}
+
+static PyObject *
+Call_await(Call *self)
+{
+    return Py_NewRef(self);
+}
+
+static PyObject *
+Call_get_await(Call *self, void *unused)
+{
+    return Py_NewRef(self->inner == NULL ? Py_None : self->inner);
+}
+
+static PyObject *
+Call_get_running(Call *self, void *unused)
+{
+    return PyBool_FromLong(self->stepping);
+}
+
+/* A Call dropped unfinished is closed, as a coroutine is; one never started warns as one. */
+static void
+Call_finalize(Call *self)
+{
+    PyObject *error = take_error(), *closed;
+    if (self->state == CALL_NEW && self->middleware != NULL) {
+        self->state = CALL_DONE;
+        if (PyErr_WarnFormat(PyExc_RuntimeWarning, 1, "coroutine '%.100s.__call__' was never "
+                             "awaited", Py_TYPE(self->middleware)->tp_name) < 0) {
+            PyErr_WriteUnraisable((PyObject *)self);
+        }
+    }
+    else if (self->state == CALL_RUNNING) {
+        closed = Call_close(self, NULL);
+        if (closed == NULL) {
+            PyErr_WriteUnraisable((PyObject *)self);
+        }
+        Py_XDECREF(closed);
+    }
+    if (error != NULL) {
+        give_error(error);
+    }
+}
+
+static int
+Call_traverse(Call *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->middleware);
+    Py_VISIT(self->scope);
+    Py_VISIT(self->receive);
+    Py_VISIT(self->send);
+    Py_VISIT(self->inner);
+    Py_VISIT(self->reply);
+    return 0;
+}
+
+static int
+Call_clear(Call *self)
+{
+    Py_CLEAR(self->middleware);
+    Py_CLEAR(self->scope);
+    Py_CLEAR(self->receive);
+    Py_CLEAR(self->send);
+    Py_CLEAR(self->inner);
+    Py_CLEAR(self->reply);
+    return 0;
+}
+
+static void
+Call_dealloc(Call *self)
+{
+    if (self->state != CALL_DONE
+        && PyObject_CallFinalizerFromDealloc((PyObject *)self) < 0) {
+        return; /* brought back to life by its finaliser */
+    }
+    PyObject_GC_UnTrack(self);
+    Call_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMethodDef Call_methods[] = {
+    {"send", (PyCFunction)Call_send, METH_O, "send(value): a step, as a coroutine's send."},
+    {"throw", (PyCFunction)Call_throw, METH_VARARGS,
+     "throw(exception): raised where the app is awaited, as a coroutine's throw."},
+    {"close", (PyCFunction)Call_close, METH_NOARGS, "As a coroutine's close."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef Call_getset[] = {
+    {"cr_await", (getter)Call_get_await, NULL, "What it awaits (None before and after).", NULL},
+    {"cr_running", (getter)Call_get_running, NULL, "Whether a step is running.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyAsyncMethods Call_async = {
+    .am_await = (unaryfunc)Call_await,
+    .am_send = (sendfunc)Call_am_send,
+};
+
+static PyTypeObject CallType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "lbclient.server._counting.Call",
+    .tp_basicsize = sizeof(Call),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "One call of LoadReportingASGI, awaited as its coroutine would be.",
+    .tp_as_async = &Call_async,
+    .tp_iter = PyObject_SelfIter,
+    .tp_iternext = (iternextfunc)Call_iternext,
+    .tp_finalize = (destructor)Call_finalize,
+    .tp_dealloc = (destructor)Call_dealloc,
+    .tp_traverse = (traverseproc)Call_traverse,
+    .tp_clear = (inquiry)Call_clear,
+    .tp_methods = Call_methods,
+    .tp_getset = Call_getset,
+};
+
+static PyObject *
+Middleware_call(Middleware *self, PyObject *args, PyObject *kwargs)
+{
+    static char *keywords[] = {"scope", "receive", "send", NULL};
+    PyObject *scope, *receive, *send;
+    Call *call;
+    if (kwargs == NULL && PyTuple_GET_SIZE(args) == 3) {
+        scope = PyTuple_GET_ITEM(args, 0);
+        receive = PyTuple_GET_ITEM(args, 1);
+        send = PyTuple_GET_ITEM(args, 2);
+    }
+    else if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOO:__call__", keywords, &scope,
+                                          &receive, &send)) {
+        return NULL;
+    }
+    call = PyObject_GC_New(Call, &CallType);
+    if (call == NULL) {
+        return NULL;
+    }
+    call->middleware = Py_NewRef(self);
+    call->scope = Py_NewRef(scope);
+    call->receive = Py_NewRef(receive);
+    call->send = Py_NewRef(send);
+    call->inner = NULL;
+    call->reply = NULL;
+    call->state = CALL_NEW;
+    call->stepping = 0;
+    PyObject_GC_Track(call);
+    return (PyObject *)call;
+}
+
+static PyObject *
+Middleware_get_app(Middleware *self, void *unused)
+{
+    if (self->app == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "app");
+        return NULL;
+    }
+    return Py_NewRef(self->app);
+}
+
+static int
+Middleware_set_app(Middleware *self, PyObject *value, void *unused)
+{
+    Py_XSETREF(self->app, Py_XNewRef(value));
+    return 0;
+}
+
+static PyObject *
+Middleware_get_gate(Middleware *self, void *unused)
+{
+    return Py_NewRef(self->gate == NULL ? Py_None : self->gate);
+}
+
+static int
+Middleware_set_gate(Middleware *self, PyObject *value, void *unused)
+{
+    if (value != NULL && value != Py_None && !Py_IS_TYPE(value, &GateType)) {
+        PyErr_Format(PyExc_TypeError, "_gate must be a Gate or None, got %R", value);
+        return -1;
+    }
+    Py_XSETREF(self->gate, value == Py_None ? NULL : Py_XNewRef(value));
+    return 0;
+}
+
+static int
+Middleware_traverse(Middleware *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->app);
+    Py_VISIT(self->gate);
+    return 0;
+}
+
+static int
+Middleware_clear(Middleware *self)
+{
+    Py_CLEAR(self->app);
+    Py_CLEAR(self->gate);
+    return 0;
+}
+
+static void
+Middleware_dealloc(Middleware *self)
+{
+    PyObject_GC_UnTrack(self);
+    Middleware_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyGetSetDef Middleware_getset[] = {
+    {"app", (getter)Middleware_get_app, (setter)Middleware_set_app, "The app called.", NULL},
+    {"_gate", (getter)Middleware_get_gate, (setter)Middleware_set_gate,
+     "The compiled path's Gate, or None: every request takes the Python path.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject MiddlewareType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "lbclient.server._counting.Middleware",
+    .tp_basicsize = sizeof(Middleware),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "LoadReportingASGI's base: calling it makes a Call (see the module's account).",
+    .tp_new = PyType_GenericNew,
+    .tp_call = (ternaryfunc)Middleware_call,
+    .tp_dealloc = (destructor)Middleware_dealloc,
+    .tp_traverse = (traverseproc)Middleware_traverse,
+    .tp_clear = (inquiry)Middleware_clear,
+    .tp_getset = Middleware_getset,
+};
+
 /* ---- the module ------------------------------------------------------------------------- */
 
 static int
@@ -1548,7 +2252,7 @@ module_exec(PyObject *module)
         || intern(&HTTP, "http") < 0 || intern(&START, START_TEXT) < 0
         || intern(&TEXT, "TEXT") < 0 || intern(&JSON, "JSON") < 0
         || intern(&JOINED, "joined") < 0 || intern(&ENCODED, "encoded") < 0
-        || intern(&ENCODED_AT, "_encoded_at") < 0) {
+        || intern(&ENCODED_AT, "_encoded_at") < 0 || intern(&IN_PYTHON, "_in_python") < 0) {
         return -1;
     }
     if (EMPTY == NULL && (EMPTY = PyTuple_New(0)) == NULL) {
@@ -1564,12 +2268,15 @@ module_exec(PyObject *module)
         }
     }
     if (PyType_Ready(&CounterType) < 0 || PyType_Ready(&ReplyType) < 0
-        || PyType_Ready(&GateType) < 0) {
+        || PyType_Ready(&GateType) < 0 || PyType_Ready(&CallType) < 0
+        || PyType_Ready(&MiddlewareType) < 0) {
         return -1;
     }
     if (PyModule_AddObjectRef(module, "Counter", (PyObject *)&CounterType) < 0
         || PyModule_AddObjectRef(module, "Reply", (PyObject *)&ReplyType) < 0
         || PyModule_AddObjectRef(module, "Gate", (PyObject *)&GateType) < 0
+        || PyModule_AddObjectRef(module, "Call", (PyObject *)&CallType) < 0
+        || PyModule_AddObjectRef(module, "Middleware", (PyObject *)&MiddlewareType) < 0
         || PyModule_AddIntConstant(module, "MOST_PER_SLOT", MOST_PER_SLOT) < 0
         || PyModule_AddIntConstant(module, "MOST_WINDOW", MOST_WINDOW) < 0
         || PyModule_AddIntConstant(module, "MOST_RATE_WINDOW", MOST_RATE_WINDOW) < 0
