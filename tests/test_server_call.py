@@ -472,3 +472,52 @@ def test_a_middleware_made_without_its_init_refuses_rather_than_crashes() -> Non
         call.send(None)
     with pytest.raises(TypeError):
         bare({**SCOPE}, receive)
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_anyio_and_trio_run_the_call_as_a_coroutine(backend: str) -> None:
+    # Awaited, started as a task of its own (trio wraps what it sees is not a Python frame),
+    # cancelled by a scope while the app waits.
+    import anyio
+
+    if backend == "trio":
+        pytest.importorskip("trio", reason="trio (the dev extra) runs anyio's trio backend")
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await anyio.sleep(60 if scope["path"] == "/slow" else 0)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    middleware = LoadReportingASGI(app)
+    sent: list[str] = []
+
+    async def send(message: Any) -> None:
+        sent.append(message["type"])
+
+    async def main() -> None:
+        await middleware({**SCOPE}, receive, send)
+        async with anyio.create_task_group() as group:
+            group.start_soon(middleware, {**SCOPE}, receive, send)
+        with anyio.move_on_after(0.05):
+            await middleware({**SCOPE, "path": "/slow"}, receive, send)
+        assert middleware.tracker.rif == 0
+
+    anyio.run(main, backend=backend)
+    assert sent == ["http.response.start", "http.response.body"] * 2
+    assert middleware.tracker.report().rps_fractional > 0
+
+
+def test_a_portal_runs_the_call_as_starlettes_test_client_does() -> None:
+    # Starlette's TestClient calls the app through an anyio BlockingPortal from its thread.
+    from anyio.from_thread import start_blocking_portal
+
+    middleware = LoadReportingASGI(scripted_app([("start", 200), ("body",)], [], {}))
+    sent: list[str] = []
+
+    async def send(message: Any) -> None:
+        sent.append(message["type"])
+
+    with start_blocking_portal() as portal:
+        assert portal.call(middleware, {**SCOPE}, receive, send) is None
+    assert sent == ["http.response.start", "http.response.body"]
+    assert middleware.tracker.rif == 0
