@@ -1,5 +1,5 @@
-"""What the benchmarks that run in rounds share: their command line (``--quick``, and the
-test suite's ``--seconds`` and ``--rounds``) and how a run's settings are found."""
+"""What the benchmarks that run in rounds share: their command line (``--quick``,
+``--seconds`` and ``--rounds``) and how a run's settings are found."""
 
 from __future__ import annotations
 
@@ -9,13 +9,20 @@ __all__ = ["round_parser", "round_settings"]
 
 
 def round_parser(doc: str | None) -> argparse.ArgumentParser:
-    """A parser with ``--quick``, and ``--seconds`` and ``--rounds`` (for the test suite:
-    shorter rounds, the same code path; not part of the interface), described by the first
-    line of ``doc``."""
+    """A parser with ``--quick``, ``--seconds`` and ``--rounds`` (more rounds narrow a ratio's
+    noise; the test suite runs shorter ones, the same code path), described by the first line
+    of ``doc``."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0] if doc else None)
     parser.add_argument("--quick", action="store_true", help="a short run")
-    parser.add_argument("--seconds", type=float, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--rounds", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--seconds",
+        type=float,
+        default=None,
+        help="seconds a round runs (default: the mode's)",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=None, help="rounds per case (default: the mode's)"
+    )
     return parser
 
 
