@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections.abc
+import gc
 import inspect
 import sys
 import types
@@ -440,7 +441,7 @@ def test_a_copy_calls_its_own_app_and_counts_in_the_same_tracker() -> None:
     twin = copy.copy(middleware)
     assert twin.app is app
     assert twin.tracker is middleware.tracker
-    assert twin.__call__.__self__ is twin  # type: ignore[attr-defined]
+    assert vars(twin)["__call__"] is not vars(middleware)["__call__"]
     asyncio.run(twin({**SCOPE}, receive, print))
     asyncio.run(twin.__call__({**SCOPE}, receive, print))
     assert calls == ["app", "app"]
@@ -521,3 +522,23 @@ def test_a_portal_runs_the_call_as_starlettes_test_client_does() -> None:
         assert portal.call(middleware, {**SCOPE}, receive, send) is None
     assert sent == ["http.response.start", "http.response.body"]
     assert middleware.tracker.rif == 0
+
+
+def test_a_middleware_dropped_is_freed_at_once_with_its_tracker() -> None:
+    # No cycle holds it (what __call__ reads as holds it weakly): its tracker's slot in the
+    # server's shared file is given back when the last reference goes, collector or not.
+    import weakref
+
+    middleware = LoadReportingASGI(scripted_app([], [], {}))
+    shown = middleware.__call__
+    tracker = weakref.ref(middleware.tracker)
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        del middleware
+        assert tracker() is None
+    finally:
+        if collecting:
+            gc.enable()
+    with pytest.raises(ReferenceError, match="is gone"):
+        asyncio.run(shown({**SCOPE}, receive, print))

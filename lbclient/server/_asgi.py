@@ -7,6 +7,7 @@ rule of counting or reporting (the tracker and the report hold them), buffering 
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any
 
@@ -95,7 +96,7 @@ class LoadReportingASGI(_Called):
         if _CALLED is not None and type(self).__call__ is _CALLED:
             # ASGI servers tell an ASGI 3 app by its __call__ being a coroutine function; the
             # call itself is the type's, made in C (see Middleware in _counting.c).
-            vars(self)["__call__"] = self._awaited
+            vars(self)["__call__"] = _shown_call(weakref.ref(self))
 
     def __getstate__(self) -> dict[str, Any]:  # what copy.copy takes (app and _gate may be C's)
         state = {name: value for name, value in vars(self).items() if name != "__call__"}
@@ -105,10 +106,6 @@ class LoadReportingASGI(_Called):
         for name, value in state.items():
             setattr(self, name, value)
         self._show_call()
-
-    async def _awaited(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Calling the middleware, as a coroutine function (what ``app.__call__`` reads)."""
-        await _CALLED(self, scope, receive, send)
 
     async def _in_python(self, scope: Scope, receive: Receive, send: Send) -> None:
         # The Python path: every request where the compiled path is not built, and the rest.
@@ -179,3 +176,17 @@ class LoadReportingASGI(_Called):
         await send(
             {"type": "http.response.body", "body": b"" if scope.get("method") == "HEAD" else body}
         )
+
+
+def _shown_call(reference: weakref.ref[LoadReportingASGI]) -> ASGIApp:
+    """Calling the middleware ``reference`` holds, as a coroutine function: what ``__call__``
+    reads as on the instance. It holds the middleware weakly, so that a middleware dropped is
+    freed at once (and its tracker's slot given back), not left to the cycle collector."""
+
+    async def __call__(scope: Scope, receive: Receive, send: Send) -> None:
+        middleware = reference()
+        if middleware is None:
+            raise ReferenceError("the LoadReportingASGI this __call__ was read from is gone")
+        await _CALLED(middleware, scope, receive, send)
+
+    return __call__
