@@ -44,7 +44,17 @@ class _Turn:
 class AsyncGate:
     """Admission for tasks of one event loop."""
 
-    __slots__ = ("_closed", "_cold", "_free", "_keep", "_opened", "_waiters", "active", "limit")
+    __slots__ = (
+        "_closed",
+        "_cold",
+        "_free",
+        "_keep",
+        "_opened",
+        "_unkept",
+        "_waiters",
+        "active",
+        "limit",
+    )
 
     def __init__(self, limit: int | None, keep: int | None = None) -> None:
         """At most ``limit`` inside at once, at most ``keep`` slots kept while free (None:
@@ -65,6 +75,9 @@ class AsyncGate:
         self._opened = 0
         self._waiters: deque[_Turn] = deque()
         self._closed = False
+        #: Slots a waiter was handed as it gave up, passed on and not kept: their connections
+        #: are to be closed by whoever takes them (:meth:`take_unkept`).
+        self._unkept: list[int] = []
 
     async def enter(self, timeout: float | None) -> int:
         """Wait for a place, at most ``timeout`` seconds (None: no limit); return its slot,
@@ -87,15 +100,20 @@ class AsyncGate:
                 await turn.event.wait()
         except BaseException:
             if turn.slot is not None:  # handed over just as this waiter gave up: pass it on
-                # (if nobody takes it and it is not kept, its connection stays open, idle,
-                # until the slot is handed out again: nothing may wait here to close it)
-                self.leave(turn.slot)
+                if not self.leave(turn.slot):  # not kept: its connection is to be closed, by
+                    self._unkept.append(turn.slot)  # the caller (nothing may wait here)
             elif turn in self._waiters:
                 self._waiters.remove(turn)
             raise
         if turn.slot is None:  # woken by close()
             raise GateClosed
         return turn.slot
+
+    def take_unkept(self) -> list[int]:
+        """The slots a waiter that gave up passed on and that were not kept (their connections
+        to be closed), taken: each is given once."""
+        unkept, self._unkept = self._unkept, []
+        return unkept
 
     def close(self) -> None:
         """Hand out no place any more: every waiter, and every later comer, gets GateClosed."""

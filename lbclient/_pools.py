@@ -115,6 +115,19 @@ class AsyncPools:
         self._pools: dict[int, httpcore.AsyncConnectionPool] = {}
         self._closed = False
 
+    async def enter(self, timeout: float | None) -> int:
+        """A slot from the gate (see :meth:`AsyncGate.enter`). Where the wait ends otherwise
+        (timed out, cancelled) just as a slot was handed to it, and that slot was not kept,
+        its connection is closed here, as :meth:`leave` closes what is not kept."""
+        try:
+            return await self.gate.enter(timeout)
+        except BaseException:
+            for slot in self.gate.take_unkept():
+                pool = self._pools.pop(slot, None)
+                if pool is not None:
+                    await shut(pool)
+            raise
+
     def pool(self, slot: int) -> httpcore.AsyncConnectionPool:
         """The pool of ``slot``, made when first needed; GateClosed once closed."""
         if self._closed:

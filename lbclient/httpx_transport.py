@@ -517,7 +517,7 @@ class _AsyncWire(_Wire):
         pools = await self.transport._pool(request, backend)
         sent = _backend_request(request, backend, limits, headers)
         try:
-            slot = await pools.gate.enter(sent.extensions.get("timeout", {}).get("pool"))
+            slot = await pools.enter(sent.extensions.get("timeout", {}).get("pool"))
         except TimeoutError:  # as httpx's own pool times out, and classified as it is
             raise httpx.PoolTimeout(
                 f"no connection to backend {backend.address} became free in time"

@@ -90,6 +90,57 @@ async def test_a_place_handed_to_a_cancelled_waiter_is_passed_on(anyio_backend: 
     assert gate.active == 1
 
 
+@pytest.mark.anyio
+async def test_a_slot_a_cancelled_waiter_passes_on_unkept_is_to_be_closed(
+    anyio_backend: str,
+) -> None:
+    gate = AsyncGate(1, keep=0)
+    held = await gate.enter(None)
+    doomed_scope = anyio.CancelScope()
+
+    async def doomed() -> None:
+        with doomed_scope:
+            await gate.enter(None)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(doomed)
+        await settle()
+        doomed_scope.cancel()
+        assert gate.leave(held) is True  # handed to the waiter, which has not run yet
+    # It gave up and passed the slot on; nobody waits and none is kept: its connection is to
+    # be closed, by whoever takes it, once.
+    assert gate.active == 0
+    assert gate.take_unkept() == [held]
+    assert gate.take_unkept() == []
+
+
+@pytest.mark.anyio
+async def test_the_pools_close_the_connection_a_cancelled_waiter_passed_on_unkept(
+    anyio_backend: str,
+) -> None:
+    from lbclient._pools import AsyncPools
+
+    options = {"http2": False, "max_connections": 1, "max_keepalive_connections": 0}
+    pools = AsyncPools(options)
+    held = await pools.enter(None)
+    pool = pools.pool(held)
+    doomed_scope = anyio.CancelScope()
+
+    async def doomed() -> None:
+        with doomed_scope:
+            await pools.enter(None)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(doomed)
+        await settle()
+        doomed_scope.cancel()
+        assert pools.give_back(held) is None  # passed on open, to the waiter
+    assert pools.gate.active == 0
+    assert held not in pools._pools  # closed (its pool taken out), not left open and idle
+    assert pools.pool(held) is not pool
+    await pools.aclose()
+
+
 def test_a_limit_below_one_is_refused(anyio_backend: str) -> None:
     with pytest.raises(ValueError, match="0"):
         AsyncGate(0)
