@@ -90,7 +90,11 @@ class LoadReportingASGI(_Called):
         self.probe_path = probe_path
         self.tracker = tracker_of(tracker, cpu_utilization, application_utilization, named_metrics)
         self._gate = self.tracker.compiled_gate(probe_path)
-        self._show_call()
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> LoadReportingASGI:
+        made = super().__new__(cls)
+        made._show_call()  # here, not in __init__: a subclass may set itself up otherwise
+        return made
 
     def _show_call(self) -> None:
         if _CALLED is not None and type(self).__call__ is _CALLED:
@@ -105,7 +109,6 @@ class LoadReportingASGI(_Called):
     def __setstate__(self, state: dict[str, Any]) -> None:
         for name, value in state.items():
             setattr(self, name, value)
-        self._show_call()
 
     async def _in_python(self, scope: Scope, receive: Receive, send: Send) -> None:
         # The Python path: every request where the compiled path is not built, and the rest.

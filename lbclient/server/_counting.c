@@ -1581,7 +1581,7 @@ typedef struct {
 } Call;
 
 static PyTypeObject CallType;
-static PyObject *IN_PYTHON; /* "_in_python" */
+static PyObject *IN_PYTHON, *CR_AWAIT; /* "_in_python", "cr_await" */
 
 /* The exception being raised, taken (a new reference; the error indicator is cleared). */
 static PyObject *
@@ -1648,10 +1648,25 @@ static PyObject *
 awaited_of(PyObject *awaitable)
 {
     unaryfunc method;
-    PyObject *iterator;
+    PyObject *iterator, *waiting;
     int coroutine = is_coroutine(awaitable);
-    if (coroutine != 0) {
-        return coroutine < 0 ? NULL : Py_NewRef(awaitable);
+    if (coroutine < 0) {
+        return NULL;
+    }
+    if (coroutine) {
+        if (PyCoro_CheckExact(awaitable)) { /* one suspended in an await is another's */
+            waiting = PyObject_GetAttr(awaitable, CR_AWAIT);
+            if (waiting == NULL) {
+                return NULL;
+            }
+            coroutine = waiting != Py_None;
+            Py_DECREF(waiting);
+            if (coroutine) {
+                PyErr_SetString(PyExc_RuntimeError, "coroutine is being awaited already");
+                return NULL;
+            }
+        }
+        return Py_NewRef(awaitable);
     }
     method = Py_TYPE(awaitable)->tp_as_async == NULL ? NULL
                                                      : Py_TYPE(awaitable)->tp_as_async->am_await;
@@ -1688,7 +1703,7 @@ static int
 call_begin(Call *self)
 {
     Middleware *middleware = (Middleware *)self->middleware;
-    PyObject *gate = middleware->gate, *awaitable, *reply, *args[3];
+    PyObject *gate = middleware->gate, *awaitable, *reply, *app, *args[3];
     if (gate != NULL && Py_IS_TYPE(gate, &GateType)) {
         Py_INCREF(gate); /* the request's gate, whatever the app does to the middleware */
         reply = gate_enter((Gate *)gate, self->scope, self->send);
@@ -1702,10 +1717,12 @@ call_begin(Call *self)
                 PyErr_SetString(PyExc_AttributeError, "the middleware has no app");
                 return -1;
             }
+            app = Py_NewRef(middleware->app); /* whatever the app does to the middleware */
             args[0] = self->scope;
             args[1] = self->receive;
             args[2] = reply;
-            awaitable = PyObject_Vectorcall(middleware->app, args, 3, NULL);
+            awaitable = PyObject_Vectorcall(app, args, 3, NULL);
+            Py_DECREF(app);
             if (awaitable == NULL) {
                 return -1;
             }
@@ -1725,6 +1742,43 @@ call_begin(Call *self)
     return self->inner == NULL ? -1 : 0;
 }
 
+/* What a finished coroutine's frame lets go of: the app's awaitable, the request's scope,
+   receive and send, the middleware. */
+static void
+call_release(Call *self)
+{
+    self->state = CALL_DONE;
+    Py_CLEAR(self->inner);
+    Py_CLEAR(self->scope);
+    Py_CLEAR(self->receive);
+    Py_CLEAR(self->send);
+    Py_CLEAR(self->middleware);
+}
+
+/* The exception leaving the call, as it leaves a coroutine: a StopIteration as the RuntimeError
+   "coroutine raised StopIteration", its cause (PEP 479; its drivers would read a StopIteration
+   as the call's return). */
+static PySendResult
+raised_out(void)
+{
+    PyObject *stop, *error;
+    if (!PyErr_ExceptionMatches(PyExc_StopIteration)) {
+        return PYGEN_ERROR;
+    }
+    stop = take_error();
+    error = PyObject_CallFunction(PyExc_RuntimeError, "s", "coroutine raised StopIteration");
+    if (error == NULL) {
+        Py_XDECREF(stop);
+        return PYGEN_ERROR;
+    }
+    if (stop != NULL) {
+        PyException_SetContext(error, Py_NewRef(stop));
+        PyException_SetCause(error, stop);
+    }
+    give_error(error);
+    return PYGEN_ERROR;
+}
+
 /* The request is over, as the step that ended it says (`status`, PYGEN_RETURN with `*result`
    or PYGEN_ERROR with an exception set): the app's return ends it, an Exception ends it as an
    error, any other exception drops it. What the Call gives: None on return, or the exception
@@ -1734,45 +1788,44 @@ call_over(Call *self, PySendResult status, PyObject **result)
 {
     Reply *reply = self->reply;
     PyObject *error, *later;
-    int failed;
-    self->state = CALL_DONE;
+    int failed = 0;
     self->reply = NULL;
-    Py_CLEAR(self->inner);
+    call_release(self);
     if (status == PYGEN_RETURN) {
         Py_CLEAR(*result); /* as `await self.app(...)` in an async def returning None */
-        if (reply != NULL && reply_end(reply, 0) < 0) {
+        if (reply != NULL) {
+            failed = reply_end(reply, 0);
             Py_DECREF(reply);
-            return PYGEN_ERROR;
         }
-        Py_XDECREF(reply);
+        if (failed < 0) {
+            return raised_out();
+        }
         *result = Py_NewRef(Py_None);
         return PYGEN_RETURN;
     }
     *result = NULL;
-    if (reply == NULL) {
-        return PYGEN_ERROR;
-    }
-    failed = PyErr_ExceptionMatches(PyExc_Exception);
-    error = take_error();
-    if (failed) {
-        failed = reply_end(reply, 1);
-    }
-    else {
-        reply_drop(reply);
-    }
-    Py_DECREF(reply);
-    if (failed < 0) {
-        later = take_error();
-        if (error != NULL) {
-            PyException_SetContext(later, error); /* takes the reference */
+    if (reply != NULL) {
+        failed = PyErr_ExceptionMatches(PyExc_Exception);
+        error = take_error();
+        if (failed) {
+            failed = reply_end(reply, 1);
         }
-        give_error(later);
-        return PYGEN_ERROR;
+        else {
+            reply_drop(reply);
+        }
+        Py_DECREF(reply);
+        if (failed < 0) {
+            later = take_error();
+            if (error != NULL) {
+                PyException_SetContext(later, error); /* takes the reference */
+            }
+            give_error(later);
+        }
+        else if (error != NULL) {
+            give_error(error);
+        }
     }
-    if (error != NULL) {
-        give_error(error);
-    }
-    return PYGEN_ERROR;
+    return raised_out();
 }
 
 static int
@@ -1863,25 +1916,31 @@ Call_send(Call *self, PyObject *value)
     return stepped(status, result);
 }
 
-/* Raises what throw(kind[, value[, traceback]]) names, as a coroutine not started does. */
-static PyObject *
+/* Raises what throw(kind[, value[, traceback]]) names, as a coroutine not started does: 1;
+   0 where the arguments are refused (a TypeError raised instead). */
+static int
 raise_thrown(PyObject *kind, PyObject *value, PyObject *traceback)
 {
+    PyObject *type, *instance, *trace;
     if (traceback == Py_None) {
         traceback = NULL;
     }
     if (traceback != NULL && !PyTraceBack_Check(traceback)) {
         PyErr_SetString(PyExc_TypeError, "throw() third argument must be a traceback object");
-        return NULL;
+        return 0;
     }
     if (PyExceptionClass_Check(kind)) {
-        PyErr_Restore(Py_NewRef(kind), Py_XNewRef(value), Py_XNewRef(traceback));
-        return NULL;
+        type = Py_NewRef(kind);
+        instance = Py_XNewRef(value);
+        trace = Py_XNewRef(traceback);
+        PyErr_NormalizeException(&type, &instance, &trace); /* an instance of a subclass kept */
+        PyErr_Restore(type, instance, trace);
+        return 1;
     }
     if (PyExceptionInstance_Check(kind)) {
         if (value != NULL && value != Py_None) {
             PyErr_SetString(PyExc_TypeError, "instance exception may not have a separate value");
-            return NULL;
+            return 0;
         }
         if (traceback == NULL) {
             PyErr_Restore(Py_NewRef(Py_TYPE(kind)), Py_NewRef(kind),
@@ -1890,12 +1949,12 @@ raise_thrown(PyObject *kind, PyObject *value, PyObject *traceback)
         else {
             PyErr_Restore(Py_NewRef(Py_TYPE(kind)), Py_NewRef(kind), Py_NewRef(traceback));
         }
-        return NULL;
+        return 1;
     }
     PyErr_Format(PyExc_TypeError,
                  "exceptions must be classes or instances deriving from BaseException, not %s",
                  Py_TYPE(kind)->tp_name);
-    return NULL;
+    return 0;
 }
 
 /* `inner`'s method `name` (a new reference); NULL: it has none (no exception) or reading it
@@ -1921,13 +1980,21 @@ Call_throw(Call *self, PyObject *args)
     if (call_busy(self)) {
         return NULL;
     }
-    if (self->state == CALL_DONE) {
-        PyErr_SetString(PyExc_RuntimeError, "cannot reuse already awaited coroutine");
+    if (self->state == CALL_DONE) { /* the arguments checked first, as a coroutine does */
+        if (raise_thrown(kind, value, traceback)) {
+            PyErr_Clear();
+            PyErr_SetString(PyExc_RuntimeError, "cannot reuse already awaited coroutine");
+        }
         return NULL;
     }
     if (self->state == CALL_NEW) { /* raised before anything ran, as in a coroutine */
-        self->state = CALL_DONE;
-        return raise_thrown(kind, value, traceback);
+        if (raise_thrown(kind, value, traceback)) {
+            call_release(self);
+#if PY_VERSION_HEX < 0x030C0000
+            raised_out(); /* up to 3.11 it left the coroutine's frame, as any exception */
+#endif
+        }
+        return NULL;
     }
     self->stepping = 1;
     if (PyExceptionClass_Check(kind) ? PyErr_GivenExceptionMatches(kind, PyExc_GeneratorExit)
@@ -1984,7 +2051,7 @@ Call_close(Call *self, PyObject *unused)
         return NULL;
     }
     if (self->state != CALL_RUNNING) {
-        self->state = CALL_DONE;
+        call_release(self);
         Py_RETURN_NONE;
     }
     self->stepping = 1;
@@ -2012,6 +2079,10 @@ Call_close(Call *self, PyObject *unused)
 static PyObject *
 Call_await(Call *self)
 {
+    if (self->state == CALL_RUNNING) { /* as `await` refuses a coroutine suspended in one */
+        PyErr_SetString(PyExc_RuntimeError, "coroutine is being awaited already");
+        return NULL;
+    }
     return Py_NewRef(self);
 }
 
@@ -2025,6 +2096,40 @@ static PyObject *
 Call_get_running(Call *self, void *unused)
 {
     return PyBool_FromLong(self->stepping);
+}
+
+static PyObject *
+Call_get_suspended(Call *self, void *unused)
+{
+    return PyBool_FromLong(self->state == CALL_RUNNING && !self->stepping);
+}
+
+static PyObject *
+Call_get_frame(Call *self, void *unused)
+{
+    Py_RETURN_NONE; /* no Python frame of its own */
+}
+
+static PyObject *
+Call_get_name(Call *self, void *unused)
+{
+    return PyUnicode_FromString("__call__");
+}
+
+static PyObject *
+Call_get_qualname(Call *self, void *unused)
+{
+    PyObject *name, *made;
+    if (self->middleware == NULL) { /* over: the frame's hold on it let go */
+        return PyUnicode_FromString("__call__");
+    }
+    name = PyObject_GetAttrString((PyObject *)Py_TYPE(self->middleware), "__qualname__");
+    if (name == NULL) {
+        return NULL;
+    }
+    made = PyUnicode_FromFormat("%S.__call__", name);
+    Py_DECREF(name);
+    return made;
 }
 
 /* A Call dropped unfinished is closed, as a coroutine is; one never started warns as one. */
@@ -2098,6 +2203,10 @@ static PyMethodDef Call_methods[] = {
 static PyGetSetDef Call_getset[] = {
     {"cr_await", (getter)Call_get_await, NULL, "What it awaits (None before and after).", NULL},
     {"cr_running", (getter)Call_get_running, NULL, "Whether a step is running.", NULL},
+    {"cr_suspended", (getter)Call_get_suspended, NULL, "Whether it waits between steps.", NULL},
+    {"cr_frame", (getter)Call_get_frame, NULL, "None: it has no Python frame.", NULL},
+    {"__qualname__", (getter)Call_get_qualname, NULL, "The middleware's __call__.", NULL},
+    {"__name__", (getter)Call_get_name, NULL, "__call__", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
@@ -2252,7 +2361,8 @@ module_exec(PyObject *module)
         || intern(&HTTP, "http") < 0 || intern(&START, START_TEXT) < 0
         || intern(&TEXT, "TEXT") < 0 || intern(&JSON, "JSON") < 0
         || intern(&JOINED, "joined") < 0 || intern(&ENCODED, "encoded") < 0
-        || intern(&ENCODED_AT, "_encoded_at") < 0 || intern(&IN_PYTHON, "_in_python") < 0) {
+        || intern(&ENCODED_AT, "_encoded_at") < 0 || intern(&IN_PYTHON, "_in_python") < 0
+        || intern(&CR_AWAIT, "cr_await") < 0) {
         return -1;
     }
     if (EMPTY == NULL && (EMPTY = PyTuple_New(0)) == NULL) {
