@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -105,7 +106,9 @@ HTTP = [
 
 
 @pytest.mark.parametrize("http", HTTP)
-@pytest.mark.parametrize("app", ["plain", "floor", "reported", "alone", "carry", "short"])
+@pytest.mark.parametrize(
+    "app", ["plain", "floor", "reported", "alone", "own clock", "carry", "short"]
+)
 @pytest.mark.parametrize("ask", [False, True])
 def test_the_instruction_count_harness_answers_every_request(
     app: str, ask: bool, http: str
@@ -117,7 +120,7 @@ def test_the_instruction_count_harness_answers_every_request(
     head = companion_count._serve(app, 25, ask, http)
     assert head.startswith(b"HTTP/1.1 200 OK\r\n")
     # The carry app writes its header whatever the request (it is counted with the report asked).
-    reported = app in ("carry", "short") or (ask and app in ("reported", "alone"))
+    reported = app in ("carry", "short") or (ask and app in ("reported", "alone", "own clock"))
     assert (b"\r\nendpoint-load-metrics: " in head) == reported
 
 
@@ -130,14 +133,16 @@ def test_the_counted_middleware_shares_its_count_as_a_server_does(
     from lbclient.cli.bench import companion_count
 
     made: dict[str, Any] = {}
-    for name in ("reported", "alone"):
+    for name in ("reported", "alone", "own clock"):
         factory = companion_count._APPS[name]
         monkeypatch.setitem(
             companion_count._APPS, name, lambda f=factory, n=name: made.setdefault(n, f())
         )
         companion_count._serve(name, 3, False, http)
     assert made["reported"].tracker.shared
+    assert made["own clock"].tracker.shared
     assert not made["alone"].tracker.shared
+    assert made["own clock"].tracker.clock is time.monotonic  # a server's, read in C
 
 
 @pytest.mark.parametrize("http", HTTP)

@@ -1581,7 +1581,8 @@ typedef struct {
 } Call;
 
 static PyTypeObject CallType;
-static PyObject *IN_PYTHON, *CR_AWAIT; /* "_in_python", "cr_await" */
+static PyObject *IN_PYTHON; /* "_in_python" */
+static PyObject *CR_AWAIT;  /* the coroutine type's cr_await descriptor */
 
 /* The exception being raised, taken (a new reference; the error indicator is cleared). */
 static PyObject *
@@ -1655,7 +1656,9 @@ awaited_of(PyObject *awaitable)
     }
     if (coroutine) {
         if (PyCoro_CheckExact(awaitable)) { /* one suspended in an await is another's */
-            waiting = PyObject_GetAttr(awaitable, CR_AWAIT);
+            /* its cr_await, read through the descriptor itself (no attribute lookup) */
+            waiting = Py_TYPE(CR_AWAIT)->tp_descr_get(CR_AWAIT, awaitable,
+                                                      (PyObject *)Py_TYPE(awaitable));
             if (waiting == NULL) {
                 return NULL;
             }
@@ -2361,9 +2364,19 @@ module_exec(PyObject *module)
         || intern(&HTTP, "http") < 0 || intern(&START, START_TEXT) < 0
         || intern(&TEXT, "TEXT") < 0 || intern(&JSON, "JSON") < 0
         || intern(&JOINED, "joined") < 0 || intern(&ENCODED, "encoded") < 0
-        || intern(&ENCODED_AT, "_encoded_at") < 0 || intern(&IN_PYTHON, "_in_python") < 0
-        || intern(&CR_AWAIT, "cr_await") < 0) {
+        || intern(&ENCODED_AT, "_encoded_at") < 0 || intern(&IN_PYTHON, "_in_python") < 0) {
         return -1;
+    }
+    if (CR_AWAIT == NULL) {
+        CR_AWAIT = PyObject_GetAttrString((PyObject *)&PyCoro_Type, "cr_await");
+        if (CR_AWAIT == NULL) {
+            return -1;
+        }
+        if (Py_TYPE(CR_AWAIT)->tp_descr_get == NULL) {
+            PyErr_SetString(PyExc_TypeError, "coroutine.cr_await is not a descriptor");
+            Py_CLEAR(CR_AWAIT);
+            return -1;
+        }
     }
     if (EMPTY == NULL && (EMPTY = PyTuple_New(0)) == NULL) {
         return -1;

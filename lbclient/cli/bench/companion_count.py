@@ -27,7 +27,8 @@ Cases: the plain app and the same behind ``LoadReportingASGI``, each with no rep
 with ``endpoint-load-metrics-format: TEXT`` on every request, its tracker made as a server makes
 it (requests in flight shared with the other processes of its listening socket: the harness
 listens on a loopback port, as uvicorn would, and the connection says it came to that port);
-the same with ``share_in_flight=False`` (what sharing the count costs); the least an ASGI
+the same with ``share_in_flight=False`` (what sharing the count costs) and with the tracker's
+own clock (a server's: read in C where compiled, not the harness's callable); the least an ASGI
 middleware that reads the status does (``StatusWatcher``); and the plain app writing a report
 header of the usual length itself, which is what carrying the report costs the server's HTTP library
 whoever writes it, and one of a single field, the least a report costs. Ratios are the plain app's
@@ -133,6 +134,13 @@ def _alone() -> Any:
     return LoadReportingASGI(asgi_plain, tracker=tracker)
 
 
+def _own_clock() -> Any:
+    # The tracker as a server makes it, reading its own clock (in C, where compiled): what a
+    # request costs a server that is not asked for reports, whose clock the harness's stands
+    # in for above only so that reports are the same run after run.
+    return LoadReportingASGI(asgi_plain, cpu_utilization=cpu_utilization())
+
+
 def _watched() -> Any:
     from lbclient.cli.bench.companion_apps import StatusWatcher
 
@@ -146,6 +154,7 @@ CASES: tuple[tuple[str, str, bool, str], ...] = (
     ("floor: a do-nothing ASGI middleware reading the status", "floor", False, "plain"),
     ("LoadReportingASGI", "reported", False, "plain"),
     ("LoadReportingASGI, in flight counted per process", "alone", False, "plain"),
+    ("LoadReportingASGI, reading its own clock", "own clock", False, "plain"),
     ("plain app, every request asks for the report", "plain", True, "plain+ask"),
     ("carry: the plain app writing a report header itself", "carry", True, "plain+ask"),
     ("carry: the same, a report of one field (24 characters)", "short", True, "plain+ask"),
@@ -156,6 +165,7 @@ _APPS: dict[str, Callable[[], Any]] = {
     "floor": _watched,
     "reported": _reported,
     "alone": _alone,
+    "own clock": _own_clock,
     "carry": lambda: _carrying(REPORT),
     "short": lambda: _carrying(SHORT_REPORT),
 }
