@@ -4,6 +4,8 @@ trio; and through AsyncLBTransport against real servers."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 import anyio
 import anyio.lowlevel
 import httpx
@@ -90,23 +92,33 @@ async def test_a_place_handed_to_a_cancelled_waiter_is_passed_on(anyio_backend: 
     assert gate.active == 1
 
 
+async def handed_as_it_gives_up(
+    enter: Callable[[float | None], Awaitable[int]], give_back: Callable[[], object]
+) -> object:
+    """A waiter (``enter``) cancelled, then handed the place (``give_back``, whose result is
+    returned) before it has run again."""
+    doomed_scope = anyio.CancelScope()
+
+    async def doomed() -> None:
+        with doomed_scope:
+            await enter(None)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(doomed)
+        await settle()
+        doomed_scope.cancel()
+        given = give_back()
+    return given
+
+
 @pytest.mark.anyio
 async def test_a_slot_a_cancelled_waiter_passes_on_unkept_is_to_be_closed(
     anyio_backend: str,
 ) -> None:
     gate = AsyncGate(1, keep=0)
     held = await gate.enter(None)
-    doomed_scope = anyio.CancelScope()
-
-    async def doomed() -> None:
-        with doomed_scope:
-            await gate.enter(None)
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(doomed)
-        await settle()
-        doomed_scope.cancel()
-        assert gate.leave(held) is True  # handed to the waiter, which has not run yet
+    # handed to the waiter, which has not run yet
+    assert await handed_as_it_gives_up(gate.enter, lambda: gate.leave(held)) is True
     # It gave up and passed the slot on; nobody waits and none is kept: its connection is to
     # be closed, by whoever takes it, once.
     assert gate.active == 0
@@ -124,17 +136,8 @@ async def test_the_pools_close_the_connection_a_cancelled_waiter_passed_on_unkep
     pools = AsyncPools(options)
     held = await pools.enter(None)
     pool = pools.pool(held)
-    doomed_scope = anyio.CancelScope()
-
-    async def doomed() -> None:
-        with doomed_scope:
-            await pools.enter(None)
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(doomed)
-        await settle()
-        doomed_scope.cancel()
-        assert pools.give_back(held) is None  # passed on open, to the waiter
+    # passed on open, to the waiter
+    assert await handed_as_it_gives_up(pools.enter, lambda: pools.give_back(held)) is None
     assert pools.gate.active == 0
     assert held not in pools._pools  # closed (its pool taken out), not left open and idle
     assert pools.pool(held) is not pool
